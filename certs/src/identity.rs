@@ -1,0 +1,30 @@
+//! The identity a verified client certificate carries: its subject CN and fingerprint.
+
+use policy::{CertificateIdentity, Sha256};
+use rustls_pki_types::CertificateDer;
+
+/// SHA-256 of a DER certificate: the fingerprint consumers pin and audit records carry.
+pub fn sha256(der: &[u8]) -> Sha256 {
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, der);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(digest.as_ref());
+    Sha256(out)
+}
+
+/// The subject common name (first CN attribute), if any.
+pub fn common_name(der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    cert.subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .map(str::to_owned)
+}
+
+/// CN and fingerprint of the leaf certificate a client presented.
+pub fn certificate_identity(leaf: &CertificateDer<'_>) -> CertificateIdentity {
+    CertificateIdentity {
+        cn: common_name(leaf),
+        sha256: sha256(leaf),
+    }
+}

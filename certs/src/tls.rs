@@ -1,0 +1,94 @@
+//! rustls configurations for both sides of the gateway.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+
+use crate::load::{self, CertError};
+
+/// The files behind the consumer-facing listener.
+#[derive(Clone, Debug)]
+pub struct ServerFiles {
+    /// Chain, leaf first.
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    /// Trust anchors for consumer certificates.
+    pub client_ca: PathBuf,
+    pub crls: Vec<PathBuf>,
+}
+
+fn roots(path: &Path) -> Result<RootCertStore, CertError> {
+    let mut store = RootCertStore::empty();
+    for cert in load::certificates(path)? {
+        store
+            .add(cert)
+            .map_err(|e| CertError::new(path, format!("not usable as a trust anchor: {e}")))?;
+    }
+    Ok(store)
+}
+
+/// The listener's TLS configuration: TLS 1.2 and 1.3, ALPN `h2` and `http/1.1`.
+///
+/// A client certificate is optional at the TLS level (OAuth consumers may come without
+/// one), but one that is presented must chain to `client_ca`, be within its validity and
+/// not be revoked by the CRLs; otherwise the handshake fails.
+pub fn server_config(files: &ServerFiles) -> Result<ServerConfig, CertError> {
+    let chain = load::certificates(&files.server_cert)?;
+    let key = load::private_key(&files.server_key)?;
+    let client_roots = roots(&files.client_ca)?;
+    let crls = load::crls(&files.crls)?;
+    let crl_path = files.crls.first().map_or(files.client_ca.as_path(), |p| p.as_path());
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(client_roots), crate::provider())
+        .with_crls(crls)
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| CertError::new(crl_path, format!("cannot build the client verifier: {e}")))?;
+    let mut config = ServerConfig::builder_with_provider(crate::provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| CertError::new(&files.server_cert, e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .map_err(|e| {
+            CertError::new(
+                &files.server_key,
+                format!("does not match the certificate in {}: {e}", files.server_cert.display()),
+            )
+        })?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+/// The TLS configuration towards one provider.
+///
+/// `upstream_ca`: trust anchors for the provider's server certificate (the system's when
+/// absent). `client`: FSP's own certificate chain and key, presented to the provider.
+pub fn upstream_config(
+    upstream_ca: Option<&Path>,
+    client: Option<(&Path, &Path)>,
+) -> Result<ClientConfig, CertError> {
+    let roots = match upstream_ca {
+        Some(path) => roots(path)?,
+        None => {
+            let mut store = RootCertStore::empty();
+            let native = rustls_native_certs::load_native_certs();
+            store.add_parsable_certificates(native.certs);
+            store
+        }
+    };
+    let builder = ClientConfig::builder_with_provider(crate::provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| CertError::new(Path::new("(upstream TLS)"), e.to_string()))?
+        .with_root_certificates(roots);
+    match client {
+        Some((cert, key)) => {
+            let chain = load::certificates(cert)?;
+            let key_der = load::private_key(key)?;
+            builder.with_client_auth_cert(chain, key_der).map_err(|e| {
+                CertError::new(key, format!("does not match {}: {e}", cert.display()))
+            })
+        }
+        None => Ok(builder.with_no_client_auth()),
+    }
+}
