@@ -152,7 +152,9 @@ pub enum RuleViolation {
         versions: String,
         max: usize,
     },
-    #[error("service {service} version {version}: upstream {upstream} must be an absolute http:// or https:// URL")]
+    #[error(
+        "service {service} version {version}: upstream {upstream} must be an absolute http:// or https:// URL"
+    )]
     BadUpstream {
         service: String,
         version: String,
@@ -166,7 +168,11 @@ pub fn latest_sunset(deprecated: Date) -> Date {
     // 29 February + 2 years is 28 February.
     deprecated
         .replace_year(year)
-        .or_else(|_| deprecated.replace_day(28).and_then(|d| d.replace_year(year)))
+        .or_else(|_| {
+            deprecated
+                .replace_day(28)
+                .and_then(|d| d.replace_year(year))
+        })
         .unwrap_or(Date::MAX)
 }
 
@@ -245,7 +251,8 @@ pub fn validate_service(spec: &ServiceSpec) -> Vec<RuleViolation> {
             .filter(|v| is_live_on(v, probe))
             .map(|v| v.version.as_str())
             .collect();
-        if live.len() > MAX_LIVE_VERSIONS && worst.as_ref().is_none_or(|(_, w)| live.len() > w.len())
+        if live.len() > MAX_LIVE_VERSIONS
+            && worst.as_ref().is_none_or(|(_, w)| live.len() > w.len())
         {
             worst = Some((probe, live));
         }
@@ -328,7 +335,10 @@ impl Service {
 pub enum Lifecycle {
     Live,
     /// Still served, but consumers are told to move.
-    Deprecated { since: Date, sunset: Option<Date> },
+    Deprecated {
+        since: Date,
+        sunset: Option<Date>,
+    },
 }
 
 /// A successful route lookup.
@@ -362,7 +372,9 @@ pub enum RouteError {
         /// The protocol the service mostly speaks, so the error takes its form.
         protocol: Protocol,
     },
-    #[error("service {service} version {version} is not released until {released}; available: {available}")]
+    #[error(
+        "service {service} version {version} is not released until {released}; available: {available}"
+    )]
     NotYetReleased {
         service: String,
         version: String,

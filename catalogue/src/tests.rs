@@ -35,7 +35,10 @@ fn four_live_versions_are_rejected_naming_the_service() {
     let errs = validate_service(&spec);
     assert_eq!(errs.len(), 1, "{errs:?}");
     let msg = errs[0].to_string();
-    assert!(matches!(errs[0], RuleViolation::TooManyLive { count: 4, .. }));
+    assert!(matches!(
+        errs[0],
+        RuleViolation::TooManyLive { count: 4, .. }
+    ));
     assert!(msg.contains("person/getPerson"), "{msg}");
     assert!(msg.contains("v1, v2, v3, v4"), "{msg}");
 }
@@ -43,7 +46,12 @@ fn four_live_versions_are_rejected_naming_the_service() {
 #[test]
 fn a_retired_version_does_not_count_as_live() {
     let spec = svc(vec![
-        v("v1", date!(2020 - 01 - 01), Some(date!(2021 - 06 - 01)), Some(date!(2023 - 06 - 01))),
+        v(
+            "v1",
+            date!(2020 - 01 - 01),
+            Some(date!(2021 - 06 - 01)),
+            Some(date!(2023 - 06 - 01)),
+        ),
         v("v2", date!(2021 - 06 - 01), None, None),
         v("v3", date!(2022 - 09 - 01), None, None),
         v("v4", date!(2024 - 01 - 01), None, None),
@@ -54,34 +62,60 @@ fn a_retired_version_does_not_count_as_live() {
 #[test]
 fn a_future_release_that_would_make_four_live_is_caught_now() {
     let spec = svc(vec![
-        v("v1", date!(2020 - 01 - 01), Some(date!(2021 - 06 - 01)), Some(date!(2030 - 01 - 01))),
+        v(
+            "v1",
+            date!(2020 - 01 - 01),
+            Some(date!(2021 - 06 - 01)),
+            Some(date!(2030 - 01 - 01)),
+        ),
         v("v2", date!(2021 - 06 - 01), None, None),
         v("v3", date!(2022 - 09 - 01), None, None),
         v("v4", date!(2029 - 01 - 01), None, None),
     ]);
     // v1's sunset is also too late; both rules must be reported.
     let errs = validate_service(&spec);
-    assert!(errs.iter().any(|e| matches!(e, RuleViolation::TooManyLive { date, .. } if *date == date!(2029 - 01 - 01))));
-    assert!(errs.iter().any(|e| matches!(e, RuleViolation::SunsetTooLate { .. })));
+    assert!(errs.iter().any(
+        |e| matches!(e, RuleViolation::TooManyLive { date, .. } if *date == date!(2029 - 01 - 01))
+    ));
+    assert!(
+        errs.iter()
+            .any(|e| matches!(e, RuleViolation::SunsetTooLate { .. }))
+    );
 }
 
 #[test]
 fn sunset_three_years_after_deprecation_is_rejected() {
     let spec = svc(vec![
-        v("v1", date!(2020 - 01 - 01), Some(date!(2024 - 03 - 01)), Some(date!(2027 - 03 - 01))),
+        v(
+            "v1",
+            date!(2020 - 01 - 01),
+            Some(date!(2024 - 03 - 01)),
+            Some(date!(2027 - 03 - 01)),
+        ),
         v("v2", date!(2024 - 03 - 01), None, None),
     ]);
     let errs = validate_service(&spec);
     assert_eq!(errs.len(), 1, "{errs:?}");
     let msg = errs[0].to_string();
-    assert!(msg.contains("person/getPerson") && msg.contains("v1"), "{msg}");
-    assert!(msg.contains("2026-03-01"), "names the latest allowed date: {msg}");
+    assert!(
+        msg.contains("person/getPerson") && msg.contains("v1"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("2026-03-01"),
+        "names the latest allowed date: {msg}"
+    );
 }
 
 #[test]
 fn sunset_exactly_two_years_after_deprecation_is_allowed() {
     let spec = svc(vec![
-        v("v1", date!(2020 - 01 - 01), Some(date!(2024 - 03 - 01)), Some(date!(2026 - 03 - 01))),
+        v(
+            "v1",
+            date!(2020 - 01 - 01),
+            Some(date!(2024 - 03 - 01)),
+            Some(date!(2026 - 03 - 01)),
+        ),
         v("v2", date!(2024 - 03 - 01), None, None),
     ]);
     assert_eq!(validate_service(&spec), vec![]);
@@ -95,14 +129,38 @@ fn leap_day_deprecation_allows_sunset_on_28_february() {
 #[test]
 fn sunset_needs_deprecation_and_must_follow_it() {
     let spec = svc(vec![
-        v("v1", date!(2020 - 01 - 01), None, Some(date!(2021 - 01 - 01))),
-        v("v2", date!(2020 - 06 - 01), Some(date!(2021 - 01 - 01)), Some(date!(2020 - 12 - 01))),
-        v("v3", date!(2021 - 06 - 01), Some(date!(2021 - 01 - 01)), None),
+        v(
+            "v1",
+            date!(2020 - 01 - 01),
+            None,
+            Some(date!(2021 - 01 - 01)),
+        ),
+        v(
+            "v2",
+            date!(2020 - 06 - 01),
+            Some(date!(2021 - 01 - 01)),
+            Some(date!(2020 - 12 - 01)),
+        ),
+        v(
+            "v3",
+            date!(2021 - 06 - 01),
+            Some(date!(2021 - 01 - 01)),
+            None,
+        ),
     ]);
     let errs = validate_service(&spec);
-    assert!(errs.iter().any(|e| matches!(e, RuleViolation::SunsetWithoutDeprecation { .. })));
-    assert!(errs.iter().any(|e| matches!(e, RuleViolation::SunsetBeforeDeprecation { .. })));
-    assert!(errs.iter().any(|e| matches!(e, RuleViolation::DeprecatedBeforeRelease { .. })));
+    assert!(
+        errs.iter()
+            .any(|e| matches!(e, RuleViolation::SunsetWithoutDeprecation { .. }))
+    );
+    assert!(
+        errs.iter()
+            .any(|e| matches!(e, RuleViolation::SunsetBeforeDeprecation { .. }))
+    );
+    assert!(
+        errs.iter()
+            .any(|e| matches!(e, RuleViolation::DeprecatedBeforeRelease { .. }))
+    );
 }
 
 #[test]
@@ -113,14 +171,24 @@ fn five_releases_in_a_year_are_rejected_four_are_not() {
         svc((0..n)
             .map(|i| {
                 let m = 1 + 2 * i as u8;
-                let (dep, sun) = if i + 1 < n { retire(m + 1) } else { (None, None) };
+                let (dep, sun) = if i + 1 < n {
+                    retire(m + 1)
+                } else {
+                    (None, None)
+                };
                 v(&format!("v{i}"), d(m), dep, sun)
             })
             .collect())
     };
     assert_eq!(validate_service(&mk(4)), vec![]);
     let errs = validate_service(&mk(5));
-    assert!(matches!(errs.as_slice(), [RuleViolation::TooManyReleases { count: 5, .. }]), "{errs:?}");
+    assert!(
+        matches!(
+            errs.as_slice(),
+            [RuleViolation::TooManyReleases { count: 5, .. }]
+        ),
+        "{errs:?}"
+    );
 }
 
 #[test]
@@ -129,8 +197,14 @@ fn duplicate_versions_and_bad_upstreams_are_reported() {
     bad.upstream = "/relative/only".parse().unwrap();
     let spec = svc(vec![bad, v("v1", date!(2021 - 01 - 01), None, None)]);
     let errs = validate_service(&spec);
-    assert!(errs.iter().any(|e| matches!(e, RuleViolation::DuplicateVersion { .. })));
-    assert!(errs.iter().any(|e| matches!(e, RuleViolation::BadUpstream { .. })));
+    assert!(
+        errs.iter()
+            .any(|e| matches!(e, RuleViolation::DuplicateVersion { .. }))
+    );
+    assert!(
+        errs.iter()
+            .any(|e| matches!(e, RuleViolation::BadUpstream { .. }))
+    );
 }
 
 fn sample() -> Catalogue {
@@ -138,7 +212,12 @@ fn sample() -> Catalogue {
         "rrn".to_string(),
         svc(vec![
             v("v3", date!(2026 - 03 - 01), None, None),
-            v("v2", date!(2024 - 05 - 01), Some(date!(2026 - 03 - 01)), Some(date!(2027 - 09 - 01))),
+            v(
+                "v2",
+                date!(2024 - 05 - 01),
+                Some(date!(2026 - 03 - 01)),
+                Some(date!(2027 - 09 - 01)),
+            ),
             v("v4", date!(2027 - 01 - 01), None, None),
         ]),
     )])
@@ -157,12 +236,19 @@ fn resolve_live_deprecated_retired_unknown() {
     let dep = cat.resolve("person", "getPerson", "v2", today).unwrap();
     assert_eq!(
         dep.lifecycle,
-        Lifecycle::Deprecated { since: date!(2026 - 03 - 01), sunset: Some(date!(2027 - 09 - 01)) }
+        Lifecycle::Deprecated {
+            since: date!(2026 - 03 - 01),
+            sunset: Some(date!(2027 - 09 - 01))
+        }
     );
     assert_eq!(dep.successor.map(|s| &*s.version), Some("v3"));
 
-    let gone = cat.resolve("person", "getPerson", "v2", date!(2027 - 09 - 01)).unwrap_err();
-    assert!(matches!(gone, RouteError::Retired { ref successor, .. } if successor.as_deref() == Some("v4")));
+    let gone = cat
+        .resolve("person", "getPerson", "v2", date!(2027 - 09 - 01))
+        .unwrap_err();
+    assert!(
+        matches!(gone, RouteError::Retired { ref successor, .. } if successor.as_deref() == Some("v4"))
+    );
 
     assert!(matches!(
         cat.resolve("person", "getPerson", "v4", today).unwrap_err(),

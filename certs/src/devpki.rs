@@ -102,12 +102,22 @@ impl DevCa {
     /// A TLS server certificate for the given DNS names and IP addresses.
     pub fn server(&self, names: &[&str]) -> Result<Issued, Error> {
         let cn = names.first().copied().unwrap_or("localhost");
-        self.issue(cn, names, ExtendedKeyUsagePurpose::ServerAuth, Self::default_validity())
+        self.issue(
+            cn,
+            names,
+            ExtendedKeyUsagePurpose::ServerAuth,
+            Self::default_validity(),
+        )
     }
 
     /// A client certificate whose subject CN is `cn`.
     pub fn client(&self, cn: &str) -> Result<Issued, Error> {
-        self.issue(cn, &[], ExtendedKeyUsagePurpose::ClientAuth, Self::default_validity())
+        self.issue(
+            cn,
+            &[],
+            ExtendedKeyUsagePurpose::ClientAuth,
+            Self::default_validity(),
+        )
     }
 
     /// A client certificate valid only between the two instants (for expiry tests).
@@ -117,7 +127,12 @@ impl DevCa {
         not_before: OffsetDateTime,
         not_after: OffsetDateTime,
     ) -> Result<Issued, Error> {
-        self.issue(cn, &[], ExtendedKeyUsagePurpose::ClientAuth, (not_before, not_after))
+        self.issue(
+            cn,
+            &[],
+            ExtendedKeyUsagePurpose::ClientAuth,
+            (not_before, not_after),
+        )
     }
 
     /// A CRL, valid for a week, revoking the given serials.
@@ -171,8 +186,16 @@ mod tests {
         let p = dir.path().join("empty.pem");
         std::fs::write(&p, "not a certificate").unwrap();
         let err = crate::load::certificates(&p).unwrap_err().to_string();
-        assert!(err.contains("empty.pem") && err.contains("no PEM certificate"), "{err}");
-        let err = crate::load::private_key(&dir.path().join("missing.key")).unwrap_err().to_string();
-        assert!(err.contains("missing.key") && err.contains("cannot read"), "{err}");
+        assert!(
+            err.contains("empty.pem") && err.contains("no PEM certificate"),
+            "{err}"
+        );
+        let err = crate::load::private_key(&dir.path().join("missing.key"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("missing.key") && err.contains("cannot read"),
+            "{err}"
+        );
     }
 }

@@ -40,7 +40,10 @@ pub fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, CertErr
     }
     for (i, c) in certs.iter().enumerate() {
         x509_parser::parse_x509_certificate(c).map_err(|e| {
-            CertError::new(path, format!("certificate #{} is not valid X.509: {e}", i + 1))
+            CertError::new(
+                path,
+                format!("certificate #{} is not valid X.509: {e}", i + 1),
+            )
         })?;
     }
     Ok(certs)

@@ -39,12 +39,18 @@ pub fn server_config(files: &ServerFiles) -> Result<ServerConfig, CertError> {
     let key = load::private_key(&files.server_key)?;
     let client_roots = roots(&files.client_ca)?;
     let crls = load::crls(&files.crls)?;
-    let crl_path = files.crls.first().map_or(files.client_ca.as_path(), |p| p.as_path());
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(client_roots), crate::provider())
-        .with_crls(crls)
-        .allow_unauthenticated()
-        .build()
-        .map_err(|e| CertError::new(crl_path, format!("cannot build the client verifier: {e}")))?;
+    let crl_path = files
+        .crls
+        .first()
+        .map_or(files.client_ca.as_path(), |p| p.as_path());
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(client_roots), crate::provider())
+            .with_crls(crls)
+            .allow_unauthenticated()
+            .build()
+            .map_err(|e| {
+                CertError::new(crl_path, format!("cannot build the client verifier: {e}"))
+            })?;
     let mut config = ServerConfig::builder_with_provider(crate::provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| CertError::new(&files.server_cert, e.to_string()))?
@@ -53,7 +59,10 @@ pub fn server_config(files: &ServerFiles) -> Result<ServerConfig, CertError> {
         .map_err(|e| {
             CertError::new(
                 &files.server_key,
-                format!("does not match the certificate in {}: {e}", files.server_cert.display()),
+                format!(
+                    "does not match the certificate in {}: {e}",
+                    files.server_cert.display()
+                ),
             )
         })?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
@@ -85,9 +94,9 @@ pub fn upstream_config(
         Some((cert, key)) => {
             let chain = load::certificates(cert)?;
             let key_der = load::private_key(key)?;
-            builder.with_client_auth_cert(chain, key_der).map_err(|e| {
-                CertError::new(key, format!("does not match {}: {e}", cert.display()))
-            })
+            builder
+                .with_client_auth_cert(chain, key_der)
+                .map_err(|e| CertError::new(key, format!("does not match {}: {e}", cert.display())))
         }
         None => Ok(builder.with_no_client_auth()),
     }

@@ -104,19 +104,25 @@ pub struct Consumer {
 pub enum ConsumersError {
     #[error("consumer id {id} is declared more than once")]
     DuplicateId { id: String },
-    #[error("certificate CN {cn} is claimed by consumers {first} and {second}; a credential belongs to one consumer only")]
+    #[error(
+        "certificate CN {cn} is claimed by consumers {first} and {second}; a credential belongs to one consumer only"
+    )]
     SharedCn {
         cn: String,
         first: String,
         second: String,
     },
-    #[error("certificate fingerprint {sha256} is claimed by consumers {first} and {second}; a credential belongs to one consumer only")]
+    #[error(
+        "certificate fingerprint {sha256} is claimed by consumers {first} and {second}; a credential belongs to one consumer only"
+    )]
     SharedFingerprint {
         sha256: String,
         first: String,
         second: String,
     },
-    #[error("OAuth client id {client_id} is claimed by consumers {first} and {second}; a credential belongs to one consumer only")]
+    #[error(
+        "OAuth client id {client_id} is claimed by consumers {first} and {second}; a credential belongs to one consumer only"
+    )]
     SharedClientId {
         client_id: String,
         first: String,
@@ -132,7 +138,9 @@ pub enum ConsumersError {
 pub enum IdentityError {
     #[error("the client certificate (CN {cn}, SHA-256 {sha256}) is not registered to any consumer")]
     UnknownCertificate { cn: String, sha256: Sha256 },
-    #[error("the client certificate CN {cn} is registered, but only for pinned certificates and this one (SHA-256 {sha256}) is not among them")]
+    #[error(
+        "the client certificate CN {cn} is registered, but only for pinned certificates and this one (SHA-256 {sha256}) is not among them"
+    )]
     PinMismatch { cn: String, sha256: Sha256 },
     #[error("the OAuth client id {client_id} is not registered to any consumer")]
     UnknownClientId { client_id: String },
@@ -164,7 +172,9 @@ impl Consumers {
             let idx = me.list.len();
             let id: Arc<str> = spec.id.as_str().into();
             if me.by_id.insert(id.clone(), idx).is_some() {
-                errors.push(ConsumersError::DuplicateId { id: spec.id.clone() });
+                errors.push(ConsumersError::DuplicateId {
+                    id: spec.id.clone(),
+                });
                 continue;
             }
             for cert in &spec.certificates {
@@ -236,7 +246,11 @@ impl Consumers {
                 }
             }
         }
-        if errors.is_empty() { Ok(me) } else { Err(errors) }
+        if errors.is_empty() {
+            Ok(me)
+        } else {
+            Err(errors)
+        }
     }
 
     /// The consumer with this id.
@@ -306,11 +320,17 @@ mod tests {
     }
 
     fn cn(cn: &str, pin: Option<Sha256>) -> CertificateSpec {
-        CertificateSpec { cn: Some(cn.into()), sha256: pin }
+        CertificateSpec {
+            cn: Some(cn.into()),
+            sha256: pin,
+        }
     }
 
     fn ident(cn: &str, sha: Sha256) -> CertificateIdentity {
-        CertificateIdentity { cn: Some(cn.into()), sha256: sha }
+        CertificateIdentity {
+            cn: Some(cn.into()),
+            sha256: sha,
+        }
     }
 
     #[test]
@@ -318,16 +338,38 @@ mod tests {
         let c = Consumers::new(vec![
             spec("bxl", vec![cn("app.bxl.be", None)], &["bxl-app"]),
             spec("liege", vec![cn("app.liege.be", Some(fp(1)))], &[]),
-            spec("gent", vec![CertificateSpec { cn: None, sha256: Some(fp(2)) }], &[]),
+            spec(
+                "gent",
+                vec![CertificateSpec {
+                    cn: None,
+                    sha256: Some(fp(2)),
+                }],
+                &[],
+            ),
         ])
         .unwrap();
-        assert_eq!(&*c.identify_certificate(&ident("app.bxl.be", fp(9))).unwrap().id, "bxl");
-        assert_eq!(&*c.identify_certificate(&ident("app.liege.be", fp(1))).unwrap().id, "liege");
+        assert_eq!(
+            &*c.identify_certificate(&ident("app.bxl.be", fp(9)))
+                .unwrap()
+                .id,
+            "bxl"
+        );
+        assert_eq!(
+            &*c.identify_certificate(&ident("app.liege.be", fp(1)))
+                .unwrap()
+                .id,
+            "liege"
+        );
         assert!(matches!(
             c.identify_certificate(&ident("app.liege.be", fp(3))),
             Err(IdentityError::PinMismatch { .. })
         ));
-        assert_eq!(&*c.identify_certificate(&ident("whatever", fp(2))).unwrap().id, "gent");
+        assert_eq!(
+            &*c.identify_certificate(&ident("whatever", fp(2)))
+                .unwrap()
+                .id,
+            "gent"
+        );
         assert!(matches!(
             c.identify_certificate(&ident("stranger", fp(4))),
             Err(IdentityError::UnknownCertificate { .. })
@@ -339,15 +381,47 @@ mod tests {
     #[test]
     fn a_credential_belongs_to_one_consumer_only() {
         let errs = Consumers::new(vec![
-            spec("a", vec![cn("x", None), CertificateSpec { cn: None, sha256: Some(fp(1)) }], &["c1"]),
-            spec("b", vec![cn("x", None), CertificateSpec { cn: None, sha256: Some(fp(1)) }], &["c1"]),
+            spec(
+                "a",
+                vec![
+                    cn("x", None),
+                    CertificateSpec {
+                        cn: None,
+                        sha256: Some(fp(1)),
+                    },
+                ],
+                &["c1"],
+            ),
+            spec(
+                "b",
+                vec![
+                    cn("x", None),
+                    CertificateSpec {
+                        cn: None,
+                        sha256: Some(fp(1)),
+                    },
+                ],
+                &["c1"],
+            ),
             spec("a", vec![], &[]),
         ])
         .unwrap_err();
-        assert!(errs.iter().any(|e| matches!(e, ConsumersError::SharedCn { .. })));
-        assert!(errs.iter().any(|e| matches!(e, ConsumersError::SharedFingerprint { .. })));
-        assert!(errs.iter().any(|e| matches!(e, ConsumersError::SharedClientId { .. })));
-        assert!(errs.iter().any(|e| matches!(e, ConsumersError::DuplicateId { .. })));
+        assert!(
+            errs.iter()
+                .any(|e| matches!(e, ConsumersError::SharedCn { .. }))
+        );
+        assert!(
+            errs.iter()
+                .any(|e| matches!(e, ConsumersError::SharedFingerprint { .. }))
+        );
+        assert!(
+            errs.iter()
+                .any(|e| matches!(e, ConsumersError::SharedClientId { .. }))
+        );
+        assert!(
+            errs.iter()
+                .any(|e| matches!(e, ConsumersError::DuplicateId { .. }))
+        );
     }
 
     #[test]

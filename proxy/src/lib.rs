@@ -1,1 +1,29 @@
-//! placeholder
+//! # `fsp`: the federal service platform gateway
+//!
+//! The binary's crate. Consumers (applications of public bodies) call provider services
+//! through it; it identifies them, decides, routes, forwards and records every call.
+//!
+//! - [`config`]: the TOML configuration, parsed then validated;
+//! - [`server`]: the TLS listener and connection handling;
+//! - [`pipeline`]: the phases of a request, in order;
+//! - [`forward`]: pooled upstream clients and URL mapping;
+//! - [`body`]: streaming bodies and the audit record's completion;
+//! - [`errors`]: the only place that renders refusals (problem+json, SOAP faults);
+//! - [`soap`]: SOAP versions, faults and response header stamping;
+//! - [`state`]: the atomically swapped snapshot of configuration;
+//! - [`admin`]: health, readiness, metrics and administrator actions;
+//! - [`run`], [`quickstart`], [`samples`]: starting it all.
+
+pub mod admin;
+pub mod body;
+pub mod config;
+pub mod errors;
+pub mod forward;
+pub mod headers;
+pub mod pipeline;
+pub mod quickstart;
+pub mod run;
+pub mod samples;
+pub mod server;
+pub mod soap;
+pub mod state;

@@ -1,1 +1,190 @@
-fn main() {}
+//! The `fsp` command line. See `fsp --help`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "fsp",
+    version,
+    about = "Federal service platform gateway: identified, authorised, throttled, versioned and audited calls to authentic sources."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the gateway until SIGTERM/SIGINT (then drain and exit 0). SIGHUP reloads.
+    Serve {
+        #[arg(long, env = "FSP_CONFIG")]
+        config: PathBuf,
+    },
+    /// Validate the whole configuration; exit 0 if valid, 1 with every problem listed.
+    Check {
+        #[arg(long, env = "FSP_CONFIG")]
+        config: PathBuf,
+    },
+    /// Make a development PKI and configuration, start sample providers and the gateway.
+    Quickstart {
+        #[arg(long, default_value = "./fsp-quickstart")]
+        dir: PathBuf,
+        /// Port of the consumer listener (https://localhost:PORT).
+        #[arg(long, default_value_t = 8443)]
+        port: u16,
+        /// Port of the admin listener (http://127.0.0.1:PORT).
+        #[arg(long, default_value_t = 9443)]
+        admin_port: u16,
+    },
+    /// Certificate management.
+    Certs {
+        #[command(subcommand)]
+        command: CertsCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum CertsCommand {
+    /// List every certificate the configuration references; exit 3 if any expires soon.
+    Inventory {
+        #[arg(long, env = "FSP_CONFIG")]
+        config: PathBuf,
+        /// Warn (exit 3) about certificates expiring within this many days.
+        #[arg(long, default_value_t = 14)]
+        within: i64,
+    },
+}
+
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("FSP_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let json = std::env::var("FSP_LOG_FORMAT").is_ok_and(|f| f == "json");
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { config } => match proxy::config::load(&config) {
+            Ok(c) => {
+                let versions: usize = c.catalogue.services().map(|s| s.versions.len()).sum();
+                println!(
+                    "{}: valid ({} provider(s), {} service(s), {} version(s), {} consumer(s), {} authorisation(s))",
+                    config.display(),
+                    c.providers.len(),
+                    c.catalogue.services().count(),
+                    versions,
+                    c.consumers.iter().count(),
+                    c.authorisations.len()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprint!("{e}");
+                ExitCode::from(1)
+            }
+        },
+        Command::Serve { config } => {
+            init_logging();
+            let Some(loaded) = proxy::run::load_or_report(&config) else {
+                return ExitCode::from(1);
+            };
+            let result = runtime().map_err(anyhow::Error::from).and_then(|rt| {
+                rt.block_on(async {
+                    let shutdown = proxy::run::shutdown_signal()?;
+                    proxy::run::serve(&config, loaded, shutdown).await
+                })
+            });
+            match result {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("fsp serve: {e:#}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+        Command::Quickstart {
+            dir,
+            port,
+            admin_port,
+        } => {
+            init_logging();
+            let o = proxy::quickstart::Options {
+                dir,
+                port,
+                admin_port,
+            };
+            match runtime()
+                .map_err(anyhow::Error::from)
+                .and_then(|rt| rt.block_on(proxy::quickstart::run(o)))
+            {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("fsp quickstart: {e:#}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+        Command::Certs {
+            command: CertsCommand::Inventory { config, within },
+        } => inventory(&config, within),
+    }
+}
+
+fn inventory(config: &std::path::Path, within: i64) -> ExitCode {
+    let Some(c) = proxy::run::load_or_report(config) else {
+        return ExitCode::from(1);
+    };
+    let now = time::OffsetDateTime::now_utc();
+    let mut expiring = 0;
+    println!(
+        "{:<34} {:<8} {:<25} {:<64} SUBJECT",
+        "ROLE", "DAYS", "NOT AFTER", "SHA-256"
+    );
+    for (role, path) in &c.certificate_files {
+        match certs::inventory::describe(role, path) {
+            Ok(list) => {
+                for info in list {
+                    let days = info.days_left(now);
+                    if days < within {
+                        expiring += 1;
+                    }
+                    println!(
+                        "{:<34} {:<8} {:<25} {:<64} {}",
+                        info.role,
+                        days,
+                        proxy::pipeline::rfc3339_millis(info.not_after),
+                        info.sha256,
+                        info.subject
+                    );
+                }
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                return ExitCode::from(1);
+            }
+        }
+    }
+    if expiring > 0 {
+        eprintln!("{expiring} certificate(s) expire within {within} days");
+        ExitCode::from(3)
+    } else {
+        ExitCode::SUCCESS
+    }
+}

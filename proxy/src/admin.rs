@@ -1,0 +1,168 @@
+//! The admin listener: health, readiness, Prometheus metrics, and administrator actions
+//! (bearer token from `tokens_file`). Every administrator action is logged with who,
+//! what and when under the `fsp::admin` target.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::state::Gateway;
+
+/// Serves the admin API until `shutdown` turns true.
+pub async fn serve(
+    gw: Arc<Gateway>,
+    listener: TcpListener,
+    tokens: Arc<Vec<String>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let (tcp, peer) = tokio::select! {
+            a = listener.accept() => match a {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => break,
+        };
+        let gw = gw.clone();
+        let tokens = tokens.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let gw = gw.clone();
+                let tokens = tokens.clone();
+                async move { Ok::<_, Infallible>(route(&gw, &tokens, peer, req).await) }
+            });
+            let _ = auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(tcp), svc)
+                .await;
+        });
+    }
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+fn json(status: StatusCode, value: serde_json::Value) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(value.to_string())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+/// Compares without leaking, through timing, how much of a token matched.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Which token (by its position in `tokens_file`) the caller presented, if any.
+fn administrator(tokens: &[String], req: &Request<Incoming>) -> Option<usize> {
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")?
+        .trim();
+    tokens
+        .iter()
+        .position(|t| constant_time_eq(t.as_bytes(), presented.as_bytes()))
+}
+
+async fn route(
+    gw: &Gateway,
+    tokens: &[String],
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    let path = req.uri().path().to_owned();
+    match (req.method(), path.as_str()) {
+        (&Method::GET, "/healthz") => return text(StatusCode::OK, "ok\n"),
+        (&Method::GET, "/readyz") => {
+            let ready = gw.ready.load(Ordering::Acquire);
+            let audit = gw.audit.health();
+            return match (ready, audit) {
+                (true, Ok(())) => text(StatusCode::OK, "ready\n"),
+                (false, _) => text(StatusCode::SERVICE_UNAVAILABLE, "starting or draining\n"),
+                (_, Err(e)) => text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("audit trail unavailable: {e}\n"),
+                ),
+            };
+        }
+        (&Method::GET, "/metrics") => {
+            let body = gw.metrics.as_ref().map(|m| m.render()).unwrap_or_default();
+            let mut r = text(StatusCode::OK, body);
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                http::HeaderValue::from_static("text/plain; version=0.0.4"),
+            );
+            return r;
+        }
+        _ => {}
+    }
+    if !path.starts_with("/admin/") {
+        return json(
+            StatusCode::NOT_FOUND,
+            serde_json::json!({"error": "no such endpoint"}),
+        );
+    }
+    let Some(who) = administrator(tokens, &req) else {
+        tracing::warn!(target: "fsp::admin", %peer, method = %req.method(), %path, "admin call refused: missing or unknown bearer token");
+        let mut r = json(
+            StatusCode::UNAUTHORIZED,
+            serde_json::json!({"error": "send Authorization: Bearer <token from tokens_file>"}),
+        );
+        r.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            http::HeaderValue::from_static("Bearer"),
+        );
+        return r;
+    };
+    let who = format!("token#{}", who + 1);
+    let at = crate::pipeline::rfc3339_millis(time::OffsetDateTime::now_utc());
+    let response = match (req.method(), path.as_str()) {
+        (&Method::POST, "/admin/reload") => match gw.reload() {
+            Ok(()) => json(
+                StatusCode::OK,
+                serde_json::json!({"reloaded": true, "at": at}),
+            ),
+            Err(e) => json(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                serde_json::json!({"reloaded": false, "error": e.to_string()}),
+            ),
+        },
+        _ => json(
+            StatusCode::NOT_FOUND,
+            serde_json::json!({"error": "no such admin endpoint"}),
+        ),
+    };
+    tracing::info!(target: "fsp::admin", %who, %peer, method = %req.method(), %path, status = response.status().as_u16(), %at, "admin action");
+    response
+}

@@ -1,0 +1,1236 @@
+//! # Configuration
+//!
+//! Loading goes in two steps, as in sozu: [`raw`] mirrors the TOML and refuses unknown
+//! keys; [`load`] follows `include = [...]`, then validates everything into a [`Config`]
+//! whose parts cannot hold an invalid state (the catalogue obeys the lifecycle rules,
+//! every reference resolves, every credential belongs to one consumer, every file parses).
+//!
+//! Every problem found is reported, not just the first, each as a [`Problem`] naming the
+//! file, the key path inside it (`family[0].service[1].version[2].sunset`) and the reason.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use catalogue::{Catalogue, Protocol, ServiceSpec, VersionSpec};
+use ipnet::IpNet;
+use policy::consumer::{CertificateSpec, ConsumerSpec};
+use policy::{Authorisation, Consumers, LegalBasis, LegalBasisKind, Sha256};
+
+pub mod raw;
+
+use raw::*;
+
+/// One thing wrong with the configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    pub file: PathBuf,
+    /// Key path inside the file; empty for the file as a whole.
+    pub key: String,
+    pub reason: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.key.is_empty() {
+            write!(f, "{}: {}", self.file.display(), self.reason)
+        } else {
+            write!(f, "{}: {}: {}", self.file.display(), self.key, self.reason)
+        }
+    }
+}
+
+/// Every problem found in a configuration.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError(pub Vec<Problem>);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "the configuration has {} problem(s):", self.0.len())?;
+        for p in &self.0 {
+            writeln!(f, "  - {p}")?;
+        }
+        Ok(())
+    }
+}
+
+/// INT or PROD.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Environment {
+    Int,
+    Prod,
+}
+
+/// The consumer-facing listener.
+#[derive(Debug)]
+pub struct Listener {
+    pub address: SocketAddr,
+    /// Without a trailing slash.
+    pub public_url: String,
+    pub tls_files: certs::tls::ServerFiles,
+    pub tls: Arc<rustls::ServerConfig>,
+    pub max_request_bytes: u64,
+    pub handshake_timeout: Duration,
+    pub header_read_timeout: Duration,
+    pub drain_timeout: Duration,
+}
+
+/// The admin listener.
+#[derive(Debug)]
+pub struct Admin {
+    pub address: SocketAddr,
+    pub tokens: Vec<String>,
+    pub admin_cns: Vec<String>,
+    pub tls: bool,
+}
+
+/// OAuth2 settings (enforced from issue 3 on; validated now).
+#[derive(Debug)]
+pub struct OAuth {
+    pub issuer: String,
+    pub jwks: JwksSource,
+    pub audience: String,
+    pub algorithms: Vec<String>,
+    pub client_id_claim: String,
+    pub require_certificate_binding: bool,
+    pub leeway: Duration,
+    pub max_token_bytes: usize,
+}
+
+#[derive(Debug)]
+pub enum JwksSource {
+    Url(String),
+    File(PathBuf),
+}
+
+#[derive(Debug)]
+pub enum AuditBackend {
+    File { dir: PathBuf },
+}
+
+#[derive(Debug)]
+pub struct AuditConfig {
+    pub backend: AuditBackend,
+    pub fail_closed: bool,
+    pub retention_days: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnBackendError {
+    Local,
+    Deny,
+    Allow,
+}
+
+#[derive(Debug)]
+pub struct ThrottleConfig {
+    pub backend: String,
+    pub url: Option<String>,
+    pub on_backend_error: OnBackendError,
+    pub replicas: u32,
+}
+
+/// `count` calls per `per`, with `burst` extra.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rate {
+    pub count: u64,
+    pub per: Duration,
+    pub burst: u32,
+}
+
+/// A provider: who runs the upstreams, how to reach them, what they can take.
+#[derive(Debug)]
+pub struct Provider {
+    pub id: String,
+    pub name: String,
+    pub limit: Option<Rate>,
+    pub consumer_limit: Option<Rate>,
+    pub consumer_limits: HashMap<String, Rate>,
+    pub tls: Arc<rustls::ClientConfig>,
+    pub connect_timeout: Duration,
+    pub response_timeout: Duration,
+    pub pool_idle_timeout: Duration,
+    pub pool_max_idle: usize,
+}
+
+/// The validated configuration.
+#[derive(Debug)]
+pub struct Config {
+    pub source: PathBuf,
+    pub environment: Environment,
+    pub node: String,
+    pub listener: Listener,
+    pub admin: Option<Admin>,
+    pub oauth: Option<OAuth>,
+    pub audit: AuditConfig,
+    pub throttle: ThrottleConfig,
+    pub providers: Vec<Provider>,
+    pub catalogue: Catalogue,
+    pub consumers: Consumers,
+    pub authorisations: Vec<Authorisation>,
+    /// Every certificate file referenced, with the key that references it.
+    pub certificate_files: Vec<(String, PathBuf)>,
+}
+
+/// A parsed file and the directory its relative paths start from.
+struct Source {
+    path: PathBuf,
+    dir: PathBuf,
+    raw: RawFile,
+}
+
+#[derive(Default)]
+struct Problems(Vec<Problem>);
+
+impl Problems {
+    fn add(&mut self, file: &Path, key: impl Into<String>, reason: impl Into<String>) {
+        self.0.push(Problem {
+            file: file.to_owned(),
+            key: key.into(),
+            reason: reason.into(),
+        });
+    }
+}
+
+/// Reads, includes and validates a configuration file.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let mut problems = Problems::default();
+    let mut sources = Vec::new();
+    let mut seen = HashSet::new();
+    read_with_includes(path, &mut sources, &mut seen, &mut problems);
+    if !problems.0.is_empty() {
+        return Err(ConfigError(problems.0));
+    }
+    let config = build(path, sources, &mut problems);
+    match config {
+        Some(c) if problems.0.is_empty() => Ok(c),
+        _ => Err(ConfigError(problems.0)),
+    }
+}
+
+fn read_with_includes(
+    path: &Path,
+    out: &mut Vec<Source>,
+    seen: &mut HashSet<PathBuf>,
+    problems: &mut Problems,
+) {
+    let canonical = match std::fs::canonicalize(path) {
+        Ok(p) => p,
+        Err(e) => {
+            problems.add(path, "", format!("cannot read file: {e}"));
+            return;
+        }
+    };
+    if !seen.insert(canonical.clone()) {
+        problems.add(
+            path,
+            "include",
+            "this file is included more than once (or includes itself)",
+        );
+        return;
+    }
+    let text = match std::fs::read_to_string(&canonical) {
+        Ok(t) => t,
+        Err(e) => {
+            problems.add(path, "", format!("cannot read file: {e}"));
+            return;
+        }
+    };
+    let raw = match parse_toml(&text) {
+        Ok(r) => r,
+        Err((key, reason)) => {
+            problems.add(path, key, reason);
+            return;
+        }
+    };
+    let dir = canonical.parent().map(Path::to_owned).unwrap_or_default();
+    let includes = raw.include.clone().unwrap_or_default();
+    out.push(Source {
+        path: path.to_owned(),
+        dir: dir.clone(),
+        raw,
+    });
+    for inc in includes {
+        read_with_includes(&dir.join(inc), out, seen, problems);
+    }
+}
+
+/// Parses one file; on error returns the key path and a reason with line and column.
+fn parse_toml(text: &str) -> Result<RawFile, (String, String)> {
+    let locate = |span: Option<std::ops::Range<usize>>| {
+        span.map(|s| {
+            let before = &text[..s.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+            format!(" (line {line}, column {col})")
+        })
+        .unwrap_or_default()
+    };
+    let de = toml::de::Deserializer::parse(text).map_err(|e| {
+        (
+            String::new(),
+            format!("not valid TOML: {}{}", e.message(), locate(e.span())),
+        )
+    })?;
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let key = if path == "." { String::new() } else { path };
+        (key, format!("{}{}", inner.message(), locate(inner.span())))
+    })
+}
+
+/// Parses durations such as `250ms`, `5s`, `2m`, `1h`.
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit())?;
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n.parse().ok()?;
+    match unit.trim() {
+        "ms" => Some(Duration::from_millis(n)),
+        "s" => Some(Duration::from_secs(n)),
+        "m" | "min" => Some(Duration::from_secs(n * 60)),
+        "h" => Some(Duration::from_secs(n * 3600)),
+        _ => None,
+    }
+}
+
+/// Parses rates such as `1000/s`, `60000/min`, `100/h`, `10000/day`.
+pub fn parse_rate(s: &str, burst: Option<u32>) -> Option<Rate> {
+    let (n, unit) = s.trim().split_once('/')?;
+    let count: u64 = n.trim().replace('_', "").parse().ok()?;
+    let per = match unit.trim() {
+        "s" | "sec" | "second" => Duration::from_secs(1),
+        "m" | "min" | "minute" => Duration::from_secs(60),
+        "h" | "hour" => Duration::from_secs(3600),
+        "d" | "day" => Duration::from_secs(86_400),
+        _ => return None,
+    };
+    if count == 0 {
+        return None;
+    }
+    Some(Rate {
+        count,
+        per,
+        burst: burst.unwrap_or(0),
+    })
+}
+
+fn toml_date(d: &toml::value::Datetime) -> Option<time::Date> {
+    if d.time.is_some() || d.offset.is_some() {
+        return None;
+    }
+    let date = d.date?;
+    time::Date::from_calendar_date(
+        i32::from(date.year),
+        time::Month::try_from(date.month).ok()?,
+        date.day,
+    )
+    .ok()
+}
+
+/// Picks the one file that defines a top-level setting; two definitions are an error.
+fn single<'a, T>(
+    sources: &'a [Source],
+    key: &str,
+    get: impl Fn(&'a RawFile) -> Option<&'a T>,
+    problems: &mut Problems,
+) -> Option<(&'a Source, &'a T)> {
+    let mut found: Option<(&Source, &T)> = None;
+    for s in sources {
+        if let Some(v) = get(&s.raw) {
+            if let Some((first, _)) = found {
+                problems.add(
+                    &s.path,
+                    key,
+                    format!(
+                        "already defined in {}; define it in one file only",
+                        first.path.display()
+                    ),
+                );
+            } else {
+                found = Some((s, v));
+            }
+        }
+    }
+    found
+}
+
+fn duration_or(
+    value: &Option<String>,
+    default: Duration,
+    file: &Path,
+    key: &str,
+    problems: &mut Problems,
+) -> Duration {
+    match value {
+        None => default,
+        Some(s) => parse_duration(s).unwrap_or_else(|| {
+            problems.add(
+                file,
+                key,
+                format!("`{s}` is not a duration (write e.g. 500ms, 5s, 2m, 1h)"),
+            );
+            default
+        }),
+    }
+}
+
+fn cert_problem(
+    file: &Path,
+    keys: &[(&str, &Path)],
+    err: certs::CertError,
+    problems: &mut Problems,
+) {
+    let key = keys
+        .iter()
+        .find(|(_, p)| *p == err.path)
+        .map_or(keys.first().map_or("", |k| k.0), |k| k.0);
+    problems.add(file, key, err.to_string());
+}
+
+fn build(main: &Path, sources: Vec<Source>, problems: &mut Problems) -> Option<Config> {
+    let mut certificate_files = Vec::new();
+
+    // ---- environment, node ----
+    let environment = match single(
+        &sources,
+        "environment",
+        |r| r.environment.as_ref(),
+        problems,
+    ) {
+        Some((_, e)) if e == "INT" => Environment::Int,
+        Some((_, e)) if e == "PROD" => Environment::Prod,
+        Some((s, e)) => {
+            problems.add(&s.path, "environment", format!("`{e}` is not INT or PROD"));
+            Environment::Int
+        }
+        None => {
+            problems.add(
+                main,
+                "environment",
+                "missing: set environment = \"INT\" or \"PROD\"",
+            );
+            Environment::Int
+        }
+    };
+    let node = single(&sources, "node", |r| r.node.as_ref(), problems)
+        .map(|(_, n)| n.clone())
+        .or_else(|| std::env::var("FSP_NODE").ok())
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+        })
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| "fsp-1".into());
+
+    // ---- listener ----
+    let listener = match single(&sources, "listener", |r| r.listener.as_ref(), problems) {
+        None => {
+            problems.add(
+                main,
+                "listener",
+                "missing: the [listener] section is required",
+            );
+            None
+        }
+        Some((s, l)) => build_listener(s, l, &mut certificate_files, problems),
+    };
+
+    // ---- admin ----
+    let admin = single(&sources, "admin", |r| r.admin.as_ref(), problems)
+        .and_then(|(s, a)| build_admin(s, a, problems));
+
+    // ---- oauth ----
+    let oauth = single(&sources, "oauth", |r| r.oauth.as_ref(), problems)
+        .and_then(|(s, o)| build_oauth(s, o, problems));
+
+    // ---- audit ----
+    let audit = match single(&sources, "audit", |r| r.audit.as_ref(), problems) {
+        None => AuditConfig {
+            backend: AuditBackend::File {
+                dir: sources
+                    .first()
+                    .map_or_else(PathBuf::new, |s| s.dir.join("audit")),
+            },
+            fail_closed: true,
+            retention_days: 3653,
+        },
+        Some((s, a)) => {
+            let backend = match a.backend.as_str() {
+                "file" => AuditBackend::File {
+                    dir: s.dir.join(a.dir.as_deref().unwrap_or("audit")),
+                },
+                "postgres" => {
+                    problems.add(&s.path, "audit.backend", "the postgres audit backend is not available in this version yet; use \"file\"");
+                    AuditBackend::File {
+                        dir: s.dir.join("audit"),
+                    }
+                }
+                other => {
+                    problems.add(
+                        &s.path,
+                        "audit.backend",
+                        format!("`{other}` is not file or postgres"),
+                    );
+                    AuditBackend::File {
+                        dir: s.dir.join("audit"),
+                    }
+                }
+            };
+            if a.url.is_some() && a.backend == "file" {
+                problems.add(
+                    &s.path,
+                    "audit.url",
+                    "only used by the postgres backend; remove it or set backend = \"postgres\"",
+                );
+            }
+            let retention_days = a.retention_days.unwrap_or(3653);
+            if retention_days < 1 {
+                problems.add(&s.path, "audit.retention_days", "must be at least 1");
+            }
+            AuditConfig {
+                backend,
+                fail_closed: a.fail_closed.unwrap_or(true),
+                retention_days,
+            }
+        }
+    };
+
+    // ---- throttle ----
+    let throttle = match single(&sources, "throttle", |r| r.throttle.as_ref(), problems) {
+        None => ThrottleConfig {
+            backend: "local".into(),
+            url: None,
+            on_backend_error: OnBackendError::Local,
+            replicas: 1,
+        },
+        Some((s, t)) => {
+            match t.backend.as_str() {
+                "local" => {}
+                "redis" => {
+                    if t.url.is_none() {
+                        problems.add(
+                            &s.path,
+                            "throttle.url",
+                            "required with backend = \"redis\" (e.g. redis://127.0.0.1:6379)",
+                        );
+                    }
+                }
+                other => problems.add(
+                    &s.path,
+                    "throttle.backend",
+                    format!("`{other}` is not local or redis"),
+                ),
+            }
+            let on_backend_error = match t.on_backend_error.as_deref().unwrap_or("local") {
+                "local" => OnBackendError::Local,
+                "deny" => OnBackendError::Deny,
+                "allow" => OnBackendError::Allow,
+                other => {
+                    problems.add(
+                        &s.path,
+                        "throttle.on_backend_error",
+                        format!("`{other}` is not local, deny or allow"),
+                    );
+                    OnBackendError::Local
+                }
+            };
+            let replicas = t.replicas.unwrap_or(1);
+            if replicas == 0 {
+                problems.add(&s.path, "throttle.replicas", "must be at least 1");
+            }
+            ThrottleConfig {
+                backend: t.backend.clone(),
+                url: t.url.clone(),
+                on_backend_error,
+                replicas: replicas.max(1),
+            }
+        }
+    };
+
+    // ---- consumers (before providers: per-consumer limits refer to them) ----
+    let mut consumer_at: HashMap<String, (PathBuf, String)> = HashMap::new();
+    let mut consumer_specs = Vec::new();
+    for s in &sources {
+        for (i, c) in s.raw.consumer.iter().enumerate() {
+            let key = format!("consumer[{i}]");
+            consumer_at.insert(c.id.clone(), (s.path.clone(), key.clone()));
+            consumer_specs.push(build_consumer(s, &key, c, problems));
+        }
+    }
+    let consumers = match Consumers::new(consumer_specs) {
+        Ok(c) => c,
+        Err(errs) => {
+            for e in errs {
+                let id = match &e {
+                    policy::ConsumersError::DuplicateId { id }
+                    | policy::ConsumersError::EmptyCertificate { id } => id.clone(),
+                    policy::ConsumersError::SharedCn { second, .. }
+                    | policy::ConsumersError::SharedFingerprint { second, .. }
+                    | policy::ConsumersError::SharedClientId { second, .. } => second.clone(),
+                    _ => String::new(),
+                };
+                let (file, key) = consumer_at
+                    .get(&id)
+                    .cloned()
+                    .unwrap_or_else(|| (main.to_owned(), "consumer".into()));
+                problems.add(&file, key, e.to_string());
+            }
+            Consumers::default()
+        }
+    };
+
+    // ---- providers ----
+    let mut providers: Vec<Provider> = Vec::new();
+    for s in &sources {
+        for (i, p) in s.raw.provider.iter().enumerate() {
+            let key = format!("provider[{i}]");
+            if providers.iter().any(|q| q.id == p.id) {
+                problems.add(
+                    &s.path,
+                    format!("{key}.id"),
+                    format!("provider {} is declared more than once", p.id),
+                );
+                continue;
+            }
+            if let Some(p) =
+                build_provider(s, &key, p, &consumers, &mut certificate_files, problems)
+            {
+                providers.push(p);
+            }
+        }
+    }
+
+    // ---- catalogue ----
+    let mut specs = Vec::new();
+    let mut family_ids: HashMap<&str, &Path> = HashMap::new();
+    for s in &sources {
+        for (fi, f) in s.raw.family.iter().enumerate() {
+            let fkey = format!("family[{fi}]");
+            if let Some(first) = family_ids.insert(&f.id, &s.path) {
+                problems.add(
+                    &s.path,
+                    format!("{fkey}.id"),
+                    format!("family {} is already declared in {}", f.id, first.display()),
+                );
+                continue;
+            }
+            if !providers.iter().any(|p| p.id == f.provider) {
+                problems.add(
+                    &s.path,
+                    format!("{fkey}.provider"),
+                    format!("no provider with id `{}` is declared", f.provider),
+                );
+            }
+            for (si, svc) in f.service.iter().enumerate() {
+                let skey = format!("{fkey}.service[{si}]");
+                if let Some(spec) = build_service(s, &skey, &f.id, svc, problems) {
+                    for v in catalogue::validate_service(&spec) {
+                        problems.add(&s.path, skey.clone(), v.to_string());
+                    }
+                    specs.push((f.provider.clone(), spec));
+                }
+            }
+        }
+    }
+    let catalogue = Catalogue::new(specs).unwrap_or_else(|e| {
+        // Every violation was already reported above with its location.
+        if problems.0.is_empty() {
+            for v in e.0 {
+                problems.add(main, "family", v.to_string());
+            }
+        }
+        Catalogue::default()
+    });
+
+    // ---- authorisations ----
+    let mut authorisations: Vec<Authorisation> = Vec::new();
+    for s in &sources {
+        for (i, a) in s.raw.authorisation.iter().enumerate() {
+            let key = format!("authorisation[{i}]");
+            if authorisations.iter().any(|b| b.id == a.id) {
+                problems.add(
+                    &s.path,
+                    format!("{key}.id"),
+                    format!("authorisation {} is declared more than once", a.id),
+                );
+            }
+            if let Some(a) = build_authorisation(s, &key, a, &consumers, &catalogue, problems) {
+                authorisations.push(a);
+            }
+        }
+    }
+
+    Some(Config {
+        source: main.to_owned(),
+        environment,
+        node,
+        listener: listener?,
+        admin,
+        oauth,
+        audit,
+        throttle,
+        providers,
+        catalogue,
+        consumers,
+        authorisations,
+        certificate_files,
+    })
+}
+
+fn build_listener(
+    s: &Source,
+    l: &RawListener,
+    certificate_files: &mut Vec<(String, PathBuf)>,
+    problems: &mut Problems,
+) -> Option<Listener> {
+    let address = l.address.parse::<SocketAddr>().map_err(|_| {
+        problems.add(
+            &s.path,
+            "listener.address",
+            format!(
+                "`{}` is not an IP address and port such as 0.0.0.0:8443",
+                l.address
+            ),
+        );
+    });
+    let public_url = l.public_url.trim_end_matches('/').to_owned();
+    if !(public_url.starts_with("https://") || public_url.starts_with("http://"))
+        || public_url.parse::<http::Uri>().is_err()
+    {
+        problems.add(
+            &s.path,
+            "listener.public_url",
+            format!("`{}` is not an absolute https:// URL", l.public_url),
+        );
+    }
+    let files = certs::tls::ServerFiles {
+        server_cert: s.dir.join(&l.server_cert),
+        server_key: s.dir.join(&l.server_key),
+        client_ca: s.dir.join(&l.client_ca),
+        crls: l.crls.iter().flatten().map(|c| s.dir.join(c)).collect(),
+    };
+    certificate_files.push(("listener.server_cert".into(), files.server_cert.clone()));
+    certificate_files.push(("listener.client_ca".into(), files.client_ca.clone()));
+    let mut keys: Vec<(&str, &Path)> = vec![
+        ("listener.server_cert", &files.server_cert),
+        ("listener.server_key", &files.server_key),
+        ("listener.client_ca", &files.client_ca),
+    ];
+    keys.extend(files.crls.iter().map(|c| ("listener.crls", c.as_path())));
+    let tls = certs::tls::server_config(&files)
+        .map_err(|e| cert_problem(&s.path, &keys, e, problems))
+        .ok();
+    let max_request_bytes = l.max_request_bytes.unwrap_or(100 * 1024 * 1024);
+    let handshake_timeout = duration_or(
+        &l.handshake_timeout,
+        Duration::from_secs(10),
+        &s.path,
+        "listener.handshake_timeout",
+        problems,
+    );
+    let header_read_timeout = duration_or(
+        &l.header_read_timeout,
+        Duration::from_secs(30),
+        &s.path,
+        "listener.header_read_timeout",
+        problems,
+    );
+    let drain_timeout = duration_or(
+        &l.drain_timeout,
+        Duration::from_secs(30),
+        &s.path,
+        "listener.drain_timeout",
+        problems,
+    );
+    Some(Listener {
+        address: address.ok()?,
+        public_url,
+        tls: Arc::new(tls?),
+        tls_files: files,
+        max_request_bytes,
+        handshake_timeout,
+        header_read_timeout,
+        drain_timeout,
+    })
+}
+
+fn build_admin(s: &Source, a: &RawAdmin, problems: &mut Problems) -> Option<Admin> {
+    let address = a.address.parse::<SocketAddr>().map_err(|_| {
+        problems.add(
+            &s.path,
+            "admin.address",
+            format!(
+                "`{}` is not an IP address and port such as 127.0.0.1:9443",
+                a.address
+            ),
+        );
+    });
+    let mut tokens = Vec::new();
+    if let Some(f) = &a.tokens_file {
+        let path = s.dir.join(f);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => {
+                for (n, line) in text.lines().enumerate() {
+                    let t = line.trim();
+                    if t.is_empty() || t.starts_with('#') {
+                        continue;
+                    }
+                    if t.len() < 16 {
+                        problems.add(
+                            &s.path,
+                            "admin.tokens_file",
+                            format!(
+                                "{} line {}: token shorter than 16 characters",
+                                path.display(),
+                                n + 1
+                            ),
+                        );
+                    }
+                    tokens.push(t.to_owned());
+                }
+            }
+            Err(e) => problems.add(
+                &s.path,
+                "admin.tokens_file",
+                format!("cannot read {}: {e}", path.display()),
+            ),
+        }
+    }
+    let admin_cns = a.admin_cns.clone().unwrap_or_default();
+    let tls = a.tls.unwrap_or(false);
+    if !admin_cns.is_empty() && !tls {
+        problems.add(
+            &s.path,
+            "admin.admin_cns",
+            "admin certificates need tls = true on the admin listener",
+        );
+    }
+    if tokens.is_empty() && admin_cns.is_empty() {
+        problems.add(&s.path, "admin", "no way to authenticate administrators: set tokens_file (one token per line) or admin_cns with tls = true");
+    }
+    Some(Admin {
+        address: address.ok()?,
+        tokens,
+        admin_cns,
+        tls,
+    })
+}
+
+const ALLOWED_ALGORITHMS: &[&str] = &[
+    "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA",
+];
+
+fn build_oauth(s: &Source, o: &RawOAuth, problems: &mut Problems) -> Option<OAuth> {
+    let jwks = match (&o.jwks_url, &o.jwks_file) {
+        (Some(u), None) => JwksSource::Url(u.clone()),
+        (None, Some(f)) => JwksSource::File(s.dir.join(f)),
+        _ => {
+            problems.add(
+                &s.path,
+                "oauth",
+                "set exactly one of jwks_url and jwks_file",
+            );
+            return None;
+        }
+    };
+    let algorithms = o.algorithms.clone().unwrap_or_else(|| {
+        vec![
+            "RS256".into(),
+            "ES256".into(),
+            "PS256".into(),
+            "EdDSA".into(),
+        ]
+    });
+    for (i, alg) in algorithms.iter().enumerate() {
+        if !ALLOWED_ALGORITHMS.contains(&alg.as_str()) {
+            problems.add(
+                &s.path,
+                format!("oauth.algorithms[{i}]"),
+                format!(
+                    "`{alg}` is not allowed; use asymmetric algorithms only ({})",
+                    ALLOWED_ALGORITHMS.join(", ")
+                ),
+            );
+        }
+    }
+    let leeway = duration_or(
+        &o.leeway,
+        Duration::from_secs(60),
+        &s.path,
+        "oauth.leeway",
+        problems,
+    );
+    Some(OAuth {
+        issuer: o.issuer.clone(),
+        jwks,
+        audience: o.audience.clone(),
+        algorithms,
+        client_id_claim: o
+            .client_id_claim
+            .clone()
+            .unwrap_or_else(|| "client_id".into()),
+        require_certificate_binding: o.require_certificate_binding.unwrap_or(false),
+        leeway,
+        max_token_bytes: o.max_token_bytes.unwrap_or(8192),
+    })
+}
+
+fn build_consumer(s: &Source, key: &str, c: &RawConsumer, problems: &mut Problems) -> ConsumerSpec {
+    let certificates = c
+        .certificates
+        .iter()
+        .flatten()
+        .enumerate()
+        .map(|(i, cert)| CertificateSpec {
+            cn: cert.cn.clone(),
+            sha256: cert.sha256.as_ref().and_then(|h| {
+                let parsed = Sha256::parse(h);
+                if parsed.is_none() {
+                    problems.add(
+                        &s.path,
+                        format!("{key}.certificates[{i}].sha256"),
+                        "not a SHA-256 fingerprint (64 hex digits, colons allowed)",
+                    );
+                }
+                parsed
+            }),
+        })
+        .collect();
+    let source_ips = c
+        .source_ips
+        .iter()
+        .flatten()
+        .enumerate()
+        .filter_map(|(i, ip)| {
+            let parsed = ip
+                .parse::<IpNet>()
+                .ok()
+                .or_else(|| ip.parse::<std::net::IpAddr>().ok().map(IpNet::from));
+            if parsed.is_none() {
+                problems.add(
+                    &s.path,
+                    format!("{key}.source_ips[{i}]"),
+                    format!("`{ip}` is not an IP address or CIDR block"),
+                );
+            }
+            parsed
+        })
+        .collect();
+    ConsumerSpec {
+        id: c.id.clone(),
+        organisation: c.organisation.clone(),
+        enterprise_number: c.enterprise_number.clone(),
+        certificates,
+        oauth_client_ids: c.oauth_client_ids.clone().unwrap_or_default(),
+        source_ips,
+    }
+}
+
+fn build_provider(
+    s: &Source,
+    key: &str,
+    p: &RawProvider,
+    consumers: &Consumers,
+    certificate_files: &mut Vec<(String, PathBuf)>,
+    problems: &mut Problems,
+) -> Option<Provider> {
+    let rate = |raw: &Option<RawLimit>, k: &str, problems: &mut Problems| {
+        raw.as_ref().and_then(|l| {
+            let r = parse_rate(&l.rate, l.burst);
+            if r.is_none() {
+                problems.add(
+                    &s.path,
+                    format!("{key}.{k}.rate"),
+                    format!("`{}` is not a rate such as 1000/s or 60000/min", l.rate),
+                );
+            }
+            r
+        })
+    };
+    let limit = rate(&p.limit, "limit", problems);
+    let consumer_limit = rate(&p.consumer_limit, "consumer_limit", problems);
+    let mut consumer_limits = HashMap::new();
+    for (i, cl) in p.consumer_limits.iter().flatten().enumerate() {
+        let k = format!("{key}.consumer_limits[{i}]");
+        if consumers.get(&cl.consumer).is_none() {
+            problems.add(
+                &s.path,
+                format!("{k}.consumer"),
+                format!("no consumer with id `{}` is declared", cl.consumer),
+            );
+        }
+        match parse_rate(&cl.rate, cl.burst) {
+            Some(r) => {
+                consumer_limits.insert(cl.consumer.clone(), r);
+            }
+            None => problems.add(
+                &s.path,
+                format!("{k}.rate"),
+                format!("`{}` is not a rate such as 1000/s or 60000/min", cl.rate),
+            ),
+        }
+    }
+    let upstream_ca = p.upstream_ca.as_ref().map(|f| s.dir.join(f));
+    let client = match (&p.client_cert, &p.client_key) {
+        (Some(c), Some(k)) => Some((s.dir.join(c), s.dir.join(k))),
+        (None, None) => None,
+        _ => {
+            problems.add(
+                &s.path,
+                key,
+                "client_cert and client_key go together: set both or neither",
+            );
+            None
+        }
+    };
+    if let Some(ca) = &upstream_ca {
+        certificate_files.push((format!("{key}.upstream_ca ({})", p.id), ca.clone()));
+    }
+    if let Some((c, _)) = &client {
+        certificate_files.push((format!("{key}.client_cert ({})", p.id), c.clone()));
+    }
+    let ca_key = format!("{key}.upstream_ca");
+    let cert_key = format!("{key}.client_cert");
+    let key_key = format!("{key}.client_key");
+    let mut keys: Vec<(&str, &Path)> = Vec::new();
+    if let Some(ca) = &upstream_ca {
+        keys.push((&ca_key, ca));
+    }
+    if let Some((c, k)) = &client {
+        keys.push((&cert_key, c));
+        keys.push((&key_key, k));
+    }
+    let tls = certs::tls::upstream_config(
+        upstream_ca.as_deref(),
+        client.as_ref().map(|(c, k)| (c.as_path(), k.as_path())),
+    )
+    .map_err(|e| cert_problem(&s.path, &keys, e, problems))
+    .ok()?;
+    Some(Provider {
+        id: p.id.clone(),
+        name: p.name.clone(),
+        limit,
+        consumer_limit,
+        consumer_limits,
+        tls: Arc::new(tls),
+        connect_timeout: duration_or(
+            &p.connect_timeout,
+            Duration::from_secs(5),
+            &s.path,
+            &format!("{key}.connect_timeout"),
+            problems,
+        ),
+        response_timeout: duration_or(
+            &p.response_timeout,
+            Duration::from_secs(60),
+            &s.path,
+            &format!("{key}.response_timeout"),
+            problems,
+        ),
+        pool_idle_timeout: duration_or(
+            &p.pool_idle_timeout,
+            Duration::from_secs(90),
+            &s.path,
+            &format!("{key}.pool_idle_timeout"),
+            problems,
+        ),
+        pool_max_idle: p.pool_max_idle.unwrap_or(256),
+    })
+}
+
+fn build_service(
+    s: &Source,
+    key: &str,
+    family: &str,
+    svc: &RawService,
+    problems: &mut Problems,
+) -> Option<ServiceSpec> {
+    let protocol = Protocol::parse(&svc.protocol).or_else(|| {
+        problems.add(
+            &s.path,
+            format!("{key}.protocol"),
+            format!("`{}` is not soap or rest", svc.protocol),
+        );
+        None
+    });
+    let mut versions = Vec::new();
+    for (vi, v) in svc.version.iter().enumerate() {
+        let vkey = format!("{key}.version[{vi}]");
+        let date = |d: &toml::value::Datetime, k: &str, problems: &mut Problems| {
+            let parsed = toml_date(d);
+            if parsed.is_none() {
+                problems.add(
+                    &s.path,
+                    format!("{vkey}.{k}"),
+                    format!("`{d}` is not a plain date such as 2026-03-01"),
+                );
+            }
+            parsed
+        };
+        let released = date(&v.released, "released", problems);
+        let deprecated = v
+            .deprecated
+            .as_ref()
+            .map(|d| date(d, "deprecated", problems));
+        let sunset = v.sunset.as_ref().map(|d| date(d, "sunset", problems));
+        let upstream = v.upstream.parse::<http::Uri>().map_err(|e| {
+            problems.add(
+                &s.path,
+                format!("{vkey}.upstream"),
+                format!("`{}` is not a URL: {e}", v.upstream),
+            );
+        });
+        let vprotocol = match &v.protocol {
+            None => Some(None),
+            Some(p) => match Protocol::parse(p) {
+                Some(p) => Some(Some(p)),
+                None => {
+                    problems.add(
+                        &s.path,
+                        format!("{vkey}.protocol"),
+                        format!("`{p}` is not soap or rest"),
+                    );
+                    None
+                }
+            },
+        };
+        if let (Some(released), Some(deprecated), Some(sunset), Ok(upstream), Some(protocol)) = (
+            released,
+            deprecated.unwrap_or(Some(time::Date::MIN)),
+            sunset.unwrap_or(Some(time::Date::MIN)),
+            upstream,
+            vprotocol,
+        ) {
+            versions.push(VersionSpec {
+                version: v.version.clone(),
+                upstream,
+                protocol,
+                released,
+                deprecated: v.deprecated.as_ref().map(|_| deprecated),
+                sunset: v.sunset.as_ref().map(|_| sunset),
+            });
+        }
+    }
+    if versions.len() != svc.version.len() {
+        return None;
+    }
+    Some(ServiceSpec {
+        family: family.to_owned(),
+        id: svc.id.clone(),
+        protocol: protocol?,
+        versions,
+    })
+}
+
+fn build_authorisation(
+    s: &Source,
+    key: &str,
+    a: &RawAuthorisation,
+    consumers: &Consumers,
+    catalogue: &Catalogue,
+    problems: &mut Problems,
+) -> Option<Authorisation> {
+    if consumers.get(&a.consumer).is_none() {
+        problems.add(
+            &s.path,
+            format!("{key}.consumer"),
+            format!("no consumer with id `{}` is declared", a.consumer),
+        );
+    }
+    let versions = a.versions.clone().unwrap_or_default();
+    match a
+        .service
+        .split_once('/')
+        .and_then(|(f, sv)| catalogue.service(f, sv))
+    {
+        None => problems.add(
+            &s.path,
+            format!("{key}.service"),
+            format!(
+                "no service `{}` is declared (write family/service)",
+                a.service
+            ),
+        ),
+        Some(svc) => {
+            for (i, v) in versions.iter().enumerate() {
+                if !svc.versions.iter().any(|x| &*x.version == v) {
+                    problems.add(
+                        &s.path,
+                        format!("{key}.versions[{i}]"),
+                        format!("service {} has no version `{v}`", a.service),
+                    );
+                }
+            }
+        }
+    }
+    if a.purpose.trim().is_empty() {
+        problems.add(&s.path, format!("{key}.purpose"), "must not be empty");
+    }
+    let kind = LegalBasisKind::parse(&a.legal_basis.kind).or_else(|| {
+        problems.add(
+            &s.path,
+            format!("{key}.legal_basis.kind"),
+            format!(
+                "`{}` is not authorisation, protocol or deliberation",
+                a.legal_basis.kind
+            ),
+        );
+        None
+    });
+    let valid_from = toml_date(&a.valid_from).or_else(|| {
+        problems.add(
+            &s.path,
+            format!("{key}.valid_from"),
+            "not a plain date such as 2026-03-01",
+        );
+        None
+    });
+    let valid_until = match &a.valid_until {
+        None => Some(None),
+        Some(d) => match toml_date(d) {
+            Some(d) => Some(Some(d)),
+            None => {
+                problems.add(
+                    &s.path,
+                    format!("{key}.valid_until"),
+                    "not a plain date such as 2026-03-01",
+                );
+                None
+            }
+        },
+    };
+    let (valid_from, valid_until, kind) = (valid_from?, valid_until?, kind?);
+    if let Some(until) = valid_until
+        && until <= valid_from
+    {
+        problems.add(
+            &s.path,
+            format!("{key}.valid_until"),
+            format!("{until} is not after valid_from {valid_from}"),
+        );
+    }
+    Some(Authorisation {
+        id: a.id.clone(),
+        consumer: a.consumer.clone(),
+        service: a.service.clone(),
+        versions,
+        purpose: a.purpose.clone(),
+        legal_basis: LegalBasis {
+            kind,
+            reference: a.legal_basis.reference.clone(),
+            issuer: a.legal_basis.issuer.clone(),
+        },
+        provider_approval: a.provider_approval.clone(),
+        valid_from,
+        valid_until,
+    })
+}
+
+#[cfg(test)]
+mod tests;

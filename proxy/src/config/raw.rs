@@ -1,0 +1,192 @@
+//! The configuration as written: one struct per TOML table, every unknown key refused.
+//!
+//! Nothing here is checked beyond its TOML type; [`super::build`] turns these into the
+//! validated [`super::Config`].
+
+use serde::Deserialize;
+use toml::value::Datetime;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFile {
+    pub include: Option<Vec<String>>,
+    pub environment: Option<String>,
+    /// Extension: the name this gateway instance writes into audit records.
+    pub node: Option<String>,
+    pub listener: Option<RawListener>,
+    pub admin: Option<RawAdmin>,
+    pub oauth: Option<RawOAuth>,
+    pub audit: Option<RawAudit>,
+    pub throttle: Option<RawThrottle>,
+    #[serde(default)]
+    pub provider: Vec<RawProvider>,
+    #[serde(default)]
+    pub family: Vec<RawFamily>,
+    #[serde(default)]
+    pub consumer: Vec<RawConsumer>,
+    #[serde(default)]
+    pub authorisation: Vec<RawAuthorisation>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawListener {
+    pub address: String,
+    pub public_url: String,
+    pub server_cert: String,
+    pub server_key: String,
+    pub client_ca: String,
+    pub crls: Option<Vec<String>>,
+    // Extensions.
+    pub max_request_bytes: Option<u64>,
+    pub handshake_timeout: Option<String>,
+    pub header_read_timeout: Option<String>,
+    pub drain_timeout: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    pub address: String,
+    pub tokens_file: Option<String>,
+    pub admin_cns: Option<Vec<String>>,
+    pub tls: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawOAuth {
+    pub issuer: String,
+    pub jwks_url: Option<String>,
+    pub jwks_file: Option<String>,
+    pub audience: String,
+    pub algorithms: Option<Vec<String>>,
+    pub client_id_claim: Option<String>,
+    pub require_certificate_binding: Option<bool>,
+    // Extensions.
+    pub leeway: Option<String>,
+    pub max_token_bytes: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAudit {
+    pub backend: String,
+    pub dir: Option<String>,
+    pub url: Option<String>,
+    pub fail_closed: Option<bool>,
+    pub retention_days: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawThrottle {
+    pub backend: String,
+    pub url: Option<String>,
+    pub on_backend_error: Option<String>,
+    /// Extension: how many gateways share the limits (for the `local` fallback).
+    pub replicas: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimit {
+    pub rate: String,
+    pub burst: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConsumerLimit {
+    pub consumer: String,
+    pub rate: String,
+    pub burst: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawProvider {
+    pub id: String,
+    pub name: String,
+    pub limit: Option<RawLimit>,
+    pub consumer_limit: Option<RawLimit>,
+    pub consumer_limits: Option<Vec<RawConsumerLimit>>,
+    pub upstream_ca: Option<String>,
+    pub client_cert: Option<String>,
+    pub client_key: Option<String>,
+    // Extensions.
+    pub connect_timeout: Option<String>,
+    pub response_timeout: Option<String>,
+    pub pool_idle_timeout: Option<String>,
+    pub pool_max_idle: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFamily {
+    pub id: String,
+    pub provider: String,
+    #[serde(default)]
+    pub service: Vec<RawService>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawService {
+    pub id: String,
+    pub protocol: String,
+    #[serde(default)]
+    pub version: Vec<RawVersion>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawVersion {
+    pub version: String,
+    pub upstream: String,
+    pub released: Datetime,
+    pub deprecated: Option<Datetime>,
+    pub sunset: Option<Datetime>,
+    /// Extension: this version speaks another protocol than the service's default.
+    pub protocol: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConsumer {
+    pub id: String,
+    pub organisation: String,
+    pub enterprise_number: Option<String>,
+    pub certificates: Option<Vec<RawCertificate>>,
+    pub oauth_client_ids: Option<Vec<String>>,
+    pub source_ips: Option<Vec<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCertificate {
+    pub cn: Option<String>,
+    pub sha256: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAuthorisation {
+    pub id: String,
+    pub consumer: String,
+    pub service: String,
+    pub versions: Option<Vec<String>>,
+    pub purpose: String,
+    pub legal_basis: RawLegalBasis,
+    pub provider_approval: String,
+    pub valid_from: Datetime,
+    pub valid_until: Option<Datetime>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLegalBasis {
+    pub kind: String,
+    pub reference: String,
+    pub issuer: Option<String>,
+}

@@ -1,0 +1,513 @@
+//! # The request pipeline
+//!
+//! Every call goes through these phases, in this order (TLS was accepted and the client
+//! certificate verified by [`crate::server`] before the first request):
+//!
+//! 1. **stamp**: give the call its FSP message id (UUID v7) and timestamp;
+//! 2. **identify**: map the verified client certificate to a consumer;
+//! 3. **authorise**: (issue 3) the purpose and legal basis for this service;
+//! 4. **throttle**: (issue 4) the provider's and the consumer's limits;
+//! 5. **route**: find the live version of the service and its upstream;
+//! 6. **audit gate**: a fail-closed gateway forwards nothing it could not record;
+//! 7. **forward**: stream the request to the provider over a pooled connection;
+//! 8. **respond**: stream the answer back, stamped with the FSP headers;
+//! 9. **audit outcome**: when the response body ends, the record is completed and
+//!    queued (see [`crate::body::Finisher`]).
+//!
+//! A refusal at any phase becomes a [`Rejection`], rendered by [`crate::errors`] alone.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use catalogue::{Lifecycle, Protocol, RouteError};
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, Request, Response, Version};
+use hyper::body::Incoming;
+use policy::{CertificateIdentity, Consumer};
+use time::OffsetDateTime;
+use time::macros::format_description;
+
+use crate::body::{CallShared, Finisher, RequestBody, ResponseBody};
+use crate::errors::{self, Code, ErrorForm, Rejection};
+use crate::forward::{self, RoutePath};
+use crate::headers::*;
+use crate::soap::{self, HeaderStamp, SoapVersion};
+use crate::state::{Gateway, Snapshot};
+
+/// What the gateway knows about a connection once TLS is established.
+#[derive(Debug)]
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    pub certificate: Option<CertificateIdentity>,
+    /// The certificate's SHA-256, hex, computed once per connection.
+    pub certificate_sha256: Option<String>,
+}
+
+impl ConnInfo {
+    pub fn new(peer: SocketAddr, certificate: Option<CertificateIdentity>) -> Self {
+        let certificate_sha256 = certificate.as_ref().map(|c| c.sha256.to_string());
+        Self {
+            peer,
+            certificate,
+            certificate_sha256,
+        }
+    }
+}
+
+/// The moment a call was received, in the forms the gateway writes it.
+struct Stamp {
+    message_id: String,
+    timestamp: String,
+    now: OffsetDateTime,
+    started: Instant,
+}
+
+impl Stamp {
+    fn new() -> Self {
+        let now = OffsetDateTime::now_utc();
+        Self {
+            message_id: uuid::Uuid::now_v7().to_string(),
+            timestamp: rfc3339_millis(now),
+            now,
+            started: Instant::now(),
+        }
+    }
+}
+
+/// RFC 3339 in UTC with milliseconds: `2026-11-24T10:15:30.123Z`.
+pub fn rfc3339_millis(t: OffsetDateTime) -> String {
+    t.format(format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+    ))
+    .unwrap_or_default()
+}
+
+/// An HTTP-date (RFC 9110 IMF-fixdate) for midnight UTC of a day.
+fn http_date(d: time::Date) -> String {
+    d.format(format_description!(
+        "[weekday repr:short], [day] [month repr:short] [year] 00:00:00 GMT"
+    ))
+    .unwrap_or_default()
+}
+
+/// Serves one request. Never fails: every refusal is a response.
+pub async fn handle(
+    gw: Arc<Gateway>,
+    conn: Arc<ConnInfo>,
+    req: Request<Incoming>,
+) -> Result<Response<ResponseBody>, Infallible> {
+    // 1. stamp
+    let stamp = Stamp::new();
+    let snap = gw.snapshot.load_full();
+    let (parts, body) = req.into_parts();
+    let route_path = forward::split_path(parts.uri.path());
+    let resolved = route_path.as_ref().map(|p| {
+        snap.catalogue
+            .resolve(p.family, p.service, p.version, stamp.now.date())
+    });
+    let protocol = match &resolved {
+        Some(Ok(r)) => Some(r.protocol()),
+        Some(Err(e)) => e.protocol(),
+        None => None,
+    };
+    let soap_version = SoapVersion::of(&parts.headers);
+    let form = match (protocol, soap_version) {
+        (Some(Protocol::Soap), v) => ErrorForm::Soap(v.unwrap_or(SoapVersion::V11)),
+        (None, Some(v)) => ErrorForm::Soap(v),
+        _ => ErrorForm::Problem,
+    };
+    let mut record = initial_record(
+        &gw,
+        &conn,
+        &stamp,
+        &parts.method,
+        &parts.uri,
+        &parts.headers,
+        route_path.as_ref(),
+        protocol,
+    );
+
+    // 2. identify
+    let consumer = match identify(&snap, &conn) {
+        Ok(c) => c,
+        Err(r) => return Ok(reject(&gw, record, &stamp, form, r)),
+    };
+    record.consumer = Some(consumer.id.to_string());
+    record.credential = Some("certificate".into());
+    record.credential_id = conn.certificate_sha256.clone();
+
+    // 3. authorise and 4. throttle arrive with issues 3 and 4.
+
+    // 5. route
+    let route = match resolved {
+        Some(Ok(route)) => route,
+        Some(Err(e)) => {
+            let r = route_rejection(&snap, route_path.as_ref(), e);
+            return Ok(reject(&gw, record, &stamp, form, r));
+        }
+        None => {
+            let r = Rejection::new(
+                Code::RouteUnknownService,
+                format!(
+                    "the path {} does not name a service: call /{{family}}/{{service}}/{{version}}/...",
+                    parts.uri.path()
+                ),
+            );
+            return Ok(reject(&gw, record, &stamp, form, r));
+        }
+    };
+    let protocol = route.protocol();
+    if protocol == Protocol::Soap {
+        if parts.method != Method::POST {
+            let r = Rejection::new(
+                Code::RequestMalformed,
+                format!(
+                    "{} is a SOAP service: POST a SOAP envelope",
+                    route.service.name
+                ),
+            )
+            .with_header(header::ALLOW, HeaderValue::from_static("POST"));
+            return Ok(reject(&gw, record, &stamp, form, r));
+        }
+        if soap_version.is_none() {
+            let r = Rejection::new(
+                Code::RequestMalformed,
+                "a SOAP call needs Content-Type text/xml (SOAP 1.1) or application/soap+xml (SOAP 1.2)",
+            );
+            return Ok(reject(&gw, record, &stamp, form, r));
+        }
+    }
+    let declared_length = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared_length.is_some_and(|n| n > snap.max_request_bytes) {
+        let r = Rejection::new(
+            Code::RequestTooLarge,
+            format!(
+                "the request body may not exceed {} bytes",
+                snap.max_request_bytes
+            ),
+        );
+        return Ok(reject(&gw, record, &stamp, form, r));
+    }
+    let Some(upstream) = snap.upstreams.get(&route.service.provider).cloned() else {
+        let r = Rejection::new(
+            Code::UpstreamUnavailable,
+            format!("provider {} is not configured", route.service.provider),
+        );
+        return Ok(reject(&gw, record, &stamp, form, r));
+    };
+    let rest = route_path.as_ref().map_or("", |p| p.rest);
+    let uri = match forward::upstream_uri(&route.version.upstream, rest, parts.uri.query()) {
+        Ok(u) => u,
+        Err(e) => {
+            let r = Rejection::new(
+                Code::RequestMalformed,
+                format!("the path cannot be forwarded: {e}"),
+            );
+            return Ok(reject(&gw, record, &stamp, form, r));
+        }
+    };
+    let mut lifecycle_headers = HeaderMap::new();
+    if let Lifecycle::Deprecated { since, sunset } = route.lifecycle {
+        deprecation_headers(
+            &mut lifecycle_headers,
+            &snap,
+            route.service,
+            since,
+            sunset,
+            route.successor.map(|s| &*s.version),
+        );
+    }
+    let service_name = route.service.name.clone();
+    let provider = route.service.provider.clone();
+
+    // 6. audit gate
+    if snap.fail_closed
+        && let Err(e) = gw.audit.health()
+    {
+        let r = Rejection::new(
+            Code::AuditUnavailable,
+            format!("the call cannot be recorded, so it is not forwarded: {e}"),
+        );
+        return Ok(reject(&gw, record, &stamp, form, r));
+    }
+
+    // 7. forward
+    let shared = Arc::new(CallShared::default());
+    let mut headers = parts.headers;
+    strip_hop_by_hop(&mut headers);
+    strip_consumer_fsp_headers(&mut headers);
+    headers.remove(header::HOST);
+    headers.remove(header::AUTHORIZATION);
+    insert_text(&mut headers, FSP_MESSAGE_ID, &stamp.message_id);
+    insert_text(&mut headers, FSP_TIMESTAMP, &stamp.timestamp);
+    insert_text(&mut headers, FSP_CONSUMER, &consumer.id);
+    append_forwarded_for(&mut headers, conn.peer);
+    let mut upstream_req = Request::new(RequestBody::new(
+        body,
+        snap.max_request_bytes,
+        shared.clone(),
+    ));
+    *upstream_req.method_mut() = parts.method;
+    *upstream_req.uri_mut() = uri;
+    *upstream_req.version_mut() = Version::HTTP_11;
+    *upstream_req.headers_mut() = headers;
+    drop(snap);
+
+    let sent = tokio::time::timeout(
+        upstream.response_timeout,
+        upstream.client.request(upstream_req),
+    )
+    .await;
+    let response = match sent {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
+            let r = if shared.too_large.load(std::sync::atomic::Ordering::Relaxed) {
+                Rejection::new(
+                    Code::RequestTooLarge,
+                    format!(
+                        "the request body may not exceed {} bytes",
+                        gw.snapshot.load().max_request_bytes
+                    ),
+                )
+            } else {
+                tracing::warn!(provider = %provider, service = %service_name, error = ?e, "upstream call failed");
+                Rejection::new(
+                    Code::UpstreamUnavailable,
+                    format!(
+                        "provider {provider} could not be reached for {service_name}: {}",
+                        error_chain(&e)
+                    ),
+                )
+            };
+            return Ok(reject_with(&gw, record, &stamp, form, r, Some(shared)));
+        }
+        Err(_) => {
+            let r = Rejection::new(
+                Code::UpstreamTimeout,
+                format!(
+                    "provider {provider} did not answer {service_name} within {:?}",
+                    upstream.response_timeout
+                ),
+            );
+            return Ok(reject_with(&gw, record, &stamp, form, r, Some(shared)));
+        }
+    };
+
+    // 8. respond
+    let (mut rparts, rbody) = response.into_parts();
+    strip_hop_by_hop(&mut rparts.headers);
+    insert_text(&mut rparts.headers, FSP_MESSAGE_ID, &stamp.message_id);
+    insert_text(&mut rparts.headers, FSP_TIMESTAMP, &stamp.timestamp);
+    for (name, value) in lifecycle_headers.iter() {
+        rparts.headers.append(name.clone(), value.clone());
+    }
+    record.status = rparts.status.as_u16();
+    let finisher = Finisher::new(record, stamp.started, Some(shared), gw.audit.clone());
+    let stampable = protocol == Protocol::Soap
+        && rparts
+            .headers
+            .get(header::CONTENT_ENCODING)
+            .is_none_or(|v| v == "identity")
+        && rparts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|ct| ct.contains("xml"));
+    let body = if stampable {
+        rparts.headers.remove(header::CONTENT_LENGTH);
+        ResponseBody::stamped(
+            rbody,
+            HeaderStamp::new(&stamp.message_id, &stamp.timestamp),
+            finisher,
+        )
+    } else {
+        ResponseBody::upstream(rbody, finisher)
+    };
+    Ok(Response::from_parts(rparts, body))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn initial_record(
+    gw: &Gateway,
+    conn: &ConnInfo,
+    stamp: &Stamp,
+    method: &Method,
+    uri: &http::Uri,
+    headers: &HeaderMap,
+    route_path: Option<&RoutePath<'_>>,
+    protocol: Option<Protocol>,
+) -> audit::Record {
+    let operation = match protocol {
+        Some(Protocol::Soap) => {
+            soap::action(headers).unwrap_or_else(|| format!("{method} {}", uri.path()))
+        }
+        _ => format!("{method} {}", uri.path()),
+    };
+    audit::Record {
+        message_id: stamp.message_id.clone(),
+        timestamp: stamp.timestamp.clone(),
+        source_ip: conn.peer.ip().to_string(),
+        service: route_path.map(|p| format!("{}/{}", p.family, p.service)),
+        version: route_path.map(|p| p.version.to_owned()),
+        operation,
+        purpose: text(headers, &FSP_PURPOSE).map(str::to_owned),
+        end_user: text(headers, &FSP_END_USER).map(str::to_owned),
+        consumer_ref: text(headers, &X_REQUEST_ID).map(str::to_owned),
+        trace_id: text(headers, &TRACEPARENT)
+            .and_then(|t| t.split('-').nth(1))
+            .filter(|t| t.len() == 32)
+            .map(str::to_owned),
+        decision: "allowed".into(),
+        node: gw.node.clone(),
+        ..Default::default()
+    }
+}
+
+fn identify<'s>(snap: &'s Snapshot, conn: &ConnInfo) -> Result<&'s Consumer, Rejection> {
+    match &conn.certificate {
+        Some(cert) => snap
+            .consumers
+            .identify_certificate(cert)
+            .map_err(|e| Rejection::new(Code::AuthnUnknownIdentity, e.to_string())),
+        None => Err(Rejection::new(
+            Code::AuthnMissing,
+            "no credential: present a client certificate issued by a CA this platform trusts",
+        )),
+    }
+}
+
+fn route_rejection(snap: &Snapshot, path: Option<&RoutePath<'_>>, e: RouteError) -> Rejection {
+    let detail = e.to_string();
+    match e {
+        RouteError::UnknownService { .. } => Rejection::new(Code::RouteUnknownService, detail),
+        RouteError::UnknownVersion { .. } | RouteError::NotYetReleased { .. } => {
+            Rejection::new(Code::RouteUnknownVersion, detail)
+        }
+        RouteError::Retired {
+            sunset, successor, ..
+        } => {
+            let mut r = Rejection::new(Code::RouteVersionRetired, detail);
+            if let Ok(v) = HeaderValue::from_str(&http_date(sunset)) {
+                r = r.with_header(SUNSET, v);
+            }
+            if let (Some(s), Some(p)) = (successor, path)
+                && let Ok(v) = HeaderValue::from_str(&successor_link(snap, p.family, p.service, &s))
+            {
+                r = r.with_header(header::LINK, v);
+            }
+            r
+        }
+        _ => Rejection::new(Code::RouteUnknownService, detail),
+    }
+}
+
+fn successor_link(snap: &Snapshot, family: &str, service: &str, version: &str) -> String {
+    format!(
+        "<{}/{family}/{service}/{version}>; rel=\"successor-version\"",
+        snap.public_url
+    )
+}
+
+/// `Deprecation` (RFC 9745), `Sunset` (RFC 8594) and the successor `Link`.
+fn deprecation_headers(
+    headers: &mut HeaderMap,
+    snap: &Snapshot,
+    service: &catalogue::Service,
+    since: time::Date,
+    sunset: Option<time::Date>,
+    successor: Option<&str>,
+) {
+    let ts = since.midnight().assume_utc().unix_timestamp();
+    if let Ok(v) = HeaderValue::from_str(&format!("@{ts}")) {
+        headers.insert(DEPRECATION, v);
+    }
+    if let Some(s) = sunset
+        && let Ok(v) = HeaderValue::from_str(&http_date(s))
+    {
+        headers.insert(SUNSET, v);
+    }
+    if let Some(succ) = successor
+        && let Ok(v) =
+            HeaderValue::from_str(&successor_link(snap, &service.family, &service.id, succ))
+    {
+        headers.append(header::LINK, v);
+    }
+}
+
+fn insert_text(headers: &mut HeaderMap, name: http::HeaderName, value: &str) {
+    if let Ok(v) = HeaderValue::from_str(value) {
+        headers.insert(name, v);
+    }
+}
+
+fn append_forwarded_for(headers: &mut HeaderMap, peer: SocketAddr) {
+    let ip = peer.ip().to_string();
+    let value = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(prev) => format!("{prev}, {ip}"),
+        None => ip,
+    };
+    insert_text(
+        headers,
+        http::HeaderName::from_static("x-forwarded-for"),
+        &value,
+    );
+    headers.insert("x-forwarded-proto", HeaderValue::from_static("https"));
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        cur = s.source();
+    }
+    out
+}
+
+fn reject(
+    gw: &Gateway,
+    record: audit::Record,
+    stamp: &Stamp,
+    form: ErrorForm,
+    r: Rejection,
+) -> Response<ResponseBody> {
+    reject_with(gw, record, stamp, form, r, None)
+}
+
+fn reject_with(
+    gw: &Gateway,
+    mut record: audit::Record,
+    stamp: &Stamp,
+    form: ErrorForm,
+    r: Rejection,
+    shared: Option<Arc<CallShared>>,
+) -> Response<ResponseBody> {
+    let response = errors::render(&r, form, &stamp.message_id, &stamp.timestamp);
+    record.decision = r.code.as_str().to_owned();
+    record.status = r.code.status().as_u16();
+    tracing::debug!(message_id = %stamp.message_id, code = r.code.as_str(), detail = %r.detail, "call refused");
+    let (parts, bytes): (_, Bytes) = response.into_parts();
+    let finisher = Finisher::new(record, stamp.started, shared, gw.audit.clone());
+    Response::from_parts(parts, ResponseBody::full(bytes, Some(finisher)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates_in_the_wire_formats() {
+        let d = time::macros::date!(2027 - 09 - 01);
+        assert_eq!(http_date(d), "Wed, 01 Sep 2027 00:00:00 GMT");
+        let t = time::macros::datetime!(2026-11-24 10:15:30.123456 UTC);
+        assert_eq!(rfc3339_millis(t), "2026-11-24T10:15:30.123Z");
+    }
+}

@@ -1,0 +1,150 @@
+//! Starting and stopping a gateway: `fsp serve` and the quickstart share this.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::Context;
+use arc_swap::ArcSwap;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::config::{self, AuditBackend, Config};
+use crate::server::ListenerTimeouts;
+use crate::state::{Gateway, Snapshot};
+
+/// Installs the Prometheus recorder once per process.
+fn metrics_handle() -> Option<metrics_exporter_prometheus::PrometheusHandle> {
+    static HANDLE: std::sync::OnceLock<Option<metrics_exporter_prometheus::PrometheusHandle>> =
+        std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            metrics_exporter_prometheus::PrometheusBuilder::new()
+                .install_recorder()
+                .map_err(|e| tracing::warn!(error = %e, "metrics recorder not installed"))
+                .ok()
+        })
+        .clone()
+}
+
+/// Runs the gateway described by `config` until `shutdown` turns true, then drains open
+/// connections, flushes the audit trail and returns.
+pub async fn serve(
+    config_path: &Path,
+    config: Config,
+    shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let listener_cfg = &config.listener;
+    let timeouts = ListenerTimeouts {
+        handshake: listener_cfg.handshake_timeout,
+        header_read: listener_cfg.header_read_timeout,
+        drain: listener_cfg.drain_timeout,
+    };
+    let consumer_addr = listener_cfg.address;
+    let admin = config
+        .admin
+        .as_ref()
+        .map(|a| (a.address, Arc::new(a.tokens.clone()), a.tls));
+    let node = config.node.clone();
+
+    let (sink, sink_handle) = match &config.audit.backend {
+        AuditBackend::File { dir } => audit::file::FileSink::start(dir, &node)
+            .with_context(|| format!("cannot start the audit trail in {}", dir.display()))?,
+    };
+    let sink: Arc<dyn audit::AuditSink> = Arc::new(sink);
+
+    let (snapshot, tls) = Snapshot::from_config(config);
+    let gw = Arc::new(Gateway {
+        snapshot: ArcSwap::from_pointee(snapshot),
+        tls: ArcSwap::new(tls),
+        audit: sink,
+        node,
+        config_path: config_path.to_owned(),
+        metrics: metrics_handle(),
+        ready: AtomicBool::new(false),
+    });
+
+    let listener = TcpListener::bind(consumer_addr)
+        .await
+        .with_context(|| format!("cannot listen on {consumer_addr} (listener.address)"))?;
+    let mut tasks = tokio::task::JoinSet::new();
+    if let Some((addr, tokens, tls)) = admin {
+        if tls {
+            tracing::warn!(
+                "[admin] tls = true is not supported yet; the admin API is served over plain HTTP"
+            );
+        }
+        let admin_listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} (admin.address)"))?;
+        tracing::info!(address = %addr, "admin API listening");
+        tasks.spawn(crate::admin::serve(
+            gw.clone(),
+            admin_listener,
+            tokens,
+            shutdown.clone(),
+        ));
+    }
+    {
+        // SIGHUP reloads configuration and certificates, like POST /admin/reload.
+        use tokio::signal::unix::{SignalKind, signal};
+        let weak = Arc::downgrade(&gw);
+        let mut stop = shutdown.clone();
+        let mut hup = signal(SignalKind::hangup()).context("cannot watch SIGHUP")?;
+        tasks.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = hup.recv() => {
+                        if let Some(gw) = weak.upgrade()
+                            && let Err(e) = gw.reload()
+                        {
+                            tracing::error!(error = %e, "SIGHUP reload refused; the running configuration stays");
+                        }
+                    }
+                    _ = stop.changed() => break,
+                }
+            }
+        });
+    }
+    tracing::info!(address = %consumer_addr, node = %gw.node, "gateway listening");
+    gw.ready.store(true, Ordering::Release);
+    crate::server::serve(gw.clone(), listener, timeouts, shutdown).await;
+    gw.ready.store(false, Ordering::Release);
+    while tasks.join_next().await.is_some() {}
+
+    // Every response body has been dropped by now; the last reference to the sink goes
+    // with the gateway, and the writer drains what is queued.
+    drop(gw);
+    tokio::task::spawn_blocking(move || sink_handle.join())
+        .await
+        .context("audit writer panicked")?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// A shutdown signal fed by SIGTERM and SIGINT.
+pub fn shutdown_signal() -> anyhow::Result<watch::Receiver<bool>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (tx, rx) = watch::channel(false);
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: draining"),
+            _ = int.recv() => tracing::info!("SIGINT: draining"),
+        }
+        let _ = tx.send(true);
+    });
+    Ok(rx)
+}
+
+/// Loads a configuration, printing every problem on failure.
+pub fn load_or_report(path: &Path) -> Option<Config> {
+    match config::load(path) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            eprint!("{e}");
+            None
+        }
+    }
+}

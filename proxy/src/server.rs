@@ -1,0 +1,110 @@
+//! The consumer-facing listener: TCP accept, TLS handshake (client certificate checked
+//! by rustls against the consumer CAs and CRLs), then HTTP/1.1 or HTTP/2 by ALPN.
+//!
+//! Each connection gets its own task. The accept loop does no handshake work itself, so
+//! a slow or hostile client cannot stall it; handshakes are bounded by
+//! `listener.handshake_timeout`. On shutdown the loop stops accepting and every open
+//! connection is told to finish its requests (HTTP/1.1 `Connection: close`, HTTP/2
+//! GOAWAY) within `listener.drain_timeout`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
+
+use crate::pipeline::{self, ConnInfo};
+use crate::state::Gateway;
+
+/// Timeouts of the consumer listener.
+#[derive(Clone, Copy, Debug)]
+pub struct ListenerTimeouts {
+    pub handshake: Duration,
+    pub header_read: Duration,
+    pub drain: Duration,
+}
+
+/// Serves consumers until `shutdown` turns true, then drains.
+pub async fn serve(
+    gw: Arc<Gateway>,
+    listener: TcpListener,
+    timeouts: ListenerTimeouts,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(timeouts.header_read)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(20))
+        .max_concurrent_streams(256);
+    let builder = Arc::new(builder);
+    let graceful = GracefulShutdown::new();
+
+    loop {
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Usually EMFILE: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => break,
+        };
+        let _ = tcp.set_nodelay(true);
+        let gw = gw.clone();
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            let acceptor = TlsAcceptor::from(gw.tls.load_full());
+            let tls = match tokio::time::timeout(timeouts.handshake, acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    metrics::counter!("fsp_tls_handshake_failures_total").increment(1);
+                    tracing::info!(%peer, error = %e, "TLS handshake refused");
+                    return;
+                }
+                Err(_) => {
+                    metrics::counter!("fsp_tls_handshake_failures_total").increment(1);
+                    tracing::info!(%peer, "TLS handshake timed out");
+                    return;
+                }
+            };
+            let certificate = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .map(certs::certificate_identity);
+            let conn = Arc::new(ConnInfo::new(peer, certificate));
+            let service = service_fn(move |req| pipeline::handle(gw.clone(), conn.clone(), req));
+            let connection = builder
+                .serve_connection(TokioIo::new(tls), service)
+                .into_owned();
+            if let Err(e) = watcher.watch(connection).await {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    tracing::info!(open = graceful.count(), "draining open connections");
+    if tokio::time::timeout(timeouts.drain, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("drain timeout reached; closing remaining connections");
+    }
+}
