@@ -50,8 +50,12 @@ pub async fn serve(
         .max_concurrent_streams(256);
     let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
+    // Connection tasks, so that any still open after the drain timeout can be ended:
+    // each holds the gateway state (and the audit sink) until it ends.
+    let mut connections = tokio::task::JoinSet::new();
 
     loop {
+        while connections.try_join_next().is_some() {}
         let (tcp, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
@@ -68,7 +72,7 @@ pub async fn serve(
         let gw = gw.clone();
         let builder = builder.clone();
         let watcher = graceful.watcher();
-        tokio::spawn(async move {
+        connections.spawn(async move {
             let acceptor = TlsAcceptor::from(gw.tls.load_full());
             let tls = match tokio::time::timeout(timeouts.handshake, acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => tls,

@@ -1,0 +1,570 @@
+#!/usr/bin/env bash
+# Benchmark one mTLS REST workload three ways and compare:
+#   direct : oha --mTLS--> upstream nginx (HTTPS, client certificate required)
+#   nginx  : oha --mTLS--> nginx reverse proxy --HTTP keep-alive--> upstream
+#   fsp    : oha --mTLS--> fsp gateway         --HTTP keep-alive--> upstream
+#
+# Everything runs on loopback, in one temporary directory, with certificates made
+# at run time. See load-tests/README.md for the knobs (env vars) and the output.
+#
+# Exit status: 0 when all targets ran and every response was 200 (PASS or MISS
+# against the targets does not change it); 1 when something failed to start or
+# run; 3 when a benchmark ran but saw errors or non-200 responses.
+
+set -Eeuo pipefail
+
+# ---------------------------------------------------------------- settings --
+CONCURRENCY=${CONCURRENCY:-32}
+DURATION=${DURATION:-20}              # seconds, per measured run
+WARMUP=${WARMUP:-3}                   # seconds, before each measured run
+ROUNDS=${ROUNDS:-1}                   # repeat the set; medians are reported
+SKIP_FSP=${SKIP_FSP:-0}
+KEEP_TMP=${KEEP_TMP:-0}
+UPSTREAM_HTTP_PORT=${UPSTREAM_HTTP_PORT:-18080}
+UPSTREAM_TLS_PORT=${UPSTREAM_TLS_PORT:-18081}
+NGINX_PORT=${NGINX_PORT:-18082}
+FSP_PORT=${FSP_PORT:-18443}
+FSP_ADMIN_PORT=${FSP_ADMIN_PORT:-19443}
+export FSP_LOG=${FSP_LOG:-warn}       # nginx runs with access_log off; keep fsp's log quiet too
+# Thresholds (fsp against nginx).
+MIN_RPS_RATIO=${MIN_RPS_RATIO:-0.9}
+MAX_P99_RATIO=${MAX_P99_RATIO:-1.5}
+
+SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO_ROOT=$(cd "$SCRIPT_DIR/.." && pwd)
+cd "$REPO_ROOT"
+FSP_BIN=${FSP_BIN:-target/release/fsp}
+RESULTS_DIR=${RESULTS_DIR:-$SCRIPT_DIR/results}
+
+export PATH="$HOME/.cargo/bin:/usr/local/sbin:/usr/sbin:/sbin:$PATH"
+
+log()  { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
+die()  { log "ERROR: $*"; exit 1; }
+
+is_uint() { [[ $1 =~ ^[0-9]+$ ]]; }
+for v in CONCURRENCY DURATION WARMUP ROUNDS UPSTREAM_HTTP_PORT UPSTREAM_TLS_PORT NGINX_PORT FSP_PORT FSP_ADMIN_PORT; do
+    is_uint "${!v}" || die "$v must be a non-negative integer (got '${!v}')"
+done
+(( CONCURRENCY >= 1 && DURATION >= 1 && ROUNDS >= 1 )) || die "CONCURRENCY, DURATION and ROUNDS must be >= 1"
+
+# ---------------------------------------------------------------- cleanup --
+TMP=""
+PIDS=()        # background processes we started (nginx masters, fsp)
+CHILD=""       # the foreground job (oha) while it runs, so a signal can stop it at once
+
+run_child() {  # run_child CMD...: run CMD as a job and wait for it, so INT/TERM traps fire at once
+    local rc=0
+    "$@" &
+    CHILD=$!
+    wait "$CHILD" || rc=$?
+    CHILD=""
+    return "$rc"
+}
+
+# shellcheck disable=SC2317  # invoked from the EXIT trap
+stop_pid() {   # stop_pid PID: TERM, wait up to 10 s, then KILL it and its children
+    local pid=$1 i children
+    kill -0 "$pid" 2>/dev/null || return 0
+    children=$(ps -o pid= --ppid "$pid" 2>/dev/null || true)
+    kill -TERM "$pid" 2>/dev/null || true
+    for ((i = 0; i < 100; i++)); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    if kill -0 "$pid" 2>/dev/null; then
+        log "process $pid did not stop on TERM; killing it"
+        kill -KILL "$pid" 2>/dev/null || true
+    fi
+    for c in $children; do
+        if kill -0 "$c" 2>/dev/null; then kill -KILL "$c" 2>/dev/null || true; fi
+    done
+    wait "$pid" 2>/dev/null || true
+}
+
+CLEANED=0
+# shellcheck disable=SC2317  # invoked from the EXIT trap
+cleanup() {
+    (( CLEANED )) && return 0
+    CLEANED=1
+    local pid
+    [[ -n $CHILD ]] && stop_pid "$CHILD"
+    for pid in "${PIDS[@]}"; do
+        stop_pid "$pid"
+    done
+    if [[ -n $TMP && -d $TMP ]]; then
+        if [[ $KEEP_TMP == 1 ]]; then
+            log "kept temporary directory $TMP"
+        else
+            rm -rf -- "$TMP"
+        fi
+    fi
+}
+trap cleanup EXIT
+trap 'log "interrupted"; exit 130' INT
+trap 'log "terminated"; exit 143' TERM
+
+# ---------------------------------------------------------------- tools --
+command -v oha >/dev/null 2>&1 || { log "installing oha"; cargo install oha --locked; }
+command -v nginx >/dev/null 2>&1 || { log "installing nginx-light"; apt-get update && apt-get install -y nginx-light; }
+for t in oha nginx openssl python3 curl; do
+    command -v "$t" >/dev/null 2>&1 || die "$t is required but not found"
+done
+
+if [[ $SKIP_FSP != 1 ]]; then
+    if [[ ! -x $FSP_BIN ]]; then
+        log "$FSP_BIN not found: cargo build --release -p proxy"
+        cargo build --release -p proxy
+        [[ -x $FSP_BIN ]] || die "$FSP_BIN still missing after the build (set FSP_BIN?)"
+    fi
+    FSP_BIN=$(cd "$(dirname "$FSP_BIN")" && pwd)/$(basename "$FSP_BIN")
+fi
+
+port_free() {  # exits non-zero if 127.0.0.1:PORT cannot be bound (TIME_WAIT is fine, like nginx)
+    python3 - "$1" <<'EOF'
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+try:
+    s.bind(("127.0.0.1", int(sys.argv[1])))
+except OSError:
+    sys.exit(1)
+EOF
+}
+ports=(UPSTREAM_HTTP_PORT UPSTREAM_TLS_PORT NGINX_PORT)
+[[ $SKIP_FSP == 1 ]] || ports+=(FSP_PORT FSP_ADMIN_PORT)
+for v in "${ports[@]}"; do
+    port_free "${!v}" || die "port 127.0.0.1:${!v} is in use; set $v to another port"
+done
+
+TMP=$(mktemp -d "${TMPDIR:-/tmp}/fsp-loadtest.XXXXXX")
+# nginx workers may run as an unprivileged user: let them traverse (not list) $TMP.
+chmod 0711 "$TMP"
+PKI=$TMP/pki
+mkdir -m 0700 "$PKI"
+
+# ---------------------------------------------------------------- PKI --
+log "making a throw-away PKI in $PKI"
+cat >"$PKI/x509.cnf" <<'EOF'
+[req]
+distinguished_name = dn
+prompt             = no
+[dn]
+CN = unused
+[v3_ca]
+basicConstraints       = critical, CA:TRUE, pathlen:0
+keyUsage               = critical, keyCertSign, cRLSign
+subjectKeyIdentifier   = hash
+authorityKeyIdentifier = keyid:always
+[server]
+basicConstraints       = critical, CA:FALSE
+keyUsage               = critical, digitalSignature
+extendedKeyUsage       = serverAuth
+subjectAltName         = DNS:localhost, IP:127.0.0.1
+subjectKeyIdentifier   = hash
+authorityKeyIdentifier = keyid, issuer
+[client]
+basicConstraints       = critical, CA:FALSE
+keyUsage               = critical, digitalSignature
+extendedKeyUsage       = clientAuth
+subjectKeyIdentifier   = hash
+authorityKeyIdentifier = keyid, issuer
+EOF
+(
+    cd "$PKI"
+    genkey() { openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$1" 2>/dev/null; }
+    genkey ca.key
+    openssl req -new -x509 -config x509.cnf -extensions v3_ca -key ca.key -sha256 -days 2 \
+        -subj "/CN=fsp load-test CA" -set_serial "0x$(openssl rand -hex 16)" -out ca.pem
+    for leaf in server client; do
+        genkey "$leaf.key"
+        cn=localhost; [[ $leaf == client ]] && cn=loadtest.example.be
+        openssl req -new -config x509.cnf -key "$leaf.key" -subj "/CN=$cn" -out "$leaf.csr"
+        openssl x509 -req -in "$leaf.csr" -CA ca.pem -CAkey ca.key -set_serial "0x$(openssl rand -hex 16)" \
+            -days 2 -sha256 -extfile x509.cnf -extensions "$leaf" -out "$leaf.pem" 2>/dev/null
+        openssl verify -CAfile ca.pem -purpose "ssl$leaf" "$leaf.pem" >/dev/null
+    done
+    chmod 0600 ./*.key
+) || die "certificate generation failed"
+
+# ---------------------------------------------------------------- body --
+# A fixed JSON document of exactly 1024 bytes (no ', $, \ so nginx can return it verbatim).
+BODY=$(python3 - <<'EOF'
+import json
+doc = {"service": "bench/echo", "version": "v1", "status": "ok",
+       "items": [{"id": i, "name": f"item-{i}", "active": i % 2 == 0} for i in range(12)],
+       "padding": ""}
+base = len(json.dumps(doc, separators=(",", ":")))
+doc["padding"] = "x" * (1024 - base)
+s = json.dumps(doc, separators=(",", ":"))
+assert len(s) == 1024 and not set("'$\\") & set(s)
+print(s)
+EOF
+)
+
+# ---------------------------------------------------------------- nginx --
+nginx_common() {  # nginx_common DIR WORKERS: main + events + start of http block
+    cat <<EOF
+worker_processes $2;
+daemon off;
+pid $1/nginx.pid;
+error_log $1/error.log warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    keepalive_requests 100000;
+    keepalive_timeout 75s;
+    client_body_temp_path $1/tmp/client_body;
+    proxy_temp_path       $1/tmp/proxy;
+    fastcgi_temp_path     $1/tmp/fastcgi;
+    uwsgi_temp_path       $1/tmp/uwsgi;
+    scgi_temp_path        $1/tmp/scgi;
+    ssl_protocols TLSv1.2 TLSv1.3;
+EOF
+}
+mtls_directives() {
+    cat <<EOF
+        ssl_certificate        $PKI/server.pem;
+        ssl_certificate_key    $PKI/server.key;
+        ssl_client_certificate $PKI/ca.pem;
+        ssl_verify_client      on;
+EOF
+}
+
+UP_DIR=$TMP/upstream
+PX_DIR=$TMP/nginx-proxy
+mkdir -p "$UP_DIR/tmp" "$PX_DIR/tmp"
+{
+    nginx_common "$UP_DIR" 1
+    cat <<EOF
+    server {
+        listen 127.0.0.1:$UPSTREAM_HTTP_PORT backlog=4096;
+        location / {
+            default_type application/json;
+            return 200 '$BODY';
+        }
+    }
+    server {
+        listen 127.0.0.1:$UPSTREAM_TLS_PORT ssl backlog=4096;
+$(mtls_directives)
+        location / {
+            default_type application/json;
+            return 200 '$BODY';
+        }
+    }
+}
+EOF
+} >"$UP_DIR/nginx.conf"
+{
+    nginx_common "$PX_DIR" 2
+    cat <<EOF
+    upstream bench_upstream {
+        server 127.0.0.1:$UPSTREAM_HTTP_PORT;
+        keepalive 64;
+        keepalive_requests 100000;
+    }
+    server {
+        listen 127.0.0.1:$NGINX_PORT ssl backlog=4096;
+$(mtls_directives)
+        location / {
+            proxy_pass http://bench_upstream;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }
+    }
+}
+EOF
+} >"$PX_DIR/nginx.conf"
+
+CURL_TLS=(-4 --silent --show-error --max-time 5 --cacert "$PKI/ca.pem" --cert "$PKI/client.pem" --key "$PKI/client.key")
+
+wait_ready() {  # wait_ready NAME PID URL LOGFILE: until URL answers any HTTP status (max ~15 s)
+    local name=$1 pid=$2 url=$3 logf=$4 code i
+    for ((i = 0; i < 75; i++)); do
+        if ! kill -0 "$pid" 2>/dev/null; then
+            log "$name exited during start-up; last log lines:"
+            tail -n 30 "$logf" >&2 || true
+            die "$name did not start"
+        fi
+        code=$(curl "${CURL_TLS[@]}" --max-time 1 -o /dev/null -w '%{http_code}' "$url" 2>/dev/null || true)
+        [[ -n $code && $code != 000 ]] && return 0
+        sleep 0.2
+    done
+    tail -n 30 "$logf" >&2 || true
+    die "$name not answering on $url after 15 s"
+}
+
+start_nginx() {  # start_nginx NAME DIR
+    local name=$1 dir=$2
+    nginx -t -q -e "$dir/error.log" -p "$dir" -c "$dir/nginx.conf" 2>"$dir/config-test.log" || { cat "$dir/config-test.log" >&2; die "$name: invalid nginx configuration"; }
+    nginx -e "$dir/error.log" -p "$dir" -c "$dir/nginx.conf" >"$dir/stdout.log" 2>&1 &
+    PIDS+=("$!")
+}
+
+log "starting upstream nginx (HTTP :$UPSTREAM_HTTP_PORT, mTLS :$UPSTREAM_TLS_PORT) and proxy nginx (mTLS :$NGINX_PORT)"
+start_nginx upstream "$UP_DIR"
+wait_ready upstream "${PIDS[-1]}" "https://localhost:$UPSTREAM_TLS_PORT/" "$UP_DIR/error.log"
+start_nginx nginx-proxy "$PX_DIR"
+wait_ready nginx-proxy "${PIDS[-1]}" "https://localhost:$NGINX_PORT/" "$PX_DIR/error.log"
+
+# ---------------------------------------------------------------- fsp --
+FSP_VERSION="skipped"
+if [[ $SKIP_FSP != 1 ]]; then
+    FSP_DIR=$TMP/fsp
+    mkdir -m 0700 "$FSP_DIR" "$FSP_DIR/audit"
+    cp "$PKI/server.pem" "$PKI/server.key" "$PKI/ca.pem" "$FSP_DIR/"
+    python3 -c 'import secrets; print(secrets.token_hex(24))' >"$FSP_DIR/admin-tokens"
+    chmod 0600 "$FSP_DIR/admin-tokens" "$FSP_DIR/server.key"
+    cat >"$FSP_DIR/fsp.toml" <<EOF
+environment = "INT"
+
+[listener]
+address     = "127.0.0.1:$FSP_PORT"
+public_url  = "https://localhost:$FSP_PORT"
+server_cert = "server.pem"
+server_key  = "server.key"
+client_ca   = "ca.pem"
+
+[admin]
+address     = "127.0.0.1:$FSP_ADMIN_PORT"
+tokens_file = "admin-tokens"
+
+[audit]
+backend     = "file"
+dir         = "audit"
+fail_closed = true
+
+[throttle]
+backend = "local"
+
+[[provider]]
+id    = "bench"
+name  = "Benchmark upstream"
+
+[[family]]
+id       = "bench"
+provider = "bench"
+
+[[family.service]]
+id       = "echo"
+protocol = "rest"
+
+[[family.service.version]]
+version  = "v1"
+upstream = "http://127.0.0.1:$UPSTREAM_HTTP_PORT"
+released = 2025-01-01
+
+[[consumer]]
+id           = "loadtest"
+organisation = "Load test"
+certificates = [ { cn = "loadtest.example.be" } ]
+
+[[authorisation]]
+id          = "bench-auth"
+consumer    = "loadtest"
+service     = "bench/echo"
+purpose     = "benchmark"
+legal_basis = { kind = "protocol", reference = "BENCH-1" }
+provider_approval = "BENCH-OK"
+valid_from  = 2025-01-01
+EOF
+    FSP_VERSION=$({ "$FSP_BIN" --version 2>/dev/null || true; } | head -n 1)
+    FSP_VERSION=${FSP_VERSION:-"fsp (version unknown)"}
+    log "starting $FSP_VERSION (mTLS :$FSP_PORT, admin :$FSP_ADMIN_PORT, FSP_LOG=$FSP_LOG)"
+    "$FSP_BIN" serve --config "$FSP_DIR/fsp.toml" >"$FSP_DIR/fsp.log" 2>&1 &
+    PIDS+=("$!")
+    wait_ready fsp "${PIDS[-1]}" "https://localhost:$FSP_PORT/" "$FSP_DIR/fsp.log"
+fi
+
+# ---------------------------------------------------------------- targets --
+declare -A URL=(
+    [direct]="https://localhost:$UPSTREAM_TLS_PORT/data"
+    [nginx]="https://localhost:$NGINX_PORT/data"
+    [fsp]="https://localhost:$FSP_PORT/bench/echo/v1/data"
+)
+TARGETS=(direct nginx)
+[[ $SKIP_FSP == 1 ]] || TARGETS+=(fsp)
+HEADER="FSP-Purpose: benchmark"   # sent to all three, so the requests are identical
+
+# Smoke test: one request per target must answer 200 with the upstream's body.
+for t in "${TARGETS[@]}"; do
+    out=$TMP/smoke-$t
+    code=$(curl "${CURL_TLS[@]}" -H "$HEADER" -o "$out" -w '%{http_code}' "${URL[$t]}" 2>"$out.err" || true)
+    if [[ $code != 200 ]]; then
+        log "$t: GET ${URL[$t]} answered HTTP ${code:-none} (expected 200):"
+        head -c 2000 "$out" >&2 2>/dev/null || true; echo >&2
+        cat "$out.err" >&2 || true
+        [[ $t == fsp ]] && { log "fsp log:"; tail -n 30 "$FSP_DIR/fsp.log" >&2 || true; }
+        die "$t smoke test failed"
+    fi
+    if [[ $(cat "$out") != "$BODY" ]]; then
+        log "WARNING: $t answered 200 but the body differs from the upstream's ($(wc -c <"$out") bytes)"
+    fi
+    # ... and must refuse the same request without a client certificate (mTLS is really on).
+    code=$(curl -4 --silent --max-time 5 --cacert "$PKI/ca.pem" -H "$HEADER" -o /dev/null -w '%{http_code}' "${URL[$t]}" 2>/dev/null || true)
+    [[ $code == 200 ]] && die "$t answered 200 to a request without a client certificate"
+done
+log "smoke test passed: ${TARGETS[*]} answer 200 with the client certificate, refuse without"
+
+# ---------------------------------------------------------------- runs --
+rm -rf -- "$RESULTS_DIR/raw"
+mkdir -p "$RESULTS_DIR/raw"
+
+OHA_COMMON=(--no-tui --http-version 1.1 --ipv4 -c "$CONCURRENCY" -w -t 10s
+            --cacert "$PKI/ca.pem" --cert "$PKI/client.pem" --key "$PKI/client.key" -H "$HEADER")
+
+busy=$(pgrep -c -x 'rustc|cargo|cc1|cc1plus|ld|lld|mold' 2>/dev/null || true)
+if (( busy > 0 )); then
+    log "WARNING: $busy compiler/linker processes are running; figures will be noisy (2-core machine?)"
+fi
+read -r LOADAVG _ < /proc/loadavg || LOADAVG=unknown
+
+log "workload: GET, HTTP/1.1 keep-alive, $CONCURRENCY connections, ${WARMUP}s warm-up + ${DURATION}s measured, per target, $ROUNDS round(s)"
+for ((r = 1; r <= ROUNDS; r++)); do
+    for t in "${TARGETS[@]}"; do
+        if (( WARMUP > 0 )); then
+            log "round $r/$ROUNDS $t: warm-up ${WARMUP}s"
+            run_child timeout $((WARMUP + 30)) oha "${OHA_COMMON[@]}" -z "${WARMUP}s" --output-format quiet "${URL[$t]}" >/dev/null 2>&1 \
+                || die "$t: oha warm-up failed"
+        fi
+        log "round $r/$ROUNDS $t: measuring ${DURATION}s"
+        raw=$RESULTS_DIR/raw/$t-r$r.json
+        run_child timeout $((DURATION + 60)) oha "${OHA_COMMON[@]}" -z "${DURATION}s" --output-format json -o "$raw" "${URL[$t]}" \
+            || die "$t: oha failed"
+        [[ -s $raw ]] || die "$t: oha wrote no results"
+    done
+done
+
+if [[ $SKIP_FSP != 1 ]] && ! kill -0 "${PIDS[-1]}" 2>/dev/null; then
+    log "WARNING: fsp is no longer running after the benchmark; log:"
+    tail -n 30 "$FSP_DIR/fsp.log" >&2 || true
+fi
+if [[ $SKIP_FSP != 1 ]] && grep -qiE 'error|panic' "$FSP_DIR/fsp.log"; then
+    log "fsp logged errors (first 20 lines with error/panic):"
+    grep -iE 'error|panic' "$FSP_DIR/fsp.log" | head -n 20 >&2 || true
+fi
+
+# ---------------------------------------------------------------- report --
+export RESULTS_DIR ROUNDS CONCURRENCY DURATION WARMUP MIN_RPS_RATIO MAX_P99_RATIO FSP_VERSION LOADAVG SKIP_FSP
+export TARGETS_LIST="${TARGETS[*]}"
+export NGINX_VERSION; NGINX_VERSION=$(nginx -v 2>&1 | sed 's/^nginx version: //')
+export OHA_VERSION; OHA_VERSION=$(oha --version 2>/dev/null || echo unknown)
+export GIT_REV; GIT_REV=$(git -C "$REPO_ROOT" describe --always --dirty 2>/dev/null || echo unknown)
+export URL_DIRECT=${URL[direct]} URL_NGINX=${URL[nginx]} URL_FSP=${URL[fsp]}
+
+set +e
+python3 - <<'EOF'
+import json, os, platform, statistics, sys, time
+
+E = os.environ
+rounds = int(E["ROUNDS"])
+targets = E["TARGETS_LIST"].split()
+res_dir = E["RESULTS_DIR"]
+min_rps, max_p99 = float(E["MIN_RPS_RATIO"]), float(E["MAX_P99_RATIO"])
+
+per = {}
+invalid = []
+for t in targets:
+    runs = []
+    for r in range(1, rounds + 1):
+        path = os.path.join(res_dir, "raw", f"{t}-r{r}.json")
+        with open(path) as f:
+            d = json.load(f)
+        lp = d["latencyPercentiles"]
+        codes = {str(k): int(v) for k, v in (d.get("statusCodeDistribution") or {}).items()}
+        errors = {str(k): int(v) for k, v in (d.get("errorDistribution") or {}).items()}
+        total = sum(codes.values()) + sum(errors.values())
+        run = {
+            "round": r,
+            "raw": os.path.relpath(path, res_dir),
+            "requests": total,
+            "rps": d["summary"]["requestsPerSec"],
+            "p50_ms": (lp.get("p50") or 0) * 1000,
+            "p99_ms": (lp.get("p99") or 0) * 1000,
+            "status_codes": codes,
+            "errors": errors,
+        }
+        non200 = total - codes.get("200", 0)
+        if non200:
+            invalid.append(f"{t} round {r}: {non200} of {total} responses were not 200 "
+                           f"(status codes {codes}, errors {errors})")
+        runs.append(run)
+    med = lambda k: statistics.median(x[k] for x in runs)
+    per[t] = {"url": E.get("URL_" + t.upper()), "rps": med("rps"), "p50_ms": med("p50_ms"),
+              "p99_ms": med("p99_ms"), "requests": sum(x["requests"] for x in runs),
+              "all_200": all(x["requests"] == x["status_codes"].get("200", 0) for x in runs),
+              "runs": runs}
+
+ratios, checks = {}, {}
+if "fsp" in per:
+    f, n, d = per["fsp"], per["nginx"], per["direct"]
+    ratios = {
+        "fsp_nginx_rps": f["rps"] / n["rps"],
+        "fsp_nginx_p99": f["p99_ms"] / n["p99_ms"],
+        "fsp_nginx_p50": f["p50_ms"] / n["p50_ms"],
+        "fsp_direct_rps": f["rps"] / d["rps"],
+        "fsp_direct_p99": f["p99_ms"] / d["p99_ms"],
+    }
+    checks = {
+        "throughput": {"target": f">= {min_rps} x nginx", "ratio": ratios["fsp_nginx_rps"],
+                       "pass": ratios["fsp_nginx_rps"] >= min_rps},
+        "p99": {"target": f"<= {max_p99} x nginx", "ratio": ratios["fsp_nginx_p99"],
+                "pass": ratios["fsp_nginx_p99"] <= max_p99},
+    }
+ratios["nginx_direct_rps"] = per["nginx"]["rps"] / per["direct"]["rps"]
+ratios["nginx_direct_p99"] = per["nginx"]["p99_ms"] / per["direct"]["p99_ms"]
+
+summary = {
+    "generated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    "git": E["GIT_REV"],
+    "host": {"cpus": os.cpu_count(), "kernel": platform.release(), "loadavg_before": E["LOADAVG"]},
+    "tools": {"oha": E["OHA_VERSION"], "nginx": E["NGINX_VERSION"], "fsp": E["FSP_VERSION"]},
+    "workload": {"method": "GET", "http": "1.1 keep-alive", "tls": "mTLS (EC P-256)",
+                 "response_bytes": 1024, "concurrency": int(E["CONCURRENCY"]),
+                 "duration_s": int(E["DURATION"]), "warmup_s": int(E["WARMUP"]), "rounds": rounds},
+    "targets": per,
+    "ratios": ratios,
+    "checks": checks,
+    "valid": not invalid,
+    "problems": invalid,
+}
+with open(os.path.join(res_dir, "latest.json"), "w") as fh:
+    json.dump(summary, fh, indent=2)
+    fh.write("\n")
+
+agg = "median of %d rounds" % rounds if rounds > 1 else "1 round"
+print()
+print(f"mTLS REST GET, 1 KiB JSON, HTTP/1.1 keep-alive, c={E['CONCURRENCY']}, "
+      f"{E['DURATION']}s per target ({agg}), load avg before: {E['LOADAVG']}")
+print()
+print(f"{'target':<8} {'req/s':>10} {'p50 ms':>9} {'p99 ms':>9} {'requests':>10}  {'all 200':>7}")
+print("-" * 60)
+for t in targets:
+    p = per[t]
+    print(f"{t:<8} {p['rps']:>10.0f} {p['p50_ms']:>9.3f} {p['p99_ms']:>9.3f} {p['requests']:>10}  "
+          f"{'yes' if p['all_200'] else 'NO':>7}")
+print()
+if "fsp" in per:
+    mark = lambda ok: "PASS" if ok else "MISS"
+    print(f"fsp / nginx  throughput  {ratios['fsp_nginx_rps']:6.3f}   target >= {min_rps:<4}  {mark(checks['throughput']['pass'])}")
+    print(f"fsp / nginx  p99         {ratios['fsp_nginx_p99']:6.3f}   target <= {max_p99:<4}  {mark(checks['p99']['pass'])}")
+    print(f"fsp / nginx  p50         {ratios['fsp_nginx_p50']:6.3f}")
+    print(f"fsp / direct throughput  {ratios['fsp_direct_rps']:6.3f}")
+    print(f"fsp / direct p99         {ratios['fsp_direct_p99']:6.3f}")
+else:
+    print("fsp skipped (SKIP_FSP=1): no fsp ratios")
+print(f"nginx/direct throughput  {ratios['nginx_direct_rps']:6.3f}")
+print(f"nginx/direct p99         {ratios['nginx_direct_p99']:6.3f}")
+print()
+print(f"summary: {os.path.join(res_dir, 'latest.json')}   raw oha JSON: {os.path.join(res_dir, 'raw')}/")
+if invalid:
+    print()
+    print("INVALID RUN: not every response was 200:")
+    for line in invalid:
+        print("  " + line)
+    sys.exit(3)
+EOF
+status=$?
+set -e
+# keep a dated copy of the summary next to latest.json
+[[ -f $RESULTS_DIR/latest.json ]] && cp "$RESULTS_DIR/latest.json" "$RESULTS_DIR/summary-$(date +%Y%m%dT%H%M%S).json"
+exit "$status"

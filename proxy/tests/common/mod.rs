@@ -1,0 +1,564 @@
+//! Test harness: a real `fsp` process, real TLS with certificates made now by rcgen,
+//! real upstream servers on loopback.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use certs::devpki::{DevCa, Issued};
+use http::{Request, Response, StatusCode};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::net::TcpListener;
+
+pub const CONSUMER_CN: &str = "monopinion.bruxelles.be";
+
+/// A development PKI written to a temporary directory.
+pub struct Pki {
+    pub dir: tempfile::TempDir,
+    pub ca: DevCa,
+    pub consumer: Issued,
+    pub stranger: Issued,
+    pub expired: Issued,
+    pub foreign: Issued,
+}
+
+impl Pki {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = DevCa::new("Test Consumers CA").unwrap();
+        let server = ca.server(&["localhost", "127.0.0.1"]).unwrap();
+        std::fs::write(dir.path().join("ca.pem"), ca.cert_pem()).unwrap();
+        std::fs::write(dir.path().join("server.pem"), &server.cert_pem).unwrap();
+        std::fs::write(dir.path().join("server.key"), &server.key_pem).unwrap();
+        let consumer = ca.client(CONSUMER_CN).unwrap();
+        let stranger = ca.client("unknown.example.be").unwrap();
+        let now = time::OffsetDateTime::now_utc();
+        let expired = ca
+            .client_valid(
+                CONSUMER_CN,
+                now - time::Duration::days(30),
+                now - time::Duration::days(1),
+            )
+            .unwrap();
+        let other_ca = DevCa::new("Some Other CA").unwrap();
+        let foreign = other_ca.client(CONSUMER_CN).unwrap();
+        Self {
+            dir,
+            ca,
+            consumer,
+            stranger,
+            expired,
+            foreign,
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+/// What the echo upstream saw of a request.
+pub fn echo_json(req: &Request<Incoming>, body_len: u64) -> serde_json::Value {
+    let headers: serde_json::Map<String, serde_json::Value> = req
+        .headers()
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.as_str().to_owned(),
+                serde_json::Value::String(v.to_str().unwrap_or("").to_owned()),
+            )
+        })
+        .collect();
+    serde_json::json!({
+        "method": req.method().as_str(),
+        "path": req.uri().path(),
+        "query": req.uri().query(),
+        "headers": headers,
+        "body_len": body_len,
+    })
+}
+
+/// A body of `total` bytes produced chunk by chunk, never held whole.
+pub struct Generated {
+    chunk: Bytes,
+    left: u64,
+}
+
+impl Generated {
+    pub fn new(total: u64) -> Self {
+        Self {
+            chunk: Bytes::from(vec![b'x'; 64 * 1024]),
+            left: total,
+        }
+    }
+}
+
+impl Body for Generated {
+    type Data = Bytes;
+    type Error = Infallible;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        if self.left == 0 {
+            return Poll::Ready(None);
+        }
+        let n = self.left.min(self.chunk.len() as u64);
+        self.left -= n;
+        Poll::Ready(Some(Ok(Frame::data(self.chunk.slice(..n as usize)))))
+    }
+    fn is_end_stream(&self) -> bool {
+        self.left == 0
+    }
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.left)
+    }
+}
+
+pub type AnyBody = http_body_util::combinators::UnsyncBoxBody<Bytes, Infallible>;
+
+fn full(b: impl Into<Bytes>) -> AnyBody {
+    Full::new(b.into()).boxed_unsync()
+}
+
+/// The upstream used by the tests, plain HTTP on loopback:
+/// - `POST /sink`: counts the body as it streams in, answers the count;
+/// - `GET /big?bytes=N`: streams N bytes;
+/// - `POST /soap...`: a SOAP 1.1 response with its own Header;
+/// - `GET /slow`: answers after 5 s;
+/// - anything else: echoes method, path, query and headers as JSON.
+pub async fn upstream() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let svc = service_fn(|req: Request<Incoming>| async move {
+                    let path = req.uri().path().to_owned();
+                    let resp: Response<AnyBody> = if path.ends_with("/sink") {
+                        let mut body = req.into_body();
+                        let mut n = 0u64;
+                        while let Some(frame) = body.frame().await {
+                            // The gateway cuts a body that breaks its size limit.
+                            let Ok(frame) = frame else { break };
+                            if let Ok(d) = frame.into_data() {
+                                n += d.len() as u64;
+                            }
+                        }
+                        Response::new(full(format!("{{\"received\":{n}}}")))
+                    } else if path.ends_with("/big") {
+                        let n: u64 = req
+                            .uri()
+                            .query()
+                            .and_then(|q| q.strip_prefix("bytes="))
+                            .and_then(|v| v.parse().ok())
+                            .unwrap_or(1024);
+                        Response::new(Generated::new(n).boxed_unsync())
+                    } else if path.contains("/soap") {
+                        let mut r = Response::new(full(
+                            "<?xml version=\"1.0\"?><s:Envelope xmlns:s=\"http://schemas.xmlsoap.org/soap/envelope/\"><s:Header><x:Own xmlns:x=\"urn:x\">1</x:Own></s:Header><s:Body><ok/></s:Body></s:Envelope>",
+                        ));
+                        r.headers_mut()
+                            .insert("content-type", "text/xml; charset=utf-8".parse().unwrap());
+                        r
+                    } else if path.ends_with("/slow") {
+                        tokio::time::sleep(Duration::from_secs(5)).await;
+                        Response::new(full("late"))
+                    } else {
+                        let v = echo_json(&req, 0);
+                        let mut r = Response::new(full(v.to_string()));
+                        r.headers_mut()
+                            .insert("content-type", "application/json".parse().unwrap());
+                        r.headers_mut()
+                            .insert("connection", "keep-alive, x-hop".parse().unwrap());
+                        r.headers_mut()
+                            .insert("x-hop", "must not reach the consumer".parse().unwrap());
+                        r
+                    };
+                    Ok::<_, Infallible>(resp)
+                });
+                let _ = auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// A free loopback port (bound then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Writes a configuration with one REST service `person/getPerson` (v3 live, v2
+/// deprecated, v1 retired) and one SOAP service `person/getPersonSoap` (v1), all on the
+/// given upstream, plus whatever `extra` TOML is appended.
+pub fn write_config(
+    pki: &Pki,
+    upstream: SocketAddr,
+    port: u16,
+    admin_port: u16,
+    extra: &str,
+) -> PathBuf {
+    let today = time::OffsetDateTime::now_utc().date();
+    let d = |days: i64| {
+        let x = today + time::Duration::days(days);
+        format!("{:04}-{:02}-{:02}", x.year(), u8::from(x.month()), x.day())
+    };
+    std::fs::write(
+        pki.path().join("admin-tokens"),
+        "test-admin-token-0123456789\n",
+    )
+    .unwrap();
+    let config = format!(
+        r#"
+environment = "INT"
+node = "test-node"
+
+[listener]
+address     = "127.0.0.1:{port}"
+public_url  = "https://localhost:{port}"
+server_cert = "server.pem"
+server_key  = "server.key"
+client_ca   = "ca.pem"
+max_request_bytes = 104857600
+
+[admin]
+address     = "127.0.0.1:{admin_port}"
+tokens_file = "admin-tokens"
+
+[audit]
+backend = "file"
+dir     = "audit"
+
+[[provider]]
+id   = "rrn"
+name = "Registre national"
+response_timeout = "2s"
+connect_timeout = "1s"
+
+[[family]]
+id       = "person"
+provider = "rrn"
+
+[[family.service]]
+id       = "getPerson"
+protocol = "rest"
+
+[[family.service.version]]
+version  = "v3"
+upstream = "http://{upstream}/person/v3"
+released = {v3}
+
+[[family.service.version]]
+version    = "v2"
+upstream   = "http://{upstream}/person/v2"
+released   = {v2}
+deprecated = {v3}
+sunset     = {sunset2}
+
+[[family.service.version]]
+version    = "v1"
+upstream   = "http://{upstream}/person/v1"
+released   = {v1}
+deprecated = {dep1}
+sunset     = {sunset1}
+
+[[family.service]]
+id       = "getPersonSoap"
+protocol = "soap"
+
+[[family.service.version]]
+version  = "v1"
+upstream = "http://{upstream}/soap/v1"
+released = {v2}
+
+[[consumer]]
+id           = "ville-bxl"
+organisation = "Ville de Bruxelles"
+certificates = [ {{ cn = "{cn}" }} ]
+{extra}
+"#,
+        v3 = d(-100),
+        v2 = d(-800),
+        v1 = d(-1500),
+        sunset2 = d(300),
+        sunset1 = d(-10),
+        dep1 = d(-700),
+        cn = CONSUMER_CN,
+    );
+    let path = pki.path().join("fsp.toml");
+    std::fs::write(&path, config).unwrap();
+    path
+}
+
+/// A running `fsp serve`, stopped (SIGTERM) on drop.
+pub struct Gateway {
+    pub child: Option<Child>,
+    pub port: u16,
+    pub admin_port: u16,
+}
+
+impl Gateway {
+    pub async fn start(config: &Path, port: u16, admin_port: u16) -> Self {
+        let child = Command::new(env!("CARGO_BIN_EXE_fsp"))
+            .args(["serve", "--config"])
+            .arg(config)
+            .env("FSP_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("fsp starts");
+        let mut gw = Self {
+            child: Some(child),
+            port,
+            admin_port,
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", admin_port)).await {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let _ = s
+                    .write_all(b"GET /readyz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+                    .await;
+                let mut buf = Vec::new();
+                let _ = s.read_to_end(&mut buf).await;
+                if buf.starts_with(b"HTTP/1.1 200") {
+                    return gw;
+                }
+            }
+            if let Some(status) = gw.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("fsp exited before becoming ready: {status}");
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "fsp did not become ready"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("https://localhost:{}{path}", self.port)
+    }
+
+    /// Peak and current resident memory of the gateway process, in KiB.
+    pub fn memory_kib(&self) -> (u64, u64) {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+                .unwrap()
+        };
+        (field("VmHWM:"), field("VmRSS:"))
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().unwrap();
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                return s;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("fsp did not stop within 30 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Gateway {
+    // Tests of graceful shutdown call `stop`; here the process ends at once, since
+    // waiting for a drain would block the test's runtime and its open connections.
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// An HTTPS client trusting the test CA, presenting `identity` if given.
+pub fn client(
+    pki: &Pki,
+    identity: Option<&Issued>,
+    http2_only: bool,
+) -> Client<hyper_rustls::HttpsConnector<HttpConnector>, AnyBody> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(pki.ca.cert_pem().as_bytes()).unwrap())
+        .unwrap();
+    let builder = rustls::ClientConfig::builder_with_provider(certs::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+    let config = match identity {
+        Some(id) => builder
+            .with_client_auth_cert(
+                vec![CertificateDer::from_pem_slice(id.cert_pem.as_bytes()).unwrap()],
+                PrivateKeyDer::from_pem_slice(id.key_pem.as_bytes()).unwrap(),
+            )
+            .unwrap(),
+        None => builder.with_no_client_auth(),
+    };
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(config)
+        .https_only();
+    let https = if http2_only {
+        https.enable_http2().build()
+    } else {
+        https.enable_http1().build()
+    };
+    let mut b = Client::builder(TokioExecutor::new());
+    if http2_only {
+        b.http2_only(true);
+    }
+    b.build(https)
+}
+
+pub fn get(url: &str) -> Request<AnyBody> {
+    Request::get(url).body(full(Bytes::new())).unwrap()
+}
+
+pub fn post(url: &str, content_type: &str, body: &str) -> Request<AnyBody> {
+    Request::post(url)
+        .header("content-type", content_type)
+        .body(full(body.to_owned()))
+        .unwrap()
+}
+
+/// Sends a request; returns status, headers and the whole body.
+pub async fn send(
+    client: &Client<hyper_rustls::HttpsConnector<HttpConnector>, AnyBody>,
+    req: Request<AnyBody>,
+) -> Result<(StatusCode, http::HeaderMap, Bytes, http::Version), hyper_util::client::legacy::Error>
+{
+    let resp = client.request(req).await?;
+    let (parts, body) = resp.into_parts();
+    let bytes = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    Ok((parts.status, parts.headers, bytes, parts.version))
+}
+
+pub fn json(b: &Bytes) -> serde_json::Value {
+    serde_json::from_slice(b)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(b)))
+}
+
+/// Every audit record written so far.
+pub fn audit_records(pki: &Pki) -> Vec<serde_json::Value> {
+    let mut out = Vec::new();
+    let Ok(dir) = std::fs::read_dir(pki.path().join("audit")) else {
+        return out;
+    };
+    for entry in dir.flatten() {
+        if entry.path().extension().is_some_and(|e| e == "jsonl") {
+            for line in std::fs::read_to_string(entry.path()).unwrap().lines() {
+                out.push(serde_json::from_str(line).unwrap());
+            }
+        }
+    }
+    out
+}
+
+pub type Shared<T> = Arc<T>;
+
+/// A raw TLS connection to the gateway, for requests a well-behaved HTTP client would
+/// not send.
+pub async fn raw_tls(
+    pki: &Pki,
+    identity: &Issued,
+    port: u16,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(pki.ca.cert_pem().as_bytes()).unwrap())
+        .unwrap();
+    let mut config = rustls::ClientConfig::builder_with_provider(certs::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(
+            vec![CertificateDer::from_pem_slice(identity.cert_pem.as_bytes()).unwrap()],
+            PrivateKeyDer::from_pem_slice(identity.key_pem.as_bytes()).unwrap(),
+        )
+        .unwrap();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    connector
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .unwrap()
+}
+
+/// Reads one HTTP/1.1 response (headers and a Content-Length body) from a raw stream.
+pub async fn read_response<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> (u16, String) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = s.read(&mut chunk).await.unwrap();
+        buf.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let len: usize = text[..end]
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse().unwrap())
+                })
+                .unwrap_or(0);
+            if buf.len() >= end + 4 + len || n == 0 {
+                let status = text[9..12].parse().unwrap();
+                return (status, text[end + 4..].to_owned());
+            }
+        }
+        assert!(
+            n > 0,
+            "connection closed before a whole response: {}",
+            String::from_utf8_lossy(&buf)
+        );
+    }
+}
