@@ -162,6 +162,21 @@ pub enum RuleViolation {
     },
 }
 
+impl RuleViolation {
+    /// The version concerned, when the rule is about one version.
+    pub fn version(&self) -> Option<&str> {
+        match self {
+            Self::DuplicateVersion { version, .. }
+            | Self::SunsetTooLate { version, .. }
+            | Self::SunsetWithoutDeprecation { version, .. }
+            | Self::SunsetBeforeDeprecation { version, .. }
+            | Self::DeprecatedBeforeRelease { version, .. }
+            | Self::BadUpstream { version, .. } => Some(version),
+            _ => None,
+        }
+    }
+}
+
 /// The latest sunset allowed for a version deprecated on `deprecated`.
 pub fn latest_sunset(deprecated: Date) -> Date {
     let year = deprecated.year() + MAX_SUNSET_YEARS;
@@ -440,7 +455,7 @@ impl Catalogue {
                     sunset: v.sunset,
                 })
                 .collect();
-            versions.sort_by(|a, b| b.released.cmp(&a.released));
+            versions.sort_by_key(|v| std::cmp::Reverse(v.released));
             let name: Arc<str> = format!("{}/{}", spec.family, spec.id).into();
             let family = families.entry(spec.family.as_str().into()).or_default();
             if family.contains_key(spec.id.as_str()) {

@@ -154,7 +154,7 @@ impl DevCa {
                 .collect(),
             key_identifier_method: KeyIdMethod::Sha256,
         };
-        Ok(params.signed_by(&self.issuer)?.pem()?)
+        params.signed_by(&self.issuer)?.pem()
     }
 }
 

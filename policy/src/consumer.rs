@@ -168,6 +168,8 @@ impl Consumers {
     pub fn new(specs: Vec<ConsumerSpec>) -> Result<Self, Vec<ConsumersError>> {
         let mut me = Self::default();
         let mut errors = Vec::new();
+        // Every pinned fingerprint, with or without a CN, and its one owner.
+        let mut pin_owner: HashMap<Sha256, usize> = HashMap::new();
         for spec in specs {
             let idx = me.list.len();
             let id: Arc<str> = spec.id.as_str().into();
@@ -178,6 +180,17 @@ impl Consumers {
                 continue;
             }
             for cert in &spec.certificates {
+                if let Some(pin) = cert.sha256 {
+                    let owner = *pin_owner.entry(pin).or_insert(idx);
+                    if owner != idx {
+                        errors.push(ConsumersError::SharedFingerprint {
+                            sha256: pin.to_string(),
+                            first: me.list[owner].id.to_string(),
+                            second: spec.id.clone(),
+                        });
+                        continue;
+                    }
+                }
                 match (&cert.cn, cert.sha256) {
                     (None, None) => errors.push(ConsumersError::EmptyCertificate {
                         id: spec.id.clone(),
@@ -198,17 +211,7 @@ impl Consumers {
                         }
                     }
                     (None, Some(pin)) => {
-                        if let Some(&other) = me.by_pin.get(&pin) {
-                            if other != idx {
-                                errors.push(ConsumersError::SharedFingerprint {
-                                    sha256: pin.to_string(),
-                                    first: me.list[other].id.to_string(),
-                                    second: spec.id.clone(),
-                                });
-                            }
-                        } else {
-                            me.by_pin.insert(pin, idx);
-                        }
+                        me.by_pin.insert(pin, idx);
                     }
                 }
             }
@@ -231,20 +234,6 @@ impl Consumers {
                 enterprise_number: spec.enterprise_number,
                 source_ips: spec.source_ips,
             });
-        }
-        // A pinned fingerprint must not also be claimed through another consumer's CN pin.
-        for (cn, entry) in &me.by_cn {
-            for pin in &entry.pins {
-                if let Some(&other) = me.by_pin.get(pin)
-                    && other != entry.consumer
-                {
-                    errors.push(ConsumersError::SharedFingerprint {
-                        sha256: format!("{pin} (pinned under CN {cn})"),
-                        first: me.list[entry.consumer].id.to_string(),
-                        second: me.list[other].id.to_string(),
-                    });
-                }
-            }
         }
         if errors.is_empty() {
             Ok(me)
@@ -421,6 +410,19 @@ mod tests {
         assert!(
             errs.iter()
                 .any(|e| matches!(e, ConsumersError::DuplicateId { .. }))
+        );
+    }
+
+    #[test]
+    fn one_fingerprint_pinned_by_two_consumers_under_different_cns_is_refused() {
+        let errs = Consumers::new(vec![
+            spec("a", vec![cn("a.example.be", Some(fp(7)))], &[]),
+            spec("b", vec![cn("b.example.be", Some(fp(7)))], &[]),
+        ])
+        .unwrap_err();
+        assert!(
+            matches!(errs.as_slice(), [ConsumersError::SharedFingerprint { first, second, .. }] if first == "a" && second == "b"),
+            "{errs:?}"
         );
     }
 

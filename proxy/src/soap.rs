@@ -278,7 +278,7 @@ fn splice(buf: &[u8], start: usize, end: usize, replacement: &str) -> Bytes {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
     use proptest::prelude::*;
 

@@ -200,7 +200,7 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
     let mut problems = Problems::default();
     let mut sources = Vec::new();
     let mut seen = HashSet::new();
-    read_with_includes(path, &mut sources, &mut seen, &mut problems);
+    read_with_includes(path, None, &mut sources, &mut seen, &mut problems);
     if !problems.0.is_empty() {
         return Err(ConfigError(problems.0));
     }
@@ -211,8 +211,11 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
     }
 }
 
+/// Reads `path` and, depth first, what it includes. `from` is the including file and the
+/// position of this file in its `include` list, so problems point at that entry.
 fn read_with_includes(
     path: &Path,
+    from: Option<(&Path, usize)>,
     out: &mut Vec<Source>,
     seen: &mut HashSet<PathBuf>,
     problems: &mut Problems,
@@ -220,15 +223,29 @@ fn read_with_includes(
     let canonical = match std::fs::canonicalize(path) {
         Ok(p) => p,
         Err(e) => {
-            problems.add(path, "", format!("cannot read file: {e}"));
+            match from {
+                Some((parent, i)) => problems.add(
+                    parent,
+                    format!("include[{i}]"),
+                    format!("cannot read {}: {e}", path.display()),
+                ),
+                None => problems.add(path, "", format!("cannot read file: {e}")),
+            }
             return;
         }
     };
     if !seen.insert(canonical.clone()) {
+        let (file, key) = match from {
+            Some((parent, i)) => (parent, format!("include[{i}]")),
+            None => (path, "include".to_owned()),
+        };
         problems.add(
-            path,
-            "include",
-            "this file is included more than once (or includes itself)",
+            file,
+            key,
+            format!(
+                "{} is included more than once (or includes itself)",
+                path.display()
+            ),
         );
         return;
     }
@@ -253,8 +270,8 @@ fn read_with_includes(
         dir: dir.clone(),
         raw,
     });
-    for inc in includes {
-        read_with_includes(&dir.join(inc), out, seen, problems);
+    for (i, inc) in includes.iter().enumerate() {
+        read_with_includes(&dir.join(inc), Some((path, i)), out, seen, problems);
     }
 }
 
@@ -292,8 +309,8 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
     match unit.trim() {
         "ms" => Some(Duration::from_millis(n)),
         "s" => Some(Duration::from_secs(n)),
-        "m" | "min" => Some(Duration::from_secs(n * 60)),
-        "h" => Some(Duration::from_secs(n * 3600)),
+        "m" | "min" => n.checked_mul(60).map(Duration::from_secs),
+        "h" => n.checked_mul(3600).map(Duration::from_secs),
         _ => None,
     }
 }
@@ -379,6 +396,29 @@ fn duration_or(
     }
 }
 
+/// Loads each certificate, key and CRL file on its own, so that a problem is reported
+/// under the key that names the file (two keys may name one combined PEM file).
+/// Returns whether all of them loaded.
+fn cert_files_load(file: &Path, keys: &[(&str, &Path)], problems: &mut Problems) -> bool {
+    let mut ok = true;
+    for (key, path) in keys {
+        let loaded = if key.ends_with("_key") {
+            certs::load::private_key(path).map(drop)
+        } else if key.ends_with("crls") {
+            certs::load::crls(&[path.to_path_buf()]).map(drop)
+        } else {
+            certs::load::certificates(path).map(drop)
+        };
+        if let Err(e) = loaded {
+            problems.add(file, *key, e.to_string());
+            ok = false;
+        }
+    }
+    ok
+}
+
+/// A TLS configuration that failed although every file loaded: most often a key that
+/// does not belong to its certificate, so it is reported under the key's setting.
 fn cert_problem(
     file: &Path,
     keys: &[(&str, &Path)],
@@ -387,8 +427,9 @@ fn cert_problem(
 ) {
     let key = keys
         .iter()
-        .find(|(_, p)| *p == err.path)
-        .map_or(keys.first().map_or("", |k| k.0), |k| k.0);
+        .find(|(k, _)| k.ends_with("_key"))
+        .or(keys.first())
+        .map_or("", |k| k.0);
     problems.add(file, key, err.to_string());
 }
 
@@ -553,6 +594,26 @@ fn build(main: &Path, sources: Vec<Source>, problems: &mut Problems) -> Option<C
         }
     };
 
+    // References are checked against what is declared, not against what validated, so one
+    // broken item does not make everything that refers to it look undeclared too.
+    let declared_consumers: HashSet<&str> = sources
+        .iter()
+        .flat_map(|s| s.raw.consumer.iter().map(|c| c.id.as_str()))
+        .collect();
+    let declared_providers: HashSet<&str> = sources
+        .iter()
+        .flat_map(|s| s.raw.provider.iter().map(|p| p.id.as_str()))
+        .collect();
+    let mut declared_services: HashMap<String, Vec<&str>> = HashMap::new();
+    for f in sources.iter().flat_map(|s| s.raw.family.iter()) {
+        for svc in &f.service {
+            declared_services
+                .entry(format!("{}/{}", f.id, svc.id))
+                .or_default()
+                .extend(svc.version.iter().map(|v| v.version.as_str()));
+        }
+    }
+
     // ---- consumers (before providers: per-consumer limits refer to them) ----
     let mut consumer_at: HashMap<String, (PathBuf, String)> = HashMap::new();
     let mut consumer_specs = Vec::new();
@@ -598,9 +659,14 @@ fn build(main: &Path, sources: Vec<Source>, problems: &mut Problems) -> Option<C
                 );
                 continue;
             }
-            if let Some(p) =
-                build_provider(s, &key, p, &consumers, &mut certificate_files, problems)
-            {
+            if let Some(p) = build_provider(
+                s,
+                &key,
+                p,
+                &declared_consumers,
+                &mut certificate_files,
+                problems,
+            ) {
                 providers.push(p);
             }
         }
@@ -620,7 +686,7 @@ fn build(main: &Path, sources: Vec<Source>, problems: &mut Problems) -> Option<C
                 );
                 continue;
             }
-            if !providers.iter().any(|p| p.id == f.provider) {
+            if !declared_providers.contains(f.provider.as_str()) {
                 problems.add(
                     &s.path,
                     format!("{fkey}.provider"),
@@ -629,21 +695,36 @@ fn build(main: &Path, sources: Vec<Source>, problems: &mut Problems) -> Option<C
             }
             for (si, svc) in f.service.iter().enumerate() {
                 let skey = format!("{fkey}.service[{si}]");
+                if f.service[..si].iter().any(|o| o.id == svc.id) {
+                    problems.add(
+                        &s.path,
+                        format!("{skey}.id"),
+                        format!("service {}/{} is declared more than once", f.id, svc.id),
+                    );
+                    continue;
+                }
                 if let Some(spec) = build_service(s, &skey, &f.id, svc, problems) {
-                    for v in catalogue::validate_service(&spec) {
-                        problems.add(&s.path, skey.clone(), v.to_string());
+                    let violations = catalogue::validate_service(&spec);
+                    for v in &violations {
+                        // Point at the version concerned when there is one.
+                        let key = v
+                            .version()
+                            .and_then(|name| svc.version.iter().position(|x| x.version == name))
+                            .map_or_else(|| skey.clone(), |k| format!("{skey}.version[{k}]"));
+                        problems.add(&s.path, key, v.to_string());
                     }
-                    specs.push((f.provider.clone(), spec));
+                    if violations.is_empty() {
+                        specs.push((f.provider.clone(), spec));
+                    }
                 }
             }
         }
     }
+    // Only services that passed every rule (each failure is reported above with its
+    // location) are built, so this cannot fail; should it, nothing is lost silently.
     let catalogue = Catalogue::new(specs).unwrap_or_else(|e| {
-        // Every violation was already reported above with its location.
-        if problems.0.is_empty() {
-            for v in e.0 {
-                problems.add(main, "family", v.to_string());
-            }
+        for v in e.0 {
+            problems.add(main, "family", v.to_string());
         }
         Catalogue::default()
     });
@@ -660,7 +741,14 @@ fn build(main: &Path, sources: Vec<Source>, problems: &mut Problems) -> Option<C
                     format!("authorisation {} is declared more than once", a.id),
                 );
             }
-            if let Some(a) = build_authorisation(s, &key, a, &consumers, &catalogue, problems) {
+            if let Some(a) = build_authorisation(
+                s,
+                &key,
+                a,
+                &declared_consumers,
+                &declared_services,
+                problems,
+            ) {
                 authorisations.push(a);
             }
         }
@@ -723,9 +811,13 @@ fn build_listener(
         ("listener.client_ca", &files.client_ca),
     ];
     keys.extend(files.crls.iter().map(|c| ("listener.crls", c.as_path())));
-    let tls = certs::tls::server_config(&files)
-        .map_err(|e| cert_problem(&s.path, &keys, e, problems))
-        .ok();
+    let tls = if cert_files_load(&s.path, &keys, problems) {
+        certs::tls::server_config(&files)
+            .map_err(|e| cert_problem(&s.path, &keys, e, problems))
+            .ok()
+    } else {
+        None
+    };
     let max_request_bytes = l.max_request_bytes.unwrap_or(100 * 1024 * 1024);
     let handshake_timeout = duration_or(
         &l.handshake_timeout,
@@ -829,7 +921,17 @@ const ALLOWED_ALGORITHMS: &[&str] = &[
 fn build_oauth(s: &Source, o: &RawOAuth, problems: &mut Problems) -> Option<OAuth> {
     let jwks = match (&o.jwks_url, &o.jwks_file) {
         (Some(u), None) => JwksSource::Url(u.clone()),
-        (None, Some(f)) => JwksSource::File(s.dir.join(f)),
+        (None, Some(f)) => {
+            let path = s.dir.join(f);
+            if let Err(e) = std::fs::metadata(&path) {
+                problems.add(
+                    &s.path,
+                    "oauth.jwks_file",
+                    format!("cannot read {}: {e}", path.display()),
+                );
+            }
+            JwksSource::File(path)
+        }
         _ => {
             problems.add(
                 &s.path,
@@ -936,7 +1038,7 @@ fn build_provider(
     s: &Source,
     key: &str,
     p: &RawProvider,
-    consumers: &Consumers,
+    declared_consumers: &HashSet<&str>,
     certificate_files: &mut Vec<(String, PathBuf)>,
     problems: &mut Problems,
 ) -> Option<Provider> {
@@ -958,7 +1060,7 @@ fn build_provider(
     let mut consumer_limits = HashMap::new();
     for (i, cl) in p.consumer_limits.iter().flatten().enumerate() {
         let k = format!("{key}.consumer_limits[{i}]");
-        if consumers.get(&cl.consumer).is_none() {
+        if !declared_consumers.contains(cl.consumer.as_str()) {
             problems.add(
                 &s.path,
                 format!("{k}.consumer"),
@@ -1005,6 +1107,9 @@ fn build_provider(
     if let Some((c, k)) = &client {
         keys.push((&cert_key, c));
         keys.push((&key_key, k));
+    }
+    if !cert_files_load(&s.path, &keys, problems) {
+        return None;
     }
     let tls = certs::tls::upstream_config(
         upstream_ca.as_deref(),
@@ -1132,11 +1237,11 @@ fn build_authorisation(
     s: &Source,
     key: &str,
     a: &RawAuthorisation,
-    consumers: &Consumers,
-    catalogue: &Catalogue,
+    declared_consumers: &HashSet<&str>,
+    declared_services: &HashMap<String, Vec<&str>>,
     problems: &mut Problems,
 ) -> Option<Authorisation> {
-    if consumers.get(&a.consumer).is_none() {
+    if !declared_consumers.contains(a.consumer.as_str()) {
         problems.add(
             &s.path,
             format!("{key}.consumer"),
@@ -1144,11 +1249,7 @@ fn build_authorisation(
         );
     }
     let versions = a.versions.clone().unwrap_or_default();
-    match a
-        .service
-        .split_once('/')
-        .and_then(|(f, sv)| catalogue.service(f, sv))
-    {
+    match declared_services.get(&a.service) {
         None => problems.add(
             &s.path,
             format!("{key}.service"),
@@ -1159,7 +1260,7 @@ fn build_authorisation(
         ),
         Some(svc) => {
             for (i, v) in versions.iter().enumerate() {
-                if !svc.versions.iter().any(|x| &*x.version == v) {
+                if !svc.contains(&v.as_str()) {
                     problems.add(
                         &s.path,
                         format!("{key}.versions[{i}]"),
