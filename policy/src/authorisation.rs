@@ -64,5 +64,8 @@ pub struct Authorisation {
     pub legal_basis: LegalBasis,
     pub provider_approval: String,
     pub valid_from: Date,
+    /// The last day the authorisation is valid (inclusive).
     pub valid_until: Option<Date>,
+    /// From this day on the authorisation no longer applies (revoked before its end).
+    pub revoked: Option<Date>,
 }

@@ -7,13 +7,16 @@
 //! and gets back a consumer or a typed refusal.
 //!
 //! - [`consumer`]: consumers and identification from credentials.
-//! - [`authorisation`]: legal bases and authorisations as declared.
+//! - [`authorisation`]: legal bases and authorisations as declared;
+//! - [`decision`]: the one function that decides a call.
 
 pub mod authorisation;
 pub mod consumer;
+pub mod decision;
 
 pub use authorisation::{Authorisation, LegalBasis, LegalBasisKind};
 pub use consumer::{
     CertificateIdentity, Consumer, ConsumerSpec, Consumers, ConsumersError, Credential,
     IdentityError, Sha256,
 };
+pub use decision::{Ask, Authorisations, Denial, NoSuspensions, Suspensions, decide};

@@ -18,6 +18,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::state::Gateway;
+use crate::suspend::Party;
 
 /// Serves the admin API until `shutdown` turns true.
 pub async fn serve(
@@ -147,7 +148,22 @@ async fn route(
     };
     let who = format!("token#{}", who + 1);
     let at = crate::pipeline::rfc3339_millis(time::OffsetDateTime::now_utc());
+    let call = suspension_call(&path).filter(|_| req.method() == Method::POST);
     let response = match (req.method(), path.as_str()) {
+        _ if call.is_some() => match call {
+            Some((party, id, suspend)) => suspension(gw, party, id, suspend, &who, &at),
+            None => json(
+                StatusCode::NOT_FOUND,
+                serde_json::json!({"error": "no such admin endpoint"}),
+            ),
+        },
+        (&Method::GET, "/admin/suspensions") => {
+            let s = gw.suspensions.snapshot();
+            json(
+                StatusCode::OK,
+                serde_json::json!({"consumers": s.consumers, "providers": s.providers}),
+            )
+        }
         (&Method::POST, "/admin/reload") => match gw.reload() {
             Ok(()) => json(
                 StatusCode::OK,
@@ -165,4 +181,60 @@ async fn route(
     };
     tracing::info!(target: "fsp::admin", %who, %peer, method = %req.method(), %path, status = response.status().as_u16(), %at, "admin action");
     response
+}
+
+/// `/admin/{consumers|providers}/{id}/{suspend|resume}`.
+fn suspension_call(path: &str) -> Option<(Party, &str, bool)> {
+    let rest = path.strip_prefix("/admin/")?;
+    let (kind, rest) = rest.split_once('/')?;
+    let (id, action) = rest.rsplit_once('/')?;
+    let party = match kind {
+        "consumers" => Party::Consumer,
+        "providers" => Party::Provider,
+        _ => return None,
+    };
+    let suspend = match action {
+        "suspend" => true,
+        "resume" => false,
+        _ => return None,
+    };
+    (!id.is_empty() && !id.contains('/')).then_some((party, id, suspend))
+}
+
+fn suspension(
+    gw: &Gateway,
+    party: Party,
+    id: &str,
+    suspend: bool,
+    who: &str,
+    at: &str,
+) -> Response<Full<Bytes>> {
+    let snap = gw.snapshot.load();
+    let known = match party {
+        Party::Consumer => snap.consumers.get(id).is_some(),
+        Party::Provider => snap.upstreams.contains_key(id),
+    };
+    let kind = match party {
+        Party::Consumer => "consumer",
+        Party::Provider => "provider",
+    };
+    if !known {
+        return json(
+            StatusCode::NOT_FOUND,
+            serde_json::json!({"error": format!("no {kind} with id {id} is configured")}),
+        );
+    }
+    match gw.suspensions.set(party, id, suspend) {
+        Ok(changed) => {
+            tracing::warn!(target: "fsp::admin", %who, kind, id, suspended = suspend, changed, %at, "suspension changed");
+            json(
+                StatusCode::OK,
+                serde_json::json!({kind: id, "suspended": suspend, "changed": changed, "at": at}),
+            )
+        }
+        Err(e) => json(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            serde_json::json!({"error": format!("the suspension could not be stored, nothing changed: {e}")}),
+        ),
+    }
 }

@@ -37,6 +37,9 @@ pub enum BodyError {
 /// The consumer's request body on its way to the provider.
 #[derive(Debug)]
 pub struct RequestBody {
+    /// Bytes already read by the gateway (the start of a SOAP envelope, to find its
+    /// Header), sent before the rest.
+    prefix: Option<Bytes>,
     inner: Incoming,
     limit: u64,
     seen: u64,
@@ -45,10 +48,23 @@ pub struct RequestBody {
 
 impl RequestBody {
     pub fn new(inner: Incoming, limit: u64, shared: Arc<CallShared>) -> Self {
+        Self::with_prefix(Bytes::new(), inner, limit, shared)
+    }
+
+    /// A body whose first bytes were already read into `prefix`.
+    pub fn with_prefix(
+        prefix: Bytes,
+        inner: Incoming,
+        limit: u64,
+        shared: Arc<CallShared>,
+    ) -> Self {
+        let seen = prefix.len() as u64;
+        shared.request_bytes.store(seen, Ordering::Relaxed);
         Self {
+            prefix: (!prefix.is_empty()).then_some(prefix),
             inner,
             limit,
-            seen: 0,
+            seen,
             shared,
         }
     }
@@ -63,6 +79,9 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = &mut *self;
+        if let Some(prefix) = this.prefix.take() {
+            return Poll::Ready(Some(Ok(Frame::data(prefix))));
+        }
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
@@ -83,11 +102,18 @@ impl Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.prefix.is_none() && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        let held = self.prefix.as_ref().map_or(0, |p| p.len() as u64);
+        let inner = self.inner.size_hint();
+        let mut hint = SizeHint::new();
+        hint.set_lower(inner.lower() + held);
+        if let Some(upper) = inner.upper() {
+            hint.set_upper(upper + held);
+        }
+        hint
     }
 }
 

@@ -9,6 +9,8 @@ pub const FSP_CONSUMER: HeaderName = HeaderName::from_static("fsp-consumer");
 pub const FSP_PURPOSE: HeaderName = HeaderName::from_static("fsp-purpose");
 pub const FSP_LEGAL_BASIS: HeaderName = HeaderName::from_static("fsp-legal-basis");
 pub const FSP_END_USER: HeaderName = HeaderName::from_static("fsp-end-user");
+/// Extension: the id of the authorisation that covers the call (sent to providers).
+pub const FSP_AUTHORISATION: HeaderName = HeaderName::from_static("fsp-authorisation");
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 pub const DEPRECATION: HeaderName = HeaderName::from_static("deprecation");

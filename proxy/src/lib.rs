@@ -12,6 +12,7 @@
 //! - [`soap`]: SOAP versions, faults and response header stamping;
 //! - [`state`]: the atomically swapped snapshot of configuration;
 //! - [`admin`]: health, readiness, metrics and administrator actions;
+//! - [`suspend`]: suspended consumers and providers, persisted;
 //! - [`run`], [`quickstart`], [`samples`]: starting it all.
 
 pub mod admin;
@@ -27,3 +28,4 @@ pub mod samples;
 pub mod server;
 pub mod soap;
 pub mod state;
+pub mod suspend;

@@ -5,11 +5,15 @@
 //!
 //! 1. **stamp**: give the call its FSP message id (UUID v7) and timestamp;
 //! 2. **identify**: map the verified client certificate to a consumer;
-//! 3. **authorise**: (issue 3) the purpose and legal basis for this service;
-//! 4. **throttle**: (issue 4) the provider's and the consumer's limits;
-//! 5. **route**: find the live version of the service and its upstream;
+//! 3. **route**: find the live version of the service and its upstream (an authorisation
+//!    is for a service version, so the call must name one that exists);
+//! 4. **authorise**: suspensions, source address, and the authorisation that covers this
+//!    consumer, service version and purpose today (`policy::decide`); the purpose comes
+//!    from `FSP-Purpose` or, for SOAP, from `<fsp:Purpose>` in the SOAP Header;
+//! 5. **throttle**: (issue 4) the provider's and the consumer's limits;
 //! 6. **audit gate**: a fail-closed gateway forwards nothing it could not record;
-//! 7. **forward**: stream the request to the provider over a pooled connection;
+//! 7. **forward**: stream the request to the provider over a pooled connection, with
+//!    the consumer, purpose and legal basis in `FSP-*` headers;
 //! 8. **respond**: stream the answer back, stamped with the FSP headers;
 //! 9. **audit outcome**: when the response body ends, the record is completed and
 //!    queued (see [`crate::body::Finisher`]).
@@ -139,9 +143,7 @@ pub async fn handle(
     record.credential = Some("certificate".into());
     record.credential_id = conn.certificate_sha256.clone();
 
-    // 3. authorise and 4. throttle arrive with issues 3 and 4.
-
-    // 5. route
+    // 3. route
     let route = match resolved {
         Some(Ok(route)) => route,
         Some(Err(e)) => {
@@ -213,6 +215,43 @@ pub async fn handle(
             return Ok(reject(&gw, record, &stamp, form, r));
         }
     };
+    // 4. authorise
+    let mut prefix = Bytes::new();
+    let mut body = body;
+    let mut purpose = text(&parts.headers, &FSP_PURPOSE).map(str::to_owned);
+    if protocol == Protocol::Soap && (purpose.is_none() || record.consumer_ref.is_none()) {
+        match read_soap_header(&mut body).await {
+            Ok((read, header)) => {
+                prefix = read;
+                purpose = purpose.or(header.purpose);
+                if record.consumer_ref.is_none() {
+                    record.consumer_ref = header.message_id;
+                }
+            }
+            Err(r) => return Ok(reject(&gw, record, &stamp, form, r)),
+        }
+    }
+    record.purpose.clone_from(&purpose);
+    let ask = policy::Ask {
+        service: &route.service.name,
+        version: &route.version.version,
+        provider: &route.service.provider,
+        purpose: purpose.as_deref(),
+        source_ip: conn.peer.ip(),
+        today: stamp.now.date(),
+    };
+    let suspended = gw.suspensions.snapshot();
+    let authorisation = match policy::decide(consumer, &ask, &snap.authorisations, &*suspended) {
+        Ok(a) => a,
+        Err(denial) => return Ok(reject(&gw, record, &stamp, form, denial_rejection(denial))),
+    };
+    record.authorisation = Some(authorisation.id.clone());
+    record.purpose = Some(authorisation.purpose.clone());
+    let legal_basis = authorisation.legal_basis.to_string();
+    record.legal_basis = Some(legal_basis.clone());
+    let granted_purpose = authorisation.purpose.clone();
+    let authorisation_id = authorisation.id.clone();
+
     let mut lifecycle_headers = HeaderMap::new();
     if let Lifecycle::Deprecated { since, sunset } = route.lifecycle {
         deprecation_headers(
@@ -248,8 +287,12 @@ pub async fn handle(
     insert_text(&mut headers, FSP_MESSAGE_ID, &stamp.message_id);
     insert_text(&mut headers, FSP_TIMESTAMP, &stamp.timestamp);
     insert_text(&mut headers, FSP_CONSUMER, &consumer.id);
+    insert_text(&mut headers, FSP_PURPOSE, &granted_purpose);
+    insert_text(&mut headers, FSP_LEGAL_BASIS, &legal_basis);
+    insert_text(&mut headers, FSP_AUTHORISATION, &authorisation_id);
     append_forwarded_for(&mut headers, conn.peer);
-    let mut upstream_req = Request::new(RequestBody::new(
+    let mut upstream_req = Request::new(RequestBody::with_prefix(
+        prefix,
         body,
         snap.max_request_bytes,
         shared.clone(),
@@ -381,6 +424,76 @@ fn identify<'s>(snap: &'s Snapshot, conn: &ConnInfo) -> Result<&'s Consumer, Rej
             "no credential: present a client certificate issued by a CA this platform trusts",
         )),
     }
+}
+
+/// How much of a SOAP request the gateway reads, at most, to find its Header.
+const SOAP_HEADER_LIMIT: usize = 64 * 1024;
+
+/// Reads the start of a SOAP request until its Header has been seen; returns the bytes
+/// read (to be sent on first) and what the Header holds.
+async fn read_soap_header(body: &mut Incoming) -> Result<(Bytes, soap::RequestHeader), Rejection> {
+    use http_body_util::BodyExt;
+    let mut buf = bytes::BytesMut::new();
+    let read = async {
+        loop {
+            match soap::scan_request_header(&buf) {
+                soap::HeaderScan::Done(h) => return Ok(h),
+                soap::HeaderScan::Malformed(why) => {
+                    return Err(Rejection::new(Code::RequestMalformed, why));
+                }
+                soap::HeaderScan::NeedMore if buf.len() > SOAP_HEADER_LIMIT => {
+                    return Err(Rejection::new(
+                        Code::RequestMalformed,
+                        format!(
+                            "no SOAP Body within the first {SOAP_HEADER_LIMIT} bytes of the envelope"
+                        ),
+                    ));
+                }
+                soap::HeaderScan::NeedMore => {}
+            }
+            match body.frame().await {
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        buf.extend_from_slice(&data);
+                    }
+                }
+                Some(Err(e)) => {
+                    return Err(Rejection::new(
+                        Code::RequestMalformed,
+                        format!("reading the request: {e}"),
+                    ));
+                }
+                None => {
+                    return Err(Rejection::new(
+                        Code::RequestMalformed,
+                        "the SOAP envelope is incomplete",
+                    ));
+                }
+            }
+        }
+    };
+    let header = tokio::time::timeout(std::time::Duration::from_secs(30), read)
+        .await
+        .map_err(|_| {
+            Rejection::new(
+                Code::RequestMalformed,
+                "the SOAP envelope did not arrive within 30 s",
+            )
+        })??;
+    Ok((buf.freeze(), header))
+}
+
+fn denial_rejection(d: policy::Denial) -> Rejection {
+    use policy::Denial;
+    let code = match &d {
+        Denial::ConsumerSuspended { .. } | Denial::ProviderSuspended { .. } => Code::AuthzSuspended,
+        Denial::SourceIp { .. } => Code::AuthzSourceIp,
+        Denial::NotYetValid { .. } => Code::AuthzNotYetValid,
+        Denial::Expired { .. } => Code::AuthzExpired,
+        Denial::PurposeRequired { .. } => Code::PurposeRequired,
+        _ => Code::AuthzNoAuthorisation,
+    };
+    Rejection::new(code, d.to_string())
 }
 
 fn route_rejection(snap: &Snapshot, path: Option<&RoutePath<'_>>, e: RouteError) -> Rejection {

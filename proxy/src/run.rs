@@ -53,11 +53,17 @@ pub async fn serve(
     };
     let sink: Arc<dyn audit::AuditSink> = Arc::new(sink);
 
+    // Suspensions are kept beside the audit trail, which is writable by definition.
+    let suspensions_file = match &config.audit.backend {
+        AuditBackend::File { dir } => dir.join("suspensions.json"),
+    };
+    let suspensions = crate::suspend::SuspensionStore::open(Some(suspensions_file))?;
     let (snapshot, tls) = Snapshot::from_config(config);
     let gw = Arc::new(Gateway {
         snapshot: ArcSwap::from_pointee(snapshot),
         tls: ArcSwap::new(tls),
         audit: sink,
+        suspensions,
         node,
         config_path: config_path.to_owned(),
         metrics: metrics_handle(),

@@ -14,7 +14,7 @@ use std::sync::atomic::AtomicBool;
 use arc_swap::ArcSwap;
 use catalogue::Catalogue;
 use metrics_exporter_prometheus::PrometheusHandle;
-use policy::{Authorisation, Consumers};
+use policy::{Authorisations, Consumers};
 
 use crate::config::Config;
 use crate::forward::{self, Upstream};
@@ -24,7 +24,7 @@ use crate::forward::{self, Upstream};
 pub struct Snapshot {
     pub catalogue: Catalogue,
     pub consumers: Consumers,
-    pub authorisations: Vec<Authorisation>,
+    pub authorisations: Authorisations,
     pub upstreams: HashMap<Arc<str>, Arc<Upstream>>,
     pub public_url: String,
     pub max_request_bytes: u64,
@@ -39,7 +39,7 @@ impl Snapshot {
             Self {
                 catalogue: config.catalogue,
                 consumers: config.consumers,
-                authorisations: config.authorisations,
+                authorisations: Authorisations::new(config.authorisations),
                 upstreams,
                 public_url: config.listener.public_url,
                 max_request_bytes: config.listener.max_request_bytes,
@@ -56,6 +56,7 @@ pub struct Gateway {
     pub snapshot: ArcSwap<Snapshot>,
     pub tls: ArcSwap<rustls::ServerConfig>,
     pub audit: Arc<dyn audit::AuditSink>,
+    pub suspensions: crate::suspend::SuspensionStore,
     pub node: String,
     pub config_path: PathBuf,
     pub metrics: Option<PrometheusHandle>,

@@ -1306,14 +1306,28 @@ fn build_authorisation(
             }
         },
     };
-    let (valid_from, valid_until, kind) = (valid_from?, valid_until?, kind?);
+    let revoked = match &a.revoked {
+        None => Some(None),
+        Some(d) => match toml_date(d) {
+            Some(d) => Some(Some(d)),
+            None => {
+                problems.add(
+                    &s.path,
+                    format!("{key}.revoked"),
+                    "not a plain date such as 2026-03-01",
+                );
+                None
+            }
+        },
+    };
+    let (valid_from, valid_until, kind, revoked) = (valid_from?, valid_until?, kind?, revoked?);
     if let Some(until) = valid_until
-        && until <= valid_from
+        && until < valid_from
     {
         problems.add(
             &s.path,
             format!("{key}.valid_until"),
-            format!("{until} is not after valid_from {valid_from}"),
+            format!("{until} (the last valid day) comes before valid_from {valid_from}"),
         );
     }
     Some(Authorisation {
@@ -1330,6 +1344,7 @@ fn build_authorisation(
         provider_approval: a.provider_approval.clone(),
         valid_from,
         valid_until,
+        revoked,
     })
 }
 

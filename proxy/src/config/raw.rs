@@ -181,6 +181,8 @@ pub struct RawAuthorisation {
     pub provider_approval: String,
     pub valid_from: Datetime,
     pub valid_until: Option<Datetime>,
+    /// Extension: the day from which a revoked authorisation no longer applies.
+    pub revoked: Option<Datetime>,
 }
 
 #[derive(Debug, Deserialize)]

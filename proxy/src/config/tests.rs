@@ -1241,12 +1241,12 @@ fn an_authorisation_with_bad_fields_is_refused() {
         "authorisation[0].legal_basis.kind",
         &["gentleman-agreement"],
     );
-    let problems = fx.problems_after("valid_until = 2026-10-09", "valid_until = 2020-10-09");
+    let problems = fx.problems_after("valid_until = 2026-10-09", "valid_until = 2020-10-08");
     expect_only(
         &problems,
         "fsp.toml",
         "authorisation[0].valid_until",
-        &["not after valid_from"],
+        &["comes before valid_from"],
     );
     let problems = fx.problems_after(
         "valid_from  = 2020-10-09",

@@ -299,6 +299,24 @@ released = {v2}
 id           = "ville-bxl"
 organisation = "Ville de Bruxelles"
 certificates = [ {{ cn = "{cn}" }} ]
+
+[[authorisation]]
+id          = "bxl-person"
+consumer    = "ville-bxl"
+service     = "person/getPerson"
+purpose     = "participation-vote"
+legal_basis = {{ kind = "deliberation", reference = "CSI/20/123", issuer = "Comité de sécurité de l'information" }}
+provider_approval = "RRN-2020-456"
+valid_from  = 2020-01-01
+
+[[authorisation]]
+id          = "bxl-person-soap"
+consumer    = "ville-bxl"
+service     = "person/getPersonSoap"
+purpose     = "participation-vote"
+legal_basis = {{ kind = "deliberation", reference = "CSI/20/123" }}
+provider_approval = "RRN-2020-456"
+valid_from  = 2020-01-01
 {extra}
 "#,
         v3 = d(-100),
