@@ -302,12 +302,15 @@ start_nginx() {  # start_nginx NAME DIR
 
 log "starting upstream nginx (HTTP :$UPSTREAM_HTTP_PORT, mTLS :$UPSTREAM_TLS_PORT) and proxy nginx (mTLS :$NGINX_PORT)"
 start_nginx upstream "$UP_DIR"
+UPSTREAM_PID=${PIDS[-1]}
 wait_ready upstream "${PIDS[-1]}" "https://localhost:$UPSTREAM_TLS_PORT/" "$UP_DIR/error.log"
 start_nginx nginx-proxy "$PX_DIR"
+PROXY_PID=${PIDS[-1]}
 wait_ready nginx-proxy "${PIDS[-1]}" "https://localhost:$NGINX_PORT/" "$PX_DIR/error.log"
 
 # ---------------------------------------------------------------- fsp --
 FSP_VERSION="skipped"
+FSP_PID=""
 if [[ $SKIP_FSP != 1 ]]; then
     FSP_DIR=$TMP/fsp
     mkdir -m 0700 "$FSP_DIR" "$FSP_DIR/audit"
@@ -372,6 +375,7 @@ EOF
     log "starting $FSP_VERSION (mTLS :$FSP_PORT, admin :$FSP_ADMIN_PORT, FSP_LOG=$FSP_LOG)"
     "$FSP_BIN" serve --config "$FSP_DIR/fsp.toml" >"$FSP_DIR/fsp.log" 2>&1 &
     PIDS+=("$!")
+    FSP_PID=$!
     wait_ready fsp "${PIDS[-1]}" "https://localhost:$FSP_PORT/" "$FSP_DIR/fsp.log"
 fi
 
@@ -418,6 +422,19 @@ if (( busy > 0 )); then
 fi
 read -r LOADAVG _ < /proc/loadavg || LOADAVG=unknown
 
+cpu_ticks() {  # cpu_ticks PID: user+system CPU of PID (all threads) and its children, in clock ticks
+    local total=0 p st f
+    [[ -n $1 ]] || { echo 0; return; }
+    for p in "$1" $(ps -o pid= --ppid "$1" 2>/dev/null); do
+        st=$(cat "/proc/$p/stat" 2>/dev/null) || continue
+        read -r -a f <<<"${st##*) }"        # f[0] is field 3 (state): utime is f[11], stime f[12]
+        total=$((total + f[11] + f[12]))
+    done
+    echo "$total"
+}
+cpu_snapshot() { echo "$(cpu_ticks "$UPSTREAM_PID") $(cpu_ticks "$PROXY_PID") $(cpu_ticks "$FSP_PID")"; }
+CLK_TCK=$(getconf CLK_TCK 2>/dev/null || echo 100)
+
 log "workload: GET, HTTP/1.1 keep-alive, $CONCURRENCY connections, ${WARMUP}s warm-up + ${DURATION}s measured, per target, $ROUNDS round(s)"
 for ((r = 1; r <= ROUNDS; r++)); do
     for t in "${TARGETS[@]}"; do
@@ -428,9 +445,14 @@ for ((r = 1; r <= ROUNDS; r++)); do
         fi
         log "round $r/$ROUNDS $t: measuring ${DURATION}s"
         raw=$RESULTS_DIR/raw/$t-r$r.json
+        read -r cu0 cp0 cf0 <<<"$(cpu_snapshot)"
         run_child timeout $((DURATION + 60)) oha "${OHA_COMMON[@]}" -z "${DURATION}s" --output-format json -o "$raw" "${URL[$t]}" \
             || die "$t: oha failed"
+        read -r cu1 cp1 cf1 <<<"$(cpu_snapshot)"
         [[ -s $raw ]] || die "$t: oha wrote no results"
+        # server-side CPU seconds used during the measured run, per process group
+        printf '{"clk_tck": %d, "upstream": %d, "nginx_proxy": %d, "fsp": %d}\n' \
+            "$CLK_TCK" $((cu1 - cu0)) $((cp1 - cp0)) $((cf1 - cf0)) >"${raw%.json}.cpu.json"
     done
 done
 
@@ -461,6 +483,7 @@ targets = E["TARGETS_LIST"].split()
 res_dir = E["RESULTS_DIR"]
 min_rps, max_p99 = float(E["MIN_RPS_RATIO"]), float(E["MAX_P99_RATIO"])
 
+FRONT = {"direct": "upstream", "nginx": "nginx_proxy", "fsp": "fsp"}  # process terminating mTLS
 per = {}
 invalid = []
 for t in targets:
@@ -473,6 +496,12 @@ for t in targets:
         codes = {str(k): int(v) for k, v in (d.get("statusCodeDistribution") or {}).items()}
         errors = {str(k): int(v) for k, v in (d.get("errorDistribution") or {}).items()}
         total = sum(codes.values()) + sum(errors.values())
+        cpu_path = path[:-len(".json")] + ".cpu.json"
+        with open(cpu_path) as f:
+            cpu = json.load(f)
+        front_s = cpu[FRONT[t]] / cpu["clk_tck"]
+        upstream_s = cpu["upstream"] / cpu["clk_tck"]
+        elapsed = d["summary"]["total"]
         run = {
             "round": r,
             "raw": os.path.relpath(path, res_dir),
@@ -480,6 +509,10 @@ for t in targets:
             "rps": d["summary"]["requestsPerSec"],
             "p50_ms": (lp.get("p50") or 0) * 1000,
             "p99_ms": (lp.get("p99") or 0) * 1000,
+            "front_cpu_s": front_s,
+            "front_cpu_us_per_req": front_s * 1e6 / total if total else None,
+            "front_cores": front_s / elapsed if elapsed else None,
+            "upstream_cpu_us_per_req": upstream_s * 1e6 / total if total and t != "direct" else None,
             "status_codes": codes,
             "errors": errors,
         }
@@ -488,9 +521,14 @@ for t in targets:
             invalid.append(f"{t} round {r}: {non200} of {total} responses were not 200 "
                            f"(status codes {codes}, errors {errors})")
         runs.append(run)
-    med = lambda k: statistics.median(x[k] for x in runs)
+    def med(k):
+        v = [x[k] for x in runs if x[k] is not None]
+        return statistics.median(v) if v else None
     per[t] = {"url": E.get("URL_" + t.upper()), "rps": med("rps"), "p50_ms": med("p50_ms"),
-              "p99_ms": med("p99_ms"), "requests": sum(x["requests"] for x in runs),
+              "p99_ms": med("p99_ms"), "front_process": FRONT[t],
+              "front_cpu_us_per_req": med("front_cpu_us_per_req"), "front_cores": med("front_cores"),
+              "upstream_cpu_us_per_req": med("upstream_cpu_us_per_req"),
+              "requests": sum(x["requests"] for x in runs),
               "all_200": all(x["requests"] == x["status_codes"].get("200", 0) for x in runs),
               "runs": runs}
 
@@ -503,6 +541,8 @@ if "fsp" in per:
         "fsp_nginx_p50": f["p50_ms"] / n["p50_ms"],
         "fsp_direct_rps": f["rps"] / d["rps"],
         "fsp_direct_p99": f["p99_ms"] / d["p99_ms"],
+        "fsp_nginx_cpu_per_req": (f["front_cpu_us_per_req"] / n["front_cpu_us_per_req"]
+                                  if f["front_cpu_us_per_req"] and n["front_cpu_us_per_req"] else None),
     }
     checks = {
         "throughput": {"target": f">= {min_rps} x nginx", "ratio": ratios["fsp_nginx_rps"],
@@ -536,12 +576,17 @@ print()
 print(f"mTLS REST GET, 1 KiB JSON, HTTP/1.1 keep-alive, c={E['CONCURRENCY']}, "
       f"{E['DURATION']}s per target ({agg}), load avg before: {E['LOADAVG']}")
 print()
-print(f"{'target':<8} {'req/s':>10} {'p50 ms':>9} {'p99 ms':>9} {'requests':>10}  {'all 200':>7}")
-print("-" * 60)
+fmt = lambda v, spec: format(v, spec) if v is not None else format("-", spec.split(".")[0])
+print(f"{'target':<8} {'req/s':>10} {'p50 ms':>9} {'p99 ms':>9} {'requests':>10}  {'all 200':>7}"
+      f"  {'CPU us/req':>10} {'cores':>6} {'upstr us/req':>12}")
+print("-" * 93)
 for t in targets:
     p = per[t]
     print(f"{t:<8} {p['rps']:>10.0f} {p['p50_ms']:>9.3f} {p['p99_ms']:>9.3f} {p['requests']:>10}  "
-          f"{'yes' if p['all_200'] else 'NO':>7}")
+          f"{'yes' if p['all_200'] else 'NO':>7}  {fmt(p['front_cpu_us_per_req'], '>10.1f')} "
+          f"{fmt(p['front_cores'], '>6.2f')} {fmt(p['upstream_cpu_us_per_req'], '>12.1f')}")
+print("(CPU us/req, cores: CPU of the process terminating mTLS (upstream nginx for direct, proxy nginx,"
+      " fsp) per request and on average during the run; upstr: the upstream nginx behind it)")
 print()
 if "fsp" in per:
     mark = lambda ok: "PASS" if ok else "MISS"
@@ -550,6 +595,8 @@ if "fsp" in per:
     print(f"fsp / nginx  p50         {ratios['fsp_nginx_p50']:6.3f}")
     print(f"fsp / direct throughput  {ratios['fsp_direct_rps']:6.3f}")
     print(f"fsp / direct p99         {ratios['fsp_direct_p99']:6.3f}")
+    if ratios["fsp_nginx_cpu_per_req"] is not None:
+        print(f"fsp / nginx  CPU per req {ratios['fsp_nginx_cpu_per_req']:6.3f}")
 else:
     print("fsp skipped (SKIP_FSP=1): no fsp ratios")
 print(f"nginx/direct throughput  {ratios['nginx_direct_rps']:6.3f}")

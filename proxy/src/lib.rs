@@ -9,6 +9,7 @@
 //! - [`forward`]: pooled upstream clients and URL mapping;
 //! - [`body`]: streaming bodies and the audit record's completion;
 //! - [`errors`]: the only place that renders refusals (problem+json, SOAP faults);
+//! - [`oauth`]: bearer tokens verified against the identity provider's keys;
 //! - [`soap`]: SOAP versions, faults and response header stamping;
 //! - [`state`]: the atomically swapped snapshot of configuration;
 //! - [`admin`]: health, readiness, metrics and administrator actions;
@@ -21,6 +22,7 @@ pub mod config;
 pub mod errors;
 pub mod forward;
 pub mod headers;
+pub mod oauth;
 pub mod pipeline;
 pub mod quickstart;
 pub mod run;

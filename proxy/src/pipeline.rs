@@ -135,13 +135,24 @@ pub async fn handle(
     );
 
     // 2. identify
-    let consumer = match identify(&snap, &conn) {
-        Ok(c) => c,
-        Err(r) => return Ok(reject(&gw, record, &stamp, form, r)),
+    let (consumer, credential) = match identify(&gw, &snap, &conn, &parts.headers).await {
+        Ok(found) => found,
+        Err((r, credential)) => {
+            if let Some(c) = credential {
+                record.credential = Some(c.kind().into());
+                record.credential_id = Some(c.id());
+            }
+            return Ok(reject(&gw, record, &stamp, form, r));
+        }
     };
     record.consumer = Some(consumer.id.to_string());
-    record.credential = Some("certificate".into());
-    record.credential_id = conn.certificate_sha256.clone();
+    record.credential = Some(credential.kind().into());
+    record.credential_id = Some(match &credential {
+        policy::Credential::Certificate { .. } => {
+            conn.certificate_sha256.clone().unwrap_or_default()
+        }
+        policy::Credential::OAuth { client_id } => client_id.clone(),
+    });
 
     // 3. route
     let route = match resolved {
@@ -413,15 +424,79 @@ fn initial_record(
     }
 }
 
-fn identify<'s>(snap: &'s Snapshot, conn: &ConnInfo) -> Result<&'s Consumer, Rejection> {
+/// Who is calling: a bearer token (when OAuth is configured) names the consumer by its
+/// client id; otherwise the verified client certificate does. On refusal, the credential
+/// that was presented (if any) is returned for the audit record.
+async fn identify<'s>(
+    gw: &Gateway,
+    snap: &'s Snapshot,
+    conn: &ConnInfo,
+    headers: &HeaderMap,
+) -> Result<(&'s Consumer, policy::Credential), (Rejection, Option<policy::Credential>)> {
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            let (scheme, token) = v.split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+        });
+    if let (Some(token), Some(verifier)) = (bearer, &gw.oauth) {
+        let sha = conn.certificate.as_ref().map(|c| &c.sha256.0);
+        return match verifier.verify(token, sha).await {
+            Ok(t) => {
+                let credential = policy::Credential::OAuth {
+                    client_id: t.client_id.clone(),
+                };
+                match snap.consumers.identify_client_id(&t.client_id) {
+                    Ok(c) => Ok((c, credential)),
+                    Err(e) => Err((
+                        Rejection::new(Code::AuthnUnknownIdentity, e.to_string()),
+                        Some(credential),
+                    )),
+                }
+            }
+            Err(e) => {
+                let code = if e.is_binding() {
+                    Code::AuthzTokenBinding
+                } else {
+                    Code::AuthnInvalidToken
+                };
+                let r = Rejection::new(code, e.to_string());
+                let r = if code == Code::AuthnInvalidToken {
+                    r.with_header(
+                        header::WWW_AUTHENTICATE,
+                        HeaderValue::from_static("Bearer error=\"invalid_token\""),
+                    )
+                } else {
+                    r
+                };
+                Err((r, None))
+            }
+        };
+    }
     match &conn.certificate {
-        Some(cert) => snap
-            .consumers
-            .identify_certificate(cert)
-            .map_err(|e| Rejection::new(Code::AuthnUnknownIdentity, e.to_string())),
-        None => Err(Rejection::new(
-            Code::AuthnMissing,
-            "no credential: present a client certificate issued by a CA this platform trusts",
+        Some(cert) => {
+            let credential = policy::Credential::Certificate {
+                sha256: cert.sha256,
+            };
+            match snap.consumers.identify_certificate(cert) {
+                Ok(c) => Ok((c, credential)),
+                Err(e) => Err((
+                    Rejection::new(Code::AuthnUnknownIdentity, e.to_string()),
+                    Some(credential),
+                )),
+            }
+        }
+        None => Err((
+            Rejection::new(
+                Code::AuthnMissing,
+                if gw.oauth.is_some() {
+                    "no credential: present a client certificate issued by a CA this platform trusts, or an OAuth2 access token (Authorization: Bearer)"
+                } else {
+                    "no credential: present a client certificate issued by a CA this platform trusts"
+                },
+            ),
+            None,
         )),
     }
 }

@@ -58,12 +58,26 @@ pub async fn serve(
         AuditBackend::File { dir } => dir.join("suspensions.json"),
     };
     let suspensions = crate::suspend::SuspensionStore::open(Some(suspensions_file))?;
+    let oauth = match &config.oauth {
+        Some(cfg) => {
+            let verifier = Arc::new(crate::oauth::Verifier::new(cfg)?);
+            // Keys before traffic; an identity provider that is down does not keep
+            // certificate consumers out: tokens are refused until keys arrive.
+            if let Err(e) = verifier.refresh().await {
+                tracing::error!(error = %e, "starting without the identity provider's keys; bearer tokens are refused until they can be fetched");
+            }
+            verifier.spawn_refresher();
+            Some(verifier)
+        }
+        None => None,
+    };
     let (snapshot, tls) = Snapshot::from_config(config);
     let gw = Arc::new(Gateway {
         snapshot: ArcSwap::from_pointee(snapshot),
         tls: ArcSwap::new(tls),
         audit: sink,
         suspensions,
+        oauth,
         node,
         config_path: config_path.to_owned(),
         metrics: metrics_handle(),

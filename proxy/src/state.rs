@@ -57,6 +57,8 @@ pub struct Gateway {
     pub tls: ArcSwap<rustls::ServerConfig>,
     pub audit: Arc<dyn audit::AuditSink>,
     pub suspensions: crate::suspend::SuspensionStore,
+    /// Bearer token verification, when `[oauth]` is configured (changes need a restart).
+    pub oauth: Option<Arc<crate::oauth::Verifier>>,
     pub node: String,
     pub config_path: PathBuf,
     pub metrics: Option<PrometheusHandle>,

@@ -1,0 +1,381 @@
+//! OAuth2 consumers: `Authorization: Bearer <JWT>`.
+//!
+//! A token is accepted when it is signed by a key of the identity provider's JWKS with an
+//! algorithm from the explicit allow-list (asymmetric only: never `none`, never an HMAC
+//! keyed with a public key), its issuer and audience are the configured ones, and it is
+//! within `exp`/`nbf` (with bounded clock skew). The client id claim (`client_id`, else
+//! `azp`) names the consumer. A token bound to a certificate (`cnf.x5t#S256`, RFC 8705)
+//! must come over a TLS connection with that certificate; `require_certificate_binding`
+//! makes the binding mandatory.
+//!
+//! Keys: fetched before the listener accepts traffic, refreshed periodically, and
+//! refetched when a token names an unknown `kid` (one fetch at a time, at most one per
+//! [`MIN_REFETCH_INTERVAL`]). When the identity provider is down, the last good keys stay.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use base64::Engine;
+use http_body_util::{BodyExt, Empty, Limited};
+use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::Deserialize;
+
+use crate::config::{JwksSource, OAuth};
+
+/// At most one refetch of the JWKS in this interval when tokens name unknown keys.
+pub const MIN_REFETCH_INTERVAL: Duration = Duration::from_secs(10);
+/// Keys are refreshed this often even when every `kid` is known.
+pub const REFRESH_INTERVAL: Duration = Duration::from_secs(600);
+const JWKS_MAX_BYTES: usize = 1 << 20;
+const JWKS_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why a token is not accepted.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TokenError {
+    #[error("the access token is larger than {0} bytes")]
+    TooLarge(usize),
+    #[error("the access token is not a valid JWT: {0}")]
+    Invalid(String),
+    #[error("the token's algorithm {0} is not accepted (accepted: {1})")]
+    Algorithm(String, String),
+    #[error("no key of the identity provider matches the token (kid {0})")]
+    UnknownKey(String),
+    #[error("the identity provider's keys are not available yet")]
+    NoKeys,
+    #[error("the token has no `{0}` claim naming the client")]
+    NoClientId(String),
+    #[error("certificate-bound token (RFC 8705): {0}")]
+    Binding(String),
+}
+
+impl TokenError {
+    /// Binding failures are authorisation refusals; everything else is authentication.
+    pub fn is_binding(&self) -> bool {
+        matches!(self, Self::Binding(_))
+    }
+}
+
+/// A verified token.
+#[derive(Debug, Clone)]
+pub struct VerifiedToken {
+    pub client_id: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct Claims {
+    #[serde(flatten)]
+    other: HashMap<String, serde_json::Value>,
+}
+
+#[derive(Default)]
+struct KeySet {
+    by_kid: HashMap<String, (DecodingKey, Option<Algorithm>)>,
+    /// Keys without a `kid`, tried in turn for tokens without one.
+    anonymous: Vec<(DecodingKey, Option<Algorithm>)>,
+}
+
+impl std::fmt::Debug for KeySet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeySet")
+            .field("kids", &self.by_kid.keys().collect::<Vec<_>>())
+            .field("anonymous", &self.anonymous.len())
+            .finish()
+    }
+}
+
+fn parse_jwks(bytes: &[u8]) -> Result<KeySet, String> {
+    let set: JwkSet = serde_json::from_slice(bytes).map_err(|e| format!("not a JWK set: {e}"))?;
+    let mut keys = KeySet::default();
+    for jwk in &set.keys {
+        let Ok(key) = DecodingKey::from_jwk(jwk) else {
+            // Symmetric or unsupported keys are skipped, never trusted.
+            continue;
+        };
+        let alg = jwk
+            .common
+            .key_algorithm
+            .and_then(|a| a.to_string().parse::<Algorithm>().ok());
+        match &jwk.common.key_id {
+            Some(kid) => {
+                keys.by_kid.insert(kid.clone(), (key, alg));
+            }
+            None => keys.anonymous.push((key, alg)),
+        }
+    }
+    if keys.by_kid.is_empty() && keys.anonymous.is_empty() {
+        return Err("the JWK set holds no usable public key".into());
+    }
+    Ok(keys)
+}
+
+type HttpClient = hyper_util::client::legacy::Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    Empty<bytes::Bytes>,
+>;
+
+/// Validates bearer tokens against the identity provider's keys.
+pub struct Verifier {
+    source: JwksSource,
+    keys: ArcSwap<KeySet>,
+    /// When a token with an unknown `kid` last caused a fetch; the lock also makes
+    /// fetches one at a time.
+    last_on_demand: tokio::sync::Mutex<Option<Instant>>,
+    validations: HashMap<Algorithm, Validation>,
+    allowed: String,
+    client_id_claim: String,
+    require_binding: bool,
+    max_token_bytes: usize,
+    http: HttpClient,
+}
+
+impl std::fmt::Debug for Verifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Verifier")
+            .field("source", &self.source)
+            .field("keys", &self.keys.load())
+            .field("allowed", &self.allowed)
+            .finish()
+    }
+}
+
+impl Verifier {
+    pub fn new(cfg: &OAuth) -> anyhow::Result<Self> {
+        let mut validations = HashMap::new();
+        for name in &cfg.algorithms {
+            let alg: Algorithm = name
+                .parse()
+                .map_err(|_| anyhow::anyhow!("unknown algorithm {name}"))?;
+            // Only one algorithm per validation: jsonwebtoken requires every listed
+            // algorithm to match the key's family.
+            let mut v = Validation::new(alg);
+            v.set_issuer(&[cfg.issuer.as_str()]);
+            v.set_audience(&[cfg.audience.as_str()]);
+            v.leeway = cfg.leeway.as_secs();
+            v.validate_nbf = true;
+            v.set_required_spec_claims(&["exp", "iss", "aud"]);
+            validations.insert(alg, v);
+        }
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(certs::tls::upstream_config(None, None)?)
+            .https_or_http()
+            .enable_http1()
+            .build();
+        let http =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build(https);
+        Ok(Self {
+            source: match &cfg.jwks {
+                JwksSource::Url(u) => JwksSource::Url(u.clone()),
+                JwksSource::File(p) => JwksSource::File(p.clone()),
+            },
+            keys: ArcSwap::from_pointee(KeySet::default()),
+            last_on_demand: tokio::sync::Mutex::new(None),
+            validations,
+            allowed: cfg.algorithms.join(", "),
+            client_id_claim: cfg.client_id_claim.clone(),
+            require_binding: cfg.require_certificate_binding,
+            max_token_bytes: cfg.max_token_bytes,
+            http,
+        })
+    }
+
+    async fn fetch(&self) -> Result<KeySet, String> {
+        let bytes = match &self.source {
+            JwksSource::File(p) => tokio::fs::read(p)
+                .await
+                .map_err(|e| format!("cannot read {}: {e}", p.display()))?,
+            JwksSource::Url(url) => {
+                let uri: http::Uri = url.parse().map_err(|e| format!("bad jwks_url: {e}"))?;
+                let req = http::Request::get(uri)
+                    .header(http::header::ACCEPT, "application/json")
+                    .body(Empty::new())
+                    .map_err(|e| e.to_string())?;
+                let resp = tokio::time::timeout(JWKS_TIMEOUT, self.http.request(req))
+                    .await
+                    .map_err(|_| format!("{url} did not answer within {JWKS_TIMEOUT:?}"))?
+                    .map_err(|e| format!("{url}: {e}"))?;
+                if !resp.status().is_success() {
+                    return Err(format!("{url} answered {}", resp.status()));
+                }
+                let body = tokio::time::timeout(
+                    JWKS_TIMEOUT,
+                    Limited::new(resp.into_body(), JWKS_MAX_BYTES).collect(),
+                )
+                .await
+                .map_err(|_| format!("{url} body did not arrive within {JWKS_TIMEOUT:?}"))?
+                .map_err(|e| format!("{url}: {e}"))?;
+                body.to_bytes().to_vec()
+            }
+        };
+        parse_jwks(&bytes)
+    }
+
+    /// Fetches the keys now (at start-up and periodically). Keeps the last good keys on
+    /// failure.
+    pub async fn refresh(&self) -> Result<(), String> {
+        let _one_at_a_time = self.last_on_demand.lock().await;
+        self.fetch_and_store().await
+    }
+
+    /// Fetches the keys because a token names an unknown key, at most once per
+    /// [`MIN_REFETCH_INTERVAL`]: unknown `kid`s must not let anyone hammer the identity
+    /// provider through the gateway.
+    async fn refetch_on_demand(&self) {
+        let mut last = self.last_on_demand.lock().await;
+        if last.is_some_and(|t| t.elapsed() < MIN_REFETCH_INTERVAL) {
+            return;
+        }
+        *last = Some(Instant::now());
+        let _ = self.fetch_and_store().await;
+    }
+
+    async fn fetch_and_store(&self) -> Result<(), String> {
+        match self.fetch().await {
+            Ok(keys) => {
+                tracing::info!(kids = ?keys.by_kid.keys().collect::<Vec<_>>(), "identity provider keys loaded");
+                self.keys.store(Arc::new(keys));
+                metrics::counter!("fsp_jwks_fetches_total", "result" => "ok").increment(1);
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "identity provider keys could not be fetched; keeping the last good ones");
+                metrics::counter!("fsp_jwks_fetches_total", "result" => "error").increment(1);
+                Err(e)
+            }
+        }
+    }
+
+    /// Refreshes the keys every [`REFRESH_INTERVAL`] until the verifier is dropped.
+    pub fn spawn_refresher(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(REFRESH_INTERVAL).await;
+                let Some(v) = weak.upgrade() else { break };
+                let _ = v.refresh().await;
+            }
+        });
+    }
+
+    /// Verifies a bearer token; `certificate_sha256` is the TLS client certificate's
+    /// SHA-256 when one was presented on the connection.
+    pub async fn verify(
+        &self,
+        token: &str,
+        certificate_sha256: Option<&[u8; 32]>,
+    ) -> Result<VerifiedToken, TokenError> {
+        if token.len() > self.max_token_bytes {
+            return Err(TokenError::TooLarge(self.max_token_bytes));
+        }
+        let header =
+            jsonwebtoken::decode_header(token).map_err(|e| TokenError::Invalid(e.to_string()))?;
+        let Some(validation) = self.validations.get(&header.alg) else {
+            return Err(TokenError::Algorithm(
+                format!("{:?}", header.alg),
+                self.allowed.clone(),
+            ));
+        };
+        let kid = header.kid.clone().unwrap_or_default();
+        let mut keys = self.keys.load_full();
+        let known = |k: &KeySet| {
+            if kid.is_empty() {
+                !k.anonymous.is_empty()
+            } else {
+                k.by_kid.contains_key(&kid)
+            }
+        };
+        if !known(&keys) {
+            // A new signing key at the identity provider: look again, once in a while.
+            self.refetch_on_demand().await;
+            keys = self.keys.load_full();
+            if keys.by_kid.is_empty() && keys.anonymous.is_empty() {
+                return Err(TokenError::NoKeys);
+            }
+            if !known(&keys) {
+                return Err(TokenError::UnknownKey(if kid.is_empty() {
+                    "none".into()
+                } else {
+                    kid
+                }));
+            }
+        }
+        let candidates: Vec<&(DecodingKey, Option<Algorithm>)> = if kid.is_empty() {
+            keys.anonymous.iter().collect()
+        } else {
+            keys.by_kid.get(&kid).into_iter().collect()
+        };
+        let mut last_error = String::from("no key");
+        let mut claims = None;
+        for (key, key_alg) in candidates {
+            if key_alg.is_some_and(|a| a != header.alg) {
+                last_error = format!(
+                    "the key is for {key_alg:?}, the token says {:?}",
+                    header.alg
+                );
+                continue;
+            }
+            match jsonwebtoken::decode::<Claims>(token, key, validation) {
+                Ok(data) => {
+                    claims = Some(data.claims);
+                    break;
+                }
+                Err(e) => last_error = e.to_string(),
+            }
+        }
+        let claims = claims.ok_or(TokenError::Invalid(last_error))?;
+        let client_id = claims
+            .other
+            .get(&self.client_id_claim)
+            .or_else(|| claims.other.get("azp"))
+            .and_then(|v| v.as_str())
+            .ok_or_else(|| TokenError::NoClientId(self.client_id_claim.clone()))?
+            .to_owned();
+        let bound = claims
+            .other
+            .get("cnf")
+            .and_then(|c| c.get("x5t#S256"))
+            .and_then(|v| v.as_str());
+        match (bound, certificate_sha256) {
+            (Some(thumb), Some(sha)) => {
+                let expected = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sha);
+                if thumb != expected {
+                    return Err(TokenError::Binding(
+                        "cnf.x5t#S256 names another certificate than the one presented on this connection".into(),
+                    ));
+                }
+            }
+            (Some(_), None) => {
+                return Err(TokenError::Binding(
+                    "the token is bound to a certificate but none was presented on this connection"
+                        .into(),
+                ));
+            }
+            (None, _) if self.require_binding => {
+                return Err(TokenError::Binding(
+                    "this platform requires tokens bound to the client certificate (cnf.x5t#S256)"
+                        .into(),
+                ));
+            }
+            (None, _) => {}
+        }
+        Ok(VerifiedToken { client_id })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn a_jwks_with_only_symmetric_keys_is_refused() {
+        let set = r#"{"keys":[{"kty":"oct","k":"c2VjcmV0","kid":"h"}]}"#;
+        assert!(parse_jwks(set.as_bytes()).is_err());
+        assert!(parse_jwks(b"{}").is_err());
+        assert!(parse_jwks(b"not json").is_err());
+    }
+}

@@ -1,0 +1,361 @@
+//! OAuth2 consumers end to end: JWTs validated against a JWKS served by the test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+
+use base64::Engine;
+use bytes::Bytes;
+use common::*;
+use http::StatusCode;
+use http_body_util::Full;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde_json::json;
+
+const ISSUER: &str = "https://idp.test/";
+const CLIENT: &str = "ville-bxl-app";
+
+fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// A signing key and its public JWK.
+struct Key {
+    kid: String,
+    alg: Algorithm,
+    encoding: EncodingKey,
+    jwk: serde_json::Value,
+    /// The public key as PEM, for the HMAC confusion attack.
+    public_pem: String,
+}
+
+fn ec_key(kid: &str) -> Key {
+    let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let raw = pair.public_key_raw();
+    assert_eq!(raw.len(), 65);
+    Key {
+        kid: kid.into(),
+        alg: Algorithm::ES256,
+        encoding: EncodingKey::from_ec_pem(pair.serialize_pem().as_bytes()).unwrap(),
+        jwk: json!({"kty": "EC", "crv": "P-256", "kid": kid, "use": "sig", "alg": "ES256", "x": b64(&raw[1..33]), "y": b64(&raw[33..])}),
+        public_pem: pair.public_key_pem(),
+    }
+}
+
+fn rsa_key(kid: &str) -> Key {
+    let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256).unwrap();
+    let der = rcgen::PublicKeyData::subject_public_key_info(&pair);
+    let (_, spki) =
+        <x509_parser::x509::SubjectPublicKeyInfo as x509_parser::prelude::FromDer<_>>::from_der(
+            &der,
+        )
+        .unwrap();
+    let x509_parser::public_key::PublicKey::RSA(rsa) = spki.parsed().unwrap() else {
+        panic!("not RSA")
+    };
+    let strip = |b: &[u8]| {
+        b.iter()
+            .skip_while(|x| **x == 0)
+            .copied()
+            .collect::<Vec<u8>>()
+    };
+    Key {
+        kid: kid.into(),
+        alg: Algorithm::RS256,
+        encoding: EncodingKey::from_rsa_pem(pair.serialize_pem().as_bytes()).unwrap(),
+        jwk: json!({"kty": "RSA", "kid": kid, "use": "sig", "alg": "RS256", "n": b64(&strip(rsa.modulus)), "e": b64(&strip(rsa.exponent))}),
+        public_pem: pair.public_key_pem(),
+    }
+}
+
+/// A JWKS endpoint whose keys the test can change, and which can be taken down.
+#[derive(Clone)]
+struct Idp {
+    keys: Arc<Mutex<Vec<serde_json::Value>>>,
+    down: Arc<std::sync::atomic::AtomicBool>,
+    fetches: Arc<std::sync::atomic::AtomicUsize>,
+    port: u16,
+}
+
+impl Idp {
+    async fn start(keys: Vec<serde_json::Value>) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let idp = Self {
+            keys: Arc::new(Mutex::new(keys)),
+            down: Arc::default(),
+            fetches: Arc::default(),
+            port: listener.local_addr().unwrap().port(),
+        };
+        let me = idp.clone();
+        tokio::spawn(async move {
+            loop {
+                let (tcp, _) = listener.accept().await.unwrap();
+                let me = me.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |_req| {
+                        let me = me.clone();
+                        async move {
+                            me.fetches.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            let mut r = if me.down.load(std::sync::atomic::Ordering::SeqCst) {
+                                http::Response::new(Full::new(Bytes::from("down for maintenance")))
+                            } else {
+                                let keys = me.keys.lock().unwrap().clone();
+                                http::Response::new(Full::new(Bytes::from(
+                                    json!({"keys": keys}).to_string(),
+                                )))
+                            };
+                            if me.down.load(std::sync::atomic::Ordering::SeqCst) {
+                                *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+                            }
+                            Ok::<_, Infallible>(r)
+                        }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(tcp), svc)
+                        .await;
+                });
+            }
+        });
+        idp
+    }
+}
+
+fn now() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+fn claims(client: &str) -> serde_json::Value {
+    json!({"iss": ISSUER, "aud": "fsp", "client_id": client, "iat": now(), "exp": now() + 300, "scope": "person"})
+}
+
+fn sign(key: &Key, claims: &serde_json::Value) -> String {
+    let mut header = Header::new(key.alg);
+    header.kid = Some(key.kid.clone());
+    jsonwebtoken::encode(&header, claims, &key.encoding).unwrap()
+}
+
+struct Setup {
+    gw: Gateway,
+    pki: Pki,
+}
+
+async fn setup(idp: &Idp, binding: bool) -> Setup {
+    let pki = Pki::new();
+    let up = upstream().await;
+    let (port, admin) = (free_port(), free_port());
+    let config = write_config(&pki, up, port, admin, "");
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "certificates = [ { cn = \"monopinion.bruxelles.be\" } ]",
+        &format!("certificates = [ {{ cn = \"monopinion.bruxelles.be\" }} ]\noauth_client_ids = [\"{CLIENT}\"]"),
+    );
+    let oauth = format!(
+        "\n[oauth]\nissuer = \"{ISSUER}\"\njwks_url = \"http://127.0.0.1:{}/jwks\"\naudience = \"fsp\"\nalgorithms = [\"ES256\", \"RS256\"]\nleeway = \"30s\"\nrequire_certificate_binding = {binding}\n",
+        idp.port
+    );
+    std::fs::write(&config, format!("{text}{oauth}")).unwrap();
+    let gw = Gateway::start(&config, port, admin).await;
+    Setup { gw, pki }
+}
+
+async fn call(
+    s: &Setup,
+    token: &str,
+    with_cert: bool,
+) -> (StatusCode, http::HeaderMap, serde_json::Value) {
+    let c = client(&s.pki, with_cert.then_some(&s.pki.consumer), false);
+    let mut req = get(&s.gw.url("/person/getPerson/v3/oauth"));
+    req.headers_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let (status, h, body, _) = send(&c, req).await.unwrap();
+    (status, h, json(&body))
+}
+
+async fn refused(s: &Setup, token: &str, what: &str) {
+    let (status, h, body) = call(s, token, false).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{what}: {body}");
+    assert_eq!(body["code"], "FSP-AUTHN-INVALID-TOKEN", "{what}: {body}");
+    assert!(
+        h["www-authenticate"]
+            .to_str()
+            .unwrap()
+            .starts_with("Bearer"),
+        "{what}"
+    );
+}
+
+#[tokio::test]
+async fn valid_and_invalid_tokens() {
+    let es = ec_key("es-1");
+    let rsa = rsa_key("rsa-1");
+    let idp = Idp::start(vec![es.jwk.clone(), rsa.jwk.clone()]).await;
+    let s = setup(&idp, false).await;
+
+    for key in [&es, &rsa] {
+        let (status, h, body) = call(&s, &sign(key, &claims(CLIENT)), false).await;
+        assert_eq!(status, StatusCode::OK, "{:?}: {body}", key.alg);
+        assert_eq!(body["headers"]["fsp-consumer"], "ville-bxl");
+        assert!(
+            body["headers"].get("authorization").is_none(),
+            "the token must not reach the provider"
+        );
+        let id = h["fsp-message-id"].to_str().unwrap().to_owned();
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        let r = audit_records(&s.pki)
+            .into_iter()
+            .find(|r| r["message_id"] == id.as_str())
+            .unwrap();
+        assert_eq!(
+            (r["credential"].as_str(), r["credential_id"].as_str()),
+            (Some("oauth"), Some(CLIENT))
+        );
+    }
+
+    let mut c = claims(CLIENT);
+    c["exp"] = json!(now() - 120);
+    refused(&s, &sign(&es, &c), "expired").await;
+    let mut c = claims(CLIENT);
+    c["nbf"] = json!(now() + 600);
+    refused(&s, &sign(&es, &c), "not yet valid").await;
+    let mut c = claims(CLIENT);
+    c["exp"] = json!(now() - 10);
+    let (status, ..) = call(&s, &sign(&es, &c), false).await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "10 s past exp is within the 30 s leeway"
+    );
+    let mut c = claims(CLIENT);
+    c["iss"] = json!("https://evil.test/");
+    refused(&s, &sign(&es, &c), "wrong issuer").await;
+    let mut c = claims(CLIENT);
+    c["aud"] = json!("another-api");
+    refused(&s, &sign(&es, &c), "wrong audience").await;
+
+    // alg: none.
+    let none = format!(
+        "{}.{}.",
+        b64(br#"{"alg":"none","typ":"JWT"}"#),
+        b64(claims(CLIENT).to_string().as_bytes())
+    );
+    refused(&s, &none, "alg none").await;
+
+    // HS256, keyed with the RSA public key the gateway trusts.
+    let mut header = Header::new(Algorithm::HS256);
+    header.kid = Some(rsa.kid.clone());
+    let confused = jsonwebtoken::encode(
+        &header,
+        &claims(CLIENT),
+        &EncodingKey::from_secret(rsa.public_pem.as_bytes()),
+    )
+    .unwrap();
+    refused(&s, &confused, "HS256 with the RSA public key").await;
+
+    // A valid token whose payload is changed after signing.
+    let good = sign(&es, &claims(CLIENT));
+    let parts: Vec<&str> = good.split('.').collect();
+    let mut forged = claims(CLIENT);
+    forged["client_id"] = json!("cpas-liege-app");
+    let tampered = format!(
+        "{}.{}.{}",
+        parts[0],
+        b64(forged.to_string().as_bytes()),
+        parts[2]
+    );
+    refused(&s, &tampered, "tampered payload").await;
+
+    refused(&s, &"a".repeat(9000), "oversize").await;
+    refused(&s, "not.a.jwt", "garbage").await;
+
+    // A well-signed token for a client no consumer owns.
+    let (status, _, body) = call(&s, &sign(&es, &claims("stranger-app")), false).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("FSP-AUTHN-UNKNOWN-IDENTITY"))
+    );
+}
+
+#[tokio::test]
+async fn unknown_kid_refetches_and_a_down_identity_provider_keeps_the_cached_keys() {
+    let old = ec_key("2026-01");
+    let idp = Idp::start(vec![old.jwk.clone()]).await;
+    let s = setup(&idp, false).await;
+    assert_eq!(
+        call(&s, &sign(&old, &claims(CLIENT)), false).await.0,
+        StatusCode::OK
+    );
+
+    // The identity provider rotates: a token signed with the new key is accepted after
+    // one refetch.
+    let new = ec_key("2026-02");
+    idp.keys.lock().unwrap().push(new.jwk.clone());
+    let before = idp.fetches.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(
+        call(&s, &sign(&new, &claims(CLIENT)), false).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        idp.fetches.load(std::sync::atomic::Ordering::SeqCst),
+        before + 1
+    );
+
+    // Unknown kids do not hammer the identity provider.
+    let rogue = ec_key("rogue");
+    for _ in 0..5 {
+        refused(&s, &sign(&rogue, &claims(CLIENT)), "unknown kid").await;
+    }
+    assert!(
+        idp.fetches.load(std::sync::atomic::Ordering::SeqCst) <= before + 2,
+        "refetches are rate-limited"
+    );
+
+    // The identity provider goes down: the cached keys still work.
+    idp.down.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(
+        call(&s, &sign(&old, &claims(CLIENT)), false).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        call(&s, &sign(&new, &claims(CLIENT)), false).await.0,
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn certificate_bound_tokens() {
+    let key = ec_key("k");
+    let idp = Idp::start(vec![key.jwk.clone()]).await;
+    let s = setup(&idp, true).await;
+    let thumb = b64(&certs::sha256(&s.pki.consumer.der).0);
+
+    let mut bound = claims(CLIENT);
+    bound["cnf"] = json!({"x5t#S256": thumb});
+    let (status, _, body) = call(&s, &sign(&key, &bound), true).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    let (status, _, body) = call(&s, &sign(&key, &claims(CLIENT)), true).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (StatusCode::FORBIDDEN, Some("FSP-AUTHZ-TOKEN-BINDING")),
+        "unbound token"
+    );
+
+    let (status, _, body) = call(&s, &sign(&key, &bound), false).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (StatusCode::FORBIDDEN, Some("FSP-AUTHZ-TOKEN-BINDING")),
+        "no certificate"
+    );
+
+    let mut other = claims(CLIENT);
+    other["cnf"] = json!({"x5t#S256": b64(&[7u8; 32])});
+    let (status, _, body) = call(&s, &sign(&key, &other), true).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (StatusCode::FORBIDDEN, Some("FSP-AUTHZ-TOKEN-BINDING")),
+        "another certificate"
+    );
+}
