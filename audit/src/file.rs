@@ -20,6 +20,10 @@ use crate::{AuditError, AuditSink, Record};
 
 /// Records waiting to be written before `submit` starts refusing them.
 pub const DEFAULT_CAPACITY: usize = 65_536;
+/// Group commit: a batch gathers the records that arrive within this window after its
+/// first one, so that under load one `fdatasync` covers many records instead of one.
+pub const GROUP_COMMIT_WINDOW: std::time::Duration = std::time::Duration::from_millis(2);
+const MAX_BATCH: usize = 8192;
 
 #[derive(Debug)]
 struct Shared {
@@ -156,13 +160,25 @@ impl Writer {
     fn run(mut self, mut rx: mpsc::Receiver<Record>) {
         let mut batch = Vec::with_capacity(1024);
         // `blocking_recv` returns None once every sender is gone and the queue is empty.
+        let mut last_write: Option<std::time::Instant> = None;
         while let Some(first) = rx.blocking_recv() {
+            let opened = std::time::Instant::now();
+            // Busy: the previous batch was moments ago, so more records are coming.
+            let busy = last_write.is_some_and(|t| t.elapsed() < GROUP_COMMIT_WINDOW * 5);
             batch.push(first);
-            while batch.len() < 4096 {
-                match rx.try_recv() {
-                    Ok(r) => batch.push(r),
-                    Err(_) => break,
+            loop {
+                while batch.len() < MAX_BATCH {
+                    match rx.try_recv() {
+                        Ok(r) => batch.push(r),
+                        Err(_) => break,
+                    }
                 }
+                // When quiet, a record is written at once; under load the batch stays open
+                // a little while for the records behind it.
+                if !busy || batch.len() >= MAX_BATCH || opened.elapsed() >= GROUP_COMMIT_WINDOW {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_micros(250));
             }
             // A failed batch is retried (reopening the file) until it is written, so no
             // record taken by `submit` is lost while the disk is briefly unavailable.
@@ -186,6 +202,7 @@ impl Writer {
                 }
             }
             batch.clear();
+            last_write = Some(std::time::Instant::now());
         }
     }
 

@@ -163,11 +163,11 @@ impl Finisher {
         if let Some(s) = shared {
             record.request_bytes = s.request_bytes.load(Ordering::Relaxed);
         }
-        metrics::histogram!("fsp_request_duration_seconds").record(elapsed.as_secs_f64());
-        metrics::counter!("fsp_requests_total", "status" => status_class(record.status))
-            .increment(1);
+        let m = call_metrics();
+        m.duration.record(elapsed.as_secs_f64());
+        m.by_class[status_class(record.status)].increment(1);
         if !finished {
-            metrics::counter!("fsp_responses_aborted_total").increment(1);
+            m.aborted.increment(1);
             tracing::debug!(message_id = %record.message_id, "consumer went away before the response was complete");
         }
         if let Err(e) = sink.submit(record) {
@@ -183,12 +183,29 @@ impl Drop for Finisher {
     }
 }
 
-fn status_class(status: u16) -> &'static str {
+/// Metric handles registered once, so the hot path does no registry lookups.
+struct CallMetrics {
+    duration: metrics::Histogram,
+    by_class: [metrics::Counter; 4],
+    aborted: metrics::Counter,
+}
+
+fn call_metrics() -> &'static CallMetrics {
+    static METRICS: std::sync::OnceLock<CallMetrics> = std::sync::OnceLock::new();
+    METRICS.get_or_init(|| CallMetrics {
+        duration: metrics::histogram!("fsp_request_duration_seconds"),
+        by_class: ["2xx", "3xx", "4xx", "5xx"]
+            .map(|class| metrics::counter!("fsp_requests_total", "status" => class)),
+        aborted: metrics::counter!("fsp_responses_aborted_total"),
+    })
+}
+
+fn status_class(status: u16) -> usize {
     match status {
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        _ => "5xx",
+        200..=299 => 0,
+        300..=399 => 1,
+        400..=499 => 2,
+        _ => 3,
     }
 }
 

@@ -91,8 +91,16 @@ fn parse_jwks(bytes: &[u8]) -> Result<KeySet, String> {
     let set: JwkSet = serde_json::from_slice(bytes).map_err(|e| format!("not a JWK set: {e}"))?;
     let mut keys = KeySet::default();
     for jwk in &set.keys {
+        // A shared secret published in a key set is a misconfiguration: never trust it.
+        if matches!(
+            jwk.algorithm,
+            jsonwebtoken::jwk::AlgorithmParameters::OctetKey(_)
+        ) {
+            tracing::warn!(kid = ?jwk.common.key_id, "symmetric key in the JWKS ignored");
+            continue;
+        }
         let Ok(key) = DecodingKey::from_jwk(jwk) else {
-            // Symmetric or unsupported keys are skipped, never trusted.
+            // Unsupported key types are skipped.
             continue;
         };
         let alg = jwk
