@@ -275,7 +275,7 @@ $(mtls_directives)
 EOF
 } >"$PX_DIR/nginx.conf"
 
-CURL_TLS=(-4 --silent --show-error --max-time 5 --cacert "$PKI/ca.pem" --cert "$PKI/client.pem" --key "$PKI/client.key")
+CURL_TLS=(-4 --http1.1 --silent --show-error --max-time 5 --cacert "$PKI/ca.pem" --cert "$PKI/client.pem" --key "$PKI/client.key")
 
 wait_ready() {  # wait_ready NAME PID URL LOGFILE: until URL answers any HTTP status (max ~15 s)
     local name=$1 pid=$2 url=$3 logf=$4 code i
@@ -404,7 +404,7 @@ for t in "${TARGETS[@]}"; do
         log "WARNING: $t answered 200 but the body differs from the upstream's ($(wc -c <"$out") bytes)"
     fi
     # ... and must refuse the same request without a client certificate (mTLS is really on).
-    code=$(curl -4 --silent --max-time 5 --cacert "$PKI/ca.pem" -H "$HEADER" -o /dev/null -w '%{http_code}' "${URL[$t]}" 2>/dev/null || true)
+    code=$(curl -4 --http1.1 --silent --max-time 5 --cacert "$PKI/ca.pem" -H "$HEADER" -o /dev/null -w '%{http_code}' "${URL[$t]}" 2>/dev/null || true)
     [[ $code == 200 ]] && die "$t answered 200 to a request without a client certificate"
 done
 log "smoke test passed: ${TARGETS[*]} answer 200 with the client certificate, refuse without"
@@ -432,7 +432,26 @@ cpu_ticks() {  # cpu_ticks PID: user+system CPU of PID (all threads) and its chi
     done
     echo "$total"
 }
-cpu_snapshot() { echo "$(cpu_ticks "$UPSTREAM_PID") $(cpu_ticks "$PROXY_PID") $(cpu_ticks "$FSP_PID")"; }
+host_busy_ticks() {  # CPU busy time of the whole machine (all cores), in clock ticks
+    local _cpu user nice system _idle _iowait irq softirq steal _rest
+    read -r _cpu user nice system _idle _iowait irq softirq steal _rest </proc/stat
+    echo $((user + nice + system + irq + softirq + steal))
+}
+CHILDREN_MS=0
+children_ms() {  # CHILDREN_MS := user+system CPU of this shell's waited-for children (oha), in ms
+    # `times` must run in this shell, not in a $(...) subshell, to see our children.
+    local line total=0 t
+    times >"$TMP/times"
+    line=$(tail -n 1 "$TMP/times")
+    for t in $line; do
+        [[ $t =~ ^([0-9]+)m([0-9]+)\.([0-9]{3})s$ ]] || continue
+        total=$((total + BASH_REMATCH[1] * 60000 + 10#${BASH_REMATCH[2]} * 1000 + 10#${BASH_REMATCH[3]}))
+    done
+    CHILDREN_MS=$total
+}
+cpu_snapshot() {
+    echo "$(cpu_ticks "$UPSTREAM_PID") $(cpu_ticks "$PROXY_PID") $(cpu_ticks "$FSP_PID") $(host_busy_ticks)"
+}
 CLK_TCK=$(getconf CLK_TCK 2>/dev/null || echo 100)
 
 log "workload: GET, HTTP/1.1 keep-alive, $CONCURRENCY connections, ${WARMUP}s warm-up + ${DURATION}s measured, per target, $ROUNDS round(s)"
@@ -445,14 +464,15 @@ for ((r = 1; r <= ROUNDS; r++)); do
         fi
         log "round $r/$ROUNDS $t: measuring ${DURATION}s"
         raw=$RESULTS_DIR/raw/$t-r$r.json
-        read -r cu0 cp0 cf0 <<<"$(cpu_snapshot)"
+        read -r cu0 cp0 cf0 ch0 <<<"$(cpu_snapshot)"; children_ms; cl0=$CHILDREN_MS
         run_child timeout $((DURATION + 60)) oha "${OHA_COMMON[@]}" -z "${DURATION}s" --output-format json -o "$raw" "${URL[$t]}" \
             || die "$t: oha failed"
-        read -r cu1 cp1 cf1 <<<"$(cpu_snapshot)"
+        read -r cu1 cp1 cf1 ch1 <<<"$(cpu_snapshot)"; children_ms; cl1=$CHILDREN_MS
         [[ -s $raw ]] || die "$t: oha wrote no results"
         # server-side CPU seconds used during the measured run, per process group
-        printf '{"clk_tck": %d, "upstream": %d, "nginx_proxy": %d, "fsp": %d}\n' \
-            "$CLK_TCK" $((cu1 - cu0)) $((cp1 - cp0)) $((cf1 - cf0)) >"${raw%.json}.cpu.json"
+        # (ticks; loadgen in ms; host_busy: the whole machine, to spot other load during the run)
+        printf '{"clk_tck": %d, "upstream": %d, "nginx_proxy": %d, "fsp": %d, "host_busy": %d, "loadgen_ms": %d}\n' \
+            "$CLK_TCK" $((cu1 - cu0)) $((cp1 - cp0)) $((cf1 - cf0)) $((ch1 - ch0)) $((cl1 - cl0)) >"${raw%.json}.cpu.json"
     done
 done
 
@@ -499,9 +519,12 @@ for t in targets:
         cpu_path = path[:-len(".json")] + ".cpu.json"
         with open(cpu_path) as f:
             cpu = json.load(f)
-        front_s = cpu[FRONT[t]] / cpu["clk_tck"]
-        upstream_s = cpu["upstream"] / cpu["clk_tck"]
+        tck = cpu["clk_tck"]
+        front_s = cpu[FRONT[t]] / tck
+        upstream_s = cpu["upstream"] / tck
         elapsed = d["summary"]["total"]
+        ours_s = (cpu["upstream"] + cpu["nginx_proxy"] + cpu["fsp"]) / tck + cpu["loadgen_ms"] / 1000
+        other_cores = max(0.0, cpu["host_busy"] / tck - ours_s) / elapsed if elapsed else None
         run = {
             "round": r,
             "raw": os.path.relpath(path, res_dir),
@@ -513,6 +536,8 @@ for t in targets:
             "front_cpu_us_per_req": front_s * 1e6 / total if total else None,
             "front_cores": front_s / elapsed if elapsed else None,
             "upstream_cpu_us_per_req": upstream_s * 1e6 / total if total and t != "direct" else None,
+            "loadgen_cores": cpu["loadgen_ms"] / 1000 / elapsed if elapsed else None,
+            "other_cores": other_cores,
             "status_codes": codes,
             "errors": errors,
         }
@@ -528,6 +553,8 @@ for t in targets:
               "p99_ms": med("p99_ms"), "front_process": FRONT[t],
               "front_cpu_us_per_req": med("front_cpu_us_per_req"), "front_cores": med("front_cores"),
               "upstream_cpu_us_per_req": med("upstream_cpu_us_per_req"),
+              "loadgen_cores": med("loadgen_cores"), "other_cores_max": max(
+                  (x["other_cores"] for x in runs if x["other_cores"] is not None), default=None),
               "requests": sum(x["requests"] for x in runs),
               "all_200": all(x["requests"] == x["status_codes"].get("200", 0) for x in runs),
               "runs": runs}
@@ -578,15 +605,21 @@ print(f"mTLS REST GET, 1 KiB JSON, HTTP/1.1 keep-alive, c={E['CONCURRENCY']}, "
 print()
 fmt = lambda v, spec: format(v, spec) if v is not None else format("-", spec.split(".")[0])
 print(f"{'target':<8} {'req/s':>10} {'p50 ms':>9} {'p99 ms':>9} {'requests':>10}  {'all 200':>7}"
-      f"  {'CPU us/req':>10} {'cores':>6} {'upstr us/req':>12}")
-print("-" * 93)
+      f"  {'CPU us/req':>10} {'cores':>6} {'upstr us/req':>12} {'oha cores':>9} {'other':>6}")
+print("-" * 110)
 for t in targets:
     p = per[t]
     print(f"{t:<8} {p['rps']:>10.0f} {p['p50_ms']:>9.3f} {p['p99_ms']:>9.3f} {p['requests']:>10}  "
           f"{'yes' if p['all_200'] else 'NO':>7}  {fmt(p['front_cpu_us_per_req'], '>10.1f')} "
-          f"{fmt(p['front_cores'], '>6.2f')} {fmt(p['upstream_cpu_us_per_req'], '>12.1f')}")
+          f"{fmt(p['front_cores'], '>6.2f')} {fmt(p['upstream_cpu_us_per_req'], '>12.1f')} "
+          f"{fmt(p['loadgen_cores'], '>9.2f')} {fmt(p['other_cores_max'], '>6.2f')}")
 print("(CPU us/req, cores: CPU of the process terminating mTLS (upstream nginx for direct, proxy nginx,"
-      " fsp) per request and on average during the run; upstr: the upstream nginx behind it)")
+      " fsp) per request and on average during the run; upstr: the upstream nginx behind it;"
+      " other: cores used by processes outside the benchmark, worst round)")
+noisy = [t for t in targets if (per[t]["other_cores_max"] or 0) > 0.25]
+if noisy:
+    print(f"WARNING: other processes used > 0.25 core during the {', '.join(noisy)} run(s): "
+          "figures are disturbed; run again on an idle machine")
 print()
 if "fsp" in per:
     mark = lambda ok: "PASS" if ok else "MISS"

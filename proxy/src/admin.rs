@@ -212,7 +212,7 @@ fn suspension(
     let snap = gw.snapshot.load();
     let known = match party {
         Party::Consumer => snap.consumers.get(id).is_some(),
-        Party::Provider => snap.upstreams.contains_key(id),
+        Party::Provider => snap.providers.iter().any(|p| p.id == id),
     };
     let kind = match party {
         Party::Consumer => "consumer",

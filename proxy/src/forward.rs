@@ -60,6 +60,31 @@ pub fn upstreams(providers: &[Provider]) -> HashMap<Arc<str>, Arc<Upstream>> {
         .collect()
 }
 
+thread_local! {
+    /// This worker thread's clients, for the configuration generation they were built for.
+    static CLIENTS: std::cell::RefCell<(u64, HashMap<Arc<str>, Arc<Upstream>>)> =
+        std::cell::RefCell::new((u64::MAX, HashMap::new()));
+}
+
+/// The client towards `provider` owned by the calling worker thread.
+///
+/// Each worker runtime keeps its own pools: a pooled connection is always driven by the
+/// thread that uses it, so a request never wakes another thread. Clients are rebuilt
+/// when a reload brings a new configuration generation.
+pub fn upstream_for(
+    generation: u64,
+    providers: &[Provider],
+    provider: &str,
+) -> Option<Arc<Upstream>> {
+    CLIENTS.with(|cell| {
+        let mut clients = cell.borrow_mut();
+        if clients.0 != generation {
+            *clients = (generation, upstreams(providers));
+        }
+        clients.1.get(provider).cloned()
+    })
+}
+
 /// The gateway path split into its routing parts: `/{family}/{service}/{version}{rest}`.
 #[derive(Debug, PartialEq, Eq)]
 pub struct RoutePath<'a> {

@@ -5,6 +5,11 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+// glibc's allocator showed up at ~9 % of the gateway's CPU under load; mimalloc keeps
+// per-thread heaps that suit a thread-per-core server.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "fsp",
@@ -72,8 +77,10 @@ fn init_logging() {
     }
 }
 
+/// The control runtime: admin API, signals, identity provider keys. Consumers are served
+/// by the worker threads, each with a runtime of its own (see `proxy::run::serve`).
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
 }

@@ -208,7 +208,9 @@ pub async fn handle(
         );
         return Ok(reject(&gw, record, &stamp, form, r));
     }
-    let Some(upstream) = snap.upstreams.get(&route.service.provider).cloned() else {
+    let Some(upstream) =
+        forward::upstream_for(snap.generation, &snap.providers, &route.service.provider)
+    else {
         let r = Rejection::new(
             Code::UpstreamUnavailable,
             format!("provider {} is not configured", route.service.provider),

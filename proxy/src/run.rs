@@ -41,6 +41,7 @@ pub async fn serve(
         drain: listener_cfg.drain_timeout,
     };
     let consumer_addr = listener_cfg.address;
+    let threads = listener_cfg.threads;
     let admin = config
         .admin
         .as_ref()
@@ -84,8 +85,11 @@ pub async fn serve(
         ready: AtomicBool::new(false),
     });
 
-    let listener = TcpListener::bind(consumer_addr)
-        .await
+    // One listening socket per worker thread (SO_REUSEPORT: the kernel spreads
+    // connections over them), all bound before any traffic is accepted.
+    let listeners = (0..threads)
+        .map(|_| bind_reuseport(consumer_addr))
+        .collect::<std::io::Result<Vec<_>>>()
         .with_context(|| format!("cannot listen on {consumer_addr} (listener.address)"))?;
     let mut tasks = tokio::task::JoinSet::new();
     if let Some((addr, tokens, tls)) = admin {
@@ -126,9 +130,45 @@ pub async fn serve(
             }
         });
     }
-    tracing::info!(address = %consumer_addr, node = %gw.node, "gateway listening");
+    tracing::info!(address = %consumer_addr, node = %gw.node, threads, "gateway listening");
+    let mut workers = Vec::with_capacity(threads);
+    for (i, listener) in listeners.into_iter().enumerate() {
+        let gw = gw.clone();
+        let shutdown = shutdown.clone();
+        let (done, finished) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name(format!("fsp-worker-{i}"))
+            .spawn(move || {
+                // A single-threaded runtime per worker: a connection, its requests and
+                // their upstream connections all live on one thread (thread per core).
+                match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => {
+                        rt.block_on(async move {
+                            match TcpListener::from_std(listener) {
+                                Ok(l) => crate::server::serve(gw, l, timeouts, shutdown).await,
+                                Err(e) => {
+                                    tracing::error!(error = %e, "worker cannot use its listener")
+                                }
+                            }
+                        });
+                        // Dropping the runtime ends its remaining tasks (idle upstream
+                        // connections) and with them their references to the gateway.
+                        drop(rt);
+                    }
+                    Err(e) => tracing::error!(error = %e, "worker runtime cannot start"),
+                }
+                let _ = done.send(());
+            })
+            .context("cannot start a worker thread")?;
+        workers.push(finished);
+    }
     gw.ready.store(true, Ordering::Release);
-    crate::server::serve(gw.clone(), listener, timeouts, shutdown).await;
+    for finished in workers {
+        let _ = finished.await;
+    }
     gw.ready.store(false, Ordering::Release);
     while tasks.join_next().await.is_some() {}
 
@@ -167,4 +207,18 @@ pub fn load_or_report(path: &Path) -> Option<Config> {
             None
         }
     }
+}
+
+/// A non-blocking listening socket with SO_REUSEPORT, for one worker thread.
+fn bind_reuseport(addr: std::net::SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = match addr {
+        std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket.set_nodelay(true)?;
+    socket.bind(addr)?;
+    let listener = socket.listen(1024)?;
+    listener.into_std()
 }

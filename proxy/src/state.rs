@@ -6,7 +6,6 @@
 //! The listener's TLS configuration is swapped the same way; handshakes in progress
 //! finish with the configuration they started with.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -17,7 +16,6 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use policy::{Authorisations, Consumers};
 
 use crate::config::Config;
-use crate::forward::{self, Upstream};
 
 /// Everything a request needs to be decided and routed.
 #[derive(Debug)]
@@ -25,7 +23,11 @@ pub struct Snapshot {
     pub catalogue: Catalogue,
     pub consumers: Consumers,
     pub authorisations: Authorisations,
-    pub upstreams: HashMap<Arc<str>, Arc<Upstream>>,
+    /// Providers and their connection settings; each worker thread builds its own
+    /// clients from them (see [`crate::forward::upstream_for`]).
+    pub providers: Vec<crate::config::Provider>,
+    /// Changes with every reload, so worker threads know to rebuild their clients.
+    pub generation: u64,
     pub public_url: String,
     pub max_request_bytes: u64,
     pub fail_closed: bool,
@@ -33,14 +35,16 @@ pub struct Snapshot {
 
 impl Snapshot {
     pub fn from_config(config: Config) -> (Self, Arc<rustls::ServerConfig>) {
-        let upstreams = forward::upstreams(&config.providers);
+        static GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let generation = GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let tls = config.listener.tls.clone();
         (
             Self {
                 catalogue: config.catalogue,
                 consumers: config.consumers,
                 authorisations: Authorisations::new(config.authorisations),
-                upstreams,
+                providers: config.providers,
+                generation,
                 public_url: config.listener.public_url,
                 max_request_bytes: config.listener.max_request_bytes,
                 fail_closed: config.audit.fail_closed,

@@ -76,6 +76,8 @@ pub struct Listener {
     pub handshake_timeout: Duration,
     pub header_read_timeout: Duration,
     pub drain_timeout: Duration,
+    /// Worker threads, each with its own runtime, listener and upstream pools.
+    pub threads: usize,
 }
 
 /// The admin listener.
@@ -840,7 +842,16 @@ fn build_listener(
         "listener.drain_timeout",
         problems,
     );
+    let threads = match l.threads {
+        Some(0) => {
+            problems.add(&s.path, "listener.threads", "must be at least 1");
+            1
+        }
+        Some(n) => n,
+        None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+    };
     Some(Listener {
+        threads,
         address: address.ok()?,
         public_url,
         tls: Arc::new(tls?),

@@ -42,6 +42,8 @@ pub struct RawListener {
     pub handshake_timeout: Option<String>,
     pub header_read_timeout: Option<String>,
     pub drain_timeout: Option<String>,
+    /// Worker threads serving consumers (default: one per CPU).
+    pub threads: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
