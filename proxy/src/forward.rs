@@ -60,9 +60,12 @@ pub fn upstreams(providers: &[Provider]) -> HashMap<Arc<str>, Arc<Upstream>> {
         .collect()
 }
 
+/// Clients by provider id, and the configuration generation they were built for.
+type ThreadClients = (u64, HashMap<Arc<str>, Arc<Upstream>>);
+
 thread_local! {
-    /// This worker thread's clients, for the configuration generation they were built for.
-    static CLIENTS: std::cell::RefCell<(u64, HashMap<Arc<str>, Arc<Upstream>>)> =
+    /// This worker thread's clients.
+    static CLIENTS: std::cell::RefCell<ThreadClients> =
         std::cell::RefCell::new((u64::MAX, HashMap::new()));
 }
 
