@@ -119,6 +119,11 @@ if [[ $SKIP_FSP != 1 ]]; then
     FSP_BIN=$(cd "$(dirname "$FSP_BIN")" && pwd)/$(basename "$FSP_BIN")
 fi
 
+# One run at a time on this machine: a second one would share the CPUs and the ports.
+LOCK=${TMPDIR:-/tmp}/fsp-loadtest.lock
+exec 9>>"$LOCK"
+flock -n 9 || die "another load-tests/run.sh is running (lock $LOCK); wait for it to finish"
+
 port_free() {  # exits non-zero if 127.0.0.1:PORT cannot be bound (TIME_WAIT is fine, like nginx)
     python3 - "$1" <<'EOF'
 import socket, sys
@@ -422,6 +427,23 @@ if (( busy > 0 )); then
 fi
 read -r LOADAVG _ < /proc/loadavg || LOADAVG=unknown
 
+check_alive() {  # check_alive WHEN: every server we started must still be running
+    local name pid logf
+    for name in upstream nginx-proxy fsp; do
+        case $name in
+            upstream)    pid=$UPSTREAM_PID logf=$UP_DIR/error.log ;;
+            nginx-proxy) pid=$PROXY_PID    logf=$PX_DIR/error.log ;;
+            fsp)         pid=$FSP_PID      logf=${FSP_DIR:-}/fsp.log ;;
+        esac
+        [[ -n $pid ]] || continue
+        if ! kill -0 "$pid" 2>/dev/null; then
+            log "$name (pid $pid) stopped $1; last log lines:"
+            tail -n 30 "$logf" >&2 2>/dev/null || true
+            die "$name is no longer running; results discarded (was it killed by something else?)"
+        fi
+    done
+}
+
 cpu_ticks() {  # cpu_ticks PID: user+system CPU of PID (all threads) and its children, in clock ticks
     local total=0 p st f
     [[ -n $1 ]] || { echo 0; return; }
@@ -469,6 +491,7 @@ for ((r = 1; r <= ROUNDS; r++)); do
             || die "$t: oha failed"
         read -r cu1 cp1 cf1 ch1 <<<"$(cpu_snapshot)"; children_ms; cl1=$CHILDREN_MS
         [[ -s $raw ]] || die "$t: oha wrote no results"
+        check_alive "during the $t run"
         # server-side CPU seconds used during the measured run, per process group
         # (ticks; loadgen in ms; host_busy: the whole machine, to spot other load during the run)
         printf '{"clk_tck": %d, "upstream": %d, "nginx_proxy": %d, "fsp": %d, "host_busy": %d, "loadgen_ms": %d}\n' \
@@ -476,10 +499,6 @@ for ((r = 1; r <= ROUNDS; r++)); do
     done
 done
 
-if [[ $SKIP_FSP != 1 ]] && ! kill -0 "${PIDS[-1]}" 2>/dev/null; then
-    log "WARNING: fsp is no longer running after the benchmark; log:"
-    tail -n 30 "$FSP_DIR/fsp.log" >&2 || true
-fi
 if [[ $SKIP_FSP != 1 ]] && grep -qiE 'error|panic' "$FSP_DIR/fsp.log"; then
     log "fsp logged errors (first 20 lines with error/panic):"
     grep -iE 'error|panic' "$FSP_DIR/fsp.log" | head -n 20 >&2 || true
@@ -559,26 +578,30 @@ for t in targets:
               "all_200": all(x["requests"] == x["status_codes"].get("200", 0) for x in runs),
               "runs": runs}
 
+def div(a, b):
+    return a / b if a is not None and b else None
+
 ratios, checks = {}, {}
 if "fsp" in per:
     f, n, d = per["fsp"], per["nginx"], per["direct"]
     ratios = {
-        "fsp_nginx_rps": f["rps"] / n["rps"],
-        "fsp_nginx_p99": f["p99_ms"] / n["p99_ms"],
-        "fsp_nginx_p50": f["p50_ms"] / n["p50_ms"],
-        "fsp_direct_rps": f["rps"] / d["rps"],
-        "fsp_direct_p99": f["p99_ms"] / d["p99_ms"],
-        "fsp_nginx_cpu_per_req": (f["front_cpu_us_per_req"] / n["front_cpu_us_per_req"]
-                                  if f["front_cpu_us_per_req"] and n["front_cpu_us_per_req"] else None),
+        "fsp_nginx_rps": div(f["rps"], n["rps"]),
+        "fsp_nginx_p99": div(f["p99_ms"], n["p99_ms"]),
+        "fsp_nginx_p50": div(f["p50_ms"], n["p50_ms"]),
+        "fsp_direct_rps": div(f["rps"], d["rps"]),
+        "fsp_direct_p99": div(f["p99_ms"], d["p99_ms"]),
+        "fsp_nginx_cpu_per_req": div(f["front_cpu_us_per_req"], n["front_cpu_us_per_req"]),
     }
+    # PASS/MISS only means something when both sides answered 200 throughout.
+    comparable = f["all_200"] and n["all_200"]
     checks = {
         "throughput": {"target": f">= {min_rps} x nginx", "ratio": ratios["fsp_nginx_rps"],
-                       "pass": ratios["fsp_nginx_rps"] >= min_rps},
+                       "pass": (ratios["fsp_nginx_rps"] >= min_rps) if comparable else None},
         "p99": {"target": f"<= {max_p99} x nginx", "ratio": ratios["fsp_nginx_p99"],
-                "pass": ratios["fsp_nginx_p99"] <= max_p99},
+                "pass": (ratios["fsp_nginx_p99"] <= max_p99) if comparable else None},
     }
-ratios["nginx_direct_rps"] = per["nginx"]["rps"] / per["direct"]["rps"]
-ratios["nginx_direct_p99"] = per["nginx"]["p99_ms"] / per["direct"]["p99_ms"]
+ratios["nginx_direct_rps"] = div(per["nginx"]["rps"], per["direct"]["rps"])
+ratios["nginx_direct_p99"] = div(per["nginx"]["p99_ms"], per["direct"]["p99_ms"])
 
 summary = {
     "generated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -622,18 +645,18 @@ if noisy:
           "figures are disturbed; run again on an idle machine")
 print()
 if "fsp" in per:
-    mark = lambda ok: "PASS" if ok else "MISS"
-    print(f"fsp / nginx  throughput  {ratios['fsp_nginx_rps']:6.3f}   target >= {min_rps:<4}  {mark(checks['throughput']['pass'])}")
-    print(f"fsp / nginx  p99         {ratios['fsp_nginx_p99']:6.3f}   target <= {max_p99:<4}  {mark(checks['p99']['pass'])}")
-    print(f"fsp / nginx  p50         {ratios['fsp_nginx_p50']:6.3f}")
-    print(f"fsp / direct throughput  {ratios['fsp_direct_rps']:6.3f}")
-    print(f"fsp / direct p99         {ratios['fsp_direct_p99']:6.3f}")
-    if ratios["fsp_nginx_cpu_per_req"] is not None:
-        print(f"fsp / nginx  CPU per req {ratios['fsp_nginx_cpu_per_req']:6.3f}")
+    mark = lambda ok: "INVALID (not all 200)" if ok is None else ("PASS" if ok else "MISS")
+    r = lambda k: fmt(ratios[k], "6.3f")
+    print(f"fsp / nginx  throughput  {r('fsp_nginx_rps')}   target >= {min_rps:<4}  {mark(checks['throughput']['pass'])}")
+    print(f"fsp / nginx  p99         {r('fsp_nginx_p99')}   target <= {max_p99:<4}  {mark(checks['p99']['pass'])}")
+    print(f"fsp / nginx  p50         {r('fsp_nginx_p50')}")
+    print(f"fsp / direct throughput  {r('fsp_direct_rps')}")
+    print(f"fsp / direct p99         {r('fsp_direct_p99')}")
+    print(f"fsp / nginx  CPU per req {r('fsp_nginx_cpu_per_req')}")
 else:
     print("fsp skipped (SKIP_FSP=1): no fsp ratios")
-print(f"nginx/direct throughput  {ratios['nginx_direct_rps']:6.3f}")
-print(f"nginx/direct p99         {ratios['nginx_direct_p99']:6.3f}")
+print(f"nginx/direct throughput  {fmt(ratios['nginx_direct_rps'], '6.3f')}")
+print(f"nginx/direct p99         {fmt(ratios['nginx_direct_p99'], '6.3f')}")
 print()
 print(f"summary: {os.path.join(res_dir, 'latest.json')}   raw oha JSON: {os.path.join(res_dir, 'raw')}/")
 if invalid:

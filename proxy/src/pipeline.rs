@@ -297,8 +297,13 @@ pub async fn handle(
     strip_consumer_fsp_headers(&mut headers);
     headers.remove(header::HOST);
     headers.remove(header::AUTHORIZATION);
-    insert_text(&mut headers, FSP_MESSAGE_ID, &stamp.message_id);
-    insert_text(&mut headers, FSP_TIMESTAMP, &stamp.timestamp);
+    // Made once, sent twice (to the provider and back to the consumer).
+    let id_value = HeaderValue::from_str(&stamp.message_id).ok();
+    let ts_value = HeaderValue::from_str(&stamp.timestamp).ok();
+    if let (Some(id), Some(ts)) = (&id_value, &ts_value) {
+        headers.insert(FSP_MESSAGE_ID, id.clone());
+        headers.insert(FSP_TIMESTAMP, ts.clone());
+    }
     insert_text(&mut headers, FSP_CONSUMER, &consumer.id);
     insert_text(&mut headers, FSP_PURPOSE, &granted_purpose);
     insert_text(&mut headers, FSP_LEGAL_BASIS, &legal_basis);
@@ -359,8 +364,10 @@ pub async fn handle(
     // 8. respond
     let (mut rparts, rbody) = response.into_parts();
     strip_hop_by_hop(&mut rparts.headers);
-    insert_text(&mut rparts.headers, FSP_MESSAGE_ID, &stamp.message_id);
-    insert_text(&mut rparts.headers, FSP_TIMESTAMP, &stamp.timestamp);
+    if let (Some(id), Some(ts)) = (id_value, ts_value) {
+        rparts.headers.insert(FSP_MESSAGE_ID, id);
+        rparts.headers.insert(FSP_TIMESTAMP, ts);
+    }
     for (name, value) in lifecycle_headers.iter() {
         rparts.headers.append(name.clone(), value.clone());
     }

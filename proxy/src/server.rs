@@ -41,7 +41,10 @@ pub async fn serve(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(timeouts.header_read)
-        .keep_alive(true);
+        .keep_alive(true)
+        // Over TLS, one flattened buffer becomes one record: vectored writes would seal
+        // the headers and the body as separate records.
+        .writev(false);
     builder
         .http2()
         .timer(TokioTimer::new())
