@@ -164,6 +164,14 @@ impl Authorisation {
     }
 }
 
+/// The distinct purposes of some authorisations, sorted, for messages.
+fn purpose_list(authorisations: &[&Authorisation]) -> String {
+    let mut purposes: Vec<&str> = authorisations.iter().map(|a| a.purpose.as_str()).collect();
+    purposes.sort_unstable();
+    purposes.dedup();
+    purposes.join(", ")
+}
+
 /// Decides a call; see the module documentation for the rules.
 pub fn decide<'a>(
     consumer: &Consumer,
@@ -213,14 +221,12 @@ pub fn decide<'a>(
         None => candidates.clone(),
     };
     if for_purpose.is_empty() {
-        let mut purposes: Vec<&str> = candidates.iter().map(|a| a.purpose.as_str()).collect();
-        purposes.sort_unstable();
-        purposes.dedup();
+        let purposes = purpose_list(&candidates);
         return Err(Denial::PurposeNotAuthorised {
             consumer: consumer.id.to_string(),
             service: ask.service.to_owned(),
             purpose: ask.purpose.unwrap_or_default().to_owned(),
-            authorised: purposes.join(", "),
+            authorised: purposes,
         });
     }
     let mut live: Vec<&Authorisation> = for_purpose
@@ -265,13 +271,11 @@ pub fn decide<'a>(
     if ask.purpose.is_none() {
         let first = live[0].purpose.as_str();
         if live.iter().any(|a| a.purpose != first) {
-            let mut purposes: Vec<&str> = live.iter().map(|a| a.purpose.as_str()).collect();
-            purposes.sort_unstable();
-            purposes.dedup();
+            let purposes = purpose_list(&live);
             return Err(Denial::PurposeRequired {
                 consumer: consumer.id.to_string(),
                 service: ask.service.to_owned(),
-                purposes: purposes.join(", "),
+                purposes,
             });
         }
     }

@@ -1244,6 +1244,26 @@ fn build_service(
     })
 }
 
+/// An optional date setting: `Some(None)` when absent, `None` (with a problem) when
+/// present but not a plain date.
+fn optional_date(
+    s: &Source,
+    key: &str,
+    value: &Option<toml::value::Datetime>,
+    problems: &mut Problems,
+) -> Option<Option<time::Date>> {
+    match value {
+        None => Some(None),
+        Some(d) => match toml_date(d) {
+            Some(d) => Some(Some(d)),
+            None => {
+                problems.add(&s.path, key, "not a plain date such as 2026-03-01");
+                None
+            }
+        },
+    }
+}
+
 fn build_authorisation(
     s: &Source,
     key: &str,
@@ -1303,34 +1323,8 @@ fn build_authorisation(
         );
         None
     });
-    let valid_until = match &a.valid_until {
-        None => Some(None),
-        Some(d) => match toml_date(d) {
-            Some(d) => Some(Some(d)),
-            None => {
-                problems.add(
-                    &s.path,
-                    format!("{key}.valid_until"),
-                    "not a plain date such as 2026-03-01",
-                );
-                None
-            }
-        },
-    };
-    let revoked = match &a.revoked {
-        None => Some(None),
-        Some(d) => match toml_date(d) {
-            Some(d) => Some(Some(d)),
-            None => {
-                problems.add(
-                    &s.path,
-                    format!("{key}.revoked"),
-                    "not a plain date such as 2026-03-01",
-                );
-                None
-            }
-        },
-    };
+    let valid_until = optional_date(s, &format!("{key}.valid_until"), &a.valid_until, problems);
+    let revoked = optional_date(s, &format!("{key}.revoked"), &a.revoked, problems);
     let (valid_from, valid_until, kind, revoked) = (valid_from?, valid_until?, kind?, revoked?);
     if let Some(until) = valid_until
         && until < valid_from
