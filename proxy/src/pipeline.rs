@@ -10,7 +10,8 @@
 //! 4. **authorise**: suspensions, source address, and the authorisation that covers this
 //!    consumer, service version and purpose today (`policy::decide`); the purpose comes
 //!    from `FSP-Purpose` or, for SOAP, from `<fsp:Purpose>` in the SOAP Header;
-//! 5. **throttle**: (issue 4) the provider's and the consumer's limits;
+//! 5. **throttle**: the provider's aggregate limit and the consumer's own limit, checked
+//!    together (a call refused by either consumes neither);
 //! 6. **audit gate**: a fail-closed gateway forwards nothing it could not record;
 //! 7. **forward**: stream the request to the provider over a pooled connection, with
 //!    the consumer, purpose and legal basis in `FSP-*` headers;
@@ -264,6 +265,27 @@ pub async fn handle(
     record.legal_basis = Some(legal_basis.clone());
     let granted_purpose = authorisation.purpose.clone();
     let authorisation_id = authorisation.id.clone();
+
+    // 5. throttle
+    if let Some(p) = snap
+        .providers
+        .iter()
+        .find(|p| *p.id == *route.service.provider)
+    {
+        let limits = throttle::Limits {
+            provider: p.limit.map(|r| r.limit()),
+            consumer: p
+                .consumer_limits
+                .get(&*consumer.id)
+                .or(p.consumer_limit.as_ref())
+                .map(|r| r.limit()),
+        };
+        let now = u64::try_from(gw.clock.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        if let Err(t) = gw.throttle.load().check(&p.id, &consumer.id, now, &limits) {
+            metrics::counter!("fsp_throttled_total", "scope" => t.scope.as_str()).increment(1);
+            return Ok(reject(&gw, record, &stamp, form, throttled(&t, &limits)));
+        }
+    }
 
     let mut lifecycle_headers = HeaderMap::new();
     if let Lifecycle::Deprecated { since, sunset } = route.lifecycle {
@@ -565,6 +587,43 @@ async fn read_soap_header(body: &mut Incoming) -> Result<(Bytes, soap::RequestHe
             )
         })??;
     Ok((buf.freeze(), header))
+}
+
+/// 429 with `Retry-After` and the IETF `RateLimit-Policy` / `RateLimit` fields.
+fn throttled(t: &throttle::Throttled, limits: &throttle::Limits) -> Rejection {
+    let wait = t.retry_after.as_secs() + u64::from(t.retry_after.subsec_nanos() > 0);
+    let wait = wait.max(1);
+    let policies: Vec<String> = [
+        limits.provider.map(|l| l.policy("provider")),
+        limits.consumer.map(|l| l.policy("consumer")),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    let scope = t.scope.as_str();
+    let mut r = Rejection::new(
+        Code::Throttled,
+        format!(
+            "the {scope} limit of {} calls per {:?} (burst {}) is reached; retry in {wait} s",
+            t.limit.count, t.limit.per, t.limit.burst
+        ),
+    );
+    for (name, value) in [
+        (header::RETRY_AFTER, wait.to_string()),
+        (
+            http::HeaderName::from_static("ratelimit-policy"),
+            policies.join(", "),
+        ),
+        (
+            http::HeaderName::from_static("ratelimit"),
+            format!("\"{scope}\";r=0;t={wait}"),
+        ),
+    ] {
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            r = r.with_header(name, v);
+        }
+    }
+    r
 }
 
 fn denial_rejection(d: policy::Denial) -> Rejection {

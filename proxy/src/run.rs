@@ -73,7 +73,10 @@ pub async fn serve(
         None => None,
     };
     let (snapshot, tls) = Snapshot::from_config(config);
+    let throttle = throttle::LocalStore::new(snapshot.providers.iter().map(|p| p.id.as_str()));
     let gw = Arc::new(Gateway {
+        throttle: ArcSwap::from_pointee(throttle),
+        clock: std::time::Instant::now(),
         snapshot: ArcSwap::from_pointee(snapshot),
         tls: ArcSwap::new(tls),
         audit: sink,

@@ -61,6 +61,10 @@ pub struct Gateway {
     pub tls: ArcSwap<rustls::ServerConfig>,
     pub audit: Arc<dyn audit::AuditSink>,
     pub suspensions: crate::suspend::SuspensionStore,
+    /// Throttling state; survives reloads for the providers that remain.
+    pub throttle: ArcSwap<throttle::LocalStore>,
+    /// The origin of the monotonic clock the throttle counts on.
+    pub clock: std::time::Instant,
     /// Bearer token verification, when `[oauth]` is configured (changes need a restart).
     pub oauth: Option<Arc<crate::oauth::Verifier>>,
     pub node: String,
@@ -82,6 +86,11 @@ impl Gateway {
     pub fn reload(&self) -> Result<(), ReloadError> {
         let config = crate::config::load(&self.config_path)?;
         let (snapshot, tls) = Snapshot::from_config(config);
+        let throttle = self
+            .throttle
+            .load()
+            .carry_over(snapshot.providers.iter().map(|p| p.id.as_str()));
+        self.throttle.store(Arc::new(throttle));
         self.tls.store(tls);
         self.snapshot.store(Arc::new(snapshot));
         metrics::counter!("fsp_config_reloads_total").increment(1);

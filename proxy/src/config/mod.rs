@@ -143,6 +143,17 @@ pub struct Rate {
     pub burst: u32,
 }
 
+impl Rate {
+    /// The limit as the throttle crate counts it.
+    pub fn limit(&self) -> throttle::Limit {
+        throttle::Limit {
+            count: self.count,
+            per: self.per,
+            burst: self.burst,
+        }
+    }
+}
+
 /// A provider: who runs the upstreams, how to reach them, what they can take.
 #[derive(Debug)]
 pub struct Provider {
@@ -556,6 +567,11 @@ fn build(main: &Path, sources: Vec<Source>, problems: &mut Problems) -> Option<C
             match t.backend.as_str() {
                 "local" => {}
                 "redis" => {
+                    problems.add(
+                        &s.path,
+                        "throttle.backend",
+                        "the redis throttle backend is not available in this version yet; use \"local\"",
+                    );
                     if t.url.is_none() {
                         problems.add(
                             &s.path,

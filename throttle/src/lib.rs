@@ -1,0 +1,221 @@
+//! # Throttling
+//!
+//! Providers cap how many calls reach them: all consumers together (the provider's
+//! aggregate limit) and each consumer on its own. A call is admitted only when **both**
+//! limits admit it, and a call refused by either consumes **neither**: rejected calls
+//! never eat into anybody's quota.
+//!
+//! Each limit is a GCRA (generic cell rate algorithm): a rate `count` per `per` with a
+//! `burst` of calls that may arrive at once. Its whole state is one number per key, the
+//! *theoretical arrival time* (TAT). The algorithm is exact: over any window of length
+//! `T`, at most `rate × T + burst` calls are admitted.
+//!
+//! This crate does no I/O and reads no clock: callers pass `now` as nanoseconds on a
+//! monotonic scale, so tests drive time by hand. [`LocalStore`] keeps the state in this
+//! process (one lock per provider; idle keys are forgotten so memory stays bounded).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// A rate limit: `count` calls per `per`, `burst` of them at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limit {
+    pub count: u64,
+    pub per: Duration,
+    /// Calls that may arrive at once; at least 1 is always allowed.
+    pub burst: u32,
+}
+
+impl Limit {
+    /// Nanoseconds between two calls at the steady rate.
+    fn emission(&self) -> u64 {
+        let per = u64::try_from(self.per.as_nanos()).unwrap_or(u64::MAX);
+        (per / self.count.max(1)).max(1)
+    }
+
+    /// How far ahead of `now` the TAT may run before calls are refused.
+    fn tolerance(&self) -> u64 {
+        self.emission()
+            .saturating_mul(u64::from(self.burst.max(1)) - 1)
+    }
+
+    /// The policy in the IETF `RateLimit-Policy` form: quota and window in seconds.
+    pub fn policy(&self, name: &str) -> String {
+        format!(
+            "\"{name}\";q={};w={}",
+            self.count,
+            self.per.as_secs().max(1)
+        )
+    }
+}
+
+/// Why a call waits, and for how long.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Throttled {
+    /// Which limit refused: `provider` or `consumer`.
+    pub scope: Scope,
+    pub limit: Limit,
+    /// When a retry can be admitted.
+    pub retry_after: Duration,
+}
+
+/// Which of the two limits is meant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    Provider,
+    Consumer,
+}
+
+impl Scope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Provider => "provider",
+            Self::Consumer => "consumer",
+        }
+    }
+}
+
+/// GCRA for one key: `Ok(new TAT)` when admitted, `Err(wait)` when not. Pure.
+pub fn gcra(tat: Option<u64>, now: u64, limit: &Limit) -> Result<u64, u64> {
+    let tat = tat.unwrap_or(now).max(now);
+    let ahead = tat - now;
+    let tolerance = limit.tolerance();
+    if ahead > tolerance {
+        Err(ahead - tolerance)
+    } else {
+        Ok(tat.saturating_add(limit.emission()))
+    }
+}
+
+/// The limits that apply to one call.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub provider: Option<Limit>,
+    pub consumer: Option<Limit>,
+}
+
+#[derive(Debug, Default)]
+struct ProviderState {
+    aggregate: Option<u64>,
+    consumers: HashMap<String, u64>,
+    last_sweep: u64,
+}
+
+/// Idle keys are forgotten once the map holds this many consumers.
+const SWEEP_ABOVE: usize = 1024;
+const SWEEP_EVERY_NS: u64 = 1_000_000_000;
+
+impl ProviderState {
+    fn check(
+        &mut self,
+        consumer: &str,
+        now: u64,
+        limits: &Limits,
+    ) -> Result<(), (Scope, Limit, u64)> {
+        let provider_tat = match &limits.provider {
+            Some(l) => Some(gcra(self.aggregate, now, l).map_err(|w| (Scope::Provider, *l, w))?),
+            None => None,
+        };
+        let consumer_tat = match &limits.consumer {
+            Some(l) => Some(
+                gcra(self.consumers.get(consumer).copied(), now, l)
+                    .map_err(|w| (Scope::Consumer, *l, w))?,
+            ),
+            None => None,
+        };
+        // Both admitted: only now does either state move.
+        if provider_tat.is_some() {
+            self.aggregate = provider_tat;
+        }
+        if let Some(tat) = consumer_tat {
+            match self.consumers.get_mut(consumer) {
+                Some(v) => *v = tat,
+                None => {
+                    self.consumers.insert(consumer.to_owned(), tat);
+                }
+            }
+        }
+        self.sweep(now);
+        Ok(())
+    }
+
+    /// A key whose TAT is in the past is the same as no key: drop those.
+    fn sweep(&mut self, now: u64) {
+        if self.consumers.len() > SWEEP_ABOVE
+            && now.saturating_sub(self.last_sweep) > SWEEP_EVERY_NS
+        {
+            self.consumers.retain(|_, tat| *tat > now);
+            self.last_sweep = now;
+        }
+    }
+}
+
+/// Throttling state of this gateway process.
+#[derive(Debug, Default)]
+pub struct LocalStore {
+    /// One lock per provider: calls to different providers never contend.
+    providers: HashMap<String, Arc<Mutex<ProviderState>>>,
+}
+
+impl LocalStore {
+    /// A store for these providers.
+    pub fn new<'a>(providers: impl IntoIterator<Item = &'a str>) -> Self {
+        Self {
+            providers: providers
+                .into_iter()
+                .map(|p| (p.to_owned(), Arc::default()))
+                .collect(),
+        }
+    }
+
+    /// A store for a new configuration that keeps the state of every provider that is
+    /// still there, so a reload resets no limit.
+    pub fn carry_over<'a>(&self, providers: impl IntoIterator<Item = &'a str>) -> Self {
+        let mut next = HashMap::new();
+        for p in providers {
+            let state = self.providers.get(p).cloned().unwrap_or_default();
+            next.insert(p.to_owned(), state);
+        }
+        Self { providers: next }
+    }
+
+    /// Admits or refuses one call of `consumer` to `provider` at `now` (nanoseconds).
+    pub fn check(
+        &self,
+        provider: &str,
+        consumer: &str,
+        now: u64,
+        limits: &Limits,
+    ) -> Result<(), Throttled> {
+        if limits.provider.is_none() && limits.consumer.is_none() {
+            return Ok(());
+        }
+        let Some(state) = self.providers.get(provider) else {
+            return Ok(());
+        };
+        let mut state = match state.lock() {
+            Ok(s) => s,
+            // A panic while holding the lock cannot leave a TAT half-written.
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        state
+            .check(consumer, now, limits)
+            .map_err(|(scope, limit, wait)| Throttled {
+                scope,
+                limit,
+                retry_after: Duration::from_nanos(wait),
+            })
+    }
+
+    /// How many consumer keys are held for `provider` (for tests and metrics).
+    pub fn keys(&self, provider: &str) -> usize {
+        self.providers
+            .get(provider)
+            .and_then(|s| s.lock().ok().map(|s| s.consumers.len()))
+            .unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests;
