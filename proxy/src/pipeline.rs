@@ -280,10 +280,9 @@ pub async fn handle(
                 .or(p.consumer_limit.as_ref())
                 .map(|r| r.limit()),
         };
-        let now = u64::try_from(gw.clock.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        if let Err(t) = gw.throttle.load().check(&p.id, &consumer.id, now, &limits) {
-            metrics::counter!("fsp_throttled_total", "scope" => t.scope.as_str()).increment(1);
-            return Ok(reject(&gw, record, &stamp, form, throttled(&t, &limits)));
+        match throttle_call(&gw, &p.id, &consumer.id, &limits).await {
+            Ok(()) => {}
+            Err(r) => return Ok(reject(&gw, record, &stamp, form, r)),
         }
     }
 
@@ -587,6 +586,100 @@ async fn read_soap_header(body: &mut Incoming) -> Result<(Bytes, soap::RequestHe
             )
         })??;
     Ok((buf.freeze(), header))
+}
+
+/// Admits or refuses a call under the provider's and the consumer's limits, through the
+/// shared backend when there is one, following `on_backend_error` when it fails.
+async fn throttle_call(
+    gw: &Gateway,
+    provider: &str,
+    consumer: &str,
+    limits: &throttle::Limits,
+) -> Result<(), Rejection> {
+    let now = u64::try_from(gw.clock.elapsed().as_nanos()).unwrap_or(u64::MAX);
+    let local =
+        |limits: &throttle::Limits| gw.throttle.load().check(provider, consumer, now, limits);
+    let decision = match &gw.shared_throttle {
+        None => local(limits),
+        Some(shared) => match shared_check(shared, now, provider, consumer, limits).await {
+            Ok(d) => d,
+            Err(e) => {
+                use crate::config::OnBackendError;
+                let mode = match shared.on_error {
+                    OnBackendError::Local => "local",
+                    OnBackendError::Deny => "deny",
+                    OnBackendError::Allow => "allow",
+                };
+                metrics::counter!("fsp_throttle_backend_errors_total", "mode" => mode).increment(1);
+                // One log line per 10 s at most: a Redis outage must not flood the logs.
+                let now_ms = now / 1_000_000;
+                let last = shared
+                    .last_logged
+                    .load(std::sync::atomic::Ordering::Relaxed);
+                if now_ms.saturating_sub(last) >= 10_000
+                    && shared
+                        .last_logged
+                        .compare_exchange(
+                            last,
+                            now_ms.max(1),
+                            std::sync::atomic::Ordering::Relaxed,
+                            std::sync::atomic::Ordering::Relaxed,
+                        )
+                        .is_ok()
+                {
+                    tracing::error!(error = %e, on_backend_error = mode, "throttling backend failed");
+                }
+                match shared.on_error {
+                    OnBackendError::Allow => Ok(()),
+                    OnBackendError::Deny => {
+                        return Err(Rejection::new(
+                            Code::Throttled,
+                            "the throttling backend is unavailable and this platform refuses calls it cannot count (on_backend_error = deny)",
+                        )
+                        .with_header(header::RETRY_AFTER, HeaderValue::from_static("1")));
+                    }
+                    OnBackendError::Local => {
+                        // Each replica takes its share, so together they stay within the limit.
+                        let share = |l: throttle::Limit| throttle::Limit {
+                            count: (l.count / u64::from(shared.replicas)).max(1),
+                            per: l.per,
+                            burst: (l.burst / shared.replicas).max(1),
+                        };
+                        local(&throttle::Limits {
+                            provider: limits.provider.map(share),
+                            consumer: limits.consumer.map(share),
+                        })
+                    }
+                }
+            }
+        },
+    };
+    decision.map_err(|t| {
+        metrics::counter!("fsp_throttled_total", "scope" => t.scope.as_str()).increment(1);
+        throttled(&t, limits)
+    })
+}
+
+/// Asks Redis, unless it failed less than a second ago.
+async fn shared_check(
+    shared: &crate::state::SharedThrottle,
+    now: u64,
+    provider: &str,
+    consumer: &str,
+    limits: &throttle::Limits,
+) -> Result<Result<(), throttle::Throttled>, throttle::redis::BackendError> {
+    use std::sync::atomic::Ordering;
+    let now_ms = now / 1_000_000;
+    if now_ms < shared.down_until.load(Ordering::Relaxed) {
+        return Err(throttle::redis::BackendError(
+            "failed less than 1 s ago; not asked".into(),
+        ));
+    }
+    let result = shared.store.check(provider, consumer, limits).await;
+    if result.is_err() {
+        shared.down_until.store(now_ms + 1000, Ordering::Relaxed);
+    }
+    result
 }
 
 /// 429 with `Retry-After` and the IETF `RateLimit-Policy` / `RateLimit` fields.

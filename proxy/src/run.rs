@@ -47,6 +47,7 @@ pub async fn serve(
         .as_ref()
         .map(|a| (a.address, Arc::new(a.tokens.clone()), a.tls));
     let node = config.node.clone();
+    let throttle_cfg = config.throttle.clone();
 
     let (sink, sink_handle) = match &config.audit.backend {
         AuditBackend::File { dir } => audit::file::FileSink::start(dir, &node)
@@ -74,8 +75,24 @@ pub async fn serve(
     };
     let (snapshot, tls) = Snapshot::from_config(config);
     let throttle = throttle::LocalStore::new(snapshot.providers.iter().map(|p| p.id.as_str()));
+    let shared_throttle = match (&throttle_cfg.backend[..], &throttle_cfg.url) {
+        ("redis", Some(url)) => Some(crate::state::SharedThrottle {
+            store: throttle::redis::RedisStore::new(
+                url,
+                "fsp:",
+                std::time::Duration::from_millis(250),
+            )
+            .map_err(|e| anyhow::anyhow!("throttle.url: {e}"))?,
+            on_error: throttle_cfg.on_backend_error,
+            replicas: throttle_cfg.replicas,
+            last_logged: std::sync::atomic::AtomicU64::new(0),
+            down_until: std::sync::atomic::AtomicU64::new(0),
+        }),
+        _ => None,
+    };
     let gw = Arc::new(Gateway {
         throttle: ArcSwap::from_pointee(throttle),
+        shared_throttle,
         clock: std::time::Instant::now(),
         snapshot: ArcSwap::from_pointee(snapshot),
         tls: ArcSwap::new(tls),

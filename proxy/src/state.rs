@@ -54,6 +54,21 @@ impl Snapshot {
     }
 }
 
+/// Throttling shared by every replica through Redis.
+#[derive(Debug)]
+pub struct SharedThrottle {
+    pub store: throttle::redis::RedisStore,
+    pub on_error: crate::config::OnBackendError,
+    /// How many replicas share the limits: the local fallback gives each its share.
+    pub replicas: u32,
+    /// When a backend failure was last logged (milliseconds on the gateway clock).
+    pub last_logged: std::sync::atomic::AtomicU64,
+    /// Until when (milliseconds on the gateway clock) Redis is not asked after a failure:
+    /// during an outage calls are decided at once by `on_backend_error` instead of each
+    /// waiting for Redis to time out.
+    pub down_until: std::sync::atomic::AtomicU64,
+}
+
 /// The running gateway.
 #[derive(Debug)]
 pub struct Gateway {
@@ -61,8 +76,11 @@ pub struct Gateway {
     pub tls: ArcSwap<rustls::ServerConfig>,
     pub audit: Arc<dyn audit::AuditSink>,
     pub suspensions: crate::suspend::SuspensionStore,
-    /// Throttling state; survives reloads for the providers that remain.
+    /// Local throttling state (the backend itself, or the fallback when Redis is down);
+    /// survives reloads for the providers that remain.
     pub throttle: ArcSwap<throttle::LocalStore>,
+    /// The shared backend, when `[throttle] backend = "redis"`.
+    pub shared_throttle: Option<SharedThrottle>,
     /// The origin of the monotonic clock the throttle counts on.
     pub clock: std::time::Instant,
     /// Bearer token verification, when `[oauth]` is configured (changes need a restart).

@@ -10,9 +10,12 @@
 //! *theoretical arrival time* (TAT). The algorithm is exact: over any window of length
 //! `T`, at most `rate × T + burst` calls are admitted.
 //!
-//! This crate does no I/O and reads no clock: callers pass `now` as nanoseconds on a
+//! The core does no I/O and reads no clock: callers pass `now` as nanoseconds on a
 //! monotonic scale, so tests drive time by hand. [`LocalStore`] keeps the state in this
-//! process (one lock per provider; idle keys are forgotten so memory stays bounded).
+//! process (one lock per provider; idle keys are forgotten so memory stays bounded);
+//! [`redis::RedisStore`] shares it between replicas, exactly, with one atomic script.
+
+pub mod redis;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -127,7 +127,7 @@ pub enum OnBackendError {
     Allow,
 }
 
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct ThrottleConfig {
     pub backend: String,
     pub url: Option<String>,
@@ -567,11 +567,6 @@ fn build(main: &Path, sources: Vec<Source>, problems: &mut Problems) -> Option<C
             match t.backend.as_str() {
                 "local" => {}
                 "redis" => {
-                    problems.add(
-                        &s.path,
-                        "throttle.backend",
-                        "the redis throttle backend is not available in this version yet; use \"local\"",
-                    );
                     if t.url.is_none() {
                         problems.add(
                             &s.path,
