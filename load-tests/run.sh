@@ -24,6 +24,12 @@ UPSTREAM_HTTP_PORT=${UPSTREAM_HTTP_PORT:-18080}
 UPSTREAM_TLS_PORT=${UPSTREAM_TLS_PORT:-18081}
 NGINX_PORT=${NGINX_PORT:-18082}
 FSP_PORT=${FSP_PORT:-18443}
+# THROTTLE=local|redis adds the target fsp-throttled: a second fsp with throttling on
+# (limits far above the load, so every call is admitted and only the cost is measured).
+THROTTLE=${THROTTLE:-}
+FSPT_PORT=${FSPT_PORT:-18444}
+FSPT_ADMIN_PORT=${FSPT_ADMIN_PORT:-19444}
+THROTTLE_REDIS_URL=${THROTTLE_REDIS_URL:-${FSP_TEST_REDIS_URL:-redis://127.0.0.1:6379}}
 FSP_ADMIN_PORT=${FSP_ADMIN_PORT:-19443}
 export FSP_LOG=${FSP_LOG:-warn}       # nginx runs with access_log off; keep fsp's log quiet too
 # Thresholds (fsp against nginx).
@@ -137,6 +143,7 @@ EOF
 }
 ports=(UPSTREAM_HTTP_PORT UPSTREAM_TLS_PORT NGINX_PORT)
 [[ $SKIP_FSP == 1 ]] || ports+=(FSP_PORT FSP_ADMIN_PORT)
+[[ -z $THROTTLE ]] || ports+=(FSPT_PORT FSPT_ADMIN_PORT)
 for v in "${ports[@]}"; do
     port_free "${!v}" || die "port 127.0.0.1:${!v} is in use; set $v to another port"
 done
@@ -384,14 +391,46 @@ EOF
     wait_ready fsp "${PIDS[-1]}" "https://localhost:$FSP_PORT/" "$FSP_DIR/fsp.log"
 fi
 
+FSPT_PID=""
+if [[ -n $THROTTLE && $SKIP_FSP != 1 ]]; then
+    case $THROTTLE in
+        local) backend='backend = "local"' ;;
+        redis) backend="backend = \"redis\"
+url = \"$THROTTLE_REDIS_URL\"
+on_backend_error = \"deny\"" ;;
+        *) die "THROTTLE must be local or redis, not $THROTTLE" ;;
+    esac
+    FSPT_DIR=$TMP/fsp-throttled
+    mkdir -m 0700 "$FSPT_DIR" "$FSPT_DIR/audit"
+    cp "$FSP_DIR/server.pem" "$FSP_DIR/server.key" "$FSP_DIR/ca.pem" "$FSP_DIR/admin-tokens" "$FSPT_DIR/"
+    python3 - "$FSP_DIR/fsp.toml" "$FSPT_DIR/fsp.toml" "$FSP_PORT" "$FSPT_PORT" "$FSP_ADMIN_PORT" "$FSPT_ADMIN_PORT" "$backend" <<'PY'
+import sys
+src, dst, port, tport, admin, tadmin, backend = sys.argv[1:]
+t = open(src).read()
+t = t.replace(f":{port}", f":{tport}").replace(f":{admin}", f":{tadmin}")
+t = t.replace('backend = "local"', backend)
+t = t.replace('name  = "Benchmark upstream"', 'name  = "Benchmark upstream"\n'
+              'limit = { rate = "10000000/s", burst = 1000000 }\n'
+              'consumer_limit = { rate = "10000000/s", burst = 1000000 }')
+open(dst, "w").write(t)
+PY
+    log "starting fsp with throttling ($THROTTLE) (mTLS :$FSPT_PORT, admin :$FSPT_ADMIN_PORT)"
+    "$FSP_BIN" serve --config "$FSPT_DIR/fsp.toml" >"$FSPT_DIR/fsp.log" 2>&1 &
+    PIDS+=("$!")
+    FSPT_PID=$!
+    wait_ready fsp-throttled "${PIDS[-1]}" "https://localhost:$FSPT_PORT/" "$FSPT_DIR/fsp.log"
+fi
+
 # ---------------------------------------------------------------- targets --
 declare -A URL=(
     [direct]="https://localhost:$UPSTREAM_TLS_PORT/data"
     [nginx]="https://localhost:$NGINX_PORT/data"
     [fsp]="https://localhost:$FSP_PORT/bench/echo/v1/data"
+    [fsp-throttled]="https://localhost:$FSPT_PORT/bench/echo/v1/data"
 )
 TARGETS=(direct nginx)
 [[ $SKIP_FSP == 1 ]] || TARGETS+=(fsp)
+[[ -z $FSPT_PID ]] || TARGETS+=(fsp-throttled)
 HEADER="FSP-Purpose: benchmark"   # sent to all three, so the requests are identical
 
 # Smoke test: one request per target must answer 200 with the upstream's body.
@@ -429,11 +468,12 @@ read -r LOADAVG _ < /proc/loadavg || LOADAVG=unknown
 
 check_alive() {  # check_alive WHEN: every server we started must still be running
     local name pid logf
-    for name in upstream nginx-proxy fsp; do
+    for name in upstream nginx-proxy fsp fsp-throttled; do
         case $name in
             upstream)    pid=$UPSTREAM_PID logf=$UP_DIR/error.log ;;
             nginx-proxy) pid=$PROXY_PID    logf=$PX_DIR/error.log ;;
             fsp)         pid=$FSP_PID      logf=${FSP_DIR:-}/fsp.log ;;
+            fsp-throttled) pid=$FSPT_PID   logf=${FSPT_DIR:-}/fsp.log ;;
         esac
         [[ -n $pid ]] || continue
         if ! kill -0 "$pid" 2>/dev/null; then
@@ -472,7 +512,7 @@ children_ms() {  # CHILDREN_MS := user+system CPU of this shell's waited-for chi
     CHILDREN_MS=$total
 }
 cpu_snapshot() {
-    echo "$(cpu_ticks "$UPSTREAM_PID") $(cpu_ticks "$PROXY_PID") $(cpu_ticks "$FSP_PID") $(host_busy_ticks)"
+    echo "$(cpu_ticks "$UPSTREAM_PID") $(cpu_ticks "$PROXY_PID") $(cpu_ticks "$FSP_PID") $(cpu_ticks "$FSPT_PID") $(host_busy_ticks)"
 }
 CLK_TCK=$(getconf CLK_TCK 2>/dev/null || echo 100)
 
@@ -486,16 +526,16 @@ for ((r = 1; r <= ROUNDS; r++)); do
         fi
         log "round $r/$ROUNDS $t: measuring ${DURATION}s"
         raw=$RESULTS_DIR/raw/$t-r$r.json
-        read -r cu0 cp0 cf0 ch0 <<<"$(cpu_snapshot)"; children_ms; cl0=$CHILDREN_MS
+        read -r cu0 cp0 cf0 ct0 ch0 <<<"$(cpu_snapshot)"; children_ms; cl0=$CHILDREN_MS
         run_child timeout $((DURATION + 60)) oha "${OHA_COMMON[@]}" -z "${DURATION}s" --output-format json -o "$raw" "${URL[$t]}" \
             || die "$t: oha failed"
-        read -r cu1 cp1 cf1 ch1 <<<"$(cpu_snapshot)"; children_ms; cl1=$CHILDREN_MS
+        read -r cu1 cp1 cf1 ct1 ch1 <<<"$(cpu_snapshot)"; children_ms; cl1=$CHILDREN_MS
         [[ -s $raw ]] || die "$t: oha wrote no results"
         check_alive "during the $t run"
         # server-side CPU seconds used during the measured run, per process group
         # (ticks; loadgen in ms; host_busy: the whole machine, to spot other load during the run)
-        printf '{"clk_tck": %d, "upstream": %d, "nginx_proxy": %d, "fsp": %d, "host_busy": %d, "loadgen_ms": %d}\n' \
-            "$CLK_TCK" $((cu1 - cu0)) $((cp1 - cp0)) $((cf1 - cf0)) $((ch1 - ch0)) $((cl1 - cl0)) >"${raw%.json}.cpu.json"
+        printf '{"clk_tck": %d, "upstream": %d, "nginx_proxy": %d, "fsp": %d, "fsp_throttled": %d, "host_busy": %d, "loadgen_ms": %d}\n' \
+            "$CLK_TCK" $((cu1 - cu0)) $((cp1 - cp0)) $((cf1 - cf0)) $((ct1 - ct0)) $((ch1 - ch0)) $((cl1 - cl0)) >"${raw%.json}.cpu.json"
     done
 done
 
@@ -510,7 +550,7 @@ export TARGETS_LIST="${TARGETS[*]}"
 export NGINX_VERSION; NGINX_VERSION=$(nginx -v 2>&1 | sed 's/^nginx version: //')
 export OHA_VERSION; OHA_VERSION=$(oha --version 2>/dev/null || echo unknown)
 export GIT_REV; GIT_REV=$(git -C "$REPO_ROOT" describe --always --dirty 2>/dev/null || echo unknown)
-export URL_DIRECT=${URL[direct]} URL_NGINX=${URL[nginx]} URL_FSP=${URL[fsp]}
+export URL_DIRECT=${URL[direct]} URL_NGINX=${URL[nginx]} URL_FSP=${URL[fsp]} URL_FSP_THROTTLED=${URL[fsp-throttled]} THROTTLE
 
 set +e
 python3 - <<'EOF'
@@ -522,7 +562,8 @@ targets = E["TARGETS_LIST"].split()
 res_dir = E["RESULTS_DIR"]
 min_rps, max_p99 = float(E["MIN_RPS_RATIO"]), float(E["MAX_P99_RATIO"])
 
-FRONT = {"direct": "upstream", "nginx": "nginx_proxy", "fsp": "fsp"}  # process terminating mTLS
+FRONT = {"direct": "upstream", "nginx": "nginx_proxy", "fsp": "fsp",
+         "fsp-throttled": "fsp_throttled"}  # process terminating mTLS
 per = {}
 invalid = []
 for t in targets:
@@ -542,7 +583,8 @@ for t in targets:
         front_s = cpu[FRONT[t]] / tck
         upstream_s = cpu["upstream"] / tck
         elapsed = d["summary"]["total"]
-        ours_s = (cpu["upstream"] + cpu["nginx_proxy"] + cpu["fsp"]) / tck + cpu["loadgen_ms"] / 1000
+        ours_s = (cpu["upstream"] + cpu["nginx_proxy"] + cpu["fsp"] + cpu.get("fsp_throttled", 0)) / tck \
+            + cpu["loadgen_ms"] / 1000
         other_cores = max(0.0, cpu["host_busy"] / tck - ours_s) / elapsed if elapsed else None
         run = {
             "round": r,
@@ -568,7 +610,7 @@ for t in targets:
     def med(k):
         v = [x[k] for x in runs if x[k] is not None]
         return statistics.median(v) if v else None
-    per[t] = {"url": E.get("URL_" + t.upper()), "rps": med("rps"), "p50_ms": med("p50_ms"),
+    per[t] = {"url": E.get("URL_" + t.upper().replace("-", "_")), "rps": med("rps"), "p50_ms": med("p50_ms"),
               "p99_ms": med("p99_ms"), "front_process": FRONT[t],
               "front_cpu_us_per_req": med("front_cpu_us_per_req"), "front_cores": med("front_cores"),
               "upstream_cpu_us_per_req": med("upstream_cpu_us_per_req"),
@@ -600,6 +642,11 @@ if "fsp" in per:
         "p99": {"target": f"<= {max_p99} x nginx", "ratio": ratios["fsp_nginx_p99"],
                 "pass": (ratios["fsp_nginx_p99"] <= max_p99) if comparable else None},
     }
+if "fsp-throttled" in per and "fsp" in per:
+    ft, f = per["fsp-throttled"], per["fsp"]
+    ratios["throttled_fsp_rps"] = div(ft["rps"], f["rps"])
+    ratios["throttled_fsp_p99"] = div(ft["p99_ms"], f["p99_ms"])
+    ratios["throttled_fsp_cpu_per_req"] = div(ft["front_cpu_us_per_req"], f["front_cpu_us_per_req"])
 ratios["nginx_direct_rps"] = div(per["nginx"]["rps"], per["direct"]["rps"])
 ratios["nginx_direct_p99"] = div(per["nginx"]["p99_ms"], per["direct"]["p99_ms"])
 
@@ -627,12 +674,12 @@ print(f"mTLS REST GET, 1 KiB JSON, HTTP/1.1 keep-alive, c={E['CONCURRENCY']}, "
       f"{E['DURATION']}s per target ({agg}), load avg before: {E['LOADAVG']}")
 print()
 fmt = lambda v, spec: format(v, spec) if v is not None else format("-", spec.split(".")[0])
-print(f"{'target':<8} {'req/s':>10} {'p50 ms':>9} {'p99 ms':>9} {'requests':>10}  {'all 200':>7}"
+print(f"{'target':<13} {'req/s':>10} {'p50 ms':>9} {'p99 ms':>9} {'requests':>10}  {'all 200':>7}"
       f"  {'CPU us/req':>10} {'cores':>6} {'upstr us/req':>12} {'oha cores':>9} {'other':>6}")
 print("-" * 110)
 for t in targets:
     p = per[t]
-    print(f"{t:<8} {p['rps']:>10.0f} {p['p50_ms']:>9.3f} {p['p99_ms']:>9.3f} {p['requests']:>10}  "
+    print(f"{t:<13} {p['rps']:>10.0f} {p['p50_ms']:>9.3f} {p['p99_ms']:>9.3f} {p['requests']:>10}  "
           f"{'yes' if p['all_200'] else 'NO':>7}  {fmt(p['front_cpu_us_per_req'], '>10.1f')} "
           f"{fmt(p['front_cores'], '>6.2f')} {fmt(p['upstream_cpu_us_per_req'], '>12.1f')} "
           f"{fmt(p['loadgen_cores'], '>9.2f')} {fmt(p['other_cores_max'], '>6.2f')}")
@@ -655,6 +702,10 @@ if "fsp" in per:
     print(f"fsp / nginx  CPU per req {r('fsp_nginx_cpu_per_req')}")
 else:
     print("fsp skipped (SKIP_FSP=1): no fsp ratios")
+if "throttled_fsp_rps" in ratios:
+    print(f"throttling ({E['THROTTLE']}) on/off throughput  {fmt(ratios['throttled_fsp_rps'], '6.3f')}")
+    print(f"throttling ({E['THROTTLE']}) on/off p99         {fmt(ratios['throttled_fsp_p99'], '6.3f')}")
+    print(f"throttling ({E['THROTTLE']}) on/off CPU per req {fmt(ratios['throttled_fsp_cpu_per_req'], '6.3f')}")
 print(f"nginx/direct throughput  {fmt(ratios['nginx_direct_rps'], '6.3f')}")
 print(f"nginx/direct p99         {fmt(ratios['nginx_direct_p99'], '6.3f')}")
 print()
