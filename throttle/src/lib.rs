@@ -91,6 +91,45 @@ pub fn gcra(tat: Option<u64>, now: u64, limit: &Limit) -> Result<u64, u64> {
     }
 }
 
+/// Why a backend could not decide.
+#[derive(Debug)]
+pub struct BackendError(pub String);
+
+impl std::error::Error for BackendError {}
+
+impl std::fmt::Display for BackendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "throttling backend unavailable: {}", self.0)
+    }
+}
+
+/// A throttling backend: where the GCRA state lives. Every backend passes the same
+/// conformance suite (`tests/conformance.rs`).
+pub trait Store: Send + Sync {
+    /// Admits (`Ok(Ok(()))`) or refuses (`Ok(Err(..))`) one call of `consumer` to
+    /// `provider`; `Err` when the backend cannot decide. `now` is the caller's clock in
+    /// nanoseconds; a backend with a clock of its own (Redis) uses that instead.
+    fn decide(
+        &self,
+        provider: &str,
+        consumer: &str,
+        now: u64,
+        limits: &Limits,
+    ) -> impl std::future::Future<Output = Result<Result<(), Throttled>, BackendError>> + Send;
+}
+
+impl Store for LocalStore {
+    async fn decide(
+        &self,
+        provider: &str,
+        consumer: &str,
+        now: u64,
+        limits: &Limits,
+    ) -> Result<Result<(), Throttled>, BackendError> {
+        Ok(self.check(provider, consumer, now, limits))
+    }
+}
+
 /// The limits that apply to one call.
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {

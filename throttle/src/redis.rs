@@ -33,17 +33,7 @@ if c then redis.call('SET', KEYS[2], c, 'PX', math.ceil((c - now) / 1000) + 1000
 return {0, 0}
 "#;
 
-/// Why Redis could not decide.
-#[derive(Debug)]
-pub struct BackendError(pub String);
-
-impl std::error::Error for BackendError {}
-
-impl std::fmt::Display for BackendError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "throttling backend unavailable: {}", self.0)
-    }
-}
+pub use crate::BackendError;
 
 /// Throttling state shared by every replica, in Redis.
 pub struct RedisStore {
@@ -166,5 +156,17 @@ impl RedisStore {
         tokio::time::timeout(self.timeout, run)
             .await
             .map_err(|_| BackendError(format!("no answer within {:?}", self.timeout)))?
+    }
+}
+
+impl crate::Store for RedisStore {
+    async fn decide(
+        &self,
+        provider: &str,
+        consumer: &str,
+        _now: u64,
+        limits: &Limits,
+    ) -> Result<Result<(), Throttled>, BackendError> {
+        self.check(provider, consumer, limits).await
     }
 }

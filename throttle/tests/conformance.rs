@@ -1,0 +1,153 @@
+//! One conformance suite for every throttling backend: the local store and Redis
+//! (`FSP_TEST_REDIS_URL`; skipped, saying so, without it). Rates are per minute so that
+//! nothing refills while a check runs, whichever clock the backend uses.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::{Duration, Instant};
+
+use throttle::redis::RedisStore;
+use throttle::{Limit, Limits, LocalStore, Scope, Store};
+
+fn per_minute(count: u64, burst: u32) -> Limit {
+    Limit {
+        count,
+        per: Duration::from_secs(60),
+        burst,
+    }
+}
+
+/// A provider name of its own for every run, so runs never share Redis keys.
+fn provider(name: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("{name}-{}-{nanos}", std::process::id())
+}
+
+async fn suite<S: Store>(store: &S, p: &str) {
+    // A burst is admitted at once, then refusals with a retry delay.
+    let limits = Limits {
+        provider: None,
+        consumer: Some(per_minute(60, 4)),
+    };
+    let mut admitted = 0;
+    for _ in 0..10 {
+        if store.decide(p, "burst", 0, &limits).await.unwrap().is_ok() {
+            admitted += 1;
+        }
+    }
+    assert_eq!(admitted, 4, "burst");
+    let t = store
+        .decide(p, "burst", 0, &limits)
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(t.scope, Scope::Consumer);
+    assert!(
+        t.retry_after > Duration::from_millis(900) && t.retry_after <= Duration::from_secs(1),
+        "{:?}",
+        t.retry_after
+    );
+
+    // Consumers are independent.
+    assert!(store.decide(p, "other", 0, &limits).await.unwrap().is_ok());
+
+    // Nested limits: a refusal by either consumes neither.
+    let nested = Limits {
+        provider: Some(per_minute(60, 3)),
+        consumer: Some(per_minute(60, 2)),
+    };
+    assert!(store.decide(p, "a", 0, &nested).await.unwrap().is_ok());
+    assert!(store.decide(p, "a", 0, &nested).await.unwrap().is_ok());
+    for _ in 0..20 {
+        assert_eq!(
+            store
+                .decide(p, "a", 0, &nested)
+                .await
+                .unwrap()
+                .unwrap_err()
+                .scope,
+            Scope::Consumer
+        );
+    }
+    assert!(
+        store.decide(p, "b", 0, &nested).await.unwrap().is_ok(),
+        "a's refusals did not use the aggregate"
+    );
+    for _ in 0..20 {
+        assert_eq!(
+            store
+                .decide(p, "b", 0, &nested)
+                .await
+                .unwrap()
+                .unwrap_err()
+                .scope,
+            Scope::Provider
+        );
+    }
+}
+
+#[tokio::test]
+async fn the_local_store_conforms() {
+    let p = provider("local");
+    suite(&LocalStore::new([p.as_str()]), &p).await;
+}
+
+#[tokio::test]
+async fn the_redis_store_conforms() {
+    let Ok(url) = std::env::var("FSP_TEST_REDIS_URL") else {
+        eprintln!("SKIPPED: FSP_TEST_REDIS_URL is not set (e.g. redis://127.0.0.1:6379)");
+        return;
+    };
+    let store = RedisStore::new(&url, "fsp-test:", Duration::from_millis(500)).unwrap();
+    suite(&store, &provider("redis")).await;
+}
+
+#[tokio::test]
+async fn redis_refills_on_its_own_clock() {
+    let Ok(url) = std::env::var("FSP_TEST_REDIS_URL") else {
+        eprintln!("SKIPPED: FSP_TEST_REDIS_URL is not set");
+        return;
+    };
+    let s = RedisStore::new(&url, "fsp-test:", Duration::from_millis(500)).unwrap();
+    let p = provider("refill");
+    let limits = Limits {
+        provider: None,
+        consumer: Some(Limit {
+            count: 20,
+            per: Duration::from_secs(1),
+            burst: 1,
+        }),
+    };
+    assert!(s.decide(&p, "x", 0, &limits).await.unwrap().is_ok());
+    assert!(s.decide(&p, "x", 0, &limits).await.unwrap().is_err());
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    assert!(s.decide(&p, "x", 0, &limits).await.unwrap().is_ok());
+}
+
+#[tokio::test]
+async fn a_redis_that_does_not_answer_is_an_error_within_the_timeout() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let s = RedisStore::new(
+        &format!("redis://127.0.0.1:{port}"),
+        "x:",
+        Duration::from_millis(200),
+    )
+    .unwrap();
+    let limits = Limits {
+        provider: Some(per_minute(60, 1)),
+        consumer: None,
+    };
+    let started = Instant::now();
+    assert!(s.decide("rrn", "a", 0, &limits).await.is_err());
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+}
