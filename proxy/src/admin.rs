@@ -149,35 +149,32 @@ async fn route(
     let who = format!("token#{}", who + 1);
     let at = crate::pipeline::rfc3339_millis(time::OffsetDateTime::now_utc());
     let call = suspension_call(&path).filter(|_| req.method() == Method::POST);
-    let response = match (req.method(), path.as_str()) {
-        _ if call.is_some() => match call {
-            Some((party, id, suspend)) => suspension(gw, party, id, suspend, &who, &at),
-            None => json(
+    let response = if let Some((party, id, suspend)) = call {
+        suspension(gw, party, id, suspend, &who, &at)
+    } else {
+        match (req.method(), path.as_str()) {
+            (&Method::GET, "/admin/suspensions") => {
+                let s = gw.suspensions.snapshot();
+                json(
+                    StatusCode::OK,
+                    serde_json::json!({"consumers": s.consumers, "providers": s.providers}),
+                )
+            }
+            (&Method::POST, "/admin/reload") => match gw.reload() {
+                Ok(()) => json(
+                    StatusCode::OK,
+                    serde_json::json!({"reloaded": true, "at": at}),
+                ),
+                Err(e) => json(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    serde_json::json!({"reloaded": false, "error": e.to_string()}),
+                ),
+            },
+            _ => json(
                 StatusCode::NOT_FOUND,
                 serde_json::json!({"error": "no such admin endpoint"}),
             ),
-        },
-        (&Method::GET, "/admin/suspensions") => {
-            let s = gw.suspensions.snapshot();
-            json(
-                StatusCode::OK,
-                serde_json::json!({"consumers": s.consumers, "providers": s.providers}),
-            )
         }
-        (&Method::POST, "/admin/reload") => match gw.reload() {
-            Ok(()) => json(
-                StatusCode::OK,
-                serde_json::json!({"reloaded": true, "at": at}),
-            ),
-            Err(e) => json(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                serde_json::json!({"reloaded": false, "error": e.to_string()}),
-            ),
-        },
-        _ => json(
-            StatusCode::NOT_FOUND,
-            serde_json::json!({"error": "no such admin endpoint"}),
-        ),
     };
     tracing::info!(target: "fsp::admin", %who, %peer, method = %req.method(), %path, status = response.status().as_u16(), %at, "admin action");
     response

@@ -374,10 +374,9 @@ fn check_names_a_missing_configuration_file() {
     );
 }
 
-/// BUG (see the report): a duration too large for `u64` seconds makes `fsp check` panic
+/// Regression (fixed): a duration too large for `u64` seconds makes `fsp check` panic
 /// (exit 101) in a debug build instead of listing the problem (and wraps in release).
 #[test]
-
 fn check_refuses_a_huge_duration_without_crashing() {
     let s = Setup::new();
     s.write(

@@ -661,10 +661,13 @@ fn build(main: &Path, sources: Vec<Source>, problems: &mut Problems) -> Option<C
 
     // ---- providers ----
     let mut providers: Vec<Provider> = Vec::new();
+    let mut provider_ids: HashSet<&str> = HashSet::new();
     for s in &sources {
         for (i, p) in s.raw.provider.iter().enumerate() {
             let key = format!("provider[{i}]");
-            if providers.iter().any(|q| q.id == p.id) {
+            // Against what is declared, so a duplicate of a provider that failed to
+            // build is reported too.
+            if !provider_ids.insert(&p.id) {
                 problems.add(
                     &s.path,
                     format!("{key}.id"),
@@ -744,10 +747,11 @@ fn build(main: &Path, sources: Vec<Source>, problems: &mut Problems) -> Option<C
 
     // ---- authorisations ----
     let mut authorisations: Vec<Authorisation> = Vec::new();
+    let mut authorisation_ids: HashSet<&str> = HashSet::new();
     for s in &sources {
         for (i, a) in s.raw.authorisation.iter().enumerate() {
             let key = format!("authorisation[{i}]");
-            if authorisations.iter().any(|b| b.id == a.id) {
+            if !authorisation_ids.insert(&a.id) {
                 problems.add(
                     &s.path,
                     format!("{key}.id"),

@@ -1782,20 +1782,18 @@ proptest! {
 
 // ------------------------------------------------- loader bugs (see report) ----
 
-/// BUG: a duration too large for `u64` seconds overflows in `parse_duration` (panics in a
+/// Regression (fixed): a duration too large for `u64` seconds overflows in `parse_duration` (panics in a
 /// debug build, wraps in release) instead of being refused.
 #[test]
-
 fn a_huge_duration_is_refused_not_overflowed() {
     let n = u64::MAX / 3600 + 1;
     assert_eq!(parse_duration(&format!("{n}h")), None);
     assert_eq!(parse_duration(&format!("{}m", u64::MAX / 60 + 1)), None);
 }
 
-/// BUG: one broken service empties the whole catalogue, so every authorisation of every
+/// Regression (fixed): one broken service empties the whole catalogue, so every authorisation of every
 /// (valid) service is also reported as referring to an undeclared service.
 #[test]
-
 fn a_broken_service_does_not_make_authorisations_of_it_unresolvable() {
     let fx = Fixture::new();
     let problems = fx.problems_after("sunset     = 2027-09-01", "sunset     = 2029-09-01");
@@ -1807,10 +1805,9 @@ fn a_broken_service_does_not_make_authorisations_of_it_unresolvable() {
     );
 }
 
-/// BUG: one credential conflict empties the whole consumer registry, so every reference to
+/// Regression (fixed): one credential conflict empties the whole consumer registry, so every reference to
 /// any (declared) consumer is also reported as undeclared.
 #[test]
-
 fn a_consumer_conflict_does_not_make_every_consumer_unknown() {
     let fx = Fixture::new();
     let problems = fx.problems_after(
@@ -1825,10 +1822,23 @@ fn a_consumer_conflict_does_not_make_every_consumer_unknown() {
     );
 }
 
-/// BUG: a provider whose TLS files are broken is dropped, so its families are also
+#[test]
+fn a_duplicate_of_a_provider_that_failed_to_build_is_still_reported() {
+    let fx = Fixture::new();
+    let text = edit(&fx.single_file(), "pki/providers-ca.pem", "pki/not-pem.pem")
+        + "\n[[provider]]\nid   = \"rrn\"\nname = \"Registre national, again\"\n";
+    let problems = fx.problems(&text);
+    expect(
+        &problems,
+        "fsp.toml",
+        "provider[1].id",
+        &["provider rrn is declared more than once"],
+    );
+}
+
+/// Regression (fixed): a provider whose TLS files are broken is dropped, so its families are also
 /// reported as referring to an undeclared provider.
 #[test]
-
 fn a_provider_with_a_bad_certificate_is_still_declared() {
     let fx = Fixture::new();
     let problems = fx.problems_after("pki/providers-ca.pem", "pki/not-pem.pem");
@@ -1840,10 +1850,9 @@ fn a_provider_with_a_bad_certificate_is_still_declared() {
     );
 }
 
-/// BUG: a service declared twice in one family is only reported when nothing else is wrong
+/// Regression (fixed): a service declared twice in one family is only reported when nothing else is wrong
 /// (and then against the main file and key `family`).
 #[test]
-
 fn a_service_declared_twice_is_reported_with_other_problems() {
     let fx = Fixture::new();
     let twice = format!(
@@ -1875,10 +1884,9 @@ fn a_service_declared_twice_is_reported_with_other_problems() {
     );
 }
 
-/// BUG: a file included twice is reported against the included file, with key `include`
+/// Regression (fixed): a file included twice is reported against the included file, with key `include`
 /// that it may not even contain, instead of the including file and its `include[i]`.
 #[test]
-
 fn a_repeated_include_is_located_at_the_include_that_repeats_it() {
     let fx = Fixture::new();
     fx.write("catalogue.toml", &fx.catalogue("pki"));
@@ -1891,10 +1899,9 @@ fn a_repeated_include_is_located_at_the_include_that_repeats_it() {
     expect_only(&problems, "fsp.toml", "include[2]", &["catalogue.toml"]);
 }
 
-/// BUG: when `server_cert` and `server_key` name the same file (a combined PEM) that holds
+/// Regression (fixed): when `server_cert` and `server_key` name the same file (a combined PEM) that holds
 /// no key, the problem is filed under `listener.server_cert` instead of `listener.server_key`.
 #[test]
-
 fn a_combined_pem_without_a_key_is_reported_at_server_key() {
     let fx = Fixture::new();
     let problems = fx.problems_after("pki/server.key", "pki/server.pem");
@@ -1906,9 +1913,8 @@ fn a_combined_pem_without_a_key_is_reported_at_server_key() {
     );
 }
 
-/// GAP: `jwks_file` is not checked to exist, although `fsp check` promises that files exist.
+/// Regression (fixed): `jwks_file` is not checked to exist, although `fsp check` promises that files exist.
 #[test]
-
 fn a_missing_jwks_file_is_refused() {
     let fx = Fixture::new();
     let problems = fx.problems_after(
