@@ -1,8 +1,9 @@
 //! The embedded audit sink: JSON lines in a directory, one file per UTC day and node
 //! (`audit-{node}-{YYYY-MM-DD}.jsonl`).
 //!
-//! A dedicated thread owns the file. Requests hand records over a bounded channel and
-//! never touch the disk; the thread writes whatever has queued up as one batch, then
+//! A dedicated thread owns the file. Requests turn their record into its JSON line
+//! (on their own thread, where the record's memory is freed cheaply) and hand the line
+//! over a bounded channel; they never touch the disk. the thread writes whatever has queued up as one batch, then
 //! flushes and `fdatasync`s it, so the cost of syncing is shared by every record in the
 //! batch. A write failure marks the sink unhealthy (the gateway, when fail-closed,
 //! then refuses calls) and is retried with the next batch.
@@ -22,7 +23,7 @@ use crate::{AuditError, AuditSink, Record};
 pub const DEFAULT_CAPACITY: usize = 65_536;
 /// Group commit: a batch gathers the records that arrive within this window after its
 /// first one, so that under load one `fdatasync` covers many records instead of one.
-pub const GROUP_COMMIT_WINDOW: std::time::Duration = std::time::Duration::from_millis(2);
+pub const GROUP_COMMIT_WINDOW: std::time::Duration = std::time::Duration::from_millis(10);
 const MAX_BATCH: usize = 8192;
 
 #[derive(Debug)]
@@ -34,7 +35,7 @@ struct Shared {
 /// JSON-lines audit sink.
 #[derive(Debug)]
 pub struct FileSink {
-    tx: mpsc::Sender<Record>,
+    tx: mpsc::Sender<Line>,
     shared: Arc<Shared>,
     capacity: usize,
 }
@@ -109,9 +110,39 @@ impl FileSink {
     }
 }
 
+/// One record, as written: its JSON line and the day it is filed under.
+#[derive(Debug)]
+struct Line {
+    /// `YYYY-MM-DD`, from the record's own timestamp (`None`: it does not start with one).
+    day: Option<[u8; 10]>,
+    json: Vec<u8>,
+}
+
+impl Line {
+    fn of(record: &Record) -> Self {
+        let day = record
+            .timestamp
+            .as_bytes()
+            .get(..10)
+            .filter(|d| d.iter().all(|b| b.is_ascii_digit() || *b == b'-'))
+            .and_then(|d| <[u8; 10]>::try_from(d).ok());
+        let mut json = Vec::with_capacity(768);
+        record.write_json(&mut json);
+        json.push(b'\n');
+        Self { day, json }
+    }
+
+    fn day(&self) -> &str {
+        self.day
+            .as_ref()
+            .and_then(|d| std::str::from_utf8(d).ok())
+            .unwrap_or("unknown-day")
+    }
+}
+
 impl AuditSink for FileSink {
     fn submit(&self, record: Record) -> Result<(), AuditError> {
-        self.tx.try_send(record).map_err(|e| match e {
+        self.tx.try_send(Line::of(&record)).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => AuditError::Backlog(self.capacity),
             mpsc::error::TrySendError::Closed(_) => AuditError::Closed,
         })
@@ -132,6 +163,16 @@ impl AuditSink for FileSink {
                 .and_then(|e| e.clone())
                 .unwrap_or_else(|| "write failed".into());
             Err(AuditError::Unavailable(why))
+        }
+    }
+}
+
+/// Moves what is queued (up to a batch) into `batch`, without waiting.
+fn drain(rx: &mut mpsc::Receiver<Line>, batch: &mut Vec<Line>) {
+    while batch.len() < MAX_BATCH {
+        match rx.try_recv() {
+            Ok(r) => batch.push(r),
+            Err(_) => break,
         }
     }
 }
@@ -157,7 +198,7 @@ struct Writer {
 }
 
 impl Writer {
-    fn run(mut self, mut rx: mpsc::Receiver<Record>) {
+    fn run(mut self, mut rx: mpsc::Receiver<Line>) {
         let mut batch = Vec::with_capacity(1024);
         // `blocking_recv` returns None once every sender is gone and the queue is empty.
         let mut last_write: Option<std::time::Instant> = None;
@@ -166,19 +207,16 @@ impl Writer {
             // Busy: the previous batch was moments ago, so more records are coming.
             let busy = last_write.is_some_and(|t| t.elapsed() < GROUP_COMMIT_WINDOW * 5);
             batch.push(first);
-            loop {
-                while batch.len() < MAX_BATCH {
-                    match rx.try_recv() {
-                        Ok(r) => batch.push(r),
-                        Err(_) => break,
-                    }
+            drain(&mut rx, &mut batch);
+            // When quiet, a record is written at once; under load the batch stays open
+            // for the rest of the window (one sleep, not a polling loop: every wake-up of
+            // this thread takes a core from the workers) for the records behind it.
+            if busy && batch.len() < MAX_BATCH {
+                let left = GROUP_COMMIT_WINDOW.saturating_sub(opened.elapsed());
+                if !left.is_zero() {
+                    std::thread::sleep(left);
                 }
-                // When quiet, a record is written at once; under load the batch stays open
-                // a little while for the records behind it.
-                if !busy || batch.len() >= MAX_BATCH || opened.elapsed() >= GROUP_COMMIT_WINDOW {
-                    break;
-                }
-                std::thread::sleep(std::time::Duration::from_micros(250));
+                drain(&mut rx, &mut batch);
             }
             // A failed batch is retried (reopening the file) until it is written, so no
             // record taken by `submit` is lost while the disk is briefly unavailable.
@@ -206,13 +244,11 @@ impl Writer {
         }
     }
 
-    fn write_batch(&mut self, batch: &[Record]) -> std::io::Result<()> {
-        for record in batch {
+    fn write_batch(&mut self, batch: &[Line]) -> std::io::Result<()> {
+        for line in batch {
             // Records are filed under the day of their own timestamp.
-            let day = record.timestamp.get(..10).unwrap_or("unknown-day");
-            let file = self.file_for(day)?;
-            serde_json::to_writer(&mut *file, record)?;
-            file.write_all(b"\n")?;
+            let file = self.file_for(line.day())?;
+            file.write_all(&line.json)?;
         }
         if let Some((_, f)) = self.current.as_mut() {
             f.flush()?;

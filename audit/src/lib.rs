@@ -12,6 +12,7 @@
 use serde::{Deserialize, Serialize};
 
 pub mod file;
+mod json;
 
 /// One call, in the export format of the contract (section 6). Field order is the
 /// contract's.

@@ -16,6 +16,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
+use crate::forward::Lease;
 use crate::soap::HeaderStamp;
 
 /// What the request and response sides of one call share.
@@ -227,6 +228,9 @@ pub struct ResponseBody {
     kind: Kind,
     sent: u64,
     finisher: Option<Finisher>,
+    /// The upstream connection the body is read from, returned to its pool once the
+    /// body has been read to its end (dropped with the connection otherwise).
+    lease: Option<Lease>,
 }
 
 impl ResponseBody {
@@ -236,20 +240,27 @@ impl ResponseBody {
             kind: Kind::Full(Some(bytes)),
             sent: 0,
             finisher,
+            lease: None,
         }
     }
 
     /// The provider's body, passed through.
-    pub fn upstream(inner: Incoming, finisher: Finisher) -> Self {
+    pub fn upstream(inner: Incoming, finisher: Finisher, lease: Option<Lease>) -> Self {
         Self {
             kind: Kind::Upstream(inner),
             sent: 0,
             finisher: Some(finisher),
+            lease,
         }
     }
 
     /// The provider's SOAP body, with the FSP header elements stamped in.
-    pub fn stamped(inner: Incoming, stamp: HeaderStamp, finisher: Finisher) -> Self {
+    pub fn stamped(
+        inner: Incoming,
+        stamp: HeaderStamp,
+        finisher: Finisher,
+        lease: Option<Lease>,
+    ) -> Self {
         Self {
             kind: Kind::Stamped {
                 inner,
@@ -259,10 +270,14 @@ impl ResponseBody {
             },
             sent: 0,
             finisher: Some(finisher),
+            lease,
         }
     }
 
     fn done(&mut self) {
+        if let Some(lease) = self.lease.take() {
+            lease.release();
+        }
         if let Some(mut f) = self.finisher.take() {
             f.complete(self.sent, true);
         }
@@ -271,6 +286,14 @@ impl ResponseBody {
 
 impl Drop for ResponseBody {
     fn drop(&mut self) {
+        // A provider body that was complete before it was polled (HEAD, 204, 304, an
+        // empty 200) leaves its connection reusable.
+        if let Kind::Upstream(inner) = &self.kind
+            && inner.is_end_stream()
+            && let Some(lease) = self.lease.take()
+        {
+            lease.release();
+        }
         if let Some(mut f) = self.finisher.take() {
             // A gateway-made body that hyper did not need to poll (HEAD, 304) still counts
             // as delivered; a provider's body cut short does not.

@@ -1,79 +1,474 @@
-//! Forwarding to providers: one pooled HTTP client per provider, and the URL mapping
-//! from the gateway's path space to the version's upstream.
+//! Forwarding to providers: a pool of kept-alive upstream connections per provider and
+//! worker thread, and the URL mapping from the gateway's path space to the version's
+//! upstream.
+//!
+//! The pool sits directly on hyper's connection API. A worker thread owns its pools, so
+//! a pooled connection is always driven by the thread that uses it and a checkout is an
+//! uncontended lock and a `Vec::pop`. An HTTP/1.1 connection is leased to one call and
+//! comes back to the pool when the provider's response body has been passed on whole
+//! ([`Lease::release`]); a call that ends early (consumer gone, timeout) drops its lease
+//! and with it the connection, which can no longer be reused safely. A provider that
+//! offers HTTP/2 by ALPN gets one multiplexed connection per host and thread.
 
 use std::collections::HashMap;
-use std::sync::Arc;
-use std::time::Duration;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
 
-use http::Uri;
-use http::uri::PathAndQuery;
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{HeaderValue, Request, Response, Uri, Version, header};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
 
 use crate::body::RequestBody;
 use crate::config::Provider;
 
-pub type HttpsClient = Client<HttpsConnector<HttpConnector>, RequestBody>;
-
-/// How the gateway reaches one provider.
-#[derive(Debug)]
-pub struct Upstream {
-    pub client: HttpsClient,
-    pub response_timeout: Duration,
+/// Why a call could not be handed to the provider, or got no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("the upstream URL {0} has no http or https scheme and host")]
+    BadUrl(Uri),
+    #[error("cannot resolve {host}: {source}")]
+    Resolve {
+        host: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot connect to {authority}: {source}")]
+    Connect {
+        authority: Authority,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("connecting to {authority} took longer than {timeout:?}")]
+    ConnectTimeout {
+        authority: Authority,
+        timeout: Duration,
+    },
+    #[error("{host} is not a valid TLS server name")]
+    ServerName { host: String },
+    #[error("TLS handshake with {authority} failed: {source}")]
+    Tls {
+        authority: Authority,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("HTTP connection set-up with {authority} failed: {source}")]
+    Handshake {
+        authority: Authority,
+        #[source]
+        source: hyper::Error,
+    },
+    #[error("the exchange with the provider failed: {0}")]
+    Http(#[source] hyper::Error),
 }
 
-impl Upstream {
-    /// A client with kept-alive, pooled connections (HTTP/1.1, or HTTP/2 when a TLS
-    /// provider offers it by ALPN) using the provider's TLS settings.
-    pub fn new(p: &Provider) -> Self {
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(p.connect_timeout));
-        http.set_keepalive(Some(Duration::from_secs(60)));
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config((*p.tls).clone())
-            .https_or_http()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(p.pool_idle_timeout)
-            .pool_max_idle_per_host(p.pool_max_idle)
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .build(https);
-        Self {
-            client,
-            response_timeout: p.response_timeout,
-        }
+/// How the gateway reaches one provider, from one worker thread.
+#[derive(Debug)]
+pub struct Upstream {
+    tls: Arc<rustls::ClientConfig>,
+    connect_timeout: Duration,
+    pub response_timeout: Duration,
+    idle_timeout: Duration,
+    max_idle: usize,
+    hosts: Mutex<Vec<HostPool>>,
+}
+
+/// Connections to one `scheme://host:port`.
+#[derive(Debug)]
+struct HostPool {
+    https: bool,
+    authority: Authority,
+    idle: Vec<Idle>,
+    h2: Option<http2::SendRequest<RequestBody>>,
+}
+
+#[derive(Debug)]
+struct Idle {
+    sender: http1::SendRequest<RequestBody>,
+    since: Instant,
+}
+
+enum Checkout {
+    H1(http1::SendRequest<RequestBody>),
+    H2(http2::SendRequest<RequestBody>),
+}
+
+/// An HTTP/1.1 connection lent to one call until its response has been passed on.
+#[derive(Debug)]
+pub struct Lease {
+    upstream: Arc<Upstream>,
+    https: bool,
+    authority: Authority,
+    sender: http1::SendRequest<RequestBody>,
+}
+
+impl Lease {
+    /// The response was read to its end: the connection can serve another call.
+    pub fn release(self) {
+        let Lease {
+            upstream,
+            https,
+            authority,
+            sender,
+        } = self;
+        upstream.put_back(https, authority, sender);
     }
 }
 
-/// Clients for every provider, by provider id.
-pub fn upstreams(providers: &[Provider]) -> HashMap<Arc<str>, Arc<Upstream>> {
-    providers
-        .iter()
-        .map(|p| (Arc::from(p.id.as_str()), Arc::new(Upstream::new(p))))
-        .collect()
+impl Upstream {
+    /// A pool using the provider's TLS settings (`upstream_ca`, FSP's client
+    /// certificate) and timeouts. HTTP/1.1, or HTTP/2 when a TLS provider offers it.
+    pub fn new(p: &Provider) -> Self {
+        let mut tls = (*p.tls).clone();
+        tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Self {
+            tls: Arc::new(tls),
+            connect_timeout: p.connect_timeout,
+            response_timeout: p.response_timeout,
+            idle_timeout: p.pool_idle_timeout,
+            max_idle: p.pool_max_idle,
+            hosts: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Sends `req` (whose URI is absolute: the version's upstream) and returns the
+    /// provider's response, with the lease to hand back once its body has been read.
+    pub async fn send(
+        self: &Arc<Self>,
+        mut req: Request<RequestBody>,
+    ) -> Result<(Response<Incoming>, Option<Lease>), UpstreamError> {
+        let uri = req.uri();
+        let https = match uri.scheme_str() {
+            Some("https") => true,
+            Some("http") => false,
+            _ => return Err(UpstreamError::BadUrl(uri.clone())),
+        };
+        let Some(authority) = uri.authority().cloned() else {
+            return Err(UpstreamError::BadUrl(uri.clone()));
+        };
+        let path = uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        loop {
+            let (checkout, reused) = match self.checkout(https, &authority) {
+                Some(c) => (c, true),
+                None => (self.connect(https, &authority).await?, false),
+            };
+            match checkout {
+                Checkout::H2(mut sender) => {
+                    *req.uri_mut() = absolute(https, &authority, &path);
+                    *req.version_mut() = Version::HTTP_2;
+                    req.headers_mut().remove(header::HOST);
+                    return match sender.try_send_request(req).await {
+                        Ok(res) => Ok((res, None)),
+                        Err(mut e) => match e.take_message() {
+                            // Not sent: the connection went away; take another one.
+                            Some(back) if reused => {
+                                req = back;
+                                self.forget_h2(https, &authority);
+                                continue;
+                            }
+                            _ => Err(UpstreamError::Http(e.into_error())),
+                        },
+                    };
+                }
+                Checkout::H1(mut sender) => {
+                    if let Err(e) = sender.ready().await {
+                        // A kept-alive connection the provider closed while it was idle.
+                        if reused {
+                            continue;
+                        }
+                        return Err(UpstreamError::Http(e));
+                    }
+                    *req.uri_mut() = Uri::from(path.clone());
+                    *req.version_mut() = Version::HTTP_11;
+                    if !req.headers().contains_key(header::HOST)
+                        && let Ok(host) = host_header(https, &authority)
+                    {
+                        req.headers_mut().insert(header::HOST, host);
+                    }
+                    match sender.try_send_request(req).await {
+                        Ok(res) => {
+                            let lease = Lease {
+                                upstream: self.clone(),
+                                https,
+                                authority,
+                                sender,
+                            };
+                            return Ok((res, Some(lease)));
+                        }
+                        Err(mut e) => match e.take_message() {
+                            // The kept-alive connection was closed by the provider before
+                            // the request was written: nothing was sent, so send it on a
+                            // fresh connection.
+                            Some(back) if reused => req = back,
+                            _ => return Err(UpstreamError::Http(e.into_error())),
+                        },
+                    }
+                }
+            }
+        }
+    }
+
+    fn checkout(&self, https: bool, authority: &Authority) -> Option<Checkout> {
+        let mut hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
+        let pool = hosts
+            .iter_mut()
+            .find(|h| h.https == https && h.authority == *authority)?;
+        if let Some(h2) = &pool.h2 {
+            if !h2.is_closed() {
+                return Some(Checkout::H2(h2.clone()));
+            }
+            pool.h2 = None;
+        }
+        let now = Instant::now();
+        while let Some(idle) = pool.idle.pop() {
+            if !idle.sender.is_closed() && now.duration_since(idle.since) < self.idle_timeout {
+                return Some(Checkout::H1(idle.sender));
+            }
+        }
+        None
+    }
+
+    fn put_back(&self, https: bool, authority: Authority, sender: http1::SendRequest<RequestBody>) {
+        if sender.is_closed() {
+            return;
+        }
+        let mut hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
+        let pool = self.pool_mut(&mut hosts, https, authority);
+        if pool.idle.len() < self.max_idle {
+            pool.idle.push(Idle {
+                sender,
+                since: Instant::now(),
+            });
+        }
+    }
+
+    fn forget_h2(&self, https: bool, authority: &Authority) {
+        let mut hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(pool) = hosts
+            .iter_mut()
+            .find(|h| h.https == https && h.authority == *authority)
+        {
+            pool.h2 = None;
+        }
+    }
+
+    fn pool_mut<'a>(
+        &self,
+        hosts: &'a mut Vec<HostPool>,
+        https: bool,
+        authority: Authority,
+    ) -> &'a mut HostPool {
+        let i = match hosts
+            .iter()
+            .position(|h| h.https == https && h.authority == authority)
+        {
+            Some(i) => i,
+            None => {
+                hosts.push(HostPool {
+                    https,
+                    authority,
+                    idle: Vec::new(),
+                    h2: None,
+                });
+                hosts.len() - 1
+            }
+        };
+        &mut hosts[i]
+    }
+
+    /// Drops idle connections older than the idle timeout (and closed ones).
+    fn sweep(&self) {
+        let now = Instant::now();
+        let mut hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
+        for pool in hosts.iter_mut() {
+            pool.idle.retain(|i| {
+                !i.sender.is_closed() && now.duration_since(i.since) < self.idle_timeout
+            });
+            if pool.h2.as_ref().is_some_and(|h| h.is_closed()) {
+                pool.h2 = None;
+            }
+        }
+    }
+
+    /// A new connection (TCP, TLS when https, then the HTTP handshake), its driving
+    /// task spawned on this thread's runtime.
+    async fn connect(&self, https: bool, authority: &Authority) -> Result<Checkout, UpstreamError> {
+        let work = async {
+            let tcp = connect_tcp(https, authority).await?;
+            if !https {
+                let (sender, conn) = http1::Builder::new()
+                    .handshake(TokioIo::new(tcp))
+                    .await
+                    .map_err(|source| UpstreamError::Handshake {
+                        authority: authority.clone(),
+                        source,
+                    })?;
+                spawn_connection(conn);
+                return Ok(Checkout::H1(sender));
+            }
+            let host = authority.host();
+            let bare = host.trim_start_matches('[').trim_end_matches(']');
+            let name = match bare.parse::<IpAddr>() {
+                Ok(ip) => ServerName::IpAddress(ip.into()),
+                Err(_) => ServerName::try_from(bare.to_owned()).map_err(|_| {
+                    UpstreamError::ServerName {
+                        host: host.to_owned(),
+                    }
+                })?,
+            };
+            let tls = tokio_rustls::TlsConnector::from(self.tls.clone())
+                .connect(name, tcp)
+                .await
+                .map_err(|source| UpstreamError::Tls {
+                    authority: authority.clone(),
+                    source,
+                })?;
+            let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+            let io = TokioIo::new(tls);
+            if h2 {
+                let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+                    .timer(TokioTimer::new())
+                    .keep_alive_interval(Duration::from_secs(30))
+                    .handshake(io)
+                    .await
+                    .map_err(|source| UpstreamError::Handshake {
+                        authority: authority.clone(),
+                        source,
+                    })?;
+                spawn_connection(conn);
+                let mut hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
+                self.pool_mut(&mut hosts, https, authority.clone()).h2 = Some(sender.clone());
+                Ok(Checkout::H2(sender))
+            } else {
+                let (sender, conn) =
+                    http1::Builder::new()
+                        .handshake(io)
+                        .await
+                        .map_err(|source| UpstreamError::Handshake {
+                            authority: authority.clone(),
+                            source,
+                        })?;
+                spawn_connection(conn);
+                Ok(Checkout::H1(sender))
+            }
+        };
+        tokio::time::timeout(self.connect_timeout, work)
+            .await
+            .map_err(|_| UpstreamError::ConnectTimeout {
+                authority: authority.clone(),
+                timeout: self.connect_timeout,
+            })?
+    }
 }
 
-/// Clients by provider id, and the configuration generation they were built for.
+/// Drives one upstream connection until it closes.
+fn spawn_connection<F>(conn: F)
+where
+    F: std::future::Future<Output = hyper::Result<()>> + Send + 'static,
+{
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "upstream connection ended with an error");
+        }
+    });
+}
+
+/// TCP to the first address of the host that answers, with Nagle off and keep-alive on.
+async fn connect_tcp(https: bool, authority: &Authority) -> Result<TcpStream, UpstreamError> {
+    let port = authority.port_u16().unwrap_or(if https { 443 } else { 80 });
+    let host = authority.host();
+    let addrs = tokio::net::lookup_host((host.trim_start_matches('[').trim_end_matches(']'), port))
+        .await
+        .map_err(|source| UpstreamError::Resolve {
+            host: host.to_owned(),
+            source,
+        })?;
+    let mut last = None;
+    for addr in addrs {
+        match TcpStream::connect(addr).await {
+            Ok(tcp) => {
+                let _ = tcp.set_nodelay(true);
+                let keepalive = socket2::TcpKeepalive::new().with_time(Duration::from_secs(60));
+                let _ = socket2::SockRef::from(&tcp).set_tcp_keepalive(&keepalive);
+                return Ok(tcp);
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(UpstreamError::Connect {
+        authority: authority.clone(),
+        source: last.unwrap_or_else(|| std::io::Error::other("the name has no address")),
+    })
+}
+
+/// `Host` as HTTP/1.1 wants it: the port only when it is not the scheme's default.
+fn host_header(https: bool, authority: &Authority) -> Result<HeaderValue, http::Error> {
+    let default = if https { 443 } else { 80 };
+    let value = match authority.port_u16() {
+        Some(p) if p != default => HeaderValue::from_str(authority.as_str())?,
+        _ => HeaderValue::from_str(authority.host())?,
+    };
+    Ok(value)
+}
+
+fn absolute(https: bool, authority: &Authority, path: &PathAndQuery) -> Uri {
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(if https { Scheme::HTTPS } else { Scheme::HTTP });
+    parts.authority = Some(authority.clone());
+    parts.path_and_query = Some(path.clone());
+    Uri::from_parts(parts).unwrap_or_default()
+}
+
+/// Pools for every provider, by provider id, each swept of expired idle connections by
+/// a task on the calling thread's runtime (which ends when the pools are replaced).
+pub fn upstreams(providers: &[Provider]) -> HashMap<Arc<str>, Arc<Upstream>> {
+    let pools: HashMap<Arc<str>, Arc<Upstream>> = providers
+        .iter()
+        .map(|p| (Arc::from(p.id.as_str()), Arc::new(Upstream::new(p))))
+        .collect();
+    if tokio::runtime::Handle::try_current().is_ok() {
+        for upstream in pools.values() {
+            let weak: Weak<Upstream> = Arc::downgrade(upstream);
+            let every = (upstream.idle_timeout / 2)
+                .clamp(Duration::from_millis(100), Duration::from_secs(30));
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                tick.tick().await;
+                loop {
+                    tick.tick().await;
+                    match weak.upgrade() {
+                        Some(u) => u.sweep(),
+                        None => break,
+                    }
+                }
+            });
+        }
+    }
+    pools
+}
+
+/// Pools by provider id, and the configuration generation they were built for.
 type ThreadClients = (u64, HashMap<Arc<str>, Arc<Upstream>>);
 
 thread_local! {
-    /// This worker thread's clients.
+    /// This worker thread's pools.
     static CLIENTS: std::cell::RefCell<ThreadClients> =
         std::cell::RefCell::new((u64::MAX, HashMap::new()));
 }
 
-/// The client towards `provider` owned by the calling worker thread.
+/// The pool towards `provider` owned by the calling worker thread.
 ///
 /// Each worker runtime keeps its own pools: a pooled connection is always driven by the
-/// thread that uses it, so a request never wakes another thread. Clients are rebuilt
-/// when a reload brings a new configuration generation.
+/// thread that uses it, so a request never wakes another thread. Pools are rebuilt when
+/// a reload brings a new configuration generation (the old connections close as their
+/// last calls end).
 pub fn upstream_for(
     generation: u64,
     providers: &[Provider],

@@ -21,6 +21,11 @@ pub const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connecti
 /// Removes the hop-by-hop fields: `Connection` and every field it names, `Keep-Alive`,
 /// `Proxy-Connection`, `TE`, `Transfer-Encoding`, `Upgrade` and the proxy credentials.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none of these (or only `Connection`): one pass over the
+    // names, comparing known names, is cheaper than hashing seven of them for removal.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     if headers.contains_key(header::CONNECTION) {
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
@@ -45,6 +50,17 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     ] {
         headers.remove(name);
     }
+}
+
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    *name == header::CONNECTION
+        || *name == header::TE
+        || *name == header::TRANSFER_ENCODING
+        || *name == header::UPGRADE
+        || *name == header::PROXY_AUTHENTICATE
+        || *name == header::PROXY_AUTHORIZATION
+        || *name == KEEP_ALIVE
+        || *name == PROXY_CONNECTION
 }
 
 /// Drops every `FSP-*` field a consumer sent except `FSP-Purpose` and `FSP-End-User`:

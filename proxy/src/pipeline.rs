@@ -29,7 +29,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use catalogue::{Lifecycle, Protocol, RouteError};
 use http::header::{self, HeaderMap, HeaderValue};
-use http::{Method, Request, Response, Version};
+use http::{Method, Request, Response};
 use hyper::body::Incoming;
 use policy::{CertificateIdentity, Consumer};
 use time::OffsetDateTime;
@@ -83,11 +83,36 @@ impl Stamp {
 }
 
 /// RFC 3339 in UTC with milliseconds: `2026-11-24T10:15:30.123Z`.
+///
+/// Written digit by digit: it runs for every call, and a format description is
+/// interpreted each time.
 pub fn rfc3339_millis(t: OffsetDateTime) -> String {
-    t.format(format_description!(
-        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
-    ))
-    .unwrap_or_default()
+    let t = t.to_offset(time::UtcOffset::UTC);
+    let (year, month, day) = t.to_calendar_date();
+    let Some(year) = u16::try_from(year).ok().filter(|y| *y <= 9999) else {
+        return t
+            .format(format_description!(
+                "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+            ))
+            .unwrap_or_default();
+    };
+    let mut b = *b"0000-00-00T00:00:00.000Z";
+    let mut put = |at: usize, width: usize, mut v: u16| {
+        for i in (at..at + width).rev() {
+            b[i] = b'0' + (v % 10) as u8;
+            v /= 10;
+        }
+    };
+    put(0, 4, year);
+    put(5, 2, u16::from(u8::from(month)));
+    put(8, 2, u16::from(day));
+    put(11, 2, u16::from(t.hour()));
+    put(14, 2, u16::from(t.minute()));
+    put(17, 2, u16::from(t.second()));
+    put(20, 3, t.millisecond());
+    std::str::from_utf8(&b)
+        .map(str::to_owned)
+        .unwrap_or_default()
 }
 
 /// An HTTP-date (RFC 9110 IMF-fixdate) for midnight UTC of a day.
@@ -338,16 +363,11 @@ pub async fn handle(
     ));
     *upstream_req.method_mut() = parts.method;
     *upstream_req.uri_mut() = uri;
-    *upstream_req.version_mut() = Version::HTTP_11;
     *upstream_req.headers_mut() = headers;
     drop(snap);
 
-    let sent = tokio::time::timeout(
-        upstream.response_timeout,
-        upstream.client.request(upstream_req),
-    )
-    .await;
-    let response = match sent {
+    let sent = tokio::time::timeout(upstream.response_timeout, upstream.send(upstream_req)).await;
+    let (response, lease) = match sent {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
             let r = if shared.too_large.load(std::sync::atomic::Ordering::Relaxed) {
@@ -410,9 +430,10 @@ pub async fn handle(
             rbody,
             HeaderStamp::new(&stamp.message_id, &stamp.timestamp),
             finisher,
+            lease,
         )
     } else {
-        ResponseBody::upstream(rbody, finisher)
+        ResponseBody::upstream(rbody, finisher, lease)
     };
     Ok(Response::from_parts(rparts, body))
 }
@@ -858,5 +879,11 @@ mod tests {
         assert_eq!(http_date(d), "Wed, 01 Sep 2027 00:00:00 GMT");
         let t = time::macros::datetime!(2026-11-24 10:15:30.123456 UTC);
         assert_eq!(rfc3339_millis(t), "2026-11-24T10:15:30.123Z");
+        let t = time::macros::datetime!(0999-01-02 03:04:05.006 UTC);
+        assert_eq!(rfc3339_millis(t), "0999-01-02T03:04:05.006Z");
+        let t = time::macros::datetime!(2026-11-24 23:59:59.999 -01:00);
+        assert_eq!(rfc3339_millis(t), "2026-11-25T00:59:59.999Z");
+        let t = time::macros::datetime!(2026-02-28 00:00:00.0 UTC);
+        assert_eq!(rfc3339_millis(t), "2026-02-28T00:00:00.000Z");
     }
 }

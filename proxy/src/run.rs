@@ -150,6 +150,20 @@ pub async fn serve(
             }
         });
     }
+    if let Some(handle) = gw.metrics.clone() {
+        // The recorder keeps every histogram sample until upkeep folds it into the
+        // summary: without this, memory would grow with each call until /metrics is read.
+        let mut stop = shutdown.clone();
+        tasks.spawn(async move {
+            let mut every = tokio::time::interval(std::time::Duration::from_secs(5));
+            loop {
+                tokio::select! {
+                    _ = every.tick() => handle.run_upkeep(),
+                    _ = stop.changed() => break,
+                }
+            }
+        });
+    }
     tracing::info!(address = %consumer_addr, node = %gw.node, threads, "gateway listening");
     let mut workers = Vec::with_capacity(threads);
     for (i, listener) in listeners.into_iter().enumerate() {

@@ -10,9 +10,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -36,22 +36,21 @@ pub async fn serve(
     timeouts: ListenerTimeouts,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
+    // The protocol is known from ALPN once TLS is up, so each connection goes straight
+    // to its own protocol's server (no sniffing of the first bytes).
+    let mut h1 = http1::Builder::new();
+    h1.timer(TokioTimer::new())
         .header_read_timeout(timeouts.header_read)
         .keep_alive(true)
         // Over TLS, one flattened buffer becomes one record: vectored writes would seal
         // the headers and the body as separate records.
         .writev(false);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
+    let mut h2 = http2::Builder::new(TokioExecutor::new());
+    h2.timer(TokioTimer::new())
         .keep_alive_interval(Duration::from_secs(30))
         .keep_alive_timeout(Duration::from_secs(20))
         .max_concurrent_streams(256);
-    let builder = Arc::new(builder);
+    let builders = Arc::new((h1, h2));
     let graceful = GracefulShutdown::new();
     // Connection tasks, so that any still open after the drain timeout can be ended:
     // each holds the gateway state (and the audit sink) until it ends.
@@ -73,7 +72,7 @@ pub async fn serve(
         };
         let _ = tcp.set_nodelay(true);
         let gw = gw.clone();
-        let builder = builder.clone();
+        let builders = builders.clone();
         let watcher = graceful.watcher();
         connections.spawn(async move {
             let acceptor = TlsAcceptor::from(gw.tls.load_full());
@@ -96,12 +95,20 @@ pub async fn serve(
                 .peer_certificates()
                 .and_then(|chain| chain.first())
                 .map(certs::certificate_identity);
+            let is_h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
             let conn = Arc::new(ConnInfo::new(peer, certificate));
             let service = service_fn(move |req| pipeline::handle(gw.clone(), conn.clone(), req));
-            let connection = builder
-                .serve_connection(TokioIo::new(tls), service)
-                .into_owned();
-            if let Err(e) = watcher.watch(connection).await {
+            let io = TokioIo::new(tls);
+            let ended = if is_h2 {
+                watcher
+                    .watch(builders.1.serve_connection(io, service))
+                    .await
+            } else {
+                watcher
+                    .watch(builders.0.serve_connection(io, service))
+                    .await
+            };
+            if let Err(e) = ended {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
         });
