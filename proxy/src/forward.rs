@@ -303,15 +303,7 @@ impl Upstream {
         let work = async {
             let tcp = connect_tcp(https, authority).await?;
             if !https {
-                let (sender, conn) = http1::Builder::new()
-                    .handshake(TokioIo::new(tcp))
-                    .await
-                    .map_err(|source| UpstreamError::Handshake {
-                        authority: authority.clone(),
-                        source,
-                    })?;
-                spawn_connection(conn);
-                return Ok(Checkout::H1(sender));
+                return handshake_h1(TokioIo::new(tcp), authority).await;
             }
             let host = authority.host();
             let bare = host.trim_start_matches('[').trim_end_matches(']');
@@ -347,16 +339,7 @@ impl Upstream {
                 self.pool_mut(&mut hosts, https, authority.clone()).h2 = Some(sender.clone());
                 Ok(Checkout::H2(sender))
             } else {
-                let (sender, conn) =
-                    http1::Builder::new()
-                        .handshake(io)
-                        .await
-                        .map_err(|source| UpstreamError::Handshake {
-                            authority: authority.clone(),
-                            source,
-                        })?;
-                spawn_connection(conn);
-                Ok(Checkout::H1(sender))
+                handshake_h1(io, authority).await
             }
         };
         tokio::time::timeout(self.connect_timeout, work)
@@ -366,6 +349,22 @@ impl Upstream {
                 timeout: self.connect_timeout,
             })?
     }
+}
+
+/// The HTTP/1.1 handshake on a connected stream, its connection task spawned.
+async fn handshake_h1<T>(io: T, authority: &Authority) -> Result<Checkout, UpstreamError>
+where
+    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (sender, conn) = http1::Builder::new()
+        .handshake(io)
+        .await
+        .map_err(|source| UpstreamError::Handshake {
+            authority: authority.clone(),
+            source,
+        })?;
+    spawn_connection(conn);
+    Ok(Checkout::H1(sender))
 }
 
 /// Drives one upstream connection until it closes.
