@@ -115,7 +115,23 @@ impl Lease {
             authority,
             sender,
         } = self;
-        upstream.put_back(https, authority, sender);
+        if sender.is_closed() {
+            return;
+        }
+        if sender.is_ready() {
+            upstream.put_back(https, authority, sender);
+            return;
+        }
+        // The response is complete but the connection is not free yet: typically the
+        // provider answered before reading the whole request body, which is still being
+        // sent. Lending it now would make the next call wait behind that upload; it
+        // joins the pool once free (or is dropped if that takes longer than it may idle).
+        let mut sender = sender;
+        tokio::spawn(async move {
+            if let Ok(Ok(())) = tokio::time::timeout(upstream.idle_timeout, sender.ready()).await {
+                upstream.put_back(https, authority, sender);
+            }
+        });
     }
 }
 
@@ -157,7 +173,9 @@ impl Upstream {
         loop {
             let (checkout, reused) = match self.checkout(https, &authority) {
                 Some(c) => (c, true),
-                None => (self.connect(https, &authority).await?, false),
+                // Boxed: connecting (TLS included) is a large future, and a rare one;
+                // kept inline it would be moved with every call's future.
+                None => (Box::pin(self.connect(https, &authority)).await?, false),
             };
             match checkout {
                 Checkout::H2(mut sender) => {
@@ -228,7 +246,7 @@ impl Upstream {
         }
         let now = Instant::now();
         while let Some(idle) = pool.idle.pop() {
-            if !idle.sender.is_closed() && now.duration_since(idle.since) < self.idle_timeout {
+            if idle.sender.is_ready() && now.duration_since(idle.since) < self.idle_timeout {
                 return Some(Checkout::H1(idle.sender));
             }
         }
