@@ -21,33 +21,37 @@ pub const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connecti
 /// Removes the hop-by-hop fields: `Connection` and every field it names, `Keep-Alive`,
 /// `Proxy-Connection`, `TE`, `Transfer-Encoding`, `Upgrade` and the proxy credentials.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Most messages carry none of these (or only `Connection`): one pass over the
-    // names, comparing known names, is cheaper than hashing seven of them for removal.
-    if !headers.keys().any(is_hop_by_hop) {
+    // One pass over the names finds the hop-by-hop fields present (usually none, or only
+    // `Connection: keep-alive`); only those are removed, without hashing the others.
+    let mut present: [Option<HeaderName>; 8] = Default::default();
+    let mut n = 0;
+    for name in headers.keys() {
+        if n < present.len()
+            && is_hop_by_hop(name)
+            && !present[..n].iter().any(|p| p.as_ref() == Some(name))
+        {
+            present[n] = Some(name.clone());
+            n += 1;
+        }
+    }
+    if n == 0 {
         return;
     }
-    if headers.contains_key(header::CONNECTION) {
-        let named: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-            .collect();
-        for name in named {
-            headers.remove(name);
-        }
-        headers.remove(header::CONNECTION);
+    // Fields named by `Connection` (other than the options `close` and `keep-alive`,
+    // whose field is removed anyway).
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|t| !t.eq_ignore_ascii_case("close") && !t.eq_ignore_ascii_case("keep-alive"))
+        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
     }
-    for name in [
-        KEEP_ALIVE,
-        PROXY_CONNECTION,
-        header::TE,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-        header::PROXY_AUTHENTICATE,
-        header::PROXY_AUTHORIZATION,
-    ] {
+    for name in present.into_iter().flatten() {
         headers.remove(name);
     }
 }
@@ -98,6 +102,31 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn connection_keep_alive_alone_goes_and_nothing_else() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, "Keep-Alive".parse().unwrap());
+        h.insert(header::CONTENT_TYPE, "application/json".parse().unwrap());
+        h.insert("x-kept", "1".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        let mut left: Vec<_> = h.keys().map(|k| k.as_str().to_owned()).collect();
+        left.sort();
+        assert_eq!(left, ["content-type", "x-kept"]);
+
+        let mut none = HeaderMap::new();
+        none.insert("x-kept", "1".parse().unwrap());
+        strip_hop_by_hop(&mut none);
+        assert_eq!(none.len(), 1);
+
+        let mut close = HeaderMap::new();
+        close.insert(header::CONNECTION, "close, X-Private".parse().unwrap());
+        close.insert("x-private", "1".parse().unwrap());
+        close.append(header::TE, "trailers".parse().unwrap());
+        close.append(header::TE, "gzip".parse().unwrap());
+        strip_hop_by_hop(&mut close);
+        assert!(close.is_empty(), "{close:?}");
     }
 
     #[test]

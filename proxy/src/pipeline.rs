@@ -286,10 +286,20 @@ pub async fn handle(
     };
     record.authorisation = Some(authorisation.id.clone());
     record.purpose = Some(authorisation.purpose.clone());
-    let legal_basis = authorisation.legal_basis.to_string();
-    record.legal_basis = Some(legal_basis.clone());
-    let granted_purpose = authorisation.purpose.clone();
-    let authorisation_id = authorisation.id.clone();
+    let grant = snap.grants.get(&authorisation.id);
+    record.legal_basis = Some(match grant {
+        Some(g) => g.legal_basis_text.clone(),
+        None => authorisation.legal_basis.to_string(),
+    });
+    // Reference-counted copies of the header values made at configuration time.
+    let grant_headers = grant.map(|g| {
+        [
+            (FSP_CONSUMER, g.consumer.clone()),
+            (FSP_PURPOSE, g.purpose.clone()),
+            (FSP_LEGAL_BASIS, g.legal_basis.clone()),
+            (FSP_AUTHORISATION, g.authorisation.clone()),
+        ]
+    });
 
     // 5. throttle
     if let Some(p) = snap
@@ -350,10 +360,11 @@ pub async fn handle(
         headers.insert(FSP_MESSAGE_ID, id.clone());
         headers.insert(FSP_TIMESTAMP, ts.clone());
     }
-    insert_text(&mut headers, FSP_CONSUMER, &consumer.id);
-    insert_text(&mut headers, FSP_PURPOSE, &granted_purpose);
-    insert_text(&mut headers, FSP_LEGAL_BASIS, &legal_basis);
-    insert_text(&mut headers, FSP_AUTHORISATION, &authorisation_id);
+    if let Some(values) = grant_headers {
+        for (name, value) in values {
+            headers.insert(name, value);
+        }
+    }
     append_forwarded_for(&mut headers, conn.peer);
     let mut upstream_req = Request::new(RequestBody::with_prefix(
         prefix,
@@ -493,7 +504,8 @@ async fn identify<'s>(
         });
     if let (Some(token), Some(verifier)) = (bearer, &gw.oauth) {
         let sha = conn.certificate.as_ref().map(|c| &c.sha256.0);
-        return match verifier.verify(token, sha).await {
+        // Boxed: verification may fetch keys, a large future most calls do not need.
+        return match Box::pin(verifier.verify(token, sha)).await {
             Ok(t) => {
                 let credential = policy::Credential::OAuth {
                     client_id: t.client_id.clone(),
@@ -622,7 +634,8 @@ async fn throttle_call(
         |limits: &throttle::Limits| gw.throttle.load().check(provider, consumer, now, limits);
     let decision = match &gw.shared_throttle {
         None => local(limits),
-        Some(shared) => match shared_check(shared, now, provider, consumer, limits).await {
+        Some(shared) => match Box::pin(shared_check(shared, now, provider, consumer, limits)).await
+        {
             Ok(d) => d,
             Err(e) => {
                 use crate::config::OnBackendError;

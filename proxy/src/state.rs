@@ -6,12 +6,14 @@
 //! The listener's TLS configuration is swapped the same way; handshakes in progress
 //! finish with the configuration they started with.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
 use arc_swap::ArcSwap;
 use catalogue::Catalogue;
+use http::HeaderValue;
 use metrics_exporter_prometheus::PrometheusHandle;
 use policy::{Authorisations, Consumers};
 
@@ -31,6 +33,35 @@ pub struct Snapshot {
     pub public_url: String,
     pub max_request_bytes: u64,
     pub fail_closed: bool,
+    /// What each authorisation puts in the provider's `FSP-*` headers, made once per
+    /// configuration rather than on every call, by authorisation id.
+    pub grants: HashMap<String, Grant>,
+}
+
+/// The `FSP-*` values sent to the provider for a call an authorisation covers.
+#[derive(Debug)]
+pub struct Grant {
+    pub consumer: HeaderValue,
+    pub purpose: HeaderValue,
+    /// `kind; reference`, as text for the audit record and as a header value.
+    pub legal_basis_text: String,
+    pub legal_basis: HeaderValue,
+    pub authorisation: HeaderValue,
+}
+
+impl Grant {
+    /// `None` when a value cannot be sent in a header (a control character): such an
+    /// authorisation is then sent without the offending fields, as before.
+    fn of(a: &policy::Authorisation) -> Option<Self> {
+        let legal_basis_text = a.legal_basis.to_string();
+        Some(Self {
+            consumer: HeaderValue::from_str(&a.consumer).ok()?,
+            purpose: HeaderValue::from_str(&a.purpose).ok()?,
+            legal_basis: HeaderValue::from_str(&legal_basis_text).ok()?,
+            legal_basis_text,
+            authorisation: HeaderValue::from_str(&a.id).ok()?,
+        })
+    }
 }
 
 impl Snapshot {
@@ -38,6 +69,11 @@ impl Snapshot {
         static GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let generation = GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let tls = config.listener.tls.clone();
+        let grants = config
+            .authorisations
+            .iter()
+            .filter_map(|a| Some((a.id.clone(), Grant::of(a)?)))
+            .collect();
         (
             Self {
                 catalogue: config.catalogue,
@@ -48,6 +84,7 @@ impl Snapshot {
                 public_url: config.listener.public_url,
                 max_request_bytes: config.listener.max_request_bytes,
                 fail_closed: config.audit.fail_closed,
+                grants,
             },
             tls,
         )
