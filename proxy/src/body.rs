@@ -18,6 +18,7 @@ use hyper::body::Incoming;
 
 use crate::forward::Lease;
 use crate::soap::HeaderStamp;
+use crate::state::Local;
 
 /// What the request and response sides of one call share.
 #[derive(Debug, Default)]
@@ -130,7 +131,8 @@ struct Pending {
     record: audit::Record,
     started: Instant,
     shared: Option<Arc<CallShared>>,
-    sink: Arc<dyn audit::AuditSink>,
+    /// The thread's view of the gateway, whose audit sink takes the record.
+    local: Arc<Local>,
 }
 
 impl Finisher {
@@ -138,14 +140,14 @@ impl Finisher {
         record: audit::Record,
         started: Instant,
         shared: Option<Arc<CallShared>>,
-        sink: Arc<dyn audit::AuditSink>,
+        local: Arc<Local>,
     ) -> Self {
         Self {
             inner: Some(Box::new(Pending {
                 record,
                 started,
                 shared,
-                sink,
+                local,
             })),
         }
     }
@@ -156,7 +158,7 @@ impl Finisher {
             mut record,
             started,
             shared,
-            sink,
+            local,
         } = *p;
         let elapsed = started.elapsed();
         record.duration_ms = (elapsed.as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0;
@@ -171,7 +173,7 @@ impl Finisher {
             m.aborted.increment(1);
             tracing::debug!(message_id = %record.message_id, "consumer went away before the response was complete");
         }
-        if let Err(e) = sink.submit(record) {
+        if let Err(e) = local.gw.audit.submit(record) {
             metrics::counter!("fsp_audit_records_lost_total").increment(1);
             tracing::error!(error = %e, "audit record could not be queued");
         }

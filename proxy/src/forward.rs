@@ -82,6 +82,8 @@ pub struct Upstream {
 struct HostPool {
     https: bool,
     authority: Authority,
+    /// `Host` for HTTP/1.1 requests to it.
+    host_value: Option<HeaderValue>,
     idle: Vec<Idle>,
     h2: Option<http2::SendRequest<RequestBody>>,
 }
@@ -101,8 +103,8 @@ enum Checkout {
 #[derive(Debug)]
 pub struct Lease {
     upstream: Arc<Upstream>,
-    https: bool,
-    authority: Authority,
+    /// Index of its host's pool in [`Upstream::hosts`] (pools are never removed).
+    host: usize,
     sender: http1::SendRequest<RequestBody>,
 }
 
@@ -111,15 +113,14 @@ impl Lease {
     pub fn release(self) {
         let Lease {
             upstream,
-            https,
-            authority,
+            host,
             sender,
         } = self;
         if sender.is_closed() {
             return;
         }
         if sender.is_ready() {
-            upstream.put_back(https, authority, sender);
+            upstream.put_back(host, sender);
             return;
         }
         // The response is complete but the connection is not free yet: typically the
@@ -129,7 +130,7 @@ impl Lease {
         let mut sender = sender;
         tokio::spawn(async move {
             if let Ok(Ok(())) = tokio::time::timeout(upstream.idle_timeout, sender.ready()).await {
-                upstream.put_back(https, authority, sender);
+                upstream.put_back(host, sender);
             }
         });
     }
@@ -151,31 +152,35 @@ impl Upstream {
         }
     }
 
-    /// Sends `req` (whose URI is absolute: the version's upstream) and returns the
-    /// provider's response, with the lease to hand back once its body has been read.
+    /// Sends `req` to `path` on the version's upstream `base` (its scheme and host) and
+    /// returns the provider's response, with the lease to hand back once its body has
+    /// been read.
     pub async fn send(
         self: &Arc<Self>,
+        base: &Uri,
+        path: PathAndQuery,
         mut req: Request<RequestBody>,
     ) -> Result<(Response<Incoming>, Option<Lease>), UpstreamError> {
-        let uri = req.uri();
-        let https = match uri.scheme_str() {
+        let https = match base.scheme_str() {
             Some("https") => true,
             Some("http") => false,
-            _ => return Err(UpstreamError::BadUrl(uri.clone())),
+            _ => return Err(UpstreamError::BadUrl(base.clone())),
         };
-        let Some(authority) = uri.authority().cloned() else {
-            return Err(UpstreamError::BadUrl(uri.clone()));
+        let Some(authority) = base.authority() else {
+            return Err(UpstreamError::BadUrl(base.clone()));
         };
-        let path = uri
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        // This thread's own copies of the host's name and `Host` value: the base URI is
+        // shared by every thread, and so would be its reference counts.
+        let (host, authority, host_value) = self.host(https, authority);
         loop {
-            let (checkout, reused) = match self.checkout(https, &authority) {
+            let (checkout, reused) = match self.checkout(host) {
                 Some(c) => (c, true),
                 // Boxed: connecting (TLS included) is a large future, and a rare one;
                 // kept inline it would be moved with every call's future.
-                None => (Box::pin(self.connect(https, &authority)).await?, false),
+                None => (
+                    Box::pin(self.connect(host, https, &authority)).await?,
+                    false,
+                ),
             };
             match checkout {
                 Checkout::H2(mut sender) => {
@@ -188,7 +193,7 @@ impl Upstream {
                             // Not sent: the connection went away; take another one.
                             Some(back) if reused => {
                                 req = back;
-                                self.forget_h2(https, &authority);
+                                self.forget_h2(host);
                                 continue;
                             }
                             _ => Err(UpstreamError::Http(e.into_error())),
@@ -205,17 +210,14 @@ impl Upstream {
                     }
                     *req.uri_mut() = Uri::from(path.clone());
                     *req.version_mut() = Version::HTTP_11;
-                    if !req.headers().contains_key(header::HOST)
-                        && let Ok(host) = host_header(https, &authority)
-                    {
-                        req.headers_mut().insert(header::HOST, host);
+                    if let Some(v) = &host_value {
+                        req.headers_mut().insert(header::HOST, v.clone());
                     }
                     match sender.try_send_request(req).await {
                         Ok(res) => {
                             let lease = Lease {
                                 upstream: self.clone(),
-                                https,
-                                authority,
+                                host,
                                 sender,
                             };
                             return Ok((res, Some(lease)));
@@ -233,11 +235,37 @@ impl Upstream {
         }
     }
 
-    fn checkout(&self, https: bool, authority: &Authority) -> Option<Checkout> {
+    /// The pool of `scheme://authority` (made on first use), with this thread's copies
+    /// of the authority and of the `Host` value for it.
+    fn host(&self, https: bool, authority: &Authority) -> (usize, Authority, Option<HeaderValue>) {
         let mut hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
-        let pool = hosts
-            .iter_mut()
-            .find(|h| h.https == https && h.authority == *authority)?;
+        let i = match hosts
+            .iter()
+            .position(|h| h.https == https && h.authority == *authority)
+        {
+            Some(i) => i,
+            None => {
+                let own = Authority::from_maybe_shared(bytes::Bytes::copy_from_slice(
+                    authority.as_str().as_bytes(),
+                ))
+                .unwrap_or_else(|_| authority.clone());
+                hosts.push(HostPool {
+                    https,
+                    host_value: host_header(https, &own).ok(),
+                    authority: own,
+                    idle: Vec::new(),
+                    h2: None,
+                });
+                hosts.len() - 1
+            }
+        };
+        let pool = &hosts[i];
+        (i, pool.authority.clone(), pool.host_value.clone())
+    }
+
+    fn checkout(&self, host: usize) -> Option<Checkout> {
+        let mut hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
+        let pool = hosts.get_mut(host)?;
         if let Some(h2) = &pool.h2 {
             if !h2.is_closed() {
                 return Some(Checkout::H2(h2.clone()));
@@ -253,13 +281,14 @@ impl Upstream {
         None
     }
 
-    fn put_back(&self, https: bool, authority: Authority, sender: http1::SendRequest<RequestBody>) {
+    fn put_back(&self, host: usize, sender: http1::SendRequest<RequestBody>) {
         if sender.is_closed() {
             return;
         }
         let mut hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
-        let pool = self.pool_mut(&mut hosts, https, authority);
-        if pool.idle.len() < self.max_idle {
+        if let Some(pool) = hosts.get_mut(host)
+            && pool.idle.len() < self.max_idle
+        {
             pool.idle.push(Idle {
                 sender,
                 since: Instant::now(),
@@ -267,38 +296,11 @@ impl Upstream {
         }
     }
 
-    fn forget_h2(&self, https: bool, authority: &Authority) {
+    fn forget_h2(&self, host: usize) {
         let mut hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(pool) = hosts
-            .iter_mut()
-            .find(|h| h.https == https && h.authority == *authority)
-        {
+        if let Some(pool) = hosts.get_mut(host) {
             pool.h2 = None;
         }
-    }
-
-    fn pool_mut<'a>(
-        &self,
-        hosts: &'a mut Vec<HostPool>,
-        https: bool,
-        authority: Authority,
-    ) -> &'a mut HostPool {
-        let i = match hosts
-            .iter()
-            .position(|h| h.https == https && h.authority == authority)
-        {
-            Some(i) => i,
-            None => {
-                hosts.push(HostPool {
-                    https,
-                    authority,
-                    idle: Vec::new(),
-                    h2: None,
-                });
-                hosts.len() - 1
-            }
-        };
-        &mut hosts[i]
     }
 
     /// Drops idle connections older than the idle timeout (and closed ones).
@@ -317,7 +319,12 @@ impl Upstream {
 
     /// A new connection (TCP, TLS when https, then the HTTP handshake), its driving
     /// task spawned on this thread's runtime.
-    async fn connect(&self, https: bool, authority: &Authority) -> Result<Checkout, UpstreamError> {
+    async fn connect(
+        &self,
+        pool_index: usize,
+        https: bool,
+        authority: &Authority,
+    ) -> Result<Checkout, UpstreamError> {
         let work = async {
             let tcp = connect_tcp(https, authority).await?;
             if !https {
@@ -354,7 +361,9 @@ impl Upstream {
                     })?;
                 spawn_connection(conn);
                 let mut hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
-                self.pool_mut(&mut hosts, https, authority.clone()).h2 = Some(sender.clone());
+                if let Some(pool) = hosts.get_mut(pool_index) {
+                    pool.h2 = Some(sender.clone());
+                }
                 Ok(Checkout::H2(sender))
             } else {
                 handshake_h1(io, authority).await
@@ -532,9 +541,13 @@ pub fn split_path(path: &str) -> Option<RoutePath<'_>> {
     })
 }
 
-/// The upstream URL for a call: the version's base URL, the rest of the path, and the
-/// query string unchanged.
-pub fn upstream_uri(base: &Uri, rest: &str, query: Option<&str>) -> Result<Uri, http::Error> {
+/// The path and query a call is forwarded to: the version's base path, the rest of the
+/// gateway path, and the query string unchanged.
+pub fn upstream_path(
+    base: &Uri,
+    rest: &str,
+    query: Option<&str>,
+) -> Result<PathAndQuery, http::Error> {
     let base_path = base.path().trim_end_matches('/');
     let mut pq =
         String::with_capacity(base_path.len() + rest.len() + query.map_or(0, |q| q.len() + 1) + 1);
@@ -547,15 +560,20 @@ pub fn upstream_uri(base: &Uri, rest: &str, query: Option<&str>) -> Result<Uri, 
         pq.push('?');
         pq.push_str(q);
     }
-    let mut parts = base.clone().into_parts();
-    parts.path_and_query = Some(PathAndQuery::try_from(pq)?);
-    Ok(Uri::from_parts(parts)?)
+    Ok(PathAndQuery::try_from(pq)?)
 }
 
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    /// The whole upstream URL of a call, as the provider sees it.
+    fn upstream_uri(base: &Uri, rest: &str, query: Option<&str>) -> Result<Uri, http::Error> {
+        let mut parts = base.clone().into_parts();
+        parts.path_and_query = Some(upstream_path(base, rest, query)?);
+        Ok(Uri::from_parts(parts)?)
+    }
 
     #[test]
     fn splits_gateway_paths() {

@@ -40,7 +40,7 @@ use crate::errors::{self, Code, ErrorForm, Rejection};
 use crate::forward::{self, RoutePath};
 use crate::headers::*;
 use crate::soap::{self, HeaderStamp, SoapVersion};
-use crate::state::{Gateway, Snapshot};
+use crate::state::{Gateway, Local, Snapshot};
 
 /// What the gateway knows about a connection once TLS is established.
 #[derive(Debug)]
@@ -125,13 +125,14 @@ fn http_date(d: time::Date) -> String {
 
 /// Serves one request. Never fails: every refusal is a response.
 pub async fn handle(
-    gw: Arc<Gateway>,
+    local: Arc<Local>,
     conn: Arc<ConnInfo>,
     req: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, Infallible> {
     // 1. stamp
     let stamp = Stamp::new();
-    let snap = gw.snapshot.load_full();
+    let gw = &*local.gw;
+    let snap = &*local.snap;
     let (parts, body) = req.into_parts();
     let route_path = forward::split_path(parts.uri.path());
     let resolved = route_path.as_ref().map(|p| {
@@ -150,7 +151,7 @@ pub async fn handle(
         _ => ErrorForm::Problem,
     };
     let mut record = initial_record(
-        &gw,
+        gw,
         &conn,
         &stamp,
         &parts.method,
@@ -161,14 +162,14 @@ pub async fn handle(
     );
 
     // 2. identify
-    let (consumer, credential) = match identify(&gw, &snap, &conn, &parts.headers).await {
+    let (consumer, credential) = match identify(gw, snap, &conn, &parts.headers).await {
         Ok(found) => found,
         Err((r, credential)) => {
             if let Some(c) = credential {
                 record.credential = Some(c.kind().into());
                 record.credential_id = Some(c.id());
             }
-            return Ok(reject(&gw, record, &stamp, form, r));
+            return Ok(reject(&local, record, &stamp, form, r));
         }
     };
     record.consumer = Some(consumer.id.to_string());
@@ -184,8 +185,8 @@ pub async fn handle(
     let route = match resolved {
         Some(Ok(route)) => route,
         Some(Err(e)) => {
-            let r = route_rejection(&snap, route_path.as_ref(), e);
-            return Ok(reject(&gw, record, &stamp, form, r));
+            let r = route_rejection(snap, route_path.as_ref(), e);
+            return Ok(reject(&local, record, &stamp, form, r));
         }
         None => {
             let r = Rejection::new(
@@ -195,7 +196,7 @@ pub async fn handle(
                     parts.uri.path()
                 ),
             );
-            return Ok(reject(&gw, record, &stamp, form, r));
+            return Ok(reject(&local, record, &stamp, form, r));
         }
     };
     let protocol = route.protocol();
@@ -209,14 +210,14 @@ pub async fn handle(
                 ),
             )
             .with_header(header::ALLOW, HeaderValue::from_static("POST"));
-            return Ok(reject(&gw, record, &stamp, form, r));
+            return Ok(reject(&local, record, &stamp, form, r));
         }
         if soap_version.is_none() {
             let r = Rejection::new(
                 Code::RequestMalformed,
                 "a SOAP call needs Content-Type text/xml (SOAP 1.1) or application/soap+xml (SOAP 1.2)",
             );
-            return Ok(reject(&gw, record, &stamp, form, r));
+            return Ok(reject(&local, record, &stamp, form, r));
         }
     }
     let declared_length = parts
@@ -232,7 +233,7 @@ pub async fn handle(
                 snap.max_request_bytes
             ),
         );
-        return Ok(reject(&gw, record, &stamp, form, r));
+        return Ok(reject(&local, record, &stamp, form, r));
     }
     let Some(upstream) =
         forward::upstream_for(snap.generation, &snap.providers, &route.service.provider)
@@ -241,17 +242,17 @@ pub async fn handle(
             Code::UpstreamUnavailable,
             format!("provider {} is not configured", route.service.provider),
         );
-        return Ok(reject(&gw, record, &stamp, form, r));
+        return Ok(reject(&local, record, &stamp, form, r));
     };
     let rest = route_path.as_ref().map_or("", |p| p.rest);
-    let uri = match forward::upstream_uri(&route.version.upstream, rest, parts.uri.query()) {
+    let path = match forward::upstream_path(&route.version.upstream, rest, parts.uri.query()) {
         Ok(u) => u,
         Err(e) => {
             let r = Rejection::new(
                 Code::RequestMalformed,
                 format!("the path cannot be forwarded: {e}"),
             );
-            return Ok(reject(&gw, record, &stamp, form, r));
+            return Ok(reject(&local, record, &stamp, form, r));
         }
     };
     // 4. authorise
@@ -267,7 +268,7 @@ pub async fn handle(
                     record.consumer_ref = header.message_id;
                 }
             }
-            Err(r) => return Ok(reject(&gw, record, &stamp, form, r)),
+            Err(r) => return Ok(reject(&local, record, &stamp, form, r)),
         }
     }
     record.purpose.clone_from(&purpose);
@@ -279,14 +280,28 @@ pub async fn handle(
         source_ip: conn.peer.ip(),
         today: stamp.now.date(),
     };
-    let suspended = gw.suspensions.snapshot();
-    let authorisation = match policy::decide(consumer, &ask, &snap.authorisations, &*suspended) {
+    // A guard, not a counted reference: it is read here and let go before any await.
+    let decided = policy::decide(
+        consumer,
+        &ask,
+        &snap.authorisations,
+        &**gw.suspensions.current(),
+    );
+    let authorisation = match decided {
         Ok(a) => a,
-        Err(denial) => return Ok(reject(&gw, record, &stamp, form, denial_rejection(denial))),
+        Err(denial) => {
+            return Ok(reject(
+                &local,
+                record,
+                &stamp,
+                form,
+                denial_rejection(denial),
+            ));
+        }
     };
     record.authorisation = Some(authorisation.id.clone());
     record.purpose = Some(authorisation.purpose.clone());
-    let grant = snap.grants.get(&authorisation.id);
+    let grant = local.grants.get(&authorisation.id);
     record.legal_basis = Some(match grant {
         Some(g) => g.legal_basis_text.clone(),
         None => authorisation.legal_basis.to_string(),
@@ -315,9 +330,9 @@ pub async fn handle(
                 .or(p.consumer_limit.as_ref())
                 .map(|r| r.limit()),
         };
-        match throttle_call(&gw, &p.id, &consumer.id, &limits).await {
+        match throttle_call(gw, &p.id, &consumer.id, &limits).await {
             Ok(()) => {}
-            Err(r) => return Ok(reject(&gw, record, &stamp, form, r)),
+            Err(r) => return Ok(reject(&local, record, &stamp, form, r)),
         }
     }
 
@@ -325,15 +340,15 @@ pub async fn handle(
     if let Lifecycle::Deprecated { since, sunset } = route.lifecycle {
         deprecation_headers(
             &mut lifecycle_headers,
-            &snap,
+            snap,
             route.service,
             since,
             sunset,
             route.successor.map(|s| &*s.version),
         );
     }
-    let service_name = route.service.name.clone();
-    let provider = route.service.provider.clone();
+    let service_name = &route.service.name;
+    let provider = &route.service.provider;
 
     // 6. audit gate
     if snap.fail_closed
@@ -343,7 +358,7 @@ pub async fn handle(
             Code::AuditUnavailable,
             format!("the call cannot be recorded, so it is not forwarded: {e}"),
         );
-        return Ok(reject(&gw, record, &stamp, form, r));
+        return Ok(reject(&local, record, &stamp, form, r));
     }
 
     // 7. forward
@@ -373,11 +388,13 @@ pub async fn handle(
         shared.clone(),
     ));
     *upstream_req.method_mut() = parts.method;
-    *upstream_req.uri_mut() = uri;
     *upstream_req.headers_mut() = headers;
-    drop(snap);
 
-    let sent = tokio::time::timeout(upstream.response_timeout, upstream.send(upstream_req)).await;
+    let sent = tokio::time::timeout(
+        upstream.response_timeout,
+        upstream.send(&route.version.upstream, path, upstream_req),
+    )
+    .await;
     let (response, lease) = match sent {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
@@ -386,7 +403,7 @@ pub async fn handle(
                     Code::RequestTooLarge,
                     format!(
                         "the request body may not exceed {} bytes",
-                        gw.snapshot.load().max_request_bytes
+                        snap.max_request_bytes
                     ),
                 )
             } else {
@@ -399,7 +416,7 @@ pub async fn handle(
                     ),
                 )
             };
-            return Ok(reject_with(&gw, record, &stamp, form, r, Some(shared)));
+            return Ok(reject_with(&local, record, &stamp, form, r, Some(shared)));
         }
         Err(_) => {
             let r = Rejection::new(
@@ -409,7 +426,7 @@ pub async fn handle(
                     upstream.response_timeout
                 ),
             );
-            return Ok(reject_with(&gw, record, &stamp, form, r, Some(shared)));
+            return Ok(reject_with(&local, record, &stamp, form, r, Some(shared)));
         }
     };
 
@@ -424,7 +441,7 @@ pub async fn handle(
         rparts.headers.append(name.clone(), value.clone());
     }
     record.status = rparts.status.as_u16();
-    let finisher = Finisher::new(record, stamp.started, Some(shared), gw.audit.clone());
+    let finisher = Finisher::new(record, stamp.started, Some(shared), local.clone());
     let stampable = protocol == Protocol::Soap
         && rparts
             .headers
@@ -856,17 +873,17 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 fn reject(
-    gw: &Gateway,
+    local: &Arc<Local>,
     record: audit::Record,
     stamp: &Stamp,
     form: ErrorForm,
     r: Rejection,
 ) -> Response<ResponseBody> {
-    reject_with(gw, record, stamp, form, r, None)
+    reject_with(local, record, stamp, form, r, None)
 }
 
 fn reject_with(
-    gw: &Gateway,
+    local: &Arc<Local>,
     mut record: audit::Record,
     stamp: &Stamp,
     form: ErrorForm,
@@ -878,7 +895,7 @@ fn reject_with(
     record.status = r.code.status().as_u16();
     tracing::debug!(message_id = %stamp.message_id, code = r.code.as_str(), detail = %r.detail, "call refused");
     let (parts, bytes): (_, Bytes) = response.into_parts();
-    let finisher = Finisher::new(record, stamp.started, shared, gw.audit.clone());
+    let finisher = Finisher::new(record, stamp.started, shared, local.clone());
     Response::from_parts(parts, ResponseBody::full(bytes, Some(finisher)))
 }
 

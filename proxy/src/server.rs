@@ -19,7 +19,7 @@ use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
 use crate::pipeline::{self, ConnInfo};
-use crate::state::Gateway;
+use crate::state::{Gateway, Local};
 
 /// Timeouts of the consumer listener.
 #[derive(Clone, Copy, Debug)]
@@ -97,7 +97,8 @@ pub async fn serve(
                 .map(certs::certificate_identity);
             let is_h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
             let conn = Arc::new(ConnInfo::new(peer, certificate));
-            let service = service_fn(move |req| pipeline::handle(gw.clone(), conn.clone(), req));
+            let service =
+                service_fn(move |req| pipeline::handle(Local::of(&gw), conn.clone(), req));
             let io = TokioIo::new(tls);
             let ended = if is_h2 {
                 watcher

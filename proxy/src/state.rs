@@ -50,6 +50,19 @@ pub struct Grant {
 }
 
 impl Grant {
+    /// A copy with its own buffers (cloning a header value shares its buffer).
+    fn copy(&self) -> Self {
+        let own =
+            |v: &HeaderValue| HeaderValue::from_bytes(v.as_bytes()).unwrap_or_else(|_| v.clone());
+        Self {
+            consumer: own(&self.consumer),
+            purpose: own(&self.purpose),
+            legal_basis_text: self.legal_basis_text.clone(),
+            legal_basis: own(&self.legal_basis),
+            authorisation: own(&self.authorisation),
+        }
+    }
+
     /// `None` when a value cannot be sent in a header (a control character): such an
     /// authorisation is then sent without the offending fields, as before.
     fn of(a: &policy::Authorisation) -> Option<Self> {
@@ -88,6 +101,54 @@ impl Snapshot {
             },
             tls,
         )
+    }
+}
+
+/// One worker thread's view of the gateway, handed to each of its calls.
+///
+/// A call holds this (reference counted per thread) rather than the shared `Gateway`
+/// and `Snapshot` themselves: their reference counts, and those of the header values
+/// below, would otherwise be written by every call on every core, and a cache line
+/// bouncing between cores costs more than the rest of the bookkeeping. The view is
+/// replaced when a reload swaps the snapshot.
+#[derive(Debug)]
+pub struct Local {
+    pub gw: Arc<Gateway>,
+    pub snap: Arc<Snapshot>,
+    /// This thread's own copies of [`Snapshot::grants`].
+    pub grants: HashMap<String, Grant>,
+}
+
+impl Local {
+    /// The calling thread's view of `gw`, made anew after a reload.
+    pub fn of(gw: &Arc<Gateway>) -> Arc<Local> {
+        thread_local! {
+            static LOCAL: std::cell::RefCell<Option<Arc<Local>>> =
+                const { std::cell::RefCell::new(None) };
+        }
+        let current = gw.snapshot.load();
+        LOCAL.with(|cell| {
+            let mut cell = cell.borrow_mut();
+            if let Some(local) = &*cell
+                && Arc::ptr_eq(&local.snap, &current)
+                && Arc::ptr_eq(&local.gw, gw)
+            {
+                return local.clone();
+            }
+            let snap = arc_swap::Guard::into_inner(current);
+            let grants = snap
+                .grants
+                .iter()
+                .map(|(id, g)| (id.clone(), g.copy()))
+                .collect();
+            let local = Arc::new(Local {
+                gw: gw.clone(),
+                snap,
+                grants,
+            });
+            *cell = Some(local.clone());
+            local
+        })
     }
 }
 

@@ -59,6 +59,11 @@ impl SuspensionStore {
         self.current.load_full()
     }
 
+    /// The suspensions in force, for a decision taken at once (not held across awaits).
+    pub fn current(&self) -> arc_swap::Guard<Arc<Suspended>> {
+        self.current.load()
+    }
+
     /// Suspends or resumes; returns whether anything changed. The new state is on disk
     /// before it takes effect, so a crash cannot silently lift a suspension.
     pub fn set(&self, party: Party, id: &str, suspended: bool) -> anyhow::Result<bool> {
