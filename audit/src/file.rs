@@ -1,58 +1,123 @@
 //! The embedded audit sink: JSON lines in a directory, one file per UTC day and node
 //! (`audit-{node}-{YYYY-MM-DD}.jsonl`).
 //!
-//! A dedicated thread owns the file. Requests turn their record into its JSON line
-//! (on their own thread, where the record's memory is freed cheaply) and hand the line
-//! over a bounded channel; they never touch the disk. the thread writes whatever has queued up as one batch, then
-//! flushes and `fdatasync`s it, so the cost of syncing is shared by every record in the
-//! batch. A write failure marks the sink unhealthy (the gateway, when fail-closed,
-//! then refuses calls) and is retried with the next batch.
+//! Each thread that submits records writes their JSON lines into its own buffer (a
+//! shard): a call takes one uncontended lock and never touches the disk, and no memory
+//! shared with the other worker threads is written per call. A dedicated writer thread
+//! collects every shard's lines as one batch, writes them, then flushes and
+//! `fdatasync`s, so the cost of syncing is shared by every record in the batch (group
+//! commit). When quiet, the first record wakes the writer at once; under load, a batch
+//! gathers for [`GROUP_COMMIT_WINDOW`]. A write failure marks the sink unhealthy (the
+//! gateway, when fail-closed, then refuses calls) and the batch is retried until written.
 
+use std::cell::RefCell;
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::thread::JoinHandle;
-
-use tokio::sync::mpsc;
+use std::time::Duration;
 
 use crate::{AuditError, AuditSink, Record};
 
-/// Records waiting to be written before `submit` starts refusing them.
+/// Records one thread may have waiting to be written before `submit` refuses them.
 pub const DEFAULT_CAPACITY: usize = 65_536;
-/// Group commit: a batch gathers the records that arrive within this window after its
-/// first one, so that under load one `fdatasync` covers many records instead of one.
-pub const GROUP_COMMIT_WINDOW: std::time::Duration = std::time::Duration::from_millis(10);
-const MAX_BATCH: usize = 8192;
+/// Group commit: under load, a batch gathers the records that arrive within this
+/// window, so that one `fdatasync` covers many records instead of one.
+pub const GROUP_COMMIT_WINDOW: Duration = Duration::from_millis(10);
 
 #[derive(Debug)]
 struct Shared {
     healthy: AtomicBool,
     last_error: Mutex<Option<String>>,
+    /// Every thread's buffer of lines not yet written.
+    shards: Mutex<Vec<Arc<Shard>>>,
+    /// The sink was dropped: the writer drains what is left and stops.
+    closed: AtomicBool,
+    /// The writer is waiting for work: the next record must wake it.
+    idle: AtomicBool,
+    writer: OnceLock<std::thread::Thread>,
+}
+
+impl Shared {
+    fn wake_writer(&self) {
+        if let Some(t) = self.writer.get() {
+            t.unpark();
+        }
+    }
+}
+
+/// One thread's lines waiting to be written.
+#[derive(Debug, Default)]
+struct Shard {
+    pending: Mutex<Pending>,
+}
+
+#[derive(Debug, Default)]
+struct Pending {
+    lines: Vec<u8>,
+    /// Where each run of lines of one day ends in `lines`, with that day.
+    days: Vec<(Day, usize)>,
+    records: usize,
+}
+
+impl Pending {
+    fn clear(&mut self) {
+        self.lines.clear();
+        self.days.clear();
+        self.records = 0;
+    }
+}
+
+/// `YYYY-MM-DD`, from a record's own timestamp (`None`: it does not start with one).
+type Day = Option<[u8; 10]>;
+
+fn day_of(timestamp: &str) -> Day {
+    timestamp
+        .as_bytes()
+        .get(..10)
+        .filter(|d| d.iter().all(|b| b.is_ascii_digit() || *b == b'-'))
+        .and_then(|d| <[u8; 10]>::try_from(d).ok())
+}
+
+fn day_name(day: &Day) -> &str {
+    day.as_ref()
+        .and_then(|d| std::str::from_utf8(d).ok())
+        .unwrap_or("unknown-day")
 }
 
 /// JSON-lines audit sink.
 #[derive(Debug)]
 pub struct FileSink {
-    tx: mpsc::Sender<Line>,
+    /// Tells this sink's shards from other sinks' in a thread's list.
+    id: u64,
     shared: Arc<Shared>,
     capacity: usize,
 }
 
-/// Waits for the writer thread to drain and stop, once every [`FileSink`] clone is gone.
+/// Waits for the writer thread to drain and stop, once the [`FileSink`] is gone.
 #[derive(Debug)]
 pub struct FileSinkHandle {
     thread: Option<JoinHandle<()>>,
 }
 
 impl FileSinkHandle {
-    /// Blocks until every queued record is on disk. Call after dropping the sink.
+    /// Blocks until every record taken is on disk. Call after dropping the sink.
     pub fn join(mut self) {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
     }
+}
+
+/// A thread's shard of one sink: the sink's id, the sink (to forget shards of sinks
+/// that are gone), and the shard.
+type ThreadShard = (u64, Weak<Shared>, Arc<Shard>);
+
+thread_local! {
+    /// This thread's shard of each live sink it has written to.
+    static SHARDS: RefCell<Vec<ThreadShard>> = const { RefCell::new(Vec::new()) };
 }
 
 impl FileSink {
@@ -61,11 +126,13 @@ impl FileSink {
         Self::with_capacity(dir, node, DEFAULT_CAPACITY)
     }
 
+    /// As [`FileSink::start`], refusing records once `capacity` of one thread wait.
     pub fn with_capacity(
         dir: &Path,
         node: &str,
         capacity: usize,
     ) -> Result<(Self, FileSinkHandle), AuditError> {
+        static IDS: AtomicU64 = AtomicU64::new(0);
         std::fs::create_dir_all(dir).map_err(|e| {
             AuditError::Unavailable(format!(
                 "cannot create audit directory {}: {e}",
@@ -82,10 +149,13 @@ impl FileSink {
                     dir.display()
                 ))
             })?;
-        let (tx, rx) = mpsc::channel(capacity);
         let shared = Arc::new(Shared {
             healthy: AtomicBool::new(true),
             last_error: Mutex::new(None),
+            shards: Mutex::new(Vec::new()),
+            closed: AtomicBool::new(false),
+            idle: AtomicBool::new(false),
+            writer: OnceLock::new(),
         });
         let writer = Writer {
             dir: dir.to_owned(),
@@ -95,63 +165,79 @@ impl FileSink {
         };
         let thread = std::thread::Builder::new()
             .name("fsp-audit-file".into())
-            .spawn(move || writer.run(rx))
+            .spawn(move || writer.run())
             .map_err(|e| AuditError::Unavailable(format!("cannot start audit writer: {e}")))?;
+        let _ = shared.writer.set(thread.thread().clone());
         Ok((
             Self {
-                tx,
+                id: IDS.fetch_add(1, Ordering::Relaxed),
                 shared,
-                capacity,
+                capacity: capacity.max(1),
             },
             FileSinkHandle {
                 thread: Some(thread),
             },
         ))
     }
-}
 
-/// One record, as written: its JSON line and the day it is filed under.
-#[derive(Debug)]
-struct Line {
-    /// `YYYY-MM-DD`, from the record's own timestamp (`None`: it does not start with one).
-    day: Option<[u8; 10]>,
-    json: Vec<u8>,
-}
-
-impl Line {
-    fn of(record: &Record) -> Self {
-        let day = record
-            .timestamp
-            .as_bytes()
-            .get(..10)
-            .filter(|d| d.iter().all(|b| b.is_ascii_digit() || *b == b'-'))
-            .and_then(|d| <[u8; 10]>::try_from(d).ok());
-        let mut json = Vec::with_capacity(768);
-        record.write_json(&mut json);
-        json.push(b'\n');
-        Self { day, json }
+    /// Runs `f` on the calling thread's shard, making it on first use.
+    fn with_shard<T>(&self, f: impl FnOnce(&Shard) -> T) -> T {
+        SHARDS.with(|cell| {
+            let mut shards = cell.borrow_mut();
+            if let Some((_, _, shard)) = shards.iter().find(|(id, _, _)| *id == self.id) {
+                return f(shard);
+            }
+            // Forget the shards of sinks that are gone.
+            shards.retain(|(_, sink, _)| sink.strong_count() > 0);
+            let shard = Arc::new(Shard::default());
+            self.shared
+                .shards
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(shard.clone());
+            let out = f(&shard);
+            shards.push((self.id, Arc::downgrade(&self.shared), shard));
+            out
+        })
     }
+}
 
-    fn day(&self) -> &str {
-        self.day
-            .as_ref()
-            .and_then(|d| std::str::from_utf8(d).ok())
-            .unwrap_or("unknown-day")
+impl Drop for FileSink {
+    fn drop(&mut self) {
+        self.shared.closed.store(true, Ordering::Release);
+        self.shared.wake_writer();
     }
 }
 
 impl AuditSink for FileSink {
     fn submit(&self, record: Record) -> Result<(), AuditError> {
-        self.tx.try_send(Line::of(&record)).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => AuditError::Backlog(self.capacity),
-            mpsc::error::TrySendError::Closed(_) => AuditError::Closed,
-        })
+        let first = self.with_shard(|shard| {
+            let mut p = shard.pending.lock().unwrap_or_else(|e| e.into_inner());
+            if p.records >= self.capacity {
+                return Err(AuditError::Backlog(self.capacity));
+            }
+            record.write_json(&mut p.lines);
+            p.lines.push(b'\n');
+            p.records += 1;
+            let end = p.lines.len();
+            let day = day_of(&record.timestamp);
+            match p.days.last_mut() {
+                Some((d, e)) if *d == day => *e = end,
+                _ => p.days.push((day, end)),
+            }
+            Ok(p.records == 1)
+        })?;
+        // A quiet writer is woken by the first record; a busy one comes by itself.
+        if first
+            && self.shared.idle.load(Ordering::Acquire)
+            && self.shared.idle.swap(false, Ordering::AcqRel)
+        {
+            self.shared.wake_writer();
+        }
+        Ok(())
     }
 
     fn health(&self) -> Result<(), AuditError> {
-        if self.tx.is_closed() {
-            return Err(AuditError::Closed);
-        }
         if self.shared.healthy.load(Ordering::Acquire) {
             Ok(())
         } else {
@@ -163,16 +249,6 @@ impl AuditSink for FileSink {
                 .and_then(|e| e.clone())
                 .unwrap_or_else(|| "write failed".into());
             Err(AuditError::Unavailable(why))
-        }
-    }
-}
-
-/// Moves what is queued (up to a batch) into `batch`, without waiting.
-fn drain(rx: &mut mpsc::Receiver<Line>, batch: &mut Vec<Line>) {
-    while batch.len() < MAX_BATCH {
-        match rx.try_recv() {
-            Ok(r) => batch.push(r),
-            Err(_) => break,
         }
     }
 }
@@ -198,29 +274,29 @@ struct Writer {
 }
 
 impl Writer {
-    fn run(mut self, mut rx: mpsc::Receiver<Line>) {
-        let mut batch = Vec::with_capacity(1024);
-        // `blocking_recv` returns None once every sender is gone and the queue is empty.
-        let mut last_write: Option<std::time::Instant> = None;
-        while let Some(first) = rx.blocking_recv() {
-            let opened = std::time::Instant::now();
-            // Busy: the previous batch was moments ago, so more records are coming.
-            let busy = last_write.is_some_and(|t| t.elapsed() < GROUP_COMMIT_WINDOW * 5);
-            batch.push(first);
-            drain(&mut rx, &mut batch);
-            // When quiet, a record is written at once; under load the batch stays open
-            // for the rest of the window (one sleep, not a polling loop: every wake-up of
-            // this thread takes a core from the workers) for the records behind it.
-            if busy && batch.len() < MAX_BATCH {
-                let left = GROUP_COMMIT_WINDOW.saturating_sub(opened.elapsed());
-                if !left.is_zero() {
-                    std::thread::sleep(left);
+    fn run(mut self) {
+        // The batch being written, and emptied buffers handed back to the shards.
+        let mut batch: Vec<Pending> = Vec::new();
+        let mut spare: Vec<Pending> = Vec::new();
+        loop {
+            let closing = self.shared.closed.load(Ordering::Acquire);
+            if self.collect(&mut batch, &mut spare) == 0 {
+                if closing {
+                    break;
                 }
-                drain(&mut rx, &mut batch);
+                // Announce idleness, then look once more: a record that came in
+                // between was not told to wake us.
+                self.shared.idle.store(true, Ordering::SeqCst);
+                if self.collect(&mut batch, &mut spare) == 0 {
+                    std::thread::park_timeout(Duration::from_secs(1));
+                    self.shared.idle.store(false, Ordering::SeqCst);
+                    continue;
+                }
+                self.shared.idle.store(false, Ordering::SeqCst);
             }
             // A failed batch is retried (reopening the file) until it is written, so no
             // record taken by `submit` is lost while the disk is briefly unavailable.
-            let mut delay = std::time::Duration::from_millis(50);
+            let mut delay = Duration::from_millis(50);
             loop {
                 match self.write_batch(&batch) {
                     Ok(()) => {
@@ -235,20 +311,52 @@ impl Writer {
                         self.shared.healthy.store(false, Ordering::Release);
                         self.current = None;
                         std::thread::sleep(delay);
-                        delay = (delay * 2).min(std::time::Duration::from_secs(2));
+                        delay = (delay * 2).min(Duration::from_secs(2));
                     }
                 }
             }
-            batch.clear();
-            last_write = Some(std::time::Instant::now());
+            for mut p in batch.drain(..) {
+                p.clear();
+                spare.push(p);
+            }
+            // Under load, the next batch gathers for a window (one sleep, not a polling
+            // loop: every wake-up of this thread takes a core from the workers).
+            if !self.shared.closed.load(Ordering::Acquire) {
+                std::thread::sleep(GROUP_COMMIT_WINDOW);
+            }
         }
     }
 
-    fn write_batch(&mut self, batch: &[Line]) -> std::io::Result<()> {
-        for line in batch {
-            // Records are filed under the day of their own timestamp.
-            let file = self.file_for(line.day())?;
-            file.write_all(&line.json)?;
+    /// Takes every shard's waiting lines into `batch`; returns how many records.
+    fn collect(&self, batch: &mut Vec<Pending>, spare: &mut Vec<Pending>) -> usize {
+        let shards = self
+            .shared
+            .shards
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let mut records = 0;
+        for shard in shards {
+            let mut p = shard.pending.lock().unwrap_or_else(|e| e.into_inner());
+            if p.records == 0 {
+                continue;
+            }
+            records += p.records;
+            let empty = spare.pop().unwrap_or_default();
+            batch.push(std::mem::replace(&mut *p, empty));
+        }
+        records
+    }
+
+    fn write_batch(&mut self, batch: &[Pending]) -> std::io::Result<()> {
+        for p in batch {
+            let mut start = 0;
+            for (day, end) in &p.days {
+                // Records are filed under the day of their own timestamp.
+                let file = self.file_for(day_name(day))?;
+                file.write_all(&p.lines[start..*end])?;
+                start = *end;
+            }
         }
         if let Some((_, f)) = self.current.as_mut() {
             f.flush()?;
@@ -318,6 +426,60 @@ mod tests {
             }
         }
         assert_eq!(total, 1000);
+    }
+
+    #[test]
+    fn records_from_many_threads_all_reach_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (sink, handle) = FileSink::start(dir.path(), "n").unwrap();
+        std::thread::scope(|s| {
+            for t in 0..4 {
+                let sink = &sink;
+                s.spawn(move || {
+                    for i in 0..2500 {
+                        sink.submit(record(t * 10_000 + i, "2026-11-24")).unwrap();
+                    }
+                });
+            }
+        });
+        drop(sink);
+        handle.join();
+        let text = std::fs::read_to_string(dir.path().join("audit-n-2026-11-24.jsonl")).unwrap();
+        let mut ids: Vec<String> = text
+            .lines()
+            .map(|l| serde_json::from_str::<Record>(l).unwrap().message_id)
+            .collect();
+        assert_eq!(ids.len(), 10_000);
+        ids.sort();
+        ids.dedup();
+        assert_eq!(ids.len(), 10_000, "every record once");
+    }
+
+    #[test]
+    fn a_quiet_sink_writes_a_record_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (sink, handle) = FileSink::start(dir.path(), "n").unwrap();
+        let file = dir.path().join("audit-n-2026-11-24.jsonl");
+        for i in 0..3 {
+            // Let the writer go idle, then one record must be on disk well before the
+            // writer's idle timeout (1 s) would have come by.
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            sink.submit(record(i, "2026-11-24")).unwrap();
+            let start = std::time::Instant::now();
+            loop {
+                let n = std::fs::read_to_string(&file).map_or(0, |t| t.lines().count());
+                if n == i + 1 {
+                    break;
+                }
+                assert!(
+                    start.elapsed() < std::time::Duration::from_millis(500),
+                    "record {i} not written within 500 ms"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        }
+        drop(sink);
+        handle.join();
     }
 
     #[test]

@@ -72,9 +72,25 @@ struct Stamp {
 
 impl Stamp {
     fn new() -> Self {
+        thread_local! {
+            /// Message ids increase within a millisecond per worker thread, without a
+            /// lock shared by the threads (what `Uuid::now_v7` takes).
+            static UUID_CONTEXT: uuid::timestamp::context::ContextV7 =
+                const { uuid::timestamp::context::ContextV7::new() };
+        }
         let now = OffsetDateTime::now_utc();
+        // The id carries the same instant as the timestamp.
+        let ts = uuid::Timestamp::from_unix(
+            uuid::timestamp::context::ThreadLocalContext::new(&UUID_CONTEXT),
+            u64::try_from(now.unix_timestamp()).unwrap_or_default(),
+            now.nanosecond(),
+        );
+        let mut id = [0u8; uuid::fmt::Hyphenated::LENGTH];
         Self {
-            message_id: uuid::Uuid::now_v7().to_string(),
+            message_id: uuid::Uuid::new_v7(ts)
+                .hyphenated()
+                .encode_lower(&mut id)
+                .to_owned(),
             timestamp: rfc3339_millis(now),
             now,
             started: Instant::now(),

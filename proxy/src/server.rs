@@ -97,8 +97,11 @@ pub async fn serve(
                 .map(certs::certificate_identity);
             let is_h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
             let conn = Arc::new(ConnInfo::new(peer, certificate));
-            let service =
-                service_fn(move |req| pipeline::handle(Local::of(&gw), conn.clone(), req));
+            let service = service_fn(move |req| {
+                // Boxed: the call's future is large, and hyper moves it (twice) before
+                // polling it; a box is moved as one pointer.
+                Box::pin(pipeline::handle(Local::of(&gw), conn.clone(), req))
+            });
             let io = TokioIo::new(tls);
             let ended = if is_h2 {
                 watcher
