@@ -322,15 +322,6 @@ pub async fn handle(
         Some(g) => g.legal_basis_text.clone(),
         None => authorisation.legal_basis.to_string(),
     });
-    // Reference-counted copies of the header values made at configuration time.
-    let grant_headers = grant.map(|g| {
-        [
-            (FSP_CONSUMER, g.consumer.clone()),
-            (FSP_PURPOSE, g.purpose.clone()),
-            (FSP_LEGAL_BASIS, g.legal_basis.clone()),
-            (FSP_AUTHORISATION, g.authorisation.clone()),
-        ]
-    });
 
     // 5. throttle
     if let Some(p) = snap
@@ -391,10 +382,9 @@ pub async fn handle(
         headers.insert(FSP_MESSAGE_ID, id.clone());
         headers.insert(FSP_TIMESTAMP, ts.clone());
     }
-    if let Some(values) = grant_headers {
-        for (name, value) in values {
-            headers.insert(name, value);
-        }
+    // This thread's header values, made when the configuration was loaded.
+    for (name, value) in grant.map_or(&[][..], |g| &g.headers[..]) {
+        headers.insert(name.clone(), value.clone());
     }
     append_forwarded_for(&mut headers, conn.peer);
     let mut upstream_req = Request::new(RequestBody::with_prefix(

@@ -13,7 +13,7 @@ use std::sync::atomic::AtomicBool;
 
 use arc_swap::ArcSwap;
 use catalogue::Catalogue;
-use http::HeaderValue;
+use http::{HeaderName, HeaderValue};
 use metrics_exporter_prometheus::PrometheusHandle;
 use policy::{Authorisations, Consumers};
 
@@ -33,48 +33,6 @@ pub struct Snapshot {
     pub public_url: String,
     pub max_request_bytes: u64,
     pub fail_closed: bool,
-    /// What each authorisation puts in the provider's `FSP-*` headers, made once per
-    /// configuration rather than on every call, by authorisation id.
-    pub grants: HashMap<String, Grant>,
-}
-
-/// The `FSP-*` values sent to the provider for a call an authorisation covers.
-#[derive(Debug)]
-pub struct Grant {
-    pub consumer: HeaderValue,
-    pub purpose: HeaderValue,
-    /// `kind; reference`, as text for the audit record and as a header value.
-    pub legal_basis_text: String,
-    pub legal_basis: HeaderValue,
-    pub authorisation: HeaderValue,
-}
-
-impl Grant {
-    /// A copy with its own buffers (cloning a header value shares its buffer).
-    fn copy(&self) -> Self {
-        let own =
-            |v: &HeaderValue| HeaderValue::from_bytes(v.as_bytes()).unwrap_or_else(|_| v.clone());
-        Self {
-            consumer: own(&self.consumer),
-            purpose: own(&self.purpose),
-            legal_basis_text: self.legal_basis_text.clone(),
-            legal_basis: own(&self.legal_basis),
-            authorisation: own(&self.authorisation),
-        }
-    }
-
-    /// `None` when a value cannot be sent in a header (a control character): such an
-    /// authorisation is then sent without the offending fields, as before.
-    fn of(a: &policy::Authorisation) -> Option<Self> {
-        let legal_basis_text = a.legal_basis.to_string();
-        Some(Self {
-            consumer: HeaderValue::from_str(&a.consumer).ok()?,
-            purpose: HeaderValue::from_str(&a.purpose).ok()?,
-            legal_basis: HeaderValue::from_str(&legal_basis_text).ok()?,
-            legal_basis_text,
-            authorisation: HeaderValue::from_str(&a.id).ok()?,
-        })
-    }
 }
 
 impl Snapshot {
@@ -82,11 +40,6 @@ impl Snapshot {
         static GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let generation = GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let tls = config.listener.tls.clone();
-        let grants = config
-            .authorisations
-            .iter()
-            .filter_map(|a| Some((a.id.clone(), Grant::of(a)?)))
-            .collect();
         (
             Self {
                 catalogue: config.catalogue,
@@ -97,10 +50,39 @@ impl Snapshot {
                 public_url: config.listener.public_url,
                 max_request_bytes: config.listener.max_request_bytes,
                 fail_closed: config.audit.fail_closed,
-                grants,
             },
             tls,
         )
+    }
+}
+
+/// What an authorisation adds to each call it covers.
+#[derive(Debug)]
+pub struct Grant {
+    /// `kind; reference`, for the audit record.
+    pub legal_basis_text: String,
+    /// `FSP-Consumer`, `FSP-Purpose`, `FSP-Legal-Basis`, `FSP-Authorisation` for the
+    /// provider; a value that cannot be sent in a header (a control character) is left out.
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+}
+
+impl Grant {
+    fn of(a: &policy::Authorisation) -> Self {
+        use crate::headers::{FSP_AUTHORISATION, FSP_CONSUMER, FSP_LEGAL_BASIS, FSP_PURPOSE};
+        let legal_basis_text = a.legal_basis.to_string();
+        let headers = [
+            (FSP_CONSUMER, a.consumer.as_str()),
+            (FSP_PURPOSE, a.purpose.as_str()),
+            (FSP_LEGAL_BASIS, legal_basis_text.as_str()),
+            (FSP_AUTHORISATION, a.id.as_str()),
+        ]
+        .into_iter()
+        .filter_map(|(name, value)| Some((name, HeaderValue::from_str(value).ok()?)))
+        .collect();
+        Self {
+            legal_basis_text,
+            headers,
+        }
     }
 }
 
@@ -115,7 +97,8 @@ impl Snapshot {
 pub struct Local {
     pub gw: Arc<Gateway>,
     pub snap: Arc<Snapshot>,
-    /// This thread's own copies of [`Snapshot::grants`].
+    /// The `FSP-*` header values of each authorisation, by id, made by this thread
+    /// (a header value's buffer is reference counted; these are counted by one core).
     pub grants: HashMap<String, Grant>,
 }
 
@@ -137,9 +120,9 @@ impl Local {
             }
             let snap = arc_swap::Guard::into_inner(current);
             let grants = snap
-                .grants
+                .authorisations
                 .iter()
-                .map(|(id, g)| (id.clone(), g.copy()))
+                .map(|a| (a.id.clone(), Grant::of(a)))
                 .collect();
             let local = Arc::new(Local {
                 gw: gw.clone(),
@@ -212,5 +195,45 @@ impl Gateway {
         metrics::counter!("fsp_config_reloads_total").increment(1);
         tracing::info!(config = %self.config_path.display(), "configuration reloaded");
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_value_that_cannot_be_a_header_leaves_out_only_its_own_header() {
+        let a = policy::Authorisation {
+            id: "AUTH-1".into(),
+            consumer: "ville-bxl".into(),
+            service: "person/getPerson".into(),
+            versions: Vec::new(),
+            purpose: "vote\nx".into(),
+            legal_basis: policy::LegalBasis {
+                kind: policy::LegalBasisKind::Deliberation,
+                reference: "CSI/20/123".into(),
+                issuer: None,
+            },
+            provider_approval: "RRN-1".into(),
+            valid_from: time::macros::date!(2020 - 01 - 01),
+            valid_until: None,
+            revoked: None,
+        };
+        let g = Grant::of(&a);
+        assert_eq!(g.legal_basis_text, "deliberation; CSI/20/123");
+        let sent: Vec<(&str, &[u8])> = g
+            .headers
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_bytes()))
+            .collect();
+        assert_eq!(
+            sent,
+            [
+                ("fsp-consumer", &b"ville-bxl"[..]),
+                ("fsp-legal-basis", &b"deliberation; CSI/20/123"[..]),
+                ("fsp-authorisation", &b"AUTH-1"[..]),
+            ]
+        );
     }
 }
