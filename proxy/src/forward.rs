@@ -127,8 +127,11 @@ impl Lease {
         // provider answered before reading the whole request body, which is still being
         // sent. Lending it now would make the next call wait behind that upload; it
         // joins the pool once free (or is dropped if that takes longer than it may idle).
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return; // shutting down: the connection closes with the sender
+        };
         let mut sender = sender;
-        tokio::spawn(async move {
+        runtime.spawn(async move {
             if let Ok(Ok(())) = tokio::time::timeout(upstream.idle_timeout, sender.ready()).await {
                 upstream.put_back(host, sender);
             }

@@ -49,6 +49,9 @@ pub struct ConnInfo {
     pub certificate: Option<CertificateIdentity>,
     /// The certificate's SHA-256, hex, computed once per connection.
     pub certificate_sha256: Option<String>,
+    /// The peer's address as text, for every record and `X-Forwarded-For` of the
+    /// connection.
+    pub peer_ip: String,
 }
 
 impl ConnInfo {
@@ -58,6 +61,7 @@ impl ConnInfo {
             peer,
             certificate,
             certificate_sha256,
+            peer_ip: peer.ip().to_string(),
         }
     }
 }
@@ -386,7 +390,7 @@ pub async fn handle(
     for (name, value) in grant.map_or(&[][..], |g| &g.headers[..]) {
         headers.insert(name.clone(), value.clone());
     }
-    append_forwarded_for(&mut headers, conn.peer);
+    append_forwarded_for(&mut headers, &conn.peer_ip);
     let mut upstream_req = Request::new(RequestBody::with_prefix(
         prefix,
         body,
@@ -483,17 +487,23 @@ fn initial_record(
     route_path: Option<&RoutePath<'_>>,
     protocol: Option<Protocol>,
 ) -> audit::Record {
+    let method_and_path = || {
+        let (m, p) = (method.as_str(), uri.path());
+        let mut op = String::with_capacity(m.len() + 1 + p.len());
+        op.push_str(m);
+        op.push(' ');
+        op.push_str(p);
+        op
+    };
     let operation = match protocol {
-        Some(Protocol::Soap) => {
-            soap::action(headers).unwrap_or_else(|| format!("{method} {}", uri.path()))
-        }
-        _ => format!("{method} {}", uri.path()),
+        Some(Protocol::Soap) => soap::action(headers).unwrap_or_else(method_and_path),
+        _ => method_and_path(),
     };
     audit::Record {
         message_id: stamp.message_id.clone(),
         timestamp: stamp.timestamp.clone(),
-        source_ip: conn.peer.ip().to_string(),
-        service: route_path.map(|p| format!("{}/{}", p.family, p.service)),
+        source_ip: conn.peer_ip.clone(),
+        service: route_path.map(|p| [p.family, p.service].join("/")),
         version: route_path.map(|p| p.version.to_owned()),
         operation,
         purpose: text(headers, &FSP_PURPOSE).map(str::to_owned),
@@ -853,17 +863,15 @@ fn insert_text(headers: &mut HeaderMap, name: http::HeaderName, value: &str) {
     }
 }
 
-fn append_forwarded_for(headers: &mut HeaderMap, peer: SocketAddr) {
-    let ip = peer.ip().to_string();
-    let value = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev}, {ip}"),
-        None => ip,
-    };
-    insert_text(
-        headers,
-        http::HeaderName::from_static("x-forwarded-for"),
-        &value,
-    );
+fn append_forwarded_for(headers: &mut HeaderMap, peer_ip: &str) {
+    let name = http::HeaderName::from_static("x-forwarded-for");
+    match headers.get(&name).and_then(|v| v.to_str().ok()) {
+        Some(prev) => {
+            let value = format!("{prev}, {peer_ip}");
+            insert_text(headers, name, &value);
+        }
+        None => insert_text(headers, name, peer_ip),
+    }
     headers.insert("x-forwarded-proto", HeaderValue::from_static("https"));
 }
 
