@@ -457,6 +457,11 @@ fn absolute(https: bool, authority: &Authority, path: &PathAndQuery) -> Uri {
 
 /// Pools for every provider, by provider id, each swept of expired idle connections by
 /// a task on the calling thread's runtime (which ends when the pools are replaced).
+///
+/// Each worker thread makes its own, with its [`crate::state::Local`] view: a pooled
+/// connection is always driven by the thread that uses it, so a request never wakes
+/// another thread. A reload makes new pools; the old connections close as their last
+/// calls end.
 pub fn upstreams(providers: &[Provider]) -> HashMap<Arc<str>, Arc<Upstream>> {
     let pools: HashMap<Arc<str>, Arc<Upstream>> = providers
         .iter()
@@ -481,35 +486,6 @@ pub fn upstreams(providers: &[Provider]) -> HashMap<Arc<str>, Arc<Upstream>> {
         }
     }
     pools
-}
-
-/// Pools by provider id, and the configuration generation they were built for.
-type ThreadClients = (u64, HashMap<Arc<str>, Arc<Upstream>>);
-
-thread_local! {
-    /// This worker thread's pools.
-    static CLIENTS: std::cell::RefCell<ThreadClients> =
-        std::cell::RefCell::new((u64::MAX, HashMap::new()));
-}
-
-/// The pool towards `provider` owned by the calling worker thread.
-///
-/// Each worker runtime keeps its own pools: a pooled connection is always driven by the
-/// thread that uses it, so a request never wakes another thread. Pools are rebuilt when
-/// a reload brings a new configuration generation (the old connections close as their
-/// last calls end).
-pub fn upstream_for(
-    generation: u64,
-    providers: &[Provider],
-    provider: &str,
-) -> Option<Arc<Upstream>> {
-    CLIENTS.with(|cell| {
-        let mut clients = cell.borrow_mut();
-        if clients.0 != generation {
-            *clients = (generation, upstreams(providers));
-        }
-        clients.1.get(provider).cloned()
-    })
 }
 
 /// The gateway path split into its routing parts: `/{family}/{service}/{version}{rest}`.

@@ -255,9 +255,7 @@ pub async fn handle(
         );
         return Ok(reject(&local, record, &stamp, form, r));
     }
-    let Some(upstream) =
-        forward::upstream_for(snap.generation, &snap.providers, &route.service.provider)
-    else {
+    let Some(upstream) = local.upstreams.get(&*route.service.provider) else {
         let r = Rejection::new(
             Code::UpstreamUnavailable,
             format!("provider {} is not configured", route.service.provider),

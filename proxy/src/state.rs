@@ -26,10 +26,8 @@ pub struct Snapshot {
     pub consumers: Consumers,
     pub authorisations: Authorisations,
     /// Providers and their connection settings; each worker thread builds its own
-    /// clients from them (see [`crate::forward::upstream_for`]).
+    /// upstream pools from them (see [`Local`]).
     pub providers: Vec<crate::config::Provider>,
-    /// Changes with every reload, so worker threads know to rebuild their clients.
-    pub generation: u64,
     pub public_url: String,
     pub max_request_bytes: u64,
     pub fail_closed: bool,
@@ -37,8 +35,6 @@ pub struct Snapshot {
 
 impl Snapshot {
     pub fn from_config(config: Config) -> (Self, Arc<rustls::ServerConfig>) {
-        static GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let generation = GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let tls = config.listener.tls.clone();
         (
             Self {
@@ -46,7 +42,6 @@ impl Snapshot {
                 consumers: config.consumers,
                 authorisations: Authorisations::new(config.authorisations),
                 providers: config.providers,
-                generation,
                 public_url: config.listener.public_url,
                 max_request_bytes: config.listener.max_request_bytes,
                 fail_closed: config.audit.fail_closed,
@@ -97,6 +92,8 @@ impl Grant {
 pub struct Local {
     pub gw: Arc<Gateway>,
     pub snap: Arc<Snapshot>,
+    /// This thread's upstream pools, by provider id.
+    pub upstreams: HashMap<Arc<str>, Arc<crate::forward::Upstream>>,
     /// The `FSP-*` header values of each authorisation, by id, made by this thread
     /// (a header value's buffer is reference counted; these are counted by one core).
     pub grants: HashMap<String, Grant>,
@@ -125,6 +122,7 @@ impl Local {
                 .map(|a| (a.id.clone(), Grant::of(a)))
                 .collect();
             let local = Arc::new(Local {
+                upstreams: crate::forward::upstreams(&snap.providers),
                 gw: gw.clone(),
                 snap,
                 grants,
