@@ -16,7 +16,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
-use crate::forward::Lease;
+use crate::forward::{BoxError, UpstreamBody};
 use crate::soap::HeaderStamp;
 use crate::state::Local;
 
@@ -34,6 +34,8 @@ pub enum BodyError {
     TooLarge(u64),
     #[error("reading the request body: {0}")]
     Client(#[source] hyper::Error),
+    #[error("the request body does not match its declared length")]
+    Truncated,
 }
 
 /// The consumer's request body on its way to the provider.
@@ -215,9 +217,9 @@ fn status_class(status: u16) -> usize {
 #[derive(Debug)]
 enum Kind {
     Full(Option<Bytes>),
-    Upstream(Incoming),
+    Upstream(UpstreamBody),
     Stamped {
-        inner: Incoming,
+        inner: UpstreamBody,
         stamp: HeaderStamp,
         trailers: Option<Frame<Bytes>>,
         ended: bool,
@@ -230,9 +232,6 @@ pub struct ResponseBody {
     kind: Kind,
     sent: u64,
     finisher: Option<Finisher>,
-    /// The upstream connection the body is read from, returned to its pool once the
-    /// body has been read to its end (dropped with the connection otherwise).
-    lease: Option<Lease>,
 }
 
 impl ResponseBody {
@@ -242,27 +241,20 @@ impl ResponseBody {
             kind: Kind::Full(Some(bytes)),
             sent: 0,
             finisher,
-            lease: None,
         }
     }
 
     /// The provider's body, passed through.
-    pub fn upstream(inner: Incoming, finisher: Finisher, lease: Option<Lease>) -> Self {
+    pub fn upstream(inner: UpstreamBody, finisher: Finisher) -> Self {
         Self {
             kind: Kind::Upstream(inner),
             sent: 0,
             finisher: Some(finisher),
-            lease,
         }
     }
 
     /// The provider's SOAP body, with the FSP header elements stamped in.
-    pub fn stamped(
-        inner: Incoming,
-        stamp: HeaderStamp,
-        finisher: Finisher,
-        lease: Option<Lease>,
-    ) -> Self {
+    pub fn stamped(inner: UpstreamBody, stamp: HeaderStamp, finisher: Finisher) -> Self {
         Self {
             kind: Kind::Stamped {
                 inner,
@@ -272,14 +264,10 @@ impl ResponseBody {
             },
             sent: 0,
             finisher: Some(finisher),
-            lease,
         }
     }
 
     fn done(&mut self) {
-        if let Some(lease) = self.lease.take() {
-            lease.release();
-        }
         if let Some(mut f) = self.finisher.take() {
             f.complete(self.sent, true);
         }
@@ -288,14 +276,6 @@ impl ResponseBody {
 
 impl Drop for ResponseBody {
     fn drop(&mut self) {
-        // A provider body that was complete before it was polled (HEAD, 204, 304, an
-        // empty 200) leaves its connection reusable.
-        if let Kind::Upstream(inner) = &self.kind
-            && inner.is_end_stream()
-            && let Some(lease) = self.lease.take()
-        {
-            lease.release();
-        }
         if let Some(mut f) = self.finisher.take() {
             // A gateway-made body that hyper did not need to poll (HEAD, 304) still counts
             // as delivered; a provider's body cut short does not.
@@ -307,12 +287,12 @@ impl Drop for ResponseBody {
 
 impl Body for ResponseBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         let polled = match &mut this.kind {
             Kind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),

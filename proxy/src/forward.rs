@@ -2,29 +2,37 @@
 //! worker thread, and the URL mapping from the gateway's path space to the version's
 //! upstream.
 //!
-//! The pool sits directly on hyper's connection API. A worker thread owns its pools, so
-//! a pooled connection is always driven by the thread that uses it and a checkout is an
-//! uncontended lock and a `Vec::pop`. An HTTP/1.1 connection is leased to one call and
-//! comes back to the pool when the provider's response body has been passed on whole
+//! A worker thread owns its pools, so a pooled connection is always used by the thread
+//! that made it and a checkout is an uncontended lock and a `Vec::pop`. An HTTP/1.1
+//! connection is spoken by the call's own task ([`crate::h1`]): it is leased to one call
+//! and comes back to the pool when the provider's response body has been read whole
 //! ([`Lease::release`]); a call that ends early (consumer gone, timeout) drops its lease
 //! and with it the connection, which can no longer be reused safely. A provider that
-//! offers HTTP/2 by ALPN gets one multiplexed connection per host and thread.
+//! offers HTTP/2 by ALPN gets one multiplexed hyper connection per host and thread.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{HeaderValue, Request, Response, Uri, Version, header};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, Uri, Version, header};
+use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2};
+use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 
 use crate::body::RequestBody;
 use crate::config::Provider;
+use crate::h1;
+
+/// An error from a body or an exchange, boxed for hyper.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Why a call could not be handed to the provider, or got no answer.
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +72,19 @@ pub enum UpstreamError {
     },
     #[error("the exchange with the provider failed: {0}")]
     Http(#[source] hyper::Error),
+    #[error("the exchange with the provider failed: {0}")]
+    Exchange(#[source] h1::ExchangeError),
+}
+
+impl UpstreamError {
+    /// The consumer's request body was refused (too large, or cut short by the
+    /// consumer), rather than the provider failing.
+    pub fn is_request_body(&self) -> bool {
+        matches!(
+            self,
+            UpstreamError::Exchange(h1::ExchangeError::RequestBody(_))
+        )
+    }
 }
 
 /// How the gateway reaches one provider, from one worker thread.
@@ -90,53 +111,132 @@ struct HostPool {
 
 #[derive(Debug)]
 struct Idle {
-    sender: http1::SendRequest<RequestBody>,
+    conn: h1::Conn,
     since: Instant,
 }
 
 enum Checkout {
-    H1(http1::SendRequest<RequestBody>),
+    H1(h1::Conn),
     H2(http2::SendRequest<RequestBody>),
 }
 
-/// An HTTP/1.1 connection lent to one call until its response has been passed on.
+/// An HTTP/1.1 connection lent to one call until its response has been read.
 #[derive(Debug)]
 pub struct Lease {
     upstream: Arc<Upstream>,
     /// Index of its host's pool in [`Upstream::hosts`] (pools are never removed).
     host: usize,
-    sender: http1::SendRequest<RequestBody>,
+    conn: h1::Conn,
 }
 
 impl Lease {
     /// The response was read to its end: the connection can serve another call.
-    pub fn release(self) {
-        let Lease {
-            upstream,
-            host,
-            sender,
-        } = self;
-        if sender.is_closed() {
-            return;
-        }
-        if sender.is_ready() {
-            upstream.put_back(host, sender);
-            return;
-        }
-        // The response is complete but the connection is not free yet: typically the
-        // provider answered before reading the whole request body, which is still being
-        // sent. Lending it now would make the next call wait behind that upload; it
-        // joins the pool once free (or is dropped if that takes longer than it may idle).
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return; // shutting down: the connection closes with the sender
-        };
-        let mut sender = sender;
-        runtime.spawn(async move {
-            if let Ok(Ok(())) = tokio::time::timeout(upstream.idle_timeout, sender.ready()).await {
-                upstream.put_back(host, sender);
-            }
-        });
+    fn release(self) {
+        self.upstream.put_back(self.host, self.conn);
     }
+}
+
+/// A provider's response body.
+#[derive(Debug)]
+pub enum UpstreamBody {
+    /// Read from a leased HTTP/1.1 connection by the call's task.
+    H1(H1Body),
+    H2(Incoming),
+}
+
+/// A response body read from a leased HTTP/1.1 connection, which goes back to its pool
+/// when the body is complete (and is closed when the body is dropped before).
+#[derive(Debug)]
+pub struct H1Body {
+    lease: Option<Lease>,
+    framing: h1::Framing,
+    reusable: bool,
+}
+
+impl H1Body {
+    fn new(lease: Lease, framing: h1::Framing, reusable: bool) -> Self {
+        let mut body = Self {
+            lease: Some(lease),
+            framing,
+            reusable,
+        };
+        if body.framing.is_done() {
+            body.finish();
+        }
+        body
+    }
+
+    fn finish(&mut self) {
+        if let Some(lease) = self.lease.take()
+            && self.reusable
+        {
+            lease.release();
+        }
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            UpstreamBody::H2(inner) => Pin::new(inner)
+                .poll_frame(cx)
+                .map(|f| f.map(|r| r.map_err(Into::into))),
+            UpstreamBody::H1(body) => {
+                let Some(lease) = &mut body.lease else {
+                    return Poll::Ready(None);
+                };
+                match std::task::ready!(h1::poll_data(&mut lease.conn, &mut body.framing, cx)) {
+                    Some(Ok(data)) => {
+                        if body.framing.is_done() {
+                            body.finish();
+                        }
+                        Poll::Ready(Some(Ok(Frame::data(data))))
+                    }
+                    Some(Err(e)) => {
+                        body.lease = None;
+                        Poll::Ready(Some(Err(e.into())))
+                    }
+                    None => {
+                        body.finish();
+                        Poll::Ready(None)
+                    }
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::H1(body) => body.framing.is_done(),
+            UpstreamBody::H2(inner) => inner.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpstreamBody::H1(body) => match body.framing {
+                h1::Framing::Done => SizeHint::with_exact(0),
+                h1::Framing::Length(n) => SizeHint::with_exact(n),
+                _ => SizeHint::default(),
+            },
+            UpstreamBody::H2(inner) => inner.size_hint(),
+        }
+    }
+}
+
+/// Methods whose requests may be sent again when a kept-alive connection turns out to
+/// have been closed (RFC 9110 §9.2.2).
+fn idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
 }
 
 impl Upstream {
@@ -155,15 +255,17 @@ impl Upstream {
         }
     }
 
-    /// Sends `req` to `path` on the version's upstream `base` (its scheme and host) and
-    /// returns the provider's response, with the lease to hand back once its body has
-    /// been read.
+    /// Sends a request to `path` on the version's upstream `base` (its scheme and host)
+    /// and returns the provider's response, whose body hands its connection back to the
+    /// pool once read.
     pub async fn send(
         self: &Arc<Self>,
         base: &Uri,
         path: PathAndQuery,
-        mut req: Request<RequestBody>,
-    ) -> Result<(Response<Incoming>, Option<Lease>), UpstreamError> {
+        method: Method,
+        mut headers: HeaderMap,
+        mut body: RequestBody,
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
         let https = match base.scheme_str() {
             Some("https") => true,
             Some("http") => false,
@@ -187,15 +289,20 @@ impl Upstream {
             };
             match checkout {
                 Checkout::H2(mut sender) => {
+                    let mut req = Request::new(body);
+                    *req.method_mut() = method.clone();
                     *req.uri_mut() = absolute(https, &authority, &path);
                     *req.version_mut() = Version::HTTP_2;
-                    req.headers_mut().remove(header::HOST);
+                    headers.remove(header::HOST);
+                    *req.headers_mut() = std::mem::take(&mut headers);
                     return match sender.try_send_request(req).await {
-                        Ok(res) => Ok((res, None)),
+                        Ok(res) => Ok(res.map(UpstreamBody::H2)),
                         Err(mut e) => match e.take_message() {
                             // Not sent: the connection went away; take another one.
                             Some(back) if reused => {
-                                req = back;
+                                let (parts, back) = back.into_parts();
+                                headers = parts.headers;
+                                body = back;
                                 self.forget_h2(host);
                                 continue;
                             }
@@ -203,34 +310,32 @@ impl Upstream {
                         },
                     };
                 }
-                Checkout::H1(mut sender) => {
-                    if let Err(e) = sender.ready().await {
-                        // A kept-alive connection the provider closed while it was idle.
-                        if reused {
-                            continue;
-                        }
-                        return Err(UpstreamError::Http(e));
-                    }
-                    *req.uri_mut() = Uri::from(path.clone());
-                    *req.version_mut() = Version::HTTP_11;
-                    if let Some(v) = &host_value {
-                        req.headers_mut().insert(header::HOST, v.clone());
-                    }
-                    match sender.try_send_request(req).await {
-                        Ok(res) => {
+                Checkout::H1(mut conn) => {
+                    match h1::exchange(
+                        &mut conn,
+                        &method,
+                        &path,
+                        host_value.as_ref(),
+                        &headers,
+                        body,
+                    )
+                    .await
+                    {
+                        Ok(answer) => {
                             let lease = Lease {
                                 upstream: self.clone(),
                                 host,
-                                sender,
+                                conn,
                             };
-                            return Ok((res, Some(lease)));
+                            let body = H1Body::new(lease, answer.framing, answer.reusable);
+                            return Ok(Response::from_parts(answer.head, UpstreamBody::H1(body)));
                         }
-                        Err(mut e) => match e.take_message() {
-                            // The kept-alive connection was closed by the provider before
-                            // the request was written: nothing was sent, so send it on a
-                            // fresh connection.
-                            Some(back) if reused => req = back,
-                            _ => return Err(UpstreamError::Http(e.into_error())),
+                        Err(failed) => match failed.body {
+                            // A kept-alive connection the provider closed just as it was
+                            // taken: nothing came back and no body was sent, so an
+                            // idempotent request goes out again on a fresh connection.
+                            Some(back) if reused && idempotent(&method) => body = back,
+                            _ => return Err(UpstreamError::Exchange(failed.error)),
                         },
                     }
                 }
@@ -276,24 +381,21 @@ impl Upstream {
             pool.h2 = None;
         }
         let now = Instant::now();
-        while let Some(idle) = pool.idle.pop() {
-            if idle.sender.is_ready() && now.duration_since(idle.since) < self.idle_timeout {
-                return Some(Checkout::H1(idle.sender));
+        while let Some(mut idle) = pool.idle.pop() {
+            if now.duration_since(idle.since) < self.idle_timeout && idle.conn.is_idle_usable() {
+                return Some(Checkout::H1(idle.conn));
             }
         }
         None
     }
 
-    fn put_back(&self, host: usize, sender: http1::SendRequest<RequestBody>) {
-        if sender.is_closed() {
-            return;
-        }
+    fn put_back(&self, host: usize, conn: h1::Conn) {
         let mut hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(pool) = hosts.get_mut(host)
             && pool.idle.len() < self.max_idle
         {
             pool.idle.push(Idle {
-                sender,
+                conn,
                 since: Instant::now(),
             });
         }
@@ -306,13 +408,13 @@ impl Upstream {
         }
     }
 
-    /// Drops idle connections older than the idle timeout (and closed ones).
+    /// Closes idle connections older than the idle timeout, or closed by the provider.
     fn sweep(&self) {
         let now = Instant::now();
         let mut hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
         for pool in hosts.iter_mut() {
-            pool.idle.retain(|i| {
-                !i.sender.is_closed() && now.duration_since(i.since) < self.idle_timeout
+            pool.idle.retain_mut(|i| {
+                now.duration_since(i.since) < self.idle_timeout && i.conn.is_idle_usable()
             });
             if pool.h2.as_ref().is_some_and(|h| h.is_closed()) {
                 pool.h2 = None;
@@ -320,7 +422,7 @@ impl Upstream {
         }
     }
 
-    /// A new connection (TCP, TLS when https, then the HTTP handshake), its driving
+    /// A new connection: TCP, TLS when https, and for HTTP/2 the handshake, its driving
     /// task spawned on this thread's runtime.
     async fn connect(
         &self,
@@ -331,7 +433,7 @@ impl Upstream {
         let work = async {
             let tcp = connect_tcp(https, authority).await?;
             if !https {
-                return handshake_h1(TokioIo::new(tcp), authority).await;
+                return Ok(Checkout::H1(h1::Conn::new(h1::Io::Plain(tcp))));
             }
             let host = authority.host();
             let bare = host.trim_start_matches('[').trim_end_matches(']');
@@ -350,27 +452,28 @@ impl Upstream {
                     authority: authority.clone(),
                     source,
                 })?;
-            let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-            let io = TokioIo::new(tls);
-            if h2 {
-                let (sender, conn) = http2::Builder::new(TokioExecutor::new())
-                    .timer(TokioTimer::new())
-                    .keep_alive_interval(Duration::from_secs(30))
-                    .handshake(io)
-                    .await
-                    .map_err(|source| UpstreamError::Handshake {
-                        authority: authority.clone(),
-                        source,
-                    })?;
-                spawn_connection(conn);
-                let mut hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
-                if let Some(pool) = hosts.get_mut(pool_index) {
-                    pool.h2 = Some(sender.clone());
-                }
-                Ok(Checkout::H2(sender))
-            } else {
-                handshake_h1(io, authority).await
+            if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
+                return Ok(Checkout::H1(h1::Conn::new(h1::Io::Tls(Box::new(tls)))));
             }
+            let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .keep_alive_interval(Duration::from_secs(30))
+                .handshake(TokioIo::new(tls))
+                .await
+                .map_err(|source| UpstreamError::Handshake {
+                    authority: authority.clone(),
+                    source,
+                })?;
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "upstream connection ended with an error");
+                }
+            });
+            let mut hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(pool) = hosts.get_mut(pool_index) {
+                pool.h2 = Some(sender.clone());
+            }
+            Ok(Checkout::H2(sender))
         };
         tokio::time::timeout(self.connect_timeout, work)
             .await
@@ -379,34 +482,6 @@ impl Upstream {
                 timeout: self.connect_timeout,
             })?
     }
-}
-
-/// The HTTP/1.1 handshake on a connected stream, its connection task spawned.
-async fn handshake_h1<T>(io: T, authority: &Authority) -> Result<Checkout, UpstreamError>
-where
-    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-{
-    let (sender, conn) = http1::Builder::new()
-        .handshake(io)
-        .await
-        .map_err(|source| UpstreamError::Handshake {
-            authority: authority.clone(),
-            source,
-        })?;
-    spawn_connection(conn);
-    Ok(Checkout::H1(sender))
-}
-
-/// Drives one upstream connection until it closes.
-fn spawn_connection<F>(conn: F)
-where
-    F: std::future::Future<Output = hyper::Result<()>> + Send + 'static,
-{
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!(error = %e, "upstream connection ended with an error");
-        }
-    });
 }
 
 /// TCP to the first address of the host that answers, with Nagle off and keep-alive on.

@@ -21,6 +21,7 @@ pub mod body;
 pub mod config;
 pub mod errors;
 pub mod forward;
+pub mod h1;
 pub mod headers;
 pub mod oauth;
 pub mod pipeline;

@@ -389,21 +389,20 @@ pub async fn handle(
         headers.insert(name.clone(), value.clone());
     }
     append_forwarded_for(&mut headers, &conn.peer_ip);
-    let mut upstream_req = Request::new(RequestBody::with_prefix(
-        prefix,
-        body,
-        snap.max_request_bytes,
-        shared.clone(),
-    ));
-    *upstream_req.method_mut() = parts.method;
-    *upstream_req.headers_mut() = headers;
-
+    let upstream_body =
+        RequestBody::with_prefix(prefix, body, snap.max_request_bytes, shared.clone());
     let sent = tokio::time::timeout(
         upstream.response_timeout,
-        upstream.send(&route.version.upstream, path, upstream_req),
+        upstream.send(
+            &route.version.upstream,
+            path,
+            parts.method,
+            headers,
+            upstream_body,
+        ),
     )
     .await;
-    let (response, lease) = match sent {
+    let response = match sent {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
             let r = if shared.too_large.load(std::sync::atomic::Ordering::Relaxed) {
@@ -466,10 +465,9 @@ pub async fn handle(
             rbody,
             HeaderStamp::new(&stamp.message_id, &stamp.timestamp),
             finisher,
-            lease,
         )
     } else {
-        ResponseBody::upstream(rbody, finisher, lease)
+        ResponseBody::upstream(rbody, finisher)
     };
     Ok(Response::from_parts(rparts, body))
 }
