@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{HeaderMap, HeaderValue, Method, Request, Response, Uri, Version, header};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::client::conn::http2;
@@ -30,6 +30,7 @@ use tokio::net::TcpStream;
 use crate::body::RequestBody;
 use crate::config::Provider;
 use crate::h1;
+use crate::headers::Outbound;
 
 /// An error from a body or an exchange, boxed for hyper.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -263,7 +264,7 @@ impl Upstream {
         base: &Uri,
         path: PathAndQuery,
         method: Method,
-        mut headers: HeaderMap,
+        fields: Outbound<'_>,
         mut body: RequestBody,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
         let https = match base.scheme_str() {
@@ -277,6 +278,9 @@ impl Upstream {
         // This thread's own copies of the host's name and `Host` value: the base URI is
         // shared by every thread, and so would be its reference counts.
         let (host, authority, host_value) = self.host(https, authority);
+        // For an HTTP/2 provider the fields go as a map (kept when a request comes back
+        // unsent).
+        let mut h2_headers: Option<HeaderMap> = None;
         loop {
             let (checkout, reused) = match self.checkout(host) {
                 Some(c) => (c, true),
@@ -293,15 +297,14 @@ impl Upstream {
                     *req.method_mut() = method.clone();
                     *req.uri_mut() = absolute(https, &authority, &path);
                     *req.version_mut() = Version::HTTP_2;
-                    headers.remove(header::HOST);
-                    *req.headers_mut() = std::mem::take(&mut headers);
+                    *req.headers_mut() = h2_headers.take().unwrap_or_else(|| fields.to_map());
                     return match sender.try_send_request(req).await {
                         Ok(res) => Ok(res.map(UpstreamBody::H2)),
                         Err(mut e) => match e.take_message() {
                             // Not sent: the connection went away; take another one.
                             Some(back) if reused => {
                                 let (parts, back) = back.into_parts();
-                                headers = parts.headers;
+                                h2_headers = Some(parts.headers);
                                 body = back;
                                 self.forget_h2(host);
                                 continue;
@@ -316,7 +319,7 @@ impl Upstream {
                         &method,
                         &path,
                         host_value.as_ref(),
-                        &headers,
+                        &fields,
                         body,
                     )
                     .await

@@ -31,6 +31,7 @@ use tokio_rustls::client::TlsStream;
 use tokio_util::io::poll_read_buf;
 
 use crate::body::{BodyError, RequestBody};
+use crate::headers::Outbound;
 
 /// Largest response head accepted (status line and header fields).
 const MAX_HEAD: usize = 64 * 1024;
@@ -227,7 +228,7 @@ pub async fn exchange(
     method: &Method,
     path: &PathAndQuery,
     host: Option<&HeaderValue>,
-    headers: &HeaderMap,
+    fields: &Outbound<'_>,
     body: RequestBody,
 ) -> Result<Answer, Failed> {
     let out = if body.is_end_stream() {
@@ -243,7 +244,7 @@ pub async fn exchange(
         }
     };
     conn.wbuf.clear();
-    encode_head(&mut conn.wbuf, method, path, host, headers, out);
+    encode_head(&mut conn.wbuf, method, path, host, fields, out);
     let mut ex = Exchange {
         conn,
         body: Some(body),
@@ -497,7 +498,7 @@ fn encode_head(
     method: &Method,
     path: &PathAndQuery,
     host: Option<&HeaderValue>,
-    headers: &HeaderMap,
+    fields: &Outbound<'_>,
     out: Out,
 ) {
     buf.extend_from_slice(method.as_str().as_bytes());
@@ -509,19 +510,16 @@ fn encode_head(
         buf.extend_from_slice(host.as_bytes());
         buf.extend_from_slice(b"\r\n");
     }
-    for (name, value) in headers {
-        // Framing is the gateway's own; Host was written above.
-        if name == header::CONTENT_LENGTH
-            || name == header::TRANSFER_ENCODING
-            || name == header::HOST
-        {
-            continue;
+    fields.for_each(|name, value| {
+        // Framing is the gateway's own.
+        if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
+            return;
         }
         buf.extend_from_slice(name.as_str().as_bytes());
         buf.extend_from_slice(b": ");
         buf.extend_from_slice(value.as_bytes());
         buf.extend_from_slice(b"\r\n");
-    }
+    });
     match out {
         Out::Length(n) => {
             buf.extend_from_slice(b"content-length: ");
@@ -617,6 +615,8 @@ fn parse_head(rbuf: &mut BytesMut, head_only: bool) -> Result<Option<Parsed>, Ex
                 length = Some(n);
             }
         } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            // The gateway frames the body again for the consumer.
+            span.1 = 0;
             coded = true;
             // Only the last coding says whether the body is chunked.
             chunked = h
@@ -625,18 +625,34 @@ fn parse_head(rbuf: &mut BytesMut, head_only: bool) -> Result<Option<Parsed>, Ex
                 .next()
                 .is_some_and(|last| trim(last).eq_ignore_ascii_case(b"chunked"));
         } else if name.eq_ignore_ascii_case(b"connection") {
+            // Hop-by-hop: left out here when it only says close or keep-alive; when it
+            // names other fields, kept for the caller's hop-by-hop stripping to see.
+            let mut names_fields = false;
             for token in h.value.split(|&b| b == b',').map(trim) {
                 if token.eq_ignore_ascii_case(b"close") {
                     close = true;
-                } else if http10 && token.eq_ignore_ascii_case(b"keep-alive") {
-                    close = false;
+                } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                    if http10 {
+                        close = false;
+                    }
+                } else if !token.is_empty() {
+                    names_fields = true;
                 }
             }
+            if !names_fields {
+                span.1 = 0;
+            }
+        } else if name.eq_ignore_ascii_case(b"keep-alive") {
+            span.1 = 0;
         }
     }
     let head = rbuf.split_to(len).freeze();
-    let mut headers = HeaderMap::with_capacity(count);
+    // Room for the fields the gateway adds (FSP, lifecycle).
+    let mut headers = HeaderMap::with_capacity(count + 4);
     for &(ns, nl, vs, vl) in &spans[..count] {
+        if nl == 0 {
+            continue; // hop-by-hop
+        }
         let (ns, nl, vs, vl) = (ns as usize, nl as usize, vs as usize, vl as usize);
         let name = HeaderName::from_bytes(&head[ns..ns + nl]).map_err(|_| {
             ExchangeError::Protocol(format!(
@@ -894,6 +910,22 @@ mod tests {
         assert_eq!(a.head.status, StatusCode::OK);
         assert_eq!(a.head.headers.get_all("x-a").iter().count(), 2);
 
+        // Hop-by-hop fields about this connection are not passed on; Connection naming
+        // other fields is, for the caller to strip them.
+        let a = answer(
+            "HTTP/1.1 200 OK\r\nconnection: keep-alive\r\nkeep-alive: timeout=5\r\ntransfer-encoding: chunked\r\nx-b: 1\r\n\r\n",
+        );
+        assert_eq!(
+            a.head
+                .headers
+                .keys()
+                .map(|k| k.as_str())
+                .collect::<Vec<_>>(),
+            ["x-b"]
+        );
+        let a = answer("HTTP/1.1 200 OK\r\nconnection: x-b\r\nx-b: 1\r\ncontent-length: 0\r\n\r\n");
+        assert!(a.head.headers.contains_key("connection"));
+
         let a = answer("HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, Chunked\r\n\r\n");
         assert_eq!(a.framing, Framing::Chunked(Chunk::Size));
         assert!(a.reusable);
@@ -1092,31 +1124,29 @@ mod tests {
         headers.insert("fsp-purpose", HeaderValue::from_static("benchmark"));
         let path = PathAndQuery::from_static("/a/b?c=d");
         let host = HeaderValue::from_static("provider.example:8443");
+        let peer = HeaderValue::from_static("192.0.2.1");
+        let fields = Outbound::new(headers, &[], &[], &peer);
         let mut buf = Vec::new();
         encode_head(
             &mut buf,
             &Method::POST,
             &path,
             Some(&host),
-            &headers,
+            &fields,
             Out::Length(1234567),
         );
         assert_eq!(
             String::from_utf8(buf).unwrap(),
-            "POST /a/b?c=d HTTP/1.1\r\nhost: provider.example:8443\r\nfsp-purpose: benchmark\r\ncontent-length: 1234567\r\n\r\n"
+            "POST /a/b?c=d HTTP/1.1\r\nhost: provider.example:8443\r\nfsp-purpose: benchmark\r\n\
+             x-forwarded-for: 192.0.2.1\r\nx-forwarded-proto: https\r\ncontent-length: 1234567\r\n\r\n"
         );
+        let fields = Outbound::new(HeaderMap::new(), &[], &[], &peer);
         let mut buf = Vec::new();
-        encode_head(
-            &mut buf,
-            &Method::PUT,
-            &path,
-            None,
-            &HeaderMap::new(),
-            Out::Chunked,
-        );
+        encode_head(&mut buf, &Method::PUT, &path, None, &fields, Out::Chunked);
         assert_eq!(
             String::from_utf8(buf).unwrap(),
-            "PUT /a/b?c=d HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n"
+            "PUT /a/b?c=d HTTP/1.1\r\nx-forwarded-for: 192.0.2.1\r\nx-forwarded-proto: https\r\n\
+             transfer-encoding: chunked\r\n\r\n"
         );
         let mut buf = Vec::new();
         push_decimal(&mut buf, 0);

@@ -1,7 +1,7 @@
 //! Header names of the contract and the header rules of a proxy (RFC 9110 §7.6.1).
 
-use http::HeaderMap;
 use http::header::{self, HeaderName};
+use http::{HeaderMap, HeaderValue};
 
 pub const FSP_MESSAGE_ID: HeaderName = HeaderName::from_static("fsp-message-id");
 pub const FSP_TIMESTAMP: HeaderName = HeaderName::from_static("fsp-timestamp");
@@ -17,6 +17,8 @@ pub const DEPRECATION: HeaderName = HeaderName::from_static("deprecation");
 pub const SUNSET: HeaderName = HeaderName::from_static("sunset");
 pub const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 pub const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
 /// Removes the hop-by-hop fields: `Connection` and every field it names, `Keep-Alive`,
 /// `Proxy-Connection`, `TE`, `Transfer-Encoding`, `Upgrade` and the proxy credentials.
@@ -67,18 +69,110 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
         || *name == PROXY_CONNECTION
 }
 
-/// Drops every `FSP-*` field a consumer sent except `FSP-Purpose` and `FSP-End-User`:
-/// only the gateway speaks for the platform.
-pub fn strip_consumer_fsp_headers(headers: &mut HeaderMap) {
-    let spoofed: Vec<HeaderName> = headers
-        .keys()
-        .filter(|k| k.as_str().starts_with("fsp-") && **k != FSP_PURPOSE && **k != FSP_END_USER)
-        .cloned()
-        .collect();
-    for name in spoofed {
-        headers.remove(name);
+/// The header fields of a request on its way to a provider: the consumer's, less those
+/// not meant for the provider (hop-by-hop fields, `Host`, `Authorization`, the `FSP-*`
+/// fields only the gateway may set), then the gateway's own. Written straight onto an
+/// HTTP/1.1 connection ([`Outbound::for_each`]), made into a map for HTTP/2.
+#[derive(Debug)]
+pub struct Outbound<'a> {
+    consumer: HeaderMap,
+    /// The gateway's fields; a consumer's field of the same name is not forwarded.
+    gateway: [&'a [(HeaderName, HeaderValue)]; 2],
+    forwarded_for: ForwardedFor<'a>,
+}
+
+#[derive(Debug)]
+enum ForwardedFor<'a> {
+    /// The consumer's address alone.
+    Peer(&'a HeaderValue),
+    /// The consumer's `X-Forwarded-For` with its address appended.
+    Appended(HeaderValue),
+}
+
+impl<'a> Outbound<'a> {
+    /// `fsp` and `grant` are the gateway's fields; `peer` is the consumer's address.
+    pub fn new(
+        mut consumer: HeaderMap,
+        fsp: &'a [(HeaderName, HeaderValue)],
+        grant: &'a [(HeaderName, HeaderValue)],
+        peer: &'a HeaderValue,
+    ) -> Self {
+        // Fields named by `Connection` are rare: strip them the long way.
+        if consumer.get_all(header::CONNECTION).iter().any(|v| {
+            v.to_str().map_or(true, |v| {
+                v.split(',').map(str::trim).any(|t| {
+                    !t.is_empty()
+                        && !t.eq_ignore_ascii_case("close")
+                        && !t.eq_ignore_ascii_case("keep-alive")
+                })
+            })
+        }) {
+            strip_hop_by_hop(&mut consumer);
+        }
+        let forwarded_for = match consumer
+            .get(X_FORWARDED_FOR)
+            .and_then(|v| v.to_str().ok())
+            .zip(peer.to_str().ok())
+            .and_then(|(before, ip)| HeaderValue::try_from(format!("{before}, {ip}")).ok())
+        {
+            Some(v) => ForwardedFor::Appended(v),
+            None => ForwardedFor::Peer(peer),
+        };
+        Self {
+            consumer,
+            gateway: [fsp, grant],
+            forwarded_for,
+        }
+    }
+
+    fn forwards(&self, name: &HeaderName) -> bool {
+        if is_hop_by_hop(name)
+            || name == header::HOST
+            || name == header::AUTHORIZATION
+            || name == X_FORWARDED_FOR
+            || name == X_FORWARDED_PROTO
+        {
+            return false;
+        }
+        if name.as_str().starts_with("fsp-") {
+            return (name == FSP_PURPOSE || name == FSP_END_USER)
+                && !self
+                    .gateway
+                    .iter()
+                    .flat_map(|g| g.iter())
+                    .any(|(n, _)| n == name);
+        }
+        true
+    }
+
+    /// Every field for the provider, in order: the consumer's, then the gateway's.
+    pub fn for_each(&self, mut f: impl FnMut(&HeaderName, &HeaderValue)) {
+        for (name, value) in &self.consumer {
+            if self.forwards(name) {
+                f(name, value);
+            }
+        }
+        for (name, value) in self.gateway.iter().flat_map(|g| g.iter()) {
+            f(name, value);
+        }
+        match &self.forwarded_for {
+            ForwardedFor::Peer(v) => f(&X_FORWARDED_FOR, v),
+            ForwardedFor::Appended(v) => f(&X_FORWARDED_FOR, v),
+        }
+        f(&X_FORWARDED_PROTO, &HTTPS);
+    }
+
+    /// The fields as a map (for an HTTP/2 provider).
+    pub fn to_map(&self) -> HeaderMap {
+        let mut map = HeaderMap::with_capacity(self.consumer.len() + 8);
+        self.for_each(|name, value| {
+            map.append(name.clone(), value.clone());
+        });
+        map
     }
 }
+
+const HTTPS: HeaderValue = HeaderValue::from_static("https");
 
 /// The first value of a header as text, if it is valid visible ASCII.
 pub fn text<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Option<&'a str> {
@@ -129,6 +223,71 @@ mod tests {
         assert!(close.is_empty(), "{close:?}");
     }
 
+    fn forwarded(o: &Outbound<'_>) -> Vec<String> {
+        let mut out = Vec::new();
+        o.for_each(|k, v| out.push(format!("{k}={}", v.to_str().unwrap())));
+        let mut from_map: Vec<String> = o
+            .to_map()
+            .iter()
+            .map(|(k, v)| format!("{k}={}", v.to_str().unwrap()))
+            .collect();
+        let mut sorted = out.clone();
+        sorted.sort();
+        from_map.sort();
+        assert_eq!(sorted, from_map, "the map holds the same fields");
+        out
+    }
+
+    #[test]
+    fn consumer_fields_reach_providers_without_hop_by_hop_credentials_or_fsp_fields() {
+        let peer = HeaderValue::from_static("192.0.2.7");
+        let fsp = [(FSP_MESSAGE_ID, HeaderValue::from_static("id-1"))];
+        let grant = [(FSP_PURPOSE, HeaderValue::from_static("granted"))];
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, "gw.example".parse().unwrap());
+        h.insert(header::AUTHORIZATION, "Bearer x".parse().unwrap());
+        h.insert(header::CONNECTION, "keep-alive".parse().unwrap());
+        h.insert(header::TE, "trailers".parse().unwrap());
+        h.insert("fsp-consumer", "spoofed".parse().unwrap());
+        h.insert("fsp-message-id", "spoofed".parse().unwrap());
+        h.insert("fsp-purpose", "asked".parse().unwrap());
+        h.insert("fsp-end-user", "u1".parse().unwrap());
+        h.insert("x-forwarded-proto", "http".parse().unwrap());
+        h.append("x-multi", "1".parse().unwrap());
+        h.append("x-multi", "2".parse().unwrap());
+        h.insert(header::ACCEPT, "application/json".parse().unwrap());
+        let o = Outbound::new(h, &fsp, &grant, &peer);
+        assert_eq!(
+            forwarded(&o),
+            [
+                "fsp-end-user=u1",
+                "x-multi=1",
+                "x-multi=2",
+                "accept=application/json",
+                "fsp-message-id=id-1",
+                "fsp-purpose=granted",
+                "x-forwarded-for=192.0.2.7",
+                "x-forwarded-proto=https"
+            ]
+        );
+
+        // Fields named by Connection go too; an earlier proxy's addresses are kept.
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, "close, X-Private".parse().unwrap());
+        h.insert("x-private", "1".parse().unwrap());
+        h.insert("x-forwarded-for", "198.51.100.1".parse().unwrap());
+        h.insert("x-kept", "1".parse().unwrap());
+        let o = Outbound::new(h, &[], &[], &peer);
+        assert_eq!(
+            forwarded(&o),
+            [
+                "x-kept=1",
+                "x-forwarded-for=198.51.100.1, 192.0.2.7",
+                "x-forwarded-proto=https"
+            ]
+        );
+    }
+
     #[test]
     fn only_purpose_and_end_user_survive_from_consumers() {
         let mut h = HeaderMap::new();
@@ -145,9 +304,18 @@ mod tests {
                 "x".parse().unwrap(),
             );
         }
-        strip_consumer_fsp_headers(&mut h);
-        let mut left: Vec<_> = h.keys().map(|k| k.as_str().to_owned()).collect();
+        let peer = HeaderValue::from_static("192.0.2.7");
+        let o = Outbound::new(h, &[], &[], &peer);
+        let mut left: Vec<_> = o.to_map().keys().map(|k| k.as_str().to_owned()).collect();
         left.sort();
-        assert_eq!(left, ["fsp-end-user", "fsp-purpose"]);
+        assert_eq!(
+            left,
+            [
+                "fsp-end-user",
+                "fsp-purpose",
+                "x-forwarded-for",
+                "x-forwarded-proto"
+            ]
+        );
     }
 }

@@ -49,19 +49,23 @@ pub struct ConnInfo {
     pub certificate: Option<CertificateIdentity>,
     /// The certificate's SHA-256, hex, computed once per connection.
     pub certificate_sha256: Option<String>,
-    /// The peer's address as text, for every record and `X-Forwarded-For` of the
-    /// connection.
+    /// The peer's address as text, for every record of the connection.
     pub peer_ip: String,
+    /// The same, for `X-Forwarded-For`.
+    pub peer_ip_value: HeaderValue,
 }
 
 impl ConnInfo {
     pub fn new(peer: SocketAddr, certificate: Option<CertificateIdentity>) -> Self {
         let certificate_sha256 = certificate.as_ref().map(|c| c.sha256.to_string());
+        let peer_ip = peer.ip().to_string();
         Self {
             peer,
             certificate,
             certificate_sha256,
-            peer_ip: peer.ip().to_string(),
+            peer_ip_value: HeaderValue::from_str(&peer_ip)
+                .unwrap_or_else(|_| HeaderValue::from_static("unknown")),
+            peer_ip,
         }
     }
 }
@@ -372,23 +376,18 @@ pub async fn handle(
 
     // 7. forward
     let shared = Arc::new(CallShared::default());
-    let mut headers = parts.headers;
-    strip_hop_by_hop(&mut headers);
-    strip_consumer_fsp_headers(&mut headers);
-    headers.remove(header::HOST);
-    headers.remove(header::AUTHORIZATION);
     // Made once, sent twice (to the provider and back to the consumer).
-    let id_value = HeaderValue::from_str(&stamp.message_id).ok();
-    let ts_value = HeaderValue::from_str(&stamp.timestamp).ok();
-    if let (Some(id), Some(ts)) = (&id_value, &ts_value) {
-        headers.insert(FSP_MESSAGE_ID, id.clone());
-        headers.insert(FSP_TIMESTAMP, ts.clone());
-    }
-    // This thread's header values, made when the configuration was loaded.
-    for (name, value) in grant.map_or(&[][..], |g| &g.headers[..]) {
-        headers.insert(name.clone(), value.clone());
-    }
-    append_forwarded_for(&mut headers, &conn.peer_ip);
+    let fsp = HeaderValue::from_str(&stamp.message_id)
+        .ok()
+        .zip(HeaderValue::from_str(&stamp.timestamp).ok())
+        .map(|(id, ts)| [(FSP_MESSAGE_ID, id), (FSP_TIMESTAMP, ts)]);
+    // The grant's values are this thread's own, made when the configuration was loaded.
+    let fields = Outbound::new(
+        parts.headers,
+        fsp.as_ref().map_or(&[][..], |f| &f[..]),
+        grant.map_or(&[][..], |g| &g.headers[..]),
+        &conn.peer_ip_value,
+    );
     let upstream_body =
         RequestBody::with_prefix(prefix, body, snap.max_request_bytes, shared.clone());
     let sent = tokio::time::timeout(
@@ -397,7 +396,7 @@ pub async fn handle(
             &route.version.upstream,
             path,
             parts.method,
-            headers,
+            fields,
             upstream_body,
         ),
     )
@@ -440,7 +439,7 @@ pub async fn handle(
     // 8. respond
     let (mut rparts, rbody) = response.into_parts();
     strip_hop_by_hop(&mut rparts.headers);
-    if let (Some(id), Some(ts)) = (id_value, ts_value) {
+    if let Some([(_, id), (_, ts)]) = fsp {
         rparts.headers.insert(FSP_MESSAGE_ID, id);
         rparts.headers.insert(FSP_TIMESTAMP, ts);
     }
@@ -851,24 +850,6 @@ fn deprecation_headers(
     {
         headers.append(header::LINK, v);
     }
-}
-
-fn insert_text(headers: &mut HeaderMap, name: http::HeaderName, value: &str) {
-    if let Ok(v) = HeaderValue::from_str(value) {
-        headers.insert(name, v);
-    }
-}
-
-fn append_forwarded_for(headers: &mut HeaderMap, peer_ip: &str) {
-    let name = http::HeaderName::from_static("x-forwarded-for");
-    match headers.get(&name).and_then(|v| v.to_str().ok()) {
-        Some(prev) => {
-            let value = format!("{prev}, {peer_ip}");
-            insert_text(headers, name, &value);
-        }
-        None => insert_text(headers, name, peer_ip),
-    }
-    headers.insert("x-forwarded-proto", HeaderValue::from_static("https"));
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
