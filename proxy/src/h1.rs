@@ -152,7 +152,7 @@ impl Conn {
 /// Why an exchange failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ExchangeError {
-    #[error("{0}")]
+    #[error(transparent)]
     Io(#[from] io::Error),
     #[error("the provider closed the connection without answering")]
     Closed,

@@ -852,12 +852,17 @@ fn deprecation_headers(
     }
 }
 
+/// An error and its causes, each said once: many errors already end with their cause's
+/// text, which is not repeated.
 fn error_chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut cur = e.source();
     while let Some(s) = cur {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
+        let text = s.to_string();
+        if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
         cur = s.source();
     }
     out
@@ -893,6 +898,19 @@ fn reject_with(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn error_chains_say_each_cause_once() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("outer failed: {0}")]
+        struct Outer(#[source] std::io::Error);
+        #[derive(Debug, thiserror::Error)]
+        #[error("outer failed")]
+        struct Bare(#[source] std::io::Error);
+        let io = || std::io::Error::other("broken pipe");
+        assert_eq!(error_chain(&Outer(io())), "outer failed: broken pipe");
+        assert_eq!(error_chain(&Bare(io())), "outer failed: broken pipe");
+    }
 
     #[test]
     fn dates_in_the_wire_formats() {

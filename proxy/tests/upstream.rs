@@ -2,17 +2,22 @@
 //! provider that demands FSP's client certificate (HTTP/1.1 and HTTP/2 by ALPN),
 //! kept-alive connections being reused, providers closing connections (idle, after an
 //! answer, by HTTP/2 GOAWAY), responses abandoned halfway, and answers that come before
-//! the request body has been sent.
+//! the request body has been sent. Hand-written providers ([`Scripted`]) control the
+//! HTTP/1.1 bytes exactly: chunked, length and close framings, interim answers, answers
+//! without a body, broken or cut-off answers, and the request framing the provider gets.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -416,16 +421,42 @@ async fn read_head(tcp: &mut TcpStream, buf: &mut Vec<u8>) -> Option<String> {
     Some(head)
 }
 
-/// Reads the body of the request whose head is `head` (Content-Length or chunked).
-async fn read_body(tcp: &mut TcpStream, buf: &mut Vec<u8>, head: &str) -> bool {
+/// Reads one CRLF-terminated line from `tcp` (returned without its CRLF); `None` when the
+/// connection ends first.
+async fn read_line(tcp: &mut TcpStream, buf: &mut Vec<u8>) -> Option<String> {
+    let eol = |b: &[u8]| b.windows(2).position(|w| w == b"\r\n");
+    if !read_until(tcp, buf, |b| eol(b).is_some()).await {
+        return None;
+    }
+    let end = eol(buf)?;
+    let line = String::from_utf8_lossy(&buf[..end]).into_owned();
+    buf.drain(..end + 2);
+    Some(line)
+}
+
+/// Reads the body of the request whose head is `head` (Content-Length or chunked) and
+/// returns it without its chunked framing; `None` when the connection ends first or the
+/// chunked framing is broken.
+async fn read_body(tcp: &mut TcpStream, buf: &mut Vec<u8>, head: &str) -> Option<Vec<u8>> {
     if head.contains("transfer-encoding: chunked") {
-        let end = |b: &[u8]| b.windows(5).position(|w| w == b"0\r\n\r\n");
-        if !read_until(tcp, buf, |b| end(b).is_some()).await {
-            return false;
+        let mut body = Vec::new();
+        loop {
+            let size_line = read_line(tcp, buf).await?;
+            let size = size_line.split(';').next()?.trim();
+            let size = usize::from_str_radix(size, 16).ok()?;
+            if size == 0 {
+                // Trailer fields, up to an empty line.
+                while !read_line(tcp, buf).await?.is_empty() {}
+                return Some(body);
+            }
+            if !read_until(tcp, buf, |b| b.len() >= size + 2).await
+                || buf[size..size + 2] != *b"\r\n"
+            {
+                return None;
+            }
+            body.extend(buf.drain(..size));
+            buf.drain(..2);
         }
-        let n = end(buf).unwrap_or(0) + 5;
-        buf.drain(..n);
-        return true;
     }
     let length: usize = head
         .lines()
@@ -433,10 +464,9 @@ async fn read_body(tcp: &mut TcpStream, buf: &mut Vec<u8>, head: &str) -> bool {
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0);
     if !read_until(tcp, buf, |b| b.len() >= length).await {
-        return false;
+        return None;
     }
-    buf.drain(..length);
-    true
+    Some(buf.drain(..length).collect())
 }
 
 /// A 200 answer with a Content-Length (and no `Connection: close`: it looks reusable).
@@ -471,7 +501,7 @@ async fn raw_upstream(one_shot: bool) -> (SocketAddr, Counters) {
                     if one_shot {
                         // The whole request is read, so that closing sends a FIN, not
                         // a reset.
-                        if !read_body(&mut tcp, &mut buf, &head).await {
+                        if read_body(&mut tcp, &mut buf, &head).await.is_none() {
                             return;
                         }
                         requests.fetch_add(1, Ordering::SeqCst);
@@ -486,7 +516,7 @@ async fn raw_upstream(one_shot: bool) -> (SocketAddr, Counters) {
                         .write_all(answer(&format!("early {path}")).as_bytes())
                         .await
                         .is_err()
-                        || !read_body(&mut tcp, &mut buf, &head).await
+                        || read_body(&mut tcp, &mut buf, &head).await.is_none()
                     {
                         return;
                     }
@@ -495,6 +525,262 @@ async fn raw_upstream(one_shot: bool) -> (SocketAddr, Counters) {
         }
     });
     (addr, counters)
+}
+
+/// One request as a [`Scripted`] provider read it.
+#[derive(Debug, Clone)]
+struct Received {
+    /// Which of the provider's TCP connections carried it, counted from 0 in accept order.
+    conn: usize,
+    /// The request line and header fields, lower-cased.
+    head: String,
+    /// The body, without its chunked framing if it had one.
+    body: Vec<u8>,
+}
+
+impl Received {
+    fn method(&self) -> &str {
+        self.head.split_whitespace().next().unwrap_or("")
+    }
+
+    fn path(&self) -> &str {
+        self.head.split_whitespace().nth(1).unwrap_or("")
+    }
+
+    /// Every value of the header field `name` (lower-case), in order.
+    fn values(&self, name: &str) -> Vec<&str> {
+        self.head
+            .lines()
+            .skip(1)
+            .filter_map(|l| l.split_once(':'))
+            .filter(|(n, _)| n.trim() == name)
+            .map(|(_, v)| v.trim())
+            .collect()
+    }
+}
+
+/// How a [`Scripted`] provider answers one request.
+struct Reply {
+    /// The bytes written, exactly as they are.
+    wire: Vec<u8>,
+    /// Written 1, 2, 3, 1, 2, 3… bytes at a time, each piece flushed and followed by a
+    /// pause, instead of at once.
+    trickle: bool,
+    /// The provider closes the connection once the answer is written (without saying so
+    /// unless `wire` does).
+    close: bool,
+}
+
+impl Reply {
+    fn new(wire: impl Into<Vec<u8>>) -> Self {
+        Self {
+            wire: wire.into(),
+            trickle: false,
+            close: false,
+        }
+    }
+
+    fn trickled(self) -> Self {
+        Self {
+            trickle: true,
+            ..self
+        }
+    }
+
+    fn then_close(self) -> Self {
+        Self {
+            close: true,
+            ..self
+        }
+    }
+
+    async fn write(&self, tcp: &mut TcpStream) -> std::io::Result<()> {
+        if !self.trickle {
+            tcp.write_all(&self.wire).await?;
+            return tcp.flush().await;
+        }
+        let mut rest = &self.wire[..];
+        for step in 0.. {
+            if rest.is_empty() {
+                break;
+            }
+            let n = (step % 3 + 1).min(rest.len());
+            tcp.write_all(&rest[..n]).await?;
+            tcp.flush().await?;
+            rest = &rest[n..];
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        Ok(())
+    }
+}
+
+/// A provider on loopback that speaks hand-written HTTP/1.1 over plain TCP, so that
+/// what goes on the wire is exactly what a test says: it reads each request (head and
+/// body), records it, and writes the bytes `reply` gives for it; it serves requests on a
+/// connection until the gateway closes it or a reply ends with closing it.
+struct Scripted {
+    addr: SocketAddr,
+    counters: Counters,
+    received: Arc<Mutex<Vec<Received>>>,
+}
+
+impl Scripted {
+    async fn start(reply: impl Fn(&Received) -> Reply + Send + Sync + 'static) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let counters = Counters::default();
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let reply = Arc::new(reply);
+        let (c, log) = (counters.clone(), received.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut tcp, _)) = listener.accept().await else {
+                    return;
+                };
+                tcp.set_nodelay(true).unwrap();
+                let conn = c.connections.fetch_add(1, Ordering::SeqCst);
+                let (requests, log, reply) = (c.requests.clone(), log.clone(), reply.clone());
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    while let Some(head) = read_head(&mut tcp, &mut buf).await {
+                        let Some(body) = read_body(&mut tcp, &mut buf, &head).await else {
+                            return;
+                        };
+                        let request = Received { conn, head, body };
+                        let answer = reply(&request);
+                        // Recorded before answering: once the consumer has its answer,
+                        // the test can look at the request.
+                        log.lock().unwrap().push(request);
+                        requests.fetch_add(1, Ordering::SeqCst);
+                        if answer.write(&mut tcp).await.is_err() {
+                            return;
+                        }
+                        if answer.close {
+                            let _ = tcp.shutdown().await;
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Self {
+            addr,
+            counters,
+            received,
+        }
+    }
+
+    fn received(&self) -> Vec<Received> {
+        self.received.lock().unwrap().clone()
+    }
+
+    /// The connection each request came on, in the order the requests came.
+    fn conns(&self) -> Vec<usize> {
+        self.received().iter().map(|r| r.conn).collect()
+    }
+
+    /// A gateway with one worker thread (so that every call uses the same pool), whose
+    /// service `up/raw` forwards `/up/raw/v1{rest}` to this provider's `/raw{rest}`; and
+    /// an HTTP/1.1 consumer client.
+    async fn behind_gateway(&self) -> (Setup, HttpsClient) {
+        let s = start(
+            Pki::new(),
+            1,
+            "",
+            &[("raw", format!("http://{}/raw", self.addr))],
+        )
+        .await;
+        let c = client(&s.pki, Some(&s.pki.consumer), false);
+        (s, c)
+    }
+}
+
+/// What the consumer got for one request.
+struct Got {
+    status: StatusCode,
+    headers: http::HeaderMap,
+    /// The whole body, or why it could not be read whole.
+    body: Result<Bytes, String>,
+}
+
+/// Sends `req` through the gateway and reads the whole answer, within a few seconds;
+/// `Err` when no answer head came.
+async fn fetch(c: &HttpsClient, req: Request<AnyBody>) -> Result<Got, String> {
+    let what = format!("{} {}", req.method(), req.uri());
+    within(&what, 8, async {
+        let resp = c.request(req).await.map_err(|e| format!("{e:?}"))?;
+        let (parts, body) = resp.into_parts();
+        let body = body
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .map_err(|e| format!("{e:?}"));
+        Ok(Got {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        })
+    })
+    .await
+}
+
+/// [`fetch`] for a call that must succeed: a 200 and a whole body.
+async fn fetch_ok(c: &HttpsClient, req: Request<AnyBody>) -> (http::HeaderMap, Bytes) {
+    let what = format!("{} {}", req.method(), req.uri());
+    let got = fetch(c, req)
+        .await
+        .unwrap_or_else(|e| panic!("{what}: no answer: {e}"));
+    let body = got
+        .body
+        .unwrap_or_else(|e| panic!("{what}: {} with a broken body: {e}", got.status));
+    assert_eq!(
+        got.status,
+        StatusCode::OK,
+        "{what}: {}",
+        String::from_utf8_lossy(&body)
+    );
+    (got.headers, body)
+}
+
+/// A request body delivered in `pieces`, each after a `Pending`, whose size is not known
+/// beforehand: an HTTP/1.1 client sends it chunked.
+struct Unsized {
+    pieces: VecDeque<Bytes>,
+    ready: bool,
+}
+
+impl Unsized {
+    fn body(pieces: &[&[u8]]) -> AnyBody {
+        Self {
+            pieces: pieces.iter().map(|p| Bytes::copy_from_slice(p)).collect(),
+            ready: false,
+        }
+        .boxed_unsync()
+    }
+}
+
+impl http_body::Body for Unsized {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
+        if self.pieces.is_empty() {
+            return Poll::Ready(None);
+        }
+        if !std::mem::replace(&mut self.ready, false) {
+            self.ready = true;
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        Poll::Ready(
+            self.pieces
+                .pop_front()
+                .map(|p| Ok(http_body::Frame::data(p))),
+        )
+    }
 }
 
 #[tokio::test]
@@ -886,4 +1172,393 @@ async fn an_early_answer_does_not_lend_a_connection_still_sending_a_body() {
         "B waited {took:?} for A's body"
     );
     drop(a);
+}
+
+#[tokio::test]
+async fn a_trickled_chunked_answer_with_extensions_and_trailer_arrives_whole() {
+    // Chunk data that looks like chunked framing, extensions (one with a quoted `;`,
+    // one after whitespace), an upper-case hexadecimal size, and a trailer section.
+    let long: Vec<u8> = (0..0xAB_u32).map(|i| b'a' + (i % 26) as u8).collect();
+    let chunks: [(&str, &[u8]); 3] = [
+        (";name=value", b"hello"),
+        (" ; q=\"a;b\"", b", 0\r\n\r\nnot the end; "),
+        (";x", &long),
+    ];
+    let mut wire =
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ntransfer-encoding: chunked\r\n\r\n"
+            .to_vec();
+    let mut expected = Vec::new();
+    for (ext, data) in chunks {
+        wire.extend_from_slice(format!("{:X}{ext}\r\n", data.len()).as_bytes());
+        wire.extend_from_slice(data);
+        wire.extend_from_slice(b"\r\n");
+        expected.extend_from_slice(data);
+    }
+    wire.extend_from_slice(b"0;last\r\nx-trailer: yes\r\nx-checksum: 42\r\n\r\n");
+    assert!(String::from_utf8_lossy(&wire).contains("\r\nAB;x\r\n"));
+
+    let p = Scripted::start(move |r| {
+        let reply = Reply::new(wire.clone());
+        if r.path().ends_with("/at-once") {
+            reply
+        } else {
+            reply.trickled()
+        }
+    })
+    .await;
+    let (s, c) = p.behind_gateway().await;
+    for path in ["trickled", "trickled", "at-once"] {
+        let (headers, body) =
+            fetch_ok(&c, get(&s.gw.url(&format!("/up/raw/v1/chunked/{path}")))).await;
+        assert_eq!(
+            body,
+            expected,
+            "{path}: {:?}",
+            String::from_utf8_lossy(&body)
+        );
+        assert!(!headers.contains_key("x-trailer"), "{path}: {headers:?}");
+    }
+    assert_eq!(
+        p.counters.connections(),
+        1,
+        "the later calls reuse the first's connection"
+    );
+    assert_eq!(p.conns(), [0, 0, 0]);
+}
+
+#[tokio::test]
+async fn an_answer_ending_at_close_arrives_whole_and_the_next_call_connects_again() {
+    let p = Scripted::start(|r| {
+        if r.path().ends_with("/eof") {
+            // Neither Content-Length nor chunked: the body ends when the connection does.
+            Reply::new(&b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\nuntil the very end\r\n\r\n(really)"[..])
+                .trickled()
+                .then_close()
+        } else {
+            Reply::new(answer("next"))
+        }
+    })
+    .await;
+    let (s, c) = p.behind_gateway().await;
+    let (_, body) = fetch_ok(&c, get(&s.gw.url("/up/raw/v1/eof"))).await;
+    assert_eq!(body, "until the very end\r\n\r\n(really)");
+    let (_, body) = fetch_ok(&c, get(&s.gw.url("/up/raw/v1/next"))).await;
+    assert_eq!(body, "next");
+    assert_eq!(p.conns(), [0, 1], "the closed connection is not used again");
+}
+
+#[tokio::test]
+async fn interim_answers_are_skipped() {
+    let p = Scripted::start(|r| {
+        let mut wire = b"HTTP/1.1 100 Continue\r\n\r\n\
+                         HTTP/1.1 103 Early Hints\r\nlink: </s.css>; rel=preload\r\n\r\n"
+            .to_vec();
+        wire.extend_from_slice(answer(&format!("final after {} bytes", r.body.len())).as_bytes());
+        Reply::new(wire).trickled()
+    })
+    .await;
+    let (s, c) = p.behind_gateway().await;
+    let (headers, body) = fetch_ok(
+        &c,
+        post(&s.gw.url("/up/raw/v1/interim"), "text/plain", "ping"),
+    )
+    .await;
+    assert_eq!(body, "final after 4 bytes");
+    assert!(
+        !headers.contains_key("link"),
+        "the 103's field: {headers:?}"
+    );
+    let (_, body) = fetch_ok(&c, get(&s.gw.url("/up/raw/v1/interim"))).await;
+    assert_eq!(body, "final after 0 bytes");
+    assert_eq!(p.conns(), [0, 0]);
+}
+
+#[tokio::test]
+async fn answers_without_a_body_do_not_hang_and_keep_the_connection() {
+    let p = Scripted::start(|r| {
+        if r.method() == "head" {
+            // The length a GET would have, and no body.
+            Reply::new("HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 5\r\n\r\n")
+        } else if r.path().ends_with("/nothing") {
+            Reply::new("HTTP/1.1 204 No Content\r\nx-seen: yes\r\n\r\n")
+        } else if r.path().ends_with("/unchanged") {
+            // The length of the representation the client already has, and no body.
+            Reply::new("HTTP/1.1 304 Not Modified\r\netag: \"v1\"\r\ncontent-length: 9\r\n\r\n")
+        } else {
+            Reply::new(answer("after"))
+        }
+    })
+    .await;
+    let (s, c) = p.behind_gateway().await;
+    let url = s.gw.url("/up/raw/v1/thing");
+    let head = Request::head(&url).body(text(Bytes::new())).unwrap();
+    let (headers, body) = fetch_ok(&c, head).await;
+    assert!(body.is_empty());
+    assert_eq!(
+        headers.get("content-length").map(|v| v.as_bytes()),
+        Some(&b"5"[..]),
+        "the HEAD answer's length is the provider's: {headers:?}"
+    );
+    let (_, body) = fetch_ok(&c, get(&url)).await;
+    assert_eq!(body, "after");
+
+    let got = fetch(&c, get(&s.gw.url("/up/raw/v1/nothing")))
+        .await
+        .unwrap();
+    assert_eq!(got.status, StatusCode::NO_CONTENT);
+    assert_eq!(got.body.unwrap(), "");
+    assert_eq!(got.headers.get("x-seen").unwrap(), "yes");
+    let (_, body) = fetch_ok(&c, get(&url)).await;
+    assert_eq!(body, "after");
+
+    let got = fetch(&c, get(&s.gw.url("/up/raw/v1/unchanged")))
+        .await
+        .unwrap();
+    assert_eq!(got.status, StatusCode::NOT_MODIFIED);
+    assert_eq!(got.body.unwrap(), "");
+    assert_eq!(got.headers.get("etag").unwrap(), "\"v1\"");
+    let (_, body) = fetch_ok(&c, get(&url)).await;
+    assert_eq!(body, "after");
+
+    assert_eq!(
+        p.received()
+            .iter()
+            .map(|r| r.method().to_owned())
+            .collect::<Vec<_>>(),
+        ["head", "get", "get", "get", "get", "get"]
+    );
+    assert_eq!(p.conns(), [0; 6], "one connection for all the calls");
+}
+
+#[tokio::test]
+async fn the_provider_receives_the_gateway_framing_and_its_own_host() {
+    let p = Scripted::start(|_| Reply::new(answer("ok"))).await;
+    let (s, c) = p.behind_gateway().await;
+    let sized: Vec<u8> = (0..20_000_u32).map(|i| (i % 251) as u8).collect();
+    // Pieces larger and smaller than what the gateway copies next to the framing, and
+    // data that looks like the end of a chunked body.
+    let big: Vec<u8> = (0..40_000_u32).map(|i| (i % 241) as u8).collect();
+    let pieces: [&[u8]; 5] = [b"first ", b"0\r\n\r\n", &big, b"", b" last"];
+
+    // With fields about the consumer's own connection, which are not the provider's.
+    let mut plain_get = get(&s.gw.url("/up/raw/v1/get"));
+    for (name, value) in [
+        ("connection", "keep-alive, x-hop"),
+        ("keep-alive", "timeout=5"),
+        ("x-hop", "for the gateway only"),
+        ("x-end-to-end", "kept"),
+    ] {
+        plain_get.headers_mut().insert(name, value.parse().unwrap());
+    }
+    fetch_ok(&c, plain_get).await;
+    fetch_ok(&c, post(&s.gw.url("/up/raw/v1/empty"), "text/plain", "")).await;
+    let no_length = Request::post(s.gw.url("/up/raw/v1/unsized"))
+        .header("content-type", "application/octet-stream")
+        .body(Unsized::body(&pieces))
+        .unwrap();
+    fetch_ok(&c, no_length).await;
+    let with_length = Request::post(s.gw.url("/up/raw/v1/sized"))
+        .header("content-type", "application/octet-stream")
+        .body(text(sized.clone()))
+        .unwrap();
+    fetch_ok(&c, with_length).await;
+
+    let seen = p.received();
+    assert_eq!(
+        seen.iter().map(|r| r.path()).collect::<Vec<_>>(),
+        ["/raw/get", "/raw/empty", "/raw/unsized", "/raw/sized"]
+    );
+    let host = format!("127.0.0.1:{}", p.addr.port());
+    for r in &seen {
+        assert_eq!(r.values("host"), [host.as_str()], "{}", r.head);
+    }
+    let [get, empty, chunked, sized_seen] = &seen[..] else {
+        unreachable!()
+    };
+    assert!(get.values("content-length").is_empty(), "{}", get.head);
+    assert!(get.values("transfer-encoding").is_empty(), "{}", get.head);
+    assert!(get.body.is_empty());
+    for hop in ["connection", "keep-alive", "x-hop"] {
+        assert!(get.values(hop).is_empty(), "{hop}: {}", get.head);
+    }
+    assert_eq!(get.values("x-end-to-end"), ["kept"], "{}", get.head);
+
+    assert_eq!(empty.values("content-length"), ["0"], "{}", empty.head);
+    assert!(
+        empty.values("transfer-encoding").is_empty(),
+        "{}",
+        empty.head
+    );
+    assert!(empty.body.is_empty());
+
+    assert_eq!(
+        chunked.values("transfer-encoding"),
+        ["chunked"],
+        "{}",
+        chunked.head
+    );
+    assert!(
+        chunked.values("content-length").is_empty(),
+        "{}",
+        chunked.head
+    );
+    assert_eq!(chunked.body, pieces.concat(), "the decoded body");
+
+    assert_eq!(
+        sized_seen.values("content-length"),
+        ["20000"],
+        "{}",
+        sized_seen.head
+    );
+    assert!(
+        sized_seen.values("transfer-encoding").is_empty(),
+        "{}",
+        sized_seen.head
+    );
+    assert_eq!(sized_seen.body, sized);
+    assert_eq!(
+        p.conns(),
+        [0, 0, 0, 0],
+        "each request was sent whole and reused"
+    );
+}
+
+#[tokio::test]
+async fn answers_that_are_not_http_1_1_give_502() {
+    let p = Scripted::start(|r| {
+        if r.path().ends_with("/garbage") {
+            Reply::new("garbage\r\n\r\n")
+        } else if r.path().ends_with("/lengths") {
+            Reply::new("HTTP/1.1 200 OK\r\ncontent-length: 3\r\ncontent-length: 4\r\n\r\nabcd")
+        } else {
+            Reply::new(answer("fine"))
+        }
+    })
+    .await;
+    let (s, c) = p.behind_gateway().await;
+    let mut details = Vec::new();
+    for (path, says) in [
+        ("/up/raw/v1/garbage", "not valid HTTP/1.1"),
+        ("/up/raw/v1/lengths", "conflicting Content-Length"),
+    ] {
+        let got = fetch(&c, get(&s.gw.url(path))).await.unwrap();
+        let body = got.body.unwrap();
+        assert_eq!(
+            got.status,
+            StatusCode::BAD_GATEWAY,
+            "{path}: {}",
+            String::from_utf8_lossy(&body)
+        );
+        assert_eq!(
+            got.headers.get("content-type").unwrap(),
+            "application/problem+json"
+        );
+        let problem = json(&body);
+        assert_eq!(problem["code"], "FSP-UPSTREAM-UNAVAILABLE", "{problem}");
+        let detail = problem["detail"].as_str().unwrap();
+        assert!(detail.contains("not valid HTTP/1.1"), "{path}: {detail}");
+        assert!(detail.contains(says), "{path}: {detail}");
+        details.push(detail.to_owned());
+    }
+    let (_, body) = fetch_ok(&c, get(&s.gw.url("/up/raw/v1/fine"))).await;
+    assert_eq!(body, "fine");
+    // Neither broken answer was sent twice, nor its connection used again.
+    assert_eq!(p.conns(), [0, 1, 2]);
+    // Each reason is given once: a cause is not repeated by every error wrapping it.
+    for detail in details {
+        assert_eq!(detail.matches("not valid HTTP/1.1").count(), 1, "{detail}");
+    }
+}
+
+#[tokio::test]
+async fn an_answer_with_connection_close_is_the_last_on_its_connection() {
+    let p = Scripted::start(|r| {
+        if r.path().ends_with("/last") {
+            // The provider says close, but leaves the connection open.
+            Reply::new("HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 5\r\n\r\nfirst")
+        } else {
+            Reply::new(answer("second"))
+        }
+    })
+    .await;
+    let (s, c) = p.behind_gateway().await;
+    let (headers, body) = fetch_ok(&c, get(&s.gw.url("/up/raw/v1/last"))).await;
+    assert_eq!(body, "first");
+    assert!(
+        !headers.contains_key("connection"),
+        "a hop-by-hop field reached the consumer: {headers:?}"
+    );
+    let (_, body) = fetch_ok(&c, get(&s.gw.url("/up/raw/v1/next"))).await;
+    assert_eq!(body, "second");
+    assert_eq!(p.conns(), [0, 1]);
+}
+
+#[tokio::test]
+async fn a_connection_closed_silently_after_its_answer_is_not_used_again() {
+    // Every answer looks reusable, and the provider then closes its connection.
+    let p = Scripted::start(|r| Reply::new(answer(&format!("ok {}", r.path()))).then_close()).await;
+    let (s, c) = p.behind_gateway().await;
+    let (_, body) = fetch_ok(&c, get(&s.gw.url("/up/raw/v1/one"))).await;
+    assert_eq!(body, "ok /raw/one");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (_, body) = fetch_ok(&c, get(&s.gw.url("/up/raw/v1/two"))).await;
+    assert_eq!(body, "ok /raw/two");
+    // A POST is not sent again if its connection turns out to be closed: the pool must
+    // have noticed the close while the connection was idle.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (_, body) = fetch_ok(&c, post(&s.gw.url("/up/raw/v1/three"), "text/plain", "3")).await;
+    assert_eq!(body, "ok /raw/three");
+    // Right after the answer, the close may not be seen yet: a GET then goes out
+    // again on a new connection if its pooled one turns out to be closed.
+    let (_, body) = fetch_ok(&c, get(&s.gw.url("/up/raw/v1/four"))).await;
+    assert_eq!(body, "ok /raw/four");
+    assert_eq!(p.conns(), [0, 1, 2, 3]);
+    assert_eq!(p.counters.requests(), 4);
+}
+
+#[tokio::test]
+async fn a_chunked_answer_cut_off_midway_fails_the_consumer_response_only() {
+    // A first chunk, then 7 bytes of a 16-byte one, then the end of the connection.
+    const CUT: &str =
+        "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n10\r\nonly 7 ";
+    let p = Scripted::start(|r| match r.path() {
+        "/raw/cut" => Reply::new(CUT).then_close(),
+        "/raw/cut-slowly" => Reply::new(CUT).trickled().then_close(),
+        _ => Reply::new(answer("whole")),
+    })
+    .await;
+    let (s, c) = p.behind_gateway().await;
+
+    // Written at once, the answer breaks before the gateway has sent anything of it:
+    // the consumer may get no head at all; it must not get a complete answer.
+    if let Ok(got) = fetch(&c, get(&s.gw.url("/up/raw/v1/cut"))).await {
+        assert!(
+            got.body.is_err(),
+            "the consumer got a complete answer: {} {:?}",
+            got.status,
+            got.body
+        );
+    }
+    let (_, body) = fetch_ok(&c, get(&s.gw.url("/up/raw/v1/after"))).await;
+    assert_eq!(body, "whole");
+
+    // Trickled in, the head and the first chunk reach the consumer before the cut: the
+    // body then fails instead of ending.
+    let got = fetch(&c, get(&s.gw.url("/up/raw/v1/cut-slowly")))
+        .await
+        .unwrap_or_else(|e| panic!("no head: {e}"));
+    assert_eq!(got.status, StatusCode::OK);
+    assert!(
+        got.body.is_err(),
+        "the consumer got a complete answer: {:?}",
+        got.body
+    );
+
+    for _ in 0..2 {
+        let (_, body) = fetch_ok(&c, get(&s.gw.url("/up/raw/v1/after"))).await;
+        assert_eq!(body, "whole");
+    }
+    // A cut connection is not used again: the slow cut came on the connection pooled
+    // after the first whole answer, and the next calls needed a new one.
+    assert_eq!(p.conns(), [0, 1, 1, 2, 2]);
 }
