@@ -22,7 +22,8 @@
 //! This crate is pure: it never reads a clock. Every lookup takes `today` from the caller,
 //! so the lifecycle can be tested at its edges.
 
-use std::collections::HashMap;
+// Keys come from the configuration (requests only look them up): a fast hash will do.
+use foldhash::{HashMap, HashMapExt as _};
 use std::fmt;
 use std::sync::Arc;
 

@@ -5,7 +5,8 @@
 //! client ids. Each credential belongs to exactly one consumer: [`Consumers::new`] refuses
 //! a registry where two consumers could claim the same caller.
 
-use std::collections::HashMap;
+// Keys come from the configuration (requests only look them up): a fast hash will do.
+use foldhash::{HashMap, HashMapExt as _};
 use std::fmt;
 use std::sync::Arc;
 

@@ -20,7 +20,8 @@
 //! 6. without a stated purpose, live authorisations for more than one purpose need the
 //!    consumer to choose: `FSP-PURPOSE-REQUIRED`, listing them.
 
-use std::collections::HashMap;
+// Keys come from the configuration (requests only look them up): a fast hash will do.
+use foldhash::{HashMap, HashMapExt as _};
 use std::net::IpAddr;
 
 use time::Date;

@@ -10,7 +10,7 @@
 //! and with it the connection, which can no longer be reused safely. A provider that
 //! offers HTTP/2 by ALPN gets one multiplexed hyper connection per host and thread.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, Weak};
@@ -606,8 +606,9 @@ pub fn upstream_path(
     query: Option<&str>,
 ) -> Result<PathAndQuery, http::Error> {
     let base_path = base.path().trim_end_matches('/');
-    let mut pq =
-        String::with_capacity(base_path.len() + rest.len() + query.map_or(0, |q| q.len() + 1) + 1);
+    // Exactly the length needed: the buffer becomes the path's own without a copy.
+    let path_len = (base_path.len() + rest.len()).max(1);
+    let mut pq = String::with_capacity(path_len + query.map_or(0, |q| q.len() + 1));
     pq.push_str(base_path);
     pq.push_str(rest);
     if pq.is_empty() {

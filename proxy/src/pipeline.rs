@@ -72,8 +72,10 @@ impl ConnInfo {
 
 /// The moment a call was received, in the forms the gateway writes it.
 struct Stamp {
-    message_id: String,
-    timestamp: String,
+    /// The FSP message id, hyphenated lower-case UUID text.
+    id: [u8; uuid::fmt::Hyphenated::LENGTH],
+    /// RFC 3339 with milliseconds (always 24 bytes for the current time).
+    ts: [u8; 24],
     now: OffsetDateTime,
     started: Instant,
 }
@@ -94,15 +96,21 @@ impl Stamp {
             now.nanosecond(),
         );
         let mut id = [0u8; uuid::fmt::Hyphenated::LENGTH];
+        uuid::Uuid::new_v7(ts).hyphenated().encode_lower(&mut id);
         Self {
-            message_id: uuid::Uuid::new_v7(ts)
-                .hyphenated()
-                .encode_lower(&mut id)
-                .to_owned(),
-            timestamp: rfc3339_millis(now),
+            id,
+            ts: rfc3339_millis_bytes(now).unwrap_or(*b"0000-00-00T00:00:00.000Z"),
             now,
             started: Instant::now(),
         }
+    }
+
+    fn message_id(&self) -> &str {
+        std::str::from_utf8(&self.id).unwrap_or_default()
+    }
+
+    fn timestamp(&self) -> &str {
+        std::str::from_utf8(&self.ts).unwrap_or_default()
     }
 }
 
@@ -111,15 +119,24 @@ impl Stamp {
 /// Written digit by digit: it runs for every call, and a format description is
 /// interpreted each time.
 pub fn rfc3339_millis(t: OffsetDateTime) -> String {
-    let t = t.to_offset(time::UtcOffset::UTC);
-    let (year, month, day) = t.to_calendar_date();
-    let Some(year) = u16::try_from(year).ok().filter(|y| *y <= 9999) else {
-        return t
+    match rfc3339_millis_bytes(t) {
+        Some(b) => std::str::from_utf8(&b)
+            .map(str::to_owned)
+            .unwrap_or_default(),
+        None => t
+            .to_offset(time::UtcOffset::UTC)
             .format(format_description!(
                 "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
             ))
-            .unwrap_or_default();
-    };
+            .unwrap_or_default(),
+    }
+}
+
+/// [`rfc3339_millis`] for the years 0 to 9999, without allocating.
+fn rfc3339_millis_bytes(t: OffsetDateTime) -> Option<[u8; 24]> {
+    let t = t.to_offset(time::UtcOffset::UTC);
+    let (year, month, day) = t.to_calendar_date();
+    let year = u16::try_from(year).ok().filter(|y| *y <= 9999)?;
     let mut b = *b"0000-00-00T00:00:00.000Z";
     let mut put = |at: usize, width: usize, mut v: u16| {
         for i in (at..at + width).rev() {
@@ -134,9 +151,7 @@ pub fn rfc3339_millis(t: OffsetDateTime) -> String {
     put(14, 2, u16::from(t.minute()));
     put(17, 2, u16::from(t.second()));
     put(20, 3, t.millisecond());
-    std::str::from_utf8(&b)
-        .map(str::to_owned)
-        .unwrap_or_default()
+    Some(b)
 }
 
 /// An HTTP-date (RFC 9110 IMF-fixdate) for midnight UTC of a day.
@@ -280,12 +295,14 @@ pub async fn handle(
     // 4. authorise
     let mut prefix = Bytes::new();
     let mut body = body;
-    let mut purpose = text(&parts.headers, &FSP_PURPOSE).map(str::to_owned);
-    if protocol == Protocol::Soap && (purpose.is_none() || record.consumer_ref.is_none()) {
+    // The purpose: `FSP-Purpose` (already in the record), or for SOAP `<fsp:Purpose>`.
+    if protocol == Protocol::Soap && (record.purpose.is_none() || record.consumer_ref.is_none()) {
         match read_soap_header(&mut body).await {
             Ok((read, header)) => {
                 prefix = read;
-                purpose = purpose.or(header.purpose);
+                if record.purpose.is_none() {
+                    record.purpose = header.purpose;
+                }
                 if record.consumer_ref.is_none() {
                     record.consumer_ref = header.message_id;
                 }
@@ -293,12 +310,11 @@ pub async fn handle(
             Err(r) => return Ok(reject(&local, record, &stamp, form, r)),
         }
     }
-    record.purpose.clone_from(&purpose);
     let ask = policy::Ask {
         service: &route.service.name,
         version: &route.version.version,
         provider: &route.service.provider,
-        purpose: purpose.as_deref(),
+        purpose: record.purpose.as_deref(),
         source_ip: conn.peer.ip(),
         today: stamp.now.date(),
     };
@@ -322,7 +338,11 @@ pub async fn handle(
         }
     };
     record.authorisation = Some(authorisation.id.clone());
-    record.purpose = Some(authorisation.purpose.clone());
+    // (Reusing the buffer of the purpose the consumer gave, usually the same text.)
+    match &mut record.purpose {
+        Some(p) => p.clone_from(&authorisation.purpose),
+        None => record.purpose = Some(authorisation.purpose.clone()),
+    }
     let grant = local.grants.get(&authorisation.id);
     record.legal_basis = Some(match grant {
         Some(g) => g.legal_basis_text.clone(),
@@ -377,9 +397,9 @@ pub async fn handle(
     // 7. forward
     let shared = Arc::new(CallShared::default());
     // Made once, sent twice (to the provider and back to the consumer).
-    let fsp = HeaderValue::from_str(&stamp.message_id)
+    let fsp = HeaderValue::from_str(stamp.message_id())
         .ok()
-        .zip(HeaderValue::from_str(&stamp.timestamp).ok())
+        .zip(HeaderValue::from_str(stamp.timestamp()).ok())
         .map(|(id, ts)| [(FSP_MESSAGE_ID, id), (FSP_TIMESTAMP, ts)]);
     // The grant's values are this thread's own, made when the configuration was loaded.
     let fields = Outbound::new(
@@ -462,7 +482,7 @@ pub async fn handle(
         rparts.headers.remove(header::CONTENT_LENGTH);
         ResponseBody::stamped(
             rbody,
-            HeaderStamp::new(&stamp.message_id, &stamp.timestamp),
+            HeaderStamp::new(stamp.message_id(), stamp.timestamp()),
             finisher,
         )
     } else {
@@ -495,8 +515,8 @@ fn initial_record(
         _ => method_and_path(),
     };
     audit::Record {
-        message_id: stamp.message_id.clone(),
-        timestamp: stamp.timestamp.clone(),
+        message_id: stamp.message_id().to_owned(),
+        timestamp: stamp.timestamp().to_owned(),
         source_ip: conn.peer_ip.clone(),
         service: route_path.map(|p| [p.family, p.service].join("/")),
         version: route_path.map(|p| p.version.to_owned()),
@@ -886,10 +906,10 @@ fn reject_with(
     r: Rejection,
     shared: Option<Arc<CallShared>>,
 ) -> Response<ResponseBody> {
-    let response = errors::render(&r, form, &stamp.message_id, &stamp.timestamp);
+    let response = errors::render(&r, form, stamp.message_id(), stamp.timestamp());
     record.decision = r.code.as_str().to_owned();
     record.status = r.code.status().as_u16();
-    tracing::debug!(message_id = %stamp.message_id, code = r.code.as_str(), detail = %r.detail, "call refused");
+    tracing::debug!(message_id = %stamp.message_id(), code = r.code.as_str(), detail = %r.detail, "call refused");
     let (parts, bytes): (_, Bytes) = response.into_parts();
     let finisher = Finisher::new(record, stamp.started, shared, local.clone());
     Response::from_parts(parts, ResponseBody::full(bytes, Some(finisher)))

@@ -6,7 +6,8 @@
 //! The listener's TLS configuration is swapped the same way; handshakes in progress
 //! finish with the configuration they started with.
 
-use std::collections::HashMap;
+// Keys come from the configuration (requests only look them up): a fast hash will do.
+use foldhash::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
