@@ -77,17 +77,6 @@ pub enum UpstreamError {
     Exchange(#[source] h1::ExchangeError),
 }
 
-impl UpstreamError {
-    /// The consumer's request body was refused (too large, or cut short by the
-    /// consumer), rather than the provider failing.
-    pub fn is_request_body(&self) -> bool {
-        matches!(
-            self,
-            UpstreamError::Exchange(h1::ExchangeError::RequestBody(_))
-        )
-    }
-}
-
 /// How the gateway reaches one provider, from one worker thread.
 #[derive(Debug)]
 pub struct Upstream {
