@@ -15,9 +15,11 @@ set -Eeuo pipefail
 
 # ---------------------------------------------------------------- settings --
 CONCURRENCY=${CONCURRENCY:-32}
-DURATION=${DURATION:-20}              # seconds, per measured run
-WARMUP=${WARMUP:-3}                   # seconds, before each measured run
-ROUNDS=${ROUNDS:-1}                   # repeat the set; medians are reported
+DURATION=${DURATION:-10}              # seconds, per measured run
+WARMUP=${WARMUP:-2}                   # seconds, before each measured run
+ROUNDS=${ROUNDS:-3}                   # repeat the set; medians are reported
+# (Three interleaved rounds by default: on a small VM the machine itself drifts by
+# 10 % or more within a minute, and one round per target compares two moments.)
 SKIP_FSP=${SKIP_FSP:-0}
 KEEP_TMP=${KEEP_TMP:-0}
 UPSTREAM_HTTP_PORT=${UPSTREAM_HTTP_PORT:-18080}
