@@ -39,15 +39,11 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if n == 0 {
         return;
     }
-    // Fields named by `Connection` (other than the options `close` and `keep-alive`,
-    // whose field is removed anyway).
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .filter(|t| !t.eq_ignore_ascii_case("close") && !t.eq_ignore_ascii_case("keep-alive"))
+        .flat_map(named_by_connection)
         .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
         .collect();
     for name in named {
@@ -56,6 +52,14 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for name in present.into_iter().flatten() {
         headers.remove(name);
     }
+}
+
+/// The field names a `Connection` value lists, without the options `close` and
+/// `keep-alive` (whose field goes anyway).
+fn named_by_connection(value: &str) -> impl Iterator<Item = &str> {
+    value.split(',').map(str::trim).filter(|t| {
+        !t.is_empty() && !t.eq_ignore_ascii_case("close") && !t.eq_ignore_ascii_case("keep-alive")
+    })
 }
 
 fn is_hop_by_hop(name: &HeaderName) -> bool {
@@ -99,13 +103,8 @@ impl<'a> Outbound<'a> {
     ) -> Self {
         // Fields named by `Connection` are rare: strip them the long way.
         if consumer.get_all(header::CONNECTION).iter().any(|v| {
-            v.to_str().map_or(true, |v| {
-                v.split(',').map(str::trim).any(|t| {
-                    !t.is_empty()
-                        && !t.eq_ignore_ascii_case("close")
-                        && !t.eq_ignore_ascii_case("keep-alive")
-                })
-            })
+            v.to_str()
+                .map_or(true, |v| named_by_connection(v).next().is_some())
         }) {
             strip_hop_by_hop(&mut consumer);
         }
