@@ -57,6 +57,10 @@ impl Record {
         optional(out, self.trace_id.as_deref());
         out.extend_from_slice(b",\"node\":");
         string(out, &self.node);
+        out.extend_from_slice(b",\"fault\":");
+        optional(out, self.fault.as_deref());
+        out.extend_from_slice(b",\"detail\":");
+        optional(out, self.detail.as_deref());
         out.extend_from_slice(b",\"prev_hash\":");
         optional(out, self.prev_hash.as_deref());
         out.extend_from_slice(b",\"hash\":");
@@ -173,6 +177,8 @@ mod tests {
             response_bytes: u64::MAX,
             trace_id: Some("4bf92f3577b34da6a3ce929d0e0e4736".into()),
             node: "fsp-1".into(),
+            fault: Some("provider".into()),
+            detail: Some("cannot connect to 10.0.0.1:443: \"refused\"".into()),
             prev_hash: None,
             hash: None,
         };

@@ -49,6 +49,12 @@ pub struct Record {
     pub trace_id: Option<String>,
     /// The gateway instance that wrote the record.
     pub node: String,
+    /// Extension: who caused a refusal or failure (`consumer`, `provider`, `gateway`);
+    /// `None` for a call that was allowed and answered.
+    pub fault: Option<String>,
+    /// Extension: why the call was refused or failed, in full (including what the
+    /// consumer was not shown, such as the provider's address or an OS error).
+    pub detail: Option<String>,
     pub prev_hash: Option<String>,
     pub hash: Option<String>,
 }

@@ -6,14 +6,15 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
+use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -27,6 +28,7 @@ pub async fn serve(
     tokens: Arc<Vec<String>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let open = Arc::new(tokio::sync::Semaphore::new(ADMIN_MAX_CONNECTIONS));
     loop {
         let (tcp, peer) = tokio::select! {
             a = listener.accept() => match a {
@@ -39,6 +41,13 @@ pub async fn serve(
             },
             _ = shutdown.changed() => break,
         };
+        // A bounded number of admin connections: the admin API is for a few operators
+        // and probes, and must not become a way to exhaust descriptors.
+        let Ok(permit) = open.clone().try_acquire_owned() else {
+            tracing::warn!(target: "fsp::admin", %peer, "admin connection refused: {ADMIN_MAX_CONNECTIONS} already open");
+            drop(tcp);
+            continue;
+        };
         let gw = gw.clone();
         let tokens = tokens.clone();
         tokio::spawn(async move {
@@ -47,12 +56,24 @@ pub async fn serve(
                 let tokens = tokens.clone();
                 async move { Ok::<_, Infallible>(route(&gw, &tokens, peer, req).await) }
             });
-            let _ = auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(tcp), svc)
-                .await;
+            let mut http = http1::Builder::new();
+            // The header timeout also bounds how long an idle kept-alive connection stays.
+            http.timer(TokioTimer::new())
+                .header_read_timeout(ADMIN_HEADER_TIMEOUT);
+            let served = http.serve_connection(TokioIo::new(tcp), svc);
+            // No admin answer takes minutes: a connection is closed after this at most.
+            let _ = tokio::time::timeout(ADMIN_CONNECTION_LIFETIME, served).await;
+            drop(permit);
         });
     }
 }
+
+/// Time to receive a request's head (and the longest idle keep-alive).
+const ADMIN_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest an admin connection stays open.
+const ADMIN_CONNECTION_LIFETIME: Duration = Duration::from_secs(300);
+/// Admin connections open at once.
+const ADMIN_MAX_CONNECTIONS: usize = 64;
 
 fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(body.into()));
@@ -84,13 +105,18 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 /// Which token (by its position in `tokens_file`) the caller presented, if any.
 fn administrator(tokens: &[String], req: &Request<Incoming>) -> Option<usize> {
-    let presented = req
+    // The auth scheme is case-insensitive (RFC 9110 §11.1).
+    let (scheme, presented) = req
         .headers()
         .get(header::AUTHORIZATION)?
         .to_str()
         .ok()?
-        .strip_prefix("Bearer ")?
-        .trim();
+        .trim()
+        .split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return None;
+    }
+    let presented = presented.trim();
     tokens
         .iter()
         .position(|t| constant_time_eq(t.as_bytes(), presented.as_bytes()))

@@ -6,11 +6,13 @@
 //! counts them, and completes the call's audit record when the last frame is sent — or
 //! when the consumer goes away mid-stream, since the record is completed on drop.
 
+use std::future::Future as _;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
@@ -21,10 +23,87 @@ use crate::soap::HeaderStamp;
 use crate::state::Local;
 
 /// What the request and response sides of one call share.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct CallShared {
     pub request_bytes: AtomicU64,
-    pub too_large: AtomicBool,
+    /// Why the consumer's body stopped, when it was the consumer's fault: set once by the
+    /// request body, read by the pipeline to blame the right side.
+    pub consumer_fault: OnceLock<ConsumerFault>,
+    /// When the request body was sent whole, in nanoseconds after `base`
+    /// ([`u64::MAX`] while it is still being read): the provider's time to answer counts
+    /// from there, not from the first byte of a slow upload.
+    upload_done: AtomicU64,
+    base: Instant,
+}
+
+impl CallShared {
+    pub fn new() -> Self {
+        Self {
+            request_bytes: AtomicU64::new(0),
+            consumer_fault: OnceLock::new(),
+            upload_done: AtomicU64::new(u64::MAX),
+            base: Instant::now(),
+        }
+    }
+
+    fn mark_upload_done(&self) {
+        let ns = u64::try_from(self.base.elapsed().as_nanos()).unwrap_or(u64::MAX - 1);
+        self.upload_done.store(ns, Ordering::Relaxed);
+    }
+
+    /// When the request body was sent whole, if it was.
+    pub fn upload_done_at(&self) -> Option<Instant> {
+        match self.upload_done.load(Ordering::Relaxed) {
+            u64::MAX => None,
+            ns => Some(self.base + Duration::from_nanos(ns)),
+        }
+    }
+
+    fn blame_consumer(&self, fault: ConsumerFault) {
+        let _ = self.consumer_fault.set(fault);
+    }
+}
+
+impl Default for CallShared {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// How a consumer's request body failed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ConsumerFault {
+    /// Larger than the limit (bytes).
+    TooLarge(u64),
+    /// No bytes for this long.
+    Stalled(Duration),
+    /// The consumer hung up, or sent fewer bytes than it announced.
+    Incomplete(String),
+    /// Invalid framing (chunked encoding).
+    Malformed(String),
+    /// The XML threat protection refused the body.
+    Xml(String),
+}
+
+impl ConsumerFault {
+    /// What went wrong with a consumer's body, from hyper's reading of it: invalid
+    /// framing (a bad chunk) or a body that ended early (hang-up, short length).
+    pub fn of(e: &hyper::Error) -> Self {
+        let malformed = e.is_parse()
+            || std::error::Error::source(e)
+                .and_then(|s| s.downcast_ref::<std::io::Error>())
+                .is_some_and(|io| {
+                    matches!(
+                        io.kind(),
+                        std::io::ErrorKind::InvalidData | std::io::ErrorKind::InvalidInput
+                    )
+                });
+        if malformed {
+            Self::Malformed(e.to_string())
+        } else {
+            Self::Incomplete(e.to_string())
+        }
+    }
 }
 
 /// Why a streamed body stopped.
@@ -36,41 +115,143 @@ pub enum BodyError {
     Client(#[source] hyper::Error),
     #[error("the request body does not match its declared length")]
     Truncated,
+    #[error("the consumer sent no part of the request body for {0:?}")]
+    Stalled(Duration),
+    #[error("the XML request was refused: {0}")]
+    Xml(#[source] crate::xml::XmlError),
+}
+
+/// At most this much of a refused request's remaining body is read and thrown away...
+const DRAIN_MAX_BYTES: usize = 1024 * 1024;
+/// ...for at most this long.
+const DRAIN_MAX_TIME: Duration = Duration::from_secs(5);
+
+/// Reads what is left of the body of a request that was answered before it was read
+/// whole, and throws it away, for a bounded time and size: a connection closed while
+/// the consumer is still sending is reset, and a reset discards the answer the consumer
+/// has not read yet (nginx's lingering close does the same).
+pub fn drain_later(body: Incoming) {
+    if body.is_end_stream() || tokio::runtime::Handle::try_current().is_err() {
+        return;
+    }
+    tokio::spawn(async move {
+        use http_body_util::BodyExt;
+        let mut body = body;
+        let mut left = DRAIN_MAX_BYTES;
+        let _ = tokio::time::timeout(DRAIN_MAX_TIME, async {
+            while let Some(Ok(frame)) = body.frame().await {
+                let n = frame.data_ref().map_or(0, |d| d.len());
+                left = left.saturating_sub(n);
+                if left == 0 {
+                    break;
+                }
+            }
+        })
+        .await;
+    });
+}
+
+/// A consumer's request body not yet handed to the forwarder: if the call is refused
+/// before, what is left of it is drained ([`drain_later`]).
+#[derive(Debug)]
+pub struct Unread(Option<Incoming>);
+
+impl Unread {
+    pub fn new(body: Incoming) -> Self {
+        Self(Some(body))
+    }
+
+    pub fn incoming(&mut self) -> Option<&mut Incoming> {
+        self.0.as_mut()
+    }
+
+    /// Hands the body over (to [`RequestBody`], which drains it in turn if need be).
+    pub fn take(&mut self) -> Option<Incoming> {
+        self.0.take()
+    }
+}
+
+impl Drop for Unread {
+    fn drop(&mut self) {
+        if let Some(body) = self.0.take() {
+            drain_later(body);
+        }
+    }
 }
 
 /// The consumer's request body on its way to the provider.
+///
+/// It stops (with an error, so the provider never receives a complete request) when the
+/// body grows past the size limit, when the consumer sends nothing for the read timeout,
+/// and, for XML, at the first byte the XML threat protection refuses: the frame holding
+/// that byte is never forwarded.
 #[derive(Debug)]
 pub struct RequestBody {
     /// Bytes already read by the gateway (the start of a SOAP envelope, to find its
     /// Header), sent before the rest.
     prefix: Option<Bytes>,
-    inner: Incoming,
+    /// `None` once the body has ended (or when there was none).
+    inner: Option<Incoming>,
     limit: u64,
     seen: u64,
     shared: Arc<CallShared>,
+    /// The longest silence allowed between two pieces of the body.
+    read_timeout: Duration,
+    last_progress: Instant,
+    /// Armed the first time the body is waited for (most bodies arrive with their head).
+    stall: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// XML threat protection, already fed with `prefix`.
+    guard: Option<Box<crate::xml::Guard>>,
 }
 
 impl RequestBody {
-    pub fn new(inner: Incoming, limit: u64, shared: Arc<CallShared>) -> Self {
-        Self::with_prefix(Bytes::new(), inner, limit, shared)
-    }
-
-    /// A body whose first bytes were already read into `prefix`.
-    pub fn with_prefix(
+    /// A body whose first bytes were already read into `prefix` (and fed to `guard`).
+    pub fn new(
         prefix: Bytes,
-        inner: Incoming,
+        inner: Option<Incoming>,
         limit: u64,
+        read_timeout: Duration,
+        guard: Option<Box<crate::xml::Guard>>,
         shared: Arc<CallShared>,
     ) -> Self {
         let seen = prefix.len() as u64;
         shared.request_bytes.store(seen, Ordering::Relaxed);
+        if prefix.is_empty() && inner.as_ref().is_none_or(Body::is_end_stream) {
+            shared.mark_upload_done();
+        }
         Self {
             prefix: (!prefix.is_empty()).then_some(prefix),
             inner,
             limit,
             seen,
             shared,
+            read_timeout,
+            last_progress: Instant::now(),
+            stall: None,
+            guard,
         }
+    }
+
+    fn fail(
+        &mut self,
+        fault: ConsumerFault,
+        error: BodyError,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        self.shared.blame_consumer(fault);
+        Poll::Ready(Some(Err(error)))
+    }
+
+    /// Whether the consumer has been silent for longer than the read timeout; arms the
+    /// timer to wake the task when it would be.
+    fn stalled(&mut self, cx: &mut Context<'_>) -> bool {
+        let deadline = tokio::time::Instant::from_std(self.last_progress + self.read_timeout);
+        let sleep = self
+            .stall
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if sleep.deadline() != deadline {
+            sleep.as_mut().reset(deadline);
+        }
+        sleep.as_mut().poll(cx).is_ready()
     }
 }
 
@@ -86,38 +267,78 @@ impl Body for RequestBody {
         if let Some(prefix) = this.prefix.take() {
             return Poll::Ready(Some(Ok(Frame::data(prefix))));
         }
-        match Pin::new(&mut this.inner).poll_frame(cx) {
+        let Some(inner) = &mut this.inner else {
+            return Poll::Ready(None);
+        };
+        match Pin::new(inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
+                this.last_progress = Instant::now();
                 if let Some(data) = frame.data_ref() {
                     this.seen += data.len() as u64;
                     this.shared
                         .request_bytes
                         .store(this.seen, Ordering::Relaxed);
                     if this.seen > this.limit {
-                        this.shared.too_large.store(true, Ordering::Relaxed);
-                        return Poll::Ready(Some(Err(BodyError::TooLarge(this.limit))));
+                        let limit = this.limit;
+                        return this
+                            .fail(ConsumerFault::TooLarge(limit), BodyError::TooLarge(limit));
+                    }
+                    if let Some(guard) = &mut this.guard
+                        && let Err(e) = guard.feed(data)
+                    {
+                        return this.fail(ConsumerFault::Xml(e.to_string()), BodyError::Xml(e));
                     }
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(BodyError::Client(e)))),
-            other => other.map(|_| None),
+            Poll::Ready(Some(Err(e))) => this.fail(ConsumerFault::of(&e), BodyError::Client(e)),
+            Poll::Ready(None) => {
+                // The end of an XML body: a document that is not whole is not completed
+                // towards the provider either.
+                if let Some(guard) = &mut this.guard
+                    && let Err(e) = guard.finish()
+                {
+                    return this.fail(ConsumerFault::Xml(e.to_string()), BodyError::Xml(e));
+                }
+                this.shared.mark_upload_done();
+                this.inner = None;
+                Poll::Ready(None)
+            }
+            Poll::Pending => {
+                if this.stalled(cx) {
+                    let t = this.read_timeout;
+                    return this.fail(ConsumerFault::Stalled(t), BodyError::Stalled(t));
+                }
+                Poll::Pending
+            }
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.prefix.is_none() && self.inner.is_end_stream()
+        self.prefix.is_none() && self.inner.as_ref().is_none_or(Body::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
         let held = self.prefix.as_ref().map_or(0, |p| p.len() as u64);
-        let inner = self.inner.size_hint();
+        let inner = self
+            .inner
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint);
         let mut hint = SizeHint::new();
         hint.set_lower(inner.lower() + held);
         if let Some(upper) = inner.upper() {
             hint.set_upper(upper + held);
         }
         hint
+    }
+}
+
+impl Drop for RequestBody {
+    fn drop(&mut self) {
+        // Not read to its end: the provider answered early, or the body was refused.
+        if let Some(inner) = self.inner.take() {
+            drain_later(inner);
+        }
     }
 }
 

@@ -4,6 +4,11 @@
 //! [`Code`], a human explanation, and any headers the code implies (`Retry-After`, ...).
 //! [`render`] writes it as `application/problem+json` (RFC 9457) for REST services and as
 //! a SOAP 1.1 or 1.2 Fault for SOAP services; both carry the code and the FSP message id.
+//!
+//! Every rejection knows which [`Side`] caused it, as pingora's errors do: the audit trail
+//! is the platform's evidence and must never blame a provider for a consumer's upload that
+//! stalled, nor show a consumer the provider's internal address (that goes to the log and
+//! the audit record only, see [`Rejection::internal`]).
 
 use bytes::Bytes;
 use http::header::{CONTENT_TYPE, HeaderName, HeaderValue};
@@ -27,6 +32,11 @@ pub enum Code {
     AuthzTokenBinding,
     PurposeRequired,
     RequestMalformed,
+    /// The consumer stopped sending its request body (extension: 408).
+    RequestTimeout,
+    /// The consumer's request body did not arrive whole: it hung up, or sent fewer bytes
+    /// than it announced (extension: 400).
+    RequestIncomplete,
     RouteUnknownService,
     RouteUnknownVersion,
     RouteVersionRetired,
@@ -34,7 +44,32 @@ pub enum Code {
     Throttled,
     UpstreamUnavailable,
     UpstreamTimeout,
+    /// The provider's connection cap is reached and no connection freed up in time:
+    /// `FSP-UPSTREAM-UNAVAILABLE` with 503 and `Retry-After` (nothing was sent to it).
+    UpstreamBusy,
     AuditUnavailable,
+}
+
+/// Who caused a failure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    /// The caller: bad credentials, no authorisation, a malformed, stalled or abandoned
+    /// request.
+    Consumer,
+    /// The provider: unreachable, too slow, or an invalid answer.
+    Provider,
+    /// The platform itself: audit trail down, capacity protection, configuration.
+    Gateway,
+}
+
+impl Side {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Consumer => "consumer",
+            Self::Provider => "provider",
+            Self::Gateway => "gateway",
+        }
+    }
 }
 
 impl Code {
@@ -51,6 +86,8 @@ impl Code {
             Self::AuthzTokenBinding => "FSP-AUTHZ-TOKEN-BINDING",
             Self::PurposeRequired => "FSP-PURPOSE-REQUIRED",
             Self::RequestMalformed => "FSP-REQUEST-MALFORMED",
+            Self::RequestTimeout => "FSP-REQUEST-TIMEOUT",
+            Self::RequestIncomplete => "FSP-REQUEST-INCOMPLETE",
             Self::RouteUnknownService => "FSP-ROUTE-UNKNOWN-SERVICE",
             Self::RouteUnknownVersion => "FSP-ROUTE-UNKNOWN-VERSION",
             Self::RouteVersionRetired => "FSP-ROUTE-VERSION-RETIRED",
@@ -58,7 +95,34 @@ impl Code {
             Self::Throttled => "FSP-THROTTLED",
             Self::UpstreamUnavailable => "FSP-UPSTREAM-UNAVAILABLE",
             Self::UpstreamTimeout => "FSP-UPSTREAM-TIMEOUT",
+            Self::UpstreamBusy => "FSP-UPSTREAM-UNAVAILABLE",
             Self::AuditUnavailable => "FSP-AUDIT-UNAVAILABLE",
+        }
+    }
+
+    /// Who causes a failure of this kind, unless the rejection says otherwise.
+    pub fn side(self) -> Side {
+        match self {
+            Self::AuthnMissing
+            | Self::AuthnUnknownIdentity
+            | Self::AuthnInvalidToken
+            | Self::AuthzSourceIp
+            | Self::AuthzNoAuthorisation
+            | Self::AuthzNotYetValid
+            | Self::AuthzExpired
+            | Self::AuthzSuspended
+            | Self::AuthzTokenBinding
+            | Self::PurposeRequired
+            | Self::RequestMalformed
+            | Self::RequestTimeout
+            | Self::RequestIncomplete
+            | Self::RouteUnknownService
+            | Self::RouteUnknownVersion
+            | Self::RouteVersionRetired
+            | Self::RequestTooLarge
+            | Self::Throttled => Side::Consumer,
+            Self::UpstreamUnavailable | Self::UpstreamTimeout => Side::Provider,
+            Self::UpstreamBusy | Self::AuditUnavailable => Side::Gateway,
         }
     }
 
@@ -73,14 +137,17 @@ impl Code {
             | Self::AuthzExpired
             | Self::AuthzSuspended
             | Self::AuthzTokenBinding => StatusCode::FORBIDDEN,
-            Self::PurposeRequired | Self::RequestMalformed => StatusCode::BAD_REQUEST,
+            Self::PurposeRequired | Self::RequestMalformed | Self::RequestIncomplete => {
+                StatusCode::BAD_REQUEST
+            }
+            Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::RouteUnknownService | Self::RouteUnknownVersion => StatusCode::NOT_FOUND,
             Self::RouteVersionRetired => StatusCode::GONE,
             Self::RequestTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Throttled => StatusCode::TOO_MANY_REQUESTS,
             Self::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
-            Self::AuditUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::UpstreamBusy | Self::AuditUnavailable => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -98,6 +165,8 @@ impl Code {
             Self::AuthzTokenBinding => "Token not bound to this certificate",
             Self::PurposeRequired => "Purpose required",
             Self::RequestMalformed => "Malformed request",
+            Self::RequestTimeout => "Request body not received in time",
+            Self::RequestIncomplete => "Request body incomplete",
             Self::RouteUnknownService => "Unknown service",
             Self::RouteUnknownVersion => "Unknown service version",
             Self::RouteVersionRetired => "Service version retired",
@@ -105,6 +174,7 @@ impl Code {
             Self::Throttled => "Too many requests",
             Self::UpstreamUnavailable => "Provider unavailable",
             Self::UpstreamTimeout => "Provider timed out",
+            Self::UpstreamBusy => "Provider at capacity",
             Self::AuditUnavailable => "Audit trail unavailable",
         }
     }
@@ -119,8 +189,13 @@ impl Code {
 #[derive(Debug)]
 pub struct Rejection {
     pub code: Code,
+    /// Shown to the consumer: no internal addresses, OS errors or library names.
     pub detail: String,
     pub headers: Vec<(HeaderName, HeaderValue)>,
+    pub side: Side,
+    /// The full story for the log and the audit record (addresses, OS errors), when it
+    /// says more than `detail`.
+    pub internal: Option<String>,
 }
 
 impl Rejection {
@@ -129,12 +204,31 @@ impl Rejection {
             code,
             detail: detail.into(),
             headers: Vec::new(),
+            side: code.side(),
+            internal: None,
         }
     }
 
     pub fn with_header(mut self, name: HeaderName, value: HeaderValue) -> Self {
         self.headers.push((name, value));
         self
+    }
+
+    /// Blames another side than the code's usual one.
+    pub fn blaming(mut self, side: Side) -> Self {
+        self.side = side;
+        self
+    }
+
+    /// Adds the detail meant for the log and the audit record only.
+    pub fn with_internal(mut self, internal: impl Into<String>) -> Self {
+        self.internal = Some(internal.into());
+        self
+    }
+
+    /// What the audit record and the log keep of the reason.
+    pub fn recorded_detail(&self) -> &str {
+        self.internal.as_deref().unwrap_or(&self.detail)
     }
 }
 
@@ -243,6 +337,8 @@ mod tests {
             (AuthzTokenBinding, 403),
             (PurposeRequired, 400),
             (RequestMalformed, 400),
+            (RequestTimeout, 408),
+            (RequestIncomplete, 400),
             (RouteUnknownService, 404),
             (RouteUnknownVersion, 404),
             (RouteVersionRetired, 410),
@@ -250,6 +346,7 @@ mod tests {
             (Throttled, 429),
             (UpstreamUnavailable, 502),
             (UpstreamTimeout, 504),
+            (UpstreamBusy, 503),
             (AuditUnavailable, 503),
         ];
         for (code, status) in table {

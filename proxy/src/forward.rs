@@ -31,6 +31,7 @@ use crate::body::RequestBody;
 use crate::config::Provider;
 use crate::h1;
 use crate::headers::Outbound;
+use crate::limits::ConnCap;
 
 /// An error from a body or an exchange, boxed for hyper.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -75,6 +76,8 @@ pub enum UpstreamError {
     Http(#[source] hyper::Error),
     #[error("the exchange with the provider failed: {0}")]
     Exchange(#[source] h1::ExchangeError),
+    #[error("the provider's connection cap is reached; no call ended within {waited:?}")]
+    Busy { waited: Duration },
 }
 
 /// How the gateway reaches one provider, from one worker thread.
@@ -86,6 +89,9 @@ pub struct Upstream {
     idle_timeout: Duration,
     max_idle: usize,
     hosts: Mutex<Vec<HostPool>>,
+    /// Calls in flight to the provider, shared with the other worker threads.
+    cap: Arc<ConnCap>,
+    queue_timeout: Duration,
 }
 
 /// Connections to one `scheme://host:port`.
@@ -110,19 +116,53 @@ enum Checkout {
     H2(http2::SendRequest<RequestBody>),
 }
 
-/// An HTTP/1.1 connection lent to one call until its response has been read.
+/// An HTTP/1.1 connection lent to one call until its response has been read. It holds
+/// one of the provider's [`ConnCap`] slots until then.
 #[derive(Debug)]
 pub struct Lease {
     upstream: Arc<Upstream>,
     /// Index of its host's pool in [`Upstream::hosts`] (pools are never removed).
     host: usize,
-    conn: h1::Conn,
+    conn: Option<h1::Conn>,
 }
 
 impl Lease {
     /// The response was read to its end: the connection can serve another call.
-    fn release(self) {
-        self.upstream.put_back(self.host, self.conn);
+    fn release(mut self) {
+        if let Some(conn) = self.conn.take() {
+            self.upstream.put_back(self.host, conn);
+        }
+    }
+
+    fn conn(&mut self) -> Option<&mut h1::Conn> {
+        self.conn.as_mut()
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.upstream.cap.give();
+    }
+}
+
+/// A slot of the provider's [`ConnCap`], given back when dropped.
+#[derive(Debug)]
+pub struct Slot {
+    upstream: Option<Arc<Upstream>>,
+}
+
+impl Slot {
+    /// Hands the slot over to whoever gives it back now (a lease).
+    fn disarm(mut self) {
+        self.upstream = None;
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some(u) = self.upstream.take() {
+            u.cap.give();
+        }
     }
 }
 
@@ -131,7 +171,8 @@ impl Lease {
 pub enum UpstreamBody {
     /// Read from a leased HTTP/1.1 connection by the call's task.
     H1(H1Body),
-    H2(Incoming),
+    /// A stream of a shared HTTP/2 connection, holding its cap slot to the end.
+    H2(Incoming, Slot),
 }
 
 /// A response body read from a leased HTTP/1.1 connection, which goes back to its pool
@@ -174,14 +215,14 @@ impl Body for UpstreamBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
-            UpstreamBody::H2(inner) => Pin::new(inner)
+            UpstreamBody::H2(inner, _) => Pin::new(inner)
                 .poll_frame(cx)
                 .map(|f| f.map(|r| r.map_err(Into::into))),
             UpstreamBody::H1(body) => {
-                let Some(lease) = &mut body.lease else {
+                let Some(conn) = body.lease.as_mut().and_then(Lease::conn) else {
                     return Poll::Ready(None);
                 };
-                match std::task::ready!(h1::poll_data(&mut lease.conn, &mut body.framing, cx)) {
+                match std::task::ready!(h1::poll_data(conn, &mut body.framing, cx)) {
                     Some(Ok(data)) => {
                         if body.framing.is_done() {
                             body.finish();
@@ -204,7 +245,7 @@ impl Body for UpstreamBody {
     fn is_end_stream(&self) -> bool {
         match self {
             UpstreamBody::H1(body) => body.framing.is_done(),
-            UpstreamBody::H2(inner) => inner.is_end_stream(),
+            UpstreamBody::H2(inner, _) => inner.is_end_stream(),
         }
     }
 
@@ -215,7 +256,7 @@ impl Body for UpstreamBody {
                 h1::Framing::Length(n) => SizeHint::with_exact(n),
                 _ => SizeHint::default(),
             },
-            UpstreamBody::H2(inner) => inner.size_hint(),
+            UpstreamBody::H2(inner, _) => inner.size_hint(),
         }
     }
 }
@@ -242,6 +283,8 @@ impl Upstream {
             idle_timeout: p.pool_idle_timeout,
             max_idle: p.pool_max_idle,
             hosts: Mutex::new(Vec::new()),
+            cap: p.cap.clone(),
+            queue_timeout: p.queue_timeout,
         }
     }
 
@@ -263,6 +306,17 @@ impl Upstream {
         };
         let Some(authority) = base.authority() else {
             return Err(UpstreamError::BadUrl(base.clone()));
+        };
+        // One of the provider's slots, before anything is sent; a full cap waits a
+        // bounded time (boxed: rare, and a large future).
+        if !self.cap.try_take() && !Box::pin(self.cap.take(self.queue_timeout)).await {
+            metrics::counter!("fsp_upstream_cap_refusals_total").increment(1);
+            return Err(UpstreamError::Busy {
+                waited: self.queue_timeout,
+            });
+        }
+        let slot = Slot {
+            upstream: Some(self.clone()),
         };
         // This thread's own copies of the host's name and `Host` value: the base URI is
         // shared by every thread, and so would be its reference counts.
@@ -288,7 +342,7 @@ impl Upstream {
                     *req.version_mut() = Version::HTTP_2;
                     *req.headers_mut() = h2_headers.take().unwrap_or_else(|| fields.to_map());
                     return match sender.try_send_request(req).await {
-                        Ok(res) => Ok(res.map(UpstreamBody::H2)),
+                        Ok(res) => Ok(res.map(|body| UpstreamBody::H2(body, slot))),
                         Err(mut e) => match e.take_message() {
                             // Not sent: the connection went away; take another one.
                             Some(back) if reused => {
@@ -314,10 +368,12 @@ impl Upstream {
                     .await
                     {
                         Ok(answer) => {
+                            // The lease gives the slot back from now on.
+                            slot.disarm();
                             let lease = Lease {
                                 upstream: self.clone(),
                                 host,
-                                conn,
+                                conn: Some(conn),
                             };
                             let body = H1Body::new(lease, answer.framing, answer.reusable);
                             return Ok(Response::from_parts(answer.head, UpstreamBody::H1(body)));

@@ -867,7 +867,8 @@ fn advance_chunked(rbuf: &mut BytesMut, framing: &mut Framing) -> io::Result<boo
 /// The length of the first buffered line without its CRLF (or bare LF), and with it;
 /// `None` until the line is complete.
 fn line(rbuf: &BytesMut) -> io::Result<Option<(usize, usize)>> {
-    match rbuf.iter().position(|&b| b == b'\n') {
+    // Bounded the same way however the line arrived: in one read or in many.
+    match rbuf.iter().take(MAX_LINE + 1).position(|&b| b == b'\n') {
         Some(i) => {
             let len = if i > 0 && rbuf[i - 1] == b'\r' {
                 i - 1
@@ -881,6 +882,80 @@ fn line(rbuf: &BytesMut) -> io::Result<Option<(usize, usize)>> {
             format!("invalid chunked answer: a line longer than {MAX_LINE} bytes"),
         )),
         None => Ok(None),
+    }
+}
+
+/// Fuzz entry point: parses `data` as a provider's answer (head, then body as framed),
+/// fed in pieces of `step` bytes, as the connection code does. Returns the body read, or
+/// why the answer was refused; panics only if an invariant breaks.
+#[doc(hidden)]
+pub fn fuzz_answer(data: &[u8], step: usize, head_only: bool) -> Result<Vec<u8>, String> {
+    let step = step.max(1);
+    let mut fed: usize = 0;
+    let mut rbuf = BytesMut::new();
+    let mut feed = |rbuf: &mut BytesMut| {
+        let end = fed.saturating_add(step).min(data.len());
+        rbuf.extend_from_slice(&data[fed..end]);
+        let n = end - fed;
+        fed = end;
+        n
+    };
+    let mut framing = loop {
+        match parse_head(&mut rbuf, head_only).map_err(|e| e.to_string())? {
+            Some(Parsed::Interim) => continue,
+            Some(Parsed::Final(answer)) => break answer.framing,
+            None if rbuf.len() > MAX_HEAD => return Err("head too large".into()),
+            None => {
+                if feed(&mut rbuf) == 0 {
+                    return Err("the answer ended in its head".into());
+                }
+            }
+        }
+    };
+    let mut body = Vec::new();
+    loop {
+        match &mut framing {
+            Framing::Done => return Ok(body),
+            Framing::Length(left) => {
+                if rbuf.is_empty() && feed(&mut rbuf) == 0 {
+                    return Err("length body cut short".into());
+                }
+                let take = (*left).min(rbuf.len() as u64);
+                *left -= take;
+                body.extend_from_slice(&rbuf.split_to(take as usize));
+                if *left == 0 {
+                    framing = Framing::Done;
+                }
+            }
+            Framing::UntilClose => {
+                body.extend_from_slice(&rbuf.split());
+                if feed(&mut rbuf) == 0 {
+                    return Ok(body);
+                }
+            }
+            Framing::Chunked(state) => {
+                if let Chunk::Data(left) = state
+                    && !rbuf.is_empty()
+                {
+                    let take = (*left).min(rbuf.len() as u64);
+                    *left -= take;
+                    body.extend_from_slice(&rbuf.split_to(take as usize));
+                    if *left == 0 {
+                        *state = Chunk::DataEnd;
+                    }
+                    continue;
+                }
+                match advance_chunked(&mut rbuf, &mut framing) {
+                    Err(e) => return Err(e.to_string()),
+                    Ok(true) => {}
+                    Ok(false) => {
+                        if feed(&mut rbuf) == 0 {
+                            return Err("chunked body cut short".into());
+                        }
+                    }
+                }
+            }
+        }
     }
 }
 

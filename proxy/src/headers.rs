@@ -82,15 +82,9 @@ pub struct Outbound<'a> {
     consumer: HeaderMap,
     /// The gateway's fields; a consumer's field of the same name is not forwarded.
     gateway: [&'a [(HeaderName, HeaderValue)]; 2],
-    forwarded_for: ForwardedFor<'a>,
-}
-
-#[derive(Debug)]
-enum ForwardedFor<'a> {
-    /// The consumer's address alone.
-    Peer(&'a HeaderValue),
-    /// The consumer's `X-Forwarded-For` with its address appended.
-    Appended(HeaderValue),
+    /// The consumer's address, sent as `X-Forwarded-For`: the gateway vouches only for
+    /// the peer it saw, never for addresses a consumer claims.
+    peer: &'a HeaderValue,
 }
 
 impl<'a> Outbound<'a> {
@@ -108,19 +102,10 @@ impl<'a> Outbound<'a> {
         }) {
             strip_hop_by_hop(&mut consumer);
         }
-        let forwarded_for = match consumer
-            .get(X_FORWARDED_FOR)
-            .and_then(|v| v.to_str().ok())
-            .zip(peer.to_str().ok())
-            .and_then(|(before, ip)| HeaderValue::try_from(format!("{before}, {ip}")).ok())
-        {
-            Some(v) => ForwardedFor::Appended(v),
-            None => ForwardedFor::Peer(peer),
-        };
         Self {
             consumer,
             gateway: [fsp, grant],
-            forwarded_for,
+            peer,
         }
     }
 
@@ -128,8 +113,8 @@ impl<'a> Outbound<'a> {
         if is_hop_by_hop(name)
             || name == header::HOST
             || name == header::AUTHORIZATION
-            || name == X_FORWARDED_FOR
-            || name == X_FORWARDED_PROTO
+            || is_look_alike(name)
+            || is_forwarding(name)
         {
             return false;
         }
@@ -154,10 +139,7 @@ impl<'a> Outbound<'a> {
         for (name, value) in self.gateway.iter().flat_map(|g| g.iter()) {
             f(name, value);
         }
-        match &self.forwarded_for {
-            ForwardedFor::Peer(v) => f(&X_FORWARDED_FOR, v),
-            ForwardedFor::Appended(v) => f(&X_FORWARDED_FOR, v),
-        }
+        f(&X_FORWARDED_FOR, self.peer);
         f(&X_FORWARDED_PROTO, &HTTPS);
     }
 
@@ -172,6 +154,40 @@ impl<'a> Outbound<'a> {
 }
 
 const HTTPS: HeaderValue = HeaderValue::from_static("https");
+
+/// A name with an underscore. CGI, WSGI, PHP and many frameworks map `-` and `_` to the
+/// same variable, so `FSP_Consumer` or `X_Forwarded_For` would reach such a provider as
+/// the field the gateway sets, or merged with it. Like nginx (`underscores_in_headers
+/// off`), every such field is dropped: no standard field has an underscore.
+fn is_look_alike(name: &HeaderName) -> bool {
+    name.as_str().as_bytes().contains(&b'_')
+}
+
+/// Fields through which a client claims another client address, scheme, host or path
+/// than the ones the gateway saw. Only the gateway speaks for the connection.
+fn is_forwarding(name: &HeaderName) -> bool {
+    let n = name.as_str();
+    n.starts_with("x-forwarded-")
+        || matches!(
+            n,
+            "forwarded"
+                | "x-real-ip"
+                | "true-client-ip"
+                | "x-client-ip"
+                | "x-cluster-client-ip"
+                | "client-ip"
+                | "cf-connecting-ip"
+                | "fastly-client-ip"
+                | "x-original-forwarded-for"
+                | "x-originating-ip"
+                | "x-remote-ip"
+                | "x-remote-addr"
+                | "x-host"
+                | "x-original-host"
+                | "x-original-url"
+                | "x-rewrite-url"
+        )
+}
 
 /// The first value of a header as text, if it is valid visible ASCII.
 pub fn text<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Option<&'a str> {
@@ -270,7 +286,7 @@ mod tests {
             ]
         );
 
-        // Fields named by Connection go too; an earlier proxy's addresses are kept.
+        // Fields named by Connection go too; addresses a consumer claims are dropped.
         let mut h = HeaderMap::new();
         h.insert(header::CONNECTION, "close, X-Private".parse().unwrap());
         h.insert("x-private", "1".parse().unwrap());
@@ -281,7 +297,7 @@ mod tests {
             forwarded(&o),
             [
                 "x-kept=1",
-                "x-forwarded-for=198.51.100.1, 192.0.2.7",
+                "x-forwarded-for=192.0.2.7",
                 "x-forwarded-proto=https"
             ]
         );
@@ -314,6 +330,41 @@ mod tests {
                 "fsp-purpose",
                 "x-forwarded-for",
                 "x-forwarded-proto"
+            ]
+        );
+    }
+
+    #[test]
+    fn look_alike_and_forwarding_fields_never_reach_providers() {
+        let mut h = HeaderMap::new();
+        for n in [
+            "fsp_consumer",
+            "fsp_message_id",
+            "x_forwarded_for",
+            "x-forwarded-for",
+            "x-forwarded-host",
+            "x-forwarded-port",
+            "forwarded",
+            "x-real-ip",
+            "true-client-ip",
+            "x-original-url",
+            "x-rewrite-url",
+            "my_field",
+            "x-legit",
+        ] {
+            h.insert(
+                HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                "evil-app".parse().unwrap(),
+            );
+        }
+        let peer = HeaderValue::from_static("192.0.2.7");
+        let o = Outbound::new(h, &[], &[], &peer);
+        assert_eq!(
+            forwarded(&o),
+            [
+                "x-legit=evil-app",
+                "x-forwarded-for=192.0.2.7",
+                "x-forwarded-proto=https"
             ]
         );
     }

@@ -11,6 +11,9 @@
 //! - [`errors`]: the only place that renders refusals (problem+json, SOAP faults);
 //! - [`oauth`]: bearer tokens verified against the identity provider's keys;
 //! - [`soap`]: SOAP versions, faults and response header stamping;
+//! - [`xml`]: XML threat protection while bodies stream, and the SOAP Header fields;
+//! - [`path`]: the rest of a request path, normalised so it never leaves its version;
+//! - [`limits`]: bounds on connections, per source, per provider, and descriptors;
 //! - [`state`]: the atomically swapped snapshot of configuration;
 //! - [`admin`]: health, readiness, metrics and administrator actions;
 //! - [`suspend`]: suspended consumers and providers, persisted;
@@ -21,9 +24,13 @@ pub mod body;
 pub mod config;
 pub mod errors;
 pub mod forward;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod h1;
 pub mod headers;
+pub mod limits;
 pub mod oauth;
+pub mod path;
 pub mod pipeline;
 pub mod quickstart;
 pub mod run;
@@ -32,3 +39,4 @@ pub mod server;
 pub mod soap;
 pub mod state;
 pub mod suspend;
+pub mod xml;

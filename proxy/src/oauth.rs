@@ -72,7 +72,7 @@ struct Claims {
 }
 
 #[derive(Default)]
-struct KeySet {
+pub(crate) struct KeySet {
     by_kid: HashMap<String, (DecodingKey, Option<Algorithm>)>,
     /// Keys without a `kid`, tried in turn for tokens without one.
     anonymous: Vec<(DecodingKey, Option<Algorithm>)>,
@@ -87,7 +87,7 @@ impl std::fmt::Debug for KeySet {
     }
 }
 
-fn parse_jwks(bytes: &[u8]) -> Result<KeySet, String> {
+pub(crate) fn parse_jwks(bytes: &[u8]) -> Result<KeySet, String> {
     let set: JwkSet = serde_json::from_slice(bytes).map_err(|e| format!("not a JWK set: {e}"))?;
     let mut keys = KeySet::default();
     for jwk in &set.keys {

@@ -35,12 +35,14 @@ use policy::{CertificateIdentity, Consumer};
 use time::OffsetDateTime;
 use time::macros::format_description;
 
-use crate::body::{CallShared, Finisher, RequestBody, ResponseBody};
-use crate::errors::{self, Code, ErrorForm, Rejection};
+use crate::body::{CallShared, ConsumerFault, Finisher, RequestBody, ResponseBody, Unread};
+use crate::errors::{self, Code, ErrorForm, Rejection, Side};
 use crate::forward::{self, RoutePath};
+use crate::h1;
 use crate::headers::*;
 use crate::soap::{self, HeaderStamp, SoapVersion};
 use crate::state::{Gateway, Local, Snapshot};
+use crate::xml;
 
 /// What the gateway knows about a connection once TLS is established.
 #[derive(Debug)]
@@ -173,6 +175,8 @@ pub async fn handle(
     let gw = &*local.gw;
     let snap = &*local.snap;
     let (parts, body) = req.into_parts();
+    // Drained if the call is refused before its body is read (see `body::drain_later`).
+    let mut body = Unread::new(body);
     let route_path = forward::split_path(parts.uri.path());
     let resolved = route_path.as_ref().map(|p| {
         snap.catalogue
@@ -199,6 +203,25 @@ pub async fn handle(
         route_path.as_ref(),
         protocol,
     );
+
+    // RFC 9112 §3.2: an HTTP/1.1 request has exactly one Host (HTTP/1.0 at most one).
+    // Two readings of the target host must not reach a provider; the connection is
+    // closed after the answer, since its framing can no longer be trusted.
+    if parts.version <= http::Version::HTTP_11 {
+        let hosts = parts.headers.get_all(header::HOST).iter().count();
+        let bad = match parts.version {
+            http::Version::HTTP_11 => hosts != 1,
+            _ => hosts > 1,
+        };
+        if bad {
+            let r = Rejection::new(
+                Code::RequestMalformed,
+                format!("an HTTP/1.1 request needs exactly one Host field; this one has {hosts}"),
+            )
+            .with_header(header::CONNECTION, HeaderValue::from_static("close"));
+            return Ok(reject(&local, record, &stamp, form, r));
+        }
+    }
 
     // 2. identify
     let (consumer, credential) = match identify(gw, snap, &conn, &parts.headers).await {
@@ -282,7 +305,28 @@ pub async fn handle(
         return Ok(reject(&local, record, &stamp, form, r));
     };
     let rest = route_path.as_ref().map_or("", |p| p.rest);
-    let path = match forward::upstream_path(&route.version.upstream, rest, parts.uri.query()) {
+    // What the provider will read is what the gateway decided on: the rest of the path,
+    // normalised, never leaving the version (see `crate::path`).
+    let rest = match crate::path::normalise_rest(rest) {
+        Ok(rest) => rest,
+        Err(e) => {
+            let r = Rejection::new(
+                Code::RequestMalformed,
+                format!("the path {} cannot be forwarded: {e}", parts.uri.path()),
+            );
+            return Ok(reject(&local, record, &stamp, form, r));
+        }
+    };
+    if let (std::borrow::Cow::Owned(normalised), Some(p)) = (&rest, route_path.as_ref())
+        && (protocol == Protocol::Rest || soap::action(&parts.headers).is_none())
+    {
+        // The record names what was actually reached.
+        record.operation = format!(
+            "{} /{}/{}/{}{normalised}",
+            parts.method, p.family, p.service, p.version
+        );
+    }
+    let path = match forward::upstream_path(&route.version.upstream, &rest, parts.uri.query()) {
         Ok(u) => u,
         Err(e) => {
             let r = Rejection::new(
@@ -292,19 +336,38 @@ pub async fn handle(
             return Ok(reject(&local, record, &stamp, form, r));
         }
     };
+    // XML threat protection: every SOAP request, and XML bodies to any service.
+    let limits = snap.xml_limits(&route.service.name);
+    let mut guard = if protocol == Protocol::Soap {
+        Some(Box::new(xml::Guard::soap(limits, SOAP_HEADER_LIMIT)))
+    } else if is_xml(&parts.headers) {
+        Some(Box::new(xml::Guard::new(limits)))
+    } else {
+        None
+    };
+
     // 4. authorise
     let mut prefix = Bytes::new();
-    let mut body = body;
     // The purpose: `FSP-Purpose` (already in the record), or for SOAP `<fsp:Purpose>`.
-    if protocol == Protocol::Soap && (record.purpose.is_none() || record.consumer_ref.is_none()) {
-        match read_soap_header(&mut body).await {
+    if protocol == Protocol::Soap
+        && let Some(guard) = guard.as_deref_mut()
+    {
+        match read_soap_header(&mut body, guard, snap.request_body_timeout).await {
             Ok((read, header)) => {
                 prefix = read;
                 if record.purpose.is_none() {
                     record.purpose = header.purpose;
                 }
+                if record.end_user.is_none() {
+                    record.end_user = header.end_user;
+                }
                 if record.consumer_ref.is_none() {
                     record.consumer_ref = header.message_id;
+                }
+                if soap::action(&parts.headers).is_none()
+                    && let Some(action) = header.action
+                {
+                    record.operation = action;
                 }
             }
             Err(r) => return Ok(reject(&local, record, &stamp, form, r)),
@@ -395,7 +458,7 @@ pub async fn handle(
     }
 
     // 7. forward
-    let shared = Arc::new(CallShared::default());
+    let shared = Arc::new(CallShared::new());
     // Made once, sent twice (to the provider and back to the consumer).
     let fsp = HeaderValue::from_str(stamp.message_id())
         .ok()
@@ -408,10 +471,17 @@ pub async fn handle(
         grant.map_or(&[][..], |g| &g.headers[..]),
         &conn.peer_ip_value,
     );
-    let upstream_body =
-        RequestBody::with_prefix(prefix, body, snap.max_request_bytes, shared.clone());
-    let sent = tokio::time::timeout(
+    let upstream_body = RequestBody::new(
+        prefix,
+        body.take(),
+        snap.max_request_bytes,
+        snap.request_body_timeout,
+        guard,
+        shared.clone(),
+    );
+    let sent = answer_within(
         upstream.response_timeout,
+        &shared,
         upstream.send(
             &route.version.upstream,
             path,
@@ -424,23 +494,9 @@ pub async fn handle(
     let response = match sent {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
-            let r = if shared.too_large.load(std::sync::atomic::Ordering::Relaxed) {
-                Rejection::new(
-                    Code::RequestTooLarge,
-                    format!(
-                        "the request body may not exceed {} bytes",
-                        snap.max_request_bytes
-                    ),
-                )
-            } else {
-                tracing::warn!(provider = %provider, service = %service_name, error = ?e, "upstream call failed");
-                Rejection::new(
-                    Code::UpstreamUnavailable,
-                    format!(
-                        "provider {provider} could not be reached for {service_name}: {}",
-                        error_chain(&e)
-                    ),
-                )
+            let r = match shared.consumer_fault.get() {
+                Some(fault) => consumer_fault(fault),
+                None => upstream_failure(provider, service_name, &e),
             };
             return Ok(reject_with(&local, record, &stamp, form, r, Some(shared)));
         }
@@ -502,17 +558,11 @@ fn initial_record(
     route_path: Option<&RoutePath<'_>>,
     protocol: Option<Protocol>,
 ) -> audit::Record {
-    let method_and_path = || {
-        let (m, p) = (method.as_str(), uri.path());
-        let mut op = String::with_capacity(m.len() + 1 + p.len());
-        op.push_str(m);
-        op.push(' ');
-        op.push_str(p);
-        op
-    };
     let operation = match protocol {
-        Some(Protocol::Soap) => soap::action(headers).unwrap_or_else(method_and_path),
-        _ => method_and_path(),
+        Some(Protocol::Soap) => {
+            soap::action(headers).unwrap_or_else(|| method_and_path(method, uri))
+        }
+        _ => method_and_path(method, uri),
     };
     audit::Record {
         message_id: stamp.message_id().to_owned(),
@@ -532,6 +582,137 @@ fn initial_record(
         node: gw.node.clone(),
         ..Default::default()
     }
+}
+
+/// `METHOD /path`, the operation of a call without a SOAP action.
+fn method_and_path(method: &Method, uri: &http::Uri) -> String {
+    let (m, p) = (method.as_str(), uri.path());
+    let mut op = String::with_capacity(m.len() + 1 + p.len());
+    op.push_str(m);
+    op.push(' ');
+    op.push_str(p);
+    op
+}
+
+/// Whether a request body is XML by its `Content-Type` (`text/xml`, `application/xml`,
+/// `application/*+xml`).
+fn is_xml(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|ct| ct.split(';').next())
+        .map(|mime| {
+            let mime = mime.trim().to_ascii_lowercase();
+            mime == "text/xml" || mime == "application/xml" || mime.ends_with("+xml")
+        })
+        .unwrap_or(false)
+}
+
+/// Awaits the provider's answer. The provider's time (`timeout`) counts from when the
+/// request was sent whole: while the consumer is still uploading, its own read timeout
+/// guards the call, and a slow upload is never blamed on the provider.
+async fn answer_within<T>(
+    timeout: std::time::Duration,
+    shared: &CallShared,
+    exchange: impl std::future::Future<Output = T>,
+) -> Result<T, ()> {
+    let exchange = std::pin::pin!(exchange);
+    let mut exchange = exchange;
+    let sleep = tokio::time::sleep(timeout);
+    tokio::pin!(sleep);
+    loop {
+        tokio::select! {
+            biased;
+            done = &mut exchange => return Ok(done),
+            _ = &mut sleep => {
+                let now = tokio::time::Instant::now();
+                let deadline = match shared.upload_done_at() {
+                    Some(at) => tokio::time::Instant::from_std(at) + timeout,
+                    None => now + timeout,
+                };
+                if deadline <= now {
+                    return Err(());
+                }
+                sleep.as_mut().reset(deadline);
+            }
+        }
+    }
+}
+
+/// The refusal for a request body that failed on the consumer's side.
+fn consumer_fault(fault: &ConsumerFault) -> Rejection {
+    match fault {
+        ConsumerFault::TooLarge(limit) => Rejection::new(
+            Code::RequestTooLarge,
+            format!("the request body may not exceed {limit} bytes"),
+        ),
+        ConsumerFault::Stalled(t) => Rejection::new(
+            Code::RequestTimeout,
+            format!("the request body stopped arriving: nothing was received for {t:?}"),
+        ),
+        ConsumerFault::Incomplete(why) => Rejection::new(
+            Code::RequestIncomplete,
+            "the request body did not arrive whole (the connection was closed, or fewer bytes were sent than announced)",
+        )
+        .with_internal(format!("request body incomplete: {why}")),
+        ConsumerFault::Malformed(why) => Rejection::new(
+            Code::RequestMalformed,
+            format!("the request body is not validly framed: {why}"),
+        ),
+        ConsumerFault::Xml(why) => Rejection::new(Code::RequestMalformed, why.clone()),
+    }
+}
+
+/// The refusal for a provider that could not be reached or answered wrongly: the
+/// consumer learns which provider and service, the log and the audit record learn why.
+fn upstream_failure(provider: &str, service: &str, e: &forward::UpstreamError) -> Rejection {
+    let internal = error_chain(e);
+    if let forward::UpstreamError::Busy { waited } = e {
+        return Rejection::new(
+            Code::UpstreamBusy,
+            format!(
+                "provider {provider} is at the gateway's connection limit for it; nothing was sent (waited {waited:?})"
+            ),
+        )
+        .with_header(header::RETRY_AFTER, HeaderValue::from_static("1"))
+        .with_internal(internal);
+    }
+    use forward::UpstreamError as E;
+    tracing::warn!(provider = %provider, service = %service, error = %internal, "upstream call failed");
+    // What the consumer may know: which provider failed and how, in the gateway's own
+    // words; never the provider's address or an operating system's error.
+    let (detail, side) = match e {
+        E::BadUrl(_) | E::ServerName { .. } => (
+            format!("provider {provider} is not correctly configured on this platform"),
+            Side::Gateway,
+        ),
+        E::Resolve { .. }
+        | E::Connect { .. }
+        | E::ConnectTimeout { .. }
+        | E::Tls { .. }
+        | E::Handshake { .. } => (
+            format!("provider {provider} could not be reached for {service}"),
+            Side::Provider,
+        ),
+        E::Exchange(h1::ExchangeError::Protocol(_)) => (
+            format!(
+                "provider {provider} answered {service} wrongly: {}",
+                error_chain(e)
+            ),
+            Side::Provider,
+        ),
+        E::Exchange(h1::ExchangeError::Closed) => (
+            format!("provider {provider} closed the connection without answering {service}"),
+            Side::Provider,
+        ),
+        E::Exchange(_) | E::Http(_) | E::Busy { .. } => (
+            format!("the exchange with provider {provider} for {service} failed"),
+            Side::Provider,
+        ),
+    };
+    Rejection::new(Code::UpstreamUnavailable, detail)
+        .blaming(side)
+        .with_internal(internal)
 }
 
 /// Who is calling: a bearer token (when OAuth is configured) names the consumer by its
@@ -615,58 +796,59 @@ async fn identify<'s>(
 /// How much of a SOAP request the gateway reads, at most, to find its Header.
 const SOAP_HEADER_LIMIT: usize = 64 * 1024;
 
-/// Reads the start of a SOAP request until its Header has been seen; returns the bytes
-/// read (to be sent on first) and what the Header holds.
-async fn read_soap_header(body: &mut Incoming) -> Result<(Bytes, soap::RequestHeader), Rejection> {
+/// Reads the start of a SOAP request through the XML guard until its Header has been
+/// seen (or its Body begun); returns the bytes read (to be sent on first) and what the
+/// Header holds. Each byte is scanned once, however the envelope is chunked, and the
+/// Header must end within [`SOAP_HEADER_LIMIT`] bytes.
+async fn read_soap_header(
+    body: &mut Unread,
+    guard: &mut xml::Guard,
+    read_timeout: std::time::Duration,
+) -> Result<(Bytes, xml::SoapHeader), Rejection> {
     use http_body_util::BodyExt;
+    let Some(body) = body.incoming() else {
+        return Err(Rejection::new(
+            Code::RequestMalformed,
+            "the SOAP envelope is missing",
+        ));
+    };
     let mut buf = bytes::BytesMut::new();
-    let read = async {
-        loop {
-            match soap::scan_request_header(&buf) {
-                soap::HeaderScan::Done(h) => return Ok(h),
-                soap::HeaderScan::Malformed(why) => {
-                    return Err(Rejection::new(Code::RequestMalformed, why));
-                }
-                soap::HeaderScan::NeedMore if buf.len() > SOAP_HEADER_LIMIT => {
-                    return Err(Rejection::new(
-                        Code::RequestMalformed,
-                        format!(
-                            "no SOAP Body within the first {SOAP_HEADER_LIMIT} bytes of the envelope"
-                        ),
-                    ));
-                }
-                soap::HeaderScan::NeedMore => {}
+    loop {
+        if let Some(header) = guard.soap_header() {
+            return Ok((buf.freeze(), header.clone()));
+        }
+        let frame = match tokio::time::timeout(read_timeout, body.frame()).await {
+            Ok(frame) => frame,
+            Err(_) => {
+                return Err(consumer_fault(&ConsumerFault::Stalled(read_timeout)));
             }
-            match body.frame().await {
-                Some(Ok(frame)) => {
-                    if let Ok(data) = frame.into_data() {
+        };
+        match frame {
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data() {
+                    if let Err(e) = guard.feed(&data) {
+                        return Err(Rejection::new(Code::RequestMalformed, e.to_string()));
+                    }
+                    if buf.is_empty() {
+                        buf = bytes::BytesMut::from(data);
+                    } else {
                         buf.extend_from_slice(&data);
                     }
                 }
-                Some(Err(e)) => {
-                    return Err(Rejection::new(
-                        Code::RequestMalformed,
-                        format!("reading the request: {e}"),
-                    ));
+            }
+            Some(Err(e)) => return Err(consumer_fault(&ConsumerFault::of(&e))),
+            None => {
+                if guard.soap_header().is_some() {
+                    continue;
                 }
-                None => {
-                    return Err(Rejection::new(
-                        Code::RequestMalformed,
-                        "the SOAP envelope is incomplete",
-                    ));
-                }
+                let why = match guard.finish() {
+                    Err(e) => e.to_string(),
+                    Ok(()) => "the SOAP envelope is incomplete".to_owned(),
+                };
+                return Err(Rejection::new(Code::RequestMalformed, why));
             }
         }
-    };
-    let header = tokio::time::timeout(std::time::Duration::from_secs(30), read)
-        .await
-        .map_err(|_| {
-            Rejection::new(
-                Code::RequestMalformed,
-                "the SOAP envelope did not arrive within 30 s",
-            )
-        })??;
-    Ok((buf.freeze(), header))
+    }
 }
 
 /// Admits or refuses a call under the provider's and the consumer's limits, through the
@@ -909,7 +1091,16 @@ fn reject_with(
     let response = errors::render(&r, form, stamp.message_id(), stamp.timestamp());
     record.decision = r.code.as_str().to_owned();
     record.status = r.code.status().as_u16();
-    tracing::debug!(message_id = %stamp.message_id(), code = r.code.as_str(), detail = %r.detail, "call refused");
+    record.fault = Some(r.side.as_str().to_owned());
+    record.detail = Some(r.recorded_detail().to_owned());
+    match r.side {
+        Side::Consumer => {
+            tracing::debug!(message_id = %stamp.message_id(), code = r.code.as_str(), fault = "consumer", detail = %r.recorded_detail(), "call refused")
+        }
+        side => {
+            tracing::warn!(message_id = %stamp.message_id(), code = r.code.as_str(), fault = side.as_str(), detail = %r.recorded_detail(), "call failed")
+        }
+    }
     let (parts, bytes): (_, Bytes) = response.into_parts();
     let finisher = Finisher::new(record, stamp.started, shared, local.clone());
     Response::from_parts(parts, ResponseBody::full(bytes, Some(finisher)))

@@ -40,6 +40,7 @@ pub async fn serve(
         header_read: listener_cfg.header_read_timeout,
         drain: listener_cfg.drain_timeout,
     };
+    let connection_limits = descriptor_budget(&config)?;
     let consumer_addr = listener_cfg.address;
     let threads = listener_cfg.threads;
     let admin = config
@@ -103,6 +104,7 @@ pub async fn serve(
         config_path: config_path.to_owned(),
         metrics: metrics_handle(),
         ready: AtomicBool::new(false),
+        conn_limits: crate::limits::ConnLimits::new(connection_limits),
     });
 
     // One listening socket per worker thread (SO_REUSEPORT: the kernel spreads
@@ -214,6 +216,36 @@ pub async fn serve(
         .context("audit writer panicked")?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Takes every file descriptor the system allows, and checks that they cover the
+/// connection limits: a gateway that runs out of descriptors cannot even accept the
+/// connection of a legitimate consumer. A default `max_connections` is lowered to fit
+/// (with a warning); one set explicitly that does not fit stops the start.
+fn descriptor_budget(config: &Config) -> anyhow::Result<config::ConnectionLimits> {
+    use crate::limits::{RESERVED_DESCRIPTORS, descriptors_needed, raise_descriptor_limit};
+    let mut limits = config.listener.connections;
+    let upstream: usize = config.providers.iter().map(|p| p.max_connections).sum();
+    let available = raise_descriptor_limit().context("cannot read the open-files limit")?;
+    let needed = descriptors_needed(limits.max, upstream);
+    if available >= needed {
+        return Ok(limits);
+    }
+    let room = available.saturating_sub(RESERVED_DESCRIPTORS + upstream as u64);
+    if limits.max_explicit || room < 64 {
+        anyhow::bail!(
+            "the process may open {available} files, but listener.max_connections = {} and the providers' max_connections ({upstream} in all) need {needed}: raise the limit (ulimit -n, LimitNOFILE, or the container's nofile) or lower those settings",
+            limits.max
+        );
+    }
+    let room = usize::try_from(room).unwrap_or(usize::MAX);
+    tracing::warn!(
+        available,
+        max_connections = room,
+        "the open-files limit is low: listener.max_connections lowered from its default to fit"
+    );
+    limits.max = room;
+    Ok(limits)
 }
 
 /// A shutdown signal fed by SIGTERM and SIGINT.

@@ -1,7 +1,10 @@
 //! The consumer-facing listener: TCP accept, TLS handshake (client certificate checked
 //! by rustls against the consumer CAs and CRLs), then HTTP/1.1 or HTTP/2 by ALPN.
 //!
-//! Each connection gets its own task. The accept loop does no handshake work itself, so
+//! Each connection is first counted against the connection limits (`crate::limits`):
+//! beyond them it is closed at once, and so is a connection without a client certificate
+//! beyond the tighter bounds for those. Each connection gets its own task. The accept
+//! loop does no handshake work itself, so
 //! a slow or hostile client cannot stall it; handshakes are bounded by
 //! `listener.handshake_timeout`. On shutdown the loop stops accepting and every open
 //! connection is told to finish its requests (HTTP/1.1 `Connection: close`, HTTP/2
@@ -70,6 +73,15 @@ pub async fn serve(
             },
             _ = shutdown.changed() => break,
         };
+        // Bounds on open connections, before any work is spent on this one.
+        let mut slot = match gw.conn_limits.admit(peer.ip()) {
+            Ok(slot) => slot,
+            Err(refusal) => {
+                tracing::debug!(%peer, bound = refusal.as_str(), "connection refused: limit reached");
+                drop(tcp);
+                continue;
+            }
+        };
         let _ = tcp.set_nodelay(true);
         let gw = gw.clone();
         let builders = builders.clone();
@@ -95,6 +107,15 @@ pub async fn serve(
                 .peer_certificates()
                 .and_then(|chain| chain.first())
                 .map(certs::certificate_identity);
+            // No certificate: the cheapest connection to open, bounded more tightly. It
+            // may still carry bearer tokens, and a call without any credential gets the
+            // contract's 401, so it is not refused at the handshake.
+            if certificate.is_none()
+                && let Err(refusal) = slot.anonymous()
+            {
+                tracing::debug!(%peer, bound = refusal.as_str(), "connection without a certificate closed: limit reached");
+                return;
+            }
             let is_h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
             let conn = Arc::new(ConnInfo::new(peer, certificate));
             let service = service_fn(move |req| {
@@ -115,6 +136,7 @@ pub async fn serve(
             if let Err(e) = ended {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
+            drop(slot);
         });
     }
     drop(listener);

@@ -72,7 +72,7 @@ pub fn action(headers: &HeaderMap) -> Option<String> {
 }
 
 /// The header elements stamped into every SOAP message from the gateway.
-fn stamp_elements(message_id: &str, timestamp: &str) -> String {
+pub(crate) fn stamp_elements(message_id: &str, timestamp: &str) -> String {
     format!(
         "<fsp:MessageID xmlns:fsp=\"{FSP_NS}\">{}</fsp:MessageID><fsp:Timestamp xmlns:fsp=\"{FSP_NS}\">{}</fsp:Timestamp>",
         escape(message_id),
@@ -173,10 +173,12 @@ fn find_spot(buf: &[u8], stamp: &str) -> Spot {
                         end: after,
                         replacement: stamp.to_owned(),
                     },
+                    // `<h .../>` becomes `<h ...>stamp</h>`: its attributes (and
+                    // namespace declarations) stay.
                     ("Header", true) => Spot::Splice {
-                        start: before,
+                        start: after.saturating_sub(2),
                         end: after,
-                        replacement: format!("<{h}>{stamp}</{h}>", h = qualify("Header")),
+                        replacement: format!(">{stamp}</{h}>", h = qualify("Header")),
                     },
                     ("Body", _) => Spot::Splice {
                         start: before,
@@ -433,6 +435,15 @@ mod tests {
         }
         assert!(stamp_all(&[NO_HEADER.as_bytes()]).contains("<env:Header><fsp:MessageID"));
         assert!(stamp_all(&[EMPTY_HEADER.as_bytes()]).contains("<Header><fsp:MessageID"));
+        // An empty Header keeps its attributes and namespace declarations.
+        let with_attrs =
+            EMPTY_HEADER.replace("<Header/>", "<Header xmlns:w=\"urn:w\" w:Id=\"h\" />");
+        let out = stamp_all(&[with_attrs.as_bytes()]);
+        assert!(
+            out.contains("<Header xmlns:w=\"urn:w\" w:Id=\"h\" ><fsp:MessageID"),
+            "{out}"
+        );
+        assert_stamped(&out);
     }
 
     #[test]

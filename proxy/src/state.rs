@@ -32,6 +32,9 @@ pub struct Snapshot {
     pub public_url: String,
     pub max_request_bytes: u64,
     pub fail_closed: bool,
+    pub request_body_timeout: std::time::Duration,
+    /// XML threat protection bounds of the services that set their own.
+    pub xml_limits: HashMap<String, crate::xml::Limits>,
 }
 
 impl Snapshot {
@@ -46,9 +49,18 @@ impl Snapshot {
                 public_url: config.listener.public_url,
                 max_request_bytes: config.listener.max_request_bytes,
                 fail_closed: config.audit.fail_closed,
+                request_body_timeout: config.listener.request_body_timeout,
+                xml_limits: config.xml_limits.into_iter().collect(),
             },
             tls,
         )
+    }
+}
+
+impl Snapshot {
+    /// The XML threat protection bounds of a service (`family/service`).
+    pub fn xml_limits(&self, service: &str) -> crate::xml::Limits {
+        self.xml_limits.get(service).cloned().unwrap_or_default()
     }
 }
 
@@ -169,6 +181,8 @@ pub struct Gateway {
     pub config_path: PathBuf,
     pub metrics: Option<PrometheusHandle>,
     pub ready: AtomicBool,
+    /// Open consumer connections and their bounds (changes need a restart).
+    pub conn_limits: Arc<crate::limits::ConnLimits>,
 }
 
 /// Why a reload was refused (the running configuration stays in force).

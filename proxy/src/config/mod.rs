@@ -78,6 +78,24 @@ pub struct Listener {
     pub drain_timeout: Duration,
     /// Worker threads, each with its own runtime, listener and upstream pools.
     pub threads: usize,
+    /// The longest silence allowed while a request body is being received.
+    pub request_body_timeout: Duration,
+    pub connections: ConnectionLimits,
+}
+
+/// Bounds on consumer connections (see `crate::limits`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// Open connections in total.
+    pub max: usize,
+    /// Whether `max` was set by the operator (a default is lowered to fit the process's
+    /// descriptor limit; a value set explicitly that does not fit stops the start).
+    pub max_explicit: bool,
+    /// Open connections from one source address (an IPv6 /64 counts as one).
+    pub per_ip: usize,
+    /// Connections that presented no client certificate, in total and per address.
+    pub anonymous: usize,
+    pub anonymous_per_ip: usize,
 }
 
 /// The admin listener.
@@ -167,6 +185,13 @@ pub struct Provider {
     pub response_timeout: Duration,
     pub pool_idle_timeout: Duration,
     pub pool_max_idle: usize,
+    /// Calls in flight to this provider (each holds one upstream connection, or one
+    /// HTTP/2 stream) at most, over all worker threads of this gateway.
+    pub max_connections: usize,
+    /// How long a call waits for one of those to free up before 503.
+    pub queue_timeout: Duration,
+    /// The shared count behind `max_connections`.
+    pub cap: Arc<crate::limits::ConnCap>,
 }
 
 /// The validated configuration.
@@ -184,6 +209,9 @@ pub struct Config {
     pub catalogue: Catalogue,
     pub consumers: Consumers,
     pub authorisations: Vec<Authorisation>,
+    /// XML threat protection bounds of the services that set their own, by
+    /// `family/service`; the others use the defaults.
+    pub xml_limits: HashMap<String, crate::xml::Limits>,
     /// Every certificate file referenced, with the key that references it.
     pub certificate_files: Vec<(String, PathBuf)>,
 }
@@ -690,6 +718,7 @@ fn build(main: &Path, sources: Vec<Source>, problems: &mut Problems) -> Option<C
 
     // ---- catalogue ----
     let mut specs = Vec::new();
+    let mut xml_limits = HashMap::new();
     let mut family_ids: HashMap<&str, &Path> = HashMap::new();
     for s in &sources {
         for (fi, f) in s.raw.family.iter().enumerate() {
@@ -718,6 +747,12 @@ fn build(main: &Path, sources: Vec<Source>, problems: &mut Problems) -> Option<C
                         format!("service {}/{} is declared more than once", f.id, svc.id),
                     );
                     continue;
+                }
+                if let Some(raw) = &svc.xml_limits {
+                    xml_limits.insert(
+                        format!("{}/{}", f.id, svc.id),
+                        build_xml_limits(s, &skey, raw, problems),
+                    );
                 }
                 if let Some(spec) = build_service(s, &skey, &f.id, svc, problems) {
                     let violations = catalogue::validate_service(&spec);
@@ -784,8 +819,54 @@ fn build(main: &Path, sources: Vec<Source>, problems: &mut Problems) -> Option<C
         catalogue,
         consumers,
         authorisations,
+        xml_limits,
         certificate_files,
     })
+}
+
+fn build_xml_limits(
+    s: &Source,
+    key: &str,
+    raw: &RawXmlLimits,
+    problems: &mut Problems,
+) -> crate::xml::Limits {
+    let d = crate::xml::Limits::default();
+    let mut positive = |v: Option<u64>, k: &str, default: u64| match v {
+        Some(0) => {
+            problems.add(
+                &s.path,
+                format!("{key}.xml_limits.{k}"),
+                "must be at least 1",
+            );
+            default
+        }
+        Some(n) => n,
+        None => default,
+    };
+    let small = |n: u64| u32::try_from(n).unwrap_or(u32::MAX);
+    crate::xml::Limits {
+        max_depth: small(positive(
+            raw.max_depth.map(u64::from),
+            "max_depth",
+            u64::from(d.max_depth),
+        )),
+        max_attributes: small(positive(
+            raw.max_attributes.map(u64::from),
+            "max_attributes",
+            u64::from(d.max_attributes),
+        )),
+        max_name_length: small(positive(
+            raw.max_name_length.map(u64::from),
+            "max_name_length",
+            u64::from(d.max_name_length),
+        )),
+        max_attribute_length: small(positive(
+            raw.max_attribute_length.map(u64::from),
+            "max_attribute_length",
+            u64::from(d.max_attribute_length),
+        )),
+        max_text_length: positive(raw.max_text_length, "max_text_length", d.max_text_length),
+    }
 }
 
 fn build_listener(
@@ -857,6 +938,36 @@ fn build_listener(
         "listener.drain_timeout",
         problems,
     );
+    let request_body_timeout = duration_or(
+        &l.request_body_timeout,
+        Duration::from_secs(30),
+        &s.path,
+        "listener.request_body_timeout",
+        problems,
+    );
+    let mut at_least_one = |v: Option<usize>, k: &str, default: usize| match v {
+        Some(0) => {
+            problems.add(&s.path, format!("listener.{k}"), "must be at least 1");
+            default
+        }
+        Some(n) => n,
+        None => default,
+    };
+    let connections = ConnectionLimits {
+        max: at_least_one(l.max_connections, "max_connections", 10_000),
+        max_explicit: l.max_connections.is_some(),
+        per_ip: at_least_one(l.max_connections_per_ip, "max_connections_per_ip", 1_000),
+        anonymous: at_least_one(
+            l.max_anonymous_connections,
+            "max_anonymous_connections",
+            1_000,
+        ),
+        anonymous_per_ip: at_least_one(
+            l.max_anonymous_connections_per_ip,
+            "max_anonymous_connections_per_ip",
+            64,
+        ),
+    };
     let threads = match l.threads {
         Some(0) => {
             problems.add(&s.path, "listener.threads", "must be at least 1");
@@ -875,6 +986,8 @@ fn build_listener(
         handshake_timeout,
         header_read_timeout,
         drain_timeout,
+        request_body_timeout,
+        connections,
     })
 }
 
@@ -1172,6 +1285,28 @@ fn build_provider(
             problems,
         ),
         pool_max_idle: p.pool_max_idle.unwrap_or(256),
+        max_connections: match p.max_connections {
+            Some(0) => {
+                problems.add(
+                    &s.path,
+                    format!("{key}.max_connections"),
+                    "must be at least 1",
+                );
+                1
+            }
+            Some(n) => n,
+            None => 512,
+        },
+        queue_timeout: duration_or(
+            &p.queue_timeout,
+            Duration::from_secs(1),
+            &s.path,
+            &format!("{key}.queue_timeout"),
+            problems,
+        ),
+        cap: Arc::new(crate::limits::ConnCap::new(
+            p.max_connections.unwrap_or(512).max(1),
+        )),
     })
 }
 

@@ -44,6 +44,11 @@ pub struct RawListener {
     pub drain_timeout: Option<String>,
     /// Worker threads serving consumers (default: one per CPU).
     pub threads: Option<usize>,
+    pub request_body_timeout: Option<String>,
+    pub max_connections: Option<usize>,
+    pub max_connections_per_ip: Option<usize>,
+    pub max_anonymous_connections: Option<usize>,
+    pub max_anonymous_connections_per_ip: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -121,6 +126,8 @@ pub struct RawProvider {
     pub response_timeout: Option<String>,
     pub pool_idle_timeout: Option<String>,
     pub pool_max_idle: Option<usize>,
+    pub max_connections: Option<usize>,
+    pub queue_timeout: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -137,8 +144,20 @@ pub struct RawFamily {
 pub struct RawService {
     pub id: String,
     pub protocol: String,
+    /// Extension: bounds of the XML threat protection for this service's requests.
+    pub xml_limits: Option<RawXmlLimits>,
     #[serde(default)]
     pub version: Vec<RawVersion>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawXmlLimits {
+    pub max_depth: Option<u32>,
+    pub max_attributes: Option<u32>,
+    pub max_name_length: Option<u32>,
+    pub max_attribute_length: Option<u32>,
+    pub max_text_length: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -222,6 +222,19 @@ pub fn write_config(
     admin_port: u16,
     extra: &str,
 ) -> PathBuf {
+    write_config_with(pki, upstream, port, admin_port, "", "", extra)
+}
+
+/// [`write_config`] with extra keys for the `[listener]` table and the provider.
+pub fn write_config_with(
+    pki: &Pki,
+    upstream: SocketAddr,
+    port: u16,
+    admin_port: u16,
+    listener_extra: &str,
+    provider_extra: &str,
+    extra: &str,
+) -> PathBuf {
     let today = time::OffsetDateTime::now_utc().date();
     let d = |days: i64| {
         let x = today + time::Duration::days(days);
@@ -244,6 +257,7 @@ server_cert = "server.pem"
 server_key  = "server.key"
 client_ca   = "ca.pem"
 max_request_bytes = 104857600
+{listener_extra}
 
 [admin]
 address     = "127.0.0.1:{admin_port}"
@@ -258,6 +272,7 @@ id   = "rrn"
 name = "Registre national"
 response_timeout = "2s"
 connect_timeout = "1s"
+{provider_extra}
 
 [[family]]
 id       = "person"
@@ -332,6 +347,17 @@ valid_from  = 2020-01-01
     path
 }
 
+/// CPU time (user + system) the process has used so far.
+pub fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // The fields after the command name (which may hold spaces) are space-separated;
+    // utime and stime are the 14th and 15th fields, in clock ticks (100 per second).
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = after.split(' ').collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    Duration::from_millis(ticks * 10)
+}
+
 /// A running `fsp serve`, stopped (SIGTERM) on drop.
 pub struct Gateway {
     pub child: Option<Child>,
@@ -341,10 +367,32 @@ pub struct Gateway {
 
 impl Gateway {
     pub async fn start(config: &Path, port: u16, admin_port: u16) -> Self {
-        let child = Command::new(env!("CARGO_BIN_EXE_fsp"))
+        Self::start_command(
+            Command::new(env!("CARGO_BIN_EXE_fsp")),
+            config,
+            port,
+            admin_port,
+        )
+        .await
+    }
+
+    /// Starts the gateway with an open-files limit (soft and hard) of `nofile`.
+    pub async fn start_with_nofile(config: &Path, port: u16, admin_port: u16, nofile: u64) -> Self {
+        let mut cmd = Command::new("prlimit");
+        cmd.arg(format!("--nofile={nofile}:{nofile}"))
+            .arg("--")
+            .arg(env!("CARGO_BIN_EXE_fsp"));
+        Self::start_command(cmd, config, port, admin_port).await
+    }
+
+    async fn start_command(mut cmd: Command, config: &Path, port: u16, admin_port: u16) -> Self {
+        let child = cmd
             .args(["serve", "--config"])
             .arg(config)
-            .env("FSP_LOG", "warn")
+            .env(
+                "FSP_LOG",
+                std::env::var("FSP_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()

@@ -1,0 +1,362 @@
+//! Bounds on what callers can make the gateway hold.
+//!
+//! - [`ConnLimits`]: consumer connections, in total and per source address, with tighter
+//!   bounds for connections that presented no client certificate (the cheapest to open:
+//!   no key, no CA). A connection beyond a bound is closed at once; calls already under
+//!   way are never touched.
+//! - [`ConnCap`]: calls in flight to one provider (each holds an upstream connection),
+//!   shared by the worker threads. A call that finds the cap reached waits a bounded time
+//!   for one to end, then is refused with 503 without anything being sent.
+//! - [`raise_descriptor_limit`]: the process takes every file descriptor the system
+//!   allows it, and refuses to start when that is fewer than its limits need.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+
+use crate::config::ConnectionLimits;
+
+/// Descriptors kept aside for everything that is not a connection (listeners, audit
+/// files, the admin API, Redis, DNS).
+pub const RESERVED_DESCRIPTORS: u64 = 256;
+
+/// A cap on calls in flight to one provider, over all worker threads.
+#[derive(Debug)]
+pub struct ConnCap {
+    in_use: AtomicUsize,
+    max: usize,
+    waiting: AtomicUsize,
+    freed: Notify,
+}
+
+impl ConnCap {
+    pub fn new(max: usize) -> Self {
+        Self {
+            in_use: AtomicUsize::new(0),
+            max,
+            waiting: AtomicUsize::new(0),
+            freed: Notify::new(),
+        }
+    }
+
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
+    pub fn in_use(&self) -> usize {
+        self.in_use.load(Ordering::Relaxed)
+    }
+
+    /// Takes a slot if one is free.
+    pub fn try_take(&self) -> bool {
+        let mut current = self.in_use.load(Ordering::Relaxed);
+        loop {
+            if current >= self.max {
+                return false;
+            }
+            match self.in_use.compare_exchange_weak(
+                current,
+                current + 1,
+                Ordering::Acquire,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return true,
+                Err(now) => current = now,
+            }
+        }
+    }
+
+    /// Takes a slot, waiting at most `wait` for one to free up.
+    pub async fn take(&self, wait: Duration) -> bool {
+        if self.try_take() {
+            return true;
+        }
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        let deadline = tokio::time::Instant::now() + wait;
+        let taken = loop {
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            // Registered before trying, so a slot given back in between is not missed.
+            freed.as_mut().enable();
+            if self.try_take() {
+                break true;
+            }
+            if tokio::time::timeout_at(deadline, freed).await.is_err() {
+                break self.try_take();
+            }
+        };
+        self.waiting.fetch_sub(1, Ordering::SeqCst);
+        taken
+    }
+
+    /// Gives a slot back.
+    pub fn give(&self) {
+        self.in_use.fetch_sub(1, Ordering::Release);
+        if self.waiting.load(Ordering::SeqCst) > 0 {
+            self.freed.notify_one();
+        }
+    }
+}
+
+/// Why a connection was closed at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    Total,
+    PerAddress,
+    Anonymous,
+    AnonymousPerAddress,
+}
+
+impl Refusal {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Total => "total",
+            Self::PerAddress => "per_address",
+            Self::Anonymous => "anonymous",
+            Self::AnonymousPerAddress => "anonymous_per_address",
+        }
+    }
+}
+
+/// The address a connection is counted under: an IPv4 address, or an IPv6 /64 (what
+/// one subscriber usually gets, so a client cannot dodge the bound by rotating its
+/// interface identifier).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Source {
+    V4(u32),
+    V6(u64),
+}
+
+impl Source {
+    fn of(ip: IpAddr) -> Self {
+        match ip {
+            IpAddr::V4(v4) => Self::V4(u32::from(v4)),
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => Self::V4(u32::from(v4)),
+                None => Self::V6((u128::from(v6) >> 64) as u64),
+            },
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct PerSource {
+    all: usize,
+    anonymous: usize,
+}
+
+/// Open consumer connections, counted against [`ConnectionLimits`].
+#[derive(Debug)]
+pub struct ConnLimits {
+    limits: ConnectionLimits,
+    total: AtomicUsize,
+    anonymous: AtomicUsize,
+    /// Touched once when a connection opens and once when it closes, never per call.
+    sources: Mutex<HashMap<Source, PerSource>>,
+}
+
+/// One admitted connection; its place is given back when dropped.
+#[derive(Debug)]
+pub struct ConnSlot {
+    limits: Arc<ConnLimits>,
+    source: Source,
+    anonymous: bool,
+}
+
+impl ConnLimits {
+    pub fn new(limits: ConnectionLimits) -> Arc<Self> {
+        Arc::new(Self {
+            limits,
+            total: AtomicUsize::new(0),
+            anonymous: AtomicUsize::new(0),
+            sources: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn limits(&self) -> ConnectionLimits {
+        self.limits
+    }
+
+    /// Open connections, and among them those without a client certificate.
+    pub fn open(&self) -> (usize, usize) {
+        (
+            self.total.load(Ordering::Relaxed),
+            self.anonymous.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Admits a new connection from `ip`, or says which bound it breaks.
+    pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<ConnSlot, Refusal> {
+        let source = Source::of(ip);
+        let mut sources = self.sources.lock().unwrap_or_else(|e| e.into_inner());
+        if self.total.load(Ordering::Relaxed) >= self.limits.max {
+            return Err(refused(Refusal::Total));
+        }
+        let entry = sources.entry(source).or_default();
+        if entry.all >= self.limits.per_ip {
+            return Err(refused(Refusal::PerAddress));
+        }
+        entry.all += 1;
+        self.total.fetch_add(1, Ordering::Relaxed);
+        metrics::gauge!("fsp_connections_open").increment(1.0);
+        Ok(ConnSlot {
+            limits: self.clone(),
+            source,
+            anonymous: false,
+        })
+    }
+}
+
+fn refused(r: Refusal) -> Refusal {
+    metrics::counter!("fsp_connections_refused_total", "reason" => r.as_str()).increment(1);
+    r
+}
+
+impl ConnSlot {
+    /// The connection presented no client certificate: it must also fit the anonymous
+    /// bounds, or be closed.
+    pub fn anonymous(&mut self) -> Result<(), Refusal> {
+        if self.anonymous {
+            return Ok(());
+        }
+        let limits = &self.limits;
+        let mut sources = limits.sources.lock().unwrap_or_else(|e| e.into_inner());
+        if limits.anonymous.load(Ordering::Relaxed) >= limits.limits.anonymous {
+            return Err(refused(Refusal::Anonymous));
+        }
+        let entry = sources.entry(self.source).or_default();
+        if entry.anonymous >= limits.limits.anonymous_per_ip {
+            return Err(refused(Refusal::AnonymousPerAddress));
+        }
+        entry.anonymous += 1;
+        limits.anonymous.fetch_add(1, Ordering::Relaxed);
+        self.anonymous = true;
+        metrics::gauge!("fsp_connections_anonymous_open").increment(1.0);
+        Ok(())
+    }
+}
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        let limits = &self.limits;
+        let mut sources = limits.sources.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(entry) = sources.get_mut(&self.source) {
+            entry.all = entry.all.saturating_sub(1);
+            if self.anonymous {
+                entry.anonymous = entry.anonymous.saturating_sub(1);
+            }
+            if entry.all == 0 {
+                sources.remove(&self.source);
+            }
+        }
+        limits.total.fetch_sub(1, Ordering::Relaxed);
+        metrics::gauge!("fsp_connections_open").decrement(1.0);
+        if self.anonymous {
+            limits.anonymous.fetch_sub(1, Ordering::Relaxed);
+            metrics::gauge!("fsp_connections_anonymous_open").decrement(1.0);
+        }
+    }
+}
+
+/// Raises the soft limit on open files to the hard one; returns the limit now in force.
+pub fn raise_descriptor_limit() -> std::io::Result<u64> {
+    let (soft, hard) = rlimit::Resource::NOFILE.get()?;
+    if soft < hard {
+        rlimit::Resource::NOFILE.set(hard, hard)?;
+    }
+    Ok(rlimit::Resource::NOFILE.get()?.0)
+}
+
+/// Descriptors the limits need: one per consumer connection, one per upstream
+/// connection, and a reserve.
+pub fn descriptors_needed(consumer_connections: usize, upstream_connections: usize) -> u64 {
+    consumer_connections as u64 + upstream_connections as u64 + RESERVED_DESCRIPTORS
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn limits(
+        max: usize,
+        per_ip: usize,
+        anonymous: usize,
+        anonymous_per_ip: usize,
+    ) -> Arc<ConnLimits> {
+        ConnLimits::new(ConnectionLimits {
+            max,
+            max_explicit: true,
+            per_ip,
+            anonymous,
+            anonymous_per_ip,
+        })
+    }
+
+    #[test]
+    fn connections_are_bounded_in_total_per_address_and_when_anonymous() {
+        let l = limits(5, 3, 3, 2);
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let b: IpAddr = "192.0.2.2".parse().unwrap();
+        let mut held = Vec::new();
+        for _ in 0..3 {
+            held.push(l.admit(a).unwrap());
+        }
+        assert_eq!(l.admit(a).err(), Some(Refusal::PerAddress));
+        held[0].anonymous().unwrap();
+        held[1].anonymous().unwrap();
+        assert_eq!(
+            held[2].anonymous().err(),
+            Some(Refusal::AnonymousPerAddress)
+        );
+        let mut other = l.admit(b).unwrap();
+        other.anonymous().unwrap();
+        let mut third = l.admit(b).unwrap();
+        assert_eq!(third.anonymous().err(), Some(Refusal::Anonymous));
+        assert_eq!(l.admit(b).err(), Some(Refusal::Total));
+        assert_eq!(l.open(), (5, 3));
+        drop(held);
+        assert_eq!(l.open(), (2, 1));
+        assert!(l.admit(a).is_ok());
+        third.anonymous().unwrap();
+    }
+
+    #[test]
+    fn an_ipv6_slash_64_counts_as_one_address() {
+        let l = limits(10, 2, 10, 10);
+        let _x = l.admit("2001:db8:1:2::1".parse().unwrap()).unwrap();
+        let _y = l.admit("2001:db8:1:2:ffff::9".parse().unwrap()).unwrap();
+        assert_eq!(
+            l.admit("2001:db8:1:2::77".parse().unwrap()).err(),
+            Some(Refusal::PerAddress)
+        );
+        assert!(l.admit("2001:db8:1:3::1".parse().unwrap()).is_ok());
+        // An IPv4-mapped address is its IPv4 address.
+        let _v4 = l.admit("192.0.2.9".parse().unwrap()).unwrap();
+        let _v4b = l.admit("::ffff:192.0.2.9".parse().unwrap()).unwrap();
+        assert!(l.admit("192.0.2.9".parse().unwrap()).is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_cap_waits_a_bounded_time_and_hands_over_freed_slots() {
+        let cap = Arc::new(ConnCap::new(2));
+        assert!(cap.try_take());
+        assert!(cap.try_take());
+        assert!(!cap.try_take());
+        let started = tokio::time::Instant::now();
+        assert!(!cap.take(Duration::from_millis(500)).await);
+        assert_eq!(started.elapsed(), Duration::from_millis(500));
+        let waiter = tokio::spawn({
+            let cap = cap.clone();
+            async move { cap.take(Duration::from_secs(5)).await }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        cap.give();
+        assert!(waiter.await.unwrap());
+        assert_eq!(cap.in_use(), 2);
+    }
+}

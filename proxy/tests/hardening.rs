@@ -1,0 +1,866 @@
+//! The findings of the hardening review, each tried again on real sockets: paths that
+//! escape their version, XML attacks, look-alike and forwarding headers, resource
+//! exhaustion, and faults blamed on the wrong side.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+// Field order matters: the gateway stops before its directory is removed.
+struct Setup {
+    gw: Gateway,
+    pki: Pki,
+}
+
+async fn start(up: SocketAddr, listener: &str, provider: &str, extra: &str) -> Setup {
+    let pki = Pki::new();
+    let (port, admin) = (free_port(), free_port());
+    // Stopping does not wait long for the test clients' idle pooled connections.
+    let listener = format!("drain_timeout = \"1s\"\n{listener}");
+    let config = write_config_with(&pki, up, port, admin, &listener, provider, extra);
+    let gw = Gateway::start(&config, port, admin).await;
+    Setup { pki, gw }
+}
+
+// ---------------------------------------------------------------------------------
+// Providers used here.
+
+/// Decodes percent-escapes once.
+fn decode(p: &[u8]) -> Vec<u8> {
+    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    let mut d = Vec::new();
+    let mut i = 0;
+    while i < p.len() {
+        if p[i] == b'%'
+            && let (Some(h), Some(l)) = (
+                p.get(i + 1).copied().and_then(hex),
+                p.get(i + 2).copied().and_then(hex),
+            )
+        {
+            d.push((h << 4) | l);
+            i += 3;
+        } else {
+            d.push(p[i]);
+            i += 1;
+        }
+    }
+    d
+}
+
+/// How the most lenient server reads a path: percent-decoded twice, backslashes as
+/// slashes, `;parameters` and trailing spaces dropped, slashes merged, dot segments
+/// resolved.
+fn lenient(target: &str) -> String {
+    let path = target.split('?').next().unwrap();
+    let text = String::from_utf8_lossy(&decode(&decode(path.as_bytes()))).replace('\\', "/");
+    let mut out: Vec<&str> = Vec::new();
+    for seg in text.split('/') {
+        match seg.split(';').next().unwrap().trim_end() {
+            "" | "." => {}
+            ".." => {
+                out.pop();
+            }
+            s => out.push(s),
+        }
+    }
+    format!("/{}", out.join("/"))
+}
+
+/// An HTTP/1.1 provider that resolves every request path as leniently as any server
+/// would, and records what it resolved.
+async fn lenient_provider() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let log = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let log = log.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: Request<Incoming>| {
+                    let log = log.clone();
+                    async move {
+                        let resolved = lenient(req.uri().path());
+                        log.lock().unwrap().push(resolved.clone());
+                        let body = serde_json::json!({"resolved": resolved}).to_string();
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body))))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// A SOAP provider that records every request body it received *whole*.
+async fn recording_soap_provider() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+    let complete = Arc::new(Mutex::new(Vec::new()));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let log = complete.clone();
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let log = log.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: Request<Incoming>| {
+                    let log = log.clone();
+                    async move {
+                        if let Ok(body) = req.into_body().collect().await {
+                            log.lock()
+                                .unwrap()
+                                .push(String::from_utf8_lossy(&body.to_bytes()).into_owned());
+                        }
+                        let mut r = Response::new(Full::new(Bytes::from_static(
+                            b"<s:Envelope xmlns:s=\"http://schemas.xmlsoap.org/soap/envelope/\"><s:Body><ok/></s:Body></s:Envelope>",
+                        )));
+                        r.headers_mut()
+                            .insert("content-type", "text/xml; charset=utf-8".parse().unwrap());
+                        Ok::<_, Infallible>(r)
+                    }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, complete)
+}
+
+/// Sends raw bytes on a new mTLS connection and reads the first response.
+async fn raw_call(s: &Setup, request: &str) -> (u16, String) {
+    let mut tls = raw_tls(&s.pki, &s.pki.consumer, s.gw.port).await;
+    tls.write_all(request.as_bytes()).await.unwrap();
+    tls.flush().await.unwrap();
+    read_response(&mut tls).await
+}
+
+// ---------------------------------------------------------------------------------
+// 1. No path escapes its version.
+
+#[tokio::test]
+async fn no_path_reaches_another_version_another_service_or_the_provider_root() {
+    let (up, resolved) = lenient_provider().await;
+    let mut s = start(up, "", "", "").await;
+    let attacks = [
+        "/person/getPerson/v2/../v3/x",
+        "/person/getPerson/v2/%2e%2e/v3/x",
+        "/person/getPerson/v2/%2E%2E/%2e%2e/",
+        "/person/getPerson/v2/.%2e/v3/x",
+        "/person/getPerson/v2/..%2fv3/x",
+        "/person/getPerson/v2/..%2Fv3/x",
+        "/person/getPerson/v2//../v3/x",
+        "/person/getPerson/v2/a/../../v3/x",
+        "/person/getPerson/v2/..;/v3/x",
+        "/person/getPerson/v2/..;jsessionid=1/v3/x",
+        "/person/getPerson/v2/%252e%252e/v3/x",
+        "/person/getPerson/v2/..%5cv3/x",
+        "/person/getPerson/v2/..%3b/v3/x",
+        "/person/getPerson/v2/..",
+    ];
+    for path in attacks {
+        for target in [
+            path.to_owned(),
+            format!("https://localhost:{}{path}", s.gw.port),
+        ] {
+            let (status, body) = raw_call(
+                &s,
+                &format!("GET {target} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n"),
+            )
+            .await;
+            assert_eq!(status, 400, "{target}: {body}");
+            assert!(body.contains("FSP-REQUEST-MALFORMED"), "{target}: {body}");
+        }
+    }
+    // A backslash is not even a valid request target.
+    let (status, _) = raw_call(
+        &s,
+        "GET /person/getPerson/v2/..\\v3/x HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 400);
+
+    // HTTP/2 `:path` takes the same road.
+    let h2 = client(&s.pki, Some(&s.pki.consumer), true);
+    for path in [
+        "/person/getPerson/v2/../v3/x",
+        "/person/getPerson/v2/%2e%2e/v3/x",
+    ] {
+        let (status, _, body, version) = send(&h2, get(&s.gw.url(path))).await.unwrap();
+        assert_eq!(version, http::Version::HTTP_2);
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{path}: {body:?}");
+    }
+
+    // Dot segments that stay inside the version are resolved, and the record says what
+    // was reached.
+    let c = client(&s.pki, Some(&s.pki.consumer), false);
+    let (status, _, body, _) = send(&c, get(&s.gw.url("/person/getPerson/v2/a/./b/../c")))
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(json(&body)["resolved"], "/person/v2/a/c");
+
+    drop((h2, c));
+    let seen = resolved.lock().unwrap().clone();
+    assert_eq!(
+        seen,
+        ["/person/v2/a/c"],
+        "only the harmless call reached the provider"
+    );
+    s.gw.stop();
+    let records = audit_records(&s.pki);
+    let refused = records
+        .iter()
+        .filter(|r| r["decision"] == "FSP-REQUEST-MALFORMED")
+        .count();
+    assert!(refused >= attacks.len() * 2, "{records:#?}");
+    for r in records
+        .iter()
+        .filter(|r| r["decision"] == "FSP-REQUEST-MALFORMED")
+    {
+        assert_eq!(r["fault"], "consumer", "{r}");
+        assert_eq!(r["status"], 400);
+    }
+    assert!(
+        records
+            .iter()
+            .any(|r| r["operation"] == "GET /person/getPerson/v2/a/c" && r["status"] == 200),
+        "{records:#?}"
+    );
+}
+
+// ---------------------------------------------------------------------------------
+// 2. XML attacks never reach providers.
+
+const SOAP_OPEN: &str = r#"<soap:Envelope xmlns:soap="http://schemas.xmlsoap.org/soap/envelope/"><soap:Header><fsp:Purpose xmlns:fsp="urn:be:fgov:fsp:1">participation-vote</fsp:Purpose></soap:Header><soap:Body>"#;
+const SOAP_CLOSE: &str = "</soap:Body></soap:Envelope>";
+
+fn billion_laughs() -> String {
+    let mut dtd = String::from("<!DOCTYPE lolz [<!ENTITY lol \"lol\">");
+    for i in 1..10 {
+        let prev = if i == 1 {
+            "lol".to_owned()
+        } else {
+            format!("lol{}", i - 1)
+        };
+        dtd.push_str(&format!(
+            "<!ENTITY lol{i} \"{}\">",
+            format!("&{prev};").repeat(10)
+        ));
+    }
+    dtd.push_str("]>");
+    format!("<?xml version=\"1.0\"?>{dtd}{SOAP_OPEN}<q>&lol9;</q>{SOAP_CLOSE}")
+}
+
+#[tokio::test]
+async fn xml_attacks_are_refused_and_nothing_complete_reaches_the_provider() {
+    let (up, complete) = recording_soap_provider().await;
+    let s = start(up, "", "", "").await;
+    let c = client(&s.pki, Some(&s.pki.consumer), false);
+    let url = s.gw.url("/person/getPersonSoap/v1");
+    let deep = format!(
+        "{SOAP_OPEN}{}{}{SOAP_CLOSE}",
+        "<a>".repeat(10_000),
+        "</a>".repeat(10_000)
+    );
+    let attacks = [
+        ("billion laughs", billion_laughs()),
+        (
+            "XXE file",
+            format!(
+                "<?xml version=\"1.0\"?><!DOCTYPE foo [<!ENTITY xxe SYSTEM \"file:///etc/passwd\">]>{SOAP_OPEN}<q>&xxe;</q>{SOAP_CLOSE}"
+            ),
+        ),
+        (
+            "XXE http",
+            format!(
+                "<!DOCTYPE foo [<!ENTITY % xxe SYSTEM \"http://127.0.0.1:9/evil.dtd\"> %xxe;]>{SOAP_OPEN}<q/>{SOAP_CLOSE}"
+            ),
+        ),
+        ("10 000-deep nesting", deep),
+        (
+            "processing instruction",
+            format!("{SOAP_OPEN}<?php system('id'); ?><q/>{SOAP_CLOSE}"),
+        ),
+        (
+            "undeclared entity",
+            format!("{SOAP_OPEN}<q>&xxe;</q>{SOAP_CLOSE}"),
+        ),
+        (
+            "UTF-7",
+            format!("<?xml version=\"1.0\" encoding=\"UTF-7\"?>{SOAP_OPEN}<q/>{SOAP_CLOSE}"),
+        ),
+    ];
+    let before = s.gw.memory_kib().1;
+    for (name, doc) in &attacks {
+        for purpose_header in [false, true] {
+            let mut req = post(&url, "text/xml; charset=utf-8", doc);
+            if purpose_header {
+                req.headers_mut()
+                    .insert("fsp-purpose", "participation-vote".parse().unwrap());
+            }
+            let (status, h, body, _) = send(&c, req).await.unwrap();
+            let text = String::from_utf8_lossy(&body);
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{name}: {text}");
+            assert!(h["content-type"].to_str().unwrap().starts_with("text/xml"));
+            assert!(
+                text.contains("<faultcode>soap:Client</faultcode>"),
+                "{name}: {text}"
+            );
+            assert!(text.contains("FSP-REQUEST-MALFORMED"), "{name}: {text}");
+        }
+    }
+
+    // A threat deep inside a large body, after much of it was already forwarded: the
+    // provider is left with an incomplete request.
+    let late = format!(
+        "{SOAP_OPEN}<q>{}</q>{}{SOAP_CLOSE}",
+        "x".repeat(512 * 1024),
+        "<a>".repeat(100)
+    );
+    let chunks: Vec<Bytes> = late
+        .as_bytes()
+        .chunks(16 * 1024)
+        .map(Bytes::copy_from_slice)
+        .collect();
+    let stream = futures_stream(chunks);
+    let req = Request::post(&url)
+        .header("content-type", "text/xml")
+        .body(stream)
+        .unwrap();
+    let (status, _, body, _) = send(&c, req).await.unwrap();
+    assert_eq!(
+        status,
+        StatusCode::BAD_REQUEST,
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+    assert!(String::from_utf8_lossy(&body).contains("deeper"));
+
+    // A sane envelope still goes through, whole.
+    let fine = format!("{SOAP_OPEN}<q>85073003328</q>{SOAP_CLOSE}");
+    let (status, _, _, _) = send(&c, post(&url, "text/xml", &fine)).await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        *complete.lock().unwrap(),
+        [fine],
+        "the provider received nothing else whole"
+    );
+    let after = s.gw.memory_kib().1;
+    assert!(
+        after < before + 32 * 1024,
+        "memory grew from {before} to {after} KiB"
+    );
+}
+
+/// A body sent as the given frames, with a pause between them.
+fn futures_stream(chunks: Vec<Bytes>) -> AnyBody {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(1);
+    tokio::spawn(async move {
+        for c in chunks {
+            if tx.send(c).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    });
+    ChannelBody(rx).boxed_unsync()
+}
+
+struct ChannelBody(tokio::sync::mpsc::Receiver<Bytes>);
+
+impl http_body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = Infallible;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|c| c.map(|b| Ok(http_body::Frame::data(b))))
+    }
+}
+
+#[tokio::test]
+async fn a_soap_header_trickled_byte_by_byte_is_read_in_linear_time_within_its_bound() {
+    let (up, complete) = recording_soap_provider().await;
+    let s = start(up, "", "", "").await;
+    let cpu_before = cpu_time(s.gw.pid());
+    // A 66 KiB Header sent one byte per chunk: past the 64 KiB bound, refused.
+    let padding = format!("<x:Pad xmlns:x=\"urn:x\">{}</x:Pad>", "p".repeat(66 * 1024));
+    let doc = format!(
+        "<soap:Envelope xmlns:soap=\"http://schemas.xmlsoap.org/soap/envelope/\"><soap:Header>{padding}</soap:Header><soap:Body/></soap:Envelope>"
+    );
+    let mut tls = raw_tls(&s.pki, &s.pki.consumer, s.gw.port).await;
+    tls.write_all(
+        b"POST /person/getPersonSoap/v1 HTTP/1.1\r\nhost: localhost\r\ncontent-type: text/xml\r\nfsp-purpose: participation-vote\r\ntransfer-encoding: chunked\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut refused_early = false;
+    for b in doc.as_bytes() {
+        let chunk = [b"1\r\n".as_slice(), std::slice::from_ref(b), b"\r\n"].concat();
+        if tls.write_all(&chunk).await.is_err() {
+            refused_early = true;
+            break;
+        }
+    }
+    if !refused_early {
+        let _ = tls.write_all(b"0\r\n\r\n").await;
+    }
+    let (status, body) = read_response(&mut tls).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("65536"), "{body}");
+    let used = cpu_time(s.gw.pid()) - cpu_before;
+    // Quadratic re-scanning of 66 KiB takes tens of seconds; linear work is a fraction.
+    assert!(
+        used < Duration::from_secs(10),
+        "the gateway spent {used:?} of CPU"
+    );
+    assert!(complete.lock().unwrap().is_empty());
+}
+
+// ---------------------------------------------------------------------------------
+// 3. Look-alike and forwarding headers.
+
+#[tokio::test]
+async fn look_alike_and_forwarding_headers_never_reach_the_provider_as_sent() {
+    let up = upstream().await;
+    let s = start(up, "", "", "").await;
+    let (status, body) = raw_call(
+        &s,
+        "GET /person/getPerson/v3/x HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\
+         FSP_Consumer: evil-app\r\nFsp_Legal_Basis: forged\r\nX_Forwarded_For: 6.6.6.6\r\n\
+         X-Forwarded-For: 6.6.6.6\r\nForwarded: for=6.6.6.6;proto=http\r\nX-Real-IP: 6.6.6.6\r\n\
+         X-Forwarded-Host: evil.example\r\nTrue-Client-IP: 6.6.6.6\r\nX-Original-URL: /admin\r\n\
+         X-Kept: yes\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let seen: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let headers = seen["headers"].as_object().unwrap();
+    for (name, value) in headers {
+        let v = value.as_str().unwrap();
+        assert!(!name.contains('_'), "{name} reached the provider");
+        assert!(!v.contains("6.6.6.6") && !v.contains("evil"), "{name}: {v}");
+    }
+    assert_eq!(headers["fsp-consumer"], "ville-bxl");
+    assert_eq!(headers["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(headers["x-forwarded-proto"], "https");
+    assert_eq!(headers["x-kept"], "yes");
+    for gone in [
+        "forwarded",
+        "x-real-ip",
+        "x-forwarded-host",
+        "true-client-ip",
+        "x-original-url",
+    ] {
+        assert!(!headers.contains_key(gone), "{gone} reached the provider");
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// 4. Resources are bounded.
+
+async fn anonymous_tls(
+    pki: &Pki,
+    port: u16,
+) -> Option<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(pki.ca.cert_pem().as_bytes()).unwrap())
+        .unwrap();
+    let mut config = rustls::ClientConfig::builder_with_provider(certs::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .ok()
+}
+
+#[tokio::test]
+async fn idle_anonymous_connections_do_not_keep_a_legitimate_consumer_out() {
+    let pki = Pki::new();
+    let up = upstream().await;
+    let (port, admin) = (free_port(), free_port());
+    let config = write_config(&pki, up, port, admin, "");
+    // The descriptor limit under which 1 004 idle connections used to starve a
+    // legitimate call; the default connection limit is lowered to fit it.
+    let gw = Gateway::start_with_nofile(&config, port, admin, 1024).await;
+    let mut idle = Vec::new();
+    for _ in 0..1_100 {
+        if let Some(c) = anonymous_tls(&pki, port).await {
+            idle.push(c);
+        }
+    }
+    let c = client(&pki, Some(&pki.consumer), false);
+    let started = Instant::now();
+    let (status, _, _, _) = send(
+        &c,
+        get(&format!("https://localhost:{port}/person/getPerson/v3/x")),
+    )
+    .await
+    .unwrap();
+    let took = started.elapsed();
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        took < Duration::from_secs(1),
+        "the legitimate call took {took:?}"
+    );
+    let metrics = admin_get(admin, "/metrics").await;
+    assert!(
+        metrics.contains("fsp_connections_refused_total{reason=\"anonymous_per_address\"}"),
+        "{metrics}"
+    );
+    // At most the anonymous bound per address is held open (64 by default).
+    let held = idle.len();
+    assert!(held >= 64, "{held}");
+    let mut open = 0;
+    for c in &mut idle {
+        let mut byte = [0u8; 1];
+        // Nothing to read within 2 ms: still open (a closed one reads its end at once).
+        if tokio::time::timeout(Duration::from_millis(2), c.read(&mut byte))
+            .await
+            .is_err()
+        {
+            open += 1;
+        }
+    }
+    assert_eq!(open, 64, "anonymous connections left open");
+    // Once they are gone, a connection without credentials gets the contract's 401.
+    drop(idle);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let anon = client(&pki, None, false);
+    let (status, _, _, _) = send(
+        &anon,
+        get(&format!("https://localhost:{port}/person/getPerson/v3/x")),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    drop(gw);
+}
+
+async fn admin_get(port: u16, path: &str) -> String {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+/// A provider that accepts connections, reads what comes and never answers; it reports
+/// the most connections it had open at once.
+async fn silent_provider() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let open = Arc::new(AtomicUsize::new(0));
+    let peak = Arc::new(AtomicUsize::new(0));
+    let report = peak.clone();
+    tokio::spawn(async move {
+        loop {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            let now = open.fetch_add(1, Ordering::SeqCst) + 1;
+            peak.fetch_max(now, Ordering::SeqCst);
+            let open = open.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = tcp.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                }
+                open.fetch_sub(1, Ordering::SeqCst);
+            });
+        }
+    });
+    (addr, report)
+}
+
+#[tokio::test]
+async fn stalled_uploads_hold_no_more_provider_connections_than_the_cap() {
+    use std::sync::atomic::Ordering;
+    let (up, peak) = silent_provider().await;
+    let mut s = start(
+        up,
+        "request_body_timeout = \"2s\"",
+        "max_connections = 20\nqueue_timeout = \"300ms\"",
+        "",
+    )
+    .await;
+    let mut calls = Vec::new();
+    for _ in 0..200 {
+        let pki_port = s.gw.port;
+        let mut tls = raw_tls(&s.pki, &s.pki.consumer, pki_port).await;
+        calls.push(tokio::spawn(async move {
+            tls.write_all(
+                b"POST /person/getPerson/v3/sink HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/octet-stream\r\ncontent-length: 1000\r\n\r\n0123456789",
+            )
+            .await
+            .unwrap();
+            // ...and nothing more.
+            read_response(&mut tls).await
+        }));
+    }
+    let mut statuses = std::collections::BTreeMap::new();
+    for call in calls {
+        let (status, body) = call.await.unwrap();
+        *statuses.entry(status).or_insert(0) += 1;
+        match status {
+            408 => assert!(body.contains("FSP-REQUEST-TIMEOUT"), "{body}"),
+            503 => assert!(body.contains("FSP-UPSTREAM-UNAVAILABLE"), "{body}"),
+            other => panic!("unexpected {other}: {body}"),
+        }
+    }
+    assert!(
+        peak.load(Ordering::SeqCst) <= 20,
+        "peak {}",
+        peak.load(Ordering::SeqCst)
+    );
+    assert_eq!(statuses.values().sum::<i32>(), 200);
+    assert!(
+        statuses.get(&408).copied().unwrap_or(0) >= 20,
+        "{statuses:?}"
+    );
+    s.gw.stop();
+    let records = audit_records(&s.pki);
+    for r in &records {
+        match r["status"].as_u64() {
+            Some(408) => assert_eq!(r["fault"], "consumer", "{r}"),
+            Some(503) => assert_eq!(r["fault"], "gateway", "{r}"),
+            _ => panic!("unexpected record {r}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_admin_listener_closes_unfinished_requests() {
+    let up = upstream().await;
+    let s = start(up, "", "", "").await;
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", s.gw.admin_port))
+        .await
+        .unwrap();
+    tcp.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut buf = Vec::new();
+    let n = tokio::time::timeout(Duration::from_secs(20), tcp.read_to_end(&mut buf))
+        .await
+        .expect("closed by the gateway")
+        .unwrap_or(0);
+    let _ = n;
+    assert!(started.elapsed() < Duration::from_secs(15));
+}
+
+// ---------------------------------------------------------------------------------
+// 5. Every fault is blamed on the side that caused it.
+
+#[tokio::test]
+async fn consumer_side_faults_are_4xx_and_recorded_as_the_consumers() {
+    let up = upstream().await;
+    let mut s = start(up, "request_body_timeout = \"1s\"", "", "").await;
+    let head = "POST /person/getPerson/v3/sink HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/octet-stream\r\n";
+
+    // A stalled upload: 408.
+    let mut tls = raw_tls(&s.pki, &s.pki.consumer, s.gw.port).await;
+    tls.write_all(format!("{head}content-length: 100\r\n\r\nabc").as_bytes())
+        .await
+        .unwrap();
+    let (status, body) = read_response(&mut tls).await;
+    assert_eq!(status, 408, "{body}");
+    assert!(body.contains("FSP-REQUEST-TIMEOUT"));
+
+    // Malformed chunked framing: 400.
+    let (status, body) = raw_call(
+        &s,
+        &format!("{head}transfer-encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n"),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("FSP-REQUEST-MALFORMED"), "{body}");
+
+    // A consumer hanging up mid-body.
+    let mut tls = raw_tls(&s.pki, &s.pki.consumer, s.gw.port).await;
+    tls.write_all(format!("{head}content-length: 100000\r\n\r\nabc").as_bytes())
+        .await
+        .unwrap();
+    tls.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(tls);
+
+    // Two Host fields, or none: 400, and the connection is closed.
+    for fields in ["host: a\r\nhost: b\r\n", ""] {
+        let mut tls = raw_tls(&s.pki, &s.pki.consumer, s.gw.port).await;
+        tls.write_all(format!("GET /person/getPerson/v3/x HTTP/1.1\r\n{fields}\r\n").as_bytes())
+            .await
+            .unwrap();
+        let (status, body) = read_response(&mut tls).await;
+        assert_eq!(status, 400, "{fields:?}: {body}");
+        assert!(body.contains("Host"), "{body}");
+        let mut rest = Vec::new();
+        let n = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut rest))
+            .await
+            .expect("the connection is closed");
+        assert!(n.map_or(true, |n| n == 0));
+    }
+
+    // A slow but steady upload that takes longer than the provider's response timeout
+    // (2 s) is not the provider's fault: it is answered.
+    let mut tls = raw_tls(&s.pki, &s.pki.consumer, s.gw.port).await;
+    tls.write_all(format!("{head}content-length: 6\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    for b in b"abcdef" {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        tls.write_all(std::slice::from_ref(b)).await.unwrap();
+        tls.flush().await.unwrap();
+    }
+    let (status, body) = read_response(&mut tls).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body, "{\"received\":6}");
+
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    s.gw.stop();
+    let records = audit_records(&s.pki);
+    let with = |decision: &str| {
+        records
+            .iter()
+            .filter(|r| r["decision"] == decision)
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    for (decision, status, n) in [
+        ("FSP-REQUEST-TIMEOUT", 408, 1),
+        ("FSP-REQUEST-MALFORMED", 400, 3),
+        ("FSP-REQUEST-INCOMPLETE", 400, 1),
+    ] {
+        let found = with(decision);
+        assert_eq!(found.len(), n, "{decision}: {records:#?}");
+        for r in found {
+            assert_eq!(r["status"], status, "{r}");
+            assert_eq!(r["fault"], "consumer", "{r}");
+        }
+    }
+    assert!(
+        records.iter().all(|r| r["fault"] != "provider"),
+        "{records:#?}"
+    );
+}
+
+#[tokio::test]
+async fn provider_failures_show_consumers_no_internal_address_or_os_error() {
+    // Nothing listens on this port.
+    let dead: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut s = start(dead, "", "", "").await;
+    let c = client(&s.pki, Some(&s.pki.consumer), false);
+    let (status, _, body, _) = send(&c, get(&s.gw.url("/person/getPerson/v3/x")))
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    let problem = json(&body);
+    let detail = problem["detail"].as_str().unwrap();
+    assert!(
+        !detail.contains("127.0.0.1") && !detail.contains(&dead.port().to_string()),
+        "{detail}"
+    );
+    assert!(!detail.to_lowercase().contains("refused"), "{detail}");
+    assert!(!detail.contains("os error"), "{detail}");
+    s.gw.stop();
+    let records = audit_records(&s.pki);
+    let r = records.iter().find(|r| r["status"] == 502).unwrap();
+    assert_eq!(r["fault"], "provider");
+    assert!(
+        r["detail"].as_str().unwrap().contains(&dead.to_string()),
+        "{r}"
+    );
+}
+
+#[tokio::test]
+async fn content_length_with_transfer_encoding_cannot_smuggle_a_request() {
+    let (up, resolved) = lenient_provider().await;
+    let s = start(up, "", "", "").await;
+    // A second request hidden after the chunked body, inside the announced length.
+    let smuggled = "GET /person/getPerson/v3/smuggled HTTP/1.1\r\nhost: localhost\r\n\r\n";
+    let mut tls = raw_tls(&s.pki, &s.pki.consumer, s.gw.port).await;
+    tls.write_all(
+        format!(
+            "POST /person/getPerson/v3/x HTTP/1.1\r\nhost: localhost\r\ncontent-length: {}\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n{smuggled}",
+            5 + smuggled.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let (status, _) = read_response(&mut tls).await;
+    assert!(status == 400 || status == 200, "{status}");
+    // Whatever the answer, the connection is closed after it and nothing else is read.
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut rest))
+        .await
+        .expect("the connection is closed");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        resolved
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|p| !p.contains("smuggled")),
+        "{:?}",
+        resolved.lock().unwrap()
+    );
+}
+
+#[tokio::test]
+async fn the_bearer_scheme_is_case_insensitive_on_the_admin_api() {
+    let up = upstream().await;
+    let s = start(up, "", "", "").await;
+    for scheme in ["Bearer", "bearer", "BEARER"] {
+        let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", s.gw.admin_port))
+            .await
+            .unwrap();
+        tcp.write_all(
+            format!("GET /admin/suspensions HTTP/1.1\r\nhost: x\r\nconnection: close\r\nauthorization: {scheme} test-admin-token-0123456789\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+        let (status, body) = read_response(&mut tcp).await;
+        assert_eq!(status, 200, "{scheme}: {body}");
+    }
+}
