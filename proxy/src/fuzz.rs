@@ -116,7 +116,11 @@ pub fn path(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
-    let rest = format!("/{text}");
+    // Only what can be a request's path reaches the normaliser (no `?`, `#`, spaces...).
+    let Ok(target) = http::uri::PathAndQuery::try_from(format!("/{text}")) else {
+        return;
+    };
+    let rest = target.path().to_owned();
     let Ok(n) = crate::path::normalise_rest(&rest) else {
         return;
     };
@@ -129,6 +133,12 @@ pub fn path(data: &[u8]) {
         crate::path::normalise_rest(&n).ok().as_deref(),
         Some(&*n),
         "not idempotent"
+    );
+    // Read as leniently as any server would, it stays under the version's base path.
+    let read = crate::path::lenient_reading(&format!("/base/v2{n}"));
+    assert!(
+        read == "/base/v2" || read.starts_with("/base/v2/"),
+        "{rest:?} -> {n:?} read as {read:?}"
     );
 }
 

@@ -39,102 +39,28 @@ async fn start(up: SocketAddr, listener: &str, provider: &str, extra: &str) -> S
 // ---------------------------------------------------------------------------------
 // Providers used here.
 
-/// Decodes percent-escapes once.
-fn decode(p: &[u8]) -> Vec<u8> {
-    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
-    let mut d = Vec::new();
-    let mut i = 0;
-    while i < p.len() {
-        if p[i] == b'%'
-            && let (Some(h), Some(l)) = (
-                p.get(i + 1).copied().and_then(hex),
-                p.get(i + 2).copied().and_then(hex),
-            )
-        {
-            d.push((h << 4) | l);
-            i += 3;
-        } else {
-            d.push(p[i]);
-            i += 1;
-        }
-    }
-    d
-}
-
-/// How the most lenient server reads a path: percent-decoded twice, backslashes as
-/// slashes, `;parameters` and trailing spaces dropped, slashes merged, dot segments
-/// resolved.
-fn lenient(target: &str) -> String {
-    let path = target.split('?').next().unwrap();
-    let text = String::from_utf8_lossy(&decode(&decode(path.as_bytes()))).replace('\\', "/");
-    let mut out: Vec<&str> = Vec::new();
-    for seg in text.split('/') {
-        match seg.split(';').next().unwrap().trim_end() {
-            "" | "." => {}
-            ".." => {
-                out.pop();
-            }
-            s => out.push(s),
-        }
-    }
-    format!("/{}", out.join("/"))
-}
-
-/// An HTTP/1.1 provider that resolves every request path as leniently as any server
-/// would, and records what it resolved.
-async fn lenient_provider() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
-    let seen = Arc::new(Mutex::new(Vec::new()));
+/// A provider on loopback that answers each request with `answer` and logs what
+/// `answer` returns beside the response.
+async fn provider<F, Fut>(answer: F) -> (SocketAddr, Arc<Mutex<Vec<String>>>)
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = (Option<String>, Response<Full<Bytes>>)> + Send,
+{
+    let log = Arc::new(Mutex::new(Vec::new()));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let log = seen.clone();
+    let seen = log.clone();
     tokio::spawn(async move {
         loop {
             let (tcp, _) = listener.accept().await.unwrap();
-            let log = log.clone();
+            let (seen, answer) = (seen.clone(), answer.clone());
             tokio::spawn(async move {
                 let svc = service_fn(move |req: Request<Incoming>| {
-                    let log = log.clone();
+                    let (seen, answer) = (seen.clone(), answer.clone());
                     async move {
-                        let resolved = lenient(req.uri().path());
-                        log.lock().unwrap().push(resolved.clone());
-                        let body = serde_json::json!({"resolved": resolved}).to_string();
-                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body))))
-                    }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(tcp), svc)
-                    .await;
-            });
-        }
-    });
-    (addr, seen)
-}
-
-/// A SOAP provider that records every request body it received *whole*.
-async fn recording_soap_provider() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
-    let complete = Arc::new(Mutex::new(Vec::new()));
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let log = complete.clone();
-    tokio::spawn(async move {
-        loop {
-            let (tcp, _) = listener.accept().await.unwrap();
-            let log = log.clone();
-            tokio::spawn(async move {
-                let svc = service_fn(move |req: Request<Incoming>| {
-                    let log = log.clone();
-                    async move {
-                        if let Ok(body) = req.into_body().collect().await {
-                            log.lock()
-                                .unwrap()
-                                .push(String::from_utf8_lossy(&body.to_bytes()).into_owned());
-                        }
-                        let mut r = Response::new(Full::new(Bytes::from_static(
-                            b"<s:Envelope xmlns:s=\"http://schemas.xmlsoap.org/soap/envelope/\"><s:Body><ok/></s:Body></s:Envelope>",
-                        )));
-                        r.headers_mut()
-                            .insert("content-type", "text/xml; charset=utf-8".parse().unwrap());
-                        Ok::<_, Infallible>(r)
+                        let (entry, response) = answer(req).await;
+                        seen.lock().unwrap().extend(entry);
+                        Ok::<_, Infallible>(response)
                     }
                 });
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
@@ -143,7 +69,37 @@ async fn recording_soap_provider() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
             });
         }
     });
-    (addr, complete)
+    (addr, log)
+}
+
+/// A provider that resolves every request path as leniently as any server would, and
+/// records what it resolved.
+async fn lenient_provider() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+    provider(|req: Request<Incoming>| async move {
+        let resolved = proxy::path::lenient_reading(req.uri().path());
+        let body = serde_json::json!({"resolved": resolved}).to_string();
+        (Some(resolved), Response::new(Full::new(Bytes::from(body))))
+    })
+    .await
+}
+
+/// A SOAP provider that records every request body it received *whole*.
+async fn recording_soap_provider() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+    provider(|req: Request<Incoming>| async move {
+        let whole = req
+            .into_body()
+            .collect()
+            .await
+            .ok()
+            .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned());
+        let mut r = Response::new(Full::new(Bytes::from_static(
+            b"<s:Envelope xmlns:s=\"http://schemas.xmlsoap.org/soap/envelope/\"><s:Body><ok/></s:Body></s:Envelope>",
+        )));
+        r.headers_mut()
+            .insert("content-type", "text/xml; charset=utf-8".parse().unwrap());
+        (whole, r)
+    })
+    .await
 }
 
 /// Sends raw bytes on a new mTLS connection and reads the first response.
@@ -487,25 +443,7 @@ async fn anonymous_tls(
     pki: &Pki,
     port: u16,
 ) -> Option<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
-    use rustls::pki_types::CertificateDer;
-    use rustls::pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(CertificateDer::from_pem_slice(pki.ca.cert_pem().as_bytes()).unwrap())
-        .unwrap();
-    let mut config = rustls::ClientConfig::builder_with_provider(certs::provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .ok()?;
-    tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect("localhost".try_into().unwrap(), tcp)
-        .await
-        .ok()
+    tls_connect(pki, None, port).await.ok()
 }
 
 #[tokio::test]

@@ -437,6 +437,25 @@ fn duration_or(
     }
 }
 
+/// A count that must be at least 1: `value`, or `default` when it is not set (or, with
+/// the problem reported, when it is 0).
+fn at_least_one<T: Copy + PartialEq + From<u8>>(
+    value: Option<T>,
+    default: T,
+    file: &Path,
+    key: &str,
+    problems: &mut Problems,
+) -> T {
+    match value {
+        Some(n) if n == T::from(0) => {
+            problems.add(file, key, "must be at least 1");
+            default
+        }
+        Some(n) => n,
+        None => default,
+    }
+}
+
 /// Loads each certificate, key and CRL file on its own, so that a problem is reported
 /// under the key that names the file (two keys may name one combined PEM file).
 /// Returns whether all of them loaded.
@@ -831,41 +850,35 @@ fn build_xml_limits(
     problems: &mut Problems,
 ) -> crate::xml::Limits {
     let d = crate::xml::Limits::default();
-    let mut positive = |v: Option<u64>, k: &str, default: u64| match v {
-        Some(0) => {
-            problems.add(
-                &s.path,
-                format!("{key}.xml_limits.{k}"),
-                "must be at least 1",
-            );
-            default
-        }
-        Some(n) => n,
-        None => default,
+    let mut count = |v: Option<u32>, k: &str, default: u32| {
+        at_least_one(
+            v,
+            default,
+            &s.path,
+            &format!("{key}.xml_limits.{k}"),
+            problems,
+        )
     };
-    let small = |n: u64| u32::try_from(n).unwrap_or(u32::MAX);
+    let max_depth = count(raw.max_depth, "max_depth", d.max_depth);
+    let max_attributes = count(raw.max_attributes, "max_attributes", d.max_attributes);
+    let max_name_length = count(raw.max_name_length, "max_name_length", d.max_name_length);
+    let max_attribute_length = count(
+        raw.max_attribute_length,
+        "max_attribute_length",
+        d.max_attribute_length,
+    );
     crate::xml::Limits {
-        max_depth: small(positive(
-            raw.max_depth.map(u64::from),
-            "max_depth",
-            u64::from(d.max_depth),
-        )),
-        max_attributes: small(positive(
-            raw.max_attributes.map(u64::from),
-            "max_attributes",
-            u64::from(d.max_attributes),
-        )),
-        max_name_length: small(positive(
-            raw.max_name_length.map(u64::from),
-            "max_name_length",
-            u64::from(d.max_name_length),
-        )),
-        max_attribute_length: small(positive(
-            raw.max_attribute_length.map(u64::from),
-            "max_attribute_length",
-            u64::from(d.max_attribute_length),
-        )),
-        max_text_length: positive(raw.max_text_length, "max_text_length", d.max_text_length),
+        max_depth,
+        max_attributes,
+        max_name_length,
+        max_attribute_length,
+        max_text_length: at_least_one(
+            raw.max_text_length,
+            d.max_text_length,
+            &s.path,
+            &format!("{key}.xml_limits.max_text_length"),
+            problems,
+        ),
     }
 }
 
@@ -945,24 +958,19 @@ fn build_listener(
         "listener.request_body_timeout",
         problems,
     );
-    let mut at_least_one = |v: Option<usize>, k: &str, default: usize| match v {
-        Some(0) => {
-            problems.add(&s.path, format!("listener.{k}"), "must be at least 1");
-            default
-        }
-        Some(n) => n,
-        None => default,
+    let mut count = |v: Option<usize>, k: &str, default: usize| {
+        at_least_one(v, default, &s.path, &format!("listener.{k}"), problems)
     };
     let connections = ConnectionLimits {
-        max: at_least_one(l.max_connections, "max_connections", 10_000),
+        max: count(l.max_connections, "max_connections", 10_000),
         max_explicit: l.max_connections.is_some(),
-        per_ip: at_least_one(l.max_connections_per_ip, "max_connections_per_ip", 1_000),
-        anonymous: at_least_one(
+        per_ip: count(l.max_connections_per_ip, "max_connections_per_ip", 1_000),
+        anonymous: count(
             l.max_anonymous_connections,
             "max_anonymous_connections",
             1_000,
         ),
-        anonymous_per_ip: at_least_one(
+        anonymous_per_ip: count(
             l.max_anonymous_connections_per_ip,
             "max_anonymous_connections_per_ip",
             64,
@@ -1256,6 +1264,13 @@ fn build_provider(
     )
     .map_err(|e| cert_problem(&s.path, &keys, e, problems))
     .ok()?;
+    let max_connections = at_least_one(
+        p.max_connections,
+        512,
+        &s.path,
+        &format!("{key}.max_connections"),
+        problems,
+    );
     Some(Provider {
         id: p.id.clone(),
         name: p.name.clone(),
@@ -1285,18 +1300,7 @@ fn build_provider(
             problems,
         ),
         pool_max_idle: p.pool_max_idle.unwrap_or(256),
-        max_connections: match p.max_connections {
-            Some(0) => {
-                problems.add(
-                    &s.path,
-                    format!("{key}.max_connections"),
-                    "must be at least 1",
-                );
-                1
-            }
-            Some(n) => n,
-            None => 512,
-        },
+        max_connections,
         queue_timeout: duration_or(
             &p.queue_timeout,
             Duration::from_secs(1),

@@ -1928,3 +1928,75 @@ fn a_missing_jwks_file_is_refused() {
         &["missing-jwks.json"],
     );
 }
+
+#[test]
+fn hardening_limits_are_read_and_zero_is_refused_where_it_is() {
+    let f = Fixture::new();
+    let text = edit(
+        &edit(
+            &edit(
+                &f.single_file(),
+                "drain_timeout = \"15s\"",
+                "drain_timeout = \"15s\"\nrequest_body_timeout = \"7s\"\nmax_connections = 300\nmax_connections_per_ip = 20\nmax_anonymous_connections = 50\nmax_anonymous_connections_per_ip = 5",
+            ),
+            "connect_timeout = \"3s\"",
+            "connect_timeout = \"3s\"\nmax_connections = 40\nqueue_timeout = \"250ms\"",
+        ),
+        "protocol = \"soap\"",
+        "protocol = \"soap\"\nxml_limits = { max_depth = 12, max_text_length = 4096 }",
+    );
+    let c = f.load_single(&text).unwrap();
+    assert_eq!(c.listener.request_body_timeout, Duration::from_secs(7));
+    assert_eq!(
+        c.listener.connections,
+        ConnectionLimits {
+            max: 300,
+            max_explicit: true,
+            per_ip: 20,
+            anonymous: 50,
+            anonymous_per_ip: 5
+        }
+    );
+    assert_eq!(c.providers[0].max_connections, 40);
+    assert_eq!(c.providers[0].cap.max(), 40);
+    assert_eq!(c.providers[0].queue_timeout, Duration::from_millis(250));
+    let xml = c.xml_limits["person/getPerson"];
+    assert_eq!((xml.max_depth, xml.max_text_length), (12, 4096));
+    assert_eq!(
+        xml.max_attributes,
+        crate::xml::Limits::default().max_attributes
+    );
+
+    let zeros = edit(
+        &edit(
+            &text,
+            "max_anonymous_connections_per_ip = 5",
+            "max_anonymous_connections_per_ip = 0",
+        ),
+        "xml_limits = { max_depth = 12",
+        "xml_limits = { max_depth = 0",
+    );
+    let problems = f.problems(&zeros);
+    expect(
+        &problems,
+        "fsp.toml",
+        "listener.max_anonymous_connections_per_ip",
+        &["at least 1"],
+    );
+    expect(
+        &problems,
+        "fsp.toml",
+        "family[0].service[0].xml_limits.max_depth",
+        &["at least 1"],
+    );
+    let problems = f.problems_after(
+        "connect_timeout = \"3s\"",
+        "connect_timeout = \"3s\"\nqueue_timeout = \"soon\"",
+    );
+    expect_only(
+        &problems,
+        "fsp.toml",
+        "provider[0].queue_timeout",
+        &["not a duration"],
+    );
+}

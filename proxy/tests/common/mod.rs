@@ -574,28 +574,38 @@ pub async fn raw_tls(
     identity: &Issued,
     port: u16,
 ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    tls_connect(pki, Some(identity), port).await.unwrap()
+}
+
+/// A TLS connection (HTTP/1.1 by ALPN) presenting `identity`, or no certificate.
+pub async fn tls_connect(
+    pki: &Pki,
+    identity: Option<&Issued>,
+    port: u16,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
     let mut roots = rustls::RootCertStore::empty();
     roots
         .add(CertificateDer::from_pem_slice(pki.ca.cert_pem().as_bytes()).unwrap())
         .unwrap();
-    let mut config = rustls::ClientConfig::builder_with_provider(certs::provider())
+    let builder = rustls::ClientConfig::builder_with_provider(certs::provider())
         .with_safe_default_protocol_versions()
         .unwrap()
-        .with_root_certificates(roots)
-        .with_client_auth_cert(
-            vec![CertificateDer::from_pem_slice(identity.cert_pem.as_bytes()).unwrap()],
-            PrivateKeyDer::from_pem_slice(identity.key_pem.as_bytes()).unwrap(),
-        )
-        .unwrap();
+        .with_root_certificates(roots);
+    let mut config = match identity {
+        Some(id) => builder
+            .with_client_auth_cert(
+                vec![CertificateDer::from_pem_slice(id.cert_pem.as_bytes()).unwrap()],
+                PrivateKeyDer::from_pem_slice(id.key_pem.as_bytes()).unwrap(),
+            )
+            .unwrap(),
+        None => builder.with_no_client_auth(),
+    };
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
     connector
         .connect("localhost".try_into().unwrap(), tcp)
         .await
-        .unwrap()
 }
 
 /// Reads one HTTP/1.1 response (headers and a Content-Length body) from a raw stream.
