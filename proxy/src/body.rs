@@ -201,17 +201,28 @@ pub struct RequestBody {
     /// Armed the first time the body is waited for (most bodies arrive with their head).
     stall: Option<Pin<Box<tokio::time::Sleep>>>,
     /// XML threat protection, already fed with `prefix`.
-    guard: Option<Box<crate::xml::Guard>>,
+    xml: XmlCheck,
+}
+
+/// How a request body is checked for XML threats.
+#[derive(Debug)]
+pub enum XmlCheck {
+    /// Every byte through this guard (SOAP, or an XML `Content-Type`).
+    On(Box<crate::xml::Guard>),
+    /// A body that does not say it is XML is still checked if it starts like XML (`<`
+    /// or a byte order mark after any white space): many providers sniff their input.
+    Sniff(crate::xml::Limits),
+    Off,
 }
 
 impl RequestBody {
-    /// A body whose first bytes were already read into `prefix` (and fed to `guard`).
+    /// A body whose first bytes were already read into `prefix` (and fed to `xml`).
     pub fn new(
         prefix: Bytes,
         inner: Option<Incoming>,
         limit: u64,
         read_timeout: Duration,
-        guard: Option<Box<crate::xml::Guard>>,
+        xml: XmlCheck,
         shared: Arc<CallShared>,
     ) -> Self {
         let seen = prefix.len() as u64;
@@ -228,7 +239,7 @@ impl RequestBody {
             read_timeout,
             last_progress: Instant::now(),
             stall: None,
-            guard,
+            xml,
         }
     }
 
@@ -267,13 +278,18 @@ impl Body for RequestBody {
         if let Some(prefix) = this.prefix.take() {
             return Poll::Ready(Some(Ok(Frame::data(prefix))));
         }
-        let Some(inner) = &mut this.inner else {
-            return Poll::Ready(None);
-        };
-        match Pin::new(inner).poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => {
-                this.last_progress = Instant::now();
-                if let Some(data) = frame.data_ref() {
+        loop {
+            let Some(inner) = &mut this.inner else {
+                return Poll::Ready(None);
+            };
+            return match Pin::new(inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    this.last_progress = Instant::now();
+                    // Trailer fields from consumers are not passed on: nothing the
+                    // gateway did not look at reaches a provider.
+                    let Some(data) = frame.data_ref() else {
+                        continue;
+                    };
                     this.seen += data.len() as u64;
                     this.shared
                         .request_bytes
@@ -283,34 +299,32 @@ impl Body for RequestBody {
                         return this
                             .fail(ConsumerFault::TooLarge(limit), BodyError::TooLarge(limit));
                     }
-                    if let Some(guard) = &mut this.guard
-                        && let Err(e) = guard.feed(data)
+                    if let Err(e) = this.xml.feed(data) {
+                        return this.fail(ConsumerFault::Xml(e.to_string()), BodyError::Xml(e));
+                    }
+                    Poll::Ready(Some(Ok(frame)))
+                }
+                Poll::Ready(Some(Err(e))) => this.fail(ConsumerFault::of(&e), BodyError::Client(e)),
+                Poll::Ready(None) => {
+                    // The end of an XML body: a document that is not whole is not
+                    // completed towards the provider either.
+                    if let XmlCheck::On(guard) = &mut this.xml
+                        && let Err(e) = guard.finish()
                     {
                         return this.fail(ConsumerFault::Xml(e.to_string()), BodyError::Xml(e));
                     }
+                    this.shared.mark_upload_done();
+                    this.inner = None;
+                    Poll::Ready(None)
                 }
-                Poll::Ready(Some(Ok(frame)))
-            }
-            Poll::Ready(Some(Err(e))) => this.fail(ConsumerFault::of(&e), BodyError::Client(e)),
-            Poll::Ready(None) => {
-                // The end of an XML body: a document that is not whole is not completed
-                // towards the provider either.
-                if let Some(guard) = &mut this.guard
-                    && let Err(e) = guard.finish()
-                {
-                    return this.fail(ConsumerFault::Xml(e.to_string()), BodyError::Xml(e));
+                Poll::Pending => {
+                    if this.stalled(cx) {
+                        let t = this.read_timeout;
+                        return this.fail(ConsumerFault::Stalled(t), BodyError::Stalled(t));
+                    }
+                    Poll::Pending
                 }
-                this.shared.mark_upload_done();
-                this.inner = None;
-                Poll::Ready(None)
-            }
-            Poll::Pending => {
-                if this.stalled(cx) {
-                    let t = this.read_timeout;
-                    return this.fail(ConsumerFault::Stalled(t), BodyError::Stalled(t));
-                }
-                Poll::Pending
-            }
+            };
         }
     }
 
@@ -330,6 +344,25 @@ impl Body for RequestBody {
             hint.set_upper(upper + held);
         }
         hint
+    }
+}
+
+impl XmlCheck {
+    fn feed(&mut self, data: &[u8]) -> Result<(), crate::xml::XmlError> {
+        if let XmlCheck::Sniff(limits) = self {
+            match data.iter().find(|b| !b.is_ascii_whitespace()) {
+                // Only white space so far: look again at the next piece.
+                None => return Ok(()),
+                Some(b'<' | 0xEF) => {
+                    *self = XmlCheck::On(Box::new(crate::xml::Guard::new(*limits)))
+                }
+                Some(_) => *self = XmlCheck::Off,
+            }
+        }
+        match self {
+            XmlCheck::On(guard) => guard.feed(data),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -375,6 +408,16 @@ impl Finisher {
         }
     }
 
+    /// Says who broke a call whose answer had already begun (its status is sent).
+    fn blame(&mut self, side: crate::errors::Side, detail: String) {
+        if let Some(p) = &mut self.inner
+            && p.record.fault.is_none()
+        {
+            p.record.fault = Some(side.as_str().to_owned());
+            p.record.detail = Some(detail);
+        }
+    }
+
     fn complete(&mut self, response_bytes: u64, finished: bool) {
         let Some(p) = self.inner.take() else { return };
         let Pending {
@@ -395,6 +438,12 @@ impl Finisher {
         if !finished {
             m.aborted.increment(1);
             tracing::debug!(message_id = %record.message_id, "consumer went away before the response was complete");
+            if record.fault.is_none() {
+                record.fault = Some(crate::errors::Side::Consumer.as_str().to_owned());
+                record.detail = Some(format!(
+                    "the consumer went away after {response_bytes} bytes of the answer"
+                ));
+            }
         }
         if let Err(e) = local.gw.audit.submit(record) {
             metrics::counter!("fsp_audit_records_lost_total").increment(1);
@@ -553,6 +602,17 @@ impl Body for ResponseBody {
             },
         };
         match &polled {
+            Poll::Ready(Some(Err(e))) => {
+                // The status is already on its way: the record says whose fault the
+                // broken answer is.
+                let sent = this.sent;
+                if let Some(f) = &mut this.finisher {
+                    f.blame(
+                        crate::errors::Side::Provider,
+                        format!("the provider's answer broke off after {sent} bytes: {e}"),
+                    );
+                }
+            }
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(d) = frame.data_ref() {
                     this.sent += d.len() as u64;

@@ -78,6 +78,8 @@ pub enum UpstreamError {
     Exchange(#[source] h1::ExchangeError),
     #[error("the provider's connection cap is reached; no call ended within {waited:?}")]
     Busy { waited: Duration },
+    #[error("the consumer already has {limit} calls in flight to this provider")]
+    ConsumerShare { limit: usize },
 }
 
 /// How the gateway reaches one provider, from one worker thread.
@@ -124,6 +126,8 @@ pub struct Lease {
     /// Index of its host's pool in [`Upstream::hosts`] (pools are never removed).
     host: usize,
     conn: Option<h1::Conn>,
+    /// The consumer's share it holds, if counted.
+    share: Option<usize>,
 }
 
 impl Lease {
@@ -142,19 +146,25 @@ impl Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         self.upstream.cap.give();
+        if let Some(i) = self.share {
+            self.upstream.cap.give_share(i);
+        }
     }
 }
 
-/// A slot of the provider's [`ConnCap`], given back when dropped.
+/// A slot of the provider's [`ConnCap`] (and of the consumer's share of it), given back
+/// when dropped.
 #[derive(Debug)]
 pub struct Slot {
     upstream: Option<Arc<Upstream>>,
+    share: Option<usize>,
 }
 
 impl Slot {
     /// Hands the slot over to whoever gives it back now (a lease).
-    fn disarm(mut self) {
+    fn disarm(mut self) -> Option<usize> {
         self.upstream = None;
+        self.share.take()
     }
 }
 
@@ -162,6 +172,9 @@ impl Drop for Slot {
     fn drop(&mut self) {
         if let Some(u) = self.upstream.take() {
             u.cap.give();
+            if let Some(i) = self.share {
+                u.cap.give_share(i);
+            }
         }
     }
 }
@@ -298,6 +311,7 @@ impl Upstream {
         method: Method,
         fields: Outbound<'_>,
         mut body: RequestBody,
+        consumer: &str,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
         let https = match base.scheme_str() {
             Some("https") => true,
@@ -307,16 +321,30 @@ impl Upstream {
         let Some(authority) = base.authority() else {
             return Err(UpstreamError::BadUrl(base.clone()));
         };
-        // One of the provider's slots, before anything is sent; a full cap waits a
-        // bounded time (boxed: rare, and a large future).
+        // One of the consumer's share of the provider's slots (none left: throttled at
+        // once), then one of the provider's slots, before anything is sent; a full cap
+        // waits a bounded time (boxed: rare, and a large future).
+        let share = self.cap.consumer(consumer);
+        if let Some(i) = share
+            && !self.cap.try_take_share(i)
+        {
+            metrics::counter!("fsp_upstream_cap_refusals_total", "cap" => "consumer").increment(1);
+            return Err(UpstreamError::ConsumerShare {
+                limit: self.cap.per_consumer(),
+            });
+        }
         if !self.cap.try_take() && !Box::pin(self.cap.take(self.queue_timeout)).await {
-            metrics::counter!("fsp_upstream_cap_refusals_total").increment(1);
+            if let Some(i) = share {
+                self.cap.give_share(i);
+            }
+            metrics::counter!("fsp_upstream_cap_refusals_total", "cap" => "provider").increment(1);
             return Err(UpstreamError::Busy {
                 waited: self.queue_timeout,
             });
         }
         let slot = Slot {
             upstream: Some(self.clone()),
+            share,
         };
         // This thread's own copies of the host's name and `Host` value: the base URI is
         // shared by every thread, and so would be its reference counts.
@@ -369,11 +397,12 @@ impl Upstream {
                     {
                         Ok(answer) => {
                             // The lease gives the slot back from now on.
-                            slot.disarm();
+                            let share = slot.disarm();
                             let lease = Lease {
                                 upstream: self.clone(),
                                 host,
                                 conn: Some(conn),
+                                share,
                             };
                             let body = H1Body::new(lease, answer.framing, answer.reusable);
                             return Ok(Response::from_parts(answer.head, UpstreamBody::H1(body)));

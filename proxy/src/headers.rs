@@ -163,14 +163,45 @@ fn is_look_alike(name: &HeaderName) -> bool {
     name.as_str().as_bytes().contains(&b'_')
 }
 
-/// Fields through which a client claims another client address, scheme, host or path
-/// than the ones the gateway saw. Only the gateway speaks for the connection.
+/// Fields through which a client claims another client address, certificate, user,
+/// scheme, host, path or method than the ones the gateway saw and decided on. Only the
+/// gateway speaks for the connection.
 fn is_forwarding(name: &HeaderName) -> bool {
     let n = name.as_str();
-    n.starts_with("x-forwarded-")
+    n.starts_with("x-forwarded")
+        || n.starts_with("x-envoy-")
+        || n.starts_with("x-appengine-")
+        || n.starts_with("x-ssl-")
+        || n.starts_with("ssl-client")
+        || n.starts_with("x-client-cert")
+        || n.starts_with("x-client-dn")
+        || n.starts_with("x-client-verify")
         || matches!(
             n,
             "forwarded"
+                | "via"
+                // httpoxy: CGI providers read `Proxy` as HTTP_PROXY.
+                | "proxy"
+                | "x-arr-clientcert"
+                | "x-arr-ssl"
+                | "x-original-uri"
+                | "x-proxyuser-ip"
+                | "x-original-remote-addr"
+                | "x-client-addr"
+                | "x-azure-clientip"
+                | "fly-client-ip"
+                | "cf-connecting-ipv6"
+                | "x-real-host"
+                | "x-scheme"
+                | "x-url-scheme"
+                | "front-end-https"
+                | "x-remote-user"
+                | "remote-user"
+                | "x-authenticated-user"
+                // A method other than the one the gateway authorised and recorded.
+                | "x-http-method-override"
+                | "x-http-method"
+                | "x-method-override"
                 | "x-real-ip"
                 | "true-client-ip"
                 | "x-client-ip"
@@ -349,6 +380,14 @@ mod tests {
             "true-client-ip",
             "x-original-url",
             "x-rewrite-url",
+            "x-ssl-client-cert",
+            "x-client-cert",
+            "x-arr-clientcert",
+            "proxy",
+            "via",
+            "x-http-method-override",
+            "x-remote-user",
+            "x-envoy-external-address",
             "my_field",
             "x-legit",
         ] {

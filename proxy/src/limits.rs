@@ -24,22 +24,83 @@ use crate::config::ConnectionLimits;
 /// files, the admin API, Redis, DNS).
 pub const RESERVED_DESCRIPTORS: u64 = 256;
 
-/// A cap on calls in flight to one provider, over all worker threads.
+/// A cap on calls in flight to one provider, over all worker threads, and on each
+/// consumer's share of it (so that one consumer's slow uploads cannot hold every slot).
 #[derive(Debug)]
 pub struct ConnCap {
     in_use: AtomicUsize,
     max: usize,
     waiting: AtomicUsize,
     freed: Notify,
+    per_consumer: usize,
+    /// Each declared consumer's index into `held`.
+    consumers: foldhash::HashMap<String, usize>,
+    held: Vec<AtomicUsize>,
 }
 
 impl ConnCap {
     pub fn new(max: usize) -> Self {
+        Self::with_consumers(max, max, std::iter::empty())
+    }
+
+    /// A cap of `max` calls, of which each of `consumers` may hold `per_consumer`.
+    pub fn with_consumers<'a>(
+        max: usize,
+        per_consumer: usize,
+        consumers: impl Iterator<Item = &'a str>,
+    ) -> Self {
+        // A share as large as the cap adds nothing: it is not counted.
+        let consumers: foldhash::HashMap<String, usize> = consumers
+            .filter(|_| per_consumer < max)
+            .enumerate()
+            .map(|(i, id)| (id.to_owned(), i))
+            .collect();
         Self {
             in_use: AtomicUsize::new(0),
             max,
             waiting: AtomicUsize::new(0),
             freed: Notify::new(),
+            per_consumer,
+            held: (0..consumers.len()).map(|_| AtomicUsize::new(0)).collect(),
+            consumers,
+        }
+    }
+
+    pub fn per_consumer(&self) -> usize {
+        self.per_consumer
+    }
+
+    /// The index of a consumer's share, if it is a declared consumer.
+    pub fn consumer(&self, id: &str) -> Option<usize> {
+        self.consumers.get(id).copied()
+    }
+
+    /// Takes one of the consumer's share of slots, if it has one left (no waiting: a
+    /// consumer over its share is throttled).
+    pub fn try_take_share(&self, consumer: usize) -> bool {
+        let Some(held) = self.held.get(consumer) else {
+            return true;
+        };
+        let mut current = held.load(Ordering::Relaxed);
+        loop {
+            if current >= self.per_consumer {
+                return false;
+            }
+            match held.compare_exchange_weak(
+                current,
+                current + 1,
+                Ordering::Acquire,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return true,
+                Err(now) => current = now,
+            }
+        }
+    }
+
+    pub fn give_share(&self, consumer: usize) {
+        if let Some(held) = self.held.get(consumer) {
+            held.fetch_sub(1, Ordering::Release);
         }
     }
 
@@ -358,5 +419,17 @@ mod tests {
         cap.give();
         assert!(waiter.await.unwrap());
         assert_eq!(cap.in_use(), 2);
+    }
+
+    #[test]
+    fn each_consumer_holds_at_most_its_share() {
+        let cap = ConnCap::with_consumers(10, 2, ["a", "b"].into_iter());
+        let (a, b) = (cap.consumer("a").unwrap(), cap.consumer("b").unwrap());
+        assert!(cap.consumer("c").is_none());
+        assert!(cap.try_take_share(a) && cap.try_take_share(a));
+        assert!(!cap.try_take_share(a));
+        assert!(cap.try_take_share(b));
+        cap.give_share(a);
+        assert!(cap.try_take_share(a));
     }
 }

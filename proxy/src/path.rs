@@ -13,9 +13,13 @@
 //! - merges repeated slashes, then removes dot segments (RFC 3986 §5.2.4);
 //! - refuses what a provider could read differently from us: an encoded `/` or `\`, a
 //!   backslash, an escape of `%` that introduces another escape (`%252e`), an escaped
-//!   control character, a malformed escape, a segment that is a dot segment once
-//!   decoded or once its `;parameters` are stripped (`..;x`, `.%3b`), and any `..` that
-//!   would climb above the version's root.
+//!   control character, a malformed escape, bytes that are not UTF-8 once decoded
+//!   (overlong forms such as `%c0%ae`), characters that Unicode compatibility or Windows
+//!   best-fit mapping turn into a dot or a slash (`．`, `／`, `‥`), a segment that is a
+//!   dot segment once decoded, once its `;parameters` are stripped (`..;x`, `.%3b`) or
+//!   once trailing spaces and dots are dropped (`..%20.`), and any `..` that would climb
+//!   above the version's root;
+//! - forwards raw non-ASCII bytes percent-encoded.
 //!
 //! What is forwarded is the normalised form, so the provider sees a path with no dot
 //! segments and no empty segments, which every server reads the same way.
@@ -44,6 +48,10 @@ pub enum PathError {
     AmbiguousDotSegment,
     #[error("its `..` segments climb above the service version")]
     Escapes,
+    #[error("it holds bytes that are not valid UTF-8 once decoded (such as overlong forms)")]
+    NotUtf8,
+    #[error("it holds a character that some servers read as a dot or a slash")]
+    Confusable,
 }
 
 fn hex(b: u8) -> Option<u8> {
@@ -65,7 +73,7 @@ fn needs_work(rest: &[u8]) -> bool {
     let mut prev_slash = false;
     for &b in rest {
         match b {
-            b'%' | b'\\' | b'.' | b';' => return true,
+            b'%' | b'\\' | b'.' | b';' | 0x80.. => return true,
             b'/' if prev_slash => return true,
             _ => {}
         }
@@ -103,6 +111,16 @@ pub fn normalise_rest(rest: &str) -> Result<Cow<'_, str>, PathError> {
                 }
                 i += 3;
             }
+            // Raw non-ASCII (which a URI may not hold): forwarded percent-encoded.
+            b @ 0x80.. => {
+                const HEX: &[u8; 16] = b"0123456789ABCDEF";
+                decoded.extend_from_slice(&[
+                    b'%',
+                    HEX[usize::from(b >> 4)],
+                    HEX[usize::from(b & 15)],
+                ]);
+                i += 1;
+            }
             b => {
                 decoded.push(b);
                 i += 1;
@@ -110,12 +128,12 @@ pub fn normalise_rest(rest: &str) -> Result<Cow<'_, str>, PathError> {
         }
     }
     // An escaped `%` that, once the unreserved escapes around it are decoded, starts
-    // another escape (`%252e`, `%25%32%65`): a server that decodes twice reads the
-    // character behind it.
-    if decoded
-        .windows(5)
-        .any(|w| w[..3].eq_ignore_ascii_case(b"%25") && hex(w[3]).is_some() && hex(w[4]).is_some())
-    {
+    // another escape (`%252e`, `%25%32%65`, IIS's `%25u002e`): a server that decodes
+    // twice reads the character behind it.
+    if decoded.windows(5).any(|w| {
+        w[..3].eq_ignore_ascii_case(b"%25")
+            && ((hex(w[3]).is_some() && hex(w[4]).is_some()) || w[3].eq_ignore_ascii_case(&b'u'))
+    }) {
         return Err(PathError::DoubleEncoding);
     }
     // 2. Segments: empty ones merged away, dot segments resolved, ambiguous ones refused.
@@ -131,8 +149,10 @@ pub fn normalise_rest(rest: &str) -> Result<Cow<'_, str>, PathError> {
                     return Err(PathError::Escapes);
                 }
             }
-            s if reads_as_dot_segment(s) => return Err(PathError::AmbiguousDotSegment),
-            s => out.push(s),
+            s => {
+                check_segment(s)?;
+                out.push(s);
+            }
         }
     }
     let mut path = Vec::with_capacity(decoded.len() + 1);
@@ -149,21 +169,54 @@ pub fn normalise_rest(rest: &str) -> Result<Cow<'_, str>, PathError> {
         .map_err(|_| PathError::BadEscape)
 }
 
-/// Whether some server would read this segment (already free of unreserved escapes, and
-/// not exactly `.` or `..`) as a dot segment: once fully decoded, or with its
-/// `;parameters` stripped (Tomcat), or with trailing spaces and dots dropped (IIS).
-fn reads_as_dot_segment(seg: &[u8]) -> bool {
-    if !seg.starts_with(b".") && !seg.starts_with(b"%") {
-        return false;
+/// Characters that Unicode compatibility normalisation (NFKC) or Windows "best fit"
+/// mapping turn into `.`, `/` or `\`: a server that applies either would see a dot
+/// segment or a separator the gateway did not.
+const CONFUSABLES: &[char] = &[
+    '\u{2024}', // ONE DOT LEADER
+    '\u{2025}', // TWO DOT LEADER
+    '\u{2026}', // HORIZONTAL ELLIPSIS
+    '\u{FE52}', // SMALL FULL STOP
+    '\u{FF0E}', // FULLWIDTH FULL STOP
+    '\u{3002}', // IDEOGRAPHIC FULL STOP
+    '\u{FF61}', // HALFWIDTH IDEOGRAPHIC FULL STOP
+    '\u{FF0F}', // FULLWIDTH SOLIDUS
+    '\u{2215}', // DIVISION SLASH
+    '\u{2044}', // FRACTION SLASH
+    '\u{29F8}', // BIG SOLIDUS
+    '\u{FF3C}', // FULLWIDTH REVERSE SOLIDUS
+    '\u{FE68}', // SMALL REVERSE SOLIDUS
+    '\u{29F9}', // BIG REVERSE SOLIDUS
+];
+
+/// Refuses a segment (already free of unreserved escapes, and not exactly `.` or `..`)
+/// that some server would read otherwise than as a plain name: bytes that are not UTF-8
+/// once decoded (overlong forms such as `%c0%ae` are read as `.` by some), characters
+/// that normalise to a dot or a separator, and segments that are dot segments once fully
+/// decoded, with their `;parameters` stripped (Tomcat), or with trailing spaces and dots
+/// dropped (IIS).
+fn check_segment(seg: &[u8]) -> Result<(), PathError> {
+    if !seg.iter().any(|&b| b == b'%' || b == b'.' || b == b';') {
+        return Ok(());
     }
     let full = percent_decode(seg);
-    let name = full.split(|&b| b == b';').next().unwrap_or_default();
-    let end = name
-        .iter()
-        .rposition(|&b| b != b' ' && b != b'\t')
-        .map_or(0, |p| p + 1);
-    let name = &name[..end];
-    name == b"." || name == b".." || (name.len() > 2 && name.iter().all(|&b| b == b'.'))
+    let Ok(text) = std::str::from_utf8(&full) else {
+        return Err(PathError::NotUtf8);
+    };
+    if text.contains(CONFUSABLES) {
+        return Err(PathError::Confusable);
+    }
+    if reads_as_dot_segment(text) {
+        return Err(PathError::AmbiguousDotSegment);
+    }
+    Ok(())
+}
+
+/// Whether a decoded segment is a dot segment for a lenient server.
+fn reads_as_dot_segment(full: &str) -> bool {
+    let name = full.split(';').next().unwrap_or_default();
+    let core = name.trim_end_matches(|c: char| c.is_whitespace() || c == '.');
+    (name == "." || name == "..") || (core.is_empty() && name.contains('.'))
 }
 
 /// Decodes every well-formed percent-escape once (a malformed one is kept as it is).
@@ -241,6 +294,8 @@ mod tests {
         assert_eq!(ok("/a%20b/c%3Bd"), "/a%20b/c%3Bd");
         assert_eq!(ok("/x;jsessionid=1/y"), "/x;jsessionid=1/y");
         assert_eq!(ok("/a/...b"), "/a/...b");
+        assert_eq!(ok("/M%C3%BCller/a.b."), "/M%C3%BCller/a.b.");
+        assert_eq!(ok("/Müller"), "/M%C3%BCller");
         assert_eq!(ok("/100%25"), "/100%25");
     }
 
@@ -270,6 +325,16 @@ mod tests {
             ("/%00", Control),
             ("/%0a", Control),
             ("/%zz", BadEscape),
+            ("/%c0%ae%c0%ae/v2", NotUtf8),
+            ("/%e0%80%ae%e0%80%ae/x", NotUtf8),
+            ("/%c0%2e%c0%2e/x", NotUtf8),
+            ("/..%a0/x", NotUtf8),
+            ("/%25u002e%25u002e/x", DoubleEncoding),
+            ("/%ef%bc%8e%ef%bc%8e/x", Confusable),
+            ("/\u{ff0e}\u{ff0e}/x", Confusable),
+            ("/a%ef%bc%8fb", Confusable),
+            ("/..%20./x", AmbiguousDotSegment),
+            ("/..%c2%a0/x", AmbiguousDotSegment),
             ("/%2", BadEscape),
         ] {
             assert_eq!(normalise_rest(p), Err(want), "{p}");

@@ -35,7 +35,9 @@ use policy::{CertificateIdentity, Consumer};
 use time::OffsetDateTime;
 use time::macros::format_description;
 
-use crate::body::{CallShared, ConsumerFault, Finisher, RequestBody, ResponseBody, Unread};
+use crate::body::{
+    CallShared, ConsumerFault, Finisher, RequestBody, ResponseBody, Unread, XmlCheck,
+};
 use crate::errors::{self, Code, ErrorForm, Rejection, Side};
 use crate::forward::{self, RoutePath};
 use crate::h1;
@@ -336,25 +338,48 @@ pub async fn handle(
             return Ok(reject(&local, record, &stamp, form, r));
         }
     };
-    // XML threat protection: every SOAP request, and XML bodies to any service.
+    // Fields a provider could read differently from the gateway when given twice or in
+    // an unexpected form.
+    let xml_declared = match inspect_fields(&parts.headers) {
+        Ok(xml) => xml,
+        Err(r) => return Ok(reject(&local, record, &stamp, form, r)),
+    };
+    // XML threat protection: every SOAP request, bodies that say they are XML, and bodies
+    // that start like XML whatever they say.
     let limits = snap.xml_limits(&route.service.name);
-    let mut guard = if protocol == Protocol::Soap {
-        Some(Box::new(xml::Guard::soap(limits, SOAP_HEADER_LIMIT)))
-    } else if is_xml(&parts.headers) {
-        Some(Box::new(xml::Guard::new(limits)))
+    let mut xml_check = if protocol == Protocol::Soap {
+        XmlCheck::On(Box::new(xml::Guard::soap(limits, SOAP_HEADER_LIMIT)))
+    } else if xml_declared {
+        XmlCheck::On(Box::new(xml::Guard::new(limits)))
     } else {
-        None
+        XmlCheck::Sniff(limits)
     };
 
     // 4. authorise
     let mut prefix = Bytes::new();
     // The purpose: `FSP-Purpose` (already in the record), or for SOAP `<fsp:Purpose>`.
     if protocol == Protocol::Soap
-        && let Some(guard) = guard.as_deref_mut()
+        && let XmlCheck::On(guard) = &mut xml_check
     {
         match read_soap_header(&mut body, guard, snap.request_body_timeout).await {
             Ok((read, header)) => {
                 prefix = read;
+                // Given both ways, they must agree: the provider may read either.
+                let disagreement = [
+                    ("Purpose", &record.purpose, &header.purpose),
+                    ("End-User", &record.end_user, &header.end_user),
+                ]
+                .into_iter()
+                .find_map(|(field, http, soap)| match (http, soap) {
+                    (Some(h), Some(s)) if h != s => Some(format!(
+                        "FSP-{field} says {h:?} but the SOAP Header says {s:?}: give one, or the same in both"
+                    )),
+                    _ => None,
+                });
+                if let Some(why) = disagreement {
+                    let r = Rejection::new(Code::RequestMalformed, why);
+                    return Ok(reject(&local, record, &stamp, form, r));
+                }
                 if record.purpose.is_none() {
                     record.purpose = header.purpose;
                 }
@@ -476,7 +501,7 @@ pub async fn handle(
         body.take(),
         snap.max_request_bytes,
         snap.request_body_timeout,
-        guard,
+        xml_check,
         shared.clone(),
     );
     let sent = answer_within(
@@ -488,6 +513,7 @@ pub async fn handle(
             parts.method,
             fields,
             upstream_body,
+            &consumer.id,
         ),
     )
     .await;
@@ -594,18 +620,43 @@ fn method_and_path(method: &Method, uri: &http::Uri) -> String {
     op
 }
 
-/// Whether a request body is XML by its `Content-Type` (`text/xml`, `application/xml`,
-/// `application/*+xml`).
-fn is_xml(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|ct| ct.split(';').next())
-        .map(|mime| {
-            let mime = mime.trim().to_ascii_lowercase();
-            mime == "text/xml" || mime == "application/xml" || mime.ends_with("+xml")
-        })
-        .unwrap_or(false)
+/// Checks the fields a provider could read differently from the gateway: at most one
+/// `Content-Type` (plain ASCII, with a `charset`, if any, under which every ASCII byte is
+/// itself, so that the XML guard sees what the provider will), at most one `FSP-Purpose`
+/// and one `FSP-End-User`. Returns whether the body says it is XML (`xml` anywhere in
+/// its media type, `text/xml`, `application/xml`, `*+xml`).
+fn inspect_fields(headers: &HeaderMap) -> Result<bool, Rejection> {
+    let malformed = |why: String| Err(Rejection::new(Code::RequestMalformed, why));
+    for name in [&FSP_PURPOSE, &FSP_END_USER] {
+        if headers.get_all(name).iter().nth(1).is_some() {
+            return malformed(format!("{name} is given more than once"));
+        }
+    }
+    let mut types = headers.get_all(header::CONTENT_TYPE).iter();
+    let Some(value) = types.next() else {
+        return Ok(false);
+    };
+    if types.next().is_some() {
+        return malformed("Content-Type is given more than once".into());
+    }
+    let Ok(value) = value.to_str() else {
+        return malformed("the Content-Type holds characters other than visible ASCII".into());
+    };
+    let mut params = value.split(';');
+    let media = params.next().unwrap_or_default().to_ascii_lowercase();
+    for param in params {
+        if let Some((name, charset)) = param.split_once('=')
+            && name.trim().eq_ignore_ascii_case("charset")
+        {
+            let charset = charset.trim().trim_matches('"');
+            if xml::check_encoding(charset.as_bytes()).is_err() {
+                return malformed(format!(
+                    "charset {charset} is not accepted: use UTF-8 (or US-ASCII, ISO-8859-1 to 15, windows-1252)"
+                ));
+            }
+        }
+    }
+    Ok(media.contains("xml"))
 }
 
 /// Awaits the provider's answer. The provider's time (`timeout`) counts from when the
@@ -657,8 +708,9 @@ fn consumer_fault(fault: &ConsumerFault) -> Rejection {
         .with_internal(format!("request body incomplete: {why}")),
         ConsumerFault::Malformed(why) => Rejection::new(
             Code::RequestMalformed,
-            format!("the request body is not validly framed: {why}"),
-        ),
+            "the request body is not validly framed (invalid chunked encoding)",
+        )
+        .with_internal(format!("request body framing: {why}")),
         ConsumerFault::Xml(why) => Rejection::new(Code::RequestMalformed, why.clone()),
     }
 }
@@ -678,6 +730,15 @@ fn upstream_failure(provider: &str, service: &str, e: &forward::UpstreamError) -
         .with_internal(internal);
     }
     use forward::UpstreamError as E;
+    if let E::ConsumerShare { limit } = e {
+        return Rejection::new(
+            Code::Throttled,
+            format!(
+                "this consumer already has {limit} calls in flight to provider {provider}, its share of the provider's capacity; retry when one ends"
+            ),
+        )
+        .with_header(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
     tracing::warn!(provider = %provider, service = %service, error = %internal, "upstream call failed");
     // What the consumer may know: which provider failed and how, in the gateway's own
     // words; never the provider's address or an operating system's error.
@@ -705,7 +766,7 @@ fn upstream_failure(provider: &str, service: &str, e: &forward::UpstreamError) -
             format!("provider {provider} closed the connection without answering {service}"),
             Side::Provider,
         ),
-        E::Exchange(_) | E::Http(_) | E::Busy { .. } => (
+        E::Exchange(_) | E::Http(_) | E::Busy { .. } | E::ConsumerShare { .. } => (
             format!("the exchange with provider {provider} for {service} failed"),
             Side::Provider,
         ),

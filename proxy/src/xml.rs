@@ -363,6 +363,8 @@ struct Soap {
     in_header: bool,
     in_body: bool,
     body_seen: bool,
+    /// The Envelope's Body was opened: no other child of the Envelope may follow.
+    body_opened: bool,
     /// The Header ended, the Body started, or the envelope ended.
     done: bool,
     /// Fields already met, so that a duplicate is refused rather than silently picked.
@@ -410,6 +412,7 @@ impl Guard {
             in_header: false,
             in_body: false,
             body_seen: false,
+            body_opened: false,
             done: false,
             seen: Vec::new(),
             capture: None,
@@ -849,6 +852,10 @@ impl Guard {
             return Err(XmlError::Doctype);
         }
         let n = n + 1;
+        // A comment inside a Header field splits its text in two for some readers.
+        if !cdata && usize::from(n) == expected.len() && self.capturing() {
+            return Err(self.mixed_field());
+        }
         self.state = if usize::from(n) < expected.len() {
             State::Bang { cdata, n }
         } else if !cdata {
@@ -1087,6 +1094,24 @@ impl Guard {
             soap.body_seen = true;
             soap.header.body_operation = Some(String::from_utf8_lossy(local).into_owned());
         }
+        // A Header field holds text only: with child elements, the gateway and a provider
+        // reading the element's text content would see two different values.
+        if depth == 4 && soap.capture.is_some() {
+            let name = soap.capture.map_or("", Field::name);
+            return Err(XmlError::NotSoap {
+                why: format!("the SOAP Header field {name} must hold text only"),
+            });
+        }
+        // The Envelope holds at most one Header, then one Body, and nothing after it: a
+        // second Header (or one after the Body) is one the provider might read instead.
+        if depth == 2 && soap.body_opened {
+            return Err(XmlError::NotSoap {
+                why: format!(
+                    "<{}> follows the SOAP Body, which must be the Envelope's last child",
+                    String::from_utf8_lossy(name)
+                ),
+            });
+        }
         if soap.past_body || depth > 3 {
             return Ok(());
         }
@@ -1121,13 +1146,25 @@ impl Guard {
                 };
                 return Err(XmlError::NotSoap { why });
             }
-            2 if ns.is_some() && ns == envelope_ns => {
-                if local == b"Header" && !soap.done {
+            2 => {
+                let ours = ns.is_some() && ns == envelope_ns;
+                if ours && local == b"Header" && !soap.done {
                     soap.in_header = true;
-                } else if local == b"Body" {
+                } else if ours && local == b"Body" {
                     soap.in_body = true;
+                    soap.body_opened = true;
                     soap.finish_header();
                     soap.leave_scopes();
+                } else {
+                    let why = if ours && local == b"Header" {
+                        "the SOAP Envelope has more than one Header".to_owned()
+                    } else {
+                        format!(
+                            "the SOAP Envelope holds <{}>, where only a Header and then a Body may stand",
+                            String::from_utf8_lossy(name)
+                        )
+                    };
+                    return Err(XmlError::NotSoap { why });
                 }
             }
             3 if soap.in_header => {
@@ -1152,6 +1189,17 @@ impl Guard {
             _ => {}
         }
         Ok(())
+    }
+
+    fn mixed_field(&self) -> XmlError {
+        let name = self
+            .soap
+            .as_ref()
+            .and_then(|s| s.capture)
+            .map_or("", Field::name);
+        XmlError::NotSoap {
+            why: format!("the SOAP Header field {name} must hold text only"),
+        }
     }
 
     fn soap_close(&mut self) {
@@ -1299,7 +1347,7 @@ fn check_declaration(decl: &[u8]) -> Result<(), XmlError> {
 }
 
 /// Encodings in which every ASCII byte means its ASCII character, so the byte scan is sound.
-fn check_encoding(name: &[u8]) -> Result<(), XmlError> {
+pub fn check_encoding(name: &[u8]) -> Result<(), XmlError> {
     let lower = name.to_ascii_lowercase();
     let accepted = match lower.as_slice() {
         b"utf-8" | b"us-ascii" | b"windows-1252" => true,
@@ -1787,7 +1835,7 @@ mod tests {
                 r#"<f:Purpose xmlns:f="{FSP}">  medical &amp; care  </f:Purpose>
                 <EndUser xmlns="{FSP}"><![CDATA[ 85073003328 ]]></EndUser>
                 <a:MessageID xmlns:a="{WSA}">uuid:1&#x2D;2</a:MessageID>
-                <a:Action xmlns:a="{WSA04}">urn:get<!-- c -->Person</a:Action>
+                <a:Action xmlns:a="{WSA04}">urn:getPerson</a:Action>
                 <To xmlns="{WSA}"> </To>"#
             ),
             "<m:GetPerson xmlns:m='urn:svc'/>",
@@ -1850,11 +1898,26 @@ mod tests {
             "",
         ));
         assert_eq!(other, SoapHeader::default());
-        // A Header in the wrong namespace is not the SOAP Header.
+        // A Header in the wrong namespace is not the SOAP Header, and has no place in
+        // the Envelope; nor has a second Header, one after the Body, or anything else.
         let wrong_header = format!(
             r#"<s:Envelope xmlns:s="{S11}"><h:Header xmlns:h="{S12}">{fields}</h:Header><s:Body/></s:Envelope>"#
         );
-        assert_eq!(header(&wrong_header), SoapHeader::default());
+        let second = format!(
+            r#"<s:Envelope xmlns:s="{S11}"><s:Header/><s:Header>{fields}</s:Header><s:Body/></s:Envelope>"#
+        );
+        let after_body = format!(
+            r#"<s:Envelope xmlns:s="{S11}"><s:Body/><s:Header>{fields}</s:Header></s:Envelope>"#
+        );
+        let other_child = format!(r#"<s:Envelope xmlns:s="{S11}"><x/><s:Body/></s:Envelope>"#);
+        for doc in [wrong_header, second, after_body, other_child] {
+            let outcome = soap(&doc);
+            assert!(
+                matches!(outcome.result, Err(XmlError::NotSoap { .. })),
+                "{doc}: {:?}",
+                outcome.result
+            );
+        }
         // The plain guard never reports a header.
         let mut guard = Guard::new(Limits::default());
         guard.feed(env11(&fields, "").as_bytes()).unwrap();
@@ -1889,12 +1952,21 @@ mod tests {
     fn namespace_uris_and_field_values_are_decoded() {
         let doc = format!(
             r#"<s:Envelope xmlns:s="http&#x3A;//www.w3.org/2003/05/soap-envelope"><s:Header>
-            <a:To xmlns:a='{WSA}'>x<b>ignored</b>&#x79;</a:To></s:Header></s:Envelope>"#
+            <a:To xmlns:a='{WSA}'>x<![CDATA[-]]>&#x79;</a:To></s:Header></s:Envelope>"#
         );
         let outcome = soap(&doc);
         assert_eq!(outcome.version, Some(SoapEnvelope::V12));
-        // Only the field's own text counts, not that of elements inside it.
-        assert_eq!(outcome.header.unwrap().to.as_deref(), Some("xy"));
+        assert_eq!(outcome.header.unwrap().to.as_deref(), Some("x-y"));
+        // A field with elements or comments inside would read differently elsewhere.
+        for inside in ["x<b>ignored</b>y", "participation-<!--x-->vote"] {
+            let doc = env11(&format!("<a:To xmlns:a='{WSA}'>{inside}</a:To>"), "");
+            let outcome = soap(&doc);
+            assert!(
+                matches!(&outcome.result, Err(XmlError::NotSoap { why }) if why.contains("text only")),
+                "{doc}: {:?}",
+                outcome.result
+            );
+        }
     }
 
     #[test]

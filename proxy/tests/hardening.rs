@@ -132,6 +132,13 @@ async fn no_path_reaches_another_version_another_service_or_the_provider_root() 
         "/person/getPerson/v2/..%5cv3/x",
         "/person/getPerson/v2/..%3b/v3/x",
         "/person/getPerson/v2/..",
+        "/person/getPerson/v2/%c0%ae%c0%ae/v3",
+        "/person/getPerson/v2/%e0%80%ae%e0%80%ae/v3",
+        "/person/getPerson/v2/%c0%2e%c0%2e/v3",
+        "/person/getPerson/v2/%25u002e%25u002e/v3",
+        "/person/getPerson/v2/%ef%bc%8e%ef%bc%8e/v3",
+        "/person/getPerson/v2/..%20./v3",
+        "/person/getPerson/v2/..%c2%a0/v3",
     ];
     for path in attacks {
         for target in [
@@ -312,6 +319,101 @@ async fn xml_attacks_are_refused_and_nothing_complete_reaches_the_provider() {
     );
     assert!(String::from_utf8_lossy(&body).contains("deeper"));
 
+    // Ways around the guard that a provider could read as XML: a Content-Type it
+    // cannot be sure of, a charset under which the bytes mean other characters, a body
+    // that says it is JSON but starts like XML, two purposes.
+    let rest_url = s.gw.url("/person/getPerson/v3/x");
+    let xxe = "<!DOCTYPE r [<!ENTITY x SYSTEM \"file:///etc/passwd\">]><r>&x;</r>";
+    let utf7 = "<!--+AC0ALQA+ADwAIQBEAE8AQwBUAFkAUABF-x--><r>+ACYAeAA7-</r>";
+    for (what, content_types, doc) in [
+        ("sniffed JSON", vec!["application/json"], xxe),
+        ("no Content-Type", vec![], xxe),
+        (
+            "non-ASCII Content-Type",
+            vec!["application/xml; x=\u{e9}"],
+            xxe,
+        ),
+        (
+            "two Content-Types",
+            vec!["application/json", "application/xml"],
+            xxe,
+        ),
+        ("a list", vec!["application/json, application/xml"], xxe),
+        (
+            "UTF-7 charset",
+            vec!["application/xml; charset=utf-7"],
+            utf7,
+        ),
+        ("UTF-7 text", vec!["text/plain; charset=UTF-7"], utf7),
+    ] {
+        let mut req = Request::post(&rest_url)
+            .body(Full::new(Bytes::from(doc)).boxed_unsync())
+            .unwrap();
+        for ct in content_types {
+            req.headers_mut().append(
+                "content-type",
+                http::HeaderValue::from_bytes(ct.as_bytes()).unwrap(),
+            );
+        }
+        let (status, _, body, _) = send(&c, req).await.unwrap();
+        assert_eq!(
+            status,
+            StatusCode::BAD_REQUEST,
+            "{what}: {}",
+            String::from_utf8_lossy(&body)
+        );
+    }
+    let purpose = |inner: &str| {
+        format!(
+            "<soap:Envelope xmlns:soap=\"http://schemas.xmlsoap.org/soap/envelope/\">{inner}<soap:Body><q/></soap:Body></soap:Envelope>"
+        )
+    };
+    let fsp = "xmlns:fsp=\"urn:be:fgov:fsp:1\"";
+    for (what, header, doc) in [
+        (
+            "header and envelope disagree",
+            Some("participation-vote"),
+            purpose(&format!(
+                "<soap:Header><fsp:Purpose {fsp}>marketing</fsp:Purpose></soap:Header>"
+            )),
+        ),
+        (
+            "two Headers",
+            None,
+            purpose(&format!(
+                "<soap:Header><fsp:Purpose {fsp}>participation-vote</fsp:Purpose></soap:Header><soap:Header><fsp:Purpose {fsp}>marketing</fsp:Purpose></soap:Header>"
+            )),
+        ),
+        (
+            "a comment inside",
+            None,
+            purpose(&format!(
+                "<soap:Header><fsp:Purpose {fsp}>participation-<!--x-->vote</fsp:Purpose></soap:Header>"
+            )),
+        ),
+    ] {
+        let mut req = post(&url, "text/xml", &doc);
+        if let Some(p) = header {
+            req.headers_mut().insert("fsp-purpose", p.parse().unwrap());
+        }
+        let (status, _, body, _) = send(&c, req).await.unwrap();
+        assert_eq!(
+            status,
+            StatusCode::BAD_REQUEST,
+            "{what}: {}",
+            String::from_utf8_lossy(&body)
+        );
+    }
+    let mut twice = get(&rest_url);
+    twice
+        .headers_mut()
+        .append("fsp-end-user", "1".parse().unwrap());
+    twice
+        .headers_mut()
+        .append("fsp-end-user", "2".parse().unwrap());
+    let (status, _, _, _) = send(&c, twice).await.unwrap();
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+
     // A sane envelope still goes through, whole.
     let fine = format!("{SOAP_OPEN}<q>85073003328</q>{SOAP_CLOSE}");
     let (status, _, _, _) = send(&c, post(&url, "text/xml", &fine)).await.unwrap();
@@ -410,7 +512,8 @@ async fn look_alike_and_forwarding_headers_never_reach_the_provider_as_sent() {
          FSP_Consumer: evil-app\r\nFsp_Legal_Basis: forged\r\nX_Forwarded_For: 6.6.6.6\r\n\
          X-Forwarded-For: 6.6.6.6\r\nForwarded: for=6.6.6.6;proto=http\r\nX-Real-IP: 6.6.6.6\r\n\
          X-Forwarded-Host: evil.example\r\nTrue-Client-IP: 6.6.6.6\r\nX-Original-URL: /admin\r\n\
-         X-Kept: yes\r\n\r\n",
+         X-SSL-Client-Cert: evil\r\nProxy: http://6.6.6.6\r\nX-HTTP-Method-Override: DELETE\r\n\
+         X-Remote-User: evil\r\nX-Kept: yes\r\n\r\n",
     )
     .await;
     assert_eq!(status, 200, "{body}");
@@ -426,6 +529,8 @@ async fn look_alike_and_forwarding_headers_never_reach_the_provider_as_sent() {
     assert_eq!(headers["x-forwarded-proto"], "https");
     assert_eq!(headers["x-kept"], "yes");
     for gone in [
+        "x-http-method-override",
+        "proxy",
         "forwarded",
         "x-real-ip",
         "x-forwarded-host",
@@ -557,7 +662,7 @@ async fn stalled_uploads_hold_no_more_provider_connections_than_the_cap() {
     let mut s = start(
         up,
         "request_body_timeout = \"2s\"",
-        "max_connections = 20\nqueue_timeout = \"300ms\"",
+        "max_connections = 20\nmax_connections_per_consumer = 20\nqueue_timeout = \"300ms\"",
         "",
     )
     .await;
@@ -604,6 +709,69 @@ async fn stalled_uploads_hold_no_more_provider_connections_than_the_cap() {
             _ => panic!("unexpected record {r}"),
         }
     }
+}
+
+/// A second consumer, with the test PKI's `stranger` certificate.
+const SECOND_CONSUMER: &str = r#"
+[[consumer]]
+id           = "cpas-liege"
+organisation = "CPAS de Liège"
+certificates = [ { cn = "unknown.example.be" } ]
+
+[[authorisation]]
+id          = "liege-person"
+consumer    = "cpas-liege"
+service     = "person/getPerson"
+purpose     = "social-aid"
+legal_basis = { kind = "deliberation", reference = "CSI/21/7" }
+provider_approval = "RRN-2021-1"
+valid_from  = 2020-01-01
+"#;
+
+#[tokio::test]
+async fn one_consumers_slow_uploads_leave_the_other_consumers_room() {
+    let up = upstream().await;
+    let s = start(
+        up,
+        "request_body_timeout = \"10s\"",
+        "max_connections = 4\nqueue_timeout = \"200ms\"",
+        SECOND_CONSUMER,
+    )
+    .await;
+    // The first consumer drips four uploads: two hold its share (half the cap), the
+    // other two are throttled at once.
+    let mut drips = Vec::new();
+    let mut statuses = Vec::new();
+    for _ in 0..4 {
+        let mut tls = raw_tls(&s.pki, &s.pki.consumer, s.gw.port).await;
+        tls.write_all(
+            b"POST /person/getPerson/v3/sink HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/octet-stream\r\ncontent-length: 1000\r\n\r\n0",
+        )
+        .await
+        .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        drips.push(tls);
+    }
+    for tls in &mut drips {
+        if let Ok((status, body)) =
+            tokio::time::timeout(Duration::from_millis(300), read_response(tls)).await
+        {
+            assert!(body.contains("FSP-THROTTLED"), "{body}");
+            statuses.push(status);
+        }
+    }
+    assert_eq!(
+        statuses,
+        [429, 429],
+        "two uploads over the consumer's share"
+    );
+    // The other consumer is served meanwhile.
+    let other = client(&s.pki, Some(&s.pki.stranger), false);
+    let mut req = get(&s.gw.url("/person/getPerson/v3/x"));
+    req.headers_mut()
+        .insert("fsp-purpose", "social-aid".parse().unwrap());
+    let (status, _, body, _) = send(&other, req).await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
 }
 
 #[tokio::test]
@@ -745,6 +913,43 @@ async fn provider_failures_show_consumers_no_internal_address_or_os_error() {
     assert_eq!(r["fault"], "provider");
     assert!(
         r["detail"].as_str().unwrap().contains(&dead.to_string()),
+        "{r}"
+    );
+}
+
+#[tokio::test]
+async fn an_answer_broken_after_its_head_is_recorded_as_the_providers_fault() {
+    // A provider that announces 100 bytes, sends 5 and hangs up.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = tcp.read(&mut buf).await;
+                let _ = tcp
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nhello")
+                    .await;
+            });
+        }
+    });
+    let mut s = start(up, "", "", "").await;
+    let c = client(&s.pki, Some(&s.pki.consumer), false);
+    let got = send(&c, get(&s.gw.url("/person/getPerson/v3/x"))).await;
+    // The status was already sent; the body breaks off.
+    if let Ok((status, _, body, _)) = got {
+        assert_eq!(status, StatusCode::OK);
+        assert!(body.len() < 100);
+    }
+    drop(c);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    s.gw.stop();
+    let records = audit_records(&s.pki);
+    let r = records.iter().find(|r| r["status"] == 200).unwrap();
+    assert_eq!(r["fault"], "provider", "{r}");
+    assert!(
+        r["detail"].as_str().unwrap().contains("broke off after"),
         "{r}"
     );
 }

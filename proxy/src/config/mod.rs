@@ -1271,6 +1271,16 @@ fn build_provider(
         &format!("{key}.max_connections"),
         problems,
     );
+    // By default a consumer may hold half the provider's slots, so that one consumer's
+    // slow calls always leave room for the others.
+    let per_consumer = at_least_one(
+        p.max_connections_per_consumer,
+        (max_connections / 2).max(1),
+        &s.path,
+        &format!("{key}.max_connections_per_consumer"),
+        problems,
+    )
+    .min(max_connections);
     Some(Provider {
         id: p.id.clone(),
         name: p.name.clone(),
@@ -1308,8 +1318,10 @@ fn build_provider(
             &format!("{key}.queue_timeout"),
             problems,
         ),
-        cap: Arc::new(crate::limits::ConnCap::new(
-            p.max_connections.unwrap_or(512).max(1),
+        cap: Arc::new(crate::limits::ConnCap::with_consumers(
+            max_connections,
+            per_consumer,
+            declared_consumers.iter().copied(),
         )),
     })
 }

@@ -127,6 +127,7 @@ pub struct RawProvider {
     pub pool_idle_timeout: Option<String>,
     pub pool_max_idle: Option<usize>,
     pub max_connections: Option<usize>,
+    pub max_connections_per_consumer: Option<usize>,
     pub queue_timeout: Option<String>,
 }
 
