@@ -11,6 +11,7 @@
 //! GOAWAY) within `listener.drain_timeout`.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use hyper::server::conn::{http1, http2};
@@ -30,6 +31,81 @@ pub struct ListenerTimeouts {
     pub handshake: Duration,
     pub header_read: Duration,
     pub drain: Duration,
+}
+
+/// Streams open on an HTTP/2 connection, and when the last one ended.
+#[derive(Debug)]
+struct Activity {
+    open: AtomicUsize,
+    since: std::sync::Mutex<std::time::Instant>,
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Self {
+            open: AtomicUsize::new(0),
+            since: std::sync::Mutex::new(std::time::Instant::now()),
+        }
+    }
+}
+
+impl Activity {
+    /// A stream began; the returned guard ends it when dropped (with its response body).
+    fn begin(self: &Arc<Self>) -> StreamDone {
+        self.open.fetch_add(1, Ordering::Relaxed);
+        StreamDone(self.clone())
+    }
+
+    fn idle_for(&self, timeout: Duration) -> bool {
+        self.open.load(Ordering::Relaxed) == 0
+            && self
+                .since
+                .lock()
+                .map(|t| t.elapsed() >= timeout)
+                .unwrap_or(false)
+    }
+}
+
+#[derive(Debug)]
+struct StreamDone(Arc<Activity>);
+
+impl Drop for StreamDone {
+    fn drop(&mut self) {
+        if let Ok(mut t) = self.0.since.lock() {
+            *t = std::time::Instant::now();
+        }
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that marks its stream ended when it is dropped.
+    #[derive(Debug)]
+    struct Tracked<B> {
+        #[pin]
+        body: B,
+        _done: StreamDone,
+    }
+}
+
+impl<B: hyper::body::Body> hyper::body::Body for Tracked<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<B::Data>, B::Error>>> {
+        self.project().body.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
 }
 
 /// Serves consumers until `shutdown` turns true, then drains.
@@ -118,17 +194,40 @@ pub async fn serve(
             }
             let is_h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
             let conn = Arc::new(ConnInfo::new(peer, certificate));
-            let service = service_fn(move |req| {
-                // Boxed: the call's future is large, and hyper moves it (twice) before
-                // polling it; a box is moved as one pointer.
-                Box::pin(pipeline::handle(Local::of(&gw), conn.clone(), req))
-            });
             let io = TokioIo::new(tls);
             let ended = if is_h2 {
-                watcher
-                    .watch(builders.1.serve_connection(io, service))
-                    .await
+                // HTTP/2 has no header timeout between streams: a connection with no
+                // stream open for `header_read_timeout` is closed, as an idle HTTP/1.1
+                // one is.
+                let activity = Arc::new(Activity::default());
+                let seen = activity.clone();
+                let service = service_fn(move |req| {
+                    let done = seen.begin();
+                    let call = pipeline::handle(Local::of(&gw), conn.clone(), req);
+                    Box::pin(async move {
+                        let response = call.await;
+                        response.map(|r| r.map(|body| Tracked { body, _done: done }))
+                    })
+                });
+                let served = watcher.watch(builders.1.serve_connection(io, service));
+                tokio::pin!(served);
+                loop {
+                    tokio::select! {
+                        ended = &mut served => break ended,
+                        _ = tokio::time::sleep(timeouts.header_read) => {
+                            if activity.idle_for(timeouts.header_read) {
+                                tracing::debug!(%peer, "idle HTTP/2 connection closed");
+                                break Ok(());
+                            }
+                        }
+                    }
+                }
             } else {
+                let service = service_fn(move |req| {
+                    // Boxed: the call's future is large, and hyper moves it (twice) before
+                    // polling it; a box is moved as one pointer.
+                    Box::pin(pipeline::handle(Local::of(&gw), conn.clone(), req))
+                });
                 watcher
                     .watch(builders.0.serve_connection(io, service))
                     .await

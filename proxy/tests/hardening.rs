@@ -548,7 +548,7 @@ async fn anonymous_tls(
     pki: &Pki,
     port: u16,
 ) -> Option<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
-    tls_connect(pki, None, port).await.ok()
+    tls_connect(pki, None, port, b"http/1.1").await.ok()
 }
 
 #[tokio::test]
@@ -772,6 +772,30 @@ async fn one_consumers_slow_uploads_leave_the_other_consumers_room() {
         .insert("fsp-purpose", "social-aid".parse().unwrap());
     let (status, _, body, _) = send(&other, req).await.unwrap();
     assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+}
+
+#[tokio::test]
+async fn idle_http2_connections_are_closed_like_idle_http1_ones() {
+    let up = upstream().await;
+    let s = start(up, "header_read_timeout = \"1s\"", "", "").await;
+    let tls = tls_connect(&s.pki, Some(&s.pki.consumer), s.gw.port, b"h2")
+        .await
+        .unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .handshake::<_, Full<Bytes>>(TokioIo::new(tls))
+        .await
+        .unwrap();
+    let ended = tokio::spawn(conn);
+    let req = Request::get(s.gw.url("/person/getPerson/v3/x"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    drop(resp);
+    // Pings are answered (hyper's client keeps the connection alive), but no stream:
+    // the gateway closes it within twice the header timeout.
+    let closed = tokio::time::timeout(Duration::from_secs(5), ended).await;
+    assert!(closed.is_ok(), "the idle HTTP/2 connection is still open");
 }
 
 #[tokio::test]

@@ -574,14 +574,17 @@ pub async fn raw_tls(
     identity: &Issued,
     port: u16,
 ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
-    tls_connect(pki, Some(identity), port).await.unwrap()
+    tls_connect(pki, Some(identity), port, b"http/1.1")
+        .await
+        .unwrap()
 }
 
-/// A TLS connection (HTTP/1.1 by ALPN) presenting `identity`, or no certificate.
+/// A TLS connection (with `alpn`) presenting `identity`, or no certificate.
 pub async fn tls_connect(
     pki: &Pki,
     identity: Option<&Issued>,
     port: u16,
+    alpn: &[u8],
 ) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
     let mut roots = rustls::RootCertStore::empty();
     roots
@@ -600,7 +603,7 @@ pub async fn tls_connect(
             .unwrap(),
         None => builder.with_no_client_auth(),
     };
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.alpn_protocols = vec![alpn.to_vec()];
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
     let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
     connector
