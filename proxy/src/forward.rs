@@ -122,19 +122,17 @@ enum Checkout {
 /// one of the provider's [`ConnCap`] slots until then.
 #[derive(Debug)]
 pub struct Lease {
-    upstream: Arc<Upstream>,
+    slot: Slot,
     /// Index of its host's pool in [`Upstream::hosts`] (pools are never removed).
     host: usize,
     conn: Option<h1::Conn>,
-    /// The consumer's share it holds, if counted.
-    share: Option<usize>,
 }
 
 impl Lease {
     /// The response was read to its end: the connection can serve another call.
     fn release(mut self) {
         if let Some(conn) = self.conn.take() {
-            self.upstream.put_back(self.host, conn);
+            self.slot.upstream.put_back(self.host, conn);
         }
     }
 
@@ -143,38 +141,19 @@ impl Lease {
     }
 }
 
-impl Drop for Lease {
-    fn drop(&mut self) {
-        self.upstream.cap.give();
-        if let Some(i) = self.share {
-            self.upstream.cap.give_share(i);
-        }
-    }
-}
-
-/// A slot of the provider's [`ConnCap`] (and of the consumer's share of it), given back
-/// when dropped.
+/// A slot of the provider's [`ConnCap`] (and of the consumer's share of it, when
+/// counted), given back when dropped.
 #[derive(Debug)]
 pub struct Slot {
-    upstream: Option<Arc<Upstream>>,
+    upstream: Arc<Upstream>,
     share: Option<usize>,
-}
-
-impl Slot {
-    /// Hands the slot over to whoever gives it back now (a lease).
-    fn disarm(mut self) -> Option<usize> {
-        self.upstream = None;
-        self.share.take()
-    }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        if let Some(u) = self.upstream.take() {
-            u.cap.give();
-            if let Some(i) = self.share {
-                u.cap.give_share(i);
-            }
+        self.upstream.cap.give();
+        if let Some(i) = self.share {
+            self.upstream.cap.give_share(i);
         }
     }
 }
@@ -343,7 +322,7 @@ impl Upstream {
             });
         }
         let slot = Slot {
-            upstream: Some(self.clone()),
+            upstream: self.clone(),
             share,
         };
         // This thread's own copies of the host's name and `Host` value: the base URI is
@@ -396,13 +375,10 @@ impl Upstream {
                     .await
                     {
                         Ok(answer) => {
-                            // The lease gives the slot back from now on.
-                            let share = slot.disarm();
                             let lease = Lease {
-                                upstream: self.clone(),
+                                slot,
                                 host,
                                 conn: Some(conn),
-                                share,
                             };
                             let body = H1Body::new(lease, answer.framing, answer.reusable);
                             return Ok(Response::from_parts(answer.head, UpstreamBody::H1(body)));

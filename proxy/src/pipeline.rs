@@ -643,7 +643,7 @@ fn inspect_fields(headers: &HeaderMap) -> Result<bool, Rejection> {
         return malformed("the Content-Type holds characters other than visible ASCII".into());
     };
     let mut params = value.split(';');
-    let media = params.next().unwrap_or_default().to_ascii_lowercase();
+    let media = params.next().unwrap_or_default();
     for param in params {
         if let Some((name, charset)) = param.split_once('=')
             && name.trim().eq_ignore_ascii_case("charset")
@@ -656,7 +656,10 @@ fn inspect_fields(headers: &HeaderMap) -> Result<bool, Rejection> {
             }
         }
     }
-    Ok(media.contains("xml"))
+    Ok(media
+        .as_bytes()
+        .windows(3)
+        .any(|w| w.eq_ignore_ascii_case(b"xml")))
 }
 
 /// Awaits the provider's answer. The provider's time (`timeout`) counts from when the
@@ -667,8 +670,7 @@ async fn answer_within<T>(
     shared: &CallShared,
     exchange: impl std::future::Future<Output = T>,
 ) -> Result<T, ()> {
-    let exchange = std::pin::pin!(exchange);
-    let mut exchange = exchange;
+    let mut exchange = std::pin::pin!(exchange);
     let sleep = tokio::time::sleep(timeout);
     tokio::pin!(sleep);
     loop {
@@ -718,32 +720,33 @@ fn consumer_fault(fault: &ConsumerFault) -> Rejection {
 /// The refusal for a provider that could not be reached or answered wrongly: the
 /// consumer learns which provider and service, the log and the audit record learn why.
 fn upstream_failure(provider: &str, service: &str, e: &forward::UpstreamError) -> Rejection {
-    let internal = error_chain(e);
-    if let forward::UpstreamError::Busy { waited } = e {
-        return Rejection::new(
-            Code::UpstreamBusy,
-            format!(
-                "provider {provider} is at the gateway's connection limit for it; nothing was sent (waited {waited:?})"
-            ),
-        )
-        .with_header(header::RETRY_AFTER, HeaderValue::from_static("1"))
-        .with_internal(internal);
-    }
     use forward::UpstreamError as E;
-    if let E::ConsumerShare { limit } = e {
-        return Rejection::new(
-            Code::Throttled,
-            format!(
-                "this consumer already has {limit} calls in flight to provider {provider}, its share of the provider's capacity; retry when one ends"
-            ),
-        )
-        .with_header(header::RETRY_AFTER, HeaderValue::from_static("1"));
-    }
-    tracing::warn!(provider = %provider, service = %service, error = %internal, "upstream call failed");
+    let internal = error_chain(e);
+    let retry = || HeaderValue::from_static("1");
     // What the consumer may know: which provider failed and how, in the gateway's own
     // words; never the provider's address or an operating system's error.
-    let (detail, side) = match e {
+    let (code, detail, side) = match e {
+        E::Busy { waited } => {
+            return Rejection::new(
+                Code::UpstreamBusy,
+                format!(
+                    "provider {provider} is at the gateway's connection limit for it; nothing was sent (waited {waited:?})"
+                ),
+            )
+            .with_header(header::RETRY_AFTER, retry())
+            .with_internal(internal);
+        }
+        E::ConsumerShare { limit } => {
+            return Rejection::new(
+                Code::Throttled,
+                format!(
+                    "this consumer already has {limit} calls in flight to provider {provider}, its share of the provider's capacity; retry when one ends"
+                ),
+            )
+            .with_header(header::RETRY_AFTER, retry());
+        }
         E::BadUrl(_) | E::ServerName { .. } => (
+            Code::UpstreamUnavailable,
             format!("provider {provider} is not correctly configured on this platform"),
             Side::Gateway,
         ),
@@ -752,26 +755,35 @@ fn upstream_failure(provider: &str, service: &str, e: &forward::UpstreamError) -
         | E::ConnectTimeout { .. }
         | E::Tls { .. }
         | E::Handshake { .. } => (
+            Code::UpstreamUnavailable,
             format!("provider {provider} could not be reached for {service}"),
             Side::Provider,
         ),
         E::Exchange(h1::ExchangeError::Protocol(_)) => (
-            format!(
-                "provider {provider} answered {service} wrongly: {}",
-                error_chain(e)
-            ),
+            Code::UpstreamUnavailable,
+            format!("provider {provider} answered {service} wrongly: {internal}"),
             Side::Provider,
         ),
         E::Exchange(h1::ExchangeError::Closed) => (
+            Code::UpstreamUnavailable,
             format!("provider {provider} closed the connection without answering {service}"),
             Side::Provider,
         ),
-        E::Exchange(_) | E::Http(_) | E::Busy { .. } | E::ConsumerShare { .. } => (
+        // The body did not match its own declared length (otherwise caught as the
+        // consumer's fault where it was read).
+        E::Exchange(h1::ExchangeError::RequestBody(_)) => (
+            Code::RequestIncomplete,
+            "the request body does not match its declared length".to_owned(),
+            Side::Consumer,
+        ),
+        E::Exchange(_) | E::Http(_) => (
+            Code::UpstreamUnavailable,
             format!("the exchange with provider {provider} for {service} failed"),
             Side::Provider,
         ),
     };
-    Rejection::new(Code::UpstreamUnavailable, detail)
+    tracing::warn!(provider = %provider, service = %service, error = %internal, "upstream call failed");
+    Rejection::new(code, detail)
         .blaming(side)
         .with_internal(internal)
 }
