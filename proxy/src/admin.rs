@@ -22,12 +22,7 @@ use crate::state::Gateway;
 use crate::suspend::Party;
 
 /// Serves the admin API until `shutdown` turns true.
-pub async fn serve(
-    gw: Arc<Gateway>,
-    listener: TcpListener,
-    tokens: Arc<Vec<String>>,
-    mut shutdown: watch::Receiver<bool>,
-) {
+pub async fn serve(gw: Arc<Gateway>, listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
     let open = Arc::new(tokio::sync::Semaphore::new(ADMIN_MAX_CONNECTIONS));
     loop {
         let (tcp, peer) = tokio::select! {
@@ -49,12 +44,10 @@ pub async fn serve(
             continue;
         };
         let gw = gw.clone();
-        let tokens = tokens.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
                 let gw = gw.clone();
-                let tokens = tokens.clone();
-                async move { Ok::<_, Infallible>(route(&gw, &tokens, peer, req).await) }
+                async move { Ok::<_, Infallible>(route(&gw, peer, req).await) }
             });
             let mut http = http1::Builder::new();
             // The header timeout also bounds how long an idle kept-alive connection stays.
@@ -122,12 +115,7 @@ fn administrator(tokens: &[String], req: &Request<Incoming>) -> Option<usize> {
         .position(|t| constant_time_eq(t.as_bytes(), presented.as_bytes()))
 }
 
-async fn route(
-    gw: &Gateway,
-    tokens: &[String],
-    peer: SocketAddr,
-    req: Request<Incoming>,
-) -> Response<Full<Bytes>> {
+async fn route(gw: &Gateway, peer: SocketAddr, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let path = req.uri().path().to_owned();
     match (req.method(), path.as_str()) {
         (&Method::GET, "/healthz") => return text(StatusCode::OK, "ok\n"),
@@ -160,7 +148,9 @@ async fn route(
             serde_json::json!({"error": "no such endpoint"}),
         );
     }
-    let Some(who) = administrator(tokens, &req) else {
+    // The tokens in force now: a token removed from tokens_file stops working at the
+    // next reload.
+    let Some(who) = administrator(&gw.admin_tokens.load(), &req) else {
         tracing::warn!(target: "fsp::admin", %peer, method = %req.method(), %path, "admin call refused: missing or unknown bearer token");
         let mut r = json(
             StatusCode::UNAUTHORIZED,
@@ -187,9 +177,14 @@ async fn route(
                 )
             }
             (&Method::POST, "/admin/reload") => match gw.reload() {
-                Ok(()) => json(
+                Ok(report) => json(
                     StatusCode::OK,
-                    serde_json::json!({"reloaded": true, "at": at}),
+                    serde_json::json!({
+                        "reloaded": true,
+                        "at": at,
+                        "applied": report.applied,
+                        "needs_restart": report.needs_restart,
+                    }),
                 ),
                 Err(e) => json(
                     StatusCode::UNPROCESSABLE_ENTITY,

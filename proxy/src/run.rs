@@ -43,10 +43,13 @@ pub async fn serve(
     let connection_limits = descriptor_budget(&config)?;
     let consumer_addr = listener_cfg.address;
     let threads = listener_cfg.threads;
-    let admin = config
+    let admin = config.admin.as_ref().map(|a| a.address);
+    let admin_tokens = config
         .admin
         .as_ref()
-        .map(|a| (a.address, Arc::new(a.tokens.clone()), a.tls));
+        .map(|a| a.tokens.clone())
+        .unwrap_or_default();
+    let restart_only = crate::state::RestartOnly::of(&config);
     let node = config.node.clone();
     let throttle_cfg = config.throttle.clone();
 
@@ -105,6 +108,8 @@ pub async fn serve(
         metrics: metrics_handle(),
         ready: AtomicBool::new(false),
         conn_limits: crate::limits::ConnLimits::new(connection_limits),
+        admin_tokens: ArcSwap::from_pointee(admin_tokens),
+        restart_only: std::sync::Mutex::new(restart_only),
     });
 
     // One listening socket per worker thread (SO_REUSEPORT: the kernel spreads
@@ -114,12 +119,7 @@ pub async fn serve(
         .collect::<std::io::Result<Vec<_>>>()
         .with_context(|| format!("cannot listen on {consumer_addr} (listener.address)"))?;
     let mut tasks = tokio::task::JoinSet::new();
-    if let Some((addr, tokens, tls)) = admin {
-        if tls {
-            tracing::warn!(
-                "[admin] tls = true is not supported yet; the admin API is served over plain HTTP"
-            );
-        }
+    if let Some(addr) = admin {
         let admin_listener = TcpListener::bind(addr)
             .await
             .with_context(|| format!("cannot listen on {addr} (admin.address)"))?;
@@ -127,7 +127,6 @@ pub async fn serve(
         tasks.spawn(crate::admin::serve(
             gw.clone(),
             admin_listener,
-            tokens,
             shutdown.clone(),
         ));
     }
@@ -141,6 +140,7 @@ pub async fn serve(
             loop {
                 tokio::select! {
                     _ = hup.recv() => {
+                        // The reload logs what it applied and what needs a restart.
                         if let Some(gw) = weak.upgrade()
                             && let Err(e) = gw.reload()
                         {

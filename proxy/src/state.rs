@@ -183,6 +183,71 @@ pub struct Gateway {
     pub ready: AtomicBool,
     /// Open consumer connections and their bounds (changes need a restart).
     pub conn_limits: Arc<crate::limits::ConnLimits>,
+    /// The admin API's bearer tokens, reloaded with the configuration.
+    pub admin_tokens: ArcSwap<Vec<String>>,
+    /// The settings in force that only a restart changes, to tell what a reload could
+    /// not apply.
+    pub restart_only: std::sync::Mutex<RestartOnly>,
+}
+
+/// Settings that a reload does not apply: the listeners, threads, connection bounds,
+/// the admin listener, `[oauth]`, the audit trail, the throttling backend, the node name.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RestartOnly {
+    fields: Vec<(&'static str, String)>,
+}
+
+impl RestartOnly {
+    pub fn of(config: &Config) -> Self {
+        let l = &config.listener;
+        let admin = config.admin.as_ref();
+        Self {
+            fields: vec![
+                ("listener.address", l.address.to_string()),
+                ("listener.threads", l.threads.to_string()),
+                (
+                    "listener.handshake_timeout",
+                    format!("{:?}", l.handshake_timeout),
+                ),
+                (
+                    "listener.header_read_timeout",
+                    format!("{:?}", l.header_read_timeout),
+                ),
+                ("listener.drain_timeout", format!("{:?}", l.drain_timeout)),
+                (
+                    "listener (connection limits)",
+                    format!("{:?}", l.connections),
+                ),
+                ("admin.address", format!("{:?}", admin.map(|a| a.address))),
+                ("oauth", format!("{:?}", config.oauth)),
+                (
+                    "audit",
+                    format!("{:?}", (&config.audit.backend, config.audit.fail_closed)),
+                ),
+                ("throttle", format!("{:?}", config.throttle)),
+                ("node", config.node.clone()),
+            ],
+        }
+    }
+
+    /// The settings that differ in `newer`.
+    pub fn changed(&self, newer: &RestartOnly) -> Vec<&'static str> {
+        self.fields
+            .iter()
+            .zip(&newer.fields)
+            .filter(|(a, b)| a.1 != b.1)
+            .map(|(a, _)| a.0)
+            .collect()
+    }
+}
+
+/// What a reload did.
+#[derive(Debug, serde::Serialize)]
+pub struct ReloadReport {
+    /// What is now in force.
+    pub applied: Vec<&'static str>,
+    /// Settings that changed in the files but stay as they were until a restart.
+    pub needs_restart: Vec<&'static str>,
 }
 
 /// Why a reload was refused (the running configuration stays in force).
@@ -195,8 +260,19 @@ pub enum ReloadError {
 impl Gateway {
     /// Re-reads the configuration and certificates and swaps them in atomically. On any
     /// problem, nothing changes.
-    pub fn reload(&self) -> Result<(), ReloadError> {
+    pub fn reload(&self) -> Result<ReloadReport, ReloadError> {
         let config = crate::config::load(&self.config_path)?;
+        let restart_only = RestartOnly::of(&config);
+        let needs_restart = self
+            .restart_only
+            .lock()
+            .map(|current| current.changed(&restart_only))
+            .unwrap_or_default();
+        let tokens = config
+            .admin
+            .as_ref()
+            .map(|a| a.tokens.clone())
+            .unwrap_or_default();
         let (snapshot, tls) = Snapshot::from_config(config);
         let throttle = self
             .throttle
@@ -205,9 +281,25 @@ impl Gateway {
         self.throttle.store(Arc::new(throttle));
         self.tls.store(tls);
         self.snapshot.store(Arc::new(snapshot));
+        self.admin_tokens.store(Arc::new(tokens));
         metrics::counter!("fsp_config_reloads_total").increment(1);
-        tracing::info!(config = %self.config_path.display(), "configuration reloaded");
-        Ok(())
+        let report = ReloadReport {
+            applied: vec![
+                "catalogue",
+                "consumers",
+                "authorisations",
+                "providers",
+                "listener certificates and CRLs",
+                "admin tokens",
+            ],
+            needs_restart,
+        };
+        if report.needs_restart.is_empty() {
+            tracing::info!(config = %self.config_path.display(), "configuration reloaded");
+        } else {
+            tracing::warn!(config = %self.config_path.display(), needs_restart = ?report.needs_restart, "configuration reloaded; these changed settings keep their running values until a restart");
+        }
+        Ok(report)
     }
 }
 

@@ -293,7 +293,16 @@ fn read_with_includes(
     let text = match std::fs::read_to_string(&canonical) {
         Ok(t) => t,
         Err(e) => {
-            problems.add(path, "", format!("cannot read file: {e}"));
+            // Blamed on the `include` entry that named it, when one did (an empty or
+            // wrong entry can name a directory).
+            match from {
+                Some((parent, i)) => problems.add(
+                    parent,
+                    format!("include[{i}]"),
+                    format!("cannot read {}: {e}", path.display()),
+                ),
+                None => problems.add(path, "", format!("cannot read file: {e}")),
+            }
             return;
         }
     };
@@ -1041,17 +1050,31 @@ fn build_admin(s: &Source, a: &RawAdmin, problems: &mut Problems) -> Option<Admi
             ),
         }
     }
+    // Accepted keys must have an effect: until the admin listener serves TLS, these are
+    // refused rather than silently ignored (with `admin_cns` alone, nobody could
+    // administer the gateway).
     let admin_cns = a.admin_cns.clone().unwrap_or_default();
     let tls = a.tls.unwrap_or(false);
-    if !admin_cns.is_empty() && !tls {
+    if tls {
+        problems.add(
+            &s.path,
+            "admin.tls",
+            "the admin API over TLS is not available yet: remove this key; the admin API is plain HTTP, so keep admin.address on loopback or a management network",
+        );
+    }
+    if a.admin_cns.is_some() {
         problems.add(
             &s.path,
             "admin.admin_cns",
-            "admin certificates need tls = true on the admin listener",
+            "admin client certificates are not available yet (they need the admin API over TLS): remove this key and use tokens_file",
         );
     }
-    if tokens.is_empty() && admin_cns.is_empty() {
-        problems.add(&s.path, "admin", "no way to authenticate administrators: set tokens_file (one token per line) or admin_cns with tls = true");
+    if tokens.is_empty() && a.admin_cns.is_none() {
+        problems.add(
+            &s.path,
+            "admin",
+            "no way to authenticate administrators: set tokens_file (one token per line)",
+        );
     }
     Some(Admin {
         address: address.ok()?,

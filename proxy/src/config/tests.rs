@@ -2000,3 +2000,27 @@ fn hardening_limits_are_read_and_zero_is_refused_where_it_is() {
         &["not a duration"],
     );
 }
+
+#[test]
+fn admin_keys_that_are_not_served_yet_are_refused() {
+    let f = Fixture::new();
+    let problems = f.problems_after(
+        "tokens_file = \"admin-tokens\"",
+        "tokens_file = \"admin-tokens\"\ntls = true\nadmin_cns = [\"ops.example.be\"]",
+    );
+    expect(&problems, "fsp.toml", "admin.tls", &["not available yet"]);
+    expect(
+        &problems,
+        "fsp.toml",
+        "admin.admin_cns",
+        &["not available yet"],
+    );
+    assert_eq!(problems.len(), 2, "{}", list(&problems));
+}
+
+#[test]
+fn an_include_naming_a_directory_is_blamed_on_the_include_entry() {
+    let f = Fixture::new();
+    let problems = f.problems("include = [\"\"]\nenvironment = \"INT\"\n");
+    expect(&problems, "fsp.toml", "include[0]", &["cannot read"]);
+}
