@@ -79,8 +79,8 @@ pub async fn serve(
     };
     let (snapshot, tls) = Snapshot::from_config(config);
     let throttle = throttle::LocalStore::new(snapshot.providers.iter().map(|p| p.id.as_str()));
-    let shared_throttle = match (&throttle_cfg.backend[..], &throttle_cfg.url) {
-        ("redis", Some(url)) => Some(crate::state::SharedThrottle {
+    let shared_throttle = match &throttle_cfg.backend {
+        config::ThrottleBackend::Redis { url } => Some(crate::state::SharedThrottle {
             store: throttle::redis::RedisStore::new(
                 url,
                 "fsp:",
@@ -92,7 +92,7 @@ pub async fn serve(
             last_logged: std::sync::atomic::AtomicU64::new(0),
             down_until: std::sync::atomic::AtomicU64::new(0),
         }),
-        _ => None,
+        config::ThrottleBackend::Local => None,
     };
     let gw = Arc::new(Gateway {
         throttle: ArcSwap::from_pointee(throttle),

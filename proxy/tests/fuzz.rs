@@ -252,7 +252,10 @@ fn fuzz_jwt() {
         issuer: "https://idp.test/".into(),
         jwks: proxy::config::JwksSource::File(jwks_file),
         audience: "fsp".into(),
-        algorithms: vec!["ES256".into(), "RS256".into()],
+        algorithms: vec![
+            jsonwebtoken::Algorithm::ES256,
+            jsonwebtoken::Algorithm::RS256,
+        ],
         client_id_claim: "client_id".into(),
         require_certificate_binding: false,
         leeway: Duration::from_secs(60),

@@ -113,7 +113,8 @@ pub struct OAuth {
     pub issuer: String,
     pub jwks: JwksSource,
     pub audience: String,
-    pub algorithms: Vec<String>,
+    /// Asymmetric algorithms only (no `none`, no HMAC).
+    pub algorithms: Vec<jsonwebtoken::Algorithm>,
     pub client_id_claim: String,
     pub require_certificate_binding: bool,
     pub leeway: Duration,
@@ -122,7 +123,7 @@ pub struct OAuth {
 
 #[derive(Debug)]
 pub enum JwksSource {
-    Url(String),
+    Url(http::Uri),
     File(PathBuf),
 }
 
@@ -147,10 +148,18 @@ pub enum OnBackendError {
 
 #[derive(Clone, Debug)]
 pub struct ThrottleConfig {
-    pub backend: String,
-    pub url: Option<String>,
+    pub backend: ThrottleBackend,
     pub on_backend_error: OnBackendError,
     pub replicas: u32,
+}
+
+/// Where throttling state lives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ThrottleBackend {
+    /// In this gateway's memory.
+    Local,
+    /// Shared by every replica through Redis (`redis://`, `rediss://` or `unix://`).
+    Redis { url: String },
 }
 
 /// `count` calls per `per`, with `burst` extra.
@@ -614,29 +623,55 @@ fn build(main: &Path, sources: Vec<Source>, problems: &mut Problems) -> Option<C
     // ---- throttle ----
     let throttle = match single(&sources, "throttle", |r| r.throttle.as_ref(), problems) {
         None => ThrottleConfig {
-            backend: "local".into(),
-            url: None,
+            backend: ThrottleBackend::Local,
             on_backend_error: OnBackendError::Local,
             replicas: 1,
         },
         Some((s, t)) => {
-            match t.backend.as_str() {
-                "local" => {}
-                "redis" => {
-                    if t.url.is_none() {
+            let backend = match (t.backend.as_str(), &t.url) {
+                ("local", None) => ThrottleBackend::Local,
+                ("local", Some(_)) => {
+                    problems.add(
+                        &s.path,
+                        "throttle.url",
+                        "only used by the redis backend: remove it or set backend = \"redis\"",
+                    );
+                    ThrottleBackend::Local
+                }
+                ("redis", Some(url)) => {
+                    let scheme = url.split_once("://").map(|(s, _)| s);
+                    let host = url
+                        .parse::<http::Uri>()
+                        .ok()
+                        .and_then(|u| u.host().map(str::to_owned));
+                    if !matches!(scheme, Some("redis" | "rediss" | "unix"))
+                        || (scheme != Some("unix") && host.is_none())
+                    {
                         problems.add(
                             &s.path,
                             "throttle.url",
-                            "required with backend = \"redis\" (e.g. redis://127.0.0.1:6379)",
+                            format!("`{url}` is not a Redis URL such as redis://127.0.0.1:6379"),
                         );
                     }
+                    ThrottleBackend::Redis { url: url.clone() }
                 }
-                other => problems.add(
-                    &s.path,
-                    "throttle.backend",
-                    format!("`{other}` is not local or redis"),
-                ),
-            }
+                ("redis", None) => {
+                    problems.add(
+                        &s.path,
+                        "throttle.url",
+                        "required with backend = \"redis\" (e.g. redis://127.0.0.1:6379)",
+                    );
+                    ThrottleBackend::Local
+                }
+                (other, _) => {
+                    problems.add(
+                        &s.path,
+                        "throttle.backend",
+                        format!("`{other}` is not local or redis"),
+                    );
+                    ThrottleBackend::Local
+                }
+            };
             let on_backend_error = match t.on_backend_error.as_deref().unwrap_or("local") {
                 "local" => OnBackendError::Local,
                 "deny" => OnBackendError::Deny,
@@ -655,8 +690,7 @@ fn build(main: &Path, sources: Vec<Source>, problems: &mut Problems) -> Option<C
                 problems.add(&s.path, "throttle.replicas", "must be at least 1");
             }
             ThrottleConfig {
-                backend: t.backend.clone(),
-                url: t.url.clone(),
+                backend,
                 on_backend_error,
                 replicas: replicas.max(1),
             }
@@ -1090,7 +1124,21 @@ const ALLOWED_ALGORITHMS: &[&str] = &[
 
 fn build_oauth(s: &Source, o: &RawOAuth, problems: &mut Problems) -> Option<OAuth> {
     let jwks = match (&o.jwks_url, &o.jwks_file) {
-        (Some(u), None) => JwksSource::Url(u.clone()),
+        (Some(u), None) => match u.parse::<http::Uri>() {
+            Ok(uri)
+                if matches!(uri.scheme_str(), Some("https" | "http")) && uri.host().is_some() =>
+            {
+                JwksSource::Url(uri)
+            }
+            _ => {
+                problems.add(
+                    &s.path,
+                    "oauth.jwks_url",
+                    format!("`{u}` is not an absolute https:// URL"),
+                );
+                return None;
+            }
+        },
         (None, Some(f)) => {
             let path = s.dir.join(f);
             if let Err(e) = std::fs::metadata(&path) {
@@ -1111,7 +1159,7 @@ fn build_oauth(s: &Source, o: &RawOAuth, problems: &mut Problems) -> Option<OAut
             return None;
         }
     };
-    let algorithms = o.algorithms.clone().unwrap_or_else(|| {
+    let names = o.algorithms.clone().unwrap_or_else(|| {
         vec![
             "RS256".into(),
             "ES256".into(),
@@ -1119,16 +1167,18 @@ fn build_oauth(s: &Source, o: &RawOAuth, problems: &mut Problems) -> Option<OAut
             "EdDSA".into(),
         ]
     });
-    for (i, alg) in algorithms.iter().enumerate() {
-        if !ALLOWED_ALGORITHMS.contains(&alg.as_str()) {
-            problems.add(
+    let mut algorithms = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        match name.parse::<jsonwebtoken::Algorithm>() {
+            Ok(alg) if ALLOWED_ALGORITHMS.contains(&name.as_str()) => algorithms.push(alg),
+            _ => problems.add(
                 &s.path,
                 format!("oauth.algorithms[{i}]"),
                 format!(
-                    "`{alg}` is not allowed; use asymmetric algorithms only ({})",
+                    "`{name}` is not allowed; use asymmetric algorithms only ({})",
                     ALLOWED_ALGORITHMS.join(", ")
                 ),
-            );
+            ),
         }
     }
     let leeway = duration_or(

@@ -373,7 +373,10 @@ fn the_contract_example_loads_with_every_section_and_paths_relative_to_its_file(
     assert_eq!(oauth.issuer, "https://idp.example/");
     assert!(matches!(&oauth.jwks, JwksSource::Url(u) if u == "https://idp.example/jwks"));
     assert_eq!(oauth.audience, "fsp");
-    assert_eq!(oauth.algorithms, ["RS256", "ES256", "PS256", "EdDSA"]);
+    {
+        use jsonwebtoken::Algorithm::*;
+        assert_eq!(oauth.algorithms, [RS256, ES256, PS256, EdDSA]);
+    }
     assert_eq!(oauth.client_id_claim, "client_id");
     assert!(!oauth.require_certificate_binding);
 
@@ -381,7 +384,7 @@ fn the_contract_example_loads_with_every_section_and_paths_relative_to_its_file(
     assert_eq!(dir, &fx.dir.join("data/audit"));
     assert!(config.audit.fail_closed);
     assert_eq!(config.audit.retention_days, 3653);
-    assert_eq!(config.throttle.backend, "local");
+    assert_eq!(config.throttle.backend, ThrottleBackend::Local);
     assert_eq!(config.throttle.on_backend_error, OnBackendError::Local);
 
     assert_eq!(config.providers.len(), 1);
@@ -516,7 +519,7 @@ client_ca   = "pki/consumers-ca.pem"
         config.audit.fail_closed,
         "fail closed unless told otherwise"
     );
-    assert_eq!(config.throttle.backend, "local");
+    assert_eq!(config.throttle.backend, ThrottleBackend::Local);
     assert!(config.providers.is_empty());
     assert_eq!(config.catalogue.services().count(), 0);
     assert!(config.listener.tls_files.crls.is_empty());
@@ -2023,4 +2026,47 @@ fn an_include_naming_a_directory_is_blamed_on_the_include_entry() {
     let f = Fixture::new();
     let problems = f.problems("include = [\"\"]\nenvironment = \"INT\"\n");
     expect(&problems, "fsp.toml", "include[0]", &["cannot read"]);
+}
+
+#[test]
+fn backends_and_token_settings_are_parsed_when_loaded() {
+    let f = Fixture::new();
+    let problems = f.problems_after(
+        "jwks_url    = \"https://idp.example/jwks\"",
+        "jwks_url    = \"idp.example/jwks\"",
+    );
+    expect_only(
+        &problems,
+        "fsp.toml",
+        "oauth.jwks_url",
+        &["not an absolute https:// URL"],
+    );
+    let problems = f.problems_after(
+        "backend     = \"local\"\non_backend_error",
+        "backend     = \"local\"\nurl = \"redis://127.0.0.1:6379\"\non_backend_error",
+    );
+    expect_only(
+        &problems,
+        "fsp.toml",
+        "throttle.url",
+        &["only used by the redis backend"],
+    );
+    let problems = f.problems_after(
+        "backend     = \"local\"\non_backend_error",
+        "backend     = \"redis\"\nurl = \"http://127.0.0.1:6379\"\non_backend_error",
+    );
+    expect_only(&problems, "fsp.toml", "throttle.url", &["not a Redis URL"]);
+    let c = f
+        .load_single(&edit(
+            &f.single_file(),
+            "backend     = \"local\"\non_backend_error",
+            "backend     = \"redis\"\nurl = \"redis://127.0.0.1:6379\"\non_backend_error",
+        ))
+        .unwrap();
+    assert_eq!(
+        c.throttle.backend,
+        ThrottleBackend::Redis {
+            url: "redis://127.0.0.1:6379".into()
+        }
+    );
 }
