@@ -21,6 +21,13 @@ ROUNDS=${ROUNDS:-3}                   # repeat the set; medians are reported
 # (Three interleaved rounds by default: on a small VM the machine itself drifts by
 # 10 % or more within a minute, and one round per target compares two moments.)
 SKIP_FSP=${SKIP_FSP:-0}
+# INSTRUCTIONS=1: instead of the throughput run, count fsp's instructions per call with
+# callgrind (repeatable where timings are not): WARMUP_CALLS calls, counters zeroed, then
+# CALLS calls at concurrency 8, and the total divided by CALLS (TLS handshakes of oha's
+# 8 connections included, about 2 k per call at 10 000 calls).
+INSTRUCTIONS=${INSTRUCTIONS:-0}
+CALLS=${CALLS:-10000}
+WARMUP_CALLS=${WARMUP_CALLS:-1000}
 KEEP_TMP=${KEEP_TMP:-0}
 UPSTREAM_HTTP_PORT=${UPSTREAM_HTTP_PORT:-18080}
 UPSTREAM_TLS_PORT=${UPSTREAM_TLS_PORT:-18081}
@@ -291,9 +298,11 @@ EOF
 
 CURL_TLS=(-4 --http1.1 --silent --show-error --max-time 5 --cacert "$PKI/ca.pem" --cert "$PKI/client.pem" --key "$PKI/client.key")
 
+READY_TRIES=75
+[[ $INSTRUCTIONS == 1 ]] && READY_TRIES=600   # valgrind starts slowly
 wait_ready() {  # wait_ready NAME PID URL LOGFILE: until URL answers any HTTP status (max ~15 s)
     local name=$1 pid=$2 url=$3 logf=$4 code i
-    for ((i = 0; i < 75; i++)); do
+    for ((i = 0; i < READY_TRIES; i++)); do
         if ! kill -0 "$pid" 2>/dev/null; then
             log "$name exited during start-up; last log lines:"
             tail -n 30 "$logf" >&2 || true
@@ -387,7 +396,12 @@ EOF
     FSP_VERSION=$({ "$FSP_BIN" --version 2>/dev/null || true; } | head -n 1)
     FSP_VERSION=${FSP_VERSION:-"fsp (version unknown)"}
     log "starting $FSP_VERSION (mTLS :$FSP_PORT, admin :$FSP_ADMIN_PORT, FSP_LOG=$FSP_LOG)"
-    "$FSP_BIN" serve --config "$FSP_DIR/fsp.toml" >"$FSP_DIR/fsp.log" 2>&1 &
+    FSP_WRAP=()
+    if [[ $INSTRUCTIONS == 1 ]]; then
+        command -v valgrind >/dev/null 2>&1 || { log "installing valgrind"; apt-get update && apt-get install -y valgrind; }
+        FSP_WRAP=(valgrind --tool=callgrind "--callgrind-out-file=$FSP_DIR/callgrind.out.%p")
+    fi
+    "${FSP_WRAP[@]}" "$FSP_BIN" serve --config "$FSP_DIR/fsp.toml" >"$FSP_DIR/fsp.log" 2>&1 &
     PIDS+=("$!")
     FSP_PID=$!
     wait_ready fsp "${PIDS[-1]}" "https://localhost:$FSP_PORT/" "$FSP_DIR/fsp.log"
@@ -461,6 +475,25 @@ mkdir -p "$RESULTS_DIR/raw"
 
 OHA_COMMON=(--no-tui --http-version 1.1 --ipv4 -c "$CONCURRENCY" -w -t 10s
             --cacert "$PKI/ca.pem" --cert "$PKI/client.pem" --key "$PKI/client.key" -H "$HEADER")
+
+if [[ $INSTRUCTIONS == 1 ]]; then
+    [[ $SKIP_FSP != 1 ]] || die "INSTRUCTIONS=1 measures fsp: do not set SKIP_FSP"
+    OHA_COUNT=(--no-tui --http-version 1.1 --ipv4 -c 8 -t 30s --output-format quiet
+               --cacert "$PKI/ca.pem" --cert "$PKI/client.pem" --key "$PKI/client.key" -H "$HEADER")
+    log "instructions: $WARMUP_CALLS warm-up calls, then $CALLS counted calls (callgrind)"
+    run_child oha "${OHA_COUNT[@]}" -n "$WARMUP_CALLS" "${URL[fsp]}" >/dev/null 2>&1 || die "oha warm-up failed"
+    callgrind_control -z "$FSP_PID" >/dev/null || die "callgrind_control -z failed"
+    run_child oha "${OHA_COUNT[@]}" -n "$CALLS" "${URL[fsp]}" >/dev/null 2>&1 || die "oha failed"
+    callgrind_control -d "$FSP_PID" >/dev/null || die "callgrind_control -d failed"
+    sleep 1
+    dump=$(ls -t "$FSP_DIR"/callgrind.out.* 2>/dev/null | head -n 1)
+    [[ -n $dump ]] || die "no callgrind dump in $FSP_DIR"
+    total=$(awk '/^(summary|totals):/ {print $2; exit}' "$dump")
+    [[ -n $total ]] || die "no instruction total in $dump"
+    printf 'fsp %s: %d instructions per call (%s instructions over %d calls, %s)\n' \
+        "$FSP_VERSION" $((total / CALLS)) "$total" "$CALLS" "$(git -C "$REPO_ROOT" describe --always --dirty 2>/dev/null || echo unknown)"
+    exit 0
+fi
 
 busy=$(pgrep -c -x 'rustc|cargo|cc1|cc1plus|ld|lld|mold' 2>/dev/null || true)
 if (( busy > 0 )); then

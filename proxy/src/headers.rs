@@ -160,7 +160,8 @@ const HTTPS: HeaderValue = HeaderValue::from_static("https");
 /// the field the gateway sets, or merged with it. Like nginx (`underscores_in_headers
 /// off`), every such field is dropped: no standard field has an underscore.
 fn is_look_alike(name: &HeaderName) -> bool {
-    name.as_str().as_bytes().contains(&b'_')
+    // A plain loop: names are short, and a call to memchr costs more than the scan.
+    name.as_str().bytes().any(|b| b == b'_')
 }
 
 /// Fields through which a client claims another client address, certificate, user,
@@ -168,56 +169,61 @@ fn is_look_alike(name: &HeaderName) -> bool {
 /// gateway speaks for the connection.
 fn is_forwarding(name: &HeaderName) -> bool {
     let n = name.as_str();
-    n.starts_with("x-forwarded")
-        || n.starts_with("x-envoy-")
-        || n.starts_with("x-appengine-")
-        || n.starts_with("x-ssl-")
-        || n.starts_with("ssl-client")
-        || n.starts_with("x-client-cert")
-        || n.starts_with("x-client-dn")
-        || n.starts_with("x-client-verify")
-        || matches!(
+    // By first letter: most fields (accept, content-type, user-agent...) are ruled out
+    // after one or two comparisons, on every call.
+    match n.as_bytes().first() {
+        Some(b'x') => {
+            n.starts_with("x-forwarded")
+                || n.starts_with("x-envoy-")
+                || n.starts_with("x-appengine-")
+                || n.starts_with("x-ssl-")
+                || n.starts_with("x-client-cert")
+                || n.starts_with("x-client-dn")
+                || n.starts_with("x-client-verify")
+                || matches!(
+                    n,
+                    "x-real-ip"
+                        | "x-client-ip"
+                        | "x-cluster-client-ip"
+                        | "x-originating-ip"
+                        | "x-remote-ip"
+                        | "x-remote-addr"
+                        | "x-host"
+                        | "x-original-host"
+                        | "x-original-url"
+                        | "x-rewrite-url"
+                        | "x-arr-clientcert"
+                        | "x-arr-ssl"
+                        | "x-original-uri"
+                        | "x-proxyuser-ip"
+                        | "x-original-remote-addr"
+                        | "x-client-addr"
+                        | "x-azure-clientip"
+                        | "x-real-host"
+                        | "x-scheme"
+                        | "x-url-scheme"
+                        | "x-remote-user"
+                        | "x-authenticated-user"
+                        // A method other than the one the gateway authorised and recorded.
+                        | "x-http-method-override"
+                        | "x-http-method"
+                        | "x-method-override"
+                        | "x-original-forwarded-for"
+                )
+        }
+        Some(b'f') => matches!(
             n,
-            "forwarded"
-                | "via"
-                // httpoxy: CGI providers read `Proxy` as HTTP_PROXY.
-                | "proxy"
-                | "x-arr-clientcert"
-                | "x-arr-ssl"
-                | "x-original-uri"
-                | "x-proxyuser-ip"
-                | "x-original-remote-addr"
-                | "x-client-addr"
-                | "x-azure-clientip"
-                | "fly-client-ip"
-                | "cf-connecting-ipv6"
-                | "x-real-host"
-                | "x-scheme"
-                | "x-url-scheme"
-                | "front-end-https"
-                | "x-remote-user"
-                | "remote-user"
-                | "x-authenticated-user"
-                // A method other than the one the gateway authorised and recorded.
-                | "x-http-method-override"
-                | "x-http-method"
-                | "x-method-override"
-                | "x-real-ip"
-                | "true-client-ip"
-                | "x-client-ip"
-                | "x-cluster-client-ip"
-                | "client-ip"
-                | "cf-connecting-ip"
-                | "fastly-client-ip"
-                | "x-original-forwarded-for"
-                | "x-originating-ip"
-                | "x-remote-ip"
-                | "x-remote-addr"
-                | "x-host"
-                | "x-original-host"
-                | "x-original-url"
-                | "x-rewrite-url"
-        )
+            "forwarded" | "front-end-https" | "fly-client-ip" | "fastly-client-ip"
+        ),
+        Some(b'c') => matches!(n, "client-ip" | "cf-connecting-ip" | "cf-connecting-ipv6"),
+        Some(b's') => n.starts_with("ssl-client"),
+        Some(b't') => n == "true-client-ip",
+        Some(b'r') => n == "remote-user",
+        Some(b'v') => n == "via",
+        // httpoxy: CGI providers read `Proxy` as HTTP_PROXY.
+        Some(b'p') => n == "proxy",
+        _ => false,
+    }
 }
 
 /// The first value of a header as text, if it is valid visible ASCII.
