@@ -78,24 +78,9 @@ impl ConnCap {
     /// Takes one of the consumer's share of slots, if it has one left (no waiting: a
     /// consumer over its share is throttled).
     pub fn try_take_share(&self, consumer: usize) -> bool {
-        let Some(held) = self.held.get(consumer) else {
-            return true;
-        };
-        let mut current = held.load(Ordering::Relaxed);
-        loop {
-            if current >= self.per_consumer {
-                return false;
-            }
-            match held.compare_exchange_weak(
-                current,
-                current + 1,
-                Ordering::Acquire,
-                Ordering::Relaxed,
-            ) {
-                Ok(_) => return true,
-                Err(now) => current = now,
-            }
-        }
+        self.held
+            .get(consumer)
+            .is_none_or(|held| take_below(held, self.per_consumer))
     }
 
     pub fn give_share(&self, consumer: usize) {
@@ -114,21 +99,7 @@ impl ConnCap {
 
     /// Takes a slot if one is free.
     pub fn try_take(&self) -> bool {
-        let mut current = self.in_use.load(Ordering::Relaxed);
-        loop {
-            if current >= self.max {
-                return false;
-            }
-            match self.in_use.compare_exchange_weak(
-                current,
-                current + 1,
-                Ordering::Acquire,
-                Ordering::Relaxed,
-            ) {
-                Ok(_) => return true,
-                Err(now) => current = now,
-            }
-        }
+        take_below(&self.in_use, self.max)
     }
 
     /// Takes a slot, waiting at most `wait` for one to free up.
@@ -159,6 +130,25 @@ impl ConnCap {
         self.in_use.fetch_sub(1, Ordering::Release);
         if self.waiting.load(Ordering::SeqCst) > 0 {
             self.freed.notify_one();
+        }
+    }
+}
+
+/// Adds one to `counter` unless it has reached `max`.
+fn take_below(counter: &AtomicUsize, max: usize) -> bool {
+    let mut current = counter.load(Ordering::Relaxed);
+    loop {
+        if current >= max {
+            return false;
+        }
+        match counter.compare_exchange_weak(
+            current,
+            current + 1,
+            Ordering::Acquire,
+            Ordering::Relaxed,
+        ) {
+            Ok(_) => return true,
+            Err(now) => current = now,
         }
     }
 }

@@ -270,19 +270,19 @@ fn read_with_includes(
     seen: &mut HashSet<PathBuf>,
     problems: &mut Problems,
 ) {
+    // A file that cannot be read is blamed on the `include` entry that named it, when one
+    // did (an empty or wrong entry can name a directory or nothing).
+    let unreadable = |e: std::io::Error, problems: &mut Problems| match from {
+        Some((parent, i)) => problems.add(
+            parent,
+            format!("include[{i}]"),
+            format!("cannot read {}: {e}", path.display()),
+        ),
+        None => problems.add(path, "", format!("cannot read file: {e}")),
+    };
     let canonical = match std::fs::canonicalize(path) {
         Ok(p) => p,
-        Err(e) => {
-            match from {
-                Some((parent, i)) => problems.add(
-                    parent,
-                    format!("include[{i}]"),
-                    format!("cannot read {}: {e}", path.display()),
-                ),
-                None => problems.add(path, "", format!("cannot read file: {e}")),
-            }
-            return;
-        }
+        Err(e) => return unreadable(e, problems),
     };
     if !seen.insert(canonical.clone()) {
         let (file, key) = match from {
@@ -301,19 +301,7 @@ fn read_with_includes(
     }
     let text = match std::fs::read_to_string(&canonical) {
         Ok(t) => t,
-        Err(e) => {
-            // Blamed on the `include` entry that named it, when one did (an empty or
-            // wrong entry can name a directory).
-            match from {
-                Some((parent, i)) => problems.add(
-                    parent,
-                    format!("include[{i}]"),
-                    format!("cannot read {}: {e}", path.display()),
-                ),
-                None => problems.add(path, "", format!("cannot read file: {e}")),
-            }
-            return;
-        }
+        Err(e) => return unreadable(e, problems),
     };
     let raw = match parse_toml(&text) {
         Ok(r) => r,
