@@ -752,13 +752,26 @@ async fn one_consumers_slow_uploads_leave_the_other_consumers_room() {
         tokio::time::sleep(Duration::from_millis(100)).await;
         drips.push(tls);
     }
-    for tls in &mut drips {
-        if let Ok((status, body)) =
-            tokio::time::timeout(Duration::from_millis(300), read_response(tls)).await
-        {
+    // Read all four at once: the two throttled ones answer at once, the two holding the
+    // share keep waiting for their bodies (a 10 s read timeout).
+    let reads: Vec<_> = drips
+        .into_iter()
+        .map(|mut tls| {
+            tokio::spawn(async move {
+                let answer =
+                    tokio::time::timeout(Duration::from_secs(3), read_response(&mut tls)).await;
+                (answer.ok(), tls)
+            })
+        })
+        .collect();
+    let mut held = Vec::new();
+    for read in reads {
+        let (answer, tls) = read.await.unwrap();
+        if let Some((status, body)) = answer {
             assert!(body.contains("FSP-THROTTLED"), "{body}");
             statuses.push(status);
         }
+        held.push(tls);
     }
     assert_eq!(
         statuses,
