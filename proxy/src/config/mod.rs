@@ -556,134 +556,9 @@ fn build(main: &Path, sources: Vec<Source>, problems: &mut Problems) -> Option<C
     let oauth = single(&sources, "oauth", |r| r.oauth.as_ref(), problems)
         .and_then(|(s, o)| build_oauth(s, o, problems));
 
-    // ---- audit ----
-    let audit = match single(&sources, "audit", |r| r.audit.as_ref(), problems) {
-        None => AuditConfig {
-            backend: AuditBackend::File {
-                dir: sources
-                    .first()
-                    .map_or_else(PathBuf::new, |s| s.dir.join("audit")),
-            },
-            fail_closed: true,
-            retention_days: 3653,
-        },
-        Some((s, a)) => {
-            let backend = match a.backend.as_str() {
-                "file" => AuditBackend::File {
-                    dir: s.dir.join(a.dir.as_deref().unwrap_or("audit")),
-                },
-                "postgres" => {
-                    problems.add(&s.path, "audit.backend", "the postgres audit backend is not available in this version yet; use \"file\"");
-                    AuditBackend::File {
-                        dir: s.dir.join("audit"),
-                    }
-                }
-                other => {
-                    problems.add(
-                        &s.path,
-                        "audit.backend",
-                        format!("`{other}` is not file or postgres"),
-                    );
-                    AuditBackend::File {
-                        dir: s.dir.join("audit"),
-                    }
-                }
-            };
-            if a.url.is_some() && a.backend == "file" {
-                problems.add(
-                    &s.path,
-                    "audit.url",
-                    "only used by the postgres backend; remove it or set backend = \"postgres\"",
-                );
-            }
-            let retention_days = a.retention_days.unwrap_or(3653);
-            if retention_days < 1 {
-                problems.add(&s.path, "audit.retention_days", "must be at least 1");
-            }
-            AuditConfig {
-                backend,
-                fail_closed: a.fail_closed.unwrap_or(true),
-                retention_days,
-            }
-        }
-    };
-
-    // ---- throttle ----
-    let throttle = match single(&sources, "throttle", |r| r.throttle.as_ref(), problems) {
-        None => ThrottleConfig {
-            backend: ThrottleBackend::Local,
-            on_backend_error: OnBackendError::Local,
-            replicas: 1,
-        },
-        Some((s, t)) => {
-            let backend = match (t.backend.as_str(), &t.url) {
-                ("local", None) => ThrottleBackend::Local,
-                ("local", Some(_)) => {
-                    problems.add(
-                        &s.path,
-                        "throttle.url",
-                        "only used by the redis backend: remove it or set backend = \"redis\"",
-                    );
-                    ThrottleBackend::Local
-                }
-                ("redis", Some(url)) => {
-                    let scheme = url.split_once("://").map(|(s, _)| s);
-                    let host = url
-                        .parse::<http::Uri>()
-                        .ok()
-                        .and_then(|u| u.host().map(str::to_owned));
-                    if !matches!(scheme, Some("redis" | "rediss" | "unix"))
-                        || (scheme != Some("unix") && host.is_none())
-                    {
-                        problems.add(
-                            &s.path,
-                            "throttle.url",
-                            format!("`{url}` is not a Redis URL such as redis://127.0.0.1:6379"),
-                        );
-                    }
-                    ThrottleBackend::Redis { url: url.clone() }
-                }
-                ("redis", None) => {
-                    problems.add(
-                        &s.path,
-                        "throttle.url",
-                        "required with backend = \"redis\" (e.g. redis://127.0.0.1:6379)",
-                    );
-                    ThrottleBackend::Local
-                }
-                (other, _) => {
-                    problems.add(
-                        &s.path,
-                        "throttle.backend",
-                        format!("`{other}` is not local or redis"),
-                    );
-                    ThrottleBackend::Local
-                }
-            };
-            let on_backend_error = match t.on_backend_error.as_deref().unwrap_or("local") {
-                "local" => OnBackendError::Local,
-                "deny" => OnBackendError::Deny,
-                "allow" => OnBackendError::Allow,
-                other => {
-                    problems.add(
-                        &s.path,
-                        "throttle.on_backend_error",
-                        format!("`{other}` is not local, deny or allow"),
-                    );
-                    OnBackendError::Local
-                }
-            };
-            let replicas = t.replicas.unwrap_or(1);
-            if replicas == 0 {
-                problems.add(&s.path, "throttle.replicas", "must be at least 1");
-            }
-            ThrottleConfig {
-                backend,
-                on_backend_error,
-                replicas: replicas.max(1),
-            }
-        }
-    };
+    // ---- audit, throttle ----
+    let audit = build_audit(&sources, problems);
+    let throttle = build_throttle(&sources, problems);
 
     // References are checked against what is declared, not against what validated, so one
     // broken item does not make everything that refers to it look undeclared too.
@@ -766,11 +641,80 @@ fn build(main: &Path, sources: Vec<Source>, problems: &mut Problems) -> Option<C
         }
     }
 
-    // ---- catalogue ----
+    // ---- catalogue, authorisations ----
+    let (catalogue, xml_limits) = build_catalogue(main, &sources, &declared_providers, problems);
+    let authorisations =
+        build_authorisations(&sources, &declared_consumers, &declared_services, problems);
+
+    Some(Config {
+        source: main.to_owned(),
+        environment,
+        node,
+        listener: listener?,
+        admin,
+        oauth,
+        audit,
+        throttle,
+        providers,
+        catalogue,
+        consumers,
+        authorisations,
+        xml_limits,
+        certificate_files,
+    })
+}
+
+fn build_xml_limits(
+    s: &Source,
+    key: &str,
+    raw: &RawXmlLimits,
+    problems: &mut Problems,
+) -> crate::xml::Limits {
+    let d = crate::xml::Limits::default();
+    let mut count = |v: Option<u32>, k: &str, default: u32| {
+        at_least_one(
+            v,
+            default,
+            &s.path,
+            &format!("{key}.xml_limits.{k}"),
+            problems,
+        )
+    };
+    let max_depth = count(raw.max_depth, "max_depth", d.max_depth);
+    let max_attributes = count(raw.max_attributes, "max_attributes", d.max_attributes);
+    let max_name_length = count(raw.max_name_length, "max_name_length", d.max_name_length);
+    let max_attribute_length = count(
+        raw.max_attribute_length,
+        "max_attribute_length",
+        d.max_attribute_length,
+    );
+    crate::xml::Limits {
+        max_depth,
+        max_attributes,
+        max_name_length,
+        max_attribute_length,
+        max_text_length: at_least_one(
+            raw.max_text_length,
+            d.max_text_length,
+            &s.path,
+            &format!("{key}.xml_limits.max_text_length"),
+            problems,
+        ),
+    }
+}
+
+/// Families, services and versions, each service checked against the lifecycle rules,
+/// and the XML limits of the services that set their own.
+fn build_catalogue(
+    main: &Path,
+    sources: &[Source],
+    declared_providers: &HashSet<&str>,
+    problems: &mut Problems,
+) -> (Catalogue, HashMap<String, crate::xml::Limits>) {
     let mut specs = Vec::new();
     let mut xml_limits = HashMap::new();
     let mut family_ids: HashMap<&str, &Path> = HashMap::new();
-    for s in &sources {
+    for s in sources {
         for (fi, f) in s.raw.family.iter().enumerate() {
             let fkey = format!("family[{fi}]");
             if let Some(first) = family_ids.insert(&f.id, &s.path) {
@@ -829,11 +773,19 @@ fn build(main: &Path, sources: Vec<Source>, problems: &mut Problems) -> Option<C
         }
         Catalogue::default()
     });
+    (catalogue, xml_limits)
+}
 
-    // ---- authorisations ----
+/// Every authorisation, its references resolved against what is declared.
+fn build_authorisations(
+    sources: &[Source],
+    declared_consumers: &HashSet<&str>,
+    declared_services: &HashMap<String, Vec<&str>>,
+    problems: &mut Problems,
+) -> Vec<Authorisation> {
     let mut authorisations: Vec<Authorisation> = Vec::new();
     let mut authorisation_ids: HashSet<&str> = HashSet::new();
-    for s in &sources {
+    for s in sources {
         for (i, a) in s.raw.authorisation.iter().enumerate() {
             let key = format!("authorisation[{i}]");
             if !authorisation_ids.insert(&a.id) {
@@ -843,73 +795,146 @@ fn build(main: &Path, sources: Vec<Source>, problems: &mut Problems) -> Option<C
                     format!("authorisation {} is declared more than once", a.id),
                 );
             }
-            if let Some(a) = build_authorisation(
-                s,
-                &key,
-                a,
-                &declared_consumers,
-                &declared_services,
-                problems,
-            ) {
+            if let Some(a) =
+                build_authorisation(s, &key, a, declared_consumers, declared_services, problems)
+            {
                 authorisations.push(a);
             }
         }
     }
-
-    Some(Config {
-        source: main.to_owned(),
-        environment,
-        node,
-        listener: listener?,
-        admin,
-        oauth,
-        audit,
-        throttle,
-        providers,
-        catalogue,
-        consumers,
-        authorisations,
-        xml_limits,
-        certificate_files,
-    })
+    authorisations
 }
 
-fn build_xml_limits(
-    s: &Source,
-    key: &str,
-    raw: &RawXmlLimits,
-    problems: &mut Problems,
-) -> crate::xml::Limits {
-    let d = crate::xml::Limits::default();
-    let mut count = |v: Option<u32>, k: &str, default: u32| {
-        at_least_one(
-            v,
-            default,
-            &s.path,
-            &format!("{key}.xml_limits.{k}"),
-            problems,
-        )
-    };
-    let max_depth = count(raw.max_depth, "max_depth", d.max_depth);
-    let max_attributes = count(raw.max_attributes, "max_attributes", d.max_attributes);
-    let max_name_length = count(raw.max_name_length, "max_name_length", d.max_name_length);
-    let max_attribute_length = count(
-        raw.max_attribute_length,
-        "max_attribute_length",
-        d.max_attribute_length,
-    );
-    crate::xml::Limits {
-        max_depth,
-        max_attributes,
-        max_name_length,
-        max_attribute_length,
-        max_text_length: at_least_one(
-            raw.max_text_length,
-            d.max_text_length,
-            &s.path,
-            &format!("{key}.xml_limits.max_text_length"),
-            problems,
-        ),
+/// `[audit]`: the file backend (the only one available yet), fail-closed by default.
+fn build_audit(sources: &[Source], problems: &mut Problems) -> AuditConfig {
+    match single(sources, "audit", |r| r.audit.as_ref(), problems) {
+        None => AuditConfig {
+            backend: AuditBackend::File {
+                dir: sources
+                    .first()
+                    .map_or_else(PathBuf::new, |s| s.dir.join("audit")),
+            },
+            fail_closed: true,
+            retention_days: 3653,
+        },
+        Some((s, a)) => {
+            let backend = match a.backend.as_str() {
+                "file" => AuditBackend::File {
+                    dir: s.dir.join(a.dir.as_deref().unwrap_or("audit")),
+                },
+                "postgres" => {
+                    problems.add(&s.path, "audit.backend", "the postgres audit backend is not available in this version yet; use \"file\"");
+                    AuditBackend::File {
+                        dir: s.dir.join("audit"),
+                    }
+                }
+                other => {
+                    problems.add(
+                        &s.path,
+                        "audit.backend",
+                        format!("`{other}` is not file or postgres"),
+                    );
+                    AuditBackend::File {
+                        dir: s.dir.join("audit"),
+                    }
+                }
+            };
+            if a.url.is_some() && a.backend == "file" {
+                problems.add(
+                    &s.path,
+                    "audit.url",
+                    "only used by the postgres backend; remove it or set backend = \"postgres\"",
+                );
+            }
+            let retention_days = a.retention_days.unwrap_or(3653);
+            if retention_days < 1 {
+                problems.add(&s.path, "audit.retention_days", "must be at least 1");
+            }
+            AuditConfig {
+                backend,
+                fail_closed: a.fail_closed.unwrap_or(true),
+                retention_days,
+            }
+        }
+    }
+}
+
+/// `[throttle]`: local, or Redis with a checked URL, and what to do when Redis fails.
+fn build_throttle(sources: &[Source], problems: &mut Problems) -> ThrottleConfig {
+    match single(sources, "throttle", |r| r.throttle.as_ref(), problems) {
+        None => ThrottleConfig {
+            backend: ThrottleBackend::Local,
+            on_backend_error: OnBackendError::Local,
+            replicas: 1,
+        },
+        Some((s, t)) => {
+            let backend = match (t.backend.as_str(), &t.url) {
+                ("local", None) => ThrottleBackend::Local,
+                ("local", Some(_)) => {
+                    problems.add(
+                        &s.path,
+                        "throttle.url",
+                        "only used by the redis backend: remove it or set backend = \"redis\"",
+                    );
+                    ThrottleBackend::Local
+                }
+                ("redis", Some(url)) => {
+                    let scheme = url.split_once("://").map(|(s, _)| s);
+                    let host = url
+                        .parse::<http::Uri>()
+                        .ok()
+                        .and_then(|u| u.host().map(str::to_owned));
+                    if !matches!(scheme, Some("redis" | "rediss" | "unix"))
+                        || (scheme != Some("unix") && host.is_none())
+                    {
+                        problems.add(
+                            &s.path,
+                            "throttle.url",
+                            format!("`{url}` is not a Redis URL such as redis://127.0.0.1:6379"),
+                        );
+                    }
+                    ThrottleBackend::Redis { url: url.clone() }
+                }
+                ("redis", None) => {
+                    problems.add(
+                        &s.path,
+                        "throttle.url",
+                        "required with backend = \"redis\" (e.g. redis://127.0.0.1:6379)",
+                    );
+                    ThrottleBackend::Local
+                }
+                (other, _) => {
+                    problems.add(
+                        &s.path,
+                        "throttle.backend",
+                        format!("`{other}` is not local or redis"),
+                    );
+                    ThrottleBackend::Local
+                }
+            };
+            let on_backend_error = match t.on_backend_error.as_deref().unwrap_or("local") {
+                "local" => OnBackendError::Local,
+                "deny" => OnBackendError::Deny,
+                "allow" => OnBackendError::Allow,
+                other => {
+                    problems.add(
+                        &s.path,
+                        "throttle.on_backend_error",
+                        format!("`{other}` is not local, deny or allow"),
+                    );
+                    OnBackendError::Local
+                }
+            };
+            let replicas = t.replicas.unwrap_or(1);
+            if replicas == 0 {
+                problems.add(&s.path, "throttle.replicas", "must be at least 1");
+            }
+            ThrottleConfig {
+                backend,
+                on_backend_error,
+                replicas: replicas.max(1),
+            }
+        }
     }
 }
 
