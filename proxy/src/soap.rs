@@ -5,7 +5,8 @@
 //! action, and — on the way back — to add `<fsp:MessageID>` and `<fsp:Timestamp>` to the
 //! response's SOAP Header. [`HeaderStamp`] does that while streaming: it holds back only
 //! the bytes up to the Header (or Body) start tag, at most [`STAMP_SCAN_LIMIT`], and
-//! passes the rest through untouched.
+//! passes the rest through untouched. What a request's SOAP Header holds is read by the
+//! XML guard ([`crate::xml`]) while it checks the envelope.
 
 use bytes::{Bytes, BytesMut};
 use http::HeaderMap;
@@ -278,110 +279,6 @@ fn splice(buf: &[u8], start: usize, end: usize, replacement: &str) -> Bytes {
     out.freeze()
 }
 
-/// What the gateway reads from a SOAP request's Header.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct RequestHeader {
-    /// `<fsp:Purpose>` (namespace `urn:be:fgov:fsp:1`).
-    pub purpose: Option<String>,
-    /// WS-Addressing `<wsa:MessageID>`: the consumer's own correlation id.
-    pub message_id: Option<String>,
-}
-
-/// The outcome of scanning the start of a SOAP request.
-#[derive(Debug, PartialEq, Eq)]
-pub enum HeaderScan {
-    /// The Header (or the Body, when there is no Header) has not been reached yet.
-    NeedMore,
-    /// The Header was read; `purpose` and `message_id` are what it holds.
-    Done(RequestHeader),
-    /// Not a well-formed SOAP envelope start.
-    Malformed(String),
-}
-
-const WSA_NS: [&str; 2] = [
-    "http://www.w3.org/2005/08/addressing",
-    "http://schemas.xmlsoap.org/ws/2004/08/addressing",
-];
-
-/// Reads the SOAP Header fields the gateway uses from the first bytes of a request.
-pub fn scan_request_header(buf: &[u8]) -> HeaderScan {
-    use quick_xml::name::ResolveResult;
-    let mut reader = quick_xml::NsReader::from_reader(buf);
-    let mut found = RequestHeader::default();
-    let mut depth = 0usize;
-    let mut in_header = false;
-    // Which field the text being read belongs to.
-    let mut capture: Option<bool> = None; // Some(true): purpose, Some(false): message id
-    loop {
-        let (ns, event) = match reader.read_resolved_event() {
-            Ok((ns, ev)) => (
-                match ns {
-                    ResolveResult::Bound(n) => Some(n.as_ref().to_owned()),
-                    _ => None,
-                },
-                ev.into_owned(),
-            ),
-            // Truncated input reads as an error: wait for more bytes.
-            Err(_) => return HeaderScan::NeedMore,
-        };
-        match event {
-            Event::Eof => return HeaderScan::NeedMore,
-            Event::Start(e) => {
-                depth += 1;
-                let name = e.local_name().as_ref().to_owned();
-                match depth {
-                    1 if name != "Envelope" => {
-                        return HeaderScan::Malformed(format!(
-                            "the body is not a SOAP envelope (root element <{name}>)"
-                        ));
-                    }
-                    2 if name == "Header" => in_header = true,
-                    2 if name == "Body" => return HeaderScan::Done(found),
-                    3 if in_header => {
-                        capture = match ns.as_deref() {
-                            Some(FSP_NS) if name == "Purpose" => Some(true),
-                            Some(n) if WSA_NS.contains(&n) && name == "MessageID" => Some(false),
-                            _ => None,
-                        };
-                    }
-                    _ => {}
-                }
-            }
-            Event::Empty(e) => {
-                let name = e.local_name().as_ref().to_owned();
-                if depth == 0 && name != "Envelope" {
-                    return HeaderScan::Malformed(format!(
-                        "the body is not a SOAP envelope (root element <{name}>)"
-                    ));
-                }
-                if depth == 1 && name == "Body" {
-                    return HeaderScan::Done(found);
-                }
-            }
-            Event::Text(t) if capture.is_some() => {
-                let raw: &str = t.as_ref();
-                let text = quick_xml::escape::unescape(raw)
-                    .map(|c| c.trim().to_owned())
-                    .unwrap_or_else(|_| raw.trim().to_owned());
-                if !text.is_empty() {
-                    match capture {
-                        Some(true) => found.purpose = Some(text),
-                        _ => found.message_id = Some(text),
-                    }
-                }
-            }
-            Event::End(_) => {
-                if depth == 2 && in_header {
-                    return HeaderScan::Done(found);
-                }
-                capture = None;
-                depth = depth.saturating_sub(1);
-            }
-            _ => {}
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -488,44 +385,6 @@ mod tests {
             let mut r = quick_xml::Reader::from_str(&f);
             while !matches!(r.read_event().unwrap(), Event::Eof) {}
         }
-    }
-
-    #[test]
-    fn purpose_and_message_id_are_read_from_the_soap_header() {
-        let doc = r#"<?xml version="1.0"?><s:Envelope xmlns:s="http://schemas.xmlsoap.org/soap/envelope/" xmlns:f="urn:be:fgov:fsp:1"><s:Header><wsa:MessageID xmlns:wsa="http://www.w3.org/2005/08/addressing">urn:uuid:abc</wsa:MessageID><f:Purpose> participation-vote </f:Purpose></s:Header><s:Body><q/></s:Body></s:Envelope>"#;
-        let want = RequestHeader {
-            purpose: Some("participation-vote".into()),
-            message_id: Some("urn:uuid:abc".into()),
-        };
-        assert_eq!(
-            scan_request_header(doc.as_bytes()),
-            HeaderScan::Done(want.clone())
-        );
-        // Found as soon as the Header ends, whatever follows.
-        let cut = doc.find("<s:Body>").unwrap();
-        assert_eq!(
-            scan_request_header(&doc.as_bytes()[..cut]),
-            HeaderScan::Done(want)
-        );
-        assert_eq!(
-            scan_request_header(&doc.as_bytes()[..40]),
-            HeaderScan::NeedMore
-        );
-        // A Purpose element in another namespace is not ours.
-        let other = doc.replace("urn:be:fgov:fsp:1", "urn:other");
-        assert!(matches!(
-            scan_request_header(other.as_bytes()),
-            HeaderScan::Done(RequestHeader { purpose: None, .. })
-        ));
-        let no_header = r#"<s:Envelope xmlns:s="http://www.w3.org/2003/05/soap-envelope"><s:Body/></s:Envelope>"#;
-        assert_eq!(
-            scan_request_header(no_header.as_bytes()),
-            HeaderScan::Done(RequestHeader::default())
-        );
-        assert!(matches!(
-            scan_request_header(b"<html><body/></html>"),
-            HeaderScan::Malformed(_)
-        ));
     }
 
     #[test]

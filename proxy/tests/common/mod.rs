@@ -479,12 +479,8 @@ impl Drop for Gateway {
     }
 }
 
-/// An HTTPS client trusting the test CA, presenting `identity` if given.
-pub fn client(
-    pki: &Pki,
-    identity: Option<&Issued>,
-    http2_only: bool,
-) -> Client<hyper_rustls::HttpsConnector<HttpConnector>, AnyBody> {
+/// A TLS client configuration trusting the test CA, presenting `identity` if given.
+pub fn client_tls(pki: &Pki, identity: Option<&Issued>) -> rustls::ClientConfig {
     let mut roots = rustls::RootCertStore::empty();
     roots
         .add(CertificateDer::from_pem_slice(pki.ca.cert_pem().as_bytes()).unwrap())
@@ -493,7 +489,7 @@ pub fn client(
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_root_certificates(roots);
-    let config = match identity {
+    match identity {
         Some(id) => builder
             .with_client_auth_cert(
                 vec![CertificateDer::from_pem_slice(id.cert_pem.as_bytes()).unwrap()],
@@ -501,7 +497,16 @@ pub fn client(
             )
             .unwrap(),
         None => builder.with_no_client_auth(),
-    };
+    }
+}
+
+/// An HTTPS client trusting the test CA, presenting `identity` if given.
+pub fn client(
+    pki: &Pki,
+    identity: Option<&Issued>,
+    http2_only: bool,
+) -> Client<hyper_rustls::HttpsConnector<HttpConnector>, AnyBody> {
+    let config = client_tls(pki, identity);
     let https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(config)
         .https_only();
@@ -586,23 +591,7 @@ pub async fn tls_connect(
     port: u16,
     alpn: &[u8],
 ) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(CertificateDer::from_pem_slice(pki.ca.cert_pem().as_bytes()).unwrap())
-        .unwrap();
-    let builder = rustls::ClientConfig::builder_with_provider(certs::provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots);
-    let mut config = match identity {
-        Some(id) => builder
-            .with_client_auth_cert(
-                vec![CertificateDer::from_pem_slice(id.cert_pem.as_bytes()).unwrap()],
-                PrivateKeyDer::from_pem_slice(id.key_pem.as_bytes()).unwrap(),
-            )
-            .unwrap(),
-        None => builder.with_no_client_auth(),
-    };
+    let mut config = client_tls(pki, identity);
     config.alpn_protocols = vec![alpn.to_vec()];
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
     let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
