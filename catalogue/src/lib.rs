@@ -376,7 +376,8 @@ impl Route<'_> {
 
 /// Why a path does not lead to a live version.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
+// Not `#[non_exhaustive]`: the gateway maps every variant to a contract code
+// (`proxy::errors::map`), and a new one must be mapped there, not fall into a default.
 pub enum RouteError {
     #[error("no service {family}/{service} is published on this platform")]
     UnknownService { family: String, service: String },

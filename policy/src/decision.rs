@@ -62,7 +62,8 @@ impl Suspensions for NoSuspensions {
 
 /// Why a call is refused.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
+// Not `#[non_exhaustive]`: the gateway maps every variant to a contract code
+// (`proxy::errors::map`), and a new one must be mapped there, not fall into a default.
 pub enum Denial {
     #[error("consumer {consumer} is suspended on this platform")]
     ConsumerSuspended { consumer: String },

@@ -163,7 +163,7 @@ async fn route(gw: &Gateway, peer: SocketAddr, req: Request<Incoming>) -> Respon
         return r;
     };
     let who = format!("token#{}", who + 1);
-    let at = crate::pipeline::rfc3339_millis(time::OffsetDateTime::now_utc());
+    let at = crate::pipeline::stamp::rfc3339_millis(time::OffsetDateTime::now_utc());
     let call = suspension_call(&path).filter(|_| req.method() == Method::POST);
     let response = if let Some((party, id, suspend)) = call {
         suspension(gw, party, id, suspend, &who, &at)

@@ -17,6 +17,8 @@ use http::{Response, StatusCode};
 use crate::headers::{FSP_MESSAGE_ID, FSP_TIMESTAMP};
 use crate::soap::{self, SoapVersion};
 
+pub mod map;
+
 /// The error codes of the contract (section 4).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]

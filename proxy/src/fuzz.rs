@@ -19,8 +19,8 @@ fn step_of(data: &[u8]) -> (usize, &[u8]) {
 /// until close). However the bytes are cut, the outcome is the same.
 pub fn h1_answer(data: &[u8]) {
     let (step, data) = step_of(data);
-    let whole = crate::h1::fuzz_answer(data, usize::MAX, false);
-    let cut = crate::h1::fuzz_answer(data, step, false);
+    let whole = crate::transport::h1::codec::fuzz_answer(data, usize::MAX, false);
+    let cut = crate::transport::h1::codec::fuzz_answer(data, step, false);
     // A head that is refused is refused however it arrives; a body that decodes,
     // decodes the same.
     match (&whole, &cut) {
@@ -33,7 +33,7 @@ pub fn h1_answer(data: &[u8]) {
             "whole {whole:?} / cut {cut:?}"
         ),
     }
-    let _ = crate::h1::fuzz_answer(data, step, true);
+    let _ = crate::transport::h1::codec::fuzz_answer(data, step, true);
 }
 
 /// The SOAP response stamp: it only ever inserts the FSP elements, never drops or

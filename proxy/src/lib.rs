@@ -6,9 +6,10 @@
 //! - [`config`]: the TOML configuration, parsed then validated;
 //! - [`server`]: the TLS listener and connection handling;
 //! - [`pipeline`]: the phases of a request, in order;
-//! - [`forward`]: pooled upstream clients and URL mapping;
-//! - [`body`]: streaming bodies and the audit record's completion;
-//! - [`errors`]: the only place that renders refusals (problem+json, SOAP faults);
+//! - [`transport`]: below the call: request bodies, the HTTP/1.1 client, upstream pools;
+//! - [`response`]: the answer's body and the audit record's completion;
+//! - [`errors`]: the only place that renders refusals (problem+json, SOAP faults), and
+//!   [`errors::map`], the only place that maps failures to contract codes;
 //! - [`oauth`]: bearer tokens verified against the identity provider's keys;
 //! - [`soap`]: SOAP versions, faults and response header stamping;
 //! - [`xml`]: XML threat protection while bodies stream, and the SOAP Header fields;
@@ -20,23 +21,22 @@
 //! - [`run`], [`quickstart`], [`samples`]: starting it all.
 
 pub mod admin;
-pub mod body;
 pub mod config;
 pub mod errors;
-pub mod forward;
 #[doc(hidden)]
 pub mod fuzz;
-pub mod h1;
 pub mod headers;
 pub mod limits;
 pub mod oauth;
 pub mod path;
 pub mod pipeline;
 pub mod quickstart;
+pub mod response;
 pub mod run;
 pub mod samples;
 pub mod server;
 pub mod soap;
 pub mod state;
 pub mod suspend;
+pub mod transport;
 pub mod xml;

@@ -18,7 +18,20 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 
-use crate::config::ConnectionLimits;
+/// Bounds on consumer connections, as configured under `[listener]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// Open connections in total.
+    pub max: usize,
+    /// Whether `max` was set by the operator (a default is lowered to fit the process's
+    /// descriptor limit; a value set explicitly that does not fit stops the start).
+    pub max_explicit: bool,
+    /// Open connections from one source address (an IPv6 /64 counts as one).
+    pub per_ip: usize,
+    /// Connections that presented no client certificate, in total and per address.
+    pub anonymous: usize,
+    pub anonymous_per_ip: usize,
+}
 
 /// Descriptors kept aside for everything that is not a connection (listeners, audit
 /// files, the admin API, Redis, DNS).

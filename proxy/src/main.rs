@@ -176,7 +176,7 @@ fn inventory(config: &std::path::Path, within: i64) -> ExitCode {
                         "{:<34} {:<8} {:<25} {:<64} {}",
                         info.role,
                         days,
-                        proxy::pipeline::rfc3339_millis(info.not_after),
+                        proxy::pipeline::stamp::rfc3339_millis(info.not_after),
                         info.sha256,
                         info.subject
                     );

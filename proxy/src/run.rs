@@ -1,5 +1,7 @@
 //! Starting and stopping a gateway: `fsp serve` and the quickstart share this.
 
+use std::future::Future;
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -34,6 +36,51 @@ pub async fn serve(
     config: Config,
     shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
+    start(config_path, config, shutdown).await?.finished().await
+}
+
+/// A gateway that has bound its listeners and serves: where it listens, and its end.
+pub struct Started {
+    /// The consumer listener's address (its port as bound, when the configuration
+    /// said 0).
+    pub address: SocketAddr,
+    /// The admin listener's address, when there is one.
+    pub admin_address: Option<SocketAddr>,
+    pub gateway: Arc<Gateway>,
+    finished: std::pin::Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>,
+}
+
+impl std::fmt::Debug for Started {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Started")
+            .field("address", &self.address)
+            .field("admin_address", &self.admin_address)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Started {
+    /// Waits until `shutdown` has turned true and the gateway has drained its
+    /// connections and flushed its audit trail.
+    /// (The gateway's last reference must go for its audit trail to be flushed: this
+    /// one is let go first.)
+    pub async fn finished(self) -> anyhow::Result<()> {
+        let Self {
+            finished, gateway, ..
+        } = self;
+        drop(gateway);
+        finished.await
+    }
+}
+
+/// Starts the gateway described by `config`: binds its listeners (a port 0 is given one
+/// by the system, reported in [`Started`]), starts its worker threads and returns once
+/// it is ready. It serves until `shutdown` turns true.
+pub async fn start(
+    config_path: &Path,
+    config: Config,
+    shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<Started> {
     let listener_cfg = &config.listener;
     let timeouts = ListenerTimeouts {
         handshake: listener_cfg.handshake_timeout,
@@ -114,15 +161,19 @@ pub async fn serve(
 
     // One listening socket per worker thread (SO_REUSEPORT: the kernel spreads
     // connections over them), all bound before any traffic is accepted.
-    let listeners = (0..threads)
-        .map(|_| bind_reuseport(consumer_addr))
-        .collect::<std::io::Result<Vec<_>>>()
+    let listeners = bind_workers(consumer_addr, threads)
         .with_context(|| format!("cannot listen on {consumer_addr} (listener.address)"))?;
+    let consumer_addr = listeners
+        .first()
+        .map_or(Ok(consumer_addr), std::net::TcpListener::local_addr)?;
     let mut tasks = tokio::task::JoinSet::new();
+    let mut admin_address = None;
     if let Some(addr) = admin {
         let admin_listener = TcpListener::bind(addr)
             .await
             .with_context(|| format!("cannot listen on {addr} (admin.address)"))?;
+        let addr = admin_listener.local_addr()?;
+        admin_address = Some(addr);
         tracing::info!(address = %addr, "admin API listening");
         tasks.spawn(crate::admin::serve(
             gw.clone(),
@@ -202,27 +253,36 @@ pub async fn serve(
         workers.push(finished);
     }
     gw.ready.store(true, Ordering::Release);
-    for finished in workers {
-        let _ = finished.await;
-    }
-    gw.ready.store(false, Ordering::Release);
-    while tasks.join_next().await.is_some() {}
+    let gateway = gw.clone();
+    let finished = async move {
+        for finished in workers {
+            let _ = finished.await;
+        }
+        gw.ready.store(false, Ordering::Release);
+        while tasks.join_next().await.is_some() {}
 
-    // Every response body has been dropped by now; the last reference to the sink goes
-    // with the gateway, and the writer drains what is queued.
-    drop(gw);
-    tokio::task::spawn_blocking(move || sink_handle.join())
-        .await
-        .context("audit writer panicked")?;
-    tracing::info!("stopped");
-    Ok(())
+        // Every response body has been dropped by now; the last reference to the sink
+        // goes with the gateway, and the writer drains what is queued.
+        drop(gw);
+        tokio::task::spawn_blocking(move || sink_handle.join())
+            .await
+            .context("audit writer panicked")?;
+        tracing::info!("stopped");
+        Ok(())
+    };
+    Ok(Started {
+        address: consumer_addr,
+        admin_address,
+        gateway,
+        finished: Box::pin(finished),
+    })
 }
 
 /// Takes every file descriptor the system allows, and checks that they cover the
 /// connection limits: a gateway that runs out of descriptors cannot even accept the
 /// connection of a legitimate consumer. A default `max_connections` is lowered to fit
 /// (with a warning); one set explicitly that does not fit stops the start.
-fn descriptor_budget(config: &Config) -> anyhow::Result<config::ConnectionLimits> {
+fn descriptor_budget(config: &Config) -> anyhow::Result<crate::limits::ConnectionLimits> {
     use crate::limits::{RESERVED_DESCRIPTORS, descriptors_needed, raise_descriptor_limit};
     let mut limits = config.listener.connections;
     let upstream: usize = config.providers.iter().map(|p| p.max_connections).sum();
@@ -273,6 +333,21 @@ pub fn load_or_report(path: &Path) -> Option<Config> {
             None
         }
     }
+}
+
+/// One listening socket per worker thread on `addr`; when its port is 0, the first
+/// socket's port as the system gave it, for all of them.
+fn bind_workers(
+    addr: std::net::SocketAddr,
+    threads: usize,
+) -> std::io::Result<Vec<std::net::TcpListener>> {
+    let first = bind_reuseport(addr)?;
+    let addr = first.local_addr()?;
+    let mut out = vec![first];
+    for _ in 1..threads {
+        out.push(bind_reuseport(addr)?);
+    }
+    Ok(out)
 }
 
 /// A non-blocking listening socket with SO_REUSEPORT, for one worker thread.

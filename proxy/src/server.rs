@@ -22,7 +22,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
-use crate::pipeline::{self, ConnInfo};
+use crate::pipeline::{self, call::ConnInfo};
 use crate::state::{Gateway, Local};
 
 /// Timeouts of the consumer listener.

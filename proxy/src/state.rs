@@ -18,7 +18,9 @@ use http::{HeaderName, HeaderValue};
 use metrics_exporter_prometheus::PrometheusHandle;
 use policy::{Authorisations, Consumers};
 
-use crate::config::Config;
+use crate::config::{Config, Provider};
+use crate::response::Recorder;
+use crate::transport::pool::{PoolSettings, Upstream};
 
 /// Everything a request needs to be decided and routed.
 #[derive(Debug)]
@@ -106,7 +108,7 @@ pub struct Local {
     pub gw: Arc<Gateway>,
     pub snap: Arc<Snapshot>,
     /// This thread's upstream pools, by provider id.
-    pub upstreams: HashMap<Arc<str>, Arc<crate::forward::Upstream>>,
+    pub upstreams: HashMap<Arc<str>, Arc<Upstream>>,
     /// The `FSP-*` header values of each authorisation, by id, made by this thread
     /// (a header value's buffer is reference counted; these are counted by one core).
     pub grants: HashMap<String, Grant>,
@@ -135,7 +137,7 @@ impl Local {
                 .map(|a| (a.id.clone(), Grant::of(a)))
                 .collect();
             let local = Arc::new(Local {
-                upstreams: crate::forward::upstreams(&snap.providers),
+                upstreams: upstreams(&snap.providers),
                 gw: gw.clone(),
                 snap,
                 grants,
@@ -144,6 +146,47 @@ impl Local {
             local
         })
     }
+}
+
+/// A finished call's record goes to the gateway's audit sink; a record that cannot be
+/// queued is counted and logged (the sink's own health decides whether calls go on).
+impl Recorder for Local {
+    fn record(&self, record: audit::Record) {
+        if let Err(e) = self.gw.audit.submit(record) {
+            metrics::counter!("fsp_audit_records_lost_total").increment(1);
+            tracing::error!(error = %e, "audit record could not be queued");
+        }
+    }
+}
+
+/// Pools for every provider, by provider id, each swept of expired idle connections by
+/// a task on the calling thread's runtime (which ends when the pools are replaced).
+///
+/// Each worker thread makes its own, with its [`Local`] view: a pooled connection is
+/// always driven by the thread that uses it, so a request never wakes another thread. A
+/// reload makes new pools; the old connections close as their last calls end.
+fn upstreams(providers: &[Provider]) -> HashMap<Arc<str>, Arc<Upstream>> {
+    let pools: HashMap<Arc<str>, Arc<Upstream>> = providers
+        .iter()
+        .map(|p| {
+            let settings = PoolSettings {
+                tls: p.tls.clone(),
+                connect_timeout: p.connect_timeout,
+                response_timeout: p.response_timeout,
+                idle_timeout: p.pool_idle_timeout,
+                max_idle: p.pool_max_idle,
+                cap: p.cap.clone(),
+                queue_timeout: p.queue_timeout,
+            };
+            (Arc::from(p.id.as_str()), Arc::new(Upstream::new(settings)))
+        })
+        .collect();
+    if tokio::runtime::Handle::try_current().is_ok() {
+        for upstream in pools.values() {
+            upstream.sweep_idle();
+        }
+    }
+    pools
 }
 
 /// Throttling shared by every replica through Redis.

@@ -24,6 +24,8 @@ pub mod raw;
 
 use raw::*;
 
+use crate::limits::ConnectionLimits;
+
 /// One thing wrong with the configuration.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Problem {
@@ -81,21 +83,6 @@ pub struct Listener {
     /// The longest silence allowed while a request body is being received.
     pub request_body_timeout: Duration,
     pub connections: ConnectionLimits,
-}
-
-/// Bounds on consumer connections (see `crate::limits`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ConnectionLimits {
-    /// Open connections in total.
-    pub max: usize,
-    /// Whether `max` was set by the operator (a default is lowered to fit the process's
-    /// descriptor limit; a value set explicitly that does not fit stops the start).
-    pub max_explicit: bool,
-    /// Open connections from one source address (an IPv6 /64 counts as one).
-    pub per_ip: usize,
-    /// Connections that presented no client certificate, in total and per address.
-    pub anonymous: usize,
-    pub anonymous_per_ip: usize,
 }
 
 /// The admin listener.

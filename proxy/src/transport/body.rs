@@ -1,10 +1,9 @@
-//! Streaming bodies in both directions.
+//! The consumer's request body on its way to a provider.
 //!
-//! Neither body is ever collected in memory: [`RequestBody`] passes the consumer's frames
-//! to the provider as they arrive, counting them and stopping at the size limit;
-//! [`ResponseBody`] passes the provider's frames back (stamping SOAP headers on the way),
-//! counts them, and completes the call's audit record when the last frame is sent — or
-//! when the consumer goes away mid-stream, since the record is completed on drop.
+//! It is never collected in memory: [`RequestBody`] passes the consumer's frames to the
+//! provider as they arrive, counting them, stopping at the size limit, at a stall, or at
+//! the first byte the XML threat protection refuses; [`CallShared`] tells the call which
+//! side broke it. A body left unread by a refused call is drained ([`drain_later`]).
 
 use std::future::Future as _;
 use std::pin::Pin;
@@ -18,9 +17,10 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
-use crate::forward::{BoxError, UpstreamBody};
-use crate::soap::HeaderStamp;
-use crate::state::Local;
+use crate::xml;
+
+/// An error from a body or an exchange, boxed for hyper.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// What the request and response sides of one call share.
 #[derive(Debug)]
@@ -33,7 +33,8 @@ pub struct CallShared {
     /// ([`u64::MAX`] while it is still being read): the provider's time to answer counts
     /// from there, not from the first byte of a slow upload.
     upload_done: AtomicU64,
-    base: Instant,
+    /// On tokio's clock, so that tests can pause time.
+    base: tokio::time::Instant,
 }
 
 impl CallShared {
@@ -42,17 +43,18 @@ impl CallShared {
             request_bytes: AtomicU64::new(0),
             consumer_fault: OnceLock::new(),
             upload_done: AtomicU64::new(u64::MAX),
-            base: Instant::now(),
+            base: tokio::time::Instant::now(),
         }
     }
 
-    fn mark_upload_done(&self) {
+    /// Notes that the request body has been sent whole (the request body does).
+    pub fn mark_upload_done(&self) {
         let ns = u64::try_from(self.base.elapsed().as_nanos()).unwrap_or(u64::MAX - 1);
         self.upload_done.store(ns, Ordering::Relaxed);
     }
 
     /// When the request body was sent whole, if it was.
-    pub fn upload_done_at(&self) -> Option<Instant> {
+    pub fn upload_done_at(&self) -> Option<tokio::time::Instant> {
         match self.upload_done.load(Ordering::Relaxed) {
             u64::MAX => None,
             ns => Some(self.base + Duration::from_nanos(ns)),
@@ -118,7 +120,7 @@ pub enum BodyError {
     #[error("the consumer sent no part of the request body for {0:?}")]
     Stalled(Duration),
     #[error("the XML request was refused: {0}")]
-    Xml(#[source] crate::xml::XmlError),
+    Xml(#[source] xml::XmlError),
 }
 
 /// At most this much of a refused request's remaining body is read and thrown away...
@@ -208,10 +210,10 @@ pub struct RequestBody {
 #[derive(Debug)]
 pub enum XmlCheck {
     /// Every byte through this guard (SOAP, or an XML `Content-Type`).
-    On(Box<crate::xml::Guard>),
+    On(Box<xml::Guard>),
     /// A body that does not say it is XML is still checked if it starts like XML (`<`
     /// or a byte order mark after any white space): many providers sniff their input.
-    Sniff(crate::xml::Limits),
+    Sniff(xml::Limits),
     Off,
 }
 
@@ -348,14 +350,12 @@ impl Body for RequestBody {
 }
 
 impl XmlCheck {
-    fn feed(&mut self, data: &[u8]) -> Result<(), crate::xml::XmlError> {
+    fn feed(&mut self, data: &[u8]) -> Result<(), xml::XmlError> {
         if let XmlCheck::Sniff(limits) = self {
             match data.iter().find(|b| !b.is_ascii_whitespace()) {
                 // Only white space so far: look again at the next piece.
                 None => return Ok(()),
-                Some(b'<' | 0xEF) => {
-                    *self = XmlCheck::On(Box::new(crate::xml::Guard::new(*limits)))
-                }
+                Some(b'<' | 0xEF) => *self = XmlCheck::On(Box::new(xml::Guard::new(*limits))),
                 Some(_) => *self = XmlCheck::Off,
             }
         }
@@ -371,278 +371,6 @@ impl Drop for RequestBody {
         // Not read to its end: the provider answered early, or the body was refused.
         if let Some(inner) = self.inner.take() {
             drain_later(inner);
-        }
-    }
-}
-
-/// Completes a call's audit record exactly once: when the response body ends, or when it
-/// is dropped unfinished (the consumer went away).
-#[derive(Debug)]
-pub struct Finisher {
-    inner: Option<Box<Pending>>,
-}
-
-#[derive(Debug)]
-struct Pending {
-    record: audit::Record,
-    started: Instant,
-    shared: Option<Arc<CallShared>>,
-    /// The thread's view of the gateway, whose audit sink takes the record.
-    local: Arc<Local>,
-}
-
-impl Finisher {
-    pub fn new(
-        record: audit::Record,
-        started: Instant,
-        shared: Option<Arc<CallShared>>,
-        local: Arc<Local>,
-    ) -> Self {
-        Self {
-            inner: Some(Box::new(Pending {
-                record,
-                started,
-                shared,
-                local,
-            })),
-        }
-    }
-
-    /// Says who broke a call whose answer had already begun (its status is sent).
-    fn blame(&mut self, side: crate::errors::Side, detail: String) {
-        if let Some(p) = &mut self.inner
-            && p.record.fault.is_none()
-        {
-            p.record.fault = Some(side.as_str().to_owned());
-            p.record.detail = Some(detail);
-        }
-    }
-
-    fn complete(&mut self, response_bytes: u64, finished: bool) {
-        let Some(p) = self.inner.take() else { return };
-        let Pending {
-            mut record,
-            started,
-            shared,
-            local,
-        } = *p;
-        let elapsed = started.elapsed();
-        record.duration_ms = (elapsed.as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0;
-        record.response_bytes = response_bytes;
-        if let Some(s) = shared {
-            record.request_bytes = s.request_bytes.load(Ordering::Relaxed);
-        }
-        let m = call_metrics();
-        m.duration.record(elapsed.as_secs_f64());
-        m.by_class[status_class(record.status)].increment(1);
-        if !finished {
-            m.aborted.increment(1);
-            tracing::debug!(message_id = %record.message_id, "consumer went away before the response was complete");
-            if record.fault.is_none() {
-                record.fault = Some(crate::errors::Side::Consumer.as_str().to_owned());
-                record.detail = Some(format!(
-                    "the consumer went away after {response_bytes} bytes of the answer"
-                ));
-            }
-        }
-        if let Err(e) = local.gw.audit.submit(record) {
-            metrics::counter!("fsp_audit_records_lost_total").increment(1);
-            tracing::error!(error = %e, "audit record could not be queued");
-        }
-    }
-}
-
-impl Drop for Finisher {
-    fn drop(&mut self) {
-        self.complete(0, false);
-    }
-}
-
-/// Metric handles registered once, so the hot path does no registry lookups.
-struct CallMetrics {
-    duration: metrics::Histogram,
-    by_class: [metrics::Counter; 4],
-    aborted: metrics::Counter,
-}
-
-fn call_metrics() -> &'static CallMetrics {
-    static METRICS: std::sync::OnceLock<CallMetrics> = std::sync::OnceLock::new();
-    METRICS.get_or_init(|| CallMetrics {
-        duration: metrics::histogram!("fsp_request_duration_seconds"),
-        by_class: ["2xx", "3xx", "4xx", "5xx"]
-            .map(|class| metrics::counter!("fsp_requests_total", "status" => class)),
-        aborted: metrics::counter!("fsp_responses_aborted_total"),
-    })
-}
-
-fn status_class(status: u16) -> usize {
-    match status {
-        200..=299 => 0,
-        300..=399 => 1,
-        400..=499 => 2,
-        _ => 3,
-    }
-}
-
-#[derive(Debug)]
-enum Kind {
-    Full(Option<Bytes>),
-    Upstream(UpstreamBody),
-    Stamped {
-        inner: UpstreamBody,
-        stamp: HeaderStamp,
-        trailers: Option<Frame<Bytes>>,
-        ended: bool,
-    },
-}
-
-/// The body sent back to the consumer.
-#[derive(Debug)]
-pub struct ResponseBody {
-    kind: Kind,
-    sent: u64,
-    finisher: Option<Finisher>,
-}
-
-impl ResponseBody {
-    /// A body generated by the gateway (errors, admin answers).
-    pub fn full(bytes: Bytes, finisher: Option<Finisher>) -> Self {
-        Self {
-            kind: Kind::Full(Some(bytes)),
-            sent: 0,
-            finisher,
-        }
-    }
-
-    /// The provider's body, passed through.
-    pub fn upstream(inner: UpstreamBody, finisher: Finisher) -> Self {
-        Self {
-            kind: Kind::Upstream(inner),
-            sent: 0,
-            finisher: Some(finisher),
-        }
-    }
-
-    /// The provider's SOAP body, with the FSP header elements stamped in.
-    pub fn stamped(inner: UpstreamBody, stamp: HeaderStamp, finisher: Finisher) -> Self {
-        Self {
-            kind: Kind::Stamped {
-                inner,
-                stamp,
-                trailers: None,
-                ended: false,
-            },
-            sent: 0,
-            finisher: Some(finisher),
-        }
-    }
-
-    fn done(&mut self) {
-        if let Some(mut f) = self.finisher.take() {
-            f.complete(self.sent, true);
-        }
-    }
-}
-
-impl Drop for ResponseBody {
-    fn drop(&mut self) {
-        if let Some(mut f) = self.finisher.take() {
-            // A gateway-made body that hyper did not need to poll (HEAD, 304) still counts
-            // as delivered; a provider's body cut short does not.
-            let delivered = matches!(self.kind, Kind::Full(_));
-            f.complete(self.sent, delivered);
-        }
-    }
-}
-
-impl Body for ResponseBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = &mut *self;
-        let polled = match &mut this.kind {
-            Kind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-            Kind::Upstream(inner) => Pin::new(inner).poll_frame(cx),
-            Kind::Stamped {
-                inner,
-                stamp,
-                trailers,
-                ended,
-            } => loop {
-                if *ended {
-                    break Poll::Ready(trailers.take().map(Ok));
-                }
-                match Pin::new(&mut *inner).poll_frame(cx) {
-                    Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
-                        Ok(data) => {
-                            if let Some(out) = stamp.push(data) {
-                                break Poll::Ready(Some(Ok(Frame::data(out))));
-                            }
-                        }
-                        Err(frame) => {
-                            *ended = true;
-                            *trailers = Some(frame);
-                            if let Some(held) = stamp.finish() {
-                                break Poll::Ready(Some(Ok(Frame::data(held))));
-                            }
-                        }
-                    },
-                    Poll::Ready(None) => {
-                        *ended = true;
-                        if let Some(held) = stamp.finish() {
-                            break Poll::Ready(Some(Ok(Frame::data(held))));
-                        }
-                    }
-                    other => break other,
-                }
-            },
-        };
-        match &polled {
-            Poll::Ready(Some(Err(e))) => {
-                // The status is already on its way: the record says whose fault the
-                // broken answer is.
-                let sent = this.sent;
-                if let Some(f) = &mut this.finisher {
-                    f.blame(
-                        crate::errors::Side::Provider,
-                        format!("the provider's answer broke off after {sent} bytes: {e}"),
-                    );
-                }
-            }
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(d) = frame.data_ref() {
-                    this.sent += d.len() as u64;
-                }
-                if this.is_end_stream() {
-                    this.done();
-                }
-            }
-            Poll::Ready(None) => this.done(),
-            _ => {}
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match &self.kind {
-            Kind::Full(b) => b.is_none(),
-            Kind::Upstream(inner) => inner.is_end_stream(),
-            Kind::Stamped {
-                ended, trailers, ..
-            } => *ended && trailers.is_none(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match &self.kind {
-            Kind::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
-            Kind::Full(None) => SizeHint::with_exact(0),
-            Kind::Upstream(inner) => inner.size_hint(),
-            Kind::Stamped { .. } => SizeHint::default(),
         }
     }
 }

@@ -1,16 +1,14 @@
-//! Forwarding to providers: a pool of kept-alive upstream connections per provider and
-//! worker thread, and the URL mapping from the gateway's path space to the version's
-//! upstream.
+//! Pools of kept-alive connections to one provider, per worker thread, and the sending
+//! of one request over them.
 //!
 //! A worker thread owns its pools, so a pooled connection is always used by the thread
 //! that made it and a checkout is an uncontended lock and a `Vec::pop`. An HTTP/1.1
-//! connection is spoken by the call's own task ([`crate::h1`]): it is leased to one call
+//! connection is spoken by the call's own task ([`super::h1`]): it is leased to one call
 //! and comes back to the pool when the provider's response body has been read whole
 //! ([`Lease::release`]); a call that ends early (consumer gone, timeout) drops its lease
 //! and with it the connection, which can no longer be reused safely. A provider that
 //! offers HTTP/2 by ALPN gets one multiplexed hyper connection per host and thread.
 
-use foldhash::HashMap;
 use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, Weak};
@@ -27,14 +25,12 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 
-use crate::body::RequestBody;
-use crate::config::Provider;
-use crate::h1;
+use super::body::{BoxError, RequestBody};
+use super::h1::chunked::Framing;
+use super::h1::codec::ExchangeError;
+use super::h1::conn::{self as h1, Conn, Io};
 use crate::headers::Outbound;
 use crate::limits::ConnCap;
-
-/// An error from a body or an exchange, boxed for hyper.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Why a call could not be handed to the provider, or got no answer.
 #[derive(Debug, thiserror::Error)]
@@ -75,11 +71,25 @@ pub enum UpstreamError {
     #[error("the exchange with the provider failed: {0}")]
     Http(#[source] hyper::Error),
     #[error("the exchange with the provider failed: {0}")]
-    Exchange(#[source] h1::ExchangeError),
+    Exchange(#[source] ExchangeError),
     #[error("the provider's connection cap is reached; no call ended within {waited:?}")]
     Busy { waited: Duration },
     #[error("the consumer already has {limit} calls in flight to this provider")]
     ConsumerShare { limit: usize },
+}
+
+/// How a pool reaches its provider.
+#[derive(Debug, Clone)]
+pub struct PoolSettings {
+    pub tls: Arc<rustls::ClientConfig>,
+    pub connect_timeout: Duration,
+    pub response_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_idle: usize,
+    /// Calls in flight to the provider, shared by every pool of it.
+    pub cap: Arc<ConnCap>,
+    /// How long a call waits for a slot of a full cap.
+    pub queue_timeout: Duration,
 }
 
 /// How the gateway reaches one provider, from one worker thread.
@@ -109,12 +119,12 @@ struct HostPool {
 
 #[derive(Debug)]
 struct Idle {
-    conn: h1::Conn,
+    conn: Conn,
     since: Instant,
 }
 
 enum Checkout {
-    H1(h1::Conn),
+    H1(Conn),
     H2(http2::SendRequest<RequestBody>),
 }
 
@@ -125,7 +135,7 @@ pub struct Lease {
     slot: Slot,
     /// Index of its host's pool in [`Upstream::hosts`] (pools are never removed).
     host: usize,
-    conn: Option<h1::Conn>,
+    conn: Option<Conn>,
 }
 
 impl Lease {
@@ -136,7 +146,7 @@ impl Lease {
         }
     }
 
-    fn conn(&mut self) -> Option<&mut h1::Conn> {
+    fn conn(&mut self) -> Option<&mut Conn> {
         self.conn.as_mut()
     }
 }
@@ -172,12 +182,12 @@ pub enum UpstreamBody {
 #[derive(Debug)]
 pub struct H1Body {
     lease: Option<Lease>,
-    framing: h1::Framing,
+    framing: Framing,
     reusable: bool,
 }
 
 impl H1Body {
-    fn new(lease: Lease, framing: h1::Framing, reusable: bool) -> Self {
+    fn new(lease: Lease, framing: Framing, reusable: bool) -> Self {
         let mut body = Self {
             lease: Some(lease),
             framing,
@@ -244,8 +254,8 @@ impl Body for UpstreamBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             UpstreamBody::H1(body) => match body.framing {
-                h1::Framing::Done => SizeHint::with_exact(0),
-                h1::Framing::Length(n) => SizeHint::with_exact(n),
+                Framing::Done => SizeHint::with_exact(0),
+                Framing::Length(n) => SizeHint::with_exact(n),
                 _ => SizeHint::default(),
             },
             UpstreamBody::H2(inner, _) => inner.size_hint(),
@@ -263,21 +273,40 @@ fn idempotent(method: &Method) -> bool {
 }
 
 impl Upstream {
-    /// A pool using the provider's TLS settings (`upstream_ca`, FSP's client
-    /// certificate) and timeouts. HTTP/1.1, or HTTP/2 when a TLS provider offers it.
-    pub fn new(p: &Provider) -> Self {
-        let mut tls = (*p.tls).clone();
+    /// A pool with the provider's TLS settings (its CA, the gateway's client certificate)
+    /// and timeouts. HTTP/1.1, or HTTP/2 when a TLS provider offers it.
+    pub fn new(s: PoolSettings) -> Self {
+        let mut tls = (*s.tls).clone();
         tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Self {
             tls: Arc::new(tls),
-            connect_timeout: p.connect_timeout,
-            response_timeout: p.response_timeout,
-            idle_timeout: p.pool_idle_timeout,
-            max_idle: p.pool_max_idle,
+            connect_timeout: s.connect_timeout,
+            response_timeout: s.response_timeout,
+            idle_timeout: s.idle_timeout,
+            max_idle: s.max_idle,
             hosts: Mutex::new(Vec::new()),
-            cap: p.cap.clone(),
-            queue_timeout: p.queue_timeout,
+            cap: s.cap,
+            queue_timeout: s.queue_timeout,
         }
+    }
+
+    /// Closes expired idle connections every half idle timeout, from a task on the
+    /// calling thread's runtime that ends when the pool is dropped.
+    pub fn sweep_idle(self: &Arc<Self>) {
+        let weak: Weak<Upstream> = Arc::downgrade(self);
+        let every =
+            (self.idle_timeout / 2).clamp(Duration::from_millis(100), Duration::from_secs(30));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                match weak.upgrade() {
+                    Some(u) => u.sweep(),
+                    None => break,
+                }
+            }
+        });
     }
 
     /// Sends a request to `path` on the version's upstream `base` (its scheme and host)
@@ -442,7 +471,7 @@ impl Upstream {
         None
     }
 
-    fn put_back(&self, host: usize, conn: h1::Conn) {
+    fn put_back(&self, host: usize, conn: Conn) {
         let mut hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(pool) = hosts.get_mut(host)
             && pool.idle.len() < self.max_idle
@@ -486,7 +515,7 @@ impl Upstream {
         let work = async {
             let tcp = connect_tcp(https, authority).await?;
             if !https {
-                return Ok(Checkout::H1(h1::Conn::new(h1::Io::Plain(tcp))));
+                return Ok(Checkout::H1(Conn::new(Io::Plain(tcp))));
             }
             let host = authority.host();
             let bare = host.trim_start_matches('[').trim_end_matches(']');
@@ -506,7 +535,7 @@ impl Upstream {
                     source,
                 })?;
             if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
-                return Ok(Checkout::H1(h1::Conn::new(h1::Io::Tls(Box::new(tls)))));
+                return Ok(Checkout::H1(Conn::new(Io::Tls(Box::new(tls)))));
             }
             let (sender, conn) = http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
@@ -581,159 +610,4 @@ fn absolute(https: bool, authority: &Authority, path: &PathAndQuery) -> Uri {
     parts.authority = Some(authority.clone());
     parts.path_and_query = Some(path.clone());
     Uri::from_parts(parts).unwrap_or_default()
-}
-
-/// Pools for every provider, by provider id, each swept of expired idle connections by
-/// a task on the calling thread's runtime (which ends when the pools are replaced).
-///
-/// Each worker thread makes its own, with its [`crate::state::Local`] view: a pooled
-/// connection is always driven by the thread that uses it, so a request never wakes
-/// another thread. A reload makes new pools; the old connections close as their last
-/// calls end.
-pub fn upstreams(providers: &[Provider]) -> HashMap<Arc<str>, Arc<Upstream>> {
-    let pools: HashMap<Arc<str>, Arc<Upstream>> = providers
-        .iter()
-        .map(|p| (Arc::from(p.id.as_str()), Arc::new(Upstream::new(p))))
-        .collect();
-    if tokio::runtime::Handle::try_current().is_ok() {
-        for upstream in pools.values() {
-            let weak: Weak<Upstream> = Arc::downgrade(upstream);
-            let every = (upstream.idle_timeout / 2)
-                .clamp(Duration::from_millis(100), Duration::from_secs(30));
-            tokio::spawn(async move {
-                let mut tick = tokio::time::interval(every);
-                tick.tick().await;
-                loop {
-                    tick.tick().await;
-                    match weak.upgrade() {
-                        Some(u) => u.sweep(),
-                        None => break,
-                    }
-                }
-            });
-        }
-    }
-    pools
-}
-
-/// The gateway path split into its routing parts: `/{family}/{service}/{version}{rest}`.
-#[derive(Debug, PartialEq, Eq)]
-pub struct RoutePath<'a> {
-    pub family: &'a str,
-    pub service: &'a str,
-    pub version: &'a str,
-    /// Empty or starting with `/`.
-    pub rest: &'a str,
-}
-
-/// Splits a request path; `None` when it has fewer than three segments.
-pub fn split_path(path: &str) -> Option<RoutePath<'_>> {
-    let p = path.strip_prefix('/')?;
-    let mut it = p.splitn(3, '/');
-    let family = it.next().filter(|s| !s.is_empty())?;
-    let service = it.next().filter(|s| !s.is_empty())?;
-    let tail = it.next()?;
-    let (version, rest) = match tail.find('/') {
-        Some(i) => (&tail[..i], &tail[i..]),
-        None => (tail, ""),
-    };
-    if version.is_empty() {
-        return None;
-    }
-    Some(RoutePath {
-        family,
-        service,
-        version,
-        rest,
-    })
-}
-
-/// The path and query a call is forwarded to: the version's base path, the rest of the
-/// gateway path, and the query string unchanged.
-pub fn upstream_path(
-    base: &Uri,
-    rest: &str,
-    query: Option<&str>,
-) -> Result<PathAndQuery, http::Error> {
-    let base_path = base.path().trim_end_matches('/');
-    // Exactly the length needed: the buffer becomes the path's own without a copy.
-    let path_len = (base_path.len() + rest.len()).max(1);
-    let mut pq = String::with_capacity(path_len + query.map_or(0, |q| q.len() + 1));
-    pq.push_str(base_path);
-    pq.push_str(rest);
-    if pq.is_empty() {
-        pq.push('/');
-    }
-    if let Some(q) = query {
-        pq.push('?');
-        pq.push_str(q);
-    }
-    Ok(PathAndQuery::try_from(pq)?)
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-    use super::*;
-
-    /// The whole upstream URL of a call, as the provider sees it.
-    fn upstream_uri(base: &Uri, rest: &str, query: Option<&str>) -> Result<Uri, http::Error> {
-        let mut parts = base.clone().into_parts();
-        parts.path_and_query = Some(upstream_path(base, rest, query)?);
-        Ok(Uri::from_parts(parts)?)
-    }
-
-    #[test]
-    fn splits_gateway_paths() {
-        assert_eq!(
-            split_path("/person/getPerson/v3/persons/123"),
-            Some(RoutePath {
-                family: "person",
-                service: "getPerson",
-                version: "v3",
-                rest: "/persons/123"
-            })
-        );
-        assert_eq!(
-            split_path("/person/getPerson/v3"),
-            Some(RoutePath {
-                family: "person",
-                service: "getPerson",
-                version: "v3",
-                rest: ""
-            })
-        );
-        assert_eq!(split_path("/person/getPerson/v3/").unwrap().rest, "/");
-        assert_eq!(split_path("/person/getPerson"), None);
-        assert_eq!(split_path("/person/getPerson/"), None);
-        assert_eq!(split_path("//x/v1"), None);
-        assert_eq!(split_path("/"), None);
-    }
-
-    #[test]
-    fn maps_to_upstream_urls() {
-        let base: Uri = "https://rrn.example/person/v3".parse().unwrap();
-        assert_eq!(
-            upstream_uri(&base, "/persons/1", Some("a=1&b=2")).unwrap(),
-            "https://rrn.example/person/v3/persons/1?a=1&b=2"
-        );
-        assert_eq!(
-            upstream_uri(&base, "", None).unwrap(),
-            "https://rrn.example/person/v3"
-        );
-        let root: Uri = "http://127.0.0.1:8080".parse().unwrap();
-        assert_eq!(
-            upstream_uri(&root, "", None).unwrap().to_string(),
-            "http://127.0.0.1:8080/"
-        );
-        assert_eq!(
-            upstream_uri(&root, "/data", None).unwrap().to_string(),
-            "http://127.0.0.1:8080/data"
-        );
-        let slash: Uri = "http://h/base/".parse().unwrap();
-        assert_eq!(
-            upstream_uri(&slash, "/x", None).unwrap().to_string(),
-            "http://h/base/x"
-        );
-    }
 }

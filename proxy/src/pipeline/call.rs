@@ -1,0 +1,117 @@
+//! The per-call context: what the gateway knows of the connection, and the call's own
+//! state, which owns the audit record every phase adds to.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use catalogue::Protocol;
+use http::HeaderValue;
+use policy::CertificateIdentity;
+
+use super::stamp::Stamp;
+use super::target::Target;
+use crate::errors::ErrorForm;
+use crate::headers::{FSP_END_USER, FSP_PURPOSE, TRACEPARENT, X_REQUEST_ID, text};
+use crate::soap::{self, SoapVersion};
+use crate::transport::body::CallShared;
+
+/// What the gateway knows about a connection once TLS is established.
+#[derive(Debug)]
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    pub certificate: Option<CertificateIdentity>,
+    /// The certificate's SHA-256, hex, computed once per connection.
+    pub certificate_sha256: Option<String>,
+    /// The peer's address as text, for every record of the connection.
+    pub peer_ip: String,
+    /// The same, for `X-Forwarded-For`.
+    pub peer_ip_value: HeaderValue,
+}
+
+impl ConnInfo {
+    pub fn new(peer: SocketAddr, certificate: Option<CertificateIdentity>) -> Self {
+        let certificate_sha256 = certificate.as_ref().map(|c| c.sha256.to_string());
+        let peer_ip = peer.ip().to_string();
+        Self {
+            peer,
+            certificate,
+            certificate_sha256,
+            peer_ip_value: HeaderValue::from_str(&peer_ip)
+                .unwrap_or_else(|_| HeaderValue::from_static("unknown")),
+            peer_ip,
+        }
+    }
+}
+
+/// One call, from its arrival to its record: the phases fill in the record; the respond
+/// phase hands it to the answer's body, which completes it when the answer ends.
+#[derive(Debug)]
+pub struct Call {
+    pub stamp: Stamp,
+    /// The call's audit record, owned here until the answer takes it.
+    pub record: audit::Record,
+    /// How a refusal is written: problem+json, or a SOAP fault of the caller's version.
+    pub form: ErrorForm,
+    /// What the request and response bodies share, once the call is forwarded.
+    pub shared: Option<Arc<CallShared>>,
+}
+
+impl Call {
+    /// Opens a stamped call's record with what the request says of itself.
+    pub fn begin(
+        stamp: Stamp,
+        node: &str,
+        conn: &ConnInfo,
+        parts: &http::request::Parts,
+        target: &Target<'_>,
+    ) -> Self {
+        let soap_version = SoapVersion::of(&parts.headers);
+        let form = match (target.protocol(), soap_version) {
+            (Some(Protocol::Soap), v) => ErrorForm::Soap(v.unwrap_or(SoapVersion::V11)),
+            (None, Some(v)) => ErrorForm::Soap(v),
+            (Some(Protocol::Rest), _) | (None, None) => ErrorForm::Problem,
+        };
+        let headers = &parts.headers;
+        let operation = match target.protocol() {
+            Some(Protocol::Soap) => {
+                soap::action(headers).unwrap_or_else(|| method_and_path(&parts.method, &parts.uri))
+            }
+            Some(Protocol::Rest) | None => method_and_path(&parts.method, &parts.uri),
+        };
+        let path = target.path(parts.uri.path());
+        let record = audit::Record {
+            message_id: stamp.message_id().to_owned(),
+            timestamp: stamp.timestamp().to_owned(),
+            source_ip: conn.peer_ip.clone(),
+            service: path.as_ref().map(|p| [p.family, p.service].join("/")),
+            version: path.as_ref().map(|p| p.version.to_owned()),
+            operation,
+            purpose: text(headers, &FSP_PURPOSE).map(str::to_owned),
+            end_user: text(headers, &FSP_END_USER).map(str::to_owned),
+            consumer_ref: text(headers, &X_REQUEST_ID).map(str::to_owned),
+            trace_id: text(headers, &TRACEPARENT)
+                .and_then(|t| t.split('-').nth(1))
+                .filter(|t| t.len() == 32)
+                .map(str::to_owned),
+            decision: "allowed".into(),
+            node: node.to_owned(),
+            ..Default::default()
+        };
+        Self {
+            stamp,
+            record,
+            form,
+            shared: None,
+        }
+    }
+}
+
+/// `METHOD /path`, the operation of a call without a SOAP action.
+pub fn method_and_path(method: &http::Method, uri: &http::Uri) -> String {
+    let (m, p) = (method.as_str(), uri.path());
+    let mut op = String::with_capacity(m.len() + 1 + p.len());
+    op.push_str(m);
+    op.push(' ');
+    op.push_str(p);
+    op
+}

@@ -1,0 +1,187 @@
+//! Phase 7, forward: the request streamed to the provider over a pooled connection, with
+//! the consumer, purpose and legal basis in `FSP-*` fields, and the provider's answer
+//! awaited within its response timeout. Only a [`Cleared`] call is forwarded.
+
+use std::sync::Arc;
+
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Response};
+
+use super::call::{Call, ConnInfo};
+use super::inspect::Content;
+use super::record::Cleared;
+use crate::errors::{Code, Rejection, map};
+use crate::headers::{FSP_MESSAGE_ID, FSP_TIMESTAMP, Outbound};
+use crate::state::Local;
+use crate::transport::body::{CallShared, RequestBody, Unread};
+use crate::transport::pool::UpstreamBody;
+
+/// The provider's answer, with what the gateway adds to it.
+#[derive(Debug)]
+pub struct Answer {
+    pub response: Response<UpstreamBody>,
+    /// `FSP-Message-Id` and `FSP-Timestamp`, made once and sent both ways.
+    pub fsp: Option<[(HeaderName, HeaderValue); 2]>,
+    /// The version's lifecycle fields (`Deprecation`, `Sunset`, `Link`).
+    pub lifecycle: HeaderMap,
+    /// Whether the service speaks SOAP (its answers are stamped).
+    pub soap: bool,
+}
+
+/// Sends the call and awaits the head of the provider's answer.
+#[allow(clippy::too_many_arguments)]
+pub async fn forward(
+    local: &Local,
+    conn: &ConnInfo,
+    call: &mut Call,
+    cleared: Cleared<'_>,
+    method: Method,
+    headers: HeaderMap,
+    content: Content,
+    body: &mut Unread,
+) -> Result<Answer, Rejection> {
+    let snap = &*local.snap;
+    let (caller, route, grant) = cleared.into_admitted().into_granted().into_parts();
+    let (service, upstream) = (route.service(), route.upstream());
+    let soap = route.protocol() == catalogue::Protocol::Soap;
+    let base = &route.version().upstream;
+    let (path, lifecycle) = route.into_path();
+    let shared = call.shared.insert(Arc::new(CallShared::new())).clone();
+    // Made once, sent twice (to the provider and back to the consumer).
+    let fsp = HeaderValue::from_str(call.stamp.message_id())
+        .ok()
+        .zip(HeaderValue::from_str(call.stamp.timestamp()).ok())
+        .map(|(id, ts)| [(FSP_MESSAGE_ID, id), (FSP_TIMESTAMP, ts)]);
+    // The grant's values are this thread's own, made when the configuration was loaded.
+    let fields = Outbound::new(
+        headers,
+        fsp.as_ref().map_or(&[][..], |f| &f[..]),
+        grant.map_or(&[][..], |g| &g.headers[..]),
+        &conn.peer_ip_value,
+    );
+    let upstream_body = RequestBody::new(
+        content.prefix,
+        body.take(),
+        snap.max_request_bytes,
+        snap.request_body_timeout,
+        content.xml,
+        shared.clone(),
+    );
+    let sent = answer_within(
+        upstream.response_timeout,
+        &shared,
+        upstream.send(
+            base,
+            path,
+            method,
+            fields,
+            upstream_body,
+            &caller.consumer().id,
+        ),
+    )
+    .await;
+    let (provider, service) = (&service.provider, &service.name);
+    match sent {
+        Ok(Ok(response)) => Ok(Answer {
+            response,
+            fsp,
+            lifecycle,
+            soap,
+        }),
+        Ok(Err(e)) => Err(match shared.consumer_fault.get() {
+            Some(fault) => map::consumer_fault(fault),
+            None => map::upstream(provider, service, &e),
+        }),
+        Err(_) => Err(Rejection::new(
+            Code::UpstreamTimeout,
+            format!(
+                "provider {provider} did not answer {service} within {:?}",
+                upstream.response_timeout
+            ),
+        )),
+    }
+}
+
+/// Awaits the provider's answer. The provider's time (`timeout`) counts from when the
+/// request was sent whole: while the consumer is still uploading, its own read timeout
+/// guards the call, and a slow upload is never blamed on the provider.
+async fn answer_within<T>(
+    timeout: std::time::Duration,
+    shared: &CallShared,
+    exchange: impl std::future::Future<Output = T>,
+) -> Result<T, ()> {
+    let mut exchange = std::pin::pin!(exchange);
+    let sleep = tokio::time::sleep(timeout);
+    tokio::pin!(sleep);
+    loop {
+        tokio::select! {
+            biased;
+            done = &mut exchange => return Ok(done),
+            _ = &mut sleep => {
+                let now = tokio::time::Instant::now();
+                let deadline = match shared.upload_done_at() {
+                    Some(at) => at + timeout,
+                    None => now + timeout,
+                };
+                if deadline <= now {
+                    return Err(());
+                }
+                sleep.as_mut().reset(deadline);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    /// The provider's time counts from the end of the upload: a slow upload is never
+    /// the provider's fault, and a provider silent after it is cut off on time. Under
+    /// paused time, so the test sleeps for nothing.
+    #[tokio::test(start_paused = true)]
+    async fn the_providers_time_counts_from_the_end_of_the_upload() {
+        let timeout = Duration::from_secs(10);
+        let start = tokio::time::Instant::now();
+
+        // An answer 25 s after the call began, the upload having ended at 20 s: within.
+        let shared = Arc::new(CallShared::new());
+        let uploader = shared.clone();
+        let exchange = async move {
+            tokio::time::sleep(Duration::from_secs(20)).await;
+            uploader.mark_upload_done();
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            "answer"
+        };
+        assert_eq!(
+            answer_within(timeout, &shared, exchange).await,
+            Ok("answer")
+        );
+        assert_eq!(start.elapsed(), Duration::from_secs(25));
+
+        // Silent after an upload that ended at 3 s: cut off at 13 s.
+        let start = tokio::time::Instant::now();
+        let shared = Arc::new(CallShared::new());
+        let uploader = shared.clone();
+        let exchange = async move {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            uploader.mark_upload_done();
+            std::future::pending::<&str>().await
+        };
+        assert_eq!(answer_within(timeout, &shared, exchange).await, Err(()));
+        assert_eq!(start.elapsed(), Duration::from_secs(13));
+
+        // An upload that never ends leaves the call to the consumer's read timeout (the
+        // request body's own): the provider's timer keeps waiting for the upload's end.
+        let shared = Arc::new(CallShared::new());
+        let exchange = std::future::pending::<&str>();
+        let waited = tokio::time::timeout(
+            Duration::from_secs(3600),
+            answer_within(timeout, &shared, exchange),
+        )
+        .await;
+        assert!(waited.is_err(), "not cut off while the upload goes on");
+    }
+}

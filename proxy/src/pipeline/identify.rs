@@ -1,0 +1,99 @@
+//! Phase 2, identify: who is calling. A bearer token (when OAuth is configured) names the
+//! consumer by its client id; otherwise the client certificate verified in the TLS
+//! handshake does. The answer is a [`Caller`], which only this phase makes.
+
+use http::HeaderMap;
+use http::header;
+use policy::{Consumer, Credential};
+
+use super::call::{Call, ConnInfo};
+use crate::errors::{Code, Rejection, map};
+use crate::state::Local;
+
+/// A consumer the gateway has identified, with the credential it presented.
+#[derive(Debug)]
+pub struct Caller<'s> {
+    consumer: &'s Consumer,
+}
+
+impl<'s> Caller<'s> {
+    pub fn consumer(&self) -> &'s Consumer {
+        self.consumer
+    }
+}
+
+/// Identifies the caller and writes who it is (or the credential it presented, when it
+/// is refused) into the call's record.
+pub async fn identify<'s>(
+    local: &'s Local,
+    conn: &ConnInfo,
+    call: &mut Call,
+    headers: &HeaderMap,
+) -> Result<Caller<'s>, Rejection> {
+    let (found, credential) = find(local, conn, headers).await;
+    let record = &mut call.record;
+    if let Some(c) = &credential {
+        record.credential = Some(c.kind().into());
+        record.credential_id = Some(match c {
+            Credential::Certificate { .. } => conn.certificate_sha256.clone().unwrap_or_default(),
+            Credential::OAuth { client_id } => client_id.clone(),
+        });
+    }
+    let consumer = found?;
+    record.consumer = Some(consumer.id.to_string());
+    Ok(Caller { consumer })
+}
+
+/// The consumer, and the credential that was presented (if any).
+async fn find<'s>(
+    local: &'s Local,
+    conn: &ConnInfo,
+    headers: &HeaderMap,
+) -> (Result<&'s Consumer, Rejection>, Option<Credential>) {
+    let (gw, snap) = (&*local.gw, &*local.snap);
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            let (scheme, token) = v.split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+        });
+    if let (Some(token), Some(verifier)) = (bearer, &gw.oauth) {
+        let sha = conn.certificate.as_ref().map(|c| &c.sha256.0);
+        // Boxed: verification may fetch keys, a large future most calls do not need.
+        return match Box::pin(verifier.verify(token, sha)).await {
+            Ok(t) => {
+                let found = snap
+                    .consumers
+                    .identify_client_id(&t.client_id)
+                    .map_err(|e| Rejection::new(Code::AuthnUnknownIdentity, e.to_string()));
+                let credential = Credential::OAuth {
+                    client_id: t.client_id,
+                };
+                (found, Some(credential))
+            }
+            Err(e) => (Err(map::token(&e)), None),
+        };
+    }
+    match &conn.certificate {
+        Some(cert) => (
+            snap.consumers
+                .identify_certificate(cert)
+                .map_err(|e| Rejection::new(Code::AuthnUnknownIdentity, e.to_string())),
+            Some(Credential::Certificate {
+                sha256: cert.sha256,
+            }),
+        ),
+        None => (
+            Err(Rejection::new(
+                Code::AuthnMissing,
+                if gw.oauth.is_some() {
+                    "no credential: present a client certificate issued by a CA this platform trusts, or an OAuth2 access token (Authorization: Bearer)"
+                } else {
+                    "no credential: present a client certificate issued by a CA this platform trusts"
+                },
+            )),
+            None,
+        ),
+    }
+}

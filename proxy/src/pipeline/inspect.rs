@@ -1,0 +1,256 @@
+//! Phase 2½, inspect: what the request says of itself and could be read differently by
+//! the provider. Fields that must be given once are given once (`Host` first of all, then
+//! `Content-Type`, `FSP-Purpose`, `FSP-End-User`); XML bodies go through the threat
+//! protection; a SOAP request's Header is read (and the purpose, end user and message id
+//! it carries taken into the record) before the authorisation is decided.
+
+use bytes::Bytes;
+use catalogue::Protocol;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::request;
+
+use super::call::Call;
+use super::route::Route;
+use crate::errors::{Code, Rejection, map};
+use crate::headers::{FSP_END_USER, FSP_PURPOSE};
+use crate::soap;
+use crate::state::Snapshot;
+use crate::transport::body::{ConsumerFault, Unread, XmlCheck};
+use crate::xml;
+
+/// The request body's start already read (a SOAP envelope up to its Header) and the XML
+/// check that goes on over the rest.
+#[derive(Debug)]
+pub struct Content {
+    pub prefix: Bytes,
+    pub xml: XmlCheck,
+}
+
+/// RFC 9112 §3.2: an HTTP/1.1 request has exactly one Host (HTTP/1.0 at most one). Two
+/// readings of the target host must not reach a provider; the connection is closed after
+/// the answer, since its framing can no longer be trusted.
+pub fn one_host(parts: &request::Parts, fields: &FieldCounts<'_>) -> Result<(), Rejection> {
+    let hosts = fields.host;
+    let bad = match parts.version {
+        http::Version::HTTP_11 => hosts != 1,
+        v if v < http::Version::HTTP_11 => hosts > 1,
+        _ => false,
+    };
+    if bad {
+        return Err(Rejection::new(
+            Code::RequestMalformed,
+            format!("an HTTP/1.1 request needs exactly one Host field; this one has {hosts}"),
+        )
+        .with_header(header::CONNECTION, HeaderValue::from_static("close")));
+    }
+    Ok(())
+}
+
+/// Checks the fields and the start of the body; for SOAP, reads the Header.
+pub async fn inspect(
+    snap: &Snapshot,
+    call: &mut Call,
+    parts: &request::Parts,
+    fields: &FieldCounts<'_>,
+    route: &Route<'_>,
+    body: &mut Unread,
+) -> Result<Content, Rejection> {
+    let xml_declared = inspect_fields(fields)?;
+    // XML threat protection: every SOAP request, bodies that say they are XML, and bodies
+    // that start like XML whatever they say.
+    let limits = snap.xml_limits(&route.service().name);
+    let soap = route.protocol() == Protocol::Soap;
+    let mut content = Content {
+        prefix: Bytes::new(),
+        xml: if soap {
+            XmlCheck::On(Box::new(xml::Guard::soap(limits, SOAP_HEADER_LIMIT)))
+        } else if xml_declared {
+            XmlCheck::On(Box::new(xml::Guard::new(limits)))
+        } else {
+            XmlCheck::Sniff(limits)
+        },
+    };
+    if soap && let XmlCheck::On(guard) = &mut content.xml {
+        let (read, header) = read_soap_header(body, guard, snap.request_body_timeout).await?;
+        content.prefix = read;
+        take_soap_header(call, &parts.headers, header)?;
+    }
+    Ok(content)
+}
+
+/// What the SOAP Header says, into the record. Given both ways, `FSP-Purpose` and
+/// `FSP-End-User` must agree with it: the provider may read either.
+fn take_soap_header(
+    call: &mut Call,
+    headers: &HeaderMap,
+    header: xml::SoapHeader,
+) -> Result<(), Rejection> {
+    let record = &mut call.record;
+    let disagreement = [
+        ("Purpose", &record.purpose, &header.purpose),
+        ("End-User", &record.end_user, &header.end_user),
+    ]
+    .into_iter()
+    .find_map(|(field, http, soap)| match (http, soap) {
+        (Some(h), Some(s)) if h != s => Some(format!(
+            "FSP-{field} says {h:?} but the SOAP Header says {s:?}: give one, or the same in both"
+        )),
+        _ => None,
+    });
+    if let Some(why) = disagreement {
+        return Err(Rejection::new(Code::RequestMalformed, why));
+    }
+    if record.purpose.is_none() {
+        record.purpose = header.purpose;
+    }
+    if record.end_user.is_none() {
+        record.end_user = header.end_user;
+    }
+    if record.consumer_ref.is_none() {
+        record.consumer_ref = header.message_id;
+    }
+    if soap::action(headers).is_none()
+        && let Some(action) = header.action
+    {
+        record.operation = action;
+    }
+    Ok(())
+}
+
+/// How often the fields that must be given at most once occur, counted in one pass over
+/// the request's fields (cheaper than a lookup each).
+#[derive(Debug)]
+pub struct FieldCounts<'a> {
+    host: usize,
+    purpose: usize,
+    end_user: usize,
+    content_types: usize,
+    content_type: Option<&'a HeaderValue>,
+}
+
+impl<'a> FieldCounts<'a> {
+    pub fn of(headers: &'a HeaderMap) -> Self {
+        let mut c = Self {
+            host: 0,
+            purpose: 0,
+            end_user: 0,
+            content_types: 0,
+            content_type: None,
+        };
+        for (name, value) in headers {
+            if name == header::HOST {
+                c.host += 1;
+            } else if name == header::CONTENT_TYPE {
+                c.content_types += 1;
+                c.content_type = Some(value);
+            } else if name == FSP_PURPOSE {
+                c.purpose += 1;
+            } else if name == FSP_END_USER {
+                c.end_user += 1;
+            }
+        }
+        c
+    }
+}
+
+/// Checks the fields a provider could read differently from the gateway: at most one
+/// `Content-Type` (plain ASCII, with a `charset`, if any, under which every ASCII byte is
+/// itself, so that the XML guard sees what the provider will), at most one `FSP-Purpose`
+/// and one `FSP-End-User`. Returns whether the body says it is XML (`xml` anywhere in
+/// its media type, `text/xml`, `application/xml`, `*+xml`).
+fn inspect_fields(fields: &FieldCounts<'_>) -> Result<bool, Rejection> {
+    let malformed = |why: String| Err(Rejection::new(Code::RequestMalformed, why));
+    for (name, count) in [
+        (&FSP_PURPOSE, fields.purpose),
+        (&FSP_END_USER, fields.end_user),
+    ] {
+        if count > 1 {
+            return malformed(format!("{name} is given more than once"));
+        }
+    }
+    let Some(value) = fields.content_type else {
+        return Ok(false);
+    };
+    if fields.content_types > 1 {
+        return malformed("Content-Type is given more than once".into());
+    }
+    let Ok(value) = value.to_str() else {
+        return malformed("the Content-Type holds characters other than visible ASCII".into());
+    };
+    let mut params = value.split(';');
+    let media = params.next().unwrap_or_default();
+    for param in params {
+        if let Some((name, charset)) = param.split_once('=')
+            && name.trim().eq_ignore_ascii_case("charset")
+        {
+            let charset = charset.trim().trim_matches('"');
+            if xml::check_encoding(charset.as_bytes()).is_err() {
+                return malformed(format!(
+                    "charset {charset} is not accepted: use UTF-8 (or US-ASCII, ISO-8859-1 to 15, windows-1252)"
+                ));
+            }
+        }
+    }
+    Ok(media
+        .as_bytes()
+        .windows(3)
+        .any(|w| w.eq_ignore_ascii_case(b"xml")))
+}
+
+/// How much of a SOAP request the gateway reads, at most, to find its Header.
+const SOAP_HEADER_LIMIT: usize = 64 * 1024;
+
+/// Reads the start of a SOAP request through the XML guard until its Header has been
+/// seen (or its Body begun); returns the bytes read (to be sent on first) and what the
+/// Header holds. Each byte is scanned once, however the envelope is chunked, and the
+/// Header must end within [`SOAP_HEADER_LIMIT`] bytes.
+async fn read_soap_header(
+    body: &mut Unread,
+    guard: &mut xml::Guard,
+    read_timeout: std::time::Duration,
+) -> Result<(Bytes, xml::SoapHeader), Rejection> {
+    use http_body_util::BodyExt;
+    let Some(body) = body.incoming() else {
+        return Err(Rejection::new(
+            Code::RequestMalformed,
+            "the SOAP envelope is missing",
+        ));
+    };
+    let mut buf = bytes::BytesMut::new();
+    loop {
+        if let Some(header) = guard.soap_header() {
+            return Ok((buf.freeze(), header.clone()));
+        }
+        let frame = match tokio::time::timeout(read_timeout, body.frame()).await {
+            Ok(frame) => frame,
+            Err(_) => {
+                return Err(map::consumer_fault(&ConsumerFault::Stalled(read_timeout)));
+            }
+        };
+        match frame {
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data() {
+                    if let Err(e) = guard.feed(&data) {
+                        return Err(Rejection::new(Code::RequestMalformed, e.to_string()));
+                    }
+                    if buf.is_empty() {
+                        buf = bytes::BytesMut::from(data);
+                    } else {
+                        buf.extend_from_slice(&data);
+                    }
+                }
+            }
+            Some(Err(e)) => return Err(map::consumer_fault(&ConsumerFault::of(&e))),
+            None => {
+                if guard.soap_header().is_some() {
+                    continue;
+                }
+                let why = match guard.finish() {
+                    Err(e) => e.to_string(),
+                    Ok(()) => "the SOAP envelope is incomplete".to_owned(),
+                };
+                return Err(Rejection::new(Code::RequestMalformed, why));
+            }
+        }
+    }
+}

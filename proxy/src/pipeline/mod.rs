@@ -1,0 +1,102 @@
+//! # The request pipeline
+//!
+//! Every call goes through these phases, in this order, one file each (TLS was accepted
+//! and the client certificate verified by [`crate::server`] before the first request):
+//!
+//! 1. [`stamp`]: the FSP message id (UUID v7) and timestamp;
+//! 2. [`identify`]: the consumer, from a bearer token or the client certificate → a
+//!    [`Caller`](identify::Caller);
+//! 3. [`route`]: the live version the path names, its provider's pool and the path the
+//!    provider will read → a [`Route`](route::Route); then [`inspect`]: fields given
+//!    once, XML threat protection, the SOAP Header;
+//! 4. [`authorise`]: suspensions, source address, and the authorisation for this
+//!    consumer, version and purpose today → a [`Granted`](authorise::Granted) call;
+//! 5. [`throttle`]: the provider's and the consumer's limits → an
+//!    [`Admitted`](throttle::Admitted) call;
+//! 6. [`record`]: a fail-closed gateway forwards nothing it could not record → a
+//!    [`Cleared`](record::Cleared) call;
+//! 7. [`forward`]: the request streamed to the provider (only a `Cleared` call can be);
+//! 8. [`respond`]: the answer streamed back, stamped; or the refusal rendered. The
+//!    call's audit record goes with the answer's body and is completed when it ends.
+//!
+//! Each permit is made only by its phase, from the permit before: the type system
+//! refuses to forward a call that was not identified, routed, authorised, throttled and
+//! cleared. [`Call`](call::Call) owns the audit record; a refusal leaves any phase by `?`
+//! and reaches [`respond::refuse`], the one place that renders and records it.
+
+pub mod authorise;
+pub mod call;
+pub mod forward;
+pub mod identify;
+pub mod inspect;
+pub mod record;
+pub mod respond;
+pub mod route;
+pub mod stamp;
+pub mod target;
+pub mod throttle;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+
+use crate::errors::Rejection;
+use crate::response::ResponseBody;
+use crate::state::Local;
+use crate::transport::body::Unread;
+use call::{Call, ConnInfo};
+use forward::Answer;
+use inspect::FieldCounts;
+use stamp::Stamp;
+use target::Target;
+
+/// Serves one request. Never fails: every refusal is a response.
+pub async fn handle(
+    local: Arc<Local>,
+    conn: Arc<ConnInfo>,
+    req: Request<Incoming>,
+) -> Result<Response<ResponseBody>, Infallible> {
+    let stamp = Stamp::now();
+    let (parts, body) = req.into_parts();
+    // Drained if the call is refused before its body is read (see `drain_later`).
+    let mut body = Unread::new(body);
+    let target = Target::of(&local.snap, parts.uri.path(), stamp.now.date());
+    let mut call = Call::begin(stamp, &local.gw.node, &conn, &parts, &target);
+    let served = serve(&local, &conn, &mut call, parts, target, &mut body).await;
+    Ok(match served {
+        Ok(answer) => respond::deliver(&local, call, answer),
+        Err(refusal) => respond::refuse(&local, call, refusal),
+    })
+}
+
+/// The phases from identification to the provider's answer.
+async fn serve<'s>(
+    local: &'s Local,
+    conn: &ConnInfo,
+    call: &mut Call,
+    parts: http::request::Parts,
+    target: Target<'s>,
+    body: &mut Unread,
+) -> Result<Answer, Rejection> {
+    let fields = FieldCounts::of(&parts.headers);
+    inspect::one_host(&parts, &fields)?;
+    let caller = identify::identify(local, conn, call, &parts.headers).await?;
+    let route = route::route(local, call, &parts, target)?;
+    let content = inspect::inspect(&local.snap, call, &parts, &fields, &route, body).await?;
+    let granted = authorise::authorise(local, conn, call, caller, route)?;
+    let admitted = throttle::admit(local, granted).await?;
+    let cleared = record::gate(local, admitted)?;
+    forward::forward(
+        local,
+        conn,
+        call,
+        cleared,
+        parts.method,
+        parts.headers,
+        content,
+        body,
+    )
+    .await
+}

@@ -1,0 +1,136 @@
+//! Phase 5, throttle: the provider's aggregate limit and the consumer's own limit,
+//! checked together (a call refused by either consumes neither), through the shared
+//! backend when there is one, following `on_backend_error` when it fails. The answer is
+//! an [`Admitted`] call, which only this phase makes, from a [`Granted`] one.
+
+use super::authorise::Granted;
+use crate::config::OnBackendError;
+use crate::errors::{Rejection, map};
+use crate::state::{Gateway, Local, SharedThrottle};
+
+/// A granted call within its provider's and its consumer's limits.
+#[derive(Debug)]
+pub struct Admitted<'s> {
+    granted: Granted<'s>,
+}
+
+impl<'s> Admitted<'s> {
+    pub fn granted(&self) -> &Granted<'s> {
+        &self.granted
+    }
+
+    pub fn into_granted(self) -> Granted<'s> {
+        self.granted
+    }
+}
+
+/// Admits a granted call, or refuses it with 429.
+pub async fn admit<'s>(local: &Local, granted: Granted<'s>) -> Result<Admitted<'s>, Rejection> {
+    let route = granted.route();
+    let consumer = granted.caller().consumer();
+    if let Some(p) = local
+        .snap
+        .providers
+        .iter()
+        .find(|p| *p.id == *route.service().provider)
+    {
+        let limits = throttle::Limits {
+            provider: p.limit.map(|r| r.limit()),
+            consumer: p
+                .consumer_limits
+                .get(&*consumer.id)
+                .or(p.consumer_limit.as_ref())
+                .map(|r| r.limit()),
+        };
+        check(&local.gw, &p.id, &consumer.id, &limits).await?;
+    }
+    Ok(Admitted { granted })
+}
+
+/// Admits or refuses a call under the provider's and the consumer's limits, through the
+/// shared backend when there is one, following `on_backend_error` when it fails.
+async fn check(
+    gw: &Gateway,
+    provider: &str,
+    consumer: &str,
+    limits: &throttle::Limits,
+) -> Result<(), Rejection> {
+    let now = u64::try_from(gw.clock.elapsed().as_nanos()).unwrap_or(u64::MAX);
+    let local =
+        |limits: &throttle::Limits| gw.throttle.load().check(provider, consumer, now, limits);
+    let decision = match &gw.shared_throttle {
+        None => local(limits),
+        Some(shared) => match Box::pin(shared_check(shared, now, provider, consumer, limits)).await
+        {
+            Ok(d) => d,
+            Err(e) => {
+                let mode = match shared.on_error {
+                    OnBackendError::Local => "local",
+                    OnBackendError::Deny => "deny",
+                    OnBackendError::Allow => "allow",
+                };
+                metrics::counter!("fsp_throttle_backend_errors_total", "mode" => mode).increment(1);
+                // One log line per 10 s at most: a Redis outage must not flood the logs.
+                let now_ms = now / 1_000_000;
+                let last = shared
+                    .last_logged
+                    .load(std::sync::atomic::Ordering::Relaxed);
+                if now_ms.saturating_sub(last) >= 10_000
+                    && shared
+                        .last_logged
+                        .compare_exchange(
+                            last,
+                            now_ms.max(1),
+                            std::sync::atomic::Ordering::Relaxed,
+                            std::sync::atomic::Ordering::Relaxed,
+                        )
+                        .is_ok()
+                {
+                    tracing::error!(error = %e, on_backend_error = mode, "throttling backend failed");
+                }
+                match shared.on_error {
+                    OnBackendError::Allow => Ok(()),
+                    OnBackendError::Deny => return Err(map::throttle_backend_down()),
+                    OnBackendError::Local => {
+                        // Each replica takes its share, so together they stay within the limit.
+                        let share = |l: throttle::Limit| throttle::Limit {
+                            count: (l.count / u64::from(shared.replicas)).max(1),
+                            per: l.per,
+                            burst: (l.burst / shared.replicas).max(1),
+                        };
+                        local(&throttle::Limits {
+                            provider: limits.provider.map(share),
+                            consumer: limits.consumer.map(share),
+                        })
+                    }
+                }
+            }
+        },
+    };
+    decision.map_err(|t| {
+        metrics::counter!("fsp_throttled_total", "scope" => t.scope.as_str()).increment(1);
+        map::throttled(&t, limits)
+    })
+}
+
+/// Asks Redis, unless it failed less than a second ago.
+async fn shared_check(
+    shared: &SharedThrottle,
+    now: u64,
+    provider: &str,
+    consumer: &str,
+    limits: &throttle::Limits,
+) -> Result<Result<(), throttle::Throttled>, throttle::redis::BackendError> {
+    use std::sync::atomic::Ordering;
+    let now_ms = now / 1_000_000;
+    if now_ms < shared.down_until.load(Ordering::Relaxed) {
+        return Err(throttle::redis::BackendError(
+            "failed less than 1 s ago; not asked".into(),
+        ));
+    }
+    let result = shared.store.check(provider, consumer, limits).await;
+    if result.is_err() {
+        shared.down_until.store(now_ms + 1000, Ordering::Relaxed);
+    }
+    result
+}
