@@ -29,18 +29,17 @@ async fn admin_call(port: u16, method: &str, path: &str, token: &str) -> (u16, S
 async fn a_token_removed_from_tokens_file_stops_working_at_the_next_reload() {
     let pki = Pki::new();
     let up = upstream().await;
-    let (port, admin) = (free_port(), free_port());
-    let config = write_config(&pki, up, port, admin, "");
+    let config = write_config(&pki, up, 0, 0, "");
     let (kept, leaked) = (
         "kept-admin-token-0123456789",
         "leaked-admin-token-0123456789",
     );
     let tokens = pki.path().join("admin-tokens");
     std::fs::write(&tokens, format!("{kept}\n{leaked}\n")).unwrap();
-    let _gw = Gateway::start(&config, port, admin).await;
+    let gw = Gateway::start(&config).await;
     for token in [kept, leaked] {
         assert_eq!(
-            admin_call(admin, "GET", "/admin/suspensions", token)
+            admin_call(gw.admin_port, "GET", "/admin/suspensions", token)
                 .await
                 .0,
             200
@@ -49,7 +48,7 @@ async fn a_token_removed_from_tokens_file_stops_working_at_the_next_reload() {
 
     // The leaked token is removed, and the configuration reloaded.
     std::fs::write(&tokens, format!("{kept}\n")).unwrap();
-    let (status, body) = admin_call(admin, "POST", "/admin/reload", kept).await;
+    let (status, body) = admin_call(gw.admin_port, "POST", "/admin/reload", kept).await;
     assert_eq!(status, 200, "{body}");
     let report: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(report["reloaded"], true);
@@ -63,13 +62,15 @@ async fn a_token_removed_from_tokens_file_stops_working_at_the_next_reload() {
     );
     assert_eq!(report["needs_restart"], serde_json::json!([]), "{report}");
     assert_eq!(
-        admin_call(admin, "GET", "/admin/suspensions", leaked)
+        admin_call(gw.admin_port, "GET", "/admin/suspensions", leaked)
             .await
             .0,
         401
     );
     assert_eq!(
-        admin_call(admin, "GET", "/admin/suspensions", kept).await.0,
+        admin_call(gw.admin_port, "GET", "/admin/suspensions", kept)
+            .await
+            .0,
         200
     );
 
@@ -84,7 +85,7 @@ async fn a_token_removed_from_tokens_file_stops_working_at_the_next_reload() {
         ),
     )
     .unwrap();
-    let (status, body) = admin_call(admin, "POST", "/admin/reload", kept).await;
+    let (status, body) = admin_call(gw.admin_port, "POST", "/admin/reload", kept).await;
     assert_eq!(status, 200, "{body}");
     let report: serde_json::Value = serde_json::from_str(&body).unwrap();
     let needs: Vec<&str> = report["needs_restart"]

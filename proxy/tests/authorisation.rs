@@ -21,16 +21,25 @@ struct Setup {
 async fn setup_with(edit: impl Fn(String) -> String, extra: &str) -> Setup {
     let pki = Pki::new();
     let up = upstream().await;
-    let (port, admin) = (free_port(), free_port());
-    let config = write_config(&pki, up, port, admin, extra);
+    let config = write_config(&pki, up, 0, 0, extra);
     let text = edit(std::fs::read_to_string(&config).unwrap());
     std::fs::write(&config, text).unwrap();
-    let gw = Gateway::start(&config, port, admin).await;
+    let gw = Gateway::start(&config).await;
     Setup { gw, pki, config }
 }
 
 async fn setup(extra: &str) -> Setup {
     setup_with(|t| t, extra).await
+}
+
+/// The gateway as a process of its own, for what needs one (SIGHUP).
+async fn setup_process(extra: &str) -> Setup {
+    let pki = Pki::new();
+    let up = upstream().await;
+    let (port, admin) = (free_port(), free_port());
+    let config = write_config(&pki, up, port, admin, extra);
+    let gw = Gateway::spawn(&config, port, admin).await;
+    Setup { gw, pki, config }
 }
 
 /// A plain-HTTP call to the admin listener.
@@ -339,7 +348,7 @@ async fn a_suspension_survives_a_restart() {
         200
     );
     assert_eq!(s.gw.stop().code(), Some(0));
-    let gw = Gateway::start(&s.config, s.gw.port, s.gw.admin_port).await;
+    let gw = Gateway::start(&s.config).await;
     let c = client(&s.pki, Some(&s.pki.consumer), false);
     let (status, _, body, _) = send(&c, get(&gw.url("/person/getPerson/v3/p")))
         .await
@@ -352,7 +361,7 @@ async fn a_suspension_survives_a_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reloads_under_load_fail_no_request_and_apply_new_authorisations() {
-    let s = setup("").await;
+    let s = setup_process("").await;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut workers = Vec::new();
     for _ in 0..8 {

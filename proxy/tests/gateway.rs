@@ -16,9 +16,18 @@ struct Setup {
 async fn setup(extra: &str) -> Setup {
     let pki = Pki::new();
     let up = upstream().await;
+    let config = write_config(&pki, up, 0, 0, extra);
+    let gw = Gateway::start(&config).await;
+    Setup { pki, gw }
+}
+
+/// The gateway as a process of its own, for the test that measures its memory.
+async fn setup_process() -> Setup {
+    let pki = Pki::new();
+    let up = upstream().await;
     let (port, admin) = (free_port(), free_port());
-    let config = write_config(&pki, up, port, admin, extra);
-    let gw = Gateway::start(&config, port, admin).await;
+    let config = write_config(&pki, up, port, admin, "");
+    let gw = Gateway::spawn(&config, port, admin).await;
     Setup { pki, gw }
 }
 
@@ -214,12 +223,10 @@ async fn deprecated_version_announces_deprecation_sunset_and_successor() {
     );
     let sunset = h["sunset"].to_str().unwrap();
     assert!(sunset.ends_with(" 00:00:00 GMT"), "HTTP-date: {sunset}");
+    // The link is made from the configured `public_url`.
     assert_eq!(
         h["link"],
-        format!(
-            "<https://localhost:{}/person/getPerson/v3>; rel=\"successor-version\"",
-            s.gw.port
-        )
+        "<https://fsp.int.example.be/person/getPerson/v3>; rel=\"successor-version\""
     );
 }
 
@@ -398,7 +405,7 @@ async fn http2_works_end_to_end() {
 #[tokio::test]
 async fn fifty_megabytes_stream_both_ways_with_flat_gateway_memory() {
     const SIZE: u64 = 50 * 1024 * 1024;
-    let s = setup("").await;
+    let s = setup_process().await;
     let c = client(&s.pki, Some(&s.pki.consumer), false);
     // Warm up TLS, pools and the allocator's per-thread caches with 8 MiB each way, so
     // that what follows measures buffering, not first-use caches.
@@ -472,14 +479,13 @@ async fn fifty_megabytes_stream_both_ways_with_flat_gateway_memory() {
 async fn oversized_requests_are_413_by_declared_length_and_while_streaming() {
     let pki = Pki::new();
     let up = upstream().await;
-    let (port, admin) = (free_port(), free_port());
-    let config = write_config(&pki, up, port, admin, "");
+    let config = write_config(&pki, up, 0, 0, "");
     let text = std::fs::read_to_string(&config).unwrap().replace(
         "max_request_bytes = 104857600",
         "max_request_bytes = 1048576",
     );
     std::fs::write(&config, text).unwrap();
-    let gw = Gateway::start(&config, port, admin).await;
+    let gw = Gateway::start(&config).await;
     // Headers announcing 2 MiB, and no body yet: refused before any byte is read.
     let mut raw = raw_tls(&pki, &pki.consumer, gw.port).await;
     tokio::io::AsyncWriteExt::write_all(
@@ -544,11 +550,10 @@ async fn oversized_requests_are_413_by_declared_length_and_while_streaming() {
 #[tokio::test]
 async fn provider_down_is_502_and_slow_provider_is_504() {
     let pki = Pki::new();
-    let (port, admin) = (free_port(), free_port());
     // Nothing listens on this port.
     let dead: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let config = write_config(&pki, dead, port, admin, "");
-    let gw = Gateway::start(&config, port, admin).await;
+    let config = write_config(&pki, dead, 0, 0, "");
+    let gw = Gateway::start(&config).await;
     let c = client(&pki, Some(&pki.consumer), false);
     let (status, h, body, _) = send(&c, get(&gw.url("/person/getPerson/v3/x")))
         .await

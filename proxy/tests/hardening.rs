@@ -26,13 +26,22 @@ struct Setup {
     pki: Pki,
 }
 
+/// The gateway in this process.
 async fn start(up: SocketAddr, listener: &str, provider: &str, extra: &str) -> Setup {
     let pki = Pki::new();
-    let (port, admin) = (free_port(), free_port());
     // Stopping does not wait long for the test clients' idle pooled connections.
     let listener = format!("drain_timeout = \"1s\"\n{listener}");
-    let config = write_config_with(&pki, up, port, admin, &listener, provider, extra);
-    let gw = Gateway::start(&config, port, admin).await;
+    let config = write_config_with(&pki, up, 0, 0, &listener, provider, extra);
+    let gw = Gateway::start(&config).await;
+    Setup { pki, gw }
+}
+
+/// The gateway as a process of its own, for the tests that measure its memory or CPU.
+async fn start_process(up: SocketAddr) -> Setup {
+    let pki = Pki::new();
+    let (port, admin) = (free_port(), free_port());
+    let config = write_config_with(&pki, up, port, admin, "drain_timeout = \"1s\"", "", "");
+    let gw = Gateway::spawn(&config, port, admin).await;
     Setup { pki, gw }
 }
 
@@ -237,7 +246,7 @@ fn billion_laughs() -> String {
 #[tokio::test]
 async fn xml_attacks_are_refused_and_nothing_complete_reaches_the_provider() {
     let (up, complete) = recording_soap_provider().await;
-    let s = start(up, "", "", "").await;
+    let s = start_process(up).await;
     let c = client(&s.pki, Some(&s.pki.consumer), false);
     let url = s.gw.url("/person/getPersonSoap/v1");
     let deep = format!(
@@ -463,7 +472,7 @@ impl http_body::Body for ChannelBody {
 #[tokio::test]
 async fn a_soap_header_trickled_byte_by_byte_is_read_in_linear_time_within_its_bound() {
     let (up, complete) = recording_soap_provider().await;
-    let s = start(up, "", "", "").await;
+    let s = start_process(up).await;
     let cpu_before = cpu_time(s.gw.pid());
     // A 66 KiB Header sent one byte per chunk: past the 64 KiB bound, refused.
     let padding = format!("<x:Pad xmlns:x=\"urn:x\">{}</x:Pad>", "p".repeat(66 * 1024));
@@ -559,7 +568,7 @@ async fn idle_anonymous_connections_do_not_keep_a_legitimate_consumer_out() {
     let config = write_config(&pki, up, port, admin, "");
     // The descriptor limit under which 1 004 idle connections used to starve a
     // legitimate call; the default connection limit is lowered to fit it.
-    let gw = Gateway::start_with_nofile(&config, port, admin, 1024).await;
+    let gw = Gateway::spawn_with_nofile(&config, port, admin, 1024).await;
     let mut idle = Vec::new();
     for _ in 0..1_100 {
         if let Some(c) = anonymous_tls(&pki, port).await {

@@ -146,8 +146,7 @@ struct Setup {
 async fn setup(idp: &Idp, binding: bool) -> Setup {
     let pki = Pki::new();
     let up = upstream().await;
-    let (port, admin) = (free_port(), free_port());
-    let config = write_config(&pki, up, port, admin, "");
+    let config = write_config(&pki, up, 0, 0, "");
     let text = std::fs::read_to_string(&config).unwrap().replace(
         "certificates = [ { cn = \"monopinion.bruxelles.be\" } ]",
         &format!("certificates = [ {{ cn = \"monopinion.bruxelles.be\" }} ]\noauth_client_ids = [\"{CLIENT}\"]"),
@@ -157,7 +156,7 @@ async fn setup(idp: &Idp, binding: bool) -> Setup {
         idp.port
     );
     std::fs::write(&config, format!("{text}{oauth}")).unwrap();
-    let gw = Gateway::start(&config, port, admin).await;
+    let gw = Gateway::start(&config).await;
     Setup { gw, pki }
 }
 

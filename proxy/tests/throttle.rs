@@ -12,14 +12,13 @@ use http::StatusCode;
 async fn a_consumer_over_its_limit_gets_429_with_rate_limit_fields() {
     let pki = Pki::new();
     let up = upstream().await;
-    let (port, admin) = (free_port(), free_port());
-    let config = write_config(&pki, up, port, admin, "");
+    let config = write_config(&pki, up, 0, 0, "");
     let text = std::fs::read_to_string(&config).unwrap().replace(
         "name = \"Registre national\"",
         "name = \"Registre national\"\nlimit = { rate = \"1000/s\", burst = 100 }\nconsumer_limit = { rate = \"2/s\", burst = 3 }",
     );
     std::fs::write(&config, text).unwrap();
-    let gw = Gateway::start(&config, port, admin).await;
+    let gw = Gateway::start(&config).await;
     let c = client(&pki, Some(&pki.consumer), false);
     let url = gw.url("/person/getPerson/v3/throttled");
 

@@ -22,8 +22,7 @@ async fn gateways(pki: &Pki, n: usize, provider: &str, throttle: &str) -> Vec<Ga
     let up = upstream().await;
     let mut out = Vec::new();
     for i in 0..n {
-        let (port, admin) = (free_port(), free_port());
-        let base = std::fs::read_to_string(write_config(pki, up, port, admin, "")).unwrap();
+        let base = std::fs::read_to_string(write_config(pki, up, 0, 0, "")).unwrap();
         let text = base
             .replace("\"rrn\"", &format!("\"{provider}\""))
             .replace("node = \"test-node\"", &format!("node = \"node-{i}\""))
@@ -35,7 +34,7 @@ async fn gateways(pki: &Pki, n: usize, provider: &str, throttle: &str) -> Vec<Ga
             + throttle;
         let path = pki.path().join(format!("fsp-{i}.toml"));
         std::fs::write(&path, text).unwrap();
-        out.push(Gateway::start(&path, port, admin).await);
+        out.push(Gateway::start(&path).await);
     }
     out
 }

@@ -248,9 +248,8 @@ async fn start(
     provider_keys: &str,
     services: &[(&str, String)],
 ) -> Setup {
-    let (port, admin) = (free_port(), free_port());
-    let config = gateway_config(&pki, port, admin, threads, provider_keys, services);
-    let gw = Gateway::start(&config, port, admin).await;
+    let config = gateway_config(&pki, 0, 0, threads, provider_keys, services);
+    let gw = Gateway::start(&config).await;
     Setup { gw, pki }
 }
 
@@ -1036,15 +1035,14 @@ async fn a_response_read_halfway_does_not_poison_the_pool() {
     const BIG: u64 = 10 * 1024 * 1024;
     let pki = Pki::new();
     let up = upstream().await;
-    let (port, admin) = (free_port(), free_port());
-    let config = write_config(&pki, up, port, admin, "");
-    let gw = Gateway::start(&config, port, admin).await;
+    let config = write_config(&pki, up, 0, 0, "");
+    let gw = Gateway::start(&config).await;
     let big = format!("/person/getPerson/v3/big?bytes={BIG}");
 
     // HTTP/1.1 consumers that read the head of a 10 MB answer and hang up. Several
     // connections, so that every worker thread is likely to see one.
     for _ in 0..4 {
-        abandon_after_head(&pki, port, &big).await;
+        abandon_after_head(&pki, gw.port, &big).await;
     }
     // An HTTP/2 consumer that resets the stream after the head and keeps its connection.
     let h2 = client(&pki, Some(&pki.consumer), true);

@@ -1,5 +1,5 @@
-//! Test harness: a real `fsp` process, real TLS with certificates made now by rcgen,
-//! real upstream servers on loopback.
+//! Test harness: the gateway in this process or as an `fsp` process, real TLS with
+//! certificates made now by rcgen, real upstream servers on loopback.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::convert::Infallible;
@@ -252,7 +252,7 @@ node = "test-node"
 
 [listener]
 address     = "127.0.0.1:{port}"
-public_url  = "https://localhost:{port}"
+public_url  = "https://fsp.int.example.be"
 server_cert = "server.pem"
 server_key  = "server.key"
 client_ca   = "ca.pem"
@@ -358,15 +358,88 @@ pub fn cpu_time(pid: u32) -> Duration {
     Duration::from_millis(ticks * 10)
 }
 
-/// A running `fsp serve`, stopped (SIGTERM) on drop.
+/// A running gateway: in this process ([`Gateway::start`], on `127.0.0.1:0` listeners,
+/// as linkerd2-proxy's integration harness runs its proxy), or as an `fsp serve` process
+/// ([`Gateway::spawn`], for what only a process shows: signals, exit codes, descriptor
+/// limits, its memory and CPU time).
 pub struct Gateway {
-    pub child: Option<Child>,
     pub port: u16,
     pub admin_port: u16,
+    run: Run,
+}
+
+enum Run {
+    Process(Option<Child>),
+    InProcess {
+        shutdown: tokio::sync::watch::Sender<bool>,
+        /// Says whether the gateway drained and flushed without an error.
+        thread: Option<std::thread::JoinHandle<bool>>,
+    },
 }
 
 impl Gateway {
-    pub async fn start(config: &Path, port: u16, admin_port: u16) -> Self {
+    /// Starts the gateway of `config` inside this process, on a thread of its own, and
+    /// returns once it is ready. The configuration's listener and admin addresses should
+    /// say port 0 (see [`write_config`] with ports 0): the bound ports are reported in
+    /// `port` and `admin_port`.
+    pub async fn start(config: &Path) -> Self {
+        init_log();
+        let path = config.to_owned();
+        let (shutdown, stop) = tokio::sync::watch::channel(false);
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let thread = std::thread::Builder::new()
+            .name("fsp-in-process".into())
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(async move {
+                    let config = match proxy::config::load(&path) {
+                        Ok(c) => c,
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e.to_string()));
+                            return false;
+                        }
+                    };
+                    match proxy::run::start(&path, config, stop).await {
+                        Ok(started) => {
+                            let addresses = (started.address, started.admin_address);
+                            let _ = ready_tx.send(Ok(addresses));
+                            match started.finished().await {
+                                Ok(()) => true,
+                                Err(e) => {
+                                    eprintln!("in-process gateway ended with an error: {e:#}");
+                                    false
+                                }
+                            }
+                        }
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(format!("{e:#}")));
+                            false
+                        }
+                    }
+                })
+            })
+            .unwrap();
+        let (address, admin) = match ready_rx.await {
+            Ok(Ok(addresses)) => addresses,
+            Ok(Err(e)) => panic!("the gateway did not start: {e}"),
+            Err(_) => panic!("the gateway thread ended before it was ready"),
+        };
+        Self {
+            port: address.port(),
+            admin_port: admin.map_or(0, |a| a.port()),
+            run: Run::InProcess {
+                shutdown,
+                thread: Some(thread),
+            },
+        }
+    }
+
+    /// Starts `fsp serve --config <config>` as a process; `port` and `admin_port` must
+    /// be the configuration's.
+    pub async fn spawn(config: &Path, port: u16, admin_port: u16) -> Self {
         Self::start_command(
             Command::new(env!("CARGO_BIN_EXE_fsp")),
             config,
@@ -376,8 +449,8 @@ impl Gateway {
         .await
     }
 
-    /// Starts the gateway with an open-files limit (soft and hard) of `nofile`.
-    pub async fn start_with_nofile(config: &Path, port: u16, admin_port: u16, nofile: u64) -> Self {
+    /// Starts the gateway process with an open-files limit (soft and hard) of `nofile`.
+    pub async fn spawn_with_nofile(config: &Path, port: u16, admin_port: u16, nofile: u64) -> Self {
         let mut cmd = Command::new("prlimit");
         cmd.arg(format!("--nofile={nofile}:{nofile}"))
             .arg("--")
@@ -398,9 +471,9 @@ impl Gateway {
             .spawn()
             .expect("fsp starts");
         let mut gw = Self {
-            child: Some(child),
             port,
             admin_port,
+            run: Run::Process(Some(child)),
         };
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         loop {
@@ -415,7 +488,7 @@ impl Gateway {
                     return gw;
                 }
             }
-            if let Some(status) = gw.child.as_mut().unwrap().try_wait().unwrap() {
+            if let Some(status) = gw.child().try_wait().unwrap() {
                 panic!("fsp exited before becoming ready: {status}");
             }
             assert!(
@@ -426,8 +499,18 @@ impl Gateway {
         }
     }
 
+    fn child(&mut self) -> &mut Child {
+        match &mut self.run {
+            Run::Process(Some(c)) => c,
+            _ => panic!("only a gateway process (Gateway::spawn) has a process"),
+        }
+    }
+
     pub fn pid(&self) -> u32 {
-        self.child.as_ref().unwrap().id()
+        match &self.run {
+            Run::Process(Some(c)) => c.id(),
+            _ => panic!("only a gateway process (Gateway::spawn) has a pid"),
+        }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -448,9 +531,23 @@ impl Gateway {
         (field("VmHWM:"), field("VmRSS:"))
     }
 
-    /// Sends SIGTERM and waits for the exit status.
+    /// Stops the gateway as SIGTERM does (it drains, flushes its audit trail and ends)
+    /// and waits until it has: a process is sent SIGTERM and its exit status returned;
+    /// an in-process gateway is told to stop, and its end reported as the process would
+    /// (0 when it ended without an error).
     pub fn stop(&mut self) -> std::process::ExitStatus {
-        let mut child = self.child.take().unwrap();
+        use std::os::unix::process::ExitStatusExt;
+        let child = match &mut self.run {
+            Run::Process(child) => child,
+            Run::InProcess { .. } => {
+                return std::process::ExitStatus::from_raw(if self.shut_down() {
+                    0
+                } else {
+                    1 << 8
+                });
+            }
+        };
+        let mut child = child.take().unwrap();
         let _ = Command::new("kill")
             .args(["-TERM", &child.id().to_string()])
             .status();
@@ -466,15 +563,43 @@ impl Gateway {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+
+    /// Stops an in-process gateway as SIGTERM would (drain, flush the audit trail) and
+    /// waits until it has; says whether it ended without an error.
+    fn shut_down(&mut self) -> bool {
+        let Run::InProcess { shutdown, thread } = &mut self.run else {
+            return false;
+        };
+        let _ = shutdown.send(true);
+        thread.take().is_some_and(|t| t.join().unwrap_or(false))
+    }
+}
+
+/// Logs of in-process gateways go to the test's output when `FSP_TEST_LOG` is set.
+fn init_log() {
+    if let Ok(filter) = std::env::var("FSP_TEST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_test_writer()
+            .try_init();
+    }
 }
 
 impl Drop for Gateway {
-    // Tests of graceful shutdown call `stop`; here the process ends at once, since
-    // waiting for a drain would block the test's runtime and its open connections.
+    // Tests of graceful shutdown call `stop`; here a process ends at once, since waiting
+    // for a drain would block the test's runtime and its open connections. An in-process
+    // gateway is told to stop and left to drain on its own thread.
     fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
+        match &mut self.run {
+            Run::Process(child) => {
+                if let Some(mut c) = child.take() {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                }
+            }
+            Run::InProcess { shutdown, .. } => {
+                let _ = shutdown.send(true);
+            }
         }
     }
 }
