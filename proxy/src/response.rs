@@ -23,19 +23,21 @@ use crate::transport::pool::UpstreamBody;
 /// thing a finished call needs from it.
 pub trait Recorder: Send + Sync + std::fmt::Debug {
     /// Queues a completed record (durably written by the sink's own task).
-    fn record(&self, record: audit::Record);
+    fn record(&self, record: Box<audit::Record>);
 }
 
 /// Completes a call's audit record exactly once: when the response body ends, or when it
 /// is dropped unfinished (the consumer went away).
 #[derive(Debug)]
 pub struct Finisher {
-    inner: Option<Box<Pending>>,
+    inner: Option<Pending>,
 }
 
 #[derive(Debug)]
 struct Pending {
-    record: audit::Record,
+    /// Boxed since the call began (see `pipeline::call::Call`): it is never copied on
+    /// its way here.
+    record: Box<audit::Record>,
     started: Instant,
     shared: Option<Arc<CallShared>>,
     /// This thread's view of the gateway, as the audit sink that takes the record.
@@ -44,18 +46,18 @@ struct Pending {
 
 impl Finisher {
     pub fn new(
-        record: audit::Record,
+        record: Box<audit::Record>,
         started: Instant,
         shared: Option<Arc<CallShared>>,
         recorder: Arc<dyn Recorder>,
     ) -> Self {
         Self {
-            inner: Some(Box::new(Pending {
+            inner: Some(Pending {
                 record,
                 started,
                 shared,
                 recorder,
-            })),
+            }),
         }
     }
 
@@ -76,7 +78,7 @@ impl Finisher {
             started,
             shared,
             recorder,
-        } = *p;
+        } = p;
         let elapsed = started.elapsed();
         record.duration_ms = (elapsed.as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0;
         record.response_bytes = response_bytes;

@@ -151,8 +151,8 @@ impl Local {
 /// A finished call's record goes to the gateway's audit sink; a record that cannot be
 /// queued is counted and logged (the sink's own health decides whether calls go on).
 impl Recorder for Local {
-    fn record(&self, record: audit::Record) {
-        if let Err(e) = self.gw.audit.submit(record) {
+    fn record(&self, record: Box<audit::Record>) {
+        if let Err(e) = self.gw.audit.submit(*record) {
             metrics::counter!("fsp_audit_records_lost_total").increment(1);
             tracing::error!(error = %e, "audit record could not be queued");
         }

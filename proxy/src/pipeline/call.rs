@@ -48,8 +48,9 @@ impl ConnInfo {
 #[derive(Debug)]
 pub struct Call {
     pub stamp: Stamp,
-    /// The call's audit record, owned here until the answer takes it.
-    pub record: audit::Record,
+    /// The call's audit record, owned here until the answer takes it (boxed once, so
+    /// that neither the call nor the answer ever copies it).
+    pub record: Box<audit::Record>,
     /// How a refusal is written: problem+json, or a SOAP fault of the caller's version.
     pub form: ErrorForm,
     /// What the request and response bodies share, once the call is forwarded.
@@ -79,7 +80,7 @@ impl Call {
             Some(Protocol::Rest) | None => method_and_path(&parts.method, &parts.uri),
         };
         let path = target.path(parts.uri.path());
-        let record = audit::Record {
+        let record = Box::new(audit::Record {
             message_id: stamp.message_id().to_owned(),
             timestamp: stamp.timestamp().to_owned(),
             source_ip: conn.peer_ip.clone(),
@@ -96,7 +97,7 @@ impl Call {
             decision: "allowed".into(),
             node: node.to_owned(),
             ..Default::default()
-        };
+        });
         Self {
             stamp,
             record,

@@ -22,8 +22,9 @@ pub struct Answer {
     pub response: Response<UpstreamBody>,
     /// `FSP-Message-Id` and `FSP-Timestamp`, made once and sent both ways.
     pub fsp: Option<[(HeaderName, HeaderValue); 2]>,
-    /// The version's lifecycle fields (`Deprecation`, `Sunset`, `Link`).
-    pub lifecycle: HeaderMap,
+    /// The version's lifecycle fields (`Deprecation`, `Sunset`, `Link`), when it is
+    /// deprecated.
+    pub lifecycle: Option<Box<HeaderMap>>,
     /// Whether the service speaks SOAP (its answers are stamped).
     pub soap: bool,
 }
@@ -46,7 +47,8 @@ pub async fn forward(
     let soap = route.protocol() == catalogue::Protocol::Soap;
     let base = &route.version().upstream;
     let (path, lifecycle) = route.into_path();
-    let shared = call.shared.insert(Arc::new(CallShared::new())).clone();
+    // Kept by the call: a refusal after this point still counts the bytes read.
+    let shared: &Arc<CallShared> = call.shared.insert(Arc::new(CallShared::new()));
     // Made once, sent twice (to the provider and back to the consumer).
     let fsp = HeaderValue::from_str(call.stamp.message_id())
         .ok()
@@ -69,7 +71,7 @@ pub async fn forward(
     );
     let sent = answer_within(
         upstream.response_timeout,
-        &shared,
+        shared,
         upstream.send(
             base,
             path,

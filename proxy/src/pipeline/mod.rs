@@ -47,7 +47,6 @@ use crate::response::ResponseBody;
 use crate::state::Local;
 use crate::transport::body::Unread;
 use call::{Call, ConnInfo};
-use forward::Answer;
 use inspect::FieldCounts;
 use stamp::Stamp;
 use target::Target;
@@ -64,39 +63,41 @@ pub async fn handle(
     let mut body = Unread::new(body);
     let target = Target::of(&local.snap, parts.uri.path(), stamp.now.date());
     let mut call = Call::begin(stamp, &local.gw.node, &conn, &parts, &target);
-    let served = serve(&local, &conn, &mut call, parts, target, &mut body).await;
+    // The provider is called from here, not from inside `clear`: the exchange's future is
+    // the largest of the call, and each level it is nested in copies it once more.
+    let served = match clear(&local, &conn, &mut call, &parts, target, &mut body).await {
+        Ok((cleared, content)) => {
+            let (method, headers) = (parts.method, parts.headers);
+            forward::forward(
+                &local, &conn, &mut call, cleared, method, headers, content, &mut body,
+            )
+            .await
+        }
+        Err(refusal) => Err(refusal),
+    };
     Ok(match served {
         Ok(answer) => respond::deliver(&local, call, answer),
         Err(refusal) => respond::refuse(&local, call, refusal),
     })
 }
 
-/// The phases from identification to the provider's answer.
-async fn serve<'s>(
+/// The phases from identification to the audit gate: a call cleared for forwarding,
+/// with the part of its body already read.
+async fn clear<'s>(
     local: &'s Local,
     conn: &ConnInfo,
     call: &mut Call,
-    parts: http::request::Parts,
+    parts: &http::request::Parts,
     target: Target<'s>,
     body: &mut Unread,
-) -> Result<Answer, Rejection> {
+) -> Result<(record::Cleared<'s>, inspect::Content), Rejection> {
     let fields = FieldCounts::of(&parts.headers);
-    inspect::one_host(&parts, &fields)?;
+    inspect::one_host(parts, &fields)?;
     let caller = identify::identify(local, conn, call, &parts.headers).await?;
-    let route = route::route(local, call, &parts, target)?;
-    let content = inspect::inspect(&local.snap, call, &parts, &fields, &route, body).await?;
+    let route = route::route(local, call, parts, target)?;
+    let content = inspect::inspect(&local.snap, call, parts, &fields, &route, body).await?;
     let granted = authorise::authorise(local, conn, call, caller, route)?;
     let admitted = throttle::admit(local, granted).await?;
     let cleared = record::gate(local, admitted)?;
-    forward::forward(
-        local,
-        conn,
-        call,
-        cleared,
-        parts.method,
-        parts.headers,
-        content,
-        body,
-    )
-    .await
+    Ok((cleared, content))
 }

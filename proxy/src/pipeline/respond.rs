@@ -32,8 +32,10 @@ pub fn deliver(local: &Arc<Local>, call: Call, answer: Answer) -> Response<Respo
         parts.headers.insert(id_name, id);
         parts.headers.insert(ts_name, ts);
     }
-    for (name, value) in answer.lifecycle.iter() {
-        parts.headers.append(name.clone(), value.clone());
+    if let Some(lifecycle) = answer.lifecycle {
+        for (name, value) in lifecycle.iter() {
+            parts.headers.append(name.clone(), value.clone());
+        }
     }
     record.status = parts.status.as_u16();
     let finisher = Finisher::new(record, stamp.started, shared, local.clone());

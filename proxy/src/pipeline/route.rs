@@ -25,8 +25,9 @@ pub struct Route<'s> {
     resolved: catalogue::Route<'s>,
     upstream: &'s Arc<Upstream>,
     path: PathAndQuery,
-    /// `Deprecation`, `Sunset` and the successor `Link`, for a deprecated version.
-    lifecycle: HeaderMap,
+    /// `Deprecation`, `Sunset` and the successor `Link`, for a deprecated version (boxed:
+    /// rare, and the route is moved from phase to phase).
+    lifecycle: Option<Box<HeaderMap>>,
 }
 
 impl<'s> Route<'s> {
@@ -47,7 +48,7 @@ impl<'s> Route<'s> {
     }
 
     /// The path and query on the provider's side.
-    pub fn into_path(self) -> (PathAndQuery, HeaderMap) {
+    pub fn into_path(self) -> (PathAndQuery, Option<Box<HeaderMap>>) {
         (self.path, self.lifecycle)
     }
 }
@@ -121,10 +122,10 @@ pub fn route<'s>(
         .blaming(crate::errors::Side::Gateway));
     };
     let path = forwarded_path(call, parts, protocol, path.as_ref(), &resolved)?;
-    let mut lifecycle = HeaderMap::new();
+    let mut lifecycle: Option<Box<HeaderMap>> = None;
     if let Lifecycle::Deprecated { since, sunset } = resolved.lifecycle {
         deprecation_headers(
-            &mut lifecycle,
+            lifecycle.insert(Box::default()),
             snap,
             resolved.service,
             since,
