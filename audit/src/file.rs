@@ -1,5 +1,7 @@
-//! The embedded audit sink: JSON lines in a directory, one file per UTC day and node
-//! (`audit-{node}-{YYYY-MM-DD}.jsonl`).
+//! The embedded audit sink: JSON lines in a directory, one file per node and UTC day of
+//! writing (`audit-{node}-{YYYY-MM-DD}.jsonl`). A file holds the records in the order
+//! they were written (the order of the hash chain); a call that began before midnight
+//! and ended after is in the next day's file, with its own timestamp.
 //!
 //! Each thread that submits records writes their JSON lines into its own buffer (a
 //! shard): a call takes one uncontended lock and never touches the disk, and no memory
@@ -9,6 +11,11 @@
 //! commit). When quiet, the first record wakes the writer at once; under load, a batch
 //! gathers for [`GROUP_COMMIT_WINDOW`]. A write failure marks the sink unhealthy (the
 //! gateway, when fail-closed, then refuses calls) and the batch is retried until written.
+//!
+//! The writer seals each line into the node's hash chain ([`crate::chain`]) in the order
+//! it writes them, continuing after the last record of the node's newest file when it
+//! starts; [`verify_dir`] walks the files again and names the first record that does not
+//! fit.
 
 use std::cell::RefCell;
 use std::fs::{File, OpenOptions};
@@ -19,6 +26,7 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use crate::chain::{Break, Chain, Verifier};
 use crate::{AuditError, AuditSink, Record};
 
 /// Records one thread may have waiting to be written before `submit` refuses them.
@@ -57,34 +65,20 @@ struct Shard {
 #[derive(Debug, Default)]
 struct Pending {
     lines: Vec<u8>,
-    /// Where each run of lines of one day ends in `lines`, with that day.
-    days: Vec<(Day, usize)>,
     records: usize,
 }
 
 impl Pending {
     fn clear(&mut self) {
         self.lines.clear();
-        self.days.clear();
         self.records = 0;
     }
 }
 
-/// `YYYY-MM-DD`, from a record's own timestamp (`None`: it does not start with one).
-type Day = Option<[u8; 10]>;
-
-fn day_of(timestamp: &str) -> Day {
-    timestamp
-        .as_bytes()
-        .get(..10)
-        .filter(|d| d.iter().all(|b| b.is_ascii_digit() || *b == b'-'))
-        .and_then(|d| <[u8; 10]>::try_from(d).ok())
-}
-
-fn day_name(day: &Day) -> &str {
-    day.as_ref()
-        .and_then(|d| std::str::from_utf8(d).ok())
-        .unwrap_or("unknown-day")
+/// Today (UTC) as `YYYY-MM-DD`: the day of the file the writer appends to.
+fn today() -> String {
+    let d = time::OffsetDateTime::now_utc().date();
+    format!("{:04}-{:02}-{:02}", d.year(), u8::from(d.month()), d.day())
 }
 
 /// JSON-lines audit sink.
@@ -157,11 +151,15 @@ impl FileSink {
             idle: AtomicBool::new(false),
             writer: OnceLock::new(),
         });
+        let node = sanitise(node);
+        let chain = Chain::after(last_hash(dir, &node)?);
         let writer = Writer {
             dir: dir.to_owned(),
-            node: sanitise(node),
+            node,
             current: None,
             shared: shared.clone(),
+            chain,
+            sealed: Vec::new(),
         };
         let thread = std::thread::Builder::new()
             .name("fsp-audit-file".into())
@@ -219,12 +217,6 @@ impl AuditSink for FileSink {
             record.write_json(&mut p.lines);
             p.lines.push(b'\n');
             p.records += 1;
-            let end = p.lines.len();
-            let day = day_of(&record.timestamp);
-            match p.days.last_mut() {
-                Some((d, e)) if *d == day => *e = end,
-                _ => p.days.push((day, end)),
-            }
             Ok(p.records == 1)
         })?;
         // A quiet writer is woken by the first record; a busy one comes by itself.
@@ -271,6 +263,11 @@ struct Writer {
     node: String,
     current: Option<(String, BufWriter<File>)>,
     shared: Arc<Shared>,
+    /// The node's hash chain, after the last line written.
+    chain: Chain,
+    /// The batch's lines, sealed into the chain once and kept until written (a failed
+    /// write is retried with the same lines), with the end of each day's part.
+    sealed: Vec<(String, Vec<u8>)>,
 }
 
 impl Writer {
@@ -296,9 +293,10 @@ impl Writer {
             }
             // A failed batch is retried (reopening the file) until it is written, so no
             // record taken by `submit` is lost while the disk is briefly unavailable.
+            self.seal(&batch);
             let mut delay = Duration::from_millis(50);
             loop {
-                match self.write_batch(&batch) {
+                match self.write_sealed() {
                     Ok(()) => {
                         self.shared.healthy.store(true, Ordering::Release);
                         break;
@@ -348,15 +346,31 @@ impl Writer {
         records
     }
 
-    fn write_batch(&mut self, batch: &[Pending]) -> std::io::Result<()> {
+    /// Seals the batch's lines into the chain, in the order they will be written, all
+    /// into today's file.
+    fn seal(&mut self, batch: &[Pending]) {
+        let mut parts = std::mem::take(&mut self.sealed);
+        parts.clear();
+        let mut out = Vec::with_capacity(batch.iter().map(|p| p.lines.len() + 256).sum());
         for p in batch {
-            let mut start = 0;
-            for (day, end) in &p.days {
-                // Records are filed under the day of their own timestamp.
-                let file = self.file_for(day_name(day))?;
-                file.write_all(&p.lines[start..*end])?;
-                start = *end;
+            for line in p.lines.split_inclusive(|&b| b == b'\n') {
+                self.chain.seal_line(line, &mut out);
             }
+        }
+        parts.push((today(), out));
+        self.sealed = parts;
+    }
+
+    fn write_sealed(&mut self) -> std::io::Result<()> {
+        let parts = std::mem::take(&mut self.sealed);
+        let written = self.write_parts(&parts);
+        self.sealed = parts;
+        written
+    }
+
+    fn write_parts(&mut self, parts: &[(String, Vec<u8>)]) -> std::io::Result<()> {
+        for (day, lines) in parts {
+            self.file_for(day)?.write_all(lines)?;
         }
         if let Some((_, f)) = self.current.as_mut() {
             f.flush()?;
@@ -383,6 +397,100 @@ impl Writer {
     }
 }
 
+/// The hash of the last record in the node's newest file in `dir`, to continue its chain
+/// after a restart (`None` when the node has no record yet).
+fn last_hash(dir: &Path, node: &str) -> Result<Option<String>, AuditError> {
+    let files = trail_files(dir).map_err(|e| {
+        AuditError::Unavailable(format!(
+            "cannot list audit directory {}: {e}",
+            dir.display()
+        ))
+    })?;
+    let prefix = format!("audit-{node}-");
+    let Some(newest) = files.iter().rev().find(|p| {
+        p.file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_prefix(&prefix))
+            // The rest is a date: a node whose name starts like another's is not it.
+            .is_some_and(|rest| rest.len() == "YYYY-MM-DD.jsonl".len())
+    }) else {
+        return Ok(None);
+    };
+    let text = std::fs::read(newest).map_err(|e| {
+        AuditError::Unavailable(format!("cannot read audit file {}: {e}", newest.display()))
+    })?;
+    // The last whole record; a line cut short by a crash is left for `verify` to report.
+    Ok(text
+        .split(|&b| b == b'\n')
+        .rev()
+        .filter_map(|l| serde_json::from_slice::<Record>(l).ok())
+        .find_map(|r| r.hash))
+}
+
+/// The trail's files in `dir`, sorted by name: by node, then by day.
+pub fn trail_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("audit-") && n.ends_with(".jsonl"))
+        })
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+/// What [`verify_dir`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Verified {
+    pub files: usize,
+    pub records: u64,
+}
+
+/// Why a trail does not verify.
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    #[error("cannot read the audit trail: {0}")]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Broken(#[from] Break),
+    #[error("line {line} of {file} is not a whole audit record (cut short, or edited): {why}")]
+    NotARecord {
+        file: String,
+        line: usize,
+        why: String,
+    },
+}
+
+/// Walks every file of the trail in `dir`, each node's files in the order of their days,
+/// and checks every record against its node's chain.
+pub fn verify_dir(dir: &Path) -> Result<Verified, VerifyError> {
+    let files = trail_files(dir)?;
+    let mut verifier = Verifier::default();
+    for file in &files {
+        let text = std::fs::read(file)?;
+        let name = file.display().to_string();
+        for (i, line) in text.split(|&b| b == b'\n').enumerate() {
+            if line.is_empty() {
+                continue;
+            }
+            let record: Record =
+                serde_json::from_slice(line).map_err(|e| VerifyError::NotARecord {
+                    file: name.clone(),
+                    line: i + 1,
+                    why: e.to_string(),
+                })?;
+            verifier.check(&format!("{name}:{}", i + 1), &record)?;
+        }
+    }
+    Ok(Verified {
+        files: files.len(),
+        records: verifier.checked(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -400,9 +508,10 @@ mod tests {
     }
 
     #[test]
-    fn every_record_taken_is_on_disk_after_join_one_file_per_day() {
+    fn every_record_taken_is_on_disk_after_join_in_the_file_of_the_day_it_was_written() {
         let dir = tempfile::tempdir().unwrap();
         let (sink, handle) = FileSink::start(dir.path(), "node/1").unwrap();
+        // Calls that began on two days (a call may end the day after it began).
         for i in 0..1000 {
             let day = if i % 2 == 0 {
                 "2026-11-24"
@@ -414,18 +523,22 @@ mod tests {
         assert!(sink.health().is_ok());
         drop(sink);
         handle.join();
-        let mut total = 0;
-        for day in ["2026-11-24", "2026-11-25"] {
-            let text =
-                std::fs::read_to_string(dir.path().join(format!("audit-node_1-{day}.jsonl")))
-                    .unwrap();
-            for line in text.lines() {
-                let r: Record = serde_json::from_str(line).unwrap();
-                assert!(r.timestamp.starts_with(day));
-                total += 1;
-            }
-        }
-        assert_eq!(total, 1000);
+        let files = trail_files(dir.path()).unwrap();
+        let written = format!("audit-node_1-{}.jsonl", today());
+        assert!(
+            files
+                .iter()
+                .all(|f| f.file_name().and_then(|n| n.to_str()) == Some(&written)),
+            "{files:?}"
+        );
+        let text = std::fs::read_to_string(&files[0]).unwrap();
+        let ids: Vec<String> = text
+            .lines()
+            .map(|l| serde_json::from_str::<Record>(l).unwrap().message_id)
+            .collect();
+        // In the order they were taken, each with its own timestamp.
+        assert_eq!(ids, (0..1000).map(|i| format!("m-{i}")).collect::<Vec<_>>());
+        assert_eq!(verify_dir(dir.path()).unwrap().records, 1000);
     }
 
     #[test]
@@ -444,7 +557,11 @@ mod tests {
         });
         drop(sink);
         handle.join();
-        let text = std::fs::read_to_string(dir.path().join("audit-n-2026-11-24.jsonl")).unwrap();
+        let text: String = trail_files(dir.path())
+            .unwrap()
+            .iter()
+            .map(|f| std::fs::read_to_string(f).unwrap())
+            .collect();
         let mut ids: Vec<String> = text
             .lines()
             .map(|l| serde_json::from_str::<Record>(l).unwrap().message_id)
@@ -453,13 +570,32 @@ mod tests {
         ids.sort();
         ids.dedup();
         assert_eq!(ids.len(), 10_000, "every record once");
+        // Sealed into one chain in the order written, whatever thread submitted them.
+        assert_eq!(
+            verify_dir(dir.path()).unwrap(),
+            Verified {
+                files: 1,
+                records: 10_000
+            }
+        );
+        // A new sink on the same directory continues the chain.
+        let (sink, handle) = FileSink::start(dir.path(), "n").unwrap();
+        sink.submit(record(99_999, "2026-11-25")).unwrap();
+        drop(sink);
+        handle.join();
+        assert_eq!(verify_dir(dir.path()).unwrap().records, 10_001);
     }
 
     #[test]
     fn a_quiet_sink_writes_a_record_at_once() {
         let dir = tempfile::tempdir().unwrap();
         let (sink, handle) = FileSink::start(dir.path(), "n").unwrap();
-        let file = dir.path().join("audit-n-2026-11-24.jsonl");
+        // (Whichever file the writer chose: a test may run across midnight.)
+        let written = || {
+            trail_files(dir.path()).unwrap().iter().fold(0, |n, f| {
+                n + std::fs::read_to_string(f).map_or(0, |t| t.lines().count())
+            })
+        };
         for i in 0..3 {
             // Let the writer go idle, then one record must be on disk well before the
             // writer's idle timeout (1 s) would have come by.
@@ -467,8 +603,7 @@ mod tests {
             sink.submit(record(i, "2026-11-24")).unwrap();
             let start = std::time::Instant::now();
             loop {
-                let n = std::fs::read_to_string(&file).map_or(0, |t| t.lines().count());
-                if n == i + 1 {
+                if written() == i + 1 {
                     break;
                 }
                 assert!(

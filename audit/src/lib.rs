@@ -8,9 +8,11 @@
 //! fail-closed gateway can refuse calls it could not record.
 //!
 //! The first sink is [`file::FileSink`]: one JSON object per line, one file per day.
+//! Every record is sealed into its node's hash chain ([`chain`]) when it is written.
 
 use serde::{Deserialize, Serialize};
 
+pub mod chain;
 pub mod file;
 mod json;
 

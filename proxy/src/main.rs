@@ -49,6 +49,21 @@ enum Command {
         #[command(subcommand)]
         command: CertsCommand,
     },
+    /// The audit trail.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum AuditCommand {
+    /// Re-check the audit trail's hash chains end to end; exit 0 intact, 4 with the first
+    /// broken record named.
+    Verify {
+        #[arg(long, env = "FSP_CONFIG")]
+        config: PathBuf,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -151,6 +166,37 @@ fn main() -> ExitCode {
         Command::Certs {
             command: CertsCommand::Inventory { config, within },
         } => inventory(&config, within),
+        Command::Audit {
+            command: AuditCommand::Verify { config },
+        } => verify_audit(&config),
+    }
+}
+
+/// `fsp audit verify`: exit 0 intact, 1 unreadable configuration, 4 broken (the first
+/// broken record named), 5 when the trail cannot be read at all.
+fn verify_audit(config: &std::path::Path) -> ExitCode {
+    let Some(c) = proxy::run::load_or_report(config) else {
+        return ExitCode::from(1);
+    };
+    let proxy::config::AuditBackend::File { dir } = &c.audit.backend;
+    match audit::file::verify_dir(dir) {
+        Ok(v) => {
+            println!(
+                "audit trail intact: {} records in {} files under {}",
+                v.records,
+                v.files,
+                dir.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(audit::file::VerifyError::Io(e)) => {
+            eprintln!("cannot read the audit trail in {}: {e}", dir.display());
+            ExitCode::from(5)
+        }
+        Err(e) => {
+            eprintln!("audit trail broken: {e}");
+            ExitCode::from(4)
+        }
     }
 }
 

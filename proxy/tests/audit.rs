@@ -1,0 +1,124 @@
+//! The audit trail's hash chain, end to end: records written by a running gateway
+//! verify with `fsp audit verify`; one altered, removed or swapped record makes it exit
+//! 4 naming that record; a restarted gateway continues the chain.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::*;
+use http::StatusCode;
+
+/// `fsp audit verify` on `config`: exit code and what it printed.
+fn verify(config: &Path) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_fsp"))
+        .args(["audit", "verify", "--config"])
+        .arg(config)
+        .env("FSP_LOG", "warn")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
+
+/// The trail's one file, and its lines.
+fn trail(pki: &Pki) -> (PathBuf, Vec<String>) {
+    let dir = pki.path().join("audit");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
+        .collect();
+    files.sort();
+    assert_eq!(files.len(), 1, "{files:?}");
+    let text = std::fs::read_to_string(&files[0]).unwrap();
+    let lines = text.lines().map(str::to_owned).collect();
+    (files[0].clone(), lines)
+}
+
+async fn calls(gw: &Gateway, pki: &Pki, n: usize) {
+    let c = client(pki, Some(&pki.consumer), false);
+    for i in 0..n {
+        // Allowed calls and refused ones: both are in the trail.
+        let path = if i % 3 == 2 {
+            "/person/getPerson/v1/retired"
+        } else {
+            "/person/getPerson/v3/p"
+        };
+        let (status, ..) = send(&c, get(&gw.url(path))).await.unwrap();
+        assert!(status == StatusCode::OK || status == StatusCode::GONE);
+    }
+}
+
+#[tokio::test]
+async fn the_trail_verifies_and_any_altered_removed_or_swapped_record_is_named() {
+    let pki = Pki::new();
+    let up = upstream().await;
+    let config = write_config(&pki, up, 0, 0, "");
+    let mut gw = Gateway::start(&config).await;
+    calls(&gw, &pki, 6).await;
+    gw.stop();
+    // A restarted gateway continues the same chain.
+    let mut gw = Gateway::start(&config).await;
+    calls(&gw, &pki, 3).await;
+    gw.stop();
+
+    let (code, out) = verify(&config);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("9 records"), "{out}");
+    let (file, lines) = trail(&pki);
+    let records: Vec<serde_json::Value> = lines
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(records[0]["prev_hash"].is_null());
+    for pair in records.windows(2) {
+        assert_eq!(pair[1]["prev_hash"], pair[0]["hash"]);
+        assert_eq!(pair[1]["hash"].as_str().unwrap().len(), 64);
+    }
+    let id = |i: usize| records[i]["message_id"].as_str().unwrap().to_owned();
+    let write = |lines: &[String]| std::fs::write(&file, lines.join("\n") + "\n").unwrap();
+
+    // Altered: one field of the fifth record.
+    let mut altered = lines.clone();
+    altered[4] = altered[4].replace("\"decision\":\"", "\"decision\":\"X");
+    write(&altered);
+    let (code, out) = verify(&config);
+    assert_eq!(code, 4, "{out}");
+    assert!(out.contains(&id(4)) && out.contains("altered"), "{out}");
+
+    // Removed: the third record; the fourth no longer follows the second.
+    let mut removed = lines.clone();
+    removed.remove(2);
+    write(&removed);
+    let (code, out) = verify(&config);
+    assert_eq!(code, 4, "{out}");
+    assert!(out.contains(&id(3)), "{out}");
+
+    // Swapped: the second and third.
+    let mut swapped = lines.clone();
+    swapped.swap(1, 2);
+    write(&swapped);
+    let (code, out) = verify(&config);
+    assert_eq!(code, 4, "{out}");
+    assert!(out.contains(&id(2)), "{out}");
+
+    // A line cut short (as by a crash mid-write) is named too.
+    let mut torn = lines.clone();
+    let cut = torn[7].len() / 2;
+    torn[7].truncate(cut);
+    write(&torn);
+    let (code, out) = verify(&config);
+    assert_eq!(code, 4, "{out}");
+    assert!(out.contains("line 8 of"), "{out}");
+
+    write(&lines);
+    assert_eq!(verify(&config).0, 0);
+}
