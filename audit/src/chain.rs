@@ -179,6 +179,12 @@ impl Verifier {
         Ok(())
     }
 
+    /// Starts `node`'s chain after a record whose hash is `hash` (its earlier records were
+    /// retired).
+    pub fn continue_after(&mut self, node: &str, hash: String) {
+        self.last.insert(node.to_owned(), hash);
+    }
+
     /// How many records fitted their chain.
     pub fn checked(&self) -> u64 {
         self.checked

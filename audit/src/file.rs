@@ -12,6 +12,12 @@
 //! gathers for [`GROUP_COMMIT_WINDOW`]. A write failure marks the sink unhealthy (the
 //! gateway, when fail-closed, then refuses calls) and the batch is retried until written.
 //!
+//! The directory is the gateway user's alone (0700) and so are the files (0600): records
+//! hold national numbers and legal bases. A file removed or replaced under the running
+//! writer is noticed before the next batch is written: it goes to a new file, and the sink
+//! stays unhealthy (a fail-closed gateway refuses calls, `/readyz` says why) until the
+//! gateway is restarted by an operator who has looked; the break shows in `verify`.
+//!
 //! The writer seals each line into the node's hash chain ([`crate::chain`]) in the order
 //! it writes them, continuing after the last record of the node's newest file when it
 //! starts; [`verify_dir`] walks the files again and names the first record that does not
@@ -20,6 +26,7 @@
 use std::cell::RefCell;
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
@@ -38,6 +45,8 @@ pub const GROUP_COMMIT_WINDOW: Duration = Duration::from_millis(10);
 #[derive(Debug)]
 struct Shared {
     healthy: AtomicBool,
+    /// Set for good when a file of the trail was removed or replaced under the writer.
+    tampered: OnceLock<String>,
     last_error: Mutex<Option<String>>,
     /// Every thread's buffer of lines not yet written.
     shards: Mutex<Vec<Arc<Shard>>>,
@@ -77,8 +86,7 @@ impl Pending {
 
 /// Today (UTC) as `YYYY-MM-DD`: the day of the file the writer appends to.
 fn today() -> String {
-    let d = time::OffsetDateTime::now_utc().date();
-    format!("{:04}-{:02}-{:02}", d.year(), u8::from(d.month()), d.day())
+    day_text(time::OffsetDateTime::now_utc().date())
 }
 
 /// JSON-lines audit sink.
@@ -115,9 +123,20 @@ thread_local! {
 }
 
 impl FileSink {
-    /// Opens (creating) `dir` and starts the writer thread for records of `node`.
+    /// Opens (creating) `dir` and starts the writer thread for records of `node`; files
+    /// are kept forever.
     pub fn start(dir: &Path, node: &str) -> Result<(Self, FileSinkHandle), AuditError> {
-        Self::with_capacity(dir, node, DEFAULT_CAPACITY)
+        Self::with_capacity(dir, node, DEFAULT_CAPACITY, None)
+    }
+
+    /// As [`FileSink::start`], deleting whole files older than `retention_days` (once a
+    /// day, and at start).
+    pub fn start_with_retention(
+        dir: &Path,
+        node: &str,
+        retention_days: u32,
+    ) -> Result<(Self, FileSinkHandle), AuditError> {
+        Self::with_capacity(dir, node, DEFAULT_CAPACITY, Some(retention_days))
     }
 
     /// As [`FileSink::start`], refusing records once `capacity` of one thread wait.
@@ -125,14 +144,20 @@ impl FileSink {
         dir: &Path,
         node: &str,
         capacity: usize,
+        retention_days: Option<u32>,
     ) -> Result<(Self, FileSinkHandle), AuditError> {
         static IDS: AtomicU64 = AtomicU64::new(0);
-        std::fs::create_dir_all(dir).map_err(|e| {
-            AuditError::Unavailable(format!(
-                "cannot create audit directory {}: {e}",
-                dir.display()
-            ))
-        })?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .and_then(|()| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)))
+            .map_err(|e| {
+                AuditError::Unavailable(format!(
+                    "cannot create audit directory {} (readable by the gateway's user only): {e}",
+                    dir.display()
+                ))
+            })?;
         // Fail at start-up, not on the first call, when the directory is not writable.
         let probe = dir.join(".fsp-write-test");
         File::create(&probe)
@@ -145,6 +170,7 @@ impl FileSink {
             })?;
         let shared = Arc::new(Shared {
             healthy: AtomicBool::new(true),
+            tampered: OnceLock::new(),
             last_error: Mutex::new(None),
             shards: Mutex::new(Vec::new()),
             closed: AtomicBool::new(false),
@@ -160,6 +186,8 @@ impl FileSink {
             shared: shared.clone(),
             chain,
             sealed: Vec::new(),
+            retention_days,
+            retired_on: None,
         };
         let thread = std::thread::Builder::new()
             .name("fsp-audit-file".into())
@@ -230,6 +258,9 @@ impl AuditSink for FileSink {
     }
 
     fn health(&self) -> Result<(), AuditError> {
+        if let Some(why) = self.shared.tampered.get() {
+            return Err(AuditError::Unavailable(why.clone()));
+        }
         if self.shared.healthy.load(Ordering::Acquire) {
             Ok(())
         } else {
@@ -268,6 +299,10 @@ struct Writer {
     /// The batch's lines, sealed into the chain once and kept until written (a failed
     /// write is retried with the same lines), with the end of each day's part.
     sealed: Vec<(String, Vec<u8>)>,
+    /// Files older than this many days are deleted (`None`: kept forever).
+    retention_days: Option<u32>,
+    /// The day retention last ran.
+    retired_on: Option<String>,
 }
 
 impl Writer {
@@ -276,6 +311,7 @@ impl Writer {
         let mut batch: Vec<Pending> = Vec::new();
         let mut spare: Vec<Pending> = Vec::new();
         loop {
+            self.retire();
             let closing = self.shared.closed.load(Ordering::Acquire);
             if self.collect(&mut batch, &mut spare) == 0 {
                 if closing {
@@ -287,6 +323,8 @@ impl Writer {
                 if self.collect(&mut batch, &mut spare) == 0 {
                     std::thread::park_timeout(Duration::from_secs(1));
                     self.shared.idle.store(false, Ordering::SeqCst);
+                    // Quiet or not, a removed file is noticed within a second.
+                    self.check_in_place();
                     continue;
                 }
                 self.shared.idle.store(false, Ordering::SeqCst);
@@ -296,6 +334,9 @@ impl Writer {
             self.seal(&batch);
             let mut delay = Duration::from_millis(50);
             loop {
+                // Before writing: a file removed since the last batch must not swallow
+                // this one.
+                self.check_in_place();
                 match self.write_sealed() {
                     Ok(()) => {
                         self.shared.healthy.store(true, Ordering::Release);
@@ -379,6 +420,89 @@ impl Writer {
         Ok(())
     }
 
+    /// Deletes the node's files older than the retention period, once a day. The chain
+    /// goes on across them: the hash of the last record retired is kept first, in the
+    /// node's retirement anchor (see [`Anchor`]), and `verify` starts from it.
+    fn retire(&mut self) {
+        let Some(days) = self.retention_days else {
+            return;
+        };
+        let today = today();
+        if self.retired_on.as_deref() == Some(today.as_str()) {
+            return;
+        }
+        self.retired_on = Some(today);
+        let cutoff = day_text(
+            time::OffsetDateTime::now_utc().date() - time::Duration::days(i64::from(days)),
+        );
+        let old: Vec<(String, PathBuf)> = match node_files(&self.dir, &self.node) {
+            Ok(files) => files.into_iter().filter(|(d, _)| *d < cutoff).collect(),
+            Err(e) => {
+                tracing::error!(error = %e, "audit retention cannot list the trail");
+                return;
+            }
+        };
+        let Some((newest_day, newest)) = old.last() else {
+            return;
+        };
+        let anchor = match last_record(newest) {
+            Ok(Some(r)) => Anchor {
+                node: r.node,
+                retired_through: newest_day.clone(),
+                last_hash: r.hash,
+            },
+            Ok(None) => Anchor {
+                node: self.node.clone(),
+                retired_through: newest_day.clone(),
+                last_hash: None,
+            },
+            Err(e) => {
+                tracing::error!(error = %e, file = %newest.display(), "audit retention cannot read the file it would retire; nothing retired");
+                return;
+            }
+        };
+        if let Err(e) = anchor.write(&self.dir, &self.node) {
+            tracing::error!(error = %e, "audit retention cannot keep the chain's anchor; nothing retired");
+            return;
+        }
+        for (_, path) in &old {
+            match std::fs::remove_file(path) {
+                Ok(()) => {
+                    tracing::info!(file = %path.display(), retention_days = days, "audit file retired")
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, file = %path.display(), "audit file could not be retired")
+                }
+            }
+        }
+    }
+
+    /// Whether the file being written is still the one at its path; if it was removed or
+    /// replaced, the sink turns unhealthy for good and the batch about to be written
+    /// starts a new file.
+    fn check_in_place(&mut self) {
+        let Some((day, f)) = &self.current else {
+            return;
+        };
+        let path = self.dir.join(format!("audit-{}-{day}.jsonl", self.node));
+        let open = f.get_ref().metadata().map(|m| (m.dev(), m.ino()));
+        let at_path = std::fs::metadata(&path).map(|m| (m.dev(), m.ino()));
+        let moved = match (open, at_path) {
+            (Ok(a), Ok(b)) => a != b,
+            (_, Err(_)) => true,
+            (Err(_), Ok(_)) => false,
+        };
+        if moved {
+            let why = format!(
+                "audit file {} was removed or replaced while the gateway was writing it; records go on in a new file, and calls are refused until an operator restarts the gateway",
+                path.display()
+            );
+            tracing::error!(file = %path.display(), "audit file removed or replaced under the writer");
+            let _ = self.shared.tampered.set(why);
+            self.current = None;
+        }
+    }
+
     fn file_for(&mut self, day: &str) -> std::io::Result<&mut BufWriter<File>> {
         let stale = self.current.as_ref().is_none_or(|(d, _)| d != day);
         if stale {
@@ -387,7 +511,13 @@ impl Writer {
                 old.get_ref().sync_data()?;
             }
             let path = self.dir.join(format!("audit-{}-{day}.jsonl", self.node));
-            let f = OpenOptions::new().create(true).append(true).open(path)?;
+            let f = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .mode(0o600)
+                .open(path)?;
+            // A file made before (or by hand) is the gateway user's alone too.
+            f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
             self.current = Some((day.to_owned(), BufWriter::with_capacity(256 * 1024, f)));
         }
         match self.current.as_mut() {
@@ -397,34 +527,125 @@ impl Writer {
     }
 }
 
-/// The hash of the last record in the node's newest file in `dir`, to continue its chain
-/// after a restart (`None` when the node has no record yet).
+/// The hash of the last record of the node in `dir`, to continue its chain after a
+/// restart: the last record of its newest file, or the retirement anchor's when every
+/// file was retired (`None` when the node has no record yet).
 fn last_hash(dir: &Path, node: &str) -> Result<Option<String>, AuditError> {
-    let files = trail_files(dir).map_err(|e| {
+    let unavailable = |e: std::io::Error| {
         AuditError::Unavailable(format!(
-            "cannot list audit directory {}: {e}",
+            "cannot read the audit trail in {}: {e}",
             dir.display()
         ))
-    })?;
-    let prefix = format!("audit-{node}-");
-    let Some(newest) = files.iter().rev().find(|p| {
-        p.file_name()
-            .and_then(|n| n.to_str())
-            .and_then(|n| n.strip_prefix(&prefix))
-            // The rest is a date: a node whose name starts like another's is not it.
-            .is_some_and(|rest| rest.len() == "YYYY-MM-DD.jsonl".len())
-    }) else {
-        return Ok(None);
     };
-    let text = std::fs::read(newest).map_err(|e| {
-        AuditError::Unavailable(format!("cannot read audit file {}: {e}", newest.display()))
-    })?;
-    // The last whole record; a line cut short by a crash is left for `verify` to report.
+    let files = node_files(dir, node).map_err(unavailable)?;
+    match files.last() {
+        // A line cut short by a crash is left for `verify` to report.
+        Some((_, newest)) => Ok(last_record(newest)
+            .map_err(unavailable)?
+            .and_then(|r| r.hash)),
+        None => Ok(Anchor::read(dir, node)
+            .map_err(unavailable)?
+            .and_then(|a| a.last_hash)),
+    }
+}
+
+/// The node's files in `dir`, with their days, oldest first.
+fn node_files(dir: &Path, node: &str) -> std::io::Result<Vec<(String, PathBuf)>> {
+    let prefix = format!("audit-{node}-");
+    Ok(trail_files(dir)?
+        .into_iter()
+        .filter_map(|p| {
+            let day = p
+                .file_name()?
+                .to_str()?
+                .strip_prefix(&prefix)?
+                .strip_suffix(".jsonl")?
+                .to_owned();
+            // The rest is a date: a node whose name starts like another's is not it.
+            let is_day = day.len() == 10
+                && day.bytes().enumerate().all(|(i, b)| {
+                    if i == 4 || i == 7 {
+                        b == b'-'
+                    } else {
+                        b.is_ascii_digit()
+                    }
+                });
+            is_day.then_some((day, p))
+        })
+        .collect())
+}
+
+/// The last whole record of a file.
+fn last_record(path: &Path) -> std::io::Result<Option<Record>> {
+    let text = std::fs::read(path)?;
     Ok(text
         .split(|&b| b == b'\n')
         .rev()
-        .filter_map(|l| serde_json::from_slice::<Record>(l).ok())
-        .find_map(|r| r.hash))
+        .find_map(|l| serde_json::from_slice::<Record>(l).ok()))
+}
+
+fn day_text(d: time::Date) -> String {
+    format!("{:04}-{:02}-{:02}", d.year(), u8::from(d.month()), d.day())
+}
+
+/// Where a node's chain goes on after its oldest files were retired: the hash of the
+/// last record retired, and the last day retired. Kept beside the trail as
+/// `retired-{node}.json`, written (atomically) before any file is deleted.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Anchor {
+    /// The node as its records name it.
+    pub node: String,
+    pub retired_through: String,
+    pub last_hash: Option<String>,
+}
+
+impl Anchor {
+    fn path(dir: &Path, node: &str) -> PathBuf {
+        dir.join(format!("retired-{node}.json"))
+    }
+
+    fn read(dir: &Path, node: &str) -> std::io::Result<Option<Self>> {
+        match std::fs::read(Self::path(dir, node)) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(std::io::Error::other),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn write(&self, dir: &Path, node: &str) -> std::io::Result<()> {
+        let path = Self::path(dir, node);
+        let tmp = path.with_extension("json.tmp");
+        let mut f = OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(&serde_json::to_vec(self).map_err(std::io::Error::other)?)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &path)?;
+        File::open(dir)?.sync_all()
+    }
+
+    /// Every anchor in `dir`.
+    fn all(dir: &Path) -> std::io::Result<Vec<(PathBuf, Self)>> {
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(dir)? {
+            let path = entry?.path();
+            let name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default();
+            if name.starts_with("retired-") && name.ends_with(".json") {
+                let anchor = serde_json::from_slice(&std::fs::read(&path)?)
+                    .map_err(std::io::Error::other)?;
+                out.push((path, anchor));
+            }
+        }
+        Ok(out)
+    }
 }
 
 /// The trail's files in `dir`, sorted by name: by node, then by day.
@@ -462,13 +683,40 @@ pub enum VerifyError {
         line: usize,
         why: String,
     },
+    #[error(
+        "{anchor} says files up to {through} were retired, but records are kept {days} days: files were deleted before their time"
+    )]
+    RetiredEarly {
+        anchor: String,
+        through: String,
+        days: u32,
+    },
 }
 
 /// Walks every file of the trail in `dir`, each node's files in the order of their days,
-/// and checks every record against its node's chain.
-pub fn verify_dir(dir: &Path) -> Result<Verified, VerifyError> {
+/// and checks every record against its node's chain; a node whose oldest files were
+/// retired starts from its anchor. With `retention_days`, an anchor that retired files
+/// younger than that is a break too (files deleted before their time).
+pub fn verify_dir(dir: &Path, retention_days: Option<u32>) -> Result<Verified, VerifyError> {
     let files = trail_files(dir)?;
     let mut verifier = Verifier::default();
+    for (path, anchor) in Anchor::all(dir)? {
+        if let Some(days) = retention_days {
+            let cutoff = day_text(
+                time::OffsetDateTime::now_utc().date() - time::Duration::days(i64::from(days)),
+            );
+            if anchor.retired_through >= cutoff {
+                return Err(VerifyError::RetiredEarly {
+                    anchor: path.display().to_string(),
+                    through: anchor.retired_through,
+                    days,
+                });
+            }
+        }
+        if let Some(h) = anchor.last_hash {
+            verifier.continue_after(&anchor.node, h);
+        }
+    }
     for file in &files {
         let text = std::fs::read(file)?;
         let name = file.display().to_string();
@@ -495,6 +743,15 @@ pub fn verify_dir(dir: &Path) -> Result<Verified, VerifyError> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    /// Every file of the trail, one after the other.
+    fn whole_trail(dir: &Path) -> String {
+        trail_files(dir)
+            .unwrap()
+            .iter()
+            .map(|f| std::fs::read_to_string(f).unwrap())
+            .collect()
+    }
 
     fn record(i: usize, day: &str) -> Record {
         Record {
@@ -538,7 +795,7 @@ mod tests {
             .collect();
         // In the order they were taken, each with its own timestamp.
         assert_eq!(ids, (0..1000).map(|i| format!("m-{i}")).collect::<Vec<_>>());
-        assert_eq!(verify_dir(dir.path()).unwrap().records, 1000);
+        assert_eq!(verify_dir(dir.path(), None).unwrap().records, 1000);
     }
 
     #[test]
@@ -557,11 +814,7 @@ mod tests {
         });
         drop(sink);
         handle.join();
-        let text: String = trail_files(dir.path())
-            .unwrap()
-            .iter()
-            .map(|f| std::fs::read_to_string(f).unwrap())
-            .collect();
+        let text = whole_trail(dir.path());
         let mut ids: Vec<String> = text
             .lines()
             .map(|l| serde_json::from_str::<Record>(l).unwrap().message_id)
@@ -572,7 +825,7 @@ mod tests {
         assert_eq!(ids.len(), 10_000, "every record once");
         // Sealed into one chain in the order written, whatever thread submitted them.
         assert_eq!(
-            verify_dir(dir.path()).unwrap(),
+            verify_dir(dir.path(), None).unwrap(),
             Verified {
                 files: 1,
                 records: 10_000
@@ -583,7 +836,121 @@ mod tests {
         sink.submit(record(99_999, "2026-11-25")).unwrap();
         drop(sink);
         handle.join();
-        assert_eq!(verify_dir(dir.path()).unwrap().records, 10_001);
+        assert_eq!(verify_dir(dir.path(), None).unwrap().records, 10_001);
+    }
+
+    #[test]
+    fn retention_deletes_whole_old_files_and_the_chain_goes_on_from_its_anchor() {
+        let dir = tempfile::tempdir().unwrap();
+        let ago = |days: i64| {
+            day_text(time::OffsetDateTime::now_utc().date() - time::Duration::days(days))
+        };
+        // Files as the writer left them 400 and 10 days ago.
+        let mut next = 0;
+        for days in [400, 10] {
+            let (sink, handle) = FileSink::start(dir.path(), "n").unwrap();
+            for _ in 0..3 {
+                sink.submit(record(next, "2026-01-01")).unwrap();
+                next += 1;
+            }
+            drop(sink);
+            handle.join();
+            let written = dir.path().join(format!("audit-n-{}.jsonl", today()));
+            let aged = dir.path().join(format!("audit-n-{}.jsonl", ago(days)));
+            std::fs::rename(written, aged).unwrap();
+        }
+        let (sink, handle) = FileSink::start_with_retention(dir.path(), "n", 365).unwrap();
+        sink.submit(record(next, "2026-01-01")).unwrap();
+        drop(sink);
+        handle.join();
+        let files = trail_files(dir.path()).unwrap();
+        assert_eq!(files.len(), 2, "{files:?}");
+        assert!(
+            !dir.path()
+                .join(format!("audit-n-{}.jsonl", ago(400)))
+                .exists()
+        );
+        let anchor = Anchor::read(dir.path(), "n").unwrap().unwrap();
+        assert_eq!(anchor.retired_through, ago(400));
+        assert_eq!(anchor.node, "n1");
+        assert_eq!(verify_dir(dir.path(), Some(365)).unwrap().records, 4);
+        // An anchor younger than the retention period: deleted before its time.
+        assert!(matches!(
+            verify_dir(dir.path(), Some(500)),
+            Err(VerifyError::RetiredEarly { .. })
+        ));
+        // A file removed beyond the anchor breaks the chain.
+        std::fs::remove_file(dir.path().join(format!("audit-n-{}.jsonl", ago(10)))).unwrap();
+        assert!(matches!(
+            verify_dir(dir.path(), Some(365)),
+            Err(VerifyError::Broken(Break::Unlinked { .. }))
+        ));
+    }
+
+    #[test]
+    fn the_trail_is_the_gateway_users_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let trail = dir.path().join("audit");
+        std::fs::create_dir(&trail).unwrap();
+        std::fs::set_permissions(&trail, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let (sink, handle) = FileSink::start(&trail, "n").unwrap();
+        sink.submit(record(1, "2026-11-24")).unwrap();
+        drop(sink);
+        handle.join();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&trail), 0o700);
+        let files = trail_files(&trail).unwrap();
+        assert_eq!(files.len(), 1);
+        assert_eq!(mode(&files[0]), 0o600);
+    }
+
+    #[test]
+    fn a_file_removed_under_the_writer_is_noticed_and_the_break_shows() {
+        let dir = tempfile::tempdir().unwrap();
+        let (sink, handle) = FileSink::start(dir.path(), "n").unwrap();
+        let wait_for = |n: usize| {
+            let start = std::time::Instant::now();
+            while trail_files(dir.path()).unwrap().iter().fold(0, |k, f| {
+                k + std::fs::read_to_string(f).map_or(0, |t| t.lines().count())
+            }) < n
+            {
+                assert!(start.elapsed() < std::time::Duration::from_secs(5));
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        };
+        for i in 0..3 {
+            sink.submit(record(i, "2026-11-24")).unwrap();
+        }
+        wait_for(3);
+        assert!(sink.health().is_ok());
+        for f in trail_files(dir.path()).unwrap() {
+            std::fs::remove_file(f).unwrap();
+        }
+        // The next batch notices, and goes to a new file.
+        sink.submit(record(3, "2026-11-24")).unwrap();
+        let start = std::time::Instant::now();
+        while sink.health().is_ok() {
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(5),
+                "not noticed"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let why = sink.health().unwrap_err().to_string();
+        assert!(why.contains("removed or replaced"), "{why}");
+        sink.submit(record(4, "2026-11-24")).unwrap();
+        drop(sink);
+        handle.join();
+        // Nothing taken after the removal is lost, and the gap shows.
+        let text = whole_trail(dir.path());
+        assert!(
+            text.contains("\"m-3\"") && text.contains("\"m-4\""),
+            "{text}"
+        );
+        assert!(matches!(
+            verify_dir(dir.path(), None),
+            Err(VerifyError::Broken(Break::Unlinked { .. }))
+        ));
     }
 
     #[test]
@@ -620,7 +987,7 @@ mod tests {
     #[test]
     fn a_full_queue_refuses_instead_of_blocking() {
         let dir = tempfile::tempdir().unwrap();
-        let (sink, handle) = FileSink::with_capacity(dir.path(), "n", 1).unwrap();
+        let (sink, handle) = FileSink::with_capacity(dir.path(), "n", 1, None).unwrap();
         let refused = (0..10_000)
             .map(|i| sink.submit(record(i, "2026-11-24")))
             .filter(|r| matches!(r, Err(AuditError::Backlog(1))))

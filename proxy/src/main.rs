@@ -179,7 +179,7 @@ fn verify_audit(config: &std::path::Path) -> ExitCode {
         return ExitCode::from(1);
     };
     let proxy::config::AuditBackend::File { dir } = &c.audit.backend;
-    match audit::file::verify_dir(dir) {
+    match audit::file::verify_dir(dir, Some(c.audit.retention_days)) {
         Ok(v) => {
             println!(
                 "audit trail intact: {} records in {} files under {}",

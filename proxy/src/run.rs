@@ -101,8 +101,10 @@ pub async fn start(
     let throttle_cfg = config.throttle.clone();
 
     let (sink, sink_handle) = match &config.audit.backend {
-        AuditBackend::File { dir } => audit::file::FileSink::start(dir, &node)
-            .with_context(|| format!("cannot start the audit trail in {}", dir.display()))?,
+        AuditBackend::File { dir } => {
+            audit::file::FileSink::start_with_retention(dir, &node, config.audit.retention_days)
+                .with_context(|| format!("cannot start the audit trail in {}", dir.display()))?
+        }
     };
     let sink: Arc<dyn audit::AuditSink> = Arc::new(sink);
 

@@ -122,3 +122,70 @@ async fn the_trail_verifies_and_any_altered_removed_or_swapped_record_is_named()
     write(&lines);
     assert_eq!(verify(&config).0, 0);
 }
+
+#[tokio::test]
+async fn a_trail_file_removed_under_the_gateway_makes_it_unready_and_refuse_calls() {
+    let pki = Pki::new();
+    let up = upstream().await;
+    let config = write_config(&pki, up, 0, 0, "");
+    let gw = Gateway::start(&config).await;
+    calls(&gw, &pki, 2).await;
+    let admin_port = gw.admin_port;
+    let admin = move |path: &'static str| async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", admin_port))
+            .await
+            .unwrap();
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    };
+    assert!(admin("/readyz").await.starts_with("HTTP/1.1 200"));
+    // Once the records are on disk, the file is removed.
+    let start = std::time::Instant::now();
+    let file = loop {
+        let dir = pki.path().join("audit");
+        if let Some(f) = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| {
+                p.extension().is_some_and(|e| e == "jsonl")
+                    && std::fs::read_to_string(p).is_ok_and(|t| t.lines().count() == 2)
+            })
+        {
+            break f;
+        }
+        assert!(start.elapsed() < std::time::Duration::from_secs(5));
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    std::fs::remove_file(&file).unwrap();
+    // Noticed within a second or so, without any call.
+    let start = std::time::Instant::now();
+    let ready = loop {
+        let r = admin("/readyz").await;
+        if r.starts_with("HTTP/1.1 503") {
+            break r;
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(5),
+            "still ready: {r}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    assert!(ready.contains("removed or replaced"), "{ready}");
+    // A fail-closed gateway forwards nothing it could not record safely.
+    let c = client(&pki, Some(&pki.consumer), false);
+    let (status, _, body, _) = send(&c, get(&gw.url("/person/getPerson/v3/p")))
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        String::from_utf8_lossy(&body).contains("FSP-AUDIT-UNAVAILABLE"),
+        "{body:?}"
+    );
+}
