@@ -663,6 +663,28 @@ pub fn trail_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     Ok(files)
 }
 
+/// Reads every record of the trail in `dir`, each node's files in the order of their
+/// days, and hands each to `f` with where it is (`file:line`), or why a line is not a
+/// record; stops at the first error `f` returns. Returns how many files were read.
+pub fn for_each_record<E: From<std::io::Error>>(
+    dir: &Path,
+    mut f: impl FnMut(&str, Result<Record, String>) -> Result<(), E>,
+) -> Result<usize, E> {
+    let files = trail_files(dir)?;
+    for file in &files {
+        let text = std::fs::read(file)?;
+        let name = file.display().to_string();
+        for (i, line) in text.split(|&b| b == b'\n').enumerate() {
+            if line.is_empty() {
+                continue;
+            }
+            let record = serde_json::from_slice::<Record>(line).map_err(|e| e.to_string());
+            f(&format!("{name}:{}", i + 1), record)?;
+        }
+    }
+    Ok(files.len())
+}
+
 /// What [`verify_dir`] found.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Verified {
@@ -677,12 +699,8 @@ pub enum VerifyError {
     Io(#[from] std::io::Error),
     #[error(transparent)]
     Broken(#[from] Break),
-    #[error("line {line} of {file} is not a whole audit record (cut short, or edited): {why}")]
-    NotARecord {
-        file: String,
-        line: usize,
-        why: String,
-    },
+    #[error("{at} is not a whole audit record (cut short, or edited): {why}")]
+    NotARecord { at: String, why: String },
     #[error(
         "{anchor} says files up to {through} were retired, but records are kept {days} days: files were deleted before their time"
     )]
@@ -698,7 +716,6 @@ pub enum VerifyError {
 /// retired starts from its anchor. With `retention_days`, an anchor that retired files
 /// younger than that is a break too (files deleted before their time).
 pub fn verify_dir(dir: &Path, retention_days: Option<u32>) -> Result<Verified, VerifyError> {
-    let files = trail_files(dir)?;
     let mut verifier = Verifier::default();
     for (path, anchor) in Anchor::all(dir)? {
         if let Some(days) = retention_days {
@@ -717,24 +734,15 @@ pub fn verify_dir(dir: &Path, retention_days: Option<u32>) -> Result<Verified, V
             verifier.continue_after(&anchor.node, h);
         }
     }
-    for file in &files {
-        let text = std::fs::read(file)?;
-        let name = file.display().to_string();
-        for (i, line) in text.split(|&b| b == b'\n').enumerate() {
-            if line.is_empty() {
-                continue;
-            }
-            let record: Record =
-                serde_json::from_slice(line).map_err(|e| VerifyError::NotARecord {
-                    file: name.clone(),
-                    line: i + 1,
-                    why: e.to_string(),
-                })?;
-            verifier.check(&format!("{name}:{}", i + 1), &record)?;
-        }
-    }
+    let files = for_each_record(dir, |at, record| match record {
+        Ok(record) => Ok(verifier.check(at, &record)?),
+        Err(why) => Err(VerifyError::NotARecord {
+            at: at.to_owned(),
+            why,
+        }),
+    })?;
     Ok(Verified {
-        files: files.len(),
+        files,
         records: verifier.checked(),
     })
 }

@@ -13,6 +13,7 @@
 use serde::{Deserialize, Serialize};
 
 pub mod chain;
+pub mod export;
 pub mod file;
 mod json;
 

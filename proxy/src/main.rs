@@ -64,6 +64,35 @@ enum AuditCommand {
         #[arg(long, env = "FSP_CONFIG")]
         config: PathBuf,
     },
+    /// Write audit records to stdout in the exchange format (JSON lines, or CSV with a
+    /// header row). Every filter given must hold.
+    Export {
+        #[arg(long, env = "FSP_CONFIG")]
+        config: PathBuf,
+        /// Calls received at or after this time (RFC 3339, or a day: YYYY-MM-DD).
+        #[arg(long)]
+        from: Option<String>,
+        /// Calls received before this time (RFC 3339, or a day: YYYY-MM-DD).
+        #[arg(long)]
+        to: Option<String>,
+        /// Calls of this consumer (its id).
+        #[arg(long)]
+        consumer: Option<String>,
+        /// The call with this FSP message id.
+        #[arg(long)]
+        message_id: Option<String>,
+        /// Calls made for this end user (the `FSP-End-User` reference).
+        #[arg(long)]
+        end_user: Option<String>,
+        #[arg(long, value_enum, default_value = "jsonl")]
+        format: ExportFormat,
+    },
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum ExportFormat {
+    Jsonl,
+    Csv,
 }
 
 #[derive(Subcommand, Debug)]
@@ -169,6 +198,79 @@ fn main() -> ExitCode {
         Command::Audit {
             command: AuditCommand::Verify { config },
         } => verify_audit(&config),
+        Command::Audit {
+            command:
+                AuditCommand::Export {
+                    config,
+                    from,
+                    to,
+                    consumer,
+                    message_id,
+                    end_user,
+                    format,
+                },
+        } => {
+            let instant =
+                |t: Option<String>| t.map(|t| audit::export::parse_instant(&t)).transpose();
+            let filter = match (instant(from), instant(to)) {
+                (Ok(from), Ok(to)) => audit::export::Filter {
+                    from,
+                    to,
+                    consumer,
+                    message_id,
+                    end_user,
+                },
+                (Err(e), _) => {
+                    eprintln!("--from: {e}");
+                    return ExitCode::from(2);
+                }
+                (_, Err(e)) => {
+                    eprintln!("--to: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let format = match format {
+                ExportFormat::Jsonl => audit::export::Format::Jsonl,
+                ExportFormat::Csv => audit::export::Format::Csv,
+            };
+            export_audit(&config, &filter, format)
+        }
+    }
+}
+
+/// `fsp audit export`: exit 0, 1 unreadable configuration, 4 when some line of the
+/// trail is not a record (it is named on stderr; the others are exported), 5 when the
+/// trail cannot be read or stdout written.
+fn export_audit(
+    config: &std::path::Path,
+    filter: &audit::export::Filter,
+    format: audit::export::Format,
+) -> ExitCode {
+    let Some(c) = proxy::run::load_or_report(config) else {
+        return ExitCode::from(1);
+    };
+    let proxy::config::AuditBackend::File { dir } = &c.audit.backend;
+    let stdout = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut out = audit::export::Writer::new(stdout, format);
+    let mut broken = 0u64;
+    let read = audit::file::for_each_record(dir, |at, record| {
+        match record {
+            Ok(r) if filter.matches(&r) => out.write(&r)?,
+            Ok(_) => {}
+            Err(why) => {
+                broken += 1;
+                eprintln!("{at} is not a whole audit record (cut short, or edited): {why}");
+            }
+        }
+        Ok::<(), std::io::Error>(())
+    });
+    match read.and_then(|_| out.finish().map(drop)) {
+        Ok(()) if broken == 0 => ExitCode::SUCCESS,
+        Ok(()) => ExitCode::from(4),
+        Err(e) => {
+            eprintln!("cannot export the audit trail in {}: {e}", dir.display());
+            ExitCode::from(5)
+        }
     }
 }
 
