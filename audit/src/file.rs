@@ -96,6 +96,7 @@ pub struct FileSink {
     id: u64,
     shared: Arc<Shared>,
     capacity: usize,
+    dir: PathBuf,
 }
 
 /// Waits for the writer thread to drain and stop, once the [`FileSink`] is gone.
@@ -199,6 +200,7 @@ impl FileSink {
                 id: IDS.fetch_add(1, Ordering::Relaxed),
                 shared,
                 capacity: capacity.max(1),
+                dir: dir.to_owned(),
             },
             FileSinkHandle {
                 thread: Some(thread),
@@ -236,6 +238,15 @@ impl Drop for FileSink {
 }
 
 impl AuditSink for FileSink {
+    fn lookup(&self, message_id: &str) -> Result<Option<Record>, AuditError> {
+        find(&self.dir, message_id).map_err(|e| {
+            AuditError::Unavailable(format!(
+                "cannot read the audit trail in {}: {e}",
+                self.dir.display()
+            ))
+        })
+    }
+
     fn submit(&self, record: Record) -> Result<(), AuditError> {
         let first = self.with_shard(|shard| {
             let mut p = shard.pending.lock().unwrap_or_else(|e| e.into_inner());
@@ -685,6 +696,28 @@ pub fn for_each_record<E: From<std::io::Error>>(
     Ok(files.len())
 }
 
+/// The record with this message id in the trail in `dir`: every file is scanned, lines
+/// that do not hold the id's text are skipped unparsed.
+pub fn find(dir: &Path, message_id: &str) -> std::io::Result<Option<Record>> {
+    let needle = format!("\"message_id\":\"{message_id}\"");
+    let finder = memchr::memmem::Finder::new(needle.as_bytes());
+    for file in trail_files(dir)?.iter().rev() {
+        let text = std::fs::read(file)?;
+        if finder.find(&text).is_none() {
+            continue;
+        }
+        for line in text.split(|&b| b == b'\n') {
+            if finder.find(line).is_some()
+                && let Ok(r) = serde_json::from_slice::<Record>(line)
+                && r.message_id == message_id
+            {
+                return Ok(Some(r));
+            }
+        }
+    }
+    Ok(None)
+}
+
 /// What [`verify_dir`] found.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Verified {
@@ -839,6 +872,21 @@ mod tests {
                 records: 10_000
             }
         );
+        // Found by its message id, and only by it.
+        assert_eq!(
+            find(dir.path(), "m-20005").unwrap().map(|r| r.message_id),
+            Some("m-20005".to_owned())
+        );
+        assert_eq!(
+            find(dir.path(), "m-2000").unwrap().map(|r| r.message_id),
+            Some("m-2000".into())
+        );
+        assert!(
+            find(dir.path(), "m-99")
+                .unwrap()
+                .is_none_or(|r| r.message_id == "m-99")
+        );
+        assert!(find(dir.path(), "nowhere").unwrap().is_none());
         // A new sink on the same directory continues the chain.
         let (sink, handle) = FileSink::start(dir.path(), "n").unwrap();
         sink.submit(record(99_999, "2026-11-25")).unwrap();

@@ -82,4 +82,8 @@ pub trait AuditSink: Send + Sync + std::fmt::Debug + 'static {
     /// Whether records are being persisted right now. A fail-closed gateway refuses calls
     /// while this is an error.
     fn health(&self) -> Result<(), AuditError>;
+
+    /// The record of the call with this message id, as written (records still waiting
+    /// to be written are not seen). Reads the store: call it where blocking is allowed.
+    fn lookup(&self, message_id: &str) -> Result<Option<Record>, AuditError>;
 }

@@ -97,6 +97,39 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// Which token (by its position in `tokens_file`) the caller presented, if any.
+/// `GET /admin/audit/{messageId}`: the call's record as written (200), 404 when the
+/// trail has none, 400 for an id that is not an FSP message id.
+async fn audit_record(gw: &Gateway, id: &str) -> Response<Full<Bytes>> {
+    if uuid::Uuid::try_parse(id).is_err() {
+        return json(
+            StatusCode::BAD_REQUEST,
+            serde_json::json!({"error": "an FSP message id is a UUID: /admin/audit/{messageId}"}),
+        );
+    }
+    let sink = gw.audit.clone();
+    let id = id.to_ascii_lowercase();
+    // The trail is read from disk: off the control runtime's thread.
+    let found = tokio::task::spawn_blocking(move || sink.lookup(&id)).await;
+    match found {
+        Ok(Ok(Some(record))) => json(
+            StatusCode::OK,
+            serde_json::to_value(record).unwrap_or_default(),
+        ),
+        Ok(Ok(None)) => json(
+            StatusCode::NOT_FOUND,
+            serde_json::json!({"error": "no call with this message id in the audit trail (a call's record is written when it ends)"}),
+        ),
+        Ok(Err(e)) => json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            serde_json::json!({"error": e.to_string()}),
+        ),
+        Err(e) => json(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            serde_json::json!({"error": format!("the lookup failed: {e}")}),
+        ),
+    }
+}
+
 fn administrator(tokens: &[String], req: &Request<Incoming>) -> Option<usize> {
     // The auth scheme is case-insensitive (RFC 9110 §11.1).
     let (scheme, presented) = req
@@ -165,8 +198,13 @@ async fn route(gw: &Gateway, peer: SocketAddr, req: Request<Incoming>) -> Respon
     let who = format!("token#{}", who + 1);
     let at = crate::pipeline::stamp::rfc3339_millis(time::OffsetDateTime::now_utc());
     let call = suspension_call(&path).filter(|_| req.method() == Method::POST);
+    let lookup = path
+        .strip_prefix("/admin/audit/")
+        .filter(|_| req.method() == Method::GET);
     let response = if let Some((party, id, suspend)) = call {
         suspension(gw, party, id, suspend, &who, &at)
+    } else if let Some(id) = lookup {
+        audit_record(gw, id).await
     } else {
         match (req.method(), path.as_str()) {
             (&Method::GET, "/admin/suspensions") => {

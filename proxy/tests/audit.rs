@@ -260,3 +260,67 @@ async fn export_writes_the_exchange_format_filtered() {
     let (code, _) = export(&config, &["--from", "yesterday"]);
     assert_eq!(code, 2);
 }
+
+#[tokio::test]
+async fn admin_audit_finds_a_call_by_its_message_id() {
+    let pki = Pki::new();
+    let up = upstream().await;
+    let config = write_config(&pki, up, 0, 0, "");
+    let gw = Gateway::start(&config).await;
+    let c = client(&pki, Some(&pki.consumer), false);
+    let mut req = get(&gw.url("/person/getPerson/v3/p"));
+    req.headers_mut()
+        .insert("fsp-end-user", "agent-9".parse().unwrap());
+    let (status, h, ..) = send(&c, req).await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    let id = h["fsp-message-id"].to_str().unwrap().to_owned();
+    let token = std::fs::read_to_string(pki.path().join("admin-tokens")).unwrap();
+    let token = token.lines().next().unwrap().to_owned();
+    let admin = |path: String, token: Option<String>| async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", gw.admin_port))
+            .await
+            .unwrap();
+        let auth = token.map_or(String::new(), |t| format!("authorization: Bearer {t}\r\n"));
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nhost: x\r\n{auth}connection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    };
+    // The record is written as the call ends: a moment later at most.
+    let start = std::time::Instant::now();
+    let found = loop {
+        let r = admin(format!("/admin/audit/{id}"), Some(token.clone())).await;
+        if r.starts_with("HTTP/1.1 200") {
+            break r;
+        }
+        assert!(r.starts_with("HTTP/1.1 404"), "{r}");
+        assert!(start.elapsed() < std::time::Duration::from_secs(5), "{r}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    let body: serde_json::Value =
+        serde_json::from_str(found.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    assert_eq!(body["message_id"], id.as_str());
+    assert_eq!(body["end_user"], "agent-9");
+    assert_eq!(body["hash"].as_str().unwrap().len(), 64);
+    let other = "0190aaaa-0000-7000-8000-000000000000".to_owned();
+    assert!(
+        admin(format!("/admin/audit/{other}"), Some(token.clone()))
+            .await
+            .starts_with("HTTP/1.1 404")
+    );
+    assert!(
+        admin("/admin/audit/..%2f..%2fetc".into(), Some(token))
+            .await
+            .starts_with("HTTP/1.1 400")
+    );
+    assert!(
+        admin(format!("/admin/audit/{id}"), None)
+            .await
+            .starts_with("HTTP/1.1 401")
+    );
+}
