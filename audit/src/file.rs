@@ -179,6 +179,7 @@ impl FileSink {
             writer: OnceLock::new(),
         });
         let node = sanitise(node);
+        repair_tail(dir, &node)?;
         let chain = Chain::after(last_hash(dir, &node)?);
         let writer = Writer {
             dir: dir.to_owned(),
@@ -558,6 +559,48 @@ fn last_hash(dir: &Path, node: &str) -> Result<Option<String>, AuditError> {
             .map_err(unavailable)?
             .and_then(|a| a.last_hash)),
     }
+}
+
+/// Cuts a line left unfinished by a crash from the end of the node's newest file, so
+/// that the records after it start on a line of their own; the cut bytes are kept in
+/// `{file}.torn` (nothing is thrown away) and the cut is logged. A last line that ends
+/// with its line break is never cut, even if it does not parse: that is not what a crash
+/// leaves, and `verify` reports it.
+fn repair_tail(dir: &Path, node: &str) -> Result<(), AuditError> {
+    let fail = |e: std::io::Error| {
+        AuditError::Unavailable(format!(
+            "cannot repair the audit trail in {}: {e}",
+            dir.display()
+        ))
+    };
+    let Some((_, newest)) = node_files(dir, node).map_err(fail)?.pop() else {
+        return Ok(());
+    };
+    let text = std::fs::read(&newest).map_err(fail)?;
+    if text.is_empty() || text.ends_with(b"\n") {
+        return Ok(());
+    }
+    let keep = text.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    let torn_path = newest.with_extension("jsonl.torn");
+    let mut torn = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(&torn_path)
+        .map_err(fail)?;
+    torn.write_all(&text[keep..]).map_err(fail)?;
+    torn.write_all(b"\n").map_err(fail)?;
+    torn.sync_all().map_err(fail)?;
+    let f = OpenOptions::new().write(true).open(&newest).map_err(fail)?;
+    f.set_len(keep as u64).map_err(fail)?;
+    f.sync_all().map_err(fail)?;
+    tracing::warn!(
+        file = %newest.display(),
+        bytes = text.len() - keep,
+        kept_in = %torn_path.display(),
+        "the audit file ended in an unfinished line (a crash while writing); it was cut and kept aside"
+    );
+    Ok(())
 }
 
 /// The node's files in `dir`, with their days, oldest first.
@@ -941,6 +984,31 @@ mod tests {
             verify_dir(dir.path(), Some(365)),
             Err(VerifyError::Broken(Break::Unlinked { .. }))
         ));
+    }
+
+    #[test]
+    fn a_line_cut_short_by_a_crash_is_cut_on_start_and_kept_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let (sink, handle) = FileSink::start(dir.path(), "n").unwrap();
+        for i in 0..3 {
+            sink.submit(record(i, "2026-11-24")).unwrap();
+        }
+        drop(sink);
+        handle.join();
+        let file = trail_files(dir.path()).unwrap().pop().unwrap();
+        // A crash in the middle of the fourth line.
+        let mut f = OpenOptions::new().append(true).open(&file).unwrap();
+        f.write_all(b"{\"message_id\":\"m-3\",\"timest").unwrap();
+        drop(f);
+        assert!(verify_dir(dir.path(), None).is_err());
+        let (sink, handle) = FileSink::start(dir.path(), "n").unwrap();
+        sink.submit(record(4, "2026-11-24")).unwrap();
+        drop(sink);
+        handle.join();
+        // Every earlier record kept, the chain whole, the fragment aside.
+        assert_eq!(verify_dir(dir.path(), None).unwrap().records, 4);
+        let torn = std::fs::read_to_string(file.with_extension("jsonl.torn")).unwrap();
+        assert_eq!(torn, "{\"message_id\":\"m-3\",\"timest\n");
     }
 
     #[test]
