@@ -63,8 +63,7 @@ pub async fn handle(
     let mut body = Unread::new(body);
     let target = Target::of(&local.snap, parts.uri.path(), stamp.now.date());
     let mut call = Call::begin(stamp, &local.gw.node, &conn, &parts, &target);
-    // The provider is called from here, not from inside `clear`: the exchange's future is
-    // the largest of the call, and each level it is nested in copies it once more.
+    // Up to the audit gate, then the provider: only a cleared call reaches `forward`.
     let served = match clear(&local, &conn, &mut call, &parts, target, &mut body).await {
         Ok((cleared, content)) => {
             let (method, headers) = (parts.method, parts.headers);
