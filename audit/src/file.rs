@@ -190,6 +190,7 @@ impl FileSink {
             sealed: Vec::new(),
             retention_days,
             retired_on: None,
+            batch_start: None,
         };
         let thread = std::thread::Builder::new()
             .name("fsp-audit-file".into())
@@ -315,6 +316,8 @@ struct Writer {
     retention_days: Option<u32>,
     /// The day retention last ran.
     retired_on: Option<String>,
+    /// The file the batch being written goes to, and its length before it.
+    batch_start: Option<(PathBuf, u64)>,
 }
 
 impl Writer {
@@ -360,7 +363,7 @@ impl Writer {
                             *last = Some(e.to_string());
                         }
                         self.shared.healthy.store(false, Ordering::Release);
-                        self.current = None;
+                        self.undo_partial_write();
                         std::thread::sleep(delay);
                         delay = (delay * 2).min(Duration::from_secs(2));
                     }
@@ -422,7 +425,14 @@ impl Writer {
     }
 
     fn write_parts(&mut self, parts: &[(String, Vec<u8>)]) -> std::io::Result<()> {
+        self.batch_start = None;
         for (day, lines) in parts {
+            let f = self.file_for(day)?;
+            // (Empty: every batch ends flushed.) Where this batch starts, so that a
+            // failed write can be undone rather than written twice.
+            let start = f.get_ref().metadata()?.len();
+            let path = self.dir.join(format!("audit-{}-{day}.jsonl", self.node));
+            self.batch_start = Some((path, start));
             self.file_for(day)?.write_all(lines)?;
         }
         if let Some((_, f)) = self.current.as_mut() {
@@ -430,6 +440,26 @@ impl Writer {
             f.get_ref().sync_data()?;
         }
         Ok(())
+    }
+
+    /// After a failed write: drops the file without flushing what is buffered, and cuts
+    /// it back to where the batch began, so that the retried batch is written once (a
+    /// line written twice, or half, would break the chain).
+    fn undo_partial_write(&mut self) {
+        if let Some((_, w)) = self.current.take() {
+            // Not flushed: the buffered part of the batch is dropped with it.
+            let (file, _) = w.into_parts();
+            drop(file);
+        }
+        if let Some((path, start)) = self.batch_start.take() {
+            let cut = OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .and_then(|f| f.set_len(start).and_then(|()| f.sync_all()));
+            if let Err(e) = cut {
+                tracing::error!(error = %e, file = %path.display(), "audit write failed and could not be undone; verify will show where");
+            }
+        }
     }
 
     /// Deletes the node's files older than the retention period, once a day. The chain
@@ -476,6 +506,17 @@ impl Writer {
         if let Err(e) = anchor.write(&self.dir, &self.node) {
             tracing::error!(error = %e, "audit retention cannot keep the chain's anchor; nothing retired");
             return;
+        }
+        // The file being written (a node quiet for days may still hold one open) is
+        // closed first, so that its removal is not taken for tampering.
+        if let Some((day, mut w)) = self.current.take() {
+            if day < cutoff {
+                if let Err(e) = w.flush().and_then(|()| w.get_ref().sync_data()) {
+                    tracing::error!(error = %e, "audit file could not be synced before retirement");
+                }
+            } else {
+                self.current = Some((day, w));
+            }
         }
         for (_, path) in &old {
             match std::fs::remove_file(path) {
@@ -549,16 +590,16 @@ fn last_hash(dir: &Path, node: &str) -> Result<Option<String>, AuditError> {
             dir.display()
         ))
     };
-    let files = node_files(dir, node).map_err(unavailable)?;
-    match files.last() {
-        // A line cut short by a crash is left for `verify` to report.
-        Some((_, newest)) => Ok(last_record(newest)
-            .map_err(unavailable)?
-            .and_then(|r| r.hash)),
-        None => Ok(Anchor::read(dir, node)
-            .map_err(unavailable)?
-            .and_then(|a| a.last_hash)),
+    // The newest file with a record (a file cut to nothing by `repair_tail`, or made
+    // just before a crash, holds none), else the anchor of the retired ones.
+    for (_, file) in node_files(dir, node).map_err(unavailable)?.iter().rev() {
+        if let Some(r) = last_record(file).map_err(unavailable)? {
+            return Ok(r.hash);
+        }
     }
+    Ok(Anchor::read(dir, node)
+        .map_err(unavailable)?
+        .and_then(|a| a.last_hash))
 }
 
 /// Cuts a line left unfinished by a crash from the end of the node's newest file, so
@@ -576,11 +617,10 @@ fn repair_tail(dir: &Path, node: &str) -> Result<(), AuditError> {
     let Some((_, newest)) = node_files(dir, node).map_err(fail)?.pop() else {
         return Ok(());
     };
-    let text = std::fs::read(&newest).map_err(fail)?;
-    if text.is_empty() || text.ends_with(b"\n") {
+    let (text, offset) = unfinished_tail(&newest).map_err(fail)?;
+    if text.is_empty() {
         return Ok(());
     }
-    let keep = text.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
     let torn_path = newest.with_extension("jsonl.torn");
     let mut torn = OpenOptions::new()
         .create(true)
@@ -588,19 +628,32 @@ fn repair_tail(dir: &Path, node: &str) -> Result<(), AuditError> {
         .mode(0o600)
         .open(&torn_path)
         .map_err(fail)?;
-    torn.write_all(&text[keep..]).map_err(fail)?;
+    torn.write_all(&text).map_err(fail)?;
     torn.write_all(b"\n").map_err(fail)?;
     torn.sync_all().map_err(fail)?;
     let f = OpenOptions::new().write(true).open(&newest).map_err(fail)?;
-    f.set_len(keep as u64).map_err(fail)?;
+    f.set_len(offset).map_err(fail)?;
     f.sync_all().map_err(fail)?;
     tracing::warn!(
         file = %newest.display(),
-        bytes = text.len() - keep,
+        bytes = text.len(),
         kept_in = %torn_path.display(),
         "the audit file ended in an unfinished line (a crash while writing); it was cut and kept aside"
     );
     Ok(())
+}
+
+/// The bytes after a file's last line break, and where they start (nothing when the
+/// file ends with one). Read from the end: only the last line is wanted.
+fn unfinished_tail(path: &Path) -> std::io::Result<(Vec<u8>, u64)> {
+    let tail = from_the_end(path, |tail, start| {
+        match tail.iter().rposition(|&b| b == b'\n') {
+            Some(i) => Some((tail[i + 1..].to_vec(), start + i as u64 + 1)),
+            None if start == 0 => Some((tail.to_vec(), 0)),
+            None => None,
+        }
+    })?;
+    Ok(tail.unwrap_or_default())
 }
 
 /// The node's files in `dir`, with their days, oldest first.
@@ -630,12 +683,46 @@ fn node_files(dir: &Path, node: &str) -> std::io::Result<Vec<(String, PathBuf)>>
 }
 
 /// The last whole record of a file.
+/// The last whole record of a file, read from its end: a day's file may hold gigabytes.
 fn last_record(path: &Path) -> std::io::Result<Option<Record>> {
-    let text = std::fs::read(path)?;
-    Ok(text
-        .split(|&b| b == b'\n')
-        .rev()
-        .find_map(|l| serde_json::from_slice::<Record>(l).ok()))
+    from_the_end(path, |tail, start| {
+        let mut lines: Vec<&[u8]> = tail.split(|&b| b == b'\n').collect();
+        if start > 0 {
+            // The first piece may be the end of a line that began before the window.
+            lines.remove(0);
+        }
+        lines
+            .iter()
+            .rev()
+            .find_map(|l| serde_json::from_slice::<Record>(l).ok())
+    })
+}
+
+/// Reads the end of a file, a growing window at a time, until `found` has what it wants
+/// in the window (given with where it starts) or the whole file was read.
+fn from_the_end<T>(
+    path: &Path,
+    mut found: impl FnMut(&[u8], u64) -> Option<T>,
+) -> std::io::Result<Option<T>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = File::open(path)?;
+    let len = f.metadata()?.len();
+    let mut window: u64 = 64 * 1024;
+    loop {
+        let start = len.saturating_sub(window);
+        f.seek(SeekFrom::Start(start))?;
+        let mut tail = Vec::new();
+        Read::by_ref(&mut f)
+            .take(len - start)
+            .read_to_end(&mut tail)?;
+        if let Some(t) = found(&tail, start) {
+            return Ok(Some(t));
+        }
+        if start == 0 {
+            return Ok(None);
+        }
+        window = window.saturating_mul(4);
+    }
 }
 
 fn day_text(d: time::Date) -> String {
@@ -717,6 +804,51 @@ pub fn trail_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     Ok(files)
 }
 
+/// Longer lines are not records (a record is a few hundred bytes, at most the size of
+/// what a request can carry into it).
+const MAX_LINE: usize = 16 * 1024 * 1024;
+
+/// Hands each line of a file (without its line break, numbered from 1) to `f`, reading
+/// it as a stream; a line longer than [`MAX_LINE`] is handed over cut at that length.
+fn for_each_line<E: From<std::io::Error>>(
+    path: &Path,
+    mut f: impl FnMut(usize, &[u8]) -> Result<(), E>,
+) -> Result<(), E> {
+    use std::io::{BufRead, Read};
+    let mut reader = std::io::BufReader::with_capacity(256 * 1024, File::open(path)?);
+    let mut line = Vec::new();
+    let mut n = 0;
+    loop {
+        line.clear();
+        let read = Read::by_ref(&mut reader)
+            .take(MAX_LINE as u64 + 1)
+            .read_until(b'\n', &mut line)?;
+        if read == 0 {
+            return Ok(());
+        }
+        let whole = line.ends_with(b"\n");
+        if !whole && line.len() > MAX_LINE {
+            // Skip the rest of the overlong line.
+            let mut rest = Vec::new();
+            while !rest.ends_with(b"\n") {
+                rest.clear();
+                if Read::by_ref(&mut reader)
+                    .take(1 << 20)
+                    .read_until(b'\n', &mut rest)?
+                    == 0
+                {
+                    break;
+                }
+            }
+        }
+        n += 1;
+        let text = line.strip_suffix(b"\n").unwrap_or(&line);
+        if !text.is_empty() {
+            f(n, text)?;
+        }
+    }
+}
+
 /// Reads every record of the trail in `dir`, each node's files in the order of their
 /// days, and hands each to `f` with where it is (`file:line`), or why a line is not a
 /// record; stops at the first error `f` returns. Returns how many files were read.
@@ -726,36 +858,38 @@ pub fn for_each_record<E: From<std::io::Error>>(
 ) -> Result<usize, E> {
     let files = trail_files(dir)?;
     for file in &files {
-        let text = std::fs::read(file)?;
         let name = file.display().to_string();
-        for (i, line) in text.split(|&b| b == b'\n').enumerate() {
-            if line.is_empty() {
-                continue;
-            }
-            let record = serde_json::from_slice::<Record>(line).map_err(|e| e.to_string());
-            f(&format!("{name}:{}", i + 1), record)?;
-        }
+        for_each_line(file, |n, line| {
+            let record = if line.len() > MAX_LINE {
+                Err(format!("a line of {} bytes", line.len()))
+            } else {
+                serde_json::from_slice::<Record>(line).map_err(|e| e.to_string())
+            };
+            f(&format!("{name}:{n}"), record)
+        })?;
     }
     Ok(files.len())
 }
 
-/// The record with this message id in the trail in `dir`: every file is scanned, lines
-/// that do not hold the id's text are skipped unparsed.
+/// The record with this message id in the trail in `dir`: files are read as streams,
+/// newest first, and lines that do not hold the id's text are skipped unparsed.
 pub fn find(dir: &Path, message_id: &str) -> std::io::Result<Option<Record>> {
     let needle = format!("\"message_id\":\"{message_id}\"");
     let finder = memchr::memmem::Finder::new(needle.as_bytes());
     for file in trail_files(dir)?.iter().rev() {
-        let text = std::fs::read(file)?;
-        if finder.find(&text).is_none() {
-            continue;
-        }
-        for line in text.split(|&b| b == b'\n') {
-            if finder.find(line).is_some()
+        let mut found = None;
+        for_each_line(file, |_, line| {
+            if found.is_none()
+                && finder.find(line).is_some()
                 && let Ok(r) = serde_json::from_slice::<Record>(line)
                 && r.message_id == message_id
             {
-                return Ok(Some(r));
+                found = Some(r);
             }
+            Ok::<(), std::io::Error>(())
+        })?;
+        if found.is_some() {
+            return Ok(found);
         }
     }
     Ok(None)
@@ -1009,6 +1143,17 @@ mod tests {
         assert_eq!(verify_dir(dir.path(), None).unwrap().records, 4);
         let torn = std::fs::read_to_string(file.with_extension("jsonl.torn")).unwrap();
         assert_eq!(torn, "{\"message_id\":\"m-3\",\"timest\n");
+
+        // A crash in the first line of a new file: the file is cut to nothing, and the
+        // chain goes on from the file before it.
+        let next_day = dir.path().join("audit-n-2999-01-01.jsonl");
+        std::fs::write(&next_day, b"{\"message_id\":\"m-5\"").unwrap();
+        let (sink, handle) = FileSink::start(dir.path(), "n").unwrap();
+        sink.submit(record(6, "2026-11-24")).unwrap();
+        drop(sink);
+        handle.join();
+        assert_eq!(std::fs::read(&next_day).unwrap().len(), 0);
+        assert_eq!(verify_dir(dir.path(), None).unwrap().records, 5);
     }
 
     #[test]

@@ -96,18 +96,29 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// Which token (by its position in `tokens_file`) the caller presented, if any.
 /// `GET /admin/audit/{messageId}`: the call's record as written (200), 404 when the
-/// trail has none, 400 for an id that is not an FSP message id.
+/// trail has none, 400 for an id that is not an FSP message id, 503 while another
+/// lookup runs (each may read the whole trail).
 async fn audit_record(gw: &Gateway, id: &str) -> Response<Full<Bytes>> {
-    if uuid::Uuid::try_parse(id).is_err() {
+    static LOOKUPS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
+    let Ok(uuid) = uuid::Uuid::try_parse(id) else {
         return json(
             StatusCode::BAD_REQUEST,
             serde_json::json!({"error": "an FSP message id is a UUID: /admin/audit/{messageId}"}),
         );
-    }
+    };
+    let Ok(_one_at_a_time) = LOOKUPS.try_acquire() else {
+        let mut r = json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            serde_json::json!({"error": "another audit lookup is running; retry when it ends"}),
+        );
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, http::HeaderValue::from_static("1"));
+        return r;
+    };
     let sink = gw.audit.clone();
-    let id = id.to_ascii_lowercase();
+    // As the gateway writes it, whichever of the UUID forms was asked for.
+    let id = uuid.hyphenated().to_string();
     // The trail is read from disk: off the control runtime's thread.
     let found = tokio::task::spawn_blocking(move || sink.lookup(&id)).await;
     match found {
@@ -130,6 +141,7 @@ async fn audit_record(gw: &Gateway, id: &str) -> Response<Full<Bytes>> {
     }
 }
 
+/// Which token (by its position in `tokens_file`) the caller presented, if any.
 fn administrator(tokens: &[String], req: &Request<Incoming>) -> Option<usize> {
     // The auth scheme is case-insensitive (RFC 9110 §11.1).
     let (scheme, presented) = req
