@@ -849,23 +849,47 @@ fn for_each_line<E: From<std::io::Error>>(
     }
 }
 
+/// Where a record is in the trail; shown as `file:line`.
+#[derive(Debug, Clone, Copy)]
+pub struct Place<'a> {
+    pub file: &'a Path,
+    pub line: usize,
+}
+
+impl std::fmt::Display for Place<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.file.display(), self.line)
+    }
+}
+
+impl Place<'_> {
+    /// The node whose file this is, as it appears in the file's name.
+    fn file_node(&self) -> Option<&str> {
+        let name = self.file.file_name()?.to_str()?;
+        name.strip_prefix("audit-")?.strip_suffix(".jsonl")?.get(
+            ..name
+                .len()
+                .checked_sub("audit-".len() + "-YYYY-MM-DD.jsonl".len())?,
+        )
+    }
+}
+
 /// Reads every record of the trail in `dir`, each node's files in the order of their
-/// days, and hands each to `f` with where it is (`file:line`), or why a line is not a
-/// record; stops at the first error `f` returns. Returns how many files were read.
+/// days, and hands each to `f` with where it is, or why a line is not a record; stops
+/// at the first error `f` returns. Returns how many files were read.
 pub fn for_each_record<E: From<std::io::Error>>(
     dir: &Path,
-    mut f: impl FnMut(&str, Result<Record, String>) -> Result<(), E>,
+    mut f: impl FnMut(Place<'_>, Result<Record, String>) -> Result<(), E>,
 ) -> Result<usize, E> {
     let files = trail_files(dir)?;
     for file in &files {
-        let name = file.display().to_string();
-        for_each_line(file, |n, line| {
-            let record = if line.len() > MAX_LINE {
-                Err(format!("a line of {} bytes", line.len()))
+        for_each_line(file, |line, text| {
+            let record = if text.len() > MAX_LINE {
+                Err(format!("a line of {} bytes", text.len()))
             } else {
-                serde_json::from_slice::<Record>(line).map_err(|e| e.to_string())
+                serde_json::from_slice::<Record>(text).map_err(|e| e.to_string())
             };
-            f(&format!("{name}:{n}"), record)
+            f(Place { file, line }, record)
         })?;
     }
     Ok(files.len())
@@ -911,6 +935,12 @@ pub enum VerifyError {
     Broken(#[from] Break),
     #[error("{at} is not a whole audit record (cut short, or edited): {why}")]
     NotARecord { at: String, why: String },
+    #[error("record {message_id} at {at} names node {node}, whose records are not in this file")]
+    Foreign {
+        at: String,
+        message_id: String,
+        node: String,
+    },
     #[error(
         "{anchor} says files up to {through} were retired, but records are kept {days} days: files were deleted before their time"
     )]
@@ -945,9 +975,17 @@ pub fn verify_dir(dir: &Path, retention_days: Option<u32>) -> Result<Verified, V
         }
     }
     let files = for_each_record(dir, |at, record| match record {
-        Ok(record) => Ok(verifier.check(at, &record)?),
+        // A record is in its own node's files: one slipped into another's is foreign.
+        Ok(record) if at.file_node() != Some(sanitise(&record.node).as_str()) => {
+            Err(VerifyError::Foreign {
+                at: at.to_string(),
+                message_id: record.message_id,
+                node: record.node,
+            })
+        }
+        Ok(record) => Ok(verifier.check(&at.to_string(), &record)?),
         Err(why) => Err(VerifyError::NotARecord {
-            at: at.to_owned(),
+            at: at.to_string(),
             why,
         }),
     })?;
@@ -977,7 +1015,7 @@ mod tests {
             timestamp: format!("{day}T10:00:00.000Z"),
             decision: "allowed".into(),
             status: 200,
-            node: "n1".into(),
+            node: "n".into(),
             ..Default::default()
         }
     }
@@ -985,6 +1023,7 @@ mod tests {
     #[test]
     fn every_record_taken_is_on_disk_after_join_in_the_file_of_the_day_it_was_written() {
         let dir = tempfile::tempdir().unwrap();
+        // A node name that is not a file name as it is.
         let (sink, handle) = FileSink::start(dir.path(), "node/1").unwrap();
         // Calls that began on two days (a call may end the day after it began).
         for i in 0..1000 {
@@ -993,7 +1032,9 @@ mod tests {
             } else {
                 "2026-11-25"
             };
-            sink.submit(record(i, day)).unwrap();
+            let mut r = record(i, day);
+            r.node = "node/1".into();
+            sink.submit(r).unwrap();
         }
         assert!(sink.health().is_ok());
         drop(sink);
@@ -1105,7 +1146,7 @@ mod tests {
         );
         let anchor = Anchor::read(dir.path(), "n").unwrap().unwrap();
         assert_eq!(anchor.retired_through, ago(400));
-        assert_eq!(anchor.node, "n1");
+        assert_eq!(anchor.node, "n");
         assert_eq!(verify_dir(dir.path(), Some(365)).unwrap().records, 4);
         // An anchor younger than the retention period: deleted before its time.
         assert!(matches!(
@@ -1154,6 +1195,29 @@ mod tests {
         handle.join();
         assert_eq!(std::fs::read(&next_day).unwrap().len(), 0);
         assert_eq!(verify_dir(dir.path(), None).unwrap().records, 5);
+    }
+
+    #[test]
+    fn a_record_slipped_into_another_nodes_file_is_foreign() {
+        let dir = tempfile::tempdir().unwrap();
+        let (sink, handle) = FileSink::start(dir.path(), "n").unwrap();
+        sink.submit(record(1, "2026-11-24")).unwrap();
+        drop(sink);
+        handle.join();
+        // A whole chain of its own, for a node that never wrote here.
+        let mut forged = record(2, "2026-11-24");
+        forged.node = "elsewhere".into();
+        Chain::default().seal(&mut forged);
+        let mut line = Vec::new();
+        forged.write_json(&mut line);
+        line.push(b'\n');
+        let file = trail_files(dir.path()).unwrap().pop().unwrap();
+        let mut f = OpenOptions::new().append(true).open(&file).unwrap();
+        f.write_all(&line).unwrap();
+        assert!(matches!(
+            verify_dir(dir.path(), None),
+            Err(VerifyError::Foreign { ref node, .. }) if node == "elsewhere"
+        ));
     }
 
     #[test]
