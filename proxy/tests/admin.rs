@@ -4,26 +4,6 @@
 mod common;
 
 use common::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-async fn admin_call(port: u16, method: &str, path: &str, token: &str) -> (u16, String) {
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    s.write_all(
-        format!(
-            "{method} {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\nauthorization: Bearer {token}\r\ncontent-length: 0\r\n\r\n"
-        )
-        .as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    let status = out[9..12].parse().unwrap();
-    let body = out.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_owned();
-    (status, body)
-}
 
 #[tokio::test]
 async fn a_token_removed_from_tokens_file_stops_working_at_the_next_reload() {
@@ -39,7 +19,7 @@ async fn a_token_removed_from_tokens_file_stops_working_at_the_next_reload() {
     let gw = Gateway::start(&config).await;
     for token in [kept, leaked] {
         assert_eq!(
-            admin_call(gw.admin_port, "GET", "/admin/suspensions", token)
+            admin_request(gw.admin_port, "GET", "/admin/suspensions", Some(token))
                 .await
                 .0,
             200
@@ -48,7 +28,7 @@ async fn a_token_removed_from_tokens_file_stops_working_at_the_next_reload() {
 
     // The leaked token is removed, and the configuration reloaded.
     std::fs::write(&tokens, format!("{kept}\n")).unwrap();
-    let (status, body) = admin_call(gw.admin_port, "POST", "/admin/reload", kept).await;
+    let (status, body) = admin_request(gw.admin_port, "POST", "/admin/reload", Some(kept)).await;
     assert_eq!(status, 200, "{body}");
     let report: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(report["reloaded"], true);
@@ -62,13 +42,13 @@ async fn a_token_removed_from_tokens_file_stops_working_at_the_next_reload() {
     );
     assert_eq!(report["needs_restart"], serde_json::json!([]), "{report}");
     assert_eq!(
-        admin_call(gw.admin_port, "GET", "/admin/suspensions", leaked)
+        admin_request(gw.admin_port, "GET", "/admin/suspensions", Some(leaked))
             .await
             .0,
         401
     );
     assert_eq!(
-        admin_call(gw.admin_port, "GET", "/admin/suspensions", kept)
+        admin_request(gw.admin_port, "GET", "/admin/suspensions", Some(kept))
             .await
             .0,
         200
@@ -85,7 +65,7 @@ async fn a_token_removed_from_tokens_file_stops_working_at_the_next_reload() {
         ),
     )
     .unwrap();
-    let (status, body) = admin_call(gw.admin_port, "POST", "/admin/reload", kept).await;
+    let (status, body) = admin_request(gw.admin_port, "POST", "/admin/reload", Some(kept)).await;
     assert_eq!(status, 200, "{body}");
     let report: serde_json::Value = serde_json::from_str(&body).unwrap();
     let needs: Vec<&str> = report["needs_restart"]

@@ -136,22 +136,8 @@ async fn a_trail_file_removed_under_the_gateway_makes_it_unready_and_refuse_call
     let config = write_config(&pki, up, 0, 0, "");
     let gw = Gateway::start(&config).await;
     calls(&gw, &pki, 2).await;
-    let admin_port = gw.admin_port;
-    let admin = move |path: &'static str| async move {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", admin_port))
-            .await
-            .unwrap();
-        s.write_all(
-            format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes(),
-        )
-        .await
-        .unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).await.unwrap();
-        out
-    };
-    assert!(admin("/readyz").await.starts_with("HTTP/1.1 200"));
+    let readyz = || admin_request(gw.admin_port, "GET", "/readyz", None);
+    assert_eq!(readyz().await.0, 200);
     // Once the records are on disk, the file is removed.
     let start = std::time::Instant::now();
     let file = loop {
@@ -173,8 +159,8 @@ async fn a_trail_file_removed_under_the_gateway_makes_it_unready_and_refuse_call
     // Noticed within a second or so, without any call.
     let start = std::time::Instant::now();
     let ready = loop {
-        let r = admin("/readyz").await;
-        if r.starts_with("HTTP/1.1 503") {
+        let (status, r) = readyz().await;
+        if status == 503 {
             break r;
         }
         assert!(
@@ -276,51 +262,36 @@ async fn admin_audit_finds_a_call_by_its_message_id() {
     let id = h["fsp-message-id"].to_str().unwrap().to_owned();
     let token = std::fs::read_to_string(pki.path().join("admin-tokens")).unwrap();
     let token = token.lines().next().unwrap().to_owned();
-    let admin = |path: String, token: Option<String>| async move {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", gw.admin_port))
-            .await
-            .unwrap();
-        let auth = token.map_or(String::new(), |t| format!("authorization: Bearer {t}\r\n"));
-        s.write_all(
-            format!("GET {path} HTTP/1.1\r\nhost: x\r\n{auth}connection: close\r\n\r\n").as_bytes(),
-        )
-        .await
-        .unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).await.unwrap();
-        out
-    };
     // The record is written as the call ends: a moment later at most.
     let start = std::time::Instant::now();
+    let lookup = |path: String, token: Option<String>| async move {
+        admin_request(gw.admin_port, "GET", &path, token.as_deref()).await
+    };
     let found = loop {
-        let r = admin(format!("/admin/audit/{id}"), Some(token.clone())).await;
-        if r.starts_with("HTTP/1.1 200") {
+        let (status, r) = lookup(format!("/admin/audit/{id}"), Some(token.clone())).await;
+        if status == 200 {
             break r;
         }
-        assert!(r.starts_with("HTTP/1.1 404"), "{r}");
+        assert_eq!(status, 404, "{r}");
         assert!(start.elapsed() < std::time::Duration::from_secs(5), "{r}");
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     };
-    let body: serde_json::Value =
-        serde_json::from_str(found.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    let body: serde_json::Value = serde_json::from_str(&found).unwrap();
     assert_eq!(body["message_id"], id.as_str());
     assert_eq!(body["end_user"], "agent-9");
     assert_eq!(body["hash"].as_str().unwrap().len(), 64);
     let other = "0190aaaa-0000-7000-8000-000000000000".to_owned();
-    assert!(
-        admin(format!("/admin/audit/{other}"), Some(token.clone()))
+    assert_eq!(
+        lookup(format!("/admin/audit/{other}"), Some(token.clone()))
             .await
-            .starts_with("HTTP/1.1 404")
+            .0,
+        404
     );
-    assert!(
-        admin("/admin/audit/..%2f..%2fetc".into(), Some(token))
+    assert_eq!(
+        lookup("/admin/audit/..%2f..%2fetc".into(), Some(token))
             .await
-            .starts_with("HTTP/1.1 400")
+            .0,
+        400
     );
-    assert!(
-        admin(format!("/admin/audit/{id}"), None)
-            .await
-            .starts_with("HTTP/1.1 401")
-    );
+    assert_eq!(lookup(format!("/admin/audit/{id}"), None).await.0, 401);
 }

@@ -42,21 +42,6 @@ async fn setup_process(extra: &str) -> Setup {
     Setup { gw, pki, config }
 }
 
-/// A plain-HTTP call to the admin listener.
-async fn admin(port: u16, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    let auth = token
-        .map(|t| format!("authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nhost: admin\r\n{auth}content-length: 0\r\nconnection: close\r\n\r\n"
-    );
-    s.write_all(req.as_bytes()).await.unwrap();
-    read_response(&mut s).await
-}
-
 fn problem_code(body: &bytes::Bytes) -> String {
     json(body)["code"].as_str().unwrap_or_default().to_owned()
 }
@@ -253,7 +238,7 @@ async fn a_suspension_applies_within_a_second_on_an_open_connection() {
 
     // Administrators must authenticate.
     assert_eq!(
-        admin(
+        admin_request(
             s.gw.admin_port,
             "POST",
             "/admin/consumers/ville-bxl/suspend",
@@ -264,7 +249,7 @@ async fn a_suspension_applies_within_a_second_on_an_open_connection() {
         401
     );
     assert_eq!(
-        admin(
+        admin_request(
             s.gw.admin_port,
             "POST",
             "/admin/consumers/ville-bxl/suspend",
@@ -275,7 +260,7 @@ async fn a_suspension_applies_within_a_second_on_an_open_connection() {
         401
     );
     assert_eq!(
-        admin(
+        admin_request(
             s.gw.admin_port,
             "POST",
             "/admin/consumers/nobody/suspend",
@@ -286,7 +271,7 @@ async fn a_suspension_applies_within_a_second_on_an_open_connection() {
         404
     );
 
-    let (status, body) = admin(
+    let (status, body) = admin_request(
         s.gw.admin_port,
         "POST",
         "/admin/consumers/ville-bxl/suspend",
@@ -302,7 +287,7 @@ async fn a_suspension_applies_within_a_second_on_an_open_connection() {
     assert_eq!(status, 403, "{body}");
     assert!(body.contains("FSP-AUTHZ-SUSPENDED"), "{body}");
 
-    let (status, _) = admin(
+    let (status, _) = admin_request(
         s.gw.admin_port,
         "POST",
         "/admin/consumers/ville-bxl/resume",
@@ -315,7 +300,7 @@ async fn a_suspension_applies_within_a_second_on_an_open_connection() {
 
     // A provider suspension cuts every consumer off from it.
     assert_eq!(
-        admin(
+        admin_request(
             s.gw.admin_port,
             "POST",
             "/admin/providers/rrn/suspend",
@@ -329,7 +314,8 @@ async fn a_suspension_applies_within_a_second_on_an_open_connection() {
     let (status, body) = read_response(&mut conn).await;
     assert_eq!(status, 403);
     assert!(body.contains("provider rrn is suspended"), "{body}");
-    let (_, listed) = admin(s.gw.admin_port, "GET", "/admin/suspensions", Some(TOKEN)).await;
+    let (_, listed) =
+        admin_request(s.gw.admin_port, "GET", "/admin/suspensions", Some(TOKEN)).await;
     assert!(listed.contains("\"providers\":[\"rrn\"]"), "{listed}");
 }
 
@@ -337,7 +323,7 @@ async fn a_suspension_applies_within_a_second_on_an_open_connection() {
 async fn a_suspension_survives_a_restart() {
     let mut s = setup("").await;
     assert_eq!(
-        admin(
+        admin_request(
             s.gw.admin_port,
             "POST",
             "/admin/consumers/ville-bxl/suspend",
@@ -395,7 +381,8 @@ async fn reloads_under_load_fail_no_request_and_apply_new_authorisations() {
                 .args(["-HUP", &s.gw.pid().to_string()])
                 .status();
         } else {
-            let (status, body) = admin(s.gw.admin_port, "POST", "/admin/reload", Some(TOKEN)).await;
+            let (status, body) =
+                admin_request(s.gw.admin_port, "POST", "/admin/reload", Some(TOKEN)).await;
             assert_eq!(status, 200, "{body}");
         }
     }
@@ -406,7 +393,7 @@ async fn reloads_under_load_fail_no_request_and_apply_new_authorisations() {
         good.replace("environment = \"INT\"", "environment = \"SOMEWHERE\""),
     )
     .unwrap();
-    let (status, body) = admin(s.gw.admin_port, "POST", "/admin/reload", Some(TOKEN)).await;
+    let (status, body) = admin_request(s.gw.admin_port, "POST", "/admin/reload", Some(TOKEN)).await;
     assert_eq!(status, 422, "{body}");
     assert!(body.contains("environment"), "{body}");
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -435,7 +422,7 @@ async fn reloads_under_load_fail_no_request_and_apply_new_authorisations() {
         ),
     )
     .unwrap();
-    let (status, body) = admin(s.gw.admin_port, "POST", "/admin/reload", Some(TOKEN)).await;
+    let (status, body) = admin_request(s.gw.admin_port, "POST", "/admin/reload", Some(TOKEN)).await;
     assert_eq!(status, 200, "{body}");
     let c = client(&s.pki, Some(&s.pki.consumer), false);
     let (status, _, body, _) = send(&c, get(&s.gw.url("/person/getPerson/v3/p")))

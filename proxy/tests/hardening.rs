@@ -589,7 +589,7 @@ async fn idle_anonymous_connections_do_not_keep_a_legitimate_consumer_out() {
         took < Duration::from_secs(1),
         "the legitimate call took {took:?}"
     );
-    let metrics = admin_get(admin, "/metrics").await;
+    let (_, metrics) = admin_request(admin, "GET", "/metrics", None).await;
     assert!(
         metrics.contains("fsp_connections_refused_total{reason=\"anonymous_per_address\"}"),
         "{metrics}"
@@ -621,18 +621,6 @@ async fn idle_anonymous_connections_do_not_keep_a_legitimate_consumer_out() {
     .unwrap();
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     drop(gw);
-}
-
-async fn admin_get(port: u16, path: &str) -> String {
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
 }
 
 /// A provider that accepts connections, reads what comes and never answers; it reports

@@ -726,6 +726,27 @@ pub async fn tls_connect(
 }
 
 /// Reads one HTTP/1.1 response (headers and a Content-Length body) from a raw stream.
+/// A plain-HTTP call to the admin listener: status and body.
+pub async fn admin_request(
+    port: u16,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+) -> (u16, String) {
+    use tokio::io::AsyncWriteExt;
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let auth = token
+        .map(|t| format!("authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nhost: admin\r\n{auth}content-length: 0\r\nconnection: close\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    read_response(&mut s).await
+}
+
 pub async fn read_response<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> (u16, String) {
     use tokio::io::AsyncReadExt;
     let mut buf = Vec::new();
