@@ -187,7 +187,7 @@ impl FileSink {
             current: None,
             shared: shared.clone(),
             chain,
-            sealed: Vec::new(),
+            sealed: (String::new(), Vec::new()),
             retention_days,
             retired_on: None,
             batch_start: None,
@@ -309,9 +309,9 @@ struct Writer {
     shared: Arc<Shared>,
     /// The node's hash chain, after the last line written.
     chain: Chain,
-    /// The batch's lines, sealed into the chain once and kept until written (a failed
-    /// write is retried with the same lines), with the end of each day's part.
-    sealed: Vec<(String, Vec<u8>)>,
+    /// The day of the file the batch goes to, and its lines, sealed into the chain once
+    /// and kept until written (a failed write is retried with the same lines).
+    sealed: (String, Vec<u8>),
     /// Files older than this many days are deleted (`None`: kept forever).
     retention_days: Option<u32>,
     /// The day retention last ran.
@@ -405,41 +405,40 @@ impl Writer {
     /// Seals the batch's lines into the chain, in the order they will be written, all
     /// into today's file.
     fn seal(&mut self, batch: &[Pending]) {
-        let mut parts = std::mem::take(&mut self.sealed);
-        parts.clear();
-        let mut out = Vec::with_capacity(batch.iter().map(|p| p.lines.len() + 256).sum());
+        let (day, out) = &mut self.sealed;
+        *day = today();
+        out.clear();
         for p in batch {
             for line in p.lines.split_inclusive(|&b| b == b'\n') {
-                self.chain.seal_line(line, &mut out);
+                self.chain.seal_line(line, out);
             }
         }
-        parts.push((today(), out));
-        self.sealed = parts;
     }
 
     fn write_sealed(&mut self) -> std::io::Result<()> {
-        let parts = std::mem::take(&mut self.sealed);
-        let written = self.write_parts(&parts);
-        self.sealed = parts;
+        let (day, lines) = std::mem::take(&mut self.sealed);
+        let written = self.write_lines(&day, &lines);
+        self.sealed = (day, lines);
         written
     }
 
-    fn write_parts(&mut self, parts: &[(String, Vec<u8>)]) -> std::io::Result<()> {
+    fn write_lines(&mut self, day: &str, lines: &[u8]) -> std::io::Result<()> {
+        // Nothing of this batch is written yet: nothing to undo if opening fails.
         self.batch_start = None;
-        for (day, lines) in parts {
-            let f = self.file_for(day)?;
-            // (Empty: every batch ends flushed.) Where this batch starts, so that a
-            // failed write can be undone rather than written twice.
-            let start = f.get_ref().metadata()?.len();
-            let path = self.dir.join(format!("audit-{}-{day}.jsonl", self.node));
-            self.batch_start = Some((path, start));
-            self.file_for(day)?.write_all(lines)?;
-        }
-        if let Some((_, f)) = self.current.as_mut() {
-            f.flush()?;
-            f.get_ref().sync_data()?;
-        }
-        Ok(())
+        let path = self.path_of(day);
+        // (Empty: every batch ends flushed.) Where this batch starts, so that a failed
+        // write can be undone rather than written twice.
+        let start = self.file_for(day)?.get_ref().metadata()?.len();
+        self.batch_start = Some((path, start));
+        let f = self.file_for(day)?;
+        f.write_all(lines)?;
+        f.flush()?;
+        f.get_ref().sync_data()
+    }
+
+    /// The node's file of `day`.
+    fn path_of(&self, day: &str) -> PathBuf {
+        self.dir.join(format!("audit-{}-{day}.jsonl", self.node))
     }
 
     /// After a failed write: drops the file without flushing what is buffered, and cuts
@@ -537,7 +536,7 @@ impl Writer {
         let Some((day, f)) = &self.current else {
             return;
         };
-        let path = self.dir.join(format!("audit-{}-{day}.jsonl", self.node));
+        let path = self.path_of(day);
         let open = f.get_ref().metadata().map(|m| (m.dev(), m.ino()));
         let at_path = std::fs::metadata(&path).map(|m| (m.dev(), m.ino()));
         let moved = match (open, at_path) {
@@ -563,7 +562,7 @@ impl Writer {
                 old.flush()?;
                 old.get_ref().sync_data()?;
             }
-            let path = self.dir.join(format!("audit-{}-{day}.jsonl", self.node));
+            let path = self.path_of(day);
             let f = OpenOptions::new()
                 .create(true)
                 .append(true)
