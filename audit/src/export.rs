@@ -65,9 +65,9 @@ pub enum Format {
     Csv,
 }
 
-/// The CSV columns, in the contract's field order (with the `fault` and `detail`
-/// extensions before the chain).
-pub const CSV_COLUMNS: [&str; 25] = [
+/// The CSV columns, in the contract's field order (with the `fault`, `detail` and
+/// `phase` extensions before the chain).
+pub const CSV_COLUMNS: [&str; 26] = [
     "message_id",
     "timestamp",
     "consumer",
@@ -91,6 +91,7 @@ pub const CSV_COLUMNS: [&str; 25] = [
     "node",
     "fault",
     "detail",
+    "phase",
     "prev_hash",
     "hash",
 ];
@@ -149,7 +150,7 @@ impl<W: Write> Writer<W> {
         let duration = r.duration_ms.to_string();
         let request_bytes = r.request_bytes.to_string();
         let response_bytes = r.response_bytes.to_string();
-        let fields: [Option<&str>; 25] = [
+        let fields: [Option<&str>; 26] = [
             Some(&r.message_id),
             Some(&r.timestamp),
             r.consumer.as_deref(),
@@ -173,6 +174,7 @@ impl<W: Write> Writer<W> {
             Some(&r.node),
             r.fault.as_deref(),
             r.detail.as_deref(),
+            r.phase.map(crate::Phase::as_str),
             r.prev_hash.as_deref(),
             r.hash.as_deref(),
         ];

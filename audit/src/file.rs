@@ -34,7 +34,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crate::chain::{Break, Chain, Verifier};
-use crate::{AuditError, AuditSink, Record};
+use crate::{AuditError, AuditSink, Durable, DurableTicket, Record};
 
 /// Records one thread may have waiting to be written before `submit` refuses them.
 pub const DEFAULT_CAPACITY: usize = 65_536;
@@ -54,6 +54,9 @@ struct Shared {
     closed: AtomicBool,
     /// The writer is waiting for work: the next record must wake it.
     idle: AtomicBool,
+    /// The writer lets a batch of records that need not be durable at once gather: the
+    /// next record that must be wakes it.
+    gathering: AtomicBool,
     writer: OnceLock<std::thread::Thread>,
 }
 
@@ -75,12 +78,15 @@ struct Shard {
 struct Pending {
     lines: Vec<u8>,
     records: usize,
+    /// The callers waiting for some of these lines to be durable.
+    tickets: Vec<DurableTicket>,
 }
 
 impl Pending {
     fn clear(&mut self) {
         self.lines.clear();
         self.records = 0;
+        self.tickets.clear();
     }
 }
 
@@ -176,6 +182,7 @@ impl FileSink {
             shards: Mutex::new(Vec::new()),
             closed: AtomicBool::new(false),
             idle: AtomicBool::new(false),
+            gathering: AtomicBool::new(false),
             writer: OnceLock::new(),
         });
         let node = sanitise(node);
@@ -232,6 +239,39 @@ impl FileSink {
     }
 }
 
+impl FileSink {
+    /// Queues a record's line on this thread's shard, with the ticket of a caller that
+    /// waits for it to be durable.
+    fn take(&self, record: &Record, ticket: Option<DurableTicket>) -> Result<(), AuditError> {
+        let durable = ticket.is_some();
+        let first = self.with_shard(|shard| {
+            let mut p = shard.pending.lock().unwrap_or_else(|e| e.into_inner());
+            if p.records >= self.capacity {
+                return Err(AuditError::Backlog(self.capacity));
+            }
+            record.write_json(&mut p.lines);
+            p.lines.push(b'\n');
+            p.records += 1;
+            if let Some(t) = ticket {
+                p.tickets.push(t);
+            }
+            Ok(p.records == 1)
+        })?;
+        // A quiet writer is woken by the first record; a busy one comes by itself, and
+        // one gathering a batch is woken by a caller that waits.
+        if (first
+            && self.shared.idle.load(Ordering::Acquire)
+            && self.shared.idle.swap(false, Ordering::AcqRel))
+            || (durable
+                && self.shared.gathering.load(Ordering::Acquire)
+                && self.shared.gathering.swap(false, Ordering::AcqRel))
+        {
+            self.shared.wake_writer();
+        }
+        Ok(())
+    }
+}
+
 impl Drop for FileSink {
     fn drop(&mut self) {
         self.shared.closed.store(true, Ordering::Release);
@@ -250,24 +290,13 @@ impl AuditSink for FileSink {
     }
 
     fn submit(&self, record: Record) -> Result<(), AuditError> {
-        let first = self.with_shard(|shard| {
-            let mut p = shard.pending.lock().unwrap_or_else(|e| e.into_inner());
-            if p.records >= self.capacity {
-                return Err(AuditError::Backlog(self.capacity));
-            }
-            record.write_json(&mut p.lines);
-            p.lines.push(b'\n');
-            p.records += 1;
-            Ok(p.records == 1)
-        })?;
-        // A quiet writer is woken by the first record; a busy one comes by itself.
-        if first
-            && self.shared.idle.load(Ordering::Acquire)
-            && self.shared.idle.swap(false, Ordering::AcqRel)
-        {
-            self.shared.wake_writer();
-        }
-        Ok(())
+        self.take(&record, None)
+    }
+
+    fn submit_durable(&self, record: &Record) -> Result<Durable, AuditError> {
+        let (durable, ticket) = Durable::pending();
+        self.take(record, Some(ticket))?;
+        Ok(durable)
     }
 
     fn health(&self) -> Result<(), AuditError> {
@@ -346,6 +375,12 @@ impl Writer {
             }
             // A failed batch is retried (reopening the file) until it is written, so no
             // record taken by `submit` is lost while the disk is briefly unavailable.
+            // Callers waiting for durability are told of the first failure at once (their
+            // calls are refused, not forwarded); their lines are still written when the
+            // disk comes back, followed by the refusal.
+            let mut tickets: Vec<DurableTicket> =
+                batch.iter_mut().flat_map(|p| p.tickets.drain(..)).collect();
+            let waited = !tickets.is_empty();
             self.seal(&batch);
             let mut delay = Duration::from_millis(50);
             loop {
@@ -355,9 +390,15 @@ impl Writer {
                 match self.write_sealed() {
                     Ok(()) => {
                         self.shared.healthy.store(true, Ordering::Release);
+                        for t in tickets.drain(..) {
+                            t.done();
+                        }
                         break;
                     }
                     Err(e) => {
+                        for t in tickets.drain(..) {
+                            t.failed(format!("the audit trail cannot be written: {e}"));
+                        }
                         tracing::error!(error = %e, dir = %self.dir.display(), "audit write failed; retrying");
                         if let Ok(mut last) = self.shared.last_error.lock() {
                             *last = Some(e.to_string());
@@ -373,12 +414,36 @@ impl Writer {
                 p.clear();
                 spare.push(p);
             }
-            // Under load, the next batch gathers for a window (one sleep, not a polling
-            // loop: every wake-up of this thread takes a core from the workers).
-            if !self.shared.closed.load(Ordering::Acquire) {
-                std::thread::sleep(GROUP_COMMIT_WINDOW);
+            // Under load, the next batch gathers for a window (one wait, not a polling
+            // loop: every wake-up of this thread takes a core from the workers), unless
+            // callers wait for their records: then the sync just done was the window, and
+            // a caller that comes during the window ends it.
+            if !waited && !self.shared.closed.load(Ordering::Acquire) {
+                self.shared.gathering.store(true, Ordering::SeqCst);
+                if !self.any_ticket_waits() {
+                    std::thread::park_timeout(GROUP_COMMIT_WINDOW);
+                }
+                self.shared.gathering.store(false, Ordering::SeqCst);
             }
         }
+    }
+
+    /// Whether a caller waits for a record not yet taken (checked after announcing a
+    /// gathering window: one that came before was not told to wake us).
+    fn any_ticket_waits(&self) -> bool {
+        let shards = self
+            .shared
+            .shards
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        shards.iter().any(|s| {
+            !s.pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .tickets
+                .is_empty()
+        })
     }
 
     /// Takes every shard's waiting lines into `batch`; returns how many records.
@@ -873,6 +938,33 @@ impl Place<'_> {
     }
 }
 
+/// Reads the trail in `dir` as calls: one record per call (see [`crate::Calls`]), those
+/// `keep` accepts, handed to `f` as they complete; the calls whose outcome was never
+/// written come last. Lines that are not records are handed to `bad`.
+pub fn for_each_call<E: From<std::io::Error>>(
+    dir: &Path,
+    keep: impl Fn(&Record) -> bool,
+    mut f: impl FnMut(Record) -> Result<(), E>,
+    mut bad: impl FnMut(Place<'_>, String),
+) -> Result<usize, E> {
+    let mut calls = crate::Calls::default();
+    let files = for_each_record(dir, |at, record| match record {
+        Ok(r) if keep(&r) => match calls.line(r) {
+            Some(call) => f(call),
+            None => Ok(()),
+        },
+        Ok(_) => Ok(()),
+        Err(why) => {
+            bad(at, why);
+            Ok(())
+        }
+    })?;
+    for call in calls.unfinished() {
+        f(call)?;
+    }
+    Ok(files)
+}
+
 /// Reads every record of the trail in `dir`, each node's files in the order of their
 /// days, and hands each to `f` with where it is, or why a line is not a record; stops
 /// at the first error `f` returns. Returns how many files were read.
@@ -899,10 +991,12 @@ pub fn for_each_record<E: From<std::io::Error>>(
 pub fn find(dir: &Path, message_id: &str) -> std::io::Result<Option<Record>> {
     let needle = format!("\"message_id\":\"{message_id}\"");
     let finder = memchr::memmem::Finder::new(needle.as_bytes());
+    // Newest first: a call's outcome line is in the file of its request line or a
+    // newer one, so the first file that names the call has its best line.
     for file in trail_files(dir)?.iter().rev() {
-        let mut found = None;
+        let mut found: Option<Record> = None;
         for_each_line(file, |_, line| {
-            if found.is_none()
+            if found.as_ref().is_none_or(Record::is_request_line)
                 && finder.find(line).is_some()
                 && let Ok(r) = serde_json::from_slice::<Record>(line)
                 && r.message_id == message_id

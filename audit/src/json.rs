@@ -61,6 +61,10 @@ impl Record {
         optional(out, self.fault.as_deref());
         out.extend_from_slice(b",\"detail\":");
         optional(out, self.detail.as_deref());
+        if let Some(phase) = self.phase {
+            out.extend_from_slice(b",\"phase\":");
+            string(out, phase.as_str());
+        }
         out.extend_from_slice(b",\"prev_hash\":");
         optional(out, self.prev_hash.as_deref());
         out.extend_from_slice(b",\"hash\":");
@@ -179,11 +183,20 @@ mod tests {
             node: "fsp-1".into(),
             fault: Some("provider".into()),
             detail: Some("cannot connect to 10.0.0.1:443: \"refused\"".into()),
+            phase: None,
             prev_hash: None,
             hash: None,
         };
         let (mine, serde) = both(&r);
         assert_eq!(mine, serde);
+        for phase in [crate::Phase::Request, crate::Phase::Outcome] {
+            let r = Record {
+                phase: Some(phase),
+                ..r.clone()
+            };
+            let (mine, serde) = both(&r);
+            assert_eq!(mine, serde);
+        }
     }
 
     #[test]

@@ -16,6 +16,8 @@ pub mod chain;
 pub mod export;
 pub mod file;
 mod json;
+pub mod postgres;
+pub mod stats;
 
 /// One call, in the export format of the contract (section 6). Field order is the
 /// contract's.
@@ -58,8 +60,125 @@ pub struct Record {
     /// Extension: why the call was refused or failed, in full (including what the
     /// consumer was not shown, such as the provider's address or an OS error).
     pub detail: Option<String>,
+    /// Extension: which line of a write-ahead call this is. `request`: written and
+    /// made durable before the call was forwarded (`status` 0: its outcome is not known
+    /// yet); `outcome`: the same call, complete, written when it ended. Absent for a call
+    /// recorded once, complete (refusals, and every call of a fail-open gateway). Readers
+    /// give one record per call: the outcome when there is one, else the request line,
+    /// which then says plainly that the call's end was never recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
     pub prev_hash: Option<String>,
     pub hash: Option<String>,
+}
+
+/// The line of a write-ahead call a record is (see [`Record::phase`]).
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    /// Written before forwarding; the outcome follows in a later line.
+    Request,
+    /// The outcome of a call whose request line came before.
+    Outcome,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Request => "request",
+            Phase::Outcome => "outcome",
+        }
+    }
+}
+
+impl Record {
+    /// Whether this line is a request whose outcome is still to come.
+    pub fn is_request_line(&self) -> bool {
+        self.phase == Some(Phase::Request)
+    }
+}
+
+/// Folds a trail's lines, read in the order they were written, into one record per
+/// call: a `request` line waits for its `outcome`, which replaces it; a complete line
+/// passes at once. [`Calls::unfinished`] gives the request lines whose outcome never
+/// came (the gateway stopped during the call): they are the record of those calls, with
+/// `phase` `request` and `status` 0. Memory: the calls in flight when lines were
+/// written, not the trail.
+#[derive(Debug, Default)]
+pub struct Calls {
+    waiting: std::collections::HashMap<(String, String), Record>,
+}
+
+impl Calls {
+    /// The next line of the trail; returns the call it completes, if it does.
+    pub fn line(&mut self, record: Record) -> Option<Record> {
+        match record.phase {
+            Some(Phase::Request) => {
+                let key = (record.node.clone(), record.message_id.clone());
+                self.waiting.insert(key, record);
+                None
+            }
+            Some(Phase::Outcome) => {
+                // Owned key for the lookup: outcome lines are read, not written, here.
+                self.waiting
+                    .remove(&(record.node.clone(), record.message_id.clone()));
+                Some(record)
+            }
+            None => Some(record),
+        }
+    }
+
+    /// The calls whose outcome was never written, in the order of their message ids
+    /// (UUID v7: the order they were received).
+    pub fn unfinished(self) -> Vec<Record> {
+        let mut left: Vec<Record> = self.waiting.into_values().collect();
+        left.sort_by(|a, b| a.message_id.cmp(&b.message_id));
+        left
+    }
+}
+
+/// Resolves once a record taken by [`AuditSink::submit_durable`] is durable (on disk and
+/// synced, or committed), or with the reason it could not be made so.
+#[derive(Debug)]
+pub struct Durable(tokio::sync::oneshot::Receiver<Result<(), String>>);
+
+/// The writer's side of a [`Durable`]: completed once the record's batch is durable.
+#[derive(Debug)]
+pub struct DurableTicket(tokio::sync::oneshot::Sender<Result<(), String>>);
+
+impl Durable {
+    /// A pending durability and the ticket a writer completes.
+    pub fn pending() -> (Self, DurableTicket) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        (Self(rx), DurableTicket(tx))
+    }
+}
+
+impl DurableTicket {
+    /// The record is durable.
+    pub fn done(self) {
+        let _ = self.0.send(Ok(()));
+    }
+
+    /// The record could not be made durable (the writer gave up or stopped).
+    pub fn failed(self, why: String) {
+        let _ = self.0.send(Err(why));
+    }
+}
+
+impl std::future::Future for Durable {
+    type Output = Result<(), AuditError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.0).poll(cx).map(|r| match r {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(why)) => Err(AuditError::Unavailable(why)),
+            Err(_) => Err(AuditError::Closed),
+        })
+    }
 }
 
 /// Why a sink cannot take a record.
@@ -78,6 +197,11 @@ pub enum AuditError {
 pub trait AuditSink: Send + Sync + std::fmt::Debug + 'static {
     /// Takes a record without blocking; it is persisted in the background.
     fn submit(&self, record: Record) -> Result<(), AuditError>;
+
+    /// Takes a record without blocking and returns what resolves once it is durable.
+    /// Concurrent records share one sync or commit (group commit): the writer takes
+    /// whatever waits as one batch as soon as the previous batch is durable.
+    fn submit_durable(&self, record: &Record) -> Result<Durable, AuditError>;
 
     /// Whether records are being persisted right now. A fail-closed gateway refuses calls
     /// while this is an error.

@@ -253,17 +253,15 @@ fn export_audit(
     let stdout = std::io::BufWriter::new(std::io::stdout().lock());
     let mut out = audit::export::Writer::new(stdout, format);
     let mut broken = 0u64;
-    let read = audit::file::for_each_record(dir, |at, record| {
-        match record {
-            Ok(r) if filter.matches(&r) => out.write(&r)?,
-            Ok(_) => {}
-            Err(why) => {
-                broken += 1;
-                eprintln!("{at} is not a whole audit record (cut short, or edited): {why}");
-            }
-        }
-        Ok::<(), std::io::Error>(())
-    });
+    let read = audit::file::for_each_call(
+        dir,
+        |r| filter.matches(r),
+        |call| out.write(&call),
+        |at, why| {
+            broken += 1;
+            eprintln!("{at} is not a whole audit record (cut short, or edited): {why}");
+        },
+    );
     match read.and_then(|_| out.finish().map(drop)) {
         Ok(()) if broken == 0 => ExitCode::SUCCESS,
         Ok(()) => ExitCode::from(4),

@@ -80,6 +80,10 @@ impl Finisher {
             recorder,
         } = p;
         let elapsed = started.elapsed();
+        if record.phase.is_some() {
+            // Its request line is in the trail already: this is that call's outcome.
+            record.phase = Some(audit::Phase::Outcome);
+        }
         record.duration_ms = (elapsed.as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0;
         record.response_bytes = response_bytes;
         if let Some(s) = shared {

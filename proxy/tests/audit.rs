@@ -78,7 +78,9 @@ async fn the_trail_verifies_and_any_altered_removed_or_swapped_record_is_named()
 
     let (code, out) = verify(&config);
     assert_eq!(code, 0, "{out}");
-    assert!(out.contains("9 records"), "{out}");
+    // Nine calls: six forwarded (a request line, then its outcome), three refused (one
+    // line each).
+    assert!(out.contains("15 records"), "{out}");
     let (file, lines) = trail(&pki);
     let records: Vec<serde_json::Value> = lines
         .iter()
@@ -147,7 +149,7 @@ async fn a_trail_file_removed_under_the_gateway_makes_it_unready_and_refuse_call
             .map(|e| e.unwrap().path())
             .find(|p| {
                 p.extension().is_some_and(|e| e == "jsonl")
-                    && std::fs::read_to_string(p).is_ok_and(|t| t.lines().count() == 2)
+                    && std::fs::read_to_string(p).is_ok_and(|t| t.lines().count() == 4)
             })
         {
             break f;
@@ -294,4 +296,89 @@ async fn admin_audit_finds_a_call_by_its_message_id() {
         400
     );
     assert_eq!(lookup(format!("/admin/audit/{id}"), None).await.0, 401);
+}
+
+/// `fsp audit export` as parsed JSON lines.
+fn exported(config: &Path) -> Vec<serde_json::Value> {
+    let (code, out) = export(config, &[]);
+    assert_eq!(code, 0, "{out}");
+    out.lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_gateway_killed_under_load_lost_no_call_a_client_was_answered_for() {
+    let pki = Pki::new();
+    let up = upstream().await;
+    let (port, admin) = (free_port(), free_port());
+    let config = write_config(&pki, up, port, admin, "");
+    let mut gw = Gateway::spawn(&config, port, admin).await;
+    // Eight clients call as fast as they can, keeping every message id they were given.
+    let answered = Shared::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let url = gw.url("/person/getPerson/v3/p");
+    let clients: Vec<_> = (0..8)
+        .map(|_| {
+            let (answered, url, c) = (
+                answered.clone(),
+                url.clone(),
+                client(&pki, Some(&pki.consumer), false),
+            );
+            tokio::spawn(async move {
+                while let Ok((status, h, ..)) = send(&c, get(&url)).await {
+                    assert_eq!(status, StatusCode::OK);
+                    let id = h["fsp-message-id"].to_str().unwrap().to_owned();
+                    answered.lock().unwrap().push(id);
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    gw.kill();
+    for c in clients {
+        c.await.unwrap();
+    }
+    let answered = answered.lock().unwrap().clone();
+    assert!(
+        answered.len() > 50,
+        "only {} calls answered",
+        answered.len()
+    );
+
+    // Restarted: the torn tail (if any) is cut, the chain goes on.
+    let mut gw = Gateway::spawn(&config, port, admin).await;
+    let c = client(&pki, Some(&pki.consumer), false);
+    let (status, ..) = send(&c, get(&gw.url("/person/getPerson/v3/p")))
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    gw.stop();
+
+    let (code, out) = verify(&config);
+    assert_eq!(code, 0, "{out}");
+    let calls = exported(&config);
+    let ids: std::collections::HashSet<&str> = calls
+        .iter()
+        .map(|r| r["message_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids.len(), calls.len(), "one record per call");
+    let lost: Vec<&String> = answered
+        .iter()
+        .filter(|id| !ids.contains(id.as_str()))
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "{} answered calls not in the trail: {lost:?}",
+        lost.len()
+    );
+    // A call cut by the kill shows as such: its request line, status 0.
+    for r in &calls {
+        if r["phase"] == "request" {
+            assert_eq!(r["status"], 0, "{r}");
+            assert_eq!(r["decision"], "allowed", "{r}");
+        } else {
+            assert_eq!(r["phase"], "outcome", "{r}");
+            assert_eq!(r["status"], 200, "{r}");
+        }
+    }
 }

@@ -13,11 +13,13 @@
 //!    consumer, version and purpose today → a [`Granted`](authorise::Granted) call;
 //! 5. [`throttle`]: the provider's and the consumer's limits → an
 //!    [`Admitted`](throttle::Admitted) call;
-//! 6. [`record`]: a fail-closed gateway forwards nothing it could not record → a
+//! 6. [`record`]: a fail-closed gateway forwards nothing it has not recorded: the
+//!    call's `request` line is durable first (write-ahead) → a
 //!    [`Cleared`](record::Cleared) call;
 //! 7. [`forward`]: the request streamed to the provider (only a `Cleared` call can be);
 //! 8. [`respond`]: the answer streamed back, stamped; or the refusal rendered. The
-//!    call's audit record goes with the answer's body and is completed when it ends.
+//!    call's audit record goes with the answer's body and is completed when it ends
+//!    (the `outcome` line of a write-ahead call).
 //!
 //! Each permit is made only by its phase, from the permit before: the type system
 //! refuses to forward a call that was not identified, routed, authorised, throttled and
@@ -97,6 +99,6 @@ async fn clear<'s>(
     let content = inspect::inspect(&local.snap, call, parts, &fields, &route, body).await?;
     let granted = authorise::authorise(local, conn, call, caller, route)?;
     let admitted = throttle::admit(local, granted).await?;
-    let cleared = record::gate(local, admitted)?;
+    let cleared = record::gate(local, call, admitted).await?;
     Ok((cleared, content))
 }

@@ -1,12 +1,25 @@
-//! Phase 6, record: a fail-closed gateway forwards nothing it could not record. The
+//! Phase 6, record: a fail-closed gateway forwards nothing it has not recorded. The
 //! answer is a [`Cleared`] call, which only this phase makes, from an [`Admitted`] one;
 //! the forward phase takes nothing else.
 //!
-//! The record itself is completed when the answer ends (see [`crate::response`]).
+//! Write-ahead: when fail-closed, the call's record is written as a `request` line and
+//! made durable (synced to disk, or committed) before the call is cleared; concurrent
+//! calls share one sync (the sink's group commit). The outcome is written as an
+//! `outcome` line of the same message id when the answer ends (see
+//! [`crate::response`]); a call refused from here on still gets that outcome line, so
+//! the trail never shows a call as forwarded that was not. A fail-open gateway records
+//! each call once, complete, when it ends.
 
+use std::time::Duration;
+
+use super::call::Call;
 use super::throttle::Admitted;
 use crate::errors::{Code, Rejection};
 use crate::state::Local;
+
+/// How long a call waits for its record to be durable before it is refused: a disk or
+/// database that stalls must not hold calls (and their connections) for ever.
+const DURABLE_WITHIN: Duration = Duration::from_secs(5);
 
 /// An admitted call the audit trail can take.
 #[derive(Debug)]
@@ -20,16 +33,39 @@ impl<'s> Cleared<'s> {
     }
 }
 
-/// Clears an admitted call for forwarding, unless the gateway is fail-closed and its
-/// audit sink cannot take records.
-pub fn gate<'s>(local: &Local, admitted: Admitted<'s>) -> Result<Cleared<'s>, Rejection> {
-    if local.snap.fail_closed
-        && let Err(e) = local.gw.audit.health()
-    {
-        return Err(Rejection::new(
+/// Clears an admitted call for forwarding: when fail-closed, once its `request` line is
+/// durable; refused when the audit sink cannot take it or make it durable in time.
+pub async fn gate<'s>(
+    local: &Local,
+    call: &mut Call,
+    admitted: Admitted<'s>,
+) -> Result<Cleared<'s>, Rejection> {
+    if !local.snap.fail_closed {
+        return Ok(Cleared { admitted });
+    }
+    let unavailable = |e: &dyn std::fmt::Display| {
+        Rejection::new(
             Code::AuditUnavailable,
             format!("the call cannot be recorded, so it is not forwarded: {e}"),
-        ));
+        )
+    };
+    local.gw.audit.health().map_err(|e| unavailable(&e))?;
+    call.record.phase = Some(audit::Phase::Request);
+    let durable = match local.gw.audit.submit_durable(&call.record) {
+        Ok(d) => d,
+        Err(e) => {
+            // Not taken: nothing of this call is in the trail yet; its refusal is
+            // recorded once, complete.
+            call.record.phase = None;
+            return Err(unavailable(&e));
+        }
+    };
+    match tokio::time::timeout(DURABLE_WITHIN, durable).await {
+        Ok(Ok(())) => Ok(Cleared { admitted }),
+        Ok(Err(e)) => Err(unavailable(&e)),
+        Err(_) => Err(unavailable(&format_args!(
+            "the audit store did not confirm the record within {} s",
+            DURABLE_WITHIN.as_secs()
+        ))),
     }
-    Ok(Cleared { admitted })
 }

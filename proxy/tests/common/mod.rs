@@ -564,6 +564,16 @@ impl Gateway {
         }
     }
 
+    /// Kills the gateway process with SIGKILL (no drain, no flush) and waits for it.
+    pub fn kill(&mut self) {
+        let mut child = match &mut self.run {
+            Run::Process(child) => child.take().unwrap(),
+            Run::InProcess { .. } => panic!("only a gateway process can be killed"),
+        };
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
     /// Stops an in-process gateway as SIGTERM would (drain, flush the audit trail) and
     /// waits until it has; says whether it ended without an error.
     fn shut_down(&mut self) -> bool {
@@ -679,17 +689,42 @@ pub fn json(b: &Bytes) -> serde_json::Value {
         .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(b)))
 }
 
-/// Every audit record written so far.
+/// Every call's audit record written so far, one per call: a write-ahead call's
+/// `outcome` line replaces its `request` line (see `audit::Calls`); lines in file order.
 pub fn audit_records(pki: &Pki) -> Vec<serde_json::Value> {
+    let lines = audit_lines(pki);
+    let finished: std::collections::HashSet<String> = lines
+        .iter()
+        .filter(|l| l["phase"] == "outcome")
+        .filter_map(|l| l["message_id"].as_str().map(str::to_owned))
+        .collect();
+    lines
+        .into_iter()
+        .filter(|l| {
+            // A request line whose outcome follows is not a call of its own.
+            l["phase"] != "request"
+                || !l["message_id"]
+                    .as_str()
+                    .is_some_and(|id| finished.contains(id))
+        })
+        .collect()
+}
+
+/// Every line of the audit trail written so far, files in name order.
+pub fn audit_lines(pki: &Pki) -> Vec<serde_json::Value> {
     let mut out = Vec::new();
     let Ok(dir) = std::fs::read_dir(pki.path().join("audit")) else {
         return out;
     };
-    for entry in dir.flatten() {
-        if entry.path().extension().is_some_and(|e| e == "jsonl") {
-            for line in std::fs::read_to_string(entry.path()).unwrap().lines() {
-                out.push(serde_json::from_str(line).unwrap());
-            }
+    let mut files: Vec<PathBuf> = dir
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
+        .collect();
+    files.sort();
+    for file in files {
+        for line in std::fs::read_to_string(file).unwrap().lines() {
+            out.push(serde_json::from_str(line).unwrap());
         }
     }
     out

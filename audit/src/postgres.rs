@@ -1,0 +1,1736 @@
+//! The PostgreSQL audit sink: every gateway of a cluster writes its records into one
+//! database, where operators can query them with SQL.
+//!
+//! # The table
+//!
+//! One table, `fsp_audit`, whose columns are the contract's field names (section 6) with
+//! the record's extensions (`fault`, `detail`, `phase`), plus `seq` (the record's place in
+//! its node's chain: 1, 2, 3...) and `written_at` (when the writer committed it). It is
+//! partitioned by month of `written_at` (`fsp_audit_y2026m12`); the writer creates this
+//! month's and next month's partitions at start and once a day, and there is no default
+//! partition: a row with nowhere to go is an error, never silently kept elsewhere. Indexes
+//! serve the questions operators ask: by `message_id`, by `(consumer, timestamp)`,
+//! `(service, timestamp)`, `end_user` and `timestamp`. The view `fsp_audit_calls` gives
+//! one row per call: the outcome line when there is one, else the request line (`phase`
+//! `request`, `status` 0: the gateway stopped before the call ended), else the call's
+//! single complete line. The schema is made and migrated at start
+//! (`fsp_schema_migrations`), in one transaction under an advisory lock, so that gateways
+//! starting together do not race.
+//!
+//! # The chain
+//!
+//! Each node's records are sealed into its hash chain ([`crate::chain`]) by its writer, in
+//! the order of `seq`; the writer continues after the node's last row (or its retention
+//! anchor) when it starts. Only one writer per node: the writer holds a session advisory
+//! lock on its node's chain for as long as it is connected, and a second gateway started
+//! with the same node name is refused. [`PostgresTrail::verify`] reads every row again,
+//! ordered by node and `seq`, rebuilds each record from its columns and names the first
+//! that does not fit (an altered column, a removed, inserted or moved row, a gap in `seq`)
+//! as `node/seq`.
+//!
+//! # Group commit
+//!
+//! `submit` takes a record without touching the network: it is checked (its timestamp
+//! must be RFC 3339), appended to one of a few striped queues, and the writer thread is
+//! woken if it sleeps. The writer takes everything waiting as one batch, seals it, and
+//! inserts it with ONE statement (`INSERT ... SELECT FROM UNNEST(...)`, its own
+//! transaction): one round trip per batch, whatever its size. Callers waiting in
+//! `submit_durable` are completed once it is committed. A batch nobody waits for gathers
+//! for [`GROUP_COMMIT_WINDOW`]; a waiting caller ends that window at once.
+//!
+//! # When PostgreSQL is away
+//!
+//! A failed batch fails its waiting callers at once (their calls are refused), marks the
+//! sink unhealthy (a fail-closed gateway then refuses calls, `/readyz` says why), and is
+//! retried, sealed as it was (same `seq`, same hashes), reconnecting with a backoff of
+//! 50 ms doubling to 2 s, until it is committed. A commit whose answer was lost is not
+//! written twice: on reconnecting, the writer reads the node's last row, and when it is
+//! the batch's last the batch is taken as written. When idle, the writer checks its
+//! connection every second, so a lost connection shows in the health and a recovered one
+//! clears it without a restart.
+//!
+//! # Retention
+//!
+//! With `retention_days`, once a day (and at start) partitions whose whole month lies
+//! before `now - retention_days` are dropped. In the same transaction, for every node
+//! with rows in a dropped partition, the `seq` and hash of its last row there are kept in
+//! `fsp_audit_anchor`, and verification continues the node's chain from it.
+//!
+//! # What an operator can query
+//!
+//! ```sql
+//! -- One call, as `GET /admin/audit/{id}` shows it:
+//! SELECT * FROM fsp_audit_calls WHERE message_id = '0193f0c4-...';
+//! -- A consumer's calls of a day:
+//! SELECT timestamp, service, operation, decision, status FROM fsp_audit_calls
+//!  WHERE consumer = 'city-ghent' AND timestamp >= '2026-12-01' AND timestamp < '2026-12-02'
+//!  ORDER BY timestamp;
+//! ```
+//!
+//! The `postgres` client blocks: use [`PostgresTrail`] and [`AuditSink::lookup`] where
+//! blocking is allowed (a CLI, `spawn_blocking`), never on an async worker thread. The
+//! connection is made without TLS.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, LazyLock, Mutex, OnceLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use ::postgres::types::ToSql;
+use ::postgres::{Client, IsolationLevel, NoTls, Row, Statement, Transaction};
+use time::format_description::BorrowedFormatItem;
+use time::format_description::well_known::Rfc3339;
+use time::{OffsetDateTime, UtcOffset};
+
+use crate::chain::{Break, Chain, Verifier};
+use crate::export::{Filter, Writer as ExportWriter};
+use crate::file::{Verified, VerifyError};
+use crate::{AuditError, AuditSink, Durable, DurableTicket, Phase, Record};
+
+/// Records that may wait to be written before `submit` refuses them.
+pub const DEFAULT_CAPACITY: usize = 65_536;
+/// Group commit: a batch nobody waits for gathers the records that arrive within this
+/// window, so that one round trip covers many records.
+pub const GROUP_COMMIT_WINDOW: Duration = Duration::from_millis(10);
+
+/// Queues records are spread over, so that threads submitting at once rarely share one.
+const STRIPES: usize = 8;
+/// How often an idle writer checks its connection (or tries to make a new one).
+const PROBE_EVERY: Duration = Duration::from_secs(1);
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+const FIRST_RETRY: Duration = Duration::from_millis(50);
+const LAST_RETRY: Duration = Duration::from_secs(2);
+const MAINTENANCE_EVERY: Duration = Duration::from_secs(24 * 60 * 60);
+/// A failed maintenance (a lock not granted in time, the database away) is tried again
+/// after this long.
+const MAINTENANCE_RETRY: Duration = Duration::from_secs(10 * 60);
+/// Unless the URL says otherwise.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Unless the URL says otherwise: sent data unacknowledged this long ends the
+/// connection (a server gone without a word is noticed, not waited for forever).
+const TCP_USER_TIMEOUT: Duration = Duration::from_secs(30);
+/// Rows fetched at a time when the trail is read as a stream.
+const FETCH_ROWS: i32 = 10_000;
+
+/// The writer's session: the server notices a gateway gone without a word within about
+/// a minute (and releases its node's lock); a statement that hangs (waiting for a lock)
+/// fails, so the batch is retried instead of waited for forever.
+const WRITER_SESSION: &str = "SET tcp_keepalives_idle = 30; SET tcp_keepalives_interval = 10; \
+     SET tcp_keepalives_count = 3; SET statement_timeout = '60s'";
+
+/// The schema's migrations, in order; each is applied once, in the transaction that
+/// records it in `fsp_schema_migrations`.
+const MIGRATIONS: &[(i32, &str)] = &[(1, SCHEMA_V1)];
+
+const SCHEMA_V1: &str = r#"
+CREATE TABLE fsp_audit (
+    message_id     text NOT NULL,
+    "timestamp"    timestamptz NOT NULL,
+    consumer       text,
+    credential     text,
+    credential_id  text,
+    source_ip      text NOT NULL,
+    service        text,
+    version        text,
+    operation      text NOT NULL,
+    purpose        text,
+    authorisation  text,
+    legal_basis    text,
+    end_user       text,
+    consumer_ref   text,
+    decision       text NOT NULL,
+    status         integer NOT NULL,
+    duration_ms    double precision NOT NULL,
+    request_bytes  bigint NOT NULL,
+    response_bytes bigint NOT NULL,
+    trace_id       text,
+    node           text NOT NULL,
+    fault          text,
+    detail         text,
+    phase          text CHECK (phase IN ('request', 'outcome')),
+    prev_hash      text,
+    hash           text NOT NULL,
+    seq            bigint NOT NULL,
+    written_at     timestamptz NOT NULL,
+    UNIQUE (node, seq, written_at)
+) PARTITION BY RANGE (written_at);
+CREATE INDEX fsp_audit_message_id ON fsp_audit (message_id);
+CREATE INDEX fsp_audit_consumer ON fsp_audit (consumer, "timestamp");
+CREATE INDEX fsp_audit_service ON fsp_audit (service, "timestamp");
+CREATE INDEX fsp_audit_end_user ON fsp_audit (end_user);
+CREATE INDEX fsp_audit_timestamp ON fsp_audit ("timestamp");
+COMMENT ON TABLE fsp_audit IS
+    'FSP audit trail: one row per record, each node''s rows a hash chain in the order of seq';
+CREATE TABLE fsp_audit_anchor (
+    node            text PRIMARY KEY,
+    retired_through timestamptz NOT NULL,
+    last_seq        bigint NOT NULL,
+    last_hash       text
+);
+COMMENT ON TABLE fsp_audit_anchor IS
+    'Where each node''s chain goes on after its oldest partitions were dropped by retention';
+CREATE VIEW fsp_audit_calls AS
+    SELECT a.* FROM fsp_audit a
+     WHERE a.phase IS DISTINCT FROM 'request'
+        OR NOT EXISTS (SELECT 1 FROM fsp_audit o
+                        WHERE o.message_id = a.message_id AND o.node = a.node
+                          AND o.phase = 'outcome');
+COMMENT ON VIEW fsp_audit_calls IS
+    'One row per call: its outcome line, else its request line (the call''s end was never recorded), else its single line';
+"#;
+
+/// The text columns of `fsp_audit`, in the order [`texts`] gives a record's values.
+const TEXT_COLUMNS: [&str; 21] = [
+    "message_id",
+    "consumer",
+    "credential",
+    "credential_id",
+    "source_ip",
+    "service",
+    "version",
+    "operation",
+    "purpose",
+    "authorisation",
+    "legal_basis",
+    "end_user",
+    "consumer_ref",
+    "decision",
+    "trace_id",
+    "node",
+    "fault",
+    "detail",
+    "phase",
+    "prev_hash",
+    "hash",
+];
+
+/// The other columns a record is rebuilt from, after the text columns, with their types.
+const OTHER_COLUMNS: [(&str, &str); 6] = [
+    ("\"timestamp\"", "timestamptz"),
+    ("status", "integer"),
+    ("duration_ms", "double precision"),
+    ("request_bytes", "bigint"),
+    ("response_bytes", "bigint"),
+    ("seq", "bigint"),
+];
+
+/// The column list a record is read with: the text columns, then the others.
+static SELECT_LIST: LazyLock<String> = LazyLock::new(|| {
+    TEXT_COLUMNS
+        .iter()
+        .copied()
+        .chain(OTHER_COLUMNS.iter().map(|(c, _)| *c))
+        .collect::<Vec<_>>()
+        .join(", ")
+});
+
+/// The one statement a batch is written with: one array per column, `written_at` the
+/// transaction's time.
+static INSERT: LazyLock<String> = LazyLock::new(|| {
+    let arrays: Vec<String> = (1..=TEXT_COLUMNS.len())
+        .map(|i| format!("${i}::text[]"))
+        .chain(
+            OTHER_COLUMNS
+                .iter()
+                .enumerate()
+                .map(|(i, (_, ty))| format!("${}::{ty}[]", TEXT_COLUMNS.len() + 1 + i)),
+        )
+        .collect();
+    format!(
+        "INSERT INTO fsp_audit ({}, written_at) SELECT *, now() FROM UNNEST({})",
+        SELECT_LIST.as_str(),
+        arrays.join(", ")
+    )
+});
+
+/// The record's `timestamp` text: RFC 3339, UTC, milliseconds.
+const MILLIS: &[BorrowedFormatItem<'_>] = time::macros::format_description!(
+    "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+);
+
+/// How to reach the database and what to write there.
+#[derive(Clone)]
+pub struct Settings {
+    /// `postgres://user:password@host:port/database` or `host=... user=...` (libpq forms).
+    pub url: String,
+    /// The schema the trail's tables live in (made if missing); `None`: the connection's
+    /// default (`public`, usually).
+    pub schema: Option<String>,
+    /// The gateway instance: its records form one chain.
+    pub node: String,
+    /// Drop partitions whose whole month is older than this many days (`None`: keep
+    /// everything).
+    pub retention_days: Option<u32>,
+    /// Records that may wait to be written before `submit` refuses them (they wait in a
+    /// few queues, shared by the threads that submit, each taking its share).
+    pub capacity: usize,
+}
+
+impl Settings {
+    /// The settings for `node`'s records at `url`: the default schema and capacity, kept
+    /// forever.
+    pub fn new(url: &str, node: &str) -> Self {
+        Self {
+            url: url.to_owned(),
+            schema: None,
+            node: node.to_owned(),
+            retention_days: None,
+            capacity: DEFAULT_CAPACITY,
+        }
+    }
+}
+
+impl std::fmt::Debug for Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Settings")
+            .field("url", &display_url(&self.url))
+            .field("schema", &self.schema)
+            .field("node", &self.node)
+            .field("retention_days", &self.retention_days)
+            .field("capacity", &self.capacity)
+            .finish()
+    }
+}
+
+/// Why the trail in PostgreSQL cannot be read (or prepared).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TrailError {
+    #[error("cannot connect to the audit database at {at}: {}", describe(.source))]
+    Connect {
+        at: String,
+        source: ::postgres::Error,
+    },
+    #[error("the audit database failed: {}", describe(.0))]
+    Database(#[from] ::postgres::Error),
+    #[error("the audit database's schema: {0}")]
+    Schema(String),
+    #[error(
+        "another gateway is writing the audit trail as node {0:?} (it holds the node's lock): \
+         two gateways must not share a node name (the lock of a gateway that is gone is \
+         released once the database notices, within about a minute)"
+    )]
+    NodeTaken(String),
+    #[error("row {at} of the audit trail is not a record: {why}")]
+    Row { at: String, why: String },
+    #[error("cannot write the export: {0}")]
+    Write(#[source] std::io::Error),
+}
+
+/// A `postgres` error with its cause (its `Display` alone says only "db error").
+fn describe(e: &::postgres::Error) -> String {
+    match std::error::Error::source(e) {
+        Some(cause) => format!("{e}: {cause}"),
+        None => e.to_string(),
+    }
+}
+
+/// The database a URL names, for messages: `postgres://user@host:port/database`, never
+/// its password.
+pub fn display_url(url: &str) -> String {
+    use ::postgres::config::Host;
+    let Ok(config) = url.parse::<::postgres::Config>() else {
+        return "(an audit database URL that does not parse)".to_owned();
+    };
+    let ports = config.get_ports();
+    let hosts: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .enumerate()
+        .map(|(i, host)| {
+            let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+            match host {
+                Host::Tcp(h) => format!("{h}:{port}"),
+                Host::Unix(p) => format!("{}:{port}", p.display()),
+            }
+        })
+        .collect();
+    let user = config
+        .get_user()
+        .map(|u| format!("{u}@"))
+        .unwrap_or_default();
+    let db = config.get_dbname().unwrap_or_default();
+    format!("postgres://{user}{}/{db}", hosts.join(","))
+}
+
+/// `"name"`, quoted for SQL.
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// Connects as `application_name`, in `schema` when one is given.
+fn open(url: &str, schema: Option<&str>, application_name: &str) -> Result<Client, TrailError> {
+    let at = display_url(url);
+    let mut config: ::postgres::Config = url.parse().map_err(|source| TrailError::Connect {
+        at: at.clone(),
+        source,
+    })?;
+    config.application_name(application_name);
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(CONNECT_TIMEOUT);
+    }
+    if config.get_tcp_user_timeout().is_none() {
+        config.tcp_user_timeout(TCP_USER_TIMEOUT);
+    }
+    let mut client = config
+        .connect(NoTls)
+        .map_err(|source| TrailError::Connect { at, source })?;
+    if let Some(schema) = schema {
+        client.batch_execute(&format!("SET search_path TO {}", quote_ident(schema)))?;
+    }
+    Ok(client)
+}
+
+/// Makes the schema (and `schema` itself, when given) or brings it up to date, once,
+/// whichever gateway comes first.
+fn migrate(client: &mut Client, schema: Option<&str>) -> Result<(), TrailError> {
+    let mut tx = client.transaction()?;
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtext('fsp_audit'), \
+         hashtext(coalesce($1::text, current_schema()::text, '')))",
+        &[&schema],
+    )?;
+    if let Some(schema) = schema {
+        tx.batch_execute(&format!(
+            "CREATE SCHEMA IF NOT EXISTS {}",
+            quote_ident(schema)
+        ))?;
+    }
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS fsp_schema_migrations \
+         (version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())",
+    )?;
+    let current: i32 = tx
+        .query_one(
+            "SELECT coalesce(max(version), 0) FROM fsp_schema_migrations",
+            &[],
+        )?
+        .try_get(0)?;
+    let known = MIGRATIONS.last().map_or(0, |(v, _)| *v);
+    if current > known {
+        return Err(TrailError::Schema(format!(
+            "it is at version {current}, newer than this gateway knows ({known}): upgrade the gateway"
+        )));
+    }
+    for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > current) {
+        tx.batch_execute(sql)?;
+        tx.execute(
+            "INSERT INTO fsp_schema_migrations (version, applied_at) VALUES ($1, now())",
+            &[version],
+        )?;
+        tracing::info!(version, "audit database schema migrated");
+    }
+    Ok(tx.commit()?)
+}
+
+/// A month of `written_at`: one partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Month {
+    year: i32,
+    month: u8,
+}
+
+impl Month {
+    fn of(t: OffsetDateTime) -> Self {
+        let t = t.to_offset(UtcOffset::UTC);
+        Self {
+            year: t.year(),
+            month: u8::from(t.month()),
+        }
+    }
+
+    fn next(self) -> Self {
+        if self.month == 12 {
+            Self {
+                year: self.year + 1,
+                month: 1,
+            }
+        } else {
+            Self {
+                year: self.year,
+                month: self.month + 1,
+            }
+        }
+    }
+
+    /// The partition's name.
+    fn table(self) -> String {
+        format!("fsp_audit_y{:04}m{:02}", self.year, self.month)
+    }
+
+    /// The month a partition's name says, if it is one of ours.
+    fn of_table(name: &str) -> Option<Self> {
+        let (year, month) = name.strip_prefix("fsp_audit_y")?.split_once('m')?;
+        let ok = year.len() == 4 && month.len() == 2;
+        let month = Self {
+            year: year.parse().ok()?,
+            month: month.parse().ok()?,
+        };
+        (ok && (1..=12).contains(&month.month)).then_some(month)
+    }
+
+    /// The month's first instant (UTC), as SQL text.
+    fn start(self) -> String {
+        format!("{:04}-{:02}-01 00:00:00+00", self.year, self.month)
+    }
+}
+
+/// The months of the partitions of `fsp_audit` (ours by name), oldest first.
+fn partitions(tx: &mut Transaction<'_>) -> Result<Vec<Month>, ::postgres::Error> {
+    let rows = tx.query(
+        "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
+         WHERE i.inhparent = 'fsp_audit'::regclass",
+        &[],
+    )?;
+    let mut months = Vec::with_capacity(rows.len());
+    for row in rows {
+        if let Some(m) = Month::of_table(row.try_get(0)?) {
+            months.push(m);
+        }
+    }
+    months.sort();
+    Ok(months)
+}
+
+/// Creates this month's and next month's partitions when missing and, with
+/// `retention_days`, drops the partitions older than that, keeping each node's anchor;
+/// one transaction, under the schema's advisory lock, giving up on a lock not granted
+/// within 5 s (readers may hold the table; the next attempt will do).
+fn maintain(
+    client: &mut Client,
+    schema: Option<&str>,
+    retention_days: Option<u32>,
+) -> Result<(), ::postgres::Error> {
+    let mut tx = client.transaction()?;
+    tx.batch_execute("SET LOCAL lock_timeout = '5s'")?;
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtext('fsp_audit'), \
+         hashtext(coalesce($1::text, current_schema()::text, '')))",
+        &[&schema],
+    )?;
+    let now: OffsetDateTime = tx.query_one("SELECT now()", &[])?.try_get(0)?;
+    let existing = partitions(&mut tx)?;
+    let this = Month::of(now);
+    for month in [this, this.next()] {
+        if !existing.contains(&month) {
+            tx.batch_execute(&format!(
+                "CREATE TABLE {} PARTITION OF fsp_audit FOR VALUES FROM ('{}') TO ('{}')",
+                month.table(),
+                month.start(),
+                month.next().start()
+            ))?;
+            tracing::info!(partition = %month.table(), "audit partition created");
+        }
+    }
+    if let Some(days) = retention_days {
+        // A month lies wholly before the cutoff when the next one begins by then.
+        let cutoff = Month::of(now - time::Duration::days(i64::from(days)));
+        for month in existing {
+            if month.next() <= cutoff {
+                retire(&mut tx, month)?;
+                tracing::info!(partition = %month.table(), retention_days = days, "audit partition retired");
+            }
+        }
+    }
+    tx.commit()
+}
+
+/// Drops a partition, keeping first, for every node with rows in it, the `seq` and hash
+/// of its last row there: its chain goes on from them.
+fn retire(tx: &mut Transaction<'_>, month: Month) -> Result<(), ::postgres::Error> {
+    let table = month.table();
+    tx.execute(
+        &format!(
+            "INSERT INTO fsp_audit_anchor (node, retired_through, last_seq, last_hash) \
+             SELECT DISTINCT ON (node) node, $1::text::timestamptz, seq, hash FROM {table} \
+             ORDER BY node, seq DESC \
+             ON CONFLICT (node) DO UPDATE SET retired_through = EXCLUDED.retired_through, \
+             last_seq = EXCLUDED.last_seq, last_hash = EXCLUDED.last_hash \
+             WHERE fsp_audit_anchor.last_seq < EXCLUDED.last_seq"
+        ),
+        &[&month.next().start()],
+    )?;
+    tx.batch_execute(&format!("DROP TABLE {table}"))
+}
+
+/// Where a node's chain ends in the database: its last row, else its anchor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Tail {
+    seq: i64,
+    hash: Option<String>,
+}
+
+fn tail(client: &mut Client, node: &str) -> Result<Tail, ::postgres::Error> {
+    let last = client.query_opt(
+        "SELECT seq, hash FROM fsp_audit WHERE node = $1 ORDER BY seq DESC LIMIT 1",
+        &[&node],
+    )?;
+    let last = match last {
+        Some(row) => Some(row),
+        None => client.query_opt(
+            "SELECT last_seq, last_hash FROM fsp_audit_anchor WHERE node = $1",
+            &[&node],
+        )?,
+    };
+    Ok(match last {
+        Some(row) => Tail {
+            seq: row.try_get(0)?,
+            hash: row.try_get(1)?,
+        },
+        None => Tail { seq: 0, hash: None },
+    })
+}
+
+/// What a writer that connects again finds at its node's end in the database, against
+/// the batch it is writing (`before`: the end before the batch, `after`: its last row).
+#[derive(Debug, PartialEq, Eq)]
+enum Found {
+    /// The batch is there: its commit went through and only the answer was lost.
+    Written,
+    /// The database ends where the batch begins: it is to be written.
+    Pending,
+    /// The database ends before the batch begins: rows were removed behind the writer's
+    /// back. The chain goes on as sealed, and `verify` shows the gap.
+    Removed,
+    /// The database ends elsewhere: another writer wrote as this node. The batch is
+    /// sealed again after its rows, so that nothing is lost and the chain stays whole.
+    Foreign,
+}
+
+fn found(tail: &Tail, before: &Tail, after: &Tail) -> Found {
+    if tail == after && before != after {
+        Found::Written
+    } else if tail == before {
+        Found::Pending
+    } else if tail.seq < before.seq {
+        Found::Removed
+    } else {
+        Found::Foreign
+    }
+}
+
+/// A record taken, with its instant, and its place in the chain once sealed.
+#[derive(Debug)]
+struct Line {
+    record: Record,
+    at: OffsetDateTime,
+    seq: i64,
+}
+
+/// Checks a record and makes it storable: the `timestamp` is parsed and written as the
+/// table gives it back (RFC 3339, UTC, milliseconds), NUL characters (which PostgreSQL
+/// text cannot hold) become U+FFFD, byte counts beyond `bigint` are capped. All before it
+/// is sealed, so the hash covers what is stored.
+fn admit(mut record: Record) -> Result<Line, AuditError> {
+    let at = OffsetDateTime::parse(&record.timestamp, &Rfc3339).map_err(|e| {
+        AuditError::Unavailable(format!(
+            "record {} has a timestamp that is not RFC 3339 ({:?}: {e}); it was not taken",
+            record.message_id, record.timestamp
+        ))
+    })?;
+    let at = at.to_offset(UtcOffset::UTC);
+    let at = at
+        .replace_nanosecond(at.nanosecond() / 1_000_000 * 1_000_000)
+        .unwrap_or(at);
+    record.timestamp = at.format(MILLIS).map_err(|e| {
+        AuditError::Unavailable(format!(
+            "record {} has a timestamp that cannot be stored ({:?}: {e}); it was not taken",
+            record.message_id, record.timestamp
+        ))
+    })?;
+    for s in [
+        &mut record.message_id,
+        &mut record.source_ip,
+        &mut record.operation,
+        &mut record.decision,
+        &mut record.node,
+    ] {
+        storable(s);
+    }
+    for s in [
+        &mut record.consumer,
+        &mut record.credential,
+        &mut record.credential_id,
+        &mut record.service,
+        &mut record.version,
+        &mut record.purpose,
+        &mut record.authorisation,
+        &mut record.legal_basis,
+        &mut record.end_user,
+        &mut record.consumer_ref,
+        &mut record.trace_id,
+        &mut record.fault,
+        &mut record.detail,
+    ]
+    .into_iter()
+    .flatten()
+    {
+        storable(s);
+    }
+    const MAX_BYTES: u64 = i64::MAX as u64;
+    record.request_bytes = record.request_bytes.min(MAX_BYTES);
+    record.response_bytes = record.response_bytes.min(MAX_BYTES);
+    Ok(Line { record, at, seq: 0 })
+}
+
+fn storable(s: &mut String) {
+    if s.contains('\0') {
+        *s = s.replace('\0', "\u{fffd}");
+    }
+}
+
+/// A record's text columns, in the order of [`TEXT_COLUMNS`].
+fn texts(r: &Record) -> [Option<&str>; 21] {
+    [
+        Some(&r.message_id),
+        r.consumer.as_deref(),
+        r.credential.as_deref(),
+        r.credential_id.as_deref(),
+        Some(&r.source_ip),
+        r.service.as_deref(),
+        r.version.as_deref(),
+        Some(&r.operation),
+        r.purpose.as_deref(),
+        r.authorisation.as_deref(),
+        r.legal_basis.as_deref(),
+        r.end_user.as_deref(),
+        r.consumer_ref.as_deref(),
+        Some(&r.decision),
+        r.trace_id.as_deref(),
+        Some(&r.node),
+        r.fault.as_deref(),
+        r.detail.as_deref(),
+        r.phase.map(Phase::as_str),
+        r.prev_hash.as_deref(),
+        r.hash.as_deref(),
+    ]
+}
+
+/// Writes a sealed batch with one statement (its own transaction).
+fn insert(
+    client: &mut Client,
+    statement: &Statement,
+    batch: &[Line],
+) -> Result<(), ::postgres::Error> {
+    let mut text: Vec<Vec<Option<&str>>> =
+        vec![Vec::with_capacity(batch.len()); TEXT_COLUMNS.len()];
+    let mut at = Vec::with_capacity(batch.len());
+    let mut status = Vec::with_capacity(batch.len());
+    let mut duration = Vec::with_capacity(batch.len());
+    let mut request_bytes = Vec::with_capacity(batch.len());
+    let mut response_bytes = Vec::with_capacity(batch.len());
+    let mut seq = Vec::with_capacity(batch.len());
+    for line in batch {
+        let r = &line.record;
+        for (column, value) in text.iter_mut().zip(texts(r)) {
+            column.push(value);
+        }
+        at.push(line.at);
+        status.push(i32::from(r.status));
+        duration.push(r.duration_ms);
+        request_bytes.push(i64::try_from(r.request_bytes).unwrap_or(i64::MAX));
+        response_bytes.push(i64::try_from(r.response_bytes).unwrap_or(i64::MAX));
+        seq.push(line.seq);
+    }
+    let mut params: Vec<&(dyn ToSql + Sync)> = text.iter().map(|c| c as _).collect();
+    params.extend([
+        &at as &(dyn ToSql + Sync),
+        &status,
+        &duration,
+        &request_bytes,
+        &response_bytes,
+        &seq,
+    ]);
+    client.execute(statement, &params).map(drop)
+}
+
+/// Rebuilds a record (and its `seq`) from a row read with [`SELECT_LIST`].
+fn record_from(row: &Row) -> Result<(Record, i64), String> {
+    let get_err = |e: ::postgres::Error| describe(&e);
+    let mut texts: [Option<String>; 21] = Default::default();
+    for (i, t) in texts.iter_mut().enumerate() {
+        *t = row.try_get(i).map_err(get_err)?;
+    }
+    let [
+        message_id,
+        consumer,
+        credential,
+        credential_id,
+        source_ip,
+        service,
+        version,
+        operation,
+        purpose,
+        authorisation,
+        legal_basis,
+        end_user,
+        consumer_ref,
+        decision,
+        trace_id,
+        node,
+        fault,
+        detail,
+        phase,
+        prev_hash,
+        hash,
+    ] = texts;
+    let n = TEXT_COLUMNS.len();
+    let at: OffsetDateTime = row.try_get(n).map_err(get_err)?;
+    let status: i32 = row.try_get(n + 1).map_err(get_err)?;
+    let request_bytes: i64 = row.try_get(n + 3).map_err(get_err)?;
+    let response_bytes: i64 = row.try_get(n + 4).map_err(get_err)?;
+    let record = Record {
+        message_id: message_id.unwrap_or_default(),
+        timestamp: at
+            .to_offset(UtcOffset::UTC)
+            .format(MILLIS)
+            .map_err(|e| format!("timestamp {at}: {e}"))?,
+        consumer,
+        credential,
+        credential_id,
+        source_ip: source_ip.unwrap_or_default(),
+        service,
+        version,
+        operation: operation.unwrap_or_default(),
+        purpose,
+        authorisation,
+        legal_basis,
+        end_user,
+        consumer_ref,
+        decision: decision.unwrap_or_default(),
+        status: u16::try_from(status).map_err(|_| format!("status {status}"))?,
+        duration_ms: row.try_get(n + 2).map_err(get_err)?,
+        request_bytes: u64::try_from(request_bytes)
+            .map_err(|_| format!("request_bytes {request_bytes}"))?,
+        response_bytes: u64::try_from(response_bytes)
+            .map_err(|_| format!("response_bytes {response_bytes}"))?,
+        trace_id,
+        node: node.unwrap_or_default(),
+        fault,
+        detail,
+        phase: match phase.as_deref() {
+            None => None,
+            Some("request") => Some(Phase::Request),
+            Some("outcome") => Some(Phase::Outcome),
+            Some(other) => return Err(format!("phase {other:?}")),
+        },
+        prev_hash,
+        hash,
+    };
+    Ok((record, row.try_get(n + 5).map_err(get_err)?))
+}
+
+/// Where a row is, as `node/seq`, for a row that cannot be rebuilt.
+fn place(row: &Row) -> String {
+    let node: Option<String> = row.try_get(TEXT_COLUMNS.len() - 6).ok().flatten();
+    let seq: Option<i64> = row.try_get(TEXT_COLUMNS.len() + 5).ok();
+    format!(
+        "{}/{}",
+        node.unwrap_or_default(),
+        seq.map_or_else(|| "?".to_owned(), |s| s.to_string())
+    )
+}
+
+#[derive(Debug)]
+struct Shared {
+    healthy: AtomicBool,
+    last_error: Mutex<Option<String>>,
+    /// Records waiting to be written, spread over a few queues.
+    stripes: [Mutex<Pending>; STRIPES],
+    /// The sink was dropped: the writer drains what is left and stops.
+    closed: AtomicBool,
+    /// The writer is waiting for work: the next record must wake it.
+    idle: AtomicBool,
+    /// The writer lets a batch nobody waits for gather: a record someone waits for
+    /// wakes it.
+    gathering: AtomicBool,
+    writer: OnceLock<std::thread::Thread>,
+}
+
+impl Shared {
+    fn new() -> Self {
+        Self {
+            healthy: AtomicBool::new(true),
+            last_error: Mutex::new(None),
+            stripes: Default::default(),
+            closed: AtomicBool::new(false),
+            idle: AtomicBool::new(false),
+            gathering: AtomicBool::new(false),
+            writer: OnceLock::new(),
+        }
+    }
+
+    fn wake_writer(&self) {
+        if let Some(t) = self.writer.get() {
+            t.unpark();
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Pending {
+    lines: Vec<Line>,
+    /// The callers waiting for some of these lines to be committed.
+    tickets: Vec<DurableTicket>,
+}
+
+/// The audit sink that writes into PostgreSQL (see the module documentation).
+#[derive(Debug)]
+pub struct PostgresSink {
+    shared: Arc<Shared>,
+    /// Records one stripe may hold.
+    stripe_capacity: usize,
+    capacity: usize,
+    url: String,
+    schema: Option<String>,
+}
+
+/// Waits for the writer thread to drain and stop, once the [`PostgresSink`] is gone.
+#[derive(Debug)]
+pub struct PostgresSinkHandle {
+    thread: Option<JoinHandle<()>>,
+}
+
+impl PostgresSinkHandle {
+    /// Blocks until every record taken is committed. Call after dropping the sink. While
+    /// the database is away, this waits for it.
+    pub fn join(mut self) {
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl PostgresSink {
+    /// Connects to `url`, makes or migrates the schema, and starts the writer thread for
+    /// records of `node`, continuing its chain; partitions older than `retention_days`
+    /// are dropped (once a day, and at start). Fails, naming the database (never its
+    /// password), when it cannot be reached.
+    pub fn start(
+        url: &str,
+        node: &str,
+        retention_days: u32,
+    ) -> Result<(Self, PostgresSinkHandle), AuditError> {
+        Self::start_with(Settings {
+            retention_days: Some(retention_days),
+            ..Settings::new(url, node)
+        })
+    }
+
+    /// As [`PostgresSink::start`], with every setting given. Blocks until the writer is
+    /// connected (the connection is made on the writer's own thread, so this may be
+    /// called from async code at start-up).
+    pub fn start_with(settings: Settings) -> Result<(Self, PostgresSinkHandle), AuditError> {
+        let shared = Arc::new(Shared::new());
+        let sink = Self {
+            shared: shared.clone(),
+            stripe_capacity: settings.capacity.max(1).div_ceil(STRIPES),
+            capacity: settings.capacity.max(1),
+            url: settings.url.clone(),
+            schema: settings.schema.clone(),
+        };
+        let at = display_url(&settings.url);
+        let (started_tx, started) = std::sync::mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("fsp-audit-postgres".into())
+            .spawn(move || match Writer::connect(settings, shared) {
+                Ok(writer) => {
+                    let _ = started_tx.send(Ok(()));
+                    writer.run();
+                }
+                Err(e) => {
+                    let _ = started_tx.send(Err(e));
+                }
+            })
+            .map_err(|e| AuditError::Unavailable(format!("cannot start audit writer: {e}")))?;
+        let _ = sink.shared.writer.set(thread.thread().clone());
+        let handle = PostgresSinkHandle {
+            thread: Some(thread),
+        };
+        match started.recv() {
+            Ok(Ok(())) => Ok((sink, handle)),
+            Ok(Err(e)) => {
+                handle.join();
+                Err(AuditError::Unavailable(format!(
+                    "cannot start the audit trail in PostgreSQL: {e}"
+                )))
+            }
+            Err(_) => Err(AuditError::Unavailable(format!(
+                "the audit writer for PostgreSQL at {at} stopped while starting"
+            ))),
+        }
+    }
+
+    /// Queues a record with the ticket of a caller that waits for it to be committed.
+    fn take(&self, record: Record, ticket: Option<DurableTicket>) -> Result<(), AuditError> {
+        thread_local! {
+            static STRIPE: usize = {
+                static NEXT: AtomicUsize = AtomicUsize::new(0);
+                NEXT.fetch_add(1, Ordering::Relaxed) % STRIPES
+            };
+        }
+        let line = admit(record)?;
+        let durable = ticket.is_some();
+        let stripe = &self.shared.stripes[STRIPE.with(|s| *s)];
+        let first = {
+            let mut p = stripe.lock().unwrap_or_else(|e| e.into_inner());
+            if p.lines.len() >= self.stripe_capacity {
+                return Err(AuditError::Backlog(self.capacity));
+            }
+            p.lines.push(line);
+            if let Some(t) = ticket {
+                p.tickets.push(t);
+            }
+            p.lines.len() == 1
+        };
+        // A quiet writer is woken by the first record; a busy one comes by itself, and
+        // one gathering a batch is woken by a caller that waits.
+        if (first
+            && self.shared.idle.load(Ordering::Acquire)
+            && self.shared.idle.swap(false, Ordering::AcqRel))
+            || (durable
+                && self.shared.gathering.load(Ordering::Acquire)
+                && self.shared.gathering.swap(false, Ordering::AcqRel))
+        {
+            self.shared.wake_writer();
+        }
+        Ok(())
+    }
+}
+
+impl Drop for PostgresSink {
+    fn drop(&mut self) {
+        self.shared.closed.store(true, Ordering::Release);
+        self.shared.wake_writer();
+    }
+}
+
+impl AuditSink for PostgresSink {
+    fn submit(&self, record: Record) -> Result<(), AuditError> {
+        self.take(record, None)
+    }
+
+    fn submit_durable(&self, record: &Record) -> Result<Durable, AuditError> {
+        let (durable, ticket) = Durable::pending();
+        self.take(record.clone(), Some(ticket))?;
+        Ok(durable)
+    }
+
+    fn health(&self) -> Result<(), AuditError> {
+        if self.shared.healthy.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let why = self
+            .shared
+            .last_error
+            .lock()
+            .ok()
+            .and_then(|e| e.clone())
+            .unwrap_or_else(|| "the audit database cannot be written".into());
+        Err(AuditError::Unavailable(why))
+    }
+
+    /// Opens a connection of its own for the lookup (the writer's is never borrowed),
+    /// and closes it after.
+    fn lookup(&self, message_id: &str) -> Result<Option<Record>, AuditError> {
+        PostgresTrail::connect(&self.url, self.schema.as_deref())
+            .and_then(|mut trail| trail.lookup(message_id))
+            .map_err(|e| AuditError::Unavailable(e.to_string()))
+    }
+}
+
+/// The writer's connection and its prepared insert.
+struct Connection {
+    client: Client,
+    insert: Statement,
+}
+
+struct Writer {
+    settings: Settings,
+    /// The database, for messages.
+    at: String,
+    shared: Arc<Shared>,
+    conn: Option<Connection>,
+    /// The node's chain, after the last record sealed.
+    chain: Chain,
+    /// The `seq` of the last record sealed.
+    seq: i64,
+    /// When retention and partitions are next seen to.
+    maintenance_due: Instant,
+    /// When the database last answered.
+    last_contact: Instant,
+}
+
+impl Writer {
+    /// Connects (making or migrating the schema) and continues the node's chain.
+    fn connect(settings: Settings, shared: Arc<Shared>) -> Result<Self, TrailError> {
+        let (conn, tail) = Self::session(&settings, true)?;
+        Ok(Self {
+            at: display_url(&settings.url),
+            settings,
+            shared,
+            conn: Some(conn),
+            chain: Chain::after(tail.hash),
+            seq: tail.seq,
+            maintenance_due: Instant::now(),
+            last_contact: Instant::now(),
+        })
+    }
+
+    /// A writer's connection: its session settings, its node's lock, this month's
+    /// partitions, and where the node's chain ends in the database.
+    fn session(settings: &Settings, migrating: bool) -> Result<(Connection, Tail), TrailError> {
+        let schema = settings.schema.as_deref();
+        let name = format!("fsp-audit-writer-{}", settings.node);
+        let mut client = open(&settings.url, schema, &name)?;
+        if migrating {
+            migrate(&mut client, schema)?;
+        }
+        client.batch_execute(WRITER_SESSION)?;
+        let locked: bool = client
+            .query_one(
+                "SELECT pg_try_advisory_lock(hashtext('fsp_audit_node'), \
+                 hashtext(current_schema()::text || '/' || $1))",
+                &[&settings.node],
+            )?
+            .try_get(0)?;
+        if !locked {
+            return Err(TrailError::NodeTaken(settings.node.clone()));
+        }
+        maintain(&mut client, schema, None)?;
+        let insert = client.prepare(&INSERT)?;
+        let tail = tail(&mut client, &settings.node)?;
+        Ok((Connection { client, insert }, tail))
+    }
+
+    fn run(mut self) {
+        let mut batch: Vec<Line> = Vec::new();
+        let mut tickets: Vec<DurableTicket> = Vec::new();
+        loop {
+            self.maintain();
+            let closing = self.shared.closed.load(Ordering::Acquire);
+            if self.collect(&mut batch, &mut tickets) == 0 {
+                if closing {
+                    break;
+                }
+                // Announce idleness, then look once more: a record that came in
+                // between was not told to wake us.
+                self.shared.idle.store(true, Ordering::SeqCst);
+                if self.collect(&mut batch, &mut tickets) == 0 {
+                    std::thread::park_timeout(PROBE_EVERY);
+                    self.shared.idle.store(false, Ordering::SeqCst);
+                    self.probe();
+                    continue;
+                }
+                self.shared.idle.store(false, Ordering::SeqCst);
+            }
+            let waited = !tickets.is_empty();
+            self.seal(&mut batch);
+            self.write(&mut batch, &mut tickets);
+            batch.clear();
+            // A batch nobody waited for lets the next one gather for a window (one wait,
+            // not a polling loop); a caller that waits ends it.
+            if !waited && !self.shared.closed.load(Ordering::Acquire) {
+                self.shared.gathering.store(true, Ordering::SeqCst);
+                if !self.any_ticket_waits() {
+                    std::thread::park_timeout(GROUP_COMMIT_WINDOW);
+                }
+                self.shared.gathering.store(false, Ordering::SeqCst);
+            }
+        }
+    }
+
+    /// Takes every stripe's waiting records into `batch`; returns how many.
+    fn collect(&self, batch: &mut Vec<Line>, tickets: &mut Vec<DurableTicket>) -> usize {
+        for stripe in &self.shared.stripes {
+            let mut p = stripe.lock().unwrap_or_else(|e| e.into_inner());
+            batch.append(&mut p.lines);
+            tickets.append(&mut p.tickets);
+        }
+        batch.len()
+    }
+
+    /// Whether a caller waits for a record not yet taken (checked after announcing a
+    /// gathering window: one that came before was not told to wake us).
+    fn any_ticket_waits(&self) -> bool {
+        self.shared.stripes.iter().any(|s| {
+            !s.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .tickets
+                .is_empty()
+        })
+    }
+
+    /// Seals the batch into the node's chain, in order. A record names the node whose
+    /// chain it is in: the writer's.
+    fn seal(&mut self, batch: &mut [Line]) {
+        for line in batch {
+            if line.record.node != self.settings.node {
+                line.record.node.clone_from(&self.settings.node);
+            }
+            self.seq += 1;
+            line.seq = self.seq;
+            self.chain.seal(&mut line.record);
+        }
+    }
+
+    /// Writes a sealed batch, retrying until it is committed; callers waiting for it
+    /// are told of the first failure at once.
+    fn write(&mut self, batch: &mut [Line], tickets: &mut Vec<DurableTicket>) {
+        let mut delay = FIRST_RETRY;
+        loop {
+            match self.try_write(batch) {
+                Ok(()) => {
+                    self.last_contact = Instant::now();
+                    self.healthy();
+                    for t in tickets.drain(..) {
+                        t.done();
+                    }
+                    return;
+                }
+                Err(why) => {
+                    for t in tickets.drain(..) {
+                        t.failed(why.clone());
+                    }
+                    tracing::warn!(error = %why, records = batch.len(), retry_in_ms = delay.as_millis(), "audit batch not written; retrying");
+                    self.unhealthy(why);
+                    self.conn = None;
+                    std::thread::sleep(delay);
+                    delay = (delay * 2).min(LAST_RETRY);
+                }
+            }
+        }
+    }
+
+    fn try_write(&mut self, batch: &mut [Line]) -> Result<(), String> {
+        if self.conn.is_none() && self.reconnect(batch)? {
+            return Ok(());
+        }
+        let Some(conn) = self.conn.as_mut() else {
+            return Err(format!(
+                "no connection to the audit database at {}",
+                self.at
+            ));
+        };
+        insert(&mut conn.client, &conn.insert, batch)
+            .map_err(|e| format!("the audit database at {} failed: {}", self.at, describe(&e)))
+    }
+
+    /// Makes a new connection and squares the chain with the database; returns whether
+    /// the batch is already there (its commit was answered by a connection that was
+    /// lost before the answer came).
+    fn reconnect(&mut self, batch: &mut [Line]) -> Result<bool, String> {
+        let (conn, tail) = Self::session(&self.settings, false).map_err(|e| e.to_string())?;
+        self.conn = Some(conn);
+        tracing::info!(database = %self.at, "audit writer reconnected");
+        Ok(self.reconcile(tail, batch))
+    }
+
+    /// Squares the node's end in the database with the batch being written (see
+    /// [`Found`]); returns whether the batch is already there.
+    fn reconcile(&mut self, tail: Tail, batch: &mut [Line]) -> bool {
+        let after = Tail {
+            seq: self.seq,
+            hash: self.chain.last().map(str::to_owned),
+        };
+        let before = match batch.first() {
+            Some(l) => Tail {
+                seq: l.seq - 1,
+                hash: l.record.prev_hash.clone(),
+            },
+            None => after.clone(),
+        };
+        let node = &self.settings.node;
+        match found(&tail, &before, &after) {
+            Found::Written => true,
+            Found::Pending => false,
+            Found::Removed => {
+                tracing::error!(%node, database_seq = tail.seq, written_seq = before.seq, "the audit trail in the database ends before the last record this writer committed: rows were removed; verify will show where");
+                false
+            }
+            Found::Foreign => {
+                tracing::error!(%node, database_seq = tail.seq, written_seq = before.seq, "another writer wrote audit records as this node; this writer's records are sealed after them");
+                self.chain = Chain::after(tail.hash);
+                self.seq = tail.seq;
+                self.seal(batch);
+                false
+            }
+        }
+    }
+
+    /// When idle: checks the connection every [`PROBE_EVERY`], and makes a new one when
+    /// it is lost, so that the health follows the database without a batch to write.
+    fn probe(&mut self) {
+        if self.last_contact.elapsed() < PROBE_EVERY {
+            return;
+        }
+        self.last_contact = Instant::now();
+        if let Some(conn) = self.conn.as_mut() {
+            match conn.client.is_valid(PROBE_TIMEOUT) {
+                Ok(()) => return,
+                Err(e) => {
+                    self.conn = None;
+                    self.unhealthy(format!(
+                        "lost the connection to the audit database at {}: {}",
+                        self.at,
+                        describe(&e)
+                    ));
+                }
+            }
+        }
+        match self.reconnect(&mut []) {
+            Ok(_) => self.healthy(),
+            Err(why) => self.unhealthy(why),
+        }
+    }
+
+    /// Partitions ahead and retention, once a day (and at start).
+    fn maintain(&mut self) {
+        if Instant::now() < self.maintenance_due {
+            return;
+        }
+        let Some(conn) = self.conn.as_mut() else {
+            return;
+        };
+        let schema = self.settings.schema.as_deref();
+        self.maintenance_due = match maintain(
+            &mut conn.client,
+            schema,
+            self.settings.retention_days,
+        ) {
+            Ok(()) => Instant::now() + MAINTENANCE_EVERY,
+            Err(e) => {
+                tracing::error!(error = %describe(&e), "audit partitions and retention not seen to; trying again in 10 minutes");
+                Instant::now() + MAINTENANCE_RETRY
+            }
+        };
+    }
+
+    fn healthy(&self) {
+        if !self.shared.healthy.swap(true, Ordering::AcqRel) {
+            tracing::info!(database = %self.at, "audit database written and reachable again");
+        }
+    }
+
+    fn unhealthy(&self, why: String) {
+        if self.shared.healthy.load(Ordering::Acquire) {
+            tracing::error!(error = %why, "audit trail cannot be written; calls are refused by a fail-closed gateway");
+        }
+        if let Ok(mut last) = self.shared.last_error.lock() {
+            *last = Some(why);
+        }
+        self.shared.healthy.store(false, Ordering::Release);
+    }
+}
+
+/// The trail in PostgreSQL, read on a connection of its own: lookups, verification and
+/// exports, while gateways write.
+pub struct PostgresTrail {
+    client: Client,
+}
+
+impl std::fmt::Debug for PostgresTrail {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresTrail").finish_non_exhaustive()
+    }
+}
+
+/// The order of a call's lines: its outcome, else its single line, else its request.
+const CALL_LINE_ORDER: &str =
+    "CASE phase WHEN 'outcome' THEN 0 WHEN 'request' THEN 2 ELSE 1 END, written_at DESC, seq DESC";
+
+impl PostgresTrail {
+    /// Connects to `url`, in `schema` when one is given.
+    pub fn connect(url: &str, schema: Option<&str>) -> Result<Self, TrailError> {
+        Ok(Self {
+            client: open(url, schema, "fsp-audit-reader")?,
+        })
+    }
+
+    /// The record of the call with this message id: its outcome line if there is one,
+    /// else its request line (`phase` `request`, `status` 0: the call's end was never
+    /// recorded), else its single line.
+    pub fn lookup(&mut self, message_id: &str) -> Result<Option<Record>, TrailError> {
+        let sql = format!(
+            "SELECT {} FROM fsp_audit WHERE message_id = $1 ORDER BY {CALL_LINE_ORDER} LIMIT 1",
+            SELECT_LIST.as_str()
+        );
+        let Some(row) = self.client.query_opt(&sql, &[&message_id])? else {
+            return Ok(None);
+        };
+        record_from(&row)
+            .map(|(r, _)| Some(r))
+            .map_err(|why| TrailError::Row {
+                at: place(&row),
+                why,
+            })
+    }
+
+    /// Hands `f` one record per call (as the view `fsp_audit_calls` gives them) that `filter` takes, in
+    /// the order of their timestamps; the filter is applied by the database, and the
+    /// rows are read as a stream. Returns how many calls were given.
+    pub fn for_each_call<E: From<TrailError>>(
+        &mut self,
+        filter: &Filter,
+        mut f: impl FnMut(Record) -> Result<(), E>,
+    ) -> Result<u64, E> {
+        let wanted: [(&str, Option<&(dyn ToSql + Sync)>); 5] = [
+            ("\"timestamp\" >=", filter.from.as_ref().map(|v| v as _)),
+            ("\"timestamp\" <", filter.to.as_ref().map(|v| v as _)),
+            ("consumer =", filter.consumer.as_ref().map(|v| v as _)),
+            ("message_id =", filter.message_id.as_ref().map(|v| v as _)),
+            ("end_user =", filter.end_user.as_ref().map(|v| v as _)),
+        ];
+        let mut conditions = Vec::new();
+        let mut params = Vec::new();
+        for (sql, value) in wanted {
+            if let Some(value) = value {
+                params.push(value);
+                conditions.push(format!("{sql} ${}", params.len()));
+            }
+        }
+        let mut sql = format!("SELECT {} FROM fsp_audit_calls", SELECT_LIST.as_str());
+        if !conditions.is_empty() {
+            sql = format!("{sql} WHERE {}", conditions.join(" AND "));
+        }
+        sql.push_str(" ORDER BY \"timestamp\", node, seq");
+        let mut given = 0;
+        self.stream(&sql, &params, |row| {
+            let (record, _) = record_from(row).map_err(|why| TrailError::Row {
+                at: place(row),
+                why,
+            })?;
+            given += 1;
+            f(record)
+        })?;
+        Ok(given)
+    }
+
+    /// Writes one record per call that `filter` takes (see [`PostgresTrail::for_each_call`]).
+    pub fn export<W: Write>(
+        &mut self,
+        filter: &Filter,
+        out: &mut ExportWriter<W>,
+    ) -> Result<u64, TrailError> {
+        self.for_each_call(filter, |record| {
+            out.write(&record).map_err(TrailError::Write)
+        })
+    }
+
+    /// Checks every node's chain: rows are read as a stream, ordered by node and `seq`,
+    /// each rebuilt into its record and checked against the chain ([`Verifier`]); a
+    /// node whose oldest partitions were retired starts from its anchor. A gap in `seq`
+    /// is a break (a row was removed). With `retention_days`, an anchor that retired rows
+    /// younger than that is a break too (partitions dropped before their time).
+    /// [`Verified::files`] counts the nodes (chains) read.
+    pub fn verify(&mut self, retention_days: Option<u32>) -> Result<Verified, VerifyError> {
+        let mut tx = self
+            .client
+            .build_transaction()
+            .isolation_level(IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .map_err(TrailError::from)?;
+        let (now, anchors) = anchors(&mut tx).map_err(TrailError::from)?;
+        let mut chains = Chains::default();
+        for anchor in anchors {
+            if let Some(days) = retention_days
+                && anchor.retired_through > now - time::Duration::days(i64::from(days))
+            {
+                let through = anchor.retired_through;
+                return Err(VerifyError::RetiredEarly {
+                    anchor: format!("fsp_audit_anchor of node {}", anchor.node),
+                    through: through
+                        .format(&Rfc3339)
+                        .unwrap_or_else(|_| through.to_string()),
+                    days,
+                });
+            }
+            chains.after(anchor);
+        }
+        let sql = format!(
+            "SELECT {} FROM fsp_audit ORDER BY node, seq",
+            SELECT_LIST.as_str()
+        );
+        stream(&mut tx, &sql, &[], |row| {
+            let (record, seq) = record_from(row).map_err(|why| TrailError::Row {
+                at: place(row),
+                why,
+            })?;
+            Ok::<_, VerifyError>(chains.check(&record, seq)?)
+        })?;
+        Ok(Verified {
+            files: chains.nodes,
+            records: chains.verifier.checked(),
+        })
+    }
+
+    /// Runs `sql` in a read-only transaction and hands its rows to `f`, a few thousand
+    /// at a time from a portal (the result never sits whole in memory).
+    fn stream<E: From<TrailError>>(
+        &mut self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+        f: impl FnMut(&Row) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let mut tx = self
+            .client
+            .build_transaction()
+            .read_only(true)
+            .start()
+            .map_err(TrailError::from)?;
+        stream(&mut tx, sql, params, f)?;
+        tx.commit().map_err(TrailError::from)?;
+        Ok(())
+    }
+}
+
+/// Hands the rows of `sql` to `f`, fetched [`FETCH_ROWS`] at a time through a portal.
+fn stream<E: From<TrailError>>(
+    tx: &mut Transaction<'_>,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+    mut f: impl FnMut(&Row) -> Result<(), E>,
+) -> Result<(), E> {
+    let portal = tx.bind(sql, params).map_err(TrailError::from)?;
+    loop {
+        let rows = tx
+            .query_portal(&portal, FETCH_ROWS)
+            .map_err(TrailError::from)?;
+        for row in &rows {
+            f(row)?;
+        }
+        if rows.len() < FETCH_ROWS as usize {
+            return Ok(());
+        }
+    }
+}
+
+impl From<TrailError> for VerifyError {
+    /// A row that is not a record is named as such; anything else is the trail not
+    /// being readable.
+    fn from(e: TrailError) -> Self {
+        match e {
+            TrailError::Row { at, why } => VerifyError::NotARecord { at, why },
+            e => VerifyError::Io(std::io::Error::other(e.to_string())),
+        }
+    }
+}
+
+/// Where a node's chain goes on after its oldest partitions were dropped.
+#[derive(Debug)]
+struct Anchor {
+    node: String,
+    retired_through: OffsetDateTime,
+    last_seq: i64,
+    last_hash: Option<String>,
+}
+
+/// The database's time, and every node's anchor.
+fn anchors(tx: &mut Transaction<'_>) -> Result<(OffsetDateTime, Vec<Anchor>), ::postgres::Error> {
+    let now = tx.query_one("SELECT now()", &[])?.try_get(0)?;
+    let rows = tx.query(
+        "SELECT node, retired_through, last_seq, last_hash FROM fsp_audit_anchor",
+        &[],
+    )?;
+    let anchors = rows
+        .iter()
+        .map(|row| {
+            Ok(Anchor {
+                node: row.try_get(0)?,
+                retired_through: row.try_get(1)?,
+                last_seq: row.try_get(2)?,
+                last_hash: row.try_get(3)?,
+            })
+        })
+        .collect::<Result<_, ::postgres::Error>>()?;
+    Ok((now, anchors))
+}
+
+/// The chains being verified, node after node.
+#[derive(Default)]
+struct Chains {
+    verifier: Verifier,
+    /// The `seq` each retired node's rows go on with.
+    next: HashMap<String, i64>,
+    /// The node whose rows are being read, and the `seq` its next row must have.
+    node: Option<String>,
+    expected: i64,
+    nodes: usize,
+}
+
+impl Chains {
+    /// Starts a node's chain after its anchor.
+    fn after(&mut self, anchor: Anchor) {
+        if let Some(hash) = anchor.last_hash {
+            self.verifier.continue_after(&anchor.node, hash);
+        }
+        self.next.insert(anchor.node, anchor.last_seq + 1);
+    }
+
+    /// Checks a node's next row: its `seq` follows the one before, its record the chain.
+    fn check(&mut self, record: &Record, seq: i64) -> Result<(), Break> {
+        if self.node.as_deref() != Some(record.node.as_str()) {
+            self.nodes += 1;
+            self.expected = self.next.get(&record.node).copied().unwrap_or(1);
+            self.node = Some(record.node.clone());
+        }
+        let at = format!("{}/{seq}", record.node);
+        if seq != self.expected {
+            return Err(Break::Unlinked {
+                at,
+                message_id: record.message_id.clone(),
+                node: record.node.clone(),
+            });
+        }
+        self.expected = seq + 1;
+        self.verifier.check(&at, record)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn the_database_is_shown_without_its_password() {
+        for url in [
+            "postgres://fsp:s3cret@db.example:6432/audit?sslmode=disable",
+            "host=db.example port=6432 user=fsp password='s3cret' dbname=audit",
+            "postgresql://fsp@db.example:6432/audit?password=s3cret",
+        ] {
+            let s = display_url(url);
+            assert_eq!(s, "postgres://fsp@db.example:6432/audit", "{url}");
+        }
+        assert!(!display_url("postgres://fsp:s3cret@/audit?bogus=1").contains("s3cret"));
+        let debug = format!("{:?}", Settings::new("postgres://u:s3cret@h/d", "n"));
+        assert!(!debug.contains("s3cret"), "{debug}");
+    }
+
+    #[test]
+    fn timestamps_are_kept_as_the_table_gives_them_back() {
+        let mut r = Record {
+            timestamp: "2026-11-24T11:15:30.123456+01:00".into(),
+            end_user: Some("a\0b".into()),
+            request_bytes: u64::MAX,
+            ..Default::default()
+        };
+        let line = admit(r.clone()).unwrap();
+        assert_eq!(line.record.timestamp, "2026-11-24T10:15:30.123Z");
+        assert_eq!(line.record.end_user.as_deref(), Some("a\u{fffd}b"));
+        assert_eq!(line.record.request_bytes, i64::MAX as u64);
+        assert_eq!(line.at.format(MILLIS).unwrap(), "2026-11-24T10:15:30.123Z");
+        r.timestamp = "2026-11-24T10:15:30.123Z".into();
+        assert_eq!(admit(r.clone()).unwrap().record.timestamp, r.timestamp);
+        r.timestamp = "yesterday".into();
+        assert!(matches!(admit(r), Err(AuditError::Unavailable(_))));
+    }
+
+    #[test]
+    fn partitions_are_named_by_month() {
+        let m = Month {
+            year: 2026,
+            month: 12,
+        };
+        assert_eq!(m.table(), "fsp_audit_y2026m12");
+        assert_eq!(Month::of_table("fsp_audit_y2026m12"), Some(m));
+        assert_eq!(m.next().start(), "2027-01-01 00:00:00+00");
+        assert_eq!(Month::of_table("fsp_audit_y2026m13"), None);
+        assert_eq!(Month::of_table("fsp_audit_old"), None);
+        assert_eq!(
+            Month::of(time::macros::datetime!(2026-12-31 23:59 -01:00)),
+            m.next()
+        );
+        assert!(m < m.next());
+    }
+
+    #[test]
+    fn a_writer_that_connects_again_knows_whether_its_batch_was_committed() {
+        let at = |seq: i64, hash: Option<&str>| Tail {
+            seq,
+            hash: hash.map(str::to_owned),
+        };
+        let (before, after) = (at(3, Some("h3")), at(5, Some("h5")));
+        assert_eq!(found(&after, &before, &after), Found::Written);
+        assert_eq!(found(&before, &before, &after), Found::Pending);
+        assert_eq!(found(&at(2, Some("h2")), &before, &after), Found::Removed);
+        assert_eq!(found(&at(0, None), &before, &after), Found::Removed);
+        assert_eq!(
+            found(&at(5, Some("other")), &before, &after),
+            Found::Foreign
+        );
+        assert_eq!(found(&at(9, Some("h9")), &before, &after), Found::Foreign);
+        // Nothing being written: the end is where the writer left it, or not.
+        assert_eq!(found(&before, &before, &before), Found::Pending);
+        assert_eq!(
+            found(&at(0, None), &at(0, None), &at(0, None)),
+            Found::Pending
+        );
+        assert_eq!(found(&after, &before, &before), Found::Foreign);
+    }
+
+    /// A schema of the test's own, dropped at the end.
+    struct Scratch(String, String);
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            if let Ok(mut c) = Client::connect(&self.0, NoTls) {
+                let _ = c.batch_execute(&format!("DROP SCHEMA IF EXISTS {} CASCADE", self.1));
+            }
+        }
+    }
+
+    #[test]
+    fn a_batch_whose_commit_was_not_answered_is_written_once() {
+        let Ok(url) = std::env::var("FSP_TEST_POSTGRES_URL") else {
+            eprintln!("skipped: FSP_TEST_POSTGRES_URL is not set");
+            return;
+        };
+        let scratch = Scratch(url, format!("fsp_test_unit_{}", std::process::id()));
+        let settings = Settings {
+            schema: Some(scratch.1.clone()),
+            ..Settings::new(&scratch.0, "n")
+        };
+        let mut writer = Writer::connect(settings, Arc::new(Shared::new())).unwrap();
+        let line = |i: usize| {
+            admit(Record {
+                message_id: format!("m-{i}"),
+                timestamp: "2026-11-24T10:15:30.123Z".into(),
+                node: "n".into(),
+                ..Default::default()
+            })
+            .unwrap()
+        };
+        let mut batch = vec![line(1), line(2), line(3)];
+        writer.seal(&mut batch);
+        // Committed, and the connection lost before the answer came.
+        let conn = writer.conn.as_mut().unwrap();
+        insert(&mut conn.client, &conn.insert, &batch).unwrap();
+        writer.conn = None;
+        writer.write(&mut batch, &mut Vec::new());
+        // A batch that did not make it is written after the reconnect.
+        let mut next = vec![line(4)];
+        writer.seal(&mut next);
+        writer.conn = None;
+        writer.write(&mut next, &mut Vec::new());
+        drop(writer);
+        let mut trail = PostgresTrail::connect(&scratch.0, Some(&scratch.1)).unwrap();
+        let rows: i64 = trail
+            .client
+            .query_one("SELECT count(*) FROM fsp_audit", &[])
+            .unwrap()
+            .get(0);
+        assert_eq!(rows, 4);
+        assert_eq!(trail.verify(None).unwrap().records, 4);
+    }
+
+    #[test]
+    fn the_insert_names_every_column_once() {
+        assert!(INSERT.contains("$27::bigint[]"), "{}", INSERT.as_str());
+        assert!(!INSERT.contains("$28"));
+        assert_eq!(TEXT_COLUMNS[TEXT_COLUMNS.len() - 6], "node");
+    }
+}

@@ -1,0 +1,698 @@
+//! The PostgreSQL audit sink against a real server. Each test works in a schema of its
+//! own (dropped at the end), so tests run in parallel in one database. Without
+//! `FSP_TEST_POSTGRES_URL` (e.g. `postgres://postgres@127.0.0.1:5432/test`) they say so
+//! and pass.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use audit::chain::{Break, Chain};
+use audit::export::{Filter, Format, Writer, parse_instant};
+use audit::file::{Verified, VerifyError};
+use audit::postgres::{PostgresSink, PostgresSinkHandle, PostgresTrail, Settings};
+use audit::{AuditError, AuditSink, Phase, Record};
+
+/// A schema of this test's own in the test database.
+struct Db {
+    url: String,
+    schema: String,
+}
+
+fn db() -> Option<Db> {
+    let Ok(url) = std::env::var("FSP_TEST_POSTGRES_URL") else {
+        eprintln!("skipped: FSP_TEST_POSTGRES_URL is not set");
+        return None;
+    };
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    let schema = format!(
+        "fsp_test_{}_{nanos}_{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    );
+    Some(Db { url, schema })
+}
+
+impl Db {
+    fn settings(&self, node: &str) -> Settings {
+        Settings {
+            schema: Some(self.schema.clone()),
+            ..Settings::new(&self.url, node)
+        }
+    }
+
+    fn start(&self, node: &str) -> (PostgresSink, PostgresSinkHandle) {
+        PostgresSink::start_with(self.settings(node)).unwrap()
+    }
+
+    /// A plain connection, in the test's schema.
+    fn client(&self) -> postgres::Client {
+        let mut c = postgres::Client::connect(&self.url, postgres::NoTls).unwrap();
+        c.batch_execute(&format!("SET search_path TO {}", self.schema))
+            .unwrap();
+        c
+    }
+
+    fn trail(&self) -> PostgresTrail {
+        PostgresTrail::connect(&self.url, Some(&self.schema)).unwrap()
+    }
+
+    fn count(&self, sql: &str) -> i64 {
+        self.client().query_one(sql, &[]).unwrap().get(0)
+    }
+}
+
+impl Drop for Db {
+    fn drop(&mut self) {
+        if let Ok(mut c) = postgres::Client::connect(&self.url, postgres::NoTls) {
+            let _ = c.batch_execute(&format!("DROP SCHEMA IF EXISTS {} CASCADE", self.schema));
+        }
+    }
+}
+
+fn record(i: usize) -> Record {
+    Record {
+        message_id: format!("m-{i:05}"),
+        timestamp: "2026-11-24T10:15:30.123Z".into(),
+        consumer: Some("city-ghent".into()),
+        credential: Some("certificate".into()),
+        source_ip: "192.0.2.1".into(),
+        service: Some("person/getPerson".into()),
+        version: Some("v3".into()),
+        operation: "GET /person/getPerson/v3/persons/85073100145".into(),
+        purpose: Some("social-housing".into()),
+        end_user: Some("officer \"42\"\n".into()),
+        decision: "allowed".into(),
+        status: 200,
+        duration_ms: 12.345,
+        request_bytes: 10,
+        response_bytes: 2048,
+        node: "n".into(),
+        ..Default::default()
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Writes `n` records as node `n` and stops the sink.
+fn written(db: &Db, n: usize) {
+    let (sink, handle) = db.start("n");
+    for i in 0..n {
+        sink.submit(record(i)).unwrap();
+    }
+    drop(sink);
+    handle.join();
+}
+
+/// Inserts a row by hand, as a forger (or a test of retention) would.
+fn insert_row(c: &mut postgres::Client, r: &Record, seq: i64, written_at: &str) {
+    c.execute(
+        "INSERT INTO fsp_audit (message_id, \"timestamp\", consumer, credential, source_ip, \
+         service, version, operation, purpose, end_user, decision, status, duration_ms, \
+         request_bytes, response_bytes, node, prev_hash, hash, seq, written_at) \
+         VALUES ($1, $2::text::timestamptz, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, \
+         $14, $15, $16, $17, $18, $19, $20::text::timestamptz)",
+        &[
+            &r.message_id,
+            &r.timestamp,
+            &r.consumer,
+            &r.credential,
+            &r.source_ip,
+            &r.service,
+            &r.version,
+            &r.operation,
+            &r.purpose,
+            &r.end_user,
+            &r.decision,
+            &i32::from(r.status),
+            &r.duration_ms,
+            &(r.request_bytes as i64),
+            &(r.response_bytes as i64),
+            &r.node,
+            &r.prev_hash,
+            &r.hash,
+            &seq,
+            &written_at,
+        ],
+    )
+    .unwrap();
+}
+
+fn broken(db: &Db, days: Option<u32>) -> Break {
+    match db.trail().verify(days) {
+        Err(VerifyError::Broken(b)) => b,
+        other => panic!("expected a break, got {other:?}"),
+    }
+}
+
+#[test]
+fn records_from_many_threads_all_arrive_in_one_valid_chain() {
+    let Some(db) = db() else { return };
+    let (sink, handle) = db.start("n");
+    std::thread::scope(|s| {
+        for t in 0..4 {
+            let sink = &sink;
+            s.spawn(move || {
+                for i in 0..500 {
+                    sink.submit(record(t * 1000 + i)).unwrap();
+                }
+            });
+        }
+    });
+    assert!(sink.health().is_ok());
+    drop(sink);
+    handle.join();
+    assert_eq!(
+        db.count("SELECT count(DISTINCT message_id) FROM fsp_audit"),
+        2000
+    );
+    assert_eq!(db.count("SELECT count(*) FROM fsp_audit"), 2000);
+    assert_eq!(db.count("SELECT max(seq) FROM fsp_audit"), 2000);
+    assert_eq!(
+        db.trail().verify(None).unwrap(),
+        Verified {
+            files: 1,
+            records: 2000
+        }
+    );
+    // This month's and next month's partitions, nothing by default.
+    assert_eq!(
+        db.count("SELECT count(*) FROM pg_inherits WHERE inhparent = 'fsp_audit'::regclass"),
+        2
+    );
+}
+
+#[test]
+fn a_durable_record_is_committed_when_it_resolves_and_waiting_callers_share_commits() {
+    let Some(db) = db() else { return };
+    let (sink, handle) = db.start("n");
+    let rt = runtime();
+    let mut other = db.client();
+    for i in 0..20 {
+        let durable = sink.submit_durable(&record(i)).unwrap();
+        rt.block_on(durable).unwrap();
+        let seen: i64 = other
+            .query_one(
+                "SELECT count(*) FROM fsp_audit WHERE message_id = $1",
+                &[&record(i).message_id],
+            )
+            .unwrap()
+            .get(0);
+        assert_eq!(seen, 1, "record {i} not visible once durable");
+    }
+    // Fifty callers waiting at once: far fewer commits than records.
+    let waiting: Vec<_> = (100..150)
+        .map(|i| sink.submit_durable(&record(i)).unwrap())
+        .collect();
+    rt.block_on(async {
+        for d in waiting {
+            d.await.unwrap();
+        }
+    });
+    let commits =
+        db.count("SELECT count(DISTINCT written_at) FROM fsp_audit WHERE message_id >= 'm-00100'");
+    assert!(commits < 25, "{commits} commits for 50 records");
+    drop(sink);
+    handle.join();
+    assert_eq!(db.trail().verify(None).unwrap().records, 70);
+}
+
+#[test]
+fn lookup_and_export_give_one_record_per_call_preferring_the_outcome() {
+    let Some(db) = db() else { return };
+    let (sink, handle) = db.start("n");
+    let sink = Arc::new(sink);
+    let rt = runtime();
+    let line = |id: &str, second: u32, phase: Option<Phase>, status: u16| Record {
+        message_id: id.into(),
+        timestamp: format!("2026-12-01T10:00:0{second}.000Z"),
+        phase,
+        status,
+        ..record(0)
+    };
+    let lines = [
+        line("m1", 1, Some(Phase::Request), 0),
+        line("m1", 1, Some(Phase::Outcome), 200),
+        line("m2", 2, Some(Phase::Request), 0),
+        Record {
+            consumer: Some("other".into()),
+            end_user: Some("agent-7".into()),
+            ..line("m3", 3, None, 403)
+        },
+    ];
+    for l in &lines {
+        rt.block_on(sink.submit_durable(l).unwrap()).unwrap();
+    }
+    // From the gateway's blocking pool, on a connection of its own.
+    let found = |id: &'static str| {
+        let sink = sink.clone();
+        rt.block_on(async { tokio::task::spawn_blocking(move || sink.lookup(id)).await })
+            .unwrap()
+            .unwrap()
+    };
+    let m1 = found("m1").unwrap();
+    assert_eq!((m1.phase, m1.status), (Some(Phase::Outcome), 200));
+    let m2 = found("m2").unwrap();
+    assert_eq!((m2.phase, m2.status), (Some(Phase::Request), 0));
+    assert_eq!(found("m3").unwrap().status, 403);
+    assert!(found("absent").is_none());
+    // As written: sealed, with the timestamp's text as given.
+    assert_eq!(m1.timestamp, "2026-12-01T10:00:01.000Z");
+    assert!(m1.hash.is_some() && m1.prev_hash.is_some());
+
+    let mut trail = db.trail();
+    let calls = |trail: &mut PostgresTrail, filter: &Filter| {
+        let mut ids = Vec::new();
+        trail
+            .for_each_call(filter, |r| {
+                ids.push((r.message_id, r.status));
+                Ok::<(), audit::postgres::TrailError>(())
+            })
+            .unwrap();
+        ids
+    };
+    assert_eq!(
+        calls(&mut trail, &Filter::default()),
+        [("m1".into(), 200), ("m2".into(), 0), ("m3".into(), 403)]
+    );
+    let only = |f: Filter| {
+        calls(&mut db.trail(), &f)
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect::<Vec<String>>()
+    };
+    assert_eq!(
+        only(Filter {
+            consumer: Some("city-ghent".into()),
+            ..Default::default()
+        }),
+        ["m1", "m2"]
+    );
+    assert_eq!(
+        only(Filter {
+            from: Some(parse_instant("2026-12-01T10:00:02Z").unwrap()),
+            to: Some(parse_instant("2026-12-01T10:00:03Z").unwrap()),
+            ..Default::default()
+        }),
+        ["m2"]
+    );
+    assert_eq!(
+        only(Filter {
+            end_user: Some("agent-7".into()),
+            ..Default::default()
+        }),
+        ["m3"]
+    );
+    assert_eq!(
+        only(Filter {
+            message_id: Some("m1".into()),
+            ..Default::default()
+        }),
+        ["m1"]
+    );
+    let mut out = Writer::new(Vec::new(), Format::Jsonl);
+    assert_eq!(trail.export(&Filter::default(), &mut out).unwrap(), 3);
+    let text = String::from_utf8(out.finish().unwrap()).unwrap();
+    let exported: Vec<Record> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(exported[0], m1);
+    // Operators see the same calls through the view.
+    assert_eq!(db.count("SELECT count(*) FROM fsp_audit_calls"), 3);
+    drop(trail);
+    drop(Arc::into_inner(sink).unwrap());
+    handle.join();
+    assert_eq!(db.trail().verify(None).unwrap().records, 4);
+}
+
+#[test]
+fn an_altered_column_breaks_verification_at_its_row() {
+    let Some(db) = db() else { return };
+    written(&db, 8);
+    assert_eq!(db.trail().verify(None).unwrap().records, 8);
+    db.client()
+        .batch_execute("UPDATE fsp_audit SET purpose = 'another purpose' WHERE seq = 4")
+        .unwrap();
+    assert_eq!(
+        broken(&db, None),
+        Break::Altered {
+            at: "n/4".into(),
+            message_id: "m-00003".into()
+        }
+    );
+    db.client()
+        .batch_execute(
+            "UPDATE fsp_audit SET purpose = 'social-housing' WHERE seq = 4; \
+             UPDATE fsp_audit SET \"timestamp\" = \"timestamp\" + interval '1 millisecond' WHERE seq = 6",
+        )
+        .unwrap();
+    assert_eq!(
+        broken(&db, None),
+        Break::Altered {
+            at: "n/6".into(),
+            message_id: "m-00005".into()
+        }
+    );
+}
+
+#[test]
+fn a_deleted_row_breaks_verification_at_the_next() {
+    let Some(db) = db() else { return };
+    written(&db, 8);
+    db.client()
+        .batch_execute("DELETE FROM fsp_audit WHERE seq = 4")
+        .unwrap();
+    assert_eq!(
+        broken(&db, None),
+        Break::Unlinked {
+            at: "n/5".into(),
+            message_id: "m-00004".into(),
+            node: "n".into()
+        }
+    );
+}
+
+#[test]
+fn two_swapped_rows_break_verification() {
+    let Some(db) = db() else { return };
+    written(&db, 8);
+    db.client()
+        .batch_execute(
+            "UPDATE fsp_audit SET seq = -3 WHERE seq = 3; \
+             UPDATE fsp_audit SET seq = 3 WHERE seq = 6; \
+             UPDATE fsp_audit SET seq = 6 WHERE seq = -3",
+        )
+        .unwrap();
+    assert_eq!(
+        broken(&db, None),
+        Break::Unlinked {
+            at: "n/3".into(),
+            message_id: "m-00005".into(),
+            node: "n".into()
+        }
+    );
+}
+
+#[test]
+fn a_forged_row_breaks_verification_even_when_sealed() {
+    let Some(db) = db() else { return };
+    written(&db, 8);
+    let mut c = db.client();
+    // Room after seq 3, and a forgery sealed after it, as a forger would make it.
+    c.batch_execute(
+        "UPDATE fsp_audit SET seq = -(seq + 1) WHERE seq >= 4; \
+         UPDATE fsp_audit SET seq = -seq WHERE seq < 0",
+    )
+    .unwrap();
+    let h3: String = c
+        .query_one("SELECT hash FROM fsp_audit WHERE seq = 3", &[])
+        .unwrap()
+        .get(0);
+    let mut forged = record(99);
+    Chain::after(Some(h3)).seal(&mut forged);
+    insert_row(&mut c, &forged, 4, "now");
+    assert_eq!(
+        broken(&db, None),
+        Break::Unlinked {
+            at: "n/5".into(),
+            message_id: "m-00003".into(),
+            node: "n".into()
+        }
+    );
+    // A forgery that does not even fit its own content.
+    c.batch_execute(
+        "DELETE FROM fsp_audit WHERE seq = 4; UPDATE fsp_audit SET seq = seq - 1 WHERE seq > 4",
+    )
+    .unwrap();
+    assert_eq!(db.trail().verify(None).unwrap().records, 8);
+    let mut garbage = record(98);
+    garbage.prev_hash = Some(forged.prev_hash.clone().unwrap());
+    garbage.hash = Some("0".repeat(64));
+    insert_row(&mut c, &garbage, 9, "now");
+    assert_eq!(
+        broken(&db, None),
+        Break::Altered {
+            at: "n/9".into(),
+            message_id: "m-00098".into()
+        }
+    );
+}
+
+#[test]
+fn the_chain_goes_on_after_a_restart() {
+    let Some(db) = db() else { return };
+    written(&db, 3);
+    let (sink, handle) = db.start("n");
+    for i in 3..6 {
+        sink.submit(record(i)).unwrap();
+    }
+    drop(sink);
+    handle.join();
+    assert_eq!(
+        db.trail().verify(None).unwrap(),
+        Verified {
+            files: 1,
+            records: 6
+        }
+    );
+    assert_eq!(db.count("SELECT max(seq) FROM fsp_audit"), 6);
+}
+
+#[test]
+fn retention_drops_old_partitions_and_verification_goes_on_from_the_anchors() {
+    let Some(db) = db() else { return };
+    written(&db, 0);
+    // Rows written three years ago, by this node and by one that is gone.
+    let year = time::OffsetDateTime::now_utc().year() - 3;
+    let table = format!("fsp_audit_y{year}m01");
+    let mut c = db.client();
+    c.batch_execute(&format!(
+        "CREATE TABLE {table} PARTITION OF fsp_audit \
+         FOR VALUES FROM ('{year}-01-01 00:00:00+00') TO ('{year}-02-01 00:00:00+00')"
+    ))
+    .unwrap();
+    let written_at = format!("{year}-01-15 12:00:00+00");
+    let mut last = String::new();
+    for node in ["n", "gone"] {
+        let mut chain = Chain::default();
+        for i in 0..3 {
+            let mut r = record(500 + i);
+            r.node = node.into();
+            chain.seal(&mut r);
+            insert_row(&mut c, &r, i as i64 + 1, &written_at);
+        }
+        if node == "n" {
+            last = chain.last().unwrap().to_owned();
+        }
+    }
+    assert_eq!(db.trail().verify(None).unwrap().records, 6);
+
+    let (sink, handle) = PostgresSink::start_with(Settings {
+        retention_days: Some(365),
+        ..db.settings("n")
+    })
+    .unwrap();
+    for i in 0..2 {
+        sink.submit(record(i)).unwrap();
+    }
+    drop(sink);
+    handle.join();
+
+    assert_eq!(
+        db.count(&format!(
+            "SELECT count(*) FROM pg_class WHERE relname = '{table}'"
+        )),
+        0,
+        "the old partition is dropped"
+    );
+    let anchor = c
+        .query_one(
+            "SELECT last_seq, last_hash FROM fsp_audit_anchor WHERE node = 'n'",
+            &[],
+        )
+        .unwrap();
+    assert_eq!(anchor.get::<_, i64>(0), 3);
+    assert_eq!(anchor.get::<_, String>(1), last);
+    assert_eq!(
+        db.count("SELECT last_seq FROM fsp_audit_anchor WHERE node = 'gone'"),
+        3
+    );
+    // The node's chain went on after the retired rows.
+    assert_eq!(
+        db.trail().verify(Some(365)).unwrap(),
+        Verified {
+            files: 1,
+            records: 2
+        }
+    );
+    assert_eq!(db.count("SELECT min(seq) FROM fsp_audit"), 4);
+    // Retired younger than the retention period says: dropped before their time.
+    assert!(matches!(
+        db.trail().verify(Some(5000)),
+        Err(VerifyError::RetiredEarly { days: 5000, .. })
+    ));
+    // A row removed after the anchor is a break.
+    c.batch_execute("DELETE FROM fsp_audit WHERE seq = 4")
+        .unwrap();
+    assert!(matches!(
+        broken(&db, Some(365)),
+        Break::Unlinked { ref at, .. } if at == "n/5"
+    ));
+}
+
+/// The pid of the node's writer backend.
+fn writer_pid(db: &Db, node: &str) -> i32 {
+    let start = Instant::now();
+    loop {
+        let rows = db
+            .client()
+            .query(
+                "SELECT pid FROM pg_stat_activity WHERE application_name = $1",
+                &[&format!("fsp-audit-writer-{node}")],
+            )
+            .unwrap();
+        if rows.len() == 1 {
+            return rows[0].get(0);
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "{} writers",
+            rows.len()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn terminate(db: &Db, pid: i32) {
+    db.client()
+        .execute("SELECT pg_terminate_backend($1)", &[&pid])
+        .unwrap();
+}
+
+fn healthy_within(sink: &PostgresSink, limit: Duration) {
+    let start = Instant::now();
+    while let Err(e) = sink.health() {
+        assert!(start.elapsed() < limit, "still unhealthy: {e}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_cut_connection_is_survived_without_losing_or_doubling_a_record() {
+    let Some(db) = db() else { return };
+    let node = format!("cut-{}", db.schema);
+    let (sink, handle) = db.start(&node);
+    let rt = runtime();
+    let durably = |i: usize| rt.block_on(sink.submit_durable(&record(i)).unwrap());
+    for i in 0..5 {
+        durably(i).unwrap();
+    }
+    let first = writer_pid(&db, &node);
+    terminate(&db, first);
+    // The next record either makes it after a reconnect or is refused, never lost.
+    match durably(5) {
+        Ok(()) => eprintln!("the record after the cut was committed after a reconnect"),
+        Err(AuditError::Unavailable(why)) => {
+            eprintln!("the record after the cut was refused: {why}");
+            assert!(why.contains("audit database at postgres://"), "{why}");
+        }
+        Err(e) => panic!("{e}"),
+    }
+    healthy_within(&sink, Duration::from_secs(5));
+    for i in 6..11 {
+        durably(i).unwrap();
+    }
+    // Cut while idle: the writer notices by itself and connects again.
+    let second = writer_pid(&db, &node);
+    assert_ne!(first, second);
+    terminate(&db, second);
+    std::thread::sleep(Duration::from_millis(2500));
+    healthy_within(&sink, Duration::from_secs(5));
+    assert_ne!(writer_pid(&db, &node), second);
+    durably(11).unwrap();
+    drop(sink);
+    handle.join();
+    assert_eq!(db.count("SELECT count(*) FROM fsp_audit"), 12);
+    assert_eq!(
+        db.count("SELECT count(DISTINCT message_id) FROM fsp_audit"),
+        12
+    );
+    assert_eq!(db.trail().verify(None).unwrap().records, 12);
+}
+
+#[test]
+fn gateways_starting_together_migrate_once_and_a_node_has_one_writer() {
+    let Some(db) = db() else { return };
+    let sinks: Vec<_> = std::thread::scope(|s| {
+        let started: Vec<_> = ["a", "b", "c"]
+            .map(|node| s.spawn(|| PostgresSink::start_with(db.settings(node))))
+            .into_iter()
+            .collect();
+        started
+            .into_iter()
+            .map(|t| t.join().unwrap().unwrap())
+            .collect()
+    });
+    assert_eq!(db.count("SELECT count(*) FROM fsp_schema_migrations"), 1);
+    let twin = PostgresSink::start_with(db.settings("a"))
+        .unwrap_err()
+        .to_string();
+    assert!(twin.contains("another gateway"), "{twin}");
+    for (i, (sink, handle)) in sinks.into_iter().enumerate() {
+        sink.submit(record(i)).unwrap();
+        drop(sink);
+        handle.join();
+    }
+    assert_eq!(
+        db.trail().verify(None).unwrap(),
+        Verified {
+            files: 3,
+            records: 3
+        }
+    );
+}
+
+#[test]
+fn a_record_without_an_rfc3339_timestamp_is_refused_and_a_full_queue_refuses() {
+    let Some(db) = db() else { return };
+    let (sink, handle) = PostgresSink::start_with(Settings {
+        capacity: 1,
+        ..db.settings("n")
+    })
+    .unwrap();
+    let mut bad = record(0);
+    bad.timestamp = "24/11/2026 10:15".into();
+    let err = sink.submit(bad).unwrap_err().to_string();
+    assert!(err.contains("RFC 3339"), "{err}");
+    assert!(sink.health().is_ok());
+    let refused = (0..10_000)
+        .map(|i| sink.submit(record(i)))
+        .filter(|r| matches!(r, Err(AuditError::Backlog(1))))
+        .count();
+    assert!(refused > 0, "a queue of one must overflow under a burst");
+    drop(sink);
+    handle.join();
+    assert!(db.trail().verify(None).unwrap().records > 0);
+}
+
+#[test]
+fn an_unreachable_database_fails_at_start_without_showing_its_password() {
+    let err = PostgresSink::start("postgres://fsp:s3cret@127.0.0.1:1/test", "n", 30)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("postgres://fsp@127.0.0.1:1/test"), "{err}");
+    assert!(err.contains("cannot connect"), "{err}");
+    assert!(!err.contains("s3cret"), "{err}");
+}
