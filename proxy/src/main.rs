@@ -249,24 +249,37 @@ fn export_audit(
     let Some(c) = proxy::run::load_or_report(config) else {
         return ExitCode::from(1);
     };
-    let proxy::config::AuditBackend::File { dir } = &c.audit.backend;
     let stdout = std::io::BufWriter::new(std::io::stdout().lock());
     let mut out = audit::export::Writer::new(stdout, format);
     let mut broken = 0u64;
-    let read = audit::file::for_each_call(
-        dir,
-        |r| filter.matches(r),
-        |call| out.write(&call),
-        |at, why| {
-            broken += 1;
-            eprintln!("{at} is not a whole audit record (cut short, or edited): {why}");
-        },
-    );
-    match read.and_then(|_| out.finish().map(drop)) {
+    let (read, place) = match &c.audit.backend {
+        proxy::config::AuditBackend::File { dir } => (
+            audit::file::for_each_call(
+                dir,
+                |r| filter.matches(r),
+                |call| out.write(&call),
+                |at, why| {
+                    broken += 1;
+                    eprintln!("{at} is not a whole audit record (cut short, or edited): {why}");
+                },
+            )
+            .map(drop)
+            .map_err(|e| e.to_string()),
+            dir.display().to_string(),
+        ),
+        proxy::config::AuditBackend::Postgres { url, .. } => (
+            audit::postgres::PostgresTrail::connect(url, None)
+                .and_then(|mut trail| trail.export(filter, &mut out))
+                .map(drop)
+                .map_err(|e| e.to_string()),
+            audit::postgres::display_url(url),
+        ),
+    };
+    match read.and_then(|()| out.finish().map(drop).map_err(|e| e.to_string())) {
         Ok(()) if broken == 0 => ExitCode::SUCCESS,
         Ok(()) => ExitCode::from(4),
         Err(e) => {
-            eprintln!("cannot export the audit trail in {}: {e}", dir.display());
+            eprintln!("cannot export the audit trail in {place}: {e}");
             ExitCode::from(5)
         }
     }
@@ -278,19 +291,31 @@ fn verify_audit(config: &std::path::Path) -> ExitCode {
     let Some(c) = proxy::run::load_or_report(config) else {
         return ExitCode::from(1);
     };
-    let proxy::config::AuditBackend::File { dir } = &c.audit.backend;
-    match audit::file::verify_dir(dir, Some(c.audit.retention_days)) {
+    let retention = Some(c.audit.retention_days);
+    let (verified, place, unit) = match &c.audit.backend {
+        proxy::config::AuditBackend::File { dir } => (
+            audit::file::verify_dir(dir, retention),
+            dir.display().to_string(),
+            "files",
+        ),
+        proxy::config::AuditBackend::Postgres { url, .. } => (
+            audit::postgres::PostgresTrail::connect(url, None)
+                .map_err(audit::file::VerifyError::from)
+                .and_then(|mut trail| trail.verify(retention)),
+            audit::postgres::display_url(url),
+            "node chains",
+        ),
+    };
+    match verified {
         Ok(v) => {
             println!(
-                "audit trail intact: {} records in {} files under {}",
-                v.records,
-                v.files,
-                dir.display()
+                "audit trail intact: {} records in {} {unit} in {place}",
+                v.records, v.files
             );
             ExitCode::SUCCESS
         }
         Err(audit::file::VerifyError::Io(e)) => {
-            eprintln!("cannot read the audit trail in {}: {e}", dir.display());
+            eprintln!("cannot read the audit trail in {place}: {e}");
             ExitCode::from(5)
         }
         Err(e) => {

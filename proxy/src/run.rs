@@ -100,18 +100,39 @@ pub async fn start(
     let node = config.node.clone();
     let throttle_cfg = config.throttle.clone();
 
-    let (sink, sink_handle) = match &config.audit.backend {
+    let retention_days = config.audit.retention_days;
+    let (sink, sink_handle): (Arc<dyn audit::AuditSink>, Box<dyn FnOnce() + Send>) = match &config
+        .audit
+        .backend
+    {
         AuditBackend::File { dir } => {
-            audit::file::FileSink::start_with_retention(dir, &node, config.audit.retention_days)
-                .with_context(|| format!("cannot start the audit trail in {}", dir.display()))?
+            let (sink, handle) =
+                audit::file::FileSink::start_with_retention(dir, &node, retention_days)
+                    .with_context(|| {
+                        format!("cannot start the audit trail in {}", dir.display())
+                    })?;
+            (Arc::new(sink), Box::new(move || handle.join()))
+        }
+        AuditBackend::Postgres { url, .. } => {
+            let (sink, handle) = audit::postgres::PostgresSink::start(url, &node, retention_days)
+                .with_context(|| {
+                format!(
+                    "cannot start the audit trail in {}",
+                    audit::postgres::display_url(url)
+                )
+            })?;
+            (Arc::new(sink), Box::new(move || handle.join()))
         }
     };
-    let sink: Arc<dyn audit::AuditSink> = Arc::new(sink);
 
-    // Suspensions are kept beside the audit trail, which is writable by definition.
-    let suspensions_file = match &config.audit.backend {
-        AuditBackend::File { dir } => dir.join("suspensions.json"),
-    };
+    // Suspensions are kept in the gateway's state directory (the file trail's).
+    std::fs::create_dir_all(config.audit.backend.state_dir()).with_context(|| {
+        format!(
+            "cannot create the state directory {}",
+            config.audit.backend.state_dir().display()
+        )
+    })?;
+    let suspensions_file = config.audit.backend.state_dir().join("suspensions.json");
     let suspensions = crate::suspend::SuspensionStore::open(Some(suspensions_file))?;
     let oauth = match &config.oauth {
         Some(cfg) => {
@@ -182,6 +203,26 @@ pub async fn start(
             admin_listener,
             shutdown.clone(),
         ));
+    }
+    {
+        // A file-size limit (RLIMIT_FSIZE, a quota) reached by the audit writer is a
+        // failed write, which it reports and retries, not the end of the gateway:
+        // SIGXFSZ, which would kill the process, is caught and counted.
+        use tokio::signal::unix::{SignalKind, signal};
+        const SIGXFSZ: i32 = 25;
+        let mut xfsz = signal(SignalKind::from_raw(SIGXFSZ)).context("cannot watch SIGXFSZ")?;
+        let mut stop = shutdown.clone();
+        tasks.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = xfsz.recv() => {
+                        metrics::counter!("fsp_file_size_limit_reached_total").increment(1);
+                        tracing::warn!("a file reached the process's file-size limit (SIGXFSZ); the write failed and is retried");
+                    }
+                    _ = stop.changed() => break,
+                }
+            }
+        });
     }
     {
         // SIGHUP reloads configuration and certificates, like POST /admin/reload.
@@ -266,7 +307,7 @@ pub async fn start(
         // Every response body has been dropped by now; the last reference to the sink
         // goes with the gateway, and the writer drains what is queued.
         drop(gw);
-        tokio::task::spawn_blocking(move || sink_handle.join())
+        tokio::task::spawn_blocking(sink_handle)
             .await
             .context("audit writer panicked")?;
         tracing::info!("stopped");

@@ -116,7 +116,26 @@ pub enum JwksSource {
 
 #[derive(Debug)]
 pub enum AuditBackend {
-    File { dir: PathBuf },
+    File {
+        dir: PathBuf,
+    },
+    /// The trail in PostgreSQL; `state_dir` (`[audit] dir`) keeps the gateway's local
+    /// state (suspensions) only.
+    Postgres {
+        url: String,
+        state_dir: PathBuf,
+    },
+}
+
+impl AuditBackend {
+    /// Where the gateway keeps its local state (suspensions): the trail's directory, or
+    /// `[audit] dir` beside a PostgreSQL trail.
+    pub fn state_dir(&self) -> &Path {
+        match self {
+            AuditBackend::File { dir } => dir,
+            AuditBackend::Postgres { state_dir, .. } => state_dir,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -792,7 +811,7 @@ fn build_authorisations(
     authorisations
 }
 
-/// `[audit]`: the file backend (the only one available yet), fail-closed by default.
+/// `[audit]`: the file backend (the default) or PostgreSQL, fail-closed by default.
 fn build_audit(sources: &[Source], problems: &mut Problems) -> AuditConfig {
     match single(sources, "audit", |r| r.audit.as_ref(), problems) {
         None => AuditConfig {
@@ -809,12 +828,36 @@ fn build_audit(sources: &[Source], problems: &mut Problems) -> AuditConfig {
                 "file" => AuditBackend::File {
                     dir: s.dir.join(a.dir.as_deref().unwrap_or("audit")),
                 },
-                "postgres" => {
-                    problems.add(&s.path, "audit.backend", "the postgres audit backend is not available in this version yet; use \"file\"");
-                    AuditBackend::File {
-                        dir: s.dir.join("audit"),
+                "postgres" => match a.url.as_deref() {
+                    Some(url)
+                        if url.starts_with("postgres://") || url.starts_with("postgresql://") =>
+                    {
+                        AuditBackend::Postgres {
+                            url: url.to_owned(),
+                            state_dir: s.dir.join(a.dir.as_deref().unwrap_or("audit")),
+                        }
                     }
-                }
+                    Some(_) => {
+                        problems.add(
+                            &s.path,
+                            "audit.url",
+                            "must be a postgres:// URL (e.g. postgres://fsp@127.0.0.1/fsp)",
+                        );
+                        AuditBackend::File {
+                            dir: s.dir.join("audit"),
+                        }
+                    }
+                    None => {
+                        problems.add(
+                            &s.path,
+                            "audit.url",
+                            "required with backend = \"postgres\" (e.g. postgres://fsp@127.0.0.1/fsp)",
+                        );
+                        AuditBackend::File {
+                            dir: s.dir.join("audit"),
+                        }
+                    }
+                },
                 other => {
                     problems.add(
                         &s.path,

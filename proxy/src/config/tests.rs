@@ -380,7 +380,9 @@ fn the_contract_example_loads_with_every_section_and_paths_relative_to_its_file(
     assert_eq!(oauth.client_id_claim, "client_id");
     assert!(!oauth.require_certificate_binding);
 
-    let AuditBackend::File { dir } = &config.audit.backend;
+    let AuditBackend::File { dir } = &config.audit.backend else {
+        panic!("file backend expected")
+    };
     assert_eq!(dir, &fx.dir.join("data/audit"));
     assert!(config.audit.fail_closed);
     assert_eq!(config.audit.retention_days, 3653);
@@ -513,7 +515,9 @@ client_ca   = "pki/consumers-ca.pem"
     assert_eq!(config.environment, Environment::Prod);
     assert!(config.admin.is_none());
     assert!(config.oauth.is_none());
-    let AuditBackend::File { dir } = &config.audit.backend;
+    let AuditBackend::File { dir } = &config.audit.backend else {
+        panic!("file backend expected")
+    };
     assert_eq!(dir, &fx.dir.join("audit"));
     assert!(
         config.audit.fail_closed,
