@@ -39,6 +39,12 @@ THROTTLE=${THROTTLE:-}
 FSPT_PORT=${FSPT_PORT:-18444}
 FSPT_ADMIN_PORT=${FSPT_ADMIN_PORT:-19444}
 THROTTLE_REDIS_URL=${THROTTLE_REDIS_URL:-${FSP_TEST_REDIS_URL:-redis://127.0.0.1:6379}}
+# AUDIT=off|postgres measures the audit trail instead: the target fsp-throttled is then a
+# second fsp with no trail ([audit] backend = "none", fail_closed = false), and fsp
+# keeps its trail in files (off) or in PostgreSQL (postgres, at AUDIT_POSTGRES_URL, in a
+# schema of its own made for the run), write-ahead (fail_closed = true) either way.
+AUDIT=${AUDIT:-}
+AUDIT_POSTGRES_URL=${AUDIT_POSTGRES_URL:-${FSP_TEST_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432/test}}
 FSP_ADMIN_PORT=${FSP_ADMIN_PORT:-19443}
 export FSP_LOG=${FSP_LOG:-warn}       # nginx runs with access_log off; keep fsp's log quiet too
 # Thresholds (fsp against nginx).
@@ -106,6 +112,9 @@ cleanup() {
     for pid in "${PIDS[@]}"; do
         stop_pid "$pid"
     done
+    if [[ -n ${AUDIT_SCHEMA:-} && $KEEP_TMP != 1 ]]; then
+        psql "$AUDIT_POSTGRES_URL" -qc "DROP SCHEMA $AUDIT_SCHEMA CASCADE" >/dev/null 2>&1 || true
+    fi
     if [[ -n $TMP && -d $TMP ]]; then
         if [[ $KEEP_TMP == 1 ]]; then
             log "kept temporary directory $TMP"
@@ -340,6 +349,20 @@ if [[ $SKIP_FSP != 1 ]]; then
     cp "$PKI/server.pem" "$PKI/server.key" "$PKI/ca.pem" "$FSP_DIR/"
     python3 -c 'import secrets; print(secrets.token_hex(24))' >"$FSP_DIR/admin-tokens"
     chmod 0600 "$FSP_DIR/admin-tokens" "$FSP_DIR/server.key"
+    AUDIT_SECTION='backend     = "file"
+dir         = "audit"'
+    case $AUDIT in
+        ''|off) ;;
+        postgres)
+            AUDIT_SCHEMA=fsp_loadtest_$$
+            psql "$AUDIT_POSTGRES_URL" -qc "CREATE SCHEMA $AUDIT_SCHEMA" || die "cannot create schema $AUDIT_SCHEMA at $AUDIT_POSTGRES_URL"
+            sep='?'; [[ $AUDIT_POSTGRES_URL == *'?'* ]] && sep='&'
+            AUDIT_SECTION="backend     = \"postgres\"
+url         = \"$AUDIT_POSTGRES_URL${sep}options=-csearch_path%3D$AUDIT_SCHEMA\"
+dir         = \"audit\""
+            ;;
+        *) die "AUDIT must be off or postgres, not $AUDIT" ;;
+    esac
     cat >"$FSP_DIR/fsp.toml" <<EOF
 environment = "INT"
 
@@ -355,8 +378,7 @@ address     = "127.0.0.1:$FSP_ADMIN_PORT"
 tokens_file = "admin-tokens"
 
 [audit]
-backend     = "file"
-dir         = "audit"
+$AUDIT_SECTION
 fail_closed = true
 
 [throttle]
@@ -408,6 +430,25 @@ EOF
 fi
 
 FSPT_PID=""
+[[ -z $THROTTLE || -z $AUDIT ]] || die "THROTTLE and AUDIT cannot be measured in one run (they share the second fsp)"
+if [[ -n $AUDIT && $SKIP_FSP != 1 ]]; then
+    FSPT_DIR=$TMP/fsp-throttled
+    mkdir -m 0700 "$FSPT_DIR" "$FSPT_DIR/audit"
+    cp "$FSP_DIR/server.pem" "$FSP_DIR/server.key" "$FSP_DIR/ca.pem" "$FSP_DIR/admin-tokens" "$FSPT_DIR/"
+    python3 - "$FSP_DIR/fsp.toml" "$FSPT_DIR/fsp.toml" "$FSP_PORT" "$FSPT_PORT" "$FSP_ADMIN_PORT" "$FSPT_ADMIN_PORT" <<'PY'
+import re, sys
+src, dst, port, tport, admin, tadmin = sys.argv[1:]
+t = open(src).read()
+t = t.replace(f":{port}", f":{tport}").replace(f":{admin}", f":{tadmin}")
+t = re.sub(r"\[audit\][^\[]*", '[audit]\nbackend = "none"\nfail_closed = false\n\n', t)
+open(dst, "w").write(t)
+PY
+    log "starting fsp without an audit trail (mTLS :$FSPT_PORT, admin :$FSPT_ADMIN_PORT)"
+    "$FSP_BIN" serve --config "$FSPT_DIR/fsp.toml" >"$FSPT_DIR/fsp.log" 2>&1 &
+    PIDS+=("$!")
+    FSPT_PID=$!
+    wait_ready fsp-throttled "${PIDS[-1]}" "https://localhost:$FSPT_PORT/" "$FSPT_DIR/fsp.log"
+fi
 if [[ -n $THROTTLE && $SKIP_FSP != 1 ]]; then
     case $THROTTLE in
         local) backend='backend = "local"' ;;
@@ -585,7 +626,7 @@ export TARGETS_LIST="${TARGETS[*]}"
 export NGINX_VERSION; NGINX_VERSION=$(nginx -v 2>&1 | sed 's/^nginx version: //')
 export OHA_VERSION; OHA_VERSION=$(oha --version 2>/dev/null || echo unknown)
 export GIT_REV; GIT_REV=$(git -C "$REPO_ROOT" describe --always --dirty 2>/dev/null || echo unknown)
-export URL_DIRECT=${URL[direct]} URL_NGINX=${URL[nginx]} URL_FSP=${URL[fsp]} URL_FSP_THROTTLED=${URL[fsp-throttled]} THROTTLE
+export URL_DIRECT=${URL[direct]} URL_NGINX=${URL[nginx]} URL_FSP=${URL[fsp]} URL_FSP_THROTTLED=${URL[fsp-throttled]} THROTTLE AUDIT
 
 set +e
 python3 - <<'EOF'
@@ -737,7 +778,12 @@ if "fsp" in per:
     print(f"fsp / nginx  CPU per req {r('fsp_nginx_cpu_per_req')}")
 else:
     print("fsp skipped (SKIP_FSP=1): no fsp ratios")
-if "throttled_fsp_rps" in ratios:
+if "throttled_fsp_rps" in ratios and E.get("AUDIT"):
+    kind = "file" if E["AUDIT"] == "off" else E["AUDIT"]
+    print(f"audit ({kind}, write-ahead) on/off throughput  {fmt(ratios['throttled_fsp_rps'] and 1 / ratios['throttled_fsp_rps'], '6.3f')}")
+    print(f"audit ({kind}, write-ahead) on/off p99         {fmt(ratios['throttled_fsp_p99'] and 1 / ratios['throttled_fsp_p99'], '6.3f')}")
+    print(f"audit ({kind}, write-ahead) on/off CPU per req {fmt(ratios['throttled_fsp_cpu_per_req'] and 1 / ratios['throttled_fsp_cpu_per_req'], '6.3f')}")
+elif "throttled_fsp_rps" in ratios:
     print(f"throttling ({E['THROTTLE']}) on/off throughput  {fmt(ratios['throttled_fsp_rps'], '6.3f')}")
     print(f"throttling ({E['THROTTLE']}) on/off p99         {fmt(ratios['throttled_fsp_p99'], '6.3f')}")
     print(f"throttling ({E['THROTTLE']}) on/off CPU per req {fmt(ratios['throttled_fsp_cpu_per_req'], '6.3f')}")

@@ -7,7 +7,9 @@
 //! The 13 months: 396 days × 50 consumers × 20 services × 3 versions × 5 codes, every
 //! combination called every day (5.94 million cells), each cell with a latency histogram
 //! of a day's calls (the `200` cell: 24 recorded durations, the error cells: 3). Held in
-//! memory as 396 daily roll-ups, and written as 396 daily files in a temporary directory.
+//! memory as 396 daily roll-ups, and written as 396 daily files in a temporary directory,
+//! with the 13 month roll-ups compacted from them; the query is measured reading the 396
+//! day files, and reading what [`stats::plan`] names (13 month files and 1 day file).
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::hint::black_box;
@@ -15,7 +17,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use audit::Record;
-use audit::stats::{self, Cell, CellKey, Query, Rollup};
+use audit::stats::{self, Cell, CellKey, MonthRollup, Query, Rollup};
 use criterion::{Criterion, criterion_group, criterion_main};
 
 const DAYS: u32 = 396;
@@ -95,6 +97,27 @@ fn day_rollup(day: time::Date, n: &Names, rng: &mut Rng) -> Rollup {
     r
 }
 
+/// The process's CPU time so far (user + system), from `/proc/self/stat` (Linux).
+fn cpu_time() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name (which may hold spaces) start at `) `.
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
+    let f: Vec<&str> = rest.split(' ').collect();
+    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    // Clock ticks are 1/100 s on Linux.
+    Some(Duration::from_millis(ticks * 10))
+}
+
+fn timed<T>(what: &str, f: impl FnOnce() -> T) {
+    let (cpu, wall) = (cpu_time(), Instant::now());
+    black_box(f());
+    let wall = wall.elapsed();
+    match (cpu, cpu_time()) {
+        (Some(a), Some(b)) => eprintln!("{what}: {wall:.1?} wall, {:.1?} CPU", b - a),
+        _ => eprintln!("{what}: {wall:.1?} wall"),
+    }
+}
+
 fn add(c: &mut Criterion) {
     let n = names();
     let mut rng = Rng(42);
@@ -172,10 +195,64 @@ fn thirteen_months(c: &mut Criterion) {
         started.elapsed()
     );
 
+    // The month roll-ups the file backend compacts as each month ends.
+    let started = Instant::now();
+    let mut months: std::collections::BTreeMap<time::Date, MonthRollup> = Default::default();
+    for r in &days {
+        let day = r.days()[0];
+        months
+            .entry(stats::month_of(day))
+            .or_insert_with(|| MonthRollup::new(day))
+            .add_days(r);
+    }
+    for m in months.values() {
+        m.write_file(&dir.path().join(stats::month_file_name(m.month())))
+            .unwrap();
+    }
+    eprintln!(
+        "compacted and wrote {} month roll-ups in {:.1?}",
+        months.len(),
+        started.elapsed()
+    );
+
     let query = Query::parse(None, None, Some("version,consumer")).unwrap();
     let rows = stats::answer(&days, &query);
     assert_eq!(rows.len(), VERSIONS * CONSUMERS);
     assert_eq!(stats::answer_files(&paths, &query).unwrap(), rows);
+    // What a backend reads for 13 months back from the last day: whole months from their
+    // roll-ups, the current month's days from theirs.
+    let today = days.last().unwrap().days()[0];
+    let plan = stats::plan(&query, first, today);
+    let planned: Vec<PathBuf> = plan
+        .months
+        .iter()
+        .map(|m| dir.path().join(stats::month_file_name(*m)))
+        .chain(
+            plan.days
+                .iter()
+                .map(|d| dir.path().join(stats::day_file_name(*d))),
+        )
+        .collect();
+    let planned_bytes: u64 = planned
+        .iter()
+        .map(|p| std::fs::metadata(p).unwrap().len())
+        .sum();
+    eprintln!(
+        "planned: {} month files + {} day files, {:.1} MB",
+        plan.months.len(),
+        plan.days.len(),
+        planned_bytes as f64 / 1e6
+    );
+    assert_eq!(stats::answer_files(&planned, &query).unwrap(), rows);
+    // One pass each, with the CPU time the process used: on a shared machine the wall
+    // time also counts other processes.
+    timed("one pass in memory", || stats::answer(&days, &query));
+    timed("one pass read files + answer", || {
+        stats::answer_files(&paths, &query).unwrap()
+    });
+    timed("one pass planned files + answer", || {
+        stats::answer_files(&planned, &query).unwrap()
+    });
 
     let mut g = c.benchmark_group("stats/13 months --by version,consumer");
     g.sample_size(10).measurement_time(Duration::from_secs(30));
@@ -184,6 +261,9 @@ fn thirteen_months(c: &mut Criterion) {
     });
     g.bench_function("read 396 files + answer", |b| {
         b.iter(|| black_box(stats::answer_files(&paths, &query).unwrap()))
+    });
+    g.bench_function("planned: month + day files + answer", |b| {
+        b.iter(|| black_box(stats::answer_files(&planned, &query).unwrap()))
     });
     g.bench_function("read 1 file (one day)", |b| {
         b.iter(|| black_box(stats::read_file(&paths[0]).unwrap()))

@@ -80,6 +80,8 @@ struct Pending {
     records: usize,
     /// The callers waiting for some of these lines to be durable.
     tickets: Vec<DurableTicket>,
+    /// The statistics of these lines' calls.
+    stats: crate::stats::Rollup,
 }
 
 impl Pending {
@@ -87,6 +89,7 @@ impl Pending {
         self.lines.clear();
         self.records = 0;
         self.tickets.clear();
+        self.stats.clear();
     }
 }
 
@@ -188,6 +191,13 @@ impl FileSink {
         let node = sanitise(node);
         repair_tail(dir, &node)?;
         let chain = Chain::after(last_hash(dir, &node)?);
+        let trail = node_files(dir, &node).map_err(|e| {
+            AuditError::Unavailable(format!(
+                "cannot list the audit trail in {}: {e}",
+                dir.display()
+            ))
+        })?;
+        let rollups = crate::file_stats::Rollups::start(dir, &node, &trail);
         let writer = Writer {
             dir: dir.to_owned(),
             node,
@@ -198,6 +208,7 @@ impl FileSink {
             retention_days,
             retired_on: None,
             batch_start: None,
+            rollups,
         };
         let thread = std::thread::Builder::new()
             .name("fsp-audit-file".into())
@@ -255,6 +266,7 @@ impl FileSink {
             if let Some(t) = ticket {
                 p.tickets.push(t);
             }
+            p.stats.add(record);
             Ok(p.records == 1)
         })?;
         // A quiet writer is woken by the first record; a busy one comes by itself, and
@@ -280,6 +292,11 @@ impl Drop for FileSink {
 }
 
 impl AuditSink for FileSink {
+    fn stats(&self, query: &crate::stats::Query) -> Result<Vec<crate::stats::Row>, AuditError> {
+        crate::file_stats::answer(&self.dir, query)
+            .map_err(|e| AuditError::Unavailable(format!("cannot read the statistics: {e}")))
+    }
+
     fn lookup(&self, message_id: &str) -> Result<Option<Record>, AuditError> {
         find(&self.dir, message_id).map_err(|e| {
             AuditError::Unavailable(format!(
@@ -347,6 +364,8 @@ struct Writer {
     retired_on: Option<String>,
     /// The file the batch being written goes to, and its length before it.
     batch_start: Option<(PathBuf, u64)>,
+    /// The statistics of the calls written.
+    rollups: crate::file_stats::Rollups,
 }
 
 impl Writer {
@@ -359,6 +378,7 @@ impl Writer {
             let closing = self.shared.closed.load(Ordering::Acquire);
             if self.collect(&mut batch, &mut spare) == 0 {
                 if closing {
+                    self.rollups.flush();
                     break;
                 }
                 // Announce idleness, then look once more: a record that came in
@@ -369,6 +389,7 @@ impl Writer {
                     self.shared.idle.store(false, Ordering::SeqCst);
                     // Quiet or not, a removed file is noticed within a second.
                     self.check_in_place();
+                    self.rollups.tick();
                     continue;
                 }
                 self.shared.idle.store(false, Ordering::SeqCst);
@@ -411,9 +432,11 @@ impl Writer {
                 }
             }
             for mut p in batch.drain(..) {
+                self.rollups.add(&p.stats);
                 p.clear();
                 spare.push(p);
             }
+            self.rollups.tick();
             // Under load, the next batch gathers for a window (one wait, not a polling
             // loop: every wake-up of this thread takes a core from the workers), unless
             // callers wait for their records: then the sync just done was the window, and
@@ -874,7 +897,7 @@ const MAX_LINE: usize = 16 * 1024 * 1024;
 
 /// Hands each line of a file (without its line break, numbered from 1) to `f`, reading
 /// it as a stream; a line longer than [`MAX_LINE`] is handed over cut at that length.
-fn for_each_line<E: From<std::io::Error>>(
+pub(crate) fn for_each_line<E: From<std::io::Error>>(
     path: &Path,
     mut f: impl FnMut(usize, &[u8]) -> Result<(), E>,
 ) -> Result<(), E> {

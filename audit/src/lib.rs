@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 pub mod chain;
 pub mod export;
 pub mod file;
+pub mod file_stats;
 mod json;
 pub mod postgres;
 pub mod stats;
@@ -210,4 +211,40 @@ pub trait AuditSink: Send + Sync + std::fmt::Debug + 'static {
     /// The record of the call with this message id, as written (records still waiting
     /// to be written are not seen). Reads the store: call it where blocking is allowed.
     fn lookup(&self, message_id: &str) -> Result<Option<Record>, AuditError>;
+
+    /// Usage statistics from the sink's daily roll-ups ([`stats`]). Reads the store:
+    /// call it where blocking is allowed.
+    fn stats(&self, _query: &stats::Query) -> Result<Vec<stats::Row>, AuditError> {
+        Err(AuditError::Unavailable(
+            "this audit backend keeps no statistics yet (the file backend does)".into(),
+        ))
+    }
+}
+
+/// The sink of a gateway that keeps no trail (`[audit] backend = "none"`, allowed only
+/// with `fail_closed = false`): for capacity tests, where the cost of the trail is to
+/// be measured by its absence. Records are dropped; durability is immediate.
+#[derive(Debug, Default)]
+pub struct Discard;
+
+impl AuditSink for Discard {
+    fn submit(&self, _record: Record) -> Result<(), AuditError> {
+        Ok(())
+    }
+
+    fn submit_durable(&self, _record: &Record) -> Result<Durable, AuditError> {
+        let (durable, ticket) = Durable::pending();
+        ticket.done();
+        Ok(durable)
+    }
+
+    fn health(&self) -> Result<(), AuditError> {
+        Ok(())
+    }
+
+    fn lookup(&self, _message_id: &str) -> Result<Option<Record>, AuditError> {
+        Err(AuditError::Unavailable(
+            "this gateway keeps no audit trail ([audit] backend = \"none\")".into(),
+        ))
+    }
 }

@@ -13,6 +13,12 @@
 //! [`write_file`] and a query reads the days it needs ([`answer_files`]) and merges them
 //! ([`Tally`]) into [`Row`]s.
 //!
+//! A busy platform's day is some 15 000 cells (3 MB of JSON), so 13 months of days are
+//! 6 million cells: seconds to read. As each month ends, its days are compacted into a
+//! [`MonthRollup`] (one month's cells, about a day's size), and [`plan`] answers a long
+//! range from whole months plus the days at its ends: 13 months in about 14 files. Months
+//! cannot answer `--by day` (nor a range that cuts them), so those read the days.
+//!
 //! ## What is counted
 //!
 //! - A **call** is a complete record: a line with phase `outcome`, or a line without phase.
@@ -45,14 +51,16 @@
 //!
 //! ```json
 //! {"format":"fsp-stats/1","cells":[
-//! {"day":"2026-11-24","consumer":"ville-bxl","service":"person/getPerson","version":"v3","code":200,"decision":"allowed","calls":3,"errors":0,"latency":[[301,2],[305,1]]}
+//! {"day":"2026-11-24","consumer":"ville-bxl","service":"person/getPerson","version":"v3","code":200,"decision":"allowed","calls":3,"errors":0,"latency":[[95,2],[97,1]]}
 //! ]}
 //! ```
 //!
 //! `latency` is the sparse histogram as `[bucket, count]` pairs in increasing bucket order;
 //! the counts add up to `calls`. The format name fixes the bucket layout above. Readers are
 //! strict: an unknown key, a bucket out of range or out of order, or counts that do not add
-//! up is an error naming the file. [`write_file`] replaces a file atomically.
+//! up is an error naming the file. [`write_file`] replaces a file atomically. A month's
+//! roll-up is the same document with `"month":"YYYY-MM"` before `cells`, every cell on the
+//! month's first day; [`read_file`] refuses it (only a [`Tally`] can use it).
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -586,6 +594,8 @@ impl<V: Default> Table<V> {
     fn clear(&mut self) {
         self.index.clear();
         self.entries.clear();
+        // Names go too: kept across days, made-up names would pile up.
+        self.names.0.clear();
     }
 
     fn find(&self, hash: u64, key: &CellKey<'_>) -> Place {
@@ -616,6 +626,15 @@ impl<V: Default> Table<V> {
             }
         }
         at
+    }
+
+    /// The place of a key's entry, made (empty) if it is new.
+    fn index_of(&mut self, key: CellKey<'_>) -> usize {
+        let hash = self.hasher.hash_one(key);
+        match self.find(hash, &key) {
+            Place::Found(at) => at,
+            Place::Absent(last) => self.insert_at(hash, key, last),
+        }
     }
 
     /// The entry of a key, made (empty) if it is new; `None` if it is new and the table
@@ -757,7 +776,7 @@ impl Rollup {
         self.cells.len() == 0
     }
 
-    /// Forgets every cell, keeping the memory (and the names) for the next ones.
+    /// Forgets every cell, keeping the table's memory for the next ones.
     pub fn clear(&mut self) {
         self.cells.clear();
     }
@@ -807,45 +826,7 @@ impl Rollup {
     /// The roll-up as its JSON document (see the module documentation), one cell per line,
     /// cells sorted by key.
     pub fn to_json(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(64 + self.len() * 192);
-        out.extend_from_slice(b"{\"format\":");
-        json_str(&mut out, FORMAT);
-        out.extend_from_slice(b",\"cells\":[");
-        for (i, (k, c)) in self.sorted().into_iter().enumerate() {
-            if i > 0 {
-                out.push(b',');
-            }
-            out.extend_from_slice(b"\n{\"day\":\"");
-            out.extend_from_slice(format_day(k.day).as_bytes());
-            out.extend_from_slice(b"\",\"consumer\":");
-            json_opt_str(&mut out, k.consumer);
-            out.extend_from_slice(b",\"service\":");
-            json_opt_str(&mut out, k.service);
-            out.extend_from_slice(b",\"version\":");
-            json_opt_str(&mut out, k.version);
-            out.extend_from_slice(b",\"code\":");
-            json_u64(&mut out, u64::from(k.code));
-            out.extend_from_slice(b",\"decision\":");
-            json_str(&mut out, k.decision);
-            out.extend_from_slice(b",\"calls\":");
-            json_u64(&mut out, c.calls);
-            out.extend_from_slice(b",\"errors\":");
-            json_u64(&mut out, c.errors);
-            out.extend_from_slice(b",\"latency\":[");
-            for (j, &(b, n)) in c.latency.buckets.iter().enumerate() {
-                if j > 0 {
-                    out.push(b',');
-                }
-                out.push(b'[');
-                json_u64(&mut out, u64::from(b));
-                out.push(b',');
-                json_u64(&mut out, n);
-                out.push(b']');
-            }
-            out.extend_from_slice(b"]}");
-        }
-        out.extend_from_slice(b"\n]}\n");
-        out
+        document_json(self, None)
     }
 
     /// Reads a roll-up's JSON document (strict: see the module documentation).
@@ -853,7 +834,7 @@ impl Rollup {
         let mut r = Rollup::new();
         read_document(
             bytes,
-            |key: CellKey<'_>, calls, errors, latency: &[(u16, u64)]| {
+            &mut |key: CellKey<'_>, calls, errors, latency: &[(u16, u64)]| {
                 if let Some(c) = r.cells.entry(key, usize::MAX) {
                     c.merge_parts(calls, errors, latency);
                 }
@@ -861,6 +842,54 @@ impl Rollup {
         )?;
         Ok(r)
     }
+}
+
+/// A roll-up's JSON document; a month's roll-up says which month it is.
+fn document_json(r: &Rollup, month: Option<Date>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64 + r.len() * 192);
+    out.extend_from_slice(b"{\"format\":");
+    json_str(&mut out, FORMAT);
+    if let Some(m) = month {
+        out.extend_from_slice(b",\"month\":\"");
+        out.extend_from_slice(format_day(m).get(..7).unwrap_or_default().as_bytes());
+        out.push(b'"');
+    }
+    out.extend_from_slice(b",\"cells\":[");
+    for (i, (k, c)) in r.sorted().into_iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(b"\n{\"day\":\"");
+        out.extend_from_slice(format_day(k.day).as_bytes());
+        out.extend_from_slice(b"\",\"consumer\":");
+        json_opt_str(&mut out, k.consumer);
+        out.extend_from_slice(b",\"service\":");
+        json_opt_str(&mut out, k.service);
+        out.extend_from_slice(b",\"version\":");
+        json_opt_str(&mut out, k.version);
+        out.extend_from_slice(b",\"code\":");
+        json_u64(&mut out, u64::from(k.code));
+        out.extend_from_slice(b",\"decision\":");
+        json_str(&mut out, k.decision);
+        out.extend_from_slice(b",\"calls\":");
+        json_u64(&mut out, c.calls);
+        out.extend_from_slice(b",\"errors\":");
+        json_u64(&mut out, c.errors);
+        out.extend_from_slice(b",\"latency\":[");
+        for (j, &(b, n)) in c.latency.buckets.iter().enumerate() {
+            if j > 0 {
+                out.push(b',');
+            }
+            out.push(b'[');
+            json_u64(&mut out, u64::from(b));
+            out.push(b',');
+            json_u64(&mut out, n);
+            out.push(b']');
+        }
+        out.extend_from_slice(b"]}");
+    }
+    out.extend_from_slice(b"\n]}\n");
+    out
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1011,6 +1040,15 @@ where
 /// What a parsed, checked cell is handed to: key, calls, errors, latency buckets.
 trait CellSink {
     fn cell(&mut self, key: CellKey<'_>, calls: u64, errors: u64, latency: &[(u16, u64)]);
+
+    /// The document is the roll-up of a whole month (told before its cells). Only an
+    /// answer can take one: as a day's roll-up, its calls would all fall on the 1st.
+    fn month(&mut self, month: Date) -> Result<(), String> {
+        Err(format!(
+            "the roll-up of the month {}, not of a day: it can only answer a query",
+            format_month(month)
+        ))
+    }
 }
 
 impl<F: FnMut(CellKey<'_>, u64, u64, &[(u16, u64)])> CellSink for F {
@@ -1208,19 +1246,49 @@ fn json_opt_str(out: &mut Vec<u8>, s: Option<&str>) {
 /// accepts for this schema (any whitespace, any key order, escapes) and refuses the rest
 /// as the serde path does ([`Rollup`]'s `Deserialize`; a test holds them together). On an
 /// error, `sink` may have had some cells.
-fn read_document(bytes: &[u8], mut sink: impl CellSink) -> Result<(), String> {
+fn read_document(bytes: &[u8], sink: &mut impl CellSink) -> Result<(), String> {
     let text = std::str::from_utf8(bytes).map_err(|e| format!("not UTF-8: {e}"))?;
     let mut r = Reader {
         text,
         at: 0,
         latency: Vec::with_capacity(64),
     };
-    r.document(&mut sink).map_err(|e| {
+    r.document(sink).map_err(|e| {
         let before = text.as_bytes().get(..r.at).unwrap_or_default();
         let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
         let column = before.iter().rev().take_while(|&&b| b != b'\n').count() + 1;
         format!("{e} at line {line} column {column}")
     })
+}
+
+/// A latency pair written plainly at the start of `b`: `[bucket,count]`, no whitespace,
+/// no leading zero, the bucket a `u16`. `None` for anything else (which the general path
+/// then reads, or refuses); otherwise the pair and its length in bytes.
+fn plain_pair(b: &[u8]) -> Option<((u16, u64), usize)> {
+    /// Digits from `at` up to `stop`: the number and where `stop` is.
+    fn digits(b: &[u8], mut at: usize, stop: u8) -> Option<(u64, usize)> {
+        let start = at;
+        let mut v = 0u64;
+        while let Some(&c) = b.get(at) {
+            if c == stop {
+                let n = at - start;
+                let plain = n > 0 && (n == 1 || b.get(start) != Some(&b'0'));
+                return plain.then_some((v, at));
+            }
+            if !c.is_ascii_digit() {
+                return None;
+            }
+            v = v.checked_mul(10)?.checked_add(u64::from(c - b'0'))?;
+            at += 1;
+        }
+        None
+    }
+    if b.first() != Some(&b'[') {
+        return None;
+    }
+    let (bucket, comma) = digits(b, 1, b',')?;
+    let (count, close) = digits(b, comma + 1, b']')?;
+    Some(((u16::try_from(bucket).ok()?, count), close + 1))
 }
 
 struct Reader<'a> {
@@ -1288,15 +1356,30 @@ impl<'a> Reader<'a> {
     /// A run of plain characters from here to the next quote or backslash.
     fn run(&mut self) -> Result<&'a str, String> {
         let rest = self.bytes().get(self.at..).unwrap_or_default();
-        let n = memchr::memchr2(b'"', b'\\', rest).ok_or("unterminated string")?;
+        // Names are short: a plain loop beats a vectorised search's setup; long texts get
+        // the vectorised one.
+        let head = rest.get(..32).unwrap_or(rest);
+        let n = match head
+            .iter()
+            .position(|&c| c == b'"' || c == b'\\' || c < 0x20)
+        {
+            Some(n) => n,
+            None => {
+                let n = memchr::memchr2(b'"', b'\\', rest).ok_or("unterminated string")?;
+                if rest.get(..n).is_some_and(|r| r.iter().any(|&c| c < 0x20)) {
+                    return Err("control character in a string".into());
+                }
+                n
+            }
+        };
+        if rest.get(n).is_some_and(|&c| c < 0x20) {
+            return Err("control character in a string".into());
+        }
         // Quotes and backslashes are ASCII: the run ends on a character boundary.
         let run = self
             .text
             .get(self.at..self.at + n)
             .ok_or("unterminated string")?;
-        if run.bytes().any(|c| c < 0x20) {
-            return Err("control character in a string".into());
-        }
         self.at += n;
         Ok(run)
     }
@@ -1414,6 +1497,7 @@ impl<'a> Reader<'a> {
 
     fn document(&mut self, sink: &mut impl CellSink) -> Result<(), String> {
         let (mut format, mut cells) = (false, false);
+        let mut month = None;
         if self.open(b'{', b'}')? {
             loop {
                 let key = self.string()?;
@@ -1426,14 +1510,24 @@ impl<'a> Reader<'a> {
                         }
                         format = true;
                     }
+                    "month" if month.is_none() && !cells => {
+                        let t = self.string()?;
+                        let m = month_of_text(&t)
+                            .ok_or_else(|| format!("{t:?} is not a month (YYYY-MM)"))?;
+                        sink.month(m)?;
+                        month = Some(m);
+                    }
+                    "month" if cells => return Err("`month` must come before `cells`".into()),
                     "cells" if !cells => {
-                        self.cells(sink)?;
+                        self.cells(sink, month)?;
                         cells = true;
                     }
-                    "format" | "cells" => return Err(format!("duplicate field `{key}`")),
+                    "format" | "cells" | "month" => {
+                        return Err(format!("duplicate field `{key}`"));
+                    }
                     _ => {
                         return Err(format!(
-                            "unknown field `{key}`, expected `format` or `cells`"
+                            "unknown field `{key}`, expected `format`, `month` or `cells`"
                         ));
                     }
                 }
@@ -1454,21 +1548,22 @@ impl<'a> Reader<'a> {
         Ok(())
     }
 
-    fn cells(&mut self, sink: &mut impl CellSink) -> Result<(), String> {
+    fn cells(&mut self, sink: &mut impl CellSink, month: Option<Date>) -> Result<(), String> {
         if !self.open(b'[', b']')? {
             return Ok(());
         }
         let mut n = 0usize;
         loop {
             n += 1;
-            self.cell(sink).map_err(|e| format!("cell {n}: {e}"))?;
+            self.cell(sink, month)
+                .map_err(|e| format!("cell {n}: {e}"))?;
             if !self.more(b']')? {
                 return Ok(());
             }
         }
     }
 
-    fn cell(&mut self, sink: &mut impl CellSink) -> Result<(), String> {
+    fn cell(&mut self, sink: &mut impl CellSink, month: Option<Date>) -> Result<(), String> {
         let mut day = None;
         let (mut consumer, mut service, mut version) = (None, None, None);
         let (mut code, mut decision) = (None, None);
@@ -1526,6 +1621,12 @@ impl<'a> Reader<'a> {
         let calls = calls.ok_or_else(|| missing("calls"))?;
         let errors = errors.ok_or_else(|| missing("errors"))?;
         latency.ok_or_else(|| missing("latency"))?;
+        if month.is_some_and(|m| m != key.day) {
+            return Err(format!(
+                "the day of a cell of a month's roll-up must be the month's first, not {}",
+                format_day(key.day)
+            ));
+        }
         check_cell(calls, errors, &self.latency)?;
         sink.cell(key, calls, errors, &self.latency);
         Ok(())
@@ -1537,6 +1638,15 @@ impl<'a> Reader<'a> {
             return Ok(());
         }
         loop {
+            // Most pairs are as written, `[digits,digits]`: read those in one go.
+            if let Some((pair, len)) = plain_pair(self.bytes().get(self.at..).unwrap_or_default()) {
+                self.latency.push(pair);
+                self.at += len;
+                if !self.more(b']')? {
+                    return Ok(());
+                }
+                continue;
+            }
             self.expect(b'[')?;
             let bucket = self.small::<u16>("latency bucket")?;
             self.expect(b',')?;
@@ -1558,6 +1668,11 @@ impl<'a> Reader<'a> {
 /// written and synced, renamed over `path`, and the directory synced. A reader sees the
 /// old file or the new one, never part of one; a crash leaves at most a `.*.tmp` file.
 pub fn write_file(path: &Path, rollup: &Rollup) -> Result<(), StatsError> {
+    write_atomically(path, &rollup.to_json())
+}
+
+/// Replaces `path` with `bytes` (see [`write_file`]).
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), StatsError> {
     static SEQ: AtomicU64 = AtomicU64::new(0);
     let io = |source| StatsError::Io {
         path: path.to_owned(),
@@ -1576,14 +1691,13 @@ pub fn write_file(path: &Path, rollup: &Rollup) -> Result<(), StatsError> {
         std::process::id(),
         SEQ.fetch_add(1, Ordering::Relaxed)
     ));
-    let bytes = rollup.to_json();
     let written = (|| {
         let mut options = std::fs::OpenOptions::new();
         options.write(true).create_new(true);
         #[cfg(unix)]
         std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
         let mut f = options.open(&tmp)?;
-        f.write_all(&bytes)?;
+        f.write_all(bytes)?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)
     })();
@@ -1613,6 +1727,134 @@ pub fn read_file(path: &Path) -> Result<Rollup, StatsError> {
 /// its files otherwise; [`write_file`] and [`read_file`] take any path).
 pub fn day_file_name(day: Date) -> String {
     format!("stats-{}.json", format_day(day))
+}
+
+// ---------------------------------------------------------------------------------------
+// Months
+// ---------------------------------------------------------------------------------------
+
+/// The first day of a day's month.
+pub fn month_of(day: Date) -> Date {
+    day.replace_day(1).unwrap_or(day)
+}
+
+/// The last day of a month (given by any of its days).
+pub fn month_end(day: Date) -> Date {
+    let first = month_of(day);
+    let next = match first.month() {
+        Month::December => Date::from_calendar_date(first.year() + 1, Month::January, 1),
+        m => first.replace_month(m.next()),
+    };
+    next.ok().and_then(Date::previous_day).unwrap_or(first)
+}
+
+/// `YYYY-MM`.
+fn format_month(month: Date) -> String {
+    format!("{:04}-{:02}", month.year(), u8::from(month.month()))
+}
+
+/// The first day of a `YYYY-MM` month.
+fn month_of_text(text: &str) -> Option<Date> {
+    day_of(format!("{text}-01").as_bytes()).filter(|_| text.len() == 7)
+}
+
+/// The usual name of a month's roll-up file: `stats-YYYY-MM.json`.
+pub fn month_file_name(month: Date) -> String {
+    format!("stats-{}.json", format_month(month))
+}
+
+/// The roll-up of a whole month: its days' cells merged (each cell's day is the month's
+/// first). A long range is answered from these: 13 months are 13 files of about one day's
+/// size each, instead of 396. A month's roll-up can answer neither `--by day` nor a range
+/// that cuts the month ([`plan`] says which months a query can take whole); a [`Tally`]
+/// refuses it for those, and [`read_file`] refuses it as a day's roll-up. Its document is
+/// a day's with `"month": "YYYY-MM"` before the cells.
+#[derive(Debug, Clone)]
+pub struct MonthRollup {
+    month: Date,
+    cells: Rollup,
+}
+
+impl MonthRollup {
+    /// An empty roll-up of the month of `day`.
+    pub fn new(day: Date) -> Self {
+        Self {
+            month: month_of(day),
+            cells: Rollup::new(),
+        }
+    }
+
+    /// The month's first day.
+    pub fn month(&self) -> Date {
+        self.month
+    }
+
+    /// Adds the cells of a roll-up that fall in this month (others are left out).
+    pub fn add_days(&mut self, days: &Rollup) {
+        for (k, c) in days.cells() {
+            if month_of(k.day) == self.month {
+                self.cells.insert(
+                    CellKey {
+                        day: self.month,
+                        ..k
+                    },
+                    c,
+                );
+            }
+        }
+    }
+
+    /// The month's cells (each on the month's first day).
+    pub fn cells(&self) -> &Rollup {
+        &self.cells
+    }
+
+    /// The month's JSON document.
+    pub fn to_json(&self) -> Vec<u8> {
+        document_json(&self.cells, Some(self.month))
+    }
+
+    /// Writes the month's roll-up to `path`, atomically (as [`write_file`] does).
+    pub fn write_file(&self, path: &Path) -> Result<(), StatsError> {
+        write_atomically(path, &self.to_json())
+    }
+}
+
+/// Which roll-ups answer a query: [`Plan::months`] from month roll-ups, [`Plan::days`]
+/// from day roll-ups.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// The first days of the months taken whole.
+    pub months: Vec<Date>,
+    /// The other days.
+    pub days: Vec<Date>,
+}
+
+/// Plans a query over the days from `oldest` (the first day kept) to `today`: the months
+/// that lie wholly inside the query's range and are over (before today's month) are taken
+/// from month roll-ups, unless the query groups by day; every other day from its day
+/// roll-up. A backend that lacks a month's roll-up (not compacted yet) reads its days
+/// instead: they are `month..=month_end(month)`.
+pub fn plan(query: &Query, oldest: Date, today: Date) -> Plan {
+    let start = query.from.map_or(oldest, |f| f.max(oldest));
+    let end = query.to.map_or(today, |t| t.min(today));
+    let mut plan = Plan::default();
+    let whole_months = !query.by.contains(&Dim::Day);
+    let mut day = start;
+    while day <= end {
+        let last = month_end(day);
+        if whole_months && day.day() == 1 && last <= end && last < month_of(today) {
+            plan.months.push(day);
+            day = last;
+        } else {
+            plan.days.push(day);
+        }
+        match day.next_day() {
+            Some(next) => day = next,
+            None => break,
+        }
+    }
+    plan
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1838,6 +2080,8 @@ pub struct Tally {
     query: Query,
     keep: [bool; 6],
     groups: Table<Acc>,
+    /// The group added to last: cells come sorted, and neighbours often share a group.
+    last: usize,
 }
 
 impl Tally {
@@ -1851,6 +2095,7 @@ impl Tally {
             query: query.clone(),
             keep,
             groups: Table::default(),
+            last: END,
         }
     }
 
@@ -1880,9 +2125,14 @@ impl Tally {
         errors: u64,
         latency: &[(u16, u64)],
     ) {
-        if let Some(g) = self.groups.entry(group, usize::MAX) {
-            g.add(calls, errors, latency);
+        let at = match self.groups.entries.get(self.last) {
+            Some(e) if e.key.view() == group => self.last,
+            _ => self.groups.index_of(group),
+        };
+        if let Some(e) = self.groups.entries.get_mut(at) {
+            e.value.add(calls, errors, latency);
         }
+        self.last = at;
     }
 
     /// Adds one cell (from a backend that stores cells one by one).
@@ -1897,28 +2147,75 @@ impl Tally {
         }
     }
 
-    /// Adds the cells of a roll-up document (the file format) as they are read. After an
-    /// error some of its cells may have been added: discard the tally.
-    pub fn add_json(&mut self, bytes: &[u8]) -> Result<(), String> {
-        read_document(
-            bytes,
-            |key: CellKey<'_>, calls, errors, latency: &[(u16, u64)]| {
-                self.add_parts(key, calls, errors, latency);
-            },
-        )
+    /// Whether the roll-up of a whole month can answer this query: not by day, and the
+    /// month wholly inside the range.
+    fn month_fits(&self, month: Date) -> Result<(), String> {
+        if self.query.by.contains(&Dim::Day) {
+            return Err(format!(
+                "the roll-up of the month {} cannot answer by day",
+                format_month(month)
+            ));
+        }
+        if !(self.query.covers(month) && self.query.covers(month_end(month))) {
+            return Err(format!(
+                "the roll-up of the month {} does not lie wholly inside the range",
+                format_month(month)
+            ));
+        }
+        Ok(())
     }
 
-    /// Adds the cells of a roll-up file. After an error, discard the tally.
+    /// Adds a month's roll-up (see [`plan`]); refused when it cannot answer this query.
+    pub fn add_month(&mut self, month: &MonthRollup) -> Result<(), StatsError> {
+        self.month_fits(month.month)
+            .map_err(|reason| StatsError::Misfit {
+                what: format!("the roll-up of {}", format_month(month.month)),
+                reason,
+            })?;
+        for (k, c) in month.cells.cells() {
+            self.add_to_group(self.project(k), c.calls, c.errors, &c.latency.buckets);
+        }
+        Ok(())
+    }
+
+    /// Reads a document into the tally; the error says whether the document was valid
+    /// but could not answer the query (a month's roll-up that does not fit).
+    fn read_json(&mut self, bytes: &[u8]) -> Result<(), (bool, String)> {
+        let mut sink = TallySink {
+            tally: self,
+            whole_month: false,
+            misfit: false,
+        };
+        read_document(bytes, &mut sink).map_err(|e| (sink.misfit, e))
+    }
+
+    /// Adds the cells of a roll-up document (a day's or a month's, in the file format) as
+    /// they are read. After an error some of its cells may have been added: discard the
+    /// tally.
+    pub fn add_json(&mut self, bytes: &[u8]) -> Result<(), String> {
+        self.read_json(bytes).map_err(|(_, e)| e)
+    }
+
+    /// Adds the cells of a roll-up file (a day's or a month's). After an error, discard
+    /// the tally.
     pub fn add_file(&mut self, path: &Path) -> Result<(), StatsError> {
         let bytes = std::fs::read(path).map_err(|source| StatsError::Io {
             path: path.to_owned(),
             source,
         })?;
-        self.add_json(&bytes)
-            .map_err(|reason| StatsError::Malformed {
-                path: path.to_owned(),
-                reason,
-            })
+        self.read_json(&bytes).map_err(|(misfit, reason)| {
+            if misfit {
+                StatsError::Misfit {
+                    what: path.display().to_string(),
+                    reason,
+                }
+            } else {
+                StatsError::Malformed {
+                    path: path.to_owned(),
+                    reason,
+                }
+            }
+        })
     }
 
     /// Adds another tally of the same query (its groups are already filtered and
@@ -1977,6 +2274,34 @@ impl CellKey<'static> {
     }
 }
 
+/// Feeds a document's cells to a tally.
+struct TallySink<'t> {
+    tally: &'t mut Tally,
+    /// The document is a month's roll-up that fits the query: its cells are taken whole.
+    whole_month: bool,
+    /// The document is a month's roll-up that does not fit the query.
+    misfit: bool,
+}
+
+impl CellSink for TallySink<'_> {
+    fn cell(&mut self, key: CellKey<'_>, calls: u64, errors: u64, latency: &[(u16, u64)]) {
+        if self.whole_month {
+            let group = self.tally.project(key);
+            self.tally.add_to_group(group, calls, errors, latency);
+        } else {
+            self.tally.add_parts(key, calls, errors, latency);
+        }
+    }
+
+    fn month(&mut self, month: Date) -> Result<(), String> {
+        self.tally
+            .month_fits(month)
+            .inspect_err(|_| self.misfit = true)?;
+        self.whole_month = true;
+        Ok(())
+    }
+}
+
 /// Answers a query over roll-ups held in memory.
 pub fn answer<'r>(rollups: impl IntoIterator<Item = &'r Rollup>, query: &Query) -> Vec<Row> {
     let mut t = Tally::new(query);
@@ -1986,8 +2311,9 @@ pub fn answer<'r>(rollups: impl IntoIterator<Item = &'r Rollup>, query: &Query) 
     t.rows()
 }
 
-/// Answers a query from roll-up files (a backend passes the files of the query's days:
-/// cells outside the range are skipped anyway). Files are read on as many threads as
+/// Answers a query from roll-up files: the day and month roll-ups a [`plan`] names (cells
+/// of a day's roll-up outside the range are skipped anyway; a month's roll-up that does
+/// not fit the query is an error). Files are read on as many threads as
 /// there are cores, each file streamed into its thread's tally.
 pub fn answer_files<P: AsRef<Path> + Sync>(
     paths: &[P],
@@ -2247,6 +2573,8 @@ pub enum StatsError {
     },
     #[error("{}: not a valid statistics roll-up: {reason}", path.display())]
     Malformed { path: PathBuf, reason: String },
+    #[error("{what}: cannot answer this query: {reason}")]
+    Misfit { what: String, reason: String },
 }
 
 #[cfg(test)]
@@ -2885,9 +3213,192 @@ mod tests {
             assert!(Rollup::from_json(text.as_bytes()).is_err(), "{text}");
             assert!(serde_json::from_str::<Rollup>(&text).is_err(), "{text}");
         }
+        // Latency pairs, as written or not.
+        for (latency, ok) in [
+            ("[[1,1]]", true),
+            ("[ [ 1 , 1 ] ]", true),
+            ("[[0,1]]", true),
+            ("[[01,1]]", false),
+            ("[[1,01]]", false),
+            ("[[1,1.0]]", false),
+            ("[[1,1e0]]", false),
+            ("[[70000,1]]", false),
+            ("[[1,18446744073709551616]]", false),
+            ("[[1,1],]", false),
+            ("[[1,1]", false),
+            ("[[1,1,]]", false),
+        ] {
+            let text = cell("null").replace("[[1,1]]", latency);
+            assert_eq!(Rollup::from_json(text.as_bytes()).is_ok(), ok, "{text}");
+            assert_eq!(serde_json::from_str::<Rollup>(&text).is_ok(), ok, "{text}");
+        }
         let err = Rollup::from_json(b"{\"format\":\"fsp-stats/1\",\n\"cells\":[{}]}").unwrap_err();
         assert!(err.contains("cell 1") && err.contains("line 2"), "{err}");
         assert!(Rollup::from_json(&[0xff, 0xfe]).is_err());
+    }
+
+    fn day(text: &str) -> Date {
+        parse_day(text).unwrap()
+    }
+
+    #[test]
+    fn months_end_on_their_last_day() {
+        assert_eq!(month_of(day("2026-02-10")), day("2026-02-01"));
+        assert_eq!(month_end(day("2026-02-10")), day("2026-02-28"));
+        assert_eq!(month_end(day("2024-02-01")), day("2024-02-29"));
+        assert_eq!(month_end(day("2026-12-31")), day("2026-12-31"));
+        assert_eq!(month_file_name(day("2026-03-09")), "stats-2026-03.json");
+        assert_eq!(month_of_text("2026-03"), Some(day("2026-03-01")));
+        assert_eq!(month_of_text("2026-3"), None);
+        assert_eq!(month_of_text("2026-03-01"), None);
+    }
+
+    #[test]
+    fn plans_take_whole_past_months_from_month_rollups() {
+        let q = |from, to, by| Query::parse(from, to, by).unwrap();
+        // 13 months back from 2026-12-02, kept since 2025-11-01.
+        let p = plan(
+            &q(None, None, Some("version,consumer")),
+            day("2025-11-01"),
+            day("2026-12-02"),
+        );
+        assert_eq!(p.months.len(), 13);
+        assert_eq!(
+            (p.months[0], p.months[12]),
+            (day("2025-11-01"), day("2026-11-01"))
+        );
+        assert_eq!(p.days, [day("2026-12-01"), day("2026-12-02")]);
+        // A range that cuts months: the cut parts by day.
+        let p = plan(
+            &q(Some("2026-01-15"), Some("2026-03-31"), None),
+            day("2020-01-01"),
+            day("2026-12-02"),
+        );
+        assert_eq!(p.months, [day("2026-02-01"), day("2026-03-01")]);
+        assert_eq!(p.days.len(), 17);
+        // The current month is never whole; by day, no month is.
+        let p = plan(
+            &q(Some("2026-11-01"), None, None),
+            day("2020-01-01"),
+            day("2026-11-30"),
+        );
+        assert_eq!((p.months.len(), p.days.len()), (0, 30));
+        let p = plan(
+            &q(None, None, Some("day")),
+            day("2026-01-01"),
+            day("2026-12-02"),
+        );
+        assert_eq!((p.months.len(), p.days.len()), (0, 336));
+        // Nothing kept in the range: nothing to read.
+        assert_eq!(
+            plan(
+                &q(Some("2019-01-01"), Some("2019-12-31"), None),
+                day("2020-01-01"),
+                day("2026-12-02")
+            ),
+            Plan::default()
+        );
+    }
+
+    #[test]
+    fn month_rollups_answer_as_their_days_do_and_refuse_what_they_cannot() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut rng = Rng(11);
+        let (oldest, today) = (day("2026-01-15"), day("2026-03-21"));
+        let mut days = BTreeMap::new();
+        let mut d = oldest;
+        while d <= today {
+            let mut r = Rollup::new();
+            for i in 0..5 {
+                let ts = format!("{}T12:00:00.000Z", format_day(d));
+                let consumer = ["a", "b"][i % 2];
+                let version = ["v1", "v2", "v3"][i % 3];
+                r.add(&rec(
+                    &ts,
+                    Some(consumer),
+                    "f/s",
+                    version,
+                    "allowed",
+                    200,
+                    rng.latency(10.0, 1.0),
+                ));
+            }
+            write_file(&dir.path().join(day_file_name(d)), &r).unwrap();
+            days.insert(d, r);
+            d = d.next_day().unwrap();
+        }
+        let mut feb = MonthRollup::new(day("2026-02-17"));
+        assert_eq!(feb.month(), day("2026-02-01"));
+        for r in days.values() {
+            feb.add_days(r);
+        }
+        assert_eq!(feb.cells().answer(&Query::default())[0].calls, 28 * 5);
+        assert_eq!(feb.cells().days(), [day("2026-02-01")]);
+        let feb_path = dir.path().join(month_file_name(feb.month()));
+        feb.write_file(&feb_path).unwrap();
+        let text = std::fs::read_to_string(&feb_path).unwrap();
+        assert!(text.starts_with("{\"format\":\"fsp-stats/1\",\"month\":\"2026-02\",\"cells\":[\n{\"day\":\"2026-02-01\""), "{text}");
+
+        let all: Vec<&Rollup> = days.values().collect();
+        for q in [
+            by("version,consumer"),
+            by(""),
+            Query::parse(Some("2026-02-01"), Some("2026-03-10"), Some("code")).unwrap(),
+        ] {
+            let p = plan(&q, oldest, today);
+            assert_eq!(p.months, [day("2026-02-01")], "{q:?}");
+            let mut paths: Vec<PathBuf> = p
+                .months
+                .iter()
+                .map(|m| dir.path().join(month_file_name(*m)))
+                .collect();
+            paths.extend(p.days.iter().map(|d| dir.path().join(day_file_name(*d))));
+            let want = answer(all.iter().copied(), &q);
+            assert_eq!(answer_files(&paths, &q).unwrap(), want, "{q:?}");
+            let mut t = Tally::new(&q);
+            t.add_month(&feb).unwrap();
+            for d in &p.days {
+                t.add_rollup(&days[d]);
+            }
+            assert_eq!(t.rows(), want, "{q:?}");
+        }
+        // By day, or over a range that cuts February, the month's roll-up is refused.
+        for q in [
+            by("day"),
+            Query::parse(Some("2026-02-02"), None, None).unwrap(),
+            Query::parse(None, Some("2026-02-27"), None).unwrap(),
+        ] {
+            let err = answer_files(&[&feb_path], &q).unwrap_err();
+            assert!(matches!(err, StatsError::Misfit { .. }), "{q:?}: {err}");
+            assert!(Tally::new(&q).add_month(&feb).is_err());
+        }
+        // It is not a day's roll-up.
+        let err = read_file(&feb_path).unwrap_err();
+        assert!(
+            matches!(err, StatsError::Malformed { .. }) && err.to_string().contains("month"),
+            "{err}"
+        );
+        assert!(serde_json::from_str::<Rollup>(&text).is_err());
+        // Its cells are on the 1st; `month` comes first, once.
+        let cases = [
+            text.replacen("\"day\":\"2026-02-01\"", "\"day\":\"2026-02-02\"", 1),
+            text.replacen("\"month\":\"2026-02\",", "", 1).replacen(
+                "]}",
+                "],\"month\":\"2026-02\"}",
+                1,
+            ),
+            text.replacen(
+                "\"month\":\"2026-02\",",
+                "\"month\":\"2026-02\",\"month\":\"2026-02\",",
+                1,
+            ),
+            text.replacen("\"month\":\"2026-02\"", "\"month\":\"2026-2\"", 1),
+        ];
+        for bad in cases {
+            std::fs::write(&feb_path, &bad).unwrap();
+            let err = Tally::new(&by("consumer")).add_file(&feb_path).unwrap_err();
+            assert!(matches!(err, StatsError::Malformed { .. }), "{bad}: {err}");
+        }
     }
 
     #[test]

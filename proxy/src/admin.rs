@@ -141,6 +141,75 @@ async fn audit_record(gw: &Gateway, id: &str) -> Response<Full<Bytes>> {
     }
 }
 
+/// `GET /admin/stats?from=&to=&by=`: the usage statistics (a JSON list, as `fsp stats
+/// --format json`), 400 for a bad query, 503 when they cannot be read.
+async fn usage_stats(gw: &Gateway, query: Option<&str>) -> Response<Full<Bytes>> {
+    let mut wanted: [Option<String>; 3] = [None, None, None];
+    for pair in query
+        .unwrap_or_default()
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let slot = match name {
+            "from" => 0,
+            "to" => 1,
+            "by" => 2,
+            other => {
+                return json(
+                    StatusCode::BAD_REQUEST,
+                    serde_json::json!({"error": format!("unknown parameter {other:?}: from, to and by are known")}),
+                );
+            }
+        };
+        // Days and names: `%2C` for a comma is the only escape worth reading.
+        let value = value.replace("%2C", ",").replace("%2c", ",");
+        if value.contains('%') || wanted[slot].replace(value).is_some() {
+            return json(
+                StatusCode::BAD_REQUEST,
+                serde_json::json!({"error": format!("parameter {name:?} given twice or escaped")}),
+            );
+        }
+    }
+    let [from, to, by] = wanted;
+    let q = match audit::stats::Query::parse(from.as_deref(), to.as_deref(), by.as_deref()) {
+        Ok(q) => q,
+        Err(e) => {
+            return json(
+                StatusCode::BAD_REQUEST,
+                serde_json::json!({"error": e.to_string()}),
+            );
+        }
+    };
+    let sink = gw.audit.clone();
+    let answered = tokio::task::spawn_blocking(move || {
+        let rows = sink.stats(&q)?;
+        let mut out = Vec::new();
+        audit::stats::write_rows(&rows, &q.by, audit::stats::OutputFormat::Json, &mut out)
+            .map_err(|e| audit::AuditError::Unavailable(e.to_string()))?;
+        Ok::<_, audit::AuditError>(out)
+    })
+    .await;
+    match answered {
+        Ok(Ok(body)) => {
+            let mut r = Response::new(Full::new(Bytes::from(body)));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/json"),
+            );
+            r
+        }
+        Ok(Err(e)) => json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            serde_json::json!({"error": e.to_string()}),
+        ),
+        Err(e) => json(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            serde_json::json!({"error": format!("the statistics failed: {e}")}),
+        ),
+    }
+}
+
 /// Which token (by its position in `tokens_file`) the caller presented, if any.
 fn administrator(tokens: &[String], req: &Request<Incoming>) -> Option<usize> {
     // The auth scheme is case-insensitive (RFC 9110 §11.1).
@@ -217,6 +286,8 @@ async fn route(gw: &Gateway, peer: SocketAddr, req: Request<Incoming>) -> Respon
         suspension(gw, party, id, suspend, &who, &at)
     } else if let Some(id) = lookup {
         audit_record(gw, id).await
+    } else if path == "/admin/stats" && req.method() == Method::GET {
+        usage_stats(gw, req.uri().query()).await
     } else {
         match (req.method(), path.as_str()) {
             (&Method::GET, "/admin/suspensions") => {

@@ -54,6 +54,24 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Usage statistics from the audit trail's daily roll-ups, up to 13 months back
+    /// (and further while the trail is kept).
+    Stats {
+        #[arg(long, env = "FSP_CONFIG")]
+        config: PathBuf,
+        /// First day (YYYY-MM-DD, UTC), included.
+        #[arg(long)]
+        from: Option<String>,
+        /// Last day (YYYY-MM-DD, UTC), included.
+        #[arg(long)]
+        to: Option<String>,
+        /// Group by these, comma-separated: consumer, service, version, day, code,
+        /// decision. Nothing: one total.
+        #[arg(long)]
+        by: Option<String>,
+        #[arg(long, default_value = "table")]
+        format: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -195,6 +213,19 @@ fn main() -> ExitCode {
         Command::Certs {
             command: CertsCommand::Inventory { config, within },
         } => inventory(&config, within),
+        Command::Stats {
+            config,
+            from,
+            to,
+            by,
+            format,
+        } => usage_stats(
+            &config,
+            from.as_deref(),
+            to.as_deref(),
+            by.as_deref(),
+            &format,
+        ),
         Command::Audit {
             command: AuditCommand::Verify { config },
         } => verify_audit(&config),
@@ -274,12 +305,70 @@ fn export_audit(
                 .map_err(|e| e.to_string()),
             audit::postgres::display_url(url),
         ),
+        proxy::config::AuditBackend::None { .. } => (
+            Err("this configuration keeps no audit trail ([audit] backend = \"none\")".into()),
+            "nothing".into(),
+        ),
     };
     match read.and_then(|()| out.finish().map(drop).map_err(|e| e.to_string())) {
         Ok(()) if broken == 0 => ExitCode::SUCCESS,
         Ok(()) => ExitCode::from(4),
         Err(e) => {
             eprintln!("cannot export the audit trail in {place}: {e}");
+            ExitCode::from(5)
+        }
+    }
+}
+
+/// `fsp stats`: exit 0, 1 unreadable configuration, 2 bad arguments, 5 when the
+/// statistics cannot be read.
+fn usage_stats(
+    config: &std::path::Path,
+    from: Option<&str>,
+    to: Option<&str>,
+    by: Option<&str>,
+    format: &str,
+) -> ExitCode {
+    let (query, format) = match (
+        audit::stats::Query::parse(from, to, by),
+        format.parse::<audit::stats::OutputFormat>(),
+    ) {
+        (Ok(q), Ok(f)) => (q, f),
+        (Err(e), _) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+        (_, Err(e)) => {
+            eprintln!("--format: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let Some(c) = proxy::run::load_or_report(config) else {
+        return ExitCode::from(1);
+    };
+    let rows = match &c.audit.backend {
+        proxy::config::AuditBackend::File { dir } => {
+            audit::file_stats::answer(dir, &query).map_err(|e| e.to_string())
+        }
+        proxy::config::AuditBackend::Postgres { .. } => {
+            Err("the postgres audit backend keeps no statistics yet; the file backend does".into())
+        }
+        proxy::config::AuditBackend::None { .. } => {
+            Err("this configuration keeps no audit trail ([audit] backend = \"none\")".into())
+        }
+    };
+    let rows = match rows {
+        Ok(rows) => rows,
+        Err(e) => {
+            eprintln!("cannot read the statistics: {e}");
+            return ExitCode::from(5);
+        }
+    };
+    let out = std::io::BufWriter::new(std::io::stdout().lock());
+    match audit::stats::write_rows(&rows, &query.by, format, out) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cannot write the statistics: {e}");
             ExitCode::from(5)
         }
     }
@@ -304,6 +393,13 @@ fn verify_audit(config: &std::path::Path) -> ExitCode {
                 .and_then(|mut trail| trail.verify(retention)),
             audit::postgres::display_url(url),
             "node chains",
+        ),
+        proxy::config::AuditBackend::None { .. } => (
+            Err(audit::file::VerifyError::Io(std::io::Error::other(
+                "this configuration keeps no audit trail ([audit] backend = \"none\")",
+            ))),
+            "nothing".into(),
+            "",
         ),
     };
     match verified {

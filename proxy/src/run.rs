@@ -123,6 +123,12 @@ pub async fn start(
             })?;
             (Arc::new(sink), Box::new(move || handle.join()))
         }
+        AuditBackend::None { .. } => {
+            tracing::warn!(
+                "[audit] backend = \"none\": calls are NOT recorded (capacity tests only)"
+            );
+            (Arc::new(audit::Discard), Box::new(|| {}))
+        }
     };
 
     // Suspensions are kept in the gateway's state directory (the file trail's).

@@ -297,3 +297,81 @@ async fn admin_audit_finds_a_call_by_its_message_id() {
     );
     assert_eq!(lookup(format!("/admin/audit/{id}"), None).await.0, 401);
 }
+
+#[tokio::test]
+async fn stats_count_calls_by_version_and_consumer_from_the_daily_rollups() {
+    let pki = Pki::new();
+    let up = upstream().await;
+    let config = write_config(&pki, up, 0, 0, "");
+    let mut gw = Gateway::start(&config).await;
+    let c = client(&pki, Some(&pki.consumer), false);
+    for path in [
+        "/person/getPerson/v3/p",
+        "/person/getPerson/v3/p",
+        "/person/getPerson/v2/p",
+        "/person/getPerson/v1/retired",
+    ] {
+        send(&c, get(&gw.url(path))).await.unwrap();
+    }
+    gw.stop();
+
+    // Who still calls the deprecated version, from the command line.
+    let out = Command::new(env!("CARGO_BIN_EXE_fsp"))
+        .args(["stats", "--config"])
+        .arg(&config)
+        .args(["--by", "version,consumer", "--format", "json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let calls = |version: &str| {
+        rows.iter().find(|r| r["version"] == version).map(|r| {
+            (
+                r["consumer"].clone(),
+                r["calls"].as_u64().unwrap(),
+                r["errors"].as_u64().unwrap(),
+            )
+        })
+    };
+    let consumer = serde_json::json!("ville-bxl");
+    assert_eq!(calls("v3"), Some((consumer.clone(), 2, 0)), "{rows:?}");
+    assert_eq!(calls("v2"), Some((consumer.clone(), 1, 0)), "{rows:?}");
+    // A refusal is a call, and an error.
+    assert_eq!(calls("v1").map(|c| (c.1, c.2)), Some((1, 1)), "{rows:?}");
+    for r in &rows {
+        for key in ["p50_ms", "p95_ms", "p99_ms"] {
+            assert!(r[key].as_f64().is_some(), "{r}");
+        }
+    }
+
+    // The same, from a restarted gateway's admin API (its roll-ups are counted again from
+    // the trail on start).
+    let gw = Gateway::start(&config).await;
+    let (status, body) = admin_request(
+        gw.admin_port,
+        "GET",
+        "/admin/stats?by=code",
+        Some("test-admin-token-0123456789"),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+    let by_code = |code: &str| {
+        rows.iter()
+            .find(|r| r["code"] == code)
+            .and_then(|r| r["calls"].as_u64())
+    };
+    assert_eq!(
+        (by_code("200"), by_code("410")),
+        (Some(3), Some(1)),
+        "{rows:?}"
+    );
+    let (status, body) = admin_request(
+        gw.admin_port,
+        "GET",
+        "/admin/stats?by=colour",
+        Some("test-admin-token-0123456789"),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+}

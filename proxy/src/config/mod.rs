@@ -125,6 +125,10 @@ pub enum AuditBackend {
         url: String,
         state_dir: PathBuf,
     },
+    /// No trail at all (capacity tests; only with `fail_closed = false`).
+    None {
+        state_dir: PathBuf,
+    },
 }
 
 impl AuditBackend {
@@ -133,7 +137,9 @@ impl AuditBackend {
     pub fn state_dir(&self) -> &Path {
         match self {
             AuditBackend::File { dir } => dir,
-            AuditBackend::Postgres { state_dir, .. } => state_dir,
+            AuditBackend::Postgres { state_dir, .. } | AuditBackend::None { state_dir } => {
+                state_dir
+            }
         }
     }
 }
@@ -858,11 +864,24 @@ fn build_audit(sources: &[Source], problems: &mut Problems) -> AuditConfig {
                         }
                     }
                 },
+                "none" => {
+                    if a.fail_closed != Some(false) {
+                        problems.add(
+                            &s.path,
+                            "audit.backend",
+                            "\"none\" keeps no audit trail, which a fail-closed gateway cannot run without: \
+                             set fail_closed = false as well (for capacity tests only, never in production)",
+                        );
+                    }
+                    AuditBackend::None {
+                        state_dir: s.dir.join(a.dir.as_deref().unwrap_or("audit")),
+                    }
+                }
                 other => {
                     problems.add(
                         &s.path,
                         "audit.backend",
-                        format!("`{other}` is not file or postgres"),
+                        format!("`{other}` is not file, postgres or none"),
                     );
                     AuditBackend::File {
                         dir: s.dir.join("audit"),
