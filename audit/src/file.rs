@@ -1014,9 +1014,17 @@ pub fn for_each_record<E: From<std::io::Error>>(
 pub fn find(dir: &Path, message_id: &str) -> std::io::Result<Option<Record>> {
     let needle = format!("\"message_id\":\"{message_id}\"");
     let finder = memchr::memmem::Finder::new(needle.as_bytes());
+    let mut files = trail_files(dir)?;
+    // An FSP message id is a UUID v7 carrying the instant the call was received: its
+    // lines were written that day or, for a call that ended after midnight, the next
+    // (two days later at most: no call lasts longer). Other days are not read.
+    if let Some(day) = uuid_v7_day(message_id) {
+        let last = day + time::Duration::days(2);
+        files.retain(|f| file_day(f).is_some_and(|d| d >= day && d <= last));
+    }
     // Newest first: a call's outcome line is in the file of its request line or a
     // newer one, so the first file that names the call has its best line.
-    for file in trail_files(dir)?.iter().rev() {
+    for file in files.iter().rev() {
         let mut found: Option<Record> = None;
         for_each_line(file, |_, line| {
             if found.as_ref().is_none_or(Record::is_request_line)
@@ -1033,6 +1041,28 @@ pub fn find(dir: &Path, message_id: &str) -> std::io::Result<Option<Record>> {
         }
     }
     Ok(None)
+}
+
+/// The UTC day a UUID v7 (hyphenated) was made, from its 48-bit Unix time in ms.
+fn uuid_v7_day(id: &str) -> Option<time::Date> {
+    let hex: String = id.chars().filter(|c| *c != '-').collect();
+    if hex.len() != 32 || hex.as_bytes().get(12) != Some(&b'7') {
+        return None;
+    }
+    let ms = u64::from_str_radix(hex.get(..12)?, 16).ok()?;
+    let at = time::OffsetDateTime::from_unix_timestamp(i64::try_from(ms / 1000).ok()?).ok()?;
+    Some(at.date())
+}
+
+/// The day of a trail file, from its name (`audit-{node}-{YYYY-MM-DD}.jsonl`).
+fn file_day(path: &Path) -> Option<time::Date> {
+    let name = path.file_name()?.to_str()?.strip_suffix(".jsonl")?;
+    let day = name.get(name.len().checked_sub(10)?..)?;
+    time::Date::parse(
+        day,
+        time::macros::format_description!("[year]-[month]-[day]"),
+    )
+    .ok()
 }
 
 /// What [`verify_dir`] found.

@@ -56,6 +56,42 @@
 //! with rows in a dropped partition, the `seq` and hash of its last row there are kept in
 //! `fsp_audit_anchor`, and verification continues the node's chain from it.
 //!
+//! Retention drops trail partitions only: the statistics roll-ups below hold no personal
+//! data (no end user, no message, no address) and are kept.
+//!
+//! # Statistics
+//!
+//! `fsp stats` and `GET /admin/stats` answer from two roll-up tables (what a cell, a call,
+//! an error and the latency histogram are is explained in [`crate::stats`]), never from
+//! the trail:
+//!
+//! - `fsp_audit_daily`: one row per `(day, node, consumer, service, version, code,
+//!   decision)`, `day` the UTC date of the call's `timestamp`, `code` the HTTP status sent
+//!   (0: none), with `calls`, `errors` and `latency`;
+//! - `fsp_audit_monthly`: the same keyed by `month` (its first day) instead of `day`, the
+//!   sum of the node's days of that month (this month's row is the month so far).
+//!
+//! `latency` is the sparse histogram as JSON, `[[bucket, count], ...]` in increasing
+//! bucket order, the counts adding up to `calls` (the file backend's format, `fsp-stats/1`).
+//! A missing consumer, service or version (a call refused before identification or
+//! routing) is stored as `''`, since a primary key cannot hold NULL; an empty name is
+//! counted as a missing one.
+//!
+//! The writer counts each batch's calls (write-ahead `request` lines are not calls) and
+//! writes the cells the batch changed, day and month, with their full values, **in the
+//! same statement** as the batch's records: the trail and its statistics are committed
+//! together or not at all, so a crash, a lost connection or a retried batch neither loses
+//! nor doubles a call. For that the writer holds the stored cells of its node for the days
+//! and months it writes to (yesterday, today and their months, in practice), read from the
+//! tables the first time a batch needs them and again after every reconnect (only the
+//! node's writer writes its rows). A call's record that comes in for an older day (a call
+//! that lasted over a day) reads that day and month, adds to them, and forgets them again.
+//!
+//! A query reads the month rows of the finished months it takes whole and the day rows of
+//! its other days ([`crate::stats::plan`]), every node's, in one snapshot. The first
+//! start of a gateway with this schema (migration 2) counts the trail already in
+//! `fsp_audit` into both tables.
+//!
 //! # What an operator can query
 //!
 //! ```sql
@@ -65,13 +101,21 @@
 //! SELECT timestamp, service, operation, decision, status FROM fsp_audit_calls
 //!  WHERE consumer = 'city-ghent' AND timestamp >= '2026-12-01' AND timestamp < '2026-12-02'
 //!  ORDER BY timestamp;
+//! -- Calls and errors per consumer in November 2026, every node:
+//! SELECT consumer, sum(calls) AS calls, sum(errors) AS errors FROM fsp_audit_monthly
+//!  WHERE month = '2026-11-01' GROUP BY consumer ORDER BY calls DESC;
+//! -- A day's calls by HTTP status; '' is a consumer the gateway could not identify:
+//! SELECT code, sum(calls) FROM fsp_audit_daily
+//!  WHERE day = '2026-12-01' AND consumer <> '' GROUP BY code ORDER BY code;
 //! ```
 //!
 //! The `postgres` client blocks: use [`PostgresTrail`] and [`AuditSink::lookup`] where
 //! blocking is allowed (a CLI, `spawn_blocking`), never on an async worker thread. The
 //! connection is made without TLS.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
+use std::fmt::Write as _;
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, OnceLock};
@@ -82,11 +126,12 @@ use ::postgres::types::ToSql;
 use ::postgres::{Client, IsolationLevel, NoTls, Row, Statement, Transaction};
 use time::format_description::BorrowedFormatItem;
 use time::format_description::well_known::Rfc3339;
-use time::{OffsetDateTime, UtcOffset};
+use time::{Date, OffsetDateTime, UtcOffset};
 
 use crate::chain::{Break, Chain, Verifier};
 use crate::export::{Filter, Writer as ExportWriter};
 use crate::file::{Verified, VerifyError};
+use crate::stats::{self, Cell, CellKey, Histogram, Query, Rollup, StoredCell, Tally};
 use crate::{AuditError, AuditSink, Durable, DurableTicket, Phase, Record};
 
 /// Records that may wait to be written before `submit` refuses them.
@@ -122,7 +167,7 @@ const WRITER_SESSION: &str = "SET tcp_keepalives_idle = 30; SET tcp_keepalives_i
 
 /// The schema's migrations, in order; each is applied once, in the transaction that
 /// records it in `fsp_schema_migrations`.
-const MIGRATIONS: &[(i32, &str)] = &[(1, SCHEMA_V1)];
+const MIGRATIONS: &[(i32, &str)] = &[(1, SCHEMA_V1), (2, SCHEMA_V2)];
 
 const SCHEMA_V1: &str = r#"
 CREATE TABLE fsp_audit (
@@ -179,6 +224,72 @@ CREATE VIEW fsp_audit_calls AS
                           AND o.phase = 'outcome');
 COMMENT ON VIEW fsp_audit_calls IS
     'One row per call: its outcome line, else its request line (the call''s end was never recorded), else its single line';
+"#;
+
+/// The statistics roll-ups (see the module documentation), and the trail already written
+/// counted into them: a call is a line that is not a write-ahead `request`; its bucket is
+/// [`stats::bucket_of`] in SQL (NaN, which sorts above every number in SQL, in bucket 0).
+const SCHEMA_V2: &str = r#"
+CREATE TABLE fsp_audit_daily (
+    day      date    NOT NULL,
+    node     text    NOT NULL,
+    consumer text    NOT NULL,
+    service  text    NOT NULL,
+    version  text    NOT NULL,
+    code     integer NOT NULL CHECK (code BETWEEN 0 AND 65535),
+    decision text    NOT NULL,
+    calls    bigint  NOT NULL CHECK (calls > 0),
+    errors   bigint  NOT NULL CHECK (errors BETWEEN 0 AND calls),
+    latency  jsonb   NOT NULL CHECK (jsonb_typeof(latency) = 'array'),
+    PRIMARY KEY (day, node, consumer, service, version, code, decision)
+);
+COMMENT ON TABLE fsp_audit_daily IS
+    'FSP usage statistics: each node''s calls per UTC day of their timestamp, consumer, service, version, HTTP status (code) and decision; '''' is a missing consumer, service or version; latency is [[bucket, count], ...] (fsp-stats/1 buckets)';
+CREATE TABLE fsp_audit_monthly (
+    month    date    NOT NULL CHECK (extract(day FROM month) = 1),
+    node     text    NOT NULL,
+    consumer text    NOT NULL,
+    service  text    NOT NULL,
+    version  text    NOT NULL,
+    code     integer NOT NULL CHECK (code BETWEEN 0 AND 65535),
+    decision text    NOT NULL,
+    calls    bigint  NOT NULL CHECK (calls > 0),
+    errors   bigint  NOT NULL CHECK (errors BETWEEN 0 AND calls),
+    latency  jsonb   NOT NULL CHECK (jsonb_typeof(latency) = 'array'),
+    PRIMARY KEY (month, node, consumer, service, version, code, decision)
+);
+COMMENT ON TABLE fsp_audit_monthly IS
+    'FSP usage statistics: fsp_audit_daily summed by month (its first day); the current month is the month so far';
+WITH calls AS (
+    SELECT ("timestamp" AT TIME ZONE 'UTC')::date AS day, node,
+           coalesce(consumer, '') AS consumer, coalesce(service, '') AS service,
+           coalesce(version, '') AS version, status AS code, decision,
+           CASE WHEN duration_ms = 'NaN' OR duration_ms < 0.01 THEN 0
+                WHEN duration_ms >= 600000 THEN 369
+                ELSE least(floor(ln(duration_ms / 0.01) / ln(1.05))::integer + 1, 368)
+           END AS bucket,
+           count(*) AS calls,
+           count(*) FILTER (WHERE decision <> 'allowed' OR status = 0 OR status >= 500) AS errors
+      FROM fsp_audit
+     WHERE phase IS DISTINCT FROM 'request'
+     GROUP BY 1, 2, 3, 4, 5, 6, 7, 8
+), daily AS (
+    INSERT INTO fsp_audit_daily
+    SELECT day, node, consumer, service, version, code, decision,
+           sum(calls)::bigint, sum(errors)::bigint,
+           jsonb_agg(jsonb_build_array(bucket, calls) ORDER BY bucket)
+      FROM calls
+     GROUP BY day, node, consumer, service, version, code, decision
+)
+INSERT INTO fsp_audit_monthly
+SELECT month, node, consumer, service, version, code, decision,
+       sum(calls)::bigint, sum(errors)::bigint,
+       jsonb_agg(jsonb_build_array(bucket, calls) ORDER BY bucket)
+  FROM (SELECT date_trunc('month', day::timestamp)::date AS month, node, consumer, service, version,
+               code, decision, bucket, sum(calls)::bigint AS calls, sum(errors)::bigint AS errors
+          FROM calls
+         GROUP BY 1, 2, 3, 4, 5, 6, 7, 8) m
+ GROUP BY month, node, consumer, service, version, code, decision;
 "#;
 
 /// The text columns of `fsp_audit`, in the order [`texts`] gives a record's values.
@@ -244,6 +355,50 @@ static INSERT: LazyLock<String> = LazyLock::new(|| {
         arrays.join(", ")
     )
 });
+
+/// The number of parameters of [`INSERT`]: one array per column.
+const TRAIL_PARAMS: usize = TEXT_COLUMNS.len() + OTHER_COLUMNS.len();
+
+/// A batch with calls is written with this one statement: its records as [`INSERT`] writes
+/// them, then the node (`$28`) and the cells the batch changed, with their full values,
+/// upserted into the day roll-ups (`$29`..`$37`) and the month roll-ups (`$38`..`$46`), one
+/// array per column of [`CellColumns`]. One statement: the trail and its statistics are
+/// committed together or not at all.
+static INSERT_COUNTED: LazyLock<String> = LazyLock::new(|| {
+    let node = TRAIL_PARAMS + 1;
+    let upsert = |table: &str, at: &str, first: usize| {
+        let arrays: Vec<String> = CellColumns::TYPES
+            .iter()
+            .enumerate()
+            .map(|(i, ty)| format!("${}::{ty}[]", first + i))
+            .collect();
+        format!(
+            "INSERT INTO {table} ({at}, node, {CELL_COLUMNS}) \
+             SELECT c.at, ${node}::text, c.consumer, c.service, c.version, c.code, c.decision, \
+             c.calls, c.errors, c.latency::jsonb \
+             FROM UNNEST({}) AS c(at, consumer, service, version, code, decision, calls, errors, latency) \
+             ON CONFLICT ({at}, node, consumer, service, version, code, decision) DO UPDATE \
+             SET calls = EXCLUDED.calls, errors = EXCLUDED.errors, latency = EXCLUDED.latency",
+            arrays.join(", ")
+        )
+    };
+    let days = node + 1;
+    let months = days + CellColumns::TYPES.len();
+    format!(
+        "WITH trail AS ({}), daily AS ({}) {}",
+        INSERT.as_str(),
+        upsert("fsp_audit_daily", "day", days),
+        upsert("fsp_audit_monthly", "month", months)
+    )
+});
+
+/// The columns of a roll-up row after its `day` (or `month`) and `node`.
+const CELL_COLUMNS: &str = "consumer, service, version, code, decision, calls, errors, latency";
+
+/// The columns a roll-up row is read with after its `day` (or `month`): see
+/// [`cell_of_row`].
+const CELL_SELECT: &str =
+    "consumer, service, version, code, decision, calls, errors, latency::text, node";
 
 /// The record's `timestamp` text: RFC 3339, UTC, milliseconds.
 const MILLIS: &[BorrowedFormatItem<'_>] = time::macros::format_description!(
@@ -315,6 +470,8 @@ pub enum TrailError {
     NodeTaken(String),
     #[error("row {at} of the audit trail is not a record: {why}")]
     Row { at: String, why: String },
+    #[error("the statistics row {at} is not a valid cell: {why}")]
+    Cell { at: String, why: String },
     #[error("cannot write the export: {0}")]
     Write(#[source] std::io::Error),
 }
@@ -708,11 +865,14 @@ fn texts(r: &Record) -> [Option<&str>; 21] {
     ]
 }
 
-/// Writes a sealed batch with one statement (its own transaction).
+/// Writes a sealed batch with one statement (its own transaction): [`INSERT`], or with
+/// `counted` (the node and the changed cells of its days and months)
+/// [`INSERT_COUNTED`].
 fn insert(
     client: &mut Client,
     statement: &Statement,
     batch: &[Line],
+    counted: Option<(&str, &CellColumns<'_>, &CellColumns<'_>)>,
 ) -> Result<(), ::postgres::Error> {
     let mut text: Vec<Vec<Option<&str>>> =
         vec![Vec::with_capacity(batch.len()); TEXT_COLUMNS.len()];
@@ -743,6 +903,13 @@ fn insert(
         &response_bytes,
         &seq,
     ]);
+    let node;
+    if let Some((name, days, months)) = counted {
+        node = name;
+        params.push(&node);
+        params.extend(days.params());
+        params.extend(months.params());
+    }
     client.execute(statement, &params).map(drop)
 }
 
@@ -830,6 +997,305 @@ fn place(row: &Row) -> String {
         "{}/{}",
         node.unwrap_or_default(),
         seq.map_or_else(|| "?".to_owned(), |s| s.to_string())
+    )
+}
+
+// ---------------------------------------------------------------------------------------
+// Statistics: the writer's side
+// ---------------------------------------------------------------------------------------
+
+/// A missing consumer, service or version as the roll-up tables keep it (a primary key
+/// cannot hold NULL).
+const MISSING: &str = "";
+
+/// A name as read from a roll-up table: `''` is a missing one.
+fn read_name(name: &str) -> Option<&str> {
+    (name != MISSING).then_some(name)
+}
+
+/// The cells of a batch's calls (its write-ahead `request` lines are not calls). An empty
+/// consumer, service or version is a missing one, as the roll-up tables keep both alike:
+/// two cells of a batch never fall on one row.
+fn count(batch: &[Line]) -> Rollup {
+    let mut cells = Rollup::new();
+    let mut empty_names = false;
+    for line in batch {
+        let r = &line.record;
+        if cells.add(r) {
+            empty_names |= [&r.consumer, &r.service, &r.version]
+                .into_iter()
+                .any(|n| n.as_deref() == Some(""));
+        }
+    }
+    if !empty_names {
+        return cells;
+    }
+    let mut named = Rollup::new();
+    for (k, c) in cells.cells() {
+        named.insert(
+            CellKey {
+                consumer: k.consumer.and_then(read_name),
+                service: k.service.and_then(read_name),
+                version: k.version.and_then(read_name),
+                ..k
+            },
+            c,
+        );
+    }
+    named
+}
+
+/// A day roll-up's cells put on their months' first days: what a batch adds to the month
+/// roll-ups.
+fn by_month(days: &Rollup) -> Rollup {
+    let mut months = Rollup::new();
+    for (k, c) in days.cells() {
+        months.insert(
+            CellKey {
+                day: stats::month_of(k.day),
+                ..k
+            },
+            c,
+        );
+    }
+    months
+}
+
+/// A histogram as the roll-up tables keep it: `[[bucket,count],...]`.
+fn latency_json(h: &Histogram) -> String {
+    let mut out = String::with_capacity(2 + 10 * h.buckets().len());
+    out.push('[');
+    for (i, (b, n)) in h.buckets().iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        let _ = write!(out, "[{b},{n}]");
+    }
+    out.push(']');
+    out
+}
+
+/// The rows of cells to upsert into a roll-up table, one array per column (the types of
+/// [`CellColumns::TYPES`]).
+#[derive(Debug, Default)]
+struct CellColumns<'a> {
+    at: Vec<Date>,
+    consumer: Vec<&'a str>,
+    service: Vec<&'a str>,
+    version: Vec<&'a str>,
+    code: Vec<i32>,
+    decision: Vec<&'a str>,
+    calls: Vec<i64>,
+    errors: Vec<i64>,
+    latency: Vec<String>,
+}
+
+impl<'a> CellColumns<'a> {
+    /// The SQL types of the arrays, in the order of [`CellColumns::params`].
+    const TYPES: [&'static str; 9] = [
+        "date", "text", "text", "text", "integer", "text", "bigint", "bigint", "text",
+    ];
+
+    /// The cells of `changes` with their full values: what `stored` holds for them (the
+    /// whole of their day or month), plus the change.
+    fn of(changes: &'a Rollup, stored: &HashMap<Date, Rollup>) -> Self {
+        let n = changes.len();
+        let mut columns = Self {
+            at: Vec::with_capacity(n),
+            consumer: Vec::with_capacity(n),
+            service: Vec::with_capacity(n),
+            version: Vec::with_capacity(n),
+            code: Vec::with_capacity(n),
+            decision: Vec::with_capacity(n),
+            calls: Vec::with_capacity(n),
+            errors: Vec::with_capacity(n),
+            latency: Vec::with_capacity(n),
+        };
+        for (k, change) in changes.cells() {
+            let mut whole = stored
+                .get(&k.day)
+                .and_then(|r| r.get(k))
+                .cloned()
+                .unwrap_or_default();
+            whole.merge(change);
+            columns.at.push(k.day);
+            columns.consumer.push(k.consumer.unwrap_or(MISSING));
+            columns.service.push(k.service.unwrap_or(MISSING));
+            columns.version.push(k.version.unwrap_or(MISSING));
+            columns.code.push(i32::from(k.code));
+            columns.decision.push(k.decision);
+            columns
+                .calls
+                .push(i64::try_from(whole.calls()).unwrap_or(i64::MAX));
+            columns
+                .errors
+                .push(i64::try_from(whole.errors()).unwrap_or(i64::MAX));
+            columns.latency.push(latency_json(whole.latency()));
+        }
+        columns
+    }
+
+    fn params(&self) -> [&(dyn ToSql + Sync); 9] {
+        [
+            &self.at,
+            &self.consumer,
+            &self.service,
+            &self.version,
+            &self.code,
+            &self.decision,
+            &self.calls,
+            &self.errors,
+            &self.latency,
+        ]
+    }
+}
+
+/// The stored cells of the writer's node for the days and months it writes to, as
+/// committed: read from the roll-up tables the first time a batch touches a day or month,
+/// updated with every batch committed, forgotten after a reconnect (the connection that
+/// was lost may have committed a batch whose answer never came). Only the node's writer
+/// writes its rows, so what it holds stays what is stored.
+#[derive(Debug, Default)]
+struct Counted {
+    /// Whole days, by day.
+    days: HashMap<Date, Rollup>,
+    /// Whole months, by their first day (each cell on that day).
+    months: HashMap<Date, Rollup>,
+}
+
+impl Counted {
+    /// Reads the node's stored cells of the days of `days` and the months of `months` not
+    /// held yet. A stored row that is not a valid cell is left out, and said (the batch's
+    /// upsert then replaces it): statistics must not stop the trail.
+    fn load(
+        &mut self,
+        client: &mut Client,
+        node: &str,
+        days: &Rollup,
+        months: &Rollup,
+    ) -> Result<(), ::postgres::Error> {
+        for (table, at, changes, held) in [
+            ("fsp_audit_daily", "day", days, &mut self.days),
+            ("fsp_audit_monthly", "month", months, &mut self.months),
+        ] {
+            let missing: Vec<Date> = changes
+                .days()
+                .into_iter()
+                .filter(|d| !held.contains_key(d))
+                .collect();
+            if missing.is_empty() {
+                continue;
+            }
+            let rows = client.query(
+                &format!(
+                    "SELECT {at}, {CELL_SELECT} FROM {table} WHERE node = $1 AND {at} = ANY($2)"
+                ),
+                &[&node, &missing],
+            )?;
+            for d in &missing {
+                held.insert(*d, Rollup::new());
+            }
+            for row in &rows {
+                match cell_of_row(row) {
+                    Ok((key, cell)) => {
+                        if let Some(r) = held.get_mut(&key.day) {
+                            r.insert(key, &cell);
+                        }
+                    }
+                    Err(why) => {
+                        tracing::error!(row = %row_place(table, row), error = %why, "a statistics row is not a valid cell; it is replaced by this writer's count");
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A batch's changes are committed: adds them, then forgets the days and months that
+    /// batches no longer write to (all but yesterday, today and tomorrow, and their
+    /// months; an older one is read again if a call's record comes in late for it).
+    fn committed(&mut self, days: &Rollup, months: &Rollup) {
+        for (changes, held) in [(days, &mut self.days), (months, &mut self.months)] {
+            for (k, c) in changes.cells() {
+                held.entry(k.day).or_default().insert(k, c);
+            }
+        }
+        let today = OffsetDateTime::now_utc().date();
+        let first = today.previous_day().unwrap_or(today);
+        let last = today.next_day().unwrap_or(today);
+        self.days.retain(|d, _| (first..=last).contains(d));
+        let (first, last) = (stats::month_of(first), stats::month_of(last));
+        self.months.retain(|m, _| (first..=last).contains(m));
+    }
+
+    /// Forgets everything (after a reconnect).
+    fn forget(&mut self) {
+        self.days.clear();
+        self.months.clear();
+    }
+}
+
+/// A roll-up row read as `day` (or `month`), [`CELL_COLUMNS`] (`latency` as text), `node`:
+/// its key and its checked cell.
+fn cell_of_row(row: &Row) -> Result<(CellKey<'_>, Cell), String> {
+    let get_err = |e: ::postgres::Error| describe(&e);
+    let day: Date = row.try_get(0).map_err(get_err)?;
+    let name = |i: usize| row.try_get::<_, &str>(i).map(read_name).map_err(get_err);
+    let (consumer, service, version) = (name(1)?, name(2)?, name(3)?);
+    let code: i32 = row.try_get(4).map_err(get_err)?;
+    let decision: &str = row.try_get(5).map_err(get_err)?;
+    let calls: i64 = row.try_get(6).map_err(get_err)?;
+    let errors: i64 = row.try_get(7).map_err(get_err)?;
+    let latency: &str = row.try_get(8).map_err(get_err)?;
+    let latency: Vec<(u16, u64)> = serde_json::from_str(latency)
+        .map_err(|e| format!("latency {latency:?} is not [[bucket, count], ...]: {e}"))?;
+    let stored = StoredCell {
+        day,
+        consumer: consumer.map(Cow::Borrowed),
+        service: service.map(Cow::Borrowed),
+        version: version.map(Cow::Borrowed),
+        code: u16::try_from(code).map_err(|_| format!("code {code} is not an HTTP status"))?,
+        decision: Cow::Borrowed(decision),
+        calls: u64::try_from(calls).map_err(|_| format!("calls {calls}"))?,
+        errors: u64::try_from(errors).map_err(|_| format!("errors {errors}"))?,
+        latency: Cow::Owned(latency),
+    };
+    let cell = stored.cell()?;
+    Ok((
+        CellKey {
+            day,
+            consumer,
+            service,
+            version,
+            code: stored.code,
+            decision,
+        },
+        cell,
+    ))
+}
+
+/// Where a roll-up row is, for a row that is not a valid cell: its table and key.
+fn row_place(table: &str, row: &Row) -> String {
+    let text = |i: usize| -> String {
+        row.try_get::<_, Option<&str>>(i)
+            .ok()
+            .flatten()
+            .unwrap_or("?")
+            .to_owned()
+    };
+    let day = row
+        .try_get::<_, Date>(0)
+        .map_or_else(|_| "?".to_owned(), |d| d.to_string());
+    let code = row
+        .try_get::<_, i32>(4)
+        .map_or_else(|_| "?".to_owned(), |c| c.to_string());
+    format!(
+        "{table} ({day}, node {:?}, consumer {:?}, service {:?}, version {:?}, code {code}, decision {:?})",
+        text(9),
+        text(1),
+        text(2),
+        text(3),
+        text(5)
     )
 }
 
@@ -1039,12 +1505,22 @@ impl AuditSink for PostgresSink {
             .and_then(|mut trail| trail.lookup(message_id))
             .map_err(|e| AuditError::Unavailable(e.to_string()))
     }
+
+    /// Answers from the roll-up tables ([`PostgresTrail::stats`]) on a connection of its
+    /// own, closed after.
+    fn stats(&self, query: &Query) -> Result<Vec<stats::Row>, AuditError> {
+        PostgresTrail::connect(&self.url, self.schema.as_deref())
+            .and_then(|mut trail| trail.stats(query))
+            .map_err(|e| AuditError::Unavailable(format!("cannot read the statistics: {e}")))
+    }
 }
 
-/// The writer's connection and its prepared insert.
+/// The writer's connection and its prepared inserts: of a batch without calls (only
+/// write-ahead request lines), and of a batch with calls and their statistics.
 struct Connection {
     client: Client,
     insert: Statement,
+    insert_counted: Statement,
 }
 
 struct Writer {
@@ -1061,6 +1537,8 @@ struct Writer {
     maintenance_due: Instant,
     /// When the database last answered.
     last_contact: Instant,
+    /// The node's stored statistics of the days and months being written.
+    counted: Counted,
 }
 
 impl Writer {
@@ -1076,6 +1554,7 @@ impl Writer {
             seq: tail.seq,
             maintenance_due: Instant::now(),
             last_contact: Instant::now(),
+            counted: Counted::default(),
         })
     }
 
@@ -1101,8 +1580,16 @@ impl Writer {
         }
         maintain(&mut client, schema, None)?;
         let insert = client.prepare(&INSERT)?;
+        let insert_counted = client.prepare(&INSERT_COUNTED)?;
         let tail = tail(&mut client, &settings.node)?;
-        Ok((Connection { client, insert }, tail))
+        Ok((
+            Connection {
+                client,
+                insert,
+                insert_counted,
+            },
+            tail,
+        ))
     }
 
     fn run(mut self) {
@@ -1176,12 +1663,14 @@ impl Writer {
         }
     }
 
-    /// Writes a sealed batch, retrying until it is committed; callers waiting for it
-    /// are told of the first failure at once.
+    /// Writes a sealed batch with its statistics, retrying until it is committed;
+    /// callers waiting for it are told of the first failure at once.
     fn write(&mut self, batch: &mut [Line], tickets: &mut Vec<DurableTicket>) {
+        let days = count(batch);
+        let months = by_month(&days);
         let mut delay = FIRST_RETRY;
         loop {
-            match self.try_write(batch) {
+            match self.try_write(batch, &days, &months) {
                 Ok(()) => {
                     self.last_contact = Instant::now();
                     self.healthy();
@@ -1204,7 +1693,15 @@ impl Writer {
         }
     }
 
-    fn try_write(&mut self, batch: &mut [Line]) -> Result<(), String> {
+    /// Writes the batch once, with the cells it changes (`days`, and `months`: the same on
+    /// their months' first days): the node's stored cells of those days and months are read
+    /// first when not held, and the upsert gives each cell its full value.
+    fn try_write(
+        &mut self,
+        batch: &mut [Line],
+        days: &Rollup,
+        months: &Rollup,
+    ) -> Result<(), String> {
         if self.conn.is_none() && self.reconnect(batch)? {
             return Ok(());
         }
@@ -1214,8 +1711,27 @@ impl Writer {
                 self.at
             ));
         };
-        insert(&mut conn.client, &conn.insert, batch)
-            .map_err(|e| format!("the audit database at {} failed: {}", self.at, describe(&e)))
+        let failed = |e: ::postgres::Error| {
+            format!("the audit database at {} failed: {}", self.at, describe(&e))
+        };
+        if days.is_empty() {
+            return insert(&mut conn.client, &conn.insert, batch, None).map_err(failed);
+        }
+        let node = self.settings.node.as_str();
+        self.counted
+            .load(&mut conn.client, node, days, months)
+            .map_err(failed)?;
+        let day_rows = CellColumns::of(days, &self.counted.days);
+        let month_rows = CellColumns::of(months, &self.counted.months);
+        insert(
+            &mut conn.client,
+            &conn.insert_counted,
+            batch,
+            Some((node, &day_rows, &month_rows)),
+        )
+        .map_err(failed)?;
+        self.counted.committed(days, months);
+        Ok(())
     }
 
     /// Makes a new connection and squares the chain with the database; returns whether
@@ -1224,6 +1740,7 @@ impl Writer {
     fn reconnect(&mut self, batch: &mut [Line]) -> Result<bool, String> {
         let (conn, tail) = Self::session(&self.settings, false).map_err(|e| e.to_string())?;
         self.conn = Some(conn);
+        self.counted.forget();
         tracing::info!(database = %self.at, "audit writer reconnected");
         Ok(self.reconcile(tail, batch))
     }
@@ -1408,6 +1925,50 @@ impl PostgresTrail {
         Ok(given)
     }
 
+    /// Usage statistics from the roll-up tables, every node's (see the module
+    /// documentation): the finished months [`stats::plan`] takes whole from
+    /// `fsp_audit_monthly`, the other days from `fsp_audit_daily`, in one snapshot, the
+    /// rows streamed into a [`Tally`]. The range is kept to the days since the oldest
+    /// roll-up and ends today (UTC).
+    pub fn stats(&mut self, query: &Query) -> Result<Vec<stats::Row>, TrailError> {
+        let today = OffsetDateTime::now_utc().date();
+        let mut tx = self
+            .client
+            .build_transaction()
+            .isolation_level(IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()?;
+        let oldest: Option<Date> = tx
+            .query_one(
+                "SELECT least((SELECT min(day) FROM fsp_audit_daily), \
+                 (SELECT min(month) FROM fsp_audit_monthly))",
+                &[],
+            )
+            .map_err(no_statistics)?
+            .try_get(0)?;
+        let plan = stats::plan(query, oldest.unwrap_or(today), today);
+        let mut tally = Tally::new(query);
+        for (table, at, wanted) in [
+            ("fsp_audit_monthly", "month", &plan.months),
+            ("fsp_audit_daily", "day", &plan.days),
+        ] {
+            if wanted.is_empty() {
+                continue;
+            }
+            let sql = format!("SELECT {at}, {CELL_SELECT} FROM {table} WHERE {at} = ANY($1)");
+            stream(&mut tx, &sql, &[wanted], |row| {
+                let (key, cell) = cell_of_row(row).map_err(|why| TrailError::Cell {
+                    at: row_place(table, row),
+                    why,
+                })?;
+                tally.add_cell(key, &cell);
+                Ok::<(), TrailError>(())
+            })?;
+        }
+        tx.commit()?;
+        Ok(tally.rows())
+    }
+
     /// Writes one record per call that `filter` takes (see [`PostgresTrail::for_each_call`]).
     pub fn export<W: Write>(
         &mut self,
@@ -1505,6 +2066,20 @@ fn stream<E: From<TrailError>>(
         if rows.len() < FETCH_ROWS as usize {
             return Ok(());
         }
+    }
+}
+
+/// A database without the roll-up tables is one made by a gateway older than statistics.
+fn no_statistics(e: ::postgres::Error) -> TrailError {
+    if e.code() == Some(&::postgres::error::SqlState::UNDEFINED_TABLE) {
+        TrailError::Schema(format!(
+            "it has no statistics tables ({}): it was made by an older gateway; start a \
+             gateway of this version on it once to add them (the trail already written is \
+             counted then)",
+            describe(&e)
+        ))
+    } else {
+        TrailError::Database(e)
     }
 }
 
@@ -1707,8 +2282,10 @@ mod tests {
         let mut batch = vec![line(1), line(2), line(3)];
         writer.seal(&mut batch);
         // Committed, and the connection lost before the answer came.
-        let conn = writer.conn.as_mut().unwrap();
-        insert(&mut conn.client, &conn.insert, &batch).unwrap();
+        let days = count(&batch);
+        writer
+            .try_write(&mut batch, &days, &by_month(&days))
+            .unwrap();
         writer.conn = None;
         writer.write(&mut batch, &mut Vec::new());
         // A batch that did not make it is written after the reconnect.
@@ -1725,6 +2302,68 @@ mod tests {
             .get(0);
         assert_eq!(rows, 4);
         assert_eq!(trail.verify(None).unwrap().records, 4);
+        // Counted once each, in the same statements as the records.
+        for table in ["fsp_audit_daily", "fsp_audit_monthly"] {
+            let calls: i64 = trail
+                .client
+                .query_one(&format!("SELECT sum(calls)::bigint FROM {table}"), &[])
+                .unwrap()
+                .get(0);
+            assert_eq!(calls, 4, "{table}");
+        }
+    }
+
+    #[test]
+    fn empty_names_are_counted_as_missing_ones_and_latency_is_stored_as_json() {
+        let line = |consumer: Option<&str>, ms: f64| {
+            admit(Record {
+                timestamp: "2026-11-24T10:15:30.123Z".into(),
+                consumer: consumer.map(str::to_owned),
+                version: Some(String::new()),
+                decision: "allowed".into(),
+                status: 200,
+                duration_ms: ms,
+                ..Default::default()
+            })
+            .unwrap()
+        };
+        let mut request = line(Some("a"), 1.0);
+        request.record.phase = Some(Phase::Request);
+        let batch = [
+            line(None, 1.0),
+            line(Some(""), 1.0),
+            line(Some("a"), 2.0),
+            request,
+        ];
+        let days = count(&batch);
+        assert_eq!(days.len(), 2);
+        let missing = days.cells().find(|(k, _)| k.consumer.is_none()).unwrap();
+        assert_eq!((missing.0.version, missing.1.calls()), (None, 2));
+        let months = by_month(&days);
+        assert_eq!(months.days(), [time::macros::date!(2026 - 11 - 01)]);
+        let columns = CellColumns::of(&days, &HashMap::new());
+        assert_eq!(columns.consumer.len(), 2);
+        assert!(columns.version.iter().all(|v| v.is_empty()));
+        let at = columns.consumer.iter().position(|c| c.is_empty()).unwrap();
+        let bucket = stats::bucket_of(1.0);
+        assert_eq!(columns.latency[at], format!("[[{bucket},2]]"));
+        assert_eq!(columns.calls[at], 2);
+        // Full values: what is stored plus the change.
+        let stored: HashMap<Date, Rollup> = days.split_by_day().into_iter().collect();
+        let again = CellColumns::of(&days, &stored);
+        assert_eq!(again.calls[at], 4);
+        assert_eq!(again.latency[at], format!("[[{bucket},4]]"));
+        assert_eq!(latency_json(&Histogram::default()), "[]");
+    }
+
+    #[test]
+    fn the_counted_insert_names_every_parameter_once() {
+        let sql = INSERT_COUNTED.as_str();
+        for i in 1..=46 {
+            assert!(sql.contains(&format!("${i}::")), "${i} in {sql}");
+        }
+        assert!(!sql.contains("$47"));
+        assert_eq!(TRAIL_PARAMS, 27);
     }
 
     #[test]

@@ -12,8 +12,10 @@ use std::time::{Duration, Instant};
 use audit::chain::{Break, Chain};
 use audit::export::{Filter, Format, Writer, parse_instant};
 use audit::file::{Verified, VerifyError};
-use audit::postgres::{PostgresSink, PostgresSinkHandle, PostgresTrail, Settings};
+use audit::postgres::{PostgresSink, PostgresSinkHandle, PostgresTrail, Settings, TrailError};
+use audit::stats::{self, Query, Rollup, Row};
 use audit::{AuditError, AuditSink, Phase, Record};
+use time::Date;
 
 /// A schema of this test's own in the test database.
 struct Db {
@@ -622,6 +624,8 @@ fn a_cut_connection_is_survived_without_losing_or_doubling_a_record() {
     healthy_within(&sink, Duration::from_secs(5));
     assert_ne!(writer_pid(&db, &node), second);
     durably(11).unwrap();
+    // Every call counted once, whatever the reconnects.
+    assert_eq!(sink.stats(&Query::default()).unwrap()[0].calls, 12);
     drop(sink);
     handle.join();
     assert_eq!(db.count("SELECT count(*) FROM fsp_audit"), 12);
@@ -645,7 +649,8 @@ fn gateways_starting_together_migrate_once_and_a_node_has_one_writer() {
             .map(|t| t.join().unwrap().unwrap())
             .collect()
     });
-    assert_eq!(db.count("SELECT count(*) FROM fsp_schema_migrations"), 1);
+    // Each migration once (1: the trail, 2: its statistics roll-ups).
+    assert_eq!(db.count("SELECT count(*) FROM fsp_schema_migrations"), 2);
     let twin = PostgresSink::start_with(db.settings("a"))
         .unwrap_err()
         .to_string();
@@ -695,4 +700,437 @@ fn an_unreachable_database_fails_at_start_without_showing_its_password() {
     assert!(err.contains("postgres://fsp@127.0.0.1:1/test"), "{err}");
     assert!(err.contains("cannot connect"), "{err}");
     assert!(!err.contains("s3cret"), "{err}");
+}
+
+// ---------------------------------------------------------------------------------------
+// Statistics
+// ---------------------------------------------------------------------------------------
+
+fn today() -> Date {
+    time::OffsetDateTime::now_utc().date()
+}
+
+/// A complete call of `consumer` to version `version` on `day`.
+fn call(
+    i: usize,
+    day: Date,
+    consumer: Option<&str>,
+    version: &str,
+    decision: &str,
+    status: u16,
+    ms: f64,
+) -> Record {
+    Record {
+        message_id: format!("c-{i:05}"),
+        timestamp: format!("{day}T10:00:00.000Z"),
+        consumer: consumer.map(str::to_owned),
+        version: Some(version.into()),
+        decision: decision.into(),
+        status,
+        duration_ms: ms,
+        ..record(i)
+    }
+}
+
+fn query(from: Option<&str>, to: Option<&str>, by: &str) -> Query {
+    Query::parse(from, to, Some(by)).unwrap()
+}
+
+/// The rows without their percentiles: the values grouped by, calls, errors.
+fn figures(rows: &[Row]) -> Vec<(Vec<Option<String>>, u64, u64)> {
+    rows.iter()
+        .map(|r| {
+            (
+                r.by.iter().map(|(_, v)| v.clone()).collect(),
+                r.calls,
+                r.errors,
+            )
+        })
+        .collect()
+}
+
+fn some(values: &[&str]) -> Vec<Option<String>> {
+    values.iter().map(|v| Some((*v).to_owned())).collect()
+}
+
+/// Writes `records` as `node` and stops the sink.
+fn write_all(db: &Db, node: &str, records: &[Record]) {
+    let (sink, handle) = db.start(node);
+    for r in records {
+        sink.submit(r.clone()).unwrap();
+    }
+    drop(sink);
+    handle.join();
+}
+
+#[test]
+fn statistics_count_calls_by_version_and_consumer_but_not_request_lines() {
+    let Some(db) = db() else { return };
+    let day = today();
+    let ghent = Some("city-ghent");
+    let leuven = Some("city-leuven");
+    let mut request = call(7, day, leuven, "v2", "allowed", 0, 0.0);
+    request.phase = Some(Phase::Request);
+    let outcome = Record {
+        phase: Some(Phase::Outcome),
+        ..call(7, day, leuven, "v2", "allowed", 200, 31.0)
+    };
+    // A call cut by a crash: its request line alone is not a call.
+    let cut = Record {
+        phase: Some(Phase::Request),
+        ..call(8, day, ghent, "v2", "allowed", 0, 0.0)
+    };
+    let unidentified = Record {
+        consumer: None,
+        service: None,
+        version: None,
+        ..call(9, day, None, "", "FSP-401-NO-CREDENTIAL", 401, 0.2)
+    };
+    let a = vec![
+        call(1, day, ghent, "v1", "allowed", 200, 10.0),
+        call(2, day, ghent, "v1", "allowed", 200, 11.0),
+        call(3, day, ghent, "v1", "allowed", 404, 12.0),
+        call(4, day, ghent, "v2", "allowed", 200, 20.0),
+        call(5, day, ghent, "v2", "allowed", 503, 900.0),
+        call(6, day, leuven, "v1", "FSP-403-PURPOSE", 403, 1.5),
+        request,
+        cut,
+        outcome,
+        unidentified,
+    ];
+    let b = vec![
+        call(10, day, ghent, "v1", "allowed", 200, 10.5),
+        call(11, day, ghent, "v1", "allowed", 0, 30_000.0),
+    ];
+    write_all(&db, "a", &a);
+    let (sink, handle) = db.start("b");
+    for r in &b {
+        sink.submit(r.clone()).unwrap();
+    }
+    // Through the sink, as `GET /admin/stats` asks, once the calls are written.
+    let q = query(None, None, "version,consumer");
+    let start = Instant::now();
+    let rows = loop {
+        let rows = sink.stats(&q).unwrap();
+        if rows.iter().map(|r| r.calls).sum::<u64>() == 10 {
+            break rows;
+        }
+        assert!(start.elapsed() < Duration::from_secs(5), "{rows:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(
+        figures(&rows),
+        [
+            (vec![None, None], 1, 1),
+            (some(&["v1", "city-ghent"]), 5, 1),
+            (some(&["v1", "city-leuven"]), 1, 1),
+            (some(&["v2", "city-ghent"]), 2, 1),
+            (some(&["v2", "city-leuven"]), 1, 0),
+        ]
+    );
+    drop(sink);
+    handle.join();
+    // The same answer, percentiles too, as the calls counted in memory give.
+    let all: Vec<Record> = a.into_iter().chain(b).collect();
+    for by in [
+        "version,consumer",
+        "",
+        "consumer,service,version,day,code,decision",
+    ] {
+        let q = query(None, None, by);
+        assert_eq!(
+            db.trail().stats(&q).unwrap(),
+            Rollup::from_records(all.clone()).answer(&q),
+            "--by {by}"
+        );
+    }
+    // Operators see a missing consumer as ''; one row per node and cell.
+    assert_eq!(
+        db.count("SELECT sum(calls)::bigint FROM fsp_audit_daily WHERE consumer = ''"),
+        1
+    );
+    assert_eq!(
+        db.count("SELECT calls FROM fsp_audit_daily WHERE node = 'b' AND code = 0"),
+        1
+    );
+    assert_eq!(
+        db.count("SELECT sum(calls)::bigint FROM fsp_audit_monthly"),
+        10
+    );
+    let latency: String = db
+        .client()
+        .query_one(
+            "SELECT latency::text FROM fsp_audit_daily WHERE node = 'a' AND code = 404",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(latency, format!("[[{}, 1]]", stats::bucket_of(12.0)));
+}
+
+#[test]
+fn a_restarted_sink_does_not_count_twice() {
+    let Some(db) = db() else { return };
+    let day = today();
+    let calls = |range: std::ops::Range<usize>| -> Vec<Record> {
+        range
+            .map(|i| call(i, day, Some("city-ghent"), "v1", "allowed", 200, i as f64))
+            .collect()
+    };
+    write_all(&db, "n", &calls(0..10));
+    let total = |db: &Db| db.trail().stats(&Query::default()).unwrap();
+    let before = total(&db);
+    assert_eq!(before[0].calls, 10);
+    // Started again: nothing new, nothing counted again.
+    let (sink, handle) = db.start("n");
+    assert_eq!(sink.stats(&Query::default()).unwrap(), before);
+    drop(sink);
+    handle.join();
+    assert_eq!(total(&db), before);
+    // New calls add to what the first run counted.
+    write_all(&db, "n", &calls(10..15));
+    assert_eq!(total(&db)[0].calls, 15);
+    assert_eq!(db.count("SELECT calls FROM fsp_audit_daily"), 15, "one row");
+    assert_eq!(db.count("SELECT calls FROM fsp_audit_monthly"), 15);
+    assert_eq!(
+        total(&db),
+        Rollup::from_records(calls(0..15)).answer(&Query::default())
+    );
+}
+
+#[test]
+fn a_past_month_answers_from_its_month_rollup_and_by_day_from_its_days() {
+    let Some(db) = db() else { return };
+    let now = today();
+    // The 10th and 11th of the month three months back: a finished month.
+    let mut month = stats::month_of(now);
+    for _ in 0..3 {
+        month = stats::month_of(month.previous_day().unwrap());
+    }
+    let p1 = month.replace_day(10).unwrap();
+    let p2 = month.replace_day(11).unwrap();
+    let versions = ["v1", "v2"];
+    let at = |i: usize, day: Date| {
+        call(
+            i,
+            day,
+            Some(["city-ghent", "city-leuven"][i % 2]),
+            versions[i % 2],
+            "allowed",
+            [200, 503][i % 3 / 2],
+            5.0 + i as f64,
+        )
+    };
+    let first: Vec<Record> = (0..4)
+        .map(|i| at(i, p1))
+        .chain((4..6).map(|i| at(i, p2)))
+        .chain([at(6, now)])
+        .collect();
+    write_all(&db, "n", &first);
+    // Started again, late records for the past day (calls that lasted long): the writer
+    // reads the day and month it does not hold, and adds to them.
+    let second: Vec<Record> = (7..10).map(|i| at(i, p1)).chain([at(10, now)]).collect();
+    write_all(&db, "n", &second);
+    let all: Vec<Record> = first.iter().chain(&second).cloned().collect();
+
+    let (p1_text, p2_text) = (p1.to_string(), p2.to_string());
+    let by_day = query(Some(&p1_text), Some(&p2_text), "day");
+    assert_eq!(
+        figures(&db.trail().stats(&by_day).unwrap()),
+        [
+            (vec![Some(p1_text.clone())], 7, 2),
+            (vec![Some(p2_text.clone())], 2, 1)
+        ]
+    );
+    let month_text = month.to_string();
+    assert_eq!(
+        db.count(&format!(
+            "SELECT sum(calls)::bigint FROM fsp_audit_monthly WHERE month = '{month_text}'"
+        )),
+        9
+    );
+    // Over the whole range, the month comes whole from its roll-up: the same answer as
+    // the calls counted in memory.
+    let by_consumer = query(None, None, "consumer,version");
+    let want = Rollup::from_records(all.clone()).answer(&by_consumer);
+    assert_eq!(db.trail().stats(&by_consumer).unwrap(), want);
+    assert_eq!(want.iter().map(|r| r.calls).sum::<u64>(), 11);
+
+    // Without its days, the month still answers whole; by day, or cut, it cannot.
+    db.client()
+        .execute(
+            "DELETE FROM fsp_audit_daily WHERE day < $1",
+            &[&now.replace_day(1).unwrap()],
+        )
+        .unwrap();
+    assert_eq!(db.trail().stats(&by_consumer).unwrap(), want);
+    assert!(db.trail().stats(&by_day).unwrap().is_empty());
+    let cut = query(Some(&p2_text), None, "");
+    assert_eq!(db.trail().stats(&cut).unwrap()[0].calls, 2, "today's only");
+}
+
+#[test]
+fn the_trail_written_before_statistics_is_counted_by_the_migration() {
+    let Some(db) = db() else { return };
+    let now = today();
+    let old = now - time::Duration::days(100);
+    // Durations over the whole bucket range, with its edges and oddities.
+    let mut durations = vec![
+        f64::NAN,
+        -1.0,
+        0.0,
+        0.001,
+        0.01,
+        0.0105,
+        1.0,
+        599_999.0,
+        600_000.0,
+        1e9,
+    ];
+    let mut x = 0.011;
+    while x < 700_000.0 {
+        durations.push(x);
+        x *= 1.0371;
+    }
+    let mut records = Vec::new();
+    for (i, ms) in durations.iter().enumerate() {
+        let day = if i % 3 == 0 { old } else { now };
+        let mut r = call(
+            i,
+            day,
+            [Some("a"), Some(""), None][i % 3],
+            ["v1", "v2"][i % 2],
+            ["allowed", "FSP-429-RATE"][i % 5 / 4],
+            [200, 500, 0, 404][i % 4],
+            *ms,
+        );
+        r.phase = [None, Some(Phase::Outcome), Some(Phase::Request)][i % 7 % 3];
+        records.push(r);
+    }
+    write_all(&db, "n", &records[..records.len() / 2]);
+    write_all(&db, "m", &records[records.len() / 2..]);
+    let snapshot = |db: &Db, table: &str| -> Vec<String> {
+        db.client()
+            .query(&format!("SELECT t::text FROM {table} t ORDER BY 1"), &[])
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    };
+    let (daily, monthly) = (
+        snapshot(&db, "fsp_audit_daily"),
+        snapshot(&db, "fsp_audit_monthly"),
+    );
+    assert!(daily.len() > 20 && monthly.len() > 10, "{daily:?}");
+    let q = query(None, None, "consumer,version,code,decision");
+    let answer = db.trail().stats(&q).unwrap();
+    let mut counted: Vec<Record> = records.clone();
+    for r in &mut counted {
+        if r.consumer.as_deref() == Some("") {
+            r.consumer = None;
+        }
+    }
+    assert_eq!(answer, Rollup::from_records(counted).answer(&q));
+
+    // A database from before statistics: the reader says what to do.
+    db.client()
+        .batch_execute(
+            "DROP TABLE fsp_audit_daily, fsp_audit_monthly; \
+             DELETE FROM fsp_schema_migrations WHERE version = 2",
+        )
+        .unwrap();
+    let err = db.trail().stats(&q).unwrap_err();
+    assert!(matches!(err, TrailError::Schema(_)), "{err:?}");
+    assert!(err.to_string().contains("older gateway"), "{err}");
+    // The next gateway to start counts the trail there: the very same rows.
+    write_all(&db, "n", &[]);
+    assert_eq!(snapshot(&db, "fsp_audit_daily"), daily);
+    assert_eq!(snapshot(&db, "fsp_audit_monthly"), monthly);
+    assert_eq!(db.trail().stats(&q).unwrap(), answer);
+}
+
+/// The acceptance figure: `fsp stats --by version,consumer` over 13 months of roll-ups of
+/// a busy platform (50 consumers × 20 services × 3 versions × 5 codes: 15 000 cells a
+/// day) answers in under a second: 12 finished months from their month rows and about 30
+/// days from their day rows, some 630 000 rows. Not run by default:
+/// `cargo test --release -p audit --test postgres -- --ignored --nocapture stats_over`.
+#[test]
+#[ignore = "a benchmark: run with --ignored --nocapture (and --release)"]
+fn stats_over_13_months_answer_in_under_a_second_bench() {
+    let Some(db) = db() else { return };
+    written(&db, 0);
+    let now = today();
+    // A range of 13 months: 12 finished months whole, and 30 days (at its start and in
+    // this month).
+    let this_month = stats::month_of(now);
+    let mut first_whole = this_month;
+    for _ in 0..12 {
+        first_whole = stats::month_of(first_whole.previous_day().unwrap());
+    }
+    let days_here = i64::from(now.day());
+    let from = if days_here >= 30 {
+        first_whole
+    } else {
+        first_whole - time::Duration::days(30 - days_here)
+    };
+    let q = Query {
+        from: Some(from),
+        to: None,
+        by: vec![stats::Dim::Version, stats::Dim::Consumer],
+    };
+    let plan = stats::plan(&q, from, now);
+    assert_eq!(plan.months.len(), 12);
+    let mut c = db.client();
+    let fill = |c: &mut postgres::Client, table: &str, at: &str, dates: &[Date], n: i64| {
+        let started = Instant::now();
+        c.execute(
+            &format!(
+                "INSERT INTO {table} ({at}, node, consumer, service, version, code, decision, \
+                 calls, errors, latency) \
+                 SELECT d, 'n', 'consumer-' || co, 'family/service-' || se, 'v' || ve, \
+                        (ARRAY[200, 201, 404, 500, 503])[k], 'allowed', \
+                        10 * $2::bigint, CASE WHEN k >= 4 THEN 10 * $2::bigint ELSE 0 END, \
+                        jsonb_build_array(jsonb_build_array(150 + (co + se) % 20, 7 * $2::bigint), \
+                                          jsonb_build_array(180 + ve, 2 * $2::bigint), \
+                                          jsonb_build_array(200 + k, $2::bigint)) \
+                   FROM unnest($1::date[]) d, generate_series(1, 50) co, \
+                        generate_series(1, 20) se, generate_series(1, 3) ve, \
+                        generate_series(1, 5) k"
+            ),
+            &[&dates, &n],
+        )
+        .unwrap();
+        eprintln!(
+            "{table}: {} × 15 000 rows filled in {:.1?}",
+            dates.len(),
+            started.elapsed()
+        );
+    };
+    fill(&mut c, "fsp_audit_monthly", "month", &plan.months, 30);
+    fill(&mut c, "fsp_audit_daily", "day", &plan.days, 1);
+    c.batch_execute("ANALYZE fsp_audit_daily; ANALYZE fsp_audit_monthly")
+        .unwrap();
+    let rows = (plan.months.len() + plan.days.len()) * 15_000;
+    let mut trail = db.trail();
+    let mut best = Duration::MAX;
+    for run in 0..3 {
+        let started = Instant::now();
+        let answer = trail.stats(&q).unwrap();
+        let took = started.elapsed();
+        best = best.min(took);
+        eprintln!(
+            "run {run}: fsp stats --by version,consumer from {from}: {} rows of answer from {} \
+             month and {} day roll-ups ({rows} rows) in {took:.3?}",
+            answer.len(),
+            plan.months.len(),
+            plan.days.len(),
+        );
+        assert_eq!(answer.len(), 3 * 50);
+        let calls: u64 = answer.iter().map(|r| r.calls).sum();
+        assert_eq!(
+            calls,
+            (plan.months.len() as u64 * 300 + plan.days.len() as u64 * 10) * 15_000
+        );
+    }
+    assert!(best < Duration::from_secs(1), "{best:?}");
 }
