@@ -207,15 +207,25 @@ enum Kind {
 fn parse_name(name: &str) -> Option<(String, Kind)> {
     let rest = name.strip_prefix("stats-")?.strip_suffix(".json")?;
     let date = |text: &str| stats::parse_day(text).ok();
-    if rest.len() > 11 && rest.as_bytes()[rest.len() - 11] == b'-' {
-        if let Some(d) = date(&rest[rest.len() - 10..]) {
-            return Some((rest[..rest.len() - 11].to_owned(), Kind::Day(d)));
-        }
+    // Names are read from the directory: sliced with `get`, never at a byte that is
+    // not a character's boundary.
+    let split = |at: usize| {
+        Some((
+            rest.get(..rest.len().checked_sub(at + 1)?)?,
+            rest.get(rest.len() - at..)?,
+        ))
+    };
+    if let Some((node, day)) = split(10)
+        && rest.as_bytes().get(node.len()) == Some(&b'-')
+        && let Some(d) = date(day)
+    {
+        return Some((node.to_owned(), Kind::Day(d)));
     }
-    if rest.len() > 8 && rest.as_bytes()[rest.len() - 8] == b'-' {
-        if let Some(d) = date(&format!("{}-01", &rest[rest.len() - 7..])) {
-            return Some((rest[..rest.len() - 8].to_owned(), Kind::Month(d)));
-        }
+    if let Some((node, month)) = split(7)
+        && rest.as_bytes().get(node.len()) == Some(&b'-')
+        && let Some(d) = date(&format!("{month}-01"))
+    {
+        return Some((node.to_owned(), Kind::Month(d)));
     }
     None
 }
@@ -283,4 +293,39 @@ pub fn answer(dir: &Path, query: &Query) -> Result<Vec<Row>, StatsError> {
         }
     }
     stats::answer_files(&files, query)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roll_up_file_names_are_read_back_and_odd_ones_ignored() {
+        let day = |n: &str| match parse_name(n) {
+            Some((node, Kind::Day(d))) => Some((node, day_text(d))),
+            _ => None,
+        };
+        let month = |n: &str| match parse_name(n) {
+            Some((node, Kind::Month(d))) => Some((node, month_text(d))),
+            _ => None,
+        };
+        assert_eq!(
+            day("stats-fsp-1-2026-12-02.json"),
+            Some(("fsp-1".into(), "2026-12-02".into()))
+        );
+        assert_eq!(
+            month("stats-fsp-1-2026-11.json"),
+            Some(("fsp-1".into(), "2026-11".into()))
+        );
+        for odd in [
+            "stats-é2026-12-02.json",
+            "stats-2026-12-02.json",
+            "stats-x-2026-13-02.json",
+            "stats-.json",
+            "stats-ééééééééééééé.json",
+            "audit-x-2026-12-02.jsonl",
+        ] {
+            assert!(parse_name(odd).is_none_or(|(n, _)| !n.is_empty()), "{odd}");
+        }
+    }
 }
