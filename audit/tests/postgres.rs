@@ -865,7 +865,7 @@ fn statistics_count_calls_by_version_and_consumer_but_not_request_lines() {
         )
         .unwrap()
         .get(0);
-    assert_eq!(latency, format!("[[{}, 1]]", stats::bucket_of(12.0)));
+    assert_eq!(latency, format!("[[{},1]]", stats::bucket_of(12.0)));
 }
 
 #[test]
@@ -1049,6 +1049,37 @@ fn the_trail_written_before_statistics_is_counted_by_the_migration() {
     assert_eq!(db.trail().stats(&q).unwrap(), answer);
 }
 
+#[test]
+fn a_statistics_row_that_is_not_a_cell_is_named_by_the_reader_and_replaced_by_the_writer() {
+    let Some(db) = db() else { return };
+    let day = today();
+    let calls = |range: std::ops::Range<usize>| -> Vec<Record> {
+        range
+            .map(|i| call(i, day, Some("city-ghent"), "v1", "allowed", 200, 10.0))
+            .collect()
+    };
+    write_all(&db, "n", &calls(0..3));
+    db.client()
+        .batch_execute("UPDATE fsp_audit_daily SET latency = '[[95,1]]'")
+        .unwrap();
+    let err = db
+        .trail()
+        .stats(&query(None, None, "consumer"))
+        .unwrap_err();
+    assert!(matches!(err, TrailError::Cell { .. }), "{err:?}");
+    let text = err.to_string();
+    assert!(
+        text.contains(&format!("fsp_audit_daily ({day}, consumer \"city-ghent\")"))
+            && text.contains("add up to 1, not to the 3 calls"),
+        "{text}"
+    );
+    // The writer does not stop on it: its next count of the day replaces the row.
+    write_all(&db, "n", &calls(3..5));
+    let rows = db.trail().stats(&query(None, None, "consumer")).unwrap();
+    assert_eq!(figures(&rows), [(some(&["city-ghent"]), 2, 0)]);
+    assert_eq!(db.count("SELECT count(*) FROM fsp_audit"), 5);
+}
+
 /// The acceptance figure: `fsp stats --by version,consumer` over 13 months of roll-ups of
 /// a busy platform (50 consumers × 20 services × 3 versions × 5 codes: 15 000 cells a
 /// day) answers in under a second: 12 finished months from their month rows and about 30
@@ -1090,9 +1121,8 @@ fn stats_over_13_months_answer_in_under_a_second_bench() {
                  SELECT d, 'n', 'consumer-' || co, 'family/service-' || se, 'v' || ve, \
                         (ARRAY[200, 201, 404, 500, 503])[k], 'allowed', \
                         10 * $2::bigint, CASE WHEN k >= 4 THEN 10 * $2::bigint ELSE 0 END, \
-                        jsonb_build_array(jsonb_build_array(150 + (co + se) % 20, 7 * $2::bigint), \
-                                          jsonb_build_array(180 + ve, 2 * $2::bigint), \
-                                          jsonb_build_array(200 + k, $2::bigint)) \
+                        format('[[%s,%s],[%s,%s],[%s,%s]]', 150 + (co + se) % 20, 7 * $2::bigint, \
+                               180 + ve, 2 * $2::bigint, 200 + k, $2::bigint)::json \
                    FROM unnest($1::date[]) d, generate_series(1, 50) co, \
                         generate_series(1, 20) se, generate_series(1, 3) ve, \
                         generate_series(1, 5) k"

@@ -350,8 +350,10 @@ fn usage_stats(
         proxy::config::AuditBackend::File { dir } => {
             audit::file_stats::answer(dir, &query).map_err(|e| e.to_string())
         }
-        proxy::config::AuditBackend::Postgres { .. } => {
-            Err("the postgres audit backend keeps no statistics yet; the file backend does".into())
+        proxy::config::AuditBackend::Postgres { url, .. } => {
+            audit::postgres::PostgresTrail::connect(url, None)
+                .and_then(|mut trail| trail.stats(&query))
+                .map_err(|e| e.to_string())
         }
         proxy::config::AuditBackend::None { .. } => {
             Err("this configuration keeps no audit trail ([audit] backend = \"none\")".into())
