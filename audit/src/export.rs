@@ -193,7 +193,7 @@ impl<W: Write> Writer<W> {
 /// quotes doubled. A text a spreadsheet would run as a formula (starting with `=`, `+`,
 /// `-`, `@`, a tab or a carriage return: consumers choose paths and end-user references)
 /// is prefixed with `'`; the JSON-lines export carries every value unchanged.
-fn csv_field(out: &mut Vec<u8>, f: &str) {
+pub(crate) fn csv_field(out: &mut Vec<u8>, f: &str) {
     let formula = f.starts_with(['=', '+', '-', '@', '\t', '\r']);
     let quote = formula || f.contains([',', '"', '\n', '\r']);
     if quote {

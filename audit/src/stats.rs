@@ -2438,28 +2438,6 @@ fn json_rows(out: &mut Vec<u8>, rows: &[Row]) {
     out.extend_from_slice(if rows.is_empty() { b"]\n" } else { b"\n]\n" });
 }
 
-/// One CSV field (RFC 4180), a would-be spreadsheet formula defused with a leading `'`
-/// (as the CSV export does: see `export.rs`).
-fn csv_field(out: &mut Vec<u8>, f: &str) {
-    let formula = f.starts_with(['=', '+', '-', '@', '\t', '\r']);
-    let quote = formula || f.contains([',', '"', '\n', '\r']);
-    if quote {
-        out.push(b'"');
-    }
-    if formula {
-        out.push(b'\'');
-    }
-    for b in f.bytes() {
-        if b == b'"' {
-            out.push(b'"');
-        }
-        out.push(b);
-    }
-    if quote {
-        out.push(b'"');
-    }
-}
-
 fn csv_rows(out: &mut Vec<u8>, rows: &[Row], by: &[Dim]) {
     let header: Vec<&str> = by.iter().map(|d| d.name()).chain(FIGURES).collect();
     out.extend_from_slice(header.join(",").as_bytes());
@@ -2467,7 +2445,7 @@ fn csv_rows(out: &mut Vec<u8>, rows: &[Row], by: &[Dim]) {
     for r in rows {
         for (_, v) in &r.by {
             if let Some(v) = v {
-                csv_field(out, v);
+                crate::export::csv_field(out, v);
             }
             out.push(b',');
         }
