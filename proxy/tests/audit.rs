@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use common::*;
@@ -32,21 +32,6 @@ fn verify(config: &Path) -> (i32, String) {
         String::from_utf8_lossy(&out.stderr)
     );
     (out.status.code().unwrap_or(-1), text)
-}
-
-/// The trail's one file, and its lines.
-fn trail(pki: &Pki) -> (PathBuf, Vec<String>) {
-    let dir = pki.path().join("audit");
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
-        .collect();
-    files.sort();
-    assert_eq!(files.len(), 1, "{files:?}");
-    let text = std::fs::read_to_string(&files[0]).unwrap();
-    let lines = text.lines().map(str::to_owned).collect();
-    (files[0].clone(), lines)
 }
 
 async fn calls(gw: &Gateway, pki: &Pki, n: usize) {

@@ -278,20 +278,6 @@ async fn a_gateway_killed_under_load_lost_no_call_a_client_was_answered_for() {
     }
 }
 
-/// A file-trail tamperer: the lines of the node's one file, rewritten at will.
-fn file_lines(pki: &Pki) -> (PathBuf, Vec<String>) {
-    let dir = pki.path().join("audit");
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
-        .collect();
-    files.sort();
-    assert_eq!(files.len(), 1, "{files:?}");
-    let text = std::fs::read_to_string(&files[0]).unwrap();
-    (files[0].clone(), text.lines().map(str::to_owned).collect())
-}
-
 #[tokio::test]
 async fn an_altered_removed_or_swapped_record_is_named_by_verify() {
     for store in Store::all("tamper") {
@@ -313,7 +299,7 @@ async fn an_altered_removed_or_swapped_record_is_named_by_verify() {
 
         // The chain's lines in order: (seq, message id).
         let lines: Vec<String> = match &store {
-            Store::File => file_lines(&pki)
+            Store::File => trail(&pki)
                 .1
                 .iter()
                 .map(|l| {
@@ -342,7 +328,7 @@ async fn an_altered_removed_or_swapped_record_is_named_by_verify() {
         };
         match &store {
             Store::File => {
-                let (file, original) = file_lines(&pki);
+                let (file, original) = trail(&pki);
                 let write =
                     |lines: &[String]| std::fs::write(&file, lines.join("\n") + "\n").unwrap();
                 let mut altered = original.clone();

@@ -710,6 +710,20 @@ pub fn audit_records(pki: &Pki) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// The file trail's one file (a test's gateway writes one, on one day), and its lines.
+pub fn trail(pki: &Pki) -> (PathBuf, Vec<String>) {
+    let dir = pki.path().join("audit");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
+        .collect();
+    files.sort();
+    assert_eq!(files.len(), 1, "{files:?}");
+    let text = std::fs::read_to_string(&files[0]).unwrap();
+    (files[0].clone(), text.lines().map(str::to_owned).collect())
+}
+
 /// Every line of the audit trail written so far, files in name order.
 pub fn audit_lines(pki: &Pki) -> Vec<serde_json::Value> {
     let mut out = Vec::new();
