@@ -134,7 +134,8 @@ async fn a_trail_file_removed_under_the_gateway_makes_it_unready_and_refuse_call
             .map(|e| e.unwrap().path())
             .find(|p| {
                 p.extension().is_some_and(|e| e == "jsonl")
-                    && std::fs::read_to_string(p).is_ok_and(|t| t.lines().count() == 4)
+                    && std::fs::read_to_string(p)
+                        .is_ok_and(|t| common::record_lines(&t).count() == 4)
             })
         {
             break f;

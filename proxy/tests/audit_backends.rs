@@ -455,12 +455,22 @@ async fn an_unavailable_audit_store_stops_calls_before_the_provider_until_it_ret
         let pid = gw.pid().to_string();
         match &relay {
             None => {
+                // Where the records end in the segment being written (the zeros the
+                // writer wrote ahead of them are not records): the next batch would go
+                // past the limit.
                 let used: u64 = std::fs::read_dir(pki.path().join("audit"))
                     .unwrap()
                     .flatten()
                     .filter(|e| e.path().extension().is_some_and(|x| x == "jsonl"))
-                    .map(|e| e.metadata().unwrap().len())
-                    .sum();
+                    .map(|e| {
+                        let bytes = std::fs::read(e.path()).unwrap();
+                        bytes
+                            .iter()
+                            .rposition(|&b| b != 0)
+                            .map_or(0, |i| i as u64 + 1)
+                    })
+                    .max()
+                    .unwrap_or(0);
                 let limit = format!("--fsize={}:unlimited", used + 100);
                 let ok = Command::new("prlimit")
                     .args(["--pid", &pid, &limit])

@@ -721,7 +721,16 @@ pub fn trail(pki: &Pki) -> (PathBuf, Vec<String>) {
     files.sort();
     assert_eq!(files.len(), 1, "{files:?}");
     let text = std::fs::read_to_string(&files[0]).unwrap();
-    (files[0].clone(), text.lines().map(str::to_owned).collect())
+    (
+        files[0].clone(),
+        record_lines(&text).map(str::to_owned).collect(),
+    )
+}
+
+/// The records' lines of a trail segment's text: the segment being written ends in
+/// zeros written ahead of its records.
+pub fn record_lines(text: &str) -> impl Iterator<Item = &str> {
+    text.split(['\n', '\0']).filter(|l| !l.is_empty())
 }
 
 /// Every line of the audit trail written so far, files in name order.
@@ -737,7 +746,7 @@ pub fn audit_lines(pki: &Pki) -> Vec<serde_json::Value> {
         .collect();
     files.sort();
     for file in files {
-        for line in std::fs::read_to_string(file).unwrap().lines() {
+        for line in record_lines(&std::fs::read_to_string(file).unwrap()) {
             out.push(serde_json::from_str(line).unwrap());
         }
     }
