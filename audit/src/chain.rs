@@ -36,13 +36,7 @@ impl Record {
 /// The length of the canonical part of a JSON line as `write_json` writes it: up to the
 /// `prev_hash` member, which is always the second to last.
 fn canonical_end(line: &[u8]) -> Option<usize> {
-    memrfind(line, PREV_HASH_MEMBER)
-}
-
-fn memrfind(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    (0..=hay.len().checked_sub(needle.len())?)
-        .rev()
-        .find(|&i| &hay[i..i + needle.len()] == needle)
+    memchr::memmem::rfind(line, PREV_HASH_MEMBER)
 }
 
 /// `hash` for a record whose canonical form is `canonical`, after `prev`.

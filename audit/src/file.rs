@@ -50,7 +50,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crate::chain::{Break, Chain, Verifier};
-use crate::{AuditError, AuditSink, Durable, DurableTicket, Record};
+use crate::{AuditError, AuditSink, Durable, DurableTicket, Record, Relay};
 
 /// Records one thread may have waiting to be written before `submit` refuses them.
 pub const DEFAULT_CAPACITY: usize = 65_536;
@@ -103,6 +103,8 @@ impl Shared {
 #[derive(Debug, Default)]
 struct Shard {
     pending: Mutex<Pending>,
+    /// Completes the thread's tickets on its runtime (`None`: not a runtime's thread).
+    relay: Option<Relay>,
 }
 
 #[derive(Debug, Default)]
@@ -113,6 +115,8 @@ struct Pending {
     tickets: Vec<DurableTicket>,
     /// The statistics of these lines' calls.
     stats: crate::stats::Rollup,
+    /// The relay of the shard these lines came from, while in a batch.
+    relay: Option<Relay>,
 }
 
 impl Pending {
@@ -121,6 +125,22 @@ impl Pending {
         self.records = 0;
         self.tickets.clear();
         self.stats.clear();
+        self.relay = None;
+    }
+
+    /// Completes the callers' tickets with `result`, through the shard's relay.
+    fn finish(&mut self, result: &Result<(), String>) {
+        if self.tickets.is_empty() {
+            return;
+        }
+        match &self.relay {
+            Some(relay) => relay.complete(self.tickets.drain(..), result),
+            None => {
+                for t in self.tickets.drain(..) {
+                    t.complete(result.clone());
+                }
+            }
+        }
     }
 }
 
@@ -279,7 +299,10 @@ impl FileSink {
             }
             // Forget the shards of sinks that are gone.
             shards.retain(|(_, sink, _)| sink.strong_count() > 0);
-            let shard = Arc::new(Shard::default());
+            let shard = Arc::new(Shard {
+                pending: Mutex::default(),
+                relay: Relay::on_current_runtime(),
+            });
             self.shared
                 .shards
                 .lock()
@@ -472,6 +495,17 @@ impl Writer {
             if self.collect(&mut batch, &mut spare) == 0 {
                 if closing {
                     self.close();
+                    for shard in self
+                        .shared
+                        .shards
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .iter()
+                    {
+                        if let Some(relay) = &shard.relay {
+                            relay.close();
+                        }
+                    }
                     self.rollups.flush();
                     break;
                 }
@@ -493,10 +527,9 @@ impl Writer {
             // Callers waiting for durability are told of the first failure at once (their
             // calls are refused, not forwarded); their lines are still written when the
             // disk comes back, followed by the refusal.
-            let mut tickets: Vec<DurableTicket> =
-                batch.iter_mut().flat_map(|p| p.tickets.drain(..)).collect();
-            let waited = !tickets.is_empty();
-            if tickets.len() >= BUSY_WAITERS {
+            let waiting: usize = batch.iter().map(|p| p.tickets.len()).sum();
+            let waited = waiting > 0;
+            if waiting >= BUSY_WAITERS {
                 busy_since = Some(std::time::Instant::now());
             }
             self.seal(&batch);
@@ -508,14 +541,15 @@ impl Writer {
                 match self.write_sealed() {
                     Ok(()) => {
                         self.shared.healthy.store(true, Ordering::Release);
-                        for t in tickets.drain(..) {
-                            t.done();
+                        for p in &mut batch {
+                            p.finish(&Ok(()));
                         }
                         break;
                     }
                     Err(e) => {
-                        for t in tickets.drain(..) {
-                            t.failed(format!("the audit trail cannot be written: {e}"));
+                        let failed = Err(format!("the audit trail cannot be written: {e}"));
+                        for p in &mut batch {
+                            p.finish(&failed);
                         }
                         tracing::error!(error = %e, dir = %self.dir.display(), "audit write failed; retrying");
                         if let Ok(mut last) = self.shared.last_error.lock() {
@@ -581,7 +615,9 @@ impl Writer {
             }
             records += p.records;
             let empty = spare.pop().unwrap_or_default();
-            batch.push(std::mem::replace(&mut *p, empty));
+            let mut taken = std::mem::replace(&mut *p, empty);
+            taken.relay = shard.relay.clone();
+            batch.push(taken);
         }
         records
     }
@@ -593,8 +629,10 @@ impl Writer {
         *day = today();
         out.clear();
         for p in batch {
-            for line in p.lines.split_inclusive(|&b| b == b'\n') {
-                self.chain.seal_line(line, out);
+            let mut start = 0;
+            for end in memchr::memchr_iter(b'\n', &p.lines) {
+                self.chain.seal_line(&p.lines[start..=end], out);
+                start = end + 1;
             }
         }
     }
@@ -1775,6 +1813,41 @@ mod tests {
         }
         drop(sink);
         handle.join();
+    }
+
+    #[test]
+    fn durable_records_are_reported_through_the_runtimes_relay_and_after_it_is_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let (sink, handle) = FileSink::start(dir.path(), "n").unwrap();
+        let durable = |rt: &tokio::runtime::Runtime, i: usize| {
+            rt.block_on(async {
+                let waits: Vec<Durable> = (0..50)
+                    .map(|k| sink.submit_durable(&record(i + k, "2026-11-24")).unwrap())
+                    .collect();
+                for w in waits {
+                    tokio::time::timeout(std::time::Duration::from_secs(5), w)
+                        .await
+                        .expect("reported within 5 s")
+                        .unwrap();
+                }
+            })
+        };
+        let runtime = || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+        };
+        // This thread's shard is made inside a runtime: its relay's task runs there.
+        let first = runtime();
+        durable(&first, 0);
+        assert!(SHARDS.with(|s| s.borrow().iter().any(|(_, _, shard)| shard.relay.is_some())));
+        // That runtime shuts down: the shard's tickets are then completed by the writer.
+        drop(first);
+        durable(&runtime(), 50);
+        drop(sink);
+        handle.join();
+        assert_eq!(verify_dir(dir.path(), None).unwrap().records, 100);
     }
 
     #[test]
