@@ -50,7 +50,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crate::chain::{Break, Chain, Verifier};
-use crate::{AuditError, AuditSink, Durable, DurableTicket, Record, Relay};
+use crate::{AuditError, AuditSink, Durable, DurableTicket, Record};
 
 /// Records one thread may have waiting to be written before `submit` refuses them.
 pub const DEFAULT_CAPACITY: usize = 65_536;
@@ -103,8 +103,6 @@ impl Shared {
 #[derive(Debug, Default)]
 struct Shard {
     pending: Mutex<Pending>,
-    /// Completes the thread's tickets on its runtime (`None`: not a runtime's thread).
-    relay: Option<Relay>,
 }
 
 #[derive(Debug, Default)]
@@ -115,8 +113,6 @@ struct Pending {
     tickets: Vec<DurableTicket>,
     /// The statistics of these lines' calls.
     stats: crate::stats::Rollup,
-    /// The relay of the shard these lines came from, while in a batch.
-    relay: Option<Relay>,
 }
 
 impl Pending {
@@ -125,21 +121,12 @@ impl Pending {
         self.records = 0;
         self.tickets.clear();
         self.stats.clear();
-        self.relay = None;
     }
 
-    /// Completes the callers' tickets with `result`, through the shard's relay.
+    /// Completes the callers' tickets with `result` (through their runtimes' relays).
     fn finish(&mut self, result: &Result<(), String>) {
-        if self.tickets.is_empty() {
-            return;
-        }
-        match &self.relay {
-            Some(relay) => relay.complete(self.tickets.drain(..), result),
-            None => {
-                for t in self.tickets.drain(..) {
-                    t.complete(result.clone());
-                }
-            }
+        for t in self.tickets.drain(..) {
+            t.complete(result.clone());
         }
     }
 }
@@ -299,10 +286,7 @@ impl FileSink {
             }
             // Forget the shards of sinks that are gone.
             shards.retain(|(_, sink, _)| sink.strong_count() > 0);
-            let shard = Arc::new(Shard {
-                pending: Mutex::default(),
-                relay: Relay::on_current_runtime(),
-            });
+            let shard = Arc::new(Shard::default());
             self.shared
                 .shards
                 .lock()
@@ -495,17 +479,6 @@ impl Writer {
             if self.collect(&mut batch, &mut spare) == 0 {
                 if closing {
                     self.close();
-                    for shard in self
-                        .shared
-                        .shards
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .iter()
-                    {
-                        if let Some(relay) = &shard.relay {
-                            relay.close();
-                        }
-                    }
                     self.rollups.flush();
                     break;
                 }
@@ -615,9 +588,7 @@ impl Writer {
             }
             records += p.records;
             let empty = spare.pop().unwrap_or_default();
-            let mut taken = std::mem::replace(&mut *p, empty);
-            taken.relay = shard.relay.clone();
-            batch.push(taken);
+            batch.push(std::mem::replace(&mut *p, empty));
         }
         records
     }
@@ -1369,7 +1340,7 @@ pub fn verify_dir(dir: &Path, retention_days: Option<u32>) -> Result<Verified, V
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
 
     /// Every file of the trail, one after the other.
@@ -1838,11 +1809,10 @@ mod tests {
                 .build()
                 .unwrap()
         };
-        // This thread's shard is made inside a runtime: its relay's task runs there.
+        // This thread's tickets are completed by a relay task on its runtime.
         let first = runtime();
         durable(&first, 0);
-        assert!(SHARDS.with(|s| s.borrow().iter().any(|(_, _, shard)| shard.relay.is_some())));
-        // That runtime shuts down: the shard's tickets are then completed by the writer.
+        // That runtime shuts down: a new relay is made on the next one.
         drop(first);
         durable(&runtime(), 50);
         drop(sink);

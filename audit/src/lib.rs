@@ -143,40 +143,49 @@ impl Calls {
 #[derive(Debug)]
 pub struct Durable(tokio::sync::oneshot::Receiver<Result<(), String>>);
 
-/// The writer's side of a [`Durable`]: completed once the record's batch is durable.
+/// The writer's side of a [`Durable`]: completed once the record's batch is durable,
+/// through the [`Relay`] of the runtime its caller runs on, if it runs on one.
 #[derive(Debug)]
-pub struct DurableTicket(tokio::sync::oneshot::Sender<Result<(), String>>);
+pub struct DurableTicket(Reply, Option<Relay>);
+
+type Reply = tokio::sync::oneshot::Sender<Result<(), String>>;
 
 impl Durable {
     /// A pending durability and the ticket a writer completes.
     pub fn pending() -> (Self, DurableTicket) {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        (Self(rx), DurableTicket(tx))
+        (Self(rx), DurableTicket(tx, Relay::of_this_thread()))
     }
 }
 
 impl DurableTicket {
     /// The record is durable.
     pub fn done(self) {
-        let _ = self.0.send(Ok(()));
+        self.complete(Ok(()));
     }
 
     /// The record could not be made durable (the writer gave up or stopped).
     pub fn failed(self, why: String) {
-        let _ = self.0.send(Err(why));
+        self.complete(Err(why));
     }
 
     /// Done or failed, as `result` says.
     pub fn complete(self, result: Result<(), String>) {
-        let _ = self.0.send(result);
+        match self.1 {
+            Some(relay) => relay.complete(self.0, result),
+            None => {
+                let _ = self.0.send(result);
+            }
+        }
     }
 }
 
 /// Completes a writer's tickets on the runtime their callers run on, with one wake-up
 /// of that runtime per batch: a ticket completed from the writer's thread wakes its
 /// caller's runtime once per ticket (a system call each time the runtime sleeps), a
-/// hundred per batch under load; the relay's task, woken once, completes them all from
-/// inside the runtime, where waking a task is a push onto its run queue.
+/// hundred per batch under load; the relay's task, woken by the first ticket of a batch,
+/// completes them all from inside the runtime, where waking a task is a push onto its
+/// run queue. One relay per thread that runs a runtime, made by the first ticket there.
 #[derive(Debug, Clone)]
 pub struct Relay(std::sync::Arc<RelayInner>);
 
@@ -184,26 +193,18 @@ pub struct Relay(std::sync::Arc<RelayInner>);
 struct RelayInner {
     due: std::sync::Mutex<Due>,
     wake: tokio::sync::Notify,
-    /// Set when the writer stops: the task ends after completing what is due.
-    closed: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug, Default)]
 struct Due {
-    tickets: Vec<(DurableTicket, Result<(), String>)>,
-    /// The task is gone (its runtime shut down): tickets are completed where they are
+    replies: Vec<(Reply, Result<(), String>)>,
+    /// The task is gone (its runtime shut down): replies are sent where they are
     /// handed over.
     gone: bool,
 }
 
-impl RelayInner {
-    fn take_due(&self) -> Vec<(DurableTicket, Result<(), String>)> {
-        std::mem::take(&mut self.due.lock().unwrap_or_else(|e| e.into_inner()).tickets)
-    }
-}
-
 /// Held by the relay's task: when the task is dropped (its runtime shut down), what is
-/// due is completed at once and later tickets are completed where they are handed over.
+/// due is sent at once and later replies are sent where they are handed over.
 struct RelayTask(std::sync::Arc<RelayInner>);
 
 impl Drop for RelayTask {
@@ -211,61 +212,68 @@ impl Drop for RelayTask {
         let due = {
             let mut due = self.0.due.lock().unwrap_or_else(|e| e.into_inner());
             due.gone = true;
-            std::mem::take(&mut due.tickets)
+            std::mem::take(&mut due.replies)
         };
-        for (ticket, result) in due {
-            ticket.complete(result);
+        for (reply, result) in due {
+            let _ = reply.send(result);
         }
     }
 }
 
 impl Relay {
-    /// A relay whose task runs on the calling thread's tokio runtime; `None` outside one
-    /// (then the writer completes tickets itself).
-    pub fn on_current_runtime() -> Option<Self> {
+    /// The relay of the calling thread's tokio runtime (made on first use, and again
+    /// when the runtime it ran on is gone); `None` outside a runtime (then the writer
+    /// completes tickets itself).
+    fn of_this_thread() -> Option<Self> {
+        thread_local! {
+            static RELAY: std::cell::RefCell<Option<Relay>> =
+                const { std::cell::RefCell::new(None) };
+        }
+        RELAY.with(|cell| {
+            let mut cell = cell.borrow_mut();
+            let live = cell
+                .as_ref()
+                .is_some_and(|r| !r.0.due.lock().unwrap_or_else(|e| e.into_inner()).gone);
+            if !live {
+                *cell = Self::on_current_runtime();
+            }
+            cell.clone()
+        })
+    }
+
+    /// A relay whose task runs on the calling thread's tokio runtime; `None` outside one.
+    fn on_current_runtime() -> Option<Self> {
         let runtime = tokio::runtime::Handle::try_current().ok()?;
         let inner = std::sync::Arc::new(RelayInner::default());
         let task = RelayTask(inner.clone());
         runtime.spawn(async move {
             loop {
                 task.0.wake.notified().await;
-                for (ticket, result) in task.0.take_due() {
-                    ticket.complete(result);
-                }
-                if task.0.closed.load(std::sync::atomic::Ordering::Acquire) {
-                    break;
+                let due = std::mem::take(
+                    &mut task.0.due.lock().unwrap_or_else(|e| e.into_inner()).replies,
+                );
+                for (reply, result) in due {
+                    let _ = reply.send(result);
                 }
             }
         });
         Some(Self(inner))
     }
 
-    /// Completes `tickets` with `result`, on the relay's runtime.
-    pub fn complete(
-        &self,
-        tickets: impl Iterator<Item = DurableTicket>,
-        result: &Result<(), String>,
-    ) {
-        {
-            let mut due = self.0.due.lock().unwrap_or_else(|e| e.into_inner());
-            if !due.gone {
-                due.tickets.extend(tickets.map(|t| (t, result.clone())));
-                drop(due);
-                self.0.wake.notify_one();
-                return;
-            }
+    /// Sends a ticket's reply, on the relay's runtime.
+    fn complete(&self, reply: Reply, result: Result<(), String>) {
+        let mut due = self.0.due.lock().unwrap_or_else(|e| e.into_inner());
+        if due.gone {
+            drop(due);
+            let _ = reply.send(result);
+            return;
         }
-        for t in tickets {
-            t.complete(result.clone());
+        let first = due.replies.is_empty();
+        due.replies.push((reply, result));
+        drop(due);
+        if first {
+            self.0.wake.notify_one();
         }
-    }
-
-    /// Ends the relay's task once it has completed what is due.
-    pub fn close(&self) {
-        self.0
-            .closed
-            .store(true, std::sync::atomic::Ordering::Release);
-        self.0.wake.notify_one();
     }
 }
 
