@@ -1164,3 +1164,53 @@ fn stats_over_13_months_answer_in_under_a_second_bench() {
     }
     assert!(best < Duration::from_secs(1), "{best:?}");
 }
+
+/// Contract: an auditor's question about one message id among 10 million records is
+/// answered in under a second (the message id index). Fills one month's partition with
+/// 10 million records (about 5 GB with its indexes, a few minutes), then looks up the
+/// first, the middle, the last and an absent id. Not run by default:
+/// `cargo test --release -p audit --test postgres -- --ignored --nocapture lookup_among`.
+#[test]
+#[ignore = "a benchmark: run with --ignored --nocapture (and --release)"]
+fn lookup_among_10_million_records_in_under_a_second_bench() {
+    let Some(db) = db() else { return };
+    written(&db, 0);
+    let mut c = db.client();
+    let started = Instant::now();
+    for chunk in 0..10_i64 {
+        c.execute(
+            "INSERT INTO fsp_audit (message_id, \"timestamp\", consumer, credential, \
+             credential_id, source_ip, service, version, operation, purpose, decision, \
+             status, duration_ms, request_bytes, response_bytes, node, phase, prev_hash, \
+             hash, seq, written_at) \
+             SELECT 'm-' || i, now(), 'consumer-' || (i % 50), 'certificate', \
+                    md5(i::text) || md5(i::text), '10.0.0.1', 'family/service-' || (i % 20), \
+                    'v1', 'GET /bench', 'benchmark', 'allowed', 200, 1.5, 100, 1000, 'n', \
+                    'outcome', md5((i - 1)::text) || md5((i - 1)::text), \
+                    md5(i::text) || md5(i::text), i, now() \
+               FROM generate_series($1::bigint, $2::bigint) i",
+            &[&(chunk * 1_000_000 + 1), &((chunk + 1) * 1_000_000)],
+        )
+        .unwrap();
+    }
+    c.batch_execute("ANALYZE fsp_audit").unwrap();
+    eprintln!("10 000 000 records written in {:.1?}", started.elapsed());
+    assert_eq!(db.count("SELECT count(*) FROM fsp_audit"), 10_000_000);
+    let mut trail = db.trail();
+    let mut worst = Duration::ZERO;
+    for id in ["m-1", "m-5000000", "m-10000000", "absent"] {
+        let started = Instant::now();
+        let found = trail.lookup(id).unwrap();
+        let took = started.elapsed();
+        worst = worst.max(took);
+        eprintln!(
+            "lookup {id}: {} in {took:.3?}",
+            if found.is_some() { "found" } else { "absent" }
+        );
+        assert_eq!(
+            found.map(|r| r.message_id),
+            (id != "absent").then(|| id.to_owned())
+        );
+    }
+    assert!(worst < Duration::from_secs(1), "{worst:?}");
+}
