@@ -193,6 +193,8 @@ pub struct Relay(std::sync::Arc<RelayInner>);
 struct RelayInner {
     due: std::sync::Mutex<Due>,
     wake: tokio::sync::Notify,
+    /// As `Due::gone`, read without the lock by each new ticket of the thread.
+    gone: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -212,6 +214,9 @@ impl Drop for RelayTask {
         let due = {
             let mut due = self.0.due.lock().unwrap_or_else(|e| e.into_inner());
             due.gone = true;
+            self.0
+                .gone
+                .store(true, std::sync::atomic::Ordering::Release);
             std::mem::take(&mut due.replies)
         };
         for (reply, result) in due {
@@ -233,7 +238,7 @@ impl Relay {
             let mut cell = cell.borrow_mut();
             let live = cell
                 .as_ref()
-                .is_some_and(|r| !r.0.due.lock().unwrap_or_else(|e| e.into_inner()).gone);
+                .is_some_and(|r| !r.0.gone.load(std::sync::atomic::Ordering::Acquire));
             if !live {
                 *cell = Self::on_current_runtime();
             }
