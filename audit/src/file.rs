@@ -594,7 +594,7 @@ impl Writer {
     }
 
     /// Seals the batch's lines into the chain, in the order they will be written, all
-    /// into today's file.
+    /// into today's segment.
     fn seal(&mut self, batch: &[Pending]) {
         let (day, out) = &mut self.sealed;
         *day = today();

@@ -7,7 +7,8 @@
 //! blocking and persist it in the background, reporting their health so that a
 //! fail-closed gateway can refuse calls it could not record.
 //!
-//! The first sink is [`file::FileSink`]: one JSON object per line, one file per day.
+//! The first sink is [`file::FileSink`]: one JSON object per line, in segment files per
+//! node and day.
 //! Every record is sealed into its node's hash chain ([`chain`]) when it is written.
 
 use serde::{Deserialize, Serialize};

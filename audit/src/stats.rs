@@ -807,7 +807,7 @@ impl Rollup {
     }
 
     /// This roll-up cut into one roll-up per day (a roll-up kept across midnight holds
-    /// two days; the file backend writes one file per day).
+    /// two days; the file backend keeps one roll-up file per day).
     pub fn split_by_day(&self) -> BTreeMap<Date, Rollup> {
         let mut days: BTreeMap<Date, Rollup> = BTreeMap::new();
         for (k, c) in self.cells.iter() {
