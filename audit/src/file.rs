@@ -635,14 +635,7 @@ impl Writer {
         let fits =
             |s: &Segment| s.day == day && (s.written == 0 || s.written + len <= self.segment_bytes);
         if !self.current.as_ref().is_some_and(fits) {
-            if let Some(old) = self.current.take() {
-                let path = old.path.clone();
-                if let Err(e) = old.close() {
-                    // Its records are durable (each batch was synced): only the cut of
-                    // its zeros is lost, which readers skip.
-                    tracing::warn!(error = %e, file = %path.display(), "audit segment could not be cut to its records when closed");
-                }
-            }
+            self.close();
             let seq = match &self.last_segment {
                 Some((d, n)) if d == day => (n + 1).max(self.next_seq_on_disk(day)?),
                 // The writer's first segment: a restarted gateway goes on in the node's
@@ -702,10 +695,12 @@ impl Writer {
             .unwrap_or(1))
     }
 
-    /// Closes the segment being written (at the end).
+    /// Closes the segment being written (when the next begins, and at the end).
     fn close(&mut self) {
         if let Some(seg) = self.current.take() {
             let path = seg.path.clone();
+            // Its records are durable (each batch was synced): a failure loses only the
+            // cut of its zeros, which readers skip.
             if let Err(e) = seg.close() {
                 tracing::warn!(error = %e, file = %path.display(), "audit segment could not be cut to its records when closed");
             }
@@ -1317,20 +1312,27 @@ pub fn verify_dir(dir: &Path, retention_days: Option<u32>) -> Result<Verified, V
             verifier.continue_after(&anchor.node, h);
         }
     }
-    let files = for_each_record(dir, |at, record| match record {
+    // The node of the file being read, from its name (read once a file, not a record).
+    let mut file_node: Option<(PathBuf, Option<String>)> = None;
+    let files = for_each_record(dir, |at, record| {
+        let record = record.map_err(|why| VerifyError::NotARecord {
+            at: at.to_string(),
+            why,
+        })?;
+        if file_node.as_ref().is_none_or(|(f, _)| f != at.file) {
+            file_node = Some((at.file.to_owned(), at.file_node()));
+        }
         // A record is in its own node's files: one slipped into another's is foreign.
-        Ok(record) if at.file_node().as_deref() != Some(sanitise(&record.node).as_str()) => {
-            Err(VerifyError::Foreign {
+        if file_node.as_ref().and_then(|(_, n)| n.as_deref())
+            != Some(sanitise(&record.node).as_str())
+        {
+            return Err(VerifyError::Foreign {
                 at: at.to_string(),
                 message_id: record.message_id,
                 node: record.node,
-            })
+            });
         }
-        Ok(record) => Ok(verifier.check(&at.to_string(), &record)?),
-        Err(why) => Err(VerifyError::NotARecord {
-            at: at.to_string(),
-            why,
-        }),
+        Ok(verifier.check(&at.to_string(), &record)?)
     })?;
     Ok(Verified {
         files,
