@@ -192,18 +192,12 @@ pub struct Relay(std::sync::Arc<RelayInner>);
 
 #[derive(Debug, Default)]
 struct RelayInner {
-    due: std::sync::Mutex<Due>,
+    /// The replies the task is to send.
+    due: std::sync::Mutex<Vec<(Reply, Result<(), String>)>>,
     wake: tokio::sync::Notify,
-    /// As `Due::gone`, read without the lock by each new ticket of the thread.
+    /// The task is gone (its runtime shut down): replies are sent where they are handed
+    /// over. Set under `due`'s lock, so that no reply is left behind in it.
     gone: std::sync::atomic::AtomicBool,
-}
-
-#[derive(Debug, Default)]
-struct Due {
-    replies: Vec<(Reply, Result<(), String>)>,
-    /// The task is gone (its runtime shut down): replies are sent where they are
-    /// handed over.
-    gone: bool,
 }
 
 /// Held by the relay's task: when the task is dropped (its runtime shut down), what is
@@ -214,11 +208,10 @@ impl Drop for RelayTask {
     fn drop(&mut self) {
         let due = {
             let mut due = self.0.due.lock().unwrap_or_else(|e| e.into_inner());
-            due.gone = true;
             self.0
                 .gone
                 .store(true, std::sync::atomic::Ordering::Release);
-            std::mem::take(&mut due.replies)
+            std::mem::take(&mut *due)
         };
         for (reply, result) in due {
             let _ = reply.send(result);
@@ -255,9 +248,8 @@ impl Relay {
         runtime.spawn(async move {
             loop {
                 task.0.wake.notified().await;
-                let due = std::mem::take(
-                    &mut task.0.due.lock().unwrap_or_else(|e| e.into_inner()).replies,
-                );
+                let due =
+                    std::mem::take(&mut *task.0.due.lock().unwrap_or_else(|e| e.into_inner()));
                 for (reply, result) in due {
                     let _ = reply.send(result);
                 }
@@ -269,13 +261,13 @@ impl Relay {
     /// Sends a ticket's reply, on the relay's runtime.
     fn complete(&self, reply: Reply, result: Result<(), String>) {
         let mut due = self.0.due.lock().unwrap_or_else(|e| e.into_inner());
-        if due.gone {
+        if self.0.gone.load(std::sync::atomic::Ordering::Acquire) {
             drop(due);
             let _ = reply.send(result);
             return;
         }
-        let first = due.replies.is_empty();
-        due.replies.push((reply, result));
+        let first = due.is_empty();
+        due.push((reply, result));
         drop(due);
         if first {
             self.0.wake.notify_one();
