@@ -1595,13 +1595,22 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (sink, handle) =
             FileSink::open(dir.path(), "n", DEFAULT_CAPACITY, None, 16 * 1024).unwrap();
-        for i in 0..400 {
-            sink.submit(record(i, "2026-11-24")).unwrap();
-            if i % 20 == 0 {
-                // Several batches, so that a batch that would not fit starts a segment.
-                std::thread::sleep(std::time::Duration::from_millis(15));
+        // Batches of at most 20 records (each far below the segment size, however the
+        // writer is scheduled), so that a batch that would not fit starts a segment.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            for start in (0..400).step_by(20) {
+                let waits: Vec<Durable> = (start..start + 20)
+                    .map(|i| sink.submit_durable(&record(i, "2026-11-24")).unwrap())
+                    .collect();
+                for w in waits {
+                    w.await.unwrap();
+                }
             }
-        }
+        });
         drop(sink);
         handle.join();
         let files = trail_files(dir.path()).unwrap();
@@ -1610,8 +1619,8 @@ mod tests {
             let name = f.file_name().unwrap().to_str().unwrap();
             assert_eq!(name, segment_name("n", &today(), i as u32 + 1));
             let bytes = std::fs::read(f).unwrap();
-            // Closed segments hold their records and no zeros; none is much past the
-            // size (only a batch larger than the size alone may take one past it).
+            // Closed segments hold their records and no zeros, and none is past the size
+            // (only a batch larger than the size alone could take one past it).
             assert!(!bytes.contains(&0) && bytes.ends_with(b"\n"), "{name}");
             assert!(bytes.len() <= 16 * 1024, "{name}: {}", bytes.len());
         }
