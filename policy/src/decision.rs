@@ -18,7 +18,8 @@
 //!    and not revoked) are live; none: `FSP-AUTHZ-NOT-YET-VALID` if one starts later,
 //!    else `FSP-AUTHZ-EXPIRED`;
 //! 6. without a stated purpose, live authorisations for more than one purpose need the
-//!    consumer to choose: `FSP-PURPOSE-REQUIRED`, listing them.
+//!    consumer to choose: `FSP-PURPOSE-REQUIRED`, listing them (except for a request for
+//!    the version's metadata, [`Ask::any_purpose`], which any of them covers).
 
 // Keys come from the configuration (requests only look them up): a fast hash will do.
 use foldhash::{HashMap, HashMapExt as _};
@@ -39,6 +40,10 @@ pub struct Ask<'a> {
     pub purpose: Option<&'a str>,
     pub source_ip: IpAddr,
     pub today: Date,
+    /// The service version's metadata (its WSDL) is asked for, not a call: without a
+    /// stated purpose, a live authorisation for any purpose covers it (rule 6 does not
+    /// apply).
+    pub any_purpose: bool,
 }
 
 /// Who is cut off right now.
@@ -270,7 +275,7 @@ pub fn decide<'a>(
             why,
         });
     }
-    if ask.purpose.is_none() {
+    if ask.purpose.is_none() && !ask.any_purpose {
         let first = live[0].purpose.as_str();
         if live.iter().any(|a| a.purpose != first) {
             let purposes = purpose_list(&live);

@@ -46,6 +46,7 @@ fn ask<'a>(purpose: Option<&'a str>, today: Date) -> Ask<'a> {
         purpose,
         source_ip: "192.0.2.10".parse().unwrap(),
         today,
+        any_purpose: false,
     }
 }
 
@@ -143,6 +144,21 @@ fn several_live_purposes_need_the_purpose_header() {
             .id,
         "a2"
     );
+    // The version's metadata (its WSDL) is covered by either, and a stated purpose is
+    // still checked.
+    let metadata = Ask {
+        any_purpose: true,
+        ..ask(None, TODAY)
+    };
+    assert!(decide(&c, &metadata, &all, &NoSuspensions).is_ok());
+    let other = Ask {
+        any_purpose: true,
+        ..ask(Some("health"), TODAY)
+    };
+    assert!(matches!(
+        decide(&c, &other, &all, &NoSuspensions),
+        Err(Denial::PurposeNotAuthorised { .. })
+    ));
     // An expired authorisation for another purpose does not make the purpose required.
     let all = Authorisations::new(vec![
         auth("a1", "vote", date!(2020 - 01 - 01), None),

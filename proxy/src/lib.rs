@@ -13,6 +13,7 @@
 //! - [`oauth`]: bearer tokens verified against the identity provider's keys;
 //! - [`soap`]: SOAP versions, faults and response header stamping;
 //! - [`xml`]: XML threat protection while bodies stream, and the SOAP Header fields;
+//! - [`wsdl`]: WSDL and schema documents with their addresses pointing at the gateway;
 //! - [`path`]: the rest of a request path, normalised so it never leaves its version;
 //! - [`limits`]: bounds on connections, per source, per provider, and descriptors;
 //! - [`state`]: the atomically swapped snapshot of configuration;
@@ -39,4 +40,5 @@ pub mod soap;
 pub mod state;
 pub mod suspend;
 pub mod transport;
+pub mod wsdl;
 pub mod xml;

@@ -18,6 +18,7 @@ use crate::errors::Side;
 use crate::soap::HeaderStamp;
 use crate::transport::body::{BoxError, CallShared};
 use crate::transport::pool::UpstreamBody;
+use crate::xml;
 
 /// Where completed audit records go: the gateway's audit sink, seen through the one
 /// thing a finished call needs from it.
@@ -142,12 +143,96 @@ fn status_class(status: u16) -> usize {
 enum Kind {
     Full(Option<Bytes>),
     Upstream(UpstreamBody),
-    Stamped {
-        inner: UpstreamBody,
-        stamp: HeaderStamp,
-        trailers: Option<Frame<Bytes>>,
-        ended: bool,
-    },
+    /// The provider's body, with SOAP header elements stamped in and/or every byte
+    /// through the XML guard.
+    Checked(Box<Checked>),
+}
+
+/// The provider's body on its way through the stamp and the XML guard. The bytes read
+/// before the answer's head was sent (see `pipeline::respond`) go first.
+#[derive(Debug)]
+pub struct Checked {
+    pub inner: UpstreamBody,
+    /// What to send before reading on (already stamped and checked).
+    pub pending: Option<Bytes>,
+    pub stamp: Option<HeaderStamp>,
+    pub guard: Option<xml::Guard>,
+    pub trailers: Option<Frame<Bytes>>,
+    /// The provider's body has ended (what is left is `pending` and `trailers`).
+    pub ended: bool,
+}
+
+impl Checked {
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        loop {
+            if let Some(out) = self.pending.take() {
+                return Poll::Ready(Some(Ok(Frame::data(out))));
+            }
+            if self.ended {
+                return Poll::Ready(self.trailers.take().map(Ok));
+            }
+            match Pin::new(&mut self.inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => {
+                        if let Some(guard) = &mut self.guard
+                            && let Err(e) = guard.feed(&data)
+                        {
+                            return Poll::Ready(Some(Err(refused(e))));
+                        }
+                        self.pending = match &mut self.stamp {
+                            Some(stamp) => stamp.push(data),
+                            None => Some(data),
+                        };
+                    }
+                    Err(frame) => {
+                        self.trailers = Some(frame);
+                        if let Err(e) = self.end() {
+                            return Poll::Ready(Some(Err(e)));
+                        }
+                    }
+                },
+                Poll::Ready(None) => {
+                    if let Err(e) = self.end() {
+                        return Poll::Ready(Some(Err(e)));
+                    }
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// The provider's body has ended: the document must be complete; what the stamp
+    /// held back goes out.
+    pub fn end(&mut self) -> Result<(), BoxError> {
+        self.ended = true;
+        if let Some(guard) = &mut self.guard {
+            guard.finish().map_err(refused)?;
+        }
+        if let Some(held) = self.stamp.as_mut().and_then(HeaderStamp::finish) {
+            self.pending = Some(held);
+        }
+        Ok(())
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended && self.pending.is_none() && self.trailers.is_none()
+    }
+}
+
+/// An answer the XML guard refused half-way: the consumer's copy is cut off.
+#[derive(Debug)]
+pub struct AnswerRefused(pub xml::XmlError);
+
+impl std::fmt::Display for AnswerRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "its XML was refused ({})", self.0)
+    }
+}
+
+impl std::error::Error for AnswerRefused {}
+
+fn refused(e: xml::XmlError) -> BoxError {
+    Box::new(AnswerRefused(e))
 }
 
 /// The body sent back to the consumer.
@@ -177,15 +262,10 @@ impl ResponseBody {
         }
     }
 
-    /// The provider's SOAP body, with the FSP header elements stamped in.
-    pub fn stamped(inner: UpstreamBody, stamp: HeaderStamp, finisher: Finisher) -> Self {
+    /// The provider's body, stamped and/or checked.
+    pub fn checked(checked: Box<Checked>, finisher: Finisher) -> Self {
         Self {
-            kind: Kind::Stamped {
-                inner,
-                stamp,
-                trailers: None,
-                ended: false,
-            },
+            kind: Kind::Checked(checked),
             sent: 0,
             finisher: Some(finisher),
         }
@@ -221,39 +301,7 @@ impl Body for ResponseBody {
         let polled = match &mut this.kind {
             Kind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             Kind::Upstream(inner) => Pin::new(inner).poll_frame(cx),
-            Kind::Stamped {
-                inner,
-                stamp,
-                trailers,
-                ended,
-            } => loop {
-                if *ended {
-                    break Poll::Ready(trailers.take().map(Ok));
-                }
-                match Pin::new(&mut *inner).poll_frame(cx) {
-                    Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
-                        Ok(data) => {
-                            if let Some(out) = stamp.push(data) {
-                                break Poll::Ready(Some(Ok(Frame::data(out))));
-                            }
-                        }
-                        Err(frame) => {
-                            *ended = true;
-                            *trailers = Some(frame);
-                            if let Some(held) = stamp.finish() {
-                                break Poll::Ready(Some(Ok(Frame::data(held))));
-                            }
-                        }
-                    },
-                    Poll::Ready(None) => {
-                        *ended = true;
-                        if let Some(held) = stamp.finish() {
-                            break Poll::Ready(Some(Ok(Frame::data(held))));
-                        }
-                    }
-                    other => break other,
-                }
-            },
+            Kind::Checked(checked) => checked.poll_frame(cx),
         };
         match &polled {
             Poll::Ready(Some(Err(e))) => {
@@ -285,9 +333,7 @@ impl Body for ResponseBody {
         match &self.kind {
             Kind::Full(b) => b.is_none(),
             Kind::Upstream(inner) => inner.is_end_stream(),
-            Kind::Stamped {
-                ended, trailers, ..
-            } => *ended && trailers.is_none(),
+            Kind::Checked(checked) => checked.is_end_stream(),
         }
     }
 
@@ -296,7 +342,7 @@ impl Body for ResponseBody {
             Kind::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
             Kind::Full(None) => SizeHint::with_exact(0),
             Kind::Upstream(inner) => inner.size_hint(),
-            Kind::Stamped { .. } => SizeHint::default(),
+            Kind::Checked(_) => SizeHint::default(),
         }
     }
 }

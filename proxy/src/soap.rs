@@ -66,9 +66,8 @@ pub fn action(headers: &HeaderMap) -> Option<String> {
     let ct = headers.get(CONTENT_TYPE)?.to_str().ok()?;
     ct.split(';').skip(1).find_map(|p| {
         let (k, v) = p.split_once('=')?;
-        k.trim()
-            .eq_ignore_ascii_case("action")
-            .then(|| v.trim().trim_matches('"').to_owned())
+        let v = v.trim().trim_matches('"');
+        (k.trim().eq_ignore_ascii_case("action") && !v.is_empty()).then(|| v.to_owned())
     })
 }
 

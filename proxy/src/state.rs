@@ -35,8 +35,10 @@ pub struct Snapshot {
     pub max_request_bytes: u64,
     pub fail_closed: bool,
     pub request_body_timeout: std::time::Duration,
-    /// XML threat protection bounds of the services that set their own.
-    pub xml_limits: HashMap<String, crate::xml::Limits>,
+    /// The options of the services that set their own.
+    pub service_options: HashMap<String, crate::config::ServiceOptions>,
+    /// The WSDLs served so far (fetched again after a reload).
+    pub wsdl: crate::wsdl::Cache,
 }
 
 impl Snapshot {
@@ -52,7 +54,8 @@ impl Snapshot {
                 max_request_bytes: config.listener.max_request_bytes,
                 fail_closed: config.audit.fail_closed,
                 request_body_timeout: config.listener.request_body_timeout,
-                xml_limits: config.xml_limits.into_iter().collect(),
+                service_options: config.service_options.into_iter().collect(),
+                wsdl: crate::wsdl::Cache::default(),
             },
             tls,
         )
@@ -60,9 +63,12 @@ impl Snapshot {
 }
 
 impl Snapshot {
-    /// The XML threat protection bounds of a service (`family/service`).
-    pub fn xml_limits(&self, service: &str) -> crate::xml::Limits {
-        self.xml_limits.get(service).cloned().unwrap_or_default()
+    /// The options of a service (`family/service`).
+    pub fn service_options(&self, service: &str) -> crate::config::ServiceOptions {
+        self.service_options
+            .get(service)
+            .copied()
+            .unwrap_or_default()
     }
 }
 

@@ -459,6 +459,12 @@ impl Guard {
         self.soap.as_ref().filter(|s| s.done).map(|s| &s.header)
     }
 
+    /// Whether the root element has been closed (only trailing white space, comments or
+    /// the end may follow).
+    pub fn root_closed(&self) -> bool {
+        self.root_closed
+    }
+
     /// The SOAP version of the envelope's namespace, once the root start tag has been read.
     pub fn soap_version(&self) -> Option<SoapEnvelope> {
         self.soap.as_ref().and_then(|s| s.version)

@@ -230,9 +230,9 @@ pub struct Config {
     pub catalogue: Catalogue,
     pub consumers: Consumers,
     pub authorisations: Vec<Authorisation>,
-    /// XML threat protection bounds of the services that set their own, by
-    /// `family/service`; the others use the defaults.
-    pub xml_limits: HashMap<String, crate::xml::Limits>,
+    /// What services set for themselves (XML threat protection, SOAP fault status), by
+    /// `family/service`; the others use [`ServiceOptions::default`].
+    pub service_options: HashMap<String, ServiceOptions>,
     /// Every certificate file referenced, with the key that references it.
     pub certificate_files: Vec<(String, PathBuf)>,
 }
@@ -654,7 +654,8 @@ fn build(main: &Path, sources: Vec<Source>, problems: &mut Problems) -> Option<C
     }
 
     // ---- catalogue, authorisations ----
-    let (catalogue, xml_limits) = build_catalogue(main, &sources, &declared_providers, problems);
+    let (catalogue, service_options) =
+        build_catalogue(main, &sources, &declared_providers, problems);
     let authorisations =
         build_authorisations(&sources, &declared_consumers, &declared_services, problems);
 
@@ -671,7 +672,7 @@ fn build(main: &Path, sources: Vec<Source>, problems: &mut Problems) -> Option<C
         catalogue,
         consumers,
         authorisations,
-        xml_limits,
+        service_options,
         certificate_files,
     })
 }
@@ -715,16 +716,35 @@ fn build_xml_limits(
     }
 }
 
+/// What a service sets for itself beyond its versions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServiceOptions {
+    /// The XML threat protection's bounds, for requests and for XML answers; `None` when
+    /// the operator turned the checks off (`xml_checks = false`).
+    pub xml: Option<crate::xml::Limits>,
+    /// SOAP faults made by the gateway go out under HTTP 500 (`soap_faults_as_500`).
+    pub faults_as_500: bool,
+}
+
+impl Default for ServiceOptions {
+    fn default() -> Self {
+        Self {
+            xml: Some(crate::xml::Limits::default()),
+            faults_as_500: false,
+        }
+    }
+}
+
 /// Families, services and versions, each service checked against the lifecycle rules,
-/// and the XML limits of the services that set their own.
+/// and the options of the services that set their own.
 fn build_catalogue(
     main: &Path,
     sources: &[Source],
     declared_providers: &HashSet<&str>,
     problems: &mut Problems,
-) -> (Catalogue, HashMap<String, crate::xml::Limits>) {
+) -> (Catalogue, HashMap<String, ServiceOptions>) {
     let mut specs = Vec::new();
-    let mut xml_limits = HashMap::new();
+    let mut service_options = HashMap::new();
     let mut family_ids: HashMap<&str, &Path> = HashMap::new();
     for s in sources {
         for (fi, f) in s.raw.family.iter().enumerate() {
@@ -754,11 +774,8 @@ fn build_catalogue(
                     );
                     continue;
                 }
-                if let Some(raw) = &svc.xml_limits {
-                    xml_limits.insert(
-                        format!("{}/{}", f.id, svc.id),
-                        build_xml_limits(s, &skey, raw, problems),
-                    );
+                if let Some(options) = build_service_options(s, &skey, svc, problems) {
+                    service_options.insert(format!("{}/{}", f.id, svc.id), options);
                 }
                 if let Some(spec) = build_service(s, &skey, &f.id, svc, problems) {
                     let violations = catalogue::validate_service(&spec);
@@ -785,7 +802,44 @@ fn build_catalogue(
         }
         Catalogue::default()
     });
-    (catalogue, xml_limits)
+    (catalogue, service_options)
+}
+
+/// A service's own options, or `None` when it sets none.
+fn build_service_options(
+    s: &Source,
+    key: &str,
+    svc: &RawService,
+    problems: &mut Problems,
+) -> Option<ServiceOptions> {
+    if svc.xml_limits.is_none() && svc.xml_checks.is_none() && svc.soap_faults_as_500.is_none() {
+        return None;
+    }
+    let mut options = ServiceOptions::default();
+    if let Some(raw) = &svc.xml_limits {
+        options.xml = Some(build_xml_limits(s, key, raw, problems));
+    }
+    if svc.xml_checks == Some(false) {
+        if svc.xml_limits.is_some() {
+            problems.add(
+                &s.path,
+                format!("{key}.xml_limits"),
+                "xml_limits has no effect with xml_checks = false: remove one of them",
+            );
+        }
+        options.xml = None;
+    }
+    if let Some(as_500) = svc.soap_faults_as_500 {
+        if !svc.protocol.eq_ignore_ascii_case("soap") {
+            problems.add(
+                &s.path,
+                format!("{key}.soap_faults_as_500"),
+                "soap_faults_as_500 applies to SOAP services only; this service is not one",
+            );
+        }
+        options.faults_as_500 = as_500;
+    }
+    Some(options)
 }
 
 /// Every authorisation, its references resolved against what is declared.

@@ -145,8 +145,15 @@ pub struct RawFamily {
 pub struct RawService {
     pub id: String,
     pub protocol: String,
-    /// Extension: bounds of the XML threat protection for this service's requests.
+    /// Extension: bounds of the XML threat protection for this service's requests and
+    /// XML answers.
     pub xml_limits: Option<RawXmlLimits>,
+    /// Extension: `false` turns the XML threat protection off for this service, both
+    /// ways (a SOAP request's Header is still read).
+    pub xml_checks: Option<bool>,
+    /// Extension (SOAP services): the gateway's faults are sent under HTTP 500, as the
+    /// WS-I Basic Profile asks, instead of the contract's status of each code.
+    pub soap_faults_as_500: Option<bool>,
     #[serde(default)]
     pub version: Vec<RawVersion>,
 }

@@ -1967,11 +1967,47 @@ fn hardening_limits_are_read_and_zero_is_refused_where_it_is() {
     assert_eq!(c.providers[0].max_connections, 40);
     assert_eq!(c.providers[0].cap.max(), 40);
     assert_eq!(c.providers[0].queue_timeout, Duration::from_millis(250));
-    let xml = c.xml_limits["person/getPerson"];
+    let options = c.service_options["person/getPerson"];
+    let xml = options.xml.unwrap();
     assert_eq!((xml.max_depth, xml.max_text_length), (12, 4096));
     assert_eq!(
         xml.max_attributes,
         crate::xml::Limits::default().max_attributes
+    );
+    assert!(!options.faults_as_500);
+
+    // The checks turned off, and faults under 500, for the SOAP service.
+    let off = edit(
+        &text,
+        "xml_limits = { max_depth = 12, max_text_length = 4096 }",
+        "xml_checks = false\nsoap_faults_as_500 = true",
+    );
+    let c = f.load_single(&off).unwrap();
+    let options = c.service_options["person/getPerson"];
+    assert_eq!(options.xml, None);
+    assert!(options.faults_as_500);
+    // Both ways at once, and faults under 500 for a REST service, are refused.
+    let both = edit(
+        &text,
+        "xml_limits = { max_depth = 12, max_text_length = 4096 }",
+        "xml_limits = { max_depth = 12 }\nxml_checks = false",
+    );
+    expect(
+        &f.problems(&both),
+        "fsp.toml",
+        "family[0].service[0].xml_limits",
+        &["no effect with xml_checks = false"],
+    );
+    let rest = edit(
+        &edit(&text, "protocol = \"soap\"", "protocol = \"rest\""),
+        "xml_limits = { max_depth = 12, max_text_length = 4096 }",
+        "soap_faults_as_500 = true",
+    );
+    expect(
+        &f.problems(&rest),
+        "fsp.toml",
+        "family[0].service[0].soap_faults_as_500",
+        &["SOAP services only"],
     );
 
     let zeros = edit(

@@ -50,6 +50,7 @@ pub fn authorise<'s>(
         purpose: record.purpose.as_deref(),
         source_ip: conn.peer.ip(),
         today: call.stamp.now.date(),
+        any_purpose: route.metadata().is_some(),
     };
     // A guard, not a counted reference: it is read here and let go at once.
     let authorisation = policy::decide(

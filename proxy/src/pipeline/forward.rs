@@ -25,8 +25,13 @@ pub struct Answer {
     /// The version's lifecycle fields (`Deprecation`, `Sunset`, `Link`), when it is
     /// deprecated.
     pub lifecycle: Option<Box<HeaderMap>>,
-    /// Whether the service speaks SOAP (its answers are stamped).
+    /// Whether the service speaks SOAP (its answers are stamped and checked).
     pub soap: bool,
+    /// The service's XML limits, which its XML answers are held to as its requests are;
+    /// `None` when the operator turned the checks off for it.
+    pub xml: Option<crate::xml::Limits>,
+    /// How long the provider may take, here for the start of its answer's body.
+    pub response_timeout: std::time::Duration,
 }
 
 /// Sends the call and awaits the head of the provider's answer.
@@ -37,7 +42,7 @@ pub async fn forward(
     call: &mut Call,
     cleared: Cleared<'_>,
     method: Method,
-    headers: HeaderMap,
+    mut headers: HeaderMap,
     content: Content,
     body: &mut Unread,
 ) -> Result<Answer, Rejection> {
@@ -54,6 +59,10 @@ pub async fn forward(
         .ok()
         .zip(HeaderValue::from_str(call.stamp.timestamp()).ok())
         .map(|(id, ts)| [(FSP_MESSAGE_ID, id), (FSP_TIMESTAMP, ts)]);
+    if soap {
+        // A SOAP answer is stamped and checked, which a compressed one cannot be.
+        headers.remove(http::header::ACCEPT_ENCODING);
+    }
     // The grant's values are this thread's own, made when the configuration was loaded.
     let fields = Outbound::new(
         headers,
@@ -89,6 +98,8 @@ pub async fn forward(
             fsp,
             lifecycle,
             soap,
+            xml: snap.service_options(service).xml,
+            response_timeout: upstream.response_timeout,
         }),
         Ok(Err(e)) => Err(match shared.consumer_fault.get() {
             Some(fault) => map::consumer_fault(fault),

@@ -56,14 +56,26 @@ pub async fn inspect(
     body: &mut Unread,
 ) -> Result<Content, Rejection> {
     let xml_declared = inspect_fields(fields)?;
+    if route.metadata().is_some() {
+        // A GET of the WSDL: no body is read or forwarded.
+        return Ok(Content {
+            prefix: Bytes::new(),
+            xml: XmlCheck::Off,
+        });
+    }
     // XML threat protection: every SOAP request, bodies that say they are XML, and bodies
     // that start like XML whatever they say.
-    let limits = snap.xml_limits(&route.service().name);
+    // With the checks turned off for the service, a SOAP request's Header is still read
+    // (under the default bounds) and the rest of the body is not checked.
+    let checks = snap.service_options(&route.service().name).xml;
+    let limits = checks.unwrap_or_default();
     let soap = route.protocol() == Protocol::Soap;
     let mut content = Content {
         prefix: Bytes::new(),
         xml: if soap {
             XmlCheck::On(Box::new(xml::Guard::soap(limits, SOAP_HEADER_LIMIT)))
+        } else if checks.is_none() {
+            XmlCheck::Off
         } else if xml_declared {
             XmlCheck::On(Box::new(xml::Guard::new(limits)))
         } else {
@@ -74,6 +86,9 @@ pub async fn inspect(
         let (read, header) = read_soap_header(body, guard, snap.request_body_timeout).await?;
         content.prefix = read;
         take_soap_header(call, &parts.headers, header)?;
+        if checks.is_none() {
+            content.xml = XmlCheck::Off;
+        }
     }
     Ok(content)
 }
@@ -109,10 +124,12 @@ fn take_soap_header(
     if record.consumer_ref.is_none() {
         record.consumer_ref = header.message_id;
     }
+    // The operation: the SOAP action (HTTP), else WS-Addressing's Action, else the
+    // Body's first child; `METHOD /path` only when the envelope names none.
     if soap::action(headers).is_none()
-        && let Some(action) = header.action
+        && let Some(operation) = header.action.or(header.body_operation)
     {
-        record.operation = action;
+        record.operation = operation;
     }
     Ok(())
 }
@@ -201,9 +218,10 @@ fn inspect_fields(fields: &FieldCounts<'_>) -> Result<bool, Rejection> {
 const SOAP_HEADER_LIMIT: usize = 64 * 1024;
 
 /// Reads the start of a SOAP request through the XML guard until its Header has been
-/// seen (or its Body begun); returns the bytes read (to be sent on first) and what the
-/// Header holds. Each byte is scanned once, however the envelope is chunked, and the
-/// Header must end within [`SOAP_HEADER_LIMIT`] bytes.
+/// seen and the Body's first child begun (or the body ended, or [`SOAP_HEADER_LIMIT`]
+/// bytes were read); returns the bytes read (to be sent on first) and what the Header
+/// holds. Each byte is scanned once, however the envelope is chunked, and the Header must
+/// end within [`SOAP_HEADER_LIMIT`] bytes.
 async fn read_soap_header(
     body: &mut Unread,
     guard: &mut xml::Guard,
@@ -218,7 +236,14 @@ async fn read_soap_header(
     };
     let mut buf = bytes::BytesMut::new();
     loop {
-        if let Some(header) = guard.soap_header() {
+        // Past the Header, the Body's first child names the operation of a call that
+        // gives no action: it is waited for within the same bound (it usually came in
+        // the same piece).
+        if let Some(header) = guard.soap_header()
+            && (header.body_operation.is_some()
+                || guard.root_closed()
+                || buf.len() >= SOAP_HEADER_LIMIT)
+        {
             return Ok((buf.freeze(), header.clone()));
         }
         let frame = match tokio::time::timeout(read_timeout, body.frame()).await {
@@ -242,8 +267,9 @@ async fn read_soap_header(
             }
             Some(Err(e)) => return Err(map::consumer_fault(&ConsumerFault::of(&e))),
             None => {
-                if guard.soap_header().is_some() {
-                    continue;
+                if let Some(header) = guard.soap_header() {
+                    // The rest of the check (an envelope left open) is the body's.
+                    return Ok((buf.freeze(), header.clone()));
                 }
                 let why = match guard.finish() {
                     Err(e) => e.to_string(),

@@ -31,6 +31,7 @@ pub mod call;
 pub mod forward;
 pub mod identify;
 pub mod inspect;
+pub mod metadata;
 pub mod record;
 pub mod respond;
 pub mod route;
@@ -67,6 +68,14 @@ pub async fn handle(
     let mut call = Call::begin(stamp, &local.gw.node, &conn, &parts, &target);
     // Up to the audit gate, then the provider: only a cleared call reaches `forward`.
     let served = match clear(&local, &conn, &mut call, &parts, target, &mut body).await {
+        Ok((cleared, _)) if let Some(wanted) = cleared.metadata() => {
+            return Ok(
+                match metadata::serve(&local, &conn, &mut call, cleared, wanted).await {
+                    Ok(served) => respond::metadata(&local, call, served),
+                    Err(refusal) => respond::refuse(&local, call, refusal),
+                },
+            );
+        }
         Ok((cleared, content)) => {
             let (method, headers) = (parts.method, parts.headers);
             forward::forward(
@@ -77,7 +86,7 @@ pub async fn handle(
         Err(refusal) => Err(refusal),
     };
     Ok(match served {
-        Ok(answer) => respond::deliver(&local, call, answer),
+        Ok(answer) => respond::deliver(&local, call, answer).await,
         Err(refusal) => respond::refuse(&local, call, refusal),
     })
 }

@@ -31,6 +31,11 @@ impl<'s> Cleared<'s> {
     pub fn into_admitted(self) -> Admitted<'s> {
         self.admitted
     }
+
+    /// For a request for the version's WSDL: what it asks for.
+    pub fn metadata(&self) -> Option<crate::wsdl::Wanted> {
+        self.admitted.granted().route().metadata()
+    }
 }
 
 /// Clears an admitted call for forwarding: when fail-closed, once its `request` line is

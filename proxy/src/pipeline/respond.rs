@@ -6,60 +6,236 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::Response;
 use http::header;
+use http_body_util::BodyExt;
 
 use super::call::Call;
 use super::forward::Answer;
-use crate::errors::{self, Rejection, Side};
+use crate::errors::{self, Code, Rejection, Side};
 use crate::headers::strip_hop_by_hop;
-use crate::response::{Finisher, ResponseBody};
+use crate::response::{Checked, Finisher, ResponseBody};
 use crate::soap::HeaderStamp;
 use crate::state::Local;
+use crate::xml;
 
 /// The provider's answer, on its way back to the consumer.
-pub fn deliver(local: &Arc<Local>, call: Call, answer: Answer) -> Response<ResponseBody> {
+///
+/// An answer that the XML threat protection applies to (every answer of a SOAP service,
+/// and XML answers of the others) is held to the service's XML limits, as requests are:
+/// its first [`HELD_BEFORE_HEAD`] bytes are read and checked before the head is sent, so
+/// a refused start (a DTD, entities, a document that is not XML) becomes a clean 502
+/// fault; past them, a refused byte is never sent and the answer is cut off, so the
+/// consumer never receives something it could take for a complete answer.
+pub async fn deliver(local: &Arc<Local>, call: Call, answer: Answer) -> Response<ResponseBody> {
+    let (mut parts, mut body) = answer.response.into_parts();
+    let xml_answer = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(is_xml);
+    let mut guard = answer
+        .xml
+        .filter(|_| answer.soap || xml_answer)
+        .map(xml::Guard::new);
+    let identity = parts
+        .headers
+        .get(header::CONTENT_ENCODING)
+        .is_none_or(|v| v.as_bytes().eq_ignore_ascii_case(b"identity"));
+    let mut stamp = (answer.soap && xml_answer && identity)
+        .then(|| HeaderStamp::new(call.stamp.message_id(), call.stamp.timestamp()));
+    if guard.is_none() && stamp.is_none() {
+        return respond(local, call, parts, answer.fsp, answer.lifecycle, |f| {
+            ResponseBody::upstream(body, f)
+        });
+    }
+    if guard.is_some() && !identity {
+        // The guard cannot read a compressed answer, and what it cannot read it does not
+        // pass (the gateway asks SOAP providers for identity encoding).
+        let encoding = parts.headers[header::CONTENT_ENCODING]
+            .to_str()
+            .unwrap_or("?")
+            .to_owned();
+        return refuse(
+            local,
+            call,
+            Rejection::new(
+                Code::UpstreamUnavailable,
+                "the provider's answer could not be checked and was not passed on",
+            )
+            .with_internal(format!(
+                "the provider's XML answer is compressed ({encoding}), which the XML threat protection cannot check"
+            ))
+            .blaming(Side::Provider),
+        );
+    }
+    // Read the start before the head goes out.
+    let (mut trailers, mut ended) = (None, false);
+    let mut held = BytesMut::new();
+    let deadline = tokio::time::Instant::now() + answer.response_timeout;
+    while held.len() < HELD_BEFORE_HEAD && !ended {
+        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+            Ok(frame) => frame,
+            Err(_) => {
+                let rejection = Rejection::new(
+                    Code::UpstreamTimeout,
+                    format!(
+                        "the provider's answer stalled within its first {} bytes",
+                        held.len()
+                    ),
+                );
+                return refuse(local, call, rejection);
+            }
+        };
+        match frame {
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => {
+                    if let Some(guard) = &mut guard
+                        && let Err(e) = guard.feed(&data)
+                    {
+                        return refuse(local, call, answer_refused(&e));
+                    }
+                    held.extend_from_slice(&data);
+                }
+                Err(frame) => {
+                    trailers = Some(frame);
+                    ended = true;
+                }
+            },
+            Some(Err(e)) => {
+                let rejection =
+                    Rejection::new(Code::UpstreamUnavailable, "the provider's answer broke off")
+                        .with_internal(format!("the provider's answer broke off: {e}"))
+                        .blaming(Side::Provider);
+                return refuse(local, call, rejection);
+            }
+            None => ended = true,
+        }
+    }
+    if ended && let Some(g) = &mut guard {
+        // An empty answer (202, 204, HEAD) has no document to check.
+        if !held.is_empty()
+            && let Err(e) = g.finish()
+        {
+            return refuse(local, call, answer_refused(&e));
+        }
+        guard = None;
+    }
+    let mut out = match &mut stamp {
+        Some(stamp) => stamp.push(held.freeze()),
+        None => Some(held.freeze()),
+    };
+    if ended && let Some(stamp) = &mut stamp {
+        out = match (out, stamp.finish()) {
+            (Some(a), Some(b)) => Some([a, b].concat().into()),
+            (a, b) => a.or(b),
+        };
+    }
+    parts.headers.remove(header::CONTENT_LENGTH);
+    if ended && trailers.is_none() {
+        // All of it is here, checked and stamped: it goes out with its length, and the
+        // provider's connection goes back to its pool now.
+        drop(body);
+        let bytes = out.unwrap_or_default();
+        return respond(local, call, parts, answer.fsp, answer.lifecycle, |f| {
+            ResponseBody::full(bytes, Some(f))
+        });
+    }
+    // Without a length, a consumer knows the answer is complete only from its end (the
+    // last chunk, or the end of the stream), which a refused byte never lets it see.
+    let checked = Box::new(Checked {
+        inner: body,
+        pending: out.filter(|b| !b.is_empty()),
+        stamp,
+        guard,
+        trailers,
+        ended,
+    });
+    respond(local, call, parts, answer.fsp, answer.lifecycle, |f| {
+        ResponseBody::checked(checked, f)
+    })
+}
+
+/// How much of a checked answer is read before its head is sent: a SOAP answer of usual
+/// size is read whole, and the stamp's spot is found within it.
+pub const HELD_BEFORE_HEAD: usize = crate::soap::STAMP_SCAN_LIMIT;
+
+fn is_xml(content_type: &str) -> bool {
+    let media = content_type.split(';').next().unwrap_or_default();
+    media
+        .as_bytes()
+        .windows(3)
+        .any(|w| w.eq_ignore_ascii_case(b"xml"))
+}
+
+fn answer_refused(e: &xml::XmlError) -> Rejection {
+    Rejection::new(
+        Code::UpstreamUnavailable,
+        "the provider's answer was refused by the XML threat protection",
+    )
+    .with_internal(format!("the provider's answer was refused: {e}"))
+    .blaming(Side::Provider)
+}
+
+/// The provider's answer head with the gateway's fields, and its body.
+fn respond(
+    local: &Arc<Local>,
+    call: Call,
+    mut parts: http::response::Parts,
+    fsp: Option<[(http::HeaderName, http::HeaderValue); 2]>,
+    lifecycle: Option<Box<http::HeaderMap>>,
+    body: impl FnOnce(Finisher) -> ResponseBody,
+) -> Response<ResponseBody> {
     let Call {
         stamp,
         mut record,
         shared,
         ..
     } = call;
-    let (mut parts, body) = answer.response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    if let Some([(id_name, id), (ts_name, ts)]) = answer.fsp {
+    if let Some([(id_name, id), (ts_name, ts)]) = fsp {
         parts.headers.insert(id_name, id);
         parts.headers.insert(ts_name, ts);
     }
-    if let Some(lifecycle) = answer.lifecycle {
+    if let Some(lifecycle) = lifecycle {
         for (name, value) in lifecycle.iter() {
             parts.headers.append(name.clone(), value.clone());
         }
     }
     record.status = parts.status.as_u16();
     let finisher = Finisher::new(record, stamp.started, shared, local.clone());
-    let stampable = answer.soap
-        && parts
-            .headers
-            .get(header::CONTENT_ENCODING)
-            .is_none_or(|v| v == "identity")
-        && parts
-            .headers
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|ct| ct.contains("xml"));
-    let body = if stampable {
-        parts.headers.remove(header::CONTENT_LENGTH);
-        ResponseBody::stamped(
-            body,
-            HeaderStamp::new(stamp.message_id(), stamp.timestamp()),
-            finisher,
-        )
-    } else {
-        ResponseBody::upstream(body, finisher)
-    };
-    Response::from_parts(parts, body)
+    Response::from_parts(parts, body(finisher))
+}
+
+/// A WSDL or schema document the gateway serves (see [`super::metadata`]).
+pub fn metadata(
+    local: &Arc<Local>,
+    call: Call,
+    served: super::metadata::Served,
+) -> Response<ResponseBody> {
+    let mut parts = Response::new(()).into_parts().0;
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/xml; charset=utf-8"),
+    );
+    // A consumer's toolkit may keep it; a reload may change it.
+    parts.headers.insert(
+        header::CACHE_CONTROL,
+        http::HeaderValue::from_static("private, max-age=300"),
+    );
+    let fsp = http::HeaderValue::from_str(call.stamp.message_id())
+        .ok()
+        .zip(http::HeaderValue::from_str(call.stamp.timestamp()).ok())
+        .map(|(id, ts)| {
+            [
+                (crate::headers::FSP_MESSAGE_ID, id),
+                (crate::headers::FSP_TIMESTAMP, ts),
+            ]
+        });
+    respond(local, call, parts, fsp, served.lifecycle, |f| {
+        ResponseBody::full(served.body, Some(f))
+    })
 }
 
 /// A refusal, rendered, logged and recorded.
@@ -70,9 +246,18 @@ pub fn refuse(local: &Arc<Local>, call: Call, r: Rejection) -> Response<Response
         form,
         shared,
     } = call;
-    let response = errors::render(&r, form, stamp.message_id(), stamp.timestamp());
+    let mut response = errors::render(&r, form, stamp.message_id(), stamp.timestamp());
+    // A SOAP service may have its faults sent under 500 (WS-I Basic Profile), for the
+    // toolkits that read no fault under another status (the record says what was sent;
+    // its decision names the code).
+    if matches!(form, errors::ErrorForm::Soap(_))
+        && let Some(service) = &record.service
+        && local.snap.service_options(service).faults_as_500
+    {
+        *response.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;
+    }
     record.decision = r.code.as_str().to_owned();
-    record.status = r.code.status().as_u16();
+    record.status = response.status().as_u16();
     record.fault = Some(r.side.as_str().to_owned());
     record.detail = Some(r.recorded_detail().to_owned());
     match r.side {

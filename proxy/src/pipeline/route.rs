@@ -18,6 +18,7 @@ use crate::headers::{DEPRECATION, SUNSET};
 use crate::soap::{self, SoapVersion};
 use crate::state::{Local, Snapshot};
 use crate::transport::pool::Upstream;
+use crate::wsdl::Wanted;
 
 /// A live service version, the pool of its provider, and where the call goes.
 #[derive(Debug)]
@@ -28,6 +29,9 @@ pub struct Route<'s> {
     /// `Deprecation`, `Sunset` and the successor `Link`, for a deprecated version (boxed:
     /// rare, and the route is moved from phase to phase).
     lifecycle: Option<Box<HeaderMap>>,
+    /// A request for the version's WSDL or a document it references, served by the
+    /// gateway (see `pipeline::metadata`), rather than a call.
+    metadata: Option<Wanted>,
 }
 
 impl<'s> Route<'s> {
@@ -45,6 +49,10 @@ impl<'s> Route<'s> {
 
     pub fn upstream(&self) -> &'s Arc<Upstream> {
         self.upstream
+    }
+
+    pub fn metadata(&self) -> Option<Wanted> {
+        self.metadata
     }
 
     /// The path and query on the provider's side.
@@ -82,12 +90,18 @@ pub fn route<'s>(
         }
     };
     let protocol = resolved.protocol();
-    if protocol == Protocol::Soap {
+    // `GET .../{version}?wsdl` (or `?xsd=N`, `?wsdl=N`) of a SOAP service: its metadata.
+    let metadata = (protocol == Protocol::Soap
+        && matches!(parts.method, Method::GET | Method::HEAD)
+        && path.as_ref().is_some_and(|p| matches!(p.rest, "" | "/")))
+    .then(|| Wanted::of(parts.uri.query()))
+    .flatten();
+    if protocol == Protocol::Soap && metadata.is_none() {
         if parts.method != Method::POST {
             return Err(Rejection::new(
                 Code::RequestMalformed,
                 format!(
-                    "{} is a SOAP service: POST a SOAP envelope",
+                    "{} is a SOAP service: POST a SOAP envelope (or GET its WSDL with ?wsdl)",
                     resolved.service.name
                 ),
             )
@@ -122,6 +136,14 @@ pub fn route<'s>(
         .blaming(crate::errors::Side::Gateway));
     };
     let path = forwarded_path(call, parts, protocol, path.as_ref(), &resolved)?;
+    if metadata.is_some() {
+        call.record.operation = format!(
+            "{} {}?{}",
+            parts.method,
+            parts.uri.path(),
+            parts.uri.query().unwrap_or_default()
+        );
+    }
     let mut lifecycle: Option<Box<HeaderMap>> = None;
     if let Lifecycle::Deprecated { since, sunset } = resolved.lifecycle {
         deprecation_headers(
@@ -138,6 +160,7 @@ pub fn route<'s>(
         upstream,
         path,
         lifecycle,
+        metadata,
     })
 }
 

@@ -1,0 +1,243 @@
+//! Phase 7 for a metadata request: a SOAP service version's WSDL (`GET ...?wsdl`), and
+//! the documents it references (`?wsdl=N`, `?xsd=N`), served by the gateway with every
+//! address pointing at the gateway (see [`crate::wsdl`]).
+//!
+//! The WSDL is metadata of a service version: the caller went through the same phases as
+//! a call (identified, an authorisation for the version, for any purpose; throttled;
+//! recorded), and only a [`Cleared`] request is served. The documents are fetched from
+//! the provider with the gateway's own connection and credentials (the version's pool),
+//! each checked by the XML guard, and kept per version in the snapshot's
+//! [`crate::wsdl::Cache`], so that a reload fetches them again.
+
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderValue};
+use http::uri::PathAndQuery;
+use http::{Method, StatusCode};
+use http_body_util::BodyExt;
+
+use super::call::{Call, ConnInfo};
+use super::record::Cleared;
+use crate::errors::{Code, Rejection, Side};
+use crate::headers::Outbound;
+use crate::state::Local;
+use crate::transport::body::{CallShared, RequestBody, XmlCheck};
+use crate::transport::pool::Upstream;
+use crate::wsdl::{self, DocKind, Documents, Wanted};
+use crate::xml;
+
+/// The document asked for, as the consumer receives it.
+#[derive(Debug)]
+pub struct Served {
+    pub body: Bytes,
+    /// The version's lifecycle fields, when it is deprecated.
+    pub lifecycle: Option<Box<HeaderMap>>,
+}
+
+/// Serves a cleared metadata request.
+pub async fn serve(
+    local: &Local,
+    conn: &ConnInfo,
+    call: &mut Call,
+    cleared: Cleared<'_>,
+    wanted: Wanted,
+) -> Result<Served, Rejection> {
+    let snap = &*local.snap;
+    let (caller, route, _grant) = cleared.into_admitted().into_granted().into_parts();
+    let (service, version) = (route.service(), route.version());
+    let key = format!("{}/{}", service.name, version.version);
+    let docs = match snap.wsdl.get(&key) {
+        Some(docs) => docs,
+        None => {
+            let endpoint = format!(
+                "{}/{}/{}",
+                snap.public_url.trim_end_matches('/'),
+                service.name,
+                version.version
+            );
+            let fetch = Fetch {
+                upstream: route.upstream(),
+                base: &version.upstream,
+                consumer: &caller.consumer().id,
+                peer: &conn.peer_ip_value,
+                message_id: call.stamp.message_id(),
+                limits: snap.service_options(&service.name).xml.unwrap_or_default(),
+            };
+            let docs = Arc::new(fetch.all(&endpoint).await.map_err(|why| {
+                Rejection::new(
+                    Code::UpstreamUnavailable,
+                    format!(
+                        "the WSDL of {} {} could not be had from its provider",
+                        service.name, version.version
+                    ),
+                )
+                .with_internal(format!(
+                    "the WSDL of {} {} could not be had from provider {}: {why}",
+                    service.name, version.version, service.provider
+                ))
+                .blaming(Side::Provider)
+            })?);
+            snap.wsdl.put(&key, docs.clone());
+            docs
+        }
+    };
+    match docs.get(wanted) {
+        Some(body) => Ok(Served {
+            body: body.clone(),
+            lifecycle: route.into_path().1,
+        }),
+        None => Err(Rejection::new(
+            Code::RouteUnknownService,
+            format!(
+                "the WSDL of {} {} references no such document: ask for ?wsdl",
+                service.name, version.version
+            ),
+        )),
+    }
+}
+
+/// A fetch of a version's WSDL and what it references, on the provider's origin.
+struct Fetch<'a> {
+    upstream: &'a Arc<Upstream>,
+    base: &'a http::Uri,
+    consumer: &'a str,
+    peer: &'a HeaderValue,
+    message_id: &'a str,
+    limits: xml::Limits,
+}
+
+impl Fetch<'_> {
+    /// The WSDL (`{upstream}?wsdl`) and, transitively, every document it references on
+    /// the provider's origin, each rewritten. References elsewhere are left as written.
+    async fn all(&self, endpoint: &str) -> Result<Documents, String> {
+        let mut first = url::Url::parse(&self.base.to_string())
+            .map_err(|e| format!("the version's address cannot be read: {e}"))?;
+        first.set_query(Some("wsdl"));
+        first.set_fragment(None);
+        // The documents found so far, in the order they were numbered.
+        let mut found: Vec<(DocKind, url::Url)> = vec![(DocKind::Wsdl, first)];
+        let mut docs = Vec::new();
+        let mut i = 0;
+        while i < found.len() {
+            let (kind, url) = found[i].clone();
+            let raw = self.get(&url).await?;
+            let mut too_many = false;
+            let rewritten = wsdl::rewrite(&raw, endpoint, |kind, location| {
+                let target = url.join(location).ok()?;
+                if !same_origin(&target, &found[0].1) {
+                    return None;
+                }
+                let mut target = target;
+                target.set_fragment(None);
+                let n = match found.iter().position(|(_, u)| *u == target) {
+                    Some(n) => n,
+                    None if found.len() < wsdl::MAX_DOCUMENTS => {
+                        found.push((kind, target));
+                        found.len() - 1
+                    }
+                    None => {
+                        too_many = true;
+                        return None;
+                    }
+                };
+                if n == 0 {
+                    return Some(format!("{endpoint}?wsdl"));
+                }
+                Some(format!("{endpoint}?{}={n}", found[n].0.parameter()))
+            })
+            .map_err(|e| format!("{url}: {e}"))?;
+            if too_many {
+                return Err(format!(
+                    "it references more than {} documents",
+                    wsdl::MAX_DOCUMENTS
+                ));
+            }
+            docs.push((kind, Bytes::from(rewritten)));
+            i += 1;
+        }
+        Ok(Documents { docs })
+    }
+
+    /// One document, whole, checked by the XML guard.
+    async fn get(&self, url: &url::Url) -> Result<Bytes, String> {
+        let path = match url.query() {
+            Some(q) => format!("{}?{q}", url.path()),
+            None => url.path().to_owned(),
+        };
+        let path: PathAndQuery = path
+            .parse()
+            .map_err(|e| format!("{url} cannot be asked for: {e}"))?;
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::ACCEPT,
+            HeaderValue::from_static("text/xml, application/xml, application/wsdl+xml"),
+        );
+        let fsp = HeaderValue::from_str(self.message_id)
+            .map(|v| [(crate::headers::FSP_MESSAGE_ID, v)])
+            .map_err(|_| "the message id is not a field value".to_owned())?;
+        let fields = Outbound::new(headers, &fsp, &[], self.peer);
+        let shared = Arc::new(CallShared::new());
+        let body = RequestBody::new(
+            Bytes::new(),
+            None,
+            0,
+            self.upstream.response_timeout,
+            XmlCheck::Off,
+            shared,
+        );
+        let exchange = async {
+            let response = self
+                .upstream
+                .send(self.base, path, Method::GET, fields, body, self.consumer)
+                .await
+                .map_err(|e| format!("{url}: {e}"))?;
+            if response.status() != StatusCode::OK {
+                return Err(format!("{url} was answered {}", response.status()));
+            }
+            let encoded = response
+                .headers()
+                .get(header::CONTENT_ENCODING)
+                .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
+            if encoded {
+                return Err(format!("{url} was answered compressed"));
+            }
+            let mut body = response.into_body();
+            let mut doc = BytesMut::new();
+            let mut guard = xml::Guard::new(self.limits);
+            while let Some(frame) = body.frame().await {
+                let frame = frame.map_err(|e| format!("{url}: the answer broke off: {e}"))?;
+                if let Ok(data) = frame.into_data() {
+                    if doc.len() + data.len() > wsdl::MAX_DOCUMENT_BYTES {
+                        return Err(format!(
+                            "{url} is larger than {} bytes",
+                            wsdl::MAX_DOCUMENT_BYTES
+                        ));
+                    }
+                    guard
+                        .feed(&data)
+                        .map_err(|e| format!("{url} was refused: {e}"))?;
+                    doc.extend_from_slice(&data);
+                }
+            }
+            guard
+                .finish()
+                .map_err(|e| format!("{url} was refused: {e}"))?;
+            Ok(doc.freeze())
+        };
+        tokio::time::timeout(self.upstream.response_timeout, exchange)
+            .await
+            .map_err(|_| {
+                format!(
+                    "{url} was not answered within {:?}",
+                    self.upstream.response_timeout
+                )
+            })?
+    }
+}
+
+fn same_origin(a: &url::Url, b: &url::Url) -> bool {
+    a.scheme() == b.scheme()
+        && a.host_str() == b.host_str()
+        && a.port_or_known_default() == b.port_or_known_default()
+}

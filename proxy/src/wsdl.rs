@@ -1,0 +1,462 @@
+//! WSDL and XML Schema documents as the gateway serves them: every address that points
+//! at the provider rewritten to point at the gateway.
+//!
+//! A toolkit (zeep, CXF, .NET, JAX-WS) builds its client from a WSDL: it posts to the
+//! endpoint address the WSDL names and fetches the documents it imports from their
+//! locations. Served as the provider wrote it, a WSDL sends the consumer straight to the
+//! provider's internal address. [`rewrite`] re-emits a document with
+//!
+//! - every endpoint address (`soap:address`, `soap12:address`, `http:address` and WSDL
+//!   2.0's `endpoint`, and the WS-Addressing `Address` of an endpoint reference) set to
+//!   the gateway's address of the service version;
+//! - every reference to another document (`wsdl:import`/`wsdl:include` `location`,
+//!   `xsd:import`/`xsd:include`/`xsd:redefine`/`xsd:override` `schemaLocation`) replaced
+//!   with what the caller maps it to (the gateway's URL of that document), or left as it
+//!   is when the caller does not map it;
+//!
+//! and every other byte as the provider wrote it. Elements are matched by namespace, not
+//! prefix, so any prefix works. The document is expected to have passed the XML guard
+//! ([`crate::xml`]) first: no DTD, no entities beyond the predefined ones.
+
+use std::borrow::Cow;
+
+use quick_xml::NsReader;
+use quick_xml::events::attributes::Attribute;
+use quick_xml::events::{BytesStart, BytesText, Event};
+use quick_xml::name::ResolveResult;
+use quick_xml::writer::Writer;
+
+const WSDL11: &str = "http://schemas.xmlsoap.org/wsdl/";
+const WSDL20: &str = "http://www.w3.org/ns/wsdl";
+const SOAP11_BINDING: &str = "http://schemas.xmlsoap.org/wsdl/soap/";
+const SOAP12_BINDING: &str = "http://schemas.xmlsoap.org/wsdl/soap12/";
+const HTTP_BINDING: &str = "http://schemas.xmlsoap.org/wsdl/http/";
+const XSD: &str = "http://www.w3.org/2001/XMLSchema";
+const WSA10: &str = "http://www.w3.org/2005/08/addressing";
+const WSA04: &str = "http://schemas.xmlsoap.org/ws/2004/08/addressing";
+
+/// What a reference points at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DocKind {
+    /// Another WSDL document (`wsdl:import`, `wsdl:include`).
+    Wsdl,
+    /// An XML Schema (`xsd:import`, `xsd:include`, `xsd:redefine`, `xsd:override`).
+    Schema,
+}
+
+impl DocKind {
+    /// The query parameter the gateway serves this kind of document under.
+    pub fn parameter(self) -> &'static str {
+        match self {
+            Self::Wsdl => "wsdl",
+            Self::Schema => "xsd",
+        }
+    }
+}
+
+/// A document that could not be read as XML.
+#[derive(Debug, thiserror::Error)]
+#[error("the document is not well-formed XML: {0}")]
+pub struct WsdlError(String);
+
+/// What an element's attribute becomes.
+enum Rewrite {
+    Endpoint(&'static str),
+    Reference(DocKind, &'static str),
+}
+
+fn rule(ns: &str, local: &str) -> Option<Rewrite> {
+    Some(match (ns, local) {
+        (SOAP11_BINDING | SOAP12_BINDING | HTTP_BINDING, "address") => {
+            Rewrite::Endpoint("location")
+        }
+        (WSDL20, "endpoint") => Rewrite::Endpoint("address"),
+        (WSDL11 | WSDL20, "import" | "include") => Rewrite::Reference(DocKind::Wsdl, "location"),
+        (XSD, "import" | "include" | "redefine" | "override") => {
+            Rewrite::Reference(DocKind::Schema, "schemaLocation")
+        }
+        _ => return None,
+    })
+}
+
+/// Rewrites `doc` (see the module documentation): endpoint addresses become `endpoint`;
+/// a reference becomes what `reference(kind, location as written)` returns, or stays.
+pub fn rewrite(
+    doc: &[u8],
+    endpoint: &str,
+    mut reference: impl FnMut(DocKind, &str) -> Option<String>,
+) -> Result<Vec<u8>, WsdlError> {
+    let bad = |e: &dyn std::fmt::Display| WsdlError(e.to_string());
+    let mut reader = NsReader::from_reader(doc);
+    reader.config_mut().trim_text(false);
+    let mut writer = Writer::new(Vec::with_capacity(doc.len() + 256));
+    // Inside a WS-Addressing `Address` element, whose text is an endpoint.
+    let mut in_address = false;
+    loop {
+        let (ns, event) = reader.read_resolved_event().map_err(|e| bad(&e))?;
+        let ns: Option<String> = match ns {
+            ResolveResult::Bound(n) => Some(n.as_ref().to_owned()),
+            _ => None,
+        };
+        let event = match event {
+            Event::Eof => break,
+            Event::Start(e) if ns.is_some() => {
+                let ns = ns.as_deref().unwrap_or_default();
+                if matches!(ns, WSA10 | WSA04) && e.local_name().as_ref() == "Address" {
+                    in_address = true;
+                }
+                Event::Start(element(e, ns, endpoint, &mut reference).map_err(|e| bad(&e))?)
+            }
+            Event::Empty(e) if ns.is_some() => {
+                let ns = ns.as_deref().unwrap_or_default();
+                Event::Empty(element(e, ns, endpoint, &mut reference).map_err(|e| bad(&e))?)
+            }
+            Event::Text(t) if in_address => {
+                if t.chars().all(char::is_whitespace) {
+                    Event::Text(t)
+                } else {
+                    Event::Text(BytesText::new(endpoint).into_owned())
+                }
+            }
+            Event::End(e) => {
+                in_address = false;
+                Event::End(e)
+            }
+            other => other,
+        };
+        writer.write_event(event).map_err(|e| bad(&e))?;
+    }
+    Ok(writer.into_inner())
+}
+
+/// An element's start tag, rewritten when a rule applies to it.
+fn element<'a>(
+    e: BytesStart<'a>,
+    ns: &str,
+    endpoint: &str,
+    reference: &mut impl FnMut(DocKind, &str) -> Option<String>,
+) -> Result<BytesStart<'a>, quick_xml::Error> {
+    match rule(ns, e.local_name().as_ref()) {
+        Some(r) => rewritten(&e, r, endpoint, reference),
+        None => Ok(e),
+    }
+}
+
+fn rewritten<'a>(
+    e: &BytesStart<'a>,
+    r: Rewrite,
+    endpoint: &str,
+    reference: &mut impl FnMut(DocKind, &str) -> Option<String>,
+) -> Result<BytesStart<'a>, quick_xml::Error> {
+    let target: &str = match r {
+        Rewrite::Endpoint(a) | Rewrite::Reference(_, a) => a,
+    };
+    let name = e.name();
+    let mut out = BytesStart::new(name.as_ref().to_owned());
+    for attr in e.attributes() {
+        let attr = attr.map_err(quick_xml::Error::from)?;
+        if attr.key.as_ref() != target {
+            out.push_attribute(attr);
+            continue;
+        }
+        let new: Option<Cow<'_, str>> = match r {
+            Rewrite::Endpoint(_) => Some(Cow::Borrowed(endpoint)),
+            Rewrite::Reference(kind, _) => {
+                let written = attr.normalized_value(quick_xml::XmlVersion::Implicit1_0)?;
+                reference(kind, &written).map(Cow::Owned)
+            }
+        };
+        match new {
+            Some(value) => out.push_attribute(Attribute::from((target, value.as_ref()))),
+            None => out.push_attribute(attr),
+        }
+    }
+    Ok(out)
+}
+
+/// Bounds on what the gateway fetches and keeps of a provider's WSDL.
+pub const MAX_DOCUMENT_BYTES: usize = 4 * 1024 * 1024;
+/// Documents of one version's WSDL: the WSDL and everything it imports, transitively.
+pub const MAX_DOCUMENTS: usize = 64;
+/// Bytes kept by the cache over every version; the oldest entries go first.
+pub const MAX_CACHE_BYTES: usize = 64 * 1024 * 1024;
+
+/// What a metadata request asks for: the WSDL (`?wsdl`) or a document it references
+/// (`?wsdl=N`, `?xsd=N`, numbered by the gateway when it rewrote the references).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wanted {
+    Wsdl,
+    Document(DocKind, usize),
+    /// `?wsdl=` or `?xsd=` naming no number.
+    Unknown,
+}
+
+impl Wanted {
+    /// The metadata request a query string makes, if it makes one: `wsdl` (any case),
+    /// `wsdl=N` or `xsd=N`.
+    pub fn of(query: Option<&str>) -> Option<Self> {
+        let q = query?;
+        if q.eq_ignore_ascii_case("wsdl") {
+            return Some(Self::Wsdl);
+        }
+        let (name, value) = q.split_once('=')?;
+        let kind = if name.eq_ignore_ascii_case("wsdl") {
+            DocKind::Wsdl
+        } else if name.eq_ignore_ascii_case("xsd") {
+            DocKind::Schema
+        } else {
+            return None;
+        };
+        Some(match value.parse::<usize>() {
+            Ok(n) if n > 0 && !value.starts_with('0') => Self::Document(kind, n),
+            _ => Self::Unknown,
+        })
+    }
+}
+
+/// A version's WSDL as the gateway serves it: the rewritten WSDL (number 0) and the
+/// documents it references, each with its kind.
+#[derive(Debug)]
+pub struct Documents {
+    pub docs: Vec<(DocKind, bytes::Bytes)>,
+}
+
+impl Documents {
+    pub fn get(&self, wanted: Wanted) -> Option<&bytes::Bytes> {
+        let (kind, n) = match wanted {
+            Wanted::Wsdl => (DocKind::Wsdl, 0),
+            Wanted::Document(kind, n) => (kind, n),
+            Wanted::Unknown => return None,
+        };
+        self.docs.get(n).filter(|(k, _)| *k == kind).map(|(_, d)| d)
+    }
+
+    fn bytes(&self) -> usize {
+        self.docs.iter().map(|(_, d)| d.len()).sum()
+    }
+}
+
+/// The WSDLs served, per service version (`family/service/version`), bounded by
+/// [`MAX_CACHE_BYTES`]. One per configuration snapshot, so a reload starts afresh.
+#[derive(Debug, Default)]
+pub struct Cache {
+    inner: std::sync::Mutex<CacheInner>,
+}
+
+#[derive(Debug, Default)]
+struct CacheInner {
+    entries: std::collections::HashMap<String, std::sync::Arc<Documents>>,
+    /// Keys, oldest first.
+    order: std::collections::VecDeque<String>,
+    bytes: usize,
+}
+
+impl Cache {
+    pub fn get(&self, key: &str) -> Option<std::sync::Arc<Documents>> {
+        let inner = self
+            .inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        inner.entries.get(key).cloned()
+    }
+
+    /// Keeps `docs` for `key`, letting the oldest entries go to stay within the bound.
+    pub fn put(&self, key: &str, docs: std::sync::Arc<Documents>) {
+        let size = docs.bytes();
+        if size > MAX_CACHE_BYTES {
+            return;
+        }
+        let mut inner = self
+            .inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let inner = &mut *inner;
+        if let Some(old) = inner.entries.insert(key.to_owned(), docs) {
+            inner.bytes -= old.bytes();
+            inner.order.retain(|k| k != key);
+        }
+        inner.order.push_back(key.to_owned());
+        inner.bytes += size;
+        while inner.bytes > MAX_CACHE_BYTES {
+            let Some(oldest) = inner.order.pop_front() else {
+                break;
+            };
+            if let Some(gone) = inner.entries.remove(&oldest) {
+                inner.bytes -= gone.bytes();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    const WSDL: &str = r#"<?xml version="1.0" encoding="UTF-8"?>
+<definitions xmlns="http://schemas.xmlsoap.org/wsdl/" xmlns:s11="http://schemas.xmlsoap.org/wsdl/soap/"
+  xmlns:s12="http://schemas.xmlsoap.org/wsdl/soap12/" xmlns:xs="http://www.w3.org/2001/XMLSchema"
+  xmlns:wsa="http://www.w3.org/2005/08/addressing" targetNamespace="urn:p">
+  <!-- a comment & more -->
+  <import namespace="urn:q" location="parts/other.wsdl"/>
+  <types><xs:schema><xs:import namespace="urn:t" schemaLocation="https://rrn.internal/p/v2?xsd=1"/>
+    <xs:include schemaLocation="common.xsd"></xs:include></xs:schema></types>
+  <service name="S">
+    <port name="P11" binding="tns:B11"><s11:address location="https://rrn.internal/p/v2"/></port>
+    <port name="P12" binding="tns:B12"><s12:address location="http://10.0.0.7:8080/p/v2"/>
+      <wsa:EndpointReference><wsa:Address>http://10.0.0.7:8080/p/v2</wsa:Address></wsa:EndpointReference></port>
+  </service>
+  <documentation>Text &amp; entities stay; a location="x" in text stays.</documentation>
+</definitions>"#;
+
+    #[test]
+    fn endpoints_and_references_are_rewritten_and_nothing_else_changes() {
+        let mut seen = Vec::new();
+        let out = rewrite(
+            WSDL.as_bytes(),
+            "https://fsp.example/p/s/v2",
+            |kind, loc| {
+                seen.push((kind, loc.to_owned()));
+                (loc != "common.xsd").then(|| {
+                    format!(
+                        "https://fsp.example/p/s/v2?{}={}",
+                        kind.parameter(),
+                        seen.len()
+                    )
+                })
+            },
+        )
+        .unwrap();
+        let out = String::from_utf8(out).unwrap();
+        assert_eq!(
+            seen,
+            [
+                (DocKind::Wsdl, "parts/other.wsdl".to_owned()),
+                (
+                    DocKind::Schema,
+                    "https://rrn.internal/p/v2?xsd=1".to_owned()
+                ),
+                (DocKind::Schema, "common.xsd".to_owned()),
+            ]
+        );
+        assert!(
+            !out.contains("rrn.internal") && !out.contains("10.0.0.7"),
+            "{out}"
+        );
+        assert!(
+            out.contains(
+                r#"<import namespace="urn:q" location="https://fsp.example/p/s/v2?wsdl=1"/>"#
+            ),
+            "{out}"
+        );
+        assert!(out.contains(r#"<xs:import namespace="urn:t" schemaLocation="https://fsp.example/p/s/v2?xsd=2"/>"#), "{out}");
+        // Not mapped: left as written.
+        assert!(
+            out.contains(r#"<xs:include schemaLocation="common.xsd"></xs:include>"#),
+            "{out}"
+        );
+        assert!(
+            out.contains(r#"<s11:address location="https://fsp.example/p/s/v2"/>"#),
+            "{out}"
+        );
+        assert!(
+            out.contains(r#"<s12:address location="https://fsp.example/p/s/v2"/>"#),
+            "{out}"
+        );
+        assert!(
+            out.contains("<wsa:Address>https://fsp.example/p/s/v2</wsa:Address>"),
+            "{out}"
+        );
+        // Everything else byte for byte.
+        assert!(out.starts_with("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<definitions xmlns="));
+        assert!(out.contains("<!-- a comment & more -->"));
+        assert!(out.contains("Text &amp; entities stay; a location=\"x\" in text stays."));
+    }
+
+    #[test]
+    fn elements_are_matched_by_namespace_not_prefix() {
+        let doc = r#"<w:definitions xmlns:w="http://schemas.xmlsoap.org/wsdl/" xmlns:soap="urn:not-soap">
+<w:service><w:port><soap:address location="http://keep.me/"/><x:address xmlns:x="http://schemas.xmlsoap.org/wsdl/soap12/" location="http://change.me/"/></w:port></w:service></w:definitions>"#;
+        let out = rewrite(doc.as_bytes(), "https://gw/x/y/v1", |_, _| None).unwrap();
+        let out = String::from_utf8(out).unwrap();
+        assert!(
+            out.contains(r#"<soap:address location="http://keep.me/"/>"#),
+            "{out}"
+        );
+        assert!(
+            out.contains(r#"location="https://gw/x/y/v1"/>"#) && !out.contains("change.me"),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn an_endpoint_with_characters_to_escape_is_escaped() {
+        let doc = r#"<definitions xmlns="http://schemas.xmlsoap.org/wsdl/" xmlns:s="http://schemas.xmlsoap.org/wsdl/soap/"><service><port><s:address location="x"/></port></service></definitions>"#;
+        let out = rewrite(doc.as_bytes(), "https://gw/a&b\"c", |_, _| None).unwrap();
+        let out = String::from_utf8(out).unwrap();
+        assert!(
+            out.contains(r#"location="https://gw/a&amp;b&quot;c""#),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn metadata_requests_are_read_from_the_query() {
+        assert_eq!(Wanted::of(Some("wsdl")), Some(Wanted::Wsdl));
+        assert_eq!(Wanted::of(Some("WSDL")), Some(Wanted::Wsdl));
+        assert_eq!(
+            Wanted::of(Some("xsd=3")),
+            Some(Wanted::Document(DocKind::Schema, 3))
+        );
+        assert_eq!(
+            Wanted::of(Some("wsdl=1")),
+            Some(Wanted::Document(DocKind::Wsdl, 1))
+        );
+        for q in [
+            "xsd=0",
+            "xsd=01",
+            "xsd=x",
+            "xsd=",
+            "wsdl=-1",
+            "xsd=99999999999999999999999",
+        ] {
+            assert_eq!(Wanted::of(Some(q)), Some(Wanted::Unknown), "{q}");
+        }
+        for q in [None, Some(""), Some("a=b"), Some("wsdlx"), Some("wsdl&x=1")] {
+            assert_eq!(Wanted::of(q), None, "{q:?}");
+        }
+    }
+
+    #[test]
+    fn the_cache_keeps_within_its_bound_and_lets_the_oldest_go() {
+        let cache = Cache::default();
+        let docs = |n: usize| {
+            std::sync::Arc::new(Documents {
+                docs: vec![(DocKind::Wsdl, bytes::Bytes::from(vec![b'x'; n]))],
+            })
+        };
+        cache.put("a/b/v1", docs(MAX_CACHE_BYTES / 2));
+        cache.put("a/b/v2", docs(MAX_CACHE_BYTES / 2));
+        assert!(cache.get("a/b/v1").is_some());
+        cache.put("a/b/v3", docs(10));
+        assert!(cache.get("a/b/v1").is_none(), "the oldest went");
+        assert!(cache.get("a/b/v2").is_some() && cache.get("a/b/v3").is_some());
+        // Replaced, not counted twice; one too large for the cache is not kept.
+        cache.put("a/b/v3", docs(20));
+        cache.put("a/b/v4", docs(MAX_CACHE_BYTES + 1));
+        assert!(cache.get("a/b/v4").is_none());
+        let d = cache.get("a/b/v3").unwrap();
+        assert_eq!(d.get(Wanted::Wsdl).unwrap().len(), 20);
+        assert_eq!(d.get(Wanted::Document(DocKind::Schema, 0)), None);
+    }
+
+    #[test]
+    fn malformed_documents_are_errors() {
+        for doc in ["<definitions><service></definitions>", "<a></b>"] {
+            assert!(
+                rewrite(doc.as_bytes(), "https://gw/", |_, _| None).is_err(),
+                "{doc}"
+            );
+        }
+    }
+}
