@@ -207,6 +207,10 @@ curl -i --cacert {ca} --cert {lg} --key {lgk} \
   --data '{soap_body}' \
   {url}/person/getPerson/v2
 
+# 2b. The WSDL of SOAP version 2, every address pointing at the gateway (a toolkit such as
+#     zeep, CXF or .NET builds its client from this URL, with the same certificate):
+curl --cacert {ca} --cert {lg} --key {lgk} '{url}/person/getPerson/v2?wsdl'
+
 # 3. No certificate: 401 FSP-AUTHN-MISSING (problem+json)
 curl -i --cacert {ca} {url}/person/getPerson/v3/persons/85073003328
 

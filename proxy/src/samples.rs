@@ -186,8 +186,94 @@ fn esc(s: &str) -> std::borrow::Cow<'_, str> {
     quick_xml::escape::escape(s)
 }
 
-/// SOAP 1.1 and 1.2: `getPersonRequest` with an `ssin` element.
+/// The sample register's WSDL (`GET ...?wsdl`): SOAP 1.1 and 1.2 ports at the sample's
+/// own address, which the gateway rewrites to its own when it serves the WSDL.
+fn wsdl(host: &str) -> String {
+    format!(
+        r#"<?xml version="1.0" encoding="UTF-8"?>
+<wsdl:definitions xmlns:wsdl="http://schemas.xmlsoap.org/wsdl/"
+    xmlns:soap="http://schemas.xmlsoap.org/wsdl/soap/"
+    xmlns:soap12="http://schemas.xmlsoap.org/wsdl/soap12/"
+    xmlns:xsd="http://www.w3.org/2001/XMLSchema"
+    xmlns:rn="urn:be:fgov:sample:rn:person:v2"
+    targetNamespace="urn:be:fgov:sample:rn:person:v2">
+  <wsdl:types>
+    <xsd:schema targetNamespace="urn:be:fgov:sample:rn:person:v2" elementFormDefault="qualified">
+      <xsd:element name="getPersonRequest">
+        <xsd:complexType><xsd:sequence><xsd:element name="ssin" type="xsd:string"/></xsd:sequence></xsd:complexType>
+      </xsd:element>
+      <xsd:element name="getPersonResponse">
+        <xsd:complexType><xsd:sequence>
+          <xsd:element name="Person"><xsd:complexType><xsd:sequence>
+            <xsd:element name="SSIN" type="xsd:string"/>
+            <xsd:element name="LastName" type="xsd:string"/>
+            <xsd:element name="FirstName" type="xsd:string" minOccurs="0" maxOccurs="unbounded"/>
+            <xsd:element name="Gender" type="xsd:string"/>
+            <xsd:element name="BirthDate" type="xsd:string"/>
+            <xsd:element name="BirthPlace" type="xsd:string"/>
+            <xsd:element name="Nationality" type="xsd:string"/>
+            <xsd:element name="CivilStatus" type="xsd:string"/>
+            <xsd:element name="Residence"><xsd:complexType><xsd:sequence>
+              <xsd:element name="Street" type="xsd:string"/>
+              <xsd:element name="HouseNumber" type="xsd:string"/>
+              <xsd:element name="PostalCode" type="xsd:string"/>
+              <xsd:element name="Municipality" type="xsd:string"/>
+            </xsd:sequence></xsd:complexType></xsd:element>
+          </xsd:sequence></xsd:complexType></xsd:element>
+          <xsd:element name="RequestedBy" type="xsd:string"/>
+        </xsd:sequence></xsd:complexType>
+      </xsd:element>
+    </xsd:schema>
+  </wsdl:types>
+  <wsdl:message name="getPersonRequest"><wsdl:part name="parameters" element="rn:getPersonRequest"/></wsdl:message>
+  <wsdl:message name="getPersonResponse"><wsdl:part name="parameters" element="rn:getPersonResponse"/></wsdl:message>
+  <wsdl:portType name="PersonPortType">
+    <wsdl:operation name="getPerson">
+      <wsdl:input message="rn:getPersonRequest"/>
+      <wsdl:output message="rn:getPersonResponse"/>
+    </wsdl:operation>
+  </wsdl:portType>
+  <wsdl:binding name="PersonSoap11" type="rn:PersonPortType">
+    <soap:binding style="document" transport="http://schemas.xmlsoap.org/soap/http"/>
+    <wsdl:operation name="getPerson">
+      <soap:operation soapAction="urn:getPerson"/>
+      <wsdl:input><soap:body use="literal"/></wsdl:input>
+      <wsdl:output><soap:body use="literal"/></wsdl:output>
+    </wsdl:operation>
+  </wsdl:binding>
+  <wsdl:binding name="PersonSoap12" type="rn:PersonPortType">
+    <soap12:binding style="document" transport="http://schemas.xmlsoap.org/soap/http"/>
+    <wsdl:operation name="getPerson">
+      <soap12:operation soapAction="urn:getPerson"/>
+      <wsdl:input><soap12:body use="literal"/></wsdl:input>
+      <wsdl:output><soap12:body use="literal"/></wsdl:output>
+    </wsdl:operation>
+  </wsdl:binding>
+  <wsdl:service name="PersonService">
+    <wsdl:port name="PersonSoap11" binding="rn:PersonSoap11"><soap:address location="http://{host}/soap"/></wsdl:port>
+    <wsdl:port name="PersonSoap12" binding="rn:PersonSoap12"><soap12:address location="http://{host}/soap"/></wsdl:port>
+  </wsdl:service>
+</wsdl:definitions>
+"#
+    )
+}
+
+/// SOAP 1.1 and 1.2: `getPersonRequest` with an `ssin` element; `GET ?wsdl`, its WSDL.
 async fn soap(req: Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.method() == http::Method::GET {
+        return match (req.uri().query(), req.headers().get(header::HOST)) {
+            (Some(q), Some(host)) if q.eq_ignore_ascii_case("wsdl") => respond(
+                StatusCode::OK,
+                "text/xml; charset=utf-8",
+                wsdl(host.to_str().unwrap_or("localhost")),
+            ),
+            _ => respond(
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                "GET ?wsdl for the WSDL; POST a SOAP envelope to call getPerson".into(),
+            ),
+        };
+    }
     let v12 = req
         .headers()
         .get(header::CONTENT_TYPE)

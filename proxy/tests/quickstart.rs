@@ -119,6 +119,16 @@ fn the_printed_curl_commands_work_when_pasted() {
     );
     assert!(soap.contains("<fsp:MessageID"), "{soap}");
 
+    let wsdl = run(&find("# 2b."));
+    assert!(
+        wsdl.contains(&format!(
+            "<soap:address location=\"https://localhost:{port}/person/getPerson/v2\"/>"
+        )) && wsdl.contains(&format!(
+            "<soap12:address location=\"https://localhost:{port}/person/getPerson/v2\"/>"
+        )) && !wsdl.contains("127.0.0.1"),
+        "{wsdl}"
+    );
+
     let anon = run(&find("# 3."));
     assert!(
         anon.contains(" 401") && anon.contains("FSP-AUTHN-MISSING"),
