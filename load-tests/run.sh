@@ -46,6 +46,11 @@ THROTTLE_REDIS_URL=${THROTTLE_REDIS_URL:-${FSP_TEST_REDIS_URL:-redis://127.0.0.1
 AUDIT=${AUDIT:-}
 AUDIT_POSTGRES_URL=${AUDIT_POSTGRES_URL:-${FSP_TEST_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432/test}}
 FSP_ADMIN_PORT=${FSP_ADMIN_PORT:-19443}
+# SOAP=1 measures SOAP calls instead (see README): on the one fsp, POSTs of a 1 KiB SOAP
+# envelope answered by a 1 KiB envelope, with the XML checks on (fsp-soap) and off
+# (fsp-soap-off, xml_checks = false), and POSTs of 1 KiB JSON to the REST service
+# (fsp-rest), side by side.
+SOAP=${SOAP:-0}
 export FSP_LOG=${FSP_LOG:-warn}       # nginx runs with access_log off; keep fsp's log quiet too
 # Thresholds (fsp against nginx).
 MIN_RPS_RATIO=${MIN_RPS_RATIO:-0.9}
@@ -231,6 +236,18 @@ print(s)
 EOF
 )
 
+# SOAP=1: the provider's 1 KiB envelope (many small elements, as a real answer has).
+SOAP_RESP=$(python3 - <<'EOF'
+items = "".join(f'<b:item id="{i}"><b:name>item-{i}</b:name><b:active>{str(i % 2 == 0).lower()}</b:active></b:item>' for i in range(12))
+head = '<?xml version="1.0" encoding="UTF-8"?><soap:Envelope xmlns:soap="http://schemas.xmlsoap.org/soap/envelope/"><soap:Body><b:getItemsResponse xmlns:b="urn:bench">'
+tail = '</b:getItemsResponse></soap:Body></soap:Envelope>'
+pad = 1024 - len(head + items + tail) - len("<b:padding></b:padding>")
+s = head + items + "<b:padding>" + "x" * pad + "</b:padding>" + tail
+assert len(s) == 1024 and not set("'$\\") & set(s)
+print(s)
+EOF
+)
+
 # ---------------------------------------------------------------- nginx --
 nginx_common() {  # nginx_common DIR WORKERS: main + events + start of http block
     cat <<EOF
@@ -271,6 +288,10 @@ mkdir -p "$UP_DIR/tmp" "$PX_DIR/tmp"
         location / {
             default_type application/json;
             return 200 '$BODY';
+        }
+        location /soap {
+            default_type text/xml;
+            return 200 '$SOAP_RESP';
         }
     }
     server {
@@ -415,6 +436,36 @@ legal_basis = { kind = "protocol", reference = "BENCH-1" }
 provider_approval = "BENCH-OK"
 valid_from  = 2025-01-01
 EOF
+    if [[ $SOAP == 1 ]]; then
+        for svc in soap soapoff; do
+            checks=""; [[ $svc == soapoff ]] && checks="xml_checks = false"
+            cat >>"$FSP_DIR/fsp.toml" <<EOF
+
+[[family]]
+id       = "b$svc"
+provider = "bench"
+
+[[family.service]]
+id       = "$svc"
+protocol = "soap"
+$checks
+
+[[family.service.version]]
+version  = "v1"
+upstream = "http://127.0.0.1:$UPSTREAM_HTTP_PORT/soap"
+released = 2025-01-01
+
+[[authorisation]]
+id          = "bench-$svc"
+consumer    = "loadtest"
+service     = "b$svc/$svc"
+purpose     = "benchmark"
+legal_basis = { kind = "protocol", reference = "BENCH-1" }
+provider_approval = "BENCH-OK"
+valid_from  = 2025-01-01
+EOF
+        done
+    fi
     FSP_VERSION=$({ "$FSP_BIN" --version 2>/dev/null || true; } | head -n 1)
     FSP_VERSION=${FSP_VERSION:-"fsp (version unknown)"}
     log "starting $FSP_VERSION (mTLS :$FSP_PORT, admin :$FSP_ADMIN_PORT, FSP_LOG=$FSP_LOG)"
@@ -484,16 +535,48 @@ declare -A URL=(
     [nginx]="https://localhost:$NGINX_PORT/data"
     [fsp]="https://localhost:$FSP_PORT/bench/echo/v1/data"
     [fsp-throttled]="https://localhost:$FSPT_PORT/bench/echo/v1/data"
+    [fsp-rest]="https://localhost:$FSP_PORT/bench/echo/v1/data"
+    [fsp-soap]="https://localhost:$FSP_PORT/bsoap/soap/v1"
+    [fsp-soap-off]="https://localhost:$FSP_PORT/bsoapoff/soapoff/v1"
 )
+# Per target: what oha (and the smoke test's curl) send besides the common options
+# (words without spaces).
+declare -A OHA_ARGS=() CURL_ARGS=()
 TARGETS=(direct nginx)
-[[ $SKIP_FSP == 1 ]] || TARGETS+=(fsp)
-[[ -z $FSPT_PID ]] || TARGETS+=(fsp-throttled)
+if [[ $SOAP == 1 ]]; then
+    [[ $SKIP_FSP != 1 && -z $THROTTLE && -z $AUDIT ]] || die "SOAP=1 measures fsp alone: no SKIP_FSP, THROTTLE or AUDIT"
+    # The consumer's 1 KiB envelope (the purpose in its SOAP Header) and 1 KiB of JSON.
+    python3 - "$TMP/soap-req.xml" <<'EOF'
+import sys
+items = "".join(f'<b:id>{i:04d}</b:id>' for i in range(40))
+head = ('<?xml version="1.0" encoding="UTF-8"?><soap:Envelope xmlns:soap="http://schemas.xmlsoap.org/soap/envelope/">'
+        '<soap:Header><fsp:Purpose xmlns:fsp="urn:be:fgov:fsp:1">benchmark</fsp:Purpose></soap:Header>'
+        '<soap:Body><b:getItems xmlns:b="urn:bench">')
+tail = '</b:getItems></soap:Body></soap:Envelope>'
+pad = 1024 - len(head + items + tail) - len("<b:note></b:note>")
+s = head + items + "<b:note>" + "n" * pad + "</b:note>" + tail
+assert len(s) == 1024
+open(sys.argv[1], "w").write(s)
+EOF
+    printf '%s' "$BODY" >"$TMP/rest-req.json"
+    OHA_ARGS[fsp-rest]="-m POST -D $TMP/rest-req.json -T application/json"
+    CURL_ARGS[fsp-rest]="-X POST --data-binary @$TMP/rest-req.json -H Content-Type:application/json"
+    for t in fsp-soap fsp-soap-off; do
+        OHA_ARGS[$t]="-m POST -D $TMP/soap-req.xml -T text/xml"
+        CURL_ARGS[$t]="-X POST --data-binary @$TMP/soap-req.xml -H Content-Type:text/xml"
+    done
+    TARGETS+=(fsp-rest fsp-soap fsp-soap-off)
+else
+    [[ $SKIP_FSP == 1 ]] || TARGETS+=(fsp)
+    [[ -z $FSPT_PID ]] || TARGETS+=(fsp-throttled)
+fi
 HEADER="FSP-Purpose: benchmark"   # sent to all three, so the requests are identical
 
 # Smoke test: one request per target must answer 200 with the upstream's body.
 for t in "${TARGETS[@]}"; do
     out=$TMP/smoke-$t
-    code=$(curl "${CURL_TLS[@]}" -H "$HEADER" -o "$out" -w '%{http_code}' "${URL[$t]}" 2>"$out.err" || true)
+    # shellcheck disable=SC2086 # CURL_ARGS holds words without spaces
+    code=$(curl "${CURL_TLS[@]}" ${CURL_ARGS[$t]:-} -H "$HEADER" -o "$out" -w '%{http_code}' "${URL[$t]}" 2>"$out.err" || true)
     if [[ $code != 200 ]]; then
         log "$t: GET ${URL[$t]} answered HTTP ${code:-none} (expected 200):"
         head -c 2000 "$out" >&2 2>/dev/null || true; echo >&2
@@ -501,7 +584,9 @@ for t in "${TARGETS[@]}"; do
         [[ $t == fsp ]] && { log "fsp log:"; tail -n 30 "$FSP_DIR/fsp.log" >&2 || true; }
         die "$t smoke test failed"
     fi
-    if [[ $(cat "$out") != "$BODY" ]]; then
+    if [[ $t == fsp-soap* ]]; then
+        grep -q '<fsp:MessageID' "$out" || die "$t answered 200 without the FSP SOAP header: $(head -c 300 "$out")"
+    elif [[ $(cat "$out") != "$BODY" ]]; then
         log "WARNING: $t answered 200 but the body differs from the upstream's ($(wc -c <"$out") bytes)"
     fi
     # ... and must refuse the same request without a client certificate (mTLS is really on).
@@ -597,13 +682,15 @@ for ((r = 1; r <= ROUNDS; r++)); do
     for t in "${TARGETS[@]}"; do
         if (( WARMUP > 0 )); then
             log "round $r/$ROUNDS $t: warm-up ${WARMUP}s"
-            run_child timeout $((WARMUP + 30)) oha "${OHA_COMMON[@]}" -z "${WARMUP}s" --output-format quiet "${URL[$t]}" >/dev/null 2>&1 \
+            # shellcheck disable=SC2086 # OHA_ARGS holds words without spaces
+            run_child timeout $((WARMUP + 30)) oha "${OHA_COMMON[@]}" ${OHA_ARGS[$t]:-} -z "${WARMUP}s" --output-format quiet "${URL[$t]}" >/dev/null 2>&1 \
                 || die "$t: oha warm-up failed"
         fi
         log "round $r/$ROUNDS $t: measuring ${DURATION}s"
         raw=$RESULTS_DIR/raw/$t-r$r.json
         read -r cu0 cp0 cf0 ct0 ch0 <<<"$(cpu_snapshot)"; children_ms; cl0=$CHILDREN_MS
-        run_child timeout $((DURATION + 60)) oha "${OHA_COMMON[@]}" -z "${DURATION}s" --output-format json -o "$raw" "${URL[$t]}" \
+        # shellcheck disable=SC2086
+        run_child timeout $((DURATION + 60)) oha "${OHA_COMMON[@]}" ${OHA_ARGS[$t]:-} -z "${DURATION}s" --output-format json -o "$raw" "${URL[$t]}" \
             || die "$t: oha failed"
         read -r cu1 cp1 cf1 ct1 ch1 <<<"$(cpu_snapshot)"; children_ms; cl1=$CHILDREN_MS
         [[ -s $raw ]] || die "$t: oha wrote no results"
@@ -627,6 +714,7 @@ export NGINX_VERSION; NGINX_VERSION=$(nginx -v 2>&1 | sed 's/^nginx version: //'
 export OHA_VERSION; OHA_VERSION=$(oha --version 2>/dev/null || echo unknown)
 export GIT_REV; GIT_REV=$(git -C "$REPO_ROOT" describe --always --dirty 2>/dev/null || echo unknown)
 export URL_DIRECT=${URL[direct]} URL_NGINX=${URL[nginx]} URL_FSP=${URL[fsp]} URL_FSP_THROTTLED=${URL[fsp-throttled]} THROTTLE AUDIT
+export URL_FSP_REST=${URL[fsp-rest]} URL_FSP_SOAP=${URL[fsp-soap]} URL_FSP_SOAP_OFF=${URL[fsp-soap-off]} SOAP
 
 set +e
 python3 - <<'EOF'
@@ -639,7 +727,8 @@ res_dir = E["RESULTS_DIR"]
 min_rps, max_p99 = float(E["MIN_RPS_RATIO"]), float(E["MAX_P99_RATIO"])
 
 FRONT = {"direct": "upstream", "nginx": "nginx_proxy", "fsp": "fsp",
-         "fsp-throttled": "fsp_throttled"}  # process terminating mTLS
+         "fsp-throttled": "fsp_throttled", "fsp-rest": "fsp", "fsp-soap": "fsp",
+         "fsp-soap-off": "fsp"}  # process terminating mTLS
 per = {}
 invalid = []
 for t in targets:
@@ -723,6 +812,16 @@ if "fsp-throttled" in per and "fsp" in per:
     ratios["throttled_fsp_rps"] = div(ft["rps"], f["rps"])
     ratios["throttled_fsp_p99"] = div(ft["p99_ms"], f["p99_ms"])
     ratios["throttled_fsp_cpu_per_req"] = div(ft["front_cpu_us_per_req"], f["front_cpu_us_per_req"])
+if "fsp-soap" in per:
+    s_on, s_off, rest = per["fsp-soap"], per["fsp-soap-off"], per["fsp-rest"]
+    ratios["soap_checks_on_off_rps"] = div(s_on["rps"], s_off["rps"])
+    ratios["soap_checks_on_off_p99"] = div(s_on["p99_ms"], s_off["p99_ms"])
+    ratios["soap_checks_on_off_cpu_per_req"] = div(s_on["front_cpu_us_per_req"], s_off["front_cpu_us_per_req"])
+    ratios["soap_rest_rps"] = div(s_on["rps"], rest["rps"])
+    ratios["soap_rest_cpu_per_req"] = div(s_on["front_cpu_us_per_req"], rest["front_cpu_us_per_req"])
+    comparable = s_on["all_200"] and s_off["all_200"]
+    checks["soap_xml_checks"] = {"target": ">= 0.9 x checks off", "ratio": ratios["soap_checks_on_off_rps"],
+                                 "pass": (ratios["soap_checks_on_off_rps"] >= 0.9) if comparable else None}
 ratios["nginx_direct_rps"] = div(per["nginx"]["rps"], per["direct"]["rps"])
 ratios["nginx_direct_p99"] = div(per["nginx"]["p99_ms"], per["direct"]["p99_ms"])
 
@@ -776,6 +875,15 @@ if "fsp" in per:
     print(f"fsp / direct throughput  {r('fsp_direct_rps')}")
     print(f"fsp / direct p99         {r('fsp_direct_p99')}")
     print(f"fsp / nginx  CPU per req {r('fsp_nginx_cpu_per_req')}")
+elif "fsp-soap" in per:
+    mark = lambda ok: "INVALID (not all 200)" if ok is None else ("PASS" if ok else "MISS")
+    r = lambda k: fmt(ratios[k], "6.3f")
+    print("SOAP: POST of a 1 KiB envelope answered by a 1 KiB envelope; REST: POST of 1 KiB JSON answered by 1 KiB JSON")
+    print(f"SOAP checks on/off throughput  {r('soap_checks_on_off_rps')}   target >= 0.9   {mark(checks['soap_xml_checks']['pass'])}")
+    print(f"SOAP checks on/off p99         {r('soap_checks_on_off_p99')}")
+    print(f"SOAP checks on/off CPU per req {r('soap_checks_on_off_cpu_per_req')}")
+    print(f"SOAP / REST        throughput  {r('soap_rest_rps')}")
+    print(f"SOAP / REST        CPU per req {r('soap_rest_cpu_per_req')}")
 else:
     print("fsp skipped (SKIP_FSP=1): no fsp ratios")
 if "throttled_fsp_rps" in ratios and E.get("AUDIT"):

@@ -90,8 +90,6 @@ pub fn rewrite(
     let mut reader = NsReader::from_reader(doc);
     reader.config_mut().trim_text(false);
     let mut writer = Writer::new(Vec::with_capacity(doc.len() + 256));
-    // Inside a WS-Addressing `Address` element, whose text is an endpoint.
-    let mut in_address = false;
     loop {
         let (ns, event) = reader.read_resolved_event().map_err(|e| bad(&e))?;
         let ns: Option<String> = match ns {
@@ -100,27 +98,27 @@ pub fn rewrite(
         };
         let event = match event {
             Event::Eof => break,
+            Event::Start(e)
+                if matches!(ns.as_deref(), Some(WSA10 | WSA04))
+                    && e.local_name().as_ref() == "Address" =>
+            {
+                // An endpoint reference's address: whatever it holds (text, references,
+                // CDATA, elements) becomes the endpoint.
+                let end = e.to_end().into_owned();
+                reader.read_to_end(end.name()).map_err(|e| bad(&e))?;
+                writer.write_event(Event::Start(e)).map_err(|e| bad(&e))?;
+                writer
+                    .write_event(Event::Text(BytesText::new(endpoint)))
+                    .map_err(|e| bad(&e))?;
+                Event::End(end)
+            }
             Event::Start(e) if ns.is_some() => {
                 let ns = ns.as_deref().unwrap_or_default();
-                if matches!(ns, WSA10 | WSA04) && e.local_name().as_ref() == "Address" {
-                    in_address = true;
-                }
                 Event::Start(element(e, ns, endpoint, &mut reference).map_err(|e| bad(&e))?)
             }
             Event::Empty(e) if ns.is_some() => {
                 let ns = ns.as_deref().unwrap_or_default();
                 Event::Empty(element(e, ns, endpoint, &mut reference).map_err(|e| bad(&e))?)
-            }
-            Event::Text(t) if in_address => {
-                if t.chars().all(char::is_whitespace) {
-                    Event::Text(t)
-                } else {
-                    Event::Text(BytesText::new(endpoint).into_owned())
-                }
-            }
-            Event::End(e) => {
-                in_address = false;
-                Event::End(e)
             }
             other => other,
         };
@@ -178,8 +176,13 @@ fn rewritten<'a>(
 pub const MAX_DOCUMENT_BYTES: usize = 4 * 1024 * 1024;
 /// Documents of one version's WSDL: the WSDL and everything it imports, transitively.
 pub const MAX_DOCUMENTS: usize = 64;
+/// Bytes of one version's documents together (as fetched).
+pub const MAX_SET_BYTES: usize = 16 * 1024 * 1024;
 /// Bytes kept by the cache over every version; the oldest entries go first.
 pub const MAX_CACHE_BYTES: usize = 64 * 1024 * 1024;
+/// How long a failed fetch is answered from memory, so that callers cannot make the
+/// gateway ask a failing provider again and again.
+pub const FAILURE_KEPT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// What a metadata request asks for: the WSDL (`?wsdl`) or a document it references
 /// (`?wsdl=N`, `?xsd=N`, numbered by the gateway when it rewrote the references).
@@ -221,6 +224,32 @@ pub struct Documents {
     pub docs: Vec<(DocKind, bytes::Bytes)>,
 }
 
+/// The `Content-Type` a served document goes out with: its XML declaration's encoding
+/// (UTF-8 when it names none), so the consumer reads it as the gateway checked it.
+pub fn content_type(doc: &[u8]) -> String {
+    let head = &doc[..doc.len().min(256)];
+    let encoding = head
+        .strip_prefix(b"\xEF\xBB\xBF")
+        .unwrap_or(head)
+        .strip_prefix(b"<?xml")
+        .and_then(|d| d.split(|b| *b == b'>').next())
+        .and_then(|decl| {
+            let decl = std::str::from_utf8(decl).ok()?;
+            let rest = &decl[decl.find("encoding")? + "encoding".len()..];
+            let rest = rest.trim_start().strip_prefix('=')?.trim_start();
+            let quote = rest.chars().next().filter(|q| *q == '"' || *q == '\'')?;
+            let value = rest[1..].split(quote).next()?;
+            value
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
+                .then(|| value.to_owned())
+        });
+    format!(
+        "text/xml; charset={}",
+        encoding.unwrap_or_else(|| "utf-8".into())
+    )
+}
+
 impl Documents {
     pub fn get(&self, wanted: Wanted) -> Option<&bytes::Bytes> {
         let (kind, n) = match wanted {
@@ -249,9 +278,49 @@ struct CacheInner {
     /// Keys, oldest first.
     order: std::collections::VecDeque<String>,
     bytes: usize,
+    /// One fetch per version at a time: the others wait for it and take its result.
+    flights: std::collections::HashMap<String, std::sync::Arc<tokio::sync::Mutex<()>>>,
+    /// Recent failures, with when they happened and why.
+    failures: std::collections::HashMap<String, (std::time::Instant, String)>,
 }
 
 impl Cache {
+    /// The lock that one fetch of `key` holds while it runs.
+    pub fn flight(&self, key: &str) -> std::sync::Arc<tokio::sync::Mutex<()>> {
+        let mut inner = self
+            .inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        inner.flights.entry(key.to_owned()).or_default().clone()
+    }
+
+    /// Why the last fetch of `key` failed, if it failed less than [`FAILURE_KEPT`] ago.
+    pub fn recent_failure(&self, key: &str) -> Option<String> {
+        let inner = self
+            .inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        inner
+            .failures
+            .get(key)
+            .filter(|(at, _)| at.elapsed() < FAILURE_KEPT)
+            .map(|(_, why)| why.clone())
+    }
+
+    /// Remembers a failed fetch of `key` for [`FAILURE_KEPT`].
+    pub fn failed(&self, key: &str, why: String) {
+        let mut inner = self
+            .inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        inner
+            .failures
+            .retain(|_, (at, _)| at.elapsed() < FAILURE_KEPT);
+        inner
+            .failures
+            .insert(key.to_owned(), (std::time::Instant::now(), why));
+    }
+
     pub fn get(&self, key: &str) -> Option<std::sync::Arc<Documents>> {
         let inner = self
             .inner
@@ -277,6 +346,7 @@ impl Cache {
         }
         inner.order.push_back(key.to_owned());
         inner.bytes += size;
+        inner.failures.remove(key);
         while inner.bytes > MAX_CACHE_BYTES {
             let Some(oldest) = inner.order.pop_front() else {
                 break;
@@ -374,6 +444,28 @@ mod tests {
     }
 
     #[test]
+    fn an_endpoint_references_address_is_replaced_whole_however_it_is_written() {
+        for inner in [
+            "http://10.0.0.7/p?a=1&amp;b=2",
+            "&#104;&#116;&#116;&#112;://10.0.0.7/",
+            "<![CDATA[http://10.0.0.7/]]>",
+            "http://10.0.0.7/<x>y</x>rest",
+            "a&lt;a&lt;a&lt;a&lt;a&lt;a&lt;a&lt;a&lt;",
+        ] {
+            let doc = format!(
+                r#"<d xmlns:wsa="http://www.w3.org/2005/08/addressing"><wsa:EndpointReference><wsa:Address>{inner}</wsa:Address><wsa:Other>keep</wsa:Other></wsa:EndpointReference></d>"#
+            );
+            let out = rewrite(doc.as_bytes(), "https://gw/x/y/v1", |_, _| None).unwrap();
+            let out = String::from_utf8(out).unwrap();
+            assert_eq!(
+                out,
+                r#"<d xmlns:wsa="http://www.w3.org/2005/08/addressing"><wsa:EndpointReference><wsa:Address>https://gw/x/y/v1</wsa:Address><wsa:Other>keep</wsa:Other></wsa:EndpointReference></d>"#,
+                "{inner}"
+            );
+        }
+    }
+
+    #[test]
     fn elements_are_matched_by_namespace_not_prefix() {
         let doc = r#"<w:definitions xmlns:w="http://schemas.xmlsoap.org/wsdl/" xmlns:soap="urn:not-soap">
 <w:service><w:port><soap:address location="http://keep.me/"/><x:address xmlns:x="http://schemas.xmlsoap.org/wsdl/soap12/" location="http://change.me/"/></w:port></w:service></w:definitions>"#;
@@ -448,6 +540,24 @@ mod tests {
         let d = cache.get("a/b/v3").unwrap();
         assert_eq!(d.get(Wanted::Wsdl).unwrap().len(), 20);
         assert_eq!(d.get(Wanted::Document(DocKind::Schema, 0)), None);
+    }
+
+    #[test]
+    fn documents_go_out_in_the_charset_they_declare() {
+        assert_eq!(content_type(b"<a/>"), "text/xml; charset=utf-8");
+        assert_eq!(
+            content_type(b"<?xml version='1.0' encoding='ISO-8859-1'?><a/>"),
+            "text/xml; charset=ISO-8859-1"
+        );
+        assert_eq!(
+            content_type(b"\xEF\xBB\xBF<?xml version=\"1.0\" encoding = \"UTF-8\" ?><a/>"),
+            "text/xml; charset=UTF-8"
+        );
+        // Nothing odd gets into the field.
+        assert_eq!(
+            content_type(b"<?xml version=\"1.0\" encoding=\"a\r\nX: y\"?><a/>"),
+            "text/xml; charset=utf-8"
+        );
     }
 
     #[test]

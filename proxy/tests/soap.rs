@@ -164,6 +164,26 @@ async fn answer(addr: SocketAddr, req: Request<Incoming>, log: &Seen) -> Respons
     log.lock()
         .unwrap()
         .push(format!("{} {pq} action={action} ct={ct}", parts.method));
+    if let Some(kind) = pq.strip_prefix("/person/v3/ct/") {
+        // REST answers with awkward Content-Types.
+        let (types, body): (&[&str], &str) = match kind {
+            "twice" => (&["application/json", "text/xml"], "<!DOCTYPE a><a/>"),
+            "utf7" => (&["text/xml; charset=utf-7"], "<a/>"),
+            "none-doctype" => (&[], "  <!DOCTYPE a [<!ENTITY e 'x'>]><a>&e;</a>"),
+            "none-json" => (&[], "{\"a\": 1}"),
+            "docx" => (
+                &["application/vnd.openxmlformats-officedocument.wordprocessingml.document"],
+                "PK\u{3}\u{4}<!DOCTYPE not xml at all",
+            ),
+            "problem-xml-doctype" => (&["application/problem+xml"], "<!DOCTYPE p><p/>"),
+            _ => (&["application/xml"], "<a>1</a>"),
+        };
+        let mut r = Response::new(full_body(body.to_owned()));
+        for t in types {
+            r.headers_mut().append("content-type", t.parse().unwrap());
+        }
+        return r;
+    }
     if parts.method == http::Method::GET {
         return match pq.as_str() {
             "/soap/v1?wsdl" => text("text/xml", full_body(provider_wsdl(addr))),
@@ -317,8 +337,33 @@ async fn start(process: bool, service_extra: &str) -> Setup {
     let pki = Pki::new();
     let (port, admin) = (free_port(), free_port());
     let config = write_config_with(&pki, up, port, admin, "drain_timeout = \"1s\"", "", "");
-    let text = std::fs::read_to_string(&config)
-        .unwrap()
+    // A second SOAP service whose provider has no WSDL to give.
+    let broken = format!(
+        r#"
+[[family]]
+id       = "other"
+provider = "rrn"
+
+[[family.service]]
+id       = "broken"
+protocol = "soap"
+
+[[family.service.version]]
+version  = "v1"
+upstream = "http://{up}/broken/v1"
+released = 2024-01-01
+
+[[authorisation]]
+id          = "bxl-broken"
+consumer    = "ville-bxl"
+service     = "other/broken"
+purpose     = "participation-vote"
+legal_basis = {{ kind = "deliberation", reference = "CSI/20/123" }}
+provider_approval = "RRN-2020-456"
+valid_from  = 2020-01-01
+"#
+    );
+    let text = (std::fs::read_to_string(&config).unwrap() + &broken)
         .replace(
             "https://fsp.int.example.be",
             &format!("https://localhost:{port}"),
@@ -747,6 +792,98 @@ async fn refusals_can_be_sent_under_500_for_toolkits_that_read_no_fault_otherwis
 
 // ---------------------------------------------------------------------------------
 // Attacks in providers' answers
+
+#[tokio::test]
+async fn rest_answers_are_checked_when_a_consumer_could_take_them_for_xml() {
+    let s = start(false, "").await;
+    let c = client(&s.pki, Some(&s.pki.consumer), false);
+    for (kind, expected) in [
+        ("xml-ok", StatusCode::OK),
+        ("none-json", StatusCode::OK),
+        ("docx", StatusCode::OK),
+        ("twice", StatusCode::BAD_GATEWAY),
+        ("utf7", StatusCode::BAD_GATEWAY),
+        ("none-doctype", StatusCode::BAD_GATEWAY),
+        ("problem-xml-doctype", StatusCode::BAD_GATEWAY),
+    ] {
+        let mut req = get(&s.gw.url(&format!("/person/getPerson/v3/ct/{kind}")));
+        req.headers_mut()
+            .insert("fsp-purpose", "participation-vote".parse().unwrap());
+        let (status, _, body, _) = send(&c, req).await.unwrap();
+        let text = String::from_utf8_lossy(&body);
+        assert_eq!(status, expected, "{kind}: {text}");
+        if expected == StatusCode::BAD_GATEWAY {
+            assert!(
+                text.contains("FSP-UPSTREAM-UNAVAILABLE") && !text.contains("DOCTYPE"),
+                "{kind}: {text}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_http_10_consumer_gets_a_checked_answer_whole_or_a_fault() {
+    use tokio::io::AsyncWriteExt;
+    let s = start(false, "").await;
+    for (action, status) in [("", 200), ("attack:late-doctype", 502)] {
+        let body = envelope(
+            SOAP11,
+            "s",
+            None,
+            "<t:GetPerson xmlns:t=\"urn:person:types\"><t:ssin>7</t:ssin></t:GetPerson>",
+        );
+        let request = format!(
+            "POST /person/getPersonSoap/v1 HTTP/1.0\r\nHost: localhost\r\nContent-Type: text/xml; charset=utf-8\r\nSOAPAction: \"{action}\"\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let mut tls = raw_tls(&s.pki, &s.pki.consumer, s.gw.port).await;
+        tls.write_all(request.as_bytes()).await.unwrap();
+        tls.flush().await.unwrap();
+        let (got, text) = read_response(&mut tls).await;
+        assert_eq!(got, status, "{action}: {text}");
+        if status == 502 {
+            // A late refusal cannot be shown to an HTTP/1.0 client by cutting the answer
+            // off: it is read whole first, and refused whole.
+            assert!(
+                text.contains("FSP-UPSTREAM-UNAVAILABLE") && !text.contains("xxxx"),
+                "{text}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_wsdl_the_provider_cannot_give_is_a_fault_and_is_not_asked_again_at_once() {
+    let s = start(false, "").await;
+    let c = client(&s.pki, Some(&s.pki.consumer), false);
+    for _ in 0..3 {
+        let (status, _, body, _) = send(&c, get(&s.gw.url("/other/broken/v1?wsdl")))
+            .await
+            .unwrap();
+        let text = String::from_utf8_lossy(&body);
+        assert_eq!(status, StatusCode::BAD_GATEWAY, "{text}");
+        assert!(
+            text.contains("FSP-UPSTREAM-UNAVAILABLE") && !text.contains("127.0.0.1"),
+            "{text}"
+        );
+    }
+    let seen = s.seen.lock().unwrap().clone();
+    let asked = seen
+        .iter()
+        .filter(|l| l.starts_with("GET /broken/v1?wsdl"))
+        .count();
+    assert_eq!(asked, 1, "{seen:?}");
+    let records = records_when(&s.pki, |r| {
+        r.iter().filter(|r| r["status"] == 502).count() >= 3
+    })
+    .await;
+    assert!(
+        records
+            .iter()
+            .all(|r| r["status"] == 502 && r["fault"] == "provider" && r["purpose"].is_null()),
+        "{records:?}"
+    );
+}
 
 /// Reads an answer whole; `Err` when it was cut off (not complete).
 async fn read_whole(

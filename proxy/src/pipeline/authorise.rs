@@ -43,6 +43,7 @@ pub fn authorise<'s>(
 ) -> Result<Granted<'s>, Rejection> {
     let (gw, snap) = (&*local.gw, &*local.snap);
     let record = &mut call.record;
+    let metadata = route.metadata().is_some();
     let ask = policy::Ask {
         service: &route.service().name,
         version: &route.version().version,
@@ -50,7 +51,7 @@ pub fn authorise<'s>(
         purpose: record.purpose.as_deref(),
         source_ip: conn.peer.ip(),
         today: call.stamp.now.date(),
-        any_purpose: route.metadata().is_some(),
+        any_purpose: metadata,
     };
     // A guard, not a counted reference: it is read here and let go at once.
     let authorisation = policy::decide(
@@ -61,9 +62,11 @@ pub fn authorise<'s>(
     )
     .map_err(map::denial)?;
     record.authorisation = Some(authorisation.id.clone());
-    // (Reusing the buffer of the purpose the consumer gave, usually the same text.)
+    // (Reusing the buffer of the purpose the consumer gave, usually the same text.) A
+    // request for the version's WSDL states no purpose and is recorded with none.
     match &mut record.purpose {
         Some(p) => p.clone_from(&authorisation.purpose),
+        None if metadata => {}
         None => record.purpose = Some(authorisation.purpose.clone()),
     }
     let grant = local.grants.get(&authorisation.id);

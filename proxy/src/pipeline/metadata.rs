@@ -19,7 +19,7 @@ use http_body_util::BodyExt;
 
 use super::call::{Call, ConnInfo};
 use super::record::Cleared;
-use crate::errors::{Code, Rejection, Side};
+use crate::errors::{Code, Rejection, Side, map};
 use crate::headers::Outbound;
 use crate::state::Local;
 use crate::transport::body::{CallShared, RequestBody, XmlCheck};
@@ -47,39 +47,73 @@ pub async fn serve(
     let (caller, route, _grant) = cleared.into_admitted().into_granted().into_parts();
     let (service, version) = (route.service(), route.version());
     let key = format!("{}/{}", service.name, version.version);
+    let failed = |why: String| {
+        Rejection::new(
+            Code::UpstreamUnavailable,
+            format!(
+                "the WSDL of {} {} could not be had from its provider",
+                service.name, version.version
+            ),
+        )
+        .with_internal(format!(
+            "the WSDL of {} {} could not be had from provider {}: {why}",
+            service.name, version.version, service.provider
+        ))
+        .blaming(Side::Provider)
+    };
     let docs = match snap.wsdl.get(&key) {
         Some(docs) => docs,
         None => {
-            let endpoint = format!(
-                "{}/{}/{}",
-                snap.public_url.trim_end_matches('/'),
-                service.name,
-                version.version
-            );
-            let fetch = Fetch {
-                upstream: route.upstream(),
-                base: &version.upstream,
-                consumer: &caller.consumer().id,
-                peer: &conn.peer_ip_value,
-                message_id: call.stamp.message_id(),
-                limits: snap.service_options(&service.name).xml.unwrap_or_default(),
-            };
-            let docs = Arc::new(fetch.all(&endpoint).await.map_err(|why| {
-                Rejection::new(
-                    Code::UpstreamUnavailable,
-                    format!(
-                        "the WSDL of {} {} could not be had from its provider",
-                        service.name, version.version
-                    ),
-                )
-                .with_internal(format!(
-                    "the WSDL of {} {} could not be had from provider {}: {why}",
-                    service.name, version.version, service.provider
-                ))
-                .blaming(Side::Provider)
-            })?);
-            snap.wsdl.put(&key, docs.clone());
-            docs
+            // One fetch per version at a time; who waited takes its result.
+            let flight = snap.wsdl.flight(&key);
+            let _fetching = flight.lock().await;
+            if let Some(docs) = snap.wsdl.get(&key) {
+                docs
+            } else if let Some(why) = snap.wsdl.recent_failure(&key) {
+                return Err(failed(format!(
+                    "{why} (less than {:?} ago)",
+                    wsdl::FAILURE_KEPT
+                )));
+            } else {
+                let endpoint = format!(
+                    "{}/{}/{}",
+                    snap.public_url.trim_end_matches('/'),
+                    service.name,
+                    version.version
+                );
+                let fetch = Fetch {
+                    upstream: route.upstream(),
+                    base: &version.upstream,
+                    consumer: &caller.consumer().id,
+                    peer: &conn.peer_ip_value,
+                    message_id: call.stamp.message_id(),
+                    limits: snap.service_options(&service.name).xml.unwrap_or_default(),
+                };
+                let timeout = route.upstream().response_timeout;
+                let fetched = match tokio::time::timeout(timeout, fetch.all(&endpoint)).await {
+                    Ok(fetched) => fetched,
+                    Err(_) => Err(FetchError::Provider(format!(
+                        "its documents were not all had within {timeout:?}"
+                    ))),
+                };
+                match fetched {
+                    Ok(docs) => {
+                        let docs = Arc::new(docs);
+                        snap.wsdl.put(&key, docs.clone());
+                        docs
+                    }
+                    Err(FetchError::Provider(why)) => {
+                        snap.wsdl.failed(&key, why.clone());
+                        return Err(failed(why));
+                    }
+                    Err(FetchError::Exchange(e)) => {
+                        return Err(map::upstream(&service.provider, &service.name, &e));
+                    }
+                    Err(FetchError::Gateway(why)) => {
+                        return Err(failed(why).blaming(Side::Gateway));
+                    }
+                }
+            }
         }
     };
     match docs.get(wanted) {
@@ -97,6 +131,18 @@ pub async fn serve(
     }
 }
 
+/// Why a version's documents could not be had.
+#[derive(Debug)]
+enum FetchError {
+    /// The exchange with the provider failed (mapped as a call's would be: the
+    /// consumer's share, the gateway's cap, the provider's fault).
+    Exchange(crate::transport::pool::UpstreamError),
+    /// The provider answered something the gateway does not serve.
+    Provider(String),
+    /// The gateway could not ask.
+    Gateway(String),
+}
+
 /// A fetch of a version's WSDL and what it references, on the provider's origin.
 struct Fetch<'a> {
     upstream: &'a Arc<Upstream>,
@@ -110,18 +156,26 @@ struct Fetch<'a> {
 impl Fetch<'_> {
     /// The WSDL (`{upstream}?wsdl`) and, transitively, every document it references on
     /// the provider's origin, each rewritten. References elsewhere are left as written.
-    async fn all(&self, endpoint: &str) -> Result<Documents, String> {
-        let mut first = url::Url::parse(&self.base.to_string())
-            .map_err(|e| format!("the version's address cannot be read: {e}"))?;
+    async fn all(&self, endpoint: &str) -> Result<Documents, FetchError> {
+        let mut first = url::Url::parse(&self.base.to_string()).map_err(|e| {
+            FetchError::Gateway(format!("the version's address cannot be read: {e}"))
+        })?;
         first.set_query(Some("wsdl"));
         first.set_fragment(None);
         // The documents found so far, in the order they were numbered.
         let mut found: Vec<(DocKind, url::Url)> = vec![(DocKind::Wsdl, first)];
         let mut docs = Vec::new();
-        let mut i = 0;
+        let (mut i, mut total) = (0, 0);
         while i < found.len() {
             let (kind, url) = found[i].clone();
             let raw = self.get(&url).await?;
+            total += raw.len();
+            if total > wsdl::MAX_SET_BYTES {
+                return Err(FetchError::Provider(format!(
+                    "its documents together are larger than {} bytes",
+                    wsdl::MAX_SET_BYTES
+                )));
+            }
             let mut too_many = false;
             let rewritten = wsdl::rewrite(&raw, endpoint, |kind, location| {
                 let target = url.join(location).ok()?;
@@ -146,12 +200,12 @@ impl Fetch<'_> {
                 }
                 Some(format!("{endpoint}?{}={n}", found[n].0.parameter()))
             })
-            .map_err(|e| format!("{url}: {e}"))?;
+            .map_err(|e| FetchError::Provider(format!("{url}: {e}")))?;
             if too_many {
-                return Err(format!(
+                return Err(FetchError::Provider(format!(
                     "it references more than {} documents",
                     wsdl::MAX_DOCUMENTS
-                ));
+                )));
             }
             docs.push((kind, Bytes::from(rewritten)));
             i += 1;
@@ -160,14 +214,15 @@ impl Fetch<'_> {
     }
 
     /// One document, whole, checked by the XML guard.
-    async fn get(&self, url: &url::Url) -> Result<Bytes, String> {
+    async fn get(&self, url: &url::Url) -> Result<Bytes, FetchError> {
+        let provider = FetchError::Provider;
         let path = match url.query() {
             Some(q) => format!("{}?{q}", url.path()),
             None => url.path().to_owned(),
         };
         let path: PathAndQuery = path
             .parse()
-            .map_err(|e| format!("{url} cannot be asked for: {e}"))?;
+            .map_err(|e| provider(format!("{url} cannot be asked for: {e}")))?;
         let mut headers = HeaderMap::new();
         headers.insert(
             header::ACCEPT,
@@ -175,64 +230,56 @@ impl Fetch<'_> {
         );
         let fsp = HeaderValue::from_str(self.message_id)
             .map(|v| [(crate::headers::FSP_MESSAGE_ID, v)])
-            .map_err(|_| "the message id is not a field value".to_owned())?;
+            .map_err(|_| FetchError::Gateway("the message id is not a field value".into()))?;
         let fields = Outbound::new(headers, &fsp, &[], self.peer);
-        let shared = Arc::new(CallShared::new());
         let body = RequestBody::new(
             Bytes::new(),
             None,
             0,
             self.upstream.response_timeout,
             XmlCheck::Off,
-            shared,
+            Arc::new(CallShared::new()),
         );
-        let exchange = async {
-            let response = self
-                .upstream
-                .send(self.base, path, Method::GET, fields, body, self.consumer)
-                .await
-                .map_err(|e| format!("{url}: {e}"))?;
-            if response.status() != StatusCode::OK {
-                return Err(format!("{url} was answered {}", response.status()));
-            }
-            let encoded = response
-                .headers()
-                .get(header::CONTENT_ENCODING)
-                .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
-            if encoded {
-                return Err(format!("{url} was answered compressed"));
-            }
-            let mut body = response.into_body();
-            let mut doc = BytesMut::new();
-            let mut guard = xml::Guard::new(self.limits);
-            while let Some(frame) = body.frame().await {
-                let frame = frame.map_err(|e| format!("{url}: the answer broke off: {e}"))?;
-                if let Ok(data) = frame.into_data() {
-                    if doc.len() + data.len() > wsdl::MAX_DOCUMENT_BYTES {
-                        return Err(format!(
-                            "{url} is larger than {} bytes",
-                            wsdl::MAX_DOCUMENT_BYTES
-                        ));
-                    }
-                    guard
-                        .feed(&data)
-                        .map_err(|e| format!("{url} was refused: {e}"))?;
-                    doc.extend_from_slice(&data);
-                }
-            }
-            guard
-                .finish()
-                .map_err(|e| format!("{url} was refused: {e}"))?;
-            Ok(doc.freeze())
-        };
-        tokio::time::timeout(self.upstream.response_timeout, exchange)
+        let response = self
+            .upstream
+            .send(self.base, path, Method::GET, fields, body, self.consumer)
             .await
-            .map_err(|_| {
-                format!(
-                    "{url} was not answered within {:?}",
-                    self.upstream.response_timeout
-                )
-            })?
+            .map_err(FetchError::Exchange)?;
+        if response.status() != StatusCode::OK {
+            return Err(provider(format!(
+                "{url} was answered {}",
+                response.status()
+            )));
+        }
+        let encoded = response
+            .headers()
+            .get(header::CONTENT_ENCODING)
+            .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
+        if encoded {
+            return Err(provider(format!("{url} was answered compressed")));
+        }
+        let mut body = response.into_body();
+        let mut doc = BytesMut::new();
+        let mut guard = xml::Guard::new(self.limits);
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| provider(format!("{url}: the answer broke off: {e}")))?;
+            if let Ok(data) = frame.into_data() {
+                if doc.len() + data.len() > wsdl::MAX_DOCUMENT_BYTES {
+                    return Err(provider(format!(
+                        "{url} is larger than {} bytes",
+                        wsdl::MAX_DOCUMENT_BYTES
+                    )));
+                }
+                guard
+                    .feed(&data)
+                    .map_err(|e| provider(format!("{url} was refused: {e}")))?;
+                doc.extend_from_slice(&data);
+            }
+        }
+        guard
+            .finish()
+            .map_err(|e| provider(format!("{url} was refused: {e}")))?;
+        Ok(doc.freeze())
     }
 }
 

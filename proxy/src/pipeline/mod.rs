@@ -66,6 +66,7 @@ pub async fn handle(
     let mut body = Unread::new(body);
     let target = Target::of(&local.snap, parts.uri.path(), stamp.now.date());
     let mut call = Call::begin(stamp, &local.gw.node, &conn, &parts, &target);
+    let mut http10 = false;
     // Up to the audit gate, then the provider: only a cleared call reaches `forward`.
     let served = match clear(&local, &conn, &mut call, &parts, target, &mut body).await {
         Ok((cleared, _)) if let Some(wanted) = cleared.metadata() => {
@@ -78,6 +79,7 @@ pub async fn handle(
         }
         Ok((cleared, content)) => {
             let (method, headers) = (parts.method, parts.headers);
+            http10 = parts.version < http::Version::HTTP_11;
             forward::forward(
                 &local, &conn, &mut call, cleared, method, headers, content, &mut body,
             )
@@ -86,7 +88,7 @@ pub async fn handle(
         Err(refusal) => Err(refusal),
     };
     Ok(match served {
-        Ok(answer) => respond::deliver(&local, call, answer).await,
+        Ok(answer) => respond::deliver(&local, call, answer, http10).await,
         Err(refusal) => respond::refuse(&local, call, refusal),
     })
 }

@@ -23,58 +23,87 @@ use crate::xml;
 /// The provider's answer, on its way back to the consumer.
 ///
 /// An answer that the XML threat protection applies to (every answer of a SOAP service,
-/// and XML answers of the others) is held to the service's XML limits, as requests are:
-/// its first [`HELD_BEFORE_HEAD`] bytes are read and checked before the head is sent, so
-/// a refused start (a DTD, entities, a document that is not XML) becomes a clean 502
-/// fault; past them, a refused byte is never sent and the answer is cut off, so the
-/// consumer never receives something it could take for a complete answer.
-pub async fn deliver(local: &Arc<Local>, call: Call, answer: Answer) -> Response<ResponseBody> {
+/// XML answers of the others, and their answers without a `Content-Type` that start like
+/// XML) is held to the service's XML limits, as requests are: its first
+/// [`HELD_BEFORE_HEAD`] bytes are read and checked before the head is sent, so a refused
+/// start (a DTD, entities, a document that is not XML) becomes a clean 502 fault; past
+/// them, a refused byte is never sent and the answer is cut off, so the consumer never
+/// receives something it could take for a complete answer. An HTTP/1.0 consumer cannot
+/// tell a cut-off answer from a complete one: its checked answers are read whole (up to
+/// [`HELD_FOR_HTTP10`]) before anything is sent.
+pub async fn deliver(
+    local: &Arc<Local>,
+    call: Call,
+    answer: Answer,
+    http10: bool,
+) -> Response<ResponseBody> {
     let (mut parts, mut body) = answer.response.into_parts();
-    let xml_answer = parts
-        .headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(is_xml);
-    let mut guard = answer
-        .xml
-        .filter(|_| answer.soap || xml_answer)
-        .map(xml::Guard::new);
+    let kind = AnswerType::of(&parts.headers);
     let identity = parts
         .headers
         .get(header::CONTENT_ENCODING)
         .is_none_or(|v| v.as_bytes().eq_ignore_ascii_case(b"identity"));
-    let mut stamp = (answer.soap && xml_answer && identity)
+    let mut stamp = (answer.soap && kind == AnswerType::Xml && identity)
         .then(|| HeaderStamp::new(call.stamp.message_id(), call.stamp.timestamp()));
-    if guard.is_none() && stamp.is_none() {
-        return respond(local, call, parts, answer.fsp, answer.lifecycle, |f| {
-            ResponseBody::upstream(body, f)
-        });
-    }
-    if guard.is_some() && !identity {
-        // The guard cannot read a compressed answer, and what it cannot read it does not
-        // pass (the gateway asks SOAP providers for identity encoding).
-        let encoding = parts.headers[header::CONTENT_ENCODING]
-            .to_str()
-            .unwrap_or("?")
-            .to_owned();
-        return refuse(
-            local,
-            call,
+    // What the checks do with it: guard it, look at its first byte, or let it be.
+    let (mut guard, mut sniff) = (None, None);
+    if let Some(limits) = answer.xml {
+        let unreadable = |why: String| {
             Rejection::new(
                 Code::UpstreamUnavailable,
                 "the provider's answer could not be checked and was not passed on",
             )
-            .with_internal(format!(
-                "the provider's XML answer is compressed ({encoding}), which the XML threat protection cannot check"
-            ))
-            .blaming(Side::Provider),
-        );
+            .with_internal(why)
+            .blaming(Side::Provider)
+        };
+        match (&kind, answer.soap) {
+            (AnswerType::Unreadable(why), _) => {
+                return refuse(
+                    local,
+                    call,
+                    unreadable(format!("the provider's answer {why}")),
+                );
+            }
+            (AnswerType::Multipart, true) => {
+                let why = "the provider's answer is multipart (MTOM or attachments), which a SOAP service does not pass on";
+                return refuse(local, call, unreadable(why.to_owned()));
+            }
+            (_, true) | (AnswerType::Xml, false) => guard = Some(xml::Guard::new(limits)),
+            (AnswerType::Missing, false) => sniff = Some(limits),
+            (AnswerType::Multipart | AnswerType::Other, false) => {}
+        }
+        if (guard.is_some() || sniff.is_some()) && !identity {
+            // The guard cannot read a compressed answer, and what it cannot read it does
+            // not pass (the gateway asks SOAP providers for identity encoding).
+            let encoding = parts.headers[header::CONTENT_ENCODING]
+                .to_str()
+                .unwrap_or("?")
+                .to_owned();
+            return refuse(
+                local,
+                call,
+                unreadable(format!(
+                    "the provider's XML answer is compressed ({encoding}), which the XML threat protection cannot check"
+                )),
+            );
+        }
     }
-    // Read the start before the head goes out.
+    if guard.is_none() && sniff.is_none() && stamp.is_none() {
+        return respond(local, call, parts, answer.fsp, answer.lifecycle, |f| {
+            ResponseBody::upstream(body, f)
+        });
+    }
+    // Read the start (for an HTTP/1.0 consumer, all of a checked answer) before the head
+    // goes out.
+    let limit = if http10 && (guard.is_some() || sniff.is_some()) {
+        HELD_FOR_HTTP10
+    } else {
+        HELD_BEFORE_HEAD
+    };
     let (mut trailers, mut ended) = (None, false);
     let mut held = BytesMut::new();
     let deadline = tokio::time::Instant::now() + answer.response_timeout;
-    while held.len() < HELD_BEFORE_HEAD && !ended {
+    while held.len() < limit && !ended {
         let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
             Ok(frame) => frame,
             Err(_) => {
@@ -91,12 +120,32 @@ pub async fn deliver(local: &Arc<Local>, call: Call, answer: Answer) -> Response
         match frame {
             Some(Ok(frame)) => match frame.into_data() {
                 Ok(data) => {
-                    if let Some(guard) = &mut guard
+                    held.extend_from_slice(&data);
+                    if let Some(limits) = sniff {
+                        // Without a Content-Type, an answer that starts like XML is XML
+                        // (as consumers' parsers would take it).
+                        match held.iter().find(|b| !b.is_ascii_whitespace()) {
+                            None => continue,
+                            Some(b'<' | 0xEF) => {
+                                sniff = None;
+                                let mut g = xml::Guard::new(limits);
+                                if let Err(e) = g.feed(&held) {
+                                    return refuse(local, call, answer_refused(&e));
+                                }
+                                guard = Some(g);
+                            }
+                            Some(_) => {
+                                sniff = None;
+                                if stamp.is_none() {
+                                    break;
+                                }
+                            }
+                        }
+                    } else if let Some(guard) = &mut guard
                         && let Err(e) = guard.feed(&data)
                     {
                         return refuse(local, call, answer_refused(&e));
                     }
-                    held.extend_from_slice(&data);
                 }
                 Err(frame) => {
                     trailers = Some(frame);
@@ -113,6 +162,19 @@ pub async fn deliver(local: &Arc<Local>, call: Call, answer: Answer) -> Response
             None => ended = true,
         }
     }
+    if http10 && guard.is_some() && !ended {
+        let rejection = Rejection::new(
+            Code::UpstreamUnavailable,
+            "the provider's answer is too large to be checked for an HTTP/1.0 client: use HTTP/1.1 or HTTP/2",
+        )
+        .with_internal(format!(
+            "the provider's XML answer is larger than {HELD_FOR_HTTP10} bytes, the most the gateway checks before answering an HTTP/1.0 client"
+        ))
+        .blaming(Side::Gateway);
+        return refuse(local, call, rejection);
+    }
+    // An answer neither checked nor stamped (untyped, and not XML) goes on as it came.
+    let as_it_came = guard.is_none() && stamp.is_none();
     if ended && let Some(g) = &mut guard {
         // An empty answer (202, 204, HEAD) has no document to check.
         if !held.is_empty()
@@ -132,7 +194,9 @@ pub async fn deliver(local: &Arc<Local>, call: Call, answer: Answer) -> Response
             (a, b) => a.or(b),
         };
     }
-    parts.headers.remove(header::CONTENT_LENGTH);
+    if !as_it_came {
+        parts.headers.remove(header::CONTENT_LENGTH);
+    }
     if ended && trailers.is_none() {
         // All of it is here, checked and stamped: it goes out with its length, and the
         // provider's connection goes back to its pool now.
@@ -161,12 +225,68 @@ pub async fn deliver(local: &Arc<Local>, call: Call, answer: Answer) -> Response
 /// size is read whole, and the stamp's spot is found within it.
 pub const HELD_BEFORE_HEAD: usize = crate::soap::STAMP_SCAN_LIMIT;
 
-fn is_xml(content_type: &str) -> bool {
-    let media = content_type.split(';').next().unwrap_or_default();
-    media
-        .as_bytes()
-        .windows(3)
-        .any(|w| w.eq_ignore_ascii_case(b"xml"))
+/// How much of a checked answer to an HTTP/1.0 consumer is read, at most, before its
+/// head is sent: all of it must fit.
+pub const HELD_FOR_HTTP10: usize = 1024 * 1024;
+
+/// What an answer's `Content-Type` says, for the XML checks.
+#[derive(Debug, PartialEq, Eq)]
+enum AnswerType {
+    /// `text/xml`, `application/xml` or `*/*+xml`, in a charset the guard reads as the
+    /// consumer will.
+    Xml,
+    /// `multipart/*`.
+    Multipart,
+    /// Any other type.
+    Other,
+    /// None given.
+    Missing,
+    /// Given twice, not ASCII, or XML in a charset the guard cannot read: a consumer
+    /// could take it for XML the guard did not see.
+    Unreadable(String),
+}
+
+impl AnswerType {
+    fn of(headers: &http::HeaderMap) -> Self {
+        let mut values = headers.get_all(header::CONTENT_TYPE).iter();
+        let Some(value) = values.next() else {
+            return Self::Missing;
+        };
+        if values.next().is_some() {
+            return Self::Unreadable("has more than one Content-Type".into());
+        }
+        let Ok(value) = value.to_str() else {
+            return Self::Unreadable(
+                "has a Content-Type with characters other than visible ASCII".into(),
+            );
+        };
+        let mut params = value.split(';');
+        let media = params
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_ascii_lowercase();
+        if media.starts_with("multipart/") {
+            return Self::Multipart;
+        }
+        let xml = media == "text/xml" || media == "application/xml" || media.ends_with("+xml");
+        if !xml {
+            return Self::Other;
+        }
+        for param in params {
+            if let Some((name, charset)) = param.split_once('=')
+                && name.trim().eq_ignore_ascii_case("charset")
+            {
+                let charset = charset.trim().trim_matches('"');
+                if xml::check_encoding(charset.as_bytes()).is_err() {
+                    return Self::Unreadable(format!(
+                        "is XML in charset {charset}, which the XML threat protection cannot read"
+                    ));
+                }
+            }
+        }
+        Self::Xml
+    }
 }
 
 fn answer_refused(e: &xml::XmlError) -> Rejection {
@@ -215,10 +335,9 @@ pub fn metadata(
     served: super::metadata::Served,
 ) -> Response<ResponseBody> {
     let mut parts = Response::new(()).into_parts().0;
-    parts.headers.insert(
-        header::CONTENT_TYPE,
-        http::HeaderValue::from_static("text/xml; charset=utf-8"),
-    );
+    if let Ok(v) = http::HeaderValue::from_str(&crate::wsdl::content_type(&served.body)) {
+        parts.headers.insert(header::CONTENT_TYPE, v);
+    }
     // A consumer's toolkit may keep it; a reload may change it.
     parts.headers.insert(
         header::CACHE_CONTROL,
