@@ -739,7 +739,7 @@ async fn soap_11_and_12_envelopes_in_any_spelling_are_forwarded_and_stamped() {
         .unwrap();
         assert_eq!(status, StatusCode::OK);
     }
-    let records = records_when(&s.pki, |r| r.len() >= 8).await;
+    let records = records_when(&s.pki, |r| r.len() >= 10).await;
     assert!(
         records[records.len() - 2..]
             .iter()

@@ -84,6 +84,30 @@ pub async fn inspect(
     };
     if soap && let XmlCheck::On(guard) = &mut content.xml {
         let (read, header) = read_soap_header(body, guard, snap.request_body_timeout).await?;
+        // The Content-Type and the envelope's namespace must name one SOAP version: a
+        // provider may go by either.
+        let declared = soap::SoapVersion::of(&parts.headers);
+        let enveloped = match guard.soap_version() {
+            Some(xml::SoapEnvelope::V11) => Some(soap::SoapVersion::V11),
+            Some(xml::SoapEnvelope::V12) => Some(soap::SoapVersion::V12),
+            None => None,
+        };
+        if let (Some(d), Some(e)) = (declared, enveloped)
+            && d != e
+        {
+            let name = |v: soap::SoapVersion| match v {
+                soap::SoapVersion::V11 => "SOAP 1.1 (text/xml)",
+                soap::SoapVersion::V12 => "SOAP 1.2 (application/soap+xml)",
+            };
+            return Err(Rejection::new(
+                Code::RequestMalformed,
+                format!(
+                    "the Content-Type says {} but the envelope is {}: send each version with its own content type",
+                    name(d),
+                    name(e)
+                ),
+            ));
+        }
         content.prefix = read;
         take_soap_header(call, &parts.headers, header)?;
         if checks.is_none() {
