@@ -822,6 +822,23 @@ async fn rest_answers_are_checked_when_a_consumer_could_take_them_for_xml() {
 }
 
 #[tokio::test]
+async fn a_head_of_an_xml_answer_keeps_the_length_of_what_a_get_would_give() {
+    let s = start(false, "").await;
+    let c = client(&s.pki, Some(&s.pki.consumer), false);
+    let mut req = get(&s.gw.url("/person/getPerson/v3/ct/xml-ok"));
+    *req.method_mut() = http::Method::HEAD;
+    req.headers_mut()
+        .insert("fsp-purpose", "participation-vote".parse().unwrap());
+    let (status, h, body, _) = send(&c, req).await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert!(body.is_empty());
+    assert_eq!(
+        h.get("content-length").map(|v| v.to_str().unwrap()),
+        Some("8")
+    );
+}
+
+#[tokio::test]
 async fn an_http_10_consumer_gets_a_checked_answer_whole_or_a_fault() {
     use tokio::io::AsyncWriteExt;
     let s = start(false, "").await;

@@ -173,8 +173,9 @@ pub async fn deliver(
         .blaming(Side::Gateway);
         return refuse(local, call, rejection);
     }
-    // An answer neither checked nor stamped (untyped, and not XML) goes on as it came.
-    let as_it_came = guard.is_none() && stamp.is_none();
+    // An answer neither checked nor stamped (untyped, and not XML), or without a body
+    // (HEAD, 204, 304: its length, if any, is the resource's), goes on as it came.
+    let as_it_came = (guard.is_none() && stamp.is_none()) || (ended && held.is_empty());
     if ended && let Some(g) = &mut guard {
         // An empty answer (202, 204, HEAD) has no document to check.
         if !held.is_empty()
