@@ -238,7 +238,7 @@ EOF
 
 # SOAP=1: the provider's 1 KiB envelope (many small elements, as a real answer has).
 SOAP_RESP=$(python3 - <<'EOF'
-items = "".join(f'<b:item id="{i}"><b:name>item-{i}</b:name><b:active>{str(i % 2 == 0).lower()}</b:active></b:item>' for i in range(12))
+items = "".join(f'<b:item id="{i}"><b:name>item-{i}</b:name><b:active>{str(i % 2 == 0).lower()}</b:active></b:item>' for i in range(8))
 head = '<?xml version="1.0" encoding="UTF-8"?><soap:Envelope xmlns:soap="http://schemas.xmlsoap.org/soap/envelope/"><soap:Body><b:getItemsResponse xmlns:b="urn:bench">'
 tail = '</b:getItemsResponse></soap:Body></soap:Envelope>'
 pad = 1024 - len(head + items + tail) - len("<b:padding></b:padding>")
@@ -845,7 +845,9 @@ with open(os.path.join(res_dir, "latest.json"), "w") as fh:
 
 agg = "median of %d rounds" % rounds if rounds > 1 else "1 round"
 print()
-print(f"mTLS REST GET, 1 KiB JSON, HTTP/1.1 keep-alive, c={E['CONCURRENCY']}, "
+what = ("direct and nginx: mTLS REST GET, 1 KiB JSON; fsp-*: POST of 1 KiB (see below)"
+        if E.get("SOAP") == "1" else "mTLS REST GET, 1 KiB JSON")
+print(f"{what}, HTTP/1.1 keep-alive, c={E['CONCURRENCY']}, "
       f"{E['DURATION']}s per target ({agg}), load avg before: {E['LOADAVG']}")
 print()
 fmt = lambda v, spec: format(v, spec) if v is not None else format("-", spec.split(".")[0])
