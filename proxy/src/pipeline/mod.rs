@@ -17,7 +17,9 @@
 //!    call's `request` line is durable first (write-ahead) → a
 //!    [`Cleared`](record::Cleared) call;
 //! 7. [`forward`]: the request streamed to the provider (only a `Cleared` call can be);
-//! 8. [`respond`]: the answer streamed back, stamped; or the refusal rendered. The
+//!    or, for a `GET ...?wsdl` of a SOAP service, [`metadata`]: the version's WSDL
+//!    served by the gateway;
+//! 8. [`respond`]: the answer streamed back, stamped and (XML) checked; or the refusal rendered. The
 //!    call's audit record goes with the answer's body and is completed when it ends
 //!    (the `outcome` line of a write-ahead call).
 //!
