@@ -198,6 +198,13 @@ pub async fn deliver(
     if !as_it_came {
         parts.headers.remove(header::CONTENT_LENGTH);
     }
+    if ended && trailers.is_none() && out.as_ref().is_none_or(Bytes::is_empty) {
+        // No body (HEAD, 204, 304): the provider's ended body goes on, so that its head,
+        // and a Content-Length that is the resource's, go out as they came.
+        return respond(local, call, parts, answer.fsp, answer.lifecycle, |f| {
+            ResponseBody::upstream(body, f)
+        });
+    }
     if ended && trailers.is_none() {
         // All of it is here, checked and stamped: it goes out with its length, and the
         // provider's connection goes back to its pool now.
