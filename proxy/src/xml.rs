@@ -1352,6 +1352,17 @@ fn check_declaration(decl: &[u8]) -> Result<(), XmlError> {
     if version { Ok(()) } else { Err(malformed()) }
 }
 
+/// The `charset` parameter of a `Content-Type` value, when it names an encoding the guard
+/// cannot read as a parser would ([`check_encoding`]); `None` when it is absent or fine.
+pub fn unreadable_charset(content_type: &str) -> Option<&str> {
+    content_type.split(';').skip(1).find_map(|param| {
+        let (name, charset) = param.split_once('=')?;
+        let charset = charset.trim().trim_matches('"');
+        (name.trim().eq_ignore_ascii_case("charset") && check_encoding(charset.as_bytes()).is_err())
+            .then_some(charset)
+    })
+}
+
 /// Encodings in which every ASCII byte means its ASCII character, so the byte scan is sound.
 pub fn check_encoding(name: &[u8]) -> Result<(), XmlError> {
     let lower = name.to_ascii_lowercase();

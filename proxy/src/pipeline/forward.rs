@@ -11,7 +11,7 @@ use super::call::{Call, ConnInfo};
 use super::inspect::Content;
 use super::record::Cleared;
 use crate::errors::{Code, Rejection, map};
-use crate::headers::{FSP_MESSAGE_ID, FSP_TIMESTAMP, Outbound};
+use crate::headers::Outbound;
 use crate::state::Local;
 use crate::transport::body::{CallShared, RequestBody, Unread};
 use crate::transport::pool::UpstreamBody;
@@ -55,10 +55,7 @@ pub async fn forward(
     // Kept by the call: a refusal after this point still counts the bytes read.
     let shared: &Arc<CallShared> = call.shared.insert(Arc::new(CallShared::new()));
     // Made once, sent twice (to the provider and back to the consumer).
-    let fsp = HeaderValue::from_str(call.stamp.message_id())
-        .ok()
-        .zip(HeaderValue::from_str(call.stamp.timestamp()).ok())
-        .map(|(id, ts)| [(FSP_MESSAGE_ID, id), (FSP_TIMESTAMP, ts)]);
+    let fsp = call.stamp.fields();
     if soap {
         // A SOAP answer is stamped and checked, which a compressed one cannot be.
         headers.remove(http::header::ACCEPT_ENCODING);

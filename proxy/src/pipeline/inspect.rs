@@ -218,19 +218,11 @@ fn inspect_fields(fields: &FieldCounts<'_>) -> Result<bool, Rejection> {
     let Ok(value) = value.to_str() else {
         return malformed("the Content-Type holds characters other than visible ASCII".into());
     };
-    let mut params = value.split(';');
-    let media = params.next().unwrap_or_default();
-    for param in params {
-        if let Some((name, charset)) = param.split_once('=')
-            && name.trim().eq_ignore_ascii_case("charset")
-        {
-            let charset = charset.trim().trim_matches('"');
-            if xml::check_encoding(charset.as_bytes()).is_err() {
-                return malformed(format!(
-                    "charset {charset} is not accepted: use UTF-8 (or US-ASCII, ISO-8859-1 to 15, windows-1252)"
-                ));
-            }
-        }
+    let media = value.split(';').next().unwrap_or_default();
+    if let Some(charset) = xml::unreadable_charset(value) {
+        return malformed(format!(
+            "charset {charset} is not accepted: use UTF-8 (or US-ASCII, ISO-8859-1 to 15, windows-1252)"
+        ));
     }
     Ok(media
         .as_bytes()

@@ -268,8 +268,8 @@ impl AnswerType {
                 "has a Content-Type with characters other than visible ASCII".into(),
             );
         };
-        let mut params = value.split(';');
-        let media = params
+        let media = value
+            .split(';')
             .next()
             .unwrap_or_default()
             .trim()
@@ -281,19 +281,12 @@ impl AnswerType {
         if !xml {
             return Self::Other;
         }
-        for param in params {
-            if let Some((name, charset)) = param.split_once('=')
-                && name.trim().eq_ignore_ascii_case("charset")
-            {
-                let charset = charset.trim().trim_matches('"');
-                if xml::check_encoding(charset.as_bytes()).is_err() {
-                    return Self::Unreadable(format!(
-                        "is XML in charset {charset}, which the XML threat protection cannot read"
-                    ));
-                }
-            }
+        match xml::unreadable_charset(value) {
+            Some(charset) => Self::Unreadable(format!(
+                "is XML in charset {charset}, which the XML threat protection cannot read"
+            )),
+            None => Self::Xml,
         }
-        Self::Xml
     }
 }
 
@@ -351,15 +344,7 @@ pub fn metadata(
         header::CACHE_CONTROL,
         http::HeaderValue::from_static("private, max-age=300"),
     );
-    let fsp = http::HeaderValue::from_str(call.stamp.message_id())
-        .ok()
-        .zip(http::HeaderValue::from_str(call.stamp.timestamp()).ok())
-        .map(|(id, ts)| {
-            [
-                (crate::headers::FSP_MESSAGE_ID, id),
-                (crate::headers::FSP_TIMESTAMP, ts),
-            ]
-        });
+    let fsp = call.stamp.fields();
     respond(local, call, parts, fsp, served.lifecycle, |f| {
         ResponseBody::full(served.body, Some(f))
     })

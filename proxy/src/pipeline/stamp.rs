@@ -49,6 +49,17 @@ impl Stamp {
     pub fn timestamp(&self) -> &str {
         std::str::from_utf8(&self.ts).unwrap_or_default()
     }
+
+    /// `FSP-Message-ID` and `FSP-Timestamp` as header fields (made once, sent to the
+    /// provider and back to the consumer).
+    pub fn fields(&self) -> Option<[(http::HeaderName, http::HeaderValue); 2]> {
+        let id = http::HeaderValue::from_str(self.message_id()).ok()?;
+        let ts = http::HeaderValue::from_str(self.timestamp()).ok()?;
+        Some([
+            (crate::headers::FSP_MESSAGE_ID, id),
+            (crate::headers::FSP_TIMESTAMP, ts),
+        ])
+    }
 }
 
 /// RFC 3339 in UTC with milliseconds: `2026-11-24T10:15:30.123Z`.
