@@ -97,6 +97,7 @@ pub async fn start(
         .map(|a| a.tokens.clone())
         .unwrap_or_default();
     let restart_only = crate::state::RestartOnly::of(&config);
+    let shutdown_delay = listener_cfg.shutdown_delay;
     let node = config.node.clone();
     let throttle_cfg = config.throttle.clone();
 
@@ -187,6 +188,30 @@ pub async fn start(
         admin_tokens: ArcSwap::from_pointee(admin_tokens),
         restart_only: std::sync::Mutex::new(restart_only),
     });
+
+    // On shutdown, /readyz turns 503 at once; the listeners close `shutdown_delay`
+    // later, so that load balancers stop sending before connections are refused.
+    let shutdown = {
+        let (tx, rx) = watch::channel(false);
+        let mut outer = shutdown;
+        let weak = Arc::downgrade(&gw);
+        tokio::spawn(async move {
+            while !*outer.borrow_and_update() {
+                if outer.changed().await.is_err() {
+                    break;
+                }
+            }
+            if let Some(gw) = weak.upgrade() {
+                gw.ready.store(false, Ordering::Release);
+            }
+            if !shutdown_delay.is_zero() {
+                tracing::info!(delay = ?shutdown_delay, "not ready: the listener closes after listener.shutdown_delay");
+                tokio::time::sleep(shutdown_delay).await;
+            }
+            let _ = tx.send(true);
+        });
+        rx
+    };
 
     // One listening socket per worker thread (SO_REUSEPORT: the kernel spreads
     // connections over them), all bound before any traffic is accepted.

@@ -83,6 +83,11 @@ pub struct Listener {
     /// The longest silence allowed while a request body is being received.
     pub request_body_timeout: Duration,
     pub connections: ConnectionLimits,
+    /// Peers allowed to send a PROXY protocol header (v1 or v2); from anyone else, a
+    /// connection that starts with one is refused.
+    pub proxy_protocol_from: Vec<IpNet>,
+    /// After SIGTERM: how long `/readyz` says 503 before the listener closes.
+    pub shutdown_delay: Duration,
 }
 
 /// The admin listener.
@@ -174,6 +179,31 @@ pub enum ThrottleBackend {
     Redis { url: String },
 }
 
+/// `[cluster]`: where the replicas share their state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Cluster {
+    /// `redis://`, `rediss://` or `unix://`.
+    pub redis_url: String,
+}
+
+/// How spans are sent to the OpenTelemetry collector.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum OtlpEndpoint {
+    /// OTLP/HTTP with protobuf bodies, to `{base}/v1/traces`.
+    Http(String),
+    /// OTLP/gRPC (`grpc://host:port` in the file; the exporter is given `http://host:port`).
+    Grpc(String),
+}
+
+/// `[telemetry]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Telemetry {
+    pub endpoint: OtlpEndpoint,
+    pub service_name: String,
+    /// For traces the consumer did not start (or sent no decision for): the share kept.
+    pub sampling_ratio: f64,
+}
+
 /// `count` calls per `per`, with `burst` extra.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Rate {
@@ -226,6 +256,10 @@ pub struct Config {
     pub oauth: Option<OAuth>,
     pub audit: AuditConfig,
     pub throttle: ThrottleConfig,
+    /// State shared by every replica (`[cluster]`), when configured.
+    pub cluster: Option<Cluster>,
+    /// OpenTelemetry traces (`[telemetry]`), when configured.
+    pub telemetry: Option<Telemetry>,
     pub providers: Vec<Provider>,
     pub catalogue: Catalogue,
     pub consumers: Consumers,
@@ -571,6 +605,38 @@ fn build(main: &Path, sources: Vec<Source>, problems: &mut Problems) -> Option<C
     // ---- audit, throttle ----
     let audit = build_audit(&sources, problems);
     let throttle = build_throttle(&sources, problems);
+    let cluster = single(&sources, "cluster", |r| r.cluster.as_ref(), problems)
+        .and_then(|(s, c)| build_cluster(s, c, problems));
+    let telemetry = single(&sources, "telemetry", |r| r.telemetry.as_ref(), problems)
+        .and_then(|(s, t)| build_telemetry(s, t, problems));
+    // Parsed and checked, but not served yet: refused rather than silently ignored.
+    for s in &sources {
+        if s.raw.cluster.is_some() {
+            problems.add(
+                &s.path,
+                "cluster",
+                "not available yet: suspensions are kept per gateway (in its state directory); remove [cluster]",
+            );
+        }
+        if s.raw.telemetry.is_some() {
+            problems.add(
+                &s.path,
+                "telemetry",
+                "not available yet: no traces are exported; remove [telemetry]",
+            );
+        }
+        if s.raw
+            .listener
+            .as_ref()
+            .is_some_and(|l| l.proxy_protocol_from.is_some())
+        {
+            problems.add(
+                &s.path,
+                "listener.proxy_protocol_from",
+                "not available yet: the PROXY protocol is not read; remove this key",
+            );
+        }
+    }
 
     // References are checked against what is declared, not against what validated, so one
     // broken item does not make everything that refers to it look undeclared too.
@@ -668,6 +734,8 @@ fn build(main: &Path, sources: Vec<Source>, problems: &mut Problems) -> Option<C
         oauth,
         audit,
         throttle,
+        cluster,
+        telemetry,
         providers,
         catalogue,
         consumers,
@@ -884,11 +952,12 @@ fn build_audit(sources: &[Source], problems: &mut Problems) -> AuditConfig {
             retention_days: 3653,
         },
         Some((s, a)) => {
+            let url = url_setting(s, "audit.url", &a.url, &a.url_file, problems);
             let backend = match a.backend.as_str() {
                 "file" => AuditBackend::File {
                     dir: s.dir.join(a.dir.as_deref().unwrap_or("audit")),
                 },
-                "postgres" => match a.url.as_deref() {
+                "postgres" => match url.as_deref() {
                     Some(url)
                         if url.starts_with("postgres://") || url.starts_with("postgresql://") =>
                     {
@@ -907,6 +976,9 @@ fn build_audit(sources: &[Source], problems: &mut Problems) -> AuditConfig {
                             dir: s.dir.join("audit"),
                         }
                     }
+                    None if a.url_file.is_some() => AuditBackend::File {
+                        dir: s.dir.join("audit"),
+                    },
                     None => {
                         problems.add(
                             &s.path,
@@ -942,7 +1014,7 @@ fn build_audit(sources: &[Source], problems: &mut Problems) -> AuditConfig {
                     }
                 }
             };
-            if a.url.is_some() && a.backend == "file" {
+            if url.is_some() && a.backend == "file" {
                 problems.add(
                     &s.path,
                     "audit.url",
@@ -971,7 +1043,8 @@ fn build_throttle(sources: &[Source], problems: &mut Problems) -> ThrottleConfig
             replicas: 1,
         },
         Some((s, t)) => {
-            let backend = match (t.backend.as_str(), &t.url) {
+            let url = url_setting(s, "throttle.url", &t.url, &t.url_file, problems);
+            let backend = match (t.backend.as_str(), &url) {
                 ("local", None) => ThrottleBackend::Local,
                 ("local", Some(_)) => {
                     problems.add(
@@ -982,28 +1055,18 @@ fn build_throttle(sources: &[Source], problems: &mut Problems) -> ThrottleConfig
                     ThrottleBackend::Local
                 }
                 ("redis", Some(url)) => {
-                    let scheme = url.split_once("://").map(|(s, _)| s);
-                    let host = url
-                        .parse::<http::Uri>()
-                        .ok()
-                        .and_then(|u| u.host().map(str::to_owned));
-                    if !matches!(scheme, Some("redis" | "rediss" | "unix"))
-                        || (scheme != Some("unix") && host.is_none())
-                    {
-                        problems.add(
-                            &s.path,
-                            "throttle.url",
-                            format!("`{url}` is not a Redis URL such as redis://127.0.0.1:6379"),
-                        );
-                    }
+                    check_redis_url(s, "throttle.url", url, problems);
                     ThrottleBackend::Redis { url: url.clone() }
                 }
                 ("redis", None) => {
-                    problems.add(
-                        &s.path,
-                        "throttle.url",
-                        "required with backend = \"redis\" (e.g. redis://127.0.0.1:6379)",
-                    );
+                    // An unreadable url_file has been reported already.
+                    if t.url_file.is_none() {
+                        problems.add(
+                            &s.path,
+                            "throttle.url",
+                            "required with backend = \"redis\" (e.g. redis://127.0.0.1:6379)",
+                        );
+                    }
                     ThrottleBackend::Local
                 }
                 (other, _) => {
@@ -1039,6 +1102,145 @@ fn build_throttle(sources: &[Source], problems: &mut Problems) -> ThrottleConfig
             }
         }
     }
+}
+
+/// A URL given in the file (`key`) or in a file of its own (`key_file`, a mounted
+/// secret: such URLs carry passwords). Exactly one of them, or neither.
+fn url_setting(
+    s: &Source,
+    key: &str,
+    url: &Option<String>,
+    url_file: &Option<String>,
+    problems: &mut Problems,
+) -> Option<String> {
+    match (url, url_file) {
+        (Some(_), Some(_)) => {
+            problems.add(
+                &s.path,
+                format!("{key}_file"),
+                format!("give {key} or {key}_file, not both"),
+            );
+            url.clone()
+        }
+        (Some(url), None) => Some(url.clone()),
+        (None, Some(file)) => {
+            let path = s.dir.join(file);
+            match std::fs::read_to_string(&path) {
+                Ok(text) if !text.trim().is_empty() => Some(text.trim().to_owned()),
+                Ok(_) => {
+                    problems.add(
+                        &s.path,
+                        format!("{key}_file"),
+                        format!("{} is empty", path.display()),
+                    );
+                    None
+                }
+                Err(e) => {
+                    problems.add(
+                        &s.path,
+                        format!("{key}_file"),
+                        format!("cannot read {}: {e}", path.display()),
+                    );
+                    None
+                }
+            }
+        }
+        (None, None) => None,
+    }
+}
+
+/// A CIDR block, or one address (a block of one).
+fn parse_net(text: &str) -> Option<IpNet> {
+    text.parse::<IpNet>()
+        .ok()
+        .or_else(|| text.parse::<std::net::IpAddr>().ok().map(IpNet::from))
+}
+
+/// A Redis URL: `redis://host[:port]`, `rediss://...` or `unix:///path`.
+fn check_redis_url(s: &Source, key: &str, url: &str, problems: &mut Problems) {
+    let scheme = url.split_once("://").map(|(s, _)| s);
+    let host = url
+        .parse::<http::Uri>()
+        .ok()
+        .and_then(|u| u.host().map(str::to_owned));
+    if !matches!(scheme, Some("redis" | "rediss" | "unix"))
+        || (scheme != Some("unix") && host.is_none())
+    {
+        // The URL may carry a password: only its scheme is repeated.
+        problems.add(
+            &s.path,
+            key,
+            format!(
+                "the value (scheme `{}`) is not a Redis URL such as redis://127.0.0.1:6379",
+                scheme.unwrap_or("none")
+            ),
+        );
+    }
+}
+
+/// `[cluster]`: the Redis that replicas share suspensions through.
+fn build_cluster(s: &Source, c: &RawCluster, problems: &mut Problems) -> Option<Cluster> {
+    let Some(url) = url_setting(
+        s,
+        "cluster.redis_url",
+        &c.redis_url,
+        &c.redis_url_file,
+        problems,
+    ) else {
+        problems.add(
+            &s.path,
+            "cluster.redis_url",
+            "required in [cluster] (e.g. redis://127.0.0.1:6379), or redis_url_file naming a file that holds it",
+        );
+        return None;
+    };
+    check_redis_url(s, "cluster.redis_url", &url, problems);
+    Some(Cluster { redis_url: url })
+}
+
+/// `[telemetry]`: where spans go, under which name, and how many are kept.
+fn build_telemetry(s: &Source, t: &RawTelemetry, problems: &mut Problems) -> Option<Telemetry> {
+    let raw = t.otlp_endpoint.trim_end_matches('/');
+    let endpoint = if let Some(rest) = raw.strip_prefix("grpc://") {
+        Some(OtlpEndpoint::Grpc(format!("http://{rest}")))
+    } else if raw.starts_with("http://") || raw.starts_with("https://") {
+        Some(OtlpEndpoint::Http(raw.to_owned()))
+    } else {
+        None
+    };
+    let endpoint = endpoint.filter(|e| {
+        let (OtlpEndpoint::Http(u) | OtlpEndpoint::Grpc(u)) = e;
+        u.parse::<http::Uri>()
+            .ok()
+            .is_some_and(|u| u.host().is_some())
+    });
+    if endpoint.is_none() {
+        problems.add(
+            &s.path,
+            "telemetry.otlp_endpoint",
+            format!(
+                "`{}` is not an OTLP endpoint: http://host:4318 (OTLP/HTTP, protobuf) or grpc://host:4317 (OTLP/gRPC)",
+                t.otlp_endpoint
+            ),
+        );
+    }
+    let sampling_ratio = t.sampling_ratio.unwrap_or(0.01);
+    if !(0.0..=1.0).contains(&sampling_ratio) {
+        problems.add(
+            &s.path,
+            "telemetry.sampling_ratio",
+            format!("{sampling_ratio} is not between 0 and 1"),
+        );
+    }
+    let service_name = t.service_name.clone().unwrap_or_else(|| "fsp".into());
+    if service_name.is_empty() {
+        problems.add(&s.path, "telemetry.service_name", "must not be empty");
+    }
+    Some(Telemetry {
+        endpoint: endpoint?,
+        service_name,
+        sampling_ratio: sampling_ratio.clamp(0.0, 1.0),
+    })
 }
 
 fn build_listener(
@@ -1135,6 +1337,24 @@ fn build_listener(
             64,
         ),
     };
+    let mut proxy_protocol_from = Vec::new();
+    for (i, cidr) in l.proxy_protocol_from.iter().flatten().enumerate() {
+        match parse_net(cidr) {
+            Some(net) => proxy_protocol_from.push(net),
+            None => problems.add(
+                &s.path,
+                format!("listener.proxy_protocol_from[{i}]"),
+                format!("`{cidr}` is not an address or CIDR such as 10.0.0.0/24"),
+            ),
+        }
+    }
+    let shutdown_delay = duration_or(
+        &l.shutdown_delay,
+        Duration::ZERO,
+        &s.path,
+        "listener.shutdown_delay",
+        problems,
+    );
     let threads = match l.threads {
         Some(0) => {
             problems.add(&s.path, "listener.threads", "must be at least 1");
@@ -1155,6 +1375,8 @@ fn build_listener(
         drain_timeout,
         request_body_timeout,
         connections,
+        proxy_protocol_from,
+        shutdown_delay,
     })
 }
 
@@ -1346,10 +1568,7 @@ fn build_consumer(s: &Source, key: &str, c: &RawConsumer, problems: &mut Problem
         .flatten()
         .enumerate()
         .filter_map(|(i, ip)| {
-            let parsed = ip
-                .parse::<IpNet>()
-                .ok()
-                .or_else(|| ip.parse::<std::net::IpAddr>().ok().map(IpNet::from));
+            let parsed = parse_net(ip);
             if parsed.is_none() {
                 problems.add(
                     &s.path,

@@ -18,6 +18,8 @@ pub struct RawFile {
     pub oauth: Option<RawOAuth>,
     pub audit: Option<RawAudit>,
     pub throttle: Option<RawThrottle>,
+    pub cluster: Option<RawCluster>,
+    pub telemetry: Option<RawTelemetry>,
     #[serde(default)]
     pub provider: Vec<RawProvider>,
     #[serde(default)]
@@ -49,6 +51,11 @@ pub struct RawListener {
     pub max_connections_per_ip: Option<usize>,
     pub max_anonymous_connections: Option<usize>,
     pub max_anonymous_connections_per_ip: Option<usize>,
+    /// Load balancers allowed to send the PROXY protocol (v1/v2), as CIDRs.
+    pub proxy_protocol_from: Option<Vec<String>>,
+    /// Extension: after SIGTERM, how long `/readyz` answers 503 while the listener still
+    /// serves, so that load balancers stop sending before it closes.
+    pub shutdown_delay: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -81,6 +88,8 @@ pub struct RawAudit {
     pub backend: String,
     pub dir: Option<String>,
     pub url: Option<String>,
+    /// Extension: a file holding `url` (a mounted secret; the URL carries a password).
+    pub url_file: Option<String>,
     pub fail_closed: Option<bool>,
     pub retention_days: Option<u32>,
 }
@@ -90,9 +99,29 @@ pub struct RawAudit {
 pub struct RawThrottle {
     pub backend: String,
     pub url: Option<String>,
+    /// Extension: a file holding `url`.
+    pub url_file: Option<String>,
     pub on_backend_error: Option<String>,
     /// Extension: how many gateways share the limits (for the `local` fallback).
     pub replicas: Option<u32>,
+}
+
+/// `[cluster]`: state shared by every replica.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCluster {
+    pub redis_url: Option<String>,
+    /// Extension: a file holding `redis_url`.
+    pub redis_url_file: Option<String>,
+}
+
+/// `[telemetry]`: OpenTelemetry traces.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTelemetry {
+    pub otlp_endpoint: String,
+    pub service_name: Option<String>,
+    pub sampling_ratio: Option<f64>,
 }
 
 #[derive(Debug, Deserialize)]

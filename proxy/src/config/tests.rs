@@ -2110,3 +2110,73 @@ fn backends_and_token_settings_are_parsed_when_loaded() {
         }
     );
 }
+
+#[test]
+fn backend_urls_can_come_from_files_of_their_own() {
+    let fx = Fixture::new();
+    fx.write("secrets/redis-url", "redis://:s3cret@127.0.0.1:6379\n");
+    let text = edit(
+        &fx.single_file(),
+        "backend     = \"local\"",
+        "backend     = \"redis\"\nurl_file    = \"secrets/redis-url\"",
+    );
+    let config = fx.load_single(&text).unwrap();
+    assert_eq!(
+        config.throttle.backend,
+        ThrottleBackend::Redis {
+            url: "redis://:s3cret@127.0.0.1:6379".into()
+        }
+    );
+    // Both forms at once, and a file that is not there, are named with their key.
+    let both = edit(
+        &text,
+        "url_file    = \"secrets/redis-url\"",
+        "url_file    = \"secrets/redis-url\"\nurl = \"redis://127.0.0.1\"",
+    );
+    expect_only(
+        &fx.problems(&both),
+        "fsp.toml",
+        "throttle.url_file",
+        &["not both"],
+    );
+    let missing = edit(&text, "secrets/redis-url", "secrets/none");
+    expect_only(
+        &fx.problems(&missing),
+        "fsp.toml",
+        "throttle.url_file",
+        &["cannot read", "secrets/none"],
+    );
+}
+
+#[test]
+fn sections_not_served_yet_are_refused_by_name() {
+    let fx = Fixture::new();
+    let text = edit(
+        &fx.single_file(),
+        "drain_timeout = \"15s\"",
+        "drain_timeout = \"15s\"\nproxy_protocol_from = [\"10.0.0.0/24\"]\nshutdown_delay = \"5s\"",
+    );
+    let text = edit(
+        &text,
+        "[throttle]",
+        "[cluster]\nredis_url = \"redis://127.0.0.1:6379\"\n\n[telemetry]\notlp_endpoint = \"http://127.0.0.1:4318\"\n\n[throttle]",
+    );
+    let problems = fx.problems(&text);
+    assert_eq!(problems.len(), 3, "{}", list(&problems));
+    expect(&problems, "fsp.toml", "cluster", &["not available yet"]);
+    expect(&problems, "fsp.toml", "telemetry", &["not available yet"]);
+    expect(
+        &problems,
+        "fsp.toml",
+        "listener.proxy_protocol_from",
+        &["not available yet"],
+    );
+    // shutdown_delay is served: not among the problems.
+    let served = edit(
+        &fx.single_file(),
+        "drain_timeout = \"15s\"",
+        "drain_timeout = \"15s\"\nshutdown_delay = \"5s\"",
+    );
+    let config = fx.load_single(&served).unwrap();
+    assert_eq!(config.listener.shutdown_delay, Duration::from_secs(5));
+}
