@@ -957,8 +957,8 @@ fn build_audit(sources: &[Source], problems: &mut Problems) -> AuditConfig {
                 "file" => AuditBackend::File {
                     dir: s.dir.join(a.dir.as_deref().unwrap_or("audit")),
                 },
-                "postgres" => match url.as_deref() {
-                    Some(url)
+                "postgres" => match url.as_ref().map(Option::as_deref) {
+                    Ok(Some(url))
                         if url.starts_with("postgres://") || url.starts_with("postgresql://") =>
                     {
                         AuditBackend::Postgres {
@@ -966,7 +966,7 @@ fn build_audit(sources: &[Source], problems: &mut Problems) -> AuditConfig {
                             state_dir: s.dir.join(a.dir.as_deref().unwrap_or("audit")),
                         }
                     }
-                    Some(_) => {
+                    Ok(Some(_)) => {
                         problems.add(
                             &s.path,
                             "audit.url",
@@ -976,10 +976,10 @@ fn build_audit(sources: &[Source], problems: &mut Problems) -> AuditConfig {
                             dir: s.dir.join("audit"),
                         }
                     }
-                    None if a.url_file.is_some() => AuditBackend::File {
+                    Err(Reported) => AuditBackend::File {
                         dir: s.dir.join("audit"),
                     },
-                    None => {
+                    Ok(None) => {
                         problems.add(
                             &s.path,
                             "audit.url",
@@ -1014,7 +1014,7 @@ fn build_audit(sources: &[Source], problems: &mut Problems) -> AuditConfig {
                     }
                 }
             };
-            if url.is_some() && a.backend == "file" {
+            if matches!(url, Ok(Some(_))) && a.backend == "file" {
                 problems.add(
                     &s.path,
                     "audit.url",
@@ -1044,9 +1044,9 @@ fn build_throttle(sources: &[Source], problems: &mut Problems) -> ThrottleConfig
         },
         Some((s, t)) => {
             let url = url_setting(s, "throttle.url", &t.url, &t.url_file, problems);
-            let backend = match (t.backend.as_str(), &url) {
-                ("local", None) => ThrottleBackend::Local,
-                ("local", Some(_)) => {
+            let backend = match (t.backend.as_str(), url) {
+                ("local", Ok(None) | Err(Reported)) => ThrottleBackend::Local,
+                ("local", Ok(Some(_))) => {
                     problems.add(
                         &s.path,
                         "throttle.url",
@@ -1054,21 +1054,19 @@ fn build_throttle(sources: &[Source], problems: &mut Problems) -> ThrottleConfig
                     );
                     ThrottleBackend::Local
                 }
-                ("redis", Some(url)) => {
-                    check_redis_url(s, "throttle.url", url, problems);
-                    ThrottleBackend::Redis { url: url.clone() }
+                ("redis", Ok(Some(url))) => {
+                    check_redis_url(s, "throttle.url", &url, problems);
+                    ThrottleBackend::Redis { url }
                 }
-                ("redis", None) => {
-                    // An unreadable url_file has been reported already.
-                    if t.url_file.is_none() {
-                        problems.add(
-                            &s.path,
-                            "throttle.url",
-                            "required with backend = \"redis\" (e.g. redis://127.0.0.1:6379)",
-                        );
-                    }
+                ("redis", Ok(None)) => {
+                    problems.add(
+                        &s.path,
+                        "throttle.url",
+                        "required with backend = \"redis\" (e.g. redis://127.0.0.1:6379)",
+                    );
                     ThrottleBackend::Local
                 }
+                ("redis", Err(Reported)) => ThrottleBackend::Local,
                 (other, _) => {
                     problems.add(
                         &s.path,
@@ -1104,16 +1102,21 @@ fn build_throttle(sources: &[Source], problems: &mut Problems) -> ThrottleConfig
     }
 }
 
+/// A setting whose problem has been reported already: the caller adds none of its own.
+#[derive(Debug)]
+struct Reported;
+
 /// A URL given in the file (`key`) or in a file of its own (`key_file`, a mounted
-/// secret: such URLs carry passwords). Exactly one of them, or neither.
+/// secret: such URLs carry passwords). Exactly one of them, or neither (`Ok(None)`);
+/// a `key_file` that cannot be read is `Err(Reported)`.
 fn url_setting(
     s: &Source,
     key: &str,
     url: &Option<String>,
     url_file: &Option<String>,
     problems: &mut Problems,
-) -> Option<String> {
-    match (url, url_file) {
+) -> Result<Option<String>, Reported> {
+    Ok(match (url, url_file) {
         (Some(_), Some(_)) => {
             problems.add(
                 &s.path,
@@ -1133,7 +1136,7 @@ fn url_setting(
                         format!("{key}_file"),
                         format!("{} is empty", path.display()),
                     );
-                    None
+                    return Err(Reported);
                 }
                 Err(e) => {
                     problems.add(
@@ -1141,12 +1144,12 @@ fn url_setting(
                         format!("{key}_file"),
                         format!("cannot read {}: {e}", path.display()),
                     );
-                    None
+                    return Err(Reported);
                 }
             }
         }
         (None, None) => None,
-    }
+    })
 }
 
 /// A CIDR block, or one address (a block of one).
@@ -1180,13 +1183,15 @@ fn check_redis_url(s: &Source, key: &str, url: &str, problems: &mut Problems) {
 
 /// `[cluster]`: the Redis that replicas share suspensions through.
 fn build_cluster(s: &Source, c: &RawCluster, problems: &mut Problems) -> Option<Cluster> {
-    let Some(url) = url_setting(
+    let url = url_setting(
         s,
         "cluster.redis_url",
         &c.redis_url,
         &c.redis_url_file,
         problems,
-    ) else {
+    )
+    .ok()?;
+    let Some(url) = url else {
         problems.add(
             &s.path,
             "cluster.redis_url",
