@@ -278,12 +278,20 @@ async fn route(gw: &Gateway, peer: SocketAddr, req: Request<Incoming>) -> Respon
     };
     let who = format!("token#{}", who + 1);
     let at = crate::pipeline::stamp::rfc3339_millis(time::OffsetDateTime::now_utc());
+    let method = req.method().clone();
     let call = suspension_call(&path).filter(|_| req.method() == Method::POST);
     let lookup = path
         .strip_prefix("/admin/audit/")
         .filter(|_| req.method() == Method::GET);
     let response = if let Some((party, id, suspend)) = call {
-        suspension(gw, party, id, suspend, &who, &at)
+        let (party, id) = (party, id.to_owned());
+        match reason(req).await {
+            Ok(reason) => suspension(gw, party, &id, suspend, reason, &who, &at).await,
+            Err(problem) => json(
+                StatusCode::BAD_REQUEST,
+                serde_json::json!({"error": problem}),
+            ),
+        }
     } else if let Some(id) = lookup {
         audit_record(gw, id).await
     } else if path == "/admin/stats" && req.method() == Method::GET {
@@ -292,9 +300,20 @@ async fn route(gw: &Gateway, peer: SocketAddr, req: Request<Incoming>) -> Respon
         match (req.method(), path.as_str()) {
             (&Method::GET, "/admin/suspensions") => {
                 let s = gw.suspensions.snapshot();
+                let list = |m: &std::collections::BTreeMap<String, crate::suspend::Suspension>| {
+                    m.iter()
+                        .map(|(id, s)| {
+                            serde_json::json!({"id": id, "reason": s.reason, "by": s.by, "at": s.at})
+                        })
+                        .collect::<Vec<_>>()
+                };
                 json(
                     StatusCode::OK,
-                    serde_json::json!({"consumers": s.consumers, "providers": s.providers}),
+                    serde_json::json!({
+                        "consumers": list(&s.consumers),
+                        "providers": list(&s.providers),
+                        "shared": gw.suspensions.is_shared(),
+                    }),
                 )
             }
             (&Method::POST, "/admin/reload") => match gw.reload() {
@@ -318,7 +337,7 @@ async fn route(gw: &Gateway, peer: SocketAddr, req: Request<Incoming>) -> Respon
             ),
         }
     };
-    tracing::info!(target: "fsp::admin", %who, %peer, method = %req.method(), %path, status = response.status().as_u16(), %at, "admin action");
+    tracing::info!(target: "fsp::admin", %who, %peer, %method, %path, status = response.status().as_u16(), %at, "admin action");
     response
 }
 
@@ -340,11 +359,51 @@ fn suspension_call(path: &str) -> Option<(Party, &str, bool)> {
     (!id.is_empty() && !id.contains('/')).then_some((party, id, suspend))
 }
 
-fn suspension(
+/// The longest reason a suspension may carry.
+const MAX_REASON_CHARS: usize = 500;
+
+/// The optional `{"reason": "..."}` body of a suspension or a resume.
+async fn reason(req: Request<Incoming>) -> Result<Option<String>, String> {
+    use http_body_util::BodyExt;
+    let limited = http_body_util::Limited::new(req.into_body(), 4096);
+    let body = match tokio::time::timeout(Duration::from_secs(10), limited.collect()).await {
+        Ok(Ok(b)) => b.to_bytes(),
+        Ok(Err(_)) => return Err("the body must be at most 4096 bytes of JSON such as {\"reason\": \"suspected key leak, ticket 4711\"}".to_owned()),
+        Err(_) => return Err("the body did not arrive within 10 s".to_owned()),
+    };
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Body {
+        reason: Option<String>,
+    }
+    let parsed: Body = serde_json::from_slice(&body).map_err(|e| {
+        format!(
+            "the body must be JSON such as {{\"reason\": \"suspected key leak, ticket 4711\"}}: {e}"
+        )
+    })?;
+    let Some(reason) = parsed.reason.map(|r| r.trim().to_owned()) else {
+        return Ok(None);
+    };
+    if reason.chars().count() > MAX_REASON_CHARS {
+        return Err(format!(
+            "the reason must be at most {MAX_REASON_CHARS} characters"
+        ));
+    }
+    if reason.chars().any(char::is_control) {
+        return Err("the reason must be one line without control characters".to_owned());
+    }
+    Ok((!reason.is_empty()).then_some(reason))
+}
+
+async fn suspension(
     gw: &Gateway,
     party: Party,
     id: &str,
     suspend: bool,
+    reason: Option<String>,
     who: &str,
     at: &str,
 ) -> Response<Full<Bytes>> {
@@ -353,27 +412,37 @@ fn suspension(
         Party::Consumer => snap.consumers.get(id).is_some(),
         Party::Provider => snap.providers.iter().any(|p| p.id == id),
     };
-    let kind = match party {
-        Party::Consumer => "consumer",
-        Party::Provider => "provider",
-    };
+    drop(snap);
+    let kind = party.as_str();
     if !known {
         return json(
             StatusCode::NOT_FOUND,
             serde_json::json!({"error": format!("no {kind} with id {id} is configured")}),
         );
     }
-    match gw.suspensions.set(party, id, suspend) {
+    let change = suspend.then(|| crate::suspend::Suspension {
+        by: who.to_owned(),
+        at: Some(at.to_owned()),
+        reason: reason.clone(),
+    });
+    match gw.suspensions.set(party, id, change).await {
         Ok(changed) => {
-            tracing::warn!(target: "fsp::admin", %who, kind, id, suspended = suspend, changed, %at, "suspension changed");
+            tracing::warn!(target: "fsp::admin", %who, kind, id, suspended = suspend, changed, reason = ?reason, %at, shared = gw.suspensions.is_shared(), "suspension changed");
             json(
                 StatusCode::OK,
-                serde_json::json!({kind: id, "suspended": suspend, "changed": changed, "at": at}),
+                serde_json::json!({kind: id, "suspended": suspend, "changed": changed, "at": at, "reason": reason}),
+            )
+        }
+        Err(e @ crate::suspend::ChangeError::ClusterUnavailable(_)) => {
+            tracing::error!(target: "fsp::admin", %who, kind, id, suspended = suspend, error = %e, "suspension change refused");
+            json(
+                StatusCode::SERVICE_UNAVAILABLE,
+                serde_json::json!({"error": e.to_string()}),
             )
         }
         Err(e) => json(
             StatusCode::INTERNAL_SERVER_ERROR,
-            serde_json::json!({"error": format!("the suspension could not be stored, nothing changed: {e}")}),
+            serde_json::json!({"error": e.to_string()}),
         ),
     }
 }

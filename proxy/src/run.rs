@@ -140,7 +140,25 @@ pub async fn start(
         )
     })?;
     let suspensions_file = config.audit.backend.state_dir().join("suspensions.json");
-    let suspensions = crate::suspend::SuspensionStore::open(Some(suspensions_file))?;
+    let suspensions = Arc::new(match &config.cluster {
+        Some(cluster) => {
+            let store = crate::suspend::SuspensionStore::open_cluster(
+                Some(suspensions_file),
+                &cluster.redis_url,
+                &cluster.key_prefix,
+            )?;
+            // Before traffic: a replica that restarts during an incident serves no call
+            // before it knows the cluster's suspensions (or, if Redis does not answer,
+            // enforces the last set it knew).
+            if let Err(e) = store.resync().await {
+                let s = store.snapshot();
+                tracing::error!(error = %e, consumers = s.consumers.len(), providers = s.providers.len(), "starting with the last known suspensions: the cluster's Redis does not answer");
+            }
+            store
+        }
+        None => crate::suspend::SuspensionStore::open(Some(suspensions_file))?,
+    });
+    suspensions.keep_in_sync();
     let oauth = match &config.oauth {
         Some(cfg) => {
             let verifier = Arc::new(crate::oauth::Verifier::new(cfg)?);

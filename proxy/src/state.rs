@@ -216,7 +216,7 @@ pub struct Gateway {
     pub snapshot: ArcSwap<Snapshot>,
     pub tls: ArcSwap<rustls::ServerConfig>,
     pub audit: Arc<dyn audit::AuditSink>,
-    pub suspensions: crate::suspend::SuspensionStore,
+    pub suspensions: Arc<crate::suspend::SuspensionStore>,
     /// Local throttling state (the backend itself, or the fallback when Redis is down);
     /// survives reloads for the providers that remain.
     pub throttle: ArcSwap<throttle::LocalStore>,
@@ -274,6 +274,8 @@ impl RestartOnly {
                     format!("{:?}", (&config.audit.backend, config.audit.fail_closed)),
                 ),
                 ("throttle", format!("{:?}", config.throttle)),
+                ("cluster", format!("{:?}", config.cluster)),
+                ("listener.shutdown_delay", format!("{:?}", l.shutdown_delay)),
                 ("node", config.node.clone()),
             ],
         }

@@ -3,21 +3,106 @@
 //!
 //! Every request checks the current sets (one atomic load, no lock), so a suspension
 //! applies to the next request on every connection, including keep-alive connections
-//! that are already open. Changes are copy-on-write and written to a JSON file, so a
-//! suspension survives a restart: an incident does not end because a pod was rescheduled.
+//! that are already open. Changes are copy-on-write and written to a JSON file in the
+//! state directory, so a suspension survives a restart: an incident does not end because
+//! a pod was rescheduled.
+//!
+//! With `[cluster]`, Redis holds the suspensions of every replica: one hash per kind of
+//! party (field: the id; value: who, when and why, as JSON). A change is written to Redis
+//! and announced on a channel in one transaction; every replica re-reads both hashes when
+//! the announcement arrives and every [`RESYNC_EVERY`] anyway (a lost message or a
+//! reconnection costs at most that). Redis is the truth; the local file then keeps the
+//! last set read from it, which is what a replica enforces while Redis is unreachable or
+//! when it starts without Redis. A change is refused (nothing changed anywhere) while
+//! Redis is unreachable: an administrator must never believe a consumer is cut off
+//! everywhere when it is cut off on one replica only.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 
-/// The suspended consumers and providers.
+/// How often every replica re-reads the suspensions from Redis, messages or not.
+pub const RESYNC_EVERY: Duration = Duration::from_millis(500);
+
+/// How long one Redis operation may take before it counts as a failure.
+const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Who suspended a party, when, and why.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Suspension {
+    /// The administrator (`token#N`), or `unknown` for a suspension made before
+    /// suspensions recorded their author.
+    pub by: String,
+    /// RFC 3339, UTC; absent for suspensions made before suspensions were dated.
+    #[serde(default)]
+    pub at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// The suspended consumers and providers, by id.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Suspended {
-    pub consumers: BTreeSet<String>,
-    pub providers: BTreeSet<String>,
+    #[serde(default, deserialize_with = "parties")]
+    pub consumers: BTreeMap<String, Suspension>,
+    #[serde(default, deserialize_with = "parties")]
+    pub providers: BTreeMap<String, Suspension>,
+}
+
+impl Suspended {
+    fn of(&self, party: Party) -> &BTreeMap<String, Suspension> {
+        match party {
+            Party::Consumer => &self.consumers,
+            Party::Provider => &self.providers,
+        }
+    }
+
+    fn of_mut(&mut self, party: Party) -> &mut BTreeMap<String, Suspension> {
+        match party {
+            Party::Consumer => &mut self.consumers,
+            Party::Provider => &mut self.providers,
+        }
+    }
+}
+
+/// Reads both the current form (id → suspension) and the first one (a list of ids).
+fn parties<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, Suspension>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Form {
+        Entries(BTreeMap<String, Suspension>),
+        Ids(Vec<String>),
+    }
+    Ok(match Form::deserialize(d)? {
+        Form::Entries(m) => m,
+        Form::Ids(ids) => ids
+            .into_iter()
+            .map(|id| {
+                let s = Suspension {
+                    by: "unknown".to_owned(),
+                    at: None,
+                    reason: None,
+                };
+                (id, s)
+            })
+            .collect(),
+    })
+}
+
+/// The state file: the sets, and whether they were last read from the cluster.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct StateFile {
+    #[serde(flatten)]
+    suspended: Suspended,
+    /// True when the sets are the cluster's as last read from Redis; false when this
+    /// gateway made them on its own (single-node mode).
+    #[serde(default)]
+    from_cluster: bool,
 }
 
 /// Which kind of party an admin call is about.
@@ -27,32 +112,107 @@ pub enum Party {
     Provider,
 }
 
+impl Party {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Party::Consumer => "consumer",
+            Party::Provider => "provider",
+        }
+    }
+}
+
+/// Why a suspension or a resume was not made.
+#[derive(Debug, thiserror::Error)]
+pub enum ChangeError {
+    /// The cluster's Redis did not answer: nothing changed anywhere.
+    #[error("the cluster's Redis is unreachable, nothing changed: {0}")]
+    ClusterUnavailable(String),
+    /// The state file could not be written: nothing changed.
+    #[error("the suspension could not be stored, nothing changed: {0}")]
+    Storage(String),
+}
+
 /// The live suspension sets, and where they are kept.
 #[derive(Debug)]
 pub struct SuspensionStore {
     current: ArcSwap<Suspended>,
     file: Option<PathBuf>,
-    /// Serialises writers; readers never take it.
-    write: Mutex<()>,
+    /// Serialises writers (admin changes and cluster re-reads); readers never take it.
+    write: tokio::sync::Mutex<()>,
+    cluster: Option<ClusterLink>,
+}
+
+/// The connection to the cluster's Redis.
+struct ClusterLink {
+    client: redis::Client,
+    conn: tokio::sync::Mutex<Option<redis::aio::ConnectionManager>>,
+    consumers_key: String,
+    providers_key: String,
+    channel: String,
+    /// Whether the last exchange with Redis worked (for logging transitions only).
+    healthy: AtomicBool,
+    /// Suspensions this gateway made on its own before `[cluster]` was configured, not
+    /// yet written to Redis: they are added there (never overwriting) at first contact.
+    adopt: std::sync::Mutex<Option<Suspended>>,
+}
+
+impl std::fmt::Debug for ClusterLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterLink")
+            .field("consumers_key", &self.consumers_key)
+            .field("channel", &self.channel)
+            .finish_non_exhaustive()
+    }
 }
 
 impl SuspensionStore {
-    /// Loads the sets from `file` (absent file: nothing suspended).
+    /// Loads the sets from `file` (absent file: nothing suspended); single-node mode.
     pub fn open(file: Option<PathBuf>) -> anyhow::Result<Self> {
-        let current = match &file {
-            Some(path) if path.exists() => {
-                let text = std::fs::read_to_string(path)?;
-                serde_json::from_str(&text).map_err(|e| {
-                    anyhow::anyhow!("suspensions file {} is not valid: {e}", path.display())
-                })?
-            }
-            _ => Suspended::default(),
+        let state = read_state(file.as_deref())?;
+        Ok(Self {
+            current: ArcSwap::from_pointee(state.suspended),
+            file,
+            write: tokio::sync::Mutex::new(()),
+            cluster: None,
+        })
+    }
+
+    /// Loads the last known sets from `file` and shares them through the Redis at
+    /// `redis_url` (keys under `key_prefix`). Does not contact Redis: call
+    /// [`Self::resync`] and [`Self::keep_in_sync`].
+    pub fn open_cluster(
+        file: Option<PathBuf>,
+        redis_url: &str,
+        key_prefix: &str,
+    ) -> anyhow::Result<Self> {
+        let state = read_state(file.as_deref())?;
+        let client = redis::Client::open(redis_url)
+            .map_err(|e| anyhow::anyhow!("cluster.redis_url: {e}"))?;
+        // The hash tag keeps both hashes in one slot, so one transaction reads both on a
+        // Redis Cluster too.
+        let link = ClusterLink {
+            client,
+            conn: tokio::sync::Mutex::new(None),
+            consumers_key: format!("{key_prefix}{{suspensions}}:consumers"),
+            providers_key: format!("{key_prefix}{{suspensions}}:providers"),
+            channel: format!("{key_prefix}suspensions"),
+            healthy: AtomicBool::new(true),
+            adopt: std::sync::Mutex::new(
+                (!state.from_cluster && state.suspended != Suspended::default())
+                    .then(|| state.suspended.clone()),
+            ),
         };
         Ok(Self {
-            current: ArcSwap::from_pointee(current),
+            current: ArcSwap::from_pointee(state.suspended),
             file,
-            write: Mutex::new(()),
+            write: tokio::sync::Mutex::new(()),
+            cluster: Some(link),
         })
+    }
+
+    /// Whether suspensions are shared through `[cluster]`.
+    pub fn is_shared(&self) -> bool {
+        self.cluster.is_some()
     }
 
     pub fn snapshot(&self) -> Arc<Suspended> {
@@ -64,30 +224,339 @@ impl SuspensionStore {
         self.current.load()
     }
 
-    /// Suspends or resumes; returns whether anything changed. The new state is on disk
-    /// before it takes effect, so a crash cannot silently lift a suspension.
-    pub fn set(&self, party: Party, id: &str, suspended: bool) -> anyhow::Result<bool> {
-        let _guard = self
-            .write
-            .lock()
-            .map_err(|_| anyhow::anyhow!("suspension store poisoned"))?;
+    /// Suspends (`Some`, with who, when and why) or resumes (`None`) a party; returns
+    /// whether anything changed (suspending a suspended party keeps its first record).
+    /// The new state is stored (in Redis with `[cluster]`, on disk in any case) before it
+    /// takes effect, so a crash cannot silently lift a suspension.
+    pub async fn set(
+        &self,
+        party: Party,
+        id: &str,
+        change: Option<Suspension>,
+    ) -> Result<bool, ChangeError> {
+        let _guard = self.write.lock().await;
+        let changed = match &self.cluster {
+            Some(link) => link
+                .write(party, id, change.as_ref())
+                .await
+                .map_err(|e| ChangeError::ClusterUnavailable(e.to_string()))?,
+            None => match &change {
+                Some(_) => !self.current.load().of(party).contains_key(id),
+                None => self.current.load().of(party).contains_key(id),
+            },
+        };
         let mut next = (*self.current.load_full()).clone();
-        let set = match party {
-            Party::Consumer => &mut next.consumers,
-            Party::Provider => &mut next.providers,
-        };
-        let changed = if suspended {
-            set.insert(id.to_owned())
-        } else {
-            set.remove(id)
-        };
-        if changed {
-            if let Some(path) = &self.file {
-                write_atomically(path, &serde_json::to_vec_pretty(&next)?)?;
+        let set = next.of_mut(party);
+        match change {
+            Some(s) => {
+                set.entry(id.to_owned()).or_insert(s);
             }
+            None => {
+                set.remove(id);
+            }
+        }
+        if next != **self.current.load() {
+            self.persist(&next).map_err(|e| {
+                // In cluster mode Redis already holds the change; the next re-read
+                // applies it here anyway, and the file is written again then.
+                ChangeError::Storage(e.to_string())
+            })?;
             self.current.store(Arc::new(next));
         }
         Ok(changed)
+    }
+
+    fn persist(&self, sets: &Suspended) -> std::io::Result<()> {
+        let Some(path) = &self.file else {
+            return Ok(());
+        };
+        let state = StateFile {
+            suspended: sets.clone(),
+            from_cluster: self.cluster.is_some(),
+        };
+        write_atomically(path, &serde_json::to_vec_pretty(&state)?)
+    }
+
+    /// Re-reads the cluster's suspensions from Redis and applies them (no-op without
+    /// `[cluster]`). On failure the last known sets stay in force.
+    pub async fn resync(&self) -> Result<(), redis::RedisError> {
+        let Some(link) = &self.cluster else {
+            return Ok(());
+        };
+        let _guard = self.write.lock().await;
+        let read = link.read().await;
+        let next = match read {
+            Ok(next) => {
+                link.mark(true, None);
+                next
+            }
+            Err(e) => {
+                link.mark(false, Some(&e));
+                return Err(e);
+            }
+        };
+        let now = self.current.load_full();
+        if *now != next {
+            log_changes(&now, &next);
+            if let Err(e) = self.persist(&next) {
+                tracing::error!(error = %e, file = ?self.file, "cannot keep the cluster's suspensions in the state file; they apply in memory");
+            }
+            self.current.store(Arc::new(next));
+        }
+        Ok(())
+    }
+
+    /// Keeps the sets in step with the cluster until the runtime ends: re-reads when a
+    /// change is announced, and every [`RESYNC_EVERY`] in any case.
+    pub fn keep_in_sync(self: &Arc<Self>) {
+        if self.cluster.is_none() {
+            return;
+        }
+        let store = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(RESYNC_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut messages: Option<redis::aio::PubSubStream> = None;
+            loop {
+                let Some(this) = store.upgrade() else { return };
+                let Some(link) = &this.cluster else { return };
+                if messages.is_none() {
+                    messages = link.subscribe().await;
+                }
+                drop(this);
+                let ended = match messages.as_mut() {
+                    Some(m) => {
+                        use futures_util::StreamExt;
+                        tokio::select! {
+                            msg = m.next() => msg.is_none(),
+                            _ = tick.tick() => false,
+                        }
+                    }
+                    None => {
+                        tick.tick().await;
+                        false
+                    }
+                };
+                if ended {
+                    tracing::warn!(
+                        "the cluster's change announcements stopped; re-subscribing (changes are still re-read periodically)"
+                    );
+                    messages = None;
+                }
+                let Some(this) = store.upgrade() else { return };
+                // A failure is logged and counted by resync; the last known sets stay.
+                let _ = this.resync().await;
+            }
+        });
+    }
+}
+
+impl ClusterLink {
+    async fn connection(&self) -> Result<redis::aio::ConnectionManager, redis::RedisError> {
+        let mut slot = self.conn.lock().await;
+        if let Some(c) = slot.as_ref() {
+            return Ok(c.clone());
+        }
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(REDIS_TIMEOUT))
+            .set_response_timeout(Some(REDIS_TIMEOUT))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(500));
+        let c = tokio::time::timeout(
+            REDIS_TIMEOUT,
+            self.client.get_connection_manager_with_config(config),
+        )
+        .await
+        .map_err(|_| timed_out())??;
+        *slot = Some(c.clone());
+        Ok(c)
+    }
+
+    fn key(&self, party: Party) -> &str {
+        match party {
+            Party::Consumer => &self.consumers_key,
+            Party::Provider => &self.providers_key,
+        }
+    }
+
+    /// Writes one change and announces it, in one transaction; whether it changed.
+    async fn write(
+        &self,
+        party: Party,
+        id: &str,
+        change: Option<&Suspension>,
+    ) -> Result<bool, redis::RedisError> {
+        let mut conn = self.connection().await?;
+        let announce = format!("{}:{id}", party.as_str());
+        let run = async {
+            match change {
+                Some(s) => {
+                    let value = serde_json::to_string(s).map_err(json_error)?;
+                    let (added, _): (bool, i64) = redis::pipe()
+                        .atomic()
+                        .hset_nx(self.key(party), id, value)
+                        .publish(&self.channel, announce)
+                        .query_async(&mut conn)
+                        .await?;
+                    Ok(added)
+                }
+                None => {
+                    let (removed, _): (i64, i64) = redis::pipe()
+                        .atomic()
+                        .hdel(self.key(party), id)
+                        .publish(&self.channel, announce)
+                        .query_async(&mut conn)
+                        .await?;
+                    Ok(removed > 0)
+                }
+            }
+        };
+        let result = tokio::time::timeout(REDIS_TIMEOUT, run)
+            .await
+            .map_err(|_| timed_out())
+            .and_then(|r| r);
+        match &result {
+            Ok(_) => self.mark(true, None),
+            Err(e) => self.mark(false, Some(e)),
+        }
+        result
+    }
+
+    /// Both sets as Redis holds them (after adding what this gateway suspended on its
+    /// own before it joined the cluster).
+    async fn read(&self) -> Result<Suspended, redis::RedisError> {
+        let mut conn = self.connection().await?;
+        let run = async {
+            let adopt = self.adopt.lock().map(|a| a.clone()).unwrap_or_default();
+            if let Some(local) = adopt {
+                let mut pipe = redis::pipe();
+                pipe.atomic();
+                for (party, sets) in [
+                    (Party::Consumer, &local.consumers),
+                    (Party::Provider, &local.providers),
+                ] {
+                    for (id, s) in sets {
+                        let value = serde_json::to_string(s).map_err(json_error)?;
+                        pipe.hset_nx(self.key(party), id, value).ignore();
+                    }
+                }
+                pipe.publish(&self.channel, "adopted").ignore();
+                pipe.query_async::<()>(&mut conn).await?;
+                tracing::warn!(
+                    consumers = ?local.consumers.keys().collect::<Vec<_>>(),
+                    providers = ?local.providers.keys().collect::<Vec<_>>(),
+                    "suspensions made on this gateway before [cluster] was configured are now the cluster's"
+                );
+                if let Ok(mut a) = self.adopt.lock() {
+                    *a = None;
+                }
+            }
+            let (c, p): (HashMap<String, String>, HashMap<String, String>) = redis::pipe()
+                .atomic()
+                .hgetall(&self.consumers_key)
+                .hgetall(&self.providers_key)
+                .query_async(&mut conn)
+                .await?;
+            Ok(Suspended {
+                consumers: decode(Party::Consumer, c),
+                providers: decode(Party::Provider, p),
+            })
+        };
+        tokio::time::timeout(REDIS_TIMEOUT, run)
+            .await
+            .map_err(|_| timed_out())
+            .and_then(|r| r)
+    }
+
+    /// A subscription to the change announcements, or None (logged) when Redis does not
+    /// answer.
+    async fn subscribe(&self) -> Option<redis::aio::PubSubStream> {
+        let run = async {
+            let mut pubsub = self.client.get_async_pubsub().await?;
+            pubsub.subscribe(&self.channel).await?;
+            Ok::<_, redis::RedisError>(pubsub.into_on_message())
+        };
+        match tokio::time::timeout(REDIS_TIMEOUT, run).await {
+            Ok(Ok(stream)) => Some(stream),
+            Ok(Err(e)) => {
+                self.mark(false, Some(&e));
+                None
+            }
+            Err(_) => {
+                self.mark(false, Some(&timed_out()));
+                None
+            }
+        }
+    }
+
+    /// Counts a failure, and logs when Redis becomes unreachable or answers again.
+    fn mark(&self, ok: bool, error: Option<&redis::RedisError>) {
+        metrics::gauge!("fsp_cluster_redis_up").set(if ok { 1.0 } else { 0.0 });
+        if !ok {
+            metrics::counter!("fsp_cluster_redis_errors_total").increment(1);
+        }
+        let was = self.healthy.swap(ok, Ordering::Relaxed);
+        match (was, ok) {
+            (true, false) => tracing::error!(
+                error = %error.map(ToString::to_string).unwrap_or_default(),
+                "the cluster's Redis is unreachable: the last known suspensions stay in force, and suspensions and resumes are refused until it answers"
+            ),
+            (false, true) => tracing::warn!("the cluster's Redis answers again"),
+            _ => {}
+        }
+    }
+}
+
+fn timed_out() -> redis::RedisError {
+    redis::RedisError::from(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!("no answer within {} s", REDIS_TIMEOUT.as_secs()),
+    ))
+}
+
+fn json_error(e: serde_json::Error) -> redis::RedisError {
+    redis::RedisError::from(std::io::Error::other(e))
+}
+
+/// The hash's entries; a value that is not a suspension record (written by hand, or by
+/// a newer gateway) still suspends: a cut-off must not be lifted by a formatting error.
+fn decode(party: Party, raw: HashMap<String, String>) -> BTreeMap<String, Suspension> {
+    raw.into_iter()
+        .map(|(id, value)| {
+            let s = serde_json::from_str(&value).unwrap_or_else(|e| {
+                tracing::warn!(kind = party.as_str(), %id, error = %e, "a suspension in Redis is not a record of who, when and why; it applies anyway");
+                Suspension {
+                    by: "unknown".to_owned(),
+                    at: None,
+                    reason: None,
+                }
+            });
+            (id, s)
+        })
+        .collect()
+}
+
+fn log_changes(before: &Suspended, after: &Suspended) {
+    for party in [Party::Consumer, Party::Provider] {
+        let (b, a) = (before.of(party), after.of(party));
+        for (id, s) in a.iter().filter(|(id, _)| !b.contains_key(*id)) {
+            tracing::warn!(target: "fsp::admin", kind = party.as_str(), %id, by = %s.by, at = ?s.at, reason = ?s.reason, "suspended by the cluster");
+        }
+        for id in b.keys().filter(|id| !a.contains_key(*id)) {
+            tracing::warn!(target: "fsp::admin", kind = party.as_str(), %id, "resumed by the cluster");
+        }
+    }
+}
+
+fn read_state(file: Option<&Path>) -> anyhow::Result<StateFile> {
+    match file {
+        Some(path) if path.exists() => {
+            let text = std::fs::read_to_string(path)?;
+            serde_json::from_str(&text).map_err(|e| {
+                anyhow::anyhow!("suspensions file {} is not valid: {e}", path.display())
+            })
+        }
+        _ => Ok(StateFile::default()),
     }
 }
 
@@ -107,11 +576,11 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 
 impl policy::Suspensions for Suspended {
     fn consumer_suspended(&self, consumer: &str) -> bool {
-        !self.consumers.is_empty() && self.consumers.contains(consumer)
+        !self.consumers.is_empty() && self.consumers.contains_key(consumer)
     }
 
     fn provider_suspended(&self, provider: &str) -> bool {
-        !self.providers.is_empty() && self.providers.contains(provider)
+        !self.providers.is_empty() && self.providers.contains_key(provider)
     }
 }
 
@@ -121,19 +590,73 @@ mod tests {
     use super::*;
     use policy::Suspensions;
 
-    #[test]
-    fn suspensions_survive_a_restart() {
+    fn by(who: &str, reason: &str) -> Option<Suspension> {
+        Some(Suspension {
+            by: who.to_owned(),
+            at: Some("2026-12-03T08:00:00.000Z".to_owned()),
+            reason: Some(reason.to_owned()),
+        })
+    }
+
+    #[tokio::test]
+    async fn suspensions_survive_a_restart_with_who_when_and_why() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("s/suspensions.json");
         let store = SuspensionStore::open(Some(file.clone())).unwrap();
-        assert!(store.set(Party::Consumer, "bxl", true).unwrap());
-        assert!(!store.set(Party::Consumer, "bxl", true).unwrap());
-        assert!(store.set(Party::Provider, "rrn", true).unwrap());
+        assert!(
+            store
+                .set(Party::Consumer, "bxl", by("token#1", "leak"))
+                .await
+                .unwrap()
+        );
+        // Suspending again changes nothing and keeps the first record.
+        assert!(
+            !store
+                .set(Party::Consumer, "bxl", by("token#2", "other"))
+                .await
+                .unwrap()
+        );
+        assert!(
+            store
+                .set(Party::Provider, "rrn", by("token#1", "maintenance"))
+                .await
+                .unwrap()
+        );
         assert!(store.snapshot().consumer_suspended("bxl"));
         let again = SuspensionStore::open(Some(file)).unwrap();
-        assert!(again.snapshot().consumer_suspended("bxl"));
-        assert!(again.snapshot().provider_suspended("rrn"));
-        assert!(again.set(Party::Consumer, "bxl", false).unwrap());
+        let s = again.snapshot();
+        assert!(s.consumer_suspended("bxl"));
+        assert!(s.provider_suspended("rrn"));
+        assert_eq!(s.consumers["bxl"].by, "token#1");
+        assert_eq!(s.consumers["bxl"].reason.as_deref(), Some("leak"));
+        assert!(again.set(Party::Consumer, "bxl", None).await.unwrap());
+        assert!(!again.set(Party::Consumer, "bxl", None).await.unwrap());
         assert!(!again.snapshot().consumer_suspended("bxl"));
+    }
+
+    #[test]
+    fn the_first_file_format_still_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("suspensions.json");
+        std::fs::write(&file, r#"{"consumers":["bxl"],"providers":[]}"#).unwrap();
+        let store = SuspensionStore::open(Some(file)).unwrap();
+        let s = store.snapshot();
+        assert!(s.consumer_suspended("bxl"));
+        assert_eq!(s.consumers["bxl"].by, "unknown");
+        assert!(!s.provider_suspended("rrn"));
+    }
+
+    #[test]
+    fn a_malformed_record_in_redis_still_suspends() {
+        let raw = HashMap::from([
+            ("bxl".to_owned(), "not json".to_owned()),
+            (
+                "gent".to_owned(),
+                r#"{"by":"token#3","at":"2026-12-03T08:00:00Z","reason":"r"}"#.to_owned(),
+            ),
+        ]);
+        let sets = decode(Party::Consumer, raw);
+        assert_eq!(sets["bxl"].by, "unknown");
+        assert_eq!(sets["gent"].by, "token#3");
     }
 }

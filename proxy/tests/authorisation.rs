@@ -316,7 +316,11 @@ async fn a_suspension_applies_within_a_second_on_an_open_connection() {
     assert!(body.contains("provider rrn is suspended"), "{body}");
     let (_, listed) =
         admin_request(s.gw.admin_port, "GET", "/admin/suspensions", Some(TOKEN)).await;
-    assert!(listed.contains("\"providers\":[\"rrn\"]"), "{listed}");
+    let listed: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    assert_eq!(listed["providers"][0]["id"], "rrn", "{listed}");
+    assert_eq!(listed["providers"][0]["by"], "token#1", "{listed}");
+    assert!(listed["providers"][0]["at"].is_string(), "{listed}");
+    assert_eq!(listed["shared"], false, "{listed}");
 }
 
 #[tokio::test]

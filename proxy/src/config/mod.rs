@@ -184,6 +184,9 @@ pub enum ThrottleBackend {
 pub struct Cluster {
     /// `redis://`, `rediss://` or `unix://`.
     pub redis_url: String,
+    /// Prefix of the keys and channel in Redis (`fsp:` unless set), so that several
+    /// platforms (INT and ACC, say) can share one Redis without seeing each other.
+    pub key_prefix: String,
 }
 
 /// How spans are sent to the OpenTelemetry collector.
@@ -611,13 +614,6 @@ fn build(main: &Path, sources: Vec<Source>, problems: &mut Problems) -> Option<C
         .and_then(|(s, t)| build_telemetry(s, t, problems));
     // Parsed and checked, but not served yet: refused rather than silently ignored.
     for s in &sources {
-        if s.raw.cluster.is_some() {
-            problems.add(
-                &s.path,
-                "cluster",
-                "not available yet: suspensions are kept per gateway (in its state directory); remove [cluster]",
-            );
-        }
         if s.raw.telemetry.is_some() {
             problems.add(
                 &s.path,
@@ -1200,7 +1196,23 @@ fn build_cluster(s: &Source, c: &RawCluster, problems: &mut Problems) -> Option<
         return None;
     };
     check_redis_url(s, "cluster.redis_url", &url, problems);
-    Some(Cluster { redis_url: url })
+    let key_prefix = c.key_prefix.clone().unwrap_or_else(|| "fsp:".to_owned());
+    if key_prefix.is_empty()
+        || key_prefix.len() > 64
+        || !key_prefix
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_:.".contains(&b))
+    {
+        problems.add(
+            &s.path,
+            "cluster.key_prefix",
+            "1 to 64 characters among letters, digits, '-', '_', ':' and '.' (e.g. \"fsp-int:\")",
+        );
+    }
+    Some(Cluster {
+        redis_url: url,
+        key_prefix,
+    })
 }
 
 /// `[telemetry]`: where spans go, under which name, and how many are kept.

@@ -113,6 +113,8 @@ pub struct RawCluster {
     pub redis_url: Option<String>,
     /// Extension: a file holding `redis_url`.
     pub redis_url_file: Option<String>,
+    /// Extension: the prefix of every key and channel the cluster uses in Redis.
+    pub key_prefix: Option<String>,
 }
 
 /// `[telemetry]`: OpenTelemetry traces.

@@ -2162,8 +2162,7 @@ fn sections_not_served_yet_are_refused_by_name() {
         "[cluster]\nredis_url = \"redis://127.0.0.1:6379\"\n\n[telemetry]\notlp_endpoint = \"http://127.0.0.1:4318\"\n\n[throttle]",
     );
     let problems = fx.problems(&text);
-    assert_eq!(problems.len(), 3, "{}", list(&problems));
-    expect(&problems, "fsp.toml", "cluster", &["not available yet"]);
+    assert_eq!(problems.len(), 2, "{}", list(&problems));
     expect(&problems, "fsp.toml", "telemetry", &["not available yet"]);
     expect(
         &problems,
@@ -2179,4 +2178,52 @@ fn sections_not_served_yet_are_refused_by_name() {
     );
     let config = fx.load_single(&served).unwrap();
     assert_eq!(config.listener.shutdown_delay, Duration::from_secs(5));
+}
+
+#[test]
+fn the_cluster_section_names_its_redis_and_key_prefix() {
+    let fx = Fixture::new();
+    let with = |body: &str| {
+        edit(
+            &fx.single_file(),
+            "[throttle]",
+            &format!("[cluster]\n{body}\n\n[throttle]"),
+        )
+    };
+    let config = fx
+        .load_single(&with("redis_url = \"redis://127.0.0.1:6379\""))
+        .unwrap();
+    let cluster = config.cluster.unwrap();
+    assert_eq!(cluster.redis_url, "redis://127.0.0.1:6379");
+    assert_eq!(cluster.key_prefix, "fsp:");
+    let config = fx
+        .load_single(&with(
+            "redis_url = \"rediss://r.example:6380\"\nkey_prefix = \"fsp-int:\"",
+        ))
+        .unwrap();
+    assert_eq!(config.cluster.unwrap().key_prefix, "fsp-int:");
+
+    let problems = fx.problems(&with(
+        "redis_url = \"http://127.0.0.1:6379\"\nkey_prefix = \"a b\"",
+    ));
+    assert_eq!(problems.len(), 2, "{}", list(&problems));
+    expect(
+        &problems,
+        "fsp.toml",
+        "cluster.redis_url",
+        &["not a Redis URL"],
+    );
+    expect(
+        &problems,
+        "fsp.toml",
+        "cluster.key_prefix",
+        &["letters, digits"],
+    );
+    let problems = fx.problems(&with("key_prefix = \"fsp:\""));
+    expect(
+        &problems,
+        "fsp.toml",
+        "cluster.redis_url",
+        &["required in [cluster]"],
+    );
 }

@@ -791,6 +791,17 @@ pub async fn admin_request(
     path: &str,
     token: Option<&str>,
 ) -> (u16, String) {
+    admin_request_with_body(port, method, path, token, "").await
+}
+
+/// [`admin_request`] with a (JSON) body.
+pub async fn admin_request_with_body(
+    port: u16,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &str,
+) -> (u16, String) {
     use tokio::io::AsyncWriteExt;
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
@@ -799,7 +810,8 @@ pub async fn admin_request(
         .map(|t| format!("authorization: Bearer {t}\r\n"))
         .unwrap_or_default();
     let req = format!(
-        "{method} {path} HTTP/1.1\r\nhost: admin\r\n{auth}content-length: 0\r\nconnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nhost: admin\r\n{auth}content-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
     );
     s.write_all(req.as_bytes()).await.unwrap();
     read_response(&mut s).await

@@ -1,0 +1,290 @@
+//! Cluster-wide suspensions through Redis (`FSP_TEST_REDIS_URL`): a cut-off made on one
+//! replica applies on every replica within a second, survives restarts, and the last
+//! known set stays in force while Redis is unreachable.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use http::StatusCode;
+
+const TOKEN: &str = "test-admin-token-0123456789";
+
+fn redis_url() -> Option<String> {
+    let url = std::env::var("FSP_TEST_REDIS_URL").ok();
+    if url.is_none() {
+        eprintln!("SKIPPED: FSP_TEST_REDIS_URL is not set (e.g. redis://127.0.0.1:6379)");
+    }
+    url
+}
+
+/// A key prefix of this test run's own, so that concurrent tests sharing one Redis do
+/// not see each other's suspensions.
+fn unique_prefix(test: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("fsp-test-{test}-{}-{nanos}:", std::process::id())
+}
+
+/// Removes what a test left in Redis under `prefix`.
+fn forget(redis: &str, prefix: &str) {
+    let mut conn = redis::Client::open(redis)
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    for kind in ["consumers", "providers"] {
+        let _: () = redis::cmd("DEL")
+            .arg(format!("{prefix}{{suspensions}}:{kind}"))
+            .query(&mut conn)
+            .unwrap();
+    }
+}
+
+/// The configuration of replica `i`: same platform, its own node name and state dir.
+fn replica_config(
+    pki: &Pki,
+    up: std::net::SocketAddr,
+    i: usize,
+    cluster: &str,
+) -> std::path::PathBuf {
+    let base = std::fs::read_to_string(write_config(pki, up, 0, 0, "")).unwrap();
+    let text = base
+        .replace("node = \"test-node\"", &format!("node = \"node-{i}\""))
+        .replace("dir     = \"audit\"", &format!("dir     = \"audit-{i}\""))
+        + cluster;
+    let path = pki.path().join(format!("fsp-{i}.toml"));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+async fn status_of(pki: &Pki, gw: &Gateway) -> (StatusCode, String) {
+    let c = client(pki, Some(&pki.consumer), false);
+    let (status, _, body, _) = send(&c, get(&gw.url("/person/getPerson/v3/cluster")))
+        .await
+        .unwrap();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// Waits until every gateway answers `want`; returns how long that took.
+async fn until_all(pki: &Pki, gws: &[&Gateway], want: StatusCode) -> Duration {
+    let started = Instant::now();
+    for gw in gws {
+        loop {
+            let (status, body) = status_of(pki, gw).await;
+            if status == want {
+                if want == StatusCode::FORBIDDEN {
+                    assert!(body.contains("FSP-AUTHZ-SUSPENDED"), "{body}");
+                }
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "still {status} after 5 s, expected {want}: {body}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    started.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_suspension_on_one_replica_cuts_the_consumer_on_all_three_and_survives_restarts() {
+    let Some(redis) = redis_url() else { return };
+    let pki = Pki::new();
+    let up = upstream().await;
+    let prefix = unique_prefix("three");
+    let cluster = format!("\n[cluster]\nredis_url = \"{redis}\"\nkey_prefix = \"{prefix}\"\n");
+    let configs: Vec<_> = (0..3)
+        .map(|i| replica_config(&pki, up, i, &cluster))
+        .collect();
+    let mut gws = Vec::new();
+    for c in &configs {
+        gws.push(Gateway::start(c).await);
+    }
+    for gw in &gws {
+        assert_eq!(status_of(&pki, gw).await.0, StatusCode::OK);
+    }
+
+    // Suspended on replica 0, with a reason: cut on all three within a second.
+    let (status, body) = admin_request_with_body(
+        gws[0].admin_port,
+        "POST",
+        "/admin/consumers/ville-bxl/suspend",
+        Some(TOKEN),
+        r#"{"reason": "suspected key leak, ticket 4711"}"#,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let took = until_all(&pki, &[&gws[0], &gws[1], &gws[2]], StatusCode::FORBIDDEN).await;
+    eprintln!("suspension in force on all three replicas after {took:?}");
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+
+    // Every replica lists it with who, when and why.
+    for gw in &gws {
+        let (status, listed) =
+            admin_request(gw.admin_port, "GET", "/admin/suspensions", Some(TOKEN)).await;
+        assert_eq!(status, 200);
+        let listed: serde_json::Value = serde_json::from_str(&listed).unwrap();
+        let entry = &listed["consumers"][0];
+        assert_eq!(entry["id"], "ville-bxl", "{listed}");
+        assert_eq!(
+            entry["reason"], "suspected key leak, ticket 4711",
+            "{listed}"
+        );
+        assert_eq!(entry["by"], "token#1", "{listed}");
+        assert!(entry["at"].as_str().unwrap().ends_with('Z'), "{listed}");
+        assert_eq!(listed["shared"], true);
+    }
+
+    // A replica restarted with an empty state directory (a new pod) is still cut: it
+    // reads the cluster's suspensions before serving.
+    assert_eq!(gws[1].stop().code(), Some(0));
+    let state = pki.path().join("audit-1/suspensions.json");
+    assert!(
+        state.exists(),
+        "the replica keeps the last known set locally"
+    );
+    std::fs::remove_file(&state).unwrap();
+    gws[1] = Gateway::start(&configs[1]).await;
+    let (status, body) = status_of(&pki, &gws[1]).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert!(body.contains("FSP-AUTHZ-SUSPENDED"), "{body}");
+
+    // Resumed on replica 2: lifted everywhere within a second.
+    let (status, body) = admin_request(
+        gws[2].admin_port,
+        "POST",
+        "/admin/consumers/ville-bxl/resume",
+        Some(TOKEN),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"changed\":true"), "{body}");
+    let took = until_all(&pki, &[&gws[0], &gws[1], &gws[2]], StatusCode::OK).await;
+    eprintln!("resume in force on all three replicas after {took:?}");
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+
+    // A provider suspension travels the same way.
+    let (status, _) = admin_request(
+        gws[1].admin_port,
+        "POST",
+        "/admin/providers/rrn/suspend",
+        Some(TOKEN),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let took = until_all(&pki, &[&gws[0], &gws[1], &gws[2]], StatusCode::FORBIDDEN).await;
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+    for gw in &mut gws {
+        assert_eq!(gw.stop().code(), Some(0));
+    }
+    forget(&redis, &prefix);
+}
+
+#[tokio::test]
+async fn without_redis_the_last_known_set_stays_and_changes_are_refused() {
+    let pki = Pki::new();
+    let up = upstream().await;
+    // Nothing listens there.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = dead.local_addr().unwrap().port();
+    drop(dead);
+    let cluster = format!("\n[cluster]\nredis_url = \"redis://127.0.0.1:{port}\"\n");
+    let config = replica_config(&pki, up, 0, &cluster);
+    // The set this replica last read from the cluster.
+    std::fs::create_dir_all(pki.path().join("audit-0")).unwrap();
+    std::fs::write(
+        pki.path().join("audit-0/suspensions.json"),
+        r#"{"consumers":{"ville-bxl":{"by":"token#2","at":"2026-12-01T10:00:00.000Z","reason":"incident 12"}},"providers":{},"from_cluster":true}"#,
+    )
+    .unwrap();
+    let mut gw = Gateway::start(&config).await;
+    let (status, body) = status_of(&pki, &gw).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert!(body.contains("FSP-AUTHZ-SUSPENDED"), "{body}");
+
+    // A resume cannot be made on one replica only: refused, nothing changed.
+    let (status, body) = admin_request(
+        gw.admin_port,
+        "POST",
+        "/admin/consumers/ville-bxl/resume",
+        Some(TOKEN),
+    )
+    .await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.contains("Redis is unreachable, nothing changed"),
+        "{body}"
+    );
+    assert_eq!(status_of(&pki, &gw).await.0, StatusCode::FORBIDDEN);
+    let (_, listed) = admin_request(gw.admin_port, "GET", "/admin/suspensions", Some(TOKEN)).await;
+    assert!(listed.contains("incident 12"), "{listed}");
+    // The gateway still serves and is ready: Redis holds suspensions only.
+    assert_eq!(
+        admin_request(gw.admin_port, "GET", "/readyz", None).await.0,
+        200
+    );
+    assert_eq!(gw.stop().code(), Some(0));
+}
+
+#[tokio::test]
+async fn suspensions_made_before_the_cluster_join_it_and_bad_reasons_are_refused() {
+    let Some(redis) = redis_url() else { return };
+    let pki = Pki::new();
+    let up = upstream().await;
+    // Made in single-node mode (the first file format: a list of ids).
+    std::fs::create_dir_all(pki.path().join("audit-0")).unwrap();
+    std::fs::write(
+        pki.path().join("audit-0/suspensions.json"),
+        r#"{"consumers":["ville-bxl"],"providers":[]}"#,
+    )
+    .unwrap();
+    let prefix = unique_prefix("adopt");
+    let cluster = format!("\n[cluster]\nredis_url = \"{redis}\"\nkey_prefix = \"{prefix}\"\n");
+    let mut first = Gateway::start(&replica_config(&pki, up, 0, &cluster)).await;
+    let mut second = Gateway::start(&replica_config(&pki, up, 1, &cluster)).await;
+    // Not lifted by joining an empty cluster: the second replica enforces it too.
+    let took = until_all(&pki, &[&first, &second], StatusCode::FORBIDDEN).await;
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+
+    for (body, why) in [
+        ("not json", "must be JSON"),
+        (r#"{"reason": 12}"#, "must be JSON"),
+        (r#"{"reason": "a", "other": 1}"#, "must be JSON"),
+        (r#"{"reason": "two\nlines"}"#, "one line"),
+    ] {
+        let (status, answer) = admin_request_with_body(
+            second.admin_port,
+            "POST",
+            "/admin/providers/rrn/suspend",
+            Some(TOKEN),
+            body,
+        )
+        .await;
+        assert_eq!(status, 400, "{body}: {answer}");
+        assert!(answer.contains(why), "{body}: {answer}");
+    }
+    let long = format!(r#"{{"reason": "{}"}}"#, "x".repeat(501));
+    let (status, answer) = admin_request_with_body(
+        second.admin_port,
+        "POST",
+        "/admin/providers/rrn/suspend",
+        Some(TOKEN),
+        &long,
+    )
+    .await;
+    assert_eq!(status, 400, "{answer}");
+    // Nothing was suspended by the refused calls.
+    let (_, listed) =
+        admin_request(second.admin_port, "GET", "/admin/suspensions", Some(TOKEN)).await;
+    let listed: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    assert_eq!(listed["providers"], serde_json::json!([]), "{listed}");
+    assert_eq!(listed["consumers"][0]["by"], "unknown", "{listed}");
+    assert_eq!(first.stop().code(), Some(0));
+    assert_eq!(second.stop().code(), Some(0));
+    forget(&redis, &prefix);
+}
