@@ -31,6 +31,7 @@ pub mod limits;
 pub mod oauth;
 pub mod path;
 pub mod pipeline;
+pub mod proxy_header;
 pub mod quickstart;
 pub mod response;
 pub mod run;

@@ -98,6 +98,7 @@ pub async fn start(
         .unwrap_or_default();
     let restart_only = crate::state::RestartOnly::of(&config);
     let shutdown_delay = listener_cfg.shutdown_delay;
+    let balancers: Arc<[ipnet::IpNet]> = listener_cfg.proxy_protocol_from.clone().into();
     let node = config.node.clone();
     let throttle_cfg = config.throttle.clone();
 
@@ -314,6 +315,7 @@ pub async fn start(
     for (i, listener) in listeners.into_iter().enumerate() {
         let gw = gw.clone();
         let shutdown = shutdown.clone();
+        let balancers = balancers.clone();
         let (done, finished) = tokio::sync::oneshot::channel::<()>();
         std::thread::Builder::new()
             .name(format!("fsp-worker-{i}"))
@@ -327,7 +329,9 @@ pub async fn start(
                     Ok(rt) => {
                         rt.block_on(async move {
                             match TcpListener::from_std(listener) {
-                                Ok(l) => crate::server::serve(gw, l, timeouts, shutdown).await,
+                                Ok(l) => {
+                                    crate::server::serve(gw, l, timeouts, balancers, shutdown).await
+                                }
                                 Err(e) => {
                                     tracing::error!(error = %e, "worker cannot use its listener")
                                 }

@@ -109,10 +109,16 @@ impl<B: hyper::body::Body> hyper::body::Body for Tracked<B> {
 }
 
 /// Serves consumers until `shutdown` turns true, then drains.
+///
+/// Peers in `balancers` (`listener.proxy_protocol_from`) must open each connection with
+/// a PROXY protocol header, whose address then stands for the consumer's everywhere
+/// (connection limits, `source_ips`, audit, `X-Forwarded-For`); from anyone else a
+/// connection that starts with one is refused.
 pub async fn serve(
     gw: Arc<Gateway>,
     listener: TcpListener,
     timeouts: ListenerTimeouts,
+    balancers: Arc<[ipnet::IpNet]>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     // The protocol is known from ALPN once TLS is up, so each connection goes straight
@@ -137,7 +143,7 @@ pub async fn serve(
 
     loop {
         while connections.try_join_next().is_some() {}
-        let (tcp, peer) = tokio::select! {
+        let (mut tcp, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
@@ -149,20 +155,40 @@ pub async fn serve(
             },
             _ = shutdown.changed() => break,
         };
-        // Bounds on open connections, before any work is spent on this one.
-        let mut slot = match gw.conn_limits.admit(peer.ip()) {
-            Ok(slot) => slot,
-            Err(refusal) => {
-                tracing::debug!(%peer, bound = refusal.as_str(), "connection refused: limit reached");
-                drop(tcp);
-                continue;
+        let from_balancer =
+            !balancers.is_empty() && balancers.iter().any(|n| n.contains(&peer.ip()));
+        // Bounds on open connections, before any work is spent on this one (for a
+        // balancer's connections, once the header has said whose they are).
+        let slot = if from_balancer {
+            None
+        } else {
+            match gw.conn_limits.admit(peer.ip()) {
+                Ok(slot) => Some(slot),
+                Err(refusal) => {
+                    tracing::debug!(%peer, bound = refusal.as_str(), "connection refused: limit reached");
+                    drop(tcp);
+                    continue;
+                }
             }
         };
         let _ = tcp.set_nodelay(true);
         let gw = gw.clone();
         let builders = builders.clone();
         let watcher = graceful.watcher();
+        let check_for_header = !balancers.is_empty();
         connections.spawn(async move {
+            let (peer, mut slot) = match slot {
+                Some(slot) => {
+                    if check_for_header && !no_header(&mut tcp, peer, timeouts.handshake).await {
+                        return;
+                    }
+                    (peer, slot)
+                }
+                None => match client_of_balancer(&gw, &mut tcp, peer, timeouts.handshake).await {
+                    Some(carried) => carried,
+                    None => return,
+                },
+            };
             let acceptor = TlsAcceptor::from(gw.tls.load_full());
             let tls = match tokio::time::timeout(timeouts.handshake, acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => tls,
@@ -245,5 +271,59 @@ pub async fn serve(
         .is_err()
     {
         tracing::warn!("drain timeout reached; closing remaining connections");
+    }
+}
+
+/// Reads the PROXY header a balancer sent; the consumer's address and its connection
+/// slot, or None (logged) when the connection is refused.
+async fn client_of_balancer(
+    gw: &Gateway,
+    tcp: &mut tokio::net::TcpStream,
+    balancer: std::net::SocketAddr,
+    timeout: Duration,
+) -> Option<(std::net::SocketAddr, crate::limits::ConnSlot)> {
+    let carried = match tokio::time::timeout(timeout, crate::proxy_header::read(tcp)).await {
+        Ok(Ok(crate::proxy_header::Origin::Client(client))) => client,
+        Ok(Ok(crate::proxy_header::Origin::Balancer)) => balancer,
+        Ok(Err(e)) => {
+            metrics::counter!("fsp_proxy_protocol_refusals_total", "reason" => "malformed")
+                .increment(1);
+            tracing::warn!(%balancer, error = %e, "connection from a balancer refused");
+            return None;
+        }
+        Err(_) => {
+            metrics::counter!("fsp_proxy_protocol_refusals_total", "reason" => "timeout")
+                .increment(1);
+            tracing::info!(%balancer, "connection from a balancer refused: no PROXY header within the handshake timeout");
+            return None;
+        }
+    };
+    match gw.conn_limits.admit(carried.ip()) {
+        Ok(slot) => Some((carried, slot)),
+        Err(refusal) => {
+            tracing::debug!(peer = %carried, %balancer, bound = refusal.as_str(), "connection refused: limit reached");
+            None
+        }
+    }
+}
+
+/// Whether a peer that may not send a PROXY header did not start with one: nobody but a
+/// configured balancer may say which address a connection comes from.
+async fn no_header(
+    tcp: &mut tokio::net::TcpStream,
+    peer: std::net::SocketAddr,
+    timeout: Duration,
+) -> bool {
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(timeout, tcp.peek(&mut first)).await {
+        Ok(Ok(1)) if crate::proxy_header::looks_like_header(first[0]) => {
+            metrics::counter!("fsp_proxy_protocol_refusals_total", "reason" => "untrusted")
+                .increment(1);
+            tracing::warn!(%peer, "connection refused: a PROXY protocol header from an address not in listener.proxy_protocol_from");
+            false
+        }
+        Ok(Ok(_)) => true,
+        // Closed, failed or silent: the handshake would fail the same way.
+        _ => false,
     }
 }

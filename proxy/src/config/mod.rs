@@ -621,17 +621,6 @@ fn build(main: &Path, sources: Vec<Source>, problems: &mut Problems) -> Option<C
                 "not available yet: no traces are exported; remove [telemetry]",
             );
         }
-        if s.raw
-            .listener
-            .as_ref()
-            .is_some_and(|l| l.proxy_protocol_from.is_some())
-        {
-            problems.add(
-                &s.path,
-                "listener.proxy_protocol_from",
-                "not available yet: the PROXY protocol is not read; remove this key",
-            );
-        }
     }
 
     // References are checked against what is declared, not against what validated, so one

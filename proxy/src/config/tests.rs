@@ -2162,14 +2162,8 @@ fn sections_not_served_yet_are_refused_by_name() {
         "[cluster]\nredis_url = \"redis://127.0.0.1:6379\"\n\n[telemetry]\notlp_endpoint = \"http://127.0.0.1:4318\"\n\n[throttle]",
     );
     let problems = fx.problems(&text);
-    assert_eq!(problems.len(), 2, "{}", list(&problems));
+    assert_eq!(problems.len(), 1, "{}", list(&problems));
     expect(&problems, "fsp.toml", "telemetry", &["not available yet"]);
-    expect(
-        &problems,
-        "fsp.toml",
-        "listener.proxy_protocol_from",
-        &["not available yet"],
-    );
     // shutdown_delay is served: not among the problems.
     let served = edit(
         &fx.single_file(),
