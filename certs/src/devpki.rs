@@ -135,6 +135,22 @@ impl DevCa {
         )
     }
 
+    /// A server certificate for `names` valid only between the two instants.
+    pub fn server_valid(
+        &self,
+        names: &[&str],
+        not_before: OffsetDateTime,
+        not_after: OffsetDateTime,
+    ) -> Result<Issued, Error> {
+        let cn = names.first().copied().unwrap_or("localhost");
+        self.issue(
+            cn,
+            names,
+            ExtendedKeyUsagePurpose::ServerAuth,
+            (not_before, not_after),
+        )
+    }
+
     /// A CRL, valid for a week, revoking the given serials.
     pub fn crl(&self, revoked: &[u64]) -> Result<String, Error> {
         let now = OffsetDateTime::now_utc();

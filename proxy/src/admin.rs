@@ -5,7 +5,6 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -234,15 +233,9 @@ async fn route(gw: &Gateway, peer: SocketAddr, req: Request<Incoming>) -> Respon
     match (req.method(), path.as_str()) {
         (&Method::GET, "/healthz") => return text(StatusCode::OK, "ok\n"),
         (&Method::GET, "/readyz") => {
-            let ready = gw.ready.load(Ordering::Acquire);
-            let audit = gw.audit.health();
-            return match (ready, audit) {
-                (true, Ok(())) => text(StatusCode::OK, "ready\n"),
-                (false, _) => text(StatusCode::SERVICE_UNAVAILABLE, "starting or draining\n"),
-                (_, Err(e)) => text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!("audit trail unavailable: {e}\n"),
-                ),
+            return match gw.unready().await {
+                None => text(StatusCode::OK, "ready\n"),
+                Some(why) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
             };
         }
         (&Method::GET, "/metrics") => {

@@ -22,6 +22,7 @@
 //! - [`run`], [`quickstart`], [`samples`]: starting it all.
 
 pub mod admin;
+pub mod certwatch;
 pub mod config;
 pub mod errors;
 #[doc(hidden)]

@@ -173,6 +173,8 @@ pub async fn start(
         }
         None => None,
     };
+    let tls_files = config.tls_files.clone();
+    let certificates = crate::state::certificate_inventory(&config.certificate_files);
     let (snapshot, tls) = Snapshot::from_config(config);
     let throttle = throttle::LocalStore::new(snapshot.providers.iter().map(|p| p.id.as_str()));
     let shared_throttle = match &throttle_cfg.backend {
@@ -206,7 +208,10 @@ pub async fn start(
         conn_limits: crate::limits::ConnLimits::new(connection_limits),
         admin_tokens: ArcSwap::from_pointee(admin_tokens),
         restart_only: std::sync::Mutex::new(restart_only),
+        tls_files: ArcSwap::from_pointee(tls_files),
+        certificates: ArcSwap::from_pointee(certificates),
     });
+    crate::certwatch::spawn(&gw);
 
     // On shutdown, /readyz turns 503 at once; the listeners close `shutdown_delay`
     // later, so that load balancers stop sending before connections are refused.

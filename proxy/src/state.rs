@@ -237,6 +237,10 @@ pub struct Gateway {
     /// The settings in force that only a restart changes, to tell what a reload could
     /// not apply.
     pub restart_only: std::sync::Mutex<RestartOnly>,
+    /// The files the TLS configurations in force were made of (watched for changes).
+    pub tls_files: ArcSwap<Vec<PathBuf>>,
+    /// The certificates in force, for readiness and their expiry metrics.
+    pub certificates: ArcSwap<Vec<certs::inventory::CertInfo>>,
 }
 
 /// Settings that a reload does not apply: the listeners, threads, connection bounds,
@@ -308,10 +312,84 @@ pub enum ReloadError {
     Config(#[from] crate::config::ConfigError),
 }
 
+/// The certificates of `files` (role and path), as read now; a file that cannot be
+/// read is left out (the configuration that named it loaded it a moment ago).
+pub fn certificate_inventory(files: &[(String, PathBuf)]) -> Vec<certs::inventory::CertInfo> {
+    files
+        .iter()
+        .filter_map(|(role, path)| certs::inventory::describe(role, path).ok())
+        .flatten()
+        .collect()
+}
+
 impl Gateway {
+    /// Why the gateway should not receive traffic now, if it should not: draining or
+    /// starting, a listener certificate outside its validity, the audit trail or the
+    /// throttle backend not answering (see `/readyz`).
+    pub async fn unready(&self) -> Option<String> {
+        if !self.ready.load(std::sync::atomic::Ordering::Acquire) {
+            return Some("starting or draining".to_owned());
+        }
+        let now = time::OffsetDateTime::now_utc();
+        let certificates = self.certificates.load();
+        // The server certificate is the chain's leaf: the first of listener.server_cert.
+        match certificates
+            .iter()
+            .find(|c| c.role == "listener.server_cert")
+        {
+            None => return Some("no listener certificate is loaded".to_owned()),
+            Some(c) if c.not_after < now => {
+                return Some(format!(
+                    "the listener certificate {} expired at {}",
+                    c.path.display(),
+                    crate::pipeline::stamp::rfc3339_millis(c.not_after)
+                ));
+            }
+            Some(c) if c.not_before > now => {
+                return Some(format!(
+                    "the listener certificate {} is not valid before {}",
+                    c.path.display(),
+                    crate::pipeline::stamp::rfc3339_millis(c.not_before)
+                ));
+            }
+            Some(_) => {}
+        }
+        drop(certificates);
+        if let Err(e) = self.audit.health() {
+            return Some(format!("audit trail unavailable: {e}"));
+        }
+        if let Some(shared) = &self.shared_throttle
+            && let Err(e) = shared.store.ping().await
+        {
+            use crate::config::OnBackendError;
+            metrics::gauge!("fsp_throttle_backend_up").set(0.0);
+            // With `deny`, every limited call is refused without Redis: not ready. With
+            // `local` or `allow` the configured fallback decides, and taking every
+            // replica out of the load balancer at once for a Redis outage would turn a
+            // degraded service into none; the log and metric say it.
+            if shared.on_error == OnBackendError::Deny {
+                return Some(format!(
+                    "the throttle backend (Redis) does not answer and on_backend_error = \"deny\": {e}"
+                ));
+            }
+            tracing::warn!(error = %e, "readiness: the throttle backend (Redis) does not answer; calls are decided by on_backend_error");
+        } else if self.shared_throttle.is_some() {
+            metrics::gauge!("fsp_throttle_backend_up").set(1.0);
+        }
+        None
+    }
+
     /// Re-reads the configuration and certificates and swaps them in atomically. On any
     /// problem, nothing changes.
     pub fn reload(&self) -> Result<ReloadReport, ReloadError> {
+        let result = self.reload_now();
+        if result.is_err() {
+            metrics::counter!("fsp_config_reload_failures_total").increment(1);
+        }
+        result
+    }
+
+    fn reload_now(&self) -> Result<ReloadReport, ReloadError> {
         let config = crate::config::load(&self.config_path)?;
         let restart_only = RestartOnly::of(&config);
         let needs_restart = self
@@ -324,6 +402,8 @@ impl Gateway {
             .as_ref()
             .map(|a| a.tokens.clone())
             .unwrap_or_default();
+        let tls_files = config.tls_files.clone();
+        let certificates = certificate_inventory(&config.certificate_files);
         let (snapshot, tls) = Snapshot::from_config(config);
         let throttle = self
             .throttle
@@ -333,6 +413,8 @@ impl Gateway {
         self.tls.store(tls);
         self.snapshot.store(Arc::new(snapshot));
         self.admin_tokens.store(Arc::new(tokens));
+        self.tls_files.store(Arc::new(tls_files));
+        self.certificates.store(Arc::new(certificates));
         metrics::counter!("fsp_config_reloads_total").increment(1);
         let report = ReloadReport {
             applied: vec![

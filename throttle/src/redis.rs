@@ -159,6 +159,27 @@ impl RedisStore {
     }
 }
 
+impl RedisStore {
+    /// Whether Redis answers a `PING` within the decision timeout (for readiness).
+    pub async fn ping(&self) -> Result<(), BackendError> {
+        let run = async {
+            let mut conn = self.connection().await?;
+            let pong: String = redis::cmd("PING")
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| BackendError(e.to_string()))?;
+            if pong == "PONG" {
+                Ok(())
+            } else {
+                Err(BackendError(format!("unexpected answer to PING: {pong}")))
+            }
+        };
+        tokio::time::timeout(self.timeout, run)
+            .await
+            .map_err(|_| BackendError(format!("no answer within {:?}", self.timeout)))?
+    }
+}
+
 impl crate::Store for RedisStore {
     async fn decide(
         &self,

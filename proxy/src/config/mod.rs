@@ -272,6 +272,9 @@ pub struct Config {
     pub service_options: HashMap<String, ServiceOptions>,
     /// Every certificate file referenced, with the key that references it.
     pub certificate_files: Vec<(String, PathBuf)>,
+    /// Every file the TLS configurations are made of (certificates, keys, CAs, CRLs):
+    /// a change to any of them is reloaded (`crate::certwatch`).
+    pub tls_files: Vec<PathBuf>,
 }
 
 /// A parsed file and the directory its relative paths start from.
@@ -550,6 +553,7 @@ fn cert_problem(
 
 fn build(main: &Path, sources: Vec<Source>, problems: &mut Problems) -> Option<Config> {
     let mut certificate_files = Vec::new();
+    let mut tls_files = Vec::new();
 
     // ---- environment, node ----
     let environment = match single(
@@ -594,7 +598,7 @@ fn build(main: &Path, sources: Vec<Source>, problems: &mut Problems) -> Option<C
             );
             None
         }
-        Some((s, l)) => build_listener(s, l, &mut certificate_files, problems),
+        Some((s, l)) => build_listener(s, l, &mut certificate_files, &mut tls_files, problems),
     };
 
     // ---- admin ----
@@ -697,6 +701,7 @@ fn build(main: &Path, sources: Vec<Source>, problems: &mut Problems) -> Option<C
                 p,
                 &declared_consumers,
                 &mut certificate_files,
+                &mut tls_files,
                 problems,
             ) {
                 providers.push(p);
@@ -727,6 +732,7 @@ fn build(main: &Path, sources: Vec<Source>, problems: &mut Problems) -> Option<C
         authorisations,
         service_options,
         certificate_files,
+        tls_files,
     })
 }
 
@@ -1253,6 +1259,7 @@ fn build_listener(
     s: &Source,
     l: &RawListener,
     certificate_files: &mut Vec<(String, PathBuf)>,
+    tls_files: &mut Vec<PathBuf>,
     problems: &mut Problems,
 ) -> Option<Listener> {
     let address = l.address.parse::<SocketAddr>().map_err(|_| {
@@ -1289,6 +1296,7 @@ fn build_listener(
         ("listener.client_ca", &files.client_ca),
     ];
     keys.extend(files.crls.iter().map(|c| ("listener.crls", c.as_path())));
+    tls_files.extend(keys.iter().map(|(_, p)| p.to_path_buf()));
     let tls = if cert_files_load(&s.path, &keys, problems) {
         certs::tls::server_config(&files)
             .map_err(|e| cert_problem(&s.path, &keys, e, problems))
@@ -1601,6 +1609,7 @@ fn build_provider(
     p: &RawProvider,
     declared_consumers: &HashSet<&str>,
     certificate_files: &mut Vec<(String, PathBuf)>,
+    tls_files: &mut Vec<PathBuf>,
     problems: &mut Problems,
 ) -> Option<Provider> {
     let rate = |raw: &Option<RawLimit>, k: &str, problems: &mut Problems| {
@@ -1669,6 +1678,7 @@ fn build_provider(
         keys.push((&cert_key, c));
         keys.push((&key_key, k));
     }
+    tls_files.extend(keys.iter().map(|(_, p)| p.to_path_buf()));
     if !cert_files_load(&s.path, &keys, problems) {
         return None;
     }
