@@ -365,6 +365,19 @@ impl AuditSink for FileSink {
         Ok(durable)
     }
 
+    fn queue_depth(&self) -> usize {
+        let shards = self
+            .shared
+            .shards
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_default();
+        shards
+            .iter()
+            .map(|shard| shard.pending.lock().map(|p| p.records).unwrap_or(0))
+            .sum()
+    }
+
     fn health(&self) -> Result<(), AuditError> {
         if let Some(why) = self.shared.tampered.get() {
             return Err(AuditError::Unavailable(why.clone()));
@@ -524,6 +537,8 @@ impl Writer {
                         for p in &mut batch {
                             p.finish(&failed);
                         }
+                        metrics::counter!("fsp_audit_backend_errors_total", "backend" => "file")
+                            .increment(1);
                         tracing::error!(error = %e, dir = %self.dir.display(), "audit write failed; retrying");
                         if let Ok(mut last) = self.shared.last_error.lock() {
                             *last = Some(e.to_string());

@@ -316,6 +316,12 @@ pub trait AuditSink: Send + Sync + std::fmt::Debug + 'static {
     /// while this is an error.
     fn health(&self) -> Result<(), AuditError>;
 
+    /// Records taken but not written yet (for the queue-depth metric; takes the queues'
+    /// locks briefly: not for the hot path).
+    fn queue_depth(&self) -> usize {
+        0
+    }
+
     /// The record of the call with this message id, as written (records still waiting
     /// to be written are not seen). Reads the store: call it where blocking is allowed.
     fn lookup(&self, message_id: &str) -> Result<Option<Record>, AuditError>;

@@ -1598,6 +1598,14 @@ impl AuditSink for PostgresSink {
         Ok(durable)
     }
 
+    fn queue_depth(&self) -> usize {
+        self.shared
+            .stripes
+            .iter()
+            .map(|stripe| stripe.lock().map(|p| p.lines.len()).unwrap_or(0))
+            .sum()
+    }
+
     fn health(&self) -> Result<(), AuditError> {
         if self.shared.healthy.load(Ordering::Acquire) {
             return Ok(());
@@ -1946,6 +1954,7 @@ impl Writer {
     }
 
     fn unhealthy(&self, why: String) {
+        metrics::counter!("fsp_audit_backend_errors_total", "backend" => "postgres").increment(1);
         if self.shared.healthy.load(Ordering::Acquire) {
             tracing::error!(error = %why, "audit trail cannot be written; calls are refused by a fail-closed gateway");
         }

@@ -30,6 +30,7 @@ pub mod fuzz;
 pub mod headers;
 pub mod limits;
 pub mod oauth;
+pub mod observe;
 pub mod path;
 pub mod pipeline;
 pub mod proxy_header;

@@ -25,6 +25,9 @@ use crate::xml;
 pub trait Recorder: Send + Sync + std::fmt::Debug {
     /// Queues a completed record (durably written by the sink's own task).
     fn record(&self, record: Box<audit::Record>);
+
+    /// Counts the finished call in the metrics labelled by consumer, service and version.
+    fn observe(&self, _record: &audit::Record, _elapsed: std::time::Duration) {}
 }
 
 /// Completes a call's audit record exactly once: when the response body ends, or when it
@@ -91,6 +94,7 @@ impl Finisher {
             record.request_bytes = s.request_bytes.load(Ordering::Relaxed);
         }
         let m = call_metrics();
+        recorder.observe(&record, elapsed);
         m.duration.record(elapsed.as_secs_f64());
         m.by_class[status_class(record.status)].increment(1);
         if !finished {

@@ -15,20 +15,6 @@ use crate::config::{self, AuditBackend, Config};
 use crate::server::ListenerTimeouts;
 use crate::state::{Gateway, Snapshot};
 
-/// Installs the Prometheus recorder once per process.
-fn metrics_handle() -> Option<metrics_exporter_prometheus::PrometheusHandle> {
-    static HANDLE: std::sync::OnceLock<Option<metrics_exporter_prometheus::PrometheusHandle>> =
-        std::sync::OnceLock::new();
-    HANDLE
-        .get_or_init(|| {
-            metrics_exporter_prometheus::PrometheusBuilder::new()
-                .install_recorder()
-                .map_err(|e| tracing::warn!(error = %e, "metrics recorder not installed"))
-                .ok()
-        })
-        .clone()
-}
-
 /// Runs the gateway described by `config` until `shutdown` turns true, then drains open
 /// connections, flushes the audit trail and returns.
 pub async fn serve(
@@ -203,7 +189,7 @@ pub async fn start(
         oauth,
         node,
         config_path: config_path.to_owned(),
-        metrics: metrics_handle(),
+        metrics: crate::observe::install(),
         ready: AtomicBool::new(false),
         conn_limits: crate::limits::ConnLimits::new(connection_limits),
         admin_tokens: ArcSwap::from_pointee(admin_tokens),

@@ -118,6 +118,8 @@ pub struct Local {
     /// The `FSP-*` header values of each authorisation, by id, made by this thread
     /// (a header value's buffer is reference counted; these are counted by one core).
     pub grants: HashMap<String, Grant>,
+    /// This thread's metric handles of each provider, by provider id.
+    pub provider_metrics: HashMap<Arc<str>, crate::observe::ProviderMetrics>,
 }
 
 impl Local {
@@ -142,7 +144,18 @@ impl Local {
                 .iter()
                 .map(|a| (a.id.clone(), Grant::of(a)))
                 .collect();
+            let provider_metrics = snap
+                .providers
+                .iter()
+                .map(|p| {
+                    (
+                        Arc::from(p.id.as_str()),
+                        crate::observe::ProviderMetrics::new(&p.id),
+                    )
+                })
+                .collect();
             let local = Arc::new(Local {
+                provider_metrics,
                 upstreams: upstreams(&snap.providers),
                 gw: gw.clone(),
                 snap,
@@ -157,6 +170,10 @@ impl Local {
 /// A finished call's record goes to the gateway's audit sink; a record that cannot be
 /// queued is counted and logged (the sink's own health decides whether calls go on).
 impl Recorder for Local {
+    fn observe(&self, record: &audit::Record, elapsed: std::time::Duration) {
+        crate::observe::call(&self.snap, record, elapsed);
+    }
+
     fn record(&self, record: Box<audit::Record>) {
         if let Err(e) = self.gw.audit.submit(*record) {
             metrics::counter!("fsp_audit_records_lost_total").increment(1);

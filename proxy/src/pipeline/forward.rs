@@ -75,6 +75,7 @@ pub async fn forward(
         content.xml,
         shared.clone(),
     );
+    let asked = std::time::Instant::now();
     let sent = answer_within(
         upstream.response_timeout,
         shared,
@@ -89,26 +90,47 @@ pub async fn forward(
     )
     .await;
     let (provider, service) = (&service.provider, &service.name);
+    let metrics = local.provider_metrics.get(&**provider);
+    if let Some(m) = metrics {
+        m.latency.record(asked.elapsed().as_secs_f64());
+    }
     match sent {
-        Ok(Ok(response)) => Ok(Answer {
-            response,
-            fsp,
-            lifecycle,
-            soap,
-            xml: snap.service_options(service).xml,
-            response_timeout: upstream.response_timeout,
-        }),
+        Ok(Ok(response)) => {
+            if response.status().is_server_error()
+                && let Some(m) = metrics
+            {
+                m.status_5xx.increment(1);
+            }
+            Ok(Answer {
+                response,
+                fsp,
+                lifecycle,
+                soap,
+                xml: snap.service_options(service).xml,
+                response_timeout: upstream.response_timeout,
+            })
+        }
         Ok(Err(e)) => Err(match shared.consumer_fault.get() {
             Some(fault) => map::consumer_fault(fault),
-            None => map::upstream(provider, service, &e),
+            None => {
+                if let Some(m) = metrics {
+                    m.unreachable.increment(1);
+                }
+                map::upstream(provider, service, &e)
+            }
         }),
-        Err(_) => Err(Rejection::new(
-            Code::UpstreamTimeout,
-            format!(
-                "provider {provider} did not answer {service} within {:?}",
-                upstream.response_timeout
-            ),
-        )),
+        Err(_) => Err({
+            if let Some(m) = metrics {
+                m.timeout.increment(1);
+            }
+            Rejection::new(
+                Code::UpstreamTimeout,
+                format!(
+                    "provider {provider} did not answer {service} within {:?}",
+                    upstream.response_timeout
+                ),
+            )
+        }),
     }
 }
 

@@ -65,8 +65,12 @@ pub async fn gate<'s>(
             return Err(unavailable(&e));
         }
     };
+    let asked = std::time::Instant::now();
     match tokio::time::timeout(DURABLE_WITHIN, durable).await {
-        Ok(Ok(())) => Ok(Cleared { admitted }),
+        Ok(Ok(())) => {
+            crate::observe::audit_write().record(asked.elapsed().as_secs_f64());
+            Ok(Cleared { admitted })
+        }
         Ok(Err(e)) => Err(unavailable(&e)),
         Err(_) => Err(unavailable(&format_args!(
             "the audit store did not confirm the record within {} s",

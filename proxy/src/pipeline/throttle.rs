@@ -108,7 +108,7 @@ async fn check(
         },
     };
     decision.map_err(|t| {
-        metrics::counter!("fsp_throttled_total", "scope" => t.scope.as_str()).increment(1);
+        metrics::counter!("fsp_throttled_total", "provider" => provider.to_owned(), "scope" => t.scope.as_str()).increment(1);
         map::throttled(&t, limits)
     })
 }
