@@ -239,7 +239,7 @@ async fn route(gw: &Gateway, peer: SocketAddr, req: Request<Incoming>) -> Respon
             };
         }
         (&Method::GET, "/metrics") => {
-            crate::observe::refresh(gw);
+            crate::observe::refresh(&*gw.audit, &gw.certificates.load());
             let body = gw.metrics.as_ref().map(|m| m.render()).unwrap_or_default();
             let mut r = text(StatusCode::OK, body);
             r.headers_mut().insert(

@@ -81,18 +81,20 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 pub struct Outbound<'a> {
     consumer: HeaderMap,
     /// The gateway's fields; a consumer's field of the same name is not forwarded.
-    gateway: [&'a [(HeaderName, HeaderValue)]; 2],
+    gateway: [&'a [(HeaderName, HeaderValue)]; 3],
     /// The consumer's address, sent as `X-Forwarded-For`: the gateway vouches only for
     /// the peer it saw, never for addresses a consumer claims.
     peer: &'a HeaderValue,
 }
 
 impl<'a> Outbound<'a> {
-    /// `fsp` and `grant` are the gateway's fields; `peer` is the consumer's address.
+    /// `fsp`, `grant` and `trace` are the gateway's fields; `peer` is the consumer's
+    /// address.
     pub fn new(
         mut consumer: HeaderMap,
         fsp: &'a [(HeaderName, HeaderValue)],
         grant: &'a [(HeaderName, HeaderValue)],
+        trace: &'a [(HeaderName, HeaderValue)],
         peer: &'a HeaderValue,
     ) -> Self {
         // Fields named by `Connection` are rare: strip them the long way.
@@ -104,7 +106,7 @@ impl<'a> Outbound<'a> {
         }
         Self {
             consumer,
-            gateway: [fsp, grant],
+            gateway: [fsp, grant, trace],
             peer,
         }
     }
@@ -308,7 +310,7 @@ mod tests {
         h.append("x-multi", "1".parse().unwrap());
         h.append("x-multi", "2".parse().unwrap());
         h.insert(header::ACCEPT, "application/json".parse().unwrap());
-        let o = Outbound::new(h, &fsp, &grant, &peer);
+        let o = Outbound::new(h, &fsp, &grant, &[], &peer);
         assert_eq!(
             forwarded(&o),
             [
@@ -329,7 +331,7 @@ mod tests {
         h.insert("x-private", "1".parse().unwrap());
         h.insert("x-forwarded-for", "198.51.100.1".parse().unwrap());
         h.insert("x-kept", "1".parse().unwrap());
-        let o = Outbound::new(h, &[], &[], &peer);
+        let o = Outbound::new(h, &[], &[], &[], &peer);
         assert_eq!(
             forwarded(&o),
             [
@@ -357,7 +359,7 @@ mod tests {
             );
         }
         let peer = HeaderValue::from_static("192.0.2.7");
-        let o = Outbound::new(h, &[], &[], &peer);
+        let o = Outbound::new(h, &[], &[], &[], &peer);
         let mut left: Vec<_> = o.to_map().keys().map(|k| k.as_str().to_owned()).collect();
         left.sort();
         assert_eq!(
@@ -403,7 +405,7 @@ mod tests {
             );
         }
         let peer = HeaderValue::from_static("192.0.2.7");
-        let o = Outbound::new(h, &[], &[], &peer);
+        let o = Outbound::new(h, &[], &[], &[], &peer);
         assert_eq!(
             forwarded(&o),
             [

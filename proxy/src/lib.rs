@@ -42,6 +42,8 @@ pub mod server;
 pub mod soap;
 pub mod state;
 pub mod suspend;
+pub mod telemetry;
+pub mod trace;
 pub mod transport;
 pub mod wsdl;
 pub mod xml;

@@ -126,17 +126,31 @@ enum CertsCommand {
 }
 
 fn init_logging() {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("FSP_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    init_logging_with(None);
+}
+
+/// Logs to stderr (`FSP_LOG` filter, `FSP_LOG_FORMAT=json`), and with a tracer the
+/// calls' spans to OpenTelemetry: the call spans go only to the tracer, never to the log.
+fn init_logging_with(tracer: Option<opentelemetry_sdk::trace::Tracer>) {
+    use tracing_subscriber::prelude::*;
+    use tracing_subscriber::{EnvFilter, filter};
+    let env = EnvFilter::try_from_env("FSP_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let json = std::env::var("FSP_LOG_FORMAT").is_ok_and(|f| f == "json");
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
+    let not_calls = filter::filter_fn(|m| m.target() != proxy::telemetry::CALL_TARGET);
+    let log = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let log = if json {
+        log.json().with_filter(env).with_filter(not_calls).boxed()
     } else {
-        builder.init();
-    }
+        log.with_filter(env).with_filter(not_calls).boxed()
+    };
+    let spans = tracer.map(|t| {
+        tracing_opentelemetry::layer()
+            .with_tracer(t)
+            .with_filter(filter::filter_fn(|m| {
+                m.target() == proxy::telemetry::CALL_TARGET
+            }))
+    });
+    tracing_subscriber::registry().with(log).with(spans).init();
 }
 
 /// The control runtime: admin API, signals, identity provider keys. Consumers are served
@@ -170,16 +184,49 @@ fn main() -> ExitCode {
             }
         },
         Command::Serve { config } => {
-            init_logging();
             let Some(loaded) = proxy::run::load_or_report(&config) else {
+                init_logging();
                 return ExitCode::from(1);
             };
-            let result = runtime().map_err(anyhow::Error::from).and_then(|rt| {
-                rt.block_on(async {
-                    let shutdown = proxy::run::shutdown_signal()?;
-                    proxy::run::serve(&config, loaded, shutdown).await
-                })
+            let rt = match runtime() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("fsp serve: cannot start the runtime: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            // The exporter's connections live on the control runtime.
+            let exporting = match &loaded.telemetry {
+                Some(t) => {
+                    let _entered = rt.enter();
+                    match proxy::telemetry::start(t, &loaded.node) {
+                        Ok((tracer, exporting)) => {
+                            init_logging_with(Some(tracer));
+                            Some(exporting)
+                        }
+                        Err(e) => {
+                            eprintln!("fsp serve: telemetry.otlp_endpoint: {e:#}");
+                            return ExitCode::from(2);
+                        }
+                    }
+                }
+                None => {
+                    init_logging();
+                    None
+                }
+            };
+            let result = rt.block_on(async {
+                let shutdown = proxy::run::shutdown_signal()?;
+                proxy::run::serve(&config, loaded, shutdown).await
             });
+            if let Some(e) = exporting {
+                // The exports run on the control runtime, which must go on turning while
+                // the batch processor flushes.
+                let _ =
+                    rt.block_on(
+                        async move { tokio::task::spawn_blocking(move || e.shutdown()).await },
+                    );
+            }
             match result {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

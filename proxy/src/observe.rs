@@ -15,8 +15,6 @@ use std::time::Duration;
 use metrics::{Counter, Histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-use crate::state::Snapshot;
-
 /// Latency buckets (seconds): from a fast cached answer to the longest provider timeout.
 const LATENCY_BUCKETS: [f64; 16] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
@@ -202,10 +200,10 @@ pub fn install() -> Option<PrometheusHandle> {
 }
 
 /// Values read when `/metrics` is scraped rather than on each event.
-pub fn refresh(gw: &crate::state::Gateway) {
-    metrics::gauge!("fsp_audit_queue_depth").set(gw.audit.queue_depth() as f64);
+pub fn refresh(audit: &dyn audit::AuditSink, certificates: &[certs::inventory::CertInfo]) {
+    metrics::gauge!("fsp_audit_queue_depth").set(audit.queue_depth() as f64);
     let now = time::OffsetDateTime::now_utc();
-    for c in gw.certificates.load().iter() {
+    for c in certificates {
         metrics::gauge!(
             "fsp_certificate_expiry_seconds",
             "role" => c.role.clone(),
@@ -264,8 +262,13 @@ fn hash(k: &Key<'_>) -> u64 {
     foldhash::fast::FixedState::with_seed(0x5eed).hash_one(k)
 }
 
-/// Counts one answered call.
-pub fn call(snap: &Snapshot, record: &audit::Record, elapsed: Duration) {
+/// Counts one answered call; `catalogue` and `consumers` are the configuration in force.
+pub fn call(
+    catalogue: &catalogue::Catalogue,
+    consumers: &policy::Consumers,
+    record: &audit::Record,
+    elapsed: Duration,
+) {
     let raw = Key {
         consumer: record.consumer.as_deref().unwrap_or("none"),
         service: record.service.as_deref().unwrap_or("unknown"),
@@ -289,8 +292,8 @@ pub fn call(snap: &Snapshot, record: &audit::Record, elapsed: Duration) {
         }
         // Not seen on this thread, or not from the configuration: the labels the
         // configuration allows.
-        let (service, version) = known_service(snap, raw.service, raw.version);
-        let consumer = if raw.consumer != "none" && snap.consumers.get(raw.consumer).is_some() {
+        let (service, version) = known_service(catalogue, raw.service, raw.version);
+        let consumer = if raw.consumer != "none" && consumers.get(raw.consumer).is_some() {
             raw.consumer
         } else {
             "none"
@@ -361,11 +364,15 @@ pub fn call(snap: &Snapshot, record: &audit::Record, elapsed: Duration) {
 
 /// The service and version as labels: as given when the catalogue in force has them,
 /// else `unknown`.
-fn known_service<'a>(snap: &Snapshot, service: &'a str, version: &'a str) -> (&'a str, &'a str) {
+fn known_service<'a>(
+    catalogue: &catalogue::Catalogue,
+    service: &'a str,
+    version: &'a str,
+) -> (&'a str, &'a str) {
     let Some((family, id)) = service.split_once('/') else {
         return ("unknown", "unknown");
     };
-    match snap.catalogue.service(family, id) {
+    match catalogue.service(family, id) {
         None => ("unknown", "unknown"),
         Some(s) if s.versions.iter().any(|v| *v.version == *version) => (service, version),
         Some(_) => (service, "unknown"),

@@ -46,6 +46,8 @@ struct Pending {
     shared: Option<Arc<CallShared>>,
     /// This thread's view of the gateway, as the audit sink that takes the record.
     recorder: Arc<dyn Recorder>,
+    /// The call's trace: its span ends with the call.
+    trace: crate::trace::CallTrace,
 }
 
 impl Finisher {
@@ -53,6 +55,7 @@ impl Finisher {
         record: Box<audit::Record>,
         started: Instant,
         shared: Option<Arc<CallShared>>,
+        trace: crate::trace::CallTrace,
         recorder: Arc<dyn Recorder>,
     ) -> Self {
         Self {
@@ -61,6 +64,7 @@ impl Finisher {
                 started,
                 shared,
                 recorder,
+                trace,
             }),
         }
     }
@@ -82,6 +86,7 @@ impl Finisher {
             started,
             shared,
             recorder,
+            trace,
         } = p;
         let elapsed = started.elapsed();
         if record.phase.is_some() {
@@ -107,6 +112,7 @@ impl Finisher {
                 ));
             }
         }
+        trace.finish(&record);
         recorder.record(record);
     }
 }

@@ -160,6 +160,7 @@ pub async fn start(
         None => None,
     };
     let tls_files = config.tls_files.clone();
+    let telemetry = config.telemetry.is_some();
     let certificates = crate::state::certificate_inventory(&config.certificate_files);
     let (snapshot, tls) = Snapshot::from_config(config);
     let throttle = throttle::LocalStore::new(snapshot.providers.iter().map(|p| p.id.as_str()));
@@ -196,6 +197,7 @@ pub async fn start(
         restart_only: std::sync::Mutex::new(restart_only),
         tls_files: ArcSwap::from_pointee(tls_files),
         certificates: ArcSwap::from_pointee(certificates),
+        telemetry,
     });
     crate::certwatch::spawn(&gw);
 

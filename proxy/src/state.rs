@@ -171,7 +171,7 @@ impl Local {
 /// queued is counted and logged (the sink's own health decides whether calls go on).
 impl Recorder for Local {
     fn observe(&self, record: &audit::Record, elapsed: std::time::Duration) {
-        crate::observe::call(&self.snap, record, elapsed);
+        crate::observe::call(&self.snap.catalogue, &self.snap.consumers, record, elapsed);
     }
 
     fn record(&self, record: Box<audit::Record>) {
@@ -258,6 +258,8 @@ pub struct Gateway {
     pub tls_files: ArcSwap<Vec<PathBuf>>,
     /// The certificates in force, for readiness and their expiry metrics.
     pub certificates: ArcSwap<Vec<certs::inventory::CertInfo>>,
+    /// Whether each call gets an OpenTelemetry span (`[telemetry]`; needs a restart).
+    pub telemetry: bool,
 }
 
 /// Settings that a reload does not apply: the listeners, threads, connection bounds,
@@ -296,6 +298,7 @@ impl RestartOnly {
                 ),
                 ("throttle", format!("{:?}", config.throttle)),
                 ("cluster", format!("{:?}", config.cluster)),
+                ("telemetry", format!("{:?}", config.telemetry)),
                 ("listener.shutdown_delay", format!("{:?}", l.shutdown_delay)),
                 ("node", config.node.clone()),
             ],

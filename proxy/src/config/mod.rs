@@ -616,16 +616,6 @@ fn build(main: &Path, sources: Vec<Source>, problems: &mut Problems) -> Option<C
         .and_then(|(s, c)| build_cluster(s, c, problems));
     let telemetry = single(&sources, "telemetry", |r| r.telemetry.as_ref(), problems)
         .and_then(|(s, t)| build_telemetry(s, t, problems));
-    // Parsed and checked, but not served yet: refused rather than silently ignored.
-    for s in &sources {
-        if s.raw.telemetry.is_some() {
-            problems.add(
-                &s.path,
-                "telemetry",
-                "not available yet: no traces are exported; remove [telemetry]",
-            );
-        }
-    }
 
     // References are checked against what is declared, not against what validated, so one
     // broken item does not make everything that refers to it look undeclared too.

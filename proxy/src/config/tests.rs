@@ -2149,29 +2149,61 @@ fn backend_urls_can_come_from_files_of_their_own() {
 }
 
 #[test]
-fn sections_not_served_yet_are_refused_by_name() {
+fn cluster_telemetry_proxy_protocol_and_shutdown_delay_load() {
     let fx = Fixture::new();
     let text = edit(
         &fx.single_file(),
         "drain_timeout = \"15s\"",
-        "drain_timeout = \"15s\"\nproxy_protocol_from = [\"10.0.0.0/24\"]\nshutdown_delay = \"5s\"",
+        "drain_timeout = \"15s\"\nproxy_protocol_from = [\"10.0.0.0/24\", \"2001:db8::1\"]\nshutdown_delay = \"5s\"",
     );
     let text = edit(
         &text,
         "[throttle]",
-        "[cluster]\nredis_url = \"redis://127.0.0.1:6379\"\n\n[telemetry]\notlp_endpoint = \"http://127.0.0.1:4318\"\n\n[throttle]",
+        "[cluster]\nredis_url = \"redis://127.0.0.1:6379\"\n\n[telemetry]\notlp_endpoint = \"grpc://collector:4317\"\nservice_name = \"fsp-int\"\nsampling_ratio = 0.05\n\n[throttle]",
     );
-    let problems = fx.problems(&text);
-    assert_eq!(problems.len(), 1, "{}", list(&problems));
-    expect(&problems, "fsp.toml", "telemetry", &["not available yet"]);
-    // shutdown_delay is served: not among the problems.
-    let served = edit(
-        &fx.single_file(),
-        "drain_timeout = \"15s\"",
-        "drain_timeout = \"15s\"\nshutdown_delay = \"5s\"",
-    );
-    let config = fx.load_single(&served).unwrap();
+    let config = fx.load_single(&text).unwrap();
     assert_eq!(config.listener.shutdown_delay, Duration::from_secs(5));
+    assert_eq!(config.listener.proxy_protocol_from.len(), 2);
+    assert!(config.cluster.is_some());
+    let t = config.telemetry.unwrap();
+    assert_eq!(
+        t.endpoint,
+        OtlpEndpoint::Grpc("http://collector:4317".into())
+    );
+    assert_eq!(t.service_name, "fsp-int");
+    assert!((t.sampling_ratio - 0.05).abs() < 1e-9);
+    let bad = edit(
+        &text,
+        "grpc://collector:4317\"\nservice_name = \"fsp-int\"\nsampling_ratio = 0.05",
+        "udp://collector:4317\"\nservice_name = \"\"\nsampling_ratio = 1.5",
+    );
+    let problems = fx.problems(&bad);
+    expect(
+        &problems,
+        "fsp.toml",
+        "telemetry.otlp_endpoint",
+        &["not an OTLP endpoint"],
+    );
+    expect(
+        &problems,
+        "fsp.toml",
+        "telemetry.sampling_ratio",
+        &["not between 0 and 1"],
+    );
+    expect(
+        &problems,
+        "fsp.toml",
+        "telemetry.service_name",
+        &["must not be empty"],
+    );
+    let bad = edit(&text, "\"2001:db8::1\"", "\"10.0.0.300/8\"");
+    let problems = fx.problems(&bad);
+    expect(
+        &problems,
+        "fsp.toml",
+        "listener.proxy_protocol_from[1]",
+        &["not an address or CIDR"],
+    );
 }
 
 #[test]

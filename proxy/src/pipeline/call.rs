@@ -11,7 +11,7 @@ use policy::CertificateIdentity;
 use super::stamp::Stamp;
 use super::target::Target;
 use crate::errors::ErrorForm;
-use crate::headers::{FSP_END_USER, FSP_PURPOSE, TRACEPARENT, X_REQUEST_ID, text};
+use crate::headers::{FSP_END_USER, FSP_PURPOSE, X_REQUEST_ID, text};
 use crate::soap::{self, SoapVersion};
 use crate::transport::body::CallShared;
 
@@ -55,6 +55,8 @@ pub struct Call {
     pub form: ErrorForm,
     /// What the request and response bodies share, once the call is forwarded.
     pub shared: Option<Arc<CallShared>>,
+    /// The call's W3C trace context (and its span, with `[telemetry]`).
+    pub trace: crate::trace::CallTrace,
 }
 
 impl Call {
@@ -65,7 +67,9 @@ impl Call {
         conn: &ConnInfo,
         parts: &http::request::Parts,
         target: &Target<'_>,
+        telemetry: bool,
     ) -> Self {
+        let trace = crate::trace::CallTrace::begin(&parts.headers, stamp.message_id(), telemetry);
         let soap_version = SoapVersion::of(&parts.headers);
         let form = match (target.protocol(), soap_version) {
             (Some(Protocol::Soap), v) => ErrorForm::Soap(v.unwrap_or(SoapVersion::V11)),
@@ -90,10 +94,7 @@ impl Call {
             purpose: text(headers, &FSP_PURPOSE).map(str::to_owned),
             end_user: text(headers, &FSP_END_USER).map(str::to_owned),
             consumer_ref: text(headers, &X_REQUEST_ID).map(str::to_owned),
-            trace_id: text(headers, &TRACEPARENT)
-                .and_then(|t| t.split('-').nth(1))
-                .filter(|t| t.len() == 32)
-                .map(str::to_owned),
+            trace_id: Some(trace.trace_id_hex()),
             decision: "allowed".into(),
             node: node.to_owned(),
             ..Default::default()
@@ -103,6 +104,7 @@ impl Call {
             record,
             form,
             shared: None,
+            trace,
         }
     }
 }

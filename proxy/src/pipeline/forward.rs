@@ -60,11 +60,21 @@ pub async fn forward(
         // A SOAP answer is stamped and checked, which a compressed one cannot be.
         headers.remove(http::header::ACCEPT_ENCODING);
     }
+    // The trace context the provider gets is the gateway's (the consumer's, checked and
+    // continued, or a new one), never the consumer's raw fields.
+    headers.remove(crate::headers::TRACEPARENT);
+    headers.remove(crate::trace::TRACESTATE);
+    let mut trace = Vec::with_capacity(2);
+    trace.push((crate::headers::TRACEPARENT, call.trace.traceparent()));
+    if let Some(state) = &call.trace.tracestate {
+        trace.push((crate::trace::TRACESTATE, state.clone()));
+    }
     // The grant's values are this thread's own, made when the configuration was loaded.
     let fields = Outbound::new(
         headers,
         fsp.as_ref().map_or(&[][..], |f| &f[..]),
         grant.map_or(&[][..], |g| &g.headers[..]),
+        &trace,
         &conn.peer_ip_value,
     );
     let upstream_body = RequestBody::new(

@@ -231,7 +231,7 @@ impl Fetch<'_> {
         let fsp = HeaderValue::from_str(self.message_id)
             .map(|v| [(crate::headers::FSP_MESSAGE_ID, v)])
             .map_err(|_| FetchError::Gateway("the message id is not a field value".into()))?;
-        let fields = Outbound::new(headers, &fsp, &[], self.peer);
+        let fields = Outbound::new(headers, &fsp, &[], &[], self.peer);
         let body = RequestBody::new(
             Bytes::new(),
             None,

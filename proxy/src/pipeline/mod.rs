@@ -67,7 +67,14 @@ pub async fn handle(
     // Drained if the call is refused before its body is read (see `drain_later`).
     let mut body = Unread::new(body);
     let target = Target::of(&local.snap, parts.uri.path(), stamp.now.date());
-    let mut call = Call::begin(stamp, &local.gw.node, &conn, &parts, &target);
+    let mut call = Call::begin(
+        stamp,
+        &local.gw.node,
+        &conn,
+        &parts,
+        &target,
+        local.gw.telemetry,
+    );
     let mut http10 = false;
     // Up to the audit gate, then the provider: only a cleared call reaches `forward`.
     let served = match clear(&local, &conn, &mut call, &parts, target, &mut body).await {

@@ -312,6 +312,7 @@ fn respond(
         stamp,
         mut record,
         shared,
+        trace,
         ..
     } = call;
     strip_hop_by_hop(&mut parts.headers);
@@ -325,7 +326,7 @@ fn respond(
         }
     }
     record.status = parts.status.as_u16();
-    let finisher = Finisher::new(record, stamp.started, shared, local.clone());
+    let finisher = Finisher::new(record, stamp.started, shared, trace, local.clone());
     Response::from_parts(parts, body(finisher))
 }
 
@@ -357,6 +358,7 @@ pub fn refuse(local: &Arc<Local>, call: Call, r: Rejection) -> Response<Response
         mut record,
         form,
         shared,
+        trace,
     } = call;
     let mut response = errors::render(&r, form, stamp.message_id(), stamp.timestamp());
     // A SOAP service may have its faults sent under 500 (WS-I Basic Profile), for the
@@ -381,6 +383,6 @@ pub fn refuse(local: &Arc<Local>, call: Call, r: Rejection) -> Response<Response
         }
     }
     let (parts, bytes): (_, Bytes) = response.into_parts();
-    let finisher = Finisher::new(record, stamp.started, shared, local.clone());
+    let finisher = Finisher::new(record, stamp.started, shared, trace, local.clone());
     Response::from_parts(parts, ResponseBody::full(bytes, Some(finisher)))
 }

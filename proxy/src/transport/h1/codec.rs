@@ -484,7 +484,7 @@ mod tests {
         let path = PathAndQuery::from_static("/a/b?c=d");
         let host = HeaderValue::from_static("provider.example:8443");
         let peer = HeaderValue::from_static("192.0.2.1");
-        let fields = Outbound::new(headers, &[], &[], &peer);
+        let fields = Outbound::new(headers, &[], &[], &[], &peer);
         let mut buf = Vec::new();
         encode_head(
             &mut buf,
@@ -499,7 +499,7 @@ mod tests {
             "POST /a/b?c=d HTTP/1.1\r\nhost: provider.example:8443\r\nfsp-purpose: benchmark\r\n\
              x-forwarded-for: 192.0.2.1\r\nx-forwarded-proto: https\r\ncontent-length: 1234567\r\n\r\n"
         );
-        let fields = Outbound::new(HeaderMap::new(), &[], &[], &peer);
+        let fields = Outbound::new(HeaderMap::new(), &[], &[], &[], &peer);
         let mut buf = Vec::new();
         encode_head(&mut buf, &Method::PUT, &path, None, &fields, Out::Chunked);
         assert_eq!(
