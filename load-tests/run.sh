@@ -46,6 +46,12 @@ THROTTLE_REDIS_URL=${THROTTLE_REDIS_URL:-${FSP_TEST_REDIS_URL:-redis://127.0.0.1
 AUDIT=${AUDIT:-}
 AUDIT_POSTGRES_URL=${AUDIT_POSTGRES_URL:-${FSP_TEST_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432/test}}
 FSP_ADMIN_PORT=${FSP_ADMIN_PORT:-19443}
+# TELEMETRY=RATIO measures OpenTelemetry instead: the target fsp-throttled is then a
+# second fsp with [telemetry] at sampling_ratio = RATIO (e.g. 0.01), exporting OTLP/HTTP
+# to a local collector (a Python sink on OTLP_PORT that accepts and discards), and fsp
+# runs without it; the ratio on/off is reported.
+TELEMETRY=${TELEMETRY:-}
+OTLP_PORT=${OTLP_PORT:-14318}
 # SOAP=1 measures SOAP calls instead (see README): on the one fsp, POSTs of a 1 KiB SOAP
 # envelope answered by a 1 KiB envelope, with the XML checks on (fsp-soap) and off
 # (fsp-soap-off, xml_checks = false), and POSTs of 1 KiB JSON to the REST service
@@ -166,7 +172,8 @@ EOF
 }
 ports=(UPSTREAM_HTTP_PORT UPSTREAM_TLS_PORT NGINX_PORT)
 [[ $SKIP_FSP == 1 ]] || ports+=(FSP_PORT FSP_ADMIN_PORT)
-[[ -z $THROTTLE ]] || ports+=(FSPT_PORT FSPT_ADMIN_PORT)
+[[ -z $THROTTLE$AUDIT$TELEMETRY ]] || ports+=(FSPT_PORT FSPT_ADMIN_PORT)
+[[ -z $TELEMETRY ]] || ports+=(OTLP_PORT)
 for v in "${ports[@]}"; do
     port_free "${!v}" || die "port 127.0.0.1:${!v} is in use; set $v to another port"
 done
@@ -482,6 +489,42 @@ fi
 
 FSPT_PID=""
 [[ -z $THROTTLE || -z $AUDIT ]] || die "THROTTLE and AUDIT cannot be measured in one run (they share the second fsp)"
+[[ -z $TELEMETRY || ( -z $THROTTLE && -z $AUDIT ) ]] || die "TELEMETRY cannot be measured with THROTTLE or AUDIT (they share the second fsp)"
+if [[ -n $TELEMETRY && $SKIP_FSP != 1 ]]; then
+    python3 - "$OTLP_PORT" >"$TMP/otlp.log" 2>&1 <<'PY' &
+import http.server, socketserver, sys
+class Sink(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        self.send_response(200)
+        self.send_header("content-type", "application/x-protobuf")
+        self.send_header("content-length", "0")
+        self.end_headers()
+    def log_message(self, *a):
+        pass
+class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    daemon_threads = True
+Server(("127.0.0.1", int(sys.argv[1])), Sink).serve_forever()
+PY
+    PIDS+=("$!")
+    FSPT_DIR=$TMP/fsp-throttled
+    mkdir -m 0700 "$FSPT_DIR" "$FSPT_DIR/audit"
+    cp "$FSP_DIR/server.pem" "$FSP_DIR/server.key" "$FSP_DIR/ca.pem" "$FSP_DIR/admin-tokens" "$FSPT_DIR/"
+    python3 - "$FSP_DIR/fsp.toml" "$FSPT_DIR/fsp.toml" "$FSP_PORT" "$FSPT_PORT" "$FSP_ADMIN_PORT" "$FSPT_ADMIN_PORT" "$OTLP_PORT" "$TELEMETRY" <<'PY'
+import sys
+src, dst, port, tport, admin, tadmin, otlp, ratio = sys.argv[1:]
+t = open(src).read()
+t = t.replace(f":{port}", f":{tport}").replace(f":{admin}", f":{tadmin}")
+t += f'\n[telemetry]\notlp_endpoint = "http://127.0.0.1:{otlp}"\nservice_name = "fsp-loadtest"\nsampling_ratio = {ratio}\n'
+open(dst, "w").write(t)
+PY
+    log "starting fsp with telemetry (sampling_ratio $TELEMETRY) (mTLS :$FSPT_PORT, admin :$FSPT_ADMIN_PORT)"
+    "$FSP_BIN" serve --config "$FSPT_DIR/fsp.toml" >"$FSPT_DIR/fsp.log" 2>&1 &
+    PIDS+=("$!")
+    FSPT_PID=$!
+    wait_ready fsp-throttled "${PIDS[-1]}" "https://localhost:$FSPT_PORT/" "$FSPT_DIR/fsp.log"
+fi
 if [[ -n $AUDIT && $SKIP_FSP != 1 ]]; then
     FSPT_DIR=$TMP/fsp-throttled
     mkdir -m 0700 "$FSPT_DIR" "$FSPT_DIR/audit"
@@ -713,7 +756,7 @@ export TARGETS_LIST="${TARGETS[*]}"
 export NGINX_VERSION; NGINX_VERSION=$(nginx -v 2>&1 | sed 's/^nginx version: //')
 export OHA_VERSION; OHA_VERSION=$(oha --version 2>/dev/null || echo unknown)
 export GIT_REV; GIT_REV=$(git -C "$REPO_ROOT" describe --always --dirty 2>/dev/null || echo unknown)
-export URL_DIRECT=${URL[direct]} URL_NGINX=${URL[nginx]} URL_FSP=${URL[fsp]} URL_FSP_THROTTLED=${URL[fsp-throttled]} THROTTLE AUDIT
+export URL_DIRECT=${URL[direct]} URL_NGINX=${URL[nginx]} URL_FSP=${URL[fsp]} URL_FSP_THROTTLED=${URL[fsp-throttled]} THROTTLE AUDIT TELEMETRY
 export URL_FSP_REST=${URL[fsp-rest]} URL_FSP_SOAP=${URL[fsp-soap]} URL_FSP_SOAP_OFF=${URL[fsp-soap-off]} SOAP
 
 set +e
@@ -888,7 +931,12 @@ elif "fsp-soap" in per:
     print(f"SOAP / REST        CPU per req {r('soap_rest_cpu_per_req')}")
 else:
     print("fsp skipped (SKIP_FSP=1): no fsp ratios")
-if "throttled_fsp_rps" in ratios and E.get("AUDIT"):
+if "throttled_fsp_rps" in ratios and E.get("TELEMETRY"):
+    mark = "PASS" if (ratios['throttled_fsp_rps'] or 0) >= 0.95 else "MISS"
+    print(f"telemetry (sampling {E['TELEMETRY']}) on/off throughput  {fmt(ratios['throttled_fsp_rps'], '6.3f')}   target >= 0.95   {mark}")
+    print(f"telemetry (sampling {E['TELEMETRY']}) on/off p99         {fmt(ratios['throttled_fsp_p99'], '6.3f')}")
+    print(f"telemetry (sampling {E['TELEMETRY']}) on/off CPU per req {fmt(ratios['throttled_fsp_cpu_per_req'], '6.3f')}")
+elif "throttled_fsp_rps" in ratios and E.get("AUDIT"):
     kind = "file" if E["AUDIT"] == "off" else E["AUDIT"]
     print(f"audit ({kind}, write-ahead) on/off throughput  {fmt(ratios['throttled_fsp_rps'] and 1 / ratios['throttled_fsp_rps'], '6.3f')}")
     print(f"audit ({kind}, write-ahead) on/off p99         {fmt(ratios['throttled_fsp_p99'] and 1 / ratios['throttled_fsp_p99'], '6.3f')}")

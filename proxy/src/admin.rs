@@ -386,8 +386,17 @@ async fn reason(req: Request<Incoming>) -> Result<Option<String>, String> {
             "the reason must be at most {MAX_REASON_CHARS} characters"
         ));
     }
-    if reason.chars().any(char::is_control) {
-        return Err("the reason must be one line without control characters".to_owned());
+    // Control characters, and the invisible ones that reorder or break a line in a
+    // viewer (bidirectional overrides, line and paragraph separators, zero-width
+    // characters): a reason must read the same everywhere it is shown.
+    let hidden = |c: char| {
+        c.is_control()
+            || matches!(c as u32,
+                0x00AD | 0x061C | 0x180E | 0x200B..=0x200F | 0x2028..=0x202E
+                    | 0x2060..=0x206F | 0xFEFF | 0xFFF9..=0xFFFB)
+    };
+    if reason.chars().any(hidden) {
+        return Err("the reason must be one line of visible text (no control, bidirectional or zero-width characters)".to_owned());
     }
     Ok((!reason.is_empty()).then_some(reason))
 }
@@ -420,14 +429,30 @@ async fn suspension(
         reason: reason.clone(),
     });
     match gw.suspensions.set(party, id, change).await {
-        Ok(changed) => {
+        Ok(crate::suspend::Changed { changed, record }) => {
             tracing::warn!(target: "fsp::admin", %who, kind, id, suspended = suspend, changed, reason = ?reason, %at, shared = gw.suspensions.is_shared(), "suspension changed");
+            // What is in force: a suspension made before keeps its author, time and
+            // reason.
+            let (by, since, reason) = match &record {
+                Some(r) => (Some(r.by.as_str()), r.at.as_deref(), r.reason.as_deref()),
+                None => (None, None, None),
+            };
             json(
                 StatusCode::OK,
-                serde_json::json!({kind: id, "suspended": suspend, "changed": changed, "at": at, "reason": reason}),
+                serde_json::json!({
+                    kind: id,
+                    "suspended": suspend,
+                    "changed": changed,
+                    "at": at,
+                    "suspension": record.as_ref().map(|_| serde_json::json!({"by": by, "at": since, "reason": reason})),
+                    "reason": reason,
+                }),
             )
         }
-        Err(e @ crate::suspend::ChangeError::ClusterUnavailable(_)) => {
+        Err(
+            e @ (crate::suspend::ChangeError::ClusterUnavailable(_)
+            | crate::suspend::ChangeError::ClusterUncertain(_)),
+        ) => {
             tracing::error!(target: "fsp::admin", %who, kind, id, suspended = suspend, error = %e, "suspension change refused");
             json(
                 StatusCode::SERVICE_UNAVAILABLE,

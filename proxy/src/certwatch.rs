@@ -8,9 +8,10 @@
 //! certificate.
 //!
 //! A reload that fails (a key that does not match its new certificate yet, a file half
-//! written) keeps what is in force, is logged and counted, and is tried again at the
-//! next change of the files, so a certificate and its key written one after the other
-//! are picked up once both are there.
+//! written, a configuration file being edited) keeps what is in force, is logged and
+//! counted, and is tried again at once when the files change again and otherwise after
+//! 2 s, 4 s, ... up to a minute, until it works: a Secret changes once, and its new
+//! certificate must not wait for someone to notice.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
@@ -42,6 +43,9 @@ fn identities(files: &[PathBuf]) -> Vec<Identity> {
     files.iter().map(identity).collect()
 }
 
+/// The longest wait between two attempts while a reload keeps failing.
+const MAX_RETRY: Duration = Duration::from_secs(60);
+
 /// Watches the TLS files of `gw` until the gateway is dropped.
 pub fn spawn(gw: &Arc<Gateway>) {
     let weak = Arc::downgrade(gw);
@@ -51,8 +55,11 @@ pub fn spawn(gw: &Arc<Gateway>) {
         let mut tick = tokio::time::interval(POLL_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await;
-        // The files of a reload that failed: not tried again until they change.
-        let mut failed: Option<Vec<Identity>> = None;
+        // While the files in place do not load: when to try again, and the wait after.
+        // A reload can fail for another reason than the certificates (a configuration
+        // file being edited), and a Kubernetes Secret changes once: so it is tried
+        // again, less and less often, until it works.
+        let mut retry: Option<(tokio::time::Instant, Duration)> = None;
         loop {
             tick.tick().await;
             let Some(gw) = weak.upgrade() else { return };
@@ -67,13 +74,15 @@ pub fn spawn(gw: &Arc<Gateway>) {
             if files != seen.0 {
                 // A reload named other files: they are the ones in force now.
                 seen = (files, now);
-                failed = None;
+                retry = None;
                 continue;
             }
-            if now == seen.1 || failed.as_ref() == Some(&now) {
+            let changed = now != seen.1;
+            let due = retry.is_some_and(|(at, _)| tokio::time::Instant::now() >= at);
+            if !changed && !due {
                 continue;
             }
-            let changed: Vec<String> = files
+            let which: Vec<String> = files
                 .iter()
                 .zip(seen.1.iter().zip(&now))
                 .filter(|(_, (a, b))| a != b)
@@ -84,18 +93,24 @@ pub fn spawn(gw: &Arc<Gateway>) {
                 Ok(Ok(report)) => {
                     metrics::counter!("fsp_certificate_reloads_total", "result" => "ok")
                         .increment(1);
-                    tracing::warn!(?changed, needs_restart = ?report.needs_restart, "certificate files changed: configuration and certificates reloaded");
-                    // The reload may have named other files; compare with those next.
-                    let files = gw.tls_files.load_full();
-                    let ids = identities(&files);
-                    seen = (files, ids);
-                    failed = None;
+                    tracing::warn!(changed = ?which, needs_restart = ?report.needs_restart, "certificate files changed: configuration and certificates reloaded");
+                    // What was looked at before the reload: a change made while it ran
+                    // is seen at the next look.
+                    seen = (files, now);
+                    retry = None;
                 }
                 Ok(Err(e)) => {
                     metrics::counter!("fsp_certificate_reloads_total", "result" => "failed")
                         .increment(1);
-                    tracing::error!(?changed, error = %e, "certificate files changed but do not load: the certificates in force stay; retried when the files change again");
-                    failed = Some(now);
+                    let wait = match retry {
+                        Some((_, wait)) if !changed => (wait * 2).min(MAX_RETRY),
+                        _ => POLL_EVERY,
+                    };
+                    tracing::error!(changed = ?which, error = %e, retry_in = ?wait, "certificate files changed but the reload failed: the certificates in force stay; retried until it works");
+                    // Later looks compare with this one (a further change retries at
+                    // once); until then `retry` paces the attempts.
+                    seen = (files, now);
+                    retry = Some((tokio::time::Instant::now() + wait, wait));
                 }
                 Err(e) => tracing::error!(error = %e, "certificate reload task failed"),
             }

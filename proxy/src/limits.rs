@@ -227,7 +227,8 @@ pub struct ConnLimits {
 #[derive(Debug)]
 pub struct ConnSlot {
     limits: Arc<ConnLimits>,
-    source: Source,
+    /// None while a balancer's PROXY header has not said whose connection it is.
+    source: Option<Source>,
     anonymous: bool,
 }
 
@@ -269,7 +270,24 @@ impl ConnLimits {
         metrics::gauge!("fsp_connections_open").increment(1.0);
         Ok(ConnSlot {
             limits: self.clone(),
-            source,
+            source: Some(source),
+            anonymous: false,
+        })
+    }
+
+    /// Admits a connection from a load balancer before its PROXY header says whose it
+    /// is: counted in the total at once, and against its consumer's address by
+    /// [`ConnSlot::attribute`].
+    pub fn admit_unattributed(self: &Arc<Self>) -> Result<ConnSlot, Refusal> {
+        let _sources = self.sources.lock().unwrap_or_else(|e| e.into_inner());
+        if self.total.load(Ordering::Relaxed) >= self.limits.max {
+            return Err(refused(Refusal::Total));
+        }
+        self.total.fetch_add(1, Ordering::Relaxed);
+        metrics::gauge!("fsp_connections_open").increment(1.0);
+        Ok(ConnSlot {
+            limits: self.clone(),
+            source: None,
             anonymous: false,
         })
     }
@@ -281,6 +299,27 @@ fn refused(r: Refusal) -> Refusal {
 }
 
 impl ConnSlot {
+    /// Counts a connection admitted by [`ConnLimits::admit_unattributed`] against the
+    /// address it turned out to come from.
+    pub fn attribute(&mut self, ip: IpAddr) -> Result<(), Refusal> {
+        if self.source.is_some() {
+            return Ok(());
+        }
+        let source = Source::of(ip);
+        let mut sources = self
+            .limits
+            .sources
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let entry = sources.entry(source).or_default();
+        if entry.all >= self.limits.limits.per_ip {
+            return Err(refused(Refusal::PerAddress));
+        }
+        entry.all += 1;
+        self.source = Some(source);
+        Ok(())
+    }
+
     /// The connection presented no client certificate: it must also fit the anonymous
     /// bounds, or be closed.
     pub fn anonymous(&mut self) -> Result<(), Refusal> {
@@ -288,11 +327,14 @@ impl ConnSlot {
             return Ok(());
         }
         let limits = &self.limits;
+        let Some(source) = self.source else {
+            return Err(refused(Refusal::Anonymous));
+        };
         let mut sources = limits.sources.lock().unwrap_or_else(|e| e.into_inner());
         if limits.anonymous.load(Ordering::Relaxed) >= limits.limits.anonymous {
             return Err(refused(Refusal::Anonymous));
         }
-        let entry = sources.entry(self.source).or_default();
+        let entry = sources.entry(source).or_default();
         if entry.anonymous >= limits.limits.anonymous_per_ip {
             return Err(refused(Refusal::AnonymousPerAddress));
         }
@@ -308,13 +350,15 @@ impl Drop for ConnSlot {
     fn drop(&mut self) {
         let limits = &self.limits;
         let mut sources = limits.sources.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(entry) = sources.get_mut(&self.source) {
+        if let Some(source) = self.source
+            && let Some(entry) = sources.get_mut(&source)
+        {
             entry.all = entry.all.saturating_sub(1);
             if self.anonymous {
                 entry.anonymous = entry.anonymous.saturating_sub(1);
             }
             if entry.all == 0 {
-                sources.remove(&self.source);
+                sources.remove(&source);
             }
         }
         limits.total.fetch_sub(1, Ordering::Relaxed);
@@ -434,5 +478,34 @@ mod tests {
         assert!(cap.try_take_share(b));
         cap.give_share(a);
         assert!(cap.try_take_share(a));
+    }
+}
+
+#[cfg(test)]
+mod balancer_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn a_balancers_connections_count_in_the_total_before_their_header_and_per_address_after() {
+        let limits = ConnLimits::new(ConnectionLimits {
+            max: 3,
+            max_explicit: true,
+            per_ip: 1,
+            anonymous: 3,
+            anonymous_per_ip: 1,
+        });
+        let mut a = limits.admit_unattributed().unwrap();
+        let mut b = limits.admit_unattributed().unwrap();
+        let _c = limits.admit_unattributed().unwrap();
+        // The total is reached before any header was read.
+        assert_eq!(limits.admit_unattributed().unwrap_err(), Refusal::Total);
+        let ip: IpAddr = "203.0.113.7".parse().unwrap();
+        a.attribute(ip).unwrap();
+        assert_eq!(b.attribute(ip).unwrap_err(), Refusal::PerAddress);
+        drop(a);
+        b.attribute(ip).unwrap();
+        drop(b);
+        assert_eq!(limits.open().0, 1);
     }
 }

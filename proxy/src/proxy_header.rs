@@ -24,6 +24,9 @@ const V2_SIGNATURE: &[u8; 12] = b"\r\n\r\n\0\r\nQUIT\n";
 const V1_MAX: usize = 107;
 /// The shortest header of either version (`PROXY UNKNOWN\r\n`).
 const MIN_HEADER: usize = 15;
+/// The longest v2 address block and TLVs read (balancers send tens of bytes; the
+/// format allows 64 KiB, which no connection is given before it is even attributed).
+const V2_MAX: usize = 4096;
 
 /// What a PROXY header says about the connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -62,6 +65,11 @@ pub async fn read(tcp: &mut TcpStream) -> Result<Origin, HeaderError> {
         read_exact(tcp, &mut head[MIN_HEADER..16]).await?;
         let fixed: [u8; 16] = head[..16].try_into().map_err(|_| HeaderError::Truncated)?;
         let len = usize::from(u16::from_be_bytes([fixed[14], fixed[15]]));
+        if len > V2_MAX {
+            return Err(HeaderError::V2(
+                "longer than 4096 bytes of addresses and TLVs",
+            ));
+        }
         let mut rest = vec![0u8; len];
         read_exact(tcp, &mut rest).await?;
         return parse_v2(&fixed, &rest);
@@ -157,7 +165,7 @@ pub fn parse_v1(line: &[u8]) -> Result<Origin, HeaderError> {
     };
     let sport = port(sport).ok_or(HeaderError::V1("the source port is not 0 to 65535"))?;
     port(dport).ok_or(HeaderError::V1("the destination port is not 0 to 65535"))?;
-    Ok(Origin::Client(SocketAddr::new(src, sport)))
+    Ok(Origin::Client(SocketAddr::new(src.to_canonical(), sport)))
 }
 
 /// A v2 header: the 16 fixed bytes and the `len` bytes after them.
@@ -201,7 +209,7 @@ pub fn parse_v2(fixed: &[u8; 16], rest: &[u8]) -> Result<Origin, HeaderError> {
                 .get(port_at..port_at + 4)
                 .map(|p| u16::from_be_bytes([p[0], p[1]]))
                 .ok_or(HeaderError::V2("too short for its address family"))?;
-            Ok(Origin::Client(SocketAddr::new(ip, port)))
+            Ok(Origin::Client(SocketAddr::new(ip.to_canonical(), port)))
         }
         (_, 2) => Err(HeaderError::V2(
             "a datagram (UDP) connection on a TCP listener",
@@ -233,6 +241,11 @@ mod tests {
         assert_eq!(
             parse_v1(b"PROXY TCP6 2001:db8::7 2001:db8::1 65535 443\r\n"),
             Ok(Origin::Client("[2001:db8::7]:65535".parse().unwrap()))
+        );
+        // An IPv4 client behind a dual-stack balancer: one form of its address.
+        assert_eq!(
+            parse_v1(b"PROXY TCP6 ::ffff:203.0.113.7 ::ffff:10.0.0.1 5 443\r\n"),
+            Ok(Origin::Client("203.0.113.7:5".parse().unwrap()))
         );
         assert_eq!(parse_v1(b"PROXY UNKNOWN\r\n"), Ok(Origin::Balancer));
         assert_eq!(

@@ -198,6 +198,7 @@ pub async fn start(
         tls_files: ArcSwap::from_pointee(tls_files),
         certificates: ArcSwap::from_pointee(certificates),
         telemetry,
+        reloading: std::sync::Mutex::new(()),
     });
     crate::certwatch::spawn(&gw);
 

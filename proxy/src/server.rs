@@ -155,20 +155,24 @@ pub async fn serve(
             },
             _ = shutdown.changed() => break,
         };
+        // An IPv4 client on a dual-stack listener is seen as ::ffff:a.b.c.d: one form.
+        let peer = std::net::SocketAddr::new(peer.ip().to_canonical(), peer.port());
         let from_balancer =
             !balancers.is_empty() && balancers.iter().any(|n| n.contains(&peer.ip()));
-        // Bounds on open connections, before any work is spent on this one (for a
-        // balancer's connections, once the header has said whose they are).
-        let slot = if from_balancer {
-            None
+        // Bounds on open connections, before any work is spent on this one (a
+        // balancer's count in the total at once, and against their consumer's address
+        // once the header has said whose they are).
+        let admitted = if from_balancer {
+            gw.conn_limits.admit_unattributed()
         } else {
-            match gw.conn_limits.admit(peer.ip()) {
-                Ok(slot) => Some(slot),
-                Err(refusal) => {
-                    tracing::debug!(%peer, bound = refusal.as_str(), "connection refused: limit reached");
-                    drop(tcp);
-                    continue;
-                }
+            gw.conn_limits.admit(peer.ip())
+        };
+        let slot = match admitted {
+            Ok(slot) => slot,
+            Err(refusal) => {
+                tracing::debug!(%peer, bound = refusal.as_str(), "connection refused: limit reached");
+                drop(tcp);
+                continue;
             }
         };
         let _ = tcp.set_nodelay(true);
@@ -177,20 +181,22 @@ pub async fn serve(
         let watcher = graceful.watcher();
         let check_for_header = !balancers.is_empty();
         connections.spawn(async move {
-            let (peer, mut slot) = match slot {
-                Some(slot) => {
-                    if check_for_header && !no_header(&mut tcp, peer, timeouts.handshake).await {
-                        return;
-                    }
-                    (peer, slot)
-                }
-                None => match client_of_balancer(&gw, &mut tcp, peer, timeouts.handshake).await {
+            // One deadline for the PROXY header (or the look for one) and the handshake.
+            let deadline = tokio::time::Instant::now() + timeouts.handshake;
+            let mut slot = slot;
+            let peer = if from_balancer {
+                match client_of_balancer(&mut tcp, &mut slot, peer, deadline).await {
                     Some(carried) => carried,
                     None => return,
-                },
+                }
+            } else {
+                if check_for_header && !no_header(&mut tcp, peer, deadline).await {
+                    return;
+                }
+                peer
             };
             let acceptor = TlsAcceptor::from(gw.tls.load_full());
-            let tls = match tokio::time::timeout(timeouts.handshake, acceptor.accept(tcp)).await {
+            let tls = match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => {
                     metrics::counter!("fsp_tls_handshake_failures_total").increment(1);
@@ -274,15 +280,15 @@ pub async fn serve(
     }
 }
 
-/// Reads the PROXY header a balancer sent; the consumer's address and its connection
-/// slot, or None (logged) when the connection is refused.
+/// Reads the PROXY header a balancer sent and counts the connection against the
+/// consumer's address; that address, or None (logged) when the connection is refused.
 async fn client_of_balancer(
-    gw: &Gateway,
     tcp: &mut tokio::net::TcpStream,
+    slot: &mut crate::limits::ConnSlot,
     balancer: std::net::SocketAddr,
-    timeout: Duration,
-) -> Option<(std::net::SocketAddr, crate::limits::ConnSlot)> {
-    let carried = match tokio::time::timeout(timeout, crate::proxy_header::read(tcp)).await {
+    deadline: tokio::time::Instant,
+) -> Option<std::net::SocketAddr> {
+    let carried = match tokio::time::timeout_at(deadline, crate::proxy_header::read(tcp)).await {
         Ok(Ok(crate::proxy_header::Origin::Client(client))) => client,
         Ok(Ok(crate::proxy_header::Origin::Balancer)) => balancer,
         Ok(Err(e)) => {
@@ -298,8 +304,8 @@ async fn client_of_balancer(
             return None;
         }
     };
-    match gw.conn_limits.admit(carried.ip()) {
-        Ok(slot) => Some((carried, slot)),
+    match slot.attribute(carried.ip()) {
+        Ok(()) => Some(carried),
         Err(refusal) => {
             tracing::debug!(peer = %carried, %balancer, bound = refusal.as_str(), "connection refused: limit reached");
             None
@@ -312,10 +318,10 @@ async fn client_of_balancer(
 async fn no_header(
     tcp: &mut tokio::net::TcpStream,
     peer: std::net::SocketAddr,
-    timeout: Duration,
+    deadline: tokio::time::Instant,
 ) -> bool {
     let mut first = [0u8; 1];
-    match tokio::time::timeout(timeout, tcp.peek(&mut first)).await {
+    match tokio::time::timeout_at(deadline, tcp.peek(&mut first)).await {
         Ok(Ok(1)) if crate::proxy_header::looks_like_header(first[0]) => {
             metrics::counter!("fsp_proxy_protocol_refusals_total", "reason" => "untrusted")
                 .increment(1);

@@ -260,6 +260,9 @@ pub struct Gateway {
     pub certificates: ArcSwap<Vec<certs::inventory::CertInfo>>,
     /// Whether each call gets an OpenTelemetry span (`[telemetry]`; needs a restart).
     pub telemetry: bool,
+    /// One reload at a time (admin API, SIGHUP, certificate watcher): a reload that read
+    /// older files must not be stored after one that read newer ones.
+    pub reloading: std::sync::Mutex<()>,
 }
 
 /// Settings that a reload does not apply: the listeners, threads, connection bounds,
@@ -330,6 +333,10 @@ pub struct ReloadReport {
 pub enum ReloadError {
     #[error("{0}")]
     Config(#[from] crate::config::ConfigError),
+    /// The new listener certificate is outside its validity while the one in force is
+    /// within it: consumers would refuse every handshake.
+    #[error("{0}; the certificate in force stays")]
+    Certificate(String),
 }
 
 /// The certificates of `files` (role and path), as read now; a file that cannot be
@@ -342,6 +349,31 @@ pub fn certificate_inventory(files: &[(String, PathBuf)]) -> Vec<certs::inventor
         .collect()
 }
 
+/// Why the listener certificate of `certificates` cannot serve at `now`, if it cannot.
+fn listener_certificate_unusable(
+    certificates: &[certs::inventory::CertInfo],
+    now: time::OffsetDateTime,
+) -> Option<String> {
+    // The server certificate is the chain's leaf: the first of listener.server_cert.
+    match certificates
+        .iter()
+        .find(|c| c.role == "listener.server_cert")
+    {
+        None => Some("no listener certificate is loaded".to_owned()),
+        Some(c) if c.not_after < now => Some(format!(
+            "the listener certificate {} expired at {}",
+            c.path.display(),
+            crate::pipeline::stamp::rfc3339_millis(c.not_after)
+        )),
+        Some(c) if c.not_before > now => Some(format!(
+            "the listener certificate {} is not valid before {}",
+            c.path.display(),
+            crate::pipeline::stamp::rfc3339_millis(c.not_before)
+        )),
+        Some(_) => None,
+    }
+}
+
 impl Gateway {
     /// Why the gateway should not receive traffic now, if it should not: draining or
     /// starting, a listener certificate outside its validity, the audit trail or the
@@ -350,31 +382,15 @@ impl Gateway {
         if !self.ready.load(std::sync::atomic::Ordering::Acquire) {
             return Some("starting or draining".to_owned());
         }
-        let now = time::OffsetDateTime::now_utc();
-        let certificates = self.certificates.load();
-        // The server certificate is the chain's leaf: the first of listener.server_cert.
-        match certificates
-            .iter()
-            .find(|c| c.role == "listener.server_cert")
-        {
-            None => return Some("no listener certificate is loaded".to_owned()),
-            Some(c) if c.not_after < now => {
-                return Some(format!(
-                    "the listener certificate {} expired at {}",
-                    c.path.display(),
-                    crate::pipeline::stamp::rfc3339_millis(c.not_after)
-                ));
-            }
-            Some(c) if c.not_before > now => {
-                return Some(format!(
-                    "the listener certificate {} is not valid before {}",
-                    c.path.display(),
-                    crate::pipeline::stamp::rfc3339_millis(c.not_before)
-                ));
-            }
-            Some(_) => {}
+        if let Some(why) = listener_certificate_unusable(
+            &self.certificates.load(),
+            time::OffsetDateTime::now_utc(),
+        ) {
+            return Some(why);
         }
-        drop(certificates);
+        if !self.suspensions.is_known() {
+            return Some("the cluster's suspensions are not known yet: its Redis has not answered since the start and no last known set is kept".to_owned());
+        }
         if let Err(e) = self.audit.health() {
             return Some(format!("audit trail unavailable: {e}"));
         }
@@ -402,6 +418,7 @@ impl Gateway {
     /// Re-reads the configuration and certificates and swaps them in atomically. On any
     /// problem, nothing changes.
     pub fn reload(&self) -> Result<ReloadReport, ReloadError> {
+        let _one_at_a_time = self.reloading.lock().unwrap_or_else(|e| e.into_inner());
         let result = self.reload_now();
         if result.is_err() {
             metrics::counter!("fsp_config_reload_failures_total").increment(1);
@@ -424,6 +441,12 @@ impl Gateway {
             .unwrap_or_default();
         let tls_files = config.tls_files.clone();
         let certificates = certificate_inventory(&config.certificate_files);
+        let now = time::OffsetDateTime::now_utc();
+        if let Some(why) = listener_certificate_unusable(&certificates, now)
+            && listener_certificate_unusable(&self.certificates.load(), now).is_none()
+        {
+            return Err(ReloadError::Certificate(why));
+        }
         let (snapshot, tls) = Snapshot::from_config(config);
         let throttle = self
             .throttle

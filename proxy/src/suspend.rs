@@ -103,6 +103,9 @@ struct StateFile {
     /// gateway made them on its own (single-node mode).
     #[serde(default)]
     from_cluster: bool,
+    /// The cluster's generation of these sets (see [`ClusterLink::generation_key`]).
+    #[serde(default)]
+    generation: u64,
 }
 
 /// Which kind of party an admin call is about.
@@ -121,15 +124,28 @@ impl Party {
     }
 }
 
-/// Why a suspension or a resume was not made.
+/// Why a suspension or a resume was not made, or not surely.
 #[derive(Debug, thiserror::Error)]
 pub enum ChangeError {
-    /// The cluster's Redis did not answer: nothing changed anywhere.
+    /// The cluster's Redis could not be reached: nothing changed anywhere.
     #[error("the cluster's Redis is unreachable, nothing changed: {0}")]
     ClusterUnavailable(String),
-    /// The state file could not be written: nothing changed.
+    /// The change was sent to Redis but not confirmed: it may or may not be in force.
+    #[error(
+        "the cluster's Redis did not confirm the change ({0}); it may or may not be in force: GET /admin/suspensions shows what is"
+    )]
+    ClusterUncertain(String),
+    /// The state file could not be written (single-node mode): nothing changed.
     #[error("the suspension could not be stored, nothing changed: {0}")]
     Storage(String),
+}
+
+/// The result of a change: whether it changed anything, and the party's record now.
+#[derive(Debug)]
+pub struct Changed {
+    pub changed: bool,
+    /// The record in force (the first one when the party was already suspended).
+    pub record: Option<Suspension>,
 }
 
 /// The live suspension sets, and where they are kept.
@@ -148,9 +164,22 @@ struct ClusterLink {
     conn: tokio::sync::Mutex<Option<redis::aio::ConnectionManager>>,
     consumers_key: String,
     providers_key: String,
+    /// Incremented by every change, in the same transaction: a cluster whose generation
+    /// is missing or went back has lost data (a Redis restarted without persistence,
+    /// flushed, or restored from an older snapshot), and is not believed.
+    generation_key: String,
     channel: String,
     /// Whether the last exchange with Redis worked (for logging transitions only).
     healthy: AtomicBool,
+    /// Whether the sets in force are the cluster's: read from Redis since the start, or
+    /// read from a state file that held the cluster's. Until then the gateway is not
+    /// ready (a new replica must not serve a consumer the cluster has cut off).
+    known: AtomicBool,
+    /// The highest generation seen (in the state file or in Redis).
+    generation: std::sync::atomic::AtomicU64,
+    /// Whether the state file holds the cluster's sets (else it is rewritten at the next
+    /// read, even when nothing changed).
+    file_is_cluster: AtomicBool,
     /// Suspensions this gateway made on its own before `[cluster]` was configured, not
     /// yet written to Redis: they are added there (never overwriting) at first contact.
     adopt: std::sync::Mutex<Option<Suspended>>,
@@ -188,15 +217,19 @@ impl SuspensionStore {
         let state = read_state(file.as_deref())?;
         let client = redis::Client::open(redis_url)
             .map_err(|e| anyhow::anyhow!("cluster.redis_url: {e}"))?;
-        // The hash tag keeps both hashes in one slot, so one transaction reads both on a
-        // Redis Cluster too.
+        // The hash tag keeps every key in one slot, so one transaction reads them all on
+        // a Redis Cluster too.
         let link = ClusterLink {
             client,
             conn: tokio::sync::Mutex::new(None),
             consumers_key: format!("{key_prefix}{{suspensions}}:consumers"),
             providers_key: format!("{key_prefix}{{suspensions}}:providers"),
+            generation_key: format!("{key_prefix}{{suspensions}}:generation"),
             channel: format!("{key_prefix}suspensions"),
             healthy: AtomicBool::new(true),
+            known: AtomicBool::new(state.from_cluster),
+            generation: std::sync::atomic::AtomicU64::new(state.generation),
+            file_is_cluster: AtomicBool::new(state.from_cluster),
             adopt: std::sync::Mutex::new(
                 (!state.from_cluster && state.suspended != Suspended::default())
                     .then(|| state.suspended.clone()),
@@ -215,6 +248,14 @@ impl SuspensionStore {
         self.cluster.is_some()
     }
 
+    /// Whether the sets in force are known to be the cluster's (always, without
+    /// `[cluster]`); see `/readyz`.
+    pub fn is_known(&self) -> bool {
+        self.cluster
+            .as_ref()
+            .is_none_or(|c| c.known.load(Ordering::Acquire))
+    }
+
     pub fn snapshot(&self) -> Arc<Suspended> {
         self.current.load_full()
     }
@@ -224,22 +265,19 @@ impl SuspensionStore {
         self.current.load()
     }
 
-    /// Suspends (`Some`, with who, when and why) or resumes (`None`) a party; returns
+    /// Suspends (`Some`, with who, when and why) or resumes (`None`) a party; says
     /// whether anything changed (suspending a suspended party keeps its first record).
-    /// The new state is stored (in Redis with `[cluster]`, on disk in any case) before it
-    /// takes effect, so a crash cannot silently lift a suspension.
+    /// The new state is stored (in Redis with `[cluster]`, else in the state file)
+    /// before it takes effect, so a crash cannot silently lift a suspension.
     pub async fn set(
         &self,
         party: Party,
         id: &str,
         change: Option<Suspension>,
-    ) -> Result<bool, ChangeError> {
+    ) -> Result<Changed, ChangeError> {
         let _guard = self.write.lock().await;
         let changed = match &self.cluster {
-            Some(link) => link
-                .write(party, id, change.as_ref())
-                .await
-                .map_err(|e| ChangeError::ClusterUnavailable(e.to_string()))?,
+            Some(link) => link.write(party, id, change.as_ref()).await?,
             None => match &change {
                 Some(_) => !self.current.load().of(party).contains_key(id),
                 None => self.current.load().of(party).contains_key(id),
@@ -247,23 +285,25 @@ impl SuspensionStore {
         };
         let mut next = (*self.current.load_full()).clone();
         let set = next.of_mut(party);
-        match change {
-            Some(s) => {
-                set.entry(id.to_owned()).or_insert(s);
-            }
+        let record = match change {
+            Some(s) => Some(set.entry(id.to_owned()).or_insert(s).clone()),
             None => {
                 set.remove(id);
+                None
             }
-        }
+        };
         if next != **self.current.load() {
-            self.persist(&next).map_err(|e| {
-                // In cluster mode Redis already holds the change; the next re-read
-                // applies it here anyway, and the file is written again then.
-                ChangeError::Storage(e.to_string())
-            })?;
+            if let Err(e) = self.persist(&next) {
+                if self.cluster.is_none() {
+                    return Err(ChangeError::Storage(e.to_string()));
+                }
+                // Redis holds the change and every replica applies it: only this
+                // replica's copy for Redis outages is behind (written at the next read).
+                tracing::error!(error = %e, file = ?self.file, "the change is in force in the cluster, but this gateway's state file could not be written");
+            }
             self.current.store(Arc::new(next));
         }
-        Ok(changed)
+        Ok(Changed { changed, record })
     }
 
     fn persist(&self, sets: &Suspended) -> std::io::Result<()> {
@@ -273,6 +313,10 @@ impl SuspensionStore {
         let state = StateFile {
             suspended: sets.clone(),
             from_cluster: self.cluster.is_some(),
+            generation: self
+                .cluster
+                .as_ref()
+                .map_or(0, |c| c.generation.load(Ordering::Acquire)),
         };
         write_atomically(path, &serde_json::to_vec_pretty(&state)?)
     }
@@ -284,8 +328,8 @@ impl SuspensionStore {
             return Ok(());
         };
         let _guard = self.write.lock().await;
-        let read = link.read().await;
-        let next = match read {
+        let now = self.current.load_full();
+        let next = match link.read(&now).await {
             Ok(next) => {
                 link.mark(true, None);
                 next
@@ -295,11 +339,16 @@ impl SuspensionStore {
                 return Err(e);
             }
         };
-        let now = self.current.load_full();
-        if *now != next {
-            log_changes(&now, &next);
-            if let Err(e) = self.persist(&next) {
-                tracing::error!(error = %e, file = ?self.file, "cannot keep the cluster's suspensions in the state file; they apply in memory");
+        link.known.store(true, Ordering::Release);
+        if *now != next || !link.file_is_cluster.load(Ordering::Acquire) {
+            if *now != next {
+                log_changes(&now, &next);
+            }
+            match self.persist(&next) {
+                Ok(()) => link.file_is_cluster.store(true, Ordering::Release),
+                Err(e) => {
+                    tracing::error!(error = %e, file = ?self.file, "cannot keep the cluster's suspensions in the state file; they apply in memory");
+                }
             }
             self.current.store(Arc::new(next));
         }
@@ -379,69 +428,101 @@ impl ClusterLink {
         }
     }
 
-    /// Writes one change and announces it, in one transaction; whether it changed.
+    /// Writes one change, moves the generation on and announces it, in one
+    /// transaction; whether it changed anything.
     async fn write(
         &self,
         party: Party,
         id: &str,
         change: Option<&Suspension>,
-    ) -> Result<bool, redis::RedisError> {
-        let mut conn = self.connection().await?;
+    ) -> Result<bool, ChangeError> {
+        let mut conn = match self.connection().await {
+            Ok(c) => c,
+            Err(e) => {
+                self.mark(false, Some(&e));
+                return Err(ChangeError::ClusterUnavailable(e.to_string()));
+            }
+        };
         let announce = format!("{}:{id}", party.as_str());
         let run = async {
+            let mut pipe = redis::pipe();
+            pipe.atomic();
             match change {
                 Some(s) => {
                     let value = serde_json::to_string(s).map_err(json_error)?;
-                    let (added, _): (bool, i64) = redis::pipe()
-                        .atomic()
-                        .hset_nx(self.key(party), id, value)
-                        .publish(&self.channel, announce)
-                        .query_async(&mut conn)
-                        .await?;
-                    Ok(added)
+                    pipe.hset_nx(self.key(party), id, value);
                 }
                 None => {
-                    let (removed, _): (i64, i64) = redis::pipe()
-                        .atomic()
-                        .hdel(self.key(party), id)
-                        .publish(&self.channel, announce)
-                        .query_async(&mut conn)
-                        .await?;
-                    Ok(removed > 0)
+                    pipe.hdel(self.key(party), id);
                 }
             }
+            pipe.incr(&self.generation_key, 1)
+                .publish(&self.channel, announce)
+                .ignore();
+            let (changed, generation): (i64, u64) = pipe.query_async(&mut conn).await?;
+            Ok::<_, redis::RedisError>((changed > 0, generation))
         };
-        let result = tokio::time::timeout(REDIS_TIMEOUT, run)
-            .await
-            .map_err(|_| timed_out())
-            .and_then(|r| r);
-        match &result {
-            Ok(_) => self.mark(true, None),
-            Err(e) => self.mark(false, Some(e)),
+        match tokio::time::timeout(REDIS_TIMEOUT, run).await {
+            Ok(Ok((changed, generation))) => {
+                self.mark(true, None);
+                self.generation.fetch_max(generation, Ordering::AcqRel);
+                Ok(changed)
+            }
+            Ok(Err(e)) => {
+                self.mark(false, Some(&e));
+                Err(ChangeError::ClusterUncertain(e.to_string()))
+            }
+            Err(_) => {
+                let e = timed_out();
+                self.mark(false, Some(&e));
+                Err(ChangeError::ClusterUncertain(e.to_string()))
+            }
         }
-        result
     }
 
-    /// Both sets as Redis holds them (after adding what this gateway suspended on its
-    /// own before it joined the cluster).
-    async fn read(&self) -> Result<Suspended, redis::RedisError> {
+    /// Writes `sets` into Redis without overwriting what is there, and moves the
+    /// generation past `at_least`.
+    async fn restore(
+        &self,
+        conn: &mut redis::aio::ConnectionManager,
+        sets: &Suspended,
+        at_least: u64,
+        why: &str,
+    ) -> Result<(), redis::RedisError> {
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        for (party, entries) in [
+            (Party::Consumer, &sets.consumers),
+            (Party::Provider, &sets.providers),
+        ] {
+            for (id, s) in entries {
+                let value = serde_json::to_string(s).map_err(json_error)?;
+                pipe.hset_nx(self.key(party), id, value).ignore();
+            }
+        }
+        pipe.set(&self.generation_key, at_least + 1).ignore();
+        pipe.publish(&self.channel, why).ignore();
+        pipe.query_async::<()>(conn).await?;
+        self.generation.fetch_max(at_least + 1, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// Both sets as Redis holds them. Suspensions this gateway made on its own before it
+    /// joined the cluster are added first; a cluster that lost data (its generation is
+    /// missing or behind what this gateway saw) gets this gateway's last known sets back
+    /// before it is read: a lost Redis must never lift a cut-off.
+    async fn read(&self, known: &Suspended) -> Result<Suspended, redis::RedisError> {
         let mut conn = self.connection().await?;
         let run = async {
             let adopt = self.adopt.lock().map(|a| a.clone()).unwrap_or_default();
             if let Some(local) = adopt {
-                let mut pipe = redis::pipe();
-                pipe.atomic();
-                for (party, sets) in [
-                    (Party::Consumer, &local.consumers),
-                    (Party::Provider, &local.providers),
-                ] {
-                    for (id, s) in sets {
-                        let value = serde_json::to_string(s).map_err(json_error)?;
-                        pipe.hset_nx(self.key(party), id, value).ignore();
-                    }
-                }
-                pipe.publish(&self.channel, "adopted").ignore();
-                pipe.query_async::<()>(&mut conn).await?;
+                let seen = self.generation.load(Ordering::Acquire);
+                let current: Option<u64> = redis::cmd("GET")
+                    .arg(&self.generation_key)
+                    .query_async(&mut conn)
+                    .await?;
+                self.restore(&mut conn, &local, seen.max(current.unwrap_or(0)), "adopted")
+                    .await?;
                 tracing::warn!(
                     consumers = ?local.consumers.keys().collect::<Vec<_>>(),
                     providers = ?local.providers.keys().collect::<Vec<_>>(),
@@ -451,16 +532,49 @@ impl ClusterLink {
                     *a = None;
                 }
             }
-            let (c, p): (HashMap<String, String>, HashMap<String, String>) = redis::pipe()
-                .atomic()
-                .hgetall(&self.consumers_key)
-                .hgetall(&self.providers_key)
-                .query_async(&mut conn)
-                .await?;
-            Ok(Suspended {
-                consumers: decode(Party::Consumer, c),
-                providers: decode(Party::Provider, p),
-            })
+            for attempt in 0..2 {
+                let (c, p, generation): (
+                    HashMap<String, String>,
+                    HashMap<String, String>,
+                    Option<u64>,
+                ) = redis::pipe()
+                    .atomic()
+                    .hgetall(&self.consumers_key)
+                    .hgetall(&self.providers_key)
+                    .get(&self.generation_key)
+                    .query_async(&mut conn)
+                    .await?;
+                let seen = self.generation.load(Ordering::Acquire);
+                let lost = match generation {
+                    None => seen > 0 || *known != Suspended::default(),
+                    Some(g) => g < seen,
+                };
+                if lost && attempt == 0 {
+                    metrics::counter!("fsp_cluster_redis_errors_total").increment(1);
+                    tracing::error!(
+                        generation = ?generation,
+                        expected_at_least = seen,
+                        "the cluster's Redis lost suspensions (restarted without persistence, flushed or restored from an older copy): this gateway's last known set is written back, nothing is lifted"
+                    );
+                    self.restore(
+                        &mut conn,
+                        known,
+                        seen.max(generation.unwrap_or(0)),
+                        "restored",
+                    )
+                    .await?;
+                    continue;
+                }
+                self.generation
+                    .fetch_max(generation.unwrap_or(0), Ordering::AcqRel);
+                return Ok(Suspended {
+                    consumers: decode(Party::Consumer, c),
+                    providers: decode(Party::Provider, p),
+                });
+            }
+            Err(redis::RedisError::from(std::io::Error::other(
+                "the cluster's suspensions could not be restored",
+            )))
         };
         tokio::time::timeout(REDIS_TIMEOUT, run)
             .await
@@ -608,6 +722,7 @@ mod tests {
                 .set(Party::Consumer, "bxl", by("token#1", "leak"))
                 .await
                 .unwrap()
+                .changed
         );
         // Suspending again changes nothing and keeps the first record.
         assert!(
@@ -615,12 +730,14 @@ mod tests {
                 .set(Party::Consumer, "bxl", by("token#2", "other"))
                 .await
                 .unwrap()
+                .changed
         );
         assert!(
             store
                 .set(Party::Provider, "rrn", by("token#1", "maintenance"))
                 .await
                 .unwrap()
+                .changed
         );
         assert!(store.snapshot().consumer_suspended("bxl"));
         let again = SuspensionStore::open(Some(file)).unwrap();
@@ -629,8 +746,20 @@ mod tests {
         assert!(s.provider_suspended("rrn"));
         assert_eq!(s.consumers["bxl"].by, "token#1");
         assert_eq!(s.consumers["bxl"].reason.as_deref(), Some("leak"));
-        assert!(again.set(Party::Consumer, "bxl", None).await.unwrap());
-        assert!(!again.set(Party::Consumer, "bxl", None).await.unwrap());
+        assert!(
+            again
+                .set(Party::Consumer, "bxl", None)
+                .await
+                .unwrap()
+                .changed
+        );
+        assert!(
+            !again
+                .set(Party::Consumer, "bxl", None)
+                .await
+                .unwrap()
+                .changed
+        );
         assert!(!again.snapshot().consumer_suspended("bxl"));
     }
 

@@ -112,6 +112,26 @@ async fn the_address_a_balancer_carries_is_the_consumers_and_nobody_else_may_car
         "{body}"
     );
 
+    // An IPv4 client behind a dual-stack balancer (IPv4-mapped IPv6): the same address.
+    let (status, body) = call_via(
+        &pki,
+        gw.port,
+        BALANCER,
+        b"PROXY TCP6 ::ffff:203.0.113.9 ::ffff:10.0.0.1 51002 443\r\n",
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains("\"x-forwarded-for\":\"203.0.113.9\""),
+        "{body}"
+    );
+    // A v2 header announcing more than 4 KiB of addresses and TLVs is refused before
+    // it is read.
+    let mut huge = v2(allowed, 1);
+    huge[14..16].copy_from_slice(&0xFFFFu16.to_be_bytes());
+    assert!(call_via(&pki, gw.port, BALANCER, &huge).await.is_none());
+
     // Carrying an address outside the consumer's source_ips: refused by the allow-list.
     let outside: SocketAddr = "198.51.100.9:40000".parse().unwrap();
     let (status, body) = call_via(&pki, gw.port, BALANCER, &v2(outside, 1))
@@ -172,7 +192,8 @@ async fn the_address_a_balancer_carries_is_the_consumers_and_nobody_else_may_car
             .unwrap()
             .to_owned()
     };
-    assert_eq!(records.len(), 5, "{records:#?}");
+    assert_eq!(records.len(), 6, "{records:#?}");
+    assert_eq!(of("203.0.113.9"), "allowed");
     assert_eq!(of("203.0.113.7"), "allowed");
     assert_eq!(of("203.0.113.8"), "allowed");
     assert_eq!(of("198.51.100.9"), "FSP-AUTHZ-SOURCE-IP");

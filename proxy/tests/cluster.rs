@@ -36,7 +36,7 @@ fn forget(redis: &str, prefix: &str) {
         .unwrap()
         .get_connection()
         .unwrap();
-    for kind in ["consumers", "providers"] {
+    for kind in ["consumers", "providers", "generation"] {
         let _: () = redis::cmd("DEL")
             .arg(format!("{prefix}{{suspensions}}:{kind}"))
             .query(&mut conn)
@@ -286,5 +286,146 @@ async fn suspensions_made_before_the_cluster_join_it_and_bad_reasons_are_refused
     assert_eq!(listed["consumers"][0]["by"], "unknown", "{listed}");
     assert_eq!(first.stop().code(), Some(0));
     assert_eq!(second.stop().code(), Some(0));
+    forget(&redis, &prefix);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_loses_its_data_lifts_nothing() {
+    let Some(redis) = redis_url() else { return };
+    let pki = Pki::new();
+    let up = upstream().await;
+    let prefix = unique_prefix("lost");
+    let cluster = format!("\n[cluster]\nredis_url = \"{redis}\"\nkey_prefix = \"{prefix}\"\n");
+    let mut a = Gateway::start(&replica_config(&pki, up, 0, &cluster)).await;
+    let mut b = Gateway::start(&replica_config(&pki, up, 1, &cluster)).await;
+    let (status, body) = admin_request_with_body(
+        a.admin_port,
+        "POST",
+        "/admin/consumers/ville-bxl/suspend",
+        Some(TOKEN),
+        r#"{"reason": "incident 7"}"#,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    until_all(&pki, &[&a, &b], StatusCode::FORBIDDEN).await;
+
+    // Redis restarted without persistence (or flushed): the keys are gone.
+    forget(&redis, &prefix);
+    let mut conn = redis::Client::open(redis.as_str())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let _: () = redis::cmd("DEL")
+        .arg(format!("{prefix}{{suspensions}}:generation"))
+        .query(&mut conn)
+        .unwrap();
+    // Several re-reads later the consumer is still cut off everywhere, and Redis holds
+    // the suspension again, with its author and reason.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for gw in [&a, &b] {
+        assert_eq!(status_of(&pki, gw).await.0, StatusCode::FORBIDDEN);
+    }
+    let restored: Option<String> = redis::cmd("HGET")
+        .arg(format!("{prefix}{{suspensions}}:consumers"))
+        .arg("ville-bxl")
+        .query(&mut conn)
+        .unwrap();
+    assert!(restored.unwrap().contains("incident 7"));
+    // A resume after that still works everywhere.
+    let (status, _) = admin_request(
+        b.admin_port,
+        "POST",
+        "/admin/consumers/ville-bxl/resume",
+        Some(TOKEN),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let took = until_all(&pki, &[&a, &b], StatusCode::OK).await;
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+    assert_eq!(a.stop().code(), Some(0));
+    assert_eq!(b.stop().code(), Some(0));
+    forget(&redis, &prefix);
+}
+
+#[tokio::test]
+async fn a_new_replica_that_cannot_reach_redis_is_not_ready() {
+    let pki = Pki::new();
+    let up = upstream().await;
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = dead.local_addr().unwrap().port();
+    drop(dead);
+    let cluster = format!("\n[cluster]\nredis_url = \"redis://127.0.0.1:{port}\"\n");
+    // No state directory: it knows nothing of the cluster's suspensions.
+    let mut gw = Gateway::start(&replica_config(&pki, up, 0, &cluster)).await;
+    let (status, body) = admin_request(gw.admin_port, "GET", "/readyz", None).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("suspensions are not known yet"), "{body}");
+    assert_eq!(gw.stop().code(), Some(0));
+}
+
+#[tokio::test]
+async fn a_resume_is_not_undone_by_a_replica_that_adopted_the_suspension_before() {
+    let Some(redis) = redis_url() else { return };
+    let pki = Pki::new();
+    let up = upstream().await;
+    std::fs::create_dir_all(pki.path().join("audit-0")).unwrap();
+    std::fs::write(
+        pki.path().join("audit-0/suspensions.json"),
+        r#"{"consumers":["ville-bxl"],"providers":[]}"#,
+    )
+    .unwrap();
+    let prefix = unique_prefix("readopt");
+    let cluster = format!("\n[cluster]\nredis_url = \"{redis}\"\nkey_prefix = \"{prefix}\"\n");
+    let d_config = replica_config(&pki, up, 0, &cluster);
+    let mut d = Gateway::start(&d_config).await;
+    assert_eq!(status_of(&pki, &d).await.0, StatusCode::FORBIDDEN);
+    assert_eq!(d.stop().code(), Some(0));
+    let mut a = Gateway::start(&replica_config(&pki, up, 1, &cluster)).await;
+    let (status, _) = admin_request(
+        a.admin_port,
+        "POST",
+        "/admin/consumers/ville-bxl/resume",
+        Some(TOKEN),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let mut d = Gateway::start(&d_config).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(status_of(&pki, &a).await.0, StatusCode::OK);
+    assert_eq!(status_of(&pki, &d).await.0, StatusCode::OK);
+
+    // A reason with characters that would hide or reorder text is refused; suspending
+    // again keeps (and answers with) the first record.
+    let (status, body) = admin_request_with_body(
+        a.admin_port,
+        "POST",
+        "/admin/consumers/ville-bxl/suspend",
+        Some(TOKEN),
+        "{\"reason\": \"ok\u{202E}live\"}",
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    let (status, _) = admin_request_with_body(
+        a.admin_port,
+        "POST",
+        "/admin/consumers/ville-bxl/suspend",
+        Some(TOKEN),
+        r#"{"reason": "first"}"#,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (_, body) = admin_request_with_body(
+        d.admin_port,
+        "POST",
+        "/admin/consumers/ville-bxl/suspend",
+        Some(TOKEN),
+        r#"{"reason": "second"}"#,
+    )
+    .await;
+    let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(answer["changed"], false, "{body}");
+    assert_eq!(answer["reason"], "first", "{body}");
+    assert_eq!(a.stop().code(), Some(0));
+    assert_eq!(d.stop().code(), Some(0));
     forget(&redis, &prefix);
 }

@@ -203,8 +203,9 @@ async fn a_certificate_swapped_by_symlink_is_served_to_new_handshakes_without_a_
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
-    // A certificate that has expired is loaded (it is what the files say) but the
-    // gateway says it is not ready, and why.
+    // A certificate that has expired is refused while the one in force is valid:
+    // consumers would refuse every handshake. The valid one stays, and the gateway
+    // stays ready.
     let now = time::OffsetDateTime::now_utc();
     let expired = pki
         .ca
@@ -220,19 +221,70 @@ async fn a_certificate_swapped_by_symlink_is_served_to_new_handshakes_without_a_
         &expired.cert_pem,
         &expired.key_pem,
     );
-    let started = Instant::now();
-    loop {
-        let (status, body) = admin_request(gw.admin_port, "GET", "/readyz", None).await;
-        if status == 503 {
-            assert!(body.contains("expired"), "{body}");
-            break;
-        }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(served_certificate(&pki, gw.port).await, third.der);
+    assert_eq!(
+        admin_request(gw.admin_port, "GET", "/readyz", None).await.0,
+        200
+    );
+
+    // A reload that fails for another reason (the configuration is being edited) is
+    // tried again until it works: the Secret changes only once.
+    let config_text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        config_text.replace("environment = \"INT\"", "environment = \"NOWHERE\""),
+    )
+    .unwrap();
+    let fourth = pki.ca.server(&["localhost", "127.0.0.1"]).unwrap();
+    mount_secret(
+        &secret,
+        "..2026_12_03_12_00_00.6",
+        &fourth.cert_pem,
+        &fourth.key_pem,
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(served_certificate(&pki, gw.port).await, third.der);
+    std::fs::write(&config, &config_text).unwrap();
+    let fixed = Instant::now();
+    while served_certificate(&pki, gw.port).await != fourth.der {
         assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "still ready: {body}"
+            fixed.elapsed() < Duration::from_secs(15),
+            "the rotation was not retried once the configuration was fixed"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    assert_eq!(gw.stop().code(), Some(0));
+}
+
+#[tokio::test]
+async fn a_gateway_started_with_an_expired_certificate_says_it_is_not_ready_and_why() {
+    let pki = Pki::new();
+    let now = time::OffsetDateTime::now_utc();
+    let expired = pki
+        .ca
+        .server_valid(
+            &["localhost", "127.0.0.1"],
+            now - time::Duration::days(30),
+            now - time::Duration::days(1),
+        )
+        .unwrap();
+    mount_secret(
+        &pki.path().join("secret"),
+        "..v1",
+        &expired.cert_pem,
+        &expired.key_pem,
+    );
+    let mut gw = Gateway::start(&secret_config(&pki, "")).await;
+    let (status, body) = admin_request(gw.admin_port, "GET", "/readyz", None).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("expired"), "{body}");
+    assert_eq!(
+        admin_request(gw.admin_port, "GET", "/healthz", None)
+            .await
+            .0,
+        200
+    );
     assert_eq!(gw.stop().code(), Some(0));
 }
 
