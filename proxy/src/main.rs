@@ -131,24 +131,28 @@ fn init_logging() {
 
 /// Logs to stderr (`FSP_LOG` filter, `FSP_LOG_FORMAT=json`), and with a tracer the
 /// calls' spans to OpenTelemetry: the call spans go only to the tracer, never to the log.
+///
+/// Both filters are target and level filters (no closures), so `tracing` knows at each
+/// call site, once, whether anything wants it: the `trace!` and `debug!` lines of the
+/// libraries on the request path cost nothing when they are off.
 fn init_logging_with(tracer: Option<opentelemetry_sdk::trace::Tracer>) {
     use tracing_subscriber::prelude::*;
     use tracing_subscriber::{EnvFilter, filter};
-    let env = EnvFilter::try_from_env("FSP_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let mut env = EnvFilter::try_from_env("FSP_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    if let Ok(off) = format!("{}=off", proxy::telemetry::CALL_TARGET).parse() {
+        env = env.add_directive(off);
+    }
     let json = std::env::var("FSP_LOG_FORMAT").is_ok_and(|f| f == "json");
-    let not_calls = filter::filter_fn(|m| m.target() != proxy::telemetry::CALL_TARGET);
     let log = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     let log = if json {
-        log.json().with_filter(env).with_filter(not_calls).boxed()
+        log.json().with_filter(env).boxed()
     } else {
-        log.with_filter(env).with_filter(not_calls).boxed()
+        log.with_filter(env).boxed()
     };
     let spans = tracer.map(|t| {
-        tracing_opentelemetry::layer()
-            .with_tracer(t)
-            .with_filter(filter::filter_fn(|m| {
-                m.target() == proxy::telemetry::CALL_TARGET
-            }))
+        tracing_opentelemetry::layer().with_tracer(t).with_filter(
+            filter::Targets::new().with_target(proxy::telemetry::CALL_TARGET, tracing::Level::INFO),
+        )
     });
     tracing_subscriber::registry().with(log).with(spans).init();
 }

@@ -123,6 +123,11 @@ const FAMILIES: &[(&str, Kind, &str)] = &[
         "Reloads started by a change of a certificate, key, CA or CRL file, by result (ok or failed).",
     ),
     (
+        "fsp_file_size_limit_reached_total",
+        Kind::Counter,
+        "Writes that hit the process's file-size limit (SIGXFSZ); they fail and are retried.",
+    ),
+    (
         "fsp_build_info",
         Kind::Gauge,
         "Always 1; the labels say which build runs.",

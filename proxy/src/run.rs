@@ -160,7 +160,11 @@ pub async fn start(
         None => None,
     };
     let tls_files = config.tls_files.clone();
-    let telemetry = config.telemetry.is_some();
+    let telemetry = config.telemetry.as_ref().map(|t| t.sampling_ratio);
+    let key_prefix = config
+        .cluster
+        .as_ref()
+        .map_or_else(|| "fsp:".to_owned(), |c| c.key_prefix.clone());
     let certificates = crate::state::certificate_inventory(&config.certificate_files);
     let (snapshot, tls) = Snapshot::from_config(config);
     let throttle = throttle::LocalStore::new(snapshot.providers.iter().map(|p| p.id.as_str()));
@@ -168,7 +172,8 @@ pub async fn start(
         config::ThrottleBackend::Redis { url } => Some(crate::state::SharedThrottle {
             store: throttle::redis::RedisStore::new(
                 url,
-                "fsp:",
+                // The platform's own key space, as for the cluster's suspensions.
+                &key_prefix,
                 std::time::Duration::from_millis(250),
             )
             .map_err(|e| anyhow::anyhow!("throttle.url: {e}"))?,

@@ -258,8 +258,9 @@ pub struct Gateway {
     pub tls_files: ArcSwap<Vec<PathBuf>>,
     /// The certificates in force, for readiness and their expiry metrics.
     pub certificates: ArcSwap<Vec<certs::inventory::CertInfo>>,
-    /// Whether each call gets an OpenTelemetry span (`[telemetry]`; needs a restart).
-    pub telemetry: bool,
+    /// `[telemetry]`'s sampling ratio: calls it keeps get an OpenTelemetry span (needs
+    /// a restart).
+    pub telemetry: Option<f64>,
     /// One reload at a time (admin API, SIGHUP, certificate watcher): a reload that read
     /// older files must not be stored after one that read newer ones.
     pub reloading: std::sync::Mutex<()>,

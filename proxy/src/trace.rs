@@ -112,9 +112,15 @@ fn random_nonzero<const N: usize>() -> [u8; N] {
 }
 
 impl CallTrace {
-    /// The call's trace: the consumer's continued, or a new one; with `span` a span of
-    /// the call (`[telemetry]` configured) whose ids are taken when it has them.
-    pub fn begin(headers: &HeaderMap, message_id: &str, telemetry: bool) -> Self {
+    /// The call's trace: the consumer's continued, or a new one. With `[telemetry]`
+    /// (`sampling`: its ratio) a sampled call gets a span whose ids are the ones used.
+    ///
+    /// The sampling decision is taken here, parent-based, before any span exists: a
+    /// consumer's sampled trace is kept, an unsampled one is not, and a trace the gateway
+    /// starts is kept with the ratio. A call that is not kept makes no span at all, so
+    /// that telemetry costs next to nothing on the calls it does not record; the
+    /// exporter's own sampler keeps every span it is given.
+    pub fn begin(headers: &HeaderMap, message_id: &str, sampling: Option<f64>) -> Self {
         let parent = TraceParent::of(headers);
         let tracestate = parent.and_then(|_| {
             let mut all = headers.get_all(TRACESTATE).iter();
@@ -133,7 +139,12 @@ impl CallTrace {
             tracestate,
             span: None,
         };
-        if telemetry {
+        let keep = match (sampling, parent) {
+            (None, _) => false,
+            (Some(_), Some(p)) => p.flags & 1 == 1,
+            (Some(ratio), None) => ratio > 0.0 && fastrand::f64() < ratio,
+        };
+        if keep {
             let span = tracing::info_span!(
                 target: "fsp::call",
                 "fsp.call",
@@ -268,7 +279,7 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(TRACEPARENT, HeaderValue::from_static(VALID));
         h.insert(TRACESTATE, HeaderValue::from_static("congo=t61rcWkgMzE"));
-        let t = CallTrace::begin(&h, "m", false);
+        let t = CallTrace::begin(&h, "m", None);
         assert_eq!(t.trace_id_hex(), "4bf92f3577b34da6a3ce929d0e0e4736");
         let sent = t.traceparent();
         let sent = sent.to_str().unwrap();
@@ -284,7 +295,7 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(TRACEPARENT, HeaderValue::from_static("00-xyz"));
         h.insert(TRACESTATE, HeaderValue::from_static("congo=t61rcWkgMzE"));
-        let t = CallTrace::begin(&h, "m", false);
+        let t = CallTrace::begin(&h, "m", None);
         assert_ne!(t.trace_id, [0; 16]);
         assert!(t.traceparent().to_str().unwrap().ends_with("-00"));
         assert!(t.tracestate.is_none());

@@ -61,7 +61,8 @@ impl RedisStore {
     /// A store on `url`; connects in the background (a Redis that is down at start-up is
     /// handled like one that goes down later). Each decision waits at most `timeout`.
     pub fn new(url: &str, prefix: &str, timeout: Duration) -> Result<Self, BackendError> {
-        let client = redis::Client::open(url).map_err(|e| BackendError(format!("{url}: {e}")))?;
+        // The URL may carry a password: the error does not repeat it.
+        let client = redis::Client::open(url).map_err(|e| BackendError(e.to_string()))?;
         Ok(Self {
             client,
             conn: Arc::default(),

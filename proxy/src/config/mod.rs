@@ -940,6 +940,25 @@ fn build_audit(sources: &[Source], problems: &mut Problems) -> AuditConfig {
                 },
                 "postgres" => match url.as_ref().map(Option::as_deref) {
                     Ok(Some(url))
+                        if (url.starts_with("postgres://") || url.starts_with("postgresql://"))
+                            && [
+                                "sslmode=require",
+                                "sslmode=verify-ca",
+                                "sslmode=verify-full",
+                            ]
+                            .iter()
+                            .any(|m| url.contains(m)) =>
+                    {
+                        problems.add(
+                            &s.path,
+                            "audit.url",
+                            "TLS to PostgreSQL (sslmode=require or verify-*) is not available in this build: connect on a protected network (sslmode=disable or prefer), or through a TLS tunnel",
+                        );
+                        AuditBackend::File {
+                            dir: s.dir.join("audit"),
+                        }
+                    }
+                    Ok(Some(url))
                         if url.starts_with("postgres://") || url.starts_with("postgresql://") =>
                     {
                         AuditBackend::Postgres {
@@ -1147,9 +1166,15 @@ fn check_redis_url(s: &Source, key: &str, url: &str, problems: &mut Problems) {
         .parse::<http::Uri>()
         .ok()
         .and_then(|u| u.host().map(str::to_owned));
-    if !matches!(scheme, Some("redis" | "rediss" | "unix"))
-        || (scheme != Some("unix") && host.is_none())
-    {
+    if scheme == Some("rediss") {
+        problems.add(
+            &s.path,
+            key,
+            "TLS to Redis (rediss://) is not available in this build: use redis:// on a protected network, or a TLS tunnel (stunnel, a service mesh) in front of Redis",
+        );
+        return;
+    }
+    if !matches!(scheme, Some("redis" | "unix")) || (scheme != Some("unix") && host.is_none()) {
         // The URL may carry a password: only its scheme is repeated.
         problems.add(
             &s.path,

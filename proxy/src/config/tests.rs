@@ -2224,7 +2224,7 @@ fn the_cluster_section_names_its_redis_and_key_prefix() {
     assert_eq!(cluster.key_prefix, "fsp:");
     let config = fx
         .load_single(&with(
-            "redis_url = \"rediss://r.example:6380\"\nkey_prefix = \"fsp-int:\"",
+            "redis_url = \"redis://r.example:6380\"\nkey_prefix = \"fsp-int:\"",
         ))
         .unwrap();
     assert_eq!(config.cluster.unwrap().key_prefix, "fsp-int:");
@@ -2244,6 +2244,14 @@ fn the_cluster_section_names_its_redis_and_key_prefix() {
         "fsp.toml",
         "cluster.key_prefix",
         &["letters, digits"],
+    );
+    // TLS to Redis is not in this build: refused by name rather than failing at start.
+    let problems = fx.problems(&with("redis_url = \"rediss://r.example:6380\""));
+    expect(
+        &problems,
+        "fsp.toml",
+        "cluster.redis_url",
+        &["rediss://", "not available"],
     );
     let problems = fx.problems(&with("key_prefix = \"fsp:\""));
     expect(

@@ -67,7 +67,7 @@ impl Call {
         conn: &ConnInfo,
         parts: &http::request::Parts,
         target: &Target<'_>,
-        telemetry: bool,
+        telemetry: Option<f64>,
     ) -> Self {
         let trace = crate::trace::CallTrace::begin(&parts.headers, stamp.message_id(), telemetry);
         let soap_version = SoapVersion::of(&parts.headers);
