@@ -209,8 +209,11 @@ async fn usage_stats(gw: &Gateway, query: Option<&str>) -> Response<Full<Bytes>>
     }
 }
 
-/// Which token (by its position in `tokens_file`) the caller presented, if any.
-fn administrator(tokens: &[String], req: &Request<Incoming>) -> Option<usize> {
+/// The name of the administrator whose token (from `tokens_file`) the caller presented.
+fn administrator<'t>(
+    tokens: &'t [crate::config::AdminToken],
+    req: &Request<Incoming>,
+) -> Option<&'t str> {
     // The auth scheme is case-insensitive (RFC 9110 §11.1).
     let (scheme, presented) = req
         .headers()
@@ -223,9 +226,15 @@ fn administrator(tokens: &[String], req: &Request<Incoming>) -> Option<usize> {
         return None;
     }
     let presented = presented.trim();
-    tokens
-        .iter()
-        .position(|t| constant_time_eq(t.as_bytes(), presented.as_bytes()))
+    // Every token is compared (in constant time each), so the time taken does not say
+    // which one was close.
+    let mut found = None;
+    for t in tokens {
+        if constant_time_eq(t.token.as_bytes(), presented.as_bytes()) && found.is_none() {
+            found = Some(t.name.as_str());
+        }
+    }
+    found
 }
 
 async fn route(gw: &Gateway, peer: SocketAddr, req: Request<Incoming>) -> Response<Full<Bytes>> {
@@ -250,6 +259,11 @@ async fn route(gw: &Gateway, peer: SocketAddr, req: Request<Incoming>) -> Respon
         }
         _ => {}
     }
+    if let Some(allow) = allowed_methods(&path)
+        && !path.starts_with("/admin/")
+    {
+        return method_not_allowed(allow);
+    }
     if !path.starts_with("/admin/") {
         return json(
             StatusCode::NOT_FOUND,
@@ -258,7 +272,10 @@ async fn route(gw: &Gateway, peer: SocketAddr, req: Request<Incoming>) -> Respon
     }
     // The tokens in force now: a token removed from tokens_file stops working at the
     // next reload.
-    let Some(who) = administrator(&gw.admin_tokens.load(), &req) else {
+    let tokens = gw.admin_tokens.load();
+    let who = administrator(&tokens, &req).map(str::to_owned);
+    drop(tokens);
+    let Some(who) = who else {
         tracing::warn!(target: "fsp::admin", %peer, method = %req.method(), %path, "admin call refused: missing or unknown bearer token");
         let mut r = json(
             StatusCode::UNAUTHORIZED,
@@ -270,7 +287,6 @@ async fn route(gw: &Gateway, peer: SocketAddr, req: Request<Incoming>) -> Respon
         );
         return r;
     };
-    let who = format!("token#{}", who + 1);
     let at = crate::pipeline::stamp::rfc3339_millis(time::OffsetDateTime::now_utc());
     let method = req.method().clone();
     let call = suspension_call(&path).filter(|_| req.method() == Method::POST);
@@ -290,6 +306,8 @@ async fn route(gw: &Gateway, peer: SocketAddr, req: Request<Incoming>) -> Respon
         audit_record(gw, id).await
     } else if path == "/admin/stats" && req.method() == Method::GET {
         usage_stats(gw, req.uri().query()).await
+    } else if path == "/admin/certificates" && req.method() == Method::GET {
+        certificates(gw, req.uri().query())
     } else {
         match (req.method(), path.as_str()) {
             (&Method::GET, "/admin/suspensions") => {
@@ -325,14 +343,101 @@ async fn route(gw: &Gateway, peer: SocketAddr, req: Request<Incoming>) -> Respon
                     serde_json::json!({"reloaded": false, "error": e.to_string()}),
                 ),
             },
-            _ => json(
-                StatusCode::NOT_FOUND,
-                serde_json::json!({"error": "no such admin endpoint"}),
-            ),
+            _ => match allowed_methods(&path) {
+                Some(allow) => method_not_allowed(allow),
+                None => json(
+                    StatusCode::NOT_FOUND,
+                    serde_json::json!({"error": "no such admin endpoint"}),
+                ),
+            },
         }
     };
     tracing::info!(target: "fsp::admin", %who, %peer, %method, %path, status = response.status().as_u16(), %at, "admin action");
     response
+}
+
+/// The methods an endpoint answers, for a 405 to a wrong one (None: no such endpoint).
+fn allowed_methods(path: &str) -> Option<&'static str> {
+    match path {
+        "/healthz"
+        | "/readyz"
+        | "/metrics"
+        | "/admin/suspensions"
+        | "/admin/stats"
+        | "/admin/certificates" => Some("GET"),
+        "/admin/reload" => Some("POST"),
+        _ if suspension_call(path).is_some() => Some("POST"),
+        _ if path
+            .strip_prefix("/admin/audit/")
+            .is_some_and(|id| !id.is_empty()) =>
+        {
+            Some("GET")
+        }
+        _ => None,
+    }
+}
+
+fn method_not_allowed(allow: &'static str) -> Response<Full<Bytes>> {
+    let mut r = json(
+        StatusCode::METHOD_NOT_ALLOWED,
+        serde_json::json!({"error": format!("this endpoint answers {allow} only")}),
+    );
+    r.headers_mut()
+        .insert(header::ALLOW, http::HeaderValue::from_static(allow));
+    r
+}
+
+/// `GET /admin/certificates[?within=DAYS]`: every certificate the configuration in force
+/// uses, with where and until when; with `within`, those expiring within that many days
+/// (or expired).
+fn certificates(gw: &Gateway, query: Option<&str>) -> Response<Full<Bytes>> {
+    let mut within: Option<i64> = None;
+    for (key, value) in query
+        .map(|q| url::form_urlencoded::parse(q.as_bytes()))
+        .into_iter()
+        .flatten()
+    {
+        match (key.as_ref(), value.parse::<i64>()) {
+            ("within", Ok(days)) if (0..=36_500).contains(&days) => within = Some(days),
+            ("within", _) => {
+                return json(
+                    StatusCode::BAD_REQUEST,
+                    serde_json::json!({"error": "within is a number of days from 0 to 36500"}),
+                );
+            }
+            (other, _) => {
+                return json(
+                    StatusCode::BAD_REQUEST,
+                    serde_json::json!({"error": format!("unknown parameter `{other}`: the only one is within=DAYS")}),
+                );
+            }
+        }
+    }
+    let now = time::OffsetDateTime::now_utc();
+    let list: Vec<serde_json::Value> = gw
+        .certificates
+        .load()
+        .iter()
+        .filter(|c| within.is_none_or(|days| c.days_left(now) < days))
+        .map(|c| {
+            let days_left = c.days_left(now);
+            serde_json::json!({
+                "role": c.role,
+                "path": c.path.display().to_string(),
+                "subject": c.subject,
+                "issuer": c.issuer,
+                "sha256": c.sha256,
+                "not_before": crate::pipeline::stamp::rfc3339_millis(c.not_before),
+                "not_after": crate::pipeline::stamp::rfc3339_millis(c.not_after),
+                "days_left": days_left,
+                "expired": c.not_after < now,
+            })
+        })
+        .collect();
+    json(
+        StatusCode::OK,
+        serde_json::json!({"within_days": within, "certificates": list}),
+    )
 }
 
 /// `/admin/{consumers|providers}/{id}/{suspend|resume}`.

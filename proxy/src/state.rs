@@ -250,7 +250,7 @@ pub struct Gateway {
     /// Open consumer connections and their bounds (changes need a restart).
     pub conn_limits: Arc<crate::limits::ConnLimits>,
     /// The admin API's bearer tokens, reloaded with the configuration.
-    pub admin_tokens: ArcSwap<Vec<String>>,
+    pub admin_tokens: ArcSwap<Vec<crate::config::AdminToken>>,
     /// The settings in force that only a restart changes, to tell what a reload could
     /// not apply.
     pub restart_only: std::sync::Mutex<RestartOnly>,

@@ -80,3 +80,115 @@ async fn a_token_removed_from_tokens_file_stops_working_at_the_next_reload() {
         "{report}"
     );
 }
+
+#[tokio::test]
+async fn named_tokens_say_who_acted_wrong_methods_are_405_and_certificates_are_listed() {
+    let pki = Pki::new();
+    let up = upstream().await;
+    let config = write_config(&pki, up, 0, 0, "");
+    let (alice, plain) = (
+        "alice-secret-token-0123456789",
+        "plain-admin-token-0123456789",
+    );
+    std::fs::write(
+        pki.path().join("admin-tokens"),
+        format!("# name:token, or the token alone\nalice:{alice}\n{plain}\n"),
+    )
+    .unwrap();
+    let gw = Gateway::start(&config).await;
+
+    // The name is not the token: `alice:...` whole is refused, the token alone works.
+    assert_eq!(
+        admin_request(
+            gw.admin_port,
+            "GET",
+            "/admin/suspensions",
+            Some(&format!("alice:{alice}"))
+        )
+        .await
+        .0,
+        401
+    );
+    let (status, body) = admin_request_with_body(
+        gw.admin_port,
+        "POST",
+        "/admin/consumers/ville-bxl/suspend",
+        Some(alice),
+        r#"{"reason": "rotation of a leaked key"}"#,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let (_, listed) = admin_request(gw.admin_port, "GET", "/admin/suspensions", Some(plain)).await;
+    let listed: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    assert_eq!(listed["consumers"][0]["by"], "alice", "{listed}");
+    // The plain token is named by its position among the tokens.
+    let (status, _) = admin_request(
+        gw.admin_port,
+        "POST",
+        "/admin/providers/rrn/suspend",
+        Some(plain),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (_, listed) = admin_request(gw.admin_port, "GET", "/admin/suspensions", Some(plain)).await;
+    let listed: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    assert_eq!(listed["providers"][0]["by"], "token#2", "{listed}");
+
+    // A wrong method is 405 with the methods allowed, not 404.
+    for (method, path, allow) in [
+        ("GET", "/admin/consumers/ville-bxl/suspend", "POST"),
+        ("GET", "/admin/reload", "POST"),
+        ("DELETE", "/admin/suspensions", "GET"),
+        ("POST", "/admin/certificates", "GET"),
+        ("POST", "/healthz", "GET"),
+    ] {
+        let (status, body) = admin_request(gw.admin_port, method, path, Some(alice)).await;
+        assert_eq!(status, 405, "{method} {path}: {body}");
+        assert!(body.contains(allow), "{method} {path}: {body}");
+    }
+    assert_eq!(
+        admin_request(gw.admin_port, "GET", "/admin/nothing-here", Some(alice))
+            .await
+            .0,
+        404
+    );
+
+    // Certificates in force: the server certificate expires within 400 days (the
+    // development CA issues for a year), none within 0 days.
+    let (status, body) = admin_request(
+        gw.admin_port,
+        "GET",
+        "/admin/certificates?within=400",
+        Some(alice),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let list = answer["certificates"].as_array().unwrap();
+    let server = list
+        .iter()
+        .find(|c| c["role"] == "listener.server_cert")
+        .unwrap_or_else(|| panic!("no server certificate in {answer}"));
+    assert_eq!(server["sha256"].as_str().unwrap().len(), 64);
+    assert!(server["days_left"].as_i64().unwrap() > 0, "{server}");
+    assert_eq!(server["expired"], false);
+    let (_, body) = admin_request(
+        gw.admin_port,
+        "GET",
+        "/admin/certificates?within=0",
+        Some(alice),
+    )
+    .await;
+    let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(answer["certificates"], serde_json::json!([]), "{answer}");
+    for bad in ["within=-1", "within=x", "days=3"] {
+        let (status, _) = admin_request(
+            gw.admin_port,
+            "GET",
+            &format!("/admin/certificates?{bad}"),
+            Some(alice),
+        )
+        .await;
+        assert_eq!(status, 400, "{bad}");
+    }
+}

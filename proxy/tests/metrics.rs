@@ -74,7 +74,7 @@ async fn metrics_are_labelled_by_configuration_and_bounded_whatever_the_requests
         let name = line.split_whitespace().nth(2).unwrap();
         has(&format!("# HELP {name} "));
     }
-    // A certificate expiring in about ten years (the development CA's default) has
+    // A certificate valid for a year (the development CA's default) has
     // a positive expiry.
     let expiry: f64 = text
         .lines()

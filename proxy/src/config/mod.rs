@@ -90,11 +90,52 @@ pub struct Listener {
     pub shutdown_delay: Duration,
 }
 
+/// One administrator's bearer token from `tokens_file`: `name:token` on a line, or the
+/// token alone (then named `token#N`, N its position among the tokens).
+#[derive(Clone, PartialEq, Eq)]
+pub struct AdminToken {
+    pub name: String,
+    pub token: String,
+}
+
+impl std::fmt::Debug for AdminToken {
+    // The token never reaches a log or a debug print.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminToken")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AdminToken {
+    /// Reads one non-empty line of `tokens_file`; `n` is its position among the tokens.
+    pub fn parse(line: &str, n: usize) -> Self {
+        if let Some((name, token)) = line.split_once(':') {
+            let name = name.trim();
+            let valid_name = !name.is_empty()
+                && name.len() <= 64
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._@-".contains(&b));
+            if valid_name {
+                return Self {
+                    name: name.to_owned(),
+                    token: token.trim().to_owned(),
+                };
+            }
+        }
+        Self {
+            name: format!("token#{}", n + 1),
+            token: line.to_owned(),
+        }
+    }
+}
+
 /// The admin listener.
 #[derive(Debug)]
 pub struct Admin {
     pub address: SocketAddr,
-    pub tokens: Vec<String>,
+    pub tokens: Vec<AdminToken>,
     pub admin_cns: Vec<String>,
     pub tls: bool,
 }
@@ -1430,7 +1471,8 @@ fn build_admin(s: &Source, a: &RawAdmin, problems: &mut Problems) -> Option<Admi
                     if t.is_empty() || t.starts_with('#') {
                         continue;
                     }
-                    if t.len() < 16 {
+                    let token = AdminToken::parse(t, tokens.len());
+                    if token.token.len() < 16 {
                         problems.add(
                             &s.path,
                             "admin.tokens_file",
@@ -1441,7 +1483,19 @@ fn build_admin(s: &Source, a: &RawAdmin, problems: &mut Problems) -> Option<Admi
                             ),
                         );
                     }
-                    tokens.push(t.to_owned());
+                    if tokens.iter().any(|t: &AdminToken| t.name == token.name) {
+                        problems.add(
+                            &s.path,
+                            "admin.tokens_file",
+                            format!(
+                                "{} line {}: the name `{}` is given twice: each administrator's records must say who acted",
+                                path.display(),
+                                n + 1,
+                                token.name
+                            ),
+                        );
+                    }
+                    tokens.push(token);
                 }
             }
             Err(e) => problems.add(

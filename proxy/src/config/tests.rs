@@ -365,7 +365,10 @@ fn the_contract_example_loads_with_every_section_and_paths_relative_to_its_file(
     assert_eq!(admin.address, "127.0.0.1:9443".parse().unwrap());
     assert_eq!(
         admin.tokens,
-        vec!["admin-token-0123456789abcdef".to_owned()]
+        vec![AdminToken {
+            name: "token#1".to_owned(),
+            token: "admin-token-0123456789abcdef".to_owned()
+        }]
     );
     assert!(!admin.tls);
 
@@ -2259,5 +2262,41 @@ fn the_cluster_section_names_its_redis_and_key_prefix() {
         "fsp.toml",
         "cluster.redis_url",
         &["required in [cluster]"],
+    );
+}
+
+#[test]
+fn admin_tokens_may_be_named_and_names_are_unique() {
+    let t = AdminToken::parse("alice:alice-secret-token-0123456789", 0);
+    assert_eq!(t.name, "alice");
+    assert_eq!(t.token, "alice-secret-token-0123456789");
+    // The token alone: named by its position; a prefix that is no name is token text.
+    let t = AdminToken::parse("plain-admin-token-0123456789", 1);
+    assert_eq!(t.name, "token#2");
+    assert_eq!(t.token, "plain-admin-token-0123456789");
+    let t = AdminToken::parse("not a name:rest-of-the-token-0123", 2);
+    assert_eq!(t.name, "token#3");
+    assert_eq!(t.token, "not a name:rest-of-the-token-0123");
+    // The token never appears in a debug print.
+    assert!(!format!("{:?}", AdminToken::parse("bob:bob-secret-0123456789", 0)).contains("secret"));
+
+    let fx = Fixture::new();
+    std::fs::write(
+        fx.dir.join("admin-tokens"),
+        "alice:alice-secret-token-0123456789\nalice:another-secret-token-0123456\nbob:short\n",
+    )
+    .unwrap();
+    let problems = fx.problems(&fx.single_file());
+    expect(
+        &problems,
+        "fsp.toml",
+        "admin.tokens_file",
+        &["line 2", "`alice` is given twice"],
+    );
+    expect(
+        &problems,
+        "fsp.toml",
+        "admin.tokens_file",
+        &["line 3", "shorter than 16"],
     );
 }
