@@ -89,6 +89,19 @@ pub struct ConsumerSpec {
     pub source_ips: Vec<IpNet>,
 }
 
+/// One credential of a consumer, as an administrator reads it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CredentialView {
+    /// A client certificate: by subject CN (any certificate of the trusted CA with that
+    /// CN, or only the pinned ones), or by pin alone.
+    Certificate {
+        cn: Option<String>,
+        pins: Vec<Sha256>,
+    },
+    /// An OAuth2 client id.
+    OAuth { client_id: String },
+}
+
 /// A validated consumer.
 #[derive(Debug)]
 pub struct Consumer {
@@ -251,6 +264,42 @@ impl Consumers {
     /// Every consumer, in declaration order.
     pub fn iter(&self) -> impl Iterator<Item = &Consumer> {
         self.list.iter()
+    }
+
+    /// The credentials that identify consumer `id` (for administrators' views, not
+    /// the request path): certificate CNs with their pins, pins alone, client ids.
+    pub fn credentials_of(&self, id: &str) -> Vec<CredentialView> {
+        let Some(&i) = self.by_id.get(id) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        let mut pinned_by_cn = std::collections::HashSet::new();
+        for (cn, entry) in &self.by_cn {
+            if entry.consumer == i {
+                pinned_by_cn.extend(entry.pins.iter().copied());
+                out.push(CredentialView::Certificate {
+                    cn: Some(cn.to_string()),
+                    pins: entry.pins.clone(),
+                });
+            }
+        }
+        for (pin, &owner) in &self.by_pin {
+            if owner == i && !pinned_by_cn.contains(pin) {
+                out.push(CredentialView::Certificate {
+                    cn: None,
+                    pins: vec![*pin],
+                });
+            }
+        }
+        for (client_id, &owner) in &self.by_client_id {
+            if owner == i {
+                out.push(CredentialView::OAuth {
+                    client_id: client_id.to_string(),
+                });
+            }
+        }
+        out.sort_by_key(|c| format!("{c:?}"));
+        out
     }
 
     /// Identifies the consumer behind a client certificate that already chained to a

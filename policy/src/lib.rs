@@ -17,6 +17,6 @@ pub mod decision;
 pub use authorisation::{Authorisation, LegalBasis, LegalBasisKind};
 pub use consumer::{
     CertificateIdentity, Consumer, ConsumerSpec, Consumers, ConsumersError, Credential,
-    IdentityError, Sha256,
+    CredentialView, IdentityError, Sha256,
 };
 pub use decision::{Ask, Authorisations, Denial, NoSuspensions, Suspensions, decide};

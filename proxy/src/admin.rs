@@ -293,10 +293,18 @@ async fn route(gw: &Gateway, peer: SocketAddr, req: Request<Incoming>) -> Respon
     let lookup = path
         .strip_prefix("/admin/audit/")
         .filter(|_| req.method() == Method::GET);
+    // What an administrator said of a change, for its record in the trail.
+    let mut said: Option<String> = None;
     let response = if let Some((party, id, suspend)) = call {
         let (party, id) = (party, id.to_owned());
         match reason(req).await {
-            Ok(reason) => suspension(gw, party, &id, suspend, reason, &who, &at).await,
+            Ok(reason) => {
+                said = Some(match &reason {
+                    Some(r) => format!("reason: {r}"),
+                    None => "no reason given".to_owned(),
+                });
+                suspension(gw, party, &id, suspend, reason, &who, &at).await
+            }
             Err(problem) => json(
                 StatusCode::BAD_REQUEST,
                 serde_json::json!({"error": problem}),
@@ -308,6 +316,8 @@ async fn route(gw: &Gateway, peer: SocketAddr, req: Request<Incoming>) -> Respon
         usage_stats(gw, req.uri().query()).await
     } else if path == "/admin/certificates" && req.method() == Method::GET {
         certificates(gw, req.uri().query())
+    } else if let Some(view) = read_only(gw, &path).filter(|_| req.method() == Method::GET) {
+        view
     } else {
         match (req.method(), path.as_str()) {
             (&Method::GET, "/admin/suspensions") => {
@@ -329,15 +339,19 @@ async fn route(gw: &Gateway, peer: SocketAddr, req: Request<Incoming>) -> Respon
                 )
             }
             (&Method::POST, "/admin/reload") => match gw.reload() {
-                Ok(report) => json(
-                    StatusCode::OK,
-                    serde_json::json!({
-                        "reloaded": true,
-                        "at": at,
-                        "applied": report.applied,
-                        "needs_restart": report.needs_restart,
-                    }),
-                ),
+                Ok(report) => {
+                    said = Some(format!("reloaded; changed: {}", report.changed));
+                    json(
+                        StatusCode::OK,
+                        serde_json::json!({
+                            "reloaded": true,
+                            "at": at,
+                            "applied": report.applied,
+                            "needs_restart": report.needs_restart,
+                            "changed": report.changed,
+                        }),
+                    )
+                }
                 Err(e) => json(
                     StatusCode::UNPROCESSABLE_ENTITY,
                     serde_json::json!({"reloaded": false, "error": e.to_string()}),
@@ -352,8 +366,83 @@ async fn route(gw: &Gateway, peer: SocketAddr, req: Request<Incoming>) -> Respon
             },
         }
     };
+    // Every attempted change (made or refused) is on the record; reads are not.
+    if method == Method::POST && (suspension_call(&path).is_some() || path == "/admin/reload") {
+        record_admin_action(gw, &who, peer, &method, &path, response.status(), said).await;
+    }
     tracing::info!(target: "fsp::admin", %who, %peer, %method, %path, status = response.status().as_u16(), %at, "admin action");
     response
+}
+
+/// Writes an administrator's change into the audit trail, as a record of its own in the
+/// same hash chain as the calls: who (`credential_id`, with `credential` = `admin`),
+/// what (`operation`), when, from which address, and what was said (`detail`).
+async fn record_admin_action(
+    gw: &Gateway,
+    who: &str,
+    peer: SocketAddr,
+    method: &Method,
+    path: &str,
+    status: StatusCode,
+    said: Option<String>,
+) {
+    let stamp = crate::pipeline::stamp::Stamp::now();
+    let record = audit::Record {
+        message_id: stamp.message_id().to_owned(),
+        timestamp: stamp.timestamp().to_owned(),
+        credential: Some("admin".to_owned()),
+        credential_id: Some(who.to_owned()),
+        source_ip: peer.ip().to_canonical().to_string(),
+        operation: format!("{method} {path}"),
+        decision: if status.is_success() {
+            "allowed".to_owned()
+        } else {
+            "refused".to_owned()
+        },
+        status: status.as_u16(),
+        node: gw.node.clone(),
+        detail: said,
+        ..Default::default()
+    };
+    let written = match gw.audit.submit_durable(&record) {
+        Ok(durable) => match tokio::time::timeout(Duration::from_secs(5), durable).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("not confirmed within 5 s".to_owned()),
+        },
+        Err(e) => Err(e.to_string()),
+    };
+    if let Err(e) = written {
+        tracing::error!(target: "fsp::admin", %who, %path, error = %e, "the admin action could not be recorded in the audit trail");
+    }
+}
+
+/// The read-only views of what is loaded: `/admin/consumers`, `/admin/consumers/{id}`,
+/// `/admin/services`, `/admin/config` (None: not one of them).
+fn read_only(gw: &Gateway, path: &str) -> Option<Response<Full<Bytes>>> {
+    let today = time::OffsetDateTime::now_utc().date();
+    let snap = gw.snapshot.load();
+    Some(match path {
+        "/admin/consumers" => json(
+            StatusCode::OK,
+            crate::admin_views::consumers(&snap, &gw.suspensions.snapshot()),
+        ),
+        "/admin/services" => json(StatusCode::OK, crate::admin_views::services(&snap, today)),
+        "/admin/config" => json(StatusCode::OK, gw.config_info.load().view(&gw.node)),
+        _ => {
+            let id = path.strip_prefix("/admin/consumers/")?;
+            if id.is_empty() || id.contains('/') {
+                return None;
+            }
+            match crate::admin_views::consumer(&snap, &gw.suspensions.snapshot(), id, today) {
+                Some(view) => json(StatusCode::OK, view),
+                None => json(
+                    StatusCode::NOT_FOUND,
+                    serde_json::json!({"error": format!("no consumer with id {id} is configured")}),
+                ),
+            }
+        }
+    })
 }
 
 /// The methods an endpoint answers, for a 405 to a wrong one (None: no such endpoint).
@@ -364,12 +453,21 @@ fn allowed_methods(path: &str) -> Option<&'static str> {
         | "/metrics"
         | "/admin/suspensions"
         | "/admin/stats"
-        | "/admin/certificates" => Some("GET"),
+        | "/admin/certificates"
+        | "/admin/consumers"
+        | "/admin/services"
+        | "/admin/config" => Some("GET"),
         "/admin/reload" => Some("POST"),
         _ if suspension_call(path).is_some() => Some("POST"),
         _ if path
             .strip_prefix("/admin/audit/")
             .is_some_and(|id| !id.is_empty()) =>
+        {
+            Some("GET")
+        }
+        _ if path
+            .strip_prefix("/admin/consumers/")
+            .is_some_and(|id| !id.is_empty() && !id.contains('/')) =>
         {
             Some("GET")
         }

@@ -22,6 +22,7 @@
 //! - [`run`], [`quickstart`], [`samples`]: starting it all.
 
 pub mod admin;
+pub mod admin_views;
 pub mod certwatch;
 pub mod config;
 pub mod errors;
@@ -29,6 +30,7 @@ pub mod errors;
 pub mod fuzz;
 pub mod headers;
 pub mod limits;
+pub mod loaded;
 pub mod oauth;
 pub mod observe;
 pub mod path;

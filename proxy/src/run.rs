@@ -166,6 +166,7 @@ pub async fn start(
         .as_ref()
         .map_or_else(|| "fsp:".to_owned(), |c| c.key_prefix.clone());
     let certificates = crate::state::certificate_inventory(&config.certificate_files);
+    let config_info = crate::loaded::ConfigInfo::of(&config);
     let (snapshot, tls) = Snapshot::from_config(config);
     let throttle = throttle::LocalStore::new(snapshot.providers.iter().map(|p| p.id.as_str()));
     let shared_throttle = match &throttle_cfg.backend {
@@ -204,6 +205,7 @@ pub async fn start(
         certificates: ArcSwap::from_pointee(certificates),
         telemetry,
         reloading: std::sync::Mutex::new(()),
+        config_info: ArcSwap::from_pointee(config_info),
     });
     crate::certwatch::spawn(&gw);
 

@@ -8,6 +8,7 @@
 
 // Keys come from the configuration (requests only look them up): a fast hash will do.
 use foldhash::HashMap;
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -17,6 +18,7 @@ use catalogue::Catalogue;
 use http::{HeaderName, HeaderValue};
 use metrics_exporter_prometheus::PrometheusHandle;
 use policy::{Authorisations, Consumers};
+use serde_json::{Value, json};
 
 use crate::config::{Config, Provider};
 use crate::response::Recorder;
@@ -264,6 +266,8 @@ pub struct Gateway {
     /// One reload at a time (admin API, SIGHUP, certificate watcher): a reload that read
     /// older files must not be stored after one that read newer ones.
     pub reloading: std::sync::Mutex<()>,
+    /// The configuration files in force, their digest and load time.
+    pub config_info: ArcSwap<crate::loaded::ConfigInfo>,
 }
 
 /// Settings that a reload does not apply: the listeners, threads, connection bounds,
@@ -327,6 +331,8 @@ pub struct ReloadReport {
     pub applied: Vec<&'static str>,
     /// Settings that changed in the files but stay as they were until a restart.
     pub needs_restart: Vec<&'static str>,
+    /// Ids added, removed and changed (consumers, authorisations, services, providers).
+    pub changed: serde_json::Value,
 }
 
 /// Why a reload was refused (the running configuration stays in force).
@@ -442,6 +448,7 @@ impl Gateway {
             .unwrap_or_default();
         let tls_files = config.tls_files.clone();
         let certificates = certificate_inventory(&config.certificate_files);
+        let config_info = crate::loaded::ConfigInfo::of(&config);
         let now = time::OffsetDateTime::now_utc();
         if let Some(why) = listener_certificate_unusable(&certificates, now)
             && listener_certificate_unusable(&self.certificates.load(), now).is_none()
@@ -455,7 +462,9 @@ impl Gateway {
             .carry_over(snapshot.providers.iter().map(|p| p.id.as_str()));
         self.throttle.store(Arc::new(throttle));
         self.tls.store(tls);
+        let changed = changes(&self.snapshot.load(), &snapshot);
         self.snapshot.store(Arc::new(snapshot));
+        self.config_info.store(Arc::new(config_info));
         self.admin_tokens.store(Arc::new(tokens));
         self.tls_files.store(Arc::new(tls_files));
         self.certificates.store(Arc::new(certificates));
@@ -470,6 +479,7 @@ impl Gateway {
                 "admin tokens",
             ],
             needs_restart,
+            changed,
         };
         if report.needs_restart.is_empty() {
             tracing::info!(config = %self.config_path.display(), "configuration reloaded");
@@ -478,6 +488,67 @@ impl Gateway {
         }
         Ok(report)
     }
+}
+
+/// What a reload changed, by kind: ids added, removed and changed.
+pub(crate) fn changes(before: &Snapshot, after: &Snapshot) -> Value {
+    fn diff(before: BTreeMap<String, String>, after: BTreeMap<String, String>) -> Value {
+        let added: Vec<&String> = after.keys().filter(|k| !before.contains_key(*k)).collect();
+        let removed: Vec<&String> = before.keys().filter(|k| !after.contains_key(*k)).collect();
+        let changed: Vec<&String> = after
+            .iter()
+            .filter(|(k, v)| before.get(*k).is_some_and(|b| b != *v))
+            .map(|(k, _)| k)
+            .collect();
+        json!({ "added": added, "removed": removed, "changed": changed })
+    }
+    let consumers = |s: &Snapshot| -> BTreeMap<String, String> {
+        s.consumers
+            .iter()
+            .map(|c| {
+                (
+                    c.id.to_string(),
+                    format!("{c:?}{:?}", s.consumers.credentials_of(&c.id)),
+                )
+            })
+            .collect()
+    };
+    let authorisations = |s: &Snapshot| -> BTreeMap<String, String> {
+        s.authorisations
+            .iter()
+            .map(|a| (a.id.clone(), format!("{a:?}")))
+            .collect()
+    };
+    let versions = |s: &Snapshot| -> BTreeMap<String, String> {
+        s.catalogue
+            .services()
+            .flat_map(|svc| {
+                svc.versions.iter().map(move |v| {
+                    (
+                        format!("{}/{}", svc.name, v.version),
+                        format!("{}{v:?}", svc.provider),
+                    )
+                })
+            })
+            .collect()
+    };
+    let providers = |s: &Snapshot| -> BTreeMap<String, String> {
+        s.providers
+            .iter()
+            .map(|p| {
+                (
+                    p.id.clone(),
+                    format!("{:?}{:?}{:?}", p.name, p.limit, p.consumer_limit),
+                )
+            })
+            .collect()
+    };
+    json!({
+        "consumers": diff(consumers(before), consumers(after)),
+        "authorisations": diff(authorisations(before), authorisations(after)),
+        "services": diff(versions(before), versions(after)),
+        "providers": diff(providers(before), providers(after)),
+    })
 }
 
 #[cfg(test)]

@@ -316,6 +316,8 @@ pub struct Config {
     /// Every file the TLS configurations are made of (certificates, keys, CAs, CRLs):
     /// a change to any of them is reloaded (`crate::certwatch`).
     pub tls_files: Vec<PathBuf>,
+    /// The configuration's own files: the main one, then its includes.
+    pub config_files: Vec<PathBuf>,
 }
 
 /// A parsed file and the directory its relative paths start from.
@@ -593,6 +595,7 @@ fn cert_problem(
 }
 
 fn build(main: &Path, sources: Vec<Source>, problems: &mut Problems) -> Option<Config> {
+    let config_files: Vec<PathBuf> = sources.iter().map(|s| s.path.clone()).collect();
     let mut certificate_files = Vec::new();
     let mut tls_files = Vec::new();
 
@@ -764,6 +767,7 @@ fn build(main: &Path, sources: Vec<Source>, problems: &mut Problems) -> Option<C
         service_options,
         certificate_files,
         tls_files,
+        config_files,
     })
 }
 
