@@ -32,6 +32,9 @@ pub enum Code {
     AuthzExpired,
     AuthzSuspended,
     AuthzTokenBinding,
+    /// The client certificate and the bearer token of one call name two different
+    /// consumers (extension: 403 `FSP-AUTHZ-CREDENTIAL-CONFLICT`).
+    AuthzCredentialConflict,
     PurposeRequired,
     RequestMalformed,
     /// The consumer stopped sending its request body (extension: 408).
@@ -86,6 +89,7 @@ impl Code {
             Self::AuthzExpired => "FSP-AUTHZ-EXPIRED",
             Self::AuthzSuspended => "FSP-AUTHZ-SUSPENDED",
             Self::AuthzTokenBinding => "FSP-AUTHZ-TOKEN-BINDING",
+            Self::AuthzCredentialConflict => "FSP-AUTHZ-CREDENTIAL-CONFLICT",
             Self::PurposeRequired => "FSP-PURPOSE-REQUIRED",
             Self::RequestMalformed => "FSP-REQUEST-MALFORMED",
             Self::RequestTimeout => "FSP-REQUEST-TIMEOUT",
@@ -114,6 +118,7 @@ impl Code {
             | Self::AuthzExpired
             | Self::AuthzSuspended
             | Self::AuthzTokenBinding
+            | Self::AuthzCredentialConflict
             | Self::PurposeRequired
             | Self::RequestMalformed
             | Self::RequestTimeout
@@ -138,7 +143,8 @@ impl Code {
             | Self::AuthzNotYetValid
             | Self::AuthzExpired
             | Self::AuthzSuspended
-            | Self::AuthzTokenBinding => StatusCode::FORBIDDEN,
+            | Self::AuthzTokenBinding
+            | Self::AuthzCredentialConflict => StatusCode::FORBIDDEN,
             Self::PurposeRequired | Self::RequestMalformed | Self::RequestIncomplete => {
                 StatusCode::BAD_REQUEST
             }
@@ -165,6 +171,7 @@ impl Code {
             Self::AuthzExpired => "Authorisation expired",
             Self::AuthzSuspended => "Access suspended",
             Self::AuthzTokenBinding => "Token not bound to this certificate",
+            Self::AuthzCredentialConflict => "Certificate and token name different consumers",
             Self::PurposeRequired => "Purpose required",
             Self::RequestMalformed => "Malformed request",
             Self::RequestTimeout => "Request body not received in time",
@@ -337,6 +344,7 @@ mod tests {
             (AuthzExpired, 403),
             (AuthzSuspended, 403),
             (AuthzTokenBinding, 403),
+            (AuthzCredentialConflict, 403),
             (PurposeRequired, 400),
             (RequestMalformed, 400),
             (RequestTimeout, 408),

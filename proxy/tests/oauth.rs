@@ -358,3 +358,55 @@ async fn certificate_bound_tokens() {
         "another certificate"
     );
 }
+
+#[tokio::test]
+async fn a_certificate_and_a_token_of_two_consumers_are_refused_and_both_recorded() {
+    let key = ec_key("k");
+    let idp = Idp::start(vec![key.jwk.clone()]).await;
+    let pki = Pki::new();
+    let up = upstream().await;
+    let config = write_config(&pki, up, 0, 0, "");
+    // A second consumer, identified by another certificate.
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "certificates = [ { cn = \"monopinion.bruxelles.be\" } ]",
+        &format!("certificates = [ {{ cn = \"monopinion.bruxelles.be\" }} ]\noauth_client_ids = [\"{CLIENT}\"]"),
+    ) + "\n[[consumer]]\nid           = \"ville-gent\"\norganisation = \"Stad Gent\"\ncertificates = [ { cn = \"unknown.example.be\" } ]\n";
+    let oauth = format!(
+        "\n[oauth]\nissuer = \"{ISSUER}\"\njwks_url = \"http://127.0.0.1:{}/jwks\"\naudience = \"fsp\"\nalgorithms = [\"ES256\"]\n",
+        idp.port
+    );
+    std::fs::write(&config, format!("{text}{oauth}")).unwrap();
+    let mut gw = Gateway::start(&config).await;
+    let token = sign(&key, &claims(CLIENT));
+    let with = |identity: &certs::devpki::Issued| {
+        let c = client(&pki, Some(identity), false);
+        let mut req = get(&gw.url("/person/getPerson/v3/mixed"));
+        req.headers_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        async move {
+            let (status, _, body, _) = send(&c, req).await.unwrap();
+            (status, json(&body))
+        }
+    };
+    // Ville de Gent's certificate with Ville de Bruxelles's token: refused.
+    let (status, body) = with(&pki.stranger).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert_eq!(body["code"], "FSP-AUTHZ-CREDENTIAL-CONFLICT", "{body}");
+    // The same consumer both ways: served.
+    let (status, body) = with(&pki.consumer).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(gw.stop().code(), Some(0));
+    let records = audit_records(&pki);
+    let refused = records
+        .iter()
+        .find(|r| r["decision"] == "FSP-AUTHZ-CREDENTIAL-CONFLICT")
+        .unwrap();
+    let detail = refused["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("ville-gent") && detail.contains("ville-bxl"),
+        "{refused}"
+    );
+    assert_eq!(refused["credential"], "oauth");
+    assert_eq!(refused["credential_id"], CLIENT);
+    assert_eq!(refused["fault"], "consumer");
+}

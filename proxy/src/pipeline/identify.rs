@@ -63,10 +63,29 @@ async fn find<'s>(
         // Boxed: verification may fetch keys, a large future most calls do not need.
         return match Box::pin(verifier.verify(token, sha)).await {
             Ok(t) => {
-                let found = snap
+                let mut found = snap
                     .consumers
                     .identify_client_id(&t.client_id)
                     .map_err(|e| Rejection::new(Code::AuthnUnknownIdentity, e.to_string()));
+                // One call, one consumer: a certificate that names another consumer than
+                // the token is refused, never resolved in favour of either.
+                if let (Ok(by_token), Some(cert)) = (&found, &conn.certificate)
+                    && let Ok(by_certificate) = snap.consumers.identify_certificate(cert)
+                    && by_certificate.id != by_token.id
+                {
+                    let mut r = Rejection::new(
+                        Code::AuthzCredentialConflict,
+                        format!(
+                            "the client certificate identifies consumer {} and the bearer token consumer {}: a call is made by one consumer",
+                            by_certificate.id, by_token.id
+                        ),
+                    );
+                    r.internal = Some(format!(
+                        "certificate {} (consumer {}) with the token of client {} (consumer {})",
+                        cert.sha256, by_certificate.id, t.client_id, by_token.id
+                    ));
+                    found = Err(r);
+                }
                 let credential = Credential::OAuth {
                     client_id: t.client_id,
                 };
