@@ -170,6 +170,23 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Check { config } => match proxy::config::load(&config) {
             Ok(c) => {
+                // A listener certificate outside its validity: every consumer's handshake
+                // would fail. The gateway still starts with it (and says it is not
+                // ready), but a check before a deployment fails.
+                let now = time::OffsetDateTime::now_utc();
+                let inventory = proxy::state::certificate_inventory(&c.certificate_files);
+                if let Some(leaf) = inventory.iter().find(|i| i.role == "listener.server_cert")
+                    && (leaf.not_after < now || leaf.not_before > now)
+                {
+                    eprintln!(
+                        "{}: listener.server_cert: the certificate {} is not valid now (valid from {} to {})",
+                        config.display(),
+                        leaf.path.display(),
+                        proxy::pipeline::stamp::rfc3339_millis(leaf.not_before),
+                        proxy::pipeline::stamp::rfc3339_millis(leaf.not_after)
+                    );
+                    return ExitCode::from(1);
+                }
                 let versions: usize = c.catalogue.services().map(|s| s.versions.len()).sum();
                 println!(
                     "{}: valid ({} provider(s), {} service(s), {} version(s), {} consumer(s), {} authorisation(s))",
@@ -481,8 +498,8 @@ fn inventory(config: &std::path::Path, within: i64) -> ExitCode {
     let now = time::OffsetDateTime::now_utc();
     let mut expiring = 0;
     println!(
-        "{:<34} {:<8} {:<25} {:<64} SUBJECT",
-        "ROLE", "DAYS", "NOT AFTER", "SHA-256"
+        "{:<34} {:<22} {:<25} {:<64} SUBJECT",
+        "ROLE", "DAYS LEFT", "NOT AFTER", "SHA-256"
     );
     for (role, path) in &c.certificate_files {
         match certs::inventory::describe(role, path) {
@@ -492,10 +509,16 @@ fn inventory(config: &std::path::Path, within: i64) -> ExitCode {
                     if days < within {
                         expiring += 1;
                     }
+                    let left = if info.not_after < now {
+                        let ago = (now - info.not_after).whole_days();
+                        format!("expired {ago} day{} ago", if ago == 1 { "" } else { "s" })
+                    } else {
+                        days.to_string()
+                    };
                     println!(
-                        "{:<34} {:<8} {:<25} {:<64} {}",
+                        "{:<34} {:<22} {:<25} {:<64} {}",
                         info.role,
-                        days,
+                        left,
                         proxy::pipeline::stamp::rfc3339_millis(info.not_after),
                         info.sha256,
                         info.subject

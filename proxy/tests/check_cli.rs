@@ -391,3 +391,31 @@ fn check_refuses_a_huge_duration_without_crashing() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("listener.drain_timeout"), "{stderr}");
 }
+
+#[test]
+fn an_expired_server_certificate_fails_the_check_and_the_inventory_says_since_when() {
+    let s = Setup::new();
+    let ca = DevCa::new("Check CLI Server CA").unwrap();
+    let now = time::OffsetDateTime::now_utc();
+    let expired = ca
+        .server_valid(
+            &["localhost"],
+            now - time::Duration::days(400),
+            now - time::Duration::days(3),
+        )
+        .unwrap();
+    let pki = s.root().join("conf/pki");
+    fs::write(pki.join("server.pem"), &expired.cert_pem).unwrap();
+    fs::write(pki.join("server.key"), &expired.key_pem).unwrap();
+    let out = s.check();
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("listener.server_cert") && stderr.contains("not valid now"),
+        "{stderr}"
+    );
+    let out = s.fsp(&["certs", "inventory", "--config", "conf/fsp.toml"]);
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("expired 3 days ago"), "{stdout}");
+    assert_eq!(out.status.code(), Some(3), "{stdout}");
+}
