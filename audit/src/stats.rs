@@ -72,6 +72,9 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+/// The `credential` of the records of administrators' changes (see the proxy's admin API).
+pub const ADMIN_CREDENTIAL: &str = "admin";
+
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::ser::{SerializeSeq, SerializeStruct, Serializer};
 use serde::{Deserialize, Serialize};
@@ -720,6 +723,11 @@ impl Rollup {
     /// On the request path: when the call's cell exists, this allocates nothing (unless the
     /// call's duration falls in a bucket its cell has never seen).
     pub fn add(&mut self, r: &Record) -> bool {
+        // An administrator's change is in the trail, but it is not a call: usage
+        // statistics leave it out.
+        if r.credential.as_deref() == Some(ADMIN_CREDENTIAL) {
+            return false;
+        }
         let Some(key) = CellKey::of(r) else {
             return false;
         };

@@ -89,10 +89,10 @@ fn json(status: StatusCode, value: serde_json::Value) -> Response<Full<Bytes>> {
 
 /// Compares without leaking, through timing, how much of a token matched.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    // Compared as SHA-256 digests: equal length whatever was sent, so the time taken
+    // says nothing about a token's length either.
+    let (a, b) = (certs::identity::sha256(a).0, certs::identity::sha256(b).0);
+    a.iter().zip(&b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// `GET /admin/audit/{messageId}`: the call's record as written (200), 404 when the
@@ -228,9 +228,14 @@ fn administrator<'t>(
     let presented = presented.trim();
     // Every token is compared (in constant time each), so the time taken does not say
     // which one was close.
+    // A `name:token` line's whole text is accepted too: before names, the whole line was
+    // the token, and administrators may still send it.
     let mut found = None;
     for t in tokens {
-        if constant_time_eq(t.token.as_bytes(), presented.as_bytes()) && found.is_none() {
+        let whole = t.line.as_deref().unwrap_or(&t.token);
+        let matched = constant_time_eq(t.token.as_bytes(), presented.as_bytes())
+            | constant_time_eq(whole.as_bytes(), presented.as_bytes());
+        if matched && found.is_none() {
             found = Some(t.name.as_str());
         }
     }
@@ -295,6 +300,19 @@ async fn route(gw: &Gateway, peer: SocketAddr, req: Request<Incoming>) -> Respon
         .filter(|_| req.method() == Method::GET);
     // What an administrator said of a change, for its record in the trail.
     let mut said: Option<String> = None;
+    // A change that could not be recorded is not made (with `fail_closed`, as calls).
+    let is_change =
+        method == Method::POST && (suspension_call(&path).is_some() || path == "/admin/reload");
+    if is_change
+        && gw.snapshot.load().fail_closed
+        && let Err(e) = gw.audit.health()
+    {
+        tracing::error!(target: "fsp::admin", %who, %path, error = %e, "admin change refused: the audit trail cannot record it");
+        return json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            serde_json::json!({"error": format!("the audit trail cannot record this change, so it is not made: {e}")}),
+        );
+    }
     let response = if let Some((party, id, suspend)) = call {
         let (party, id) = (party, id.to_owned());
         match reason(req).await {
@@ -367,7 +385,7 @@ async fn route(gw: &Gateway, peer: SocketAddr, req: Request<Incoming>) -> Respon
         }
     };
     // Every attempted change (made or refused) is on the record; reads are not.
-    if method == Method::POST && (suspension_call(&path).is_some() || path == "/admin/reload") {
+    if is_change {
         record_admin_action(gw, &who, peer, &method, &path, response.status(), said).await;
     }
     tracing::info!(target: "fsp::admin", %who, %peer, %method, %path, status = response.status().as_u16(), %at, "admin action");
@@ -390,7 +408,7 @@ async fn record_admin_action(
     let record = audit::Record {
         message_id: stamp.message_id().to_owned(),
         timestamp: stamp.timestamp().to_owned(),
-        credential: Some("admin".to_owned()),
+        credential: Some(audit::stats::ADMIN_CREDENTIAL.to_owned()),
         credential_id: Some(who.to_owned()),
         source_ip: peer.ip().to_canonical().to_string(),
         operation: format!("{method} {path}"),
@@ -516,7 +534,7 @@ fn certificates(gw: &Gateway, query: Option<&str>) -> Response<Full<Bytes>> {
         .certificates
         .load()
         .iter()
-        .filter(|c| within.is_none_or(|days| c.days_left(now) < days))
+        .filter(|c| within.is_none_or(|days| c.not_after < now + time::Duration::days(days)))
         .map(|c| {
             let days_left = c.days_left(now);
             serde_json::json!({

@@ -112,6 +112,14 @@ pub fn consumer(
     }))
 }
 
+/// An upstream address without what may be a secret: user information and query.
+fn redacted(uri: &http::Uri) -> String {
+    let scheme = uri.scheme_str().unwrap_or("http");
+    let host = uri.host().unwrap_or("");
+    let port = uri.port_u16().map(|p| format!(":{p}")).unwrap_or_default();
+    format!("{scheme}://{host}{port}{}", uri.path())
+}
+
 /// The lifecycle state of a version on `today`.
 fn state(v: &catalogue::Version, today: Date) -> &'static str {
     if today < v.released {
@@ -144,10 +152,26 @@ pub fn services(snap: &Snapshot, today: Date) -> Value {
                     "released": date(v.released),
                     "deprecated": v.deprecated.map(date),
                     "sunset": v.sunset.map(date),
-                    "upstream": v.upstream.to_string(),
+                    "upstream": redacted(&v.upstream),
                 })).collect::<Vec<_>>(),
             })
         })
         .collect();
     json!({ "services": list })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn upstream_addresses_are_shown_without_user_information_or_query() {
+        let uri: http::Uri = "https://svc:s3cret@rrn.example:8443/person/v3?apikey=k"
+            .parse()
+            .unwrap();
+        assert_eq!(redacted(&uri), "https://rrn.example:8443/person/v3");
+        let uri: http::Uri = "http://10.0.0.5/soap/v1".parse().unwrap();
+        assert_eq!(redacted(&uri), "http://10.0.0.5/soap/v1");
+    }
 }

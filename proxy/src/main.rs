@@ -506,12 +506,15 @@ fn inventory(config: &std::path::Path, within: i64) -> ExitCode {
             Ok(list) => {
                 for info in list {
                     let days = info.days_left(now);
-                    if days < within {
+                    if info.not_after < now + time::Duration::days(within) {
                         expiring += 1;
                     }
                     let left = if info.not_after < now {
-                        let ago = (now - info.not_after).whole_days();
-                        format!("expired {ago} day{} ago", if ago == 1 { "" } else { "s" })
+                        match (now - info.not_after).whole_days() {
+                            0 => "expired today".to_owned(),
+                            1 => "expired 1 day ago".to_owned(),
+                            ago => format!("expired {ago} days ago"),
+                        }
                     } else {
                         days.to_string()
                     };

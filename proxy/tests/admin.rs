@@ -97,7 +97,8 @@ async fn named_tokens_say_who_acted_wrong_methods_are_405_and_certificates_are_l
     .unwrap();
     let mut gw = Gateway::start(&config).await;
 
-    // The name is not the token: `alice:...` whole is refused, the token alone works.
+    // The token alone works, and so does the whole line (what administrators sent
+    // before names); the name alone does not.
     assert_eq!(
         admin_request(
             gw.admin_port,
@@ -107,6 +108,12 @@ async fn named_tokens_say_who_acted_wrong_methods_are_405_and_certificates_are_l
         )
         .await
         .0,
+        200
+    );
+    assert_eq!(
+        admin_request(gw.admin_port, "GET", "/admin/suspensions", Some("alice"))
+            .await
+            .0,
         401
     );
     let (status, body) = admin_request_with_body(
@@ -192,6 +199,23 @@ async fn named_tokens_say_who_acted_wrong_methods_are_405_and_certificates_are_l
         assert_eq!(status, 400, "{bad}");
     }
 
+    // A refused change is on the record too; statistics count no admin record.
+    let (status, _) = admin_request(
+        gw.admin_port,
+        "POST",
+        "/admin/consumers/nobody/suspend",
+        Some(alice),
+    )
+    .await;
+    assert_eq!(status, 404);
+    let (status, stats) = admin_request(gw.admin_port, "GET", "/admin/stats", Some(alice)).await;
+    assert_eq!(status, 200, "{stats}");
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&stats).unwrap();
+    assert!(
+        rows.iter().all(|r| r["calls"] == 0),
+        "admin records counted as calls: {rows:?}"
+    );
+
     // Each change is a record of its own in the trail, with who, what, from where and
     // why; reads are not recorded. The chain still verifies.
     assert_eq!(gw.stop().code(), Some(0));
@@ -200,7 +224,9 @@ async fn named_tokens_say_who_acted_wrong_methods_are_405_and_certificates_are_l
         .iter()
         .filter(|r| r["credential"] == "admin")
         .collect();
-    assert_eq!(admin.len(), 2, "{admin:#?}");
+    assert_eq!(admin.len(), 3, "{admin:#?}");
+    assert_eq!(admin[2]["status"], 404);
+    assert_eq!(admin[2]["decision"], "refused");
     assert_eq!(admin[0]["credential_id"], "alice");
     assert_eq!(
         admin[0]["operation"],

@@ -96,6 +96,8 @@ pub struct Listener {
 pub struct AdminToken {
     pub name: String,
     pub token: String,
+    /// The whole `name:token` line, also accepted as the token (as it was before names).
+    pub line: Option<String>,
 }
 
 impl std::fmt::Debug for AdminToken {
@@ -121,12 +123,14 @@ impl AdminToken {
                 return Self {
                     name: name.to_owned(),
                     token: token.trim().to_owned(),
+                    line: Some(line.to_owned()),
                 };
             }
         }
         Self {
             name: format!("token#{}", n + 1),
             token: line.to_owned(),
+            line: None,
         }
     }
 }
@@ -1482,6 +1486,17 @@ fn build_admin(s: &Source, a: &RawAdmin, problems: &mut Problems) -> Option<Admi
                             "admin.tokens_file",
                             format!(
                                 "{} line {}: token shorter than 16 characters",
+                                path.display(),
+                                n + 1
+                            ),
+                        );
+                    }
+                    if tokens.iter().any(|t: &AdminToken| t.token == token.token) {
+                        problems.add(
+                            &s.path,
+                            "admin.tokens_file",
+                            format!(
+                                "{} line {}: this token is given twice: each administrator needs a token of their own",
                                 path.display(),
                                 n + 1
                             ),

@@ -367,7 +367,8 @@ fn the_contract_example_loads_with_every_section_and_paths_relative_to_its_file(
         admin.tokens,
         vec![AdminToken {
             name: "token#1".to_owned(),
-            token: "admin-token-0123456789abcdef".to_owned()
+            token: "admin-token-0123456789abcdef".to_owned(),
+            line: None,
         }]
     );
     assert!(!admin.tls);
@@ -2283,7 +2284,7 @@ fn admin_tokens_may_be_named_and_names_are_unique() {
     let fx = Fixture::new();
     std::fs::write(
         fx.dir.join("admin-tokens"),
-        "alice:alice-secret-token-0123456789\nalice:another-secret-token-0123456\nbob:short\n",
+        "alice:alice-secret-token-0123456789\nalice:another-secret-token-0123456\nbob:short\ncarol:alice-secret-token-0123456789\n",
     )
     .unwrap();
     let problems = fx.problems(&fx.single_file());
@@ -2298,5 +2299,11 @@ fn admin_tokens_may_be_named_and_names_are_unique() {
         "fsp.toml",
         "admin.tokens_file",
         &["line 3", "shorter than 16"],
+    );
+    expect(
+        &problems,
+        "fsp.toml",
+        "admin.tokens_file",
+        &["line 4", "token is given twice"],
     );
 }
