@@ -175,16 +175,8 @@ fn main() -> ExitCode {
                 // ready), but a check before a deployment fails.
                 let now = time::OffsetDateTime::now_utc();
                 let inventory = proxy::state::certificate_inventory(&c.certificate_files);
-                if let Some(leaf) = inventory.iter().find(|i| i.role == "listener.server_cert")
-                    && (leaf.not_after < now || leaf.not_before > now)
-                {
-                    eprintln!(
-                        "{}: listener.server_cert: the certificate {} is not valid now (valid from {} to {})",
-                        config.display(),
-                        leaf.path.display(),
-                        proxy::pipeline::stamp::rfc3339_millis(leaf.not_before),
-                        proxy::pipeline::stamp::rfc3339_millis(leaf.not_after)
-                    );
+                if let Some(why) = proxy::state::listener_certificate_unusable(&inventory, now) {
+                    eprintln!("{}: listener.server_cert: {why}", config.display());
                     return ExitCode::from(1);
                 }
                 let versions: usize = c.catalogue.services().map(|s| s.versions.len()).sum();

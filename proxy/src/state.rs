@@ -357,7 +357,7 @@ pub fn certificate_inventory(files: &[(String, PathBuf)]) -> Vec<certs::inventor
 }
 
 /// Why the listener certificate of `certificates` cannot serve at `now`, if it cannot.
-fn listener_certificate_unusable(
+pub fn listener_certificate_unusable(
     certificates: &[certs::inventory::CertInfo],
     now: time::OffsetDateTime,
 ) -> Option<String> {

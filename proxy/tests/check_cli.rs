@@ -411,7 +411,7 @@ fn an_expired_server_certificate_fails_the_check_and_the_inventory_says_since_wh
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
-        stderr.contains("listener.server_cert") && stderr.contains("not valid now"),
+        stderr.contains("listener.server_cert") && stderr.contains("expired at"),
         "{stderr}"
     );
     let out = s.fsp(&["certs", "inventory", "--config", "conf/fsp.toml"]);

@@ -190,9 +190,7 @@ async fn without_redis_the_last_known_set_stays_and_changes_are_refused() {
     let pki = Pki::new();
     let up = upstream().await;
     // Nothing listens there.
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = dead.local_addr().unwrap().port();
-    drop(dead);
+    let port = free_port();
     let cluster = format!("\n[cluster]\nredis_url = \"redis://127.0.0.1:{port}\"\n");
     let config = replica_config(&pki, up, 0, &cluster);
     // The set this replica last read from the cluster.
@@ -351,9 +349,8 @@ async fn a_redis_that_loses_its_data_lifts_nothing() {
 async fn a_new_replica_that_cannot_reach_redis_is_not_ready() {
     let pki = Pki::new();
     let up = upstream().await;
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = dead.local_addr().unwrap().port();
-    drop(dead);
+    // Nothing listens there.
+    let port = free_port();
     let cluster = format!("\n[cluster]\nredis_url = \"redis://127.0.0.1:{port}\"\n");
     // No state directory: it knows nothing of the cluster's suspensions.
     let mut gw = Gateway::start(&replica_config(&pki, up, 0, &cluster)).await;

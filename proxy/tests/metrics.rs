@@ -103,9 +103,7 @@ async fn metrics_are_labelled_by_configuration_and_bounded_whatever_the_requests
 async fn provider_errors_and_throttle_refusals_are_counted_by_provider() {
     let pki = Pki::new();
     // Nothing listens there: the provider is unreachable.
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = dead.local_addr().unwrap();
-    drop(dead);
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
     let config = write_config_with(
         &pki,
         addr,

@@ -294,9 +294,8 @@ async fn readiness_follows_the_throttle_backend_only_where_calls_depend_on_it() 
     let secret = pki.path().join("secret");
     let server = pki.ca.server(&["localhost", "127.0.0.1"]).unwrap();
     mount_secret(&secret, "..v1", &server.cert_pem, &server.key_pem);
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = dead.local_addr().unwrap().port();
-    drop(dead);
+    // Nothing listens there.
+    let port = free_port();
     for (mode, ready) in [("deny", false), ("local", true)] {
         let config = secret_config(
             &pki,
