@@ -145,8 +145,16 @@ struct Setup {
 
 async fn setup(idp: &Idp, binding: bool) -> Setup {
     let pki = Pki::new();
+    let config = oauth_config(&pki, idp, binding, "").await;
+    let gw = Gateway::start(&config).await;
+    Setup { gw, pki }
+}
+
+/// The test configuration with the consumer's OAuth client id, `[oauth]` reading the
+/// keys of `idp`, and `more` (consumers) appended.
+async fn oauth_config(pki: &Pki, idp: &Idp, binding: bool, more: &str) -> std::path::PathBuf {
     let up = upstream().await;
-    let config = write_config(&pki, up, 0, 0, "");
+    let config = write_config(pki, up, 0, 0, "");
     let text = std::fs::read_to_string(&config).unwrap().replace(
         "certificates = [ { cn = \"monopinion.bruxelles.be\" } ]",
         &format!("certificates = [ {{ cn = \"monopinion.bruxelles.be\" }} ]\noauth_client_ids = [\"{CLIENT}\"]"),
@@ -155,9 +163,8 @@ async fn setup(idp: &Idp, binding: bool) -> Setup {
         "\n[oauth]\nissuer = \"{ISSUER}\"\njwks_url = \"http://127.0.0.1:{}/jwks\"\naudience = \"fsp\"\nalgorithms = [\"ES256\", \"RS256\"]\nleeway = \"30s\"\nrequire_certificate_binding = {binding}\n",
         idp.port
     );
-    std::fs::write(&config, format!("{text}{oauth}")).unwrap();
-    let gw = Gateway::start(&config).await;
-    Setup { gw, pki }
+    std::fs::write(&config, format!("{text}{more}{oauth}")).unwrap();
+    config
 }
 
 async fn call(
@@ -364,18 +371,14 @@ async fn a_certificate_and_a_token_of_two_consumers_are_refused_and_both_recorde
     let key = ec_key("k");
     let idp = Idp::start(vec![key.jwk.clone()]).await;
     let pki = Pki::new();
-    let up = upstream().await;
-    let config = write_config(&pki, up, 0, 0, "");
     // A second consumer, identified by another certificate.
-    let text = std::fs::read_to_string(&config).unwrap().replace(
-        "certificates = [ { cn = \"monopinion.bruxelles.be\" } ]",
-        &format!("certificates = [ {{ cn = \"monopinion.bruxelles.be\" }} ]\noauth_client_ids = [\"{CLIENT}\"]"),
-    ) + "\n[[consumer]]\nid           = \"ville-gent\"\norganisation = \"Stad Gent\"\ncertificates = [ { cn = \"unknown.example.be\" } ]\n";
-    let oauth = format!(
-        "\n[oauth]\nissuer = \"{ISSUER}\"\njwks_url = \"http://127.0.0.1:{}/jwks\"\naudience = \"fsp\"\nalgorithms = [\"ES256\"]\n",
-        idp.port
-    );
-    std::fs::write(&config, format!("{text}{oauth}")).unwrap();
+    let config = oauth_config(
+        &pki,
+        &idp,
+        false,
+        "\n[[consumer]]\nid           = \"ville-gent\"\norganisation = \"Stad Gent\"\ncertificates = [ { cn = \"unknown.example.be\" } ]\n",
+    )
+    .await;
     let mut gw = Gateway::start(&config).await;
     let token = sign(&key, &claims(CLIENT));
     let with = |identity: &certs::devpki::Issued| {

@@ -45,6 +45,28 @@ async fn served_certificate(pki: &Pki, port: u16) -> Vec<u8> {
     tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
 }
 
+/// Waits (at most `within`) until new handshakes get the certificate `der`; how long.
+async fn until_served(pki: &Pki, port: u16, der: &[u8], within: Duration, what: &str) -> Duration {
+    let started = Instant::now();
+    while served_certificate(pki, port).await != der {
+        assert!(started.elapsed() < within, "{what} after {within:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    started.elapsed()
+}
+
+/// A server certificate for loopback that expired yesterday.
+fn expired_server(pki: &Pki) -> certs::devpki::Issued {
+    let now = time::OffsetDateTime::now_utc();
+    pki.ca
+        .server_valid(
+            &["localhost", "127.0.0.1"],
+            now - time::Duration::days(30),
+            now - time::Duration::days(1),
+        )
+        .unwrap()
+}
+
 /// One call on a connection of its own (a new handshake each time).
 async fn call_on_new_connection(pki: &Pki, port: u16) -> Result<u16, String> {
     let mut tls = tls_connect(pki, Some(&pki.consumer), port, b"http/1.1")
@@ -147,18 +169,15 @@ async fn a_certificate_swapped_by_symlink_is_served_to_new_handshakes_without_a_
         &second.cert_pem,
         &second.key_pem,
     );
-    let swapped = Instant::now();
-    while served_certificate(&pki, gw.port).await != second.der {
-        assert!(
-            swapped.elapsed() < Duration::from_secs(10),
-            "new handshakes still get the old certificate after 10 s"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    eprintln!(
-        "new certificate served {:?} after the swap",
-        swapped.elapsed()
-    );
+    let swapped = until_served(
+        &pki,
+        gw.port,
+        &second.der,
+        Duration::from_secs(10),
+        "new handshakes still get the old certificate",
+    )
+    .await;
+    eprintln!("new certificate served {swapped:?} after the swap");
     tokio::time::sleep(Duration::from_millis(300)).await;
     stop.store(true, Ordering::Relaxed);
     let mut total = 0;
@@ -194,27 +213,19 @@ async fn a_certificate_swapped_by_symlink_is_served_to_new_handshakes_without_a_
         &third.cert_pem,
         &third.key_pem,
     );
-    let fixed = Instant::now();
-    while served_certificate(&pki, gw.port).await != third.der {
-        assert!(
-            fixed.elapsed() < Duration::from_secs(10),
-            "the fixed key was not picked up"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until_served(
+        &pki,
+        gw.port,
+        &third.der,
+        Duration::from_secs(10),
+        "the fixed key was not picked up",
+    )
+    .await;
 
     // A certificate that has expired is refused while the one in force is valid:
     // consumers would refuse every handshake. The valid one stays, and the gateway
     // stays ready.
-    let now = time::OffsetDateTime::now_utc();
-    let expired = pki
-        .ca
-        .server_valid(
-            &["localhost", "127.0.0.1"],
-            now - time::Duration::days(30),
-            now - time::Duration::days(1),
-        )
-        .unwrap();
+    let expired = expired_server(&pki);
     mount_secret(
         &secret,
         "..2026_12_03_11_00_00.5",
@@ -246,29 +257,21 @@ async fn a_certificate_swapped_by_symlink_is_served_to_new_handshakes_without_a_
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(served_certificate(&pki, gw.port).await, third.der);
     std::fs::write(&config, &config_text).unwrap();
-    let fixed = Instant::now();
-    while served_certificate(&pki, gw.port).await != fourth.der {
-        assert!(
-            fixed.elapsed() < Duration::from_secs(15),
-            "the rotation was not retried once the configuration was fixed"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    until_served(
+        &pki,
+        gw.port,
+        &fourth.der,
+        Duration::from_secs(15),
+        "the rotation was not retried once the configuration was fixed",
+    )
+    .await;
     assert_eq!(gw.stop().code(), Some(0));
 }
 
 #[tokio::test]
 async fn a_gateway_started_with_an_expired_certificate_says_it_is_not_ready_and_why() {
     let pki = Pki::new();
-    let now = time::OffsetDateTime::now_utc();
-    let expired = pki
-        .ca
-        .server_valid(
-            &["localhost", "127.0.0.1"],
-            now - time::Duration::days(30),
-            now - time::Duration::days(1),
-        )
-        .unwrap();
+    let expired = expired_server(&pki);
     mount_secret(
         &pki.path().join("secret"),
         "..v1",
