@@ -56,7 +56,7 @@ def example(name: str) -> dict:
 # Values given literally where Secrets are usual: they must end up in the chart's Secret.
 LITERAL = {
     "replicaCount": 2,
-    "admin": {"tokens": {"values": ["ops:literal-admin-token-123"]}},
+    "admin": {"tls": True, "adminCns": ["ops.example.be"], "tokens": {"values": ["ops:literal-admin-token-123"]}},
     "audit": {"backend": "postgres", "postgres": {"url": "postgres://fsp:literal-pg-password@pg:5432/fsp"}},
     "throttle": {"backend": "redis", "redis": {"url": "redis://:literal-redis-password@redis:6379/0"}},
     "cluster": {"enabled": True, "redis": {"url": "redis://:literal-redis-password@redis:6379/1"}},

@@ -56,16 +56,57 @@ pub fn server_config(files: &ServerFiles) -> Result<ServerConfig, CertError> {
         .map_err(|e| CertError::new(&files.server_cert, e.to_string()))?
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)
-        .map_err(|e| {
-            CertError::new(
-                &files.server_key,
-                format!(
-                    "does not match the certificate in {}: {e}",
-                    files.server_cert.display()
-                ),
-            )
-        })?;
+        .map_err(|e| key_mismatch(files, &e))?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+/// The server key that rustls would not pair with the server certificate.
+fn key_mismatch(files: &ServerFiles, e: &rustls::Error) -> CertError {
+    CertError::new(
+        &files.server_key,
+        format!(
+            "does not match the certificate in {}: {e}",
+            files.server_cert.display()
+        ),
+    )
+}
+
+/// The admin listener's TLS configuration: the listener's certificate, TLS 1.2 and 1.3,
+/// HTTP/1.1 only.
+///
+/// `admin_roots`: trust anchors for administrators' client certificates (checked against
+/// the listener's CRLs too). A client certificate is then optional at the TLS level (an
+/// administrator may come with a bearer token instead), but one that is presented must
+/// chain to these anchors; which CNs are administrators is decided per request. `None`:
+/// no client certificate is asked for.
+pub fn admin_server_config(
+    files: &ServerFiles,
+    admin_roots: Option<&Path>,
+) -> Result<ServerConfig, CertError> {
+    let chain = load::certificates(&files.server_cert)?;
+    let key = load::private_key(&files.server_key)?;
+    let builder = ServerConfig::builder_with_provider(crate::provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| CertError::new(&files.server_cert, e.to_string()))?;
+    let builder = match admin_roots {
+        Some(path) => {
+            let verifier = WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots(path)?),
+                crate::provider(),
+            )
+            .with_crls(load::crls(&files.crls)?)
+            .allow_unauthenticated()
+            .build()
+            .map_err(|e| CertError::new(path, format!("cannot build the client verifier: {e}")))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder
+        .with_single_cert(chain, key)
+        .map_err(|e| key_mismatch(files, &e))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(config)
 }
 

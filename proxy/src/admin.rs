@@ -1,5 +1,5 @@
 //! The admin listener: health, readiness, Prometheus metrics, and administrator actions
-//! (bearer token from `tokens_file`). Every administrator action is logged with who,
+//! (bearer token from `tokens_file`, or an admin client certificate over TLS). Every administrator action is logged with who,
 //! what and when under the `fsp::admin` target.
 
 use std::convert::Infallible;
@@ -44,20 +44,68 @@ pub async fn serve(gw: Arc<Gateway>, listener: TcpListener, mut shutdown: watch:
         };
         let gw = gw.clone();
         tokio::spawn(async move {
-            let svc = service_fn(move |req| {
-                let gw = gw.clone();
-                async move { Ok::<_, Infallible>(route(&gw, peer, req).await) }
-            });
-            let mut http = http1::Builder::new();
-            // The header timeout also bounds how long an idle kept-alive connection stays.
-            http.timer(TokioTimer::new())
-                .header_read_timeout(ADMIN_HEADER_TIMEOUT);
-            let served = http.serve_connection(TokioIo::new(tcp), svc);
-            // No admin answer takes minutes: a connection is closed after this at most.
-            let _ = tokio::time::timeout(ADMIN_CONNECTION_LIFETIME, served).await;
+            // The access in force when the connection opened decides whether it speaks
+            // TLS (a reload may turn `[admin] tls` on or off for later connections).
+            let tls = gw.admin_access.load().tls.clone();
+            match tls {
+                None => serve_connection(gw, peer, TokioIo::new(tcp), None).await,
+                Some(config) => {
+                    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+                    match tokio::time::timeout(ADMIN_HEADER_TIMEOUT, acceptor.accept(tcp)).await {
+                        Ok(Ok(tls)) => {
+                            let client = tls
+                                .get_ref()
+                                .1
+                                .peer_certificates()
+                                .and_then(|chain| chain.first())
+                                .map(|leaf| ClientCertificate {
+                                    cn: certs::identity::common_name(leaf),
+                                    sha256: certs::identity::sha256(leaf).to_string(),
+                                });
+                            serve_connection(gw, peer, TokioIo::new(tls), client).await;
+                        }
+                        Ok(Err(e)) => {
+                            tracing::warn!(target: "fsp::admin", %peer, error = %e, "admin TLS handshake failed");
+                        }
+                        Err(_) => {
+                            tracing::warn!(target: "fsp::admin", %peer, "admin TLS handshake not completed within {ADMIN_HEADER_TIMEOUT:?}");
+                        }
+                    }
+                }
+            }
             drop(permit);
         });
     }
+}
+
+/// The client certificate an admin connection presented (verified in the handshake
+/// against the admin trust anchors).
+#[derive(Clone, Debug)]
+struct ClientCertificate {
+    cn: Option<String>,
+    sha256: String,
+}
+
+async fn serve_connection<I>(
+    gw: Arc<Gateway>,
+    peer: SocketAddr,
+    io: TokioIo<I>,
+    client: Option<ClientCertificate>,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let client = Arc::new(client);
+    let svc = service_fn(move |req| {
+        let (gw, client) = (gw.clone(), client.clone());
+        async move { Ok::<_, Infallible>(route(&gw, peer, client.as_ref().as_ref(), req).await) }
+    });
+    let mut http = http1::Builder::new();
+    // The header timeout also bounds how long an idle kept-alive connection stays.
+    http.timer(TokioTimer::new())
+        .header_read_timeout(ADMIN_HEADER_TIMEOUT);
+    let served = http.serve_connection(io, svc);
+    // No admin answer takes minutes: a connection is closed after this at most.
+    let _ = tokio::time::timeout(ADMIN_CONNECTION_LIFETIME, served).await;
 }
 
 /// Time to receive a request's head (and the longest idle keep-alive).
@@ -209,6 +257,73 @@ async fn usage_stats(gw: &Gateway, query: Option<&str>) -> Response<Full<Bytes>>
     }
 }
 
+/// Why an admin call was refused: the answer, and a line for the log.
+struct Refused {
+    response: Response<Full<Bytes>>,
+    why: &'static str,
+}
+
+/// Who is calling the admin API: the name of a token from `tokens_file`, or `CN=...` for an
+/// admin client certificate whose CN is in `admin_cns`. The tokens and CNs in force now
+/// decide: one removed at a reload stops working at once, on open connections too.
+///
+/// A client certificate that is not an administrator's (a consumer's, say) is refused
+/// even beside a valid token: it says the caller is not who the token says. A token that
+/// is presented must be valid, even beside an admin certificate.
+fn authenticate(
+    gw: &Gateway,
+    client: Option<&ClientCertificate>,
+    req: &Request<Incoming>,
+) -> Result<String, Box<Refused>> {
+    let access = gw.admin_access.load();
+    let by_certificate = match client {
+        None => None,
+        Some(c) => match c
+            .cn
+            .as_deref()
+            .filter(|cn| access.cns.iter().any(|a| a == cn))
+        {
+            Some(cn) => Some(format!("CN={cn}")),
+            None => {
+                return Err(Box::new(Refused {
+                    response: json(
+                        StatusCode::FORBIDDEN,
+                        serde_json::json!({"error": "this client certificate is not an administrator's (its CN is not in admin_cns): connect without it, or with an administrator's certificate"}),
+                    ),
+                    why: "a client certificate that is not an administrator's",
+                }));
+            }
+        },
+    };
+    let presented = req.headers().contains_key(header::AUTHORIZATION);
+    if let Some(name) = administrator(&access.tokens, req) {
+        return Ok(name.to_owned());
+    }
+    match by_certificate {
+        Some(who) if !presented => Ok(who),
+        _ => {
+            let hint = if access.cns.is_empty() {
+                "send Authorization: Bearer <token from tokens_file>"
+            } else {
+                "send Authorization: Bearer <token from tokens_file>, or connect with an administrator's client certificate"
+            };
+            let mut response = json(StatusCode::UNAUTHORIZED, serde_json::json!({"error": hint}));
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                http::HeaderValue::from_static("Bearer"),
+            );
+            Err(Box::new(Refused {
+                response,
+                why: if presented {
+                    "unknown bearer token"
+                } else {
+                    "no bearer token and no administrator's certificate"
+                },
+            }))
+        }
+    }
+}
+
 /// The name of the administrator whose token (from `tokens_file`) the caller presented.
 fn administrator<'t>(
     tokens: &'t [crate::config::AdminToken],
@@ -242,7 +357,12 @@ fn administrator<'t>(
     found
 }
 
-async fn route(gw: &Gateway, peer: SocketAddr, req: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn route(
+    gw: &Gateway,
+    peer: SocketAddr,
+    client: Option<&ClientCertificate>,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
     let path = req.uri().path().to_owned();
     match (req.method(), path.as_str()) {
         (&Method::GET, "/healthz") => return text(StatusCode::OK, "ok\n"),
@@ -275,22 +395,12 @@ async fn route(gw: &Gateway, peer: SocketAddr, req: Request<Incoming>) -> Respon
             serde_json::json!({"error": "no such endpoint"}),
         );
     }
-    // The tokens in force now: a token removed from tokens_file stops working at the
-    // next reload.
-    let tokens = gw.admin_tokens.load();
-    let who = administrator(&tokens, &req).map(str::to_owned);
-    drop(tokens);
-    let Some(who) = who else {
-        tracing::warn!(target: "fsp::admin", %peer, method = %req.method(), %path, "admin call refused: missing or unknown bearer token");
-        let mut r = json(
-            StatusCode::UNAUTHORIZED,
-            serde_json::json!({"error": "send Authorization: Bearer <token from tokens_file>"}),
-        );
-        r.headers_mut().insert(
-            header::WWW_AUTHENTICATE,
-            http::HeaderValue::from_static("Bearer"),
-        );
-        return r;
+    let who = match authenticate(gw, client, &req) {
+        Ok(who) => who,
+        Err(refused) => {
+            tracing::warn!(target: "fsp::admin", %peer, method = %req.method(), %path, certificate = client.map(|c| c.sha256.as_str()), "admin call refused: {}", refused.why);
+            return refused.response;
+        }
     };
     let at = crate::pipeline::stamp::rfc3339_millis(time::OffsetDateTime::now_utc());
     let method = req.method().clone();

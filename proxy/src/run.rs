@@ -64,9 +64,14 @@ impl Started {
 /// it is ready. It serves until `shutdown` turns true.
 pub async fn start(
     config_path: &Path,
-    config: Config,
+    mut config: Config,
     shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<Started> {
+    let admin_access = config
+        .admin
+        .as_mut()
+        .map(|a| std::mem::take(&mut a.access))
+        .unwrap_or_default();
     let listener_cfg = &config.listener;
     let timeouts = ListenerTimeouts {
         handshake: listener_cfg.handshake_timeout,
@@ -77,11 +82,6 @@ pub async fn start(
     let consumer_addr = listener_cfg.address;
     let threads = listener_cfg.threads;
     let admin = config.admin.as_ref().map(|a| a.address);
-    let admin_tokens = config
-        .admin
-        .as_ref()
-        .map(|a| a.tokens.clone())
-        .unwrap_or_default();
     let restart_only = crate::state::RestartOnly::of(&config);
     let shutdown_delay = listener_cfg.shutdown_delay;
     let balancers: Arc<[ipnet::IpNet]> = listener_cfg.proxy_protocol_from.clone().into();
@@ -199,7 +199,7 @@ pub async fn start(
         metrics: crate::observe::install(),
         ready: AtomicBool::new(false),
         conn_limits: crate::limits::ConnLimits::new(connection_limits),
-        admin_tokens: ArcSwap::from_pointee(admin_tokens),
+        admin_access: ArcSwap::from_pointee(admin_access),
         restart_only: std::sync::Mutex::new(restart_only),
         tls_files: ArcSwap::from_pointee(tls_files),
         certificates: ArcSwap::from_pointee(certificates),

@@ -251,8 +251,9 @@ pub struct Gateway {
     pub ready: AtomicBool,
     /// Open consumer connections and their bounds (changes need a restart).
     pub conn_limits: Arc<crate::limits::ConnLimits>,
-    /// The admin API's bearer tokens, reloaded with the configuration.
-    pub admin_tokens: ArcSwap<Vec<crate::config::AdminToken>>,
+    /// Who may call the admin API (tokens, admin CNs) and its TLS configuration,
+    /// reloaded with the configuration and the certificates.
+    pub admin_access: ArcSwap<crate::config::AdminAccess>,
     /// The settings in force that only a restart changes, to tell what a reload could
     /// not apply.
     pub restart_only: std::sync::Mutex<RestartOnly>,
@@ -303,6 +304,14 @@ impl RestartOnly {
                 (
                     "audit",
                     format!("{:?}", (&config.audit.backend, config.audit.fail_closed)),
+                ),
+                (
+                    "audit.retention_days",
+                    config.audit.retention_days.to_string(),
+                ),
+                (
+                    "listener.proxy_protocol_from",
+                    format!("{:?}", l.proxy_protocol_from),
                 ),
                 ("throttle", format!("{:?}", config.throttle)),
                 ("cluster", format!("{:?}", config.cluster)),
@@ -441,10 +450,11 @@ impl Gateway {
             .lock()
             .map(|current| current.changed(&restart_only))
             .unwrap_or_default();
-        let tokens = config
+        let mut config = config;
+        let admin_access = config
             .admin
-            .as_ref()
-            .map(|a| a.tokens.clone())
+            .as_mut()
+            .map(|a| std::mem::take(&mut a.access))
             .unwrap_or_default();
         let tls_files = config.tls_files.clone();
         let certificates = certificate_inventory(&config.certificate_files);
@@ -465,7 +475,7 @@ impl Gateway {
         let changed = changes(&self.snapshot.load(), &snapshot);
         self.snapshot.store(Arc::new(snapshot));
         self.config_info.store(Arc::new(config_info));
-        self.admin_tokens.store(Arc::new(tokens));
+        self.admin_access.store(Arc::new(admin_access));
         self.tls_files.store(Arc::new(tls_files));
         self.certificates.store(Arc::new(certificates));
         metrics::counter!("fsp_config_reloads_total").increment(1);
@@ -477,6 +487,7 @@ impl Gateway {
                 "providers",
                 "listener certificates and CRLs",
                 "admin tokens",
+                "admin CNs and admin TLS",
             ],
             needs_restart,
             changed,

@@ -358,3 +358,271 @@ async fn what_is_loaded_can_be_read_back_and_a_reload_says_what_it_changed() {
         .clone();
     assert!(tax["days_left"].as_i64().unwrap() > 365, "{tax}");
 }
+
+/// An HTTPS call to the admin listener, presenting `identity` if given: status and body
+/// (`Err`: the TLS handshake or the connection failed).
+async fn admin_https(
+    pki: &Pki,
+    identity: Option<&certs::devpki::Issued>,
+    port: u16,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &str,
+) -> Result<(u16, String), String> {
+    use tokio::io::AsyncWriteExt;
+    let mut s = tls_connect(pki, identity, port, b"http/1.1")
+        .await
+        .map_err(|e| e.to_string())?;
+    s.write_all(&admin_request_bytes(method, path, token, body))
+        .await
+        .map_err(|e| e.to_string())?;
+    // With TLS 1.3 a refused client certificate shows after the handshake, as an alert
+    // on the first read.
+    let mut probe = Vec::new();
+    use tokio::io::AsyncReadExt;
+    s.read_to_end(&mut probe).await.map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&probe).into_owned();
+    let status = text
+        .get(9..12)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("not an HTTP response: {text:?}"))?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+#[tokio::test]
+async fn the_admin_api_over_mtls_knows_administrators_by_certificate_or_token() {
+    let pki = Pki::new();
+    let up = upstream().await;
+    let config = write_config(&pki, up, 0, 0, "");
+    let text = std::fs::read_to_string(&config).unwrap().replacen(
+        "tokens_file = \"admin-tokens\"",
+        "tokens_file = \"admin-tokens\"\ntls = true\nadmin_cns = [\"ops.example.be\"]",
+        1,
+    );
+    std::fs::write(&config, text).unwrap();
+    let token = "test-admin-token-0123456789";
+    let admin = pki.ca.client("ops.example.be").unwrap();
+    let mut gw = Gateway::start(&config).await;
+    let port = gw.admin_port;
+
+    // An administrator's certificate alone: 200, and the record names it.
+    let (status, body) = admin_https(
+        &pki,
+        Some(&admin),
+        port,
+        "POST",
+        "/admin/consumers/ville-bxl/suspend",
+        None,
+        r#"{"reason": "suspected leak of the client key"}"#,
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let (status, listed) = admin_https(
+        &pki,
+        Some(&admin),
+        port,
+        "GET",
+        "/admin/suspensions",
+        None,
+        "",
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200, "{listed}");
+    let listed: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    assert_eq!(
+        listed["consumers"][0]["by"], "CN=ops.example.be",
+        "{listed}"
+    );
+    assert_eq!(
+        listed["consumers"][0]["reason"],
+        "suspected leak of the client key"
+    );
+    let record = audit_records(&pki)
+        .into_iter()
+        .find(|r| r["credential"] == "admin")
+        .expect("the suspension is on the record");
+    assert_eq!(record["credential_id"], "CN=ops.example.be", "{record}");
+    assert_eq!(
+        record["operation"],
+        "POST /admin/consumers/ville-bxl/suspend"
+    );
+    assert!(
+        record["detail"]
+            .as_str()
+            .unwrap()
+            .contains("suspected leak of the client key"),
+        "{record}"
+    );
+
+    // No certificate, a token: 200. No certificate, no token: 401.
+    let (status, body) = admin_https(&pki, None, port, "GET", "/admin/consumers", Some(token), "")
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = admin_https(&pki, None, port, "GET", "/admin/consumers", None, "")
+        .await
+        .unwrap();
+    assert_eq!(status, 401, "{body}");
+    assert!(
+        body.contains("administrator's client certificate"),
+        "{body}"
+    );
+    // Probes need nothing, over TLS too.
+    let (status, _) = admin_https(&pki, None, port, "GET", "/readyz", None, "")
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+
+    // A consumer's certificate (same CA) is not an administrator's, with or without a
+    // valid token; nor is a certificate of an unknown CN.
+    for (who, identity) in [("consumer", &pki.consumer), ("stranger", &pki.stranger)] {
+        for t in [None, Some(token)] {
+            let (status, body) = admin_https(
+                &pki,
+                Some(identity),
+                port,
+                "GET",
+                "/admin/suspensions",
+                t,
+                "",
+            )
+            .await
+            .unwrap();
+            assert_eq!(status, 403, "{who} with token {t:?}: {body}");
+            assert!(body.contains("not an administrator's"), "{body}");
+        }
+    }
+    // An administrator's certificate with a wrong token: the token is checked.
+    let (status, _) = admin_https(
+        &pki,
+        Some(&admin),
+        port,
+        "GET",
+        "/admin/suspensions",
+        Some("wrong-token-0123456789"),
+        "",
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 401);
+    // A certificate from a CA the gateway does not trust does not get through the
+    // handshake; plain HTTP gets no answer.
+    assert!(
+        admin_https(
+            &pki,
+            Some(&pki.foreign),
+            port,
+            "GET",
+            "/admin/suspensions",
+            None,
+            ""
+        )
+        .await
+        .is_err()
+    );
+    assert!(
+        admin_https(&pki, Some(&pki.expired), port, "GET", "/healthz", None, "")
+            .await
+            .is_err()
+    );
+    let plain = tokio::time::timeout(std::time::Duration::from_secs(15), async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+        s.write_all(b"GET /healthz HTTP/1.1\r\nhost: admin\r\n\r\n")
+            .await?;
+        let mut answer = Vec::new();
+        s.read_to_end(&mut answer).await?;
+        Ok::<_, std::io::Error>(answer)
+    })
+    .await
+    .expect("the connection is closed");
+    if let Ok(answer) = plain {
+        assert!(
+            !String::from_utf8_lossy(&answer).contains("200"),
+            "plain HTTP is not served on a TLS admin listener"
+        );
+    }
+
+    // A reload that drops the CN cuts the administrator off at once.
+    let text = std::fs::read_to_string(&config).unwrap().replacen(
+        "admin_cns = [\"ops.example.be\"]",
+        "admin_cns = [\"other.example.be\"]",
+        1,
+    );
+    std::fs::write(&config, text).unwrap();
+    let (status, body) = admin_https(&pki, None, port, "POST", "/admin/reload", Some(token), "")
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let (status, _) = admin_https(
+        &pki,
+        Some(&admin),
+        port,
+        "GET",
+        "/admin/suspensions",
+        None,
+        "",
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 403);
+    gw.stop();
+}
+
+#[tokio::test]
+async fn administrators_may_have_their_own_ca() {
+    let pki = Pki::new();
+    let up = upstream().await;
+    let admins = certs::devpki::DevCa::new("Test Administrators CA").unwrap();
+    std::fs::write(pki.path().join("admins-ca.pem"), admins.cert_pem()).unwrap();
+    // The same CN as a consumer: under its own CA, it is another certificate.
+    let admin = admins.client(CONSUMER_CN).unwrap();
+    let config = write_config(&pki, up, 0, 0, "");
+    let text = std::fs::read_to_string(&config).unwrap().replacen(
+        "tokens_file = \"admin-tokens\"",
+        &format!("tls = true\nadmin_cns = [\"{CONSUMER_CN}\"]\nadmin_ca = \"admins-ca.pem\""),
+        1,
+    );
+    std::fs::write(&config, text).unwrap();
+    let mut gw = Gateway::start(&config).await;
+    let port = gw.admin_port;
+    let (status, body) = admin_https(&pki, Some(&admin), port, "GET", "/admin/services", None, "")
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    // The consumer's certificate, same CN, does not chain to the administrators' CA.
+    assert!(
+        admin_https(
+            &pki,
+            Some(&pki.consumer),
+            port,
+            "GET",
+            "/admin/services",
+            None,
+            ""
+        )
+        .await
+        .is_err()
+    );
+    // Without tokens_file, nobody gets in without an administrator's certificate.
+    let (status, _) = admin_https(
+        &pki,
+        None,
+        port,
+        "GET",
+        "/admin/services",
+        Some("test-admin-token-0123456789"),
+        "",
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 401);
+    gw.stop();
+}

@@ -139,9 +139,22 @@ impl AdminToken {
 #[derive(Debug)]
 pub struct Admin {
     pub address: SocketAddr,
+    /// Who may administer the gateway, and over what (reloaded with the configuration).
+    pub access: AdminAccess,
+    /// Extension: trust anchors for admin client certificates (default: the listener's
+    /// `client_ca`).
+    pub admin_ca: Option<PathBuf>,
+}
+
+/// Who may call the admin API and how it is served: swapped as a whole at a reload.
+#[derive(Debug, Default)]
+pub struct AdminAccess {
     pub tokens: Vec<AdminToken>,
-    pub admin_cns: Vec<String>,
-    pub tls: bool,
+    /// Subject CNs of administrators' client certificates (with `tls`).
+    pub cns: Vec<String>,
+    /// `[admin] tls = true`: the admin listener's TLS configuration (the listener's
+    /// certificate; admin client certificates asked for when `cns` is not empty).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 /// OAuth2 settings (enforced from issue 3 on; validated now).
@@ -650,8 +663,16 @@ fn build(main: &Path, sources: Vec<Source>, problems: &mut Problems) -> Option<C
     };
 
     // ---- admin ----
-    let admin = single(&sources, "admin", |r| r.admin.as_ref(), problems)
-        .and_then(|(s, a)| build_admin(s, a, problems));
+    let admin = single(&sources, "admin", |r| r.admin.as_ref(), problems).and_then(|(s, a)| {
+        build_admin(
+            s,
+            a,
+            listener.as_ref(),
+            &mut certificate_files,
+            &mut tls_files,
+            problems,
+        )
+    });
 
     // ---- oauth ----
     let oauth = single(&sources, "oauth", |r| r.oauth.as_ref(), problems)
@@ -743,6 +764,32 @@ fn build(main: &Path, sources: Vec<Source>, problems: &mut Problems) -> Option<C
                 problems,
             ) {
                 providers.push(p);
+            }
+        }
+    }
+
+    // An administrator's certificate is never a consumer's: with the consumers' CA as the
+    // admin CA, a CN that names both would let one certificate do both.
+    if let Some(a) = admin.as_ref().filter(|a| a.admin_ca.is_none()) {
+        for src in &sources {
+            for (i, c) in src.raw.consumer.iter().enumerate() {
+                for cn in c
+                    .certificates
+                    .iter()
+                    .flatten()
+                    .filter_map(|c| c.cn.as_deref())
+                {
+                    if a.access.cns.iter().any(|admin| admin == cn.trim()) {
+                        problems.add(
+                            &src.path,
+                            format!("consumer[{i}].certificates"),
+                            format!(
+                                "CN `{cn}` of consumer {} is also in admin.admin_cns: a consumer's certificate must not be an administrator's (use another CN, or admin_ca for administrators' own CA)",
+                                c.id
+                            ),
+                        );
+                    }
+                }
             }
         }
     }
@@ -1063,7 +1110,7 @@ fn build_audit(sources: &[Source], problems: &mut Problems) -> AuditConfig {
                     }
                 }
             };
-            if matches!(url, Ok(Some(_))) && a.backend == "file" {
+            if matches!(url, Ok(Some(_))) && (a.backend == "file" || a.backend == "none") {
                 problems.add(
                     &s.path,
                     "audit.url",
@@ -1141,6 +1188,16 @@ fn build_throttle(sources: &[Source], problems: &mut Problems) -> ThrottleConfig
             let replicas = t.replicas.unwrap_or(1);
             if replicas == 0 {
                 problems.add(&s.path, "throttle.replicas", "must be at least 1");
+            }
+            // Replicas share limits only through Redis. (`on_backend_error` is accepted
+            // with the local backend, as in the contract's example: there it names what
+            // is already done.)
+            if t.backend == "local" && t.replicas.is_some() {
+                problems.add(
+                    &s.path,
+                    "throttle.replicas",
+                    "only used by the redis backend (each replica's share of a limit): remove it or set backend = \"redis\"",
+                );
             }
             ThrottleConfig {
                 backend,
@@ -1458,7 +1515,14 @@ fn build_listener(
     })
 }
 
-fn build_admin(s: &Source, a: &RawAdmin, problems: &mut Problems) -> Option<Admin> {
+fn build_admin(
+    s: &Source,
+    a: &RawAdmin,
+    listener: Option<&Listener>,
+    certificate_files: &mut Vec<(String, PathBuf)>,
+    tls_files: &mut Vec<PathBuf>,
+    problems: &mut Problems,
+) -> Option<Admin> {
     let address = a.address.parse::<SocketAddr>().map_err(|_| {
         problems.add(
             &s.path,
@@ -1524,37 +1588,84 @@ fn build_admin(s: &Source, a: &RawAdmin, problems: &mut Problems) -> Option<Admi
             ),
         }
     }
-    // Accepted keys must have an effect: until the admin listener serves TLS, these are
-    // refused rather than silently ignored (with `admin_cns` alone, nobody could
-    // administer the gateway).
-    let admin_cns = a.admin_cns.clone().unwrap_or_default();
     let tls = a.tls.unwrap_or(false);
-    if tls {
-        problems.add(
-            &s.path,
-            "admin.tls",
-            "the admin API over TLS is not available yet: remove this key; the admin API is plain HTTP, so keep admin.address on loopback or a management network",
-        );
+    let mut cns = Vec::new();
+    for (i, cn) in a.admin_cns.iter().flatten().enumerate() {
+        let cn = cn.trim();
+        if cn.is_empty() || cn.chars().any(char::is_control) {
+            problems.add(
+                &s.path,
+                format!("admin.admin_cns[{i}]"),
+                "an empty CN or one with control characters cannot name an administrator",
+            );
+        } else if cns.iter().any(|c: &String| c == cn) {
+            problems.add(
+                &s.path,
+                format!("admin.admin_cns[{i}]"),
+                format!("`{cn}` is given twice"),
+            );
+        } else {
+            cns.push(cn.to_owned());
+        }
     }
-    if a.admin_cns.is_some() {
+    if a.admin_cns.is_some() && !tls {
         problems.add(
             &s.path,
             "admin.admin_cns",
-            "admin client certificates are not available yet (they need the admin API over TLS): remove this key and use tokens_file",
+            "admin client certificates need the admin API over TLS: set tls = true",
         );
     }
-    if tokens.is_empty() && a.admin_cns.is_none() {
+    let admin_ca = a.admin_ca.as_ref().map(|c| s.dir.join(c));
+    if admin_ca.is_some() && cns.is_empty() {
+        problems.add(
+            &s.path,
+            "admin.admin_ca",
+            "admin_ca is only used for admin client certificates: set admin_cns too, or remove it",
+        );
+    }
+    if tokens.is_empty() && cns.is_empty() {
         problems.add(
             &s.path,
             "admin",
-            "no way to authenticate administrators: set tokens_file (one token per line)",
+            if tls {
+                "no way to authenticate administrators: set tokens_file (one token per line) or admin_cns"
+            } else {
+                "no way to authenticate administrators: set tokens_file (one token per line)"
+            },
         );
+    }
+    let mut tls_config = None;
+    if tls && let Some(l) = listener {
+        let roots = if cns.is_empty() {
+            None
+        } else if let Some(ca) = &admin_ca {
+            certificate_files.push(("admin.admin_ca".into(), ca.clone()));
+            tls_files.push(ca.clone());
+            cert_files_load(&s.path, &[("admin.admin_ca", ca)], problems).then_some(ca.as_path())
+        } else {
+            Some(l.tls_files.client_ca.as_path())
+        };
+        if !cns.is_empty() && roots.is_none() {
+            // The problem with admin_ca is already reported.
+        } else {
+            match certs::tls::admin_server_config(&l.tls_files, roots) {
+                Ok(c) => tls_config = Some(Arc::new(c)),
+                Err(e) => problems.add(
+                    &s.path,
+                    "admin.tls",
+                    format!("cannot serve the admin API over TLS: {e}"),
+                ),
+            }
+        }
     }
     Some(Admin {
         address: address.ok()?,
-        tokens,
-        admin_cns,
-        tls,
+        access: AdminAccess {
+            tokens,
+            cns,
+            tls: tls_config,
+        },
+        admin_ca,
     })
 }
 

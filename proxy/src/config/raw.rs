@@ -65,6 +65,8 @@ pub struct RawAdmin {
     pub tokens_file: Option<String>,
     pub admin_cns: Option<Vec<String>>,
     pub tls: Option<bool>,
+    /// Extension: trust anchors for admin client certificates (default: `client_ca`).
+    pub admin_ca: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -364,14 +364,15 @@ fn the_contract_example_loads_with_every_section_and_paths_relative_to_its_file(
     let admin = config.admin.as_ref().expect("[admin]");
     assert_eq!(admin.address, "127.0.0.1:9443".parse().unwrap());
     assert_eq!(
-        admin.tokens,
+        admin.access.tokens,
         vec![AdminToken {
             name: "token#1".to_owned(),
             token: "admin-token-0123456789abcdef".to_owned(),
             line: None,
         }]
     );
-    assert!(!admin.tls);
+    assert!(admin.access.tls.is_none());
+    assert!(admin.access.cns.is_empty());
 
     let oauth = config.oauth.as_ref().expect("[oauth]");
     assert_eq!(oauth.issuer, "https://idp.example/");
@@ -2049,20 +2050,102 @@ fn hardening_limits_are_read_and_zero_is_refused_where_it_is() {
 }
 
 #[test]
-fn admin_keys_that_are_not_served_yet_are_refused() {
+fn admin_tls_serves_the_listener_certificate_and_asks_admins_for_theirs() {
+    let f = Fixture::new();
+    let text = edit(
+        &f.single_file(),
+        "tokens_file = \"admin-tokens\"",
+        "tokens_file = \"admin-tokens\"\ntls = true",
+    );
+    let config = f.load_single(&text).expect("valid");
+    let tls = config
+        .admin
+        .as_ref()
+        .unwrap()
+        .access
+        .tls
+        .clone()
+        .expect("tls");
+    assert_eq!(tls.alpn_protocols, vec![b"http/1.1".to_vec()]);
+
+    let text = edit(
+        &f.single_file(),
+        "tokens_file = \"admin-tokens\"",
+        "tls = true\nadmin_cns = [\"ops.example.be\"]",
+    );
+    let config = f
+        .load_single(&text)
+        .expect("admin certificates alone are enough");
+    let access = &config.admin.as_ref().unwrap().access;
+    assert_eq!(access.cns, vec!["ops.example.be".to_owned()]);
+    assert!(access.tokens.is_empty());
+    assert!(access.tls.is_some());
+}
+
+#[test]
+fn admin_certificate_keys_are_checked() {
     let f = Fixture::new();
     let problems = f.problems_after(
         "tokens_file = \"admin-tokens\"",
-        "tokens_file = \"admin-tokens\"\ntls = true\nadmin_cns = [\"ops.example.be\"]",
+        "tokens_file = \"admin-tokens\"\nadmin_cns = [\"ops.example.be\"]",
     );
-    expect(&problems, "fsp.toml", "admin.tls", &["not available yet"]);
-    expect(
+    expect_only(
         &problems,
         "fsp.toml",
         "admin.admin_cns",
-        &["not available yet"],
+        &["set tls = true"],
     );
-    assert_eq!(problems.len(), 2, "{}", list(&problems));
+
+    let problems = f.problems_after(
+        "tokens_file = \"admin-tokens\"",
+        "tokens_file = \"admin-tokens\"\ntls = true\nadmin_ca = \"pki/consumers-ca.pem\"",
+    );
+    expect_only(
+        &problems,
+        "fsp.toml",
+        "admin.admin_ca",
+        &["set admin_cns too"],
+    );
+
+    let problems = f.problems_after(
+        "tokens_file = \"admin-tokens\"",
+        "tokens_file = \"admin-tokens\"\ntls = true\nadmin_cns = [\"ops.example.be\", \"\", \"ops.example.be\"]",
+    );
+    expect(&problems, "fsp.toml", "admin.admin_cns[1]", &["empty CN"]);
+    expect(
+        &problems,
+        "fsp.toml",
+        "admin.admin_cns[2]",
+        &["given twice"],
+    );
+
+    let problems = f.problems_after(
+        "tokens_file = \"admin-tokens\"",
+        "tokens_file = \"admin-tokens\"\ntls = true\nadmin_cns = [\"ops.example.be\"]\nadmin_ca = \"pki/missing.pem\"",
+    );
+    expect_only(&problems, "fsp.toml", "admin.admin_ca", &["missing.pem"]);
+}
+
+#[test]
+fn an_admin_cn_is_never_a_consumer_cn_under_the_same_ca() {
+    let f = Fixture::new();
+    let problems = f.problems_after(
+        "tokens_file = \"admin-tokens\"",
+        "tokens_file = \"admin-tokens\"\ntls = true\nadmin_cns = [\"monopinion.bruxelles.be\"]",
+    );
+    expect_only(
+        &problems,
+        "fsp.toml",
+        "consumer[0].certificates",
+        &["monopinion.bruxelles.be", "admin_cns"],
+    );
+    // With administrators' own CA, the same CN is a different certificate.
+    let text = edit(
+        &f.single_file(),
+        "tokens_file = \"admin-tokens\"",
+        "tokens_file = \"admin-tokens\"\ntls = true\nadmin_cns = [\"monopinion.bruxelles.be\"]\nadmin_ca = \"pki/consumers-ca.pem\"",
+    );
+    f.load_single(&text).expect("valid with admin_ca");
 }
 
 #[test]
@@ -2305,5 +2388,20 @@ fn admin_tokens_may_be_named_and_names_are_unique() {
         "fsp.toml",
         "admin.tokens_file",
         &["line 4", "token is given twice"],
+    );
+}
+
+#[test]
+fn settings_of_a_backend_not_in_use_are_refused() {
+    let f = Fixture::new();
+    let problems = f.problems_after(
+        "backend     = \"local\"\non_backend_error",
+        "backend     = \"local\"\nreplicas = 3\non_backend_error",
+    );
+    expect_only(
+        &problems,
+        "fsp.toml",
+        "throttle.replicas",
+        &["only used by the redis backend"],
     );
 }

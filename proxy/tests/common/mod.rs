@@ -806,15 +806,22 @@ pub async fn admin_request_with_body(
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .unwrap();
+    s.write_all(&admin_request_bytes(method, path, token, body))
+        .await
+        .unwrap();
+    read_response(&mut s).await
+}
+
+/// An admin API request (HTTP/1.1, `connection: close`), with a bearer token if given.
+pub fn admin_request_bytes(method: &str, path: &str, token: Option<&str>, body: &str) -> Vec<u8> {
     let auth = token
         .map(|t| format!("authorization: Bearer {t}\r\n"))
         .unwrap_or_default();
-    let req = format!(
+    format!(
         "{method} {path} HTTP/1.1\r\nhost: admin\r\n{auth}content-length: {}\r\nconnection: close\r\n\r\n{body}",
         body.len()
-    );
-    s.write_all(req.as_bytes()).await.unwrap();
-    read_response(&mut s).await
+    )
+    .into_bytes()
 }
 
 pub async fn read_response<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> (u16, String) {
