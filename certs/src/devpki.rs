@@ -174,6 +174,39 @@ impl DevCa {
     }
 }
 
+/// A development token-signing key (ECDSA P-256, for ES256 JWTs).
+pub struct SigningKey {
+    /// The private key, PKCS#8 PEM.
+    pub private_pem: String,
+    /// The public point's coordinates (32 bytes each), as a JWK's `x` and `y` carry them.
+    pub x: Vec<u8>,
+    pub y: Vec<u8>,
+}
+
+impl std::fmt::Debug for SigningKey {
+    // The private key never reaches a log.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SigningKey").finish_non_exhaustive()
+    }
+}
+
+impl SigningKey {
+    pub fn generate() -> Result<Self, Error> {
+        let pair = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        // Uncompressed point: 0x04, then x and y.
+        let raw = pair.public_key_raw();
+        match (raw.first(), raw.get(1..33), raw.get(33..65)) {
+            (Some(4), Some(x), Some(y)) if raw.len() == 65 => Ok(Self {
+                private_pem: pair.serialize_pem(),
+                x: x.to_vec(),
+                y: y.to_vec(),
+            }),
+            // Not a P-256 point as rcgen documents it.
+            _ => Err(Error::KeyGenerationUnavailable),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]

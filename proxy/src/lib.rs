@@ -25,6 +25,7 @@ pub mod admin;
 pub mod admin_views;
 pub mod certwatch;
 pub mod config;
+pub mod devidp;
 pub mod errors;
 #[doc(hidden)]
 pub mod fuzz;

@@ -43,6 +43,12 @@ enum Command {
         /// Port of the admin listener (http://127.0.0.1:PORT).
         #[arg(long, default_value_t = 9443)]
         admin_port: u16,
+        /// Port of the quickstart's OAuth2 token endpoint (http://127.0.0.1:PORT/token).
+        #[arg(long, default_value_t = 9444)]
+        oauth_port: u16,
+        /// Keep the suspensions left by the last run (by default they are lifted).
+        #[arg(long)]
+        keep_suspensions: bool,
     },
     /// Certificate management.
     Certs {
@@ -252,12 +258,16 @@ fn main() -> ExitCode {
             dir,
             port,
             admin_port,
+            oauth_port,
+            keep_suspensions,
         } => {
             init_logging();
             let o = proxy::quickstart::Options {
                 dir,
                 port,
                 admin_port,
+                oauth_port,
+                keep_suspensions,
             };
             match runtime()
                 .map_err(anyhow::Error::from)

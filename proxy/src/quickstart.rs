@@ -1,9 +1,16 @@
 //! `fsp quickstart`: a working platform on one machine in one command.
 //!
-//! It makes a development PKI (a CA, the gateway's server certificate and two consumer
-//! certificates), starts two sample providers of `person/getPerson` (v3 over REST and
-//! the deprecated v2 over SOAP), writes a configuration split over three files with
-//! `include`, starts the gateway, and prints `curl` commands that work when pasted.
+//! It makes a development PKI (a CA, the gateway's server certificate, two consumer
+//! certificates and a token-signing key), starts two sample providers of
+//! `person/getPerson` (v3 over REST and the deprecated v2 over SOAP) and a small OAuth2
+//! token endpoint ([`crate::devidp`]), writes a configuration split over three files with
+//! `include`, starts the gateway, and prints commands that work when pasted: mTLS and
+//! OAuth calls, and the admin API.
+//!
+//! Re-running it keeps what the user changed: the generated files' digests are kept in
+//! `.quickstart.json`, and a file whose content no longer matches is left alone (and
+//! said so); the sample providers come back on the same ports when they can. It starts
+//! with no suspension left over from the last run unless `--keep-suspensions` is given.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -20,7 +27,16 @@ pub struct Options {
     pub dir: PathBuf,
     pub port: u16,
     pub admin_port: u16,
+    /// The OAuth2 token endpoint's port (http://127.0.0.1:PORT/token).
+    pub oauth_port: u16,
+    /// Keep the suspensions the last run left (by default they are lifted at start).
+    pub keep_suspensions: bool,
 }
+
+/// The audience of the quickstart's tokens (`[oauth] audience`).
+const AUDIENCE: &str = "fsp";
+/// What the last run generated: the files' digests and the sample providers' addresses.
+const STATE_FILE: &str = ".quickstart.json";
 
 const CONSUMERS: &[(&str, &str, &str)] = &[
     ("ville-bxl", "monopinion.bruxelles.be", "Ville de Bruxelles"),
@@ -29,6 +45,20 @@ const CONSUMERS: &[(&str, &str, &str)] = &[
 
 fn write(path: &Path, content: &str) -> anyhow::Result<()> {
     std::fs::write(path, content).with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// Writes a key or secret readable by the user only.
+fn write_private(path: &Path, content: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut f| f.write_all(content.as_bytes()))
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// Writes the PKI unless a complete one is already there (so printed commands keep
@@ -52,19 +82,62 @@ fn pki(dir: &Path) -> anyhow::Result<()> {
     write(&pki.join("ca.pem"), &ca.cert_pem())?;
     let server = ca.server(&["localhost", "127.0.0.1"])?;
     write(&pki.join("server.pem"), &server.cert_pem)?;
-    write(&pki.join("server.key"), &server.key_pem)?;
+    write_private(&pki.join("server.key"), &server.key_pem)?;
     for (id, cn, _) in CONSUMERS {
         let c = ca.client(cn)?;
         write(&pki.join(format!("{id}.pem")), &c.cert_pem)?;
-        write(&pki.join(format!("{id}.key")), &c.key_pem)?;
+        write_private(&pki.join(format!("{id}.key")), &c.key_pem)?;
     }
     Ok(())
 }
 
-fn token() -> String {
-    let a = uuid::Uuid::now_v7().simple().to_string();
-    let b = uuid::Uuid::now_v7().simple().to_string();
-    format!("qs-{}{}", &a[16..], &b[16..])
+/// Writes the token-signing key and its JWKS unless both are there.
+fn signing_key(dir: &Path) -> anyhow::Result<()> {
+    let (key, jwks) = (
+        dir.join("pki/oauth-signing.key"),
+        dir.join("pki/oauth-jwks.json"),
+    );
+    if key.exists() && jwks.exists() {
+        return Ok(());
+    }
+    let k = certs::devpki::SigningKey::generate()?;
+    write_private(&key, &k.private_pem)?;
+    write(&jwks, &format!("{:#}\n", crate::devidp::jwks(&k)))
+}
+
+/// Writes a secrets file unless it exists (the printed commands keep working).
+fn secrets(dir: &Path) -> anyhow::Result<()> {
+    let tokens = dir.join("admin-tokens");
+    if !tokens.exists() {
+        write_private(
+            &tokens,
+            &format!(
+                "# one administrator per line: name:token (the name is recorded with each admin action)\nquickstart:{}\n",
+                token()?
+            ),
+        )?;
+    }
+    let clients = dir.join("oauth-clients");
+    if !clients.exists() {
+        let mut text = String::from(
+            "# the quickstart token endpoint's OAuth2 clients: client_id:secret per line\n",
+        );
+        for (id, _, _) in CONSUMERS {
+            let _ = writeln!(text, "{id}-app:{}", token()?);
+        }
+        write_private(&clients, &text)?;
+    }
+    Ok(())
+}
+
+/// A fresh secret: 128 bits from the system's secure random generator, hex.
+fn token() -> anyhow::Result<String> {
+    let mut bytes = [0u8; 16];
+    certs::provider()
+        .secure_random
+        .fill(&mut bytes)
+        .map_err(|_| anyhow::anyhow!("the system's random generator failed"))?;
+    Ok(format!("qs-{}", hex::encode(bytes)))
 }
 
 fn date(d: OffsetDateTime) -> String {
@@ -72,20 +145,12 @@ fn date(d: OffsetDateTime) -> String {
     format!("{:04}-{:02}-{:02}", d.year(), u8::from(d.month()), d.day())
 }
 
-/// Writes the three configuration files; returns the main one.
-fn configure(
+/// The three configuration files, generated: (name, content), the main one first.
+fn generate(
     o: &Options,
     rest: std::net::SocketAddr,
     soap: std::net::SocketAddr,
-) -> anyhow::Result<PathBuf> {
-    let dir = &o.dir;
-    let tokens = dir.join("admin-tokens");
-    if !tokens.exists() {
-        write(
-            &tokens,
-            &format!("# one bearer token per line\n{}\n", token()),
-        )?;
-    }
+) -> Vec<(&'static str, String)> {
     let now = OffsetDateTime::now_utc();
     let v3_released = now - Duration::days(270);
     let v2_released = now - Duration::days(900);
@@ -115,10 +180,16 @@ retention_days = 3653
 
 [throttle]
 backend = "local"
-on_backend_error = "local"
+
+[oauth]
+issuer     = "http://127.0.0.1:{oauth}"
+jwks_file  = "pki/oauth-jwks.json"
+audience   = "{AUDIENCE}"
+algorithms = ["ES256"]
 "#,
         port = o.port,
-        admin = o.admin_port
+        admin = o.admin_port,
+        oauth = o.oauth_port,
     );
     let catalogue = format!(
         r#"# The provider and its services (the provider's file).
@@ -181,27 +252,114 @@ valid_from  = {from}
             from = date(v2_released),
         );
     }
-    write(&dir.join("catalogue.toml"), &catalogue)?;
-    write(&dir.join("consumers.toml"), &consumers)?;
-    let path = dir.join("fsp.toml");
-    write(&path, &main)?;
-    Ok(path)
+    vec![
+        ("fsp.toml", main),
+        ("catalogue.toml", catalogue),
+        ("consumers.toml", consumers),
+    ]
 }
 
-/// The commands printed for the newcomer.
-pub fn commands(dir: &Path, port: u16, admin_port: u16) -> String {
+/// What the last run left in `.quickstart.json`.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+struct State {
+    /// File name → SHA-256 of the content the quickstart wrote.
+    files: std::collections::BTreeMap<String, String>,
+    rest: Option<std::net::SocketAddr>,
+    soap: Option<std::net::SocketAddr>,
+}
+
+impl State {
+    fn read(dir: &Path) -> Self {
+        std::fs::read(dir.join(STATE_FILE))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    }
+
+    fn write(&self, dir: &Path) -> anyhow::Result<()> {
+        write(
+            &dir.join(STATE_FILE),
+            &serde_json::to_string_pretty(self).unwrap_or_default(),
+        )
+    }
+}
+
+fn digest(content: &[u8]) -> String {
+    certs::identity::sha256(content).to_string()
+}
+
+/// Writes the generated files, except those the user changed since the quickstart wrote
+/// them (or wrote themselves): those are kept and named in the answer.
+fn configure(
+    o: &Options,
+    state: &mut State,
+    files: Vec<(&'static str, String)>,
+) -> anyhow::Result<(PathBuf, Vec<&'static str>)> {
+    let mut kept = Vec::new();
+    for (name, content) in files {
+        let path = o.dir.join(name);
+        if let Ok(current) = std::fs::read(&path) {
+            let ours = state.files.get(name) == Some(&digest(&current));
+            if !ours {
+                kept.push(name);
+                continue;
+            }
+        }
+        write(&path, &content)?;
+        state
+            .files
+            .insert(name.to_owned(), digest(content.as_bytes()));
+    }
+    Ok((o.dir.join("fsp.toml"), kept))
+}
+
+/// Binds a sample provider where the last run had it (so that an edited catalogue still
+/// points at it), else anywhere on loopback.
+async fn bind_sample(previous: Option<std::net::SocketAddr>) -> anyhow::Result<TcpListener> {
+    if let Some(addr) = previous
+        && let Ok(l) = TcpListener::bind(addr).await
+    {
+        return Ok(l);
+    }
+    Ok(TcpListener::bind("127.0.0.1:0").await?)
+}
+
+/// What the printed commands need to know.
+#[derive(Debug)]
+pub struct Printed<'a> {
+    pub dir: &'a Path,
+    pub port: u16,
+    pub admin_port: u16,
+    /// An administrator's token (from `tokens_file`), for the admin API examples.
+    pub admin_token: Option<&'a str>,
+    /// The token endpoint's URL, a client id and its secret, for the OAuth example.
+    pub oauth: Option<(String, &'a str, &'a str)>,
+}
+
+/// The commands printed for the newcomer, each block a comment saying what it answers
+/// and the command(s).
+pub fn commands(p: &Printed<'_>) -> String {
+    let (dir, port, admin_port) = (p.dir, p.port, p.admin_port);
     let pki = dir.join("pki");
-    let p = |f: &str| pki.join(f).display().to_string();
+    let f = |name: &str| pki.join(name).display().to_string();
     let url = format!("https://localhost:{port}");
+    let admin = format!("http://127.0.0.1:{admin_port}");
     let soap_body = r#"<soap:Envelope xmlns:soap="http://schemas.xmlsoap.org/soap/envelope/"><soap:Body><getPersonRequest xmlns="urn:be:fgov:sample:rn:person:v2"><ssin>92021415414</ssin></getPersonRequest></soap:Body></soap:Envelope>"#;
-    format!(
+    let (ca, bxl, bxlk, lg, lgk) = (
+        f("ca.pem"),
+        f("ville-bxl.pem"),
+        f("ville-bxl.key"),
+        f("cpas-liege.pem"),
+        f("cpas-liege.key"),
+    );
+    let mut out = format!(
         r#"
-# 1. REST, version 3, as Ville de Bruxelles (client certificate):
+# 1. REST, version 3, as Ville de Bruxelles (client certificate): 200
 curl -i --cacert {ca} --cert {bxl} --key {bxlk} \
   -H 'FSP-Purpose: participation-vote' -H 'X-Request-ID: demo-1' \
   {url}/person/getPerson/v3/persons/85073003328
 
-# 2. SOAP, version 2 (deprecated: see the Deprecation, Sunset and Link headers), as CPAS de Liège:
+# 2. SOAP, version 2 (deprecated: see the Deprecation, Sunset and Link headers), as CPAS de Liège: 200
 curl -i --cacert {ca} --cert {lg} --key {lgk} \
   -H 'Content-Type: text/xml; charset=utf-8' -H 'SOAPAction: "urn:getPerson"' \
   --data '{soap_body}' \
@@ -216,18 +374,89 @@ curl -i --cacert {ca} {url}/person/getPerson/v3/persons/85073003328
 
 # 4. A version that does not exist: 404 FSP-ROUTE-UNKNOWN-VERSION
 curl -i --cacert {ca} --cert {bxl} --key {bxlk} {url}/person/getPerson/v9/persons/85073003328
+"#
+    );
+    if let Some((token_url, client, secret)) = &p.oauth {
+        let _ = write!(
+            out,
+            r#"
+# 5. OAuth2 instead of a certificate: get an access token for the client {client}
+#    (client-credentials grant at the quickstart's token endpoint), then call with it: 200
+TOKEN=$(curl -s -u '{client}:{secret}' -d grant_type=client_credentials {token_url} | sed -E 's/.*"access_token":"([^"]+)".*/\1/')
+curl -i --cacert {ca} -H "Authorization: Bearer $TOKEN" -H 'FSP-Purpose: participation-vote' \
+  {url}/person/getPerson/v3/persons/85073003328
+"#
+        );
+    }
+    if let Some(token) = p.admin_token {
+        let _ = write!(
+            out,
+            r#"
+# 6. Administrators: cut CPAS de Liège off at once (every change is an audit record naming
+#    the administrator; GET /admin/suspensions lists it): 200, then its calls get 403 FSP-AUTHZ-SUSPENDED
+curl -i -X POST -H 'Authorization: Bearer {token}' -d '{{"reason": "quickstart demo"}}' \
+  {admin}/admin/consumers/cpas-liege/suspend
 
+# 7. ... and restore it: 200
+curl -i -X POST -H 'Authorization: Bearer {token}' {admin}/admin/consumers/cpas-liege/resume
+"#
+        );
+    }
+    let _ = write!(
+        out,
+        r#"
 # Health and metrics (admin listener); the audit trail is in {audit}
-curl http://127.0.0.1:{admin_port}/readyz
-curl -s http://127.0.0.1:{admin_port}/metrics | grep fsp_
+curl {admin}/readyz
+curl -s {admin}/metrics | grep fsp_
 "#,
-        ca = p("ca.pem"),
-        bxl = p("ville-bxl.pem"),
-        bxlk = p("ville-bxl.key"),
-        lg = p("cpas-liege.pem"),
-        lgk = p("cpas-liege.key"),
         audit = dir.join("audit").display(),
-    )
+    );
+    out
+}
+
+/// Lifts the suspensions a previous run left in the state directory; says how many.
+fn lift_leftover_suspensions(config: &crate::config::Config) -> anyhow::Result<usize> {
+    if config.cluster.is_some() {
+        // Shared through Redis: not the quickstart's to clear.
+        return Ok(0);
+    }
+    let file = config.audit.backend.state_dir().join("suspensions.json");
+    if !file.exists() {
+        return Ok(0);
+    }
+    let left = crate::suspend::SuspensionStore::open(Some(file.clone()))?.snapshot();
+    let n = left.consumers.len() + left.providers.len();
+    std::fs::remove_file(&file).with_context(|| format!("cannot remove {}", file.display()))?;
+    Ok(n)
+}
+
+/// The quickstart's token endpoint for this configuration: its issuer must be
+/// `http://127.0.0.1:PORT` and its keys the quickstart's JWKS file (a configuration
+/// edited to use another identity provider gets none).
+fn token_endpoint(
+    dir: &Path,
+    config: &crate::config::Config,
+) -> anyhow::Result<Option<(crate::devidp::TokenIssuer, std::net::SocketAddr)>> {
+    let Some(oauth) = &config.oauth else {
+        return Ok(None);
+    };
+    let ours = matches!(&oauth.jwks, crate::config::JwksSource::File(f) if *f == dir.join("pki/oauth-jwks.json"));
+    let addr = oauth
+        .issuer
+        .strip_prefix("http://")
+        .map(|a| a.trim_end_matches('/'))
+        .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
+        .filter(|a| a.ip().is_loopback());
+    let Some(addr) = addr.filter(|_| ours) else {
+        return Ok(None);
+    };
+    let issuer = crate::devidp::TokenIssuer::load(
+        &oauth.issuer,
+        &oauth.audience,
+        &dir.join("pki/oauth-signing.key"),
+        &dir.join("oauth-clients"),
+    )?;
+    Ok(Some((issuer, addr)))
 }
 
 /// Runs the quickstart until Ctrl-C.
@@ -237,11 +466,83 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
     let dir = std::fs::canonicalize(&o.dir)?;
     let o = Options { dir, ..o };
     pki(&o.dir)?;
-    let rest = samples::spawn(Sample::Rest, TcpListener::bind("127.0.0.1:0").await?);
-    let soap = samples::spawn(Sample::Soap, TcpListener::bind("127.0.0.1:0").await?);
-    let path = configure(&o, rest, soap)?;
-    let config = crate::run::load_or_report(&path)
-        .ok_or_else(|| anyhow::anyhow!("the generated configuration is invalid (see above)"))?;
+    signing_key(&o.dir)?;
+    secrets(&o.dir)?;
+    let mut state = State::read(&o.dir);
+    let rest_listener = bind_sample(state.rest).await?;
+    let soap_listener = bind_sample(state.soap).await?;
+    let (rest, soap) = (rest_listener.local_addr()?, soap_listener.local_addr()?);
+    let moved = (state.rest.is_some_and(|a| a != rest)) || (state.soap.is_some_and(|a| a != soap));
+    let files = generate(&o, rest, soap);
+    let (path, kept) = configure(&o, &mut state, files)?;
+    state.rest = Some(rest);
+    state.soap = Some(soap);
+    state.write(&o.dir)?;
+    samples::spawn(Sample::Rest, rest_listener);
+    samples::spawn(Sample::Soap, soap_listener);
+    for name in &kept {
+        println!(
+            "Kept {} as you left it (it differs from what the quickstart wrote); delete it to get the generated one back.",
+            o.dir.join(name).display()
+        );
+    }
+    if moved && kept.contains(&"catalogue.toml") {
+        println!(
+            "Note: the sample providers could not come back on their previous ports; they now listen on http://{rest} (REST) and http://{soap}/soap (SOAP): update the upstream addresses in your catalogue.toml."
+        );
+    }
+    let config = crate::run::load_or_report(&path).ok_or_else(|| {
+        anyhow::anyhow!(
+            "the configuration in {} is invalid (see above)",
+            o.dir.display()
+        )
+    })?;
+    if o.keep_suspensions {
+        println!("Suspensions left by the last run are kept (--keep-suspensions).");
+    } else {
+        let lifted = lift_leftover_suspensions(&config)?;
+        if lifted > 0 {
+            println!(
+                "Lifted {lifted} suspension(s) left by the last run (start with --keep-suspensions to keep them)."
+            );
+        }
+    }
+    let oauth = match token_endpoint(&o.dir, &config)? {
+        Some((issuer, addr)) => {
+            let listener = TcpListener::bind(addr).await.with_context(|| {
+                format!("cannot listen on {addr} for the quickstart's OAuth2 token endpoint (--oauth-port)")
+            })?;
+            let client = issuer
+                .first_client()
+                .map(|(c, s)| (c.to_owned(), s.to_owned()));
+            tokio::spawn(crate::devidp::serve(std::sync::Arc::new(issuer), listener));
+            client.map(|c| (format!("http://{addr}/token"), c))
+        }
+        None => {
+            if config.oauth.is_some() {
+                println!(
+                    "OAuth: your fsp.toml names another identity provider, so the quickstart's token endpoint is not started."
+                );
+            }
+            None
+        }
+    };
+    let port = config.listener.address.port();
+    let admin = config.admin.as_ref();
+    let admin_port = admin.map_or(o.admin_port, |a| a.address.port());
+    let admin_token = admin
+        .and_then(|a| a.access.tokens.first())
+        .map(|t| t.token.clone());
+    let printed = Printed {
+        dir: &o.dir,
+        port,
+        admin_port,
+        admin_token: admin_token.as_deref(),
+        oauth: oauth
+            .as_ref()
+            .map(|(url, (client, secret))| (url.clone(), client.as_str(), secret.as_str())),
+    };
+    let text = commands(&printed);
     let shutdown = crate::run::shutdown_signal()?;
     println!(
         "FSP quickstart: configuration and development PKI in {}",
@@ -250,16 +551,15 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
     println!(
         "Sample providers: REST getPerson v3 on http://{rest}, SOAP getPerson v2 on http://{soap}/soap"
     );
+    if let Some((url, _)) = &oauth {
+        println!("OAuth2 token endpoint (client credentials): {url}");
+    }
     println!(
-        "Gateway: https://localhost:{} (mTLS); admin: http://127.0.0.1:{}",
-        o.port, o.admin_port
+        "Gateway: https://localhost:{port} (mTLS or OAuth2); admin: http://127.0.0.1:{admin_port}"
     );
-    println!(
-        "Paste these in another terminal:{}",
-        commands(&o.dir, o.port, o.admin_port)
-    );
+    println!("Paste these in another terminal:{text}");
     println!("Press Ctrl-C to stop.");
-    let text = commands(&o.dir, o.port, o.admin_port);
-    let _ = std::fs::write(o.dir.join("COMMANDS.txt"), text);
+    // It holds an administrator token and a client secret.
+    let _ = write_private(&o.dir.join("COMMANDS.txt"), &text);
     crate::run::serve(&path, config, shutdown).await
 }
