@@ -304,6 +304,53 @@ mod tests {
     }
 
     #[test]
+    fn the_certificate_beside_a_token_is_sealed_and_records_without_it_are_as_before() {
+        // Without it, the canonical form (and so the hash) of a record is what it was
+        // before the field existed: trails written then still verify.
+        let mut c = Vec::new();
+        record(1, "n1").write_canonical(&mut c);
+        assert_eq!(
+            String::from_utf8(c).unwrap(),
+            "{\"message_id\":\"0190-0001\",\"timestamp\":\"2026-12-02T10:00:00.000Z\",\
+             \"consumer\":null,\"credential\":null,\"credential_id\":null,\
+             \"source_ip\":\"192.0.2.1\",\"service\":null,\"version\":null,\
+             \"operation\":\"GET /person/getPerson/v3/p\",\"purpose\":null,\
+             \"authorisation\":null,\"legal_basis\":null,\"end_user\":\"agent \\\"7\\\"\\n\",\
+             \"consumer_ref\":null,\"decision\":\"allowed\",\"status\":200,\
+             \"duration_ms\":1.25,\"request_bytes\":0,\"response_bytes\":0,\
+             \"trace_id\":null,\"node\":\"n1\",\"fault\":null,\"detail\":null}"
+        );
+        // With it, it is part of what the hash covers.
+        let mut chain = Chain::default();
+        let mut lines = Vec::new();
+        for i in 0..3 {
+            let mut r = record(i, "n1");
+            if i == 1 {
+                r.credential = Some("oauth".into());
+                r.credential_id = Some("ville-bxl-app".into());
+                r.certificate_sha256 = Some("ab".repeat(32));
+            }
+            let mut line = Vec::new();
+            r.write_json(&mut line);
+            chain.seal_line(&line, &mut lines);
+        }
+        let good: Vec<Record> = lines
+            .split(|&b| b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(|l| serde_json::from_slice(l).unwrap())
+            .collect();
+        assert_eq!(good[1].certificate_sha256, Some("ab".repeat(32)));
+        assert_eq!(verify(&good), Ok(3));
+        for changed in [None, Some("cd".repeat(32))] {
+            let mut altered = good.clone();
+            altered[1].certificate_sha256 = changed;
+            assert!(
+                matches!(verify(&altered), Err(Break::Altered { ref message_id, .. }) if message_id == "0190-0001")
+            );
+        }
+    }
+
+    #[test]
     fn each_node_has_its_own_chain() {
         let (mut a, mut b) = (Chain::default(), Chain::default());
         let mut records = Vec::new();

@@ -65,9 +65,9 @@ pub enum Format {
     Csv,
 }
 
-/// The CSV columns, in the contract's field order (with the `fault`, `detail` and
-/// `phase` extensions before the chain).
-pub const CSV_COLUMNS: [&str; 26] = [
+/// The CSV columns, in the contract's field order (with the `fault`, `detail`, `phase`
+/// and `certificate_sha256` extensions before the chain).
+pub const CSV_COLUMNS: [&str; 27] = [
     "message_id",
     "timestamp",
     "consumer",
@@ -92,6 +92,7 @@ pub const CSV_COLUMNS: [&str; 26] = [
     "fault",
     "detail",
     "phase",
+    "certificate_sha256",
     "prev_hash",
     "hash",
 ];
@@ -150,7 +151,7 @@ impl<W: Write> Writer<W> {
         let duration = r.duration_ms.to_string();
         let request_bytes = r.request_bytes.to_string();
         let response_bytes = r.response_bytes.to_string();
-        let fields: [Option<&str>; 26] = [
+        let fields: [Option<&str>; 27] = [
             Some(&r.message_id),
             Some(&r.timestamp),
             r.consumer.as_deref(),
@@ -175,6 +176,7 @@ impl<W: Write> Writer<W> {
             r.fault.as_deref(),
             r.detail.as_deref(),
             r.phase.map(crate::Phase::as_str),
+            r.certificate_sha256.as_deref(),
             r.prev_hash.as_deref(),
             r.hash.as_deref(),
         ];
@@ -286,6 +288,28 @@ mod tests {
         );
         assert!(row.contains(",\"'=HYPERLINK(\"\"x\"\")\","), "{row}");
         assert!(row.contains(",allowed,200,1.5,0,0,,n1,"), "{row}");
+        assert!(row.ends_with(",n1,,,,,,"), "{row}");
+        // The certificate beside a token has its column, after the phase.
+        let mut w = Writer::new(Vec::new(), Format::Csv);
+        w.write(&Record {
+            phase: Some(crate::Phase::Outcome),
+            certificate_sha256: Some("ab".repeat(32)),
+            ..record("m2", "2026-12-01T10:00:00.000Z", "ville-bxl")
+        })
+        .unwrap();
+        let text = String::from_utf8(w.finish().unwrap()).unwrap();
+        let mut lines = text.lines();
+        assert!(
+            lines
+                .next()
+                .unwrap()
+                .ends_with(",fault,detail,phase,certificate_sha256,prev_hash,hash")
+        );
+        let row = lines.next().unwrap();
+        assert!(
+            row.ends_with(&format!(",n1,,,outcome,{},,", "ab".repeat(32))),
+            "{row}"
+        );
         // An empty export is its header row.
         let empty = Writer::new(Vec::new(), Format::Csv).finish().unwrap();
         assert_eq!(empty.iter().filter(|&&b| b == b'\n').count(), 1);
@@ -293,11 +317,20 @@ mod tests {
 
     #[test]
     fn jsonl_is_the_record_as_stored() {
-        let r = record("m1", "2026-12-01T10:00:00.000Z", "ville-bxl");
-        let mut w = Writer::new(Vec::new(), Format::Jsonl);
-        w.write(&r).unwrap();
-        let out = w.finish().unwrap();
-        let back: Record = serde_json::from_slice(out.strip_suffix(b"\n").unwrap()).unwrap();
-        assert_eq!(back, r);
+        for certificate_sha256 in [None, Some("ab".repeat(32))] {
+            let r = Record {
+                certificate_sha256,
+                ..record("m1", "2026-12-01T10:00:00.000Z", "ville-bxl")
+            };
+            let mut w = Writer::new(Vec::new(), Format::Jsonl);
+            w.write(&r).unwrap();
+            let out = w.finish().unwrap();
+            let line = out.strip_suffix(b"\n").unwrap();
+            let back: Record = serde_json::from_slice(line).unwrap();
+            assert_eq!(back, r);
+            let mut stored = Vec::new();
+            r.write_json(&mut stored);
+            assert_eq!(line, stored);
+        }
     }
 }

@@ -1499,6 +1499,37 @@ mod tests {
     }
 
     #[test]
+    fn the_certificate_beside_a_token_is_written_found_and_sealed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (sink, handle) = FileSink::start(dir.path(), "n").unwrap();
+        let sha256 = "ab".repeat(32);
+        for i in 0..3 {
+            let mut r = record(i, "2026-11-24");
+            if i == 1 {
+                r.credential = Some("oauth".into());
+                r.credential_id = Some("ville-bxl-app".into());
+                r.certificate_sha256 = Some(sha256.clone());
+            }
+            sink.submit(r).unwrap();
+        }
+        drop(sink);
+        handle.join();
+        assert_eq!(verify_dir(dir.path(), None).unwrap().records, 3);
+        let found = |id: &str| find(dir.path(), id).unwrap().unwrap().certificate_sha256;
+        assert_eq!(found("m-1"), Some(sha256.clone()));
+        assert_eq!(found("m-2"), None);
+        // Written only where there is one; edited in the file, it breaks the chain there.
+        let file = trail_files(dir.path()).unwrap().pop().unwrap();
+        let text = std::fs::read_to_string(&file).unwrap();
+        assert_eq!(text.matches("\"certificate_sha256\":").count(), 1, "{text}");
+        std::fs::write(&file, text.replace(&sha256, &"cd".repeat(32))).unwrap();
+        assert!(matches!(
+            verify_dir(dir.path(), None),
+            Err(VerifyError::Broken(Break::Altered { ref message_id, .. })) if message_id == "m-1"
+        ));
+    }
+
+    #[test]
     fn retention_deletes_whole_old_files_and_the_chain_goes_on_from_its_anchor() {
         let dir = tempfile::tempdir().unwrap();
         let ago = |days: i64| {

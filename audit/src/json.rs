@@ -65,6 +65,10 @@ impl Record {
             out.extend_from_slice(b",\"phase\":");
             string(out, phase.as_str());
         }
+        if let Some(sha256) = &self.certificate_sha256 {
+            out.extend_from_slice(b",\"certificate_sha256\":");
+            string(out, sha256);
+        }
         out.extend_from_slice(b",\"prev_hash\":");
         optional(out, self.prev_hash.as_deref());
         out.extend_from_slice(b",\"hash\":");
@@ -184,6 +188,7 @@ mod tests {
             fault: Some("provider".into()),
             detail: Some("cannot connect to 10.0.0.1:443: \"refused\"".into()),
             phase: None,
+            certificate_sha256: None,
             prev_hash: None,
             hash: None,
         };
@@ -196,6 +201,25 @@ mod tests {
             };
             let (mine, serde) = both(&r);
             assert_eq!(mine, serde);
+        }
+        // With the certificate beside a token, alone and with a phase, and with text
+        // that needs escaping (the writer must not trust the field to be hex).
+        for (phase, sha256) in [
+            (None, "cd".repeat(32)),
+            (Some(crate::Phase::Outcome), "cd".repeat(32)),
+            (Some(crate::Phase::Request), "not \"hex\"\n".into()),
+        ] {
+            let r = Record {
+                credential: Some("oauth".into()),
+                credential_id: Some("ville-bxl-app".into()),
+                phase,
+                certificate_sha256: Some(sha256),
+                ..r.clone()
+            };
+            let (mine, serde) = both(&r);
+            assert_eq!(mine, serde);
+            let back: Record = serde_json::from_str(&mine).unwrap();
+            assert_eq!(back.certificate_sha256, r.certificate_sha256);
         }
     }
 

@@ -70,6 +70,14 @@ pub struct Record {
     /// which then says plainly that the call's end was never recorded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<Phase>,
+    /// Extension: the SHA-256 (lower-case hex, as `credential_id` gives a certificate's)
+    /// of the client certificate the connection presented, when the call was identified
+    /// by something else (an OAuth token: `credential` `oauth`), so that the record keeps
+    /// both credentials, whether they name one consumer or two (a conflict). Absent
+    /// otherwise, and then not written at all: records without it keep the canonical form
+    /// (and hash) they had before the field existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate_sha256: Option<String>,
     pub prev_hash: Option<String>,
     pub hash: Option<String>,
 }

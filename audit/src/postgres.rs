@@ -4,18 +4,20 @@
 //! # The table
 //!
 //! One table, `fsp_audit`, whose columns are the contract's field names (section 6) with
-//! the record's extensions (`fault`, `detail`, `phase`), plus `seq` (the record's place in
-//! its node's chain: 1, 2, 3...) and `written_at` (when the writer committed it). It is
-//! partitioned by month of `written_at` (`fsp_audit_y2026m12`); the writer creates this
-//! month's and next month's partitions at start and once a day, and there is no default
-//! partition: a row with nowhere to go is an error, never silently kept elsewhere. Indexes
-//! serve the questions operators ask: by `message_id`, by `(consumer, timestamp)`,
-//! `(service, timestamp)`, `end_user` and `timestamp`. The view `fsp_audit_calls` gives
-//! one row per call: the outcome line when there is one, else the request line (`phase`
-//! `request`, `status` 0: the gateway stopped before the call ended), else the call's
-//! single complete line. The schema is made and migrated at start
+//! the record's extensions (`fault`, `detail`, `phase`, `certificate_sha256`), plus `seq`
+//! (the record's place in its node's chain: 1, 2, 3...) and `written_at` (when the writer
+//! committed it). It is partitioned by month of `written_at` (`fsp_audit_y2026m12`); the
+//! writer creates this month's and next month's partitions at start and once a day, and
+//! there is no default partition: a row with nowhere to go is an error, never silently
+//! kept elsewhere. Indexes serve the questions operators ask: by `message_id`, by
+//! `(consumer, timestamp)`, `(service, timestamp)`, `end_user` and `timestamp`. The view
+//! `fsp_audit_calls` gives one row per call: the outcome line when there is one, else the
+//! request line (`phase` `request`, `status` 0: the gateway stopped before the call
+//! ended), else the call's single complete line. The schema is made and migrated at start
 //! (`fsp_schema_migrations`), in one transaction under an advisory lock, so that gateways
-//! starting together do not race.
+//! starting together do not race. A reader ([`PostgresTrail`]) does not migrate: it reads
+//! a database a gateway of this version has not migrated yet (no `certificate_sha256`
+//! column, migration 3) as a trail whose records have none.
 //!
 //! # The chain
 //!
@@ -174,7 +176,7 @@ const WRITER_SESSION: &str = "SET tcp_keepalives_idle = 30; SET tcp_keepalives_i
 
 /// The schema's migrations, in order; each is applied once, in the transaction that
 /// records it in `fsp_schema_migrations`.
-const MIGRATIONS: &[(i32, &str)] = &[(1, SCHEMA_V1), (2, SCHEMA_V2)];
+const MIGRATIONS: &[(i32, &str)] = &[(1, SCHEMA_V1), (2, SCHEMA_V2), (3, SCHEMA_V3)];
 
 const SCHEMA_V1: &str = r#"
 CREATE TABLE fsp_audit (
@@ -301,8 +303,27 @@ SELECT month, node, consumer, service, version, code, decision,
  GROUP BY month, node, consumer, service, version, code, decision;
 "#;
 
+/// The record's `certificate_sha256` extension: a nullable column, so that the rows
+/// already written (and the gateways of earlier versions, whose inserts name their
+/// columns) go on unchanged; adding it changes no row, whatever the table's size. The
+/// view `fsp_audit_calls` is made again to have it: its `a.*` was expanded when it was
+/// made (`CREATE OR REPLACE VIEW` may add columns at the end, and keeps the view's
+/// comment and grants). Partitions take the column from their parent. `IF NOT EXISTS`:
+/// applying it twice changes nothing.
+const SCHEMA_V3: &str = r#"
+ALTER TABLE fsp_audit ADD COLUMN IF NOT EXISTS certificate_sha256 text;
+COMMENT ON COLUMN fsp_audit.certificate_sha256 IS
+    'Extension: the SHA-256 of the client certificate the connection presented when the call was identified by an OAuth token (credential oauth); NULL otherwise';
+CREATE OR REPLACE VIEW fsp_audit_calls AS
+    SELECT a.* FROM fsp_audit a
+     WHERE a.phase IS DISTINCT FROM 'request'
+        OR NOT EXISTS (SELECT 1 FROM fsp_audit o
+                        WHERE o.message_id = a.message_id AND o.node = a.node
+                          AND o.phase = 'outcome');
+"#;
+
 /// The text columns of `fsp_audit`, in the order [`texts`] gives a record's values.
-const TEXT_COLUMNS: [&str; 21] = [
+const TEXT_COLUMNS: [&str; 22] = [
     "message_id",
     "consumer",
     "credential",
@@ -322,9 +343,13 @@ const TEXT_COLUMNS: [&str; 21] = [
     "fault",
     "detail",
     "phase",
+    "certificate_sha256",
     "prev_hash",
     "hash",
 ];
+
+/// Where `node` is in [`TEXT_COLUMNS`] (and in a row read with [`SELECT_LIST`]).
+const NODE_COLUMN: usize = 15;
 
 /// The other columns a record is rebuilt from, after the text columns, with their types.
 const OTHER_COLUMNS: [(&str, &str); 6] = [
@@ -341,6 +366,20 @@ static SELECT_LIST: LazyLock<String> = LazyLock::new(|| {
     TEXT_COLUMNS
         .iter()
         .copied()
+        .chain(OTHER_COLUMNS.iter().map(|(c, _)| *c))
+        .collect::<Vec<_>>()
+        .join(", ")
+});
+
+/// [`SELECT_LIST`] for a database not migrated to version 3 yet (by a gateway of this
+/// version): `certificate_sha256` is read as NULL, as its records have none.
+static SELECT_LIST_BEFORE_V3: LazyLock<String> = LazyLock::new(|| {
+    TEXT_COLUMNS
+        .iter()
+        .map(|c| match *c {
+            "certificate_sha256" => "NULL::text",
+            c => c,
+        })
         .chain(OTHER_COLUMNS.iter().map(|(c, _)| *c))
         .collect::<Vec<_>>()
         .join(", ")
@@ -369,8 +408,8 @@ static INSERT: LazyLock<String> = LazyLock::new(|| {
 const TRAIL_PARAMS: usize = TEXT_COLUMNS.len() + OTHER_COLUMNS.len();
 
 /// A batch with calls is written with this one statement: its records as [`INSERT`] writes
-/// them, then the node (`$28`) and the cells the batch changed, with their full values,
-/// upserted into the day roll-ups (`$29`..`$37`) and the month roll-ups (`$38`..`$46`), one
+/// them, then the node (`$29`) and the cells the batch changed, with their full values,
+/// upserted into the day roll-ups (`$30`..`$38`) and the month roll-ups (`$39`..`$47`), one
 /// array per column of [`CellColumns`]. One statement: the trail and its statistics are
 /// committed together or not at all.
 static INSERT_COUNTED: LazyLock<String> = LazyLock::new(|| {
@@ -824,6 +863,7 @@ fn admit(mut record: Record) -> Result<Line, AuditError> {
         &mut record.trace_id,
         &mut record.fault,
         &mut record.detail,
+        &mut record.certificate_sha256,
     ]
     .into_iter()
     .flatten()
@@ -843,7 +883,7 @@ fn storable(s: &mut String) {
 }
 
 /// A record's text columns, in the order of [`TEXT_COLUMNS`].
-fn texts(r: &Record) -> [Option<&str>; 21] {
+fn texts(r: &Record) -> [Option<&str>; 22] {
     [
         Some(&r.message_id),
         r.consumer.as_deref(),
@@ -864,6 +904,7 @@ fn texts(r: &Record) -> [Option<&str>; 21] {
         r.fault.as_deref(),
         r.detail.as_deref(),
         r.phase.map(Phase::as_str),
+        r.certificate_sha256.as_deref(),
         r.prev_hash.as_deref(),
         r.hash.as_deref(),
     ]
@@ -920,7 +961,7 @@ fn insert(
 /// Rebuilds a record (and its `seq`) from a row read with [`SELECT_LIST`].
 fn record_from(row: &Row) -> Result<(Record, i64), String> {
     let get_err = |e: ::postgres::Error| describe(&e);
-    let mut texts: [Option<String>; 21] = Default::default();
+    let mut texts: [Option<String>; 22] = Default::default();
     for (i, t) in texts.iter_mut().enumerate() {
         *t = row.try_get(i).map_err(get_err)?;
     }
@@ -944,6 +985,7 @@ fn record_from(row: &Row) -> Result<(Record, i64), String> {
         fault,
         detail,
         phase,
+        certificate_sha256,
         prev_hash,
         hash,
     ] = texts;
@@ -987,6 +1029,7 @@ fn record_from(row: &Row) -> Result<(Record, i64), String> {
             Some("outcome") => Some(Phase::Outcome),
             Some(other) => return Err(format!("phase {other:?}")),
         },
+        certificate_sha256,
         prev_hash,
         hash,
     };
@@ -995,7 +1038,7 @@ fn record_from(row: &Row) -> Result<(Record, i64), String> {
 
 /// Where a row is, as `node/seq`, for a row that cannot be rebuilt.
 fn place(row: &Row) -> String {
-    let node: Option<String> = row.try_get(TEXT_COLUMNS.len() - 6).ok().flatten();
+    let node: Option<String> = row.try_get(NODE_COLUMN).ok().flatten();
     let seq: Option<i64> = row.try_get(TEXT_COLUMNS.len() + 5).ok();
     format!(
         "{}/{}",
@@ -1969,6 +2012,9 @@ impl Writer {
 /// exports, while gateways write.
 pub struct PostgresTrail {
     client: Client,
+    /// The column list records are read with: [`SELECT_LIST`], or
+    /// [`SELECT_LIST_BEFORE_V3`] for a database not migrated to version 3 yet.
+    select: &'static str,
     /// Where a second connection is opened (statistics read months and days side by side).
     url: String,
     schema: Option<String>,
@@ -1980,6 +2026,26 @@ impl std::fmt::Debug for PostgresTrail {
     }
 }
 
+/// The column list to read records with from the database `client` is connected to:
+/// one not migrated to version 3 yet (made by an earlier gateway, and no gateway of this
+/// version started on it since) has no `certificate_sha256`, and its records none. A
+/// database without the table gets the whole list (and the error of a missing table).
+fn select_list(client: &mut Client) -> Result<&'static str, ::postgres::Error> {
+    let current: bool = client
+        .query_one(
+            "SELECT to_regclass('fsp_audit') IS NULL OR EXISTS (SELECT 1 FROM pg_attribute \
+             WHERE attrelid = to_regclass('fsp_audit') AND attname = 'certificate_sha256' \
+             AND NOT attisdropped)",
+            &[],
+        )?
+        .try_get(0)?;
+    Ok(if current {
+        SELECT_LIST.as_str()
+    } else {
+        SELECT_LIST_BEFORE_V3.as_str()
+    })
+}
+
 /// The order of a call's lines: its outcome, else its single line, else its request.
 const CALL_LINE_ORDER: &str =
     "CASE phase WHEN 'outcome' THEN 0 WHEN 'request' THEN 2 ELSE 1 END, written_at DESC, seq DESC";
@@ -1987,8 +2053,11 @@ const CALL_LINE_ORDER: &str =
 impl PostgresTrail {
     /// Connects to `url`, in `schema` when one is given.
     pub fn connect(url: &str, schema: Option<&str>) -> Result<Self, TrailError> {
+        let mut client = open(url, schema, "fsp-audit-reader")?;
+        let select = select_list(&mut client)?;
         Ok(Self {
-            client: open(url, schema, "fsp-audit-reader")?,
+            client,
+            select,
             url: url.to_owned(),
             schema: schema.map(str::to_owned),
         })
@@ -2000,7 +2069,7 @@ impl PostgresTrail {
     pub fn lookup(&mut self, message_id: &str) -> Result<Option<Record>, TrailError> {
         let sql = format!(
             "SELECT {} FROM fsp_audit WHERE message_id = $1 ORDER BY {CALL_LINE_ORDER} LIMIT 1",
-            SELECT_LIST.as_str()
+            self.select
         );
         let Some(row) = self.client.query_opt(&sql, &[&message_id])? else {
             return Ok(None);
@@ -2036,7 +2105,7 @@ impl PostgresTrail {
                 conditions.push(format!("{sql} ${}", params.len()));
             }
         }
-        let mut sql = format!("SELECT {} FROM fsp_audit_calls", SELECT_LIST.as_str());
+        let mut sql = format!("SELECT {} FROM fsp_audit_calls", self.select);
         if !conditions.is_empty() {
             sql = format!("{sql} WHERE {}", conditions.join(" AND "));
         }
@@ -2170,10 +2239,7 @@ impl PostgresTrail {
             }
             chains.after(anchor);
         }
-        let sql = format!(
-            "SELECT {} FROM fsp_audit ORDER BY node, seq",
-            SELECT_LIST.as_str()
-        );
+        let sql = format!("SELECT {} FROM fsp_audit ORDER BY node, seq", self.select);
         stream(&mut tx, &sql, &[], |row| {
             let (record, seq) = record_from(row).map_err(|why| TrailError::Row {
                 at: place(row),
@@ -2659,17 +2725,28 @@ mod tests {
     #[test]
     fn the_counted_insert_names_every_parameter_once() {
         let sql = INSERT_COUNTED.as_str();
-        for i in 1..=46 {
+        for i in 1..=47 {
             assert!(sql.contains(&format!("${i}::")), "${i} in {sql}");
         }
-        assert!(!sql.contains("$47"));
-        assert_eq!(TRAIL_PARAMS, 27);
+        assert!(!sql.contains("$48"));
+        assert_eq!(TRAIL_PARAMS, 28);
     }
 
     #[test]
     fn the_insert_names_every_column_once() {
-        assert!(INSERT.contains("$27::bigint[]"), "{}", INSERT.as_str());
-        assert!(!INSERT.contains("$28"));
-        assert_eq!(TEXT_COLUMNS[TEXT_COLUMNS.len() - 6], "node");
+        assert!(INSERT.contains("$28::bigint[]"), "{}", INSERT.as_str());
+        assert!(!INSERT.contains("$29"));
+        assert_eq!(TEXT_COLUMNS[NODE_COLUMN], "node");
+        // Read from a database before migration 3: the same places, the extension NULL.
+        let before: Vec<&str> = SELECT_LIST_BEFORE_V3.split(", ").collect();
+        let now: Vec<&str> = SELECT_LIST.split(", ").collect();
+        assert_eq!(before.len(), now.len());
+        for (b, n) in before.iter().zip(&now) {
+            assert!(
+                b == n || (*b, *n) == ("NULL::text", "certificate_sha256"),
+                "{b} {n}"
+            );
+        }
+        assert!(before.contains(&"NULL::text"));
     }
 }

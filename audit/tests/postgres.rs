@@ -339,6 +339,166 @@ fn lookup_and_export_give_one_record_per_call_preferring_the_outcome() {
     assert_eq!(db.trail().verify(None).unwrap().records, 4);
 }
 
+/// A call identified by a token on a connection that presented a certificate.
+fn with_certificate(i: usize) -> Record {
+    Record {
+        credential: Some("oauth".into()),
+        credential_id: Some("ville-bxl-app".into()),
+        certificate_sha256: Some(format!("{i:02x}").repeat(32)),
+        ..record(i)
+    }
+}
+
+#[test]
+fn the_certificate_beside_a_token_is_stored_read_back_exported_and_sealed() {
+    let Some(db) = db() else { return };
+    let (sink, handle) = db.start("n");
+    let records: Vec<Record> = (0..6)
+        .map(|i| {
+            if i % 2 == 1 {
+                with_certificate(i)
+            } else {
+                record(i)
+            }
+        })
+        .collect();
+    for r in &records {
+        sink.submit(r.clone()).unwrap();
+    }
+    drop(sink);
+    handle.join();
+    assert_eq!(db.trail().verify(None).unwrap().records, 6);
+    assert_eq!(
+        db.count("SELECT count(*) FROM fsp_audit_calls WHERE certificate_sha256 IS NOT NULL"),
+        3
+    );
+    let found = db.trail().lookup("m-00003").unwrap().unwrap();
+    assert_eq!(found.certificate_sha256, records[3].certificate_sha256);
+    assert_eq!(found.credential_id.as_deref(), Some("ville-bxl-app"));
+    assert_eq!(
+        db.trail()
+            .lookup("m-00002")
+            .unwrap()
+            .unwrap()
+            .certificate_sha256,
+        None
+    );
+    // Exported as stored: in the JSON line only where there is one, and a CSV column.
+    let mut out = Writer::new(Vec::new(), Format::Jsonl);
+    assert_eq!(db.trail().export(&Filter::default(), &mut out).unwrap(), 6);
+    let text = String::from_utf8(out.finish().unwrap()).unwrap();
+    let exported: Vec<Record> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(exported[3], found);
+    assert_eq!(text.matches("\"certificate_sha256\":").count(), 3, "{text}");
+    let mut out = Writer::new(Vec::new(), Format::Csv);
+    db.trail().export(&Filter::default(), &mut out).unwrap();
+    let csv = String::from_utf8(out.finish().unwrap()).unwrap();
+    assert!(
+        csv.lines()
+            .next()
+            .unwrap()
+            .contains(",phase,certificate_sha256,")
+    );
+    assert!(csv.contains(&format!(",{},", "03".repeat(32))), "{csv}");
+    // The column is covered by the chain: altered, or taken away, it breaks it.
+    for change in [format!("'{}'", "ff".repeat(32)), "NULL".to_owned()] {
+        db.client()
+            .batch_execute(&format!(
+                "UPDATE fsp_audit SET certificate_sha256 = {change} WHERE seq = 4"
+            ))
+            .unwrap();
+        assert_eq!(
+            broken(&db, None),
+            Break::Altered {
+                at: "n/4".into(),
+                message_id: "m-00003".into()
+            }
+        );
+    }
+    // Given to a record that had none, too.
+    db.client()
+        .batch_execute(&format!(
+            "UPDATE fsp_audit SET certificate_sha256 = '{}' WHERE seq = 4; \
+             UPDATE fsp_audit SET certificate_sha256 = '{}' WHERE seq = 3",
+            "03".repeat(32),
+            "ff".repeat(32)
+        ))
+        .unwrap();
+    assert_eq!(
+        broken(&db, None),
+        Break::Altered {
+            at: "n/3".into(),
+            message_id: "m-00002".into()
+        }
+    );
+}
+
+#[test]
+fn a_database_of_an_earlier_version_is_read_as_it_is_and_migrated_at_start() {
+    let Some(db) = db() else { return };
+    written(&db, 3);
+    // The database as a gateway before migration 3 left it: no column, the view without
+    // it, its comment kept.
+    db.client()
+        .batch_execute(
+            "DROP VIEW fsp_audit_calls; \
+             ALTER TABLE fsp_audit DROP COLUMN certificate_sha256; \
+             CREATE VIEW fsp_audit_calls AS \
+                 SELECT a.* FROM fsp_audit a \
+                  WHERE a.phase IS DISTINCT FROM 'request' \
+                     OR NOT EXISTS (SELECT 1 FROM fsp_audit o \
+                                     WHERE o.message_id = a.message_id AND o.node = a.node \
+                                       AND o.phase = 'outcome'); \
+             COMMENT ON VIEW fsp_audit_calls IS 'One row per call'; \
+             DELETE FROM fsp_schema_migrations WHERE version = 3",
+        )
+        .unwrap();
+    // Read by this version without being migrated: its records have none.
+    assert_eq!(db.trail().verify(None).unwrap().records, 3);
+    let old = db.trail().lookup("m-00001").unwrap().unwrap();
+    assert_eq!(
+        (old.message_id.as_str(), old.certificate_sha256),
+        ("m-00001", None)
+    );
+    let mut out = Writer::new(Vec::new(), Format::Jsonl);
+    assert_eq!(db.trail().export(&Filter::default(), &mut out).unwrap(), 3);
+    // A gateway of this version migrates it, and its chain goes on through the records
+    // written with the column.
+    let (sink, handle) = db.start("n");
+    for i in 3..6 {
+        sink.submit(with_certificate(i)).unwrap();
+    }
+    drop(sink);
+    handle.join();
+    assert_eq!(
+        db.count("SELECT max(version)::bigint FROM fsp_schema_migrations"),
+        3
+    );
+    assert_eq!(db.trail().verify(None).unwrap().records, 6);
+    assert_eq!(
+        db.count("SELECT count(*) FROM fsp_audit_calls WHERE certificate_sha256 IS NOT NULL"),
+        3
+    );
+    assert_eq!(
+        db.trail()
+            .lookup("m-00004")
+            .unwrap()
+            .unwrap()
+            .certificate_sha256,
+        with_certificate(4).certificate_sha256
+    );
+    // The view was replaced, not dropped: its comment is still there.
+    let comment: Option<String> = db
+        .client()
+        .query_one("SELECT obj_description('fsp_audit_calls'::regclass)", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(comment.as_deref(), Some("One row per call"));
+}
+
 #[test]
 fn an_altered_column_breaks_verification_at_its_row() {
     let Some(db) = db() else { return };
@@ -649,8 +809,9 @@ fn gateways_starting_together_migrate_once_and_a_node_has_one_writer() {
             .map(|t| t.join().unwrap().unwrap())
             .collect()
     });
-    // Each migration once (1: the trail, 2: its statistics roll-ups).
-    assert_eq!(db.count("SELECT count(*) FROM fsp_schema_migrations"), 2);
+    // Each migration once (1: the trail, 2: its statistics roll-ups, 3: the
+    // `certificate_sha256` extension).
+    assert_eq!(db.count("SELECT count(*) FROM fsp_schema_migrations"), 3);
     let twin = PostgresSink::start_with(db.settings("a"))
         .unwrap_err()
         .to_string();
@@ -1032,11 +1193,12 @@ fn the_trail_written_before_statistics_is_counted_by_the_migration() {
     }
     assert_eq!(answer, Rollup::from_records(counted).answer(&q));
 
-    // A database from before statistics: the reader says what to do.
+    // A database from before statistics (which knows no later migration either; the
+    // later ones find their work done): the reader says what to do.
     db.client()
         .batch_execute(
             "DROP TABLE fsp_audit_daily, fsp_audit_monthly; \
-             DELETE FROM fsp_schema_migrations WHERE version = 2",
+             DELETE FROM fsp_schema_migrations WHERE version >= 2",
         )
         .unwrap();
     let err = db.trail().stats(&q).unwrap_err();

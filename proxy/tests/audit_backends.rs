@@ -377,6 +377,132 @@ async fn an_altered_removed_or_swapped_record_is_named_by_verify() {
     }
 }
 
+/// Calls identified by a token on connections that presented a certificate, as node
+/// `beside` of `store` writes them (a sink of the store's own, from a thread of its own:
+/// the blocking PostgreSQL client cannot run on the test's runtime).
+fn write_beside(store: &Store, pki: &Pki, records: Vec<audit::Record>) {
+    let (dir, database) = match store {
+        Store::File => (Some(pki.path().join("audit")), None),
+        Store::Postgres { url, schema } => (None, Some((url.clone(), schema.clone()))),
+    };
+    std::thread::spawn(move || {
+        use audit::AuditSink;
+        let (sink, join): (Box<dyn AuditSink>, Box<dyn FnOnce()>) = match (dir, database) {
+            (Some(dir), _) => {
+                let (sink, handle) = audit::file::FileSink::start(&dir, "beside").unwrap();
+                (Box::new(sink), Box::new(move || handle.join()))
+            }
+            (None, Some((url, schema))) => {
+                let (sink, handle) =
+                    audit::postgres::PostgresSink::start_with(audit::postgres::Settings {
+                        schema: Some(schema),
+                        ..audit::postgres::Settings::new(&url, "beside")
+                    })
+                    .unwrap();
+                (Box::new(sink), Box::new(move || handle.join()))
+            }
+            (None, None) => unreachable!(),
+        };
+        for r in records {
+            sink.submit(r).unwrap();
+        }
+        drop(sink);
+        join();
+    })
+    .join()
+    .unwrap();
+}
+
+#[tokio::test]
+async fn a_certificate_recorded_beside_a_token_is_verified_exported_and_sealed() {
+    for store in Store::all("beside") {
+        let pki = Pki::new();
+        let up = upstream().await;
+        let config = store.config(&pki, up, 0, 0, None);
+        let mut gw = Gateway::start(&config).await;
+        let c = client(&pki, Some(&pki.consumer), false);
+        assert_eq!(
+            send(&c, get(&gw.url(CALL))).await.unwrap().0,
+            StatusCode::OK
+        );
+        gw.stop();
+        // Another certificate than the one the gateway's call gave as its credential.
+        let sha256 = certs::sha256(&pki.stranger.der).to_string();
+        let records = (0..3)
+            .map(|i| audit::Record {
+                message_id: format!("beside-{i}"),
+                timestamp: "2026-12-01T10:00:00.000Z".into(),
+                consumer: Some("ville-bxl".into()),
+                credential: Some("oauth".into()),
+                credential_id: Some("ville-bxl-app".into()),
+                certificate_sha256: (i != 1).then(|| sha256.clone()),
+                source_ip: "192.0.2.1".into(),
+                operation: format!("GET {CALL}"),
+                decision: "allowed".into(),
+                status: 200,
+                node: "beside".into(),
+                ..Default::default()
+            })
+            .collect();
+        write_beside(&store, &pki, records);
+        let (code, out) = verify(&config);
+        assert_eq!(code, 0, "{}: {out}", store.name());
+        assert!(out.contains("5 records"), "{}: {out}", store.name());
+
+        let calls = exported(&config);
+        let of = |id: &str| calls.iter().find(|r| r["message_id"] == id).unwrap();
+        assert_eq!(of("beside-0")["certificate_sha256"], sha256.as_str());
+        assert_eq!(of("beside-0")["credential_id"], "ville-bxl-app");
+        assert!(of("beside-1").get("certificate_sha256").is_none());
+        // The gateway's own call, identified by its certificate, has none.
+        assert!(
+            calls
+                .iter()
+                .filter(|r| r["node"] != "beside")
+                .all(|r| r.get("certificate_sha256").is_none() && r["credential"] == "certificate"),
+            "{}: {calls:?}",
+            store.name()
+        );
+        let (code, csv, err) = fsp_audit("export", &config, &["--format", "csv"]);
+        assert_eq!(code, 0, "{err}");
+        assert!(
+            csv.lines()
+                .next()
+                .unwrap()
+                .contains(",phase,certificate_sha256,prev_hash,"),
+            "{}: {csv}",
+            store.name()
+        );
+        assert_eq!(csv.matches(&sha256).count(), 2, "{}: {csv}", store.name());
+
+        // Another certificate put in its place is named by verify.
+        let other = "0".repeat(64);
+        match &store {
+            Store::File => {
+                let dir = pki.path().join("audit");
+                let file = std::fs::read_dir(&dir)
+                    .unwrap()
+                    .map(|e| e.unwrap().path())
+                    .find(|p| {
+                        p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                            n.starts_with("audit-beside-") && n.ends_with(".jsonl")
+                        })
+                    })
+                    .unwrap();
+                let text = std::fs::read_to_string(&file).unwrap();
+                std::fs::write(&file, text.replacen(&sha256, &other, 2)).unwrap();
+            }
+            Store::Postgres { .. } => store.sql(&format!(
+                "UPDATE fsp_audit SET certificate_sha256 = '{other}' \
+                 WHERE node = 'beside' AND certificate_sha256 IS NOT NULL"
+            )),
+        }
+        let (code, out) = verify(&config);
+        assert_eq!(code, 4, "{}: {out}", store.name());
+        assert!(out.contains("beside-0"), "{}: {out}", store.name());
+    }
+}
+
 /// A relay between the gateway and PostgreSQL that the test can cut (every connection
 /// dropped, new ones refused) and mend.
 struct Relay {

@@ -367,7 +367,7 @@ async fn certificate_bound_tokens() {
 }
 
 #[tokio::test]
-async fn a_certificate_and_a_token_of_two_consumers_are_refused_and_both_recorded() {
+async fn a_certificate_beside_a_token_is_recorded_and_refused_when_it_names_another_consumer() {
     let key = ec_key("k");
     let idp = Idp::start(vec![key.jwk.clone()]).await;
     let pki = Pki::new();
@@ -381,9 +381,9 @@ async fn a_certificate_and_a_token_of_two_consumers_are_refused_and_both_recorde
     .await;
     let mut gw = Gateway::start(&config).await;
     let token = sign(&key, &claims(CLIENT));
-    let with = |identity: &certs::devpki::Issued| {
-        let c = client(&pki, Some(identity), false);
-        let mut req = get(&gw.url("/person/getPerson/v3/mixed"));
+    let with = |identity: Option<&certs::devpki::Issued>, path: &str| {
+        let c = client(&pki, identity, false);
+        let mut req = get(&gw.url(&format!("/person/getPerson/v3/{path}")));
         req.headers_mut()
             .insert("authorization", format!("Bearer {token}").parse().unwrap());
         async move {
@@ -392,24 +392,66 @@ async fn a_certificate_and_a_token_of_two_consumers_are_refused_and_both_recorde
         }
     };
     // Ville de Gent's certificate with Ville de Bruxelles's token: refused.
-    let (status, body) = with(&pki.stranger).await;
+    let (status, body) = with(Some(&pki.stranger), "mixed").await;
     assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
     assert_eq!(body["code"], "FSP-AUTHZ-CREDENTIAL-CONFLICT", "{body}");
     // The same consumer both ways: served.
-    let (status, body) = with(&pki.consumer).await;
+    let (status, body) = with(Some(&pki.consumer), "same").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    // The token alone: served, and no certificate to record.
+    let (status, body) = with(None, "token-alone").await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(gw.stop().code(), Some(0));
     let records = audit_records(&pki);
-    let refused = records
-        .iter()
-        .find(|r| r["decision"] == "FSP-AUTHZ-CREDENTIAL-CONFLICT")
-        .unwrap();
+    let of = |path: &str| {
+        records
+            .iter()
+            .find(|r| r["operation"] == format!("GET /person/getPerson/v3/{path}"))
+            .unwrap_or_else(|| panic!("no record of {path}: {records:?}"))
+    };
+    let sha256 = |identity: &certs::devpki::Issued| certs::sha256(&identity.der).to_string();
+
+    let refused = of("mixed");
+    assert_eq!(
+        refused["decision"], "FSP-AUTHZ-CREDENTIAL-CONFLICT",
+        "{refused}"
+    );
+    assert_eq!(refused["status"], 403, "{refused}");
+    assert_eq!(refused["credential"], "oauth");
+    assert_eq!(refused["credential_id"], CLIENT);
+    assert_eq!(
+        refused["certificate_sha256"],
+        sha256(&pki.stranger),
+        "{refused}"
+    );
+    assert_eq!(refused["fault"], "consumer");
     let detail = refused["detail"].as_str().unwrap();
     assert!(
         detail.contains("ville-gent") && detail.contains("ville-bxl"),
         "{refused}"
     );
-    assert_eq!(refused["credential"], "oauth");
-    assert_eq!(refused["credential_id"], CLIENT);
-    assert_eq!(refused["fault"], "consumer");
+
+    let same = of("same");
+    assert_eq!(same["decision"], "allowed", "{same}");
+    assert_eq!(same["status"], 200, "{same}");
+    assert_eq!(same["consumer"], "ville-bxl", "{same}");
+    assert_eq!(same["credential"], "oauth");
+    assert_eq!(same["credential_id"], CLIENT);
+    assert_eq!(same["certificate_sha256"], sha256(&pki.consumer), "{same}");
+    // Lower-case hex, as a certificate's `credential_id` is.
+    assert!(
+        same["certificate_sha256"]
+            .as_str()
+            .is_some_and(|h| h.len() == 64
+                && h.bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))),
+        "{same}"
+    );
+
+    let alone = of("token-alone");
+    assert_eq!(alone["credential_id"], CLIENT, "{alone}");
+    assert!(alone.get("certificate_sha256").is_none(), "{alone}");
+    // Every line of the trail is sealed into the chain, with the field or without it.
+    let verified = audit::file::verify_dir(&pki.path().join("audit"), None).unwrap();
+    assert_eq!(verified.records, audit_lines(&pki).len() as u64);
 }

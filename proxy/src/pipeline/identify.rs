@@ -23,7 +23,10 @@ impl<'s> Caller<'s> {
 }
 
 /// Identifies the caller and writes who it is (or the credential it presented, when it
-/// is refused) into the call's record.
+/// is refused) into the call's record. A token that identified the caller on a
+/// connection that presented a certificate leaves both in the record: the token as the
+/// credential, the certificate as `certificate_sha256`, whether the two name one
+/// consumer (the call goes on) or two (it is refused).
 pub async fn identify<'s>(
     local: &'s Local,
     conn: &ConnInfo,
@@ -36,7 +39,10 @@ pub async fn identify<'s>(
         record.credential = Some(c.kind().into());
         record.credential_id = Some(match c {
             Credential::Certificate { .. } => conn.certificate_sha256.clone().unwrap_or_default(),
-            Credential::OAuth { client_id } => client_id.clone(),
+            Credential::OAuth { client_id } => {
+                record.certificate_sha256 = conn.certificate_sha256.clone();
+                client_id.clone()
+            }
         });
     }
     let consumer = found?;
