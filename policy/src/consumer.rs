@@ -476,6 +476,54 @@ mod tests {
         );
     }
 
+    /// A consumer replacing its certificate holds both for a while: either identifies it,
+    /// whether pinned alone, pinned under one CN, or accepted by CN.
+    #[test]
+    fn a_consumer_may_hold_two_certificates_during_a_changeover() {
+        let pin = |p: Sha256| CertificateSpec {
+            cn: None,
+            sha256: Some(p),
+        };
+        let c = Consumers::new(vec![
+            spec("pins", vec![pin(fp(1)), pin(fp(2))], &[]),
+            spec(
+                "cn-pins",
+                vec![
+                    cn("app.cn-pins.be", Some(fp(3))),
+                    cn("app.cn-pins.be", Some(fp(4))),
+                ],
+                &[],
+            ),
+            spec("cn", vec![cn("app.cn.be", None)], &[]),
+        ])
+        .unwrap();
+        for (cn, sha, id) in [
+            ("old.pins.be", fp(1), "pins"),
+            ("new.pins.be", fp(2), "pins"),
+            ("app.cn-pins.be", fp(3), "cn-pins"),
+            ("app.cn-pins.be", fp(4), "cn-pins"),
+            ("app.cn.be", fp(5), "cn"),
+            ("app.cn.be", fp(6), "cn"),
+        ] {
+            assert_eq!(&*c.identify_certificate(&ident(cn, sha)).unwrap().id, id);
+        }
+        // A third certificate under the pinned CN is still refused.
+        assert!(matches!(
+            c.identify_certificate(&ident("app.cn-pins.be", fp(7))),
+            Err(IdentityError::PinMismatch { .. })
+        ));
+        let mut views = c.credentials_of("pins");
+        views.sort_by_key(|v| format!("{v:?}"));
+        assert_eq!(views.len(), 2, "{views:?}");
+        assert_eq!(
+            c.credentials_of("cn-pins"),
+            vec![CredentialView::Certificate {
+                cn: Some("app.cn-pins.be".into()),
+                pins: vec![fp(3), fp(4)],
+            }]
+        );
+    }
+
     #[test]
     fn fingerprints_parse_with_or_without_colons() {
         let hex = "ab".repeat(32);

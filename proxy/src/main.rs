@@ -183,6 +183,7 @@ fn main() -> ExitCode {
                 let inventory = proxy::state::certificate_inventory(&c.certificate_files);
                 if let Some(why) = proxy::state::listener_certificate_unusable(&inventory, now) {
                     eprintln!("{}: listener.server_cert: {why}", config.display());
+                    print_warnings(&c.warnings);
                     return ExitCode::from(1);
                 }
                 let versions: usize = c.catalogue.services().map(|s| s.versions.len()).sum();
@@ -195,6 +196,8 @@ fn main() -> ExitCode {
                     c.consumers.iter().count(),
                     c.authorisations.len()
                 );
+                // Warnings leave the configuration valid: exit 0.
+                print_warnings(&c.warnings);
                 ExitCode::SUCCESS
             }
             Err(e) => {
@@ -234,6 +237,9 @@ fn main() -> ExitCode {
                     None
                 }
             };
+            for w in &loaded.warnings {
+                tracing::warn!(file = %w.file.display(), key = %w.key, "{}", w.reason);
+            }
             let result = rt.block_on(async {
                 let shutdown = proxy::run::shutdown_signal()?;
                 proxy::run::serve(&config, loaded, shutdown).await
@@ -493,14 +499,29 @@ fn verify_audit(config: &std::path::Path) -> ExitCode {
     }
 }
 
+/// `fsp check`'s warnings, on stderr: `warning: FILE: KEY: reason`.
+fn print_warnings(warnings: &[proxy::config::Problem]) {
+    for w in warnings {
+        eprintln!("warning: {w}");
+    }
+}
+
 fn inventory(config: &std::path::Path, within: i64) -> ExitCode {
     let Some(c) = proxy::run::load_or_report(config) else {
         return ExitCode::from(1);
     };
     let now = time::OffsetDateTime::now_utc();
     let mut expiring = 0;
+    // Wide enough for the longest role (a consumer's pinned file names its entry).
+    let width = c
+        .certificate_files
+        .iter()
+        .map(|(role, _)| role.chars().count())
+        .max()
+        .unwrap_or(0)
+        .max(34);
     println!(
-        "{:<34} {:<22} {:<25} {:<64} SUBJECT",
+        "{:<width$} {:<22} {:<25} {:<64} SUBJECT",
         "ROLE", "DAYS LEFT", "NOT AFTER", "SHA-256"
     );
     for (role, path) in &c.certificate_files {
@@ -511,17 +532,9 @@ fn inventory(config: &std::path::Path, within: i64) -> ExitCode {
                     if info.not_after < now + time::Duration::days(within) {
                         expiring += 1;
                     }
-                    let left = if info.not_after < now {
-                        match (now - info.not_after).whole_days() {
-                            0 => "expired today".to_owned(),
-                            1 => "expired 1 day ago".to_owned(),
-                            ago => format!("expired {ago} days ago"),
-                        }
-                    } else {
-                        days.to_string()
-                    };
+                    let left = info.expired_ago(now).unwrap_or_else(|| days.to_string());
                     println!(
-                        "{:<34} {:<22} {:<25} {:<64} {}",
+                        "{:<width$} {:<22} {:<25} {:<64} {}",
                         info.role,
                         left,
                         proxy::pipeline::stamp::rfc3339_millis(info.not_after),

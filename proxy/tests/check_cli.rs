@@ -8,7 +8,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use certs::devpki::DevCa;
+use certs::devpki::{DevCa, Issued};
 
 const MAIN: &str = r#"environment = "INT"
 node        = "check-cli-1"
@@ -150,6 +150,8 @@ released = 2022-01-01
 /// certificates; `fsp` runs in `root`, so relative paths only work from `conf/`.
 struct Setup {
     tmp: tempfile::TempDir,
+    /// The consumers' CA, to issue consumers' certificates.
+    ca: DevCa,
 }
 
 impl Setup {
@@ -170,11 +172,25 @@ impl Setup {
             "check-cli-admin-token-0123456789\n",
         )
         .unwrap();
-        let me = Self { tmp };
+        let me = Self { tmp, ca };
         me.write("fsp.toml", MAIN);
         me.write("catalogue.toml", CATALOGUE);
         me.write("consumers.toml", &format!("{CONSUMERS}{AUTHORISATION}"));
         me
+    }
+
+    /// Issues a client certificate for `cn`, valid from yesterday until `until` from now,
+    /// into `conf/NAME`.
+    fn consumer_cert(&self, name: &str, cn: &str, until: time::Duration) -> Issued {
+        let now = time::OffsetDateTime::now_utc();
+        let issued = self
+            .ca
+            .client_valid(cn, now - time::Duration::days(1), now + until)
+            .unwrap();
+        let path = self.root().join("conf").join(name);
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        fs::write(&path, &issued.cert_pem).unwrap();
+        issued
     }
 
     fn root(&self) -> &Path {
@@ -418,4 +434,95 @@ fn an_expired_server_certificate_fails_the_check_and_the_inventory_says_since_wh
     let stdout = text(&out.stdout);
     assert!(stdout.contains("expired 3 days ago"), "{stdout}");
     assert_eq!(out.status.code(), Some(3), "{stdout}");
+}
+
+/// A consumer changing certificates pins both: the old one expires in 5 days, the new one
+/// was issued for two years. Both are warnings: the configuration is valid (exit 0), and
+/// the inventory lists both pinned certificates.
+#[test]
+fn pinned_consumer_certificates_are_warned_about_and_listed_by_the_inventory() {
+    let s = Setup::new();
+    let old = s.consumer_cert(
+        "pki/consumers/liege-2025.pem",
+        "eaide.cpas-liege.be",
+        time::Duration::days(5) + time::Duration::hours(1),
+    );
+    let new = s.consumer_cert(
+        "pki/consumers/liege-2026.pem",
+        "eaide.cpas-liege.be",
+        time::Duration::days(729) + time::Duration::hours(1),
+    );
+    s.write(
+        "consumers.toml",
+        &format!("{CONSUMERS}{AUTHORISATION}").replace(
+            r#"certificates = [ { cn = "eaide.cpas-liege.be" } ]"#,
+            r#"certificates = [
+  { cn = "eaide.cpas-liege.be", file = "pki/consumers/liege-2025.pem" },
+  { cn = "eaide.cpas-liege.be", file = "pki/consumers/liege-2026.pem" },
+]"#,
+        ),
+    );
+    let out = s.check();
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stdout: {stdout}\nstderr: {stderr}"
+    );
+    assert!(stdout.contains("conf/fsp.toml: valid"), "{stdout}");
+    let warnings: Vec<&str> = stderr.lines().collect();
+    assert_eq!(warnings.len(), 2, "{stderr}");
+    // `warning: FILE: KEY: reason`; an included file is named by its full path.
+    let at = |w: &str| {
+        assert!(w.starts_with("warning: "), "{stderr}");
+        w.split_once("conf/consumers.toml: ")
+            .unwrap_or_else(|| panic!("not in consumers.toml: {stderr}"))
+            .1
+            .to_owned()
+    };
+    let expiring = at(warnings[0]);
+    assert!(
+        expiring.starts_with(
+            "consumer[1].certificates[0].file: pki/consumers/liege-2025.pem expires in 5 days ("
+        ) && expiring.ends_with("): issue its successor and pin both during the changeover"),
+        "{stderr}"
+    );
+    assert_eq!(
+        at(warnings[1]),
+        "consumer[1].certificates[1].file: pki/consumers/liege-2026.pem is valid for 730 days, more than 12 months: consumer certificates are replaced yearly",
+        "{stderr}"
+    );
+
+    let out = s.fsp(&["certs", "inventory", "--config", "conf/fsp.toml"]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "the old one expires within 14 days:\n{stdout}\n{stderr}"
+    );
+    for (i, cert, days) in [(0, &old, "5"), (1, &new, "729")] {
+        let role = format!("consumer[1].certificates[{i}].file (cpas-liege)");
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with(&role))
+            .unwrap_or_else(|| panic!("no line for {role}:\n{stdout}"));
+        let columns: Vec<&str> = line[role.len()..].split_whitespace().collect();
+        assert_eq!(columns[0], days, "{line}");
+        assert!(columns[1].ends_with('Z'), "not-after: {line}");
+        assert_eq!(columns[2], certs::sha256(&cert.der).to_string(), "{line}");
+        assert!(line.contains("CN=eaide.cpas-liege.be"), "{line}");
+    }
+    assert!(
+        stderr.contains("1 certificate(s) expire within 14 days"),
+        "{stderr}"
+    );
+    let out = s.fsp(&[
+        "certs",
+        "inventory",
+        "--config",
+        "conf/fsp.toml",
+        "--within",
+        "3",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
 }

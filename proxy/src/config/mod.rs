@@ -335,6 +335,9 @@ pub struct Config {
     pub tls_files: Vec<PathBuf>,
     /// The configuration's own files: the main one, then its includes.
     pub config_files: Vec<PathBuf>,
+    /// What is valid but should be seen to (a pinned consumer certificate about to
+    /// expire, ...): `fsp check` prints them and still exits 0, `fsp serve` logs them.
+    pub warnings: Vec<Problem>,
 }
 
 /// A parsed file and the directory its relative paths start from.
@@ -709,13 +712,35 @@ fn build(main: &Path, sources: Vec<Source>, problems: &mut Problems) -> Option<C
     // ---- consumers (before providers: per-consumer limits refer to them) ----
     let mut consumer_at: HashMap<String, (PathBuf, String)> = HashMap::new();
     let mut consumer_specs = Vec::new();
+    let mut pinned_files = Vec::new();
     for s in &sources {
         for (i, c) in s.raw.consumer.iter().enumerate() {
             let key = format!("consumer[{i}]");
             consumer_at.insert(c.id.clone(), (s.path.clone(), key.clone()));
-            consumer_specs.push(build_consumer(s, &key, c, problems));
+            consumer_specs.push(build_consumer(
+                s,
+                &key,
+                c,
+                &mut certificate_files,
+                &mut tls_files,
+                &mut pinned_files,
+                problems,
+            ));
         }
     }
+    let now = time::OffsetDateTime::now_utc();
+    let warnings = pinned_files
+        .iter()
+        .flat_map(|p| {
+            pinned_certificate_warnings(&p.written, &p.leaf, now)
+                .into_iter()
+                .map(|reason| Problem {
+                    file: p.config.clone(),
+                    key: p.key.clone(),
+                    reason,
+                })
+        })
+        .collect();
     let consumers = match Consumers::new(consumer_specs) {
         Ok(c) => c,
         Err(errs) => {
@@ -819,6 +844,7 @@ fn build(main: &Path, sources: Vec<Source>, problems: &mut Problems) -> Option<C
         certificate_files,
         tls_files,
         config_files,
+        warnings,
     })
 }
 
@@ -1754,27 +1780,149 @@ fn build_oauth(s: &Source, o: &RawOAuth, problems: &mut Problems) -> Option<OAut
     })
 }
 
-fn build_consumer(s: &Source, key: &str, c: &RawConsumer, problems: &mut Problems) -> ConsumerSpec {
-    let certificates = c
-        .certificates
-        .iter()
-        .flatten()
-        .enumerate()
-        .map(|(i, cert)| CertificateSpec {
-            cn: cert.cn.clone(),
-            sha256: cert.sha256.as_ref().and_then(|h| {
-                let parsed = Sha256::parse(h);
-                if parsed.is_none() {
+/// Consumer certificates are replaced yearly: `fsp check` warns about one issued for
+/// longer than this many days (a year, leap day included). Whole days are counted, so a
+/// CA that backdates `not_before` by a few hours is not warned about.
+pub const CONSUMER_CERTIFICATE_MAX_DAYS: i64 = 366;
+
+/// `fsp check` warns about a pinned consumer certificate that expires within this many
+/// days, so that its successor is pinned beside it in time.
+pub const PINNED_CERTIFICATE_NOTICE_DAYS: i64 = 14;
+
+/// A consumer's certificate file (`consumer.certificates[].file`) that loaded: where it
+/// is named and its leaf certificate, for the warnings.
+struct PinnedFile {
+    config: PathBuf,
+    key: String,
+    /// The path as the configuration writes it.
+    written: String,
+    leaf: certs::inventory::CertInfo,
+}
+
+/// What `fsp check` says of a pinned consumer certificate (`written` is its file as the
+/// configuration names it) at `now`: expired (the consumer may already call with its
+/// successor, so only a warning), expiring within [`PINNED_CERTIFICATE_NOTICE_DAYS`], or
+/// issued for more than [`CONSUMER_CERTIFICATE_MAX_DAYS`] (not said of an expired one:
+/// removing it settles both).
+pub fn pinned_certificate_warnings(
+    written: &str,
+    leaf: &certs::inventory::CertInfo,
+    now: time::OffsetDateTime,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Some(ago) = leaf.expired_ago(now) {
+        out.push(format!("{written} {ago}: remove it"));
+        return out;
+    }
+    if leaf.not_after < now + time::Duration::days(PINNED_CERTIFICATE_NOTICE_DAYS) {
+        let when = match leaf.days_left(now) {
+            0 => "in less than a day".to_owned(),
+            1 => "in 1 day".to_owned(),
+            n => format!("in {n} days"),
+        };
+        out.push(format!(
+            "{written} expires {when} ({}): issue its successor and pin both during the changeover",
+            crate::pipeline::stamp::rfc3339_millis(leaf.not_after)
+        ));
+    }
+    let days = leaf.validity_days();
+    if days > CONSUMER_CERTIFICATE_MAX_DAYS {
+        out.push(format!(
+            "{written} is valid for {days} days, more than 12 months: consumer certificates are replaced yearly"
+        ));
+    }
+    out
+}
+
+/// One consumer as declared. A certificate entry with a problem is left out, so that it
+/// is reported once, under its own key.
+fn build_consumer(
+    s: &Source,
+    key: &str,
+    c: &RawConsumer,
+    certificate_files: &mut Vec<(String, PathBuf)>,
+    tls_files: &mut Vec<PathBuf>,
+    pinned_files: &mut Vec<PinnedFile>,
+    problems: &mut Problems,
+) -> ConsumerSpec {
+    let mut certificates = Vec::new();
+    for (i, cert) in c.certificates.iter().flatten().enumerate() {
+        let at = format!("{key}.certificates[{i}]");
+        let before = problems.0.len();
+        if cert.cn.is_none() && cert.sha256.is_none() && cert.file.is_none() {
+            problems.add(
+                &s.path,
+                &at,
+                "a certificate entry needs a `cn`, a `sha256` or a `file` (or a `cn` with one of the others)",
+            );
+            continue;
+        }
+        let mut sha256 = cert.sha256.as_ref().and_then(|h| {
+            let parsed = Sha256::parse(h);
+            if parsed.is_none() {
+                problems.add(
+                    &s.path,
+                    format!("{at}.sha256"),
+                    "not a SHA-256 fingerprint (64 hex digits, colons allowed)",
+                );
+            }
+            parsed
+        });
+        // A file pins its leaf certificate, as `sha256` would.
+        if let Some(written) = &cert.file {
+            let file_key = format!("{at}.file");
+            let path = s.dir.join(written);
+            let role = format!("{file_key} ({})", c.id);
+            certificate_files.push((role.clone(), path.clone()));
+            tls_files.push(path.clone());
+            let leaf = certs::inventory::describe(&role, &path)
+                .map_err(|e| problems.add(&s.path, &file_key, e.to_string()))
+                .ok()
+                .and_then(|list| list.into_iter().next());
+            if let Some(leaf) = leaf {
+                let pin = Sha256::parse(&leaf.sha256);
+                match (sha256, pin) {
+                    (Some(given), Some(pin)) if given != pin => problems.add(
+                        &s.path,
+                        format!("{at}.sha256"),
+                        format!(
+                            "{given} is not the fingerprint of the certificate in `{written}` ({pin}): give that certificate's, or leave `sha256` out"
+                        ),
+                    ),
+                    (_, Some(pin)) => sha256 = Some(pin),
+                    (_, None) => problems.add(
+                        &s.path,
+                        &file_key,
+                        format!("the fingerprint of `{written}` could not be read"),
+                    ),
+                }
+                if let Some(cn) = &cert.cn
+                    && leaf.cn.as_deref() != Some(cn.as_str())
+                {
                     problems.add(
                         &s.path,
-                        format!("{key}.certificates[{i}].sha256"),
-                        "not a SHA-256 fingerprint (64 hex digits, colons allowed)",
+                        format!("{at}.cn"),
+                        format!(
+                            "the certificate in `{written}` has {}, not `{cn}`: this entry would never accept it",
+                            leaf.cn.as_deref().map_or_else(|| "no CN".to_owned(), |l| format!("CN `{l}`"))
+                        ),
                     );
                 }
-                parsed
-            }),
-        })
-        .collect();
+                pinned_files.push(PinnedFile {
+                    config: s.path.clone(),
+                    key: file_key,
+                    written: written.clone(),
+                    leaf,
+                });
+            }
+        }
+        if problems.0.len() == before {
+            certificates.push(CertificateSpec {
+                cn: cert.cn.clone(),
+                sha256,
+            });
+        }
+    }
     let source_ips = c
         .source_ips
         .iter()

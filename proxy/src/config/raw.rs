@@ -229,6 +229,9 @@ pub struct RawConsumer {
 pub struct RawCertificate {
     pub cn: Option<String>,
     pub sha256: Option<String>,
+    /// Extension: the certificate itself (PEM, leaf first): pins its SHA-256 as `sha256`
+    /// does, and lets `fsp check` and the inventory see its subject and validity.
+    pub file: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

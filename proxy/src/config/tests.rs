@@ -10,7 +10,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use certs::devpki::DevCa;
+use certs::devpki::{DevCa, Issued};
 use proptest::prelude::*;
 use tempfile::TempDir;
 
@@ -181,6 +181,8 @@ struct Fixture {
     dir: PathBuf,
     /// SHA-256 of a client certificate issued by the consumers' CA, as hex.
     pin: String,
+    /// The consumers' CA, to issue more client certificates.
+    consumers_ca: DevCa,
 }
 
 impl Fixture {
@@ -221,7 +223,28 @@ impl Fixture {
             _tmp: tmp,
             dir,
             pin: certs::sha256(&pinned.der).to_string(),
+            consumers_ca,
         }
+    }
+
+    /// Issues a client certificate for `cn` valid from `from` to `until` days from now
+    /// and writes it, with the CA after it, to `name` (relative to the configuration
+    /// directory).
+    fn consumer_cert(&self, name: &str, cn: &str, from: i64, until: i64) -> Issued {
+        let now = time::OffsetDateTime::now_utc();
+        let issued = self
+            .consumers_ca
+            .client_valid(
+                cn,
+                now + time::Duration::days(from),
+                now + time::Duration::days(until),
+            )
+            .unwrap();
+        self.write(
+            name,
+            &format!("{}{}", issued.cert_pem, self.consumers_ca.cert_pem()),
+        );
+        issued
     }
 
     /// The catalogue file's text, for a file whose PEM files are under `pki`.
@@ -2404,4 +2427,339 @@ fn settings_of_a_backend_not_in_use_are_refused() {
         "throttle.replicas",
         &["only used by the redis backend"],
     );
+}
+
+// ------------------------------------------------- consumer certificate files ----
+
+/// The CN and fingerprint a consumer presents with `cert`.
+fn presented(cn: &str, cert: &Issued) -> policy::CertificateIdentity {
+    policy::CertificateIdentity {
+        cn: Some(cn.into()),
+        sha256: certs::sha256(&cert.der),
+    }
+}
+
+/// The contract example with cpas-liege's certificate entries replaced by `entries`.
+fn with_liege_certificates(fx: &Fixture, entries: &str) -> String {
+    edit(
+        &fx.single_file(),
+        &format!("certificates = [ {{ sha256 = \"{}\" }} ]", fx.pin),
+        &format!("certificates = [ {entries} ]"),
+    )
+}
+
+#[test]
+fn a_certificate_file_pins_its_leaf_and_is_listed_and_watched() {
+    let fx = Fixture::new();
+    let cert = fx.consumer_cert("pki/consumers/liege.pem", "eaide.cpas-liege.be", -1, 365);
+    let config = fx
+        .load_single(&with_liege_certificates(
+            &fx,
+            r#"{ file = "pki/consumers/liege.pem" }"#,
+        ))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let id = config
+        .consumers
+        .identify_certificate(&presented("any.cn.be", &cert))
+        .unwrap();
+    assert_eq!(
+        &*id.id, "cpas-liege",
+        "the file pins its leaf whatever its CN"
+    );
+    // The CA after the leaf is not pinned.
+    let ca_der = certs::load::certificates(&fx.dir.join("pki/consumers-ca.pem")).unwrap();
+    assert!(
+        config
+            .consumers
+            .identify_certificate(&policy::CertificateIdentity {
+                cn: Some("Test Consumers CA".into()),
+                sha256: certs::sha256(&ca_der[0]),
+            })
+            .is_err()
+    );
+    let path = fx.dir.join("pki/consumers/liege.pem");
+    assert!(
+        config.certificate_files.contains(&(
+            "consumer[1].certificates[0].file (cpas-liege)".into(),
+            path.clone()
+        )),
+        "{:?}",
+        config.certificate_files
+    );
+    assert!(config.tls_files.contains(&path), "{:?}", config.tls_files);
+    // A year and a day (the dev PKI's default) is not warned about.
+    assert!(config.warnings.is_empty(), "{:?}", config.warnings);
+    // The inventory shows it with subject, fingerprint and expiry.
+    let inventory = crate::state::certificate_inventory(&config.certificate_files);
+    let listed = inventory
+        .iter()
+        .find(|c| c.role == "consumer[1].certificates[0].file (cpas-liege)")
+        .unwrap();
+    assert_eq!(listed.sha256, certs::sha256(&cert.der).to_string());
+    assert!(
+        listed.subject.contains("eaide.cpas-liege.be"),
+        "{}",
+        listed.subject
+    );
+}
+
+#[test]
+fn a_certificate_file_is_relative_to_the_file_that_names_it() {
+    let fx = Fixture::new();
+    let cert = fx.consumer_cert("admins/pki/liege.pem", "eaide.cpas-liege.be", -1, 365);
+    fx.write("catalogue.toml", &fx.catalogue("pki"));
+    fx.write(
+        "admins/consumers.toml",
+        &fx.consumers().replace(
+            &format!("{{ sha256 = \"{}\" }}", fx.pin),
+            r#"{ file = "pki/liege.pem" }"#,
+        ),
+    );
+    let main = fx.write(
+        "fsp.toml",
+        &fx.main_including(&["catalogue.toml", "admins/consumers.toml"]),
+    );
+    let config = load(&main).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        &*config
+            .consumers
+            .identify_certificate(&presented("eaide.cpas-liege.be", &cert))
+            .unwrap()
+            .id,
+        "cpas-liege"
+    );
+}
+
+#[test]
+fn a_certificate_file_with_its_cn_or_fingerprint_must_agree_with_them() {
+    let fx = Fixture::new();
+    let cert = fx.consumer_cert("pki/liege.pem", "eaide.cpas-liege.be", -1, 365);
+    let sha = certs::sha256(&cert.der).to_string();
+
+    // The same fingerprint, in the colon spelling: accepted.
+    let colons = sha
+        .as_bytes()
+        .chunks(2)
+        .map(|c| std::str::from_utf8(c).unwrap().to_uppercase())
+        .collect::<Vec<_>>()
+        .join(":");
+    fx.load_single(&with_liege_certificates(
+        &fx,
+        &format!(r#"{{ file = "pki/liege.pem", sha256 = "{colons}" }}"#),
+    ))
+    .unwrap_or_else(|e| panic!("{e}"));
+
+    // Another fingerprint: refused, naming the key.
+    let problems = fx.problems(&with_liege_certificates(
+        &fx,
+        &format!(r#"{{ file = "pki/liege.pem", sha256 = "{}" }}"#, fx.pin),
+    ));
+    expect_only(
+        &problems,
+        "fsp.toml",
+        "consumer[1].certificates[0].sha256",
+        &[&fx.pin, "pki/liege.pem", &sha],
+    );
+
+    // With its CN: only that certificate under that CN.
+    let config = fx
+        .load_single(&with_liege_certificates(
+            &fx,
+            r#"{ cn = "eaide.cpas-liege.be", file = "pki/liege.pem" }"#,
+        ))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        config
+            .consumers
+            .identify_certificate(&presented("eaide.cpas-liege.be", &cert))
+            .is_ok()
+    );
+    let other = fx.consumer_cert("pki/other.pem", "eaide.cpas-liege.be", -1, 365);
+    assert!(matches!(
+        config
+            .consumers
+            .identify_certificate(&presented("eaide.cpas-liege.be", &other)),
+        Err(policy::IdentityError::PinMismatch { .. })
+    ));
+
+    // With another CN: the entry could never accept it.
+    let problems = fx.problems(&with_liege_certificates(
+        &fx,
+        r#"{ cn = "app.cpas-liege.be", file = "pki/liege.pem" }"#,
+    ));
+    expect_only(
+        &problems,
+        "fsp.toml",
+        "consumer[1].certificates[0].cn",
+        &["CN `eaide.cpas-liege.be`", "`app.cpas-liege.be`", "never"],
+    );
+}
+
+#[test]
+fn an_unreadable_or_unparsable_certificate_file_is_refused_under_its_key() {
+    let fx = Fixture::new();
+    for (file, reason) in [
+        ("pki/missing.pem", "cannot read file"),
+        ("pki/not-pem.pem", "no PEM certificate"),
+        ("pki/server.key", "no PEM certificate"),
+    ] {
+        let problems = fx.problems(&with_liege_certificates(
+            &fx,
+            &format!(r#"{{ file = "{file}" }}"#),
+        ));
+        expect_only(
+            &problems,
+            "fsp.toml",
+            "consumer[1].certificates[0].file",
+            &[file, reason],
+        );
+    }
+}
+
+#[test]
+fn an_empty_certificate_entry_is_refused_once() {
+    let fx = Fixture::new();
+    let problems = fx.problems(&with_liege_certificates(&fx, "{ }"));
+    expect_only(
+        &problems,
+        "fsp.toml",
+        "consumer[1].certificates[0]",
+        &["`cn`", "`sha256`", "`file`"],
+    );
+}
+
+#[test]
+fn a_consumer_changing_certificates_may_pin_both() {
+    let fx = Fixture::new();
+    let old = fx.consumer_cert("pki/liege-old.pem", "eaide.cpas-liege.be", -350, 15);
+    let new = fx.consumer_cert("pki/liege-new.pem", "eaide.cpas-liege.be", -1, 364);
+    let stranger = fx.consumer_cert("pki/stranger.pem", "eaide.cpas-liege.be", -1, 364);
+    for entries in [
+        r#"{ file = "pki/liege-old.pem" }, { file = "pki/liege-new.pem" }"#,
+        r#"{ cn = "eaide.cpas-liege.be", file = "pki/liege-old.pem" }, { cn = "eaide.cpas-liege.be", file = "pki/liege-new.pem" }"#,
+    ] {
+        let config = fx
+            .load_single(&with_liege_certificates(&fx, entries))
+            .unwrap_or_else(|e| panic!("{entries}: {e}"));
+        for cert in [&old, &new] {
+            let id = config
+                .consumers
+                .identify_certificate(&presented("eaide.cpas-liege.be", cert))
+                .unwrap_or_else(|e| panic!("{entries}: {e}"));
+            assert_eq!(&*id.id, "cpas-liege");
+        }
+        assert!(
+            config
+                .consumers
+                .identify_certificate(&presented("eaide.cpas-liege.be", &stranger))
+                .is_err(),
+            "{entries}"
+        );
+        assert!(config.warnings.is_empty(), "{:?}", config.warnings);
+    }
+    // The same certificate pinned by two consumers is still refused.
+    let problems = fx.problems(&edit(
+        &with_liege_certificates(&fx, r#"{ file = "pki/liege-new.pem" }"#),
+        r#"certificates = [ { cn = "monopinion.bruxelles.be" } ]"#,
+        r#"certificates = [ { file = "pki/liege-new.pem" } ]"#,
+    ));
+    expect(
+        &problems,
+        "fsp.toml",
+        "consumer[1]",
+        &["fingerprint", "ville-bxl", "cpas-liege"],
+    );
+}
+
+#[test]
+fn long_lived_expiring_and_expired_pinned_certificates_are_warnings() {
+    let fx = Fixture::new();
+    fx.consumer_cert("pki/two-years.pem", "a.cpas-liege.be", -1, 729);
+    fx.consumer_cert("pki/five-days.pem", "b.cpas-liege.be", -300, 5);
+    fx.consumer_cert("pki/expired.pem", "c.cpas-liege.be", -400, -3);
+    let config = fx
+        .load_single(&with_liege_certificates(
+            &fx,
+            r#"{ file = "pki/two-years.pem" }, { file = "pki/five-days.pem" }, { file = "pki/expired.pem" }"#,
+        ))
+        .unwrap_or_else(|e| panic!("valid, with warnings: {e}"));
+    let w = &config.warnings;
+    assert_eq!(w.len(), 3, "{}", list(w));
+    expect(
+        w,
+        "fsp.toml",
+        "consumer[1].certificates[0].file",
+        &[
+            "pki/two-years.pem is valid for 730 days, more than 12 months",
+            "replaced yearly",
+        ],
+    );
+    // Issued to end 5 days from when it was made, a moment ago: 4 whole days and some
+    // hours are left (days are counted whole, as in the inventory).
+    expect(
+        w,
+        "fsp.toml",
+        "consumer[1].certificates[1].file",
+        &[
+            "pki/five-days.pem expires in 4 days (",
+            "issue its successor and pin both during the changeover",
+        ],
+    );
+    expect(
+        w,
+        "fsp.toml",
+        "consumer[1].certificates[2].file",
+        &["pki/expired.pem expired 3 days ago: remove it"],
+    );
+}
+
+/// A certificate valid from `from` to `until` days from `now` (only the dates matter).
+fn info(now: time::OffsetDateTime, from: i64, until: i64) -> certs::inventory::CertInfo {
+    certs::inventory::CertInfo {
+        role: "consumer[0].certificates[0].file (x)".into(),
+        path: "x.pem".into(),
+        subject: "CN=x".into(),
+        cn: Some("x".into()),
+        issuer: "CN=ca".into(),
+        sha256: "00".repeat(32),
+        not_before: now + time::Duration::days(from),
+        not_after: now + time::Duration::days(until),
+    }
+}
+
+#[test]
+fn the_warning_rules_and_their_bounds() {
+    let now = time::OffsetDateTime::now_utc();
+    let said = |from, until| pinned_certificate_warnings("x.pem", &info(now, from, until), now);
+    // 366 days (a leap year) is a year; 367 is more.
+    assert!(said(-1, 365).is_empty());
+    assert!(said(-100, 266).is_empty());
+    let long = said(-1, 366);
+    assert_eq!(long.len(), 1, "{long:?}");
+    assert!(
+        long[0].contains("valid for 367 days, more than 12 months"),
+        "{long:?}"
+    );
+    // Expiring within 14 days, counted from now.
+    assert!(said(-300, 14).is_empty());
+    let soon = said(-300, 13);
+    assert_eq!(soon.len(), 1, "{soon:?}");
+    assert!(
+        soon[0].starts_with("x.pem expires in 13 days ("),
+        "{soon:?}"
+    );
+    let both = said(-400, 10);
+    assert_eq!(both.len(), 2, "{both:?}");
+    assert!(said(-10, 1)[0].contains("expires in 1 day ("));
+    let today = pinned_certificate_warnings(
+        "x.pem",
+        &certs::inventory::CertInfo {
+            not_after: now + time::Duration::hours(3),
+            ..info(now, -10, 0)
+        },
+        now,
+    );
+    assert!(today[0].contains("expires in less than a day"), "{today:?}");
+    // Expired: only "remove it", however long it was issued for.
+    assert_eq!(said(-800, -1), ["x.pem expired 1 day ago: remove it"]);
 }
