@@ -21,6 +21,14 @@ pub fn common_name(der: &[u8]) -> Option<String> {
         .map(str::to_owned)
 }
 
+/// How many CN attributes the subject holds (an administrator's certificate must hold
+/// exactly one: with several, software that reads another one would see someone else).
+pub fn common_name_count(der: &[u8]) -> usize {
+    x509_parser::parse_x509_certificate(der)
+        .map(|(_, cert)| cert.subject().iter_common_name().count())
+        .unwrap_or(0)
+}
+
 /// CN and fingerprint of the leaf certificate a client presented.
 pub fn certificate_identity(leaf: &CertificateDer<'_>) -> CertificateIdentity {
     CertificateIdentity {

@@ -91,14 +91,21 @@ pub fn admin_server_config(
         .map_err(|e| CertError::new(&files.server_cert, e.to_string()))?;
     let builder = match admin_roots {
         Some(path) => {
-            let verifier = WebPkiClientVerifier::builder_with_provider(
+            let mut verifier = WebPkiClientVerifier::builder_with_provider(
                 Arc::new(roots(path)?),
                 crate::provider(),
             )
             .with_crls(load::crls(&files.crls)?)
-            .allow_unauthenticated()
-            .build()
-            .map_err(|e| CertError::new(path, format!("cannot build the client verifier: {e}")))?;
+            .allow_unauthenticated();
+            if path != files.client_ca {
+                // The listener's CRLs are the consumers' CAs': an administrators' own CA
+                // they do not cover is not refused for that (a certificate a listed CRL
+                // does cover is still checked against it).
+                verifier = verifier.allow_unknown_revocation_status();
+            }
+            let verifier = verifier.build().map_err(|e| {
+                CertError::new(path, format!("cannot build the client verifier: {e}"))
+            })?;
             builder.with_client_cert_verifier(verifier)
         }
         None => builder.with_no_client_auth(),

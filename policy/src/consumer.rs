@@ -305,6 +305,11 @@ impl Consumers {
     /// Identifies the consumer behind a client certificate that already chained to a
     /// trusted CA. A fingerprint pin wins over a CN; a CN whose entries are all pinned
     /// only accepts those certificates.
+    /// The consumer that pinned exactly this certificate, if one did.
+    pub fn pinned(&self, sha256: &Sha256) -> Option<&Consumer> {
+        self.by_pin.get(sha256).map(|&i| &self.list[i])
+    }
+
     pub fn identify_certificate(
         &self,
         cert: &CertificateIdentity,

@@ -23,6 +23,7 @@ use crate::suspend::Party;
 /// Serves the admin API until `shutdown` turns true.
 pub async fn serve(gw: Arc<Gateway>, listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
     let open = Arc::new(tokio::sync::Semaphore::new(ADMIN_MAX_CONNECTIONS));
+    let per_ip = Arc::new(PerIp::default());
     loop {
         let (tcp, peer) = tokio::select! {
             a = listener.accept() => match a {
@@ -35,9 +36,16 @@ pub async fn serve(gw: Arc<Gateway>, listener: TcpListener, mut shutdown: watch:
             },
             _ = shutdown.changed() => break,
         };
-        // A bounded number of admin connections: the admin API is for a few operators
-        // and probes, and must not become a way to exhaust descriptors.
+        // A bounded number of admin connections, and fewer from one address: the admin
+        // API is for a few operators and probes, and one peer must not be able to take
+        // every connection (and with them the probes) or exhaust descriptors.
+        let Some(from_peer) = per_ip.admit(peer.ip(), ADMIN_MAX_CONNECTIONS_PER_IP) else {
+            metrics::counter!("fsp_admin_connections_refused_total").increment(1);
+            tracing::debug!(target: "fsp::admin", %peer, "admin connection refused: {ADMIN_MAX_CONNECTIONS_PER_IP} already open from this address");
+            continue;
+        };
         let Ok(permit) = open.clone().try_acquire_owned() else {
+            metrics::counter!("fsp_admin_connections_refused_total").increment(1);
             tracing::warn!(target: "fsp::admin", %peer, "admin connection refused: {ADMIN_MAX_CONNECTIONS} already open");
             drop(tcp);
             continue;
@@ -48,10 +56,11 @@ pub async fn serve(gw: Arc<Gateway>, listener: TcpListener, mut shutdown: watch:
             // TLS (a reload may turn `[admin] tls` on or off for later connections).
             let tls = gw.admin_access.load().tls.clone();
             match tls {
-                None => serve_connection(gw, peer, TokioIo::new(tcp), None).await,
+                None => serve_connection(gw, peer, TokioIo::new(tcp), Opened::Plain).await,
                 Some(config) => {
-                    let acceptor = tokio_rustls::TlsAcceptor::from(config);
-                    match tokio::time::timeout(ADMIN_HEADER_TIMEOUT, acceptor.accept(tcp)).await {
+                    let acceptor = tokio_rustls::TlsAcceptor::from(config.clone());
+                    match tokio::time::timeout(ADMIN_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
+                    {
                         Ok(Ok(tls)) => {
                             let client = tls
                                 .get_ref()
@@ -59,45 +68,98 @@ pub async fn serve(gw: Arc<Gateway>, listener: TcpListener, mut shutdown: watch:
                                 .peer_certificates()
                                 .and_then(|chain| chain.first())
                                 .map(|leaf| ClientCertificate {
-                                    cn: certs::identity::common_name(leaf),
-                                    sha256: certs::identity::sha256(leaf).to_string(),
+                                    identity: certs::identity::certificate_identity(leaf),
+                                    common_names: certs::identity::common_name_count(leaf),
                                 });
-                            serve_connection(gw, peer, TokioIo::new(tls), client).await;
+                            let opened = Opened::Tls { config, client };
+                            serve_connection(gw, peer, TokioIo::new(tls), opened).await;
                         }
+                        // Scanners and TCP probes fail here all day: counted, not logged
+                        // above debug.
                         Ok(Err(e)) => {
-                            tracing::warn!(target: "fsp::admin", %peer, error = %e, "admin TLS handshake failed");
+                            metrics::counter!("fsp_admin_tls_handshake_failures_total")
+                                .increment(1);
+                            tracing::debug!(target: "fsp::admin", %peer, error = %e, "admin TLS handshake failed");
                         }
                         Err(_) => {
-                            tracing::warn!(target: "fsp::admin", %peer, "admin TLS handshake not completed within {ADMIN_HEADER_TIMEOUT:?}");
+                            metrics::counter!("fsp_admin_tls_handshake_failures_total")
+                                .increment(1);
+                            tracing::debug!(target: "fsp::admin", %peer, "admin TLS handshake not completed within {ADMIN_HANDSHAKE_TIMEOUT:?}");
                         }
                     }
                 }
             }
             drop(permit);
+            drop(from_peer);
         });
     }
+}
+
+/// Admin connections open per address (not the consumers' hot path: a lock is fine).
+#[derive(Default)]
+struct PerIp(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>);
+
+/// One admin connection counted against its address, until dropped.
+struct FromPeer(Arc<PerIp>, std::net::IpAddr);
+
+impl PerIp {
+    fn admit(self: &Arc<Self>, ip: std::net::IpAddr, max: usize) -> Option<FromPeer> {
+        let mut open = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = open.entry(ip).or_default();
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(FromPeer(self.clone(), ip))
+    }
+}
+
+impl Drop for FromPeer {
+    fn drop(&mut self) {
+        let mut open = self
+            .0
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = open.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.1);
+            }
+        }
+    }
+}
+
+/// How an admin connection was opened: the TLS configuration in force then (who may
+/// present which certificate) and the certificate presented.
+enum Opened {
+    Plain,
+    Tls {
+        config: Arc<rustls::ServerConfig>,
+        client: Option<ClientCertificate>,
+    },
 }
 
 /// The client certificate an admin connection presented (verified in the handshake
 /// against the admin trust anchors).
 #[derive(Clone, Debug)]
 struct ClientCertificate {
-    cn: Option<String>,
-    sha256: String,
+    identity: policy::CertificateIdentity,
+    /// CN attributes in its subject.
+    common_names: usize,
 }
 
-async fn serve_connection<I>(
-    gw: Arc<Gateway>,
-    peer: SocketAddr,
-    io: TokioIo<I>,
-    client: Option<ClientCertificate>,
-) where
+async fn serve_connection<I>(gw: Arc<Gateway>, peer: SocketAddr, io: TokioIo<I>, opened: Opened)
+where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let client = Arc::new(client);
+    let opened = Arc::new(opened);
     let svc = service_fn(move |req| {
-        let (gw, client) = (gw.clone(), client.clone());
-        async move { Ok::<_, Infallible>(route(&gw, peer, client.as_ref().as_ref(), req).await) }
+        let (gw, opened) = (gw.clone(), opened.clone());
+        async move { Ok::<_, Infallible>(route(&gw, peer, &opened, req).await) }
     });
     let mut http = http1::Builder::new();
     // The header timeout also bounds how long an idle kept-alive connection stays.
@@ -108,6 +170,10 @@ async fn serve_connection<I>(
     let _ = tokio::time::timeout(ADMIN_CONNECTION_LIFETIME, served).await;
 }
 
+/// Time to complete the TLS handshake.
+const ADMIN_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Admin connections open at once from one address.
+const ADMIN_MAX_CONNECTIONS_PER_IP: usize = 16;
 /// Time to receive a request's head (and the longest idle keep-alive).
 const ADMIN_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// The longest an admin connection stays open.
@@ -265,35 +331,65 @@ struct Refused {
 
 /// Who is calling the admin API: the name of a token from `tokens_file`, or `CN=...` for an
 /// admin client certificate whose CN is in `admin_cns`. The tokens and CNs in force now
-/// decide: one removed at a reload stops working at once, on open connections too.
+/// decide: one removed at a reload stops working at once, on open connections too; a
+/// connection opened under other TLS settings (trust anchors, CRLs, TLS turned on) must
+/// reconnect before it is believed again.
 ///
 /// A client certificate that is not an administrator's (a consumer's, say) is refused
 /// even beside a valid token: it says the caller is not who the token says. A token that
 /// is presented must be valid, even beside an admin certificate.
 fn authenticate(
     gw: &Gateway,
-    client: Option<&ClientCertificate>,
+    opened: &Opened,
     req: &Request<Incoming>,
 ) -> Result<String, Box<Refused>> {
     let access = gw.admin_access.load();
-    let by_certificate = match client {
-        None => None,
-        Some(c) => match c
-            .cn
-            .as_deref()
-            .filter(|cn| access.cns.iter().any(|a| a == cn))
-        {
-            Some(cn) => Some(format!("CN={cn}")),
-            None => {
-                return Err(Box::new(Refused {
-                    response: json(
+    let refuse = |status, error: &str, why| {
+        Box::new(Refused {
+            response: json(status, serde_json::json!({"error": error})),
+            why,
+        })
+    };
+    let same_settings = match (opened, &access.tls) {
+        (Opened::Plain, None) => true,
+        (Opened::Tls { config, .. }, Some(now)) => Arc::ptr_eq(config, now),
+        _ => false,
+    };
+    if !same_settings {
+        return Err(refuse(
+            StatusCode::FORBIDDEN,
+            "the admin API's TLS settings changed since this connection was opened: connect again",
+            "a connection opened under earlier TLS settings",
+        ));
+    }
+    let by_certificate = match opened {
+        Opened::Tls {
+            client: Some(c), ..
+        } => {
+            let cn = c.identity.cn.as_deref().filter(|_| c.common_names == 1);
+            let admin_cn = cn.filter(|cn| access.cns.iter().any(|a| a == cn));
+            // A certificate a consumer pinned is a consumer's, never an administrator's;
+            // so is one of the consumers' CA with a consumer's CN (fsp check refuses
+            // such an admin CN, and this holds whatever a consumer pinned with it).
+            let snap = gw.snapshot.load();
+            let consumer = snap.consumers.pinned(&c.identity.sha256).is_some()
+                || (!access.own_ca
+                    && match snap.consumers.identify_certificate(&c.identity) {
+                        Ok(_) | Err(policy::IdentityError::PinMismatch { .. }) => true,
+                        Err(_) => false,
+                    });
+            match admin_cn {
+                Some(cn) if !consumer => Some(format!("CN={cn}")),
+                _ => {
+                    return Err(refuse(
                         StatusCode::FORBIDDEN,
-                        serde_json::json!({"error": "this client certificate is not an administrator's (its CN is not in admin_cns): connect without it, or with an administrator's certificate"}),
-                    ),
-                    why: "a client certificate that is not an administrator's",
-                }));
+                        "this client certificate is not an administrator's (its CN is not in admin_cns, it has several CNs, or it is a consumer's): connect without it, or with an administrator's certificate",
+                        "a client certificate that is not an administrator's",
+                    ));
+                }
             }
-        },
+        }
+        _ => None,
     };
     let presented = req.headers().contains_key(header::AUTHORIZATION);
     if let Some(name) = administrator(&access.tokens, req) {
@@ -307,19 +403,20 @@ fn authenticate(
             } else {
                 "send Authorization: Bearer <token from tokens_file>, or connect with an administrator's client certificate"
             };
-            let mut response = json(StatusCode::UNAUTHORIZED, serde_json::json!({"error": hint}));
-            response.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                http::HeaderValue::from_static("Bearer"),
-            );
-            Err(Box::new(Refused {
-                response,
-                why: if presented {
+            let mut refused = refuse(
+                StatusCode::UNAUTHORIZED,
+                hint,
+                if presented {
                     "unknown bearer token"
                 } else {
                     "no bearer token and no administrator's certificate"
                 },
-            }))
+            );
+            refused.response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                http::HeaderValue::from_static("Bearer"),
+            );
+            Err(refused)
         }
     }
 }
@@ -360,7 +457,7 @@ fn administrator<'t>(
 async fn route(
     gw: &Gateway,
     peer: SocketAddr,
-    client: Option<&ClientCertificate>,
+    opened: &Opened,
     req: Request<Incoming>,
 ) -> Response<Full<Bytes>> {
     let path = req.uri().path().to_owned();
@@ -395,10 +492,16 @@ async fn route(
             serde_json::json!({"error": "no such endpoint"}),
         );
     }
-    let who = match authenticate(gw, client, &req) {
+    let who = match authenticate(gw, opened, &req) {
         Ok(who) => who,
         Err(refused) => {
-            tracing::warn!(target: "fsp::admin", %peer, method = %req.method(), %path, certificate = client.map(|c| c.sha256.as_str()), "admin call refused: {}", refused.why);
+            let certificate = match opened {
+                Opened::Tls {
+                    client: Some(c), ..
+                } => Some(c.identity.sha256.to_string()),
+                _ => None,
+            };
+            tracing::warn!(target: "fsp::admin", %peer, method = %req.method(), %path, certificate, "admin call refused: {}", refused.why);
             return refused.response;
         }
     };

@@ -64,14 +64,21 @@ impl TokenIssuer {
             if line.is_empty() || line.starts_with('#') {
                 continue;
             }
+            let where_ = || format!("{} line {}", clients.display(), n + 1);
             let Some((id, secret)) = line.split_once(':') else {
-                anyhow::bail!(
-                    "{} line {}: expected client_id:secret",
-                    clients.display(),
-                    n + 1
-                );
+                anyhow::bail!("{}: expected client_id:secret", where_());
             };
-            list.push((id.trim().to_owned(), secret.trim().to_owned()));
+            let (id, secret) = (id.trim(), secret.trim());
+            if id.is_empty() || secret.len() < 16 {
+                anyhow::bail!(
+                    "{}: a client needs an id and a secret of at least 16 characters",
+                    where_()
+                );
+            }
+            if list.iter().any(|(known, _): &(String, String)| known == id) {
+                anyhow::bail!("{}: client {id} is given twice", where_());
+            }
+            list.push((id.to_owned(), secret.to_owned()));
         }
         Ok(Self {
             issuer: issuer.to_owned(),
@@ -139,15 +146,23 @@ pub fn jwks(key: &certs::devpki::SigningKey) -> serde_json::Value {
     }]})
 }
 
+/// Connections open at once (it shares the gateway's process and descriptors).
+const MAX_CONNECTIONS: usize = 64;
+
 /// Serves `POST /token` until the task is dropped.
 pub async fn serve(issuer: Arc<TokenIssuer>, listener: TcpListener) {
+    let open = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let Ok((tcp, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
+        let Ok(permit) = open.clone().try_acquire_owned() else {
+            continue;
+        };
         let issuer = issuer.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let svc = service_fn(move |req| {
                 let issuer = issuer.clone();
                 async move { Ok::<_, Infallible>(token(&issuer, req).await) }
@@ -156,7 +171,7 @@ pub async fn serve(issuer: Arc<TokenIssuer>, listener: TcpListener) {
             http.timer(TokioTimer::new())
                 .header_read_timeout(Duration::from_secs(10));
             let _ = tokio::time::timeout(
-                Duration::from_secs(60),
+                Duration::from_secs(30),
                 http.serve_connection(TokioIo::new(tcp), svc),
             )
             .await;
@@ -205,7 +220,28 @@ fn basic(req: &Request<Incoming>) -> Option<(String, String)> {
         .ok()?;
     let text = String::from_utf8(decoded).ok()?;
     let (id, secret) = text.split_once(':')?;
-    Some((id.to_owned(), secret.to_owned()))
+    // Each part is form-urlencoded first (RFC 6749 §2.3.1).
+    Some((form_decoded(id)?, form_decoded(secret)?))
+}
+
+/// `application/x-www-form-urlencoded` decoding of one value (None: not valid UTF-8).
+fn form_decoded(value: &str) -> Option<String> {
+    let bytes = value.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' => {
+                let hex = bytes.get(i + 1..i + 3)?;
+                out.push(u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?);
+                i += 2;
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8(out).ok()
 }
 
 async fn token(issuer: &TokenIssuer, req: Request<Incoming>) -> Response<Full<Bytes>> {
@@ -226,26 +262,49 @@ async fn token(issuer: &TokenIssuer, req: Request<Incoming>) -> Response<Full<By
             .insert(header::ALLOW, http::HeaderValue::from_static("POST"));
         return r;
     }
+    let authorization = req.headers().contains_key(header::AUTHORIZATION);
     let from_header = basic(&req);
-    let body = match Limited::new(req.into_body(), MAX_REQUEST_BYTES)
-        .collect()
-        .await
-    {
-        Ok(b) => b.to_bytes(),
-        Err(_) => {
+    let read = tokio::time::timeout(
+        Duration::from_secs(10),
+        Limited::new(req.into_body(), MAX_REQUEST_BYTES).collect(),
+    );
+    let body = match read.await {
+        Ok(Ok(b)) => b.to_bytes(),
+        _ => {
             return error(
                 StatusCode::BAD_REQUEST,
                 "invalid_request",
-                "the request body is unreadable or larger than 8 KiB",
+                "the request body is unreadable, larger than 8 KiB or took longer than 10 s",
             );
         }
     };
     let form: Vec<(String, String)> = url::form_urlencoded::parse(&body).into_owned().collect();
+    // A parameter given twice is refused (RFC 6749 §3.2), not read one way or the other.
+    let repeated = form
+        .iter()
+        .enumerate()
+        .any(|(i, (k, _))| form[..i].iter().any(|(earlier, _)| earlier == k));
+    if repeated {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "a parameter is given more than once",
+        );
+    }
     let field = |name: &str| {
         form.iter()
             .find(|(k, _)| k == name)
             .map(|(_, v)| v.as_str())
     };
+    // One way of authenticating the client (RFC 6749 §2.3), and a header that is there
+    // must be readable.
+    if authorization && (from_header.is_none() || field("client_secret").is_some()) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "authenticate the client one way: HTTP Basic, or client_id and client_secret in the form",
+        );
+    }
     if field("grant_type") != Some("client_credentials") {
         return error(
             StatusCode::BAD_REQUEST,
@@ -283,5 +342,47 @@ async fn token(issuer: &TokenIssuer, req: Request<Incoming>) -> Response<Full<By
             "server_error",
             &format!("cannot sign the token: {e}"),
         ),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn basic_credentials_are_form_decoded() {
+        assert_eq!(form_decoded("a%3Ab+c").as_deref(), Some("a:b c"));
+        assert_eq!(form_decoded("plain").as_deref(), Some("plain"));
+        assert_eq!(form_decoded("bad%4"), None);
+        assert_eq!(form_decoded("bad%zz"), None);
+        assert_eq!(form_decoded("%ff"), None, "not UTF-8");
+    }
+
+    #[test]
+    fn clients_need_an_id_and_a_long_secret_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("key.pem");
+        let k = certs::devpki::SigningKey::generate().unwrap();
+        std::fs::write(&key, &k.private_pem).unwrap();
+        let clients = dir.path().join("clients");
+        let load = |text: &str| {
+            std::fs::write(&clients, text).unwrap();
+            TokenIssuer::load("http://127.0.0.1:1", "fsp", &key, &clients)
+        };
+        let ok = load("# comment\napp:0123456789abcdef\n").unwrap();
+        assert_eq!(ok.first_client(), Some(("app", "0123456789abcdef")));
+        assert!(ok.client("app", "0123456789abcdef").is_some());
+        assert!(ok.client("app", "0123456789abcdeF").is_none());
+        assert!(ok.client("", "").is_none());
+        for bad in [
+            "app:\n",
+            ":0123456789abcdef\n",
+            "app:short\n",
+            "no-colon\n",
+            "app:0123456789abcdef\napp:fedcba9876543210\n",
+        ] {
+            assert!(load(bad).is_err(), "{bad:?} was accepted");
+        }
     }
 }

@@ -153,6 +153,16 @@ const FAMILIES: &[(&str, Kind, &str)] = &[
         "TLS handshakes with consumers that failed or timed out.",
     ),
     (
+        "fsp_admin_tls_handshake_failures_total",
+        Kind::Counter,
+        "TLS handshakes on the admin listener that failed or timed out.",
+    ),
+    (
+        "fsp_admin_connections_refused_total",
+        Kind::Counter,
+        "Admin connections closed at once: too many open, in all or from one address.",
+    ),
+    (
         "fsp_proxy_protocol_refusals_total",
         Kind::Counter,
         "Connections refused over the PROXY protocol, by reason (untrusted: a header from an address not in proxy_protocol_from; malformed; timeout).",

@@ -50,15 +50,42 @@ fn write(path: &Path, content: &str) -> anyhow::Result<()> {
 /// Writes a key or secret readable by the user only.
 fn write_private(path: &Path, content: &str) -> anyhow::Result<()> {
     use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
+    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
     std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .mode(0o600)
         .open(path)
-        .and_then(|mut f| f.write_all(content.as_bytes()))
+        .and_then(|mut f| {
+            // `mode` applies to a file it creates; one that was there is tightened.
+            f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+            f.write_all(content.as_bytes())
+        })
         .with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// Makes the keys and secrets of an existing directory readable by the user only (an
+/// earlier version wrote them with the default mode).
+fn tighten(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mut private = vec![
+        dir.join("admin-tokens"),
+        dir.join("oauth-clients"),
+        dir.join("COMMANDS.txt"),
+        dir.join("pki/server.key"),
+        dir.join("pki/oauth-signing.key"),
+    ];
+    private.extend(
+        CONSUMERS
+            .iter()
+            .map(|(id, _, _)| dir.join(format!("pki/{id}.key"))),
+    );
+    for path in private {
+        if path.exists() {
+            let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
+        }
+    }
 }
 
 /// Writes the PKI unless a complete one is already there (so printed commands keep
@@ -269,18 +296,36 @@ struct State {
 }
 
 impl State {
-    fn read(dir: &Path) -> Self {
-        std::fs::read(dir.join(STATE_FILE))
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or_default()
+    /// The last run's state; `Err` says why there is none to trust (then every
+    /// existing configuration file counts as the user's).
+    fn read(dir: &Path) -> Result<Self, String> {
+        let path = dir.join(STATE_FILE);
+        match std::fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&b)
+                .map_err(|e| format!("{} is unreadable ({e})", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if dir.join("fsp.toml").exists() {
+                    Err(format!(
+                        "{} is missing (written by an earlier version?)",
+                        path.display()
+                    ))
+                } else {
+                    Ok(Self::default())
+                }
+            }
+            Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+        }
     }
 
+    /// Written whole or not at all (a temporary file renamed over it).
     fn write(&self, dir: &Path) -> anyhow::Result<()> {
+        let tmp = dir.join(format!("{STATE_FILE}.tmp"));
         write(
-            &dir.join(STATE_FILE),
+            &tmp,
             &serde_json::to_string_pretty(self).unwrap_or_default(),
-        )
+        )?;
+        std::fs::rename(&tmp, dir.join(STATE_FILE))
+            .with_context(|| format!("cannot write {}", dir.join(STATE_FILE).display()))
     }
 }
 
@@ -316,7 +361,7 @@ fn configure(
 /// Binds a sample provider where the last run had it (so that an edited catalogue still
 /// points at it), else anywhere on loopback.
 async fn bind_sample(previous: Option<std::net::SocketAddr>) -> anyhow::Result<TcpListener> {
-    if let Some(addr) = previous
+    if let Some(addr) = previous.filter(|a| a.ip().is_loopback())
         && let Ok(l) = TcpListener::bind(addr).await
     {
         return Ok(l);
@@ -332,6 +377,8 @@ pub struct Printed<'a> {
     pub admin_port: u16,
     /// An administrator's token (from `tokens_file`), for the admin API examples.
     pub admin_token: Option<&'a str>,
+    /// The admin API is served over TLS (`[admin] tls`).
+    pub admin_tls: bool,
     /// The token endpoint's URL, a client id and its secret, for the OAuth example.
     pub oauth: Option<(String, &'a str, &'a str)>,
 }
@@ -343,7 +390,11 @@ pub fn commands(p: &Printed<'_>) -> String {
     let pki = dir.join("pki");
     let f = |name: &str| pki.join(name).display().to_string();
     let url = format!("https://localhost:{port}");
-    let admin = format!("http://127.0.0.1:{admin_port}");
+    let admin = if p.admin_tls {
+        format!("--cacert {} https://localhost:{admin_port}", f("ca.pem"))
+    } else {
+        format!("http://127.0.0.1:{admin_port}")
+    };
     let soap_body = r#"<soap:Envelope xmlns:soap="http://schemas.xmlsoap.org/soap/envelope/"><soap:Body><getPersonRequest xmlns="urn:be:fgov:sample:rn:person:v2"><ssin>92021415414</ssin></getPersonRequest></soap:Body></soap:Envelope>"#;
     let (ca, bxl, bxlk, lg, lgk) = (
         f("ca.pem"),
@@ -415,12 +466,13 @@ curl -s {admin}/metrics | grep fsp_
 }
 
 /// Lifts the suspensions a previous run left in the state directory; says how many.
-fn lift_leftover_suspensions(config: &crate::config::Config) -> anyhow::Result<usize> {
-    if config.cluster.is_some() {
-        // Shared through Redis: not the quickstart's to clear.
+fn lift_leftover_suspensions(dir: &Path, config: &crate::config::Config) -> anyhow::Result<usize> {
+    let state_dir = config.audit.backend.state_dir();
+    if config.cluster.is_some() || !state_dir.starts_with(dir) {
+        // Shared through Redis, or another gateway's state: not the quickstart's to clear.
         return Ok(0);
     }
-    let file = config.audit.backend.state_dir().join("suspensions.json");
+    let file = state_dir.join("suspensions.json");
     if !file.exists() {
         return Ok(0);
     }
@@ -465,14 +517,38 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
         .with_context(|| format!("cannot create {}", o.dir.display()))?;
     let dir = std::fs::canonicalize(&o.dir)?;
     let o = Options { dir, ..o };
+    // One quickstart per directory: a second one would rewrite files and lift
+    // suspensions under the first. The lock goes with the process.
+    let lock_path = o.dir.join(".quickstart.lock");
+    let lock = std::fs::File::create(&lock_path)
+        .with_context(|| format!("cannot create {}", lock_path.display()))?;
+    if lock.try_lock().is_err() {
+        anyhow::bail!(
+            "another quickstart is running in {}: stop it first (Ctrl-C)",
+            o.dir.display()
+        );
+    }
+    // The ports asked for must be free before anything is written.
+    for (port, option) in [
+        (o.port, "--port"),
+        (o.admin_port, "--admin-port"),
+        (o.oauth_port, "--oauth-port"),
+    ] {
+        std::net::TcpListener::bind(("127.0.0.1", port))
+            .with_context(|| format!("port {port} is taken: choose another with {option}"))?;
+    }
+    tighten(&o.dir);
     pki(&o.dir)?;
     signing_key(&o.dir)?;
     secrets(&o.dir)?;
-    let mut state = State::read(&o.dir);
+    let mut state = State::read(&o.dir).unwrap_or_else(|why| {
+        println!("Note: {why}; the configuration files there are kept as they are.");
+        State::default()
+    });
     let rest_listener = bind_sample(state.rest).await?;
     let soap_listener = bind_sample(state.soap).await?;
     let (rest, soap) = (rest_listener.local_addr()?, soap_listener.local_addr()?);
-    let moved = (state.rest.is_some_and(|a| a != rest)) || (state.soap.is_some_and(|a| a != soap));
+    let moved = state.rest != Some(rest) || state.soap != Some(soap);
     let files = generate(&o, rest, soap);
     let (path, kept) = configure(&o, &mut state, files)?;
     state.rest = Some(rest);
@@ -500,7 +576,7 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
     if o.keep_suspensions {
         println!("Suspensions left by the last run are kept (--keep-suspensions).");
     } else {
-        let lifted = lift_leftover_suspensions(&config)?;
+        let lifted = lift_leftover_suspensions(&o.dir, &config)?;
         if lifted > 0 {
             println!(
                 "Lifted {lifted} suspension(s) left by the last run (start with --keep-suspensions to keep them)."
@@ -538,6 +614,7 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
         port,
         admin_port,
         admin_token: admin_token.as_deref(),
+        admin_tls: admin.is_some_and(|a| a.access.tls.is_some()),
         oauth: oauth
             .as_ref()
             .map(|(url, (client, secret))| (url.clone(), client.as_str(), secret.as_str())),
@@ -554,12 +631,17 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
     if let Some((url, _)) = &oauth {
         println!("OAuth2 token endpoint (client credentials): {url}");
     }
-    println!(
-        "Gateway: https://localhost:{port} (mTLS or OAuth2); admin: http://127.0.0.1:{admin_port}"
-    );
+    let admin_url = if printed.admin_tls {
+        format!("https://localhost:{admin_port}")
+    } else {
+        format!("http://127.0.0.1:{admin_port}")
+    };
+    println!("Gateway: https://localhost:{port} (mTLS or OAuth2); admin: {admin_url}");
     println!("Paste these in another terminal:{text}");
     println!("Press Ctrl-C to stop.");
     // It holds an administrator token and a client secret.
     let _ = write_private(&o.dir.join("COMMANDS.txt"), &text);
-    crate::run::serve(&path, config, shutdown).await
+    let served = crate::run::serve(&path, config, shutdown).await;
+    drop(lock);
+    served
 }

@@ -473,9 +473,11 @@ impl Gateway {
         self.throttle.store(Arc::new(throttle));
         self.tls.store(tls);
         let changed = changes(&self.snapshot.load(), &snapshot);
+        // Admin access first: an admin request in between must not see new consumers
+        // (whose certificates are never an administrator's) with the old admin CNs.
+        self.admin_access.store(Arc::new(admin_access));
         self.snapshot.store(Arc::new(snapshot));
         self.config_info.store(Arc::new(config_info));
-        self.admin_access.store(Arc::new(admin_access));
         self.tls_files.store(Arc::new(tls_files));
         self.certificates.store(Arc::new(certificates));
         metrics::counter!("fsp_config_reloads_total").increment(1);

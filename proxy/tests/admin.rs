@@ -398,7 +398,14 @@ async fn admin_https(
 async fn the_admin_api_over_mtls_knows_administrators_by_certificate_or_token() {
     let pki = Pki::new();
     let up = upstream().await;
-    let config = write_config(&pki, up, 0, 0, "");
+    // A consumer pinned by fingerprint alone, whose certificate happens to carry the
+    // administrators' CN: fsp check cannot see the CN, the admin API must refuse it.
+    let lookalike = pki.ca.client("ops.example.be").unwrap();
+    let pinned = format!(
+        "\n[[consumer]]\nid = \"lookalike\"\norganisation = \"Look-alike\"\ncertificates = [ {{ sha256 = \"{}\" }} ]\n",
+        certs::identity::sha256(&lookalike.der)
+    );
+    let config = write_config(&pki, up, 0, 0, &pinned);
     let text = std::fs::read_to_string(&config).unwrap().replacen(
         "tokens_file = \"admin-tokens\"",
         "tokens_file = \"admin-tokens\"\ntls = true\nadmin_cns = [\"ops.example.be\"]",
@@ -482,7 +489,11 @@ async fn the_admin_api_over_mtls_knows_administrators_by_certificate_or_token() 
 
     // A consumer's certificate (same CA) is not an administrator's, with or without a
     // valid token; nor is a certificate of an unknown CN.
-    for (who, identity) in [("consumer", &pki.consumer), ("stranger", &pki.stranger)] {
+    for (who, identity) in [
+        ("consumer", &pki.consumer),
+        ("stranger", &pki.stranger),
+        ("consumer pinned with an admin CN", &lookalike),
+    ] {
         for t in [None, Some(token)] {
             let (status, body) = admin_https(
                 &pki,
@@ -584,7 +595,10 @@ async fn administrators_may_have_their_own_ca() {
     std::fs::write(pki.path().join("admins-ca.pem"), admins.cert_pem()).unwrap();
     // The same CN as a consumer: under its own CA, it is another certificate.
     let admin = admins.client(CONSUMER_CN).unwrap();
-    let config = write_config(&pki, up, 0, 0, "");
+    // The listener's CRLs cover the consumers' CA only: the administrators' CA is not
+    // refused for having none.
+    std::fs::write(pki.path().join("consumers.crl"), pki.ca.crl(&[]).unwrap()).unwrap();
+    let config = write_config_with(&pki, up, 0, 0, "crls = [\"consumers.crl\"]", "", "");
     let text = std::fs::read_to_string(&config).unwrap().replacen(
         "tokens_file = \"admin-tokens\"",
         &format!("tls = true\nadmin_cns = [\"{CONSUMER_CN}\"]\nadmin_ca = \"admins-ca.pem\""),

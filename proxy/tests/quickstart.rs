@@ -37,6 +37,9 @@ struct Quickstart {
 /// it printed.
 fn start(dir: &Path, ports: (u16, u16, u16), extra: &[&str]) -> (Quickstart, String) {
     let (port, admin, oauth) = ports;
+    // Removed first, so that the file found below is this run's.
+    let commands = dir.join("COMMANDS.txt");
+    let _ = std::fs::remove_file(&commands);
     let mut child = Command::new(env!("CARGO_BIN_EXE_fsp"))
         .args(["quickstart", "--dir"])
         .arg(dir)
@@ -54,8 +57,6 @@ fn start(dir: &Path, ports: (u16, u16, u16), extra: &[&str]) -> (Quickstart, Str
         .stderr(Stdio::inherit())
         .spawn()
         .unwrap();
-    let commands = dir.join("COMMANDS.txt");
-    let _ = std::fs::remove_file(&commands);
     let deadline = Instant::now() + Duration::from_secs(30);
     let text = loop {
         if let Ok(t) = std::fs::read_to_string(&commands) {
@@ -149,6 +150,36 @@ fn the_printed_commands_work_when_pasted() {
     let ports = (free_port(), free_port(), free_port());
     let port = ports.0;
     let (mut qs, text) = start(dir.path(), ports, &[]);
+
+    // Keys and secrets are the user's alone.
+    for private in [
+        "admin-tokens",
+        "oauth-clients",
+        "COMMANDS.txt",
+        "pki/server.key",
+        "pki/ville-bxl.key",
+        "pki/oauth-signing.key",
+    ] {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(dir.path().join(private))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o077, 0, "{private} is readable by others: {mode:o}");
+    }
+    // A second quickstart in the same directory refuses to start, touching nothing.
+    let second = Command::new(env!("CARGO_BIN_EXE_fsp"))
+        .args(["quickstart", "--dir"])
+        .arg(dir.path())
+        .args(["--port", &free_port().to_string()])
+        .output()
+        .unwrap();
+    assert!(!second.status.success());
+    assert!(
+        String::from_utf8_lossy(&second.stderr).contains("another quickstart is running"),
+        "{}",
+        String::from_utf8_lossy(&second.stderr)
+    );
 
     let blocks = blocks(&text);
     assert!(blocks.len() >= 9, "printed commands:\n{text}");

@@ -155,6 +155,9 @@ pub struct AdminAccess {
     /// `[admin] tls = true`: the admin listener's TLS configuration (the listener's
     /// certificate; admin client certificates asked for when `cns` is not empty).
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Administrators' certificates chain to their own CA (`admin_ca`), not to the
+    /// consumers' (`client_ca`).
+    pub own_ca: bool,
 }
 
 /// OAuth2 settings (enforced from issue 3 on; validated now).
@@ -1634,7 +1637,7 @@ fn build_admin(
             cns.push(cn.to_owned());
         }
     }
-    if a.admin_cns.is_some() && !tls {
+    if !cns.is_empty() && !tls {
         problems.add(
             &s.path,
             "admin.admin_cns",
@@ -1690,6 +1693,7 @@ fn build_admin(
             tokens,
             cns,
             tls: tls_config,
+            own_ca: admin_ca.is_some(),
         },
         admin_ca,
     })
