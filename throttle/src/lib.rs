@@ -92,7 +92,7 @@ pub fn gcra(tat: Option<u64>, now: u64, limit: &Limit) -> Result<u64, u64> {
 }
 
 /// Why a backend could not decide.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct BackendError(pub String);
 
 impl std::error::Error for BackendError {}
