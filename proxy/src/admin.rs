@@ -461,6 +461,12 @@ async fn route(
     req: Request<Incoming>,
 ) -> Response<Full<Bytes>> {
     let path = req.uri().path().to_owned();
+    // HEAD is GET without the body (RFC 9110 §9.3.2): hyper leaves the body out, having
+    // read the request's method itself.
+    let mut req = req;
+    if req.method() == Method::HEAD {
+        *req.method_mut() = Method::GET;
+    }
     match (req.method(), path.as_str()) {
         (&Method::GET, "/healthz") => return text(StatusCode::OK, "ok\n"),
         (&Method::GET, "/readyz") => {
@@ -580,6 +586,7 @@ async fn route(
                             "applied": report.applied,
                             "needs_restart": report.needs_restart,
                             "changed": report.changed,
+                            "warnings": report.warnings,
                         }),
                     )
                 }
@@ -687,20 +694,20 @@ fn allowed_methods(path: &str) -> Option<&'static str> {
         | "/admin/certificates"
         | "/admin/consumers"
         | "/admin/services"
-        | "/admin/config" => Some("GET"),
+        | "/admin/config" => Some("GET, HEAD"),
         "/admin/reload" => Some("POST"),
         _ if suspension_call(path).is_some() => Some("POST"),
         _ if path
             .strip_prefix("/admin/audit/")
             .is_some_and(|id| !id.is_empty()) =>
         {
-            Some("GET")
+            Some("GET, HEAD")
         }
         _ if path
             .strip_prefix("/admin/consumers/")
             .is_some_and(|id| !id.is_empty() && !id.contains('/')) =>
         {
-            Some("GET")
+            Some("GET, HEAD")
         }
         _ => None,
     }

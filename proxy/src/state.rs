@@ -342,6 +342,8 @@ pub struct ReloadReport {
     pub needs_restart: Vec<&'static str>,
     /// Ids added, removed and changed (consumers, authorisations, services, providers).
     pub changed: serde_json::Value,
+    /// What `fsp check` would warn about in the configuration now in force.
+    pub warnings: Vec<String>,
 }
 
 /// Why a reload was refused (the running configuration stays in force).
@@ -444,6 +446,10 @@ impl Gateway {
 
     fn reload_now(&self) -> Result<ReloadReport, ReloadError> {
         let config = crate::config::load(&self.config_path)?;
+        let warnings: Vec<String> = config.warnings.iter().map(ToString::to_string).collect();
+        for w in &config.warnings {
+            tracing::warn!(file = %w.file.display(), key = %w.key, "{}", w.reason);
+        }
         let restart_only = RestartOnly::of(&config);
         let needs_restart = self
             .restart_only
@@ -493,6 +499,7 @@ impl Gateway {
             ],
             needs_restart,
             changed,
+            warnings,
         };
         if report.needs_restart.is_empty() {
             tracing::info!(config = %self.config_path.display(), "configuration reloaded");

@@ -153,6 +153,11 @@ async fn named_tokens_say_who_acted_wrong_methods_are_405_and_certificates_are_l
         assert_eq!(status, 405, "{method} {path}: {body}");
         assert!(body.contains(allow), "{method} {path}: {body}");
     }
+    // HEAD is GET without the body.
+    for path in ["/healthz", "/admin/suspensions"] {
+        let (status, body) = admin_request(gw.admin_port, "HEAD", path, Some(alice)).await;
+        assert_eq!((status, body.as_str()), (200, ""), "HEAD {path}");
+    }
     assert_eq!(
         admin_request(gw.admin_port, "GET", "/admin/nothing-here", Some(alice))
             .await
@@ -357,6 +362,32 @@ async fn what_is_loaded_can_be_read_back_and_a_reload_says_what_it_changed() {
         .unwrap()
         .clone();
     assert!(tax["days_left"].as_i64().unwrap() > 365, "{tax}");
+
+    // A reload says what fsp check would warn about: here a consumer certificate pinned
+    // by file that is valid for two years.
+    let now = time::OffsetDateTime::now_utc();
+    let long = pki
+        .ca
+        .client_valid(
+            "long.example.be",
+            now - time::Duration::days(1),
+            now + time::Duration::days(730),
+        )
+        .unwrap();
+    std::fs::write(pki.path().join("long.pem"), &long.cert_pem).unwrap();
+    let text = std::fs::read_to_string(&config).unwrap()
+        + "\n[[consumer]]\nid = \"long-lived\"\norganisation = \"Long\"\ncertificates = [ { file = \"long.pem\" } ]\n";
+    std::fs::write(&config, text).unwrap();
+    let (status, body) = admin_request(gw.admin_port, "POST", "/admin/reload", token).await;
+    assert_eq!(status, 200, "{body}");
+    let report: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let warnings = report["warnings"].as_array().unwrap();
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.as_str().unwrap().contains("more than 12 months")),
+        "{report}"
+    );
 }
 
 /// An HTTPS call to the admin listener, presenting `identity` if given: status and body
