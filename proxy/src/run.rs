@@ -177,7 +177,8 @@ pub async fn start(
                 &key_prefix,
                 std::time::Duration::from_millis(250),
             )
-            .map_err(|e| anyhow::anyhow!("throttle.url: {e}"))?,
+            .map_err(|e| anyhow::anyhow!("throttle.url: {e}"))?
+            .with_leases(throttle_cfg.replicas),
             on_error: throttle_cfg.on_backend_error,
             replicas: throttle_cfg.replicas,
             last_logged: std::sync::atomic::AtomicU64::new(0),

@@ -12,6 +12,17 @@
 //! a batch holds what arrived during the last round trip. The script decides a batch's
 //! calls one after the other, exactly as if each had come alone, so the bound and the
 //! "a refused call consumes nothing" rule are those of one call per script.
+//!
+//! Leases (with [`RedisStore::with_leases`]): where a limit is high, a replica takes
+//! several permits of a consumer's pair of keys in one decision and spends them locally
+//! for at most [`LEASE_TTL`], so that most calls make no round trip. Permits are debited
+//! in Redis when leased, so calls admitted from the start never exceed
+//! `limit × T + burst` across replicas; a lease left unused is given back with the pair's
+//! next decision. The permits all replicas may hold at once are at most
+//! [`LEASE_SHARE`] of the smaller burst, so over any window the count admitted exceeds
+//! the bound by at most that share (permits leased just before the window), and a pair
+//! whose limits make that share less than two permits is decided call by call, exactly.
+//! A refused call still consumes nothing.
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -23,38 +34,63 @@ use crate::{Limit, Limits, Scope, Throttled};
 const SCRIPT: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local function gcra(key, emission, tolerance)
-  if key == '' then return nil end
+-- How many permits a key can give now (math.huge: no limit), its TAT, and the wait
+-- when it can give none.
+local function room(key, e, tol)
+  if key == '' then return math.huge, nil, 0 end
   local tat = tonumber(redis.call('GET', key)) or now
   if tat < now then tat = now end
   local ahead = tat - now
-  if ahead > tolerance then return -(ahead - tolerance) end
-  return tat + emission
+  if ahead > tol then return 0, tat, ahead - tol end
+  return math.floor((tol - ahead) / e) + 1, tat, 0
+end
+local function give_back(key, e, n)
+  if key == '' or n <= 0 then return end
+  local tat = tonumber(redis.call('GET', key))
+  if not tat then return end
+  tat = tat - n * e
+  if tat <= now then redis.call('DEL', key) return end
+  redis.call('SET', key, tat, 'PX', math.ceil((tat - now) / 1000) + 1000)
 end
 local out = {}
 for i = 0, #KEYS / 2 - 1 do
-  local a = 4 * i
+  local a = 6 * i
+  local pk, ck = KEYS[2 * i + 1], KEYS[2 * i + 2]
+  local pe, pt = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+  local ce, ct = tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])
+  local want, back = tonumber(ARGV[a + 5]), tonumber(ARGV[a + 6])
+  give_back(pk, pe, back)
+  give_back(ck, ce, back)
+  local kp, tp, wp = room(pk, pe, pt)
+  local kc, tc, wc = room(ck, ce, ct)
+  local k = math.min(want, kp, kc)
   local who, wait = 0, 0
-  local p = gcra(KEYS[2 * i + 1], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]))
-  if p and p < 0 then
-    who, wait = 1, -p
+  if k < 1 then
+    k = 0
+    if kp < 1 then who, wait = 1, wp else who, wait = 2, wc end
   else
-    local c = gcra(KEYS[2 * i + 2], tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4]))
-    if c and c < 0 then
-      who, wait = 2, -c
-    else
-      if p then redis.call('SET', KEYS[2 * i + 1], p, 'PX', math.ceil((p - now) / 1000) + 1000) end
-      if c then redis.call('SET', KEYS[2 * i + 2], c, 'PX', math.ceil((c - now) / 1000) + 1000) end
+    if tp then
+      local n = tp + k * pe
+      redis.call('SET', pk, n, 'PX', math.ceil((n - now) / 1000) + 1000)
+    end
+    if tc then
+      local n = tc + k * ce
+      redis.call('SET', ck, n, 'PX', math.ceil((n - now) / 1000) + 1000)
     end
   end
-  out[2 * i + 1] = who
-  out[2 * i + 2] = wait
+  out[3 * i + 1] = k
+  out[3 * i + 2] = who
+  out[3 * i + 3] = wait
 end
 return out
 "#;
 
 /// The most decisions sent in one batch.
 const MAX_BATCH: usize = 256;
+/// How long leased permits may be spent.
+pub const LEASE_TTL: Duration = Duration::from_millis(20);
+/// The share of a limit's burst that all replicas' leases may hold together.
+pub const LEASE_SHARE: f64 = 0.05;
 
 pub use crate::BackendError;
 
@@ -64,6 +100,30 @@ pub struct RedisStore {
     /// Where calls hand their decisions to the batching task (started by the first call,
     /// on its runtime).
     batches: OnceLock<mpsc::UnboundedSender<Pending>>,
+    /// With leases: how many replicas share the limits, and the permits this one holds,
+    /// by provider and consumer.
+    leases: Option<(u32, std::sync::Mutex<LeaseTable>)>,
+}
+
+type LeaseTable = std::collections::HashMap<String, std::collections::HashMap<String, Lease>>;
+
+/// Permits of one (provider, consumer) pair, debited in Redis, spendable here.
+#[derive(Debug)]
+struct Lease {
+    /// The limits they were taken under (emission and tolerance of both keys).
+    under: [u64; 4],
+    permits: u64,
+    /// When they were taken: spendable until [`LEASE_TTL`] after.
+    taken: std::time::Instant,
+    /// Permits asked for next time (grows while leases run out, shrinks while they
+    /// expire unspent).
+    size: u64,
+    /// Permits to give back with the next decision (expired, or over the cap).
+    owed: u64,
+    /// When a call of the pair last asked for a lease, while it waits for the answer:
+    /// meanwhile the pair's other calls are decided one by one, so that a lease that
+    /// runs out under many concurrent calls is renewed once, not once per call.
+    asking: Option<std::time::Instant>,
 }
 
 struct Inner {
@@ -81,7 +141,11 @@ struct Pending {
     keys: [String; 2],
     /// Emission interval and tolerance (µs) of each.
     args: [u64; 4],
-    reply: oneshot::Sender<Result<(u8, u64), BackendError>>,
+    /// Permits asked for (1 without a lease) and given back.
+    want: u64,
+    back: u64,
+    /// Permits granted (0: refused), who refused, how long to wait (µs).
+    reply: oneshot::Sender<Result<(u64, u8, u64), BackendError>>,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -112,7 +176,16 @@ impl RedisStore {
                 prefix: prefix.to_owned(),
             }),
             batches: OnceLock::new(),
+            leases: None,
         })
+    }
+
+    /// Lets this replica lease permits (see the module documentation); `replicas`: how
+    /// many gateways share the limits.
+    #[must_use]
+    pub fn with_leases(mut self, replicas: u32) -> Self {
+        self.leases = Some((replicas.max(1), std::sync::Mutex::default()));
+        self
     }
 
     /// Admits or refuses one call, atomically across every replica sharing this Redis.
@@ -125,6 +198,124 @@ impl RedisStore {
         if limits.provider.is_none() && limits.consumer.is_none() {
             return Ok(Ok(()));
         }
+        let args =
+            |l: &Option<Limit>| l.map_or((1, 0), |l| (micros(l.emission()), l.tolerance() / 1000));
+        let (pe, pt) = args(&limits.provider);
+        let (ce, ct) = args(&limits.consumer);
+        let under = [pe, pt, ce, ct];
+        let Some((replicas, table)) = &self.leases else {
+            return self
+                .ask(provider, consumer, limits, under, 1, 0)
+                .await
+                .map(|(_, d)| d);
+        };
+        // Permits per lease: together, the replicas hold at most LEASE_SHARE of the
+        // smaller burst.
+        let burst = [limits.provider, limits.consumer]
+            .iter()
+            .flatten()
+            .map(|l| u64::from(l.burst.max(1)))
+            .min()
+            .unwrap_or(1);
+        let cap = ((burst as f64 * LEASE_SHARE) / f64::from(*replicas)) as u64;
+        if cap < 2 {
+            return self
+                .ask(provider, consumer, limits, under, 1, 0)
+                .await
+                .map(|(_, d)| d);
+        }
+        let now = std::time::Instant::now();
+        let (want, back) = {
+            let mut table = table
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            match table.get_mut(provider).and_then(|m| m.get_mut(consumer)) {
+                Some(l)
+                    if l.under == under
+                        && l.permits > 0
+                        && now.duration_since(l.taken) < LEASE_TTL =>
+                {
+                    l.permits -= 1;
+                    return Ok(Ok(()));
+                }
+                Some(l)
+                    if l.asking
+                        .is_some_and(|at| now.duration_since(at) < self.inner.timeout * 2) =>
+                {
+                    (1, 0)
+                }
+                Some(l) => {
+                    l.asking = Some(now);
+                    // Spent in time: ask for more; expired unspent: for fewer.
+                    if l.permits == 0 {
+                        l.size = (l.size * 2).min(cap);
+                    } else {
+                        l.size = (l.size / 2).max(1);
+                    }
+                    // Unspent permits go back (under other limits, too: the keys are
+                    // the same, and the next decision is made under the new ones).
+                    let back = std::mem::take(&mut l.owed) + std::mem::take(&mut l.permits);
+                    (l.size.min(cap), back)
+                }
+                // A pair's first call asks for two: a lease begins when both come.
+                None => (2, 0),
+            }
+        };
+        let asked = self
+            .ask(provider, consumer, limits, under, want, back)
+            .await;
+        if want > 1 || back > 0 {
+            let mut table = table
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(l) = table.get_mut(provider).and_then(|m| m.get_mut(consumer)) {
+                l.asking = None;
+            }
+        }
+        // On an error, whether given-back permits came back is not known: they are not
+        // owed again.
+        let (granted, decision) = asked?;
+        if granted > 1 {
+            let mut table = table
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let l = table
+                .entry(provider.to_owned())
+                .or_default()
+                .entry(consumer.to_owned())
+                .or_insert_with(|| Lease {
+                    under,
+                    permits: 0,
+                    taken: now,
+                    size: want,
+                    owed: 0,
+                    asking: None,
+                });
+            // Another call of the pair may have leased meanwhile: what is over the cap
+            // is given back next time.
+            let fresh = l.under == under && now.duration_since(l.taken) < LEASE_TTL;
+            let kept = if fresh { l.permits } else { 0 };
+            l.owed += if fresh { 0 } else { l.permits };
+            let total = kept + granted - 1;
+            l.permits = total.min(cap);
+            l.owed += total - l.permits;
+            l.under = under;
+            l.taken = now;
+        }
+        Ok(decision)
+    }
+
+    /// One decision through the batch: `want` permits (granted: how many), after giving
+    /// `back` permits back.
+    async fn ask(
+        &self,
+        provider: &str,
+        consumer: &str,
+        limits: &Limits,
+        under: [u64; 4],
+        want: u64,
+        back: u64,
+    ) -> Result<(u64, Result<(), Throttled>), BackendError> {
         let prefix = &self.inner.prefix;
         let key = |l: &Option<Limit>, suffix: std::fmt::Arguments<'_>| {
             if l.is_some() {
@@ -133,10 +324,6 @@ impl RedisStore {
                 String::new()
             }
         };
-        let args =
-            |l: &Option<Limit>| l.map_or((1, 0), |l| (micros(l.emission()), l.tolerance() / 1000));
-        let (pe, pt) = args(&limits.provider);
-        let (ce, ct) = args(&limits.consumer);
         let (reply, answer) = oneshot::channel();
         let pending = Pending {
             provider: provider.to_owned(),
@@ -144,7 +331,9 @@ impl RedisStore {
                 key(&limits.provider, format_args!("all")),
                 key(&limits.consumer, format_args!("c:{consumer}")),
             ],
-            args: [pe, pt, ce, ct],
+            args: under,
+            want,
+            back,
             reply,
         };
         let batches = self.batches.get_or_init(|| {
@@ -155,13 +344,13 @@ impl RedisStore {
         batches
             .send(pending)
             .map_err(|_| BackendError("the throttling batch task has stopped".into()))?;
-        let (who, wait_us) = tokio::time::timeout(self.inner.timeout, answer)
+        let (granted, who, wait_us) = tokio::time::timeout(self.inner.timeout, answer)
             .await
             .map_err(|_| BackendError(format!("no answer within {:?}", self.inner.timeout)))?
             .map_err(|_| BackendError("the throttling batch task has stopped".into()))??;
-        Ok(match who {
-            0 => Ok(()),
-            1 | 2 => {
+        let decision = match (granted, who) {
+            (1.., _) => Ok(()),
+            (0, 1 | 2) => {
                 let (scope, limit) = if who == 1 {
                     (Scope::Provider, limits.provider)
                 } else {
@@ -177,8 +366,9 @@ impl RedisStore {
                     retry_after: Duration::from_micros(wait_us),
                 })
             }
-            other => return Err(BackendError(format!("unexpected script answer {other}"))),
-        })
+            (_, other) => return Err(BackendError(format!("unexpected script answer {other}"))),
+        };
+        Ok((granted, decision))
     }
 }
 
@@ -241,7 +431,7 @@ impl Inner {
 
     /// Decides a batch: one script run per provider (its keys share a hash slot), all
     /// sent before the first answer is read; answers in the batch's order.
-    async fn decide(&self, batch: &[Pending]) -> Result<Vec<(u8, u64)>, BackendError> {
+    async fn decide(&self, batch: &[Pending]) -> Result<Vec<(u64, u8, u64)>, BackendError> {
         let conn = self.connection().await?;
         // Providers in order of first appearance; calls keep their order within each.
         let mut providers: Vec<&str> = Vec::new();
@@ -257,6 +447,7 @@ impl Inner {
                 for a in p.args {
                     invocation.arg(a);
                 }
+                invocation.arg(p.want).arg(p.back);
             }
             let mut conn = conn.clone();
             async move {
@@ -267,19 +458,19 @@ impl Inner {
             }
         });
         let answers = join_all(runs).await;
-        let mut out = vec![(0u8, 0u64); batch.len()];
+        let mut out = vec![(0u64, 0u8, 0u64); batch.len()];
         for (provider, answer) in providers.iter().zip(answers) {
             let answer = answer?;
-            let mut pairs = answer.chunks_exact(2);
+            let mut triples = answer.chunks_exact(3);
             for (slot, _) in out
                 .iter_mut()
                 .zip(batch)
                 .filter(|(_, p)| p.provider == *provider)
             {
-                let pair = pairs.next().ok_or_else(|| {
+                let t = triples.next().ok_or_else(|| {
                     BackendError("the script answered fewer decisions than asked".into())
                 })?;
-                *slot = (u8::try_from(pair[0]).unwrap_or(u8::MAX), pair[1]);
+                *slot = (t[0], u8::try_from(t[1]).unwrap_or(u8::MAX), t[2]);
             }
         }
         Ok(out)

@@ -151,3 +151,71 @@ async fn a_redis_that_does_not_answer_is_an_error_within_the_timeout() {
         started.elapsed()
     );
 }
+
+/// Three replicas with leases, driven far above a high limit from many tasks: what they
+/// admit together stays within `limit × T + burst` and reaches at least 95 % of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_leasing_permits_stay_within_the_bound() {
+    let Ok(url) = std::env::var("FSP_TEST_REDIS_URL") else {
+        eprintln!("SKIPPED: FSP_TEST_REDIS_URL is not set");
+        return;
+    };
+    let p = provider("leases");
+    let limit = Limit {
+        count: 2000,
+        per: Duration::from_secs(1),
+        burst: 400,
+    };
+    let limits = Limits {
+        provider: Some(limit),
+        consumer: Some(Limit {
+            count: 100_000,
+            per: Duration::from_secs(1),
+            burst: 10_000,
+        }),
+    };
+    let replicas: Vec<std::sync::Arc<RedisStore>> = (0..3)
+        .map(|_| {
+            std::sync::Arc::new(
+                RedisStore::new(&url, "fsp-test:", Duration::from_millis(500))
+                    .unwrap()
+                    .with_leases(3),
+            )
+        })
+        .collect();
+    let admitted = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let refused = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let started = Instant::now();
+    let run_for = Duration::from_secs(2);
+    let mut tasks = Vec::new();
+    for i in 0..48 {
+        let store = replicas[i % 3].clone();
+        let (p, admitted, refused) = (p.clone(), admitted.clone(), refused.clone());
+        tasks.push(tokio::spawn(async move {
+            while started.elapsed() < run_for {
+                match store.decide(&p, "c", 0, &limits).await.unwrap() {
+                    Ok(()) => admitted.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+                    Err(_) => refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+                };
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let admitted = admitted.load(std::sync::atomic::Ordering::Relaxed);
+    let refused = refused.load(std::sync::atomic::Ordering::Relaxed);
+    let bound = 2000.0 * elapsed + 400.0;
+    eprintln!("leases: admitted {admitted}, refused {refused} in {elapsed:.2}s; bound {bound:.0}");
+    assert!(refused > 0, "the load must exceed the limit");
+    assert!(
+        admitted as f64 <= bound,
+        "admitted {admitted} > bound {bound:.0}"
+    );
+    assert!(
+        admitted as f64 >= 0.95 * (2000.0 * elapsed),
+        "admitted {admitted}, under 95 % of {:.0}",
+        2000.0 * elapsed
+    );
+}
