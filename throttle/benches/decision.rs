@@ -46,6 +46,8 @@ fn redis(c: &mut Criterion) {
         .enable_all()
         .build()
         .unwrap();
+    // The store's batching task runs on this runtime.
+    let _runtime = rt.enter();
     let store =
         throttle::redis::RedisStore::new(&url, "fsp-bench:", Duration::from_millis(500)).unwrap();
     let limits = limits();

@@ -18,13 +18,18 @@
 //! for at most [`LEASE_TTL`], so that most calls make no round trip. Permits are debited
 //! in Redis when leased, so calls admitted from the start never exceed
 //! `limit × T + burst` across replicas; a lease left unused is given back with the pair's
-//! next decision. The permits all replicas may hold at once are at most
-//! [`LEASE_SHARE`] of the smaller burst, so over any window the count admitted exceeds
-//! the bound by at most that share (permits leased just before the window), and a pair
+//! next decision, credited no further back than the TAT just after the replica's own
+//! last debit (so another replica's spend since is never erased); permits leased under
+//! limits a reload changed are dropped, not given back. The permits all replicas may
+//! hold at once are at most [`LEASE_SHARE`] of each burst (a pair's, and the provider
+//! aggregate's over all its pairs), so over any window the count admitted exceeds the
+//! bound by at most that share (permits leased just before the window), and a pair
 //! whose limits make that share less than two permits is decided call by call, exactly.
-//! A refused call still consumes nothing.
+//! One renewal per pair is in flight; the pair's other calls meanwhile are decided one
+//! by one. A refused call still consumes nothing. Emission intervals are whole
+//! microseconds, rounded up (a limit is never loosened by rounding).
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{RwLock, mpsc, oneshot};
@@ -34,6 +39,11 @@ use crate::{Limit, Limits, Scope, Throttled};
 const SCRIPT: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local function keep(key, tat)
+  -- PX in whole milliseconds, bounded (a number past 1e15 would be sent as 1e+15).
+  local px = math.min(math.ceil((tat - now) / 1000) + 1000, 1e12)
+  redis.call('SET', key, tat, 'PX', px)
+end
 -- How many permits a key can give now (math.huge: no limit), its TAT, and the wait
 -- when it can give none.
 local function room(key, e, tol)
@@ -44,43 +54,45 @@ local function room(key, e, tol)
   if ahead > tol then return 0, tat, ahead - tol end
   return math.floor((tol - ahead) / e) + 1, tat, 0
 end
-local function give_back(key, e, n)
+-- Gives back n permits' worth of time, never past `upto` (the TAT just after the
+-- giver's last debit), so that what others spent since is not erased.
+local function give_back(key, e, n, upto)
   if key == '' or n <= 0 then return end
   local tat = tonumber(redis.call('GET', key))
   if not tat then return end
-  tat = tat - n * e
+  local credit = math.min(n * e, math.max(0, upto - now))
+  if credit <= 0 then return end
+  tat = tat - credit
   if tat <= now then redis.call('DEL', key) return end
-  redis.call('SET', key, tat, 'PX', math.ceil((tat - now) / 1000) + 1000)
+  keep(key, tat)
 end
 local out = {}
 for i = 0, #KEYS / 2 - 1 do
-  local a = 6 * i
+  local a = 8 * i
   local pk, ck = KEYS[2 * i + 1], KEYS[2 * i + 2]
   local pe, pt = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
   local ce, ct = tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])
   local want, back = tonumber(ARGV[a + 5]), tonumber(ARGV[a + 6])
-  give_back(pk, pe, back)
-  give_back(ck, ce, back)
+  give_back(pk, pe, back, tonumber(ARGV[a + 7]))
+  give_back(ck, ce, back, tonumber(ARGV[a + 8]))
   local kp, tp, wp = room(pk, pe, pt)
   local kc, tc, wc = room(ck, ce, ct)
   local k = math.min(want, kp, kc)
-  local who, wait = 0, 0
+  local who, wait, dp, dc = 0, 0, 0, 0
   if k < 1 then
     k = 0
+    -- The longer wait, so that a retry after it is not refused by the other limit.
     if kp < 1 then who, wait = 1, wp else who, wait = 2, wc end
+    if kp < 1 and kc < 1 and wc > wp then wait = wc end
   else
-    if tp then
-      local n = tp + k * pe
-      redis.call('SET', pk, n, 'PX', math.ceil((n - now) / 1000) + 1000)
-    end
-    if tc then
-      local n = tc + k * ce
-      redis.call('SET', ck, n, 'PX', math.ceil((n - now) / 1000) + 1000)
-    end
+    if tp then dp = tp + k * pe keep(pk, dp) end
+    if tc then dc = tc + k * ce keep(ck, dc) end
   end
-  out[3 * i + 1] = k
-  out[3 * i + 2] = who
-  out[3 * i + 3] = wait
+  out[5 * i + 1] = k
+  out[5 * i + 2] = who
+  out[5 * i + 3] = wait
+  out[5 * i + 4] = dp
+  out[5 * i + 5] = dc
 end
 return out
 "#;
@@ -97,30 +109,46 @@ pub use crate::BackendError;
 /// Throttling state shared by every replica, in Redis.
 pub struct RedisStore {
     inner: Arc<Inner>,
-    /// Where calls hand their decisions to the batching task (started by the first call,
-    /// on its runtime).
-    batches: OnceLock<mpsc::UnboundedSender<Pending>>,
-    /// With leases: how many replicas share the limits, and the permits this one holds,
-    /// by provider and consumer.
+    /// Where calls hand their decisions to the batching task.
+    batches: mpsc::UnboundedSender<Pending>,
+    /// With leases: how many replicas share the limits, and the permits this one holds.
     leases: Option<(u32, std::sync::Mutex<LeaseTable>)>,
 }
 
-type LeaseTable = std::collections::HashMap<String, std::collections::HashMap<String, Lease>>;
+/// The permits this replica holds, by provider.
+#[derive(Debug, Default)]
+struct LeaseTable {
+    providers: std::collections::HashMap<String, ProviderLeases>,
+    /// Renewals since the table was last swept of idle pairs.
+    renewals: u32,
+}
+
+#[derive(Debug, Default)]
+struct ProviderLeases {
+    /// Permits held by all of the provider's pairs: each also holds the provider's
+    /// aggregate key, whose share is capped too.
+    held: u64,
+    pairs: std::collections::HashMap<String, Lease>,
+}
 
 /// Permits of one (provider, consumer) pair, debited in Redis, spendable here.
 #[derive(Debug)]
 struct Lease {
-    /// The limits they were taken under (emission and tolerance of both keys).
+    /// The limits they were taken under (emission and tolerance of both keys, µs).
     under: [u64; 4],
     permits: u64,
     /// When they were taken: spendable until [`LEASE_TTL`] after.
     taken: std::time::Instant,
+    /// Each key's TAT (µs, Redis's clock) just after this replica's last debit: a give
+    /// back never credits past it, so that it cannot erase another replica's spend.
+    debited_to: [u64; 2],
     /// Permits asked for next time (grows while leases run out, shrinks while they
     /// expire unspent).
     size: u64,
-    /// Permits to give back with the next decision (expired, or over the cap).
+    /// Permits to give back with the next decision (expired, or over a cap), taken
+    /// under `under`.
     owed: u64,
-    /// When a call of the pair last asked for a lease, while it waits for the answer:
+    /// When a call of the pair asked for a lease and is waiting for the answer:
     /// meanwhile the pair's other calls are decided one by one, so that a lease that
     /// runs out under many concurrent calls is renewed once, not once per call.
     asking: Option<std::time::Instant>,
@@ -132,6 +160,8 @@ struct Inner {
     script: redis::Script,
     timeout: Duration,
     prefix: String,
+    /// Decisions sent to Redis so far (one per call without a lease).
+    sent: std::sync::atomic::AtomicU64,
 }
 
 /// One call's decision, waiting for its batch.
@@ -141,11 +171,24 @@ struct Pending {
     keys: [String; 2],
     /// Emission interval and tolerance (µs) of each.
     args: [u64; 4],
-    /// Permits asked for (1 without a lease) and given back.
+    /// Permits asked for (1 without a lease), given back, and how far back (see
+    /// [`Lease::debited_to`]).
     want: u64,
     back: u64,
-    /// Permits granted (0: refused), who refused, how long to wait (µs).
-    reply: oneshot::Sender<Result<(u64, u8, u64), BackendError>>,
+    debited_to: [u64; 2],
+    reply: oneshot::Sender<Result<Answer, BackendError>>,
+}
+
+/// Redis's answer to one decision.
+#[derive(Clone, Copy, Debug, Default)]
+struct Answer {
+    /// Permits granted (0: refused).
+    granted: u64,
+    /// Who refused (1 provider, 2 consumer) and how long to wait (µs).
+    who: u8,
+    wait: u64,
+    /// Each key's TAT after the debit.
+    debited_to: [u64; 2],
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -157,25 +200,35 @@ impl std::fmt::Debug for RedisStore {
     }
 }
 
+/// Nanoseconds to whole microseconds, rounded up: a limit is never loosened by rounding.
 fn micros(d: u64) -> u64 {
-    (d / 1000).max(1)
+    d.div_ceil(1000).max(1)
 }
 
 impl RedisStore {
     /// A store on `url`; connects in the background (a Redis that is down at start-up is
     /// handled like one that goes down later). Each decision waits at most `timeout`.
+    ///
+    /// Call it within the Tokio runtime that should run the batching task (it lives as
+    /// long as that runtime: the gateway's control runtime).
     pub fn new(url: &str, prefix: &str, timeout: Duration) -> Result<Self, BackendError> {
         // The URL may carry a password: the error does not repeat it.
         let client = redis::Client::open(url).map_err(|e| BackendError(e.to_string()))?;
+        let runtime = tokio::runtime::Handle::try_current()
+            .map_err(|_| BackendError("the Redis throttle needs a Tokio runtime".into()))?;
+        let inner = Arc::new(Inner {
+            client,
+            conn: RwLock::default(),
+            script: redis::Script::new(SCRIPT),
+            timeout,
+            prefix: prefix.to_owned(),
+            sent: std::sync::atomic::AtomicU64::new(0),
+        });
+        let (tx, rx) = mpsc::unbounded_channel();
+        runtime.spawn(batches(inner.clone(), rx));
         Ok(Self {
-            inner: Arc::new(Inner {
-                client,
-                conn: RwLock::default(),
-                script: redis::Script::new(SCRIPT),
-                timeout,
-                prefix: prefix.to_owned(),
-            }),
-            batches: OnceLock::new(),
+            inner,
+            batches: tx,
             leases: None,
         })
     }
@@ -186,6 +239,11 @@ impl RedisStore {
     pub fn with_leases(mut self, replicas: u32) -> Self {
         self.leases = Some((replicas.max(1), std::sync::Mutex::default()));
         self
+    }
+
+    /// Decisions sent to Redis so far (calls spent from a lease send none).
+    pub fn decisions_sent(&self) -> u64 {
+        self.inner.sent.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Admits or refuses one call, atomically across every replica sharing this Redis.
@@ -203,110 +261,157 @@ impl RedisStore {
         let (pe, pt) = args(&limits.provider);
         let (ce, ct) = args(&limits.consumer);
         let under = [pe, pt, ce, ct];
-        let Some((replicas, table)) = &self.leases else {
-            return self
-                .ask(provider, consumer, limits, under, 1, 0)
+        let one_by_one = || async {
+            self.ask(provider, consumer, limits, under, 1, 0, [0, 0])
                 .await
-                .map(|(_, d)| d);
+                .map(|(_, d)| d)
         };
-        // Permits per lease: together, the replicas hold at most LEASE_SHARE of the
-        // smaller burst.
-        let burst = [limits.provider, limits.consumer]
-            .iter()
-            .flatten()
-            .map(|l| u64::from(l.burst.max(1)))
-            .min()
-            .unwrap_or(1);
-        let cap = ((burst as f64 * LEASE_SHARE) / f64::from(*replicas)) as u64;
+        let Some((replicas, table)) = &self.leases else {
+            return one_by_one().await;
+        };
+        // Permits per lease, and held for the provider's aggregate key: together, the
+        // replicas hold at most LEASE_SHARE of each burst.
+        let share = |l: &Option<Limit>| {
+            l.map(|l| ((f64::from(l.burst.max(1)) * LEASE_SHARE) / f64::from(*replicas)) as u64)
+        };
+        let provider_cap = share(&limits.provider).unwrap_or(u64::MAX);
+        let cap = share(&limits.consumer)
+            .unwrap_or(u64::MAX)
+            .min(provider_cap);
         if cap < 2 {
-            return self
-                .ask(provider, consumer, limits, under, 1, 0)
-                .await
-                .map(|(_, d)| d);
+            return one_by_one().await;
         }
         let now = std::time::Instant::now();
-        let (want, back) = {
-            let mut table = table
+        let lock = || {
+            table
                 .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            match table.get_mut(provider).and_then(|m| m.get_mut(consumer)) {
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        };
+        let renewal = {
+            let mut table = lock();
+            let t = &mut *table;
+            let leases = t.providers.entry(provider.to_owned()).or_default();
+            match leases.pairs.get_mut(consumer) {
                 Some(l)
                     if l.under == under
                         && l.permits > 0
                         && now.duration_since(l.taken) < LEASE_TTL =>
                 {
                     l.permits -= 1;
+                    leases.held -= 1;
                     return Ok(Ok(()));
                 }
                 Some(l)
                     if l.asking
                         .is_some_and(|at| now.duration_since(at) < self.inner.timeout * 2) =>
                 {
-                    (1, 0)
+                    None
                 }
                 Some(l) => {
                     l.asking = Some(now);
                     // Spent in time: ask for more; expired unspent: for fewer.
-                    if l.permits == 0 {
-                        l.size = (l.size * 2).min(cap);
+                    l.size = if l.permits == 0 {
+                        (l.size * 2).min(cap)
                     } else {
-                        l.size = (l.size / 2).max(1);
-                    }
-                    // Unspent permits go back (under other limits, too: the keys are
-                    // the same, and the next decision is made under the new ones).
-                    let back = std::mem::take(&mut l.owed) + std::mem::take(&mut l.permits);
-                    (l.size.min(cap), back)
+                        (l.size / 2).max(2)
+                    };
+                    leases.held -= l.permits;
+                    let unspent = std::mem::take(&mut l.owed) + std::mem::take(&mut l.permits);
+                    // Permits taken under other limits are dropped, not given back:
+                    // their worth in time was the old limits' (dropping wastes them,
+                    // which is safe).
+                    let back = if l.under == under { unspent } else { 0 };
+                    let room = provider_cap.saturating_sub(leases.held);
+                    Some((l.size.min(room).max(1), back, l.debited_to, true))
                 }
                 // A pair's first call asks for two: a lease begins when both come.
-                None => (2, 0),
+                None => Some((
+                    2.min(provider_cap.saturating_sub(leases.held)).max(1),
+                    0,
+                    [0, 0],
+                    false,
+                )),
             }
         };
+        // Another call of the pair is renewing its lease: this one is decided alone.
+        let Some((want, back, debited_to, renewing)) = renewal else {
+            return one_by_one().await;
+        };
+        // Cleared however the asking call ends, even if it is dropped while it waits.
+        let mut asking = AskingGuard {
+            table,
+            provider,
+            consumer,
+            armed: renewing,
+        };
         let asked = self
-            .ask(provider, consumer, limits, under, want, back)
+            .ask(provider, consumer, limits, under, want, back, debited_to)
             .await;
-        if want > 1 || back > 0 {
-            let mut table = table
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if let Some(l) = table.get_mut(provider).and_then(|m| m.get_mut(consumer)) {
-                l.asking = None;
-            }
+        let mut table = lock();
+        asking.armed = false;
+        let t = &mut *table;
+        t.renewals = t.renewals.wrapping_add(1);
+        if t.renewals.is_multiple_of(1024) {
+            sweep(t, now);
         }
+        let leases = t.providers.entry(provider.to_owned()).or_default();
         // On an error, whether given-back permits came back is not known: they are not
         // owed again.
-        let (granted, decision) = asked?;
-        if granted > 1 {
-            let mut table = table
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let l = table
-                .entry(provider.to_owned())
-                .or_default()
-                .entry(consumer.to_owned())
-                .or_insert_with(|| Lease {
-                    under,
-                    permits: 0,
-                    taken: now,
-                    size: want,
-                    owed: 0,
-                    asking: None,
-                });
-            // Another call of the pair may have leased meanwhile: what is over the cap
-            // is given back next time.
+        let (answer, decision) = match asked {
+            Ok(a) => a,
+            Err(e) => {
+                if renewing && let Some(l) = leases.pairs.get_mut(consumer) {
+                    l.asking = None;
+                }
+                return Err(e);
+            }
+        };
+        let l = leases
+            .pairs
+            .entry(consumer.to_owned())
+            .or_insert_with(|| Lease {
+                under,
+                permits: 0,
+                taken: now,
+                debited_to: [0, 0],
+                size: want.max(2),
+                owed: 0,
+                asking: None,
+            });
+        // Only the renewal clears its mark (a pair's first calls set none).
+        if renewing {
+            l.asking = None;
+        }
+        if answer.granted > 0 {
+            // Permits another call of the pair leased meanwhile, still fresh, are kept
+            // with these; stale ones are owed back (under the same limits) or dropped.
             let fresh = l.under == under && now.duration_since(l.taken) < LEASE_TTL;
-            let kept = if fresh { l.permits } else { 0 };
-            l.owed += if fresh { 0 } else { l.permits };
-            let total = kept + granted - 1;
-            l.permits = total.min(cap);
+            leases.held -= l.permits;
+            let stale = if fresh {
+                0
+            } else {
+                std::mem::take(&mut l.permits)
+            };
+            if l.under == under {
+                l.owed += stale;
+            } else {
+                l.owed = 0;
+            }
+            let total = l.permits + answer.granted - 1;
+            let room = provider_cap.saturating_sub(leases.held);
+            l.permits = total.min(cap).min(room);
             l.owed += total - l.permits;
+            leases.held += l.permits;
             l.under = under;
             l.taken = now;
+            l.debited_to = answer.debited_to;
         }
         Ok(decision)
     }
 
-    /// One decision through the batch: `want` permits (granted: how many), after giving
-    /// `back` permits back.
+    /// One decision through the batch: `want` permits, after giving `back` permits
+    /// back (credited no further back than `debited_to`).
+    #[allow(clippy::too_many_arguments)]
     async fn ask(
         &self,
         provider: &str,
@@ -315,7 +420,8 @@ impl RedisStore {
         under: [u64; 4],
         want: u64,
         back: u64,
-    ) -> Result<(u64, Result<(), Throttled>), BackendError> {
+        debited_to: [u64; 2],
+    ) -> Result<(Answer, Result<(), Throttled>), BackendError> {
         let prefix = &self.inner.prefix;
         let key = |l: &Option<Limit>, suffix: std::fmt::Arguments<'_>| {
             if l.is_some() {
@@ -334,23 +440,21 @@ impl RedisStore {
             args: under,
             want,
             back,
+            debited_to,
             reply,
         };
-        let batches = self.batches.get_or_init(|| {
-            let (tx, rx) = mpsc::unbounded_channel();
-            tokio::spawn(batches(self.inner.clone(), rx));
-            tx
-        });
-        batches
+        self.batches
             .send(pending)
             .map_err(|_| BackendError("the throttling batch task has stopped".into()))?;
-        let (granted, who, wait_us) = tokio::time::timeout(self.inner.timeout, answer)
+        // A decision may wait for the batch before it (one in flight), then its own.
+        let wait = self.inner.timeout * 2;
+        let answer = tokio::time::timeout(wait, answer)
             .await
-            .map_err(|_| BackendError(format!("no answer within {:?}", self.inner.timeout)))?
+            .map_err(|_| BackendError(format!("no answer within {wait:?}")))?
             .map_err(|_| BackendError("the throttling batch task has stopped".into()))??;
-        let decision = match (granted, who) {
+        let decision = match (answer.granted, answer.who) {
             (1.., _) => Ok(()),
-            (0, 1 | 2) => {
+            (0, who @ (1 | 2)) => {
                 let (scope, limit) = if who == 1 {
                     (Scope::Provider, limits.provider)
                 } else {
@@ -363,13 +467,55 @@ impl RedisStore {
                         per: Duration::from_secs(1),
                         burst: 1,
                     }),
-                    retry_after: Duration::from_micros(wait_us),
+                    retry_after: Duration::from_micros(answer.wait),
                 })
             }
             (_, other) => return Err(BackendError(format!("unexpected script answer {other}"))),
         };
-        Ok((granted, decision))
+        Ok((answer, decision))
     }
+}
+
+/// Clears a pair's `asking` mark if the call that set it goes away before its answer.
+struct AskingGuard<'a> {
+    table: &'a std::sync::Mutex<LeaseTable>,
+    provider: &'a str,
+    consumer: &'a str,
+    armed: bool,
+}
+
+impl Drop for AskingGuard<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let mut table = self
+            .table
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(l) = table
+            .providers
+            .get_mut(self.provider)
+            .and_then(|p| p.pairs.get_mut(self.consumer))
+        {
+            l.asking = None;
+        }
+    }
+}
+
+/// Forgets pairs idle for a while (their unspent permits were debited; dropping them
+/// is safe), and providers left without pairs.
+fn sweep(table: &mut LeaseTable, now: std::time::Instant) {
+    for leases in table.providers.values_mut() {
+        leases.pairs.retain(|_, l| {
+            let keep = l.asking.is_some() || now.duration_since(l.taken) < Duration::from_secs(10);
+            if !keep {
+                leases.held -= l.permits;
+            }
+            keep
+        });
+    }
+    table.providers.retain(|_, p| !p.pairs.is_empty());
 }
 
 /// The batching task: sends what waits, one batch in flight at a time, until every
@@ -383,25 +529,18 @@ async fn batches(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<Pending>) {
         if batch.is_empty() {
             continue;
         }
-        let answers = tokio::time::timeout(inner.timeout, inner.decide(&batch))
-            .await
-            .unwrap_or_else(|_| {
-                Err(BackendError(format!(
-                    "no answer within {:?}",
-                    inner.timeout
-                )))
-            });
-        match answers {
-            Ok(answers) => {
-                for (p, a) in batch.drain(..).zip(answers) {
-                    let _ = p.reply.send(Ok(a));
-                }
+        inner
+            .sent
+            .fetch_add(batch.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        let answers = match tokio::time::timeout(inner.timeout, inner.decide(&batch)).await {
+            Ok(answers) => answers,
+            Err(_) => {
+                let e = BackendError(format!("no answer within {:?}", inner.timeout));
+                batch.iter().map(|_| Err(e.clone())).collect()
             }
-            Err(e) => {
-                for p in batch.drain(..) {
-                    let _ = p.reply.send(Err(e.clone()));
-                }
-            }
+        };
+        for (p, a) in batch.drain(..).zip(answers) {
+            let _ = p.reply.send(a);
         }
     }
 }
@@ -430,9 +569,13 @@ impl Inner {
     }
 
     /// Decides a batch: one script run per provider (its keys share a hash slot), all
-    /// sent before the first answer is read; answers in the batch's order.
-    async fn decide(&self, batch: &[Pending]) -> Result<Vec<(u64, u8, u64)>, BackendError> {
-        let conn = self.connection().await?;
+    /// sent before the first answer is read; answers in the batch's order (a provider
+    /// whose run failed gets its error, the others their answers).
+    async fn decide(&self, batch: &[Pending]) -> Vec<Result<Answer, BackendError>> {
+        let conn = match self.connection().await {
+            Ok(c) => c,
+            Err(e) => return batch.iter().map(|_| Err(e.clone())).collect(),
+        };
         // Providers in order of first appearance; calls keep their order within each.
         let mut providers: Vec<&str> = Vec::new();
         for p in batch {
@@ -447,7 +590,11 @@ impl Inner {
                 for a in p.args {
                     invocation.arg(a);
                 }
-                invocation.arg(p.want).arg(p.back);
+                invocation
+                    .arg(p.want)
+                    .arg(p.back)
+                    .arg(p.debited_to[0])
+                    .arg(p.debited_to[1]);
             }
             let mut conn = conn.clone();
             async move {
@@ -458,22 +605,40 @@ impl Inner {
             }
         });
         let answers = join_all(runs).await;
-        let mut out = vec![(0u64, 0u8, 0u64); batch.len()];
+        let mut out: Vec<Result<Answer, BackendError>> =
+            batch.iter().map(|_| Ok(Answer::default())).collect();
         for (provider, answer) in providers.iter().zip(answers) {
-            let answer = answer?;
-            let mut triples = answer.chunks_exact(3);
-            for (slot, _) in out
+            let slots = out
                 .iter_mut()
                 .zip(batch)
-                .filter(|(_, p)| p.provider == *provider)
-            {
-                let t = triples.next().ok_or_else(|| {
-                    BackendError("the script answered fewer decisions than asked".into())
-                })?;
-                *slot = (t[0], u8::try_from(t[1]).unwrap_or(u8::MAX), t[2]);
+                .filter(|(_, p)| p.provider == *provider);
+            match answer {
+                Ok(values) => {
+                    let mut each = values.chunks_exact(5);
+                    for (slot, _) in slots {
+                        *slot = each
+                            .next()
+                            .map(|v| Answer {
+                                granted: v[0],
+                                who: u8::try_from(v[1]).unwrap_or(u8::MAX),
+                                wait: v[2],
+                                debited_to: [v[3], v[4]],
+                            })
+                            .ok_or_else(|| {
+                                BackendError(
+                                    "the script answered fewer decisions than asked".into(),
+                                )
+                            });
+                    }
+                }
+                Err(e) => {
+                    for (slot, _) in slots {
+                        *slot = Err(e.clone());
+                    }
+                }
             }
         }
-        Ok(out)
+        out
     }
 }
 

@@ -205,6 +205,8 @@ async fn replicas_leasing_permits_stay_within_the_bound() {
     }
     let elapsed = started.elapsed().as_secs_f64();
     let admitted = admitted.load(std::sync::atomic::Ordering::Relaxed);
+    let sent: u64 = replicas.iter().map(|r| r.decisions_sent()).sum();
+    eprintln!("leases: {sent} decisions sent");
     let refused = refused.load(std::sync::atomic::Ordering::Relaxed);
     let bound = 2000.0 * elapsed + 400.0;
     eprintln!("leases: admitted {admitted}, refused {refused} in {elapsed:.2}s; bound {bound:.0}");
@@ -218,4 +220,45 @@ async fn replicas_leasing_permits_stay_within_the_bound() {
         "admitted {admitted}, under 95 % of {:.0}",
         2000.0 * elapsed
     );
+}
+
+/// Below a high limit, leases spare most round trips: far fewer decisions reach Redis
+/// than calls are admitted, and every call is admitted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_spare_round_trips_below_the_limit() {
+    let Ok(url) = std::env::var("FSP_TEST_REDIS_URL") else {
+        eprintln!("SKIPPED: FSP_TEST_REDIS_URL is not set");
+        return;
+    };
+    let p = provider("spare");
+    let limits = Limits {
+        provider: Some(Limit {
+            count: 10_000_000,
+            per: Duration::from_secs(1),
+            burst: 1_000_000,
+        }),
+        consumer: None,
+    };
+    let store = std::sync::Arc::new(
+        RedisStore::new(&url, "fsp-test:", Duration::from_millis(500))
+            .unwrap()
+            .with_leases(3),
+    );
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let (store, p) = (store.clone(), p.clone());
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..2000 {
+                if let Err(t) = store.decide(&p, "c", 0, &limits).await.unwrap() {
+                    panic!("{t:?}");
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let sent = store.decisions_sent();
+    eprintln!("leases: 32000 calls admitted, {sent} decisions sent to Redis");
+    assert!(sent * 5 < 32_000, "{sent} decisions for 32000 calls");
 }
