@@ -56,6 +56,9 @@ async fn ten_thousand_idle_mtls_connections_fit_in_512_mib() {
     .await
     .unwrap();
     assert_eq!(status, http::StatusCode::OK);
-    assert!(rss < 512 * 1024, "gateway RSS {rss} KiB with {IDLE} idle connections");
+    assert!(
+        rss < 512 * 1024,
+        "gateway RSS {rss} KiB with {IDLE} idle connections"
+    );
     drop(open);
 }
