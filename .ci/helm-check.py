@@ -56,7 +56,8 @@ def example(name: str) -> dict:
 # Values given literally where Secrets are usual: they must end up in the chart's Secret.
 LITERAL = {
     "replicaCount": 2,
-    "admin": {"tls": True, "adminCns": ["ops.example.be"], "tokens": {"values": ["ops:literal-admin-token-123"]}},
+    "admin": {"tls": True, "adminCns": ["ops.example.be"], "adminCa": {"existingSecret": "fsp-admin-ca"},
+              "tokens": {"values": ["ops:literal-admin-token-123"]}},
     "audit": {"backend": "postgres", "postgres": {"url": "postgres://fsp:literal-pg-password@pg:5432/fsp"}},
     "throttle": {"backend": "redis", "redis": {"url": "redis://:literal-redis-password@redis:6379/0"}},
     "cluster": {"enabled": True, "redis": {"url": "redis://:literal-redis-password@redis:6379/1"}},
@@ -91,6 +92,7 @@ REFUSED = [
      {"throttle": {"backend": "redis", "redis": {"url": "redis://r:6379"}}}, "networkPolicy.egress.redis"),
     ("a map in listener.settings", {"listener": {"settings": {"x": {"y": 1}}}}, "settings"),
     ("no admin tokens", {"admin": {"tokens": {"existingSecret": ""}}}, "admin.tokens"),
+    ("an admin CA without admin CNs", {"admin": {"adminCa": {"existingSecret": "fsp-admin-ca"}}}, "admin.adminCa"),
     ("a short admin token", {"admin": {"tokens": {"existingSecret": "", "values": ["ops:short"]}}}, "admin/tokens/values"),
 ]
 
@@ -321,7 +323,7 @@ def fake_content(key: str, pki: Path) -> str:
     last = key.split(".")[-1]
     if last.startswith("crls"):
         return (pki / "ca.crl").read_text()
-    if last in ("client_ca", "upstream_ca"):
+    if last in ("client_ca", "upstream_ca", "admin_ca"):
         return (pki / "ca.crt").read_text()
     if last.endswith("_key"):
         return (pki / "leaf.key").read_text()
