@@ -1058,7 +1058,9 @@ async fn a_20_mb_soap_call_and_answer_stream_with_flat_memory() {
     eprintln!(
         "{total} bytes up and {got} down; gateway peak RSS {peak_before} KiB -> {peak_after} KiB (+{growth_mib:.1} MiB)"
     );
-    assert!(growth_mib < 8.0, "peak RSS grew by {growth_mib:.1} MiB");
+    // A gateway that held either 20 MiB body would grow by 20 MiB at least; the
+    // allocator alone was seen to add 8.0 MiB (a clean CI run failed on `< 8.0`).
+    assert!(growth_mib < 12.0, "peak RSS grew by {growth_mib:.1} MiB");
     // The four warm-up calls and this one, each with its outcome.
     let done = |r: &serde_json::Value| r["operation"] == "big" && r["phase"] != "request";
     let records = records_when(&s.pki, |r| r.iter().filter(|r| done(r)).count() >= 5).await;

@@ -17,8 +17,20 @@ fn redis_url() -> Option<String> {
     url
 }
 
-/// `n` gateways on one configuration that differs only in ports, node and audit dir.
+/// `n` gateways on one configuration that differs only in ports, node and audit dir, the
+/// provider limited to 20/s with a burst of 5.
 async fn gateways(pki: &Pki, n: usize, provider: &str, throttle: &str) -> Vec<Gateway> {
+    gateways_limited(pki, n, provider, throttle, "{ rate = \"20/s\", burst = 5 }").await
+}
+
+/// [`gateways`] with the provider's `limit` given.
+async fn gateways_limited(
+    pki: &Pki,
+    n: usize,
+    provider: &str,
+    throttle: &str,
+    limit: &str,
+) -> Vec<Gateway> {
     let up = upstream().await;
     let mut out = Vec::new();
     for i in 0..n {
@@ -34,7 +46,7 @@ async fn gateways(pki: &Pki, n: usize, provider: &str, throttle: &str) -> Vec<Ga
             )
             .replace(
                 "name = \"Registre national\"",
-                "name = \"Registre national\"\nlimit = { rate = \"20/s\", burst = 5 }",
+                &format!("name = \"Registre national\"\nlimit = {limit}"),
             )
             + throttle;
         let path = pki.path().join(format!("fsp-{i}.toml"));
@@ -112,6 +124,39 @@ async fn three_gateways_sharing_redis_admit_exactly_the_limit() {
     assert!(
         ok as f64 > 2.5 * bound,
         "local limits multiply by the replica count: {ok} vs {bound:.0}"
+    );
+}
+
+/// With a burst large enough that each replica leases permits (5 % of 120 over 3
+/// replicas: 2 at a time), three gateways together still admit no more than
+/// `limit × T + burst`, and nearly all of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_gateways_leasing_permits_admit_exactly_the_limit() {
+    let Some(url) = redis_url() else { return };
+    let pki = Pki::new();
+    let provider = format!(
+        "rrn-lease-{}-{}",
+        std::process::id(),
+        time::OffsetDateTime::now_utc().unix_timestamp_nanos()
+    );
+    let shared = format!(
+        "\n[throttle]\nbackend = \"redis\"\nurl = \"{url}\"\non_backend_error = \"deny\"\nreplicas = 3\n"
+    );
+    let limit = "{ rate = \"100/s\", burst = 120 }";
+    let gws = gateways_limited(&pki, 3, &provider, &shared, limit).await;
+    // 3 x the limit, spread over the three gateways, for 5 s.
+    let (ok, throttled, elapsed) = offer(&pki, &gws, 100, 5).await;
+    let bound = 100.0 * elapsed.as_secs_f64() + 120.0;
+    eprintln!(
+        "redis with leases: admitted {ok}, throttled {throttled} in {elapsed:?}; bound {bound:.0}"
+    );
+    assert!(
+        ok as f64 <= bound,
+        "admitted {ok} > limit x T + burst = {bound:.0}"
+    );
+    assert!(
+        ok as f64 >= 0.95 * bound,
+        "admitted {ok} < 95 % of {bound:.0}"
     );
 }
 
