@@ -11,6 +11,14 @@ pub fn sha256(der: &[u8]) -> Sha256 {
     Sha256(out)
 }
 
+/// Whether two secrets are equal, compared without leaking through timing how much of
+/// one matched: as SHA-256 digests, of equal length whatever was sent, so the time taken
+/// says nothing about a secret's length either.
+pub fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    let (a, b) = (sha256(a).0, sha256(b).0);
+    a.iter().zip(&b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 /// The subject common name (first CN attribute), if any.
 pub fn common_name(der: &[u8]) -> Option<String> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;

@@ -98,8 +98,8 @@ impl TokenIssuer {
         // Every client is compared, each in constant time, so timing says nothing.
         let mut found = None;
         for (known, known_secret) in &self.clients {
-            let same = same_digest(known.as_bytes(), id.as_bytes())
-                & same_digest(known_secret.as_bytes(), secret.as_bytes());
+            let same = certs::identity::same_secret(known.as_bytes(), id.as_bytes())
+                & certs::identity::same_secret(known_secret.as_bytes(), secret.as_bytes());
             if same && found.is_none() {
                 found = Some(known.as_str());
             }
@@ -125,11 +125,6 @@ impl TokenIssuer {
         header.typ = Some("at+jwt".to_owned());
         Ok(jsonwebtoken::encode(&header, &claims, &self.key)?)
     }
-}
-
-fn same_digest(a: &[u8], b: &[u8]) -> bool {
-    let (a, b) = (certs::identity::sha256(a).0, certs::identity::sha256(b).0);
-    a.iter().zip(&b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// The JWKS (one ES256 key) for a key's public point.
