@@ -88,23 +88,33 @@ async fn offer(pki: &Pki, gws: &[Gateway], per_gateway: u64, secs: u64) -> (u64,
     (ok, throttled, started.elapsed())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_gateways_sharing_redis_admit_exactly_the_limit() {
-    let Some(url) = redis_url() else { return };
-    let pki = Pki::new();
+/// A provider id of its own (Redis keeps state between runs), and the `[throttle]`
+/// section of three replicas sharing the Redis at `url`.
+fn shared_setup(name: &str, url: &str) -> (String, String) {
     let provider = format!(
-        "rrn-{}-{}",
+        "{name}-{}-{}",
         std::process::id(),
         time::OffsetDateTime::now_utc().unix_timestamp_nanos()
     );
     let shared = format!(
         "\n[throttle]\nbackend = \"redis\"\nurl = \"{url}\"\non_backend_error = \"deny\"\nreplicas = 3\n"
     );
-    let gws = gateways(&pki, 3, &provider, &shared).await;
-    // 3 x the limit (20/s), spread over the three gateways, for 10 s.
-    let (ok, throttled, elapsed) = offer(&pki, &gws, 20, 10).await;
-    let bound = 20.0 * elapsed.as_secs_f64() + 5.0;
-    eprintln!("redis: admitted {ok}, throttled {throttled} in {elapsed:?}; bound {bound:.0}");
+    (provider, shared)
+}
+
+/// Offers three gateways 3 x `rate` per second for `secs` seconds; asserts that they
+/// admitted no more than `rate × T + burst` and at least 95 % of it.
+async fn assert_admits_exactly(
+    pki: &Pki,
+    gws: &[Gateway],
+    what: &str,
+    rate: u64,
+    burst: u64,
+    secs: u64,
+) {
+    let (ok, throttled, elapsed) = offer(pki, gws, rate, secs).await;
+    let bound = rate as f64 * elapsed.as_secs_f64() + burst as f64;
+    eprintln!("{what}: admitted {ok}, throttled {throttled} in {elapsed:?}; bound {bound:.0}");
     assert!(
         ok as f64 <= bound,
         "admitted {ok} > limit x T + burst = {bound:.0}"
@@ -113,6 +123,16 @@ async fn three_gateways_sharing_redis_admit_exactly_the_limit() {
         ok as f64 >= 0.95 * bound,
         "admitted {ok} < 95 % of {bound:.0}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_gateways_sharing_redis_admit_exactly_the_limit() {
+    let Some(url) = redis_url() else { return };
+    let pki = Pki::new();
+    let (provider, shared) = shared_setup("rrn", &url);
+    let gws = gateways(&pki, 3, &provider, &shared).await;
+    // 3 x the limit (20/s), spread over the three gateways, for 10 s.
+    assert_admits_exactly(&pki, &gws, "redis", 20, 5, 10).await;
     drop(gws);
 
     // The same load with local throttling: each replica admits the whole limit.
@@ -134,30 +154,11 @@ async fn three_gateways_sharing_redis_admit_exactly_the_limit() {
 async fn three_gateways_leasing_permits_admit_exactly_the_limit() {
     let Some(url) = redis_url() else { return };
     let pki = Pki::new();
-    let provider = format!(
-        "rrn-lease-{}-{}",
-        std::process::id(),
-        time::OffsetDateTime::now_utc().unix_timestamp_nanos()
-    );
-    let shared = format!(
-        "\n[throttle]\nbackend = \"redis\"\nurl = \"{url}\"\non_backend_error = \"deny\"\nreplicas = 3\n"
-    );
+    let (provider, shared) = shared_setup("rrn-lease", &url);
     let limit = "{ rate = \"100/s\", burst = 120 }";
     let gws = gateways_limited(&pki, 3, &provider, &shared, limit).await;
     // 3 x the limit, spread over the three gateways, for 5 s.
-    let (ok, throttled, elapsed) = offer(&pki, &gws, 100, 5).await;
-    let bound = 100.0 * elapsed.as_secs_f64() + 120.0;
-    eprintln!(
-        "redis with leases: admitted {ok}, throttled {throttled} in {elapsed:?}; bound {bound:.0}"
-    );
-    assert!(
-        ok as f64 <= bound,
-        "admitted {ok} > limit x T + burst = {bound:.0}"
-    );
-    assert!(
-        ok as f64 >= 0.95 * bound,
-        "admitted {ok} < 95 % of {bound:.0}"
-    );
+    assert_admits_exactly(&pki, &gws, "redis with leases", 100, 120, 5).await;
 }
 
 struct PrivateRedis(std::process::Child);
