@@ -9,7 +9,7 @@
 //! Each thread that submits records writes their JSON lines into its own buffer (a
 //! shard): a call takes one uncontended lock and never touches the disk, and no memory
 //! shared with the other worker threads is written per call. A dedicated writer thread
-//! collects every shard's lines as one batch, writes them, then `fdatasync`s, so the
+//! collects every shard's lines as one batch and writes them durably (below), so the
 //! cost of syncing is shared by every record in the batch (group commit). When quiet,
 //! the first record wakes the writer at once; under load, a batch of records nobody
 //! waits for gathers for [`GROUP_COMMIT_WINDOW`], and when many callers wait for each
@@ -27,8 +27,8 @@
 //! disk's cache flushed before the call returns), which costs the machine a fifth less
 //! than a buffered write and `fdatasync` (measured on this project's CI machine); where
 //! the file system refuses direct I/O, batches go through the page cache and
-//! `fdatasync`. The writer never asks the kernel for a segment's times while writing it
-//! (see [`Writer::check_in_place`]). Readers stop a line at a zero byte and skip runs of them (JSON
+//! `fdatasync`. The writer's check before each batch never asks the kernel for a
+//! segment's times (see [`Writer::check_in_place`]). Readers stop a line at a zero byte and skip runs of them (JSON
 //! text never holds one). A closed segment is cut to its records. After a crash, the
 //! writer's start cuts the newest segment after its last whole line before the first
 //! zero byte (a batch torn by the crash, whose callers were never told it was durable),
@@ -61,7 +61,7 @@ use crate::{AuditError, AuditSink, Durable, DurableTicket, Record};
 /// Records one thread may have waiting to be written before `submit` refuses them.
 pub const DEFAULT_CAPACITY: usize = 65_536;
 /// Group commit: under load, a batch gathers the records that arrive within this
-/// window, so that one `fdatasync` covers many records instead of one.
+/// window, so that one sync covers many records instead of one.
 pub const GROUP_COMMIT_WINDOW: Duration = Duration::from_millis(10);
 /// A segment is closed, and the next begun, before a batch would take it past this size.
 pub const SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
@@ -95,6 +95,8 @@ struct Shared {
     /// next record that must be wakes it.
     gathering: AtomicBool,
     writer: OnceLock<std::thread::Thread>,
+    /// Batches written with a direct write (the others: through the page cache).
+    direct_batches: AtomicU64,
 }
 
 impl Shared {
@@ -242,6 +244,7 @@ impl FileSink {
             idle: AtomicBool::new(false),
             gathering: AtomicBool::new(false),
             writer: OnceLock::new(),
+            direct_batches: AtomicU64::new(0),
         });
         let node = sanitise(node);
         repair_tail(dir, &node)?;
@@ -408,7 +411,12 @@ impl AuditSink for FileSink {
 /// Opens a segment of `len` bytes again for direct writes, with the bytes of its last
 /// partly filled block. `None` where the file system refuses direct I/O (buffered writes
 /// and `fdatasync` are used there).
-fn open_direct(path: &Path, len: u64) -> std::io::Result<(Option<File>, Vec<u8>)> {
+fn open_direct(
+    path: &Path,
+    file: &File,
+    identity: (u64, u64),
+    len: u64,
+) -> std::io::Result<(Option<File>, Vec<u8>)> {
     let flags = rustix::fs::OFlags::DIRECT | rustix::fs::OFlags::DSYNC;
     let direct = match OpenOptions::new()
         .write(true)
@@ -422,9 +430,18 @@ fn open_direct(path: &Path, len: u64) -> std::io::Result<(Option<File>, Vec<u8>)
         }
         Err(e) => return Err(e),
     };
+    // Both descriptors must be of the same file (the path could have been swapped
+    // between the two opens).
+    let meta = direct.metadata()?;
+    if (meta.dev(), meta.ino()) != identity {
+        return Err(std::io::Error::other(format!(
+            "audit file {} was replaced while it was being opened",
+            path.display()
+        )));
+    }
     let start = len / BLOCK * BLOCK;
     let mut tail = vec![0; (len - start) as usize];
-    File::open(path)?.read_exact_at(&mut tail, start)?;
+    file.read_exact_at(&mut tail, start)?;
     Ok((Some(direct), tail))
 }
 
@@ -432,8 +449,12 @@ fn open_direct(path: &Path, len: u64) -> std::io::Result<(Option<File>, Vec<u8>)
 /// the kernel for nothing else: see [`Writer::check_in_place`].
 fn file_identity(path: &Path) -> std::io::Result<(u64, u64)> {
     use rustix::fs::{AtFlags, CWD, StatxFlags, makedev, statx};
-    let st = statx(CWD, path, AtFlags::empty(), StatxFlags::INO)?;
-    Ok((makedev(st.stx_dev_major, st.stx_dev_minor), st.stx_ino))
+    match statx(CWD, path, AtFlags::empty(), StatxFlags::INO) {
+        Ok(st) => Ok((makedev(st.stx_dev_major, st.stx_dev_minor), st.stx_ino)),
+        Err(e) if e == rustix::io::Errno::NOENT || e == rustix::io::Errno::NOTDIR => Err(e.into()),
+        // A kernel without `statx` (before 4.11) or a sandbox that denies it: `stat`.
+        Err(_) => std::fs::metadata(path).map(|m| (m.dev(), m.ino())),
+    }
 }
 
 /// Keeps a node name safe for use in a file name.
@@ -474,7 +495,8 @@ const BLOCK: u64 = 4096;
 
 impl Segment {
     /// Makes the file at least `end` bytes long, in steps of [`ZERO_STEP`] bytes of
-    /// zeros written after what it holds (not synced here: the batch's sync covers them).
+    /// zeros written after what it holds: synced here when batches are written directly
+    /// (they never change the file's length), else by the batch's `fdatasync`.
     fn zero_to(&mut self, end: u64) -> std::io::Result<()> {
         static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
         if end <= self.zeroed {
@@ -500,7 +522,9 @@ impl Segment {
     /// whole blocks from the start of the last partly filled one (its earlier bytes
     /// written again, unchanged) to the end of the lines, padded with the zeros the file
     /// already holds there. One system call, durable when it returns, through no page
-    /// cache; a block torn by a crash holds either its earlier bytes or the new ones.
+    /// cache. The bytes written again are the ones already there, so a write torn by a
+    /// crash (a disk writes one sector whole, not a whole block) changes only bytes of
+    /// the batch, which was never reported durable and is cut on start.
     fn write_direct(&mut self, lines: &[u8]) -> std::io::Result<bool> {
         let Some(direct) = self.direct.take() else {
             return Ok(false);
@@ -747,11 +771,15 @@ impl Writer {
         let seg = self.segment_for(day, lines.len() as u64)?;
         let end = seg.written + lines.len() as u64;
         seg.zero_to(end)?;
-        if !seg.write_direct(lines)? {
+        let direct = seg.write_direct(lines)?;
+        if !direct {
             seg.file.write_all_at(lines, seg.written)?;
             seg.file.sync_data()?;
         }
         seg.written = end;
+        if direct {
+            self.shared.direct_batches.fetch_add(1, Ordering::Relaxed);
+        }
         Ok(())
     }
 
@@ -776,22 +804,22 @@ impl Writer {
             // (Not truncated: a restarted writer goes on after the records it holds.)
             let file = OpenOptions::new()
                 .create(true)
+                .read(true)
                 .write(true)
                 .truncate(false)
                 .mode(0o600)
                 .open(&path)?;
             // A file made before (or by hand) is the gateway user's alone too.
             file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
-            let len = file.metadata()?.len();
+            let meta = file.metadata()?;
+            let (len, identity) = (meta.len(), (meta.dev(), meta.ino()));
             File::open(&self.dir)?.sync_all()?;
             self.last_segment = Some((day.to_owned(), seq));
             let (direct, tail) = if self.direct_io {
-                open_direct(&path, len)?
+                open_direct(&path, &file, identity, len)?
             } else {
                 (None, Vec::new())
             };
-            let meta = file.metadata()?;
-            let identity = (meta.dev(), meta.ino());
             self.current = Some(Segment {
                 day: day.to_owned(),
                 path,
@@ -1568,7 +1596,8 @@ mod tests {
     /// Writes records of many sizes in many batches, restarting the sink half-way (the
     /// second writer goes on in the segment, from inside a block), with direct writes or
     /// through the page cache; returns the node's one segment.
-    fn write_in_batches(dir: &Path, direct_io: bool) -> Vec<u8> {
+    fn write_in_batches(dir: &Path, direct_io: bool) -> (Vec<u8>, u64) {
+        let mut direct_batches = 0;
         for half in 0..2 {
             let (sink, handle) =
                 FileSink::open(dir, "n", DEFAULT_CAPACITY, None, SEGMENT_BYTES, direct_io).unwrap();
@@ -1581,19 +1610,35 @@ mod tests {
                     std::thread::sleep(Duration::from_millis(2));
                 }
             }
+            let shared = sink.shared.clone();
             drop(sink);
             handle.join();
+            direct_batches += shared.direct_batches.load(Ordering::Relaxed);
         }
         let files = trail_files(dir).unwrap();
         assert_eq!(files.len(), 1, "{files:?}");
-        std::fs::read(&files[0]).unwrap()
+        (std::fs::read(&files[0]).unwrap(), direct_batches)
     }
 
     #[test]
     fn direct_writes_leave_the_same_bytes_as_writes_through_the_page_cache() {
         let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        let direct = write_in_batches(a.path(), true);
-        let buffered = write_in_batches(b.path(), false);
+        let (direct, direct_batches) = write_in_batches(a.path(), true);
+        let (buffered, none) = write_in_batches(b.path(), false);
+        assert_eq!(none, 0);
+        // Where the file system takes direct I/O, the direct path was the one used.
+        let probe = a.path().join("probe");
+        std::fs::write(&probe, b"").unwrap();
+        let flags = rustix::fs::OFlags::DIRECT | rustix::fs::OFlags::DSYNC;
+        if OpenOptions::new()
+            .write(true)
+            .custom_flags(flags.bits() as i32)
+            .open(&probe)
+            .is_ok()
+        {
+            assert!(direct_batches >= 2, "{direct_batches} direct batches");
+        }
+        std::fs::remove_file(&probe).unwrap();
         assert!(direct == buffered, "the two trails differ");
         assert!(!direct.contains(&0), "a closed segment holds no zeros");
         assert_eq!(verify_dir(a.path(), None).unwrap().records, 300);
