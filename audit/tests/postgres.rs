@@ -230,6 +230,55 @@ fn a_durable_record_is_committed_when_it_resolves_and_waiting_callers_share_comm
     assert_eq!(db.trail().verify(None).unwrap().records, 70);
 }
 
+/// While callers wait, a commit carries their records only: the records nobody waits for
+/// (outcomes of answered calls, refusals) are held back for a window and share later
+/// commits, none is lost, the chain is whole, and the statistics count every call.
+#[test]
+fn records_nobody_waits_for_share_later_commits_while_callers_wait() {
+    let Some(db) = db() else { return };
+    let (sink, handle) = db.start("n");
+    let rt = runtime();
+    for i in 0..100 {
+        // An outcome nobody waits for, then a caller that waits for its own record.
+        sink.submit(record(i)).unwrap();
+        rt.block_on(sink.submit_durable(&record(1000 + i)).unwrap())
+            .unwrap();
+    }
+    // Quiet now: what was held back is written at once.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while db.count("SELECT count(*) FROM fsp_audit") < 200 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "held records not written"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let commits = |filter: &str| {
+        db.count(&format!(
+            "SELECT count(DISTINCT written_at) FROM fsp_audit WHERE {filter}"
+        ))
+    };
+    let (held, waited) = (
+        commits("message_id < 'm-01000'"),
+        commits("message_id >= 'm-01000'"),
+    );
+    println!(
+        "100 records nobody waited for in {held} commits, beside {waited} commits for callers"
+    );
+    assert!(
+        held < waited,
+        "{held} commits for held records, {waited} for waited ones"
+    );
+    drop(sink);
+    handle.join();
+    assert_eq!(db.count("SELECT count(*) FROM fsp_audit"), 200);
+    assert_eq!(db.trail().verify(None).unwrap().records, 200);
+    assert_eq!(
+        db.count("SELECT sum(calls)::bigint FROM fsp_audit_daily"),
+        200
+    );
+}
+
 #[test]
 fn lookup_and_export_give_one_record_per_call_preferring_the_outcome() {
     let Some(db) = db() else { return };
