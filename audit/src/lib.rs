@@ -317,7 +317,8 @@ pub trait AuditSink: Send + Sync + std::fmt::Debug + 'static {
 
     /// Takes a record without blocking and returns what resolves once it is durable.
     /// Concurrent records share one sync or commit (group commit): the writer takes
-    /// whatever waits as one batch as soon as the previous batch is durable.
+    /// whatever waits as one batch as soon as the previous batch is durable (the
+    /// PostgreSQL writer may hold records nobody waits for back for a later batch).
     fn submit_durable(&self, record: &Record) -> Result<Durable, AuditError>;
 
     /// Whether records are being persisted right now. A fail-closed gateway refuses calls

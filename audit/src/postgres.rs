@@ -34,14 +34,17 @@
 //!
 //! `submit` takes a record without touching the network: it is checked (its timestamp
 //! must be RFC 3339), appended to one of a few striped queues, and the writer thread is
-//! woken if it sleeps. The writer takes everything waiting as one batch, seals it, and
-//! inserts it with ONE statement (`INSERT ... SELECT FROM UNNEST(...)`, its own
+//! woken if it sleeps. The writer takes everything waiting as one batch (less what it
+//! holds back, below), seals it, and inserts it with ONE statement (`INSERT ... SELECT FROM UNNEST(...)`, its own
 //! transaction): one round trip per batch, whatever its size. Callers waiting in
 //! `submit_durable` are completed once it is committed. A batch nobody waits for gathers
 //! for [`GROUP_COMMIT_WINDOW`]; a waiting caller ends that window at once. While callers
 //! wait, a commit carries only their records: the records nobody waits for are held back
-//! for at most that window and go with a later commit (with the statistics' upsert), so
-//! that most commits insert a few rows and update no roll-up.
+//! for that window (plus the commit in progress; longer only while PostgreSQL is away)
+//! and go with a later commit (with the statistics' upsert), or alone when the window
+//! ends, so that most commits insert a few rows and update no roll-up. Records nobody
+//! waits for were never durable when taken; held, they may be lost in a crash a few
+//! milliseconds longer.
 //!
 //! # When PostgreSQL is away
 //!
@@ -1483,6 +1486,8 @@ struct Shared {
     /// wakes it.
     gathering: AtomicBool,
     writer: OnceLock<std::thread::Thread>,
+    /// Records the writer holds back (see `Writer::run`), for the queue-depth metric.
+    held: AtomicUsize,
 }
 
 impl Shared {
@@ -1495,6 +1500,7 @@ impl Shared {
             idle: AtomicBool::new(false),
             gathering: AtomicBool::new(false),
             writer: OnceLock::new(),
+            held: AtomicUsize::new(0),
         }
     }
 
@@ -1660,7 +1666,8 @@ impl AuditSink for PostgresSink {
             .stripes
             .iter()
             .map(|stripe| stripe.lock().map(|p| p.lines.len()).unwrap_or(0))
-            .sum()
+            .sum::<usize>()
+            + self.shared.held.load(Ordering::Relaxed)
     }
 
     fn health(&self) -> Result<(), AuditError> {
@@ -1783,8 +1790,19 @@ impl Writer {
             let closing = self.shared.closed.load(Ordering::Acquire);
             if self.collect(&mut batch, &mut tickets) == 0 {
                 if !held.is_empty() {
-                    // Quiet now: what was held back is written at once.
+                    let left = GROUP_COMMIT_WINDOW.saturating_sub(held_since.elapsed());
+                    if !closing && !left.is_zero() {
+                        // Quiet: what is held waits out its window (a caller that comes
+                        // meanwhile ends the wait and is committed first).
+                        self.shared.gathering.store(true, Ordering::SeqCst);
+                        if !self.any_ticket_waits() {
+                            std::thread::park_timeout(left);
+                        }
+                        self.shared.gathering.store(false, Ordering::SeqCst);
+                        continue;
+                    }
                     std::mem::swap(&mut batch, &mut held);
+                    self.shared.held.store(0, Ordering::Relaxed);
                     self.seal(&mut batch);
                     self.write(&mut batch, &mut tickets);
                     batch.clear();
@@ -1831,6 +1849,7 @@ impl Writer {
                 held.append(&mut batch);
                 std::mem::swap(&mut batch, &mut held);
             }
+            self.shared.held.store(held.len(), Ordering::Relaxed);
             self.seal(&mut batch);
             self.write(&mut batch, &mut tickets);
             batch.clear();
