@@ -28,8 +28,8 @@
 //! than a buffered write and `fdatasync` (measured on this project's CI machine); where
 //! the file system refuses direct I/O, batches go through the page cache and
 //! `fdatasync`. The writer's check before each batch never asks the kernel for a
-//! segment's times (see [`Writer::check_in_place`]). Readers stop a line at a zero byte and skip runs of them (JSON
-//! text never holds one). A closed segment is cut to its records. After a crash, the
+//! segment's times (see [`Writer::check_in_place`]). Readers stop a line at a zero byte
+//! and skip runs of them (JSON text never holds one). A closed segment is cut to its records. After a crash, the
 //! writer's start cuts the newest segment after its last whole line before the first
 //! zero byte (a batch torn by the crash, whose callers were never told it was durable),
 //! keeps the cut bytes in `{segment}.torn` and logs it; every earlier record stays.

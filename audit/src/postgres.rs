@@ -35,8 +35,8 @@
 //! `submit` takes a record without touching the network: it is checked (its timestamp
 //! must be RFC 3339), appended to one of a few striped queues, and the writer thread is
 //! woken if it sleeps. The writer takes everything waiting as one batch (less what it
-//! holds back, below), seals it, and inserts it with ONE statement (`INSERT ... SELECT FROM UNNEST(...)`, its own
-//! transaction): one round trip per batch, whatever its size. Callers waiting in
+//! holds back, below), seals it, and inserts it with ONE statement (`INSERT ... SELECT
+//! FROM UNNEST(...)`, its own transaction): one round trip per batch, whatever its size. Callers waiting in
 //! `submit_durable` are completed once it is committed. A batch nobody waits for gathers
 //! for [`GROUP_COMMIT_WINDOW`]; a waiting caller ends that window at once. While callers
 //! wait, a commit carries only their records: the records nobody waits for are held back
@@ -1801,26 +1801,22 @@ impl Writer {
                         self.shared.gathering.store(false, Ordering::SeqCst);
                         continue;
                     }
-                    std::mem::swap(&mut batch, &mut held);
-                    self.shared.held.store(0, Ordering::Relaxed);
-                    self.seal(&mut batch);
-                    self.write(&mut batch, &mut tickets);
-                    batch.clear();
-                    continue;
-                }
-                if closing {
-                    break;
-                }
-                // Announce idleness, then look once more: a record that came in
-                // between was not told to wake us.
-                self.shared.idle.store(true, Ordering::SeqCst);
-                if self.collect(&mut batch, &mut tickets) == 0 {
-                    std::thread::park_timeout(PROBE_EVERY);
+                    // Their window is over: what is held is the batch (below).
+                } else {
+                    if closing {
+                        break;
+                    }
+                    // Announce idleness, then look once more: a record that came in
+                    // between was not told to wake us.
+                    self.shared.idle.store(true, Ordering::SeqCst);
+                    if self.collect(&mut batch, &mut tickets) == 0 {
+                        std::thread::park_timeout(PROBE_EVERY);
+                        self.shared.idle.store(false, Ordering::SeqCst);
+                        self.probe();
+                        continue;
+                    }
                     self.shared.idle.store(false, Ordering::SeqCst);
-                    self.probe();
-                    continue;
                 }
-                self.shared.idle.store(false, Ordering::SeqCst);
             }
             let waited = !tickets.is_empty();
             if waited && !closing {
