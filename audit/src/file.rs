@@ -417,14 +417,9 @@ fn open_direct(
     identity: (u64, u64),
     len: u64,
 ) -> std::io::Result<(Option<File>, Vec<u8>)> {
-    let flags = rustix::fs::OFlags::DIRECT | rustix::fs::OFlags::DSYNC;
-    let direct = match OpenOptions::new()
-        .write(true)
-        .custom_flags(flags.bits() as i32)
-        .open(path)
-    {
+    let direct = match open_for_direct_writes(path) {
         Ok(f) => f,
-        Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => {
+        Err(e) if refuses_direct_io(&e) => {
             tracing::info!(file = %path.display(), "the file system refuses direct writes: audit batches are written through the page cache and synced");
             return Ok((None, Vec::new()));
         }
@@ -443,6 +438,21 @@ fn open_direct(
     let mut tail = vec![0; (len - start) as usize];
     file.read_exact_at(&mut tail, start)?;
     Ok((Some(direct), tail))
+}
+
+/// Opens `path` for direct, synchronous writes (`O_DIRECT | O_DSYNC`).
+fn open_for_direct_writes(path: &Path) -> std::io::Result<File> {
+    let flags = rustix::fs::OFlags::DIRECT | rustix::fs::OFlags::DSYNC;
+    OpenOptions::new()
+        .write(true)
+        .custom_flags(flags.bits() as i32)
+        .open(path)
+}
+
+/// Whether `e` is the file system refusing direct I/O (at open, or a write whose
+/// alignment it does not take).
+fn refuses_direct_io(e: &std::io::Error) -> bool {
+    e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error())
 }
 
 /// The device and inode numbers of the file at `path` (symbolic links followed), asking
@@ -526,13 +536,20 @@ impl Segment {
     /// crash (a disk writes one sector whole, not a whole block) changes only bytes of
     /// the batch, which was never reported durable and is cut on start.
     fn write_direct(&mut self, lines: &[u8]) -> std::io::Result<bool> {
-        let Some(direct) = self.direct.take() else {
+        let Some(direct) = &self.direct else {
             return Ok(false);
         };
-        let written = self.write_blocks(&direct, lines);
-        self.direct = Some(direct);
-        if let Err(e) = written {
-            if e.raw_os_error() != Some(rustix::io::Errno::INVAL.raw_os_error()) {
+        let start = self.written - self.tail.len() as u64;
+        let len = self.tail.len() + lines.len();
+        let padded = (len as u64).div_ceil(BLOCK) as usize * BLOCK as usize;
+        self.aligned.clear();
+        self.aligned.resize(padded + BLOCK as usize, 0);
+        let off = self.aligned.as_ptr().align_offset(BLOCK as usize);
+        let buf = &mut self.aligned[off..off + padded];
+        buf[..self.tail.len()].copy_from_slice(&self.tail);
+        buf[self.tail.len()..len].copy_from_slice(lines);
+        if let Err(e) = direct.write_all_at(buf, start) {
+            if !refuses_direct_io(&e) {
                 return Err(e);
             }
             // A file system that opens files for direct I/O but wants another
@@ -542,9 +559,7 @@ impl Segment {
             return Ok(false);
         }
         // The new last partly filled block: the old one grown, or the end of `lines`.
-        let start = self.written - self.tail.len() as u64;
-        let end = self.written + lines.len() as u64;
-        let whole = (end / BLOCK * BLOCK - start) as usize;
+        let whole = ((self.written + lines.len() as u64) / BLOCK * BLOCK - start) as usize;
         if whole == 0 {
             self.tail.extend_from_slice(lines);
         } else {
@@ -553,21 +568,6 @@ impl Segment {
             self.tail.extend_from_slice(&lines[from..]);
         }
         Ok(true)
-    }
-
-    /// Writes the last partly filled block's bytes and `lines`, padded to whole blocks,
-    /// from the start of that block, in one direct write.
-    fn write_blocks(&mut self, direct: &File, lines: &[u8]) -> std::io::Result<()> {
-        let start = self.written - self.tail.len() as u64;
-        let len = self.tail.len() + lines.len();
-        let padded = (len as u64).div_ceil(BLOCK) * BLOCK;
-        self.aligned.clear();
-        self.aligned.resize(padded as usize + BLOCK as usize, 0);
-        let off = self.aligned.as_ptr().align_offset(BLOCK as usize);
-        let buf = &mut self.aligned[off..off + padded as usize];
-        buf[..self.tail.len()].copy_from_slice(&self.tail);
-        buf[self.tail.len()..len].copy_from_slice(lines);
-        direct.write_all_at(buf, start)
     }
 
     /// Cuts the file to its records and syncs it: a closed segment holds no zeros.
@@ -1629,13 +1629,7 @@ mod tests {
         // Where the file system takes direct I/O, the direct path was the one used.
         let probe = a.path().join("probe");
         std::fs::write(&probe, b"").unwrap();
-        let flags = rustix::fs::OFlags::DIRECT | rustix::fs::OFlags::DSYNC;
-        if OpenOptions::new()
-            .write(true)
-            .custom_flags(flags.bits() as i32)
-            .open(&probe)
-            .is_ok()
-        {
+        if open_for_direct_writes(&probe).is_ok() {
             assert!(direct_batches >= 2, "{direct_batches} direct batches");
         }
         std::fs::remove_file(&probe).unwrap();

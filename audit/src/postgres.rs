@@ -830,6 +830,14 @@ struct Line {
     waited: bool,
 }
 
+/// Puts the records held back in front of `batch` (they came first), leaving none held.
+fn release(held: &mut Vec<Line>, batch: &mut Vec<Line>) {
+    if !held.is_empty() {
+        held.append(batch);
+        std::mem::swap(batch, held);
+    }
+}
+
 /// Checks a record and makes it storable: the `timestamp` is parsed and written as the
 /// table gives it back (RFC 3339, UTC, milliseconds), NUL characters (which PostgreSQL
 /// text cannot hold) become U+FFFD, byte counts beyond `bigint` are capped. All before it
@@ -1838,12 +1846,10 @@ impl Writer {
                 }
                 std::mem::swap(&mut batch, &mut scratch);
                 if held_since.elapsed() >= GROUP_COMMIT_WINDOW || held.len() >= HOLD_MAX {
-                    held.append(&mut batch);
-                    std::mem::swap(&mut batch, &mut held);
+                    release(&mut held, &mut batch);
                 }
-            } else if !held.is_empty() {
-                held.append(&mut batch);
-                std::mem::swap(&mut batch, &mut held);
+            } else {
+                release(&mut held, &mut batch);
             }
             self.shared.held.store(held.len(), Ordering::Relaxed);
             self.seal(&mut batch);
