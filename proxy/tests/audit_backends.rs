@@ -362,12 +362,14 @@ async fn an_altered_removed_or_swapped_record_is_named_by_verify() {
                 write(&original);
             }
             Store::Postgres { .. } => {
-                // seq 5 is the fifth line, etc.
+                // seq 5 is the fifth line, etc. Its operation is kept to put back (the
+                // export, read while it is altered, could give the altered one).
+                let operation = store.column("SELECT operation FROM fsp_audit WHERE seq = 5");
                 store.sql("UPDATE fsp_audit SET operation = 'PUT /x' WHERE seq = 5");
                 named("altered", &lines[4]);
                 store.sql(&format!(
                     "UPDATE fsp_audit SET operation = '{}' WHERE seq = 5",
-                    exported(&config)[0]["operation"].as_str().unwrap()
+                    operation[0]
                 ));
                 store.sql(
                     "CREATE TABLE kept AS SELECT * FROM fsp_audit WHERE seq = 3; \
