@@ -1,12 +1,14 @@
 //! The configuration as written: one struct per TOML table, every unknown key refused.
 //!
 //! Nothing here is checked beyond its TOML type; [`super::build`] turns these into the
-//! validated [`super::Config`].
+//! validated [`super::Config`]. Tools that write configurations (the load program in
+//! `load-tests/`) build these structs and serialise them, so that a renamed key breaks
+//! their build rather than their run.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use toml::value::Datetime;
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawFile {
     pub include: Option<Vec<String>>,
@@ -30,7 +32,7 @@ pub struct RawFile {
     pub authorisation: Vec<RawAuthorisation>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawListener {
     pub address: String,
@@ -58,7 +60,7 @@ pub struct RawListener {
     pub shutdown_delay: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawAdmin {
     pub address: String,
@@ -69,7 +71,7 @@ pub struct RawAdmin {
     pub admin_ca: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawOAuth {
     pub issuer: String,
@@ -84,7 +86,7 @@ pub struct RawOAuth {
     pub max_token_bytes: Option<usize>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawAudit {
     pub backend: String,
@@ -96,7 +98,7 @@ pub struct RawAudit {
     pub retention_days: Option<u32>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawThrottle {
     pub backend: String,
@@ -109,7 +111,7 @@ pub struct RawThrottle {
 }
 
 /// `[cluster]`: state shared by every replica.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawCluster {
     pub redis_url: Option<String>,
@@ -120,7 +122,7 @@ pub struct RawCluster {
 }
 
 /// `[telemetry]`: OpenTelemetry traces.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawTelemetry {
     pub otlp_endpoint: String,
@@ -128,14 +130,14 @@ pub struct RawTelemetry {
     pub sampling_ratio: Option<f64>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawLimit {
     pub rate: String,
     pub burst: Option<u32>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawConsumerLimit {
     pub consumer: String,
@@ -143,7 +145,7 @@ pub struct RawConsumerLimit {
     pub burst: Option<u32>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawProvider {
     pub id: String,
@@ -164,7 +166,7 @@ pub struct RawProvider {
     pub queue_timeout: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawFamily {
     pub id: String,
@@ -173,7 +175,7 @@ pub struct RawFamily {
     pub service: Vec<RawService>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawService {
     pub id: String,
@@ -191,7 +193,7 @@ pub struct RawService {
     pub version: Vec<RawVersion>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawXmlLimits {
     pub max_depth: Option<u32>,
@@ -201,7 +203,7 @@ pub struct RawXmlLimits {
     pub max_text_length: Option<u64>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawVersion {
     pub version: String,
@@ -213,7 +215,7 @@ pub struct RawVersion {
     pub protocol: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawConsumer {
     pub id: String,
@@ -224,7 +226,7 @@ pub struct RawConsumer {
     pub source_ips: Option<Vec<String>>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawCertificate {
     pub cn: Option<String>,
@@ -234,7 +236,7 @@ pub struct RawCertificate {
     pub file: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawAuthorisation {
     pub id: String,
@@ -250,7 +252,7 @@ pub struct RawAuthorisation {
     pub revoked: Option<Datetime>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawLegalBasis {
     pub kind: String,

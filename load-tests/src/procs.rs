@@ -1,0 +1,207 @@
+//! The processes of a run: started with their output in a log file, waited for until they
+//! answer, charged for their CPU from `/proc`, and stopped (TERM, then KILL) when dropped.
+
+use std::fs;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use rustix::process::{Pid, Signal, kill_process};
+
+/// A server the run started.
+#[derive(Debug)]
+pub struct Proc {
+    pub name: String,
+    child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    /// Starts `cmd` with stdout and stderr in `log`.
+    pub fn spawn(name: &str, mut cmd: Command, log: &Path) -> Result<Self> {
+        let out =
+            fs::File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .with_context(|| format!("cannot start {name} ({:?})", cmd.get_program()))?;
+        Ok(Self {
+            name: name.into(),
+            child,
+            log: log.into(),
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The last lines of the log, for an error message.
+    pub fn tail(&self) -> String {
+        let text = fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    /// Fails, with the log's last lines, if the process has stopped.
+    pub fn check_alive(&mut self, when: &str) -> Result<()> {
+        match self.child.try_wait() {
+            Ok(None) => Ok(()),
+            Ok(Some(status)) => bail!(
+                "{} stopped {when} ({status}); last log lines:\n{}",
+                self.name,
+                self.tail()
+            ),
+            Err(e) => bail!("{}: cannot check whether it runs: {e}", self.name),
+        }
+    }
+
+    /// Waits until `port` accepts connections, failing early if the process stops.
+    pub fn wait_listening(&mut self, port: u16, within: Duration) -> Result<()> {
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let start = Instant::now();
+        loop {
+            self.check_alive("during start-up")?;
+            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+                return Ok(());
+            }
+            if start.elapsed() > within {
+                bail!(
+                    "{} does not accept connections on {addr} after {} s; last log lines:\n{}",
+                    self.name,
+                    within.as_secs(),
+                    self.tail()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// User + system CPU of the process and its direct children (nginx's workers), in
+    /// clock ticks.
+    pub fn cpu_ticks(&self) -> u64 {
+        let pid = self.pid();
+        let mut total = own_ticks(pid).unwrap_or(0);
+        if let Ok(dir) = fs::read_dir("/proc") {
+            for entry in dir.flatten() {
+                let Some(p) = entry
+                    .file_name()
+                    .to_str()
+                    .and_then(|s| s.parse::<u32>().ok())
+                else {
+                    continue;
+                };
+                if parent(p) == Some(pid) {
+                    total += own_ticks(p).unwrap_or(0);
+                }
+            }
+        }
+        total
+    }
+
+    fn stop(&mut self) {
+        if !matches!(self.child.try_wait(), Ok(None)) {
+            return;
+        }
+        if let Some(pid) = Pid::from_raw(self.pid() as i32) {
+            let _ = kill_process(pid, Signal::TERM);
+        }
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(10) {
+            if !matches!(self.child.try_wait(), Ok(None)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        eprintln!("{} did not stop on TERM within 10 s; killing it", self.name);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The fields of `/proc/PID/stat` after the command name.
+fn stat_fields(pid: u32) -> Option<Vec<u64>> {
+    let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &s[s.rfind(") ")? + 2..];
+    // Field 3 (state) is a letter: count it as 0 so that indexes stay the kernel's - 3.
+    Some(
+        rest.split_ascii_whitespace()
+            .map(|f| f.parse().unwrap_or(0))
+            .collect(),
+    )
+}
+
+fn own_ticks(pid: u32) -> Option<u64> {
+    let f = stat_fields(pid)?;
+    Some(f.get(11)? + f.get(12)?)
+}
+
+fn parent(pid: u32) -> Option<u32> {
+    Some(*stat_fields(pid)?.get(1)? as u32)
+}
+
+/// CPU of this program's waited-for children (the load generator's runs), in clock ticks.
+pub fn children_ticks() -> u64 {
+    let f = stat_fields(std::process::id()).unwrap_or_default();
+    f.get(13).copied().unwrap_or(0) + f.get(14).copied().unwrap_or(0)
+}
+
+/// Busy time of the whole machine (all cores), in clock ticks.
+pub fn host_busy_ticks() -> u64 {
+    let s = fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(line) = s.lines().next() else {
+        return 0;
+    };
+    let f: Vec<u64> = line
+        .split_ascii_whitespace()
+        .skip(1)
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    // user nice system idle iowait irq softirq steal
+    [0, 1, 2, 5, 6, 7].iter().filter_map(|i| f.get(*i)).sum()
+}
+
+pub fn clock_ticks() -> u64 {
+    rustix::param::clock_ticks_per_second()
+}
+
+/// A port on loopback that nothing listens on now (the OS's choice).
+pub fn free_port() -> Result<u16> {
+    let l = TcpListener::bind("127.0.0.1:0").context("cannot bind a port on 127.0.0.1")?;
+    Ok(l.local_addr()?.port())
+}
+
+/// Whether compilers or linkers run now (figures on a 2-core machine would be noisy).
+pub fn compilers_running() -> usize {
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return 0;
+    };
+    dir.flatten()
+        .filter(|e| {
+            let comm = fs::read_to_string(e.path().join("comm")).unwrap_or_default();
+            matches!(
+                comm.trim(),
+                "rustc" | "cc1" | "cc1plus" | "ld" | "lld" | "mold"
+            )
+        })
+        .count()
+}
+
+/// Where a program is on PATH.
+pub fn which(program: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
+}
