@@ -256,6 +256,18 @@ impl FileSink {
             ))
         })?;
         let rollups = crate::file_stats::Rollups::start(dir, &node, &trail);
+        // Closed segments without a lookup index (written by an earlier version, or whose
+        // index a stop cut short) get one; the newest may be written on, and is indexed
+        // when it is closed.
+        index_in_background(
+            trail
+                .iter()
+                .rev()
+                .skip(1)
+                .map(|(_, p)| p.clone())
+                .filter(|p| !crate::file_index::index_path(p).exists())
+                .collect(),
+        );
         let writer = Writer {
             dir: dir.to_owned(),
             node,
@@ -866,8 +878,11 @@ impl Writer {
             let path = seg.path.clone();
             // Its records are durable (each batch was synced): a failure loses only the
             // cut of its zeros, which readers skip.
-            if let Err(e) = seg.close() {
-                tracing::warn!(error = %e, file = %path.display(), "audit segment could not be cut to its records when closed");
+            match seg.close() {
+                Ok(()) => index_in_background(vec![path]),
+                Err(e) => {
+                    tracing::warn!(error = %e, file = %path.display(), "audit segment could not be cut to its records when closed");
+                }
             }
         }
     }
@@ -925,6 +940,11 @@ impl Writer {
         for (_, path) in &old {
             match std::fs::remove_file(path) {
                 Ok(()) => {
+                    let index = crate::file_index::index_path(path);
+                    let mut tmp = index.clone().into_os_string();
+                    tmp.push(".tmp");
+                    let _ = std::fs::remove_file(&index);
+                    let _ = std::fs::remove_file(tmp);
                     tracing::info!(file = %path.display(), retention_days = days, "audit file retired")
                 }
                 Err(e) => {
@@ -1368,8 +1388,10 @@ pub fn for_each_record<E: From<std::io::Error>>(
     Ok(files.len())
 }
 
-/// The record with this message id in the trail in `dir`: files are read as streams,
-/// newest first, and lines that do not hold the id's text are skipped unparsed.
+/// The record with this message id in the trail in `dir`. A segment with a lookup index
+/// (see [`crate::file_index`]) is read only at the lines its index names, and after the
+/// bytes the index covers; one without is read as a stream, lines that do not hold the
+/// id's text skipped unparsed.
 pub fn find(dir: &Path, message_id: &str) -> std::io::Result<Option<Record>> {
     let needle = format!("\"message_id\":\"{message_id}\"");
     let finder = memchr::memmem::Finder::new(needle.as_bytes());
@@ -1385,7 +1407,9 @@ pub fn find(dir: &Path, message_id: &str) -> std::io::Result<Option<Record>> {
     // newer one, so the first file that names the call has its best line.
     for file in files.iter().rev() {
         let mut found: Option<Record> = None;
-        for_each_line(file, |_, line| {
+        // Lines come in the order they were written: an outcome line replaces the
+        // request line before it.
+        let mut consider = |line: &[u8]| {
             if found.as_ref().is_none_or(Record::is_request_line)
                 && finder.find(line).is_some()
                 && let Ok(r) = serde_json::from_slice::<Record>(line)
@@ -1393,13 +1417,47 @@ pub fn find(dir: &Path, message_id: &str) -> std::io::Result<Option<Record>> {
             {
                 found = Some(r);
             }
-            Ok::<(), std::io::Error>(())
-        })?;
+        };
+        match crate::file_index::lookup(file, message_id)? {
+            Some(hits) => {
+                let f = File::open(file)?;
+                for at in &hits.offsets {
+                    consider(&crate::file_index::line_at(&f, *at, MAX_LINE)?);
+                }
+                if f.metadata()?.len() > hits.covered {
+                    crate::file_index::for_each_line_from(file, hits.covered, &mut consider)?;
+                }
+            }
+            None => for_each_line(file, |_, line| {
+                consider(line);
+                Ok::<(), std::io::Error>(())
+            })?,
+        }
         if found.is_some() {
             return Ok(found);
         }
     }
     Ok(None)
+}
+
+/// Builds the lookup indexes of `segments` on a thread of its own (the writer goes on);
+/// a segment that cannot be indexed is only read whole by lookups.
+fn index_in_background(segments: Vec<PathBuf>) {
+    if segments.is_empty() {
+        return;
+    }
+    let spawned = std::thread::Builder::new()
+        .name("fsp-audit-index".into())
+        .spawn(move || {
+            for path in segments {
+                if let Err(e) = crate::file_index::build(&path) {
+                    tracing::warn!(error = %e, file = %path.display(), "audit segment could not be indexed; lookups read it whole");
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "audit index thread could not start; lookups read unindexed segments whole");
+    }
 }
 
 /// The UTC day a UUID v7 (hyphenated) was made, from its 48-bit Unix time in ms.
@@ -1510,6 +1568,7 @@ pub fn verify_dir(dir: &Path, retention_days: Option<u32>) -> Result<Verified, V
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
+    use crate::Phase;
 
     /// Every file of the trail, one after the other.
     fn whole_trail(dir: &Path) -> String {
@@ -1833,21 +1892,20 @@ mod tests {
         );
     }
 
-    #[test]
-    fn segments_rotate_by_size_and_are_read_back_in_order() {
-        let dir = tempfile::tempdir().unwrap();
+    /// Writes `batches` through a sink with 16 KiB segments, each batch durable before the
+    /// next is submitted, then stops the sink.
+    fn write_in_small_segments(dir: &Path, batches: impl IntoIterator<Item = Vec<Record>>) {
         let (sink, handle) =
-            FileSink::open(dir.path(), "n", DEFAULT_CAPACITY, None, 16 * 1024, true).unwrap();
-        // Batches of at most 20 records (each far below the segment size, however the
-        // writer is scheduled), so that a batch that would not fit starts a segment.
+            FileSink::open(dir, "n", DEFAULT_CAPACITY, None, 16 * 1024, true).unwrap();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
         rt.block_on(async {
-            for start in (0..400).step_by(20) {
-                let waits: Vec<Durable> = (start..start + 20)
-                    .map(|i| sink.submit_durable(&record(i, "2026-11-24")).unwrap())
+            for batch in batches {
+                let waits: Vec<Durable> = batch
+                    .iter()
+                    .map(|r| sink.submit_durable(r).unwrap())
                     .collect();
                 for w in waits {
                     w.await.unwrap();
@@ -1856,6 +1914,19 @@ mod tests {
         });
         drop(sink);
         handle.join();
+    }
+
+    #[test]
+    fn segments_rotate_by_size_and_are_read_back_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        // Batches of at most 20 records (each far below the segment size, however the
+        // writer is scheduled), so that a batch that would not fit starts a segment.
+        write_in_small_segments(
+            dir.path(),
+            (0..400)
+                .step_by(20)
+                .map(|start| (start..start + 20).map(|i| record(i, "2026-11-24")).collect()),
+        );
         let files = trail_files(dir.path()).unwrap();
         assert!(files.len() > 3, "{files:?}");
         for (i, f) in files.iter().enumerate() {
@@ -1884,6 +1955,76 @@ mod tests {
             verify_dir(dir.path(), None),
             Err(VerifyError::Broken(Break::Unlinked { .. }))
         ));
+    }
+
+    #[test]
+    fn closed_segments_get_a_lookup_index_and_lookups_through_it_prefer_the_outcome() {
+        let dir = tempfile::tempdir().unwrap();
+        // Each call's request line, then (two batches later, so often in a later segment)
+        // its outcome.
+        let line = |i: usize, phase: Phase, status: u16| Record {
+            phase: Some(phase),
+            status,
+            ..record(i, "2026-12-04")
+        };
+        write_in_small_segments(
+            dir.path(),
+            (0..300).step_by(20).map(|start| {
+                let requests = (start..start + 20).map(|i| line(i, Phase::Request, 0));
+                let outcomes = (start.saturating_sub(40)..start.saturating_sub(20))
+                    .map(|i| line(i, Phase::Outcome, 200));
+                requests.chain(outcomes).collect()
+            }),
+        );
+        let files = trail_files(dir.path()).unwrap();
+        assert!(files.len() > 3, "{files:?}");
+        // Every segment was closed (the last at the end): each gets its index.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !files
+            .iter()
+            .all(|f| crate::file_index::lookup(f, "m-0").unwrap().is_some())
+        {
+            assert!(std::time::Instant::now() < deadline, "segments not indexed");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        for i in 0..300 {
+            let r = find(dir.path(), &format!("m-{i}")).unwrap().unwrap();
+            assert_eq!(r.message_id, format!("m-{i}"));
+            // Outcomes were written for the first 260 calls only.
+            let want = if i < 260 {
+                Phase::Outcome
+            } else {
+                Phase::Request
+            };
+            assert_eq!(r.phase, Some(want), "m-{i}");
+        }
+        assert!(find(dir.path(), "m-300").unwrap().is_none());
+        // Lookups go through the indexes: with their keys altered, the ids are not
+        // found (and nothing false is: a line an index names is read and its id
+        // compared); without them, segments are read whole again.
+        for f in &files {
+            let idx = crate::file_index::index_path(f);
+            let mut bytes = std::fs::read(&idx).unwrap();
+            let n = bytes.len();
+            for b in &mut bytes[24..n] {
+                *b = b.wrapping_add(1);
+            }
+            std::fs::write(&idx, bytes).unwrap();
+        }
+        assert!(find(dir.path(), "m-5").unwrap().is_none());
+        // The indexes are the gateway user's alone, as the trail is.
+        for f in &files {
+            let mode = std::fs::metadata(crate::file_index::index_path(f))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600);
+            std::fs::remove_file(crate::file_index::index_path(f)).unwrap();
+        }
+        assert_eq!(
+            find(dir.path(), "m-5").unwrap().unwrap().phase,
+            Some(Phase::Outcome)
+        );
     }
 
     #[test]

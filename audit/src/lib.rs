@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 pub mod chain;
 pub mod export;
 pub mod file;
+pub mod file_index;
 pub mod file_stats;
 mod json;
 pub mod postgres;

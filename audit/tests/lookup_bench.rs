@@ -6,8 +6,11 @@
 //! ```
 //!
 //! Writes a trail of `FSP_BENCH_RECORDS` records (default 10 000 000, about 4 GB) over
-//! 30 days into a temporary directory, then times `file::find` for ids from the first,
-//! middle and last day, and one that is not there.
+//! `FSP_BENCH_DAYS` days (default 30; 1 puts them all in one day, as a busy platform
+//! would) into a temporary directory, indexes each file as the writer does when it
+//! closes a segment (`FSP_BENCH_INDEX=0`: not, to time the reads without an index),
+//! then times `file::find` for ids from the first, middle and last day, and one that is
+//! not there.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -35,12 +38,18 @@ fn lookup_among_ten_million_records_bench() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(10_000_000);
-    let days = 30u64;
+    let days: u64 = std::env::var("FSP_BENCH_DAYS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(30)
+        .max(1);
+    let index = std::env::var("FSP_BENCH_INDEX").map_or(true, |v| v != "0");
     let dir = tempfile::tempdir().unwrap();
     let start_day = time::macros::date!(2026 - 10 - 01);
     let start_ms = (start_day.midnight().assume_utc().unix_timestamp() as u64) * 1000;
     let per_day = total / days;
     let mut wanted = Vec::new();
+    let mut files = Vec::new();
     let begun = Instant::now();
     let mut line = Vec::with_capacity(1024);
     for d in 0..days {
@@ -51,6 +60,7 @@ fn lookup_among_ten_million_records_bench() {
             u8::from(day.month()),
             day.day()
         ));
+        files.push(path.clone());
         let mut out =
             std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(path).unwrap());
         for i in 0..per_day {
@@ -78,7 +88,9 @@ fn lookup_among_ten_million_records_bench() {
             r.write_json(&mut line);
             line.push(b'\n');
             out.write_all(&line).unwrap();
-            if i == per_day / 2 && (d == 0 || d == days / 2 || d == days - 1) {
+            if (i == per_day / 2 && (d == 0 || d == days / 2 || d == days - 1))
+                || (days == 1 && (i == 0 || i == per_day - 1))
+            {
                 wanted.push(r.message_id.clone());
             }
         }
@@ -94,13 +106,22 @@ fn lookup_among_ten_million_records_bench() {
         bytes as f64 / 1e9,
         begun.elapsed()
     );
+    if index {
+        let t = Instant::now();
+        let mut lines = 0;
+        for f in &files {
+            lines += audit::file_index::build(f).unwrap();
+        }
+        println!("indexed {lines} lines in {:.1?}", t.elapsed());
+    }
+    let found_count = wanted.len();
     // Not there: an id of the middle day that was never written.
-    wanted.push(uuid_v7(start_ms + 15 * 86_400_000 + 1, u64::MAX >> 4));
+    wanted.push(uuid_v7(start_ms + days / 2 * 86_400_000 + 1, u64::MAX >> 4));
     for (i, id) in wanted.iter().enumerate() {
         let t = Instant::now();
         let found = audit::file::find(dir.path(), id).unwrap();
         let took = t.elapsed();
-        assert_eq!(found.is_some(), i < 3, "{id}");
+        assert_eq!(found.is_some(), i < found_count, "{id}");
         println!(
             "lookup {id}: {} in {took:.1?}",
             if found.is_some() { "found" } else { "absent" }

@@ -360,6 +360,17 @@ fn export_audit(
     let mut out = audit::export::Writer::new(stdout, format);
     let mut broken = 0u64;
     let (read, place) = match &c.audit.backend {
+        // One call by its message id: through the segments' lookup indexes, not a read
+        // of the whole trail.
+        proxy::config::AuditBackend::File { dir } if filter.message_id.is_some() => (
+            audit::file::find(dir, filter.message_id.as_deref().unwrap_or_default())
+                .map_err(|e| e.to_string())
+                .and_then(|found| match found {
+                    Some(r) if filter.matches(&r) => out.write(&r).map_err(|e| e.to_string()),
+                    _ => Ok(()),
+                }),
+            dir.display().to_string(),
+        ),
         proxy::config::AuditBackend::File { dir } => (
             audit::file::for_each_call(
                 dir,

@@ -1,0 +1,280 @@
+//! The lookup index of the file trail: beside each closed segment, a sidecar file
+//! (`<segment>.idx`) listing, for every line, a key of its message id and where the line
+//! starts, sorted by key. A lookup binary-searches each candidate segment's index (a few
+//! dozen reads of 16 bytes) and reads only the lines it names, instead of reading the
+//! segments: one message id among 10 million records answers in milliseconds even when
+//! they were all written on one day.
+//!
+//! The index is a convenience, never the record: lines it names are parsed and their
+//! message id compared; a segment without an index, or whose index does not fit it
+//! (missing, unreadable, or covering more bytes than the segment holds), is read whole,
+//! as before; bytes written after the index was made (a segment a restarted gateway went
+//! on writing) are read after the indexed ones. Indexes are written by the writer's
+//! helper thread when a segment is closed, and at start for closed segments without
+//! one; they are deleted with their segment. `fsp audit verify` and `export` never read
+//! them.
+//!
+//! Format: `FSPIDX01`, then the number of segment bytes indexed and the number of
+//! entries (u64 little-endian each), then the entries: key and offset (u64 LE each). The
+//! key is the first 8 bytes of the SHA-256 of the message id's text (stable across
+//! versions and platforms; two ids sharing a key only cost a line read).
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+const MAGIC: &[u8; 8] = b"FSPIDX01";
+const HEADER: u64 = 24;
+const ENTRY: u64 = 16;
+const MESSAGE_ID_MEMBER: &[u8] = b"\"message_id\":\"";
+
+/// The index file of a segment.
+pub fn index_path(segment: &Path) -> PathBuf {
+    let mut name = segment.as_os_str().to_owned();
+    name.push(".idx");
+    PathBuf::from(name)
+}
+
+/// The key of a message id.
+pub fn key(message_id: &[u8]) -> u64 {
+    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, message_id);
+    let mut k = [0u8; 8];
+    k.copy_from_slice(&d.as_ref()[..8]);
+    u64::from_le_bytes(k)
+}
+
+/// The message id of a record line, without parsing it (the member's text between its
+/// quotes; message ids hold no escapes).
+fn message_id_of(line: &[u8]) -> Option<&[u8]> {
+    let at = memchr::memmem::find(line, MESSAGE_ID_MEMBER)? + MESSAGE_ID_MEMBER.len();
+    let rest = &line[at..];
+    let end = memchr::memchr(b'"', rest)?;
+    Some(&rest[..end])
+}
+
+/// Writes the index of a closed segment (replacing any older one): every line's key and
+/// offset. Returns how many lines it indexed.
+pub fn build(segment: &Path) -> std::io::Result<u64> {
+    let file = File::open(segment)?;
+    let len = file.metadata()?.len();
+    let mut reader = BufReader::with_capacity(1 << 20, file.take(len));
+    let mut entries: Vec<(u64, u64)> = Vec::new();
+    let mut line = Vec::new();
+    let mut at = 0u64;
+    loop {
+        line.clear();
+        let n = reader.read_until(b'\n', &mut line)?;
+        if n == 0 {
+            break;
+        }
+        // A zero byte ends a line (the unwritten end of a segment); each piece between
+        // zeros is a line of its own, as readers take it.
+        let mut piece_at = at;
+        for piece in line.split(|&b| b == 0) {
+            if let Some(id) = message_id_of(piece) {
+                entries.push((key(id), piece_at));
+            }
+            piece_at += piece.len() as u64 + 1;
+        }
+        at += n as u64;
+    }
+    entries.sort_unstable();
+    let path = index_path(segment);
+    let tmp = {
+        let mut name = path.as_os_str().to_owned();
+        name.push(".tmp");
+        PathBuf::from(name)
+    };
+    let mut out = std::io::BufWriter::with_capacity(
+        1 << 20,
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?,
+    );
+    out.write_all(MAGIC)?;
+    out.write_all(&len.to_le_bytes())?;
+    out.write_all(&(entries.len() as u64).to_le_bytes())?;
+    for (k, off) in &entries {
+        out.write_all(&k.to_le_bytes())?;
+        out.write_all(&off.to_le_bytes())?;
+    }
+    let file = out.into_inner().map_err(|e| e.into_error())?;
+    file.sync_data()?;
+    std::fs::rename(&tmp, &path)?;
+    Ok(entries.len() as u64)
+}
+
+/// What a segment's index says of a message id.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Hits {
+    /// Where the lines whose id has the key start, in the order they were written.
+    pub offsets: Vec<u64>,
+    /// The segment bytes the index covers: lines after are not in it.
+    pub covered: u64,
+}
+
+/// Looks a message id up in a segment's index; `None` when the segment has no index that
+/// fits it (it must then be read whole).
+pub fn lookup(segment: &Path, message_id: &str) -> std::io::Result<Option<Hits>> {
+    let index = match File::open(index_path(segment)) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let segment_len = std::fs::metadata(segment)?.len();
+    let index_len = index.metadata()?.len();
+    let mut header = [0u8; HEADER as usize];
+    if index_len < HEADER || index.read_exact_at(&mut header, 0).is_err() {
+        return Ok(None);
+    }
+    let word = |b: &[u8]| {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(b);
+        u64::from_le_bytes(w)
+    };
+    let (covered, count) = (word(&header[8..16]), word(&header[16..24]));
+    if &header[..8] != MAGIC
+        || covered > segment_len
+        || count.checked_mul(ENTRY).and_then(|b| b.checked_add(HEADER)) != Some(index_len)
+    {
+        return Ok(None);
+    }
+    let wanted = key(message_id.as_bytes());
+    let entry = |i: u64| -> std::io::Result<(u64, u64)> {
+        let mut e = [0u8; ENTRY as usize];
+        index.read_exact_at(&mut e, HEADER + i * ENTRY)?;
+        Ok((word(&e[..8]), word(&e[8..])))
+    };
+    // The first entry whose key is not below the wanted one.
+    let (mut lo, mut hi) = (0u64, count);
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        if entry(mid)?.0 < wanted {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    let mut offsets = Vec::new();
+    let mut i = lo;
+    while i < count {
+        let (k, off) = entry(i)?;
+        if k != wanted {
+            break;
+        }
+        if off < covered {
+            offsets.push(off);
+        }
+        i += 1;
+    }
+    Ok(Some(Hits { offsets, covered }))
+}
+
+/// The line that starts at `offset` (without its line break; cut at a zero byte), at
+/// most `max` bytes.
+pub fn line_at(file: &File, offset: u64, max: usize) -> std::io::Result<Vec<u8>> {
+    let mut line = Vec::new();
+    let mut chunk = vec![0u8; 4096];
+    let mut at = offset;
+    loop {
+        let n = file.read_at(&mut chunk, at)?;
+        if n == 0 {
+            return Ok(line);
+        }
+        if let Some(end) = memchr::memchr2(b'\n', 0, &chunk[..n]) {
+            line.extend_from_slice(&chunk[..end]);
+            return Ok(line);
+        }
+        line.extend_from_slice(&chunk[..n]);
+        if line.len() > max {
+            return Ok(line);
+        }
+        at += n as u64;
+        if chunk.len() < 1 << 20 {
+            chunk.resize(chunk.len() * 4, 0);
+        }
+    }
+}
+
+/// Hands each line of `segment` from byte `from` on to `f` (as `file::for_each_line`
+/// does from the start).
+pub(crate) fn for_each_line_from(
+    segment: &Path,
+    from: u64,
+    mut f: impl FnMut(&[u8]),
+) -> std::io::Result<()> {
+    let mut file = File::open(segment)?;
+    file.seek(SeekFrom::Start(from))?;
+    let mut reader = BufReader::with_capacity(256 * 1024, file);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        if reader.read_until(b'\n', &mut line)? == 0 {
+            return Ok(());
+        }
+        let text = line.strip_suffix(b"\n").unwrap_or(&line);
+        for piece in text.split(|&b| b == 0).filter(|p| !p.is_empty()) {
+            f(piece);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn line(id: &str, status: u16) -> String {
+        format!("{{\"message_id\":\"{id}\",\"status\":{status}}}\n")
+    }
+
+    #[test]
+    fn an_index_names_every_line_of_an_id_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let seg = dir.path().join("audit-n-2026-12-04-000001.jsonl");
+        let mut text = String::new();
+        for i in 0..1000 {
+            text.push_str(&line(&format!("id-{i}"), 0));
+        }
+        text.push_str(&line("id-7", 200));
+        std::fs::write(&seg, &text).unwrap();
+        assert_eq!(lookup(&seg, "id-7").unwrap(), None, "no index yet");
+        assert_eq!(build(&seg).unwrap(), 1001);
+        let hits = lookup(&seg, "id-7").unwrap().unwrap();
+        assert_eq!(hits.covered, text.len() as u64);
+        let file = File::open(&seg).unwrap();
+        let lines: Vec<String> = hits
+            .offsets
+            .iter()
+            .map(|o| String::from_utf8(line_at(&file, *o, 1 << 20).unwrap()).unwrap())
+            .collect();
+        assert_eq!(
+            lines,
+            [line("id-7", 0).trim_end(), line("id-7", 200).trim_end()]
+        );
+        assert!(lookup(&seg, "id-1000").unwrap().unwrap().offsets.is_empty());
+
+        // Lines written after the index are beyond what it covers.
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&seg)
+            .unwrap()
+            .write_all(line("id-1000", 200).as_bytes())
+            .unwrap();
+        let hits = lookup(&seg, "id-1000").unwrap().unwrap();
+        let mut after = Vec::new();
+        for_each_line_from(&seg, hits.covered, |l| after.push(l.to_vec())).unwrap();
+        assert_eq!(after, [line("id-1000", 200).trim_end().as_bytes()]);
+
+        // A segment shorter than its index covers (cut, replaced): the index is not used.
+        std::fs::write(&seg, line("id-7", 0)).unwrap();
+        assert_eq!(lookup(&seg, "id-7").unwrap(), None);
+        // Nor is an index that is not one.
+        std::fs::write(index_path(&seg), b"FSPIDX01 but not really").unwrap();
+        assert_eq!(lookup(&seg, "id-7").unwrap(), None);
+    }
+}
