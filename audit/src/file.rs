@@ -1923,9 +1923,11 @@ mod tests {
         // writer is scheduled), so that a batch that would not fit starts a segment.
         write_in_small_segments(
             dir.path(),
-            (0..400)
-                .step_by(20)
-                .map(|start| (start..start + 20).map(|i| record(i, "2026-11-24")).collect()),
+            (0..400).step_by(20).map(|start| {
+                (start..start + 20)
+                    .map(|i| record(i, "2026-11-24"))
+                    .collect()
+            }),
         );
         let files = trail_files(dir.path()).unwrap();
         assert!(files.len() > 3, "{files:?}");
