@@ -266,7 +266,9 @@ impl FileSink {
                 .skip(1)
                 .map(|(_, p)| p.clone())
                 .filter(|p| !crate::file_index::index_path(p).exists())
+                .map(IndexJob::Read)
                 .collect(),
+            true,
         );
         let writer = Writer {
             dir: dir.to_owned(),
@@ -510,6 +512,10 @@ struct Segment {
     identity: (u64, u64),
     /// Where a direct write's block-aligned copy is made.
     aligned: Vec<u8>,
+    /// The lookup index entries (message id key, offset) of the lines written, when the
+    /// segment was begun by this writer (`None`: it went on after a restart, and its
+    /// index is made by reading it again).
+    index: Option<Vec<(u64, u64)>>,
 }
 
 /// The block size direct writes are aligned to (a multiple of any disk's logical block).
@@ -636,7 +642,8 @@ impl Writer {
             let closing = self.shared.closed.load(Ordering::Acquire);
             if self.collect(&mut batch, &mut spare) == 0 {
                 if closing {
-                    self.close();
+                    // The last segment's index is written before the gateway stops.
+                    self.close(Indexing::Now);
                     self.rollups.flush();
                     break;
                 }
@@ -788,6 +795,15 @@ impl Writer {
             seg.file.write_all_at(lines, seg.written)?;
             seg.file.sync_data()?;
         }
+        if let Some(entries) = &mut seg.index {
+            let mut at = seg.written;
+            for line in lines.split_inclusive(|&b| b == b'\n') {
+                if let Some(k) = crate::file_index::line_key(line) {
+                    entries.push((k, at));
+                }
+                at += line.len() as u64;
+            }
+        }
         seg.written = end;
         if direct {
             self.shared.direct_batches.fetch_add(1, Ordering::Relaxed);
@@ -801,7 +817,7 @@ impl Writer {
         let fits =
             |s: &Segment| s.day == day && (s.written == 0 || s.written + len <= self.segment_bytes);
         if !self.current.as_ref().is_some_and(fits) {
-            self.close();
+            self.close(Indexing::Background);
             let seq = match &self.last_segment {
                 Some((d, n)) if d == day => (n + 1).max(self.next_seq_on_disk(day)?),
                 // The writer's first segment: a restarted gateway goes on in the node's
@@ -842,6 +858,7 @@ impl Writer {
                 tail,
                 identity,
                 aligned: Vec::new(),
+                index: (len == 0).then(Vec::new),
             });
         }
         self.current
@@ -872,17 +889,25 @@ impl Writer {
             .unwrap_or(1))
     }
 
-    /// Closes the segment being written (when the next begins, and at the end).
-    fn close(&mut self) {
-        if let Some(seg) = self.current.take() {
-            let path = seg.path.clone();
+    /// Closes the segment being written (when the next begins, and at the end), and has
+    /// its lookup index written as `index` says.
+    fn close(&mut self, index: Indexing) {
+        if let Some(mut seg) = self.current.take() {
+            let (path, covered, entries) = (seg.path.clone(), seg.written, seg.index.take());
             // Its records are durable (each batch was synced): a failure loses only the
             // cut of its zeros, which readers skip.
-            match seg.close() {
-                Ok(()) => index_in_background(vec![path]),
-                Err(e) => {
-                    tracing::warn!(error = %e, file = %path.display(), "audit segment could not be cut to its records when closed");
-                }
+            if let Err(e) = seg.close() {
+                tracing::warn!(error = %e, file = %path.display(), "audit segment could not be cut to its records when closed");
+                return;
+            }
+            let job = match entries {
+                Some(entries) => IndexJob::Entries(path, entries, covered),
+                None => IndexJob::Read(path),
+            };
+            match index {
+                Indexing::Now => job.run(),
+                Indexing::Background => index_in_background(vec![job], false),
+                Indexing::None => {}
             }
         }
     }
@@ -935,16 +960,12 @@ impl Writer {
         // The file being written (a node quiet for days may still hold one open) is
         // closed first, so that its removal is not taken for tampering.
         if self.current.as_ref().is_some_and(|s| s.day < cutoff) {
-            self.close();
+            self.close(Indexing::None);
         }
         for (_, path) in &old {
             match std::fs::remove_file(path) {
                 Ok(()) => {
-                    let index = crate::file_index::index_path(path);
-                    let mut tmp = index.clone().into_os_string();
-                    tmp.push(".tmp");
-                    let _ = std::fs::remove_file(&index);
-                    let _ = std::fs::remove_file(tmp);
+                    crate::file_index::remove(path);
                     tracing::info!(file = %path.display(), retention_days = days, "audit file retired")
                 }
                 Err(e) => {
@@ -1440,18 +1461,58 @@ pub fn find(dir: &Path, message_id: &str) -> std::io::Result<Option<Record>> {
     Ok(None)
 }
 
-/// Builds the lookup indexes of `segments` on a thread of its own (the writer goes on);
-/// a segment that cannot be indexed is only read whole by lookups.
-fn index_in_background(segments: Vec<PathBuf>) {
-    if segments.is_empty() {
+/// When a closed segment's lookup index is written.
+#[derive(Debug, Clone, Copy)]
+enum Indexing {
+    /// Before the writer goes on (the gateway is stopping).
+    Now,
+    /// By a helper thread.
+    Background,
+    /// Not at all (the segment is about to be retired).
+    None,
+}
+
+/// How a segment's lookup index is made.
+enum IndexJob {
+    /// From the entries the writer collected, covering the segment's first bytes.
+    Entries(PathBuf, Vec<(u64, u64)>, u64),
+    /// By reading the segment again.
+    Read(PathBuf),
+}
+
+impl IndexJob {
+    fn run(self) {
+        let (path, done) = match self {
+            IndexJob::Entries(path, entries, covered) => {
+                let done = crate::file_index::write(&path, entries, covered);
+                (path, done)
+            }
+            IndexJob::Read(path) => {
+                let done = crate::file_index::build(&path).map(drop);
+                (path, done)
+            }
+        };
+        if let Err(e) = done {
+            tracing::warn!(error = %e, file = %path.display(), "audit segment could not be indexed; lookups read it whole");
+        }
+    }
+}
+
+/// Runs index jobs on a thread of its own (the writer goes on); `gently`: pausing after
+/// each as long as it took, so that a trail indexed at start takes at most half a core
+/// and leaves the disk to the writer's syncs half the time.
+fn index_in_background(jobs: Vec<IndexJob>, gently: bool) {
+    if jobs.is_empty() {
         return;
     }
     let spawned = std::thread::Builder::new()
         .name("fsp-audit-index".into())
         .spawn(move || {
-            for path in segments {
-                if let Err(e) = crate::file_index::build(&path) {
-                    tracing::warn!(error = %e, file = %path.display(), "audit segment could not be indexed; lookups read it whole");
+            for job in jobs {
+                let began = std::time::Instant::now();
+                job.run();
+                if gently {
+                    std::thread::sleep(began.elapsed());
                 }
             }
         });
@@ -2001,14 +2062,21 @@ mod tests {
             assert_eq!(r.phase, Some(want), "m-{i}");
         }
         assert!(find(dir.path(), "m-300").unwrap().is_none());
-        // Lookups go through the indexes: with their keys altered, the ids are not
+        // The entries the writer collected are those a reading of the segment gives.
+        for f in &files {
+            let idx = crate::file_index::index_path(f);
+            let written = std::fs::read(&idx).unwrap();
+            crate::file_index::build(f).unwrap();
+            assert_eq!(written, std::fs::read(&idx).unwrap(), "{}", f.display());
+        }
+        // Lookups go through the indexes: with their entries altered, the ids are not
         // found (and nothing false is: a line an index names is read and its id
         // compared); without them, segments are read whole again.
         for f in &files {
             let idx = crate::file_index::index_path(f);
             let mut bytes = std::fs::read(&idx).unwrap();
             let n = bytes.len();
-            for b in &mut bytes[24..n] {
+            for b in &mut bytes[32..n] {
                 *b = b.wrapping_add(1);
             }
             std::fs::write(&idx, bytes).unwrap();

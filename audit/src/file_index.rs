@@ -6,18 +6,21 @@
 //! they were all written on one day.
 //!
 //! The index is a convenience, never the record: lines it names are parsed and their
-//! message id compared; a segment without an index, or whose index does not fit it
-//! (missing, unreadable, or covering more bytes than the segment holds), is read whole,
-//! as before; bytes written after the index was made (a segment a restarted gateway went
-//! on writing) are read after the indexed ones. Indexes are written by the writer's
-//! helper thread when a segment is closed, and at start for closed segments without
-//! one; they are deleted with their segment. `fsp audit verify` and `export` never read
-//! them.
+//! message id compared; a segment without an index that fits it (missing, unreadable,
+//! made for another file of that name, or covering more bytes than the segment holds) is
+//! read whole, as before; bytes written after the index was made (a segment a restarted
+//! gateway went on writing) are read after the indexed ones. The writer collects the
+//! entries of the lines it writes and, when it closes a segment, a helper thread writes
+//! them (a segment the writer went on after a restart is read again instead); at start,
+//! closed segments without an index get one, at most half a core's worth of reading at a
+//! time. Indexes are deleted with their segment. `fsp audit verify` never reads them.
 //!
-//! Format: `FSPIDX01`, then the number of segment bytes indexed and the number of
-//! entries (u64 little-endian each), then the entries: key and offset (u64 LE each). The
-//! key is the first 8 bytes of the SHA-256 of the message id's text (stable across
-//! versions and platforms; two ids sharing a key only cost a line read).
+//! Format: `FSPIDX01`, then (u64 little-endian each) the number of segment bytes
+//! indexed, the number of entries and the key of the segment's first line (which tells
+//! an index from one of an earlier file of the same name), then the entries: key and
+//! offset (u64 LE each). The key is the 64-bit FNV-1a hash of the message id's text
+//! (stable across versions and platforms; message ids are the gateway's own UUIDs, and
+//! two sharing a key only cost a line read).
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
@@ -25,7 +28,7 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 const MAGIC: &[u8; 8] = b"FSPIDX01";
-const HEADER: u64 = 24;
+const HEADER: u64 = 32;
 const ENTRY: u64 = 16;
 const MESSAGE_ID_MEMBER: &[u8] = b"\"message_id\":\"";
 
@@ -36,12 +39,16 @@ pub fn index_path(segment: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
-/// The key of a message id.
+/// The key of a message id (64-bit FNV-1a).
 pub fn key(message_id: &[u8]) -> u64 {
-    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, message_id);
-    let mut k = [0u8; 8];
-    k.copy_from_slice(&d.as_ref()[..8]);
-    u64::from_le_bytes(k)
+    message_id.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// The key of a record line's message id, if it has one.
+pub fn line_key(line: &[u8]) -> Option<u64> {
+    message_id_of(line).map(key)
 }
 
 /// The message id of a record line, without parsing it (the member's text between its
@@ -53,8 +60,8 @@ fn message_id_of(line: &[u8]) -> Option<&[u8]> {
     Some(&rest[..end])
 }
 
-/// Writes the index of a closed segment (replacing any older one): every line's key and
-/// offset. Returns how many lines it indexed.
+/// Writes the index of a closed segment (replacing any older one) from its lines, read
+/// again. Returns how many lines it indexed.
 pub fn build(segment: &Path) -> std::io::Result<u64> {
     let file = File::open(segment)?;
     let len = file.metadata()?.len();
@@ -64,7 +71,9 @@ pub fn build(segment: &Path) -> std::io::Result<u64> {
     let mut at = 0u64;
     loop {
         line.clear();
-        let n = reader.read_until(b'\n', &mut line)?;
+        let n = Read::by_ref(&mut reader)
+            .take(MAX_LINE as u64)
+            .read_until(b'\n', &mut line)?;
         if n == 0 {
             break;
         }
@@ -72,14 +81,35 @@ pub fn build(segment: &Path) -> std::io::Result<u64> {
         // zeros is a line of its own, as readers take it.
         let mut piece_at = at;
         for piece in line.split(|&b| b == 0) {
-            if let Some(id) = message_id_of(piece) {
-                entries.push((key(id), piece_at));
+            if let Some(k) = line_key(piece) {
+                entries.push((k, piece_at));
             }
             piece_at += piece.len() as u64 + 1;
         }
         at += n as u64;
     }
+    let count = entries.len() as u64;
+    write(segment, entries, len)?;
+    Ok(count)
+}
+
+/// A line longer than this is not indexed (a record is a few hundred bytes).
+const MAX_LINE: usize = 16 * 1024 * 1024;
+
+/// The key of a segment's first line (of its first 4 KiB if no line ends there).
+fn first_line_key(segment: &File) -> std::io::Result<u64> {
+    let mut head = vec![0u8; 4096];
+    let n = segment.read_at(&mut head, 0)?;
+    let head = &head[..n];
+    let end = memchr::memchr2(b'\n', 0, head).unwrap_or(head.len());
+    Ok(key(&head[..end]))
+}
+
+/// Writes the index of `segment` from its entries (key, offset of the line), the first
+/// `covered` bytes of the segment holding every line they stand for.
+pub fn write(segment: &Path, mut entries: Vec<(u64, u64)>, covered: u64) -> std::io::Result<()> {
     entries.sort_unstable();
+    let first = first_line_key(&File::open(segment)?)?;
     let path = index_path(segment);
     let tmp = {
         let mut name = path.as_os_str().to_owned();
@@ -96,8 +126,9 @@ pub fn build(segment: &Path) -> std::io::Result<u64> {
             .open(&tmp)?,
     );
     out.write_all(MAGIC)?;
-    out.write_all(&len.to_le_bytes())?;
+    out.write_all(&covered.to_le_bytes())?;
     out.write_all(&(entries.len() as u64).to_le_bytes())?;
+    out.write_all(&first.to_le_bytes())?;
     for (k, off) in &entries {
         out.write_all(&k.to_le_bytes())?;
         out.write_all(&off.to_le_bytes())?;
@@ -105,7 +136,20 @@ pub fn build(segment: &Path) -> std::io::Result<u64> {
     let file = out.into_inner().map_err(|e| e.into_error())?;
     file.sync_data()?;
     std::fs::rename(&tmp, &path)?;
-    Ok(entries.len() as u64)
+    // A segment retired meanwhile leaves no index behind.
+    if !segment.exists() {
+        let _ = std::fs::remove_file(&path);
+    }
+    Ok(())
+}
+
+/// The index file and its temporary file, deleted (with their segment).
+pub fn remove(segment: &Path) {
+    let index = index_path(segment);
+    let mut tmp = index.clone().into_os_string();
+    tmp.push(".tmp");
+    let _ = std::fs::remove_file(&index);
+    let _ = std::fs::remove_file(tmp);
 }
 
 /// What a segment's index says of a message id.
@@ -123,10 +167,16 @@ pub fn lookup(segment: &Path, message_id: &str) -> std::io::Result<Option<Hits>>
     let index = match File::open(index_path(segment)) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e),
+        Err(e) => {
+            tracing::warn!(error = %e, file = %index_path(segment).display(), "audit lookup index unreadable; the segment is read whole");
+            return Ok(None);
+        }
     };
-    let segment_len = std::fs::metadata(segment)?.len();
-    let index_len = index.metadata()?.len();
+    let seg = File::open(segment)?;
+    let segment_len = seg.metadata()?.len();
+    let Ok(index_len) = index.metadata().map(|m| m.len()) else {
+        return Ok(None);
+    };
     let mut header = [0u8; HEADER as usize];
     if index_len < HEADER || index.read_exact_at(&mut header, 0).is_err() {
         return Ok(None);
@@ -136,10 +186,15 @@ pub fn lookup(segment: &Path, message_id: &str) -> std::io::Result<Option<Hits>>
         w.copy_from_slice(b);
         u64::from_le_bytes(w)
     };
-    let (covered, count) = (word(&header[8..16]), word(&header[16..24]));
+    let (covered, count, first) = (
+        word(&header[8..16]),
+        word(&header[16..24]),
+        word(&header[24..32]),
+    );
     if &header[..8] != MAGIC
         || covered > segment_len
         || count.checked_mul(ENTRY).and_then(|b| b.checked_add(HEADER)) != Some(index_len)
+        || first_line_key(&seg)? != first
     {
         return Ok(None);
     }
@@ -149,29 +204,33 @@ pub fn lookup(segment: &Path, message_id: &str) -> std::io::Result<Option<Hits>>
         index.read_exact_at(&mut e, HEADER + i * ENTRY)?;
         Ok((word(&e[..8]), word(&e[8..])))
     };
-    // The first entry whose key is not below the wanted one.
-    let (mut lo, mut hi) = (0u64, count);
-    while lo < hi {
-        let mid = lo + (hi - lo) / 2;
-        if entry(mid)?.0 < wanted {
-            lo = mid + 1;
-        } else {
-            hi = mid;
+    // (A read that fails half-way through the search leaves the segment to be read whole.)
+    let search = || -> std::io::Result<Vec<u64>> {
+        // The first entry whose key is not below the wanted one.
+        let (mut lo, mut hi) = (0u64, count);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            if entry(mid)?.0 < wanted {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
         }
-    }
-    let mut offsets = Vec::new();
-    let mut i = lo;
-    while i < count {
-        let (k, off) = entry(i)?;
-        if k != wanted {
-            break;
+        let mut offsets = Vec::new();
+        let mut i = lo;
+        while i < count {
+            let (k, off) = entry(i)?;
+            if k != wanted {
+                break;
+            }
+            if off < covered {
+                offsets.push(off);
+            }
+            i += 1;
         }
-        if off < covered {
-            offsets.push(off);
-        }
-        i += 1;
-    }
-    Ok(Some(Hits { offsets, covered }))
+        Ok(offsets)
+    };
+    Ok(search().ok().map(|offsets| Hits { offsets, covered }))
 }
 
 /// The line that starts at `offset` (without its line break; cut at a zero byte), at
@@ -272,6 +331,9 @@ mod tests {
 
         // A segment shorter than its index covers (cut, replaced): the index is not used.
         std::fs::write(&seg, line("id-7", 0)).unwrap();
+        assert_eq!(lookup(&seg, "id-7").unwrap(), None);
+        // Nor is the index of an earlier file of the same name, however long the new one.
+        std::fs::write(&seg, text.replace("id-0\"", "id-x\"")).unwrap();
         assert_eq!(lookup(&seg, "id-7").unwrap(), None);
         // Nor is an index that is not one.
         std::fs::write(index_path(&seg), b"FSPIDX01 but not really").unwrap();

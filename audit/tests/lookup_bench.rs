@@ -5,12 +5,14 @@
 //! cargo test --release -p audit --test lookup_bench -- --ignored --nocapture
 //! ```
 //!
-//! Writes a trail of `FSP_BENCH_RECORDS` records (default 10 000 000, about 4 GB) over
+//! Writes a trail of `FSP_BENCH_RECORDS` records (default 10 000 000, about 7 GB) over
 //! `FSP_BENCH_DAYS` days (default 30; 1 puts them all in one day, as a busy platform
-//! would) into a temporary directory, indexes each file as the writer does when it
-//! closes a segment (`FSP_BENCH_INDEX=0`: not, to time the reads without an index),
-//! then times `file::find` for ids from the first, middle and last day, and one that is
-//! not there.
+//! would) into a temporary directory, in segments of the writer's size and names, makes
+//! each segment's lookup index (the one the writer makes when it closes a segment;
+//! `FSP_BENCH_INDEX=0`: none, to time the reads without), then times `file::find` for
+//! ids from the first, middle and last day (and, over one day, its first and last
+//! records), and one that is not there. The page cache is warm: the segments were just
+//! written.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -54,15 +56,21 @@ fn lookup_among_ten_million_records_bench() {
     let mut line = Vec::with_capacity(1024);
     for d in 0..days {
         let day = start_day + time::Duration::days(d as i64);
-        let path = dir.path().join(format!(
-            "audit-bench-{:04}-{:02}-{:02}.jsonl",
-            day.year(),
-            u8::from(day.month()),
-            day.day()
-        ));
-        files.push(path.clone());
-        let mut out =
-            std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(path).unwrap());
+        // Segments of the writer's size, named as it names them.
+        let segment = |seq: u32| {
+            dir.path().join(format!(
+                "audit-bench-{:04}-{:02}-{:02}-{seq:06}.jsonl",
+                day.year(),
+                u8::from(day.month()),
+                day.day()
+            ))
+        };
+        let (mut seq, mut size) = (1u32, 0u64);
+        files.push(segment(seq));
+        let mut out = std::io::BufWriter::with_capacity(
+            1 << 20,
+            std::fs::File::create(segment(seq)).unwrap(),
+        );
         for i in 0..per_day {
             let n = d * per_day + i;
             let ms = start_ms + d * 86_400_000 + i * 86_400_000 / per_day;
@@ -87,6 +95,17 @@ fn lookup_among_ten_million_records_bench() {
             line.clear();
             r.write_json(&mut line);
             line.push(b'\n');
+            if size + line.len() as u64 > audit::file::SEGMENT_BYTES {
+                out.flush().unwrap();
+                seq += 1;
+                size = 0;
+                files.push(segment(seq));
+                out = std::io::BufWriter::with_capacity(
+                    1 << 20,
+                    std::fs::File::create(segment(seq)).unwrap(),
+                );
+            }
+            size += line.len() as u64;
             out.write_all(&line).unwrap();
             if (i == per_day / 2 && (d == 0 || d == days / 2 || d == days - 1))
                 || (days == 1 && (i == 0 || i == per_day - 1))
@@ -101,9 +120,11 @@ fn lookup_among_ten_million_records_bench() {
         .map(|e| e.unwrap().metadata().unwrap().len())
         .sum();
     println!(
-        "wrote {} records ({:.1} GB) over {days} days in {:.1?}",
+        "wrote {} records ({:.1} GB) over {days} days, {} segments of at most {} MiB, in {:.1?}",
         per_day * days,
         bytes as f64 / 1e9,
+        files.len(),
+        audit::file::SEGMENT_BYTES >> 20,
         begun.elapsed()
     );
     if index {

@@ -482,22 +482,22 @@ fn oha_command(
     c
 }
 
-/// Runs oha to completion within `limit`, killing it after.
-fn run_oha(mut c: Command, limit: Duration) -> Result<()> {
+/// Runs oha to completion within `limit`, killing it after; its error output goes to
+/// `stderr` (a file: a pipe nobody reads while it runs could fill and stall it).
+fn run_oha(mut c: Command, limit: Duration, stderr: &Path) -> Result<()> {
+    let err =
+        fs::File::create(stderr).with_context(|| format!("cannot create {}", stderr.display()))?;
     let mut child = c
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
+        .stderr(err)
         .spawn()
         .context("cannot start oha")?;
     let start = Instant::now();
     loop {
         if let Some(status) = child.try_wait()? {
             if !status.success() {
-                let mut err = String::new();
-                if let Some(mut e) = child.stderr.take() {
-                    let _ = std::io::Read::read_to_string(&mut e, &mut err);
-                }
+                let err = fs::read_to_string(stderr).unwrap_or_default();
                 bail!("oha failed ({status}): {}", err.trim());
             }
             return Ok(());
@@ -567,8 +567,22 @@ fn run(args: &Args) -> Result<bool> {
     fs::write(&bodies.json, setup::json_body())?;
     fs::write(&bodies.soap, setup::soap_request())?;
 
+    // Every port of the run, chosen at once: upstream (2), nginx (1), each fsp (2).
+    let fsp_count = {
+        let mut seen: Vec<Fsp> = Vec::new();
+        for t in &targets {
+            if let Server::Fsp(v) = t.server
+                && !seen.contains(&v)
+            {
+                seen.push(v);
+            }
+        }
+        seen.len()
+    };
+    let mut ports = procs::free_ports(3 + 2 * fsp_count)?.into_iter();
+    let mut port = move || ports.next().context("no port left");
     let up_dir = tmp.path.join("upstream");
-    let (up_http, up_tls) = (procs::free_port()?, procs::free_port()?);
+    let (up_http, up_tls) = (port()?, port()?);
     let conf = setup::nginx_upstream(&up_dir, &pki, up_http, up_tls)?;
     let startup = if args.instructions {
         Duration::from_secs(120)
@@ -584,7 +598,7 @@ fn run(args: &Args) -> Result<bool> {
 
     let nginx = if targets.iter().any(|t| t.server == Server::Nginx) {
         let dir = tmp.path.join("nginx-proxy");
-        let port = procs::free_port()?;
+        let port = port()?;
         let conf = setup::nginx_proxy(&dir, &pki, port, up_http)?;
         log(format!("starting nginx as an mTLS proxy (:{port})"));
         let mut p = start_nginx("nginx", &dir, &conf)?;
@@ -610,7 +624,7 @@ fn run(args: &Args) -> Result<bool> {
             continue;
         }
         let dir = tmp.path.join(v.name);
-        let (port, admin_port) = (procs::free_port()?, procs::free_port()?);
+        let (port, admin_port) = (port()?, port()?);
         let place = setup::FspPlace {
             dir: &dir,
             port,
@@ -706,8 +720,12 @@ fn run(args: &Args) -> Result<bool> {
                     "--output-format",
                     "quiet",
                 ]);
-                run_oha(c, Duration::from_secs(u64::from(args.warmup) + 30))
-                    .with_context(|| format!("{}: warm-up", t.name))?;
+                run_oha(
+                    c,
+                    Duration::from_secs(u64::from(args.warmup) + 30),
+                    &tmp.path.join("oha.err"),
+                )
+                .with_context(|| format!("{}: warm-up", t.name))?;
             }
             log(format!(
                 "round {round}/{} {}: measuring {} s",
@@ -718,7 +736,7 @@ fn run(args: &Args) -> Result<bool> {
                 (
                     s.front(t.server).cpu_ticks(),
                     s.upstream.cpu_ticks(),
-                    s.all().map(Proc::cpu_ticks).sum::<u64>(),
+                    s.all().map(Proc::cpu_ticks).sum::<u64>() + procs::self_ticks(),
                     procs::children_ticks(),
                     procs::host_busy_ticks(),
                 )
@@ -728,8 +746,12 @@ fn run(args: &Args) -> Result<bool> {
             c.args(["-z", &format!("{}s", args.duration)])
                 .args(["--output-format", "json", "-o"])
                 .arg(&raw);
-            run_oha(c, Duration::from_secs(u64::from(args.duration) + 60))
-                .with_context(|| format!("{}: measured run", t.name))?;
+            run_oha(
+                c,
+                Duration::from_secs(u64::from(args.duration) + 60),
+                &tmp.path.join("oha.err"),
+            )
+            .with_context(|| format!("{}: measured run", t.name))?;
             let after = snapshot(&servers);
             for p in servers.all_mut() {
                 p.check_alive(&format!("during the {} run", t.name))?;
@@ -795,10 +817,26 @@ fn instructions(
 ) -> Result<bool> {
     let url = servers.url(t);
     let fsp = servers.front(t.server);
+    let dir = fsp.log.parent().context("fsp's directory")?.to_path_buf();
+    // Every counted call must be a 200: instructions of an error path are not the figure.
     let count = |n: u64| -> Result<()> {
+        let raw = dir.join("oha-count.json");
         let mut c = oha_command(8, t, &url, pki, bodies);
-        c.args(["-n", &n.to_string(), "--output-format", "quiet"]);
-        run_oha(c, Duration::from_secs(1800))
+        c.args(["-n", &n.to_string(), "--output-format", "json", "-o"])
+            .arg(&raw);
+        run_oha(c, Duration::from_secs(1800), &dir.join("oha.err"))?;
+        let oha: serde_json::Value = serde_json::from_str(&fs::read_to_string(&raw)?)
+            .context("oha's results are not JSON")?;
+        let ok = oha["statusCodeDistribution"]["200"].as_u64().unwrap_or(0);
+        if ok != n {
+            bail!(
+                "{}: {ok} of {n} calls answered 200 (status codes {}, errors {})",
+                t.name,
+                oha["statusCodeDistribution"],
+                oha["errorDistribution"]
+            );
+        }
+        Ok(())
     };
     log(format!(
         "instructions of {}: {} warm-up calls, then {} counted calls (callgrind)",
@@ -810,8 +848,7 @@ fn instructions(
     count(args.calls)?;
     run_tool("callgrind_control", &["-d", &pid])?;
     std::thread::sleep(Duration::from_secs(1));
-    let dir = fsp.log.parent().context("fsp's directory")?;
-    let dump = fs::read_dir(dir)?
+    let dump = fs::read_dir(&dir)?
         .flatten()
         .filter(|e| {
             e.file_name()

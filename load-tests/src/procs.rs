@@ -156,6 +156,11 @@ pub fn children_ticks() -> u64 {
     f.get(13).copied().unwrap_or(0) + f.get(14).copied().unwrap_or(0)
 }
 
+/// CPU of this program itself (its telemetry sink), in clock ticks.
+pub fn self_ticks() -> u64 {
+    own_ticks(std::process::id()).unwrap_or(0)
+}
+
 /// Busy time of the whole machine (all cores), in clock ticks.
 pub fn host_busy_ticks() -> u64 {
     let s = fs::read_to_string("/proc/stat").unwrap_or_default();
@@ -167,18 +172,22 @@ pub fn host_busy_ticks() -> u64 {
         .skip(1)
         .map(|x| x.parse().unwrap_or(0))
         .collect();
-    // user nice system idle iowait irq softirq steal
-    [0, 1, 2, 5, 6, 7].iter().filter_map(|i| f.get(*i)).sum()
+    // user nice system idle iowait irq softirq steal: steal is time the hypervisor gave
+    // to other machines, not work done here.
+    [0, 1, 2, 5, 6].iter().filter_map(|i| f.get(*i)).sum()
 }
 
 pub fn clock_ticks() -> u64 {
     rustix::param::clock_ticks_per_second()
 }
 
-/// A port on loopback that nothing listens on now (the OS's choice).
-pub fn free_port() -> Result<u16> {
-    let l = TcpListener::bind("127.0.0.1:0").context("cannot bind a port on 127.0.0.1")?;
-    Ok(l.local_addr()?.port())
+/// `n` different ports on loopback that nothing listens on now (the system's choice: all
+/// held until all are chosen, so that none is given twice).
+pub fn free_ports(n: usize) -> Result<Vec<u16>> {
+    let held = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0").context("cannot bind a port on 127.0.0.1"))
+        .collect::<Result<Vec<_>>>()?;
+    held.iter().map(|l| Ok(l.local_addr()?.port())).collect()
 }
 
 /// Whether compilers or linkers run now (figures on a 2-core machine would be noisy).

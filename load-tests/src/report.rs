@@ -127,9 +127,9 @@ fn summarise(runs: Vec<Run>) -> Summary {
             .filter_map(|r| r.other_cores)
             .max_by(f64::total_cmp),
         requests: runs.iter().map(|r| r.requests).sum(),
-        all_200: runs
-            .iter()
-            .all(|r| r.requests == r.status_codes.get("200").copied().unwrap_or(0)),
+        all_200: runs.iter().all(|r| {
+            r.requests > 0 && r.requests == r.status_codes.get("200").copied().unwrap_or(0)
+        }),
         runs,
     }
 }
@@ -166,7 +166,12 @@ pub fn report(
             .collect();
         for r in &runs {
             let ok = r.status_codes.get("200").copied().unwrap_or(0);
-            if ok != r.requests {
+            if r.requests == 0 {
+                problems.push(format!(
+                    "{} round {}: no call counted (did oha's JSON change? see {})",
+                    t.name, r.round, r.raw
+                ));
+            } else if ok != r.requests {
                 problems.push(format!(
                     "{} round {}: {} of {} responses were not 200 (status codes {:?}, errors {:?})",
                     t.name,
@@ -288,9 +293,19 @@ pub fn report(
             f(p99, 8, 3),
             f(cpu, 9, 3)
         );
+        // The same ratio round by round (the two runs of a round are minutes apart at
+        // most): its spread says how far the medians' ratio can be trusted.
+        let per_round: Vec<f64> = n
+            .runs
+            .iter()
+            .zip(&d.runs)
+            .filter(|(a, b)| a.round == b.round && b.rps > 0.0)
+            .map(|(a, b)| a.rps / b.rps)
+            .collect();
         checks.push(json!({
             "label": c.label, "numerator": c.num, "denominator": c.den,
             "rps": rps, "p99": p99, "cpu_per_req": cpu,
+            "rps_by_round": per_round, "rps_median_of_rounds": median(per_round.clone()),
             "min_rps": c.min_rps, "max_p99": c.max_p99,
             "pass": if verdicts.is_empty() || !comparable { Value::Null } else { Value::Bool(pass) },
         }));

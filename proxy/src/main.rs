@@ -359,19 +359,22 @@ fn export_audit(
     let stdout = std::io::BufWriter::new(std::io::stdout().lock());
     let mut out = audit::export::Writer::new(stdout, format);
     let mut broken = 0u64;
-    let (read, place) = match &c.audit.backend {
-        // One call by its message id: through the segments' lookup indexes, not a read
-        // of the whole trail.
-        proxy::config::AuditBackend::File { dir } if filter.message_id.is_some() => (
-            audit::file::find(dir, filter.message_id.as_deref().unwrap_or_default())
-                .map_err(|e| e.to_string())
-                .and_then(|found| match found {
-                    Some(r) if filter.matches(&r) => out.write(&r).map_err(|e| e.to_string()),
-                    _ => Ok(()),
-                }),
+    // One call by its message id, from the file trail: through the segments' lookup
+    // indexes, not a read of the whole trail. When it is not found that way, the trail is
+    // read whole, so that a damaged line that could be it is named.
+    let indexed = match (&c.audit.backend, filter.message_id.as_deref()) {
+        (proxy::config::AuditBackend::File { dir }, Some(id)) => audit::file::find(dir, id)
+            .ok()
+            .flatten()
+            .filter(|r| filter.matches(r)),
+        _ => None,
+    };
+    let (read, place) = match (&c.audit.backend, indexed) {
+        (proxy::config::AuditBackend::File { dir }, Some(r)) => (
+            out.write(&r).map_err(|e| e.to_string()),
             dir.display().to_string(),
         ),
-        proxy::config::AuditBackend::File { dir } => (
+        (proxy::config::AuditBackend::File { dir }, None) => (
             audit::file::for_each_call(
                 dir,
                 |r| filter.matches(r),
@@ -385,14 +388,14 @@ fn export_audit(
             .map_err(|e| e.to_string()),
             dir.display().to_string(),
         ),
-        proxy::config::AuditBackend::Postgres { url, .. } => (
+        (proxy::config::AuditBackend::Postgres { url, .. }, _) => (
             audit::postgres::PostgresTrail::connect(url, None)
                 .and_then(|mut trail| trail.export(filter, &mut out))
                 .map(drop)
                 .map_err(|e| e.to_string()),
             audit::postgres::display_url(url),
         ),
-        proxy::config::AuditBackend::None { .. } => (
+        (proxy::config::AuditBackend::None { .. }, _) => (
             Err("this configuration keeps no audit trail ([audit] backend = \"none\")".into()),
             "nothing".into(),
         ),
