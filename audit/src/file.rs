@@ -277,6 +277,7 @@ impl FileSink {
             shared: shared.clone(),
             chain,
             sealed: (String::new(), Vec::new()),
+            sealed_keys: Vec::new(),
             retention_days,
             retired_on: None,
             rollups,
@@ -615,6 +616,9 @@ struct Writer {
     /// The day of the file the batch goes to, and its lines, sealed into the chain once
     /// and kept until written (a failed write is retried with the same lines).
     sealed: (String, Vec<u8>),
+    /// The lookup index entries of the sealed lines: message id key, and where the line
+    /// starts in them.
+    sealed_keys: Vec<(u64, u64)>,
     /// Files older than this many days are deleted (`None`: kept forever).
     retention_days: Option<u32>,
     /// The day retention last ran.
@@ -766,10 +770,15 @@ impl Writer {
         let (day, out) = &mut self.sealed;
         *day = today();
         out.clear();
+        self.sealed_keys.clear();
         for p in batch {
             let mut start = 0;
             for end in memchr::memchr_iter(b'\n', &p.lines) {
-                self.chain.seal_line(&p.lines[start..=end], out);
+                let line = &p.lines[start..=end];
+                if let Some(k) = crate::file_index::line_key(line) {
+                    self.sealed_keys.push((k, out.len() as u64));
+                }
+                self.chain.seal_line(line, out);
                 start = end + 1;
             }
         }
@@ -777,8 +786,10 @@ impl Writer {
 
     fn write_sealed(&mut self) -> std::io::Result<()> {
         let (day, lines) = std::mem::take(&mut self.sealed);
-        let written = self.write_lines(&day, &lines);
+        let keys = std::mem::take(&mut self.sealed_keys);
+        let written = self.write_lines(&day, &lines, &keys);
         self.sealed = (day, lines);
+        self.sealed_keys = keys;
         written
     }
 
@@ -786,7 +797,7 @@ impl Writer {
     /// leaves `written` where it was: the retried batch (the same sealed lines) goes to
     /// the same place, over whatever part of it reached the file, so no line is written
     /// twice or half.
-    fn write_lines(&mut self, day: &str, lines: &[u8]) -> std::io::Result<()> {
+    fn write_lines(&mut self, day: &str, lines: &[u8], keys: &[(u64, u64)]) -> std::io::Result<()> {
         let seg = self.segment_for(day, lines.len() as u64)?;
         let end = seg.written + lines.len() as u64;
         seg.zero_to(end)?;
@@ -796,13 +807,7 @@ impl Writer {
             seg.file.sync_data()?;
         }
         if let Some(entries) = &mut seg.index {
-            let mut at = seg.written;
-            for line in lines.split_inclusive(|&b| b == b'\n') {
-                if let Some(k) = crate::file_index::line_key(line) {
-                    entries.push((k, at));
-                }
-                at += line.len() as u64;
-            }
+            entries.extend(keys.iter().map(|(k, at)| (*k, seg.written + at)));
         }
         seg.written = end;
         if direct {

@@ -54,7 +54,12 @@ pub fn line_key(line: &[u8]) -> Option<u64> {
 /// The message id of a record line, without parsing it (the member's text between its
 /// quotes; message ids hold no escapes).
 fn message_id_of(line: &[u8]) -> Option<&[u8]> {
-    let at = memchr::memmem::find(line, MESSAGE_ID_MEMBER)? + MESSAGE_ID_MEMBER.len();
+    // The gateway writes it first; a line written otherwise is searched.
+    let at = if line.get(1..1 + MESSAGE_ID_MEMBER.len()) == Some(MESSAGE_ID_MEMBER) {
+        1
+    } else {
+        memchr::memmem::find(line, MESSAGE_ID_MEMBER)?
+    } + MESSAGE_ID_MEMBER.len();
     let rest = &line[at..];
     let end = memchr::memchr(b'"', rest)?;
     Some(&rest[..end])
