@@ -10,7 +10,8 @@
 //!
 //! Exit status: 0 when every target ran and every response was 200 (a MISS against a
 //! target does not change it); 1 when something failed to start or run; 3 when a run saw
-//! errors or responses other than 200.
+//! errors or responses other than 200; 128 + the signal when stopped by SIGINT, SIGTERM
+//! or SIGHUP (what the run started is stopped and removed first).
 
 mod report;
 mod scenario;
@@ -106,6 +107,13 @@ fn main() -> ExitCode {
     match run(&args) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(3),
+        // Stopped by a signal: what the run started is stopped and removed (here, or by
+        // the signal's own clean-up, whichever comes first).
+        Err(_) if procs::signalled().is_some() => {
+            let signal = procs::signalled().unwrap_or(0);
+            log(format!("interrupted by signal {signal}"));
+            ExitCode::from(u8::try_from(128 + signal).unwrap_or(1))
+        }
         Err(e) => {
             log(format!("ERROR: {e:#}"));
             ExitCode::from(1)
@@ -223,12 +231,14 @@ impl TempDir {
         fs::create_dir(&path).with_context(|| format!("cannot create {}", path.display()))?;
         // nginx's workers may run as an unprivileged user: let them traverse it.
         fs::set_permissions(&path, fs::Permissions::from_mode(0o711))?;
+        procs::register_dir((!keep).then(|| path.clone()));
         Ok(Self { path, keep })
     }
 }
 
 impl Drop for TempDir {
     fn drop(&mut self) {
+        procs::register_dir(None);
         if self.keep {
             log(format!("kept {}", self.path.display()));
         } else {
@@ -251,6 +261,7 @@ impl Schema {
             .with_context(|| format!("cannot connect to PostgreSQL at {url}"))?;
         c.batch_execute(&format!("CREATE SCHEMA {name}"))
             .with_context(|| format!("cannot create schema {name}"))?;
+        procs::register_schema((!keep).then(|| (url.to_string(), name.clone())));
         Ok(Self {
             url: url.into(),
             name,
@@ -267,6 +278,7 @@ impl Schema {
 
 impl Drop for Schema {
     fn drop(&mut self) {
+        procs::register_schema(None);
         if self.keep {
             log(format!("kept PostgreSQL schema {}", self.name));
             return;
@@ -482,6 +494,15 @@ fn oha_command(
     c
 }
 
+/// Forgets a process for the signal clean-up when dropped.
+struct Forget(u32);
+
+impl Drop for Forget {
+    fn drop(&mut self) {
+        procs::forget_pid(self.0);
+    }
+}
+
 /// Runs oha to completion within `limit`, killing it after; its error output goes to
 /// `stderr` (a file: a pipe nobody reads while it runs could fill and stall it).
 fn run_oha(mut c: Command, limit: Duration, stderr: &Path) -> Result<()> {
@@ -493,6 +514,9 @@ fn run_oha(mut c: Command, limit: Duration, stderr: &Path) -> Result<()> {
         .stderr(err)
         .spawn()
         .context("cannot start oha")?;
+    procs::register_pid(child.id());
+    let pid = child.id();
+    let _forget = Forget(pid);
     let start = Instant::now();
     loop {
         if let Some(status) = child.try_wait()? {
@@ -517,6 +541,7 @@ fn run(args: &Args) -> Result<bool> {
     }
     let (targets, comparisons) = scenario::plan_all(&args.scenario);
     let _lock = lock()?;
+    procs::clean_up_on_signals()?;
     tools(args)?;
     let fsp_bin = fsp_binary(args)?;
     if !fsp_bin.is_file() {

@@ -5,10 +5,109 @@ use std::fs;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use rustix::process::{Pid, Signal, kill_process};
+
+/// What a signal to the program must stop or remove before it exits: the processes it
+/// started, and what it made (a PostgreSQL schema, a temporary directory). Each is
+/// registered when made and forgotten when cleaned up the ordinary way.
+#[derive(Debug, Default)]
+struct Leftovers {
+    pids: Vec<u32>,
+    schema: Option<(String, String)>,
+    dir: Option<PathBuf>,
+}
+
+/// The signal that stopped the run (0: none).
+static SIGNALLED: AtomicI32 = AtomicI32::new(0);
+
+/// The signal that stopped the run, if one did.
+pub fn signalled() -> Option<i32> {
+    Some(SIGNALLED.load(Ordering::SeqCst)).filter(|s| *s != 0)
+}
+
+static LEFTOVERS: Mutex<Leftovers> = Mutex::new(Leftovers {
+    pids: Vec::new(),
+    schema: None,
+    dir: None,
+});
+
+fn leftovers(f: impl FnOnce(&mut Leftovers)) {
+    if let Ok(mut l) = LEFTOVERS.lock() {
+        f(&mut l);
+    }
+}
+
+pub fn register_pid(pid: u32) {
+    leftovers(|l| l.pids.push(pid));
+}
+
+pub fn forget_pid(pid: u32) {
+    leftovers(|l| l.pids.retain(|p| *p != pid));
+}
+
+/// A schema (URL, name) to drop, or `None` once dropped or kept.
+pub fn register_schema(schema: Option<(String, String)>) {
+    leftovers(|l| l.schema = schema);
+}
+
+/// A directory to remove, or `None` once removed or kept.
+pub fn register_dir(dir: Option<PathBuf>) {
+    leftovers(|l| l.dir = dir);
+}
+
+/// On SIGINT, SIGTERM or SIGHUP: stops the processes the program started (TERM, KILL
+/// after 5 s), drops the schema, removes the directory, and exits 128 + the signal.
+pub fn clean_up_on_signals() -> Result<()> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])
+        .context("cannot watch for signals")?;
+    std::thread::spawn(move || {
+        if let Some(signal) = signals.forever().next() {
+            SIGNALLED.store(signal, Ordering::SeqCst);
+            eprintln!("signal {signal}: stopping what the run started");
+            let left = LEFTOVERS
+                .lock()
+                .map(|mut l| std::mem::take(&mut *l))
+                .unwrap_or_default();
+            let alive = |pid: u32| stat_state(pid).is_some_and(|s| s != 'Z' && s != 'X');
+            for pid in &left.pids {
+                if let Some(p) = Pid::from_raw(*pid as i32) {
+                    let _ = kill_process(p, Signal::TERM);
+                }
+            }
+            let start = Instant::now();
+            while left.pids.iter().any(|p| alive(*p)) && start.elapsed() < Duration::from_secs(5) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            for pid in left.pids.iter().filter(|p| alive(**p)) {
+                if let Some(p) = Pid::from_raw(*pid as i32) {
+                    let _ = kill_process(p, Signal::KILL);
+                }
+            }
+            if let Some((url, name)) = left.schema
+                && let Ok(mut c) = postgres::Client::connect(&url, postgres::NoTls)
+            {
+                let _ = c.batch_execute(&format!("DROP SCHEMA {name} CASCADE"));
+            }
+            if let Some(dir) = left.dir {
+                let _ = fs::remove_dir_all(dir);
+            }
+            std::process::exit(128 + signal);
+        }
+    });
+    Ok(())
+}
+
+/// The state letter of a process (`Z` for a zombie), if it exists.
+fn stat_state(pid: u32) -> Option<char> {
+    let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    s[s.rfind(") ")? + 2..].chars().next()
+}
 
 /// A server the run started.
 #[derive(Debug)]
@@ -29,6 +128,7 @@ impl Proc {
             .stderr(out)
             .spawn()
             .with_context(|| format!("cannot start {name} ({:?})", cmd.get_program()))?;
+        register_pid(child.id());
         Ok(Self {
             name: name.into(),
             child,
@@ -126,6 +226,7 @@ impl Proc {
 impl Drop for Proc {
     fn drop(&mut self) {
         self.stop();
+        forget_pid(self.pid());
     }
 }
 
