@@ -219,6 +219,24 @@ const fn compare(
     }
 }
 
+/// fsp with a feature on against fsp with it off (REST GETs); the target is named after
+/// its fsp, and the throughput ratio must be at least `min`.
+fn on_off(label: &'static str, on: Fsp, off: Fsp, min: f64) -> (Vec<Target>, Vec<Comparison>) {
+    (
+        vec![
+            target(off.name, Server::Fsp(off), REST),
+            target(on.name, Server::Fsp(on), REST),
+        ],
+        vec![compare(label, on.name, off.name, Some(min), None)],
+    )
+}
+
+/// nginx and fsp driven the same way, the ratio reported without a target.
+fn versus_nginx(label: &'static str, nginx: Target, fsp: Target) -> (Vec<Target>, Vec<Comparison>) {
+    let c = compare(label, fsp.name, nginx.name, None, None);
+    (vec![nginx, fsp], vec![c])
+}
+
 /// The targets and comparisons of one scenario.
 pub fn plan(name: ScenarioName) -> (Vec<Target>, Vec<Comparison>) {
     use ScenarioName::*;
@@ -242,57 +260,24 @@ pub fn plan(name: ScenarioName) -> (Vec<Target>, Vec<Comparison>) {
                 compare("nginx / direct", "nginx", "direct", None, None),
             ],
         ),
-        AuditFile => (
-            vec![
-                target("fsp-no-audit", Server::Fsp(FSP_NO_AUDIT), REST),
-                target("fsp-audit-file", Server::Fsp(FSP_AUDIT_FILE), REST),
-            ],
-            vec![compare(
-                "audit file (written ahead) on / off",
-                "fsp-audit-file",
-                "fsp-no-audit",
-                Some(0.85),
-                None,
-            )],
+        AuditFile => on_off(
+            "audit file (written ahead) on / off",
+            FSP_AUDIT_FILE,
+            FSP_NO_AUDIT,
+            0.85,
         ),
-        AuditPostgres => (
-            vec![
-                target("fsp-no-audit", Server::Fsp(FSP_NO_AUDIT), REST),
-                target("fsp-audit-pg", Server::Fsp(FSP_AUDIT_POSTGRES), REST),
-            ],
-            vec![compare(
-                "audit PostgreSQL (written ahead) on / off",
-                "fsp-audit-pg",
-                "fsp-no-audit",
-                Some(0.8),
-                None,
-            )],
+        AuditPostgres => on_off(
+            "audit PostgreSQL (written ahead) on / off",
+            FSP_AUDIT_POSTGRES,
+            FSP_NO_AUDIT,
+            0.8,
         ),
-        ThrottleRedis => (
-            vec![
-                target("fsp-no-throttle", Server::Fsp(FSP_NO_THROTTLE), REST),
-                target("fsp-redis", Server::Fsp(FSP_REDIS), REST),
-            ],
-            vec![compare(
-                "throttling Redis on / off",
-                "fsp-redis",
-                "fsp-no-throttle",
-                Some(0.9),
-                None,
-            )],
-        ),
-        Telemetry => (
-            vec![
-                target("fsp-no-audit", Server::Fsp(FSP_NO_AUDIT), REST),
-                target("fsp-telemetry", Server::Fsp(FSP_TELEMETRY), REST),
-            ],
-            vec![compare(
-                "telemetry (1 %) on / off",
-                "fsp-telemetry",
-                "fsp-no-audit",
-                Some(0.95),
-                None,
-            )],
+        ThrottleRedis => on_off("throttling Redis on / off", FSP_REDIS, FSP_NO_THROTTLE, 0.9),
+        Telemetry => on_off(
+            "telemetry (1 %) on / off",
+            FSP_TELEMETRY,
+            FSP_NO_AUDIT,
+            0.95,
         ),
         Soap => {
             let on = Server::Fsp(FSP_NO_AUDIT);
@@ -318,62 +303,38 @@ pub fn plan(name: ScenarioName) -> (Vec<Target>, Vec<Comparison>) {
                 ],
             )
         }
-        Http2 => (
-            vec![
-                Target {
-                    http2: true,
-                    ..target("nginx-h2", Server::Nginx, "/data")
-                },
-                Target {
-                    http2: true,
-                    ..target("fsp-h2", fsp, REST)
-                },
-            ],
-            vec![compare(
-                "fsp / nginx over HTTP/2",
-                "fsp-h2",
-                "nginx-h2",
-                None,
-                None,
-            )],
+        Http2 => versus_nginx(
+            "fsp / nginx over HTTP/2",
+            Target {
+                http2: true,
+                ..target("nginx-h2", Server::Nginx, "/data")
+            },
+            Target {
+                http2: true,
+                ..target("fsp-h2", fsp, REST)
+            },
         ),
-        Body1Mib => (
-            vec![
-                Target {
-                    request: Request::Get1MiB,
-                    ..target("nginx-1mib", Server::Nginx, "/big")
-                },
-                Target {
-                    request: Request::Get1MiB,
-                    ..target("fsp-1mib", fsp, "/bench/echo/v1/big")
-                },
-            ],
-            vec![compare(
-                "fsp / nginx answering 1 MiB",
-                "fsp-1mib",
-                "nginx-1mib",
-                None,
-                None,
-            )],
+        Body1Mib => versus_nginx(
+            "fsp / nginx answering 1 MiB",
+            Target {
+                request: Request::Get1MiB,
+                ..target("nginx-1mib", Server::Nginx, "/big")
+            },
+            Target {
+                request: Request::Get1MiB,
+                ..target("fsp-1mib", fsp, "/bench/echo/v1/big")
+            },
         ),
-        Churn => (
-            vec![
-                Target {
-                    churn: true,
-                    ..target("nginx-churn", Server::Nginx, "/data")
-                },
-                Target {
-                    churn: true,
-                    ..target("fsp-churn", fsp, REST)
-                },
-            ],
-            vec![compare(
-                "fsp / nginx, a handshake per call",
-                "fsp-churn",
-                "nginx-churn",
-                None,
-                None,
-            )],
+        Churn => versus_nginx(
+            "fsp / nginx, a handshake per call",
+            Target {
+                churn: true,
+                ..target("nginx-churn", Server::Nginx, "/data")
+            },
+            Target {
+                churn: true,
+                ..target("fsp-churn", fsp, REST)
+            },
         ),
         All => {
             let (mut targets, mut comparisons) = (Vec::new(), Vec::new());
