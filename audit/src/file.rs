@@ -1305,10 +1305,23 @@ pub(crate) fn for_each_line<E: From<std::io::Error>>(
     path: &Path,
     mut f: impl FnMut(usize, &[u8]) -> Result<(), E>,
 ) -> Result<(), E> {
-    use std::io::{BufRead, Read};
-    let mut reader = std::io::BufReader::with_capacity(256 * 1024, File::open(path)?);
+    for_each_line_at(path, 0, |n, _, text| f(n, text))
+}
+
+/// As [`for_each_line`], from byte `from` on (the start of a line), handing `f` where
+/// each line starts too (lines are numbered from 1 at `from`).
+pub(crate) fn for_each_line_at<E: From<std::io::Error>>(
+    path: &Path,
+    from: u64,
+    mut f: impl FnMut(usize, u64, &[u8]) -> Result<(), E>,
+) -> Result<(), E> {
+    use std::io::{BufRead, Read, Seek, SeekFrom};
+    let mut file = File::open(path)?;
+    file.seek(SeekFrom::Start(from))?;
+    let mut reader = std::io::BufReader::with_capacity(256 * 1024, file);
     let mut line = Vec::new();
     let mut n = 0;
+    let mut at = from;
     loop {
         line.clear();
         let read = Read::by_ref(&mut reader)
@@ -1317,30 +1330,36 @@ pub(crate) fn for_each_line<E: From<std::io::Error>>(
         if read == 0 {
             return Ok(());
         }
+        let start = at;
+        at += read as u64;
         let whole = line.ends_with(b"\n");
         if !whole && line.len() > MAX_LINE {
             // Skip the rest of the overlong line.
             let mut rest = Vec::new();
             while !rest.ends_with(b"\n") {
                 rest.clear();
-                if Read::by_ref(&mut reader)
+                let skipped = Read::by_ref(&mut reader)
                     .take(1 << 20)
-                    .read_until(b'\n', &mut rest)?
-                    == 0
-                {
+                    .read_until(b'\n', &mut rest)?;
+                if skipped == 0 {
                     break;
                 }
+                at += skipped as u64;
             }
         }
         n += 1;
         let text = line.strip_suffix(b"\n").unwrap_or(&line);
         if memchr::memchr(0, text).is_none() {
             if !text.is_empty() {
-                f(n, text)?;
+                f(n, start, text)?;
             }
         } else {
-            for piece in text.split(|&b| b == 0).filter(|p| !p.is_empty()) {
-                f(n, piece)?;
+            let mut piece_at = start;
+            for piece in text.split(|&b| b == 0) {
+                if !piece.is_empty() {
+                    f(n, piece_at, piece)?;
+                }
+                piece_at += piece.len() as u64 + 1;
             }
         }
     }
@@ -1451,7 +1470,10 @@ pub fn find(dir: &Path, message_id: &str) -> std::io::Result<Option<Record>> {
                     consider(&crate::file_index::line_at(&f, *at, MAX_LINE)?);
                 }
                 if f.metadata()?.len() > hits.covered {
-                    crate::file_index::for_each_line_from(file, hits.covered, &mut consider)?;
+                    for_each_line_at(file, hits.covered, |_, _, line| {
+                        consider(line);
+                        Ok::<(), std::io::Error>(())
+                    })?;
                 }
             }
             None => for_each_line(file, |_, line| {

@@ -23,7 +23,7 @@
 //! two sharing a key only cost a line read).
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::io::Write;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
@@ -68,38 +68,20 @@ fn message_id_of(line: &[u8]) -> Option<&[u8]> {
 /// Writes the index of a closed segment (replacing any older one) from its lines, read
 /// again. Returns how many lines it indexed.
 pub fn build(segment: &Path) -> std::io::Result<u64> {
-    let file = File::open(segment)?;
-    let len = file.metadata()?.len();
-    let mut reader = BufReader::with_capacity(1 << 20, file.take(len));
+    let len = std::fs::metadata(segment)?.len();
     let mut entries: Vec<(u64, u64)> = Vec::new();
-    let mut line = Vec::new();
-    let mut at = 0u64;
-    loop {
-        line.clear();
-        let n = Read::by_ref(&mut reader)
-            .take(MAX_LINE as u64)
-            .read_until(b'\n', &mut line)?;
-        if n == 0 {
-            break;
+    crate::file::for_each_line_at(segment, 0, |_, at, line| {
+        if at < len
+            && let Some(k) = line_key(line)
+        {
+            entries.push((k, at));
         }
-        // A zero byte ends a line (the unwritten end of a segment); each piece between
-        // zeros is a line of its own, as readers take it.
-        let mut piece_at = at;
-        for piece in line.split(|&b| b == 0) {
-            if let Some(k) = line_key(piece) {
-                entries.push((k, piece_at));
-            }
-            piece_at += piece.len() as u64 + 1;
-        }
-        at += n as u64;
-    }
+        Ok::<(), std::io::Error>(())
+    })?;
     let count = entries.len() as u64;
     write(segment, entries, len)?;
     Ok(count)
 }
-
-/// A line longer than this is not indexed (a record is a few hundred bytes).
-const MAX_LINE: usize = 16 * 1024 * 1024;
 
 /// The key of a segment's first line (of its first 4 KiB if no line ends there).
 fn first_line_key(segment: &File) -> std::io::Result<u64> {
@@ -264,29 +246,6 @@ pub fn line_at(file: &File, offset: u64, max: usize) -> std::io::Result<Vec<u8>>
     }
 }
 
-/// Hands each line of `segment` from byte `from` on to `f` (as `file::for_each_line`
-/// does from the start).
-pub(crate) fn for_each_line_from(
-    segment: &Path,
-    from: u64,
-    mut f: impl FnMut(&[u8]),
-) -> std::io::Result<()> {
-    let mut file = File::open(segment)?;
-    file.seek(SeekFrom::Start(from))?;
-    let mut reader = BufReader::with_capacity(256 * 1024, file);
-    let mut line = Vec::new();
-    loop {
-        line.clear();
-        if reader.read_until(b'\n', &mut line)? == 0 {
-            return Ok(());
-        }
-        let text = line.strip_suffix(b"\n").unwrap_or(&line);
-        for piece in text.split(|&b| b == 0).filter(|p| !p.is_empty()) {
-            f(piece);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -331,7 +290,11 @@ mod tests {
             .unwrap();
         let hits = lookup(&seg, "id-1000").unwrap().unwrap();
         let mut after = Vec::new();
-        for_each_line_from(&seg, hits.covered, |l| after.push(l.to_vec())).unwrap();
+        crate::file::for_each_line_at(&seg, hits.covered, |_, _, l| {
+            after.push(l.to_vec());
+            Ok::<(), std::io::Error>(())
+        })
+        .unwrap();
         assert_eq!(after, [line("id-1000", 200).trim_end().as_bytes()]);
 
         // A segment shorter than its index covers (cut, replaced): the index is not used.
