@@ -256,16 +256,16 @@ impl FileSink {
             ))
         })?;
         let rollups = crate::file_stats::Rollups::start(dir, &node, &trail);
-        // Closed segments without a lookup index (written by an earlier version, or whose
-        // index a stop cut short) get one; the newest may be written on, and is indexed
-        // when it is closed.
+        // Closed segments without a lookup index that fits them (written by an earlier
+        // version, an index a stop cut short, deleted, or left by another file of that
+        // name) get one; the newest may be written on, and is indexed when it is closed.
         index_in_background(
             trail
                 .iter()
                 .rev()
                 .skip(1)
                 .map(|(_, p)| p.clone())
-                .filter(|p| !crate::file_index::index_path(p).exists())
+                .filter(|p| !crate::file_index::fits(p))
                 .map(IndexJob::Read)
                 .collect(),
             true,
@@ -2118,6 +2118,31 @@ mod tests {
             assert_eq!(mode & 0o777, 0o600);
             std::fs::remove_file(crate::file_index::index_path(f)).unwrap();
         }
+        assert_eq!(
+            find(dir.path(), "m-5").unwrap().unwrap().phase,
+            Some(Phase::Outcome)
+        );
+        // A gateway started on the trail indexes again every closed segment whose index
+        // is missing or does not fit it (here: one made for another file of that name).
+        crate::file_index::build(&files[1]).unwrap();
+        std::fs::rename(
+            crate::file_index::index_path(&files[1]),
+            crate::file_index::index_path(&files[0]),
+        )
+        .unwrap();
+        assert!(!crate::file_index::fits(&files[0]));
+        let (sink, handle) = FileSink::start(dir.path(), "n").unwrap();
+        let closed = &files[..files.len() - 1];
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !closed.iter().all(|f| crate::file_index::fits(f)) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "closed segments not indexed"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        drop(sink);
+        handle.join();
         assert_eq!(
             find(dir.path(), "m-5").unwrap().unwrap().phase,
             Some(Phase::Outcome)

@@ -12,8 +12,9 @@
 //! gateway went on writing) are read after the indexed ones. The writer collects the
 //! entries of the lines it writes and, when it closes a segment, a helper thread writes
 //! them (a segment the writer went on after a restart is read again instead); at start,
-//! closed segments without an index get one, at most half a core's worth of reading at a
-//! time. Indexes are deleted with their segment. `fsp audit verify` never reads them.
+//! closed segments without an index that fits them get one, at most half a core's worth
+//! of reading at a time. Indexes are deleted with their segment. `fsp audit verify`
+//! never reads them.
 //!
 //! Format: `FSPIDX01`, then (u64 little-endian each) the number of segment bytes
 //! indexed, the number of entries and the key of the segment's first line (which tells
@@ -148,9 +149,17 @@ pub struct Hits {
     pub covered: u64,
 }
 
-/// Looks a message id up in a segment's index; `None` when the segment has no index that
-/// fits it (it must then be read whole).
-pub fn lookup(segment: &Path, message_id: &str) -> std::io::Result<Option<Hits>> {
+/// A segment's index that fits it, opened.
+struct Fitting {
+    index: File,
+    covered: u64,
+    count: u64,
+}
+
+/// The segment's index if it has one that fits it: one of this format, made for this
+/// file (its first line), covering no more than the segment holds; an unreadable one
+/// does not fit.
+fn fitting(segment: &Path) -> std::io::Result<Option<Fitting>> {
     let index = match File::open(index_path(segment)) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -178,14 +187,39 @@ pub fn lookup(segment: &Path, message_id: &str) -> std::io::Result<Option<Hits>>
         word(&header[16..24]),
         word(&header[24..32]),
     );
-    if &header[..8] != MAGIC
-        || covered > segment_len
-        || count.checked_mul(ENTRY).and_then(|b| b.checked_add(HEADER)) != Some(index_len)
-        || first_line_key(&seg)? != first
-    {
+    let fits = &header[..8] == MAGIC
+        && covered <= segment_len
+        && count.checked_mul(ENTRY).and_then(|b| b.checked_add(HEADER)) == Some(index_len)
+        && first_line_key(&seg)? == first;
+    Ok(fits.then_some(Fitting {
+        index,
+        covered,
+        count,
+    }))
+}
+
+/// Whether the segment has an index that fits it (see [`lookup`]).
+pub fn fits(segment: &Path) -> bool {
+    matches!(fitting(segment), Ok(Some(_)))
+}
+
+/// Looks a message id up in a segment's index; `None` when the segment has no index that
+/// fits it (it must then be read whole).
+pub fn lookup(segment: &Path, message_id: &str) -> std::io::Result<Option<Hits>> {
+    let Some(Fitting {
+        index,
+        covered,
+        count,
+    }) = fitting(segment)?
+    else {
         return Ok(None);
-    }
+    };
     let wanted = key(message_id.as_bytes());
+    let word = |b: &[u8]| {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(b);
+        u64::from_le_bytes(w)
+    };
     let entry = |i: u64| -> std::io::Result<(u64, u64)> {
         let mut e = [0u8; ENTRY as usize];
         index.read_exact_at(&mut e, HEADER + i * ENTRY)?;
