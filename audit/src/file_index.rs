@@ -40,6 +40,20 @@ pub fn index_path(segment: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
+/// A little-endian u64 from 8 bytes of an index.
+fn word(b: &[u8]) -> u64 {
+    let mut w = [0u8; 8];
+    w.copy_from_slice(b);
+    u64::from_le_bytes(w)
+}
+
+/// The temporary file an index is written to before it is renamed into place.
+fn tmp_path(index: &Path) -> PathBuf {
+    let mut name = index.as_os_str().to_owned();
+    name.push(".tmp");
+    PathBuf::from(name)
+}
+
 /// The key of a message id (64-bit FNV-1a).
 pub fn key(message_id: &[u8]) -> u64 {
     message_id.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
@@ -99,11 +113,7 @@ pub fn write(segment: &Path, mut entries: Vec<(u64, u64)>, covered: u64) -> std:
     entries.sort_unstable();
     let first = first_line_key(&File::open(segment)?)?;
     let path = index_path(segment);
-    let tmp = {
-        let mut name = path.as_os_str().to_owned();
-        name.push(".tmp");
-        PathBuf::from(name)
-    };
+    let tmp = tmp_path(&path);
     let mut out = std::io::BufWriter::with_capacity(
         1 << 20,
         std::fs::OpenOptions::new()
@@ -134,10 +144,8 @@ pub fn write(segment: &Path, mut entries: Vec<(u64, u64)>, covered: u64) -> std:
 /// The index file and its temporary file, deleted (with their segment).
 pub fn remove(segment: &Path) {
     let index = index_path(segment);
-    let mut tmp = index.clone().into_os_string();
-    tmp.push(".tmp");
-    let _ = std::fs::remove_file(&index);
-    let _ = std::fs::remove_file(tmp);
+    let _ = std::fs::remove_file(tmp_path(&index));
+    let _ = std::fs::remove_file(index);
 }
 
 /// What a segment's index says of a message id.
@@ -177,11 +185,6 @@ fn fitting(segment: &Path) -> std::io::Result<Option<Fitting>> {
     if index_len < HEADER || index.read_exact_at(&mut header, 0).is_err() {
         return Ok(None);
     }
-    let word = |b: &[u8]| {
-        let mut w = [0u8; 8];
-        w.copy_from_slice(b);
-        u64::from_le_bytes(w)
-    };
     let (covered, count, first) = (
         word(&header[8..16]),
         word(&header[16..24]),
@@ -215,11 +218,6 @@ pub fn lookup(segment: &Path, message_id: &str) -> std::io::Result<Option<Hits>>
         return Ok(None);
     };
     let wanted = key(message_id.as_bytes());
-    let word = |b: &[u8]| {
-        let mut w = [0u8; 8];
-        w.copy_from_slice(b);
-        u64::from_le_bytes(w)
-    };
     let entry = |i: u64| -> std::io::Result<(u64, u64)> {
         let mut e = [0u8; ENTRY as usize];
         index.read_exact_at(&mut e, HEADER + i * ENTRY)?;

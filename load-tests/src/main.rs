@@ -298,31 +298,29 @@ struct Servers {
 }
 
 impl Servers {
-    fn url(&self, t: &Target) -> String {
-        let port = match t.server {
-            Server::Upstream => self.upstream_tls_port,
-            Server::Nginx => self.nginx.as_ref().map(|n| n.1).unwrap_or(0),
+    /// The process serving `s` and its mTLS port (every target's server is started
+    /// before the target is used).
+    fn place(&self, s: Server) -> (&Proc, u16) {
+        match s {
+            Server::Upstream => (&self.upstream, self.upstream_tls_port),
+            Server::Nginx => self
+                .nginx
+                .as_ref()
+                .map_or((&self.upstream, 0), |n| (&n.0, n.1)),
             Server::Fsp(v) => self
                 .fsps
                 .iter()
                 .find(|f| f.0 == v)
-                .map(|f| f.2)
-                .unwrap_or(0),
-        };
-        format!("https://localhost:{port}{}", t.path)
+                .map_or((&self.upstream, 0), |f| (&f.1, f.2)),
+        }
+    }
+
+    fn url(&self, t: &Target) -> String {
+        format!("https://localhost:{}{}", self.place(t.server).1, t.path)
     }
 
     fn front(&self, s: Server) -> &Proc {
-        match s {
-            Server::Upstream => &self.upstream,
-            Server::Nginx => self.nginx.as_ref().map(|n| &n.0).unwrap_or(&self.upstream),
-            Server::Fsp(v) => self
-                .fsps
-                .iter()
-                .find(|f| f.0 == v)
-                .map(|f| &f.1)
-                .unwrap_or(&self.upstream),
-        }
+        self.place(s).0
     }
 
     fn all_mut(&mut self) -> impl Iterator<Item = &mut Proc> {
@@ -339,15 +337,19 @@ impl Servers {
 }
 
 fn start_nginx(name: &str, dir: &Path, conf: &Path) -> Result<Proc> {
-    let check = Command::new("nginx")
-        .arg("-t")
-        .arg("-q")
-        .arg("-e")
-        .arg(dir.join("error.log"))
-        .arg("-p")
-        .arg(dir)
-        .arg("-c")
-        .arg(conf)
+    // Its prefix, error log and configuration, the same for the check and the run.
+    let nginx = || {
+        let mut c = Command::new("nginx");
+        c.arg("-e")
+            .arg(dir.join("error.log"))
+            .arg("-p")
+            .arg(dir)
+            .arg("-c")
+            .arg(conf);
+        c
+    };
+    let check = nginx()
+        .args(["-t", "-q"])
         .output()
         .context("cannot run nginx -t")?;
     if !check.status.success() {
@@ -356,14 +358,7 @@ fn start_nginx(name: &str, dir: &Path, conf: &Path) -> Result<Proc> {
             String::from_utf8_lossy(&check.stderr)
         );
     }
-    let mut cmd = Command::new("nginx");
-    cmd.arg("-e")
-        .arg(dir.join("error.log"))
-        .arg("-p")
-        .arg(dir)
-        .arg("-c")
-        .arg(conf);
-    Proc::spawn(name, cmd, &dir.join("stdout.log"))
+    Proc::spawn(name, nginx(), &dir.join("stdout.log"))
 }
 
 /// The request files oha and curl send.
@@ -593,18 +588,15 @@ fn run(args: &Args) -> Result<bool> {
     fs::write(&bodies.soap, setup::soap_request())?;
 
     // Every port of the run, chosen at once: upstream (2), nginx (1), each fsp (2).
-    let fsp_count = {
-        let mut seen: Vec<Fsp> = Vec::new();
-        for t in &targets {
-            if let Server::Fsp(v) = t.server
-                && !seen.contains(&v)
-            {
-                seen.push(v);
-            }
+    let variants: Vec<Fsp> = targets.iter().fold(Vec::new(), |mut seen, t| {
+        if let Server::Fsp(v) = t.server
+            && !seen.contains(&v)
+        {
+            seen.push(v);
         }
-        seen.len()
-    };
-    let mut ports = procs::free_ports(3 + 2 * fsp_count)?.into_iter();
+        seen
+    });
+    let mut ports = procs::free_ports(3 + 2 * variants.len())?.into_iter();
     let mut port = move || ports.next().context("no port left");
     let up_dir = tmp.path.join("upstream");
     let (up_http, up_tls) = (port()?, port()?);
@@ -643,11 +635,7 @@ fn run(args: &Args) -> Result<bool> {
     };
     let pg_url = schema.as_ref().map(Schema::url);
     let mut fsps = Vec::new();
-    for t in &targets {
-        let Server::Fsp(v) = t.server else { continue };
-        if fsps.iter().any(|(f, _, _): &(Fsp, Proc, u16)| *f == v) {
-            continue;
-        }
+    for v in variants {
         let dir = tmp.path.join(v.name);
         let (port, admin_port) = (port()?, port()?);
         let place = setup::FspPlace {
