@@ -13,6 +13,7 @@
 //! errors or responses other than 200; 128 + the signal when stopped by SIGINT, SIGTERM
 //! or SIGHUP (what the run started is stopped and removed first).
 
+mod disk;
 mod report;
 mod scenario;
 mod setup;
@@ -696,6 +697,29 @@ fn run(args: &Args) -> Result<bool> {
         return instructions(args, &targets[0], &servers, &pki, &bodies, &fsp_version);
     }
 
+    // What one durable write costs on this disk bounds what a trail written ahead can
+    // reach (see `disk`): timed before the load, in the file system the trails are in.
+    let disk_write = if targets
+        .iter()
+        .any(|t| matches!(t.server, Server::Fsp(v) if v.audit == Audit::File))
+    {
+        match disk::sync_write_latency(&tmp.path, 2000) {
+            Ok(w) => {
+                log(format!(
+                    "disk: a synchronous direct 4 KiB write takes {} us (median of 2000)",
+                    w.as_micros()
+                ));
+                Some(w)
+            }
+            Err(e) => {
+                log(format!("disk: {e:#}"));
+                None
+            }
+        }
+    } else {
+        None
+    };
+
     let raw_dir = args.results.join("raw");
     let _ = fs::remove_dir_all(&raw_dir);
     fs::create_dir_all(&raw_dir).with_context(|| format!("cannot create {}", raw_dir.display()))?;
@@ -802,6 +826,7 @@ fn run(args: &Args) -> Result<bool> {
         loadavg: &loadavg,
         git: git_describe(),
         clock_ticks: procs::clock_ticks(),
+        disk_write,
     };
     report::report(&context, &targets, &comparisons, &results)
 }

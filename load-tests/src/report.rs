@@ -17,6 +17,9 @@ pub struct Context<'a> {
     pub loadavg: &'a str,
     pub git: String,
     pub clock_ticks: u64,
+    /// One synchronous direct 4 KiB write to the disk the file trails are on (see
+    /// [`crate::disk`]), when a target writes one.
+    pub disk_write: Option<std::time::Duration>,
 }
 
 /// One run, as read from oha's results and the CPU counters.
@@ -302,9 +305,34 @@ pub fn report(
             .filter(|(a, b)| a.round == b.round && b.rps > 0.0)
             .map(|(a, b)| a.rps / b.rps)
             .collect();
+        // A file trail written ahead against none: what the disk leaves it at best, at
+        // this concurrency.
+        let audit = |name: &str| {
+            targets
+                .iter()
+                .find(|t| t.name == name)
+                .and_then(|t| match t.server {
+                    Server::Fsp(v) => Some(v.audit),
+                    _ => None,
+                })
+        };
+        let file_trail = audit(c.num) == Some(Audit::File) && audit(c.den) == Some(Audit::None);
+        let ceiling = match cx.disk_write {
+            Some(w) if file_trail => {
+                let ceiling = crate::disk::write_ahead_ceiling(w, d.rps, a.concurrency);
+                println!(
+                    "{:<44} {ceiling:>10.3}   (a call waits for one {} us disk write: c / (c + write x {} req/s))",
+                    "  at most, from the disk alone",
+                    w.as_micros(),
+                    d.rps.round()
+                );
+                Some(ceiling)
+            }
+            _ => None,
+        };
         checks.push(json!({
             "label": c.label, "numerator": c.num, "denominator": c.den,
-            "rps": rps, "p99": p99, "cpu_per_req": cpu,
+            "rps": rps, "p99": p99, "cpu_per_req": cpu, "disk_ceiling": ceiling,
             "rps_by_round": per_round, "rps_median_of_rounds": median(per_round.clone()),
             "min_rps": c.min_rps, "max_p99": c.max_p99,
             "pass": if verdicts.is_empty() || !comparable { Value::Null } else { Value::Bool(pass) },
@@ -319,6 +347,7 @@ pub fn report(
         "host": {
             "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
             "loadavg_before": cx.loadavg,
+            "disk_sync_write_us": cx.disk_write.map(|w| w.as_secs_f64() * 1e6),
         },
         "fsp": cx.fsp_version,
         "workload": {
