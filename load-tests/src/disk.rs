@@ -69,8 +69,14 @@ mod tests {
     fn a_write_is_timed_and_the_probe_file_is_removed() {
         let dir = std::env::temp_dir().join(format!("fsp-disk-probe-{}", std::process::id()));
         fs::create_dir_all(&dir).unwrap();
-        let w = sync_write_latency(&dir, 20).unwrap();
-        assert!(w > Duration::ZERO && w < Duration::from_secs(5), "{w:?}");
+        match sync_write_latency(&dir, 20) {
+            Ok(w) => assert!(w > Duration::ZERO && w < Duration::from_secs(5), "{w:?}"),
+            // tmpfs on older kernels and some overlay file systems refuse direct I/O.
+            Err(e) if format!("{e:#}").contains("Invalid argument") => {
+                eprintln!("skipped: {} refuses direct I/O ({e:#})", dir.display());
+            }
+            Err(e) => panic!("{e:#}"),
+        }
         assert!(!dir.join("disk-probe").exists());
         fs::remove_dir_all(&dir).unwrap();
     }
