@@ -552,13 +552,27 @@ pub(crate) fn changes(before: &Snapshot, after: &Snapshot) -> Value {
             })
             .collect()
     };
+    // Every setting of a provider but its TLS (a `rustls::ClientConfig`, not comparable;
+    // a changed certificate file shows in `/admin/certificates`).
     let providers = |s: &Snapshot| -> BTreeMap<String, String> {
         s.providers
             .iter()
             .map(|p| {
+                let overrides: BTreeMap<&String, _> = p.consumer_limits.iter().collect();
                 (
                     p.id.clone(),
-                    format!("{:?}{:?}{:?}", p.name, p.limit, p.consumer_limit),
+                    format!(
+                        "{:?}{:?}{:?}{overrides:?}{:?}{:?}{:?}{}{}{:?}",
+                        p.name,
+                        p.limit,
+                        p.consumer_limit,
+                        p.connect_timeout,
+                        p.response_timeout,
+                        p.pool_idle_timeout,
+                        p.pool_max_idle,
+                        p.max_connections,
+                        p.queue_timeout
+                    ),
                 )
             })
             .collect()

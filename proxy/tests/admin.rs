@@ -324,14 +324,15 @@ async fn what_is_loaded_can_be_read_back_and_a_reload_says_what_it_changed() {
     assert!(loaded["files"][0].as_str().unwrap().ends_with("fsp.toml"));
 
     // A reload that adds an authorisation and changes two (the same approval) says so,
-    // and the digest follows the files.
+    // as it says that a provider's timeout changed, and the digest follows the files.
     let text = std::fs::read_to_string(&config).unwrap();
     std::fs::write(
         &config,
         text.replace(
             "provider_approval = \"RRN-2020-456\"",
             "provider_approval = \"RRN-2020-457\"",
-        ) + "\n[[authorisation]]\nid          = \"bxl-person-tax\"\nconsumer    = \"ville-bxl\"\nservice     = \"person/getPerson\"\npurpose     = \"local-tax\"\nlegal_basis = { kind = \"protocol\", reference = \"PROT-2024-7\" }\nprovider_approval = \"RRN-2024-9\"\nvalid_from  = 2024-01-01\nvalid_until = 2099-12-31\n",
+        )
+        .replace("response_timeout = \"2s\"", "response_timeout = \"3s\"") + "\n[[authorisation]]\nid          = \"bxl-person-tax\"\nconsumer    = \"ville-bxl\"\nservice     = \"person/getPerson\"\npurpose     = \"local-tax\"\nlegal_basis = { kind = \"protocol\", reference = \"PROT-2024-7\" }\nprovider_approval = \"RRN-2024-9\"\nvalid_from  = 2024-01-01\nvalid_until = 2099-12-31\n",
     )
     .unwrap();
     let (status, body) = admin_request(gw.admin_port, "POST", "/admin/reload", token).await;
@@ -350,6 +351,11 @@ async fn what_is_loaded_can_be_read_back_and_a_reload_says_what_it_changed() {
     assert_eq!(
         report["changed"]["consumers"]["changed"],
         serde_json::json!([])
+    );
+    assert_eq!(
+        report["changed"]["providers"],
+        serde_json::json!({"added": [], "removed": [], "changed": ["rrn"]}),
+        "{report}"
     );
     let reloaded = get("/admin/config").await;
     assert_ne!(reloaded["sha256"], loaded["sha256"]);
