@@ -3,8 +3,10 @@
 //! One Lua script does the decisions atomically: it reads Redis's own clock (so replicas
 //! with skewed clocks agree), runs GCRA for the provider aggregate and for the consumer,
 //! and updates both keys only when both admit the call. Keys expire when their state is
-//! in the past, so idle consumers cost nothing. Both keys of a provider share a hash tag
-//! (`{provider}`), so the script also works on Redis Cluster.
+//! in the past, so idle consumers cost nothing. Every key a script run names shares its
+//! provider's hash tag (`{provider}`), a limit that is not set included (its key is
+//! named, never read or written: an emission interval of 0 says it is absent), so the
+//! script also works on Redis Cluster.
 //!
 //! Decisions are batched: calls hand theirs to one task, which sends every decision
 //! waiting at that moment in one script run per provider (all in one write), then the
@@ -44,10 +46,10 @@ local function keep(key, tat)
   local px = math.min(math.ceil((tat - now) / 1000) + 1000, 1e12)
   redis.call('SET', key, tat, 'PX', px)
 end
--- How many permits a key can give now (math.huge: no limit), its TAT, and the wait
--- when it can give none.
+-- How many permits a key can give now (math.huge: no limit, emission interval 0), its
+-- TAT, and the wait when it can give none.
 local function room(key, e, tol)
-  if key == '' then return math.huge, nil, 0 end
+  if e == 0 then return math.huge, nil, 0 end
   local tat = tonumber(redis.call('GET', key)) or now
   if tat < now then tat = now end
   local ahead = tat - now
@@ -57,7 +59,7 @@ end
 -- Gives back n permits' worth of time, never past `upto` (the TAT just after the
 -- giver's last debit), so that what others spent since is not erased.
 local function give_back(key, e, n, upto)
-  if key == '' or n <= 0 then return end
+  if e == 0 or n <= 0 then return end
   local tat = tonumber(redis.call('GET', key))
   if not tat then return end
   local credit = math.min(n * e, math.max(0, upto - now))
@@ -200,6 +202,30 @@ impl std::fmt::Debug for RedisStore {
     }
 }
 
+/// The keys of a provider's aggregate and of one consumer at that provider, both named
+/// whether or not their limits are set: under one hash tag, so that one script run
+/// touches one Redis Cluster slot.
+fn keys(prefix: &str, provider: &str, consumer: &str) -> [String; 2] {
+    [
+        format!("{prefix}{{{provider}}}:all"),
+        format!("{prefix}{{{provider}}}:c:{consumer}"),
+    ]
+}
+
+/// The hash tag Redis Cluster places a key by: what lies between its first `{` and the
+/// next `}`, when that is not empty; else the whole key.
+#[cfg(test)]
+fn hash_tag(key: &str) -> &str {
+    key.find('{')
+        .and_then(|open| {
+            let rest = &key[open + 1..];
+            rest.find('}')
+                .filter(|&close| close > 0)
+                .map(|close| &rest[..close])
+        })
+        .unwrap_or(key)
+}
+
 /// Nanoseconds to whole microseconds, rounded up: a limit is never loosened by rounding.
 fn micros(d: u64) -> u64 {
     d.div_ceil(1000).max(1)
@@ -256,8 +282,9 @@ impl RedisStore {
         if limits.provider.is_none() && limits.consumer.is_none() {
             return Ok(Ok(()));
         }
+        // An absent limit: emission interval 0 (a limit's is at least 1 µs, rounded up).
         let args =
-            |l: &Option<Limit>| l.map_or((1, 0), |l| (micros(l.emission()), l.tolerance() / 1000));
+            |l: &Option<Limit>| l.map_or((0, 0), |l| (micros(l.emission()), l.tolerance() / 1000));
         let (pe, pt) = args(&limits.provider);
         let (ce, ct) = args(&limits.consumer);
         let under = [pe, pt, ce, ct];
@@ -422,21 +449,10 @@ impl RedisStore {
         back: u64,
         debited_to: [u64; 2],
     ) -> Result<(Answer, Result<(), Throttled>), BackendError> {
-        let prefix = &self.inner.prefix;
-        let key = |l: &Option<Limit>, suffix: std::fmt::Arguments<'_>| {
-            if l.is_some() {
-                format!("{prefix}{{{provider}}}:{suffix}")
-            } else {
-                String::new()
-            }
-        };
         let (reply, answer) = oneshot::channel();
         let pending = Pending {
             provider: provider.to_owned(),
-            keys: [
-                key(&limits.provider, format_args!("all")),
-                key(&limits.consumer, format_args!("c:{consumer}")),
-            ],
+            keys: keys(&self.inner.prefix, provider, consumer),
             args: under,
             want,
             back,
@@ -704,5 +720,25 @@ impl crate::Store for RedisStore {
         limits: &Limits,
     ) -> Result<Result<(), Throttled>, BackendError> {
         self.check(provider, consumer, limits).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_script_run_names_keys_of_one_cluster_slot_whatever_limits_are_set() {
+        for (provider, consumer) in [
+            ("rrn", "ville-bxl"),
+            ("a}b", "c{d}"),
+            ("ksz-bcss", "{other}"),
+        ] {
+            let [all, one] = keys("fsp-int:", provider, consumer);
+            assert_eq!(hash_tag(&all), hash_tag(&one), "{all} / {one}");
+            assert_ne!(all, one);
+        }
+        assert_eq!(hash_tag("fsp:{rrn}:c:x"), "rrn");
+        assert_eq!(hash_tag("fsp:{}:c:x"), "fsp:{}:c:x");
     }
 }

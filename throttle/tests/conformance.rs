@@ -86,12 +86,38 @@ async fn suite<S: Store>(store: &S, p: &str) {
             Scope::Provider
         );
     }
+
+    // Only the aggregate (no consumer limit): every consumer draws on it.
+    let q = aggregate_only(p);
+    let aggregate = Limits {
+        provider: Some(per_minute(60, 3)),
+        consumer: None,
+    };
+    for c in ["x", "y", "z"] {
+        assert!(store.decide(&q, c, 0, &aggregate).await.unwrap().is_ok());
+    }
+    for c in ["x", "w"] {
+        assert_eq!(
+            store
+                .decide(&q, c, 0, &aggregate)
+                .await
+                .unwrap()
+                .unwrap_err()
+                .scope,
+            Scope::Provider
+        );
+    }
+}
+
+/// The second provider of the suite: limited as a whole only.
+fn aggregate_only(p: &str) -> String {
+    format!("{p}-aggregate")
 }
 
 #[tokio::test]
 async fn the_local_store_conforms() {
     let p = provider("local");
-    suite(&LocalStore::new([p.as_str()]), &p).await;
+    suite(&LocalStore::new([p.as_str(), &aggregate_only(&p)]), &p).await;
 }
 
 #[tokio::test]
