@@ -247,7 +247,9 @@ fn request_lines_are_stored_alike_in_batches_of_any_size() {
         request_bytes: u64::MAX,
         response_bytes: 0,
         consumer_ref: i.is_multiple_of(2).then(|| format!("ref-{i}\0x")),
-        certificate_sha256: i.is_multiple_of(3).then(|| format!("{:02x}", i % 256).repeat(32)),
+        certificate_sha256: i
+            .is_multiple_of(3)
+            .then(|| format!("{:02x}", i % 256).repeat(32)),
         detail: i.is_multiple_of(5).then(|| "ü\u{1F600}\\\"".to_owned()),
         ..record(i)
     };
