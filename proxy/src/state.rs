@@ -559,21 +559,13 @@ pub(crate) fn changes(before: &Snapshot, after: &Snapshot) -> Value {
             .iter()
             .map(|p| {
                 let overrides: BTreeMap<&String, _> = p.consumer_limits.iter().collect();
-                (
-                    p.id.clone(),
-                    format!(
-                        "{:?}{:?}{:?}{overrides:?}{:?}{:?}{:?}{}{}{:?}",
-                        p.name,
-                        p.limit,
-                        p.consumer_limit,
-                        p.connect_timeout,
-                        p.response_timeout,
-                        p.pool_idle_timeout,
-                        p.pool_max_idle,
-                        p.max_connections,
-                        p.queue_timeout
-                    ),
-                )
+                let settings = (
+                    (&p.name, p.limit, p.consumer_limit, overrides),
+                    (p.connect_timeout, p.response_timeout, p.queue_timeout),
+                    (p.pool_idle_timeout, p.pool_max_idle),
+                    (p.max_connections, p.cap.per_consumer()),
+                );
+                (p.id.clone(), format!("{settings:?}"))
             })
             .collect()
     };

@@ -5,8 +5,9 @@
 //! and updates both keys only when both admit the call. Keys expire when their state is
 //! in the past, so idle consumers cost nothing. Every key a script run names shares its
 //! provider's hash tag (`{provider}`), a limit that is not set included (its key is
-//! named, never read or written: an emission interval of 0 says it is absent), so the
-//! script also works on Redis Cluster.
+//! named, never read or written: an emission interval of 0 says it is absent), so that
+//! each script run stays within one Redis Cluster slot. The store itself connects to one
+//! address: a Redis Cluster is reached through a cluster-aware proxy in front of it.
 //!
 //! Decisions are batched: calls hand theirs to one task, which sends every decision
 //! waiting at that moment in one script run per provider (all in one write), then the
@@ -169,7 +170,8 @@ struct Inner {
 /// One call's decision, waiting for its batch.
 struct Pending {
     provider: String,
-    /// The provider aggregate's key and the consumer's ('' for no limit).
+    /// The provider aggregate's key and the consumer's (named even when its limit is
+    /// not set: see [`keys`]).
     keys: [String; 2],
     /// Emission interval and tolerance (µs) of each.
     args: [u64; 4],
@@ -203,12 +205,27 @@ impl std::fmt::Debug for RedisStore {
 }
 
 /// The keys of a provider's aggregate and of one consumer at that provider, both named
-/// whether or not their limits are set: under one hash tag, so that one script run
-/// touches one Redis Cluster slot.
+/// whether or not their limits are set: under one hash tag, the provider's id, so that
+/// one script run touches one Redis Cluster slot. In the tag, `{`, `}` and `%` of the id
+/// are percent-encoded and an empty id is `%`, so that the tag is never empty and ends
+/// where the id does: two providers never share a key, whatever their ids (ids without
+/// those characters, all ids in practice, keep the keys of earlier versions, so replicas
+/// of two versions agree during a rolling upgrade).
 fn keys(prefix: &str, provider: &str, consumer: &str) -> [String; 2] {
+    let tag: std::borrow::Cow<'_, str> = if provider.is_empty() {
+        "%".into()
+    } else if provider.contains(['{', '}', '%']) {
+        provider
+            .replace('%', "%25")
+            .replace('{', "%7B")
+            .replace('}', "%7D")
+            .into()
+    } else {
+        provider.into()
+    };
     [
-        format!("{prefix}{{{provider}}}:all"),
-        format!("{prefix}{{{provider}}}:c:{consumer}"),
+        format!("{prefix}{{{tag}}}:all"),
+        format!("{prefix}{{{tag}}}:c:{consumer}"),
     ]
 }
 
@@ -729,15 +746,36 @@ mod tests {
 
     #[test]
     fn a_script_run_names_keys_of_one_cluster_slot_whatever_limits_are_set() {
-        for (provider, consumer) in [
+        let pairs = [
             ("rrn", "ville-bxl"),
             ("a}b", "c{d}"),
             ("ksz-bcss", "{other}"),
-        ] {
+            ("", "x"),
+            ("}x", "y"),
+            ("%", "z"),
+            ("%25", "z"),
+            // Ids made to collide if the tag ended inside the provider's id.
+            ("q", "z}:all"),
+            ("q}:c:z", "w"),
+            ("q", "x}:c:y"),
+            ("q}:c:x", "y"),
+        ];
+        let mut seen = std::collections::HashMap::new();
+        for (provider, consumer) in pairs {
             let [all, one] = keys("fsp-int:", provider, consumer);
             assert_eq!(hash_tag(&all), hash_tag(&one), "{all} / {one}");
-            assert_ne!(all, one);
+            assert_ne!(hash_tag(&all), all, "{all} has a tag");
+            for key in [all, one] {
+                if let Some(other) = seen.insert(key.clone(), provider) {
+                    assert_eq!(other, provider, "{key} of two providers");
+                }
+            }
         }
+        // Ids without braces or percent signs keep the keys of earlier versions.
+        assert_eq!(
+            keys("fsp:", "rrn", "ville-bxl"),
+            ["fsp:{rrn}:all", "fsp:{rrn}:c:ville-bxl"]
+        );
         assert_eq!(hash_tag("fsp:{rrn}:c:x"), "rrn");
         assert_eq!(hash_tag("fsp:{}:c:x"), "fsp:{}:c:x");
     }
