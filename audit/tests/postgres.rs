@@ -232,11 +232,12 @@ fn a_durable_record_is_committed_when_it_resolves_and_waiting_callers_share_comm
 
 /// Write-ahead request lines that callers wait for, with the values a column could get
 /// wrong (NUL, a byte count beyond `bigint`, NaN, non-ASCII, quotes, the certificate
-/// extension on some only), committed in batches of 1 to 12 records: every column is
-/// stored as sealed (verification rebuilds each record from its columns and checks its
-/// hash) and read back as it was taken, whatever the batch's size.
+/// extension on some only), submitted in groups of 1 to 12 at once (the writer commits
+/// what it finds waiting, so batches of many sizes): every column is stored as sealed
+/// (verification rebuilds each record from its columns and checks its hash) and read
+/// back as it was taken.
 #[test]
-fn request_lines_are_stored_alike_in_batches_of_any_size() {
+fn request_lines_are_stored_as_sealed_and_read_back_as_taken() {
     let Some(db) = db() else { return };
     let (sink, handle) = db.start("n");
     let rt = runtime();
