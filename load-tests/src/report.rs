@@ -305,6 +305,16 @@ pub fn report(
             .filter(|(a, b)| a.round == b.round && b.rps > 0.0)
             .map(|(a, b)| a.rps / b.rps)
             .collect();
+        // Printed where a target is at stake: a verdict near its bound, or one round far
+        // from the others (the machine drifted), shows here.
+        if c.min_rps.is_some() && per_round.len() > 1 {
+            let rounds: Vec<String> = per_round.iter().map(|r| format!("{r:.3}")).collect();
+            println!(
+                "{:<44} {:>10}   (throughput, each round's own ratio)",
+                "  round by round",
+                rounds.join(" ")
+            );
+        }
         // A file trail written ahead against none: what the disk leaves it at best, at
         // this concurrency.
         let audit = |name: &str| {
