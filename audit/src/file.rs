@@ -142,7 +142,7 @@ impl Pending {
 /// Today (UTC) as `YYYY-MM-DD`: the day of the file the writer appends to.
 #[cfg(test)]
 fn today() -> String {
-    day_text(time::OffsetDateTime::now_utc().date())
+    Today::default().now().to_owned()
 }
 
 /// Today's UTC date as `YYYY-MM-DD` (the day of the file the writer appends to),

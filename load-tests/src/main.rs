@@ -570,9 +570,7 @@ fn run(args: &Args) -> Result<bool> {
 
     // Dropped last: servers stop first, then the schema and the directory go.
     let tmp = TempDir::new(args.keep_tmp)?;
-    let needs_pg = targets
-        .iter()
-        .any(|t| matches!(t.server, Server::Fsp(v) if v.audit == Audit::Postgres));
+    let needs_pg = targets.iter().any(|t| t.audit() == Some(Audit::Postgres));
     let schema = if needs_pg {
         Some(Schema::create(&args.postgres_url, args.keep_tmp)?)
     } else {
@@ -699,10 +697,7 @@ fn run(args: &Args) -> Result<bool> {
 
     // What one durable write costs on this disk bounds what a trail written ahead can
     // reach (see `disk`): timed before the load, in the file system the trails are in.
-    let disk_write = if targets
-        .iter()
-        .any(|t| matches!(t.server, Server::Fsp(v) if v.audit == Audit::File))
-    {
+    let disk_write = if targets.iter().any(|t| t.audit() == Some(Audit::File)) {
         match disk::sync_write_latency(&tmp.path, 2000) {
             Ok(w) => {
                 log(format!(

@@ -321,10 +321,7 @@ pub fn report(
             targets
                 .iter()
                 .find(|t| t.name == name)
-                .and_then(|t| match t.server {
-                    Server::Fsp(v) => Some(v.audit),
-                    _ => None,
-                })
+                .and_then(Target::audit)
         };
         let file_trail = audit(c.num) == Some(Audit::File) && audit(c.den) == Some(Audit::None);
         let ceiling = match cx.disk_write {

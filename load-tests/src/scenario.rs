@@ -119,6 +119,16 @@ pub struct Target {
     pub churn: bool,
 }
 
+impl Target {
+    /// The audit trail of an fsp target; `None` for nginx and direct.
+    pub fn audit(&self) -> Option<Audit> {
+        match self.server {
+            Server::Fsp(v) => Some(v.audit),
+            _ => None,
+        }
+    }
+}
+
 /// A ratio between two targets' medians, with the target it must meet if any.
 #[derive(Clone, Debug)]
 pub struct Comparison {
