@@ -80,7 +80,8 @@ pub struct Grant {
     /// `kind; reference`, for the audit record.
     pub legal_basis_text: String,
     /// `FSP-Consumer`, `FSP-Purpose`, `FSP-Legal-Basis`, `FSP-Authorisation` for the
-    /// provider; a value that cannot be sent in a header (a control character) is left out.
+    /// provider. `fsp check` refuses ids, purposes and references a header cannot carry;
+    /// should one get here all the same, it is left out rather than sent mangled.
     pub headers: Vec<(HeaderName, HeaderValue)>,
 }
 

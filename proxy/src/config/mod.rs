@@ -541,6 +541,60 @@ fn single<'a, T>(
     found
 }
 
+/// How long an identifier may be.
+const MAX_ID_LEN: usize = 128;
+
+/// Checks a name that the gateway puts in URL paths, headers sent to providers, file
+/// names, Redis keys, metric labels and audit records: a consumer, provider, family,
+/// service, version or authorisation id, or the node's name. Anything else there could
+/// be read differently by each of them (a `/` in a family id makes two services one
+/// path; a space or an accent in a consumer id is not a header value, so the provider
+/// would not be told who calls). Returns whether it is well formed.
+fn check_id(file: &Path, key: &str, value: &str, problems: &mut Problems) -> bool {
+    let reason = id_problem(value);
+    let ok = reason.is_none();
+    if let Some(reason) = reason {
+        problems.add(file, key, reason);
+    }
+    ok
+}
+
+/// Why `value` is not an identifier (see [`check_id`]), or `None` when it is one.
+fn id_problem(value: &str) -> Option<String> {
+    let bytes = value.as_bytes();
+    let ok = !bytes.is_empty()
+        && bytes.len() <= MAX_ID_LEN
+        && bytes[0].is_ascii_alphanumeric()
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(b));
+    (!ok).then(|| {
+        format!(
+            "`{}` is not an identifier: write 1 to {MAX_ID_LEN} characters among letters (a-z, A-Z), digits, '-', '_' and '.', starting with a letter or a digit (e.g. \"ville-bxl\")",
+            value.escape_debug()
+        )
+    })
+}
+
+/// Checks a value sent to providers as a header (`FSP-Purpose`, `FSP-Legal-Basis`): a
+/// value a header cannot carry would otherwise be left out, and the provider not told.
+fn check_header_text(file: &Path, key: &str, value: &str, header: &str, problems: &mut Problems) {
+    let ok = !value.is_empty()
+        && value.len() <= 256
+        && value.trim() == value
+        && value.bytes().all(|b| (0x20..0x7f).contains(&b));
+    if !ok {
+        problems.add(
+            file,
+            key,
+            format!(
+                "`{}` cannot be sent to providers in the {header} header: write 1 to 256 printable ASCII characters (no accents, no control characters), without spaces at either end",
+                value.escape_debug()
+            ),
+        );
+    }
+}
+
 fn duration_or(
     value: &Option<String>,
     default: Duration,
@@ -644,16 +698,37 @@ fn build(main: &Path, sources: Vec<Source>, problems: &mut Problems) -> Option<C
             Environment::Int
         }
     };
-    let node = single(&sources, "node", |r| r.node.as_ref(), problems)
-        .map(|(_, n)| n.clone())
-        .or_else(|| std::env::var("FSP_NODE").ok())
-        .or_else(|| {
-            std::fs::read_to_string("/etc/hostname")
-                .ok()
-                .map(|h| h.trim().to_owned())
-        })
-        .filter(|n| !n.is_empty())
-        .unwrap_or_else(|| "fsp-1".into());
+    // The node's name is in audit file names and records, and each node has its own
+    // hash chain: it is an identifier wherever it comes from, and never silently replaced.
+    let node = match single(&sources, "node", |r| r.node.as_ref(), problems) {
+        Some((s, n)) => {
+            check_id(&s.path, "node", n, problems);
+            n.clone()
+        }
+        None => {
+            let (from, n) = match std::env::var("FSP_NODE").ok().filter(|n| !n.is_empty()) {
+                Some(n) => ("the FSP_NODE environment variable", n),
+                None => (
+                    "/etc/hostname",
+                    std::fs::read_to_string("/etc/hostname")
+                        .map(|h| h.trim().to_owned())
+                        .unwrap_or_default(),
+                ),
+            };
+            if n.is_empty() {
+                "fsp-1".to_owned()
+            } else {
+                if let Some(reason) = id_problem(&n) {
+                    problems.add(
+                        main,
+                        "node",
+                        format!("not set, so taken from {from}, but {reason}: set node"),
+                    );
+                }
+                n
+            }
+        }
+    };
 
     // ---- listener ----
     let listener = match single(&sources, "listener", |r| r.listener.as_ref(), problems) {
@@ -719,6 +794,7 @@ fn build(main: &Path, sources: Vec<Source>, problems: &mut Problems) -> Option<C
     for s in &sources {
         for (i, c) in s.raw.consumer.iter().enumerate() {
             let key = format!("consumer[{i}]");
+            check_id(&s.path, &format!("{key}.id"), &c.id, problems);
             consumer_at.insert(c.id.clone(), (s.path.clone(), key.clone()));
             consumer_specs.push(build_consumer(
                 s,
@@ -772,6 +848,7 @@ fn build(main: &Path, sources: Vec<Source>, problems: &mut Problems) -> Option<C
     for s in &sources {
         for (i, p) in s.raw.provider.iter().enumerate() {
             let key = format!("provider[{i}]");
+            check_id(&s.path, &format!("{key}.id"), &p.id, problems);
             // Against what is declared, so a duplicate of a provider that failed to
             // build is reported too.
             if !provider_ids.insert(&p.id) {
@@ -923,6 +1000,7 @@ fn build_catalogue(
     for s in sources {
         for (fi, f) in s.raw.family.iter().enumerate() {
             let fkey = format!("family[{fi}]");
+            check_id(&s.path, &format!("{fkey}.id"), &f.id, problems);
             if let Some(first) = family_ids.insert(&f.id, &s.path) {
                 problems.add(
                     &s.path,
@@ -940,6 +1018,7 @@ fn build_catalogue(
             }
             for (si, svc) in f.service.iter().enumerate() {
                 let skey = format!("{fkey}.service[{si}]");
+                check_id(&s.path, &format!("{skey}.id"), &svc.id, problems);
                 if f.service[..si].iter().any(|o| o.id == svc.id) {
                     problems.add(
                         &s.path,
@@ -2119,6 +2198,7 @@ fn build_service(
     let mut versions = Vec::new();
     for (vi, v) in svc.version.iter().enumerate() {
         let vkey = format!("{key}.version[{vi}]");
+        let version_ok = check_id(&s.path, &format!("{vkey}.version"), &v.version, problems);
         let date = |d: &toml::value::Datetime, k: &str, problems: &mut Problems| {
             let parsed = toml_date(d);
             if parsed.is_none() {
@@ -2157,7 +2237,15 @@ fn build_service(
                 }
             },
         };
-        if let (Some(released), Some(deprecated), Some(sunset), Ok(upstream), Some(protocol)) = (
+        if let (
+            true,
+            Some(released),
+            Some(deprecated),
+            Some(sunset),
+            Ok(upstream),
+            Some(protocol),
+        ) = (
+            version_ok,
             released,
             deprecated.unwrap_or(Some(time::Date::MIN)),
             sunset.unwrap_or(Some(time::Date::MIN)),
@@ -2242,9 +2330,21 @@ fn build_authorisation(
             }
         }
     }
-    if a.purpose.trim().is_empty() {
-        problems.add(&s.path, format!("{key}.purpose"), "must not be empty");
-    }
+    check_id(&s.path, &format!("{key}.id"), &a.id, problems);
+    check_header_text(
+        &s.path,
+        &format!("{key}.purpose"),
+        &a.purpose,
+        "FSP-Purpose",
+        problems,
+    );
+    check_header_text(
+        &s.path,
+        &format!("{key}.legal_basis.reference"),
+        &a.legal_basis.reference,
+        "FSP-Legal-Basis",
+        problems,
+    );
     let kind = LegalBasisKind::parse(&a.legal_basis.kind).or_else(|| {
         problems.add(
             &s.path,

@@ -1301,8 +1301,102 @@ fn an_authorisation_with_bad_fields_is_refused() {
         &problems,
         "fsp.toml",
         "authorisation[0].purpose",
-        &["must not be empty"],
+        &["` ` cannot be sent to providers in the FSP-Purpose header"],
     );
+}
+
+/// Each name the gateway puts in paths, headers, file names and records is refused, at
+/// its own key, when another component could read it differently (or not at all).
+#[test]
+fn identifiers_and_header_texts_are_refused_where_they_could_be_misread() {
+    let fx = Fixture::new();
+    let cases = [
+        (
+            "node        = \"test-node-1\"",
+            "node        = \"../node\"",
+            "node",
+            "not an identifier",
+        ),
+        (
+            "id           = \"ville-bxl\"",
+            "id = \"ville bxl\"",
+            "consumer[0].id",
+            "not an identifier",
+        ),
+        (
+            "id     = \"rrn\"",
+            "id = \"rrn\\r\\nX-Evil: 1\"",
+            "provider[0].id",
+            "`rrn\\r\\nX-Evil: 1` is not",
+        ),
+        (
+            "id       = \"person\"",
+            "id = \"per/son\"",
+            "family[0].id",
+            "not an identifier",
+        ),
+        (
+            "id       = \"getPerson\"",
+            "id = \"get%2FPerson\"",
+            "family[0].service[0].id",
+            "not an identifier",
+        ),
+        (
+            "version  = \"v3\"",
+            "version = \"..\"",
+            "family[0].service[0].version[0].version",
+            "not an identifier",
+        ),
+        (
+            "id          = \"csi-2020-123-person\"",
+            "id = \"csi 2020\"",
+            "authorisation[0].id",
+            "not an identifier",
+        ),
+        (
+            "purpose     = \"participation-vote\"",
+            "purpose = \"vote\\u0000\"",
+            "authorisation[0].purpose",
+            "FSP-Purpose header",
+        ),
+        (
+            "reference = \"CSI/20/123\"",
+            "reference = \"Délibération 20/123\"",
+            "authorisation[0].legal_basis.reference",
+            "FSP-Legal-Basis header",
+        ),
+    ];
+    for (from, to, key, reason) in cases {
+        // A renamed consumer, provider or family also leaves references to it dangling.
+        expect(&fx.problems_after(from, to), "fsp.toml", key, &[reason]);
+    }
+    // A purpose with a space can be sent, and is accepted.
+    let text = edit(
+        &fx.single_file(),
+        "purpose     = \"participation-vote\"",
+        "purpose     = \"participation vote\"",
+    );
+    fx.load_single(&text).unwrap();
+}
+
+#[test]
+fn an_identifier_is_letters_digits_dash_underscore_and_dot() {
+    for good in [
+        "v3",
+        "v2.1",
+        "ville-bxl",
+        "A_b-c.9",
+        "0",
+        &"a".repeat(MAX_ID_LEN),
+    ] {
+        assert_eq!(id_problem(good), None, "{good:?}");
+    }
+    let long = "a".repeat(MAX_ID_LEN + 1);
+    for bad in [
+        "", ".", "..", ".hidden", "-x", "_x", "a/b", "a b", "a\n", "é", "a%2F", "a{b}", &long,
+    ] {
+        assert!(id_problem(bad).is_some(), "{bad:?}");
+    }
 }
 
 #[test]
