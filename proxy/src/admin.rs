@@ -604,6 +604,38 @@ async fn route(
     response
 }
 
+/// Lifts every suspension in force, each as a resume by `who` (the quickstart, at its
+/// start) recorded in the audit trail like an administrator's, with `said` as its
+/// detail. Returns how many were lifted.
+pub(crate) async fn lift_every_suspension(gw: &Gateway, who: &str, said: &str) -> usize {
+    let in_force = gw.suspensions.snapshot();
+    let parties = in_force
+        .consumers
+        .keys()
+        .map(|id| (Party::Consumer, id))
+        .chain(in_force.providers.keys().map(|id| (Party::Provider, id)));
+    let local = SocketAddr::from(([127, 0, 0, 1], 0));
+    let mut lifted = 0;
+    for (party, id) in parties {
+        let at = crate::pipeline::stamp::rfc3339_millis(time::OffsetDateTime::now_utc());
+        let response = suspension(gw, party, id, false, None, who, &at).await;
+        let path = format!("/admin/{}s/{id}/resume", party.as_str());
+        let status = response.status();
+        record_admin_action(
+            gw,
+            who,
+            local,
+            &Method::POST,
+            &path,
+            status,
+            Some(said.to_owned()),
+        )
+        .await;
+        lifted += usize::from(status.is_success());
+    }
+    lifted
+}
+
 /// Writes an administrator's change into the audit trail, as a record of its own in the
 /// same hash chain as the calls: who (`credential_id`, with `credential` = `admin`),
 /// what (`operation`), when, from which address, and what was said (`detail`).

@@ -465,23 +465,6 @@ curl -s {admin}/metrics | grep fsp_
     out
 }
 
-/// Lifts the suspensions a previous run left in the state directory; says how many.
-fn lift_leftover_suspensions(dir: &Path, config: &crate::config::Config) -> anyhow::Result<usize> {
-    let state_dir = config.audit.backend.state_dir();
-    if config.cluster.is_some() || !state_dir.starts_with(dir) {
-        // Shared through Redis, or another gateway's state: not the quickstart's to clear.
-        return Ok(0);
-    }
-    let file = state_dir.join("suspensions.json");
-    if !file.exists() {
-        return Ok(0);
-    }
-    let left = crate::suspend::SuspensionStore::open(Some(file.clone()))?.snapshot();
-    let n = left.consumers.len() + left.providers.len();
-    std::fs::remove_file(&file).with_context(|| format!("cannot remove {}", file.display()))?;
-    Ok(n)
-}
-
 /// The quickstart's token endpoint for this configuration: its issuer must be
 /// `http://127.0.0.1:PORT` and its keys the quickstart's JWKS file (a configuration
 /// edited to use another identity provider gets none).
@@ -573,16 +556,6 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
             o.dir.display()
         )
     })?;
-    if o.keep_suspensions {
-        println!("Suspensions left by the last run are kept (--keep-suspensions).");
-    } else {
-        let lifted = lift_leftover_suspensions(&o.dir, &config)?;
-        if lifted > 0 {
-            println!(
-                "Lifted {lifted} suspension(s) left by the last run (start with --keep-suspensions to keep them)."
-            );
-        }
-    }
     let oauth = match token_endpoint(&o.dir, &config)? {
         Some((issuer, addr)) => {
             let listener = TcpListener::bind(addr).await.with_context(|| {
@@ -637,11 +610,31 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
         format!("http://127.0.0.1:{admin_port}")
     };
     println!("Gateway: https://localhost:{port} (mTLS or OAuth2); admin: {admin_url}");
+    // Only the quickstart's own suspensions are lifted: not those shared with other
+    // gateways through Redis, nor those of a state directory outside its own.
+    let ours = config.cluster.is_none() && config.audit.backend.state_dir().starts_with(&o.dir);
+    let started = crate::run::start(&path, config, shutdown).await?;
+    if o.keep_suspensions {
+        println!("Suspensions left by the last run are kept (--keep-suspensions).");
+    } else if ours {
+        // Through the gateway, as an administrator's resume would: each is in the trail.
+        let lifted = crate::admin::lift_every_suspension(
+            &started.gateway,
+            "fsp quickstart",
+            "lifted at the quickstart's start: left by its last run (--keep-suspensions keeps them)",
+        )
+        .await;
+        if lifted > 0 {
+            println!(
+                "Lifted {lifted} suspension(s) left by the last run (start with --keep-suspensions to keep them)."
+            );
+        }
+    }
     println!("Paste these in another terminal:{text}");
     println!("Press Ctrl-C to stop.");
     // It holds an administrator token and a client secret.
     let _ = write_private(&o.dir.join("COMMANDS.txt"), &text);
-    let served = crate::run::serve(&path, config, shutdown).await;
+    let served = started.finished().await;
     drop(lock);
     served
 }

@@ -341,6 +341,23 @@ fn a_second_run_keeps_edited_files_and_lifts_leftover_suspensions() {
         .unwrap()
         .1;
     assert!(run(&soap).contains(" 200"), "still suspended");
+    // The lift is on the record, as an administrator's resume would be.
+    let lift = audit_lines(dir.path())
+        .into_iter()
+        .rfind(|r| r["credential"] == "admin")
+        .expect("the lift is recorded");
+    assert_eq!(lift["credential_id"], "fsp quickstart", "{lift}");
+    assert_eq!(
+        lift["operation"], "POST /admin/consumers/cpas-liege/resume",
+        "{lift}"
+    );
+    assert_eq!(lift["decision"], "allowed", "{lift}");
+    assert!(
+        lift["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("left by its last run")),
+        "{lift}"
+    );
     // And with --keep-suspensions, a suspension made now is still there after a restart.
     assert!(run(&suspend).contains(" 200"));
     qs.stop();
