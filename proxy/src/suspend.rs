@@ -406,17 +406,7 @@ impl ClusterLink {
         if let Some(c) = slot.as_ref() {
             return Ok(c.clone());
         }
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(REDIS_TIMEOUT))
-            .set_response_timeout(Some(REDIS_TIMEOUT))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_millis(500));
-        let c = tokio::time::timeout(
-            REDIS_TIMEOUT,
-            self.client.get_connection_manager_with_config(config),
-        )
-        .await
-        .map_err(|_| timed_out())??;
+        let c = throttle::redis::managed_connection(&self.client, REDIS_TIMEOUT).await?;
         *slot = Some(c.clone());
         Ok(c)
     }

@@ -578,6 +578,29 @@ async fn batches(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<Pending>) {
     }
 }
 
+/// A reconnecting connection to `client`'s Redis, made within `timeout`, whose every
+/// command gets an answer or an error within `timeout`: the settings every user of
+/// Redis in the gateway (throttling, the cluster's suspensions) shares, so that Redis
+/// away costs each of them the same bounded wait.
+pub async fn managed_connection(
+    client: &redis::Client,
+    timeout: Duration,
+) -> Result<redis::aio::ConnectionManager, redis::RedisError> {
+    let config = redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(timeout))
+        .set_response_timeout(Some(timeout))
+        .set_number_of_retries(1)
+        .set_max_delay(Duration::from_millis(500));
+    tokio::time::timeout(timeout, client.get_connection_manager_with_config(config))
+        .await
+        .map_err(|_| {
+            redis::RedisError::from(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("Redis did not answer within {timeout:?}"),
+            ))
+        })?
+}
+
 impl Inner {
     async fn connection(&self) -> Result<redis::aio::ConnectionManager, BackendError> {
         if let Some(c) = self.conn.read().await.as_ref() {
@@ -587,14 +610,7 @@ impl Inner {
         if let Some(c) = slot.as_ref() {
             return Ok(c.clone());
         }
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(self.timeout))
-            .set_response_timeout(Some(self.timeout))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_millis(500));
-        let c = self
-            .client
-            .get_connection_manager_with_config(config)
+        let c = managed_connection(&self.client, self.timeout)
             .await
             .map_err(|e| BackendError(e.to_string()))?;
         *slot = Some(c.clone());
