@@ -233,6 +233,7 @@ impl TempDir {
         // nginx's workers may run as an unprivileged user: let them traverse it.
         fs::set_permissions(&path, fs::Permissions::from_mode(0o711))?;
         procs::register_dir((!keep).then(|| path.clone()));
+        procs::watch_over(&path, (!keep).then_some(path.as_path()))?;
         Ok(Self { path, keep })
     }
 }

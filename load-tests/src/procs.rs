@@ -20,6 +20,8 @@ struct Leftovers {
     pids: Vec<u32>,
     schema: Option<(String, String)>,
     dir: Option<PathBuf>,
+    /// Where the watchdog reads the processes to stop (see [`watch_over`]).
+    list: Option<PathBuf>,
 }
 
 /// The signal that stopped the run (0: none).
@@ -34,12 +36,66 @@ static LEFTOVERS: Mutex<Leftovers> = Mutex::new(Leftovers {
     pids: Vec::new(),
     schema: None,
     dir: None,
+    list: None,
 });
 
 fn leftovers(f: impl FnOnce(&mut Leftovers)) {
     if let Ok(mut l) = LEFTOVERS.lock() {
         f(&mut l);
+        write_list(&l);
     }
+}
+
+/// Keeps the watchdog's list of processes up to date: written aside and renamed, so
+/// that it is whole whenever this program dies.
+fn write_list(l: &Leftovers) {
+    let Some(list) = &l.list else { return };
+    let text: String = l.pids.iter().map(|p| format!("{p}\n")).collect();
+    let aside = list.with_extension("new");
+    if fs::write(&aside, text).is_ok() {
+        let _ = fs::rename(&aside, list);
+    }
+}
+
+/// What the watchdog runs (`sh -c`): `$1` this program's pid, `$2` the list of the
+/// processes it started (each leads its own process group), `$3` a directory to remove
+/// (or empty). Once this program is gone, those still listed are stopped, TERM then
+/// KILL, with their groups (nginx's workers).
+const WATCHDOG: &str = r#"
+while kill -0 "$1" 2>/dev/null; do sleep 1; done
+[ -s "$2" ] || exit 0
+pids=$(cat "$2")
+for p in $pids; do kill -TERM -- "-$p" 2>/dev/null; kill -TERM "$p" 2>/dev/null; done
+sleep 3
+for p in $pids; do kill -KILL -- "-$p" 2>/dev/null; kill -KILL "$p" 2>/dev/null; done
+rm -f -- "$2"
+if [ -n "$3" ]; then rm -rf -- "$3"; fi
+"#;
+
+/// Starts a watchdog that outlives this program: if it is killed outright (SIGKILL,
+/// which no handler sees; other signals go through [`clean_up_on_signals`]), the servers
+/// it started are stopped within a few seconds and `remove` (the run's directory, unless
+/// kept) is removed. The list of servers is kept in `dir`; on an ordinary end it is
+/// empty and the watchdog leaves without doing anything. (A PostgreSQL schema is left:
+/// its name starts with `fsp_load_`.)
+pub fn watch_over(dir: &Path, remove: Option<&Path>) -> Result<()> {
+    use std::os::unix::process::CommandExt;
+    leftovers(|l| l.list = Some(dir.join(".servers")));
+    Command::new("sh")
+        .arg("-c")
+        .arg(WATCHDOG)
+        .arg("fsp-load-watchdog")
+        .arg(std::process::id().to_string())
+        .arg(dir.join(".servers"))
+        .arg(remove.map(Path::as_os_str).unwrap_or_default())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        // Not stopped with this program by a Ctrl-C to the terminal's foreground group.
+        .process_group(0)
+        .spawn()
+        .context("cannot start the watchdog (sh)")?;
+    Ok(())
 }
 
 pub fn register_pid(pid: u32) {
@@ -72,7 +128,13 @@ pub fn clean_up_on_signals() -> Result<()> {
             eprintln!("signal {signal}: stopping what the run started");
             let left = LEFTOVERS
                 .lock()
-                .map(|mut l| std::mem::take(&mut *l))
+                .map(|mut l| {
+                    // This handler stops them: the watchdog has nothing left to do.
+                    let left = std::mem::take(&mut *l);
+                    l.list.clone_from(&left.list);
+                    write_list(&l);
+                    left
+                })
                 .unwrap_or_default();
             let alive = |pid: u32| stat_state(pid).is_some_and(|s| s != 'Z' && s != 'X');
             for pid in &left.pids {
@@ -120,9 +182,12 @@ pub struct Proc {
 impl Proc {
     /// Starts `cmd` with stdout and stderr in `log`.
     pub fn spawn(name: &str, mut cmd: Command, log: &Path) -> Result<Self> {
+        use std::os::unix::process::CommandExt;
         let out =
             fs::File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
         let child = cmd
+            // A group of its own (nginx's workers join it), for the watchdog to stop.
+            .process_group(0)
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out)

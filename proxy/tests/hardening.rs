@@ -550,6 +550,81 @@ async fn look_alike_and_forwarding_headers_never_reach_the_provider_as_sent() {
     }
 }
 
+/// A field the gateway checks or records is refused when the provider could read it
+/// otherwise: raw non-ASCII bytes (the gateway cannot read them, the provider would),
+/// given twice (which one is recorded?), named by `Connection` (recorded, then removed
+/// as hop-by-hop before forwarding), or two SOAP actions that differ.
+#[tokio::test]
+async fn fields_the_provider_could_read_otherwise_are_refused() {
+    let up = upstream().await;
+    let s = start(up, "", "", "").await;
+    let call = |fields: &str| {
+        format!(
+            "GET /person/getPerson/v3/x HTTP/1.1\r\nhost: localhost\r\nFSP-Purpose: participation-vote\r\n{fields}\r\n"
+        )
+    };
+    let cases = [
+        (
+            "connection: close\r\nFSP-End-User: jean.dupont\u{e9}\r\n",
+            "FSP-End-User holds characters other than visible ASCII",
+        ),
+        (
+            "connection: close\r\nX-Request-ID: ref-\u{e9}\r\n",
+            "X-Request-ID holds characters other than visible ASCII",
+        ),
+        (
+            "connection: close\r\nSOAPAction: \"urn:a\u{e9}\"\r\n",
+            "SOAPAction holds characters other than visible ASCII",
+        ),
+        (
+            "connection: close, FSP-End-User\r\nFSP-End-User: u2\r\n",
+            "the Connection field names FSP-End-User",
+        ),
+        (
+            "connection: close, X-Request-ID\r\nX-Request-ID: r2\r\n",
+            "the Connection field names X-Request-ID",
+        ),
+        (
+            "connection: close, Content-Type\r\n",
+            "the Connection field names Content-Type",
+        ),
+        (
+            "connection: close\r\nX-Request-ID: a\r\nX-Request-ID: b\r\n",
+            "X-Request-ID is given more than once",
+        ),
+        (
+            "connection: close\r\nSOAPAction: \"urn:a\"\r\nSOAPAction: \"urn:b\"\r\n",
+            "SOAPAction is given more than once",
+        ),
+        (
+            "connection: close\r\ncontent-type: application/soap+xml; action=\"urn:ct\"\r\nSOAPAction: \"urn:hdr\"\r\ncontent-length: 0\r\n",
+            "SOAPAction `urn:hdr` and the Content-Type's action `urn:ct` differ",
+        ),
+        (
+            "connection: close\r\ncontent-type: application/soap+xml; action=\"urn:a\"; action=\"urn:b\"\r\ncontent-length: 0\r\n",
+            "gives its action parameter more than once",
+        ),
+    ];
+    for (fields, said) in cases {
+        let (status, body) = raw_call(&s, &call(fields)).await;
+        assert_eq!(status, 400, "{fields}: {body}");
+        assert!(
+            body.contains("FSP-REQUEST-MALFORMED") && body.contains(said),
+            "{fields}: {body}"
+        );
+    }
+    // The same fields, readable, once and agreeing, pass.
+    let (status, body) = raw_call(
+        &s,
+        &call("connection: keep-alive, close\r\nFSP-End-User: jean.dupont\r\nX-Request-ID: ref-1\r\ncontent-type: application/soap+xml; action=\"urn:a\"\r\nSOAPAction: \"urn:a\"\r\ncontent-length: 0\r\n"),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let seen: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(seen["headers"]["fsp-end-user"], "jean.dupont", "{body}");
+    assert_eq!(seen["headers"]["x-request-id"], "ref-1", "{body}");
+}
+
 // ---------------------------------------------------------------------------------
 // 4. Resources are bounded.
 

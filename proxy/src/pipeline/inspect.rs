@@ -12,7 +12,10 @@ use http::request;
 use super::call::Call;
 use super::route::Route;
 use crate::errors::{Code, Rejection, map};
-use crate::headers::{FSP_END_USER, FSP_PURPOSE};
+use crate::headers::{FSP_END_USER, FSP_PURPOSE, X_REQUEST_ID};
+
+/// `SOAPAction`, the SOAP 1.1 action.
+const SOAP_ACTION: http::HeaderName = http::HeaderName::from_static("soapaction");
 use crate::soap;
 use crate::state::Snapshot;
 use crate::transport::body::{ConsumerFault, Unread, XmlCheck};
@@ -159,15 +162,37 @@ fn take_soap_header(
 }
 
 /// How often the fields that must be given at most once occur, counted in one pass over
-/// the request's fields (cheaper than a lookup each).
+/// the request's fields (cheaper than a lookup each), and what in them could be read
+/// differently by the gateway and the provider.
 #[derive(Debug)]
 pub struct FieldCounts<'a> {
     host: usize,
     purpose: usize,
     end_user: usize,
+    request_id: usize,
+    soap_action: usize,
     content_types: usize,
     content_type: Option<&'a HeaderValue>,
+    soap_action_value: Option<&'a HeaderValue>,
+    /// The first field the gateway reads whose value is not visible ASCII: the gateway
+    /// cannot read it, and would forward it for the provider to read its own way.
+    unreadable: Option<&'static str>,
+    /// A field the gateway reads that `Connection` names: it would be recorded, then
+    /// removed before forwarding as hop-by-hop.
+    nominated: Option<&'a str>,
 }
+
+/// The fields the gateway reads (checks, records, routes by): `Connection` must not name
+/// them, since a proxy removes what it names.
+const READ_FIELDS: [&str; 7] = [
+    "host",
+    "content-type",
+    "content-length",
+    "content-encoding",
+    "x-request-id",
+    "soapaction",
+    "authorization",
+];
 
 impl<'a> FieldCounts<'a> {
     pub fn of(headers: &'a HeaderMap) -> Self {
@@ -175,19 +200,53 @@ impl<'a> FieldCounts<'a> {
             host: 0,
             purpose: 0,
             end_user: 0,
+            request_id: 0,
+            soap_action: 0,
             content_types: 0,
             content_type: None,
+            soap_action_value: None,
+            unreadable: None,
+            nominated: None,
         };
         for (name, value) in headers {
-            if name == header::HOST {
+            let read = if name == header::HOST {
                 c.host += 1;
+                None
             } else if name == header::CONTENT_TYPE {
                 c.content_types += 1;
                 c.content_type = Some(value);
+                None
             } else if name == FSP_PURPOSE {
                 c.purpose += 1;
+                Some("FSP-Purpose")
             } else if name == FSP_END_USER {
                 c.end_user += 1;
+                Some("FSP-End-User")
+            } else if name == X_REQUEST_ID {
+                c.request_id += 1;
+                Some("X-Request-ID")
+            } else if name == SOAP_ACTION {
+                c.soap_action += 1;
+                c.soap_action_value = Some(value);
+                Some("SOAPAction")
+            } else if name == header::CONNECTION {
+                if c.nominated.is_none() {
+                    c.nominated = value.to_str().ok().and_then(|v| {
+                        v.split(',').map(str::trim).find(|t| {
+                            READ_FIELDS.iter().any(|f| t.eq_ignore_ascii_case(f))
+                                || t.get(..4).is_some_and(|p| p.eq_ignore_ascii_case("fsp-"))
+                        })
+                    });
+                }
+                None
+            } else {
+                None
+            };
+            if let Some(read) = read
+                && c.unreadable.is_none()
+                && value.to_str().is_err()
+            {
+                c.unreadable = Some(read);
             }
         }
         c
@@ -196,18 +255,32 @@ impl<'a> FieldCounts<'a> {
 
 /// Checks the fields a provider could read differently from the gateway: at most one
 /// `Content-Type` (plain ASCII, with a `charset`, if any, under which every ASCII byte is
-/// itself, so that the XML guard sees what the provider will), at most one `FSP-Purpose`
-/// and one `FSP-End-User`. Returns whether the body says it is XML (`xml` anywhere in
-/// its media type, `text/xml`, `application/xml`, `*+xml`).
+/// itself, so that the XML guard sees what the provider will), at most one `FSP-Purpose`,
+/// `FSP-End-User`, `X-Request-ID` and `SOAPAction`, each visible ASCII; one SOAP action
+/// (`SOAPAction` and a SOAP 1.2 `action` parameter agree); no field the gateway reads named
+/// by `Connection`. Returns whether the body says it is XML (`xml` anywhere in its media
+/// type, `text/xml`, `application/xml`, `*+xml`).
 fn inspect_fields(fields: &FieldCounts<'_>) -> Result<bool, Rejection> {
     let malformed = |why: String| Err(Rejection::new(Code::RequestMalformed, why));
     for (name, count) in [
-        (&FSP_PURPOSE, fields.purpose),
-        (&FSP_END_USER, fields.end_user),
+        ("FSP-Purpose", fields.purpose),
+        ("FSP-End-User", fields.end_user),
+        ("X-Request-ID", fields.request_id),
+        ("SOAPAction", fields.soap_action),
     ] {
         if count > 1 {
             return malformed(format!("{name} is given more than once"));
         }
+    }
+    if let Some(name) = fields.unreadable {
+        return malformed(format!(
+            "{name} holds characters other than visible ASCII (such as an accent as raw bytes): send it in ASCII"
+        ));
+    }
+    if let Some(name) = fields.nominated {
+        return malformed(format!(
+            "the Connection field names {name}, which the gateway reads and forwards: only hop-by-hop fields may be named there"
+        ));
     }
     let Some(value) = fields.content_type else {
         return Ok(false);
@@ -218,7 +291,31 @@ fn inspect_fields(fields: &FieldCounts<'_>) -> Result<bool, Rejection> {
     let Ok(value) = value.to_str() else {
         return malformed("the Content-Type holds characters other than visible ASCII".into());
     };
-    let media = value.split(';').next().unwrap_or_default();
+    let mut params = value.split(';');
+    let media = params.next().unwrap_or_default();
+    let mut actions = params.filter_map(|p| {
+        let (k, v) = p.split_once('=')?;
+        k.trim()
+            .eq_ignore_ascii_case("action")
+            .then(|| v.trim().trim_matches('"'))
+    });
+    if let Some(action) = actions.next() {
+        if actions.next().is_some() {
+            return malformed("the Content-Type gives its action parameter more than once".into());
+        }
+        let header = fields
+            .soap_action_value
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.trim().trim_matches('"'))
+            .filter(|v| !v.is_empty());
+        if let Some(header) = header
+            && header != action
+        {
+            return malformed(format!(
+                "SOAPAction `{header}` and the Content-Type's action `{action}` differ: give one action"
+            ));
+        }
+    }
     if let Some(charset) = xml::unreadable_charset(value) {
         return malformed(format!(
             "charset {charset} is not accepted: use UTF-8 (or US-ASCII, ISO-8859-1 to 15, windows-1252)"
