@@ -99,6 +99,22 @@ struct Shared {
     direct_batches: AtomicU64,
 }
 
+/// Held by the writer thread: should the writer stop on a panic (a defect), the trail
+/// is marked unavailable at once, so that readiness, the admin API and calls see it
+/// rather than wait for confirmations that cannot come.
+struct WriterGuard(Arc<Shared>);
+
+impl Drop for WriterGuard {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let why =
+                "the audit writer stopped on an internal error (see the log): restart the gateway";
+            let _ = self.0.tampered.set(why.to_owned());
+            self.0.healthy.store(false, Ordering::Release);
+        }
+    }
+}
+
 impl Shared {
     fn wake_writer(&self) {
         if let Some(t) = self.writer.get() {
@@ -306,9 +322,13 @@ impl FileSink {
             segment_bytes,
             direct_io,
         };
+        let guard = WriterGuard(shared.clone());
         let thread = std::thread::Builder::new()
             .name("fsp-audit-file".into())
-            .spawn(move || writer.run())
+            .spawn(move || {
+                let _guard = guard;
+                writer.run();
+            })
             .map_err(|e| AuditError::Unavailable(format!("cannot start audit writer: {e}")))?;
         let _ = shared.writer.set(thread.thread().clone());
         Ok((
@@ -959,9 +979,7 @@ impl Writer {
             return;
         }
         self.retired_on = Some(today.to_owned());
-        let cutoff = day_text(
-            time::OffsetDateTime::now_utc().date() - time::Duration::days(i64::from(days)),
-        );
+        let cutoff = day_text(days_before_today(days));
         let old: Vec<(String, PathBuf)> = match node_files(&self.dir, &self.node) {
             Ok(files) => files.into_iter().filter(|(d, _)| *d < cutoff).collect(),
             Err(e) => {
@@ -1241,6 +1259,15 @@ fn from_the_end<T>(
         }
         window = window.saturating_mul(4);
     }
+}
+
+/// The day `days` before today (the first day there is, for a span longer than the
+/// calendar goes back: then nothing is older).
+fn days_before_today(days: u32) -> time::Date {
+    time::OffsetDateTime::now_utc()
+        .date()
+        .checked_sub(time::Duration::days(i64::from(days)))
+        .unwrap_or(time::Date::MIN)
 }
 
 fn day_text(d: time::Date) -> String {
@@ -1639,9 +1666,7 @@ pub fn verify_dir(dir: &Path, retention_days: Option<u32>) -> Result<Verified, V
     let mut verifier = Verifier::default();
     for (path, anchor) in Anchor::all(dir)? {
         if let Some(days) = retention_days {
-            let cutoff = day_text(
-                time::OffsetDateTime::now_utc().date() - time::Duration::days(i64::from(days)),
-            );
+            let cutoff = day_text(days_before_today(days));
             if anchor.retired_through >= cutoff {
                 return Err(VerifyError::RetiredEarly {
                     anchor: path.display().to_string(),
@@ -1687,6 +1712,23 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
     use crate::Phase;
+
+    #[test]
+    fn a_retention_longer_than_the_calendar_retires_nothing_and_does_not_panic() {
+        assert_eq!(days_before_today(u32::MAX), time::Date::MIN);
+        // An anchor says files were retired: under such a retention, too early.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("retired-n1.json"),
+            r#"{"node":"n1","last_hash":"00","retired_through":"2020-01-01"}"#,
+        )
+        .unwrap();
+        let verified = verify_dir(dir.path(), Some(u32::MAX));
+        assert!(
+            matches!(verified, Err(VerifyError::RetiredEarly { .. })),
+            "{verified:?}"
+        );
+    }
 
     /// Every file of the trail, one after the other.
     fn whole_trail(dir: &Path) -> String {

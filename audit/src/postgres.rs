@@ -735,7 +735,7 @@ fn maintain(
     }
     if let Some(days) = retention_days {
         // A month lies wholly before the cutoff when the next one begins by then.
-        let cutoff = Month::of(now - time::Duration::days(i64::from(days)));
+        let cutoff = Month::of(before(now, days));
         for month in existing {
             if month.next() <= cutoff {
                 retire(&mut tx, month)?;
@@ -1498,6 +1498,23 @@ struct Shared {
     held: AtomicUsize,
 }
 
+/// Held by the writer thread: should the writer stop on a panic (a defect), the trail
+/// is marked unavailable at once, so that readiness, the admin API and calls see it
+/// rather than wait for confirmations that cannot come.
+struct WriterGuard(Arc<Shared>);
+
+impl Drop for WriterGuard {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let why =
+                "the audit writer stopped on an internal error (see the log): restart the gateway";
+            let mut last = self.0.last_error.lock().unwrap_or_else(|p| p.into_inner());
+            *last = Some(why.to_owned());
+            self.0.healthy.store(false, Ordering::Release);
+        }
+    }
+}
+
 impl Shared {
     fn new() -> Self {
         Self {
@@ -1585,13 +1602,16 @@ impl PostgresSink {
         let (started_tx, started) = std::sync::mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("fsp-audit-postgres".into())
-            .spawn(move || match Writer::connect(settings, shared) {
-                Ok(writer) => {
-                    let _ = started_tx.send(Ok(()));
-                    writer.run();
-                }
-                Err(e) => {
-                    let _ = started_tx.send(Err(e));
+            .spawn(move || {
+                let _guard = WriterGuard(shared.clone());
+                match Writer::connect(settings, shared) {
+                    Ok(writer) => {
+                        let _ = started_tx.send(Ok(()));
+                        writer.run();
+                    }
+                    Err(e) => {
+                        let _ = started_tx.send(Err(e));
+                    }
                 }
             })
             .map_err(|e| AuditError::Unavailable(format!("cannot start audit writer: {e}")))?;
@@ -2299,7 +2319,7 @@ impl PostgresTrail {
         let mut chains = Chains::default();
         for anchor in anchors {
             if let Some(days) = retention_days
-                && anchor.retired_through > now - time::Duration::days(i64::from(days))
+                && anchor.retired_through > before(now, days)
             {
                 let through = anchor.retired_through;
                 return Err(VerifyError::RetiredEarly {
@@ -2456,6 +2476,16 @@ struct Anchor {
 }
 
 /// The database's time, and every node's anchor.
+/// `days` before `now` (the first moment there is, for a span longer than the calendar
+/// goes back: then nothing is older).
+fn before(now: OffsetDateTime, days: u32) -> OffsetDateTime {
+    now.checked_sub(time::Duration::days(i64::from(days)))
+        .unwrap_or(OffsetDateTime::new_utc(
+            time::Date::MIN,
+            time::Time::MIDNIGHT,
+        ))
+}
+
 fn anchors(tx: &mut Transaction<'_>) -> Result<(OffsetDateTime, Vec<Anchor>), ::postgres::Error> {
     let now = tx.query_one("SELECT now()", &[])?.try_get(0)?;
     let rows = tx.query(

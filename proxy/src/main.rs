@@ -126,7 +126,7 @@ enum CertsCommand {
         #[arg(long, env = "FSP_CONFIG")]
         config: PathBuf,
         /// Warn (exit 3) about certificates expiring within this many days.
-        #[arg(long, default_value_t = 14)]
+        #[arg(long, default_value_t = 14, value_parser = clap::value_parser!(i64).range(0..=36_500))]
         within: i64,
     },
 }

@@ -541,6 +541,9 @@ fn single<'a, T>(
     found
 }
 
+/// The longest retention the trail accepts, in days: 100 years.
+pub const MAX_RETENTION_DAYS: u32 = 36_525;
+
 /// How long an identifier may be.
 const MAX_ID_LEN: usize = 128;
 
@@ -1226,8 +1229,14 @@ fn build_audit(sources: &[Source], problems: &mut Problems) -> AuditConfig {
                 );
             }
             let retention_days = a.retention_days.unwrap_or(3653);
-            if retention_days < 1 {
-                problems.add(&s.path, "audit.retention_days", "must be at least 1");
+            if !(1..=MAX_RETENTION_DAYS).contains(&retention_days) {
+                problems.add(
+                    &s.path,
+                    "audit.retention_days",
+                    format!(
+                        "must be from 1 to {MAX_RETENTION_DAYS} (100 years); {retention_days} is not"
+                    ),
+                );
             }
             AuditConfig {
                 backend,

@@ -922,6 +922,27 @@ fn a_value_of_the_wrong_type_names_its_key() {
     assert_eq!(problems[0].key, "audit.retention_days", "{}", problems[0]);
 }
 
+#[test]
+fn a_retention_beyond_a_hundred_years_is_refused() {
+    let fx = Fixture::new();
+    for days in ["0", "36526", "4294967295"] {
+        let problems =
+            fx.problems_after("retention_days = 3653", &format!("retention_days = {days}"));
+        expect_only(
+            &problems,
+            "fsp.toml",
+            "audit.retention_days",
+            &["must be from 1 to 36525 (100 years)"],
+        );
+    }
+    let text = edit(
+        &fx.single_file(),
+        "retention_days = 3653",
+        "retention_days = 36525",
+    );
+    assert_eq!(fx.load_single(&text).unwrap().audit.retention_days, 36525);
+}
+
 // ------------------------------------------------- the lifecycle rules ----
 
 fn bad_lifecycle_config(fx: &Fixture) -> PathBuf {
