@@ -1373,6 +1373,14 @@ pub(crate) fn for_each_line_at<E: From<std::io::Error>>(
     mut f: impl FnMut(usize, u64, &[u8]) -> Result<(), E>,
 ) -> Result<(), E> {
     use std::io::{BufRead, Read, Seek, SeekFrom};
+    // A pipe or a device put in the trail's place would block or never end.
+    if !std::fs::metadata(path)?.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{} is not a regular file", path.display()),
+        )
+        .into());
+    }
     let mut file = File::open(path)?;
     file.seek(SeekFrom::Start(from))?;
     let mut reader = std::io::BufReader::with_capacity(256 * 1024, file);
@@ -1712,6 +1720,20 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
     use crate::Phase;
+
+    /// A segment replaced by a device or a pipe is an error at once, not a read that
+    /// never ends or never starts.
+    #[test]
+    fn a_segment_that_is_not_a_regular_file_fails_verify_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let segment = dir.path().join(segment_name("n1", "2026-12-01", 1));
+        std::os::unix::fs::symlink("/dev/zero", &segment).unwrap();
+        let verified = verify_dir(dir.path(), None);
+        assert!(
+            matches!(&verified, Err(VerifyError::Io(e)) if e.to_string().contains("not a regular file")),
+            "{verified:?}"
+        );
+    }
 
     #[test]
     fn a_retention_longer_than_the_calendar_retires_nothing_and_does_not_panic() {

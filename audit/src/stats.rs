@@ -2470,9 +2470,9 @@ fn csv_rows(out: &mut Vec<u8>, rows: &[Row], by: &[Dim]) {
     }
 }
 
-/// A value as a terminal shows it: control characters (which could move the cursor)
-/// replaced.
-fn printable(s: &str) -> String {
+/// A value as a terminal shows it: control characters (which could move the cursor,
+/// retitle the window or clear the screen) replaced by `?`.
+pub fn printable(s: &str) -> String {
     s.chars()
         .map(|c| if c.is_control() { '?' } else { c })
         .collect()

@@ -23,7 +23,32 @@ impl CertError {
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, CertError> {
-    std::fs::read(path).map_err(|e| CertError::new(path, format!("cannot read file: {e}")))
+    // A large CA's CRL can run to tens of megabytes.
+    read_regular_file(path, 256 << 20)
+        .map_err(|e| CertError::new(path, format!("cannot read file: {e}")))
+}
+
+/// Reads a configuration file, certificate, key or list: a regular file (not a device,
+/// a pipe or a directory, which could block or never end) of at most `max` bytes.
+pub fn read_regular_file(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::{Error, ErrorKind, Read};
+    // Checked before opening too: opening a pipe waits for a writer.
+    if !std::fs::metadata(path)?.is_file() {
+        return Err(Error::new(ErrorKind::InvalidInput, "not a regular file"));
+    }
+    let file = std::fs::File::open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(Error::new(ErrorKind::InvalidInput, "not a regular file"));
+    }
+    let mut out = Vec::new();
+    file.take(max + 1).read_to_end(&mut out)?;
+    if out.len() as u64 > max {
+        return Err(Error::new(
+            ErrorKind::InvalidData,
+            format!("larger than {} MiB", max >> 20),
+        ));
+    }
+    Ok(out)
 }
 
 /// Every certificate in a PEM file, in file order (for a chain: leaf first).

@@ -381,7 +381,10 @@ fn export_audit(
                 |call| out.write(&call),
                 |at, why| {
                     broken += 1;
-                    eprintln!("{at} is not a whole audit record (cut short, or edited): {why}");
+                    eprintln!(
+                        "{at} is not a whole audit record (cut short, or edited): {}",
+                        audit::stats::printable(&why.to_string())
+                    );
                 },
             )
             .map(drop)
@@ -502,12 +505,20 @@ fn verify_audit(config: &std::path::Path) -> ExitCode {
             );
             ExitCode::SUCCESS
         }
+        // What a broken trail says comes from the files themselves: printed so that
+        // it cannot drive the terminal.
         Err(audit::file::VerifyError::Io(e)) => {
-            eprintln!("cannot read the audit trail in {place}: {e}");
+            eprintln!(
+                "cannot read the audit trail in {place}: {}",
+                audit::stats::printable(&e.to_string())
+            );
             ExitCode::from(5)
         }
         Err(e) => {
-            eprintln!("audit trail broken: {e}");
+            eprintln!(
+                "audit trail broken: {}",
+                audit::stats::printable(&e.to_string())
+            );
             ExitCode::from(4)
         }
     }

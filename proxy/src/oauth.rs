@@ -195,9 +195,15 @@ impl Verifier {
 
     async fn fetch(&self) -> Result<KeySet, String> {
         let bytes = match &self.source {
-            JwksSource::File(p) => tokio::fs::read(p)
+            JwksSource::File(p) => {
+                let path = p.clone();
+                tokio::task::spawn_blocking(move || {
+                    certs::load::read_regular_file(&path, JWKS_MAX_BYTES as u64)
+                })
                 .await
-                .map_err(|e| format!("cannot read {}: {e}", p.display()))?,
+                .map_err(|e| e.to_string())?
+                .map_err(|e| format!("cannot read {}: {e}", p.display()))?
+            }
             JwksSource::Url(url) => {
                 let req = http::Request::get(url.clone())
                     .header(http::header::ACCEPT, "application/json")

@@ -112,6 +112,17 @@ async fn the_trail_verifies_and_any_altered_removed_or_swapped_record_is_named()
     assert_eq!(code, 4, "{out}");
     assert!(out.contains(":8 is not a whole audit record"), "{out}");
 
+    // A message id made to drive the terminal (retitle it, clear it) is printed inert.
+    let mut escaped = lines.clone();
+    escaped[4] = escaped[4].replacen(&id(4), "\\u001b]0;pwned\\u0007\\u001b[2J", 1);
+    write(&escaped);
+    let (code, out) = verify(&config);
+    assert_eq!(code, 4, "{out}");
+    assert!(
+        out.contains("?]0;pwned??[2J") && !out.contains('\u{1b}') && !out.contains('\u{7}'),
+        "{out:?}"
+    );
+
     write(&lines);
     assert_eq!(verify(&config).0, 0);
 }

@@ -417,7 +417,7 @@ fn read_with_includes(
         );
         return;
     }
-    let text = match std::fs::read_to_string(&canonical) {
+    let text = match read_text(&canonical) {
         Ok(t) => t,
         Err(e) => return unreadable(e, problems),
     };
@@ -438,6 +438,17 @@ fn read_with_includes(
     for (i, inc) in includes.iter().enumerate() {
         read_with_includes(&dir.join(inc), Some((path, i)), out, seen, problems);
     }
+}
+
+/// The most a configuration file, or a file it names for a secret or a list, may hold.
+const MAX_CONFIG_FILE: u64 = 16 << 20;
+
+/// Reads a configuration file or a file it names (tokens, a URL): a regular UTF-8 file
+/// of at most [`MAX_CONFIG_FILE`] bytes.
+fn read_text(path: &Path) -> std::io::Result<String> {
+    let bytes = certs::load::read_regular_file(path, MAX_CONFIG_FILE)?;
+    String::from_utf8(bytes)
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "not UTF-8 text"))
 }
 
 /// Parses one file; on error returns the key path and a reason with line and column.
@@ -1351,7 +1362,7 @@ fn url_setting(
         (Some(url), None) => Some(url.clone()),
         (None, Some(file)) => {
             let path = s.dir.join(file);
-            match std::fs::read_to_string(&path) {
+            match read_text(&path) {
                 Ok(text) if !text.trim().is_empty() => Some(text.trim().to_owned()),
                 Ok(_) => {
                     problems.add(
@@ -1653,7 +1664,7 @@ fn build_admin(
     let mut tokens = Vec::new();
     if let Some(f) = &a.tokens_file {
         let path = s.dir.join(f);
-        match std::fs::read_to_string(&path) {
+        match read_text(&path) {
             Ok(text) => {
                 for (n, line) in text.lines().enumerate() {
                     let t = line.trim();

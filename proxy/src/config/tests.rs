@@ -741,6 +741,35 @@ fn a_missing_included_file_is_named() {
     assert!(p.to_string().contains("consumerz.toml"), "{p}");
 }
 
+/// A device, a directory or a huge file named by `include` is refused at once, not read
+/// until memory runs out (`/dev/zero` never ends).
+#[test]
+fn an_include_that_is_not_a_reasonable_file_is_refused() {
+    let fx = Fixture::new();
+    fx.write("catalogue.toml", &fx.catalogue("pki"));
+    fx.write("consumers.toml", &fx.consumers());
+    let huge = fx.write("huge.toml", "");
+    std::fs::File::options()
+        .write(true)
+        .open(&huge)
+        .unwrap()
+        .set_len(17 << 20)
+        .unwrap();
+    std::fs::create_dir(fx.dir.join("folder.toml")).unwrap();
+    for (include, said) in [
+        ("/dev/zero", "not a regular file"),
+        ("folder.toml", "not a regular file"),
+        ("huge.toml", "larger than 16 MiB"),
+    ] {
+        let main = fx.write(
+            "fsp.toml",
+            &fx.main_including(&["catalogue.toml", "consumers.toml", include]),
+        );
+        let problems = load(&main).unwrap_err().0;
+        expect_only(&problems, "fsp.toml", "include[2]", &["cannot read", said]);
+    }
+}
+
 #[test]
 fn a_missing_main_file_is_named() {
     let fx = Fixture::new();
