@@ -582,10 +582,13 @@ async fn route(
                         }),
                     )
                 }
-                Err(e) => json(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    serde_json::json!({"reloaded": false, "error": e.to_string()}),
-                ),
+                Err(e) => {
+                    said = Some(format!("not reloaded: {e}"));
+                    json(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        serde_json::json!({"reloaded": false, "error": e.to_string()}),
+                    )
+                }
             },
             _ => match allowed_methods(&path) {
                 Some(allow) => method_not_allowed(allow),
@@ -648,14 +651,55 @@ async fn record_admin_action(
     status: StatusCode,
     said: Option<String>,
 ) {
+    let operation = format!("{method} {path}");
+    record_change(gw, who, peer.ip(), operation, status, said).await;
+}
+
+/// A reload asked for by SIGHUP, made as `POST /admin/reload` makes it and recorded as
+/// an administrator's change by `SIGHUP` (the signal does not say who sent it). With
+/// `fail_closed`, a reload the trail cannot record is not made.
+pub(crate) async fn reload_on_signal(gw: &Gateway) {
+    let local = std::net::IpAddr::from([127, 0, 0, 1]);
+    let operation = "SIGHUP reload".to_owned();
+    if gw.snapshot.load().fail_closed
+        && let Err(e) = gw.audit.health()
+    {
+        tracing::error!(target: "fsp::admin", error = %e, "SIGHUP reload refused: the audit trail cannot record it");
+        return;
+    }
+    let (status, said) = match gw.reload() {
+        Ok(report) => (
+            StatusCode::OK,
+            format!("reloaded; changed: {}", report.changed),
+        ),
+        Err(e) => {
+            tracing::error!(error = %e, "SIGHUP reload refused; the running configuration stays");
+            (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("not reloaded: {e}"),
+            )
+        }
+    };
+    record_change(gw, "SIGHUP", local, operation, status, Some(said)).await;
+}
+
+/// Writes a change into the audit trail (see [`record_admin_action`]).
+async fn record_change(
+    gw: &Gateway,
+    who: &str,
+    from: std::net::IpAddr,
+    operation: String,
+    status: StatusCode,
+    said: Option<String>,
+) {
     let stamp = crate::pipeline::stamp::Stamp::now();
     let record = audit::Record {
         message_id: stamp.message_id().to_owned(),
         timestamp: stamp.timestamp().to_owned(),
         credential: Some(audit::stats::ADMIN_CREDENTIAL.to_owned()),
         credential_id: Some(who.to_owned()),
-        source_ip: peer.ip().to_canonical().to_string(),
-        operation: format!("{method} {path}"),
+        source_ip: from.to_canonical().to_string(),
+        operation: operation.clone(),
         decision: if status.is_success() {
             "allowed".to_owned()
         } else {
@@ -675,7 +719,7 @@ async fn record_admin_action(
         Err(e) => Err(e.to_string()),
     };
     if let Err(e) = written {
-        tracing::error!(target: "fsp::admin", %who, %path, error = %e, "the admin action could not be recorded in the audit trail");
+        tracing::error!(target: "fsp::admin", %who, %operation, error = %e, "the admin action could not be recorded in the audit trail");
     }
 }
 

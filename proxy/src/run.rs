@@ -286,11 +286,10 @@ pub async fn start(
             loop {
                 tokio::select! {
                     _ = hup.recv() => {
-                        // The reload logs what it applied and what needs a restart.
-                        if let Some(gw) = weak.upgrade()
-                            && let Err(e) = gw.reload()
-                        {
-                            tracing::error!(error = %e, "SIGHUP reload refused; the running configuration stays");
+                        // The reload logs what it applied and what needs a restart,
+                        // and is recorded in the audit trail.
+                        if let Some(gw) = weak.upgrade() {
+                            crate::admin::reload_on_signal(&gw).await;
                         }
                     }
                     _ = stop.changed() => break,

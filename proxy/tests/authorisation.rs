@@ -384,6 +384,18 @@ async fn reloads_under_load_fail_no_request_and_apply_new_authorisations() {
             let _ = std::process::Command::new("kill")
                 .args(["-HUP", &s.gw.pid().to_string()])
                 .status();
+            // Done (and recorded) before the configuration is broken below.
+            let start = Instant::now();
+            while !audit_records(&s.pki)
+                .iter()
+                .any(|r| r["operation"] == "SIGHUP reload")
+            {
+                assert!(
+                    start.elapsed() < Duration::from_secs(10),
+                    "no SIGHUP record"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
         } else {
             let (status, body) =
                 admin_request(s.gw.admin_port, "POST", "/admin/reload", Some(TOKEN)).await;
@@ -412,6 +424,35 @@ async fn reloads_under_load_fail_no_request_and_apply_new_authorisations() {
         total += ok;
     }
     assert!(total > 50, "only {total} requests made it");
+    // Each reload is on the record: who (the token's name, or SIGHUP) and what it did.
+    let changes: Vec<serde_json::Value> = audit_records(&s.pki)
+        .into_iter()
+        .filter(|r| r["credential"] == "admin")
+        .collect();
+    let by_signal: Vec<_> = changes
+        .iter()
+        .filter(|r| r["operation"] == "SIGHUP reload")
+        .collect();
+    assert_eq!(by_signal.len(), 1, "{changes:?}");
+    assert_eq!(by_signal[0]["credential_id"], "SIGHUP");
+    assert_eq!(by_signal[0]["decision"], "allowed");
+    assert!(
+        by_signal[0]["detail"]
+            .as_str()
+            .is_some_and(|d| d.starts_with("reloaded; changed:")),
+        "{:?}",
+        by_signal[0]
+    );
+    let refused = changes
+        .iter()
+        .find(|r| r["operation"] == "POST /admin/reload" && r["status"] == 422)
+        .expect("the refused reload is recorded");
+    assert!(
+        refused["detail"]
+            .as_str()
+            .is_some_and(|d| d.starts_with("not reloaded:") && d.contains("environment")),
+        "{refused:?}"
+    );
 
     // A reload that removes the authorisation takes effect.
     let without = good.replace(
