@@ -479,7 +479,8 @@ impl Gateway {
             .carry_over(snapshot.providers.iter().map(|p| p.id.as_str()));
         self.throttle.store(Arc::new(throttle));
         self.tls.store(tls);
-        let changed = changes(&self.snapshot.load(), &snapshot);
+        let mut changed = changes(&self.snapshot.load(), &snapshot);
+        changed["administrators"] = admin_changes(&self.admin_access.load(), &admin_access);
         // Admin access first: an admin request in between must not see new consumers
         // (whose certificates are never an administrator's) with the old admin CNs.
         self.admin_access.store(Arc::new(admin_access));
@@ -511,18 +512,36 @@ impl Gateway {
     }
 }
 
+/// Who may administer, before and after a reload: token names (a token changed under
+/// its name is `changed`; no token is ever shown) and certificate CNs (`cn:...`).
+fn admin_changes(before: &crate::config::AdminAccess, after: &crate::config::AdminAccess) -> Value {
+    let who = |a: &crate::config::AdminAccess| -> BTreeMap<String, String> {
+        a.tokens
+            .iter()
+            .map(|t| {
+                let digest = certs::identity::sha256(t.token.as_bytes());
+                (t.name.clone(), digest.to_string())
+            })
+            .chain(a.cns.iter().map(|cn| (format!("cn:{cn}"), String::new())))
+            .collect()
+    };
+    diff(who(before), who(after))
+}
+
+/// The ids of `after` not in `before`, those gone, and those whose value changed.
+fn diff(before: BTreeMap<String, String>, after: BTreeMap<String, String>) -> Value {
+    let added: Vec<&String> = after.keys().filter(|k| !before.contains_key(*k)).collect();
+    let removed: Vec<&String> = before.keys().filter(|k| !after.contains_key(*k)).collect();
+    let changed: Vec<&String> = after
+        .iter()
+        .filter(|(k, v)| before.get(*k).is_some_and(|b| b != *v))
+        .map(|(k, _)| k)
+        .collect();
+    json!({ "added": added, "removed": removed, "changed": changed })
+}
+
 /// What a reload changed, by kind: ids added, removed and changed.
 pub(crate) fn changes(before: &Snapshot, after: &Snapshot) -> Value {
-    fn diff(before: BTreeMap<String, String>, after: BTreeMap<String, String>) -> Value {
-        let added: Vec<&String> = after.keys().filter(|k| !before.contains_key(*k)).collect();
-        let removed: Vec<&String> = before.keys().filter(|k| !after.contains_key(*k)).collect();
-        let changed: Vec<&String> = after
-            .iter()
-            .filter(|(k, v)| before.get(*k).is_some_and(|b| b != *v))
-            .map(|(k, _)| k)
-            .collect();
-        json!({ "added": added, "removed": removed, "changed": changed })
-    }
     let consumers = |s: &Snapshot| -> BTreeMap<String, String> {
         s.consumers
             .iter()

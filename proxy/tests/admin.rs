@@ -335,9 +335,21 @@ async fn what_is_loaded_can_be_read_back_and_a_reload_says_what_it_changed() {
         .replace("response_timeout = \"2s\"", "response_timeout = \"3s\"") + "\n[[authorisation]]\nid          = \"bxl-person-tax\"\nconsumer    = \"ville-bxl\"\nservice     = \"person/getPerson\"\npurpose     = \"local-tax\"\nlegal_basis = { kind = \"protocol\", reference = \"PROT-2024-7\" }\nprovider_approval = \"RRN-2024-9\"\nvalid_from  = 2024-01-01\nvalid_until = 2099-12-31\n",
     )
     .unwrap();
+    // And a new administrator: a reload's record must show who was given access.
+    std::fs::write(
+        pki.path().join("admin-tokens"),
+        "test-admin-token-0123456789\nmallory:mallory-token-0123456789abcdef\n",
+    )
+    .unwrap();
     let (status, body) = admin_request(gw.admin_port, "POST", "/admin/reload", token).await;
     assert_eq!(status, 200, "{body}");
     let report: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        report["changed"]["administrators"],
+        serde_json::json!({"added": ["mallory"], "removed": [], "changed": []}),
+        "{report}"
+    );
+    assert!(!body.contains("mallory-token"), "{body}");
     assert_eq!(
         report["changed"]["authorisations"]["added"],
         serde_json::json!(["bxl-person-tax"]),

@@ -1672,6 +1672,20 @@ fn build_admin(
                         continue;
                     }
                     let token = AdminToken::parse(t, tokens.len());
+                    // A mistyped name would otherwise make the whole line a token of
+                    // its own, and lock its administrator out. (Neither part is
+                    // printed: either could be the secret.)
+                    if token.line.is_none() && t.contains(':') {
+                        problems.add(
+                            &s.path,
+                            "admin.tokens_file",
+                            format!(
+                                "{} line {}: the text before ':' is not a name (1 to 64 letters, digits, '.', '_', '@' or '-'): write name:token, and no ':' in a token without a name",
+                                path.display(),
+                                n + 1
+                            ),
+                        );
+                    }
                     if token.token.len() < 16 {
                         problems.add(
                             &s.path,

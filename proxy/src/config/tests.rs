@@ -2534,10 +2534,21 @@ fn admin_tokens_may_be_named_and_names_are_unique() {
     let fx = Fixture::new();
     std::fs::write(
         fx.dir.join("admin-tokens"),
-        "alice:alice-secret-token-0123456789\nalice:another-secret-token-0123456\nbob:short\ncarol:alice-secret-token-0123456789\n",
+        "alice:alice-secret-token-0123456789\nalice:another-secret-token-0123456\nbob:short\ncarol:alice-secret-token-0123456789\nbad name:dave-secret-token-0123456789\n",
     )
     .unwrap();
     let problems = fx.problems(&fx.single_file());
+    // A mistyped name is refused, not taken as part of a token; neither part is shown.
+    let typo = expect(
+        &problems,
+        "fsp.toml",
+        "admin.tokens_file",
+        &["line 5", "the text before ':' is not a name"],
+    );
+    assert!(
+        !typo.reason.contains("bad name") && !typo.reason.contains("dave-secret"),
+        "{typo}"
+    );
     expect(
         &problems,
         "fsp.toml",
