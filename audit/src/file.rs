@@ -43,9 +43,13 @@
 //! The writer seals each line into the node's hash chain ([`crate::chain`]) in the order
 //! it writes them, continuing after the last record of the node's newest segment when
 //! it starts; [`verify_dir`] walks the segments again and names the first record that
-//! does not fit.
+//! does not fit. A chain cannot tell that its last records were removed, so the writer
+//! also keeps each node's head ([`Head`], `head-{node}.json`): the last record written,
+//! rewritten at most once a second and at a clean stop; verify fails when the trail
+//! does not hold it.
 
 use std::cell::RefCell;
+use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
@@ -317,6 +321,7 @@ impl FileSink {
             today: Today::default(),
             retention_days,
             retired_on: None,
+            head_at: None,
             rollups,
             last_segment: None,
             segment_bytes,
@@ -671,6 +676,8 @@ struct Writer {
     retired_on: Option<String>,
     /// The statistics of the calls written.
     rollups: crate::file_stats::Rollups,
+    /// When the node's head (see [`Head`]) was last written.
+    head_at: Option<std::time::Instant>,
 }
 
 impl Writer {
@@ -692,7 +699,9 @@ impl Writer {
             let closing = self.shared.closed.load(Ordering::Acquire);
             if self.collect(&mut batch, &mut spare) == 0 {
                 if closing {
-                    // The last segment's index is written before the gateway stops.
+                    // The last segment's index is written before the gateway stops, and
+                    // the head names its last record.
+                    self.write_head();
                     self.close(Indexing::Now);
                     self.rollups.flush();
                     break;
@@ -757,6 +766,9 @@ impl Writer {
                 spare.push(p);
             }
             self.rollups.tick();
+            if self.head_at.is_none_or(|at| at.elapsed() >= HEAD_EVERY) {
+                self.write_head();
+            }
             // Under load, the next batch gathers for a window (one wait, not a polling
             // loop: every wake-up of this thread takes a core from the workers), unless
             // callers wait for their records: then the sync just done was the window, and
@@ -767,6 +779,36 @@ impl Writer {
                     std::thread::park_timeout(GROUP_COMMIT_WINDOW);
                 }
                 self.shared.gathering.store(false, Ordering::SeqCst);
+            }
+        }
+    }
+
+    /// Writes the node's head: the last record written (durable: every batch is synced
+    /// before this runs). A failure is logged; the next batch tries again.
+    fn write_head(&mut self) {
+        let Some(last_hash) = self.chain.last() else {
+            return;
+        };
+        let lines = &self.sealed.1;
+        let last_line = lines[..lines.len().saturating_sub(1)]
+            .rsplit(|b| *b == b'\n')
+            .next()
+            .unwrap_or_default();
+        let Some(message_id) = crate::file_index::message_id_of(last_line) else {
+            return;
+        };
+        let head = Head {
+            node: self.node.clone(),
+            message_id: String::from_utf8_lossy(message_id).into_owned(),
+            last_hash: last_hash.to_owned(),
+            written_at: time::OffsetDateTime::now_utc()
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_default(),
+        };
+        match head.write(&self.dir) {
+            Ok(()) => self.head_at = Some(std::time::Instant::now()),
+            Err(e) => {
+                tracing::warn!(error = %e, dir = %self.dir.display(), "the audit trail's head could not be written");
             }
         }
     }
@@ -1301,37 +1343,95 @@ impl Anchor {
     }
 
     fn write(&self, dir: &Path, node: &str) -> std::io::Result<()> {
-        let path = Self::path(dir, node);
-        let tmp = path.with_extension("json.tmp");
-        let mut f = OpenOptions::new()
-            .create(true)
-            .write(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(&serde_json::to_vec(self).map_err(std::io::Error::other)?)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &path)?;
+        replace_json(&Self::path(dir, node), self)?;
         File::open(dir)?.sync_all()
     }
 
     /// Every anchor in `dir`.
     fn all(dir: &Path) -> std::io::Result<Vec<(PathBuf, Self)>> {
-        let mut out = Vec::new();
-        for entry in std::fs::read_dir(dir)? {
-            let path = entry?.path();
-            let name = path
-                .file_name()
-                .and_then(|n| n.to_str())
-                .unwrap_or_default();
-            if name.starts_with("retired-") && name.ends_with(".json") {
-                let anchor = serde_json::from_slice(&std::fs::read(&path)?)
-                    .map_err(std::io::Error::other)?;
-                out.push((path, anchor));
-            }
-        }
-        Ok(out)
+        small_json_files(dir, "retired-")
     }
+}
+
+/// How often, at most, the writer rewrites a node's head.
+const HEAD_EVERY: Duration = Duration::from_secs(1);
+
+/// The last record a node's writer wrote, as of at most [`HEAD_EVERY`] ago (and at a
+/// clean stop): kept beside the trail as `head-{node}.json`, so that records removed
+/// from the end of the trail (or the whole trail) do not pass `verify` for a shorter
+/// trail. Written after the records it names are durable, and synced before it replaces
+/// the last one, so a crash never leaves it naming a record the trail does not hold.
+/// Like the chain itself it has no secret: it tells a trail cut short from a whole one,
+/// not from one rewritten whole by someone who can write the directory.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Head {
+    /// The node as its files name it.
+    pub node: String,
+    pub message_id: String,
+    pub last_hash: String,
+    pub written_at: String,
+}
+
+impl Head {
+    fn path(dir: &Path, node: &str) -> PathBuf {
+        dir.join(format!("head-{}.json", sanitise(node)))
+    }
+
+    fn write(&self, dir: &Path) -> std::io::Result<()> {
+        replace_json(&Self::path(dir, &self.node), self)
+    }
+
+    /// Every head in `dir`, by node.
+    fn all(dir: &Path) -> std::io::Result<BTreeMap<String, (PathBuf, Self)>> {
+        Ok(small_json_files::<Self>(dir, "head-")?
+            .into_iter()
+            .map(|(path, head)| (head.node.clone(), (path, head)))
+            .collect())
+    }
+}
+
+/// Replaces `path` with `value` as JSON, readable by the gateway's user only: written
+/// aside, synced, then renamed over it (a crash leaves the old file or the new one).
+fn replace_json(path: &Path, value: &impl serde::Serialize) -> std::io::Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    let mut f = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(&serde_json::to_vec(value).map_err(std::io::Error::other)?)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+/// The small JSON files of the trail's directory whose names start with `prefix` (the
+/// anchors, the heads), each read whole: a regular file of at most 1 MiB.
+fn small_json_files<T: serde::de::DeserializeOwned>(
+    dir: &Path,
+    prefix: &str,
+) -> std::io::Result<Vec<(PathBuf, T)>> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        if !(name.starts_with(prefix) && name.ends_with(".json")) {
+            continue;
+        }
+        let unreadable = |why: String| std::io::Error::other(format!("{}: {why}", path.display()));
+        if !std::fs::metadata(&path)?.is_file() {
+            return Err(unreadable("not a regular file".into()));
+        }
+        let mut bytes = Vec::new();
+        File::open(&path)?.take(1 << 20).read_to_end(&mut bytes)?;
+        let value = serde_json::from_slice(&bytes).map_err(|e| unreadable(e.to_string()))?;
+        out.push((path, value));
+    }
+    Ok(out)
 }
 
 /// The trail's files in `dir`: by node, then in the order they were written (by day,
@@ -1657,6 +1757,15 @@ pub enum VerifyError {
         node: String,
     },
     #[error(
+        "record {message_id} of node {node} is missing: {head} says the gateway had written it by {written_at}, and it is not in the trail (records at the end of the trail were removed)"
+    )]
+    CutShort {
+        head: String,
+        node: String,
+        message_id: String,
+        written_at: String,
+    },
+    #[error(
         "{anchor} says files up to {through} were retired, but records are kept {days} days: files were deleted before their time"
     )]
     RetiredEarly {
@@ -1672,6 +1781,11 @@ pub enum VerifyError {
 /// younger than that is a break too (files deleted before their time).
 pub fn verify_dir(dir: &Path, retention_days: Option<u32>) -> Result<Verified, VerifyError> {
     let mut verifier = Verifier::default();
+    // Read first: a gateway writing meanwhile only adds records after what they name.
+    let mut heads: BTreeMap<String, (PathBuf, Head, bool)> = Head::all(dir)?
+        .into_iter()
+        .map(|(node, (path, head))| (node, (path, head, false)))
+        .collect();
     for (path, anchor) in Anchor::all(dir)? {
         if let Some(days) = retention_days {
             let cutoff = day_text(days_before_today(days));
@@ -1684,6 +1798,9 @@ pub fn verify_dir(dir: &Path, retention_days: Option<u32>) -> Result<Verified, V
             }
         }
         if let Some(h) = anchor.last_hash {
+            if let Some((_, head, seen)) = heads.get_mut(&sanitise(&anchor.node)) {
+                *seen |= head.last_hash == h;
+            }
             verifier.continue_after(&anchor.node, h);
         }
     }
@@ -1707,8 +1824,21 @@ pub fn verify_dir(dir: &Path, retention_days: Option<u32>) -> Result<Verified, V
                 node: record.node,
             });
         }
-        Ok(verifier.check(&at.to_string(), &record)?)
+        verifier.check(&at.to_string(), &record)?;
+        let node = file_node.as_ref().and_then(|(_, n)| n.as_deref());
+        if let Some((_, head, seen)) = node.and_then(|n| heads.get_mut(n)) {
+            *seen |= record.hash.as_deref() == Some(head.last_hash.as_str());
+        }
+        Ok(())
     })?;
+    if let Some((path, head, _)) = heads.into_values().find(|(_, _, seen)| !seen) {
+        return Err(VerifyError::CutShort {
+            head: path.display().to_string(),
+            node: head.node,
+            message_id: head.message_id,
+            written_at: head.written_at,
+        });
+    }
     Ok(Verified {
         files,
         records: verifier.checked(),
@@ -1832,6 +1962,44 @@ mod tests {
         // In the order they were taken, each with its own timestamp.
         assert_eq!(ids, (0..1000).map(|i| format!("m-{i}")).collect::<Vec<_>>());
         assert_eq!(verify_dir(dir.path(), None).unwrap().records, 1000);
+    }
+
+    /// Records removed from the end of the trail, or the whole trail, fail verify: the
+    /// node's head names the last record written. A gateway killed outright leaves a
+    /// head that names a record the trail holds.
+    #[test]
+    fn records_removed_from_the_end_or_the_whole_trail_fail_verify() {
+        let dir = tempfile::tempdir().unwrap();
+        let (sink, handle) = FileSink::start(dir.path(), "n").unwrap();
+        for i in 0..20 {
+            sink.submit(record(i, "2026-11-24")).unwrap();
+        }
+        drop(sink);
+        handle.join();
+        let head: Head =
+            serde_json::from_slice(&std::fs::read(dir.path().join("head-n.json")).unwrap())
+                .unwrap();
+        assert_eq!(head.message_id, "m-19");
+        assert_eq!(verify_dir(dir.path(), None).unwrap().records, 20);
+
+        let segment = &trail_files(dir.path()).unwrap()[0];
+        let whole = std::fs::read_to_string(segment).unwrap();
+        let lines: Vec<&str> = whole.lines().collect();
+        // The last record removed: named, though nothing follows it to break the chain.
+        std::fs::write(segment, lines[..19].join("\n") + "\n").unwrap();
+        let verified = verify_dir(dir.path(), None);
+        assert!(
+            matches!(&verified, Err(e @ VerifyError::CutShort { .. }) if e.to_string().contains("record m-19 of node n is missing")),
+            "{verified:?}"
+        );
+        // Every file of the trail removed.
+        std::fs::remove_file(segment).unwrap();
+        assert!(matches!(
+            verify_dir(dir.path(), None),
+            Err(VerifyError::CutShort { .. })
+        ));
+        std::fs::write(segment, &whole).unwrap();
+        assert_eq!(verify_dir(dir.path(), None).unwrap().records, 20);
     }
 
     /// Writes records of many sizes in many batches, restarting the sink half-way (the

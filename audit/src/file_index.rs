@@ -68,7 +68,7 @@ pub fn line_key(line: &[u8]) -> Option<u64> {
 
 /// The message id of a record line, without parsing it (the member's text between its
 /// quotes; message ids hold no escapes).
-fn message_id_of(line: &[u8]) -> Option<&[u8]> {
+pub(crate) fn message_id_of(line: &[u8]) -> Option<&[u8]> {
     // The gateway writes it first; a line written otherwise is searched.
     let at = if line.get(1..1 + MESSAGE_ID_MEMBER.len()) == Some(MESSAGE_ID_MEMBER) {
         1
