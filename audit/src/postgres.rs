@@ -128,7 +128,7 @@
 //! connection is made without TLS.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -185,7 +185,12 @@ const WRITER_SESSION: &str = "SET tcp_keepalives_idle = 30; SET tcp_keepalives_i
 
 /// The schema's migrations, in order; each is applied once, in the transaction that
 /// records it in `fsp_schema_migrations`.
-const MIGRATIONS: &[(i32, &str)] = &[(1, SCHEMA_V1), (2, SCHEMA_V2), (3, SCHEMA_V3)];
+const MIGRATIONS: &[(i32, &str)] = &[
+    (1, SCHEMA_V1),
+    (2, SCHEMA_V2),
+    (3, SCHEMA_V3),
+    (4, SCHEMA_V4),
+];
 
 const SCHEMA_V1: &str = r#"
 CREATE TABLE fsp_audit (
@@ -330,6 +335,24 @@ CREATE OR REPLACE VIEW fsp_audit_calls AS
                         WHERE o.message_id = a.message_id AND o.node = a.node
                           AND o.phase = 'outcome');
 "#;
+
+/// Version 4: each node's head, the last record its writer committed (as of at most
+/// [`HEAD_EVERY`] ago, and at a clean stop), so that rows removed from the end of a
+/// node's chain (or all of them) fail `verify` instead of passing as a shorter chain.
+const SCHEMA_V4: &str = r#"
+CREATE TABLE IF NOT EXISTS fsp_audit_head (
+    node       text PRIMARY KEY,
+    last_seq   bigint NOT NULL,
+    message_id text NOT NULL,
+    last_hash  text NOT NULL,
+    written_at timestamptz NOT NULL
+);
+COMMENT ON TABLE fsp_audit_head IS
+    'The last record each node''s writer committed (rewritten at most once a second, after the rows it names): verify fails when a node''s chain does not reach it';
+"#;
+
+/// How often, at most, the writer updates its node's head (`fsp_audit_head`).
+const HEAD_EVERY: Duration = Duration::from_secs(1);
 
 /// The text columns of `fsp_audit`, in the order [`texts`] gives a record's values.
 const TEXT_COLUMNS: [&str; 22] = [
@@ -1753,6 +1776,10 @@ struct Writer {
     last_contact: Instant,
     /// The node's stored statistics of the days and months being written.
     counted: Counted,
+    /// The last record committed (`seq`, message id, hash) not yet in the node's head,
+    /// and when the head was last written.
+    head: Option<(i64, String, String)>,
+    head_at: Option<Instant>,
 }
 
 impl Writer {
@@ -1769,6 +1796,8 @@ impl Writer {
             maintenance_due: Instant::now(),
             last_contact: Instant::now(),
             counted: Counted::default(),
+            head: None,
+            head_at: None,
         })
     }
 
@@ -1832,6 +1861,8 @@ impl Writer {
                     // Their window is over: what is held is the batch (below).
                 } else {
                     if closing {
+                        // The head names the last record before the gateway stops.
+                        self.write_head();
                         break;
                     }
                     // Announce idleness, then look once more: a record that came in
@@ -1887,6 +1918,32 @@ impl Writer {
         }
     }
 
+    /// Writes the node's head (see [`SCHEMA_V4`]): the last record committed, in a
+    /// statement of its own after the rows it names. A failure is logged; the next
+    /// batch tries again.
+    fn write_head(&mut self) {
+        let (Some((seq, message_id, hash)), Some(conn)) = (self.head.take(), self.conn.as_mut())
+        else {
+            return;
+        };
+        let written = conn.client.execute(
+            "INSERT INTO fsp_audit_head (node, last_seq, message_id, last_hash, written_at) \
+             VALUES ($1, $2, $3, $4, now()) \
+             ON CONFLICT (node) DO UPDATE SET last_seq = EXCLUDED.last_seq, \
+             message_id = EXCLUDED.message_id, last_hash = EXCLUDED.last_hash, \
+             written_at = EXCLUDED.written_at \
+             WHERE fsp_audit_head.last_seq < EXCLUDED.last_seq",
+            &[&self.settings.node, &seq, &message_id, &hash],
+        );
+        match written {
+            Ok(_) => self.head_at = Some(Instant::now()),
+            Err(e) => {
+                tracing::warn!(database = %self.at, error = %describe(&e), "the audit trail's head could not be written");
+                self.head = Some((seq, message_id, hash));
+            }
+        }
+    }
+
     /// Takes every stripe's waiting records into `batch`; returns how many.
     fn collect(&self, batch: &mut Vec<Line>, tickets: &mut Vec<DurableTicket>) -> usize {
         for stripe in &self.shared.stripes {
@@ -1934,6 +1991,13 @@ impl Writer {
                     self.healthy();
                     for t in tickets.drain(..) {
                         t.done();
+                    }
+                    if let Some(last) = batch.last() {
+                        let hash = last.record.hash.clone().unwrap_or_default();
+                        self.head = Some((last.seq, last.record.message_id.clone(), hash));
+                    }
+                    if self.head_at.is_none_or(|at| at.elapsed() >= HEAD_EVERY) {
+                        self.write_head();
                     }
                     return;
                 }
@@ -2317,6 +2381,31 @@ impl PostgresTrail {
             .map_err(TrailError::from)?;
         let (now, anchors) = anchors(&mut tx).map_err(TrailError::from)?;
         let mut chains = Chains::default();
+        // (A database a gateway before version 4 wrote, not migrated yet, has no heads.)
+        let heads = "SELECT node, last_seq, message_id, last_hash, written_at FROM fsp_audit_head";
+        let has_heads: bool = tx
+            .query_one("SELECT to_regclass('fsp_audit_head') IS NOT NULL", &[])
+            .and_then(|r| r.try_get(0))
+            .map_err(TrailError::from)?;
+        let rows = if has_heads {
+            tx.query(heads, &[]).map_err(TrailError::from)?
+        } else {
+            Vec::new()
+        };
+        for row in rows {
+            let get = |e: ::postgres::Error| TrailError::from(e);
+            let written_at: OffsetDateTime = row.try_get(4).map_err(get)?;
+            let head = NodeHead {
+                last_seq: row.try_get(1).map_err(get)?,
+                message_id: row.try_get(2).map_err(get)?,
+                last_hash: row.try_get(3).map_err(get)?,
+                written_at: written_at
+                    .format(&Rfc3339)
+                    .unwrap_or_else(|_| written_at.to_string()),
+                seen: false,
+            };
+            chains.heads.insert(row.try_get(0).map_err(get)?, head);
+        }
         for anchor in anchors {
             if let Some(days) = retention_days
                 && anchor.retired_through > before(now, days)
@@ -2340,6 +2429,14 @@ impl PostgresTrail {
             })?;
             Ok::<_, VerifyError>(chains.check(&record, seq)?)
         })?;
+        if let Some((node, head)) = chains.heads.into_iter().find(|(_, h)| !h.seen) {
+            return Err(VerifyError::CutShort {
+                head: format!("fsp_audit_head of node {node}"),
+                node,
+                message_id: head.message_id,
+                written_at: head.written_at,
+            });
+        }
         Ok(Verified {
             files: chains.nodes,
             records: chains.verifier.checked(),
@@ -2516,11 +2613,25 @@ struct Chains {
     node: Option<String>,
     expected: i64,
     nodes: usize,
+    /// Each node's head: the chain must reach it.
+    heads: BTreeMap<String, NodeHead>,
+}
+
+/// A node's row of `fsp_audit_head`, and whether its chain reached it.
+struct NodeHead {
+    last_seq: i64,
+    message_id: String,
+    last_hash: String,
+    written_at: String,
+    seen: bool,
 }
 
 impl Chains {
     /// Starts a node's chain after its anchor.
     fn after(&mut self, anchor: Anchor) {
+        if let Some(head) = self.heads.get_mut(&anchor.node) {
+            head.seen |= anchor.last_seq >= head.last_seq;
+        }
         if let Some(hash) = anchor.last_hash {
             self.verifier.continue_after(&anchor.node, hash);
         }
@@ -2543,7 +2654,13 @@ impl Chains {
             });
         }
         self.expected = seq + 1;
-        self.verifier.check(&at, record)
+        self.verifier.check(&at, record)?;
+        if let Some(head) = self.heads.get_mut(&record.node)
+            && head.last_seq == seq
+        {
+            head.seen |= record.hash.as_deref() == Some(head.last_hash.as_str());
+        }
+        Ok(())
     }
 }
 

@@ -564,7 +564,8 @@ fn a_database_of_an_earlier_version_is_read_as_it_is_and_migrated_at_start() {
                                      WHERE o.message_id = a.message_id AND o.node = a.node \
                                        AND o.phase = 'outcome'); \
              COMMENT ON VIEW fsp_audit_calls IS 'One row per call'; \
-             DELETE FROM fsp_schema_migrations WHERE version = 3",
+             DROP TABLE fsp_audit_head; \
+             DELETE FROM fsp_schema_migrations WHERE version >= 3",
         )
         .unwrap();
     // Read by this version without being migrated: its records have none.
@@ -586,7 +587,7 @@ fn a_database_of_an_earlier_version_is_read_as_it_is_and_migrated_at_start() {
     handle.join();
     assert_eq!(
         db.count("SELECT max(version)::bigint FROM fsp_schema_migrations"),
-        3
+        4
     );
     assert_eq!(db.trail().verify(None).unwrap().records, 6);
     assert_eq!(
@@ -655,6 +656,41 @@ fn a_deleted_row_breaks_verification_at_the_next() {
             node: "n".into()
         }
     );
+}
+
+/// Rows removed from the end of a node's chain leave nothing to break the chain: the
+/// node's head, which names its last record, does.
+#[test]
+fn rows_removed_from_the_end_or_all_of_them_break_verification() {
+    let Some(db) = db() else { return };
+    written(&db, 8);
+    let mut c = db.client();
+    let head: (i64, String) = c
+        .query_one(
+            "SELECT last_seq, message_id FROM fsp_audit_head WHERE node = 'n'",
+            &[],
+        )
+        .map(|r| (r.get(0), r.get(1)))
+        .unwrap();
+    assert_eq!(head, (8, "m-00007".to_owned()));
+    assert_eq!(db.trail().verify(None).unwrap().records, 8);
+    c.batch_execute(
+        "CREATE TABLE kept AS SELECT * FROM fsp_audit; DELETE FROM fsp_audit WHERE seq >= 7",
+    )
+    .unwrap();
+    let cut = db.trail().verify(None);
+    assert!(
+        matches!(&cut, Err(e @ VerifyError::CutShort { .. }) if e.to_string().contains("record m-00007 of node n is missing")),
+        "{cut:?}"
+    );
+    c.batch_execute("DELETE FROM fsp_audit").unwrap();
+    assert!(matches!(
+        db.trail().verify(None),
+        Err(VerifyError::CutShort { .. })
+    ));
+    c.batch_execute("INSERT INTO fsp_audit SELECT * FROM kept")
+        .unwrap();
+    assert_eq!(db.trail().verify(None).unwrap().records, 8);
 }
 
 #[test]
@@ -921,8 +957,8 @@ fn gateways_starting_together_migrate_once_and_a_node_has_one_writer() {
             .collect()
     });
     // Each migration once (1: the trail, 2: its statistics roll-ups, 3: the
-    // `certificate_sha256` extension).
-    assert_eq!(db.count("SELECT count(*) FROM fsp_schema_migrations"), 3);
+    // `certificate_sha256` extension, 4: the nodes' heads).
+    assert_eq!(db.count("SELECT count(*) FROM fsp_schema_migrations"), 4);
     let twin = PostgresSink::start_with(db.settings("a"))
         .unwrap_err()
         .to_string();
