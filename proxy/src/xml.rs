@@ -216,6 +216,11 @@ pub struct Guard {
     /// Attributes so far on the element whose start tag is being read.
     attributes: u32,
     attr_name_len: u32,
+    /// The key (64-bit FNV-1a) of the attribute name being read, and those of the
+    /// element's attributes already read: an attribute given twice is not XML, and
+    /// parsers differ on which one they keep (an `xmlns:soap` given twice, for one).
+    attr_key: u64,
+    attr_keys: Vec<u64>,
     reference: Reference,
     /// The XML declaration's pseudo-attributes, checked once `?>` is read.
     decl: Vec<u8>,
@@ -388,6 +393,8 @@ impl Guard {
             len: 0,
             attributes: 0,
             attr_name_len: 0,
+            attr_key: FNV_OFFSET,
+            attr_keys: Vec::new(),
             reference: Reference::default(),
             decl: Vec::new(),
             soap: None,
@@ -558,6 +565,7 @@ impl Guard {
                     .saturating_sub(self.attr_name_len);
                 let n = name_run(window).min(room as usize);
                 self.attr_name_len += n as u32;
+                self.attr_key = window[..n].iter().fold(self.attr_key, fnv);
                 let tracking = self.tracking();
                 if let Some(soap) = self.soap.as_mut().filter(|_| tracking && n > 0) {
                     soap.attr_name.extend_from_slice(&window[..n]);
@@ -737,8 +745,14 @@ impl Guard {
             }
             State::AttrName => match b {
                 _ if is_name_char(b) => self.attribute_name_byte(b)?,
-                b'=' => self.state = State::BeforeValue,
-                _ if is_ws(b) => self.state = State::AfterAttrName,
+                b'=' => {
+                    self.end_attribute_name()?;
+                    self.state = State::BeforeValue;
+                }
+                _ if is_ws(b) => {
+                    self.end_attribute_name()?;
+                    self.state = State::AfterAttrName;
+                }
                 _ => return Err(not_wf("an attribute name has an invalid character")),
             },
             State::AfterAttrName => match b {
@@ -841,6 +855,7 @@ impl Guard {
                 }
                 self.starts.push(self.names.len());
                 self.attributes = 0;
+                self.attr_keys.clear();
                 self.state = State::StartName;
                 self.element_name_byte(b)?;
             }
@@ -935,6 +950,7 @@ impl Guard {
             });
         }
         self.attr_name_len = 0;
+        self.attr_key = FNV_OFFSET;
         if let Some(soap) = self.soap.as_mut() {
             soap.attr_name.clear();
             soap.ns_value.clear();
@@ -944,7 +960,17 @@ impl Guard {
         self.attribute_name_byte(b)
     }
 
+    /// The attribute's name is read: it must not be one the element already has.
+    fn end_attribute_name(&mut self) -> Result<(), XmlError> {
+        if self.attr_keys.contains(&self.attr_key) {
+            return Err(not_wf("an element gives the same attribute twice"));
+        }
+        self.attr_keys.push(self.attr_key);
+        Ok(())
+    }
+
     fn attribute_name_byte(&mut self, b: u8) -> Result<(), XmlError> {
+        self.attr_key = fnv(self.attr_key, &b);
         self.attr_name_len += 1;
         if self.attr_name_len > self.limits.max_name_length {
             return Err(XmlError::NameLength {
@@ -1382,6 +1408,13 @@ pub fn check_encoding(name: &[u8]) -> Result<(), XmlError> {
     }
 }
 
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// One byte into a 64-bit FNV-1a hash.
+fn fnv(h: u64, b: &u8) -> u64 {
+    (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+}
+
 fn trim_ws(s: &[u8]) -> &[u8] {
     let start = s.iter().position(|&b| !is_ws(b)).unwrap_or(s.len());
     &s[start..]
@@ -1700,6 +1733,29 @@ mod tests {
     }
 
     #[test]
+    fn an_attribute_given_twice_is_refused_however_the_document_is_cut() {
+        let twice = b"<a><b cc='1' dd='2' cc='3'/></a>";
+        let once = b"<a cc='1'><b cc='1' dd='2'/><c dd='3' cc='4'/></a>";
+        for doc in [&twice[..], &once[..]] {
+            for cut in 0..doc.len() {
+                let (x, y) = doc.split_at(cut);
+                let outcome = run(Guard::new(Limits::default()), [x, y]);
+                assert_eq!(
+                    outcome.result.is_ok(),
+                    doc == once,
+                    "{cut}: {:?}",
+                    outcome.result
+                );
+            }
+            let bytes: Vec<&[u8]> = doc.chunks(1).collect();
+            assert_eq!(
+                run(Guard::new(Limits::default()), bytes).result.is_ok(),
+                doc == once
+            );
+        }
+    }
+
+    #[test]
     fn malformed_documents_are_refused() {
         for doc in [
             "<a/><b/>",
@@ -1733,6 +1789,11 @@ mod tests {
             "<?xml version='1.0'encoding='UTF-8'?><a/>",
             "<?xml version='1.0' foo='bar'?><a/>",
             "\u{FEFF}x<a/>",
+            "<a x='1' x='2'/>",
+            "<a x='1' y='2' x='3'></a>",
+            "<a><b c='1' d = '2' c = '3'/></a>",
+            "<s:Envelope xmlns:s='urn:evil' xmlns:s='http://schemas.xmlsoap.org/soap/envelope/'/>",
+            "<a xmlns='urn:a' xmlns='urn:b'/>",
         ] {
             assert!(
                 not_wf(plain(doc.as_bytes())),
