@@ -224,6 +224,11 @@ pub struct Guard {
     reference: Reference,
     /// The XML declaration's pseudo-attributes, checked once `?>` is read.
     decl: Vec<u8>,
+    /// The document is UTF-8 (neither its `Content-Type` nor its XML declaration names
+    /// another encoding): its bytes must be valid UTF-8, or a lenient parser could read
+    /// markup the scan did not see (an overlong `<`). `None`: another encoding, in which
+    /// every byte is a character.
+    utf8: Option<Utf8>,
     soap: Option<Soap>,
     /// Bytes examined (by `memchr` or one by one), for the linearity test.
     #[cfg(test)]
@@ -397,6 +402,7 @@ impl Guard {
             attr_keys: Vec::new(),
             reference: Reference::default(),
             decl: Vec::new(),
+            utf8: Some(Utf8::default()),
             soap: None,
             #[cfg(test)]
             examined: 0,
@@ -429,16 +435,84 @@ impl Guard {
         guard
     }
 
+    /// The body's `Content-Type` names a charset other than UTF-8 (see
+    /// [`names_other_charset`]): its bytes are not checked as UTF-8.
+    pub fn in_other_charset(&mut self) {
+        self.utf8 = None;
+    }
+
     /// Feeds the next bytes. Returns the first violation, and keeps returning it afterwards.
     pub fn feed(&mut self, chunk: &[u8]) -> Result<(), XmlError> {
         if let Some(e) = &self.error {
             return Err(e.clone());
         }
-        let result = self.scan(chunk);
+        let result = self.scan_checked(chunk);
         if let Err(e) = &result {
             self.error = Some(e.clone());
         }
         result
+    }
+
+    /// Scans what is valid UTF-8 (when the document is UTF-8): the scan sees a character
+    /// only once it is whole and valid, so a violation is found at the same byte however
+    /// the document is cut. The scan reads the XML declaration, which may name another
+    /// encoding: from there on, bytes go to the scan unchecked.
+    fn scan_checked(&mut self, mut chunk: &[u8]) -> Result<(), XmlError> {
+        let Some(utf8) = self.utf8.as_mut() else {
+            return self.scan(chunk);
+        };
+        if utf8.len > 0 {
+            let width = match utf8.held[0] {
+                0xC2..=0xDF => 2,
+                0xE0..=0xEF => 3,
+                _ => 4,
+            };
+            let take = (width - utf8.len).min(chunk.len());
+            utf8.held[utf8.len..utf8.len + take].copy_from_slice(&chunk[..take]);
+            utf8.len += take;
+            chunk = &chunk[take..];
+            let (held, len) = (utf8.held, utf8.len);
+            // A start that can no longer be a character is invalid now, whole or not.
+            let invalid = std::str::from_utf8(&held[..len])
+                .err()
+                .is_some_and(|e| e.error_len().is_some());
+            if len < width && !invalid {
+                return Ok(());
+            }
+            utf8.len = 0;
+            if invalid {
+                return self.invalid_at(&held[..len]);
+            }
+            self.scan(&held[..width])?;
+        }
+        let Err(e) = std::str::from_utf8(chunk) else {
+            return self.scan(chunk);
+        };
+        let (valid, rest) = chunk.split_at(e.valid_up_to());
+        self.scan(valid)?;
+        match (&mut self.utf8, e.error_len()) {
+            (None, _) => self.scan(rest),
+            // Cut at the end of the piece (at most 3 bytes of a valid start): held.
+            (Some(utf8), None) => {
+                utf8.held[..rest.len()].copy_from_slice(rest);
+                utf8.len = rest.len();
+                Ok(())
+            }
+            (Some(_), Some(_)) => self.invalid_at(rest),
+        }
+    }
+
+    /// An invalid UTF-8 sequence starts `rest`. At the very start of the document the
+    /// scan judges it (another encoding's byte order mark, UTF-16, ...: it names what it
+    /// cannot read); anywhere else it is not UTF-8.
+    fn invalid_at(&mut self, rest: &[u8]) -> Result<(), XmlError> {
+        if self.consumed == 0 {
+            self.scan(rest)?;
+        }
+        self.consumed += 1;
+        Err(not_wf(
+            "it is not valid UTF-8 (and names no other encoding)",
+        ))
     }
 
     /// The end of the body: `Ok` only if exactly one root element was opened and closed
@@ -446,6 +520,11 @@ impl Guard {
     pub fn finish(&mut self) -> Result<(), XmlError> {
         if let Some(e) = &self.error {
             return Err(e.clone());
+        }
+        if self.utf8.as_ref().is_some_and(|u| u.len > 0) {
+            let e = not_wf("it ends inside a UTF-8 character");
+            self.error = Some(e.clone());
+            return Err(e);
         }
         if self.root_closed && self.state == State::Misc {
             return Ok(());
@@ -672,7 +751,9 @@ impl Guard {
                 if b != b'>' {
                     return Err(not_wf("its XML declaration is malformed"));
                 }
-                check_declaration(&self.decl)?;
+                if check_declaration(&self.decl)? {
+                    self.utf8 = None;
+                }
                 self.decl = Vec::new();
                 self.state = State::Misc;
             }
@@ -1346,10 +1427,13 @@ fn classify(uri: &[u8]) -> Ns {
 }
 
 /// Checks the pseudo-attributes of `<?xml ...?>`, above all `encoding`.
-fn check_declaration(decl: &[u8]) -> Result<(), XmlError> {
+/// Checks an XML declaration; returns whether it names an encoding other than UTF-8
+/// (or US-ASCII).
+fn check_declaration(decl: &[u8]) -> Result<bool, XmlError> {
     let malformed = || not_wf("its XML declaration is malformed");
     let mut rest = trim_ws(decl);
     let mut version = false;
+    let mut other_encoding = false;
     while !rest.is_empty() {
         let name_len = rest
             .iter()
@@ -1370,23 +1454,53 @@ fn check_declaration(decl: &[u8]) -> Result<(), XmlError> {
         rest = trim_ws(rest);
         match name {
             b"version" if value.starts_with(b"1.") => version = true,
-            b"encoding" => check_encoding(value)?,
+            b"encoding" => {
+                check_encoding(value)?;
+                other_encoding = !is_utf8_name(value);
+            }
             b"standalone" if value == b"yes" || value == b"no" => {}
             _ => return Err(malformed()),
         }
     }
-    if version { Ok(()) } else { Err(malformed()) }
+    if version {
+        Ok(other_encoding)
+    } else {
+        Err(malformed())
+    }
+}
+
+/// Whether an encoding's name is UTF-8's (US-ASCII is a part of it).
+fn is_utf8_name(name: &[u8]) -> bool {
+    name.eq_ignore_ascii_case(b"utf-8") || name.eq_ignore_ascii_case(b"us-ascii")
+}
+
+/// The `charset` parameters of a `Content-Type` value.
+fn charsets(content_type: &str) -> impl Iterator<Item = &str> {
+    content_type.split(';').skip(1).filter_map(|param| {
+        let (name, value) = param.split_once('=')?;
+        name.trim()
+            .eq_ignore_ascii_case("charset")
+            .then(|| value.trim().trim_matches('"'))
+    })
+}
+
+/// Whether a `Content-Type` value names a charset other than UTF-8 (or US-ASCII).
+pub fn names_other_charset(content_type: &str) -> bool {
+    charsets(content_type).any(|c| !is_utf8_name(c.as_bytes()))
+}
+
+/// UTF-8 checked as a stream: the bytes of a character cut by the end of a piece are
+/// held (not scanned yet) until the next piece completes them.
+#[derive(Clone, Debug, Default)]
+struct Utf8 {
+    held: [u8; 4],
+    len: usize,
 }
 
 /// The `charset` parameter of a `Content-Type` value, when it names an encoding the guard
 /// cannot read as a parser would ([`check_encoding`]); `None` when it is absent or fine.
 pub fn unreadable_charset(content_type: &str) -> Option<&str> {
-    content_type.split(';').skip(1).find_map(|param| {
-        let (name, charset) = param.split_once('=')?;
-        let charset = charset.trim().trim_matches('"');
-        (name.trim().eq_ignore_ascii_case("charset") && check_encoding(charset.as_bytes()).is_err())
-            .then_some(charset)
-    })
+    charsets(content_type).find(|c| check_encoding(c.as_bytes()).is_err())
 }
 
 /// Encodings in which every ASCII byte means its ASCII character, so the byte scan is sound.
@@ -1730,6 +1844,39 @@ mod tests {
                 "{result:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_utf8_document_must_be_valid_utf8_however_it_is_cut() {
+        let fresh = || Guard::new(Limits::default());
+        for bad in [
+            &b"<a>\xc0\xbc!DOCTYPE</a>"[..], // an overlong '<'
+            b"<a>\x80</a>",                  // a lone continuation byte
+            b"<a>\xed\xa0\x80</a>",          // a surrogate
+            b"<a>\xf4\x90\x80\x80</a>",      // beyond U+10FFFF
+            b"<a b='\xe9t\xe9'/>",           // Latin-1 bytes with no charset said
+            b"<a/>\xe2\x82",                 // cut inside a character at the end
+            b"<a>\xe0\x80\x80</a>",          // an overlong NUL, wrong from its second byte
+        ] {
+            let whole = run(fresh(), [bad]);
+            assert!(not_wf(whole.result.clone()), "{bad:?}: {:?}", whole.result);
+            let bytes: Vec<&[u8]> = bad.chunks(1).collect();
+            assert!(not_wf(run(fresh(), bytes).result), "{bad:?} byte by byte");
+        }
+        let good = "<a b='\u{e9}t\u{e9}'>\u{20ac} \u{1f600} \u{10ffff}</a>".as_bytes();
+        for cut in 0..good.len() {
+            let (x, y) = good.split_at(cut);
+            assert!(run(fresh(), [x, y]).result.is_ok(), "{cut}");
+        }
+        // Another encoding, named by the XML declaration or the Content-Type: its bytes
+        // are characters.
+        let latin1 = b"<?xml version='1.0' encoding='ISO-8859-1'?><a b='\xe9t\xe9'>\xe9</a>";
+        assert!(run(fresh(), [&latin1[..]]).result.is_ok());
+        let mut said = fresh();
+        assert!(names_other_charset("text/xml; charset=windows-1252"));
+        assert!(!names_other_charset("text/xml; charset=\"UTF-8\""));
+        said.in_other_charset();
+        assert!(run(said, [&b"<a>\xe9</a>"[..]]).result.is_ok());
     }
 
     #[test]

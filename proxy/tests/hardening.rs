@@ -243,6 +243,59 @@ fn billion_laughs() -> String {
     format!("<?xml version=\"1.0\"?>{dtd}{SOAP_OPEN}<q>&lol9;</q>{SOAP_CLOSE}")
 }
 
+/// A SOAP body that is not valid UTF-8 (an overlong `<`, which a lenient parser reads
+/// as markup) is refused before it reaches the provider, unless its `Content-Type` or
+/// XML declaration names the encoding it is in.
+#[tokio::test]
+async fn xml_that_is_not_what_its_encoding_says_is_refused() {
+    let (up, complete) = recording_soap_provider().await;
+    let s = start(up, "", "", "").await;
+    let c = client(&s.pki, Some(&s.pki.consumer), false);
+    let url = s.gw.url("/person/getPersonSoap/v1");
+    let body = |inner: &[u8]| {
+        let mut b = SOAP_OPEN.as_bytes().to_vec();
+        b.extend_from_slice(inner);
+        b.extend_from_slice(SOAP_CLOSE.as_bytes());
+        b
+    };
+    let call = |content_type: &str, bytes: Vec<u8>| {
+        Request::post(&url)
+            .header("content-type", content_type)
+            .body(full(bytes))
+            .unwrap()
+    };
+    let overlong = body(b"<q>\xc0\xbc!DOCTYPE x</q>");
+    let (status, _, answer, _) = send(&c, call("text/xml; charset=utf-8", overlong))
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&answer);
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
+    assert!(text.contains("not valid UTF-8"), "{text}");
+    let latin1 = body(b"<q>Li\xe8ge</q>");
+    let (status, _, answer, _) = send(&c, call("text/xml; charset=utf-8", latin1.clone()))
+        .await
+        .unwrap();
+    assert_eq!(
+        status,
+        StatusCode::BAD_REQUEST,
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    // Said to be Latin-1: its bytes are characters, and it is forwarded whole.
+    let (status, _, answer, _) = send(&c, call("text/xml; charset=ISO-8859-1", latin1))
+        .await
+        .unwrap();
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    let got = complete.lock().unwrap().clone();
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert!(got[0].contains("Li\u{fffd}ge"), "{got:?}");
+}
+
 #[tokio::test]
 async fn xml_attacks_are_refused_and_nothing_complete_reaches_the_provider() {
     let (up, complete) = recording_soap_provider().await;

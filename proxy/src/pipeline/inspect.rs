@@ -73,16 +73,29 @@ pub async fn inspect(
     let checks = snap.service_options(&route.service().name).xml;
     let limits = checks.unwrap_or_default();
     let soap = route.protocol() == Protocol::Soap;
+    let other_charset = fields
+        .content_type
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(xml::names_other_charset);
+    let guard = |mut guard: xml::Guard| {
+        if other_charset {
+            guard.in_other_charset();
+        }
+        XmlCheck::On(Box::new(guard))
+    };
     let mut content = Content {
         prefix: Bytes::new(),
         xml: if soap {
-            XmlCheck::On(Box::new(xml::Guard::soap(limits, SOAP_HEADER_LIMIT)))
+            guard(xml::Guard::soap(limits, SOAP_HEADER_LIMIT))
         } else if checks.is_none() {
             XmlCheck::Off
         } else if xml_declared {
-            XmlCheck::On(Box::new(xml::Guard::new(limits)))
+            guard(xml::Guard::new(limits))
         } else {
-            XmlCheck::Sniff(limits)
+            XmlCheck::Sniff {
+                limits,
+                other_charset,
+            }
         },
     };
     if soap && let XmlCheck::On(guard) = &mut content.xml {

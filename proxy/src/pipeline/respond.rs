@@ -68,7 +68,17 @@ pub async fn deliver(
                 let why = "the provider's answer is multipart (MTOM or attachments), which a SOAP service does not pass on";
                 return refuse(local, call, unreadable(why.to_owned()));
             }
-            (_, true) | (AnswerType::Xml, false) => guard = Some(xml::Guard::new(limits)),
+            (_, true) | (AnswerType::Xml, false) => {
+                let mut g = xml::Guard::new(limits);
+                let content_type = parts.headers.get(header::CONTENT_TYPE);
+                if content_type
+                    .and_then(|v| v.to_str().ok())
+                    .is_some_and(xml::names_other_charset)
+                {
+                    g.in_other_charset();
+                }
+                guard = Some(g);
+            }
             (AnswerType::Missing, false) => sniff = Some(limits),
             (AnswerType::Multipart | AnswerType::Other, false) => {}
         }

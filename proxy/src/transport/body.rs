@@ -213,7 +213,11 @@ pub enum XmlCheck {
     On(Box<xml::Guard>),
     /// A body that does not say it is XML is still checked if it starts like XML (`<`
     /// or a byte order mark after any white space): many providers sniff their input.
-    Sniff(xml::Limits),
+    /// `other_charset`: its `Content-Type` names a charset other than UTF-8.
+    Sniff {
+        limits: xml::Limits,
+        other_charset: bool,
+    },
     Off,
 }
 
@@ -351,11 +355,21 @@ impl Body for RequestBody {
 
 impl XmlCheck {
     fn feed(&mut self, data: &[u8]) -> Result<(), xml::XmlError> {
-        if let XmlCheck::Sniff(limits) = self {
+        if let XmlCheck::Sniff {
+            limits,
+            other_charset,
+        } = self
+        {
             match data.iter().find(|b| !b.is_ascii_whitespace()) {
                 // Only white space so far: look again at the next piece.
                 None => return Ok(()),
-                Some(b'<' | 0xEF) => *self = XmlCheck::On(Box::new(xml::Guard::new(*limits))),
+                Some(b'<' | 0xEF) => {
+                    let mut guard = xml::Guard::new(*limits);
+                    if *other_charset {
+                        guard.in_other_charset();
+                    }
+                    *self = XmlCheck::On(Box::new(guard));
+                }
                 Some(_) => *self = XmlCheck::Off,
             }
         }

@@ -133,7 +133,7 @@ impl Body for Generated {
 
 pub type AnyBody = http_body_util::combinators::UnsyncBoxBody<Bytes, Infallible>;
 
-fn full(b: impl Into<Bytes>) -> AnyBody {
+pub fn full(b: impl Into<Bytes>) -> AnyBody {
     Full::new(b.into()).boxed_unsync()
 }
 
