@@ -287,7 +287,7 @@ impl Verifier {
             return Err(TokenError::TooLarge(self.max_token_bytes));
         }
         let header =
-            jsonwebtoken::decode_header(token).map_err(|e| TokenError::Invalid(e.to_string()))?;
+            jsonwebtoken::decode_header(token).map_err(|e| TokenError::Invalid(why(&e)))?;
         let Some(validation) = self.validations.get(&header.alg) else {
             return Err(TokenError::Algorithm(
                 format!("{:?}", header.alg),
@@ -338,7 +338,7 @@ impl Verifier {
                     claims = Some(data.claims);
                     break;
                 }
-                Err(e) => last_error = e.to_string(),
+                Err(e) => last_error = why(&e),
             }
         }
         let claims = claims.ok_or(TokenError::Invalid(last_error))?;
@@ -378,6 +378,31 @@ impl Verifier {
             (None, _) => {}
         }
         Ok(VerifiedToken { client_id })
+    }
+}
+
+/// Why a token was refused, in the consumer's terms: a sentence of this gateway's, never
+/// the JWT library's own message (which names its types and parser positions).
+fn why(e: &jsonwebtoken::errors::Error) -> String {
+    use jsonwebtoken::errors::ErrorKind as K;
+    match e.kind() {
+        K::InvalidToken | K::Base64(_) | K::Utf8(_) => {
+            "it is not three base64url parts (header, claims, signature)".into()
+        }
+        K::Json(_) => "its header or claims are not the JSON a JWT holds, or its header names an algorithm this platform does not know (such as none)".into(),
+        K::InvalidSignature => "its signature does not verify with the identity provider's key".into(),
+        K::MissingRequiredClaim(c) | K::InvalidClaimFormat(c) => {
+            format!("its `{c}` claim is missing or not of its type (a number of seconds for exp and nbf)")
+        }
+        K::ExpiredSignature => "it has expired (exp)".into(),
+        K::ImmatureSignature => "it is not valid yet (nbf)".into(),
+        K::InvalidIssuer => "another issuer made it (iss)".into(),
+        K::InvalidAudience => "it is meant for another audience (aud)".into(),
+        K::InvalidSubject => "its subject (sub) is not accepted".into(),
+        K::InvalidAlgorithm | K::MissingAlgorithm | K::InvalidAlgorithmName | K::UnsupportedAlgorithm => {
+            "its algorithm is not the key's".into()
+        }
+        _ => "the identity provider's key cannot check it".into(),
     }
 }
 

@@ -180,6 +180,33 @@ async fn call(
     (status, h, json(&body))
 }
 
+/// The token is refused with 401, and the problem says why in this gateway's words:
+/// `said`, and nothing of the JWT library's own messages.
+async fn refused_saying(s: &Setup, token: &str, what: &str, said: &str) {
+    let (status, h, body) = call(s, token, false).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{what}: {body}");
+    assert_eq!(body["code"], "FSP-AUTHN-INVALID-TOKEN", "{what}: {body}");
+    let detail = body["detail"].as_str().unwrap_or_default();
+    assert!(detail.contains(said), "{what}: {body}");
+    for library in [
+        "variant",
+        "column",
+        "Missing required",
+        "Invalid",
+        "Expired",
+        "Immature",
+    ] {
+        assert!(!detail.contains(library), "{what}: {body}");
+    }
+    assert!(
+        h["www-authenticate"]
+            .to_str()
+            .unwrap()
+            .starts_with("Bearer"),
+        "{what}"
+    );
+}
+
 async fn refused(s: &Setup, token: &str, what: &str) {
     let (status, h, body) = call(s, token, false).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED, "{what}: {body}");
@@ -222,10 +249,10 @@ async fn valid_and_invalid_tokens() {
 
     let mut c = claims(CLIENT);
     c["exp"] = json!(now() - 120);
-    refused(&s, &sign(&es, &c), "expired").await;
+    refused_saying(&s, &sign(&es, &c), "expired", "it has expired (exp)").await;
     let mut c = claims(CLIENT);
     c["nbf"] = json!(now() + 600);
-    refused(&s, &sign(&es, &c), "not yet valid").await;
+    refused_saying(&s, &sign(&es, &c), "not yet valid", "not valid yet (nbf)").await;
     let mut c = claims(CLIENT);
     c["exp"] = json!(now() - 10);
     let (status, ..) = call(&s, &sign(&es, &c), false).await;
@@ -236,10 +263,32 @@ async fn valid_and_invalid_tokens() {
     );
     let mut c = claims(CLIENT);
     c["iss"] = json!("https://evil.test/");
-    refused(&s, &sign(&es, &c), "wrong issuer").await;
+    refused_saying(
+        &s,
+        &sign(&es, &c),
+        "wrong issuer",
+        "another issuer made it (iss)",
+    )
+    .await;
     let mut c = claims(CLIENT);
     c["aud"] = json!("another-api");
-    refused(&s, &sign(&es, &c), "wrong audience").await;
+    refused_saying(
+        &s,
+        &sign(&es, &c),
+        "wrong audience",
+        "another audience (aud)",
+    )
+    .await;
+    // A claim of the wrong type is not called missing.
+    let mut c = claims(CLIENT);
+    c["exp"] = json!("9999999999");
+    refused_saying(
+        &s,
+        &sign(&es, &c),
+        "exp as text",
+        "`exp` claim is missing or not of its type",
+    )
+    .await;
 
     // alg: none.
     let none = format!(
@@ -247,7 +296,7 @@ async fn valid_and_invalid_tokens() {
         b64(br#"{"alg":"none","typ":"JWT"}"#),
         b64(claims(CLIENT).to_string().as_bytes())
     );
-    refused(&s, &none, "alg none").await;
+    refused_saying(&s, &none, "alg none", "such as none").await;
 
     // HS256, keyed with the RSA public key the gateway trusts.
     let mut header = Header::new(Algorithm::HS256);
@@ -271,10 +320,16 @@ async fn valid_and_invalid_tokens() {
         b64(forged.to_string().as_bytes()),
         parts[2]
     );
-    refused(&s, &tampered, "tampered payload").await;
+    refused_saying(
+        &s,
+        &tampered,
+        "tampered payload",
+        "signature does not verify",
+    )
+    .await;
 
     refused(&s, &"a".repeat(9000), "oversize").await;
-    refused(&s, "not.a.jwt", "garbage").await;
+    refused_saying(&s, "not.a.jwt", "garbage", "not three base64url parts").await;
 
     // A well-signed token for a client no consumer owns.
     let (status, _, body) = call(&s, &sign(&es, &claims("stranger-app")), false).await;
