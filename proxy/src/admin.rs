@@ -920,13 +920,22 @@ async fn suspension(
     at: &str,
 ) -> Response<Full<Bytes>> {
     let snap = gw.snapshot.load();
-    let known = match party {
+    let configured = match party {
         Party::Consumer => snap.consumers.get(id).is_some(),
         Party::Provider => snap.providers.iter().any(|p| p.id == id),
     };
     drop(snap);
+    // A suspension outlives the removal of its party from the configuration (it would
+    // apply again were the id configured again): it can still be lifted.
+    let lifting_a_leftover = !suspend && {
+        let in_force = gw.suspensions.snapshot();
+        match party {
+            Party::Consumer => in_force.consumers.contains_key(id),
+            Party::Provider => in_force.providers.contains_key(id),
+        }
+    };
     let kind = party.as_str();
-    if !known {
+    if !configured && !lifting_a_leftover {
         return json(
             StatusCode::NOT_FOUND,
             serde_json::json!({"error": format!("no {kind} with id {id} is configured")}),

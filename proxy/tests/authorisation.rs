@@ -347,6 +347,22 @@ async fn a_suspension_survives_a_restart() {
         (status, problem_code(&body).as_str()),
         (StatusCode::FORBIDDEN, "FSP-AUTHZ-SUSPENDED")
     );
+
+    // The consumer leaves the configuration while suspended: its suspension can still
+    // be lifted (it would apply again were the id configured again).
+    let text = std::fs::read_to_string(&s.config).unwrap();
+    std::fs::write(&s.config, text.replace("\"ville-bxl\"", "\"ville-bxl-2\"")).unwrap();
+    let admin = |method: &'static str, path: &'static str| {
+        admin_request(gw.admin_port, method, path, Some(TOKEN))
+    };
+    let (status, body) = admin("POST", "/admin/reload").await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = admin("POST", "/admin/consumers/ville-bxl/resume").await;
+    assert_eq!(status, 200, "{body}");
+    let (_, listed) = admin("GET", "/admin/suspensions").await;
+    assert!(!listed.contains("ville-bxl"), "{listed}");
+    // An id neither configured nor suspended is still unknown.
+    assert_eq!(admin("POST", "/admin/consumers/nobody/resume").await.0, 404);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
