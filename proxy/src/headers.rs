@@ -54,6 +54,24 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// Removes from a provider's answer what only the platform says: `FSP-*` fields (a
+/// provider's `FSP-Consumer` would read as the gateway's) and `Deprecation` and `Sunset`
+/// (a version's lifecycle is the catalogue's; the gateway adds its own). One pass over
+/// the names; nothing is removed from the usual answer, which has none of them.
+pub fn strip_platform_fields(headers: &mut HeaderMap) {
+    let is_platform = |name: &HeaderName| {
+        let n = name.as_str();
+        n.starts_with("fsp-") || n == "deprecation" || n == "sunset"
+    };
+    if !headers.keys().any(is_platform) {
+        return;
+    }
+    let found: Vec<HeaderName> = headers.keys().filter(|n| is_platform(n)).cloned().collect();
+    for name in found {
+        headers.remove(name);
+    }
+}
+
 /// The field names a `Connection` value lists, without the options `close` and
 /// `keep-alive` (whose field goes anyway).
 fn named_by_connection(value: &str) -> impl Iterator<Item = &str> {

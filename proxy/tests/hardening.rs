@@ -603,6 +603,63 @@ async fn look_alike_and_forwarding_headers_never_reach_the_provider_as_sent() {
     }
 }
 
+/// What only the platform says never comes from the provider: its `FSP-*` fields, the
+/// version's lifecycle (`Deprecation`, `Sunset`), and a status HTTP does not define.
+#[tokio::test]
+async fn what_only_the_platform_says_is_never_taken_from_the_provider() {
+    let (up, _) = provider(|req: Request<Incoming>| async move {
+        let status = if req.uri().path().ends_with("/odd") {
+            999
+        } else {
+            200
+        };
+        let mut r = Response::new(Full::new(Bytes::from_static(b"{}")));
+        *r.status_mut() = StatusCode::from_u16(status).unwrap();
+        for (name, value) in [
+            ("fsp-consumer", "evil"),
+            ("fsp-message-id", "forged"),
+            ("deprecation", "@1"),
+            ("sunset", "Wed, 01 Jan 2025 00:00:00 GMT"),
+            ("x-kept", "yes"),
+        ] {
+            r.headers_mut().insert(name, value.parse().unwrap());
+        }
+        (None, r)
+    })
+    .await;
+    let s = start(up, "", "", "").await;
+    let c = client(&s.pki, Some(&s.pki.consumer), false);
+    let call = |path: &str| {
+        let mut req = get(&s.gw.url(path));
+        req.headers_mut()
+            .insert("fsp-purpose", "participation-vote".parse().unwrap());
+        send(&c, req)
+    };
+    let (status, h, _, _) = call("/person/getPerson/v3/x").await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(h["x-kept"], "yes");
+    assert!(h.get("fsp-consumer").is_none(), "{h:?}");
+    assert_ne!(h["fsp-message-id"], "forged");
+    assert_eq!(h.get_all("fsp-message-id").iter().count(), 1);
+    // v3 is live: the provider's lifecycle fields are not passed on.
+    assert!(
+        h.get("deprecation").is_none() && h.get("sunset").is_none(),
+        "{h:?}"
+    );
+    // v2 is deprecated: the consumer gets the catalogue's fields, once.
+    let (status, h, _, _) = call("/person/getPerson/v2/x").await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(h.get_all("deprecation").iter().count(), 1, "{h:?}");
+    assert_ne!(h["deprecation"], "@1");
+    let (status, _, body, _) = call("/person/getPerson/v3/odd").await.unwrap();
+    assert_eq!(
+        status,
+        StatusCode::BAD_GATEWAY,
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+}
+
 /// A field the gateway checks or records is refused when the provider could read it
 /// otherwise: raw non-ASCII bytes (the gateway cannot read them, the provider would),
 /// given twice (which one is recorded?), named by `Connection` (recorded, then removed

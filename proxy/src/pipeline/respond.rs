@@ -38,6 +38,25 @@ pub async fn deliver(
     http10: bool,
 ) -> Response<ResponseBody> {
     let (mut parts, mut body) = answer.response.into_parts();
+    // HTTP defines 100 to 599: a status beyond is not passed on for the consumer to guess.
+    if parts.status.as_u16() > 599 {
+        let status = parts.status.as_u16();
+        return refuse(
+            local,
+            call,
+            Rejection::new(
+                Code::UpstreamUnavailable,
+                "the provider's answer could not be passed on",
+            )
+            .with_internal(format!(
+                "the provider answered with status {status}, which HTTP does not define"
+            ))
+            .blaming(Side::Provider),
+        );
+    }
+    // The platform's fields (`FSP-*`) and the version's lifecycle (`Deprecation`,
+    // `Sunset`: the catalogue's) are the gateway's to give, not the provider's.
+    crate::headers::strip_platform_fields(&mut parts.headers);
     let kind = AnswerType::of(&parts.headers);
     let identity = parts
         .headers
