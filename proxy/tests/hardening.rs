@@ -699,6 +699,10 @@ async fn fields_the_provider_could_read_otherwise_are_refused() {
             "the Connection field names Content-Type",
         ),
         (
+            "connection: close\r\ntransfer-encoding: gzip, chunked\r\n",
+            "names a coding other than chunked",
+        ),
+        (
             "connection: close\r\nX-Request-ID: a\r\nX-Request-ID: b\r\n",
             "X-Request-ID is given more than once",
         ),

@@ -193,6 +193,9 @@ pub struct FieldCounts<'a> {
     /// A field the gateway reads that `Connection` names: it would be recorded, then
     /// removed before forwarding as hop-by-hop.
     nominated: Option<&'a str>,
+    /// A `Transfer-Encoding` other than `chunked` alone: the body would be forwarded
+    /// still in that coding, without a word of it, for the provider to read as it is.
+    coded: bool,
 }
 
 /// The fields the gateway reads (checks, records, routes by): `Connection` must not name
@@ -220,6 +223,7 @@ impl<'a> FieldCounts<'a> {
             soap_action_value: None,
             unreadable: None,
             nominated: None,
+            coded: false,
         };
         for (name, value) in headers {
             let read = if name == header::HOST {
@@ -242,6 +246,12 @@ impl<'a> FieldCounts<'a> {
                 c.soap_action += 1;
                 c.soap_action_value = Some(value);
                 Some("SOAPAction")
+            } else if name == header::TRANSFER_ENCODING {
+                c.coded |= !value
+                    .as_bytes()
+                    .trim_ascii()
+                    .eq_ignore_ascii_case(b"chunked");
+                None
             } else if name == header::CONNECTION {
                 if c.nominated.is_none() {
                     c.nominated = value.to_str().ok().and_then(|v| {
@@ -289,6 +299,11 @@ fn inspect_fields(fields: &FieldCounts<'_>) -> Result<bool, Rejection> {
         return malformed(format!(
             "{name} holds characters other than visible ASCII (such as an accent as raw bytes): send it in ASCII"
         ));
+    }
+    if fields.coded {
+        return malformed(
+            "the Transfer-Encoding names a coding other than chunked, which the gateway does not undo: send the body chunked (or with a Content-Length), with any compression said in Content-Encoding".into(),
+        );
     }
     if let Some(name) = fields.nominated {
         return malformed(format!(
