@@ -77,7 +77,7 @@ if [ -n "$3" ]; then rm -rf -- "$3"; fi
 /// it started are stopped within a few seconds and `remove` (the run's directory, unless
 /// kept) is removed. The list of servers is kept in `dir`; on an ordinary end it is
 /// empty and the watchdog leaves without doing anything. (A PostgreSQL schema is left:
-/// its name starts with `fsp_load_`.)
+/// `fsp_loadtest_<pid>`.)
 pub fn watch_over(dir: &Path, remove: Option<&Path>) -> Result<()> {
     use std::os::unix::process::CommandExt;
     leftovers(|l| l.list = Some(dir.join(".servers")));
