@@ -873,7 +873,7 @@ impl Guard {
                 } else if matched == name.len() && is_ws(b) {
                     self.state = State::EndWs;
                 } else if matched == name.len() && b == b'>' {
-                    self.close_element();
+                    self.close_element()?;
                 } else {
                     return Err(not_wf(format!(
                         "an end tag does not match the start tag <{}>",
@@ -882,7 +882,7 @@ impl Guard {
                 }
             }
             State::EndWs => match b {
-                b'>' => self.close_element(),
+                b'>' => self.close_element()?,
                 _ if is_ws(b) => {}
                 _ => return Err(not_wf("an end tag has an invalid character")),
             },
@@ -1173,7 +1173,7 @@ impl Guard {
     fn open_element(&mut self, empty: bool) -> Result<(), XmlError> {
         self.soap_open()?;
         if empty {
-            self.close_element();
+            self.close_element()?;
         } else {
             self.len = 0;
             self.state = State::Text;
@@ -1182,8 +1182,8 @@ impl Guard {
     }
 
     /// An end tag (or `/>`) closed the innermost open element.
-    fn close_element(&mut self) {
-        self.soap_close();
+    fn close_element(&mut self) -> Result<(), XmlError> {
+        self.soap_close()?;
         if let Some(start) = self.starts.pop() {
             self.names.truncate(start);
         }
@@ -1191,6 +1191,7 @@ impl Guard {
             self.root_closed = true;
         }
         self.end_markup();
+        Ok(())
     }
 
     fn soap_open(&mut self) -> Result<(), XmlError> {
@@ -1315,10 +1316,10 @@ impl Guard {
         }
     }
 
-    fn soap_close(&mut self) {
+    fn soap_close(&mut self) -> Result<(), XmlError> {
         let depth = self.starts.len();
         let Some(soap) = self.soap.as_mut() else {
-            return;
+            return Ok(());
         };
         if depth == 3
             && let Some(field) = soap.capture.take()
@@ -1343,12 +1344,20 @@ impl Guard {
             soap.in_body = false;
         }
         if depth == 1 {
+            // SOAP 1.1 and 1.2 both require the Body: refused on the Envelope's last
+            // byte, which is then never forwarded.
+            if !soap.body_opened {
+                return Err(XmlError::NotSoap {
+                    why: "the SOAP Envelope has no Body".into(),
+                });
+            }
             soap.finish_header();
             soap.leave_scopes();
         }
         while soap.bindings.last().is_some_and(|b| b.depth >= depth) {
             soap.bindings.pop();
         }
+        Ok(())
     }
 }
 
@@ -2237,9 +2246,19 @@ mod tests {
         let doc =
             format!(r#"<s:Envelope xmlns:s="{S11}"><s:Body a="1"><op/></s:Body></s:Envelope>"#);
         assert_eq!(header_known_after(&doc), doc.find("<op").unwrap());
-        let doc = format!(r#"<s:Envelope xmlns:s="{S11}"/>"#);
-        assert_eq!(header_known_after(&doc), doc.len());
-        assert_eq!(header(&doc), SoapHeader::default());
+        // An Envelope without a Body is not SOAP: refused on its last byte.
+        for doc in [
+            format!(r#"<s:Envelope xmlns:s="{S11}"/>"#),
+            format!(r#"<s:Envelope xmlns:s="{S11}"><s:Header/></s:Envelope>"#),
+        ] {
+            let outcome = soap(&doc);
+            assert!(
+                matches!(&outcome.result, Err(XmlError::NotSoap { why }) if why.contains("no Body")),
+                "{doc}: {:?}",
+                outcome.result
+            );
+            assert_eq!(outcome.consumed, doc.len() as u64);
+        }
     }
 
     #[test]

@@ -745,6 +745,23 @@ async fn soap_11_and_12_envelopes_in_any_spelling_are_forwarded_and_stamped() {
             .iter()
             .all(|r| r["operation"] == "urn:http:GetPerson")
     );
+    // Given both ways, the HTTP action and WS-Addressing's Action must be the same (the
+    // record names one operation; the provider may dispatch on either).
+    for (action, status) in [
+        ("urn:wsa:GetPerson", StatusCode::OK),
+        ("urn:http:GetPerson", StatusCode::BAD_REQUEST),
+    ] {
+        for v12 in [false, true] {
+            let ns = if v12 { SOAP12 } else { SOAP11 };
+            let body = envelope(ns, "s", Some(wsa), call);
+            let (got, _, answer, _) = send(&c, soap_request(&s, v12, action, body)).await.unwrap();
+            let text = String::from_utf8_lossy(&answer);
+            assert_eq!(got, status, "{action}: {text}");
+            if status == StatusCode::BAD_REQUEST {
+                assert!(text.contains("WS-Addressing Action"), "{text}");
+            }
+        }
+    }
 }
 
 #[tokio::test]

@@ -155,6 +155,18 @@ fn take_soap_header(
     if let Some(why) = disagreement {
         return Err(Rejection::new(Code::RequestMalformed, why));
     }
+    // WS-Addressing's SOAP binding: a SOAPAction, when given, is the Action. The record
+    // names one operation; the provider may dispatch on either.
+    if let (Some(http), Some(wsa)) = (soap::action(headers), &header.action)
+        && http != *wsa
+    {
+        return Err(Rejection::new(
+            Code::RequestMalformed,
+            format!(
+                "SOAPAction says {http:?} but the WS-Addressing Action says {wsa:?}: give the same action in both"
+            ),
+        ));
+    }
     if record.purpose.is_none() {
         record.purpose = header.purpose;
     }
