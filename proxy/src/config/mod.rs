@@ -1152,6 +1152,18 @@ fn build_audit(sources: &[Source], problems: &mut Problems) -> AuditConfig {
         },
         Some((s, a)) => {
             let url = url_setting(s, "audit.url", &a.url, &a.url_file, problems);
+            // The trail's (or the state's) directory: made at start when missing, but
+            // something else in its place would only fail then.
+            if let Some(dir) = &a.dir {
+                let path = s.dir.join(dir);
+                if path.exists() && !path.is_dir() {
+                    problems.add(
+                        &s.path,
+                        "audit.dir",
+                        format!("{} exists and is not a directory", path.display()),
+                    );
+                }
+            }
             let backend = match a.backend.as_str() {
                 "file" => AuditBackend::File {
                     dir: s.dir.join(a.dir.as_deref().unwrap_or("audit")),
@@ -1661,6 +1673,22 @@ fn build_admin(
             ),
         );
     });
+    if let (Ok(admin), Some(listener)) = (&address, listener)
+        && admin.port() != 0
+        && admin.port() == listener.address.port()
+        && (admin.ip() == listener.address.ip()
+            || admin.ip().is_unspecified()
+            || listener.address.ip().is_unspecified())
+    {
+        problems.add(
+            &s.path,
+            "admin.address",
+            format!(
+                "{admin} is the consumers' listener's address too ({}): give the admin API a port of its own",
+                listener.address
+            ),
+        );
+    }
     let mut tokens = Vec::new();
     if let Some(f) = &a.tokens_file {
         let path = s.dir.join(f);

@@ -952,6 +952,26 @@ fn a_value_of_the_wrong_type_names_its_key() {
 }
 
 #[test]
+fn the_admin_api_shares_no_port_with_consumers_and_the_audit_dir_is_a_directory() {
+    let fx = Fixture::new();
+    for admin in ["127.0.0.1:8443", "0.0.0.0:8443"] {
+        let problems = fx.problems_after(
+            "address     = \"127.0.0.1:9443\"",
+            &format!("address     = \"{admin}\""),
+        );
+        expect_only(
+            &problems,
+            "fsp.toml",
+            "admin.address",
+            &["is the consumers' listener's address too"],
+        );
+    }
+    fx.write("a-file", "");
+    let problems = fx.problems_after("dir         = \"data/audit\"", "dir = \"a-file\"");
+    expect_only(&problems, "fsp.toml", "audit.dir", &["is not a directory"]);
+}
+
+#[test]
 fn a_retention_beyond_a_hundred_years_is_refused() {
     let fx = Fixture::new();
     for days in ["0", "36526", "4294967295"] {
