@@ -528,11 +528,24 @@ async fn route(
         let (party, id) = (party, id.to_owned());
         match reason(req).await {
             Ok(reason) => {
-                said = Some(match &reason {
+                let given = match &reason {
                     Some(r) => format!("reason: {r}"),
                     None => "no reason given".to_owned(),
+                };
+                let (response, changed) =
+                    suspension(gw, party, &id, suspend, reason, &who, &at).await;
+                // A repeated call changes nothing: its record says so, and that the
+                // suspension in force keeps its first author and reason.
+                said = Some(match (changed, suspend) {
+                    (Some(false), true) => {
+                        format!(
+                            "{given}; no change: already suspended, the first suspension's record is kept"
+                        )
+                    }
+                    (Some(false), false) => format!("{given}; no change: it was not suspended"),
+                    _ => given,
                 });
-                suspension(gw, party, &id, suspend, reason, &who, &at).await
+                response
             }
             Err(problem) => json(
                 StatusCode::BAD_REQUEST,
@@ -621,7 +634,7 @@ pub(crate) async fn lift_every_suspension(gw: &Gateway, who: &str, said: &str) -
     let mut lifted = 0;
     for (party, id) in parties {
         let at = crate::pipeline::stamp::rfc3339_millis(time::OffsetDateTime::now_utc());
-        let response = suspension(gw, party, id, false, None, who, &at).await;
+        let (response, _) = suspension(gw, party, id, false, None, who, &at).await;
         let path = format!("/admin/{}s/{id}/resume", party.as_str());
         let status = response.status();
         record_admin_action(
@@ -918,7 +931,7 @@ async fn suspension(
     reason: Option<String>,
     who: &str,
     at: &str,
-) -> Response<Full<Bytes>> {
+) -> (Response<Full<Bytes>>, Option<bool>) {
     let snap = gw.snapshot.load();
     let configured = match party {
         Party::Consumer => snap.consumers.get(id).is_some(),
@@ -936,9 +949,12 @@ async fn suspension(
     };
     let kind = party.as_str();
     if !configured && !lifting_a_leftover {
-        return json(
-            StatusCode::NOT_FOUND,
-            serde_json::json!({"error": format!("no {kind} with id {id} is configured")}),
+        return (
+            json(
+                StatusCode::NOT_FOUND,
+                serde_json::json!({"error": format!("no {kind} with id {id} is configured")}),
+            ),
+            None,
         );
     }
     let change = suspend.then(|| crate::suspend::Suspension {
@@ -946,8 +962,10 @@ async fn suspension(
         at: Some(at.to_owned()),
         reason: reason.clone(),
     });
-    match gw.suspensions.set(party, id, change).await {
+    let mut outcome = None;
+    let response = match gw.suspensions.set(party, id, change).await {
         Ok(crate::suspend::Changed { changed, record }) => {
+            outcome = Some(changed);
             tracing::warn!(target: "fsp::admin", %who, kind, id, suspended = suspend, changed, reason = ?reason, %at, shared = gw.suspensions.is_shared(), "suspension changed");
             // What is in force: a suspension made before keeps its author, time and
             // reason.
@@ -981,5 +999,6 @@ async fn suspension(
             StatusCode::INTERNAL_SERVER_ERROR,
             serde_json::json!({"error": e.to_string()}),
         ),
-    }
+    };
+    (response, outcome)
 }

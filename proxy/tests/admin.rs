@@ -125,9 +125,24 @@ async fn named_tokens_say_who_acted_wrong_methods_are_405_and_certificates_are_l
     )
     .await;
     assert_eq!(status, 200, "{body}");
+    // Again, with another reason: nothing changes, and the record says so.
+    let (status, body) = admin_request_with_body(
+        gw.admin_port,
+        "POST",
+        "/admin/consumers/ville-bxl/suspend",
+        Some(alice),
+        r#"{"reason": "second thoughts"}"#,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"changed\":false"), "{body}");
     let (_, listed) = admin_request(gw.admin_port, "GET", "/admin/suspensions", Some(plain)).await;
     let listed: serde_json::Value = serde_json::from_str(&listed).unwrap();
     assert_eq!(listed["consumers"][0]["by"], "alice", "{listed}");
+    assert_eq!(
+        listed["consumers"][0]["reason"], "rotation of a leaked key",
+        "{listed}"
+    );
     // The plain token is named by its position among the tokens.
     let (status, _) = admin_request(
         gw.admin_port,
@@ -229,7 +244,12 @@ async fn named_tokens_say_who_acted_wrong_methods_are_405_and_certificates_are_l
         .iter()
         .filter(|r| r["credential"] == "admin")
         .collect();
-    assert_eq!(admin.len(), 3, "{admin:#?}");
+    assert_eq!(admin.len(), 4, "{admin:#?}");
+    assert_eq!(
+        admin[1]["detail"],
+        "reason: second thoughts; no change: already suspended, the first suspension's record is kept"
+    );
+    let admin: Vec<&serde_json::Value> = [admin[0], admin[2], admin[3]].into();
     assert_eq!(admin[2]["status"], 404);
     assert_eq!(admin[2]["decision"], "refused");
     assert_eq!(admin[0]["credential_id"], "alice");
