@@ -288,7 +288,9 @@ impl FileSink {
         });
         let node = sanitise(node);
         repair_tail(dir, &node)?;
-        let chain = Chain::after(last_hash(dir, &node)?);
+        let last = last_hash(dir, &node)?;
+        check_head(dir, &node, last.as_deref())?;
+        let chain = Chain::after(last);
         let trail = node_files(dir, &node).map_err(|e| {
             AuditError::Unavailable(format!(
                 "cannot list the audit trail in {}: {e}",
@@ -322,6 +324,7 @@ impl FileSink {
             retention_days,
             retired_on: None,
             head_at: None,
+            head_pending: false,
             rollups,
             last_segment: None,
             segment_bytes,
@@ -676,8 +679,10 @@ struct Writer {
     retired_on: Option<String>,
     /// The statistics of the calls written.
     rollups: crate::file_stats::Rollups,
-    /// When the node's head (see [`Head`]) was last written.
+    /// When the node's head (see [`Head`]) was last written, and whether records were
+    /// written since.
     head_at: Option<std::time::Instant>,
+    head_pending: bool,
 }
 
 impl Writer {
@@ -712,9 +717,14 @@ impl Writer {
                 if self.collect(&mut batch, &mut spare) == 0 {
                     std::thread::park_timeout(Duration::from_secs(1));
                     self.shared.idle.store(false, Ordering::SeqCst);
-                    // Quiet or not, a removed file is noticed within a second.
+                    // Quiet or not, a removed file is noticed within a second, and the
+                    // head names the last record within a second.
                     self.check_in_place();
                     self.rollups.tick();
+                    if self.head_pending && self.head_at.is_none_or(|at| at.elapsed() >= HEAD_EVERY)
+                    {
+                        self.write_head();
+                    }
                     continue;
                 }
                 self.shared.idle.store(false, Ordering::SeqCst);
@@ -766,6 +776,7 @@ impl Writer {
                 spare.push(p);
             }
             self.rollups.tick();
+            self.head_pending = true;
             if self.head_at.is_none_or(|at| at.elapsed() >= HEAD_EVERY) {
                 self.write_head();
             }
@@ -804,9 +815,13 @@ impl Writer {
             written_at: time::OffsetDateTime::now_utc()
                 .format(&time::format_description::well_known::Rfc3339)
                 .unwrap_or_default(),
+            day: Some(self.sealed.0.clone()),
         };
         match head.write(&self.dir) {
-            Ok(()) => self.head_at = Some(std::time::Instant::now()),
+            Ok(()) => {
+                self.head_at = Some(std::time::Instant::now());
+                self.head_pending = false;
+            }
             Err(e) => {
                 tracing::warn!(error = %e, dir = %self.dir.display(), "the audit trail's head could not be written");
             }
@@ -1118,6 +1133,60 @@ fn last_hash(dir: &Path, node: &str) -> Result<Option<String>, AuditError> {
         .and_then(|a| a.last_hash))
 }
 
+/// A writer starting on a trail that no longer holds the last record its node wrote (its
+/// head) does not write on: records were removed while the gateway was stopped, and
+/// writing on would replace the head, the only trace of them. The head is the trail's
+/// last record, or one retired (the anchor's, or of a day retired since), or one in the
+/// node's files (it lags the last record by at most a second).
+fn check_head(dir: &Path, node: &str, last: Option<&str>) -> Result<(), AuditError> {
+    let unavailable = |e: std::io::Error| {
+        AuditError::Unavailable(format!(
+            "cannot read the audit trail in {}: {e}",
+            dir.display()
+        ))
+    };
+    let path = Head::path(dir, node);
+    let head: Head = match small_json_files::<Head>(dir, &format!("head-{node}.json")) {
+        Ok(mut found) => match found.pop() {
+            Some((_, head)) => head,
+            None => return Ok(()),
+        },
+        Err(e) => return Err(unavailable(e)),
+    };
+    if last == Some(head.last_hash.as_str()) {
+        return Ok(());
+    }
+    if let Some(anchor) = Anchor::read(dir, node).map_err(unavailable)?
+        && (anchor.last_hash.as_deref() == Some(head.last_hash.as_str())
+            || head
+                .day
+                .as_deref()
+                .is_some_and(|d| d <= anchor.retired_through.as_str()))
+    {
+        return Ok(());
+    }
+    let needle = format!("\"hash\":\"{}\"", head.last_hash);
+    for (_, file) in node_files(dir, node).map_err(unavailable)?.iter().rev() {
+        let mut found = false;
+        for_each_line(file, |_, line| {
+            found |= memchr::memmem::find(line, needle.as_bytes()).is_some();
+            Ok::<_, std::io::Error>(())
+        })
+        .map_err(unavailable)?;
+        if found {
+            return Ok(());
+        }
+    }
+    Err(AuditError::Unavailable(format!(
+        "the audit trail in {} does not hold record {} of node {node}, which {} says was written by {}: records were removed while the gateway was stopped. Run `fsp audit verify`; once the loss is accounted for, move {} aside, and the gateway writes on",
+        dir.display(),
+        head.message_id,
+        path.display(),
+        head.written_at,
+        path.display()
+    )))
+}
+
 /// How far back from its end the newest segment is read for a batch torn by a crash:
 /// more than a segment and any batch.
 const TORN_SCAN: u64 = 2 * SEGMENT_BYTES;
@@ -1370,6 +1439,10 @@ pub struct Head {
     pub message_id: String,
     pub last_hash: String,
     pub written_at: String,
+    /// The day of the file that holds it: once retention has retired that day, the
+    /// record is accounted for by the node's anchor.
+    #[serde(default)]
+    pub day: Option<String>,
 }
 
 impl Head {
@@ -1799,7 +1872,11 @@ pub fn verify_dir(dir: &Path, retention_days: Option<u32>) -> Result<Verified, V
         }
         if let Some(h) = anchor.last_hash {
             if let Some((_, head, seen)) = heads.get_mut(&sanitise(&anchor.node)) {
-                *seen |= head.last_hash == h;
+                *seen |= head.last_hash == h
+                    || head
+                        .day
+                        .as_deref()
+                        .is_some_and(|d| d <= anchor.retired_through.as_str());
             }
             verifier.continue_after(&anchor.node, h);
         }
@@ -1992,14 +2069,67 @@ mod tests {
             matches!(&verified, Err(e @ VerifyError::CutShort { .. }) if e.to_string().contains("record m-19 of node n is missing")),
             "{verified:?}"
         );
+        // A gateway does not write on over the cut (its next head would hide it).
+        let refused = FileSink::start(dir.path(), "n")
+            .map(drop)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            refused.contains("does not hold record m-19 of node n"),
+            "{refused}"
+        );
         // Every file of the trail removed.
         std::fs::remove_file(segment).unwrap();
         assert!(matches!(
             verify_dir(dir.path(), None),
             Err(VerifyError::CutShort { .. })
         ));
+        assert!(FileSink::start(dir.path(), "n").is_err());
         std::fs::write(segment, &whole).unwrap();
         assert_eq!(verify_dir(dir.path(), None).unwrap().records, 20);
+        // Whole again: it writes on.
+        let (sink, handle) = FileSink::start(dir.path(), "n").unwrap();
+        sink.submit(record(20, "2026-11-24")).unwrap();
+        drop(sink);
+        handle.join();
+        assert_eq!(verify_dir(dir.path(), None).unwrap().records, 21);
+    }
+
+    /// A writer gone quiet still names its last record within about a second; a head
+    /// whose day retention has retired is accounted for by the anchor.
+    #[test]
+    fn the_head_follows_a_quiet_writer_and_retention() {
+        let dir = tempfile::tempdir().unwrap();
+        let (sink, handle) = FileSink::start(dir.path(), "n").unwrap();
+        let head = || -> Head {
+            serde_json::from_slice(&std::fs::read(dir.path().join("head-n.json")).unwrap()).unwrap()
+        };
+        sink.submit(record(0, "2026-11-24")).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        sink.submit(record(1, "2026-11-24")).unwrap();
+        std::thread::sleep(Duration::from_millis(2500));
+        assert_eq!(head().message_id, "m-1");
+        drop(sink);
+        handle.join();
+        // A head lagging behind the last record retired: covered by the anchor's day.
+        let lagging = Head {
+            last_hash: "0".repeat(64),
+            day: Some("2026-01-01".into()),
+            ..head()
+        };
+        lagging.write(dir.path()).unwrap();
+        for f in trail_files(dir.path()).unwrap() {
+            std::fs::remove_file(f).unwrap();
+        }
+        Anchor {
+            node: "n".into(),
+            retired_through: "2026-01-02".into(),
+            last_hash: Some("1".repeat(64)),
+        }
+        .write(dir.path(), "n")
+        .unwrap();
+        assert_eq!(verify_dir(dir.path(), None).unwrap().records, 0);
+        assert!(FileSink::start(dir.path(), "n").is_ok());
     }
 
     /// Writes records of many sizes in many batches, restarting the sink half-way (the

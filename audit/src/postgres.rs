@@ -549,6 +549,9 @@ pub enum TrailError {
     Cell { at: String, why: String },
     #[error("cannot write the export: {0}")]
     Write(#[source] std::io::Error),
+    /// The node's rows end before its head: see [`check_head`].
+    #[error("{0}")]
+    CutShort(String),
 }
 
 /// A `postgres` error with its cause (its `Display` alone says only "db error").
@@ -813,6 +816,55 @@ fn tail(client: &mut Client, node: &str) -> Result<Tail, ::postgres::Error> {
         },
         None => Tail { seq: 0, hash: None },
     })
+}
+
+/// A writer starting on a database that no longer holds the last record its node wrote
+/// (its head) does not write on: rows were removed while the gateway was stopped, and
+/// writing on would move the head past them, the only trace of them. The head is the
+/// node's last row, a row still there with its hash, or one retention retired.
+fn check_head(client: &mut Client, node: &str, tail: &Tail) -> Result<(), TrailError> {
+    let Some(head) = client.query_opt(
+        "SELECT last_seq, message_id, last_hash, written_at FROM fsp_audit_head WHERE node = $1",
+        &[&node],
+    )?
+    else {
+        return Ok(());
+    };
+    let (seq, message_id, hash, written_at): (i64, String, String, OffsetDateTime) = (
+        head.try_get(0)?,
+        head.try_get(1)?,
+        head.try_get(2)?,
+        head.try_get(3)?,
+    );
+    if seq == tail.seq && tail.hash.as_deref() == Some(hash.as_str()) {
+        return Ok(());
+    }
+    let retired: Option<i64> = client
+        .query_opt(
+            "SELECT last_seq FROM fsp_audit_anchor WHERE node = $1",
+            &[&node],
+        )?
+        .map(|r| r.try_get(0))
+        .transpose()?;
+    if retired.is_some_and(|r| r >= seq) {
+        return Ok(());
+    }
+    let held: Option<String> = client
+        .query_opt(
+            "SELECT hash FROM fsp_audit WHERE node = $1 AND seq = $2",
+            &[&node, &seq],
+        )?
+        .map(|r| r.try_get(0))
+        .transpose()?;
+    if held.as_deref() == Some(hash.as_str()) {
+        return Ok(());
+    }
+    let at = written_at
+        .format(&Rfc3339)
+        .unwrap_or_else(|_| written_at.to_string());
+    Err(TrailError::CutShort(format!(
+        "the audit database does not hold record {message_id} (seq {seq}) of node {node}, which fsp_audit_head says was written by {at}: rows were removed while the gateway was stopped. Run `fsp audit verify`; once the loss is accounted for, delete the node's row of fsp_audit_head, and the gateway writes on"
+    )))
 }
 
 /// What a writer that connects again finds at its node's end in the database, against
@@ -1825,6 +1877,9 @@ impl Writer {
         let insert = client.prepare(&INSERT)?;
         let insert_counted = client.prepare(&INSERT_COUNTED)?;
         let tail = tail(&mut client, &settings.node)?;
+        if migrating {
+            check_head(&mut client, &settings.node, &tail)?;
+        }
         Ok((
             Connection {
                 client,
@@ -1872,6 +1927,12 @@ impl Writer {
                         std::thread::park_timeout(PROBE_EVERY);
                         self.shared.idle.store(false, Ordering::SeqCst);
                         self.probe();
+                        // Quiet: the head names the last record within a probe or two.
+                        if self.head.is_some()
+                            && self.head_at.is_none_or(|at| at.elapsed() >= HEAD_EVERY)
+                        {
+                            self.write_head();
+                        }
                         continue;
                     }
                     self.shared.idle.store(false, Ordering::SeqCst);
@@ -1922,8 +1983,10 @@ impl Writer {
     /// statement of its own after the rows it names. A failure is logged; the next
     /// batch tries again.
     fn write_head(&mut self) {
-        let (Some((seq, message_id, hash)), Some(conn)) = (self.head.take(), self.conn.as_mut())
-        else {
+        let Some(conn) = self.conn.as_mut() else {
+            return;
+        };
+        let Some((seq, message_id, hash)) = self.head.take() else {
             return;
         };
         let written = conn.client.execute(

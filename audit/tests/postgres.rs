@@ -683,6 +683,15 @@ fn rows_removed_from_the_end_or_all_of_them_break_verification() {
         matches!(&cut, Err(e @ VerifyError::CutShort { .. }) if e.to_string().contains("record m-00007 of node n is missing")),
         "{cut:?}"
     );
+    // A gateway does not write on over the cut (its next head would hide it).
+    let refused = PostgresSink::start_with(db.settings("n"))
+        .map(drop)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        refused.contains("does not hold record m-00007 (seq 8) of node n"),
+        "{refused}"
+    );
     c.batch_execute("DELETE FROM fsp_audit").unwrap();
     assert!(matches!(
         db.trail().verify(None),
@@ -691,6 +700,20 @@ fn rows_removed_from_the_end_or_all_of_them_break_verification() {
     c.batch_execute("INSERT INTO fsp_audit SELECT * FROM kept")
         .unwrap();
     assert_eq!(db.trail().verify(None).unwrap().records, 8);
+    // Whole again, it writes on; gone quiet, its head still follows within seconds.
+    let (sink, handle) = db.start("n");
+    sink.submit(record(8)).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    sink.submit(record(9)).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(3000));
+    let last: i64 = c
+        .query_one("SELECT last_seq FROM fsp_audit_head WHERE node = 'n'", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(last, 10);
+    drop(sink);
+    handle.join();
+    assert_eq!(db.trail().verify(None).unwrap().records, 10);
 }
 
 #[test]
