@@ -221,6 +221,9 @@ pub struct Guard {
     /// parsers differ on which one they keep (an `xmlns:soap` given twice, for one).
     attr_key: u64,
     attr_keys: Vec<u64>,
+    /// Past [`FEW_ATTRIBUTES`] attributes, their keys in a set (linear time however many
+    /// the limits allow).
+    attr_set: std::collections::HashSet<u64, std::hash::BuildHasherDefault<KeyHasher>>,
     reference: Reference,
     /// The XML declaration's pseudo-attributes, checked once `?>` is read.
     decl: Vec<u8>,
@@ -229,6 +232,10 @@ pub struct Guard {
     /// markup the scan did not see (an overlong `<`). `None`: another encoding, in which
     /// every byte is a character.
     utf8: Option<Utf8>,
+    /// Whether the `Content-Type` said the charset is UTF-8 (`None`: it said none), and
+    /// whether the body began with a UTF-8 byte order mark.
+    said_utf8: Option<bool>,
+    bom: bool,
     soap: Option<Soap>,
     /// Bytes examined (by `memchr` or one by one), for the linearity test.
     #[cfg(test)]
@@ -400,9 +407,12 @@ impl Guard {
             attr_name_len: 0,
             attr_key: FNV_OFFSET,
             attr_keys: Vec::new(),
+            attr_set: Default::default(),
             reference: Reference::default(),
             decl: Vec::new(),
             utf8: Some(Utf8::default()),
+            said_utf8: None,
+            bom: false,
             soap: None,
             #[cfg(test)]
             examined: 0,
@@ -435,10 +445,14 @@ impl Guard {
         guard
     }
 
-    /// The body's `Content-Type` names a charset other than UTF-8 (see
-    /// [`names_other_charset`]): its bytes are not checked as UTF-8.
-    pub fn in_other_charset(&mut self) {
-        self.utf8 = None;
+    /// What the body's `Content-Type` says of its charset ([`said_charset`]): another
+    /// than UTF-8 means its bytes are not checked as UTF-8; and an XML declaration or a
+    /// byte order mark that says otherwise is refused (parsers differ on which wins).
+    pub fn charset_said(&mut self, utf8: Option<bool>) {
+        self.said_utf8 = utf8;
+        if utf8 == Some(false) {
+            self.utf8 = None;
+        }
     }
 
     /// Feeds the next bytes. Returns the first violation, and keeps returning it afterwards.
@@ -717,6 +731,7 @@ impl Guard {
                     return Err(encoding("unknown: not a UTF-8 byte order mark"));
                 }
                 self.state = if n == 2 {
+                    self.bom = true;
                     State::Start { bom: true }
                 } else {
                     State::Bom(n + 1)
@@ -751,8 +766,18 @@ impl Guard {
                 if b != b'>' {
                     return Err(not_wf("its XML declaration is malformed"));
                 }
-                if check_declaration(&self.decl)? {
-                    self.utf8 = None;
+                if let Some(utf8) = check_declaration(&self.decl)? {
+                    let bom = self.bom;
+                    if self.said_utf8.is_some_and(|said| said != utf8) || (bom && !utf8) {
+                        return Err(not_wf(if bom {
+                            "its byte order mark says UTF-8 and its XML declaration another encoding"
+                        } else {
+                            "its Content-Type's charset and its XML declaration's encoding differ"
+                        }));
+                    }
+                    if !utf8 {
+                        self.utf8 = None;
+                    }
                 }
                 self.decl = Vec::new();
                 self.state = State::Misc;
@@ -937,6 +962,9 @@ impl Guard {
                 self.starts.push(self.names.len());
                 self.attributes = 0;
                 self.attr_keys.clear();
+                if !self.attr_set.is_empty() {
+                    self.attr_set.clear();
+                }
                 self.state = State::StartName;
                 self.element_name_byte(b)?;
             }
@@ -1043,11 +1071,22 @@ impl Guard {
 
     /// The attribute's name is read: it must not be one the element already has.
     fn end_attribute_name(&mut self) -> Result<(), XmlError> {
-        if self.attr_keys.contains(&self.attr_key) {
-            return Err(not_wf("an element gives the same attribute twice"));
+        let key = self.attr_key;
+        let new = if self.attr_keys.len() < FEW_ATTRIBUTES {
+            let new = !self.attr_keys.contains(&key);
+            self.attr_keys.push(key);
+            new
+        } else {
+            if self.attr_set.is_empty() {
+                self.attr_set.extend(self.attr_keys.iter().copied());
+            }
+            self.attr_set.insert(key)
+        };
+        if new {
+            Ok(())
+        } else {
+            Err(not_wf("an element gives the same attribute twice"))
         }
-        self.attr_keys.push(self.attr_key);
-        Ok(())
     }
 
     fn attribute_name_byte(&mut self, b: u8) -> Result<(), XmlError> {
@@ -1436,13 +1475,16 @@ fn classify(uri: &[u8]) -> Ns {
 }
 
 /// Checks the pseudo-attributes of `<?xml ...?>`, above all `encoding`.
-/// Checks an XML declaration; returns whether it names an encoding other than UTF-8
-/// (or US-ASCII).
-fn check_declaration(decl: &[u8]) -> Result<bool, XmlError> {
+/// Checks an XML declaration (`version`, then `encoding`, then `standalone`, each at most
+/// once: parsers differ on a repeated one); returns whether the encoding it names, if
+/// any, is UTF-8 (or US-ASCII).
+fn check_declaration(decl: &[u8]) -> Result<Option<bool>, XmlError> {
     let malformed = || not_wf("its XML declaration is malformed");
     let mut rest = trim_ws(decl);
     let mut version = false;
-    let mut other_encoding = false;
+    let mut utf8 = None;
+    // The rank of the last pseudo-attribute read: each must come after the one before.
+    let mut rank = 0;
     while !rest.is_empty() {
         let name_len = rest
             .iter()
@@ -1461,21 +1503,25 @@ fn check_declaration(decl: &[u8]) -> Result<bool, XmlError> {
             return Err(malformed());
         }
         rest = trim_ws(rest);
-        match name {
-            b"version" if value.starts_with(b"1.") => version = true,
+        let this = match name {
+            b"version" if value.starts_with(b"1.") => {
+                version = true;
+                1
+            }
             b"encoding" => {
                 check_encoding(value)?;
-                other_encoding = !is_utf8_name(value);
+                utf8 = Some(is_utf8_name(value));
+                2
             }
-            b"standalone" if value == b"yes" || value == b"no" => {}
+            b"standalone" if value == b"yes" || value == b"no" => 3,
             _ => return Err(malformed()),
+        };
+        if this <= rank || (rank == 0 && this != 1) {
+            return Err(malformed());
         }
+        rank = this;
     }
-    if version {
-        Ok(other_encoding)
-    } else {
-        Err(malformed())
-    }
+    if version { Ok(utf8) } else { Err(malformed()) }
 }
 
 /// Whether an encoding's name is UTF-8's (US-ASCII is a part of it).
@@ -1493,9 +1539,17 @@ fn charsets(content_type: &str) -> impl Iterator<Item = &str> {
     })
 }
 
-/// Whether a `Content-Type` value names a charset other than UTF-8 (or US-ASCII).
-pub fn names_other_charset(content_type: &str) -> bool {
-    charsets(content_type).any(|c| !is_utf8_name(c.as_bytes()))
+/// What a `Content-Type` value says of its charset: `Some(true)` UTF-8 (or US-ASCII),
+/// `Some(false)` another (any other, when it is given more than once), `None` nothing.
+pub fn said_charset(content_type: &str) -> Option<bool> {
+    charsets(content_type).fold(None, |said, c| {
+        Some(said.unwrap_or(true) && is_utf8_name(c.as_bytes()))
+    })
+}
+
+/// Whether a `Content-Type` value gives its `charset` more than once.
+pub fn charset_given_twice(content_type: &str) -> bool {
+    charsets(content_type).nth(1).is_some()
 }
 
 /// UTF-8 checked as a stream: the bytes of a character cut by the end of a piece are
@@ -1532,6 +1586,27 @@ pub fn check_encoding(name: &[u8]) -> Result<(), XmlError> {
 }
 
 const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// Up to this many attributes on an element, their keys are compared one by one.
+const FEW_ATTRIBUTES: usize = 16;
+
+/// Hashes an attribute's key (already a hash) as itself.
+#[derive(Default)]
+struct KeyHasher(u64);
+
+impl std::hash::Hasher for KeyHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        self.0 = bytes.iter().fold(self.0, fnv);
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
 
 /// One byte into a 64-bit FNV-1a hash.
 fn fnv(h: u64, b: &u8) -> u64 {
@@ -1882,10 +1957,58 @@ mod tests {
         let latin1 = b"<?xml version='1.0' encoding='ISO-8859-1'?><a b='\xe9t\xe9'>\xe9</a>";
         assert!(run(fresh(), [&latin1[..]]).result.is_ok());
         let mut said = fresh();
-        assert!(names_other_charset("text/xml; charset=windows-1252"));
-        assert!(!names_other_charset("text/xml; charset=\"UTF-8\""));
-        said.in_other_charset();
+        assert_eq!(said_charset("text/xml; charset=windows-1252"), Some(false));
+        assert_eq!(said_charset("text/xml; charset=\"UTF-8\""), Some(true));
+        assert_eq!(said_charset("text/xml"), None);
+        said.charset_said(Some(false));
         assert!(run(said, [&b"<a>\xe9</a>"[..]]).result.is_ok());
+    }
+
+    /// One encoding, said once: where the Content-Type, a byte order mark and the XML
+    /// declaration disagree, or the declaration repeats itself, parsers differ on which
+    /// wins, and a UTF-8 check switched off by one could be what another reads.
+    #[test]
+    fn the_encoding_is_said_once_and_consistently() {
+        let decl = |pseudo: &str| format!("<?xml {pseudo}?><a/>");
+        for bad in [
+            "version='1.0' encoding='UTF-8' encoding='ISO-8859-1'",
+            "encoding='UTF-8' version='1.0'",
+            "version='1.0' standalone='yes' encoding='UTF-8'",
+            "version='1.0' version='1.0'",
+        ] {
+            assert!(not_wf(plain(decl(bad).as_bytes())), "{bad}");
+        }
+        assert!(plain(decl("version='1.0' encoding='UTF-8' standalone='no'").as_bytes()).is_ok());
+        let latin1 = decl("version='1.0' encoding='ISO-8859-1'");
+        let utf8 = decl("version='1.0' encoding='utf-8'");
+        let with = |said: Option<bool>, doc: &[u8]| {
+            let mut g = Guard::new(Limits::default());
+            g.charset_said(said);
+            run(g, [doc]).result
+        };
+        assert!(not_wf(with(Some(true), latin1.as_bytes())));
+        assert!(not_wf(with(Some(false), utf8.as_bytes())));
+        assert!(with(Some(false), latin1.as_bytes()).is_ok());
+        assert!(with(Some(true), utf8.as_bytes()).is_ok());
+        assert!(with(None, latin1.as_bytes()).is_ok());
+        let bom = |doc: &str| [&b"\xEF\xBB\xBF"[..], doc.as_bytes()].concat();
+        assert!(not_wf(with(None, &bom(&latin1))));
+        assert!(with(None, &bom(&utf8)).is_ok());
+    }
+
+    #[test]
+    fn many_attributes_are_checked_for_repeats_in_linear_time() {
+        let limits = Limits {
+            max_attributes: 5000,
+            ..Limits::default()
+        };
+        let attrs: String = (0..4000).map(|i| format!(" a{i}='1'")).collect();
+        let ok = format!("<r><e{attrs}/><e{attrs}/></r>");
+        assert!(run(Guard::new(limits), [ok.as_bytes()]).result.is_ok());
+        let twice = format!("<r><e{attrs} a17='2'/></r>");
+        assert!(not_wf(run(Guard::new(limits), [twice.as_bytes()]).result));
+        let late = format!("<r><e{attrs} a3999='2'/></r>");
+        assert!(not_wf(run(Guard::new(limits), [late.as_bytes()]).result));
     }
 
     #[test]
@@ -2035,7 +2158,7 @@ mod tests {
             ),
             format!(r#"<env:Envelope xmlns:env="{S12}"><env:Body/></env:Envelope>"#),
             format!(
-                "\u{FEFF}<?xml version='1.0' encoding='iso-8859-1' standalone='yes'?>\
+                "\u{FEFF}<?xml version='1.0' encoding='utf-8' standalone='yes'?>\
                  <soap:Envelope xmlns:soap='{S11}'><soap:Body>\
                  <m:Zoek xmlns:m=\"urn:svc\" a='1' b=\"2\" c='\"' d=\"'\">\
                  <m:naam>Amélie Öztürk &lt;&#233;&#x1F600;&gt;</m:naam>\

@@ -703,6 +703,10 @@ async fn fields_the_provider_could_read_otherwise_are_refused() {
             "names a coding other than chunked",
         ),
         (
+            "connection: close\r\ncontent-type: text/xml; charset=utf-8; charset=iso-8859-1\r\ncontent-length: 0\r\n",
+            "gives its charset more than once",
+        ),
+        (
             "connection: close\r\nX-Request-ID: a\r\nX-Request-ID: b\r\n",
             "X-Request-ID is given more than once",
         ),

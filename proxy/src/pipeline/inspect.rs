@@ -73,14 +73,12 @@ pub async fn inspect(
     let checks = snap.service_options(&route.service().name).xml;
     let limits = checks.unwrap_or_default();
     let soap = route.protocol() == Protocol::Soap;
-    let other_charset = fields
+    let charset = fields
         .content_type
         .and_then(|v| v.to_str().ok())
-        .is_some_and(xml::names_other_charset);
+        .and_then(xml::said_charset);
     let guard = |mut guard: xml::Guard| {
-        if other_charset {
-            guard.in_other_charset();
-        }
+        guard.charset_said(charset);
         XmlCheck::On(Box::new(guard))
     };
     let mut content = Content {
@@ -92,10 +90,7 @@ pub async fn inspect(
         } else if xml_declared {
             guard(xml::Guard::new(limits))
         } else {
-            XmlCheck::Sniff {
-                limits,
-                other_charset,
-            }
+            XmlCheck::Sniff { limits, charset }
         },
     };
     if soap && let XmlCheck::On(guard) = &mut content.xml {
@@ -331,6 +326,9 @@ fn inspect_fields(fields: &FieldCounts<'_>) -> Result<bool, Rejection> {
     let Ok(value) = value.to_str() else {
         return malformed("the Content-Type holds characters other than visible ASCII".into());
     };
+    if xml::charset_given_twice(value) {
+        return malformed("the Content-Type gives its charset more than once".into());
+    }
     let mut params = value.split(';');
     let media = params.next().unwrap_or_default();
     let mut actions = params.filter_map(|p| {

@@ -90,12 +90,11 @@ pub async fn deliver(
             (_, true) | (AnswerType::Xml, false) => {
                 let mut g = xml::Guard::new(limits);
                 let content_type = parts.headers.get(header::CONTENT_TYPE);
-                if content_type
-                    .and_then(|v| v.to_str().ok())
-                    .is_some_and(xml::names_other_charset)
-                {
-                    g.in_other_charset();
-                }
+                g.charset_said(
+                    content_type
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(xml::said_charset),
+                );
                 guard = Some(g);
             }
             (AnswerType::Missing, false) => sniff = Some(limits),

@@ -213,10 +213,10 @@ pub enum XmlCheck {
     On(Box<xml::Guard>),
     /// A body that does not say it is XML is still checked if it starts like XML (`<`
     /// or a byte order mark after any white space): many providers sniff their input.
-    /// `other_charset`: its `Content-Type` names a charset other than UTF-8.
+    /// `charset`: what its `Content-Type` says of its charset ([`xml::said_charset`]).
     Sniff {
         limits: xml::Limits,
-        other_charset: bool,
+        charset: Option<bool>,
     },
     Off,
 }
@@ -355,19 +355,13 @@ impl Body for RequestBody {
 
 impl XmlCheck {
     fn feed(&mut self, data: &[u8]) -> Result<(), xml::XmlError> {
-        if let XmlCheck::Sniff {
-            limits,
-            other_charset,
-        } = self
-        {
+        if let XmlCheck::Sniff { limits, charset } = self {
             match data.iter().find(|b| !b.is_ascii_whitespace()) {
                 // Only white space so far: look again at the next piece.
                 None => return Ok(()),
                 Some(b'<' | 0xEF) => {
                     let mut guard = xml::Guard::new(*limits);
-                    if *other_charset {
-                        guard.in_other_charset();
-                    }
+                    guard.charset_said(*charset);
                     *self = XmlCheck::On(Box::new(guard));
                 }
                 Some(_) => *self = XmlCheck::Off,
