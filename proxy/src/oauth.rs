@@ -324,6 +324,7 @@ impl Verifier {
             keys.by_kid.get(&kid).into_iter().collect()
         };
         let mut last_error = String::from("no key");
+        let mut claims_checked = false;
         let mut claims = None;
         for (key, key_alg) in candidates {
             if key_alg.is_some_and(|a| a != header.alg) {
@@ -338,7 +339,16 @@ impl Verifier {
                     claims = Some(data.claims);
                     break;
                 }
-                Err(e) => last_error = why(&e),
+                // A key that verified the signature says more (the token expired, is
+                // for another audience...) than the keys that did not.
+                Err(e) => {
+                    let signature =
+                        matches!(e.kind(), jsonwebtoken::errors::ErrorKind::InvalidSignature);
+                    if !signature || !claims_checked {
+                        last_error = why(&e);
+                    }
+                    claims_checked |= !signature;
+                }
             }
         }
         let claims = claims.ok_or(TokenError::Invalid(last_error))?;

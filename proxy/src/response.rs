@@ -308,11 +308,17 @@ impl Body for ResponseBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        let polled = match &mut this.kind {
+        let mut polled = match &mut this.kind {
             Kind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             Kind::Upstream(inner) => Pin::new(inner).poll_frame(cx),
             Kind::Checked(checked) => checked.poll_frame(cx),
         };
+        // The provider's trailers say no more than its head may (see `strip_platform_fields`).
+        if let Poll::Ready(Some(Ok(frame))) = &mut polled
+            && let Some(trailers) = frame.trailers_mut()
+        {
+            crate::headers::strip_platform_fields(trailers);
+        }
         match &polled {
             Poll::Ready(Some(Err(e))) => {
                 // The status is already on its way: the record says whose fault the

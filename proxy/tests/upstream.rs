@@ -1172,6 +1172,27 @@ async fn an_early_answer_does_not_lend_a_connection_still_sending_a_body() {
     drop(a);
 }
 
+/// A provider's trailers never carry a platform field to the consumer (an HTTP/1.1
+/// provider's trailer section is not passed on at all; the answer's body strips
+/// `FSP-*` fields from any trailers it carries), read over HTTP/2, where trailers would
+/// reach the consumer.
+#[tokio::test]
+async fn a_providers_trailers_carry_no_platform_field() {
+    let wire = b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nfsp-consumer: evil\r\nx-checksum: 42\r\n\r\n".to_vec();
+    let p = Scripted::start(move |_| Reply::new(wire.clone())).await;
+    let (s, _) = p.behind_gateway().await;
+    let c = client(&s.pki, Some(&s.pki.consumer), true);
+    let resp = c
+        .request(get(&s.gw.url("/up/raw/v1/trailers")))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let collected = resp.into_body().collect().await.unwrap();
+    let trailers = collected.trailers().cloned().unwrap_or_default();
+    assert_eq!(collected.to_bytes(), "hello");
+    assert!(trailers.get("fsp-consumer").is_none(), "{trailers:?}");
+}
+
 #[tokio::test]
 async fn a_trickled_chunked_answer_with_extensions_and_trailer_arrives_whole() {
     // Chunk data that looks like chunked framing, extensions (one with a quoted `;`,
