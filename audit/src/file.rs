@@ -2042,8 +2042,9 @@ mod tests {
     }
 
     /// Records removed from the end of the trail, or the whole trail, fail verify: the
-    /// node's head names the last record written. A gateway killed outright leaves a
-    /// head that names a record the trail holds.
+    /// node's head names the last record written. (That a gateway killed outright leaves
+    /// a head naming a record the trail holds is shown by the crash test in
+    /// proxy/tests/audit_backends.rs, whose verify reads the heads.)
     #[test]
     fn records_removed_from_the_end_or_the_whole_trail_fail_verify() {
         let dir = tempfile::tempdir().unwrap();
