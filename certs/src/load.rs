@@ -32,11 +32,14 @@ fn read(path: &Path) -> Result<Vec<u8>, CertError> {
 /// a pipe or a directory, which could block or never end) of at most `max` bytes.
 pub fn read_regular_file(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
     use std::io::{Error, ErrorKind, Read};
-    // Checked before opening too: opening a pipe waits for a writer.
-    if !std::fs::metadata(path)?.is_file() {
-        return Err(Error::new(ErrorKind::InvalidInput, "not a regular file"));
-    }
-    let file = std::fs::File::open(path)?;
+    use std::os::unix::fs::OpenOptionsExt;
+    // Opened without blocking: opening a named pipe for reading would otherwise wait for
+    // a writer (and a path checked first could be swapped for a pipe before the open).
+    // On a regular file the flag changes nothing.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+        .open(path)?;
     if !file.metadata()?.is_file() {
         return Err(Error::new(ErrorKind::InvalidInput, "not a regular file"));
     }

@@ -741,8 +741,8 @@ fn a_missing_included_file_is_named() {
     assert!(p.to_string().contains("consumerz.toml"), "{p}");
 }
 
-/// A device, a directory or a huge file named by `include` is refused at once, not read
-/// until memory runs out (`/dev/zero` never ends).
+/// A device, a directory, a named pipe or a huge file named by `include` is refused at
+/// once, not read until memory runs out (`/dev/zero` never ends) or waited on (a pipe).
 #[test]
 fn an_include_that_is_not_a_reasonable_file_is_refused() {
     let fx = Fixture::new();
@@ -756,9 +756,16 @@ fn an_include_that_is_not_a_reasonable_file_is_refused() {
         .set_len(17 << 20)
         .unwrap();
     std::fs::create_dir(fx.dir.join("folder.toml")).unwrap();
+    // A named pipe without a writer: opening it must not wait for one.
+    let made = std::process::Command::new("mkfifo")
+        .arg(fx.dir.join("pipe.toml"))
+        .status()
+        .expect("mkfifo runs");
+    assert!(made.success());
     for (include, said) in [
         ("/dev/zero", "not a regular file"),
         ("folder.toml", "not a regular file"),
+        ("pipe.toml", "not a regular file"),
         ("huge.toml", "larger than 16 MiB"),
     ] {
         let main = fx.write(
