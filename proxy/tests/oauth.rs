@@ -134,7 +134,7 @@ fn claims(client: &str) -> serde_json::Value {
 
 fn sign(key: &Key, claims: &serde_json::Value) -> String {
     let mut header = Header::new(key.alg);
-    header.kid = Some(key.kid.clone());
+    header.kid = (!key.kid.is_empty()).then(|| key.kid.clone());
     jsonwebtoken::encode(&header, claims, &key.encoding).unwrap()
 }
 
@@ -328,6 +328,53 @@ async fn valid_and_invalid_tokens() {
         (status, body["code"].as_str()),
         (StatusCode::UNAUTHORIZED, Some("FSP-AUTHN-UNKNOWN-IDENTITY"))
     );
+}
+
+/// An identity provider may publish several keys without `kid`: a token without one is
+/// tried against each, and when one of them verified its signature, the refusal names what
+/// that key found wrong (expired, another audience), not the other keys' bad signature,
+/// whichever place the right key has in the set.
+#[tokio::test]
+async fn with_several_keys_without_kid_the_key_that_verified_names_the_refusal() {
+    let anonymous = |k: &Key| {
+        let mut jwk = k.jwk.clone();
+        jwk.as_object_mut().unwrap().remove("kid");
+        jwk
+    };
+    let (mut first, mut second, mut stranger) = (ec_key(""), ec_key(""), ec_key(""));
+    for k in [&mut first, &mut second, &mut stranger] {
+        k.kid.clear();
+    }
+    let idp = Idp::start(vec![anonymous(&first), anonymous(&second)]).await;
+    let s = setup(&idp, false).await;
+
+    let expired = {
+        let mut c = claims(CLIENT);
+        c["iat"] = json!(now() - 600);
+        c["exp"] = json!(now() - 300);
+        c
+    };
+    let elsewhere = {
+        let mut c = claims(CLIENT);
+        c["aud"] = json!("another-platform");
+        c
+    };
+    for (key, place) in [(&first, "first"), (&second, "second")] {
+        let (status, _, body) = call(&s, &sign(key, &claims(CLIENT)), false).await;
+        assert_eq!(status, StatusCode::OK, "the {place} key: {body}");
+        let what = format!("expired, signed by the {place} key");
+        refused_saying(&s, &sign(key, &expired), &what, "expired").await;
+        let what = format!("another audience, signed by the {place} key");
+        refused_saying(&s, &sign(key, &elsewhere), &what, "another audience").await;
+    }
+    // Signed by no key of the set: then the signature is what is wrong.
+    refused_saying(
+        &s,
+        &sign(&stranger, &expired),
+        "signed by a key not in the set",
+        "signature does not verify",
+    )
+    .await;
 }
 
 #[tokio::test]
