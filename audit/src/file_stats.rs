@@ -6,7 +6,8 @@
 //! The writer counts the records of each batch once it is written, keeps the cells of
 //! yesterday and today in memory, and replaces their files every few seconds (and when
 //! it stops). The trail is the truth: on start, the writer counts today's and
-//! yesterday's calls again from its trail files, so a crash loses no statistic. A call's
+//! yesterday's calls again from its trail files (and the last two days the node wrote,
+//! when that was before yesterday), so a crash loses no statistic. A call's
 //! record that comes in for an older day (a call that lasted over a day) is added to
 //! that day's file. Writing a day of a finished month writes the month's roll-up again.
 
@@ -55,9 +56,22 @@ fn month_text(d: Date) -> String {
 impl Rollups {
     /// The roll-ups of `node`'s calls of yesterday and today, counted from the trail
     /// files written since yesterday (`trail`: this node's files and their days).
+    ///
+    /// A writer holds its last two days in memory and writes them out every few
+    /// seconds: one that was killed lost up to that much of them. When the node last wrote
+    /// before yesterday (it was killed, and started again days later), its last day and
+    /// the day before are counted again from the trail too, and their files replaced.
     pub(crate) fn start(dir: &Path, node: &str, trail: &[(String, PathBuf)]) -> Self {
+        let recent = yesterday();
+        let last_written = trail
+            .iter()
+            .filter_map(|(day, _)| stats::parse_day(day).ok())
+            .max();
+        let from = last_written.map_or(recent, |last| {
+            recent.min(last.previous_day().unwrap_or(last))
+        });
+        let since = day_text(from);
         let mut cells = Rollup::new();
-        let since = day_text(yesterday());
         for (day, path) in trail {
             if *day < since {
                 continue;
@@ -72,22 +86,42 @@ impl Rollups {
                 tracing::warn!(error = %e, file = %path.display(), "cannot count the calls of an audit file; its statistics are incomplete");
             }
         }
-        // An older day's cells from these files are only part of that day: its file
-        // already has them.
-        let mut kept = Rollup::new();
-        let from = yesterday();
-        for (day, part) in cells.split_by_day() {
-            if day >= from {
-                kept.merge(&part);
-            }
-        }
         let mut me = Self {
             dir: dir.to_owned(),
             node: node.to_owned(),
-            dirty: kept.days().into_iter().collect(),
-            cells: kept,
+            dirty: BTreeSet::new(),
+            cells: Rollup::new(),
             flushed: Instant::now(),
         };
+        // A call's record is written on the day it began or later: the files since
+        // `from` hold every call of `from` and after. An older day's cells from them are
+        // only part of that day: its file already has them.
+        let this_month = stats::month_of(today());
+        let mut months = BTreeSet::new();
+        for (day, part) in cells.split_by_day() {
+            // (Unless retention took that day's own files: then these cells are only
+            // part of it.)
+            let whole = || trail.iter().any(|(d, _)| *d == day_text(day));
+            if day >= recent {
+                me.cells.merge(&part);
+            } else if day >= from && whole() {
+                match stats::write_file(&me.day_path(day), &part) {
+                    Ok(()) if stats::month_of(day) < this_month => {
+                        months.insert(stats::month_of(day));
+                    }
+                    Ok(()) => {}
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot write a day's statistics counted again from the trail");
+                    }
+                }
+            }
+        }
+        for month in months {
+            if let Err(e) = me.compact(month) {
+                tracing::error!(error = %e, month = %month_text(month), "cannot write a month's statistics; its days answer instead");
+            }
+        }
+        me.dirty = me.cells.days().into_iter().collect();
         me.flush();
         me
     }
@@ -297,7 +331,95 @@ pub fn answer(dir: &Path, query: &Query) -> Result<Vec<Row>, StatsError> {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
+
+    fn call(i: usize, day: Date) -> Record {
+        Record {
+            message_id: format!("m-{i}"),
+            timestamp: format!("{}T23:59:59.000Z", day_text(day)),
+            consumer: Some(format!("c-{}", i % 2)),
+            decision: "allowed".into(),
+            status: 200,
+            duration_ms: i as f64,
+            node: "n".into(),
+            ..Default::default()
+        }
+    }
+
+    fn trail_file(dir: &Path, name: &str, records: &[Record]) -> PathBuf {
+        let mut text = Vec::new();
+        for r in records {
+            r.write_json(&mut text);
+            text.push(b'\n');
+        }
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    /// A writer killed with its last days' cells not yet written out, and started again
+    /// days later, counts those days again from its trail: the statistics lose nothing.
+    /// An older day is left as it is, and so is a day whose own trail file retention took.
+    #[test]
+    fn a_node_started_days_after_a_crash_counts_its_last_two_days_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let last = today() - time::Duration::days(3);
+        let before = last.previous_day().unwrap();
+        let older = before - time::Duration::days(3);
+        let of_before: Vec<Record> = (0..4).map(|i| call(i, before)).collect();
+        let of_last: Vec<Record> = (10..15).map(|i| call(i, last)).collect();
+        let of_older: Vec<Record> = (20..23).map(|i| call(i, older)).collect();
+        // A call of `before` ended on `last`: its record is in `last`'s file.
+        let trail = vec![
+            (
+                day_text(older),
+                trail_file(dir.path(), "older.jsonl", &of_older),
+            ),
+            (
+                day_text(before),
+                trail_file(dir.path(), "before.jsonl", &of_before[..3]),
+            ),
+            (
+                day_text(last),
+                trail_file(
+                    dir.path(),
+                    "last.jsonl",
+                    &[&of_before[3..], &of_last[..]].concat(),
+                ),
+            ),
+        ];
+        // What the killed writer had written out: part of each of its two days; the
+        // older day's file says what it said (whatever the trail holds).
+        let path = |d: Date| dir.path().join(format!("stats-n-{}.json", day_text(d)));
+        let partial = |r: &[Record]| Rollup::from_records(r[..1].to_vec());
+        stats::write_file(&path(before), &partial(&of_before)).unwrap();
+        stats::write_file(&path(last), &partial(&of_last)).unwrap();
+        stats::write_file(&path(older), &partial(&of_older)).unwrap();
+
+        drop(Rollups::start(dir.path(), "n", &trail));
+        let read = |d: Date| stats::read_file(&path(d)).unwrap();
+        assert_eq!(read(before), Rollup::from_records(of_before.clone()));
+        assert_eq!(read(last), Rollup::from_records(of_last.clone()));
+        assert_eq!(read(older), partial(&of_older));
+        // The finished month's roll-up, where one was, adds up the days as now written.
+        for d in [before, last] {
+            let month = stats::month_of(d);
+            let file = dir
+                .path()
+                .join(format!("stats-n-{}.json", month_text(month)));
+            if month < stats::month_of(today()) {
+                assert!(file.exists(), "{}", file.display());
+            }
+        }
+
+        // Retention took `before`'s own file: its cells from `last`'s file are only part
+        // of it, and its roll-up is not replaced by them.
+        stats::write_file(&path(before), &partial(&of_before)).unwrap();
+        drop(Rollups::start(dir.path(), "n", &trail[2..]));
+        assert_eq!(read(before), partial(&of_before));
+        assert_eq!(read(last), Rollup::from_records(of_last));
+    }
 
     #[test]
     fn roll_up_file_names_are_read_back_and_odd_ones_ignored() {
