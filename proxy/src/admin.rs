@@ -500,6 +500,9 @@ async fn route(
                 _ => None,
             };
             tracing::warn!(target: "fsp::admin", %peer, method = %req.method(), %path, certificate, "admin call refused: {}", refused.why);
+            // Counted, not recorded in the trail: anyone who reaches the listener could
+            // otherwise fill the trail with refused logins.
+            metrics::counter!("fsp_admin_calls_refused_total").increment(1);
             return refused.response;
         }
     };
@@ -514,14 +517,22 @@ async fn route(
     // A change that could not be recorded is not made (with `fail_closed`, as calls).
     let is_change =
         method == Method::POST && (suspension_call(&path).is_some() || path == "/admin/reload");
-    if is_change
+    // Reading a call's record reads personal data (the end user, the purpose): who read
+    // which record is on the record too, and, like a change, is not done unrecorded.
+    let recorded = is_change || lookup.is_some();
+    if recorded
         && gw.snapshot.load().fail_closed
         && let Err(e) = gw.audit.health()
     {
-        tracing::error!(target: "fsp::admin", %who, %path, error = %e, "admin change refused: the audit trail cannot record it");
+        let what = if is_change {
+            "this change, so it is not made"
+        } else {
+            "this reading of a call's record, so it is not answered"
+        };
+        tracing::error!(target: "fsp::admin", %who, %path, error = %e, "admin call refused: the audit trail cannot record it");
         return json(
             StatusCode::SERVICE_UNAVAILABLE,
-            serde_json::json!({"error": format!("the audit trail cannot record this change, so it is not made: {e}")}),
+            serde_json::json!({"error": format!("the audit trail cannot record {what}: {e}")}),
         );
     }
     let response = if let Some((party, id, suspend)) = call {
@@ -553,7 +564,17 @@ async fn route(
             ),
         }
     } else if let Some(id) = lookup {
-        audit_record(gw, id).await
+        let response = audit_record(gw, id).await;
+        said = Some(
+            match response.status() {
+                StatusCode::OK => "read the call's record",
+                StatusCode::NOT_FOUND => "no call with this message id",
+                StatusCode::BAD_REQUEST => "not a message id",
+                _ => "the lookup failed",
+            }
+            .to_owned(),
+        );
+        response
     } else if path == "/admin/stats" && req.method() == Method::GET {
         usage_stats(gw, req.uri().query()).await
     } else if path == "/admin/certificates" && req.method() == Method::GET {
@@ -612,8 +633,9 @@ async fn route(
             },
         }
     };
-    // Every attempted change (made or refused) is on the record; reads are not.
-    if is_change {
+    // Every attempted change (made or refused) and every reading of a call's record is on
+    // the record; other reads (statistics, certificates, the configuration) are not.
+    if recorded {
         record_admin_action(gw, &who, peer, &method, &path, response.status(), said).await;
     }
     tracing::info!(target: "fsp::admin", %who, %peer, %method, %path, status = response.status().as_u16(), %at, "admin action");

@@ -148,6 +148,11 @@ const FAMILIES: &[(&str, Kind, &str)] = &[
         "Consumer connections closed at once, by the bound they exceeded.",
     ),
     (
+        "fsp_requests_unparsed_total",
+        Kind::Counter,
+        "Requests the HTTP parser refused (malformed request line or fields, refused framing, head too large): answered 400 (431 or 414 when too large) without a message id, not recorded in the audit trail.",
+    ),
+    (
         "fsp_tls_handshake_failures_total",
         Kind::Counter,
         "TLS handshakes with consumers that failed or timed out.",
@@ -156,6 +161,11 @@ const FAMILIES: &[(&str, Kind, &str)] = &[
         "fsp_admin_tls_handshake_failures_total",
         Kind::Counter,
         "TLS handshakes on the admin listener that failed or timed out.",
+    ),
+    (
+        "fsp_admin_calls_refused_total",
+        Kind::Counter,
+        "Admin calls refused for want of valid credentials (no token, an unknown token, a certificate not an administrator's).",
     ),
     (
         "fsp_admin_connections_refused_total",

@@ -226,6 +226,7 @@ pub async fn serve(
             }
             let is_h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
             let conn = Arc::new(ConnInfo::new(peer, certificate));
+            let unparsed = UnparsedRequest(conn.clone());
             let io = TokioIo::new(tls);
             let ended = if is_h2 {
                 // HTTP/2 has no header timeout between streams: a connection with no
@@ -265,7 +266,7 @@ pub async fn serve(
                     .await
             };
             if let Err(e) = ended {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
+                unparsed.or_debug(&e);
             }
             drop(slot);
         });
@@ -277,6 +278,27 @@ pub async fn serve(
         .is_err()
     {
         tracing::warn!("drain timeout reached; closing remaining connections");
+    }
+}
+
+/// What is said of a connection that ended with an error. A request the HTTP layer
+/// itself could not read (a malformed request line or field, framing it refuses, a head
+/// too large) is answered by hyper with a bare 400 (431 or 414 when too large) and the connection closed: it
+/// never reaches the pipeline, so it has no message id and no record in the trail. It is
+/// logged (with the consumer's certificate, if any) and counted, so that a consumer whose
+/// requests a toolkit malforms, or someone probing the parser, is seen.
+struct UnparsedRequest(Arc<ConnInfo>);
+
+impl UnparsedRequest {
+    fn or_debug(&self, e: &hyper::Error) {
+        let conn = &self.0;
+        if e.is_parse() {
+            metrics::counter!("fsp_requests_unparsed_total").increment(1);
+            let certificate = conn.certificate.as_ref().and_then(|c| c.cn.as_deref());
+            tracing::warn!(peer = %conn.peer, certificate, certificate_sha256 = conn.certificate_sha256.as_deref(), error = %e, "a request the HTTP parser refused was answered 400 (431 or 414: too large) without a message id, and its connection closed");
+        } else {
+            tracing::debug!(peer = %conn.peer, error = %e, "connection ended with an error");
+        }
     }
 }
 

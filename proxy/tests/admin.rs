@@ -237,7 +237,7 @@ async fn named_tokens_say_who_acted_wrong_methods_are_405_and_certificates_are_l
     );
 
     // Each change is a record of its own in the trail, with who, what, from where and
-    // why; reads are not recorded. The chain still verifies.
+    // why; reads other than of a call's record are not recorded. The chain still verifies.
     assert_eq!(gw.stop().code(), Some(0));
     let records = audit_records(&pki);
     let admin: Vec<&serde_json::Value> = records

@@ -293,6 +293,53 @@ async fn admin_audit_finds_a_call_by_its_message_id() {
         400
     );
     assert_eq!(lookup(format!("/admin/audit/{id}"), None).await.0, 401);
+    let (_, metrics) = admin_request(gw.admin_port, "GET", "/metrics", None).await;
+    assert!(
+        metrics.contains("fsp_admin_calls_refused_total 1"),
+        "the refused lookup is counted: {metrics}"
+    );
+
+    // Who read which call's record is on the record (a reading of personal data); the
+    // refused lookup without a token is not (anyone could fill the trail with those).
+    let mut gw = gw;
+    assert_eq!(gw.stop().code(), Some(0));
+    let records = audit_records(&pki);
+    let readings: Vec<&serde_json::Value> = records
+        .iter()
+        .filter(|r| r["credential"] == "admin")
+        .collect();
+    let read = readings
+        .iter()
+        .filter(|r| r["operation"] == format!("GET /admin/audit/{id}").as_str())
+        .collect::<Vec<_>>();
+    let last = read
+        .last()
+        .expect("the reading of the call's record is recorded");
+    assert_eq!(last["detail"], "read the call's record");
+    assert_eq!(last["credential_id"], "token#1");
+    assert_eq!(last["status"], 200);
+    assert_eq!(last["source_ip"], "127.0.0.1");
+    // While the record was not written yet, the lookups that found nothing are on it too.
+    assert!(read[..read.len() - 1].iter().all(|r| r["status"] == 404));
+    let others: Vec<(&str, &str)> = readings[read.len()..]
+        .iter()
+        .map(|r| {
+            (
+                r["operation"].as_str().unwrap(),
+                r["detail"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        others,
+        [
+            (
+                format!("GET /admin/audit/{other}").as_str(),
+                "no call with this message id"
+            ),
+            ("GET /admin/audit/..%2f..%2fetc", "not a message id"),
+        ]
+    );
 }
 
 #[tokio::test]

@@ -1116,6 +1116,35 @@ async fn consumer_side_faults_are_4xx_and_recorded_as_the_consumers() {
     );
 }
 
+/// A request the HTTP parser itself refuses never reaches the pipeline: hyper answers it
+/// with a bare 400 and closes the connection. It is counted (and logged), so that it is
+/// not invisible to the operators; the gateway goes on serving.
+#[tokio::test]
+async fn requests_the_http_parser_refuses_are_counted() {
+    let up = upstream().await;
+    let mut s = start(up, "", "", "").await;
+    for request in [
+        "GET /person/getPerson/v3/x HTTP/1.1\r\nhost: localhost\r\na field without colon\r\n\r\n",
+        "GET /person/getPerson/v3/x HTTP/9.9\r\nhost: localhost\r\n\r\n",
+        "GET /person/getPerson/v3/x\x01 HTTP/1.1\r\nhost: localhost\r\n\r\n",
+    ] {
+        let (status, body) = raw_call(&s, request).await;
+        assert_eq!(status, 400, "{request:?}: {body}");
+    }
+    let (_, metrics) = admin_request(s.gw.admin_port, "GET", "/metrics", None).await;
+    assert!(
+        metrics.contains("fsp_requests_unparsed_total 3"),
+        "{metrics}"
+    );
+    let (status, body) = raw_call(
+        &s,
+        "GET /person/getPerson/v3/x HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    s.gw.stop();
+}
+
 #[tokio::test]
 async fn provider_failures_show_consumers_no_internal_address_or_os_error() {
     // Nothing listens on this port.
