@@ -288,9 +288,22 @@ impl FileSink {
         });
         let node = sanitise(node);
         repair_tail(dir, &node)?;
-        let last = last_hash(dir, &node)?;
+        let (last, last_file) = last_hash(dir, &node)?;
         check_head(dir, &node, last.as_deref())?;
         let chain = Chain::after(last);
+        // The file the chain goes on from, as it is now (see `Writer::resumed_from`).
+        let resumed_from = match last_file {
+            Some(path) => {
+                let identity = file_identity(&path).map_err(|e| {
+                    AuditError::Unavailable(format!(
+                        "cannot read the audit trail in {}: {e}",
+                        dir.display()
+                    ))
+                })?;
+                Some((path, identity))
+            }
+            None => None,
+        };
         let trail = node_files(dir, &node).map_err(|e| {
             AuditError::Unavailable(format!(
                 "cannot list the audit trail in {}: {e}",
@@ -329,6 +342,7 @@ impl FileSink {
             last_segment: None,
             segment_bytes,
             direct_io,
+            resumed_from,
         };
         let guard = WriterGuard(shared.clone());
         let thread = std::thread::Builder::new()
@@ -683,6 +697,11 @@ struct Writer {
     /// written since.
     head_at: Option<std::time::Instant>,
     head_pending: bool,
+    /// Until the first batch is written: the file holding the node's last record when
+    /// the writer started, and its identity then. The chain goes on from that record, so
+    /// that file removed or replaced before anything was written on (right after a
+    /// restart) is tampering too, as is the file being written.
+    resumed_from: Option<(PathBuf, (u64, u64))>,
 }
 
 impl Writer {
@@ -953,6 +972,14 @@ impl Writer {
             file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
             let meta = file.metadata()?;
             let (len, identity) = (meta.len(), (meta.dev(), meta.ino()));
+            // Going on in the file the chain goes on from: it must be that file still
+            // (not one made again at its path since it was checked).
+            if let Some((resumed, was)) = self.resumed_from.take()
+                && resumed == path
+                && was != identity
+            {
+                self.tampered(&path, "which holds the last record the gateway goes on from, was removed or replaced after the gateway started");
+            }
             File::open(&self.dir)?.sync_all()?;
             self.last_segment = Some((day.to_owned(), seq));
             let (direct, tail) = if self.direct_io {
@@ -1073,6 +1100,10 @@ impl Writer {
             self.close(Indexing::None);
         }
         for (_, path) in &old {
+            // Retired, not tampered with (the anchor goes on from its last record).
+            if self.resumed_from.as_ref().is_some_and(|(p, _)| p == path) {
+                self.resumed_from = None;
+            }
             match std::fs::remove_file(path) {
                 Ok(()) => {
                     crate::file_index::remove(path);
@@ -1090,6 +1121,13 @@ impl Writer {
     /// starts a new file.
     fn check_in_place(&mut self) {
         let Some(seg) = &self.current else {
+            if let Some((path, identity)) = &self.resumed_from
+                && file_identity(path).ok() != Some(*identity)
+            {
+                let path = path.clone();
+                self.resumed_from = None;
+                self.tampered(&path, "which holds the last record the gateway goes on from, was removed or replaced after the gateway started");
+            }
             return;
         };
         // Only the path's identity is asked for: a query of the file's times would make
@@ -1101,20 +1139,28 @@ impl Writer {
             Err(_) => true,
         };
         if moved && let Some(Segment { path, .. }) = self.current.take() {
-            let why = format!(
-                "audit file {} was removed or replaced while the gateway was writing it; records go on in a new file, and calls are refused until an operator restarts the gateway",
-                path.display()
+            self.tampered(
+                &path,
+                "was removed or replaced while the gateway was writing it",
             );
-            tracing::error!(file = %path.display(), "audit file removed or replaced under the writer");
-            let _ = self.shared.tampered.set(why);
         }
+    }
+
+    /// The sink turns unhealthy for good: `path` was removed or replaced (`what`).
+    fn tampered(&self, path: &Path, what: &str) {
+        let why = format!(
+            "audit file {} {what}; records go on in a new file, and calls are refused until an operator restarts the gateway",
+            path.display()
+        );
+        tracing::error!(file = %path.display(), "audit file removed or replaced under the writer");
+        let _ = self.shared.tampered.set(why);
     }
 }
 
 /// The hash of the last record of the node in `dir`, to continue its chain after a
-/// restart: the last record of its newest file, or the retirement anchor's when every
-/// file was retired (`None` when the node has no record yet).
-fn last_hash(dir: &Path, node: &str) -> Result<Option<String>, AuditError> {
+/// restart: the last record of its newest file (returned too), or the retirement
+/// anchor's when every file was retired (`None` when the node has no record yet).
+fn last_hash(dir: &Path, node: &str) -> Result<(Option<String>, Option<PathBuf>), AuditError> {
     let unavailable = |e: std::io::Error| {
         AuditError::Unavailable(format!(
             "cannot read the audit trail in {}: {e}",
@@ -1125,12 +1171,11 @@ fn last_hash(dir: &Path, node: &str) -> Result<Option<String>, AuditError> {
     // just before a crash, holds none), else the anchor of the retired ones.
     for (_, file) in node_files(dir, node).map_err(unavailable)?.iter().rev() {
         if let Some(r) = last_record(file).map_err(unavailable)? {
-            return Ok(r.hash);
+            return Ok((r.hash, Some(file.clone())));
         }
     }
-    Ok(Anchor::read(dir, node)
-        .map_err(unavailable)?
-        .and_then(|a| a.last_hash))
+    let anchor = Anchor::read(dir, node).map_err(unavailable)?;
+    Ok((anchor.and_then(|a| a.last_hash), None))
 }
 
 /// A writer starting on a trail that no longer holds the last record its node wrote (its
@@ -2667,6 +2712,50 @@ mod tests {
             verify_dir(dir.path(), None),
             Err(VerifyError::Broken(Break::Unlinked { .. }))
         ));
+    }
+
+    /// Right after a restart no file is open yet: the file the chain goes on from,
+    /// removed (or replaced) before anything is written on, is noticed too, whether a
+    /// record comes in or the sink stays quiet, and the gap shows in verify.
+    #[test]
+    fn the_file_a_restarted_writer_goes_on_from_removed_before_its_first_batch_is_noticed() {
+        for quiet in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let (sink, handle) = FileSink::start(dir.path(), "n").unwrap();
+            for i in 0..3 {
+                sink.submit(record(i, "2026-11-24")).unwrap();
+            }
+            drop(sink);
+            handle.join();
+            let (sink, handle) = FileSink::start(dir.path(), "n").unwrap();
+            assert!(sink.health().is_ok());
+            for f in trail_files(dir.path()).unwrap() {
+                std::fs::remove_file(f).unwrap();
+            }
+            if !quiet {
+                sink.submit(record(3, "2026-11-24")).unwrap();
+            }
+            let start = std::time::Instant::now();
+            while sink.health().is_ok() {
+                assert!(
+                    start.elapsed() < std::time::Duration::from_secs(5),
+                    "not noticed (quiet: {quiet})"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            let why = sink.health().unwrap_err().to_string();
+            assert!(why.contains("goes on from"), "{why}");
+            sink.submit(record(4, "2026-11-24")).unwrap();
+            drop(sink);
+            handle.join();
+            let text = whole_trail(dir.path());
+            assert!(text.contains("\"m-4\""), "{text}");
+            let verified = verify_dir(dir.path(), None);
+            assert!(
+                matches!(verified, Err(VerifyError::Broken(_))),
+                "{verified:?}"
+            );
+        }
     }
 
     #[test]
