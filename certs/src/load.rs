@@ -31,27 +31,42 @@ fn read(path: &Path) -> Result<Vec<u8>, CertError> {
 /// Reads a configuration file, certificate, key or list: a regular file (not a device,
 /// a pipe or a directory, which could block or never end) of at most `max` bytes.
 pub fn read_regular_file(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
-    use std::io::{Error, ErrorKind, Read};
-    use std::os::unix::fs::OpenOptionsExt;
-    // Opened without blocking: opening a named pipe for reading would otherwise wait for
-    // a writer (and a path checked first could be swapped for a pipe before the open).
-    // On a regular file the flag changes nothing.
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
-        .open(path)?;
-    if !file.metadata()?.is_file() {
-        return Err(Error::new(ErrorKind::InvalidInput, "not a regular file"));
+    use std::io::Read;
+    // Checked before opening: a device is not opened at all (opening some has effects).
+    if !std::fs::metadata(path)?.is_file() {
+        return Err(not_regular());
     }
+    let file = open_regular(path)?;
     let mut out = Vec::new();
     file.take(max + 1).read_to_end(&mut out)?;
     if out.len() as u64 > max {
-        return Err(Error::new(
-            ErrorKind::InvalidData,
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
             format!("larger than {} MiB", max >> 20),
         ));
     }
     Ok(out)
+}
+
+fn not_regular() -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file")
+}
+
+/// Opens `path` for reading if it is a regular file: without blocking and without taking
+/// a terminal, then checked, since the path may have been swapped after a check for a
+/// named pipe (whose opening would wait for a writer) or a device. On a regular file the
+/// flags change nothing.
+fn open_regular(path: &Path) -> std::io::Result<std::fs::File> {
+    use rustix::fs::OFlags;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags((OFlags::NONBLOCK | OFlags::NOCTTY).bits() as i32)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(not_regular());
+    }
+    Ok(file)
 }
 
 /// Every certificate in a PEM file, in file order (for a chain: leaf first).
@@ -105,4 +120,33 @@ pub fn crls(paths: &[PathBuf]) -> Result<Vec<CertificateRevocationListDer<'stati
         out.extend(found);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    /// A path swapped for a named pipe after it was checked is refused at the open, at
+    /// once: the open does not wait for a writer (without a writer, a blocking open
+    /// never returns, and this test would hang).
+    #[test]
+    fn a_named_pipe_reached_after_the_check_is_refused_without_waiting() {
+        let dir = tempfile::tempdir().unwrap();
+        let pipe = dir.path().join("swapped.pem");
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &pipe,
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::RUSR | rustix::fs::Mode::WUSR,
+            0,
+        )
+        .unwrap();
+        let refused = open_regular(&pipe).expect_err("a pipe is not a regular file");
+        assert_eq!(refused.kind(), std::io::ErrorKind::InvalidInput);
+        let regular = dir.path().join("ok.pem");
+        std::fs::write(&regular, b"x").unwrap();
+        assert_eq!(read_regular_file(&regular, 16).unwrap(), b"x");
+        assert!(read_regular_file(&regular, 0).is_err());
+    }
 }

@@ -28,7 +28,12 @@ impl ConfigInfo {
         for f in files {
             all.extend_from_slice(f.display().to_string().as_bytes());
             all.push(0);
-            all.extend_from_slice(&std::fs::read(f).unwrap_or_default());
+            // Read as the loader read them: a regular file of bounded size (a file swapped
+            // since for a pipe or a device must not hang or exhaust the reload).
+            all.extend_from_slice(
+                &certs::load::read_regular_file(f, crate::config::MAX_CONFIG_FILE)
+                    .unwrap_or_default(),
+            );
             all.push(0);
         }
         Self {

@@ -655,8 +655,10 @@ fn log_changes(before: &Suspended, after: &Suspended) {
 fn read_state(file: Option<&Path>) -> anyhow::Result<StateFile> {
     match file {
         Some(path) if path.exists() => {
-            let text = std::fs::read_to_string(path)?;
-            serde_json::from_str(&text).map_err(|e| {
+            // The gateway's own state, but read like every file it is given: a regular
+            // file of bounded size.
+            let text = certs::load::read_regular_file(path, 16 << 20)?;
+            serde_json::from_slice(&text).map_err(|e| {
                 anyhow::anyhow!("suspensions file {} is not valid: {e}", path.display())
             })
         }

@@ -441,7 +441,7 @@ fn read_with_includes(
 }
 
 /// The most a configuration file, or a file it names for a secret or a list, may hold.
-const MAX_CONFIG_FILE: u64 = 16 << 20;
+pub(crate) const MAX_CONFIG_FILE: u64 = 16 << 20;
 
 /// Reads a configuration file or a file it names (tokens, a URL): a regular UTF-8 file
 /// of at most [`MAX_CONFIG_FILE`] bytes.
