@@ -203,13 +203,17 @@ fn json(status: StatusCode, value: serde_json::Value) -> Response<Full<Bytes>> {
 
 /// `GET /admin/audit/{messageId}`: the call's record as written (200), 404 when the
 /// trail has none, 400 for an id that is not an FSP message id, 503 while another
-/// lookup runs (each may read the whole trail).
-async fn audit_record(gw: &Gateway, id: &str) -> Response<Full<Bytes>> {
+/// lookup runs (each may read the whole trail). With the answer: what the reading did,
+/// for its own record in the trail.
+async fn audit_record(gw: &Gateway, id: &str) -> (Response<Full<Bytes>>, &'static str) {
     static LOOKUPS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
     let Ok(uuid) = uuid::Uuid::try_parse(id) else {
-        return json(
-            StatusCode::BAD_REQUEST,
-            serde_json::json!({"error": "an FSP message id is a UUID: /admin/audit/{messageId}"}),
+        return (
+            json(
+                StatusCode::BAD_REQUEST,
+                serde_json::json!({"error": "an FSP message id is a UUID: /admin/audit/{messageId}"}),
+            ),
+            "not a message id",
         );
     };
     let Ok(_one_at_a_time) = LOOKUPS.try_acquire() else {
@@ -219,7 +223,7 @@ async fn audit_record(gw: &Gateway, id: &str) -> Response<Full<Bytes>> {
         );
         r.headers_mut()
             .insert(header::RETRY_AFTER, http::HeaderValue::from_static("1"));
-        return r;
+        return (r, "not answered: another lookup was running");
     };
     let sink = gw.audit.clone();
     // As the gateway writes it, whichever of the UUID forms was asked for.
@@ -227,22 +231,45 @@ async fn audit_record(gw: &Gateway, id: &str) -> Response<Full<Bytes>> {
     // The trail is read from disk: off the control runtime's thread.
     let found = tokio::task::spawn_blocking(move || sink.lookup(&id)).await;
     match found {
-        Ok(Ok(Some(record))) => json(
-            StatusCode::OK,
-            serde_json::to_value(record).unwrap_or_default(),
+        Ok(Ok(Some(record))) => (
+            json(
+                StatusCode::OK,
+                serde_json::to_value(record).unwrap_or_default(),
+            ),
+            "read the call's record",
         ),
-        Ok(Ok(None)) => json(
-            StatusCode::NOT_FOUND,
-            serde_json::json!({"error": "no call with this message id in the audit trail (a call's record is written when it ends)"}),
+        Ok(Ok(None)) => (
+            json(
+                StatusCode::NOT_FOUND,
+                serde_json::json!({"error": "no call with this message id in the audit trail (a call's record is written when it ends)"}),
+            ),
+            "no call with this message id",
         ),
-        Ok(Err(e)) => json(
-            StatusCode::SERVICE_UNAVAILABLE,
-            serde_json::json!({"error": e.to_string()}),
+        Ok(Err(e)) => (
+            json(
+                StatusCode::SERVICE_UNAVAILABLE,
+                serde_json::json!({"error": e.to_string()}),
+            ),
+            "the trail could not be read",
         ),
-        Err(e) => json(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            serde_json::json!({"error": format!("the lookup failed: {e}")}),
+        Err(e) => (
+            json(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                serde_json::json!({"error": format!("the lookup failed: {e}")}),
+            ),
+            "the lookup failed",
         ),
+    }
+}
+
+/// The path of a reading of a call's record as the trail gives it: the message id in
+/// the form the gateway writes it (whichever form was asked for), so that a search of
+/// the trail for a call's id finds who read its record; nothing of a path that is not
+/// a message id.
+fn lookup_path(id: &str) -> String {
+    match uuid::Uuid::try_parse(id) {
+        Ok(uuid) => format!("/admin/audit/{}", uuid.hyphenated()),
+        Err(_) => "/admin/audit/(not a message id)".to_owned(),
     }
 }
 
@@ -564,16 +591,8 @@ async fn route(
             ),
         }
     } else if let Some(id) = lookup {
-        let response = audit_record(gw, id).await;
-        said = Some(
-            match response.status() {
-                StatusCode::OK => "read the call's record",
-                StatusCode::NOT_FOUND => "no call with this message id",
-                StatusCode::BAD_REQUEST => "not a message id",
-                _ => "the lookup failed",
-            }
-            .to_owned(),
-        );
+        let (response, did) = audit_record(gw, id).await;
+        said = Some(did.to_owned());
         response
     } else if path == "/admin/stats" && req.method() == Method::GET {
         usage_stats(gw, req.uri().query()).await
@@ -636,7 +655,23 @@ async fn route(
     // Every attempted change (made or refused) and every reading of a call's record is on
     // the record; other reads (statistics, certificates, the configuration) are not.
     if recorded {
-        record_admin_action(gw, &who, peer, &method, &path, response.status(), said).await;
+        let on_record = match lookup {
+            Some(id) => lookup_path(id),
+            None => path.clone(),
+        };
+        let written =
+            record_admin_action(gw, &who, peer, &method, &on_record, response.status(), said).await;
+        // A change is made by now; a record read is not shown unless its reading is on
+        // the record (the trail may have failed since its health was asked).
+        if let Err(e) = written
+            && lookup.is_some()
+            && gw.snapshot.load().fail_closed
+        {
+            return json(
+                StatusCode::SERVICE_UNAVAILABLE,
+                serde_json::json!({"error": format!("the audit trail cannot record this reading of a call's record, so it is not answered: {e}")}),
+            );
+        }
     }
     tracing::info!(target: "fsp::admin", %who, %peer, %method, %path, status = response.status().as_u16(), %at, "admin action");
     response
@@ -659,7 +694,8 @@ pub(crate) async fn lift_every_suspension(gw: &Gateway, who: &str, said: &str) -
         let (response, _) = suspension(gw, party, id, false, None, who, &at).await;
         let path = format!("/admin/{}s/{id}/resume", party.as_str());
         let status = response.status();
-        record_admin_action(
+        // (A failure is logged; the quickstart goes on.)
+        let _ = record_admin_action(
             gw,
             who,
             local,
@@ -685,9 +721,9 @@ async fn record_admin_action(
     path: &str,
     status: StatusCode,
     said: Option<String>,
-) {
+) -> Result<(), String> {
     let operation = format!("{method} {path}");
-    record_change(gw, who, peer.ip(), operation, status, said).await;
+    record_change(gw, who, peer.ip(), operation, status, said).await
 }
 
 /// A reload asked for by SIGHUP, made as `POST /admin/reload` makes it and recorded as
@@ -715,10 +751,12 @@ pub(crate) async fn reload_on_signal(gw: &Gateway) {
             )
         }
     };
-    record_change(gw, "SIGHUP", local, operation, status, Some(said)).await;
+    // (A failure is logged: the reload is made by now.)
+    let _ = record_change(gw, "SIGHUP", local, operation, status, Some(said)).await;
 }
 
-/// Writes a change into the audit trail (see [`record_admin_action`]).
+/// Writes a change into the audit trail (see [`record_admin_action`]); an error says why
+/// it is not durable (it is logged here).
 async fn record_change(
     gw: &Gateway,
     who: &str,
@@ -726,7 +764,7 @@ async fn record_change(
     operation: String,
     status: StatusCode,
     said: Option<String>,
-) {
+) -> Result<(), String> {
     let stamp = crate::pipeline::stamp::Stamp::now();
     let record = audit::Record {
         message_id: stamp.message_id().to_owned(),
@@ -753,9 +791,10 @@ async fn record_change(
         },
         Err(e) => Err(e.to_string()),
     };
-    if let Err(e) = written {
+    if let Err(e) = &written {
         tracing::error!(target: "fsp::admin", %who, %operation, error = %e, "the admin action could not be recorded in the audit trail");
     }
+    written
 }
 
 /// The read-only views of what is loaded: `/admin/consumers`, `/admin/consumers/{id}`,

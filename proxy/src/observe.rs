@@ -150,7 +150,7 @@ const FAMILIES: &[(&str, Kind, &str)] = &[
     (
         "fsp_requests_unparsed_total",
         Kind::Counter,
-        "Requests the HTTP parser refused (malformed request line or fields, refused framing, head too large): answered 400 (431 or 414 when too large) without a message id, not recorded in the audit trail.",
+        "HTTP/1.1 requests the HTTP parser refused (malformed request line or fields, refused framing, head too large): answered 400 (431 or 414 when too large) without a message id, not recorded in the audit trail.",
     ),
     (
         "fsp_tls_handshake_failures_total",

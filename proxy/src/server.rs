@@ -285,19 +285,31 @@ pub async fn serve(
 /// itself could not read (a malformed request line or field, framing it refuses, a head
 /// too large) is answered by hyper with a bare 400 (431 or 414 when too large) and the connection closed: it
 /// never reaches the pipeline, so it has no message id and no record in the trail. It is
-/// logged (with the consumer's certificate, if any) and counted, so that a consumer whose
-/// requests a toolkit malforms, or someone probing the parser, is seen.
+/// counted, and logged with the consumer's certificate, so that a consumer whose requests
+/// a toolkit malforms, or someone probing the parser, is seen. (HTTP/1.1 only: hyper's
+/// HTTP/2 server resets a malformed stream, which is not counted here.)
 struct UnparsedRequest(Arc<ConnInfo>);
 
 impl UnparsedRequest {
     fn or_debug(&self, e: &hyper::Error) {
         let conn = &self.0;
-        if e.is_parse() {
-            metrics::counter!("fsp_requests_unparsed_total").increment(1);
-            let certificate = conn.certificate.as_ref().and_then(|c| c.cn.as_deref());
-            tracing::warn!(peer = %conn.peer, certificate, certificate_sha256 = conn.certificate_sha256.as_deref(), error = %e, "a request the HTTP parser refused was answered 400 (431 or 414: too large) without a message id, and its connection closed");
-        } else {
+        // (HTTP/2 spoken without ALPN gets no answer at all: a client's mistake, not a
+        // malformed request.)
+        if !e.is_parse() || e.is_parse_version_h2() {
             tracing::debug!(peer = %conn.peer, error = %e, "connection ended with an error");
+            return;
+        }
+        metrics::counter!("fsp_requests_unparsed_total").increment(1);
+        // A consumer known by its certificate is told of at `warn` (its toolkit sends
+        // what HTTP does not allow); anyone else only at `debug`, so that whoever can open
+        // a TLS connection cannot flood the log. The counter counts both.
+        match conn.certificate.as_ref() {
+            Some(c) => {
+                tracing::warn!(peer = %conn.peer, certificate = c.cn.as_deref(), certificate_sha256 = conn.certificate_sha256.as_deref(), error = %e, "a request the HTTP parser refused was answered 400 (431 or 414: too large) without a message id, and its connection closed");
+            }
+            None => {
+                tracing::debug!(peer = %conn.peer, error = %e, "a request the HTTP parser refused was answered 400 (431 or 414: too large) without a message id, and its connection closed");
+            }
         }
     }
 }
