@@ -129,61 +129,72 @@ enum Spot {
     },
 }
 
+/// Where the stamp goes in the first bytes of an answer: into the SOAP Header, which
+/// must be the Envelope's first child element, in the Envelope's own namespace (matched
+/// by namespace, not by prefix or local name alone); a Header made before the Body when
+/// there is none. A UTF-8 byte order mark is passed on as it is, in front.
 fn find_spot(buf: &[u8], stamp: &str) -> Spot {
-    let mut reader = quick_xml::Reader::from_reader(buf);
-    let mut envelope_prefix: Option<String> = None;
+    use quick_xml::name::{Namespace, ResolveResult};
+    const BOM: &[u8] = b"\xEF\xBB\xBF";
+    if buf.len() < BOM.len() && BOM.starts_with(buf) {
+        return Spot::NeedMore;
+    }
+    // The reader skips a byte order mark without counting it in its positions: it is
+    // taken off here, and its length added to every position.
+    let skip = if buf.starts_with(BOM) { BOM.len() } else { 0 };
+    let mut reader = quick_xml::NsReader::from_reader(&buf[skip..]);
+    let mut envelope: Option<&'static str> = None;
     loop {
-        let before = reader.buffer_position() as usize;
-        let event = match reader.read_event() {
-            Ok(e) => e,
+        let before = skip + reader.buffer_position() as usize;
+        let (soap_ns, event) = match reader.read_resolved_event() {
+            Ok((ns, event)) => {
+                let soap_ns = match ns {
+                    ResolveResult::Bound(Namespace(n)) if n == SoapVersion::V11.envelope_ns() => {
+                        Some(SoapVersion::V11.envelope_ns())
+                    }
+                    ResolveResult::Bound(Namespace(n)) if n == SoapVersion::V12.envelope_ns() => {
+                        Some(SoapVersion::V12.envelope_ns())
+                    }
+                    _ => None,
+                };
+                (soap_ns, event)
+            }
             // Truncated input looks like an error: wait for more.
             Err(_) => return Spot::NeedMore,
         };
-        let after = reader.buffer_position() as usize;
-        let local = |name: &str| -> (Option<String>, String) {
-            match name.split_once(':') {
-                Some((p, n)) => (Some(p.to_owned()), n.to_owned()),
-                None => (None, name.to_owned()),
-            }
-        };
-        match (&event, &envelope_prefix) {
+        let after = skip + reader.buffer_position() as usize;
+        match (&event, envelope) {
             (Event::Eof, _) => return Spot::NeedMore,
             (Event::Decl(_) | Event::Comment(_) | Event::PI(_) | Event::DocType(_), _) => {}
             (Event::Text(t), _) if t.chars().all(|c| c.is_ascii_whitespace()) => {}
             (Event::Start(s), None) => {
-                let (prefix, name) = local(s.name().as_ref());
-                if name != "Envelope" {
+                if s.local_name().as_ref() != "Envelope" || soap_ns.is_none() {
                     return Spot::NotSoap;
                 }
-                envelope_prefix = Some(prefix.unwrap_or_default());
+                envelope = soap_ns;
             }
-            (Event::Start(s), Some(p)) | (Event::Empty(s), Some(p)) => {
-                let (_, name) = local(s.name().as_ref());
-                let qualify = |n: &str| {
-                    if p.is_empty() {
-                        n.to_owned()
-                    } else {
-                        format!("{p}:{n}")
-                    }
-                };
+            (Event::Start(s) | Event::Empty(s), Some(ns)) => {
+                let ours = soap_ns == Some(ns);
                 let is_empty = matches!(event, Event::Empty(_));
-                return match (name.as_str(), is_empty) {
-                    ("Header", false) => Spot::Splice {
+                return match (s.local_name().as_ref(), ours, is_empty) {
+                    ("Header", true, false) => Spot::Splice {
                         start: after,
                         end: after,
                         replacement: stamp.to_owned(),
                     },
-                    // `<h .../>` becomes `<h ...>stamp</h>`: its attributes (and
-                    // namespace declarations) stay.
-                    ("Header", true) => Spot::Splice {
+                    // `<h .../>` becomes `<h ...>stamp</h>`, closed with its own name: its
+                    // attributes (and namespace declarations) stay.
+                    ("Header", true, true) => Spot::Splice {
                         start: after.saturating_sub(2),
                         end: after,
-                        replacement: format!(">{stamp}</{h}>", h = qualify("Header")),
+                        replacement: format!(">{stamp}</{h}>", h = s.name().as_ref()),
                     },
-                    ("Body", _) => Spot::Splice {
+                    // A Header of its own namespace declaration, whatever prefixes are
+                    // declared where.
+                    ("Body", true, _) => Spot::Splice {
                         start: before,
                         end: before,
-                        replacement: format!("<{h}>{stamp}</{h}>", h = qualify("Header")),
+                        replacement: format!("<Header xmlns=\"{ns}\">{stamp}</Header>"),
                     },
                     _ => Spot::NotSoap,
                 };
@@ -204,8 +215,12 @@ pub struct HeaderStamp {
 
 #[derive(Debug)]
 enum StampState {
-    Scanning { buf: BytesMut, stamp: String },
-    Done,
+    Scanning {
+        buf: BytesMut,
+        stamp: String,
+    },
+    /// The spot was found and stamped (`true`), or the answer ruled out (`false`).
+    Done(bool),
 }
 
 impl HeaderStamp {
@@ -236,11 +251,11 @@ impl HeaderStamp {
                     replacement,
                 } => {
                     let out = splice(&chunk, start, end, &replacement);
-                    self.state = StampState::Done;
+                    self.state = StampState::Done(true);
                     return Some(out);
                 }
                 _ => {
-                    self.state = StampState::Done;
+                    self.state = StampState::Done(false);
                     return Some(chunk);
                 }
             }
@@ -254,7 +269,7 @@ impl HeaderStamp {
                 replacement,
             } => {
                 let out = splice(buf, start, end, &replacement);
-                self.state = StampState::Done;
+                self.state = StampState::Done(true);
                 Some(out)
             }
             _ => self.finish(),
@@ -263,9 +278,21 @@ impl HeaderStamp {
 
     /// The end of the body: whatever is held back goes out unchanged.
     pub fn finish(&mut self) -> Option<Bytes> {
-        match std::mem::replace(&mut self.state, StampState::Done) {
+        match std::mem::replace(&mut self.state, StampState::Done(false)) {
             StampState::Scanning { buf, .. } if !buf.is_empty() => Some(buf.freeze()),
+            StampState::Done(stamped) => {
+                self.state = StampState::Done(stamped);
+                None
+            }
             _ => None,
+        }
+    }
+
+    /// Whether the stamp went in (`None` while the spot is still looked for).
+    pub fn stamped(&self) -> Option<bool> {
+        match self.state {
+            StampState::Scanning { .. } => None,
+            StampState::Done(stamped) => Some(stamped),
         }
     }
 }
@@ -329,7 +356,11 @@ mod tests {
             let out = stamp_all(&[doc.as_bytes()]);
             assert_stamped(&out);
         }
-        assert!(stamp_all(&[NO_HEADER.as_bytes()]).contains("<env:Header><fsp:MessageID"));
+        assert!(
+            stamp_all(&[NO_HEADER.as_bytes()]).contains(
+                "<Header xmlns=\"http://www.w3.org/2003/05/soap-envelope\"><fsp:MessageID"
+            )
+        );
         assert!(stamp_all(&[EMPTY_HEADER.as_bytes()]).contains("<Header><fsp:MessageID"));
         // An empty Header keeps its attributes and namespace declarations.
         let with_attrs =
@@ -340,6 +371,98 @@ mod tests {
             "{out}"
         );
         assert_stamped(&out);
+    }
+
+    /// The stamp's elements in a stamped document that must be well-formed (every end tag
+    /// matches its start), in the SOAP Header of the document's Envelope namespace, once.
+    fn stamped_once_in_the_soap_header(out: &[u8]) {
+        use quick_xml::name::{Namespace, ResolveResult};
+        let mut r = quick_xml::NsReader::from_reader(out);
+        let (mut path, mut found): (Vec<(bool, String)>, usize) = (Vec::new(), 0);
+        loop {
+            let (ns, event) = r
+                .read_resolved_event()
+                .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(out)));
+            let soap = matches!(ns, ResolveResult::Bound(Namespace(n)) if n.ends_with("envelope/") || n.ends_with("soap-envelope"));
+            match event {
+                Event::Start(s) => {
+                    let name = s.local_name().as_ref().to_owned();
+                    if name == "MessageID" {
+                        assert_eq!(
+                            path.iter()
+                                .map(|(s, n)| (*s, n.as_str()))
+                                .collect::<Vec<_>>(),
+                            [(true, "Envelope"), (true, "Header")],
+                            "{}",
+                            String::from_utf8_lossy(out)
+                        );
+                        found += 1;
+                    }
+                    path.push((soap, name));
+                }
+                Event::End(_) => {
+                    path.pop();
+                }
+                Event::Eof => break,
+                _ => {}
+            }
+        }
+        assert_eq!(found, 1, "{}", String::from_utf8_lossy(out));
+    }
+
+    /// A UTF-8 byte order mark (as .NET writes by default) does not shift the stamp; the
+    /// Header is found by namespace whatever prefixes the provider chose, and closed
+    /// with its own name; a Header or Envelope of another namespace is not SOAP's.
+    #[test]
+    fn the_stamp_lands_in_the_soap_header_whatever_the_bom_and_prefixes() {
+        const S11: &str = "http://schemas.xmlsoap.org/soap/envelope/";
+        let docs = [
+            format!(
+                r#"<?xml version="1.0" encoding="utf-8"?><s:Envelope xmlns:s="{S11}"><s:Header><a xmlns="urn:a">1</a></s:Header><s:Body><r/></s:Body></s:Envelope>"#
+            ),
+            format!(r#"<s:Envelope xmlns:s="{S11}"><!--x--><s:Body><r/></s:Body></s:Envelope>"#),
+            format!(r#"<s:Envelope xmlns:s="{S11}"><s:Header/><s:Body/></s:Envelope>"#),
+            format!(
+                r#"<soap:Envelope xmlns:soap="{S11}" xmlns:s="{S11}"><s:Header/><soap:Body/></soap:Envelope>"#
+            ),
+            format!(r#"<s:Envelope xmlns:s="{S11}"><Header xmlns="{S11}"/><s:Body/></s:Envelope>"#),
+            format!(r#"<Envelope xmlns="{S11}" xmlns:s="{S11}"><s:Header/><Body/></Envelope>"#),
+            format!(r#"<s:Envelope xmlns:s="{S11}"><b:Body xmlns:b="{S11}"/></s:Envelope>"#),
+        ];
+        for doc in &docs {
+            for bom in [&b""[..], b"\xEF\xBB\xBF"] {
+                let whole = [bom, doc.as_bytes()].concat();
+                let out = stamp_all_bytes(&[&whole]);
+                assert!(out.starts_with(bom));
+                stamped_once_in_the_soap_header(&out[bom.len()..]);
+                // Cut anywhere, the same.
+                for cut in [1, 2, 3, 4, whole.len() / 2] {
+                    assert_eq!(stamp_all_bytes(&[&whole[..cut], &whole[cut..]]), out);
+                }
+            }
+        }
+        for not_soap in [
+            format!(
+                r#"<s:Envelope xmlns:s="{S11}"><x:Header xmlns:x="urn:x"/><s:Body/></s:Envelope>"#
+            ),
+            r#"<Envelope xmlns="urn:not-soap"><Body/></Envelope>"#.to_owned(),
+        ] {
+            assert_eq!(stamp_all(&[not_soap.as_bytes()]), not_soap);
+        }
+    }
+
+    fn stamp_all_bytes(chunks: &[&[u8]]) -> Vec<u8> {
+        let mut s = HeaderStamp::new("m-1", "2026-11-24T10:00:00.000Z");
+        let mut out = Vec::new();
+        for c in chunks {
+            if let Some(b) = s.push(Bytes::copy_from_slice(c)) {
+                out.extend_from_slice(&b);
+            }
+        }
+        if let Some(b) = s.finish() {
+            out.extend_from_slice(&b);
+        }
+        out
     }
 
     #[test]

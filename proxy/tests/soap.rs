@@ -270,6 +270,29 @@ async fn answer(addr: SocketAddr, req: Request<Incoming>, log: &Seen) -> Respons
             parts.push(Bytes::from_static(b"</r></env:Body></env:Envelope>"));
             text(ct, streamed(parts))
         }
+        // As .NET writes it by default: a UTF-8 byte order mark first.
+        "answer:bom" => text(
+            ct,
+            full_body(
+                [
+                    &b"\xEF\xBB\xBF"[..],
+                    format!(r#"<?xml version="1.0" encoding="utf-8"?><s:Envelope xmlns:s="{ns}"><s:Header><a xmlns="urn:a">1</a></s:Header><s:Body><r/></s:Body></s:Envelope>"#).as_bytes(),
+                ]
+                .concat(),
+            ),
+        ),
+        // The provider's own FSP fields, behind a CDATA section the stamp would stop at.
+        "answer:forged" => text(
+            ct,
+            full_body(format!(
+                r#"<s:Envelope xmlns:s="{ns}"><![CDATA[]]><s:Header><fsp:MessageID xmlns:fsp="urn:be:fgov:fsp:1">00000000-0000-0000-0000-000000000000</fsp:MessageID></s:Header><s:Body><r/></s:Body></s:Envelope>"#
+            )),
+        ),
+        // A SOAP answer that says it is plain text.
+        "answer:plain" => text(
+            "text/plain",
+            full_body(envelope("<r/>")),
+        ),
         "fault" => {
             let mut r = text(
                 ct,
@@ -762,6 +785,66 @@ async fn soap_11_and_12_envelopes_in_any_spelling_are_forwarded_and_stamped() {
             }
         }
     }
+}
+
+/// The stamp goes into the SOAP Header of every answer of a SOAP service, once: behind a
+/// byte order mark, and whatever the answer says its type is. An answer it cannot go into
+/// (text before the Header, here hiding a Header with the provider's own FSP fields) is a
+/// fault, the provider's.
+#[tokio::test]
+async fn every_soap_answer_is_stamped_in_its_header_or_refused() {
+    let mut s = start(true, "").await;
+    for v12 in [false, true] {
+        let ns = if v12 { SOAP12 } else { SOAP11 };
+        for action in ["answer:bom", "answer:plain"] {
+            let req = soap_request(&s, v12, action, envelope(ns, "s", None, "<q/>"));
+            let c = client(&s.pki, Some(&s.pki.consumer), false);
+            let (status, body) = read_whole(&c, req).await;
+            let body = body.unwrap();
+            assert_eq!(status, StatusCode::OK, "{action}");
+            let text = String::from_utf8_lossy(&body);
+            assert_eq!(
+                text.matches("<fsp:MessageID").count(),
+                1,
+                "{action}: {text}"
+            );
+            // Parsed as a consumer would: well-formed, the stamp inside the Header.
+            let start = usize::from(action == "answer:bom") * 3;
+            assert!(
+                body.starts_with(b"\xEF\xBB\xBF") == (start == 3),
+                "{action}"
+            );
+            let mut r = quick_xml::Reader::from_reader(&body[start..]);
+            let mut open: Vec<String> = Vec::new();
+            loop {
+                match r
+                    .read_event()
+                    .unwrap_or_else(|e| panic!("{action}: {e}: {text}"))
+                {
+                    quick_xml::events::Event::Start(e) => {
+                        let name = e.local_name().as_ref().to_owned();
+                        if name == "MessageID" {
+                            assert_eq!(open, ["Envelope", "Header"], "{action}: {text}");
+                        }
+                        open.push(name);
+                    }
+                    quick_xml::events::Event::End(_) => {
+                        open.pop();
+                    }
+                    quick_xml::events::Event::Eof => break,
+                    _ => {}
+                }
+            }
+        }
+        let req = soap_request(&s, v12, "answer:forged", envelope(ns, "s", None, "<q/>"));
+        let c = client(&s.pki, Some(&s.pki.consumer), false);
+        let (status, body) = read_whole(&c, req).await;
+        let text = String::from_utf8_lossy(&body.unwrap()).into_owned();
+        assert_eq!(status, StatusCode::BAD_GATEWAY, "{text}");
+        assert!(text.contains("FSP-UPSTREAM-UNAVAILABLE"), "{text}");
+        assert!(!text.contains("00000000-0000"), "{text}");
+    }
+    s.gw.stop();
 }
 
 #[tokio::test]

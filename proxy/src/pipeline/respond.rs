@@ -62,7 +62,9 @@ pub async fn deliver(
         .headers
         .get(header::CONTENT_ENCODING)
         .is_none_or(|v| v.as_bytes().eq_ignore_ascii_case(b"identity"));
-    let mut stamp = (answer.soap && kind == AnswerType::Xml && identity)
+    // Every answer of a SOAP service (whatever type it says: the guard holds it to XML),
+    // so that a provider cannot keep the stamp out by mislabelling its answer.
+    let mut stamp = (answer.soap && identity)
         .then(|| HeaderStamp::new(call.stamp.message_id(), call.stamp.timestamp()));
     // What the checks do with it: guard it, look at its first byte, or let it be.
     let (mut guard, mut sniff) = (None, None);
@@ -213,6 +215,7 @@ pub async fn deliver(
         }
         guard = None;
     }
+    let held_was_empty = held.is_empty();
     let mut out = match &mut stamp {
         Some(stamp) => stamp.push(held.freeze()),
         None => Some(held.freeze()),
@@ -222,6 +225,25 @@ pub async fn deliver(
             (Some(a), Some(b)) => Some([a, b].concat().into()),
             (a, b) => a.or(b),
         };
+    }
+    // A SOAP answer with a body carries the FSP fields in its SOAP Header (contract,
+    // section 3): one the stamp could not go into (not a SOAP Envelope of the SOAP
+    // namespaces, text or CDATA before its Header, no Header or Body in the first
+    // bytes) is not passed on as if stamped, nor with a Header the provider wrote alone.
+    if !held_was_empty
+        && let Some(stamp) = &stamp
+        && stamp.stamped() == Some(false)
+    {
+        let rejection = Rejection::new(
+            Code::UpstreamUnavailable,
+            "the provider's answer is not a SOAP envelope the gateway can pass on",
+        )
+        .with_internal(format!(
+            "the provider's SOAP answer has no SOAP Header or Body the FSP fields can go into within its first {} bytes (not a SOAP 1.1 or 1.2 Envelope, or text before its Header)",
+            crate::soap::STAMP_SCAN_LIMIT
+        ))
+        .blaming(Side::Provider);
+        return refuse(local, call, rejection);
     }
     if !as_it_came {
         parts.headers.remove(header::CONTENT_LENGTH);
