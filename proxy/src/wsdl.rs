@@ -7,15 +7,19 @@
 //! provider's internal address. [`rewrite`] re-emits a document with
 //!
 //! - every endpoint address (`soap:address`, `soap12:address`, `http:address` and WSDL
-//!   2.0's `endpoint`, and the WS-Addressing `Address` of an endpoint reference) set to
+//!   2.0's `endpoint`, and the WS-Addressing `Address` of an endpoint reference, in the
+//!   2005/08, 2004/08 and 2004/03 namespaces) set to
 //!   the gateway's address of the service version;
 //! - every reference to another document (`wsdl:import`/`wsdl:include` `location`,
 //!   `xsd:import`/`xsd:include`/`xsd:redefine`/`xsd:override` `schemaLocation`) replaced
 //!   with what the caller maps it to (the gateway's URL of that document), or left as it
 //!   is when the caller does not map it;
 //!
-//! and every other byte as the provider wrote it. Elements are matched by namespace, not
-//! prefix, so any prefix works. The document is expected to have passed the XML guard
+//! and every other byte as the provider wrote it (attributes of a rewritten start tag are
+//! copied with `"` written `&quot;`). Elements are matched by namespace, not prefix, so
+//! any prefix works; a namespace name written with a character reference is refused, and
+//! the rewritten document is read again to check that every endpoint address is the
+//! gateway's before it is served. The document is expected to have passed the XML guard
 //! ([`crate::xml`]) first: no DTD, no entities beyond the predefined ones.
 
 use std::borrow::Cow;
@@ -34,6 +38,7 @@ const HTTP_BINDING: &str = "http://schemas.xmlsoap.org/wsdl/http/";
 const XSD: &str = "http://www.w3.org/2001/XMLSchema";
 const WSA10: &str = "http://www.w3.org/2005/08/addressing";
 const WSA04: &str = "http://schemas.xmlsoap.org/ws/2004/08/addressing";
+const WSA0403: &str = "http://schemas.xmlsoap.org/ws/2004/03/addressing";
 
 /// What a reference points at.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -99,7 +104,7 @@ pub fn rewrite(
         let event = match event {
             Event::Eof => break,
             Event::Start(e)
-                if matches!(ns.as_deref(), Some(WSA10 | WSA04))
+                if matches!(ns.as_deref(), Some(WSA10 | WSA04 | WSA0403))
                     && e.local_name().as_ref() == "Address" =>
             {
                 // An endpoint reference's address: whatever it holds (text, references,
@@ -111,6 +116,12 @@ pub fn rewrite(
                     .write_event(Event::Text(BytesText::new(endpoint)))
                     .map_err(|e| bad(&e))?;
                 Event::End(end)
+            }
+            Event::Start(e) | Event::Empty(e) if referenced_namespace(&e).is_some() => {
+                return Err(WsdlError(format!(
+                    "the namespace name of {} is written with a character reference, which the gateway does not accept in a WSDL",
+                    referenced_namespace(&e).unwrap_or_default()
+                )));
             }
             Event::Start(e) if ns.is_some() => {
                 let ns = ns.as_deref().unwrap_or_default();
@@ -124,7 +135,9 @@ pub fn rewrite(
         };
         writer.write_event(event).map_err(|e| bad(&e))?;
     }
-    Ok(writer.into_inner())
+    let out = writer.into_inner();
+    check_rewritten(&out, endpoint)?;
+    Ok(out)
 }
 
 /// An element's start tag, rewritten when a rule applies to it.
@@ -154,7 +167,7 @@ fn rewritten<'a>(
     for attr in e.attributes() {
         let attr = attr.map_err(quick_xml::Error::from)?;
         if attr.key.as_ref() != target {
-            out.push_attribute(attr);
+            out.push_attribute(requoted(attr));
             continue;
         }
         let new: Option<Cow<'_, str>> = match r {
@@ -166,10 +179,75 @@ fn rewritten<'a>(
         };
         match new {
             Some(value) => out.push_attribute(Attribute::from((target, value.as_ref()))),
-            None => out.push_attribute(attr),
+            None => out.push_attribute(requoted(attr)),
         }
     }
     Ok(out)
+}
+
+/// An attribute copied into a start tag the gateway writes: its value as written (its
+/// references stay references), with every `"` written `&quot;`. The writer puts values
+/// between double quotes as they are, so a value the provider wrote between single
+/// quotes could otherwise end early and make attributes of the provider's choosing (a
+/// second `location`, say).
+fn requoted(attr: Attribute<'_>) -> Attribute<'_> {
+    if !attr.value.contains('"') {
+        return attr;
+    }
+    Attribute {
+        key: attr.key,
+        value: Cow::Owned(attr.value.replace('"', "&quot;")),
+    }
+}
+
+/// Checks a rewritten document as a consumer's toolkit will read it: well-formed, every
+/// endpoint address the gateway's. A document where that does not hold is not served.
+fn check_rewritten(doc: &[u8], endpoint: &str) -> Result<(), WsdlError> {
+    let bad = |e: &dyn std::fmt::Display| WsdlError(e.to_string());
+    let mut reader = NsReader::from_reader(doc);
+    loop {
+        let (ns, event) = reader.read_resolved_event().map_err(|e| bad(&e))?;
+        let ns: Option<String> = match ns {
+            ResolveResult::Bound(n) => Some(n.as_ref().to_owned()),
+            _ => None,
+        };
+        match event {
+            Event::Eof => return Ok(()),
+            Event::Start(e) | Event::Empty(e) => {
+                let Some(Rewrite::Endpoint(target)) = ns
+                    .as_deref()
+                    .and_then(|ns| rule(ns, e.local_name().as_ref()))
+                else {
+                    continue;
+                };
+                for attr in e.attributes() {
+                    let attr = attr.map_err(|e| bad(&e))?;
+                    if attr.key.as_ref() == target
+                        && attr
+                            .normalized_value(quick_xml::XmlVersion::Implicit1_0)
+                            .map_err(|e| bad(&e))?
+                            != endpoint
+                    {
+                        return Err(WsdlError(format!(
+                            "an endpoint address ({target}) would not point at the gateway"
+                        )));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// A namespace declaration whose name is written with a reference (`&#47;` for `/`):
+/// the reader here compares namespace names as written, a consumer's parser after
+/// resolving references, so the two could see different namespaces.
+fn referenced_namespace(e: &BytesStart<'_>) -> Option<String> {
+    e.attributes().flatten().find_map(|a| {
+        let key = a.key.as_ref();
+        ((key == "xmlns" || key.starts_with("xmlns:")) && a.value.contains('&'))
+            .then(|| key.to_owned())
+    })
 }
 
 /// Bounds on what the gateway fetches and keeps of a provider's WSDL.
@@ -444,6 +522,21 @@ mod tests {
     }
 
     #[test]
+    fn an_endpoint_references_address_is_replaced_in_every_ws_addressing_version() {
+        for ns in [WSA10, WSA04, WSA0403] {
+            let doc = format!(
+                r#"<d xmlns:a="{ns}"><a:EndpointReference><a:Address>http://10.9.9.9/v1</a:Address></a:EndpointReference></d>"#
+            );
+            let out = rewrite(doc.as_bytes(), "https://gw/x/y/v1", |_, _| None).unwrap();
+            let out = String::from_utf8(out).unwrap();
+            assert!(
+                out.contains("<a:Address>https://gw/x/y/v1</a:Address>"),
+                "{ns}: {out}"
+            );
+        }
+    }
+
+    #[test]
     fn an_endpoint_references_address_is_replaced_whole_however_it_is_written() {
         for inner in [
             "http://10.0.0.7/p?a=1&amp;b=2",
@@ -568,5 +661,67 @@ mod tests {
                 "{doc}"
             );
         }
+    }
+
+    /// Every endpoint address of `out`, as a consumer's parser reads it.
+    fn endpoints(out: &[u8]) -> Vec<String> {
+        let mut reader = NsReader::from_reader(out);
+        let mut found = Vec::new();
+        loop {
+            let (ns, event) = reader.read_resolved_event().unwrap();
+            let ns = match ns {
+                ResolveResult::Bound(n) => n.as_ref().to_owned(),
+                _ => String::new(),
+            };
+            match event {
+                Event::Eof => return found,
+                Event::Start(e) | Event::Empty(e) => {
+                    if let Some(Rewrite::Endpoint(t)) = rule(&ns, e.local_name().as_ref()) {
+                        for a in e.attributes().flatten() {
+                            if a.key.as_ref() == t {
+                                found.push(a.value.into_owned());
+                            }
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// An attribute a provider wrote between single quotes, holding `"`, cannot end
+    /// early once re-emitted and make an address or location of its choosing.
+    #[test]
+    fn a_value_in_single_quotes_cannot_break_out_of_its_attribute() {
+        let doc = r#"<definitions xmlns="http://schemas.xmlsoap.org/wsdl/" xmlns:soap="http://schemas.xmlsoap.org/wsdl/soap/" xmlns:xs="http://www.w3.org/2001/XMLSchema">
+  <types><xs:schema><xs:import namespace='urn:a" schemaLocation="http://10.9.9.9/evil.xsd' schemaLocation="a.xsd"/></xs:schema></types>
+  <service name="S"><port name="P"><soap:address x='" location="http://10.9.9.9:8080/internal/v1' location="http://rrn.internal/p"/></port></service>
+</definitions>"#;
+        let mut locations = Vec::new();
+        let out = rewrite(doc.as_bytes(), "https://gw/p/s/v1", |_, loc| {
+            locations.push(loc.to_owned());
+            Some("https://gw/p/s/v1?xsd=1".to_owned())
+        })
+        .unwrap();
+        let text = String::from_utf8(out.clone()).unwrap();
+        assert_eq!(endpoints(&out), ["https://gw/p/s/v1"], "{text}");
+        assert_eq!(locations, ["a.xsd"]);
+        assert!(!text.contains(r#"location="http://10.9.9.9"#), "{text}");
+        assert!(
+            text.contains(r#"x="&quot; location=&quot;http://10.9.9.9:8080/internal/v1""#),
+            "{text}"
+        );
+    }
+
+    /// A binding namespace written with a character reference (`&#47;` is `/`) is the
+    /// SOAP binding to a consumer's parser, and not to a comparison of names as written:
+    /// such a document is refused rather than served with its address unchanged.
+    #[test]
+    fn a_namespace_name_written_with_a_reference_is_refused() {
+        let doc = r#"<definitions xmlns="http://schemas.xmlsoap.org/wsdl/" xmlns:soap="http://schemas.xmlsoap.org/wsdl/soap&#47;">
+  <service name="S"><port name="P"><soap:address location="http://10.9.9.9:8080/internal/v1"/></port></service>
+</definitions>"#;
+        let refused = rewrite(doc.as_bytes(), "https://gw/p/s/v1", |_, _| None).unwrap_err();
+        assert!(refused.to_string().contains("xmlns:soap"), "{refused}");
     }
 }
