@@ -292,8 +292,10 @@ impl Drop for ResponseBody {
     fn drop(&mut self) {
         if let Some(mut f) = self.finisher.take() {
             // A gateway-made body that hyper did not need to poll (HEAD, 304) still counts
-            // as delivered; a provider's body cut short does not.
-            let delivered = matches!(self.kind, Kind::Full(_));
+            // as delivered, and so does a provider's body that was already at its end
+            // (HEAD, 204, 304: hyper does not poll a body those cannot have); a provider's
+            // body cut short does not.
+            let delivered = matches!(self.kind, Kind::Full(_)) || self.is_end_stream();
             f.complete(self.sent, delivered);
         }
     }

@@ -634,3 +634,37 @@ async fn every_call_leaves_an_audit_record_and_sigterm_exits_zero() {
     assert_eq!(x["decision"], "FSP-AUTHN-MISSING");
     assert_eq!(x["status"], 401);
 }
+
+/// Answers that have no body (HEAD, 204), over HTTP/1.1 and HTTP/2, are delivered: their
+/// records blame nobody (hyper does not poll a body they cannot have, which used to be
+/// taken for a consumer gone away).
+#[tokio::test]
+async fn answers_without_a_body_are_recorded_as_delivered() {
+    let mut s = setup("").await;
+    let mut ids = Vec::new();
+    for h2 in [false, true] {
+        let c = client(&s.pki, Some(&s.pki.consumer), h2);
+        let head = http::Request::head(s.gw.url("/person/getPerson/v3/persons/1"))
+            .body(full(bytes::Bytes::new()))
+            .unwrap();
+        let (status, h, body, _) = send(&c, head).await.unwrap();
+        assert_eq!((status, body.len()), (StatusCode::OK, 0));
+        ids.push(h["fsp-message-id"].to_str().unwrap().to_owned());
+        let (status, h, body, _) = send(&c, get(&s.gw.url("/person/getPerson/v3/nocontent")))
+            .await
+            .unwrap();
+        assert_eq!((status, body.len()), (StatusCode::NO_CONTENT, 0));
+        ids.push(h["fsp-message-id"].to_str().unwrap().to_owned());
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    s.gw.stop();
+    let records = audit_records(&s.pki);
+    for id in &ids {
+        let r = records
+            .iter()
+            .find(|r| r["message_id"] == id.as_str())
+            .unwrap_or_else(|| panic!("no record of {id}"));
+        assert!(r["fault"].is_null(), "{r}");
+        assert_eq!(r["response_bytes"], 0, "{r}");
+    }
+}

@@ -178,6 +178,10 @@ pub async fn upstream() -> SocketAddr {
                         r.headers_mut()
                             .insert("content-type", "text/xml; charset=utf-8".parse().unwrap());
                         r
+                    } else if path.ends_with("/nocontent") {
+                        let mut r = Response::new(full(""));
+                        *r.status_mut() = http::StatusCode::NO_CONTENT;
+                        r
                     } else if path.ends_with("/slow") {
                         tokio::time::sleep(Duration::from_secs(5)).await;
                         Response::new(full("late"))
