@@ -310,7 +310,15 @@ impl FileSink {
                 dir.display()
             ))
         })?;
-        let rollups = crate::file_stats::Rollups::start(dir, &node, &trail);
+        // An anchor that cannot be read leaves no day known whole: the statistics' files
+        // are kept as they were written.
+        let unknown = Some(time::OffsetDateTime::now_utc().date());
+        let retired_through = match Anchor::read(dir, &node) {
+            Ok(None) => None,
+            Ok(Some(a)) => crate::stats::parse_day(&a.retired_through).ok().or(unknown),
+            Err(_) => unknown,
+        };
+        let rollups = crate::file_stats::Rollups::start(dir, &node, &trail, retired_through);
         // Closed segments without a lookup index that fits them (written by an earlier
         // version, an index a stop cut short, deleted, or left by another file of that
         // name) get one; the newest may be written on, and is indexed when it is closed.

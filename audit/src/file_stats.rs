@@ -6,8 +6,9 @@
 //! The writer counts the records of each batch once it is written, keeps the cells of
 //! yesterday and today in memory, and replaces their files every few seconds (and when
 //! it stops). The trail is the truth: on start, the writer counts today's and
-//! yesterday's calls again from its trail files (and the last two days the node wrote,
-//! when that was before yesterday), so a crash loses no statistic. A call's
+//! yesterday's calls again from its trail files (and, when the node last wrote before
+//! yesterday, that day and the day before), so a crash loses no statistic of a day the
+//! trail still holds whole. A call's
 //! record that comes in for an older day (a call that lasted over a day) is added to
 //! that day's file. Writing a day of a finished month writes the month's roll-up again.
 
@@ -55,23 +56,39 @@ fn month_text(d: Date) -> String {
 
 impl Rollups {
     /// The roll-ups of `node`'s calls of yesterday and today, counted from the trail
-    /// files written since yesterday (`trail`: this node's files and their days).
+    /// files written since yesterday (`trail`: this node's files and their days;
+    /// `retired_through`: the last day whose files retention deleted, from the node's
+    /// anchor).
     ///
     /// A writer holds its last two days in memory and writes them out every few
     /// seconds: one that was killed lost up to that much of them. When the node last wrote
-    /// before yesterday (it was killed, and started again days later), its last day and
-    /// the day before are counted again from the trail too, and their files replaced.
-    pub(crate) fn start(dir: &Path, node: &str, trail: &[(String, PathBuf)]) -> Self {
+    /// before yesterday (it was killed, and started again days later), the last day it
+    /// wrote and the day before are counted again from the trail too. A day counted
+    /// whole replaces its file; a day some of whose records may be missing from the
+    /// count (a file that could not be read, or retired) keeps its file as it is.
+    pub(crate) fn start(
+        dir: &Path,
+        node: &str,
+        trail: &[(String, PathBuf)],
+        retired_through: Option<Date>,
+    ) -> Self {
+        let now = today();
         let recent = yesterday();
+        // (A file named for a day to come, made while the clock was ahead, says nothing
+        // of when the node last wrote.)
         let last_written = trail
             .iter()
             .filter_map(|(day, _)| stats::parse_day(day).ok())
+            .filter(|day| *day <= now)
             .max();
         let from = last_written.map_or(recent, |last| {
             recent.min(last.previous_day().unwrap_or(last))
         });
         let since = day_text(from);
         let mut cells = Rollup::new();
+        // Days some of whose records may not have been counted: a file holds records of
+        // its day and of the day before (calls that went on past midnight).
+        let mut partial = BTreeSet::new();
         for (day, path) in trail {
             if *day < since {
                 continue;
@@ -83,9 +100,14 @@ impl Rollups {
                 Ok::<(), std::io::Error>(())
             });
             if let Err(e) = read {
-                tracing::warn!(error = %e, file = %path.display(), "cannot count the calls of an audit file; its statistics are incomplete");
+                tracing::warn!(error = %e, file = %path.display(), "cannot count the calls of an audit file; the statistics of its days are kept as they were written");
+                if let Ok(d) = stats::parse_day(day) {
+                    partial.insert(d);
+                    partial.extend(d.previous_day());
+                }
             }
         }
+        let whole = |day: Date| retired_through.is_none_or(|r| day > r) && !partial.contains(&day);
         let mut me = Self {
             dir: dir.to_owned(),
             node: node.to_owned(),
@@ -93,36 +115,50 @@ impl Rollups {
             cells: Rollup::new(),
             flushed: Instant::now(),
         };
+        let mut counted = cells.split_by_day();
+        // Yesterday and today are held in memory even without a call counted yet, so
+        // that a day's file is never replaced by less than it holds.
+        for day in [recent, now] {
+            counted.entry(day).or_default();
+        }
+        let this_month = stats::month_of(now);
+        let mut months = BTreeSet::new();
         // A call's record is written on the day it began or later: the files since
         // `from` hold every call of `from` and after. An older day's cells from them are
         // only part of that day: its file already has them.
-        let this_month = stats::month_of(today());
-        let mut months = BTreeSet::new();
-        for (day, part) in cells.split_by_day() {
-            // (Unless retention took that day's own files: then these cells are only
-            // part of it.)
-            let whole = || trail.iter().any(|(d, _)| *d == day_text(day));
-            if day >= recent {
-                me.cells.merge(&part);
-            } else if day >= from && whole() {
-                match stats::write_file(&me.day_path(day), &part) {
-                    Ok(()) if stats::month_of(day) < this_month => {
-                        months.insert(stats::month_of(day));
-                    }
-                    Ok(()) => {}
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot write a day's statistics counted again from the trail");
+        for (day, part) in counted.range(from..) {
+            let path = me.day_path(*day);
+            let held = if whole(*day) {
+                // Counted again whole: it replaces the day's file (written directly, not
+                // added to what the file holds, whatever the clock does meanwhile).
+                if !part.is_empty() {
+                    match stats::write_file(&path, part) {
+                        Ok(()) if stats::month_of(*day) < this_month => {
+                            months.insert(stats::month_of(*day));
+                        }
+                        Ok(()) => {}
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot write a day's statistics counted again from the trail");
+                        }
                     }
                 }
+                part.clone()
+            } else {
+                // The day as the last writer left it: more than a partial count.
+                match stats::read_file(&path) {
+                    Ok(written) => written,
+                    Err(_) => part.clone(),
+                }
+            };
+            if *day >= recent {
+                me.cells.merge(&held);
             }
         }
         for month in months {
             if let Err(e) = me.compact(month) {
-                tracing::error!(error = %e, month = %month_text(month), "cannot write a month's statistics; its days answer instead");
+                tracing::error!(error = %e, month = %month_text(month), "cannot write a month's statistics; until it is, queries over that month may give its earlier figures");
             }
         }
-        me.dirty = me.cells.days().into_iter().collect();
-        me.flush();
         me
     }
 
@@ -199,7 +235,7 @@ impl Rollups {
         self.dirty = failed;
         for month in months {
             if let Err(e) = self.compact(month) {
-                tracing::error!(error = %e, month = %month_text(month), "cannot write a month's statistics; its days answer instead");
+                tracing::error!(error = %e, month = %month_text(month), "cannot write a month's statistics; until it is, queries over that month may give its earlier figures (or its days', where it has none)");
             }
         }
     }
@@ -358,28 +394,41 @@ mod tests {
         path
     }
 
+    fn calls(r: &Rollup) -> u64 {
+        r.cells().map(|(_, c)| c.calls()).sum()
+    }
+
     /// A writer killed with its last days' cells not yet written out, and started again
-    /// days later, counts those days again from its trail: the statistics lose nothing.
-    /// An older day is left as it is, and so is a day whose own trail file retention took.
+    /// days later, counts those days again from its trail: the statistics lose nothing,
+    /// and a finished month's roll-up adds up its days as now written. A day older than
+    /// those is left as it is, even when a later file holds some of its calls.
     #[test]
     fn a_node_started_days_after_a_crash_counts_its_last_two_days_again() {
         let dir = tempfile::tempdir().unwrap();
-        let last = today() - time::Duration::days(3);
+        // The last day of last month: its month is finished, and it is before yesterday
+        // unless today is the 1st (then it is yesterday, counted again all the same).
+        let last = stats::month_of(today()).previous_day().unwrap();
         let before = last.previous_day().unwrap();
         let older = before - time::Duration::days(3);
+        let of_older: Vec<Record> = (20..23).map(|i| call(i, older)).collect();
         let of_before: Vec<Record> = (0..4).map(|i| call(i, before)).collect();
         let of_last: Vec<Record> = (10..15).map(|i| call(i, last)).collect();
-        let of_older: Vec<Record> = (20..23).map(|i| call(i, older)).collect();
-        // A call of `before` ended on `last`: its record is in `last`'s file.
+        let late = call(30, before.previous_day().unwrap());
         let trail = vec![
             (
                 day_text(older),
                 trail_file(dir.path(), "older.jsonl", &of_older),
             ),
+            // A call of the day before `before` that ended on `before`.
             (
                 day_text(before),
-                trail_file(dir.path(), "before.jsonl", &of_before[..3]),
+                trail_file(
+                    dir.path(),
+                    "before.jsonl",
+                    &[&[late.clone()][..], &of_before[..3]].concat(),
+                ),
             ),
+            // A call of `before` that ended on `last`.
             (
                 day_text(last),
                 trail_file(
@@ -389,35 +438,80 @@ mod tests {
                 ),
             ),
         ];
-        // What the killed writer had written out: part of each of its two days; the
-        // older day's file says what it said (whatever the trail holds).
         let path = |d: Date| dir.path().join(format!("stats-n-{}.json", day_text(d)));
-        let partial = |r: &[Record]| Rollup::from_records(r[..1].to_vec());
-        stats::write_file(&path(before), &partial(&of_before)).unwrap();
-        stats::write_file(&path(last), &partial(&of_last)).unwrap();
-        stats::write_file(&path(older), &partial(&of_older)).unwrap();
-
-        drop(Rollups::start(dir.path(), "n", &trail));
         let read = |d: Date| stats::read_file(&path(d)).unwrap();
+        let partial = |r: &[Record]| Rollup::from_records(r[..1].to_vec());
+        let written_before = || {
+            // What the killed writer had written out: part of each of its two days; an
+            // older day's file says what it said.
+            stats::write_file(&path(before), &partial(&of_before)).unwrap();
+            stats::write_file(&path(last), &partial(&of_last)).unwrap();
+            stats::write_file(&path(older), &partial(&of_older)).unwrap();
+            let late_day = before.previous_day().unwrap();
+            stats::write_file(&path(late_day), &Rollup::from_records([late.clone()])).unwrap();
+        };
+
+        written_before();
+        drop(Rollups::start(dir.path(), "n", &trail, None));
         assert_eq!(read(before), Rollup::from_records(of_before.clone()));
         assert_eq!(read(last), Rollup::from_records(of_last.clone()));
         assert_eq!(read(older), partial(&of_older));
-        // The finished month's roll-up, where one was, adds up the days as now written.
-        for d in [before, last] {
-            let month = stats::month_of(d);
-            let file = dir
-                .path()
-                .join(format!("stats-n-{}.json", month_text(month)));
-            if month < stats::month_of(today()) {
-                assert!(file.exists(), "{}", file.display());
-            }
-        }
+        assert_eq!(
+            read(before.previous_day().unwrap()),
+            Rollup::from_records([late.clone()]),
+            "a day before the two is not added to"
+        );
+        let month = dir.path().join(format!(
+            "stats-n-{}.json",
+            month_text(stats::month_of(last))
+        ));
+        let whole_month = stats::Query {
+            from: None,
+            to: None,
+            by: Vec::new(),
+        };
+        let month_calls: u64 = stats::answer_files(&[&month], &whole_month)
+            .unwrap()
+            .iter()
+            .map(|r| r.calls)
+            .sum();
+        let days_calls: u64 = (1..=last.day())
+            .filter_map(|d| last.replace_day(d).ok())
+            .filter_map(|d| stats::read_file(&path(d)).ok())
+            .map(|r| calls(&r))
+            .sum();
+        assert_eq!(month_calls, days_calls);
 
-        // Retention took `before`'s own file: its cells from `last`'s file are only part
-        // of it, and its roll-up is not replaced by them.
-        stats::write_file(&path(before), &partial(&of_before)).unwrap();
-        drop(Rollups::start(dir.path(), "n", &trail[2..]));
+        // Retention took the files through `before`: `before`'s cells from `last`'s file
+        // are only part of it, and its roll-up is not replaced by them.
+        written_before();
+        drop(Rollups::start(dir.path(), "n", &trail[2..], Some(before)));
         assert_eq!(read(before), partial(&of_before));
+        assert_eq!(read(last), Rollup::from_records(of_last.clone()));
+
+        // `last`'s file cannot be read: `last` and `before` (whose late calls it holds)
+        // keep their files as written.
+        written_before();
+        let unreadable = dir.path().join("unreadable.jsonl");
+        std::fs::create_dir(&unreadable).unwrap();
+        let broken = vec![
+            trail[0].clone(),
+            trail[1].clone(),
+            (day_text(last), unreadable),
+        ];
+        drop(Rollups::start(dir.path(), "n", &broken, None));
+        assert_eq!(read(before), partial(&of_before));
+        assert_eq!(read(last), partial(&of_last));
+
+        // A file named for a day to come does not hide when the node last wrote.
+        written_before();
+        let mut ahead = trail.clone();
+        ahead.push((
+            day_text(today() + time::Duration::days(30)),
+            trail_file(dir.path(), "ahead.jsonl", &[]),
+        ));
+        drop(Rollups::start(dir.path(), "n", &ahead, None));
+        assert_eq!(read(before), Rollup::from_records(of_before.clone()));
         assert_eq!(read(last), Rollup::from_records(of_last));
     }
 
