@@ -5,10 +5,9 @@
 //!
 //! The writer counts the records of each batch once it is written, keeps the cells of
 //! yesterday and today in memory, and replaces their files every few seconds (and when
-//! it stops). The trail is the truth: on start, the writer counts today's and
-//! yesterday's calls again from its trail files (and, when the node last wrote before
-//! yesterday, that day and the day before), so a crash loses no statistic of a day the
-//! trail still holds whole. A call's
+//! it stops). The trail is the truth: on start, the writer counts again from its trail
+//! files every day from the day before the last day the node wrote (at most yesterday)
+//! to today, so a crash loses no statistic of a day the trail still holds whole. A call's
 //! record that comes in for an older day (a call that lasted over a day) is added to
 //! that day's file. Writing a day of a finished month writes the month's roll-up again.
 
@@ -61,9 +60,9 @@ impl Rollups {
     /// anchor).
     ///
     /// A writer holds its last two days in memory and writes them out every few
-    /// seconds: one that was killed lost up to that much of them. When the node last wrote
-    /// before yesterday (it was killed, and started again days later), the last day it
-    /// wrote and the day before are counted again from the trail too. A day counted
+    /// seconds: one that was killed lost up to that much of them. Every day from the day
+    /// before the last day the node wrote (at most yesterday: the node may have been
+    /// killed and started again days later) is counted again from the trail. A day counted
     /// whole replaces its file; a day some of whose records may be missing from the
     /// count (a file that could not be read, or retired) keeps its file as it is.
     pub(crate) fn start(
@@ -139,6 +138,10 @@ impl Rollups {
                         Ok(()) => {}
                         Err(e) => {
                             tracing::error!(error = %e, "cannot write a day's statistics counted again from the trail");
+                            // Yesterday and today are written again at the next flush.
+                            if *day >= recent {
+                                me.dirty.insert(*day);
+                            }
                         }
                     }
                 }

@@ -142,7 +142,21 @@ fn find_spot(buf: &[u8], stamp: &str) -> Spot {
     // The reader skips a byte order mark without counting it in its positions: it is
     // taken off here, and its length added to every position.
     let skip = if buf.starts_with(BOM) { BOM.len() } else { 0 };
-    let mut reader = quick_xml::NsReader::from_reader(&buf[skip..]);
+    // The markup the stamp looks for is ASCII, and the reader wants UTF-8: every other
+    // byte is read as `x`, one for one, so that positions stay those of `buf` and an
+    // answer in ISO-8859-1 or windows-1252 (or a second byte order mark) is read like
+    // any other. (A namespace name with such a byte is not SOAP's either way.)
+    let ascii;
+    let rest = if buf[skip..].is_ascii() {
+        &buf[skip..]
+    } else {
+        ascii = buf[skip..]
+            .iter()
+            .map(|&b| if b.is_ascii() { b } else { b'x' })
+            .collect::<Vec<u8>>();
+        &ascii[..]
+    };
+    let mut reader = quick_xml::NsReader::from_reader(rest);
     let mut envelope: Option<&'static str> = None;
     loop {
         let before = skip + reader.buffer_position() as usize;
@@ -167,6 +181,12 @@ fn find_spot(buf: &[u8], stamp: &str) -> Spot {
             (Event::Eof, _) => return Spot::NeedMore,
             (Event::Decl(_) | Event::Comment(_) | Event::PI(_) | Event::DocType(_), _) => {}
             (Event::Text(t), _) if t.chars().all(|c| c.is_ascii_whitespace()) => {}
+            // Whitespace written as a character reference (`&#10;`) is whitespace.
+            (Event::GeneralRef(r), _)
+                if r.resolve_char_ref()
+                    .ok()
+                    .flatten()
+                    .is_some_and(|c| c.is_ascii_whitespace()) => {}
             (Event::Start(s), None) => {
                 if s.local_name().as_ref() != "Envelope" || soap_ns.is_none() {
                     return Spot::NotSoap;
@@ -441,13 +461,41 @@ mod tests {
                 }
             }
         }
+        // Not UTF-8 (ISO-8859-1 bytes before the Header), whitespace as a character
+        // reference: stamped all the same.
+        let latin1 = [
+            &b"<?xml version='1.0' encoding='ISO-8859-1'?><!-- G\xe9n\xe9r\xe9 -->"[..],
+            format!(r#"<s:Envelope xmlns:s="{S11}" a="é">&#10;<s:Header/><s:Body/></s:Envelope>"#)
+                .as_bytes(),
+        ]
+        .concat();
+        let mut s = HeaderStamp::new("m-1", "2026-11-24T10:00:00.000Z");
+        let out = s.push(Bytes::from(latin1.clone())).unwrap();
+        assert_eq!(s.stamped(), Some(true));
+        let text = String::from_utf8_lossy(&out);
+        assert!(text.contains("&#10;<s:Header><fsp:MessageID"), "{text}");
+        assert!(
+            text.ends_with("</fsp:Timestamp></s:Header><s:Body/></s:Envelope>"),
+            "{text}"
+        );
         for not_soap in [
             format!(
                 r#"<s:Envelope xmlns:s="{S11}"><x:Header xmlns:x="urn:x"/><s:Body/></s:Envelope>"#
             ),
             r#"<Envelope xmlns="urn:not-soap"><Body/></Envelope>"#.to_owned(),
+            format!(r#"<s:Envelope xmlns:s="{S11}">&#65;<s:Header/><s:Body/></s:Envelope>"#),
+            format!(
+                "\u{feff}\u{feff}<s:Envelope xmlns:s=\"{S11}\"><s:Header/><s:Body/></s:Envelope>"
+            ),
         ] {
-            assert_eq!(stamp_all(&[not_soap.as_bytes()]), not_soap);
+            let mut s = HeaderStamp::new("m-1", "2026-11-24T10:00:00.000Z");
+            let mut out = s
+                .push(Bytes::from(not_soap.clone()))
+                .unwrap_or_default()
+                .to_vec();
+            out.extend(s.finish().unwrap_or_default());
+            assert_eq!(out, not_soap.as_bytes());
+            assert_eq!(s.stamped(), Some(false), "{not_soap}");
         }
     }
 

@@ -8,7 +8,7 @@
 //!
 //! - every endpoint address (`soap:address`, `soap12:address`, `http:address` and WSDL
 //!   2.0's `endpoint`, and the WS-Addressing `Address` of an endpoint reference, in the
-//!   2005/08, 2004/08 and 2004/03 namespaces) set to
+//!   2005/08, 2004/08, 2004/03 and older namespaces) set to
 //!   the gateway's address of the service version;
 //! - every reference to another document (`wsdl:import`/`wsdl:include` `location`,
 //!   `xsd:import`/`xsd:include`/`xsd:redefine`/`xsd:override` `schemaLocation`) replaced
@@ -17,9 +17,9 @@
 //!
 //! and every other byte as the provider wrote it (attributes of a rewritten start tag are
 //! copied with `"` written `&quot;`). Elements are matched by namespace, not prefix, so
-//! any prefix works; a namespace name written with a character reference is refused, and
-//! the rewritten document is read again to check that every endpoint address is the
-//! gateway's before it is served. The document is expected to have passed the XML guard
+//! any prefix works; a namespace name written with a numeric character reference is
+//! refused, and the rewritten document is read again to check that every endpoint address
+//! is the gateway's before it is served. The document is expected to have passed the XML guard
 //! ([`crate::xml`]) first: no DTD, no entities beyond the predefined ones.
 
 use std::borrow::Cow;
@@ -39,6 +39,12 @@ const XSD: &str = "http://www.w3.org/2001/XMLSchema";
 const WSA10: &str = "http://www.w3.org/2005/08/addressing";
 const WSA04: &str = "http://schemas.xmlsoap.org/ws/2004/08/addressing";
 const WSA0403: &str = "http://schemas.xmlsoap.org/ws/2004/03/addressing";
+/// Older WS-Addressing namespaces: WSE 2.0's, and the W3C drafts'.
+const WSA_OLDER: [&str; 3] = [
+    "http://schemas.xmlsoap.org/ws/2003/03/addressing",
+    "http://www.w3.org/2004/12/addressing",
+    "http://www.w3.org/2005/03/addressing",
+];
 
 /// What a reference points at.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -61,7 +67,7 @@ impl DocKind {
 
 /// A document that could not be read as XML.
 #[derive(Debug, thiserror::Error)]
-#[error("the document is not well-formed XML: {0}")]
+#[error("{0}")]
 pub struct WsdlError(String);
 
 /// What an element's attribute becomes.
@@ -91,7 +97,8 @@ pub fn rewrite(
     endpoint: &str,
     mut reference: impl FnMut(DocKind, &str) -> Option<String>,
 ) -> Result<Vec<u8>, WsdlError> {
-    let bad = |e: &dyn std::fmt::Display| WsdlError(e.to_string());
+    let bad =
+        |e: &dyn std::fmt::Display| WsdlError(format!("the document is not well-formed XML: {e}"));
     let mut reader = NsReader::from_reader(doc);
     reader.config_mut().trim_text(false);
     let mut writer = Writer::new(Vec::with_capacity(doc.len() + 256));
@@ -104,8 +111,9 @@ pub fn rewrite(
         let event = match event {
             Event::Eof => break,
             Event::Start(e)
-                if matches!(ns.as_deref(), Some(WSA10 | WSA04 | WSA0403))
-                    && e.local_name().as_ref() == "Address" =>
+                if ns.as_deref().is_some_and(|n| {
+                    [WSA10, WSA04, WSA0403].contains(&n) || WSA_OLDER.contains(&n)
+                }) && e.local_name().as_ref() == "Address" =>
             {
                 // An endpoint reference's address: whatever it holds (text, references,
                 // CDATA, elements) becomes the endpoint.
@@ -119,7 +127,7 @@ pub fn rewrite(
             }
             Event::Start(e) | Event::Empty(e) if referenced_namespace(&e).is_some() => {
                 return Err(WsdlError(format!(
-                    "the namespace name of {} is written with a character reference, which the gateway does not accept in a WSDL",
+                    "the namespace name of {} is written with a numeric character reference (&#...;), which the gateway does not accept in a WSDL",
                     referenced_namespace(&e).unwrap_or_default()
                 )));
             }
@@ -200,10 +208,13 @@ fn requoted(attr: Attribute<'_>) -> Attribute<'_> {
     }
 }
 
-/// Checks a rewritten document as a consumer's toolkit will read it: well-formed, every
-/// endpoint address the gateway's. A document where that does not hold is not served.
+/// Reads a rewritten document again: well-formed, and every endpoint address the
+/// gateway's. (With the same reader, so it catches what re-emitting got wrong, such as a
+/// value ending early; not what another parser would read differently.) A document
+/// where that does not hold is not served.
 fn check_rewritten(doc: &[u8], endpoint: &str) -> Result<(), WsdlError> {
-    let bad = |e: &dyn std::fmt::Display| WsdlError(e.to_string());
+    let bad =
+        |e: &dyn std::fmt::Display| WsdlError(format!("the document is not well-formed XML: {e}"));
     let mut reader = NsReader::from_reader(doc);
     loop {
         let (ns, event) = reader.read_resolved_event().map_err(|e| bad(&e))?;
@@ -239,13 +250,15 @@ fn check_rewritten(doc: &[u8], endpoint: &str) -> Result<(), WsdlError> {
     }
 }
 
-/// A namespace declaration whose name is written with a reference (`&#47;` for `/`):
-/// the reader here compares namespace names as written, a consumer's parser after
-/// resolving references, so the two could see different namespaces.
+/// A namespace declaration whose name is written with a numeric character reference
+/// (`&#47;` for `/`): the reader here compares namespace names as written, a consumer's
+/// parser after resolving references, so the two could see different namespaces. (The
+/// predefined entities, `&amp;` and the like, stand for characters no namespace this
+/// module looks for holds.)
 fn referenced_namespace(e: &BytesStart<'_>) -> Option<String> {
     e.attributes().flatten().find_map(|a| {
         let key = a.key.as_ref();
-        ((key == "xmlns" || key.starts_with("xmlns:")) && a.value.contains('&'))
+        ((key == "xmlns" || key.starts_with("xmlns:")) && a.value.contains("&#"))
             .then(|| key.to_owned())
     })
 }
@@ -523,7 +536,7 @@ mod tests {
 
     #[test]
     fn an_endpoint_references_address_is_replaced_in_every_ws_addressing_version() {
-        for ns in [WSA10, WSA04, WSA0403] {
+        for ns in [WSA10, WSA04, WSA0403].into_iter().chain(WSA_OLDER) {
             let doc = format!(
                 r#"<d xmlns:a="{ns}"><a:EndpointReference><a:Address>http://10.9.9.9/v1</a:Address></a:EndpointReference></d>"#
             );
@@ -723,5 +736,9 @@ mod tests {
 </definitions>"#;
         let refused = rewrite(doc.as_bytes(), "https://gw/p/s/v1", |_, _| None).unwrap_err();
         assert!(refused.to_string().contains("xmlns:soap"), "{refused}");
+        assert!(!refused.to_string().contains("well-formed"), "{refused}");
+        // A predefined entity in a namespace name is fine.
+        let amp = r#"<definitions xmlns="http://schemas.xmlsoap.org/wsdl/" xmlns:tns="urn:x?a=1&amp;b=2"/>"#;
+        assert!(rewrite(amp.as_bytes(), "https://gw/p/s/v1", |_, _| None).is_ok());
     }
 }

@@ -62,9 +62,16 @@ pub async fn deliver(
         .headers
         .get(header::CONTENT_ENCODING)
         .is_none_or(|v| v.as_bytes().eq_ignore_ascii_case(b"identity"));
-    // Every answer of a SOAP service (whatever type it says: the guard holds it to XML),
-    // so that a provider cannot keep the stamp out by mislabelling its answer.
-    let mut stamp = (answer.soap && identity)
+    // With its XML checks on, every answer of a SOAP service (whatever type it says: the
+    // guard holds it to XML), so that a provider cannot keep the stamp out by
+    // mislabelling its answer; with them off, its XML answers, where the stamp can go.
+    let checked = answer.xml.is_some();
+    let stampable = if checked {
+        !matches!(kind, AnswerType::Multipart | AnswerType::Unreadable(_))
+    } else {
+        matches!(kind, AnswerType::Xml)
+    };
+    let mut stamp = (answer.soap && identity && stampable)
         .then(|| HeaderStamp::new(call.stamp.message_id(), call.stamp.timestamp()));
     // What the checks do with it: guard it, look at its first byte, or let it be.
     let (mut guard, mut sniff) = (None, None);
@@ -230,7 +237,8 @@ pub async fn deliver(
     // section 3): one the stamp could not go into (not a SOAP Envelope of the SOAP
     // namespaces, text or CDATA before its Header, no Header or Body in the first
     // bytes) is not passed on as if stamped, nor with a Header the provider wrote alone.
-    if !held_was_empty
+    if checked
+        && !held_was_empty
         && let Some(stamp) = &stamp
         && stamp.stamped() == Some(false)
     {
