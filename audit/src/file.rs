@@ -2697,15 +2697,7 @@ mod tests {
         }
         // The next batch notices, and goes to a new file.
         sink.submit(record(3, "2026-11-24")).unwrap();
-        let start = std::time::Instant::now();
-        while sink.health().is_ok() {
-            assert!(
-                start.elapsed() < std::time::Duration::from_secs(5),
-                "not noticed"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
-        let why = sink.health().unwrap_err().to_string();
+        let why = unhealthy_within_5_s(&sink);
         assert!(why.contains("removed or replaced"), "{why}");
         sink.submit(record(4, "2026-11-24")).unwrap();
         drop(sink);
@@ -2743,16 +2735,8 @@ mod tests {
             if !quiet {
                 sink.submit(record(3, "2026-11-24")).unwrap();
             }
-            let start = std::time::Instant::now();
-            while sink.health().is_ok() {
-                assert!(
-                    start.elapsed() < std::time::Duration::from_secs(5),
-                    "not noticed (quiet: {quiet})"
-                );
-                std::thread::sleep(std::time::Duration::from_millis(10));
-            }
-            let why = sink.health().unwrap_err().to_string();
-            assert!(why.contains("goes on from"), "{why}");
+            let why = unhealthy_within_5_s(&sink);
+            assert!(why.contains("goes on from"), "{why} (quiet: {quiet})");
             sink.submit(record(4, "2026-11-24")).unwrap();
             drop(sink);
             handle.join();
@@ -2764,6 +2748,19 @@ mod tests {
                 "{verified:?}"
             );
         }
+    }
+
+    /// Why `sink` turned unhealthy, which it must within 5 s.
+    fn unhealthy_within_5_s(sink: &FileSink) -> String {
+        let start = std::time::Instant::now();
+        while sink.health().is_ok() {
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(5),
+                "not noticed"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        sink.health().unwrap_err().to_string()
     }
 
     #[test]

@@ -338,17 +338,7 @@ mod tests {
     const EMPTY_HEADER: &str = r#"<Envelope xmlns="http://schemas.xmlsoap.org/soap/envelope/"><Header/><Body/></Envelope>"#;
 
     fn stamp_all(chunks: &[&[u8]]) -> String {
-        let mut s = HeaderStamp::new("m-1", "2026-11-24T10:00:00.000Z");
-        let mut out = Vec::new();
-        for c in chunks {
-            if let Some(b) = s.push(Bytes::copy_from_slice(c)) {
-                out.extend_from_slice(&b);
-            }
-        }
-        if let Some(b) = s.finish() {
-            out.extend_from_slice(&b);
-        }
-        String::from_utf8(out).unwrap()
+        String::from_utf8(stamp_all_bytes(chunks)).unwrap()
     }
 
     fn assert_stamped(doc: &str) {
