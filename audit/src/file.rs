@@ -103,22 +103,6 @@ struct Shared {
     direct_batches: AtomicU64,
 }
 
-/// Held by the writer thread: should the writer stop on a panic (a defect), the trail
-/// is marked unavailable at once, so that readiness, the admin API and calls see it
-/// rather than wait for confirmations that cannot come.
-struct WriterGuard(Arc<Shared>);
-
-impl Drop for WriterGuard {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            let why =
-                "the audit writer stopped on an internal error (see the log): restart the gateway";
-            let _ = self.0.tampered.set(why.to_owned());
-            self.0.healthy.store(false, Ordering::Release);
-        }
-    }
-}
-
 impl Shared {
     fn wake_writer(&self) {
         if let Some(t) = self.writer.get() {
@@ -352,7 +336,11 @@ impl FileSink {
             direct_io,
             resumed_from,
         };
-        let guard = WriterGuard(shared.clone());
+        let marked = shared.clone();
+        let guard = crate::WriterGuard(move |why: &str| {
+            let _ = marked.tampered.set(why.to_owned());
+            marked.healthy.store(false, Ordering::Release);
+        });
         let thread = std::thread::Builder::new()
             .name("fsp-audit-file".into())
             .spawn(move || {

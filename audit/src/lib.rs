@@ -22,6 +22,22 @@ mod json;
 pub mod postgres;
 pub mod stats;
 
+/// Held by a backend's writer thread: should the writer stop on a panic (a defect),
+/// `mark` is told why, so that the backend marks its trail unavailable at once and
+/// readiness, the admin API and calls see it rather than wait for confirmations that
+/// cannot come.
+pub(crate) struct WriterGuard<F: FnMut(&str)>(pub(crate) F);
+
+impl<F: FnMut(&str)> Drop for WriterGuard<F> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            (self.0)(
+                "the audit writer stopped on an internal error (see the log): restart the gateway",
+            );
+        }
+    }
+}
+
 /// One call, in the export format of the contract (section 6). Field order is the
 /// contract's.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -370,5 +386,30 @@ impl AuditSink for Discard {
         Err(AuditError::Unavailable(
             "this gateway keeps no audit trail ([audit] backend = \"none\")".into(),
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// A writer thread that panics tells its backend why, once; one that ends normally
+    /// tells nothing.
+    #[test]
+    fn a_writer_that_panics_is_marked_and_one_that_ends_is_not() {
+        for panics in [true, false] {
+            let told = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+            let seen = told.clone();
+            let ended = std::thread::spawn(move || {
+                let _guard = WriterGuard(move |why: &str| seen.lock().unwrap().push(why.into()));
+                assert!(!panics, "a defect in the writer");
+            })
+            .join();
+            assert_eq!(ended.is_err(), panics);
+            let told = told.lock().unwrap();
+            assert_eq!(told.len(), usize::from(panics), "{told:?}");
+            assert!(told.iter().all(|w| w.contains("restart the gateway")));
+        }
     }
 }

@@ -1573,23 +1573,6 @@ struct Shared {
     held: AtomicUsize,
 }
 
-/// Held by the writer thread: should the writer stop on a panic (a defect), the trail
-/// is marked unavailable at once, so that readiness, the admin API and calls see it
-/// rather than wait for confirmations that cannot come.
-struct WriterGuard(Arc<Shared>);
-
-impl Drop for WriterGuard {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            let why =
-                "the audit writer stopped on an internal error (see the log): restart the gateway";
-            let mut last = self.0.last_error.lock().unwrap_or_else(|p| p.into_inner());
-            *last = Some(why.to_owned());
-            self.0.healthy.store(false, Ordering::Release);
-        }
-    }
-}
-
 impl Shared {
     fn new() -> Self {
         Self {
@@ -1678,7 +1661,12 @@ impl PostgresSink {
         let thread = std::thread::Builder::new()
             .name("fsp-audit-postgres".into())
             .spawn(move || {
-                let _guard = WriterGuard(shared.clone());
+                let marked = shared.clone();
+                let _guard = crate::WriterGuard(move |why: &str| {
+                    let mut last = marked.last_error.lock().unwrap_or_else(|p| p.into_inner());
+                    *last = Some(why.to_owned());
+                    marked.healthy.store(false, Ordering::Release);
+                });
                 match Writer::connect(settings, shared) {
                     Ok(writer) => {
                         let _ = started_tx.send(Ok(()));
