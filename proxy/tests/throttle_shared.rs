@@ -40,9 +40,12 @@ async fn gateways_limited(
             .replace("node = \"test-node\"", &format!("node = \"node-{i}\""))
             // The subject is the limiter's clock: calls are recorded when they end (no
             // sync before forwarding), so a slow disk does not bunch them up.
+            // A directory of its own per provider too: a test that drops its gateways
+            // and starts others must not have two writers on one node's trail while the
+            // first drain.
             .replace(
                 "dir     = \"audit\"",
-                &format!("dir     = \"audit-{i}\"\nfail_closed = false"),
+                &format!("dir     = \"audit-{provider}-{i}\"\nfail_closed = false"),
             )
             .replace(
                 "name = \"Registre national\"",
