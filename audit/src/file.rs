@@ -271,6 +271,8 @@ impl FileSink {
             direct_batches: AtomicU64::new(0),
         });
         let node = sanitise(node);
+        // Before anything of the trail is read or repaired: one writer per node's trail.
+        let lock = lock_node(dir, &node, LOCK_WAIT)?;
         repair_tail(dir, &node)?;
         let (last, last_file) = last_hash(dir, &node)?;
         check_head(dir, &node, last.as_deref())?;
@@ -335,6 +337,7 @@ impl FileSink {
             segment_bytes,
             direct_io,
             resumed_from,
+            _lock: lock,
         };
         let marked = shared.clone();
         let guard = crate::WriterGuard(move |why: &str| {
@@ -698,6 +701,55 @@ struct Writer {
     /// that file removed or replaced before anything was written on (right after a
     /// restart) is tampering too, as is the file being written.
     resumed_from: Option<(PathBuf, (u64, u64))>,
+    /// The node's trail lock (see [`lock_node`]), let go of when the writer ends.
+    _lock: Option<File>,
+}
+
+/// How long a starting writer waits for its node's trail lock: a gateway that is
+/// stopping lets go of it once its writer has written its last batch.
+const LOCK_WAIT: Duration = Duration::from_secs(15);
+
+/// Takes the lock of `node`'s trail in `dir` (`lock-{node}`, an exclusive `flock`), so
+/// that two gateways given the same node name and directory (a copied configuration, a
+/// shared volume) never write one chain at once, which would break it for good. Waits
+/// up to `wait` for a gateway that is stopping. Where the file system has no locks, the
+/// trail goes on without (logged).
+fn lock_node(dir: &Path, node: &str, wait: Duration) -> Result<Option<File>, AuditError> {
+    use rustix::fs::{FlockOperation, flock};
+    let path = dir.join(format!("lock-{node}"));
+    let file = OpenOptions::new()
+        .create(true)
+        .read(true)
+        .write(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| {
+            AuditError::Unavailable(format!(
+                "cannot open the audit lock {}: {e}",
+                path.display()
+            ))
+        })?;
+    let began = std::time::Instant::now();
+    loop {
+        match flock(&file, FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => return Ok(Some(file)),
+            Err(e) if e == rustix::io::Errno::WOULDBLOCK => {
+                if began.elapsed() >= wait {
+                    return Err(AuditError::Unavailable(format!(
+                        "another gateway is writing the audit trail of node {node} in {} (it holds {}): give each gateway its own node name, or stop the other one",
+                        dir.display(),
+                        path.display()
+                    )));
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, file = %path.display(), "the audit directory's file system takes no locks: make sure no two gateways share a node name on it");
+                return Ok(None);
+            }
+        }
+    }
 }
 
 impl Writer {
@@ -2736,6 +2788,40 @@ mod tests {
                 "{verified:?}"
             );
         }
+    }
+
+    /// A node's trail has one writer: a second gateway with the same node name and
+    /// directory waits for the first to let go, and is refused if it does not.
+    #[test]
+    fn one_writer_per_node_trail() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = lock_node(dir.path(), "n", Duration::ZERO).unwrap();
+        assert!(held.is_some());
+        let refused = lock_node(dir.path(), "n", Duration::from_millis(200)).unwrap_err();
+        assert!(refused.to_string().contains("another gateway"), "{refused}");
+        // Another node's trail in the same directory is another lock.
+        assert!(
+            lock_node(dir.path(), "m", Duration::ZERO)
+                .unwrap()
+                .is_some()
+        );
+        // Let go of (the writer ended): taken at once.
+        drop(held);
+        assert!(
+            lock_node(dir.path(), "n", Duration::ZERO)
+                .unwrap()
+                .is_some()
+        );
+        // A sink holds its node's lock while it runs, and lets go when it ends.
+        let (sink, handle) = FileSink::start(dir.path(), "k").unwrap();
+        assert!(lock_node(dir.path(), "k", Duration::from_millis(100)).is_err());
+        drop(sink);
+        handle.join();
+        assert!(
+            lock_node(dir.path(), "k", Duration::ZERO)
+                .unwrap()
+                .is_some()
+        );
     }
 
     /// Why `sink` turned unhealthy, which it must within 5 s.
