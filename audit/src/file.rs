@@ -2064,12 +2064,7 @@ mod tests {
     /// A trail of three records, written and closed, and its one segment.
     fn three_records() -> (tempfile::TempDir, PathBuf) {
         let dir = tempfile::tempdir().unwrap();
-        let (sink, handle) = FileSink::start(dir.path(), "n").unwrap();
-        for i in 0..3 {
-            sink.submit(record(i, "2026-11-24")).unwrap();
-        }
-        drop(sink);
-        handle.join();
+        write_all(dir.path(), (0..3).map(|i| record(i, "2026-11-24")));
         let file = trail_files(dir.path()).unwrap().pop().unwrap();
         (dir, file)
     }
@@ -2141,12 +2136,7 @@ mod tests {
     #[test]
     fn records_removed_from_the_end_or_the_whole_trail_fail_verify() {
         let dir = tempfile::tempdir().unwrap();
-        let (sink, handle) = FileSink::start(dir.path(), "n").unwrap();
-        for i in 0..20 {
-            sink.submit(record(i, "2026-11-24")).unwrap();
-        }
-        drop(sink);
-        handle.join();
+        write_all(dir.path(), (0..20).map(|i| record(i, "2026-11-24")));
         let head: Head =
             serde_json::from_slice(&std::fs::read(dir.path().join("head-n.json")).unwrap())
                 .unwrap();
@@ -2182,10 +2172,7 @@ mod tests {
         std::fs::write(segment, &whole).unwrap();
         assert_eq!(verify_dir(dir.path(), None).unwrap().records, 20);
         // Whole again: it writes on.
-        let (sink, handle) = FileSink::start(dir.path(), "n").unwrap();
-        sink.submit(record(20, "2026-11-24")).unwrap();
-        drop(sink);
-        handle.join();
+        write_all(dir.path(), [record(20, "2026-11-24")]);
         assert_eq!(verify_dir(dir.path(), None).unwrap().records, 21);
     }
 
@@ -2321,10 +2308,7 @@ mod tests {
         );
         assert!(find(dir.path(), "nowhere").unwrap().is_none());
         // A new sink on the same directory continues the chain.
-        let (sink, handle) = FileSink::start(dir.path(), "n").unwrap();
-        sink.submit(record(99_999, "2026-11-25")).unwrap();
-        drop(sink);
-        handle.join();
+        write_all(dir.path(), [record(99_999, "2026-11-25")]);
         assert_eq!(verify_dir(dir.path(), None).unwrap().records, 10_001);
     }
 
@@ -2411,10 +2395,7 @@ mod tests {
         f.write_all(b"{\"message_id\":\"m-3\",\"timest").unwrap();
         drop(f);
         assert!(verify_dir(dir.path(), None).is_err());
-        let (sink, handle) = FileSink::start(dir.path(), "n").unwrap();
-        sink.submit(record(4, "2026-11-24")).unwrap();
-        drop(sink);
-        handle.join();
+        write_all(dir.path(), [record(4, "2026-11-24")]);
         // Every earlier record kept, the chain whole, the fragment aside.
         assert_eq!(verify_dir(dir.path(), None).unwrap().records, 4);
         let torn = std::fs::read_to_string(file.with_extension("jsonl.torn")).unwrap();
@@ -2424,10 +2405,7 @@ mod tests {
         // chain goes on from the file before it.
         let next_day = dir.path().join("audit-n-2999-01-01.jsonl");
         std::fs::write(&next_day, b"{\"message_id\":\"m-5\"").unwrap();
-        let (sink, handle) = FileSink::start(dir.path(), "n").unwrap();
-        sink.submit(record(6, "2026-11-24")).unwrap();
-        drop(sink);
-        handle.join();
+        write_all(dir.path(), [record(6, "2026-11-24")]);
         assert_eq!(std::fs::read(&next_day).unwrap().len(), 0);
         assert_eq!(verify_dir(dir.path(), None).unwrap().records, 5);
     }
@@ -2450,10 +2428,7 @@ mod tests {
             verify_dir(dir.path(), None),
             Err(VerifyError::NotARecord { .. })
         ));
-        let (sink, handle) = FileSink::start(dir.path(), "n").unwrap();
-        sink.submit(record(4, "2026-11-24")).unwrap();
-        drop(sink);
-        handle.join();
+        write_all(dir.path(), [record(4, "2026-11-24")]);
         // Cut back to its records, and the restarted writer went on in it.
         let after = std::fs::read(&file).unwrap();
         assert!(after.starts_with(&whole) && !after.contains(&0));
@@ -2679,10 +2654,7 @@ mod tests {
     #[test]
     fn a_record_slipped_into_another_nodes_file_is_foreign() {
         let dir = tempfile::tempdir().unwrap();
-        let (sink, handle) = FileSink::start(dir.path(), "n").unwrap();
-        sink.submit(record(1, "2026-11-24")).unwrap();
-        drop(sink);
-        handle.join();
+        write_all(dir.path(), [record(1, "2026-11-24")]);
         // A whole chain of its own, for a node that never wrote here.
         let mut forged = record(2, "2026-11-24");
         forged.node = "elsewhere".into();
@@ -2761,12 +2733,7 @@ mod tests {
     fn the_file_a_restarted_writer_goes_on_from_removed_before_its_first_batch_is_noticed() {
         for quiet in [false, true] {
             let dir = tempfile::tempdir().unwrap();
-            let (sink, handle) = FileSink::start(dir.path(), "n").unwrap();
-            for i in 0..3 {
-                sink.submit(record(i, "2026-11-24")).unwrap();
-            }
-            drop(sink);
-            handle.join();
+            write_all(dir.path(), (0..3).map(|i| record(i, "2026-11-24")));
             let (sink, handle) = FileSink::start(dir.path(), "n").unwrap();
             assert!(sink.health().is_ok());
             for f in trail_files(dir.path()).unwrap() {
@@ -2822,6 +2789,17 @@ mod tests {
                 .unwrap()
                 .is_some()
         );
+    }
+
+    /// Starts a sink of node `n` on `dir`, gives it `records`, and stops it: they are all
+    /// on disk after.
+    fn write_all(dir: &Path, records: impl IntoIterator<Item = Record>) {
+        let (sink, handle) = FileSink::start(dir, "n").unwrap();
+        for r in records {
+            sink.submit(r).unwrap();
+        }
+        drop(sink);
+        handle.join();
     }
 
     /// Why `sink` turned unhealthy, which it must within 5 s.
