@@ -454,9 +454,11 @@ async fn fifty_megabytes_stream_both_ways_with_flat_gateway_memory() {
     eprintln!(
         "gateway peak RSS {peak_before} KiB -> {peak_after} KiB (+{growth_mib:.1} MiB) after 2 x 50 MiB"
     );
-    // A gateway that buffered bodies would grow by at least 50 MiB here.
+    // A gateway that buffered bodies would grow by at least 50 MiB here. The allocator
+    // alone grows in 4 MiB steps: two of them (8.0 MiB exactly) were seen in a clean-clone
+    // CI run on a busy machine, as in the SOAP test's 20 MiB case, whose bound this is.
     assert!(
-        growth_mib < 8.0,
+        growth_mib < 12.0,
         "gateway memory grew by {growth_mib:.1} MiB while streaming 2 x 50 MiB"
     );
 
