@@ -60,6 +60,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crate::chain::{Break, Chain, Verifier};
+use crate::seal::{Seal, Seals, SigningKey, TrustedKeys};
 use crate::{AuditError, AuditSink, Durable, DurableTicket, Record};
 
 /// Records one thread may have waiting to be written before `submit` refuses them.
@@ -219,6 +220,26 @@ impl FileSink {
         Self::with_capacity(dir, node, DEFAULT_CAPACITY, Some(retention_days))
     }
 
+    /// As [`FileSink::start`], with retention (`None`: files kept forever) and signed
+    /// heads and anchors (see [`crate::seal`]): a trail whose head or anchor is not
+    /// signed by a key of `seals` is refused.
+    pub fn start_sealed(
+        dir: &Path,
+        node: &str,
+        retention_days: Option<u32>,
+        seals: Seals,
+    ) -> Result<(Self, FileSinkHandle), AuditError> {
+        Self::open(
+            dir,
+            node,
+            DEFAULT_CAPACITY,
+            retention_days,
+            SEGMENT_BYTES,
+            true,
+            seals,
+        )
+    }
+
     /// As [`FileSink::start`], refusing records once `capacity` of one thread wait.
     pub fn with_capacity(
         dir: &Path,
@@ -226,7 +247,15 @@ impl FileSink {
         capacity: usize,
         retention_days: Option<u32>,
     ) -> Result<(Self, FileSinkHandle), AuditError> {
-        Self::open(dir, node, capacity, retention_days, SEGMENT_BYTES, true)
+        Self::open(
+            dir,
+            node,
+            capacity,
+            retention_days,
+            SEGMENT_BYTES,
+            true,
+            Seals::default(),
+        )
     }
 
     fn open(
@@ -236,6 +265,7 @@ impl FileSink {
         retention_days: Option<u32>,
         segment_bytes: u64,
         direct_io: bool,
+        seals: Seals,
     ) -> Result<(Self, FileSinkHandle), AuditError> {
         static IDS: AtomicU64 = AtomicU64::new(0);
         std::fs::DirBuilder::new()
@@ -275,7 +305,7 @@ impl FileSink {
         let lock = lock_node(dir, &node, LOCK_WAIT)?;
         repair_tail(dir, &node)?;
         let (last, last_file) = last_hash(dir, &node)?;
-        check_head(dir, &node, last.as_deref())?;
+        check_head(dir, &node, last.as_deref(), &seals)?;
         let chain = Chain::after(last);
         // The file the chain goes on from, as it is now (see `Writer::resumed_from`).
         let resumed_from = match last_file {
@@ -338,6 +368,7 @@ impl FileSink {
             direct_io,
             resumed_from,
             _lock: lock,
+            signing: seals.key.clone(),
         };
         let marked = shared.clone();
         let guard = crate::WriterGuard(move |why: &str| {
@@ -703,6 +734,8 @@ struct Writer {
     resumed_from: Option<(PathBuf, (u64, u64))>,
     /// The node's trail lock (see [`lock_node`]), let go of when the writer ends.
     _lock: Option<File>,
+    /// Signs the heads and anchors the writer writes (`[audit] signing_key`).
+    signing: Option<Arc<SigningKey>>,
 }
 
 /// How long a starting writer waits for its node's trail lock: a gateway that is
@@ -883,7 +916,11 @@ impl Writer {
                 .format(&time::format_description::well_known::Rfc3339)
                 .unwrap_or_default(),
             day: Some(self.sealed.0.clone()),
+            key: None,
+            signature: None,
         };
+        let mut head = head;
+        head.sign(self.signing.as_deref());
         match head.write(&self.dir) {
             Ok(()) => {
                 self.head_at = Some(std::time::Instant::now());
@@ -1127,17 +1164,23 @@ impl Writer {
                 node: r.node,
                 retired_through: newest_day.clone(),
                 last_hash: r.hash,
+                key: None,
+                signature: None,
             },
             Ok(None) => Anchor {
                 node: self.node.clone(),
                 retired_through: newest_day.clone(),
                 last_hash: None,
+                key: None,
+                signature: None,
             },
             Err(e) => {
                 tracing::error!(error = %e, file = %newest.display(), "audit retention cannot read the file it would retire; nothing retired");
                 return;
             }
         };
+        let mut anchor = anchor;
+        anchor.sign(self.signing.as_deref());
         if let Err(e) = anchor.write(&self.dir, &self.node) {
             tracing::error!(error = %e, "audit retention cannot keep the chain's anchor; nothing retired");
             return;
@@ -1231,7 +1274,7 @@ fn last_hash(dir: &Path, node: &str) -> Result<(Option<String>, Option<PathBuf>)
 /// writing on would replace the head, the only trace of them. The head is the trail's
 /// last record, or one retired (the anchor's, or of a day retired since), or one in the
 /// node's files (it lags the last record by at most a second).
-fn check_head(dir: &Path, node: &str, last: Option<&str>) -> Result<(), AuditError> {
+fn check_head(dir: &Path, node: &str, last: Option<&str>, seals: &Seals) -> Result<(), AuditError> {
     let unavailable = |e: std::io::Error| {
         AuditError::Unavailable(format!(
             "cannot read the audit trail in {}: {e}",
@@ -1239,13 +1282,34 @@ fn check_head(dir: &Path, node: &str, last: Option<&str>) -> Result<(), AuditErr
         ))
     };
     let path = Head::path(dir, node);
+    // Signed heads and anchors (see `crate::seal`): one that is not signed by a trusted
+    // key was written without the key, or by someone who does not hold it. Writing on
+    // would sign whatever the trail holds now.
+    let unsealed = |what: &Path, why: String| {
+        AuditError::Unavailable(format!(
+            "{} {why}: the audit trail of node {node} may have been altered while the gateway was stopped. Run `fsp audit verify`; once the trail is accounted for, `fsp audit seal` signs its heads and anchors with the configured key, and the gateway writes on",
+            what.display()
+        ))
+    };
+    if seals.required()
+        && let Some(anchor) = Anchor::read(dir, node).map_err(unavailable)?
+    {
+        anchor
+            .check_seal(&seals.trusted)
+            .map_err(|why| unsealed(&Anchor::path(dir, node), why))?;
+    }
     let head: Head = match small_json_files::<Head>(dir, &format!("head-{node}.json")) {
         Ok(mut found) => match found.pop() {
             Some((_, head)) => head,
+            None if seals.required() && last.is_some() => {
+                return Err(unsealed(&path, "is missing".into()));
+            }
             None => return Ok(()),
         },
         Err(e) => return Err(unavailable(e)),
     };
+    head.check_seal(&seals.trusted)
+        .map_err(|why| unsealed(&path, why))?;
     if last == Some(head.last_hash.as_str()) {
         return Ok(());
     }
@@ -1487,6 +1551,33 @@ pub struct Anchor {
     pub node: String,
     pub retired_through: String,
     pub last_hash: Option<String>,
+    /// With `[audit] signing_key`: the signing key's id and its signature over the
+    /// fields above (see [`crate::seal`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<String>,
+}
+
+impl Sealed for Anchor {
+    const LABEL: &'static str = "file-anchor";
+
+    fn fields(&self) -> Vec<&str> {
+        vec![
+            &self.node,
+            &self.retired_through,
+            self.last_hash.as_deref().unwrap_or(""),
+        ]
+    }
+
+    fn seal_parts(&self) -> (&Option<String>, &Option<String>) {
+        (&self.key, &self.signature)
+    }
+
+    fn set_seal(&mut self, seal: Seal) {
+        self.key = Some(seal.key);
+        self.signature = Some(seal.signature);
+    }
 }
 
 impl Anchor {
@@ -1536,6 +1627,69 @@ pub struct Head {
     /// record is accounted for by the node's anchor.
     #[serde(default)]
     pub day: Option<String>,
+    /// With `[audit] signing_key`: the signing key's id and its signature over the
+    /// fields above (see [`crate::seal`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<String>,
+}
+
+impl Sealed for Head {
+    const LABEL: &'static str = "file-head";
+
+    fn fields(&self) -> Vec<&str> {
+        vec![
+            &self.node,
+            &self.message_id,
+            &self.last_hash,
+            &self.written_at,
+            self.day.as_deref().unwrap_or(""),
+        ]
+    }
+
+    fn seal_parts(&self) -> (&Option<String>, &Option<String>) {
+        (&self.key, &self.signature)
+    }
+
+    fn set_seal(&mut self, seal: Seal) {
+        self.key = Some(seal.key);
+        self.signature = Some(seal.signature);
+    }
+}
+
+/// A head or an anchor: signed by the writer when it has a signing key, checked by
+/// `verify` and by a starting writer against the keys they trust.
+trait Sealed {
+    /// What the signature says it signs (see [`crate::seal::message`]).
+    const LABEL: &'static str;
+
+    /// The fields the signature covers, in order.
+    fn fields(&self) -> Vec<&str>;
+
+    fn seal_parts(&self) -> (&Option<String>, &Option<String>);
+
+    fn set_seal(&mut self, seal: Seal);
+
+    /// Signs with `key` (nothing without one).
+    fn sign(&mut self, key: Option<&SigningKey>) {
+        if let Some(key) = key {
+            let seal = key.seal(Self::LABEL, &self.fields());
+            self.set_seal(seal);
+        }
+    }
+
+    /// Checks the signature against `trusted` (anything passes when nothing is trusted).
+    fn check_seal(&self, trusted: &TrustedKeys) -> Result<(), String> {
+        let seal = match self.seal_parts() {
+            (Some(key), Some(signature)) => Some(Seal {
+                key: key.clone(),
+                signature: signature.clone(),
+            }),
+            _ => None,
+        };
+        trusted.check(seal.as_ref(), Self::LABEL, &self.fields())
+    }
 }
 
 impl Head {
@@ -1939,6 +2093,10 @@ pub enum VerifyError {
         through: String,
         days: u32,
     },
+    #[error(
+        "{what} {why}: the trail cannot be shown to be the one its writer signed (altered, or written without the signing key)"
+    )]
+    Unsealed { what: String, why: String },
 }
 
 /// Walks every file of the trail in `dir`, each node's files in the order of their days,
@@ -1946,13 +2104,41 @@ pub enum VerifyError {
 /// retired starts from its anchor. With `retention_days`, an anchor that retired files
 /// younger than that is a break too (files deleted before their time).
 pub fn verify_dir(dir: &Path, retention_days: Option<u32>) -> Result<Verified, VerifyError> {
+    verify_dir_sealed(dir, retention_days, &TrustedKeys::default())
+}
+
+/// As [`verify_dir`], and with keys trusted, every node's head and every anchor must be
+/// signed by one of them (see [`crate::seal`]): the chain then cannot have been written
+/// again, whole, by someone without the key.
+pub fn verify_dir_sealed(
+    dir: &Path,
+    retention_days: Option<u32>,
+    trusted: &TrustedKeys,
+) -> Result<Verified, VerifyError> {
+    let unsealed = |path: &Path, why: String| VerifyError::Unsealed {
+        what: path.display().to_string(),
+        why,
+    };
     let mut verifier = Verifier::default();
     // Read first: a gateway writing meanwhile only adds records after what they name.
     let mut heads: BTreeMap<String, (PathBuf, Head, bool)> = Head::all(dir)?
         .into_iter()
         .map(|(node, (path, head))| (node, (path, head, false)))
         .collect();
+    for (path, head, _) in heads.values() {
+        head.check_seal(trusted)
+            .map_err(|why| unsealed(path, why))?;
+    }
+    // The nodes whose records or anchors are in the trail: with keys trusted, each has a
+    // signed head.
+    let mut nodes: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
     for (path, anchor) in Anchor::all(dir)? {
+        anchor
+            .check_seal(trusted)
+            .map_err(|why| unsealed(&path, why))?;
+        if anchor.last_hash.is_some() {
+            nodes.insert(sanitise(&anchor.node));
+        }
         if let Some(days) = retention_days {
             let cutoff = day_text(days_before_today(days));
             if anchor.retired_through >= cutoff {
@@ -1983,6 +2169,9 @@ pub fn verify_dir(dir: &Path, retention_days: Option<u32>) -> Result<Verified, V
         })?;
         if file_node.as_ref().is_none_or(|(f, _)| f != at.file) {
             file_node = Some((at.file.to_owned(), at.file_node()));
+            if let Some(n) = at.file_node() {
+                nodes.insert(n);
+            }
         }
         // A record is in its own node's files: one slipped into another's is foreign.
         if file_node.as_ref().and_then(|(_, n)| n.as_deref())
@@ -2001,6 +2190,11 @@ pub fn verify_dir(dir: &Path, retention_days: Option<u32>) -> Result<Verified, V
         }
         Ok(())
     })?;
+    if !trusted.is_empty()
+        && let Some(node) = nodes.iter().find(|n| !heads.contains_key(*n))
+    {
+        return Err(unsealed(&Head::path(dir, node), "is missing".into()));
+    }
     if let Some((path, head, _)) = heads.into_values().find(|(_, _, seen)| !seen) {
         return Err(VerifyError::CutShort {
             head: path.display().to_string(),
@@ -2013,6 +2207,83 @@ pub fn verify_dir(dir: &Path, retention_days: Option<u32>) -> Result<Verified, V
         files,
         records: verifier.checked(),
     })
+}
+
+/// `fsp audit seal`: checks the trail in `dir` as [`verify_dir`] does, then signs every
+/// node's head and anchor with `key`, making a head for a node that has records and none
+/// (a trail written before heads were kept). For a trail written without a signing key,
+/// or after the key changed without the old one trusted: the operator vouches for the
+/// trail as it is now, and from then on `verify` and the writer require the signatures.
+/// Refused while a gateway writes any of the nodes' trails (each node's lock is taken).
+/// Returns what was signed, one line each.
+pub fn seal_dir(
+    dir: &Path,
+    retention_days: Option<u32>,
+    key: &SigningKey,
+) -> Result<Vec<String>, VerifyError> {
+    let mut nodes: std::collections::BTreeSet<String> = trail_segments(dir)?
+        .into_iter()
+        .map(|(s, _)| s.node)
+        .collect();
+    nodes.extend(Head::all(dir)?.into_keys());
+    for (_, anchor) in Anchor::all(dir)? {
+        nodes.insert(sanitise(&anchor.node));
+    }
+    let mut locks = Vec::new();
+    for node in &nodes {
+        locks.push(
+            lock_node(dir, node, Duration::ZERO)
+                .map_err(|e| VerifyError::Io(std::io::Error::other(e.to_string())))?,
+        );
+    }
+    verify_dir(dir, retention_days)?;
+    let mut signed = Vec::new();
+    for node in &nodes {
+        if let Some(mut anchor) = Anchor::read(dir, node)? {
+            anchor.sign(Some(key));
+            anchor.write(dir, node)?;
+            signed.push(format!(
+                "{} (node {node})",
+                Anchor::path(dir, node).display()
+            ));
+        }
+        let head = match small_json_files::<Head>(dir, &format!("head-{node}.json"))?.pop() {
+            Some((_, head)) => Some(head),
+            None => {
+                // The node's last record, in the newest of its files that holds one.
+                let mut made = None;
+                for (day, file) in node_files(dir, node)?.iter().rev() {
+                    if let Some(r) = last_record(file)? {
+                        made = r.hash.map(|last_hash| Head {
+                            node: node.clone(),
+                            message_id: r.message_id,
+                            last_hash,
+                            written_at: time::OffsetDateTime::now_utc()
+                                .format(&time::format_description::well_known::Rfc3339)
+                                .unwrap_or_default(),
+                            day: Some(day.clone()),
+                            key: None,
+                            signature: None,
+                        });
+                        break;
+                    }
+                }
+                made
+            }
+        };
+        if let Some(mut head) = head {
+            head.sign(Some(key));
+            head.write(dir)?;
+            File::open(dir)?.sync_all()?;
+            signed.push(format!(
+                "{} (node {node}, record {})",
+                Head::path(dir, node).display(),
+                head.message_id
+            ));
+        }
+    }
+    drop(locks);
+    Ok(signed)
 }
 
 #[cfg(test)]
@@ -2206,6 +2477,8 @@ mod tests {
             node: "n".into(),
             retired_through: "2026-01-02".into(),
             last_hash: Some("1".repeat(64)),
+            key: None,
+            signature: None,
         }
         .write(dir.path(), "n")
         .unwrap();
@@ -2219,8 +2492,16 @@ mod tests {
     fn write_in_batches(dir: &Path, direct_io: bool) -> (Vec<u8>, u64) {
         let mut direct_batches = 0;
         for half in 0..2 {
-            let (sink, handle) =
-                FileSink::open(dir, "n", DEFAULT_CAPACITY, None, SEGMENT_BYTES, direct_io).unwrap();
+            let (sink, handle) = FileSink::open(
+                dir,
+                "n",
+                DEFAULT_CAPACITY,
+                None,
+                SEGMENT_BYTES,
+                direct_io,
+                Seals::default(),
+            )
+            .unwrap();
             for i in half * 150..(half + 1) * 150 {
                 let mut r = record(i, "2026-11-24");
                 r.end_user = Some("x".repeat(i * 397 % 9000));
@@ -2444,8 +2725,16 @@ mod tests {
     /// Writes `batches` through a sink with 16 KiB segments, each batch durable before the
     /// next is submitted, then stops the sink.
     fn write_in_small_segments(dir: &Path, batches: impl IntoIterator<Item = Vec<Record>>) {
-        let (sink, handle) =
-            FileSink::open(dir, "n", DEFAULT_CAPACITY, None, 16 * 1024, true).unwrap();
+        let (sink, handle) = FileSink::open(
+            dir,
+            "n",
+            DEFAULT_CAPACITY,
+            None,
+            16 * 1024,
+            true,
+            Seals::default(),
+        )
+        .unwrap();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -2793,6 +3082,103 @@ mod tests {
 
     /// Starts a sink of node `n` on `dir`, gives it `records`, and stops it: they are all
     /// on disk after.
+    /// With a signing key, an attacker who can write the trail but does not hold the
+    /// key cannot alter a record and write the chain again: the signed head no longer
+    /// fits, and a head made again is unsigned or signed by a key not trusted. A writer
+    /// refuses such a trail, and one written without a key until `seal_dir` vouches
+    /// for it.
+    #[test]
+    fn a_signed_head_shows_a_trail_written_again_whole() {
+        use crate::seal::{SigningKey, TrustedKeys};
+        let dir = tempfile::tempdir().unwrap();
+        let today = today();
+        // Written without a key: a writer with one refuses it until it is sealed.
+        write_all(dir.path(), (0..3).map(|i| record(i, &today)));
+        let (key, _) = SigningKey::generate().unwrap();
+        let seals = || Seals::new(SigningKey::from_pem(&pem_of(&key)).unwrap(), []);
+        let e = FileSink::start_sealed(dir.path(), "n", None, seals()).unwrap_err();
+        assert!(e.to_string().contains("is not signed"), "{e}");
+        assert!(e.to_string().contains("fsp audit seal"), "{e}");
+        let trusted = TrustedKeys::new([key.trusted()]);
+        let e = verify_dir_sealed(dir.path(), None, &trusted).unwrap_err();
+        assert!(matches!(e, VerifyError::Unsealed { .. }), "{e}");
+        let signed = seal_dir(dir.path(), None, &key).unwrap();
+        assert_eq!(signed.len(), 1, "{signed:?}");
+        // Sealed: the writer goes on and signs its heads.
+        let (sink, handle) = FileSink::start_sealed(dir.path(), "n", None, seals()).unwrap();
+        for i in 3..6 {
+            sink.submit(record(i, &today)).unwrap();
+        }
+        drop(sink);
+        handle.join();
+        let v = verify_dir_sealed(dir.path(), None, &trusted).unwrap();
+        assert_eq!(v.records, 6);
+        let head_path = Head::path(dir.path(), "n");
+        let signed_head = std::fs::read(&head_path).unwrap();
+        assert!(String::from_utf8_lossy(&signed_head).contains(key.id()));
+
+        // The attacker alters record m-1 and writes every hash after it again.
+        let files = node_files(dir.path(), "n").unwrap();
+        let mut chain = Chain::after(None);
+        let mut rewritten = Vec::new();
+        for (_, file) in &files {
+            let mut lines = Vec::new();
+            for_each_line(file, |_, line| {
+                let mut r: Record = serde_json::from_slice(line).unwrap();
+                if r.message_id == "m-1" {
+                    r.status = 404;
+                }
+                chain.seal(&mut r);
+                r.write_json(&mut lines);
+                lines.push(b'\n');
+                Ok::<_, std::io::Error>(())
+            })
+            .unwrap();
+            rewritten.push((file.clone(), lines));
+        }
+        for (file, lines) in &rewritten {
+            std::fs::write(file, lines).unwrap();
+        }
+        // Without keys the chain alone cannot tell once the head is made again too.
+        let mut forged: Head = serde_json::from_slice(&signed_head).unwrap();
+        forged.last_hash = chain.last().unwrap().to_owned();
+        forged.key = None;
+        forged.signature = None;
+        forged.write(dir.path()).unwrap();
+        verify_dir(dir.path(), None).unwrap();
+        // With the key trusted: unsigned...
+        let e = verify_dir_sealed(dir.path(), None, &trusted).unwrap_err();
+        assert!(e.to_string().contains("is not signed"), "{e}");
+        // ... signed by the attacker's own key...
+        let (other, _) = SigningKey::generate().unwrap();
+        forged.sign(Some(&other));
+        forged.write(dir.path()).unwrap();
+        let e = verify_dir_sealed(dir.path(), None, &trusted).unwrap_err();
+        assert!(e.to_string().contains("not trusted"), "{e}");
+        // ... the signature kept over other fields...
+        let mut moved: Head = serde_json::from_slice(&signed_head).unwrap();
+        moved.last_hash = chain.last().unwrap().to_owned();
+        moved.write(dir.path()).unwrap();
+        let e = verify_dir_sealed(dir.path(), None, &trusted).unwrap_err();
+        assert!(e.to_string().contains("altered"), "{e}");
+        // ... or the signed head kept as it was: the chain does not reach it.
+        std::fs::write(&head_path, &signed_head).unwrap();
+        let e = verify_dir_sealed(dir.path(), None, &trusted).unwrap_err();
+        assert!(matches!(e, VerifyError::CutShort { .. }), "{e}");
+        // Nor may the head go missing.
+        std::fs::remove_file(&head_path).unwrap();
+        let e = verify_dir_sealed(dir.path(), None, &trusted).unwrap_err();
+        assert!(e.to_string().contains("is missing"), "{e}");
+        // A writer with the key refuses the trail as it is now.
+        let e = FileSink::start_sealed(dir.path(), "n", None, seals()).unwrap_err();
+        assert!(e.to_string().contains("is missing"), "{e}");
+    }
+
+    fn pem_of(key: &crate::seal::SigningKey) -> Vec<u8> {
+        // Tests keep the key itself; the writer is given its own copy from the PEM.
+        key.pkcs8_pem().into_bytes()
+    }
+
     fn write_all(dir: &Path, records: impl IntoIterator<Item = Record>) {
         let (sink, handle) = FileSink::start(dir, "n").unwrap();
         for r in records {

@@ -20,6 +20,7 @@ pub mod file_index;
 pub mod file_stats;
 mod json;
 pub mod postgres;
+pub mod seal;
 pub mod stats;
 
 /// Held by a backend's writer thread: should the writer stop on a panic (a defect),

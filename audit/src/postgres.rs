@@ -146,6 +146,7 @@ use time::{Date, OffsetDateTime, UtcOffset};
 use crate::chain::{Break, Chain, Verifier};
 use crate::export::{Filter, Writer as ExportWriter};
 use crate::file::{Verified, VerifyError};
+use crate::seal::{Seal, Seals, SigningKey, TrustedKeys};
 use crate::stats::{self, Cell, CellKey, Histogram, Query, Rollup, StoredCell, Tally};
 use crate::{AuditError, AuditSink, Durable, DurableTicket, Phase, Record};
 
@@ -190,6 +191,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (2, SCHEMA_V2),
     (3, SCHEMA_V3),
     (4, SCHEMA_V4),
+    (5, SCHEMA_V5),
 ];
 
 const SCHEMA_V1: &str = r#"
@@ -351,6 +353,58 @@ COMMENT ON TABLE fsp_audit_head IS
     'The last record each node''s writer committed (rewritten at most once a second, after the rows it names): verify fails when a node''s chain does not reach it';
 "#;
 
+/// Version 5: heads and anchors signed by the writer when it has a signing key (see
+/// [`crate::seal`]): the key's id and the signature, `NULL` when written without one.
+const SCHEMA_V5: &str = r#"
+ALTER TABLE fsp_audit_head ADD COLUMN IF NOT EXISTS key_id text,
+                           ADD COLUMN IF NOT EXISTS signature text;
+ALTER TABLE fsp_audit_anchor ADD COLUMN IF NOT EXISTS key_id text,
+                             ADD COLUMN IF NOT EXISTS signature text;
+COMMENT ON COLUMN fsp_audit_head.signature IS
+    'Ed25519 signature (hex) by key key_id over node, last_seq, message_id and last_hash; see fsp audit verify';
+COMMENT ON COLUMN fsp_audit_anchor.signature IS
+    'Ed25519 signature (hex) by key key_id over node, retired_through, last_seq and last_hash; see fsp audit verify';
+"#;
+
+/// What a head's signature covers (see [`crate::seal::message`]).
+const HEAD_LABEL: &str = "pg-head";
+/// What an anchor's signature covers.
+const ANCHOR_LABEL: &str = "pg-anchor";
+
+fn head_fields(node: &str, seq: i64, message_id: &str, hash: &str) -> [String; 4] {
+    [
+        node.to_owned(),
+        seq.to_string(),
+        message_id.to_owned(),
+        hash.to_owned(),
+    ]
+}
+
+fn anchor_fields(a: &Anchor) -> [String; 4] {
+    [
+        a.node.clone(),
+        a.retired_through.unix_timestamp().to_string(),
+        a.last_seq.to_string(),
+        a.last_hash.clone().unwrap_or_default(),
+    ]
+}
+
+/// Checks a head's or an anchor's signature (`key_id`, `signature`) against `trusted`.
+fn check_seal(
+    trusted: &TrustedKeys,
+    key: Option<String>,
+    signature: Option<String>,
+    label: &str,
+    fields: &[String],
+) -> Result<(), String> {
+    let seal = match (key, signature) {
+        (Some(key), Some(signature)) => Some(Seal { key, signature }),
+        _ => None,
+    };
+    let fields: Vec<&str> = fields.iter().map(String::as_str).collect();
+    trusted.check(seal.as_ref(), label, &fields)
+}
+
 /// How often, at most, the writer updates its node's head (`fsp_audit_head`).
 const HEAD_EVERY: Duration = Duration::from_secs(1);
 
@@ -496,6 +550,9 @@ pub struct Settings {
     /// Records that may wait to be written before `submit` refuses them (they wait in a
     /// few queues, shared by the threads that submit, each taking its share).
     pub capacity: usize,
+    /// Signs heads and anchors, and which signatures a starting writer accepts (see
+    /// [`crate::seal`]); default: none.
+    pub seals: Seals,
 }
 
 impl Settings {
@@ -508,6 +565,7 @@ impl Settings {
             node: node.to_owned(),
             retention_days: None,
             capacity: DEFAULT_CAPACITY,
+            seals: Seals::default(),
         }
     }
 }
@@ -549,7 +607,8 @@ pub enum TrailError {
     Cell { at: String, why: String },
     #[error("cannot write the export: {0}")]
     Write(#[source] std::io::Error),
-    /// The node's rows end before its head: see [`check_head`].
+    /// The node's rows end before its head, or its head or anchor is not signed by a
+    /// trusted key: see [`check_head`].
     #[error("{0}")]
     CutShort(String),
 }
@@ -737,6 +796,7 @@ fn maintain(
     client: &mut Client,
     schema: Option<&str>,
     retention_days: Option<u32>,
+    key: Option<&SigningKey>,
 ) -> Result<(), ::postgres::Error> {
     let mut tx = client.transaction()?;
     tx.batch_execute("SET LOCAL lock_timeout = '5s'")?;
@@ -764,7 +824,7 @@ fn maintain(
         let cutoff = Month::of(before(now, days));
         for month in existing {
             if month.next() <= cutoff {
-                retire(&mut tx, month)?;
+                retire(&mut tx, month, key)?;
                 tracing::info!(partition = %month.table(), retention_days = days, "audit partition retired");
             }
         }
@@ -774,19 +834,46 @@ fn maintain(
 
 /// Drops a partition, keeping first, for every node with rows in it, the `seq` and hash
 /// of its last row there: its chain goes on from them.
-fn retire(tx: &mut Transaction<'_>, month: Month) -> Result<(), ::postgres::Error> {
+fn retire(
+    tx: &mut Transaction<'_>,
+    month: Month,
+    key: Option<&SigningKey>,
+) -> Result<(), ::postgres::Error> {
     let table = month.table();
-    tx.execute(
+    let moved = tx.query(
         &format!(
             "INSERT INTO fsp_audit_anchor (node, retired_through, last_seq, last_hash) \
              SELECT DISTINCT ON (node) node, $1::text::timestamptz, seq, hash FROM {table} \
              ORDER BY node, seq DESC \
              ON CONFLICT (node) DO UPDATE SET retired_through = EXCLUDED.retired_through, \
-             last_seq = EXCLUDED.last_seq, last_hash = EXCLUDED.last_hash \
-             WHERE fsp_audit_anchor.last_seq < EXCLUDED.last_seq"
+             last_seq = EXCLUDED.last_seq, last_hash = EXCLUDED.last_hash, \
+             key_id = NULL, signature = NULL \
+             WHERE fsp_audit_anchor.last_seq < EXCLUDED.last_seq \
+             RETURNING node, retired_through, last_seq, last_hash"
         ),
         &[&month.next().start()],
     )?;
+    // Each anchor moved is signed as it now is, in the same transaction.
+    if let Some(key) = key {
+        for row in moved {
+            let anchor = Anchor {
+                node: row.try_get(0)?,
+                retired_through: row.try_get(1)?,
+                last_seq: row.try_get(2)?,
+                last_hash: row.try_get(3)?,
+                key_id: None,
+                signature: None,
+            };
+            let seal = key.seal(
+                ANCHOR_LABEL,
+                &anchor_fields(&anchor).each_ref().map(String::as_str),
+            );
+            tx.execute(
+                "UPDATE fsp_audit_anchor SET key_id = $2, signature = $3 WHERE node = $1",
+                &[&anchor.node, &seal.key, &seal.signature],
+            )?;
+        }
+    }
     tx.batch_execute(&format!("DROP TABLE {table}"))
 }
 
@@ -822,12 +909,53 @@ fn tail(client: &mut Client, node: &str) -> Result<Tail, ::postgres::Error> {
 /// (its head) does not write on: rows were removed while the gateway was stopped, and
 /// writing on would move the head past them, the only trace of them. The head is the
 /// node's last row, a row still there with its hash, or one retention retired.
-fn check_head(client: &mut Client, node: &str, tail: &Tail) -> Result<(), TrailError> {
+fn check_head(
+    client: &mut Client,
+    node: &str,
+    tail: &Tail,
+    seals: &Seals,
+) -> Result<(), TrailError> {
+    // Signed heads and anchors (see `crate::seal`): one not signed by a trusted key was
+    // written without the key, or by someone who does not hold it. Writing on would sign
+    // whatever the database holds now.
+    let unsealed = |what: &str, why: String| {
+        TrailError::CutShort(format!(
+            "{what} of node {node} {why}: the node's rows may have been altered while the gateway was stopped. Run `fsp audit verify`; once the trail is accounted for, `fsp audit seal` signs its heads and anchors with the configured key, and the gateway writes on"
+        ))
+    };
+    if seals.required()
+        && let Some(row) = client.query_opt(
+            "SELECT node, retired_through, last_seq, last_hash, key_id, signature \
+             FROM fsp_audit_anchor WHERE node = $1",
+            &[&node],
+        )?
+    {
+        let anchor = Anchor {
+            node: row.try_get(0)?,
+            retired_through: row.try_get(1)?,
+            last_seq: row.try_get(2)?,
+            last_hash: row.try_get(3)?,
+            key_id: row.try_get(4)?,
+            signature: row.try_get(5)?,
+        };
+        check_seal(
+            &seals.trusted,
+            anchor.key_id.clone(),
+            anchor.signature.clone(),
+            ANCHOR_LABEL,
+            &anchor_fields(&anchor),
+        )
+        .map_err(|why| unsealed("fsp_audit_anchor", why))?;
+    }
     let Some(head) = client.query_opt(
-        "SELECT last_seq, message_id, last_hash, written_at FROM fsp_audit_head WHERE node = $1",
+        "SELECT last_seq, message_id, last_hash, written_at, key_id, signature \
+         FROM fsp_audit_head WHERE node = $1",
         &[&node],
     )?
     else {
+        if seals.required() && tail.seq > 0 {
+            return Err(unsealed("fsp_audit_head", "is missing".into()));
+        }
         return Ok(());
     };
     let (seq, message_id, hash, written_at): (i64, String, String, OffsetDateTime) = (
@@ -836,6 +964,14 @@ fn check_head(client: &mut Client, node: &str, tail: &Tail) -> Result<(), TrailE
         head.try_get(2)?,
         head.try_get(3)?,
     );
+    check_seal(
+        &seals.trusted,
+        head.try_get(4)?,
+        head.try_get(5)?,
+        HEAD_LABEL,
+        &head_fields(node, seq, &message_id, &hash),
+    )
+    .map_err(|why| unsealed("fsp_audit_head", why))?;
     if seq == tail.seq && tail.hash.as_deref() == Some(hash.as_str()) {
         return Ok(());
     }
@@ -1861,12 +1997,12 @@ impl Writer {
         if !locked {
             return Err(TrailError::NodeTaken(settings.node.clone()));
         }
-        maintain(&mut client, schema, None)?;
+        maintain(&mut client, schema, None, None)?;
         let insert = client.prepare(&INSERT)?;
         let insert_counted = client.prepare(&INSERT_COUNTED)?;
         let tail = tail(&mut client, &settings.node)?;
         if migrating {
-            check_head(&mut client, &settings.node, &tail)?;
+            check_head(&mut client, &settings.node, &tail, &settings.seals)?;
         }
         Ok((
             Connection {
@@ -1977,14 +2113,31 @@ impl Writer {
         let Some((seq, message_id, hash)) = self.head.take() else {
             return;
         };
+        let seal = self.settings.seals.key.as_ref().map(|key| {
+            let fields = head_fields(&self.settings.node, seq, &message_id, &hash);
+            key.seal(HEAD_LABEL, &fields.each_ref().map(String::as_str))
+        });
+        let (key_id, signature) = (
+            seal.as_ref().map(|s| s.key.as_str()),
+            seal.as_ref().map(|s| s.signature.as_str()),
+        );
         let written = conn.client.execute(
-            "INSERT INTO fsp_audit_head (node, last_seq, message_id, last_hash, written_at) \
-             VALUES ($1, $2, $3, $4, now()) \
+            "INSERT INTO fsp_audit_head \
+             (node, last_seq, message_id, last_hash, written_at, key_id, signature) \
+             VALUES ($1, $2, $3, $4, now(), $5, $6) \
              ON CONFLICT (node) DO UPDATE SET last_seq = EXCLUDED.last_seq, \
              message_id = EXCLUDED.message_id, last_hash = EXCLUDED.last_hash, \
-             written_at = EXCLUDED.written_at \
+             written_at = EXCLUDED.written_at, key_id = EXCLUDED.key_id, \
+             signature = EXCLUDED.signature \
              WHERE fsp_audit_head.last_seq < EXCLUDED.last_seq",
-            &[&self.settings.node, &seq, &message_id, &hash],
+            &[
+                &self.settings.node,
+                &seq,
+                &message_id,
+                &hash,
+                &key_id,
+                &signature,
+            ],
         );
         match written {
             Ok(_) => self.head_at = Some(Instant::now()),
@@ -2189,6 +2342,7 @@ impl Writer {
             &mut conn.client,
             schema,
             self.settings.retention_days,
+            self.settings.seals.key.as_deref(),
         ) {
             Ok(()) => Instant::now() + MAINTENANCE_EVERY,
             Err(e) => {
@@ -2423,6 +2577,17 @@ impl PostgresTrail {
     /// younger than that is a break too (partitions dropped before their time).
     /// [`Verified::files`] counts the nodes (chains) read.
     pub fn verify(&mut self, retention_days: Option<u32>) -> Result<Verified, VerifyError> {
+        self.verify_sealed(retention_days, &TrustedKeys::default())
+    }
+
+    /// As [`PostgresTrail::verify`], and with keys trusted, every node's head and every
+    /// anchor must be signed by one of them (see [`crate::seal`]): the chains then cannot
+    /// have been written again by someone without the key (a database administrator).
+    pub fn verify_sealed(
+        &mut self,
+        retention_days: Option<u32>,
+        trusted: &TrustedKeys,
+    ) -> Result<Verified, VerifyError> {
         let mut tx = self
             .client
             .build_transaction()
@@ -2433,7 +2598,8 @@ impl PostgresTrail {
         let (now, anchors) = anchors(&mut tx).map_err(TrailError::from)?;
         let mut chains = Chains::default();
         // (A database a gateway before version 4 wrote, not migrated yet, has no heads.)
-        let heads = "SELECT node, last_seq, message_id, last_hash, written_at FROM fsp_audit_head";
+        let heads = "SELECT node, last_seq, message_id, last_hash, written_at, \
+                     to_jsonb(h)->>'key_id', to_jsonb(h)->>'signature' FROM fsp_audit_head h";
         let has_heads: bool = tx
             .query_one("SELECT to_regclass('fsp_audit_head') IS NOT NULL", &[])
             .and_then(|r| r.try_get(0))
@@ -2446,6 +2612,23 @@ impl PostgresTrail {
         for row in rows {
             let get = |e: ::postgres::Error| TrailError::from(e);
             let written_at: OffsetDateTime = row.try_get(4).map_err(get)?;
+            let node: String = row.try_get(0).map_err(get)?;
+            let (seq, message_id, hash): (i64, String, String) = (
+                row.try_get(1).map_err(get)?,
+                row.try_get(2).map_err(get)?,
+                row.try_get(3).map_err(get)?,
+            );
+            check_seal(
+                trusted,
+                row.try_get(5).map_err(get)?,
+                row.try_get(6).map_err(get)?,
+                HEAD_LABEL,
+                &head_fields(&node, seq, &message_id, &hash),
+            )
+            .map_err(|why| VerifyError::Unsealed {
+                what: format!("fsp_audit_head of node {node}"),
+                why,
+            })?;
             let head = NodeHead {
                 last_seq: row.try_get(1).map_err(get)?,
                 message_id: row.try_get(2).map_err(get)?,
@@ -2458,6 +2641,20 @@ impl PostgresTrail {
             chains.heads.insert(row.try_get(0).map_err(get)?, head);
         }
         for anchor in anchors {
+            check_seal(
+                trusted,
+                anchor.key_id.clone(),
+                anchor.signature.clone(),
+                ANCHOR_LABEL,
+                &anchor_fields(&anchor),
+            )
+            .map_err(|why| VerifyError::Unsealed {
+                what: format!("fsp_audit_anchor of node {}", anchor.node),
+                why,
+            })?;
+            if anchor.last_hash.is_some() {
+                chains.anchored.insert(anchor.node.clone());
+            }
             if let Some(days) = retention_days
                 && anchor.retired_through > before(now, days)
             {
@@ -2480,6 +2677,18 @@ impl PostgresTrail {
             })?;
             Ok::<_, VerifyError>(chains.check(&record, seq)?)
         })?;
+        if !trusted.is_empty()
+            && let Some(node) = chains
+                .named
+                .iter()
+                .chain(&chains.anchored)
+                .find(|n| !chains.heads.contains_key(*n))
+        {
+            return Err(VerifyError::Unsealed {
+                what: format!("fsp_audit_head of node {node}"),
+                why: "is missing".into(),
+            });
+        }
         if let Some((node, head)) = chains.heads.into_iter().find(|(_, h)| !h.seen) {
             return Err(VerifyError::CutShort {
                 head: format!("fsp_audit_head of node {node}"),
@@ -2492,6 +2701,125 @@ impl PostgresTrail {
             files: chains.nodes,
             records: chains.verifier.checked(),
         })
+    }
+
+    /// `fsp audit seal`: checks the trail as [`PostgresTrail::verify`] does, then signs
+    /// every node's head and anchor with `key`, making a head for a node that has rows
+    /// and none. For a trail written without a signing key (or after the key changed
+    /// without the old one trusted): the operator vouches for the trail as it is now,
+    /// and from then on `verify` and the writer require the signatures. Refused while a
+    /// gateway writes as any of the nodes (each node's lock is taken). Returns what was
+    /// signed, one line each.
+    pub fn seal(
+        &mut self,
+        retention_days: Option<u32>,
+        key: &SigningKey,
+    ) -> Result<Vec<String>, VerifyError> {
+        let db = |e: ::postgres::Error| VerifyError::from(TrailError::from(e));
+        // The signatures' columns (version 5) may not be there yet.
+        let schema = self.schema.clone();
+        migrate(&mut self.client, schema.as_deref())?;
+        let nodes: Vec<String> = self
+            .client
+            .query(
+                "SELECT node FROM fsp_audit_head UNION SELECT node FROM fsp_audit_anchor \
+                 UNION SELECT DISTINCT node FROM fsp_audit ORDER BY 1",
+                &[],
+            )
+            .map_err(db)?
+            .iter()
+            .map(|r| r.try_get(0))
+            .collect::<Result<_, _>>()
+            .map_err(db)?;
+        let sealed = self.seal_locked(&nodes, retention_days, key);
+        // The locks are the session's: let go of them whatever happened.
+        let _ = self.client.batch_execute("SELECT pg_advisory_unlock_all()");
+        sealed
+    }
+
+    fn seal_locked(
+        &mut self,
+        nodes: &[String],
+        retention_days: Option<u32>,
+        key: &SigningKey,
+    ) -> Result<Vec<String>, VerifyError> {
+        let db = |e: ::postgres::Error| VerifyError::from(TrailError::from(e));
+        for node in nodes {
+            let locked: bool = self
+                .client
+                .query_one(
+                    "SELECT pg_try_advisory_lock(hashtext('fsp_audit_node'), \
+                     hashtext(current_schema()::text || '/' || $1))",
+                    &[node],
+                )
+                .and_then(|r| r.try_get(0))
+                .map_err(db)?;
+            if !locked {
+                return Err(VerifyError::from(TrailError::NodeTaken(node.clone())));
+            }
+        }
+        self.verify(retention_days)?;
+        let mut tx = self.client.transaction().map_err(db)?;
+        let mut signed = Vec::new();
+        let (_, anchors) = anchors(&mut tx).map_err(db)?;
+        for anchor in anchors {
+            let seal = key.seal(
+                ANCHOR_LABEL,
+                &anchor_fields(&anchor).each_ref().map(String::as_str),
+            );
+            tx.execute(
+                "UPDATE fsp_audit_anchor SET key_id = $2, signature = $3 WHERE node = $1",
+                &[&anchor.node, &seal.key, &seal.signature],
+            )
+            .map_err(db)?;
+            signed.push(format!("fsp_audit_anchor of node {}", anchor.node));
+        }
+        for node in nodes {
+            let head = tx
+                .query_opt(
+                    "SELECT last_seq, message_id, last_hash FROM fsp_audit_head WHERE node = $1",
+                    &[node],
+                )
+                .map_err(db)?;
+            let head = match head {
+                Some(row) => Some(row),
+                // The node's last row, when it has rows (one only retired has none).
+                None => tx
+                    .query_opt(
+                        "SELECT seq, message_id, hash FROM fsp_audit WHERE node = $1 \
+                         ORDER BY seq DESC LIMIT 1",
+                        &[node],
+                    )
+                    .map_err(db)?,
+            };
+            let Some(row) = head else { continue };
+            let (seq, message_id, hash): (i64, String, Option<String>) = (
+                row.try_get(0).map_err(db)?,
+                row.try_get(1).map_err(db)?,
+                row.try_get(2).map_err(db)?,
+            );
+            let Some(hash) = hash else { continue };
+            let seal = key.seal(
+                HEAD_LABEL,
+                &head_fields(node, seq, &message_id, &hash)
+                    .each_ref()
+                    .map(String::as_str),
+            );
+            tx.execute(
+                "INSERT INTO fsp_audit_head \
+                 (node, last_seq, message_id, last_hash, written_at, key_id, signature) \
+                 VALUES ($1, $2, $3, $4, now(), $5, $6) \
+                 ON CONFLICT (node) DO UPDATE SET key_id = EXCLUDED.key_id, \
+                 signature = EXCLUDED.signature",
+                &[node, &seq, &message_id, &hash, &seal.key, &seal.signature],
+            )
+            .map_err(db)?;
+            signed.push(format!(
+                "fsp_audit_head of node {node} (record {message_id})"
+            ));
+        }
+        tx.commit().map_err(db)?;
+        Ok(signed)
     }
 
     /// Runs `sql` in a read-only transaction and hands its rows to `f`, a few thousand
@@ -2621,6 +2949,8 @@ struct Anchor {
     retired_through: OffsetDateTime,
     last_seq: i64,
     last_hash: Option<String>,
+    key_id: Option<String>,
+    signature: Option<String>,
 }
 
 /// The database's time, and every node's anchor.
@@ -2636,8 +2966,11 @@ fn before(now: OffsetDateTime, days: u32) -> OffsetDateTime {
 
 fn anchors(tx: &mut Transaction<'_>) -> Result<(OffsetDateTime, Vec<Anchor>), ::postgres::Error> {
     let now = tx.query_one("SELECT now()", &[])?.try_get(0)?;
+    // (The signature's columns are read through to_jsonb: a database not migrated to
+    // version 5 yet has none.)
     let rows = tx.query(
-        "SELECT node, retired_through, last_seq, last_hash FROM fsp_audit_anchor",
+        "SELECT node, retired_through, last_seq, last_hash, \
+         to_jsonb(a)->>'key_id', to_jsonb(a)->>'signature' FROM fsp_audit_anchor a",
         &[],
     )?;
     let anchors = rows
@@ -2648,6 +2981,8 @@ fn anchors(tx: &mut Transaction<'_>) -> Result<(OffsetDateTime, Vec<Anchor>), ::
                 retired_through: row.try_get(1)?,
                 last_seq: row.try_get(2)?,
                 last_hash: row.try_get(3)?,
+                key_id: row.try_get(4)?,
+                signature: row.try_get(5)?,
             })
         })
         .collect::<Result<_, ::postgres::Error>>()?;
@@ -2666,6 +3001,9 @@ struct Chains {
     nodes: usize,
     /// Each node's head: the chain must reach it.
     heads: BTreeMap<String, NodeHead>,
+    /// The nodes with rows, and those with an anchor that retired some: each has a head.
+    named: std::collections::BTreeSet<String>,
+    anchored: std::collections::BTreeSet<String>,
 }
 
 /// A node's row of `fsp_audit_head`, and whether its chain reached it.
@@ -2693,6 +3031,7 @@ impl Chains {
     fn check(&mut self, record: &Record, seq: i64) -> Result<(), Break> {
         if self.node.as_deref() != Some(record.node.as_str()) {
             self.nodes += 1;
+            self.named.insert(record.node.clone());
             self.expected = self.next.get(&record.node).copied().unwrap_or(1);
             self.node = Some(record.node.clone());
         }

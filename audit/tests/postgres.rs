@@ -13,6 +13,7 @@ use audit::chain::{Break, Chain};
 use audit::export::{Filter, Format, Writer, parse_instant};
 use audit::file::{Verified, VerifyError};
 use audit::postgres::{PostgresSink, PostgresSinkHandle, PostgresTrail, Settings, TrailError};
+use audit::seal::{Seals, SigningKey, TrustedKeys};
 use audit::stats::{self, Query, Rollup, Row};
 use audit::{AuditError, AuditSink, Phase, Record};
 use time::Date;
@@ -782,6 +783,67 @@ fn a_forged_row_breaks_verification_even_when_sealed() {
     );
 }
 
+/// With a signing key, a database administrator (who can write every table but does
+/// not hold the key) cannot cut the chain short and move the head to its new end, nor
+/// drop the head: the head's signature shows it. A writer with the key refuses a
+/// database whose head is not signed until `seal` vouches for it.
+#[test]
+fn a_signed_head_cannot_be_moved_or_dropped_by_a_database_administrator() {
+    let Some(db) = db() else { return };
+    written(&db, 4);
+    let (key, _) = SigningKey::generate().unwrap();
+    let trusted = TrustedKeys::new([key.trusted()]);
+    let sealed = |db: &Db| {
+        PostgresSink::start_with(Settings {
+            seals: Seals::new(
+                SigningKey::from_pem(key.pkcs8_pem().as_bytes()).unwrap(),
+                [],
+            ),
+            ..db.settings("n")
+        })
+    };
+    let e = sealed(&db).unwrap_err().to_string();
+    assert!(
+        e.contains("is not signed") && e.contains("fsp audit seal"),
+        "{e}"
+    );
+    let e = db.trail().verify_sealed(None, &trusted).unwrap_err();
+    assert!(matches!(e, VerifyError::Unsealed { .. }), "{e}");
+    db.trail().seal(None, &key).unwrap();
+    let (sink, handle) = sealed(&db).unwrap();
+    for i in 4..8 {
+        sink.submit(record(i)).unwrap();
+    }
+    drop(sink);
+    handle.join();
+    assert_eq!(db.trail().verify_sealed(None, &trusted).unwrap().records, 8);
+    let mut c = db.client();
+    // The last two rows removed, the head moved to the new end by hand.
+    c.batch_execute(
+        "DELETE FROM fsp_audit WHERE seq > 6; \
+         UPDATE fsp_audit_head h SET last_seq = 6, message_id = a.message_id, \
+         last_hash = a.hash FROM fsp_audit a WHERE a.seq = 6 AND h.node = 'n'",
+    )
+    .unwrap();
+    // The chain alone cannot tell...
+    assert_eq!(db.trail().verify(None).unwrap().records, 6);
+    // ... the signature can, and a writer with the key does not write on.
+    let e = db.trail().verify_sealed(None, &trusted).unwrap_err();
+    assert!(e.to_string().contains("altered"), "{e}");
+    let e = sealed(&db).unwrap_err().to_string();
+    assert!(e.contains("altered"), "{e}");
+    // Unsigned, or dropped: refused too.
+    c.batch_execute("UPDATE fsp_audit_head SET key_id = NULL, signature = NULL")
+        .unwrap();
+    let e = db.trail().verify_sealed(None, &trusted).unwrap_err();
+    assert!(e.to_string().contains("is not signed"), "{e}");
+    c.batch_execute("DELETE FROM fsp_audit_head").unwrap();
+    let e = db.trail().verify_sealed(None, &trusted).unwrap_err();
+    assert!(e.to_string().contains("is missing"), "{e}");
+    let e = sealed(&db).unwrap_err().to_string();
+    assert!(e.contains("is missing"), "{e}");
+}
+
 #[test]
 fn the_chain_goes_on_after_a_restart() {
     let Some(db) = db() else { return };
@@ -830,9 +892,19 @@ fn retention_drops_old_partitions_and_verification_goes_on_from_the_anchors() {
         }
     }
     assert_eq!(db.trail().verify(None).unwrap().records, 6);
+    // Signed: the rows put there by hand are vouched for, and the writer signs the
+    // anchors it moves.
+    let (key, _) = SigningKey::generate().unwrap();
+    let trusted = TrustedKeys::new([key.trusted()]);
+    let signed = db.trail().seal(None, &key).unwrap();
+    assert_eq!(signed.len(), 2, "{signed:?}");
 
     let (sink, handle) = PostgresSink::start_with(Settings {
         retention_days: Some(365),
+        seals: Seals::new(
+            SigningKey::from_pem(key.pkcs8_pem().as_bytes()).unwrap(),
+            [],
+        ),
         ..db.settings("n")
     })
     .unwrap();
@@ -870,6 +942,23 @@ fn retention_drops_old_partitions_and_verification_goes_on_from_the_anchors() {
         }
     );
     assert_eq!(db.count("SELECT min(seq) FROM fsp_audit"), 4);
+    assert_eq!(
+        db.trail()
+            .verify_sealed(Some(365), &trusted)
+            .unwrap()
+            .records,
+        2
+    );
+    // An anchor moved by hand no longer fits its signature.
+    c.batch_execute("UPDATE fsp_audit_anchor SET last_seq = 2 WHERE node = 'gone'")
+        .unwrap();
+    let e = db.trail().verify_sealed(Some(365), &trusted).unwrap_err();
+    assert!(
+        matches!(&e, VerifyError::Unsealed { what, why } if what.contains("fsp_audit_anchor of node gone") && why.contains("altered")),
+        "{e}"
+    );
+    c.batch_execute("UPDATE fsp_audit_anchor SET last_seq = 3 WHERE node = 'gone'")
+        .unwrap();
     // Retired younger than the retention period says: dropped before their time.
     assert!(matches!(
         db.trail().verify(Some(5000)),

@@ -87,6 +87,20 @@ enum AuditCommand {
     Verify {
         #[arg(long, env = "FSP_CONFIG")]
         config: PathBuf,
+        /// An Ed25519 public key (PEM) whose signatures on heads and anchors are
+        /// accepted, besides `[audit] signing_key` and `verify_keys`; repeatable. With any
+        /// key trusted, every head and anchor must be signed by one of them.
+        #[arg(long = "public-key", value_name = "FILE")]
+        public_keys: Vec<PathBuf>,
+    },
+    /// Check the audit trail as `verify` does, then sign every node's head and anchor
+    /// with `[audit] signing_key`: once, for a trail written before the key was set
+    /// (or after a new key without the old one in `verify_keys`). The gateway must be
+    /// stopped. Exit 0 signed, 1 unreadable configuration or no signing key, 4 broken
+    /// (nothing signed), 5 the trail cannot be read or written.
+    Seal {
+        #[arg(long, env = "FSP_CONFIG")]
+        config: PathBuf,
     },
     /// Write audit records to stdout in the exchange format (JSON lines, or CSV with a
     /// header row). Every filter given must hold.
@@ -303,8 +317,15 @@ fn main() -> ExitCode {
             &format,
         ),
         Command::Audit {
-            command: AuditCommand::Verify { config },
-        } => verify_audit(&config),
+            command:
+                AuditCommand::Verify {
+                    config,
+                    public_keys,
+                },
+        } => verify_audit(&config, &public_keys),
+        Command::Audit {
+            command: AuditCommand::Seal { config },
+        } => seal_audit(&config),
         Command::Audit {
             command:
                 AuditCommand::Export {
@@ -471,21 +492,36 @@ fn usage_stats(
 
 /// `fsp audit verify`: exit 0 intact, 1 unreadable configuration, 4 broken (the first
 /// broken record named), 5 when the trail cannot be read at all.
-fn verify_audit(config: &std::path::Path) -> ExitCode {
+fn verify_audit(config: &std::path::Path, public_keys: &[PathBuf]) -> ExitCode {
     let Some(c) = proxy::run::load_or_report(config) else {
         return ExitCode::from(1);
     };
+    let mut trusted: Vec<audit::seal::PublicKey> = Vec::new();
+    for path in public_keys {
+        match certs::load::read_regular_file(path, 64 * 1024)
+            .map_err(|e| format!("cannot read it: {e}"))
+            .and_then(|pem| audit::seal::PublicKey::from_pem(&pem))
+        {
+            Ok(k) => trusted.push(k),
+            Err(why) => {
+                eprintln!("--public-key {}: {why}", path.display());
+                return ExitCode::from(1);
+            }
+        }
+    }
+    let trusted =
+        audit::seal::TrustedKeys::new(c.audit.seals.trusted.keys().iter().cloned().chain(trusted));
     let retention = Some(c.audit.retention_days);
     let (verified, place, unit) = match &c.audit.backend {
         proxy::config::AuditBackend::File { dir } => (
-            audit::file::verify_dir(dir, retention),
+            audit::file::verify_dir_sealed(dir, retention, &trusted),
             dir.display().to_string(),
             "files",
         ),
         proxy::config::AuditBackend::Postgres { url, .. } => (
             audit::postgres::PostgresTrail::connect(url, None)
                 .map_err(audit::file::VerifyError::from)
-                .and_then(|mut trail| trail.verify(retention)),
+                .and_then(|mut trail| trail.verify_sealed(retention, &trusted)),
             audit::postgres::display_url(url),
             "node chains",
         ),
@@ -503,6 +539,16 @@ fn verify_audit(config: &std::path::Path) -> ExitCode {
                 "audit trail intact: {} records in {} {unit} in {place}",
                 v.records, v.files
             );
+            if trusted.is_empty() {
+                println!(
+                    "heads and anchors not signed (no [audit] signing_key): the chain shows records altered, removed or moved, not a trail written again whole"
+                );
+            } else {
+                println!(
+                    "every head and anchor signed by a trusted key ({})",
+                    trusted.ids().join(", ")
+                );
+            }
             ExitCode::SUCCESS
         }
         // What a broken trail says comes from the files themselves: printed so that
@@ -517,6 +563,65 @@ fn verify_audit(config: &std::path::Path) -> ExitCode {
         Err(e) => {
             eprintln!(
                 "audit trail broken: {}",
+                audit::stats::printable(&e.to_string())
+            );
+            ExitCode::from(4)
+        }
+    }
+}
+
+/// `fsp audit seal`: exit 0 signed, 1 unreadable configuration or no signing key, 4 the
+/// trail is broken (nothing signed), 5 it cannot be read or written.
+fn seal_audit(config: &std::path::Path) -> ExitCode {
+    let Some(c) = proxy::run::load_or_report(config) else {
+        return ExitCode::from(1);
+    };
+    let Some(key) = c.audit.seals.key.as_deref() else {
+        eprintln!(
+            "{}: [audit] signing_key is not set: there is no key to sign the trail with (make one with `openssl genpkey -algorithm ed25519 -out audit-signing.pem`)",
+            config.display()
+        );
+        return ExitCode::from(1);
+    };
+    let retention = Some(c.audit.retention_days);
+    let (signed, place) = match &c.audit.backend {
+        proxy::config::AuditBackend::File { dir } => (
+            audit::file::seal_dir(dir, retention, key),
+            dir.display().to_string(),
+        ),
+        proxy::config::AuditBackend::Postgres { url, .. } => (
+            audit::postgres::PostgresTrail::connect(url, None)
+                .map_err(audit::file::VerifyError::from)
+                .and_then(|mut trail| trail.seal(retention, key)),
+            audit::postgres::display_url(url),
+        ),
+        proxy::config::AuditBackend::None { .. } => {
+            eprintln!("this configuration keeps no audit trail ([audit] backend = \"none\")");
+            return ExitCode::from(1);
+        }
+    };
+    match signed {
+        Ok(list) => {
+            for line in &list {
+                println!("signed {}", audit::stats::printable(line));
+            }
+            println!(
+                "audit trail in {place} checked and signed with key {} ({} heads and anchors)",
+                key.id(),
+                list.len()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(audit::file::VerifyError::Io(e)) => {
+            eprintln!(
+                "cannot seal the audit trail in {place}: {}",
+                audit::stats::printable(&e.to_string())
+            );
+            ExitCode::from(5)
+        }
+        Err(e) => {
+            eprintln!(
+                "audit trail broken, nothing signed: {}",
                 audit::stats::printable(&e.to_string())
             );
             ExitCode::from(4)

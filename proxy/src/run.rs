@@ -89,35 +89,40 @@ pub async fn start(
     let throttle_cfg = config.throttle.clone();
 
     let retention_days = config.audit.retention_days;
-    let (sink, sink_handle): (Arc<dyn audit::AuditSink>, Box<dyn FnOnce() + Send>) = match &config
-        .audit
-        .backend
-    {
-        AuditBackend::File { dir } => {
-            let (sink, handle) =
-                audit::file::FileSink::start_with_retention(dir, &node, retention_days)
-                    .with_context(|| {
-                        format!("cannot start the audit trail in {}", dir.display())
-                    })?;
-            (Arc::new(sink), Box::new(move || handle.join()))
-        }
-        AuditBackend::Postgres { url, .. } => {
-            let (sink, handle) = audit::postgres::PostgresSink::start(url, &node, retention_days)
-                .with_context(|| {
-                format!(
-                    "cannot start the audit trail in {}",
-                    audit::postgres::display_url(url)
+    let (sink, sink_handle): (Arc<dyn audit::AuditSink>, Box<dyn FnOnce() + Send>) =
+        match &config.audit.backend {
+            AuditBackend::File { dir } => {
+                let (sink, handle) = audit::file::FileSink::start_sealed(
+                    dir,
+                    &node,
+                    Some(retention_days),
+                    config.audit.seals.clone(),
                 )
-            })?;
-            (Arc::new(sink), Box::new(move || handle.join()))
-        }
-        AuditBackend::None { .. } => {
-            tracing::warn!(
-                "[audit] backend = \"none\": calls are NOT recorded (capacity tests only)"
-            );
-            (Arc::new(audit::Discard), Box::new(|| {}))
-        }
-    };
+                .with_context(|| format!("cannot start the audit trail in {}", dir.display()))?;
+                (Arc::new(sink), Box::new(move || handle.join()))
+            }
+            AuditBackend::Postgres { url, .. } => {
+                let (sink, handle) =
+                    audit::postgres::PostgresSink::start_with(audit::postgres::Settings {
+                        retention_days: Some(retention_days),
+                        seals: config.audit.seals.clone(),
+                        ..audit::postgres::Settings::new(url, &node)
+                    })
+                    .with_context(|| {
+                        format!(
+                            "cannot start the audit trail in {}",
+                            audit::postgres::display_url(url)
+                        )
+                    })?;
+                (Arc::new(sink), Box::new(move || handle.join()))
+            }
+            AuditBackend::None { .. } => {
+                tracing::warn!(
+                    "[audit] backend = \"none\": calls are NOT recorded (capacity tests only)"
+                );
+                (Arc::new(audit::Discard), Box::new(|| {}))
+            }
+        };
 
     // Suspensions are kept in the gateway's state directory (the file trail's).
     std::fs::create_dir_all(config.audit.backend.state_dir()).with_context(|| {

@@ -311,6 +311,14 @@ impl RestartOnly {
                     config.audit.retention_days.to_string(),
                 ),
                 (
+                    "audit.signing_key / audit.verify_keys",
+                    format!(
+                        "{:?} {:?}",
+                        config.audit.seals.key.as_ref().map(|k| k.id().to_owned()),
+                        config.audit.seals.trusted.ids()
+                    ),
+                ),
+                (
                     "listener.proxy_protocol_from",
                     format!("{:?}", l.proxy_protocol_from),
                 ),

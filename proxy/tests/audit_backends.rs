@@ -695,3 +695,106 @@ async fn an_unavailable_audit_store_stops_calls_before_the_provider_until_it_ret
         );
     }
 }
+
+/// `[audit] signing_key`: a trail written before the key was set is refused by the
+/// gateway and by `verify` until `fsp audit seal` vouches for it; from then on the heads
+/// are signed, and `verify` checks them with the configured key or `--public-key`, and
+/// refuses a key it is not given. Both backends.
+#[tokio::test]
+async fn a_signed_trail_is_sealed_once_then_verified_against_its_public_key() {
+    for store in Store::all("sealed") {
+        let pki = Pki::new();
+        let up = upstream().await;
+        let (port, admin) = (free_port(), free_port());
+        let config = store.config(&pki, up, port, admin, None);
+        let unsigned = std::fs::read_to_string(&config).unwrap();
+        let mut gw = Gateway::spawn(&config, port, admin).await;
+        ok_calls(&gw, &pki, 3).await;
+        gw.stop();
+
+        // A key for the trail, and another one.
+        let dir = config.parent().unwrap();
+        let (key, pem) = audit::seal::SigningKey::generate().unwrap();
+        std::fs::write(dir.join("audit-signing.pem"), &pem).unwrap();
+        std::fs::write(dir.join("audit-signing.pub.pem"), key.public_pem()).unwrap();
+        let (other, _) = audit::seal::SigningKey::generate().unwrap();
+        std::fs::write(dir.join("other.pub.pem"), other.public_pem()).unwrap();
+        std::fs::write(
+            &config,
+            unsigned.replace(
+                "[audit]\n",
+                "[audit]\nsigning_key = \"audit-signing.pem\"\n",
+            ),
+        )
+        .unwrap();
+
+        // Written without the key: refused by the gateway and by verify.
+        let refused = Command::new(env!("CARGO_BIN_EXE_fsp"))
+            .args(["serve", "--config"])
+            .arg(&config)
+            .env("FSP_LOG", "warn")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&refused.stderr);
+        assert!(!refused.status.success(), "{}: {err}", store.name());
+        assert!(
+            err.contains("is not signed") && err.contains("fsp audit seal"),
+            "{}: {err}",
+            store.name()
+        );
+        let (code, out) = verify(&config);
+        assert_eq!(code, 4, "{}: {out}", store.name());
+        assert!(out.contains("is not signed"), "{}: {out}", store.name());
+
+        // Sealed once; the gateway writes on, signing.
+        let (code, out, err) = fsp_audit("seal", &config, &[]);
+        assert_eq!(code, 0, "{}: {out}{err}", store.name());
+        assert!(out.contains(key.id()), "{}: {out}", store.name());
+        let mut gw = Gateway::spawn(&config, port, admin).await;
+        ok_calls(&gw, &pki, 2).await;
+        gw.stop();
+        let (code, out) = verify(&config);
+        assert_eq!(code, 0, "{}: {out}", store.name());
+        assert!(
+            out.contains("signed by a trusted key") && out.contains(key.id()),
+            "{}: {out}",
+            store.name()
+        );
+
+        // An auditor's configuration holds no private key: the public one is given.
+        std::fs::write(&config, &unsigned).unwrap();
+        let (code, out) = verify(&config);
+        assert_eq!(code, 0, "{}: {out}", store.name());
+        assert!(out.contains("not signed"), "{}: {out}", store.name());
+        let public = dir.join("audit-signing.pub.pem");
+        let (code, out, err) = fsp_audit(
+            "verify",
+            &config,
+            &["--public-key", public.to_str().unwrap()],
+        );
+        assert_eq!(code, 0, "{}: {out}{err}", store.name());
+        let public = dir.join("other.pub.pem");
+        let (code, out, err) = fsp_audit(
+            "verify",
+            &config,
+            &["--public-key", public.to_str().unwrap()],
+        );
+        assert_eq!(code, 4, "{}: {out}{err}", store.name());
+        assert!(err.contains("not trusted"), "{}: {err}", store.name());
+        // Sealing needs the private key.
+        let (code, _, err) = fsp_audit("seal", &config, &[]);
+        assert_eq!(code, 1, "{}: {err}", store.name());
+        assert!(err.contains("signing_key"), "{}: {err}", store.name());
+    }
+}
+
+/// `n` calls, each answered 200.
+async fn ok_calls(gw: &Gateway, pki: &Pki, n: usize) {
+    let c = client(pki, Some(&pki.consumer), false);
+    for _ in 0..n {
+        assert_eq!(
+            send(&c, get(&gw.url(CALL))).await.unwrap().0,
+            StatusCode::OK
+        );
+    }
+}

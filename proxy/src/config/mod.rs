@@ -215,6 +215,9 @@ pub struct AuditConfig {
     pub backend: AuditBackend,
     pub fail_closed: bool,
     pub retention_days: u32,
+    /// `signing_key` and `verify_keys`: heads and anchors signed, and the keys whose
+    /// signatures are accepted (see `audit::seal`). Default: none.
+    pub seals: audit::seal::Seals,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -1149,6 +1152,7 @@ fn build_audit(sources: &[Source], problems: &mut Problems) -> AuditConfig {
             },
             fail_closed: true,
             retention_days: 3653,
+            seals: audit::seal::Seals::default(),
         },
         Some((s, a)) => {
             let url = url_setting(s, "audit.url", &a.url, &a.url_file, problems);
@@ -1265,7 +1269,54 @@ fn build_audit(sources: &[Source], problems: &mut Problems) -> AuditConfig {
                 backend,
                 fail_closed: a.fail_closed.unwrap_or(true),
                 retention_days,
+                seals: build_seals(s, a, problems),
             }
+        }
+    }
+}
+
+/// `[audit] signing_key` and `verify_keys`: the writer's Ed25519 key and earlier keys'
+/// public halves, each read and checked now.
+fn build_seals(s: &Source, a: &raw::RawAudit, problems: &mut Problems) -> audit::seal::Seals {
+    use audit::seal::{PublicKey, Seals, SigningKey};
+    let read = |key: &str, file: &str, problems: &mut Problems| -> Option<Vec<u8>> {
+        let path = s.dir.join(file);
+        match certs::load::read_regular_file(&path, 64 * 1024) {
+            Ok(bytes) => Some(bytes),
+            Err(e) => {
+                problems.add(&s.path, key, format!("cannot read {}: {e}", path.display()));
+                None
+            }
+        }
+    };
+    let mut earlier = Vec::new();
+    for (i, file) in a.verify_keys.iter().flatten().enumerate() {
+        let key = format!("audit.verify_keys[{i}]");
+        if let Some(pem) = read(&key, file, problems) {
+            match PublicKey::from_pem(&pem) {
+                Ok(k) => earlier.push(k),
+                Err(why) => problems.add(&s.path, key, format!("{file} {why}")),
+            }
+        }
+    }
+    let Some(file) = &a.signing_key else {
+        if a.verify_keys.as_ref().is_some_and(|k| !k.is_empty()) {
+            problems.add(
+                &s.path,
+                "audit.verify_keys",
+                "lists earlier signing keys, but signing_key (the current one) is not set",
+            );
+        }
+        return Seals::default();
+    };
+    let Some(pem) = read("audit.signing_key", file, problems) else {
+        return Seals::default();
+    };
+    match SigningKey::from_pem(&pem) {
+        Ok(key) => Seals::new(key, earlier),
+        Err(why) => {
+            problems.add(&s.path, "audit.signing_key", format!("{file} {why}"));
+            Seals::default()
         }
     }
 }

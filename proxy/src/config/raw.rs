@@ -96,6 +96,12 @@ pub struct RawAudit {
     pub url_file: Option<String>,
     pub fail_closed: Option<bool>,
     pub retention_days: Option<u32>,
+    /// Extension: an Ed25519 private key (PKCS#8 PEM) the writer signs each node's head
+    /// and anchors with, so that the trail cannot be written again without it.
+    pub signing_key: Option<String>,
+    /// Extension: public keys (PEM) of earlier signing keys whose signatures are still
+    /// accepted (after a key rotation).
+    pub verify_keys: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize, Serialize)]

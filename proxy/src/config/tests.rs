@@ -2945,3 +2945,72 @@ fn the_warning_rules_and_their_bounds() {
     // Expired: only "remove it", however long it was issued for.
     assert_eq!(said(-800, -1), ["x.pem expired 1 day ago: remove it"]);
 }
+
+/// `[audit] signing_key` is read and checked by `fsp check`: a missing file, a key that
+/// is not Ed25519, a public key where the private one goes, and `verify_keys` without
+/// `signing_key` are each named; a good key (and an earlier one) load.
+#[test]
+fn the_audit_signing_key_is_read_and_checked() {
+    let fx = Fixture::new();
+    let (key, pem) = audit::seal::SigningKey::generate().unwrap();
+    let (old, _) = audit::seal::SigningKey::generate().unwrap();
+    fx.write("keys/audit.pem", std::str::from_utf8(&pem).unwrap());
+    fx.write("keys/old.pub.pem", &old.public_pem());
+    fx.write("keys/audit.pub.pem", &key.public_pem());
+    fx.write("keys/not-a-key.pem", "hello\n");
+    let with = |lines: &str| {
+        edit(
+            &fx.single_file(),
+            "retention_days = 3653",
+            &format!("retention_days = 3653\n{lines}"),
+        )
+    };
+    let config = fx
+        .load_single(&with(
+            "signing_key = \"keys/audit.pem\"\nverify_keys = [\"keys/old.pub.pem\"]",
+        ))
+        .unwrap();
+    assert_eq!(
+        config.audit.seals.key.as_ref().map(|k| k.id()),
+        Some(key.id())
+    );
+    assert_eq!(config.audit.seals.trusted.ids(), [key.id(), old.id()]);
+    assert!(
+        fx.load_single(&fx.single_file())
+            .unwrap()
+            .audit
+            .seals
+            .key
+            .is_none()
+    );
+    for (lines, key_path, says) in [
+        (
+            "signing_key = \"keys/missing.pem\"",
+            "audit.signing_key",
+            "cannot read",
+        ),
+        (
+            "signing_key = \"keys/not-a-key.pem\"",
+            "audit.signing_key",
+            "no PKCS#8 PEM private key",
+        ),
+        (
+            "signing_key = \"keys/audit.pub.pem\"",
+            "audit.signing_key",
+            "no PKCS#8 PEM private key",
+        ),
+        (
+            "signing_key = \"keys/audit.pem\"\nverify_keys = [\"keys/not-a-key.pem\"]",
+            "audit.verify_keys[0]",
+            "no Ed25519 public key",
+        ),
+        (
+            "verify_keys = [\"keys/old.pub.pem\"]",
+            "audit.verify_keys",
+            "signing_key",
+        ),
+    ] {
+        let problems = fx.problems(&with(lines));
+        expect_only(&problems, "fsp.toml", key_path, &[says]);
+    }
+}
