@@ -313,6 +313,7 @@ def throwaway_pki(d: Path) -> None:
         "[ca]\ndefault_ca = ci\n[ci]\ndatabase = index.txt\ncrlnumber = crlnumber\n"
         "default_md = sha256\ndefault_crl_days = 2\n")
     openssl("ca", "-gencrl", "-config", "ca.cnf", "-keyfile", "ca.key", "-cert", "ca.crt", "-out", "ca.crl", cwd=d)
+    openssl("genpkey", "-algorithm", "ed25519", "-out", "audit-signing.pem", cwd=d)
     # The chain: leaf first.
     (d / "chain.crt").write_text((d / "leaf.crt").read_text() + (d / "ca.crt").read_text())
 
@@ -325,6 +326,8 @@ def fake_content(key: str, pki: Path) -> str:
         return (pki / "ca.crl").read_text()
     if last in ("client_ca", "upstream_ca", "admin_ca"):
         return (pki / "ca.crt").read_text()
+    if last == "signing_key":
+        return (pki / "audit-signing.pem").read_text()
     if last.endswith("_key"):
         return (pki / "leaf.key").read_text()
     if last.endswith("_cert"):

@@ -588,7 +588,7 @@ fn a_database_of_an_earlier_version_is_read_as_it_is_and_migrated_at_start() {
     handle.join();
     assert_eq!(
         db.count("SELECT max(version)::bigint FROM fsp_schema_migrations"),
-        4
+        5
     );
     assert_eq!(db.trail().verify(None).unwrap().records, 6);
     assert_eq!(
@@ -1070,7 +1070,7 @@ fn gateways_starting_together_migrate_once_and_a_node_has_one_writer() {
     });
     // Each migration once (1: the trail, 2: its statistics roll-ups, 3: the
     // `certificate_sha256` extension, 4: the nodes' heads).
-    assert_eq!(db.count("SELECT count(*) FROM fsp_schema_migrations"), 4);
+    assert_eq!(db.count("SELECT count(*) FROM fsp_schema_migrations"), 5);
     let twin = PostgresSink::start_with(db.settings("a"))
         .unwrap_err()
         .to_string();
