@@ -49,7 +49,7 @@
 //! does not hold it.
 
 use std::cell::RefCell;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
@@ -1285,10 +1285,13 @@ fn check_head(dir: &Path, node: &str, last: Option<&str>, seals: &Seals) -> Resu
     // Signed heads and anchors (see `crate::seal`): one that is not signed by a trusted
     // key was written without the key, or by someone who does not hold it. Writing on
     // would sign whatever the trail holds now.
-    let unsealed = |what: &Path, why: String| {
+    let unsealed = |what: &Path, why: Option<crate::seal::SealError>| {
         AuditError::Unavailable(format!(
-            "{} {why}: the audit trail of node {node} may have been altered while the gateway was stopped. Run `fsp audit verify`; once the trail is accounted for, `fsp audit seal` signs its heads and anchors with the configured key, and the gateway writes on",
-            what.display()
+            "{} {}: {}",
+            what.display(),
+            why.as_ref()
+                .map_or_else(|| "is missing".to_owned(), ToString::to_string),
+            crate::seal::advice(why.as_ref(), &format!("the audit trail of node {node}"))
         ))
     };
     if seals.required()
@@ -1296,20 +1299,20 @@ fn check_head(dir: &Path, node: &str, last: Option<&str>, seals: &Seals) -> Resu
     {
         anchor
             .check_seal(&seals.trusted)
-            .map_err(|why| unsealed(&Anchor::path(dir, node), why))?;
+            .map_err(|why| unsealed(&Anchor::path(dir, node), Some(why)))?;
     }
     let head: Head = match small_json_files::<Head>(dir, &format!("head-{node}.json")) {
         Ok(mut found) => match found.pop() {
             Some((_, head)) => head,
             None if seals.required() && last.is_some() => {
-                return Err(unsealed(&path, "is missing".into()));
+                return Err(unsealed(&path, None));
             }
             None => return Ok(()),
         },
         Err(e) => return Err(unavailable(e)),
     };
     head.check_seal(&seals.trusted)
-        .map_err(|why| unsealed(&path, why))?;
+        .map_err(|why| unsealed(&path, Some(why)))?;
     if last == Some(head.last_hash.as_str()) {
         return Ok(());
     }
@@ -1326,7 +1329,13 @@ fn check_head(dir: &Path, node: &str, last: Option<&str>, seals: &Seals) -> Resu
     for (_, file) in node_files(dir, node).map_err(unavailable)?.iter().rev() {
         let mut found = false;
         for_each_line(file, |_, line| {
-            found |= memchr::memmem::find(line, needle.as_bytes()).is_some();
+            // The text alone could sit anywhere in a line (a member the record does not
+            // have): the line must be a record, written as the writer writes it, whose
+            // own hash this is.
+            if !found && memchr::memmem::find(line, needle.as_bytes()).is_some() {
+                found = canonical_record(line)
+                    .is_ok_and(|r| r.hash.as_deref() == Some(head.last_hash.as_str()));
+            }
             Ok::<_, std::io::Error>(())
         })
         .map_err(unavailable)?;
@@ -1587,9 +1596,18 @@ impl Anchor {
 
     fn read(dir: &Path, node: &str) -> std::io::Result<Option<Self>> {
         match std::fs::read(Self::path(dir, node)) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map(Some)
-                .map_err(std::io::Error::other),
+            Ok(bytes) => {
+                let anchor: Self = serde_json::from_slice(&bytes).map_err(std::io::Error::other)?;
+                // Another node's anchor under this node's name is no anchor of this node.
+                if sanitise(&anchor.node) != node {
+                    return Err(std::io::Error::other(format!(
+                        "{} names node {}",
+                        Self::path(dir, node).display(),
+                        anchor.node
+                    )));
+                }
+                Ok(Some(anchor))
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e),
         }
@@ -1600,9 +1618,17 @@ impl Anchor {
         File::open(dir)?.sync_all()
     }
 
-    /// Every anchor in `dir`.
+    /// Every anchor in `dir`, each in the file its node's name gives it.
     fn all(dir: &Path) -> std::io::Result<Vec<(PathBuf, Self)>> {
-        small_json_files(dir, "retired-")
+        let all: Vec<(PathBuf, Self)> = small_json_files(dir, "retired-")?;
+        for (path, anchor) in &all {
+            named_as(
+                path,
+                &Self::path(dir, &sanitise(&anchor.node)),
+                &anchor.node,
+            )?;
+        }
+        Ok(all)
     }
 }
 
@@ -1680,7 +1706,7 @@ trait Sealed {
     }
 
     /// Checks the signature against `trusted` (anything passes when nothing is trusted).
-    fn check_seal(&self, trusted: &TrustedKeys) -> Result<(), String> {
+    fn check_seal(&self, trusted: &TrustedKeys) -> Result<(), crate::seal::SealError> {
         let seal = match self.seal_parts() {
             (Some(key), Some(signature)) => Some(Seal {
                 key: key.clone(),
@@ -1701,12 +1727,37 @@ impl Head {
         replace_json(&Self::path(dir, &self.node), self)
     }
 
-    /// Every head in `dir`, by node.
+    /// Every head in `dir`, by node, each in the file its node's name gives it (so one
+    /// node has one head).
     fn all(dir: &Path) -> std::io::Result<BTreeMap<String, (PathBuf, Self)>> {
-        Ok(small_json_files::<Self>(dir, "head-")?
-            .into_iter()
-            .map(|(path, head)| (head.node.clone(), (path, head)))
-            .collect())
+        let mut out = BTreeMap::new();
+        for (path, head) in small_json_files::<Self>(dir, "head-")? {
+            named_as(&path, &Self::path(dir, &head.node), &head.node)?;
+            // A writer names its head's node as its files do.
+            if head.node != sanitise(&head.node) {
+                return Err(std::io::Error::other(format!(
+                    "{} names node {:?}, which no file of the trail can",
+                    path.display(),
+                    head.node
+                )));
+            }
+            out.insert(head.node.clone(), (path, head));
+        }
+        Ok(out)
+    }
+}
+
+/// A head or an anchor is read only from the file its node's name gives it: a copy under
+/// another name (another node's, or a second head of one node) is refused, not chosen.
+fn named_as(path: &Path, expected: &Path, node: &str) -> std::io::Result<()> {
+    if path.file_name() == expected.file_name() {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(format!(
+            "{} names node {node:?}, whose file is {}: move it aside",
+            path.display(),
+            expected.display()
+        )))
     }
 }
 
@@ -1902,6 +1953,16 @@ pub fn for_each_call<E: From<std::io::Error>>(
 /// at the first error `f` returns. Returns how many files were read.
 pub fn for_each_record<E: From<std::io::Error>>(
     dir: &Path,
+    f: impl FnMut(Place<'_>, Result<Record, String>) -> Result<(), E>,
+) -> Result<usize, E> {
+    for_each_record_as(dir, false, f)
+}
+
+/// As [`for_each_record`]; with `canonical`, a line is a record only when it holds
+/// exactly what the writer writes for it ([`canonical_record`]).
+fn for_each_record_as<E: From<std::io::Error>>(
+    dir: &Path,
+    canonical: bool,
     mut f: impl FnMut(Place<'_>, Result<Record, String>) -> Result<(), E>,
 ) -> Result<usize, E> {
     let files = trail_files(dir)?;
@@ -1909,6 +1970,8 @@ pub fn for_each_record<E: From<std::io::Error>>(
         for_each_line(file, |line, text| {
             let record = if text.len() > MAX_LINE {
                 Err(format!("a line of {} bytes", text.len()))
+            } else if canonical {
+                canonical_record(text)
             } else {
                 serde_json::from_slice::<Record>(text).map_err(|e| e.to_string())
             };
@@ -1916,6 +1979,19 @@ pub fn for_each_record<E: From<std::io::Error>>(
         })?;
     }
     Ok(files.len())
+}
+
+/// A line read as a record, which must be byte for byte what the writer writes for that
+/// record: a member the record does not have (which the hash does not cover), other
+/// white space or escapes, or another order would let text ride along unverified.
+fn canonical_record(line: &[u8]) -> Result<Record, String> {
+    let record = serde_json::from_slice::<Record>(line).map_err(|e| e.to_string())?;
+    let mut written = Vec::with_capacity(line.len());
+    record.write_json(&mut written);
+    if written != line {
+        return Err("it is not written as the gateway writes records (a member it does not know, or other spacing or escapes)".into());
+    }
+    Ok(record)
 }
 
 /// The record with this message id in the trail in `dir`. A segment with a lookup index
@@ -2119,6 +2195,7 @@ pub fn verify_dir_sealed(
         what: path.display().to_string(),
         why,
     };
+    let unsigned = |path: &Path, why: crate::seal::SealError| unsealed(path, why.to_string());
     let mut verifier = Verifier::default();
     // Read first: a gateway writing meanwhile only adds records after what they name.
     let mut heads: BTreeMap<String, (PathBuf, Head, bool)> = Head::all(dir)?
@@ -2127,7 +2204,7 @@ pub fn verify_dir_sealed(
         .collect();
     for (path, head, _) in heads.values() {
         head.check_seal(trusted)
-            .map_err(|why| unsealed(path, why))?;
+            .map_err(|why| unsigned(path, why))?;
     }
     // The nodes whose records or anchors are in the trail: with keys trusted, each has a
     // signed head.
@@ -2135,7 +2212,7 @@ pub fn verify_dir_sealed(
     for (path, anchor) in Anchor::all(dir)? {
         anchor
             .check_seal(trusted)
-            .map_err(|why| unsealed(&path, why))?;
+            .map_err(|why| unsigned(&path, why))?;
         if anchor.last_hash.is_some() {
             nodes.insert(sanitise(&anchor.node));
         }
@@ -2162,7 +2239,10 @@ pub fn verify_dir_sealed(
     }
     // The node of the file being read, from its name (read once a file, not a record).
     let mut file_node: Option<(PathBuf, Option<String>)> = None;
-    let files = for_each_record(dir, |at, record| {
+    // The name each file node's records give (one name per node: two names the files
+    // cannot tell apart would be two chains in one node's files).
+    let mut raw_names: HashMap<String, String> = HashMap::new();
+    let files = for_each_record_as(dir, true, |at, record| {
         let record = record.map_err(|why| VerifyError::NotARecord {
             at: at.to_string(),
             why,
@@ -2174,8 +2254,14 @@ pub fn verify_dir_sealed(
             }
         }
         // A record is in its own node's files: one slipped into another's is foreign.
-        if file_node.as_ref().and_then(|(_, n)| n.as_deref())
-            != Some(sanitise(&record.node).as_str())
+        let in_file = file_node.as_ref().and_then(|(_, n)| n.as_deref());
+        if in_file != Some(sanitise(&record.node).as_str())
+            || in_file.is_some_and(|n| {
+                raw_names
+                    .entry(n.to_owned())
+                    .or_insert_with(|| record.node.clone())
+                    != &record.node
+            })
         {
             return Err(VerifyError::Foreign {
                 at: at.to_string(),
@@ -2220,12 +2306,13 @@ pub fn seal_dir(
     dir: &Path,
     retention_days: Option<u32>,
     key: &SigningKey,
+    trusted: &TrustedKeys,
 ) -> Result<Vec<String>, VerifyError> {
     let mut nodes: std::collections::BTreeSet<String> = trail_segments(dir)?
         .into_iter()
         .map(|(s, _)| s.node)
         .collect();
-    nodes.extend(Head::all(dir)?.into_keys());
+    nodes.extend(Head::all(dir)?.into_keys().map(|n| sanitise(&n)));
     for (_, anchor) in Anchor::all(dir)? {
         nodes.insert(sanitise(&anchor.node));
     }
@@ -2237,51 +2324,72 @@ pub fn seal_dir(
         );
     }
     verify_dir(dir, retention_days)?;
-    let mut signed = Vec::new();
+    // What each head and anchor was before: a trusted key's signature that does not fit
+    // is tampering, and is not signed over.
+    let before = |path: &Path, state: Result<(), crate::seal::SealError>| match state {
+        Ok(()) => Ok("was signed by a trusted key".to_owned()),
+        Err(e) if e.is_tampering() => Err(VerifyError::Unsealed {
+            what: path.display().to_string(),
+            why: format!("{e}; not signed over: this is the mark of tampering"),
+        }),
+        Err(crate::seal::SealError::Unsigned) => Ok("was not signed".to_owned()),
+        Err(e) => Ok(format!("was not signed by a trusted key: it {e}")),
+    };
+    let mut anchors = Vec::new();
+    let mut heads = Vec::new();
     for node in &nodes {
-        if let Some(mut anchor) = Anchor::read(dir, node)? {
-            anchor.sign(Some(key));
-            anchor.write(dir, node)?;
-            signed.push(format!(
-                "{} (node {node})",
-                Anchor::path(dir, node).display()
-            ));
+        if let Some(anchor) = Anchor::read(dir, node)? {
+            let was = before(&Anchor::path(dir, node), anchor.check_seal(trusted))?;
+            anchors.push((node, anchor, was));
         }
-        let head = match small_json_files::<Head>(dir, &format!("head-{node}.json"))?.pop() {
-            Some((_, head)) => Some(head),
+        let path = Head::path(dir, node);
+        match small_json_files::<Head>(dir, &format!("head-{node}.json"))?.pop() {
+            Some((_, head)) => {
+                let was = before(&path, head.check_seal(trusted))?;
+                heads.push((node, head, was));
+            }
             None => {
                 // The node's last record, in the newest of its files that holds one.
-                let mut made = None;
                 for (day, file) in node_files(dir, node)?.iter().rev() {
                     if let Some(r) = last_record(file)? {
-                        made = r.hash.map(|last_hash| Head {
-                            node: node.clone(),
-                            message_id: r.message_id,
-                            last_hash,
-                            written_at: time::OffsetDateTime::now_utc()
-                                .format(&time::format_description::well_known::Rfc3339)
-                                .unwrap_or_default(),
-                            day: Some(day.clone()),
-                            key: None,
-                            signature: None,
-                        });
+                        if let Some(last_hash) = r.hash {
+                            let head = Head {
+                                node: node.clone(),
+                                message_id: r.message_id,
+                                last_hash,
+                                written_at: time::OffsetDateTime::now_utc()
+                                    .format(&time::format_description::well_known::Rfc3339)
+                                    .unwrap_or_default(),
+                                day: Some(day.clone()),
+                                key: None,
+                                signature: None,
+                            };
+                            heads.push((node, head, "was missing: made".to_owned()));
+                        }
                         break;
                     }
                 }
-                made
             }
-        };
-        if let Some(mut head) = head {
-            head.sign(Some(key));
-            head.write(dir)?;
-            File::open(dir)?.sync_all()?;
-            signed.push(format!(
-                "{} (node {node}, record {})",
-                Head::path(dir, node).display(),
-                head.message_id
-            ));
         }
     }
+    let mut signed = Vec::new();
+    for (node, mut anchor, was) in anchors {
+        anchor.sign(Some(key));
+        anchor.write(dir, node)?;
+        signed.push(format!("{} ({was})", Anchor::path(dir, node).display()));
+    }
+    for (node, mut head, was) in heads {
+        head.sign(Some(key));
+        head.write(dir)?;
+        File::open(dir)?.sync_all()?;
+        signed.push(format!(
+            "{} (record {}; {was})",
+            Head::path(dir, node).display(),
+            head.message_id
+        ));
+    }
+    // What was signed is what was checked: read back with the key alone.
+    verify_dir_sealed(dir, retention_days, &TrustedKeys::new([key.trusted()]))?;
     drop(locks);
     Ok(signed)
 }
@@ -3102,7 +3210,7 @@ mod tests {
         let trusted = TrustedKeys::new([key.trusted()]);
         let e = verify_dir_sealed(dir.path(), None, &trusted).unwrap_err();
         assert!(matches!(e, VerifyError::Unsealed { .. }), "{e}");
-        let signed = seal_dir(dir.path(), None, &key).unwrap();
+        let signed = seal_dir(dir.path(), None, &key, &TrustedKeys::new([key.trusted()])).unwrap();
         assert_eq!(signed.len(), 1, "{signed:?}");
         // Sealed: the writer goes on and signs its heads.
         let (sink, handle) = FileSink::start_sealed(dir.path(), "n", None, seals()).unwrap();
@@ -3172,6 +3280,131 @@ mod tests {
         // A writer with the key refuses the trail as it is now.
         let e = FileSink::start_sealed(dir.path(), "n", None, seals()).unwrap_err();
         assert!(e.to_string().contains("is missing"), "{e}");
+    }
+
+    /// The lines of a node's only segment (without the zeros after them).
+    fn segment_lines(dir: &Path, node: &str) -> (PathBuf, Vec<Vec<u8>>) {
+        let files = node_files(dir, node).unwrap();
+        assert_eq!(files.len(), 1, "{files:?}");
+        let seg = files[0].1.clone();
+        let text = std::fs::read(&seg).unwrap();
+        let end = text.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
+        let lines = text[..end]
+            .split(|&b| b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(<[u8]>::to_vec)
+            .collect();
+        (seg, lines)
+    }
+
+    /// Found by an attacker's review: the end of the trail cut, and the signed head's hash
+    /// put as text into a kept line, in a member a record does not have. The writer looked
+    /// for the text only, started, and signed a head over the cut trail. Now the line must
+    /// be the record whose hash it is, written as the writer writes it, and verify refuses
+    /// lines with members the hash does not cover.
+    #[test]
+    fn a_cut_trail_with_the_heads_hash_hidden_in_a_line_is_refused() {
+        use crate::seal::{SigningKey, TrustedKeys};
+        let dir = tempfile::tempdir().unwrap();
+        let today = today();
+        let (key, _) = SigningKey::generate().unwrap();
+        let seals = || Seals::new(SigningKey::from_pem(&pem_of(&key)).unwrap(), []);
+        let trusted = TrustedKeys::new([key.trusted()]);
+        let (sink, handle) = FileSink::start_sealed(dir.path(), "n", None, seals()).unwrap();
+        for i in 0..10 {
+            sink.submit(record(i, &today)).unwrap();
+        }
+        drop(sink);
+        handle.join();
+        let head: Head =
+            serde_json::from_slice(&std::fs::read(Head::path(dir.path(), "n")).unwrap()).unwrap();
+        assert_eq!(head.message_id, "m-9");
+        let (seg, lines) = segment_lines(dir.path(), "n");
+        let mut out = Vec::new();
+        for (i, l) in lines[..5].iter().enumerate() {
+            if i == 4 {
+                out.extend_from_slice(
+                    format!("{{\"x\":{{\"hash\":\"{}\"}},", head.last_hash).as_bytes(),
+                );
+                out.extend_from_slice(&l[1..]);
+            } else {
+                out.extend_from_slice(l);
+            }
+            out.push(b'\n');
+        }
+        std::fs::write(&seg, &out).unwrap();
+        let e = FileSink::start_sealed(dir.path(), "n", None, seals()).unwrap_err();
+        assert!(e.to_string().contains("does not hold record m-9"), "{e}");
+        let e = verify_dir_sealed(dir.path(), None, &trusted).unwrap_err();
+        assert!(
+            matches!(&e, VerifyError::NotARecord { why, .. } if why.contains("not written as the gateway writes")),
+            "{e}"
+        );
+    }
+
+    /// Found by an attacker's review: records of a node whose name the files cannot tell
+    /// from the real one's (`gw\u{ff3f}1`, a fullwidth low line, for `gw_1`), a chain of
+    /// their own, slipped into `gw_1`'s files, passed verify. Now one node's files hold
+    /// records of one name.
+    #[test]
+    fn records_of_a_look_alike_node_in_a_nodes_files_are_foreign() {
+        let dir = tempfile::tempdir().unwrap();
+        let today = today();
+        let (sink, handle) = FileSink::start(dir.path(), "gw_1").unwrap();
+        for i in 0..4 {
+            let mut r = record(i, &today);
+            r.node = "gw_1".into();
+            sink.submit(r).unwrap();
+        }
+        drop(sink);
+        handle.join();
+        let (seg, lines) = segment_lines(dir.path(), "gw_1");
+        let mut chain = Chain::after(None);
+        let mut forged = record(900, &today);
+        forged.node = "gw\u{ff3f}1".into();
+        chain.seal(&mut forged);
+        let mut out = Vec::new();
+        for (i, l) in lines.iter().enumerate() {
+            if i == 2 {
+                forged.write_json(&mut out);
+                out.push(b'\n');
+            }
+            out.extend_from_slice(l);
+            out.push(b'\n');
+        }
+        std::fs::write(&seg, &out).unwrap();
+        let e = verify_dir(dir.path(), None).unwrap_err();
+        assert!(
+            matches!(&e, VerifyError::Foreign { message_id, .. } if message_id == "m-900"),
+            "{e}"
+        );
+    }
+
+    /// A head or an anchor is read only from its own node's file: a head naming another
+    /// node, or a second head of a node, is refused (it could shadow the real one).
+    #[test]
+    fn a_head_or_anchor_under_another_nodes_name_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        write_all(dir.path(), (0..2).map(|i| record(i, &today())));
+        let head = std::fs::read(Head::path(dir.path(), "n")).unwrap();
+        std::fs::write(dir.path().join("head-n2.json"), &head).unwrap();
+        let e = verify_dir(dir.path(), None).unwrap_err();
+        assert!(e.to_string().contains("names node \"n\""), "{e}");
+        std::fs::remove_file(dir.path().join("head-n2.json")).unwrap();
+        let anchor = Anchor {
+            node: "other".into(),
+            retired_through: "2020-01-01".into(),
+            last_hash: None,
+            key: None,
+            signature: None,
+        };
+        std::fs::write(
+            dir.path().join("retired-n.json"),
+            serde_json::to_vec(&anchor).unwrap(),
+        )
+        .unwrap();
+        let e = verify_dir(dir.path(), None).unwrap_err();
+        assert!(e.to_string().contains("names node \"other\""), "{e}");
     }
 
     fn pem_of(key: &crate::seal::SigningKey) -> Vec<u8> {

@@ -396,7 +396,7 @@ fn check_seal(
     signature: Option<String>,
     label: &str,
     fields: &[String],
-) -> Result<(), String> {
+) -> Result<(), crate::seal::SealError> {
     let seal = match (key, signature) {
         (Some(key), Some(signature)) => Some(Seal { key, signature }),
         _ => None,
@@ -796,7 +796,7 @@ fn maintain(
     client: &mut Client,
     schema: Option<&str>,
     retention_days: Option<u32>,
-    key: Option<&SigningKey>,
+    seals: &Seals,
 ) -> Result<(), ::postgres::Error> {
     let mut tx = client.transaction()?;
     tx.batch_execute("SET LOCAL lock_timeout = '5s'")?;
@@ -823,8 +823,7 @@ fn maintain(
         // A month lies wholly before the cutoff when the next one begins by then.
         let cutoff = Month::of(before(now, days));
         for month in existing {
-            if month.next() <= cutoff {
-                retire(&mut tx, month, key)?;
+            if month.next() <= cutoff && retire(&mut tx, month, seals)? {
                 tracing::info!(partition = %month.table(), retention_days = days, "audit partition retired");
             }
         }
@@ -837,9 +836,17 @@ fn maintain(
 fn retire(
     tx: &mut Transaction<'_>,
     month: Month,
-    key: Option<&SigningKey>,
-) -> Result<(), ::postgres::Error> {
+    seals: &Seals,
+) -> Result<bool, ::postgres::Error> {
     let table = month.table();
+    if seals.required()
+        && let Some(why) = unfit_to_retire(tx, &table, &seals.trusted)?
+    {
+        // Signing the anchor would vouch for rows nobody checked: keep the partition.
+        tracing::error!(partition = %table, "audit partition not retired: {why}. Run `fsp audit verify`");
+        return Ok(false);
+    }
+    let key = seals.key.as_deref();
     let moved = tx.query(
         &format!(
             "INSERT INTO fsp_audit_anchor (node, retired_through, last_seq, last_hash) \
@@ -874,7 +881,83 @@ fn retire(
             )?;
         }
     }
-    tx.batch_execute(&format!("DROP TABLE {table}"))
+    tx.batch_execute(&format!("DROP TABLE {table}"))?;
+    Ok(true)
+}
+
+/// With signed anchors: why the last row of each node in a partition about to be
+/// retired cannot be vouched for, if it cannot. The anchor made from it would be signed,
+/// so its place must be one the node's signed head and its remaining rows confirm: at
+/// or before the head (the head's own row, or one whose successor is still there and
+/// links to it), after the node's present anchor. A row planted in an old partition
+/// (any `seq` and hash) fails this.
+fn unfit_to_retire(
+    tx: &mut Transaction<'_>,
+    table: &str,
+    trusted: &TrustedKeys,
+) -> Result<Option<String>, ::postgres::Error> {
+    let lasts = tx.query(
+        &format!("SELECT DISTINCT ON (node) node, seq, hash FROM {table} ORDER BY node, seq DESC"),
+        &[],
+    )?;
+    for row in lasts {
+        let (node, seq, hash): (String, i64, Option<String>) =
+            (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?);
+        let Some(head) = tx.query_opt(
+            "SELECT last_seq, message_id, last_hash, key_id, signature \
+             FROM fsp_audit_head WHERE node = $1",
+            &[&node],
+        )?
+        else {
+            return Ok(Some(format!("node {node} has rows there and no head")));
+        };
+        let (head_seq, message_id, head_hash): (i64, String, String) =
+            (head.try_get(0)?, head.try_get(1)?, head.try_get(2)?);
+        if let Err(why) = check_seal(
+            trusted,
+            head.try_get(3)?,
+            head.try_get(4)?,
+            HEAD_LABEL,
+            &head_fields(&node, head_seq, &message_id, &head_hash),
+        ) {
+            return Ok(Some(format!("the head of node {node} {why}")));
+        }
+        let fits = if seq == head_seq {
+            hash.as_deref() == Some(head_hash.as_str())
+        } else if seq < head_seq {
+            let next: Option<Option<String>> = tx
+                .query_opt(
+                    &format!(
+                        "SELECT prev_hash FROM fsp_audit WHERE node = $1 AND seq = $2 \
+                         AND tableoid <> '{table}'::regclass"
+                    ),
+                    &[&node, &(seq + 1)],
+                )?
+                .map(|r| r.try_get(0))
+                .transpose()?;
+            next.is_some_and(|prev| prev.is_some() && prev == hash)
+        } else {
+            false
+        };
+        if !fits {
+            return Ok(Some(format!(
+                "the last row of node {node} there (seq {seq}) is not on the chain its signed head (seq {head_seq}) ends"
+            )));
+        }
+        let anchored: Option<i64> = tx
+            .query_opt(
+                "SELECT last_seq FROM fsp_audit_anchor WHERE node = $1",
+                &[&node],
+            )?
+            .map(|r| r.try_get(0))
+            .transpose()?;
+        if anchored.is_some_and(|a| a >= seq) {
+            return Ok(Some(format!(
+                "node {node}'s rows there (up to seq {seq}) were retired already"
+            )));
+        }
+    }
+    Ok(None)
 }
 
 /// Where a node's chain ends in the database: its last row, else its anchor.
@@ -918,9 +1001,12 @@ fn check_head(
     // Signed heads and anchors (see `crate::seal`): one not signed by a trusted key was
     // written without the key, or by someone who does not hold it. Writing on would sign
     // whatever the database holds now.
-    let unsealed = |what: &str, why: String| {
+    let unsealed = |what: &str, why: Option<crate::seal::SealError>| {
         TrailError::CutShort(format!(
-            "{what} of node {node} {why}: the node's rows may have been altered while the gateway was stopped. Run `fsp audit verify`; once the trail is accounted for, `fsp audit seal` signs its heads and anchors with the configured key, and the gateway writes on"
+            "{what} of node {node} {}: {}",
+            why.as_ref()
+                .map_or_else(|| "is missing".to_owned(), ToString::to_string),
+            crate::seal::advice(why.as_ref(), &format!("the rows of node {node}"))
         ))
     };
     if seals.required()
@@ -945,7 +1031,7 @@ fn check_head(
             ANCHOR_LABEL,
             &anchor_fields(&anchor),
         )
-        .map_err(|why| unsealed("fsp_audit_anchor", why))?;
+        .map_err(|why| unsealed("fsp_audit_anchor", Some(why)))?;
     }
     let Some(head) = client.query_opt(
         "SELECT last_seq, message_id, last_hash, written_at, key_id, signature \
@@ -954,7 +1040,7 @@ fn check_head(
     )?
     else {
         if seals.required() && tail.seq > 0 {
-            return Err(unsealed("fsp_audit_head", "is missing".into()));
+            return Err(unsealed("fsp_audit_head", None));
         }
         return Ok(());
     };
@@ -971,28 +1057,43 @@ fn check_head(
         HEAD_LABEL,
         &head_fields(node, seq, &message_id, &hash),
     )
-    .map_err(|why| unsealed("fsp_audit_head", why))?;
+    .map_err(|why| unsealed("fsp_audit_head", Some(why)))?;
     if seq == tail.seq && tail.hash.as_deref() == Some(hash.as_str()) {
         return Ok(());
     }
-    let retired: Option<i64> = client
+    let retired: Option<(i64, Option<String>)> = client
         .query_opt(
-            "SELECT last_seq FROM fsp_audit_anchor WHERE node = $1",
+            "SELECT last_seq, last_hash FROM fsp_audit_anchor WHERE node = $1",
             &[&node],
         )?
-        .map(|r| r.try_get(0))
+        .map(|r| Ok::<_, ::postgres::Error>((r.try_get(0)?, r.try_get(1)?)))
         .transpose()?;
-    if retired.is_some_and(|r| r >= seq) {
-        return Ok(());
-    }
-    let held: Option<String> = client
-        .query_opt(
-            "SELECT hash FROM fsp_audit WHERE node = $1 AND seq = $2",
-            &[&node, &seq],
-        )?
-        .map(|r| r.try_get(0))
-        .transpose()?;
-    if held.as_deref() == Some(hash.as_str()) {
+    // Where the node's remaining rows go on from: its anchor when retention retired the
+    // head's row, else the head's row itself, if it is still there.
+    let from = match retired {
+        Some((r, h)) if r >= seq => Some((r, h.unwrap_or_default())),
+        _ => {
+            let held: Option<String> = client
+                .query_opt(
+                    "SELECT hash FROM fsp_audit WHERE node = $1 AND seq = $2",
+                    &[&node, &seq],
+                )?
+                .map(|r| r.try_get(0))
+                .transpose()?;
+            (held.as_deref() == Some(hash.as_str())).then(|| (seq, hash.clone()))
+        }
+    };
+    if let Some((from_seq, from_hash)) = from {
+        // With signed heads, every row after that must follow it (the rows a crash left
+        // after the last head written), so that rows planted after the others (a higher
+        // `seq`, a chain of their own) are not taken for the node's end and signed over.
+        if seals.required()
+            && let Some(why) = rows_after_head(client, node, from_seq, &from_hash, tail)?
+        {
+            return Err(TrailError::CutShort(format!(
+                "the rows of node {node} after its signed head (seq {seq}) do not follow it: {why}. Run `fsp audit verify`"
+            )));
+        }
         return Ok(());
     }
     let at = written_at
@@ -1001,6 +1102,49 @@ fn check_head(
     Err(TrailError::CutShort(format!(
         "the audit database does not hold record {message_id} (seq {seq}) of node {node}, which fsp_audit_head says was written by {at}: rows were removed while the gateway was stopped. Run `fsp audit verify`; once the loss is accounted for, delete the node's row of fsp_audit_head, and the gateway writes on"
     )))
+}
+
+/// Why the rows of `node` after its head (`seq`, `hash`) up to `tail` are not a chain
+/// that goes on from it, if they are not: each `seq` once, one after the other, each
+/// row's `prev_hash` the hash of the row before.
+fn rows_after_head(
+    client: &mut Client,
+    node: &str,
+    seq: i64,
+    hash: &str,
+    tail: &Tail,
+) -> Result<Option<String>, ::postgres::Error> {
+    if tail.seq < seq {
+        return Ok(Some(format!("the node's last row has seq {}", tail.seq)));
+    }
+    let mut tx = client.transaction()?;
+    let portal = tx.bind(
+        "SELECT seq, prev_hash, hash FROM fsp_audit WHERE node = $1 AND seq > $2 ORDER BY seq",
+        &[&node, &seq],
+    )?;
+    let (mut expected, mut prev) = (seq + 1, Some(hash.to_owned()));
+    loop {
+        let rows = tx.query_portal(&portal, FETCH_ROWS)?;
+        for row in &rows {
+            let (at, row_prev, row_hash): (i64, Option<String>, Option<String>) =
+                (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?);
+            if at != expected {
+                return Ok(Some(format!("seq {expected} is followed by seq {at}")));
+            }
+            if row_prev != prev {
+                return Ok(Some(format!(
+                    "the row of seq {at} does not link to the one before"
+                )));
+            }
+            expected = at + 1;
+            prev = row_hash;
+        }
+        if rows.len() < FETCH_ROWS as usize {
+            break;
+        }
+    }
+    tx.commit()?;
+    Ok(None)
 }
 
 /// What a writer that connects again finds at its node's end in the database, against
@@ -1956,6 +2100,12 @@ struct Writer {
     /// and when the head was last written.
     head: Option<(i64, String, String)>,
     head_at: Option<Instant>,
+    /// With signed heads: why the node's rows are no longer the chain this writer wrote
+    /// (found when it connected again). It then signs no more heads and stays unhealthy
+    /// (a fail-closed gateway refuses calls) until an operator has looked (a restart
+    /// checks the trail again); records still come (refusals, outcomes) are written on,
+    /// so none is lost, after the rows found.
+    tampered: Option<String>,
 }
 
 impl Writer {
@@ -1974,6 +2124,7 @@ impl Writer {
             counted: Counted::default(),
             head: None,
             head_at: None,
+            tampered: None,
         })
     }
 
@@ -1997,7 +2148,7 @@ impl Writer {
         if !locked {
             return Err(TrailError::NodeTaken(settings.node.clone()));
         }
-        maintain(&mut client, schema, None, None)?;
+        maintain(&mut client, schema, None, &Seals::default())?;
         let insert = client.prepare(&INSERT)?;
         let insert_counted = client.prepare(&INSERT_COUNTED)?;
         let tail = tail(&mut client, &settings.node)?;
@@ -2107,6 +2258,9 @@ impl Writer {
     /// statement of its own after the rows it names. A failure is logged; the next
     /// batch tries again.
     fn write_head(&mut self) {
+        if self.tampered.is_some() {
+            return;
+        }
         let Some(conn) = self.conn.as_mut() else {
             return;
         };
@@ -2286,7 +2440,18 @@ impl Writer {
             None => after.clone(),
         };
         let node = &self.settings.node;
-        match found(&tail, &before, &after) {
+        let found = found(&tail, &before, &after);
+        if self.settings.seals.required() && matches!(found, Found::Removed | Found::Foreign) {
+            // Going on would sign heads over rows this writer did not write.
+            let why = format!(
+                "the audit trail of node {node} in {} no longer ends where this gateway left it (seq {} there, {} written): its rows were changed behind the gateway's back. Nothing more is written or signed; run `fsp audit verify`, then restart the gateway",
+                self.at, tail.seq, before.seq
+            );
+            tracing::error!(%node, database_seq = tail.seq, written_seq = before.seq, "{why}");
+            self.unhealthy(why.clone());
+            self.tampered = Some(why);
+        }
+        match found {
             Found::Written => true,
             Found::Pending => false,
             Found::Removed => {
@@ -2342,7 +2507,7 @@ impl Writer {
             &mut conn.client,
             schema,
             self.settings.retention_days,
-            self.settings.seals.key.as_deref(),
+            &self.settings.seals,
         ) {
             Ok(()) => Instant::now() + MAINTENANCE_EVERY,
             Err(e) => {
@@ -2353,6 +2518,12 @@ impl Writer {
     }
 
     fn healthy(&self) {
+        if let Some(why) = &self.tampered {
+            if let Ok(mut last) = self.shared.last_error.lock() {
+                *last = Some(why.clone());
+            }
+            return;
+        }
         if !self.shared.healthy.swap(true, Ordering::AcqRel) {
             tracing::info!(database = %self.at, "audit database written and reachable again");
         }
@@ -2627,7 +2798,7 @@ impl PostgresTrail {
             )
             .map_err(|why| VerifyError::Unsealed {
                 what: format!("fsp_audit_head of node {node}"),
-                why,
+                why: why.to_string(),
             })?;
             let head = NodeHead {
                 last_seq: row.try_get(1).map_err(get)?,
@@ -2650,7 +2821,7 @@ impl PostgresTrail {
             )
             .map_err(|why| VerifyError::Unsealed {
                 what: format!("fsp_audit_anchor of node {}", anchor.node),
-                why,
+                why: why.to_string(),
             })?;
             if anchor.last_hash.is_some() {
                 chains.anchored.insert(anchor.node.clone());
@@ -2714,6 +2885,7 @@ impl PostgresTrail {
         &mut self,
         retention_days: Option<u32>,
         key: &SigningKey,
+        trusted: &TrustedKeys,
     ) -> Result<Vec<String>, VerifyError> {
         let db = |e: ::postgres::Error| VerifyError::from(TrailError::from(e));
         // The signatures' columns (version 5) may not be there yet.
@@ -2731,7 +2903,7 @@ impl PostgresTrail {
             .map(|r| r.try_get(0))
             .collect::<Result<_, _>>()
             .map_err(db)?;
-        let sealed = self.seal_locked(&nodes, retention_days, key);
+        let sealed = self.seal_locked(&nodes, retention_days, key, trusted);
         // The locks are the session's: let go of them whatever happened.
         let _ = self.client.batch_execute("SELECT pg_advisory_unlock_all()");
         sealed
@@ -2742,6 +2914,7 @@ impl PostgresTrail {
         nodes: &[String],
         retention_days: Option<u32>,
         key: &SigningKey,
+        trusted: &TrustedKeys,
     ) -> Result<Vec<String>, VerifyError> {
         let db = |e: ::postgres::Error| VerifyError::from(TrailError::from(e));
         for node in nodes {
@@ -2759,10 +2932,31 @@ impl PostgresTrail {
             }
         }
         self.verify(retention_days)?;
+        // What each head and anchor was before: a trusted key's signature that does not
+        // fit is tampering, and is not signed over.
+        let before = |what: String, state: Result<(), crate::seal::SealError>| match state {
+            Ok(()) => Ok((what, "was signed by a trusted key".to_owned())),
+            Err(e) if e.is_tampering() => Err(VerifyError::Unsealed {
+                what,
+                why: format!("{e}; not signed over: this is the mark of tampering"),
+            }),
+            Err(crate::seal::SealError::Unsigned) => Ok((what, "was not signed".to_owned())),
+            Err(e) => Ok((what, format!("was not signed by a trusted key: it {e}"))),
+        };
         let mut tx = self.client.transaction().map_err(db)?;
         let mut signed = Vec::new();
         let (_, anchors) = anchors(&mut tx).map_err(db)?;
         for anchor in anchors {
+            let (what, was) = before(
+                format!("fsp_audit_anchor of node {}", anchor.node),
+                check_seal(
+                    trusted,
+                    anchor.key_id.clone(),
+                    anchor.signature.clone(),
+                    ANCHOR_LABEL,
+                    &anchor_fields(&anchor),
+                ),
+            )?;
             let seal = key.seal(
                 ANCHOR_LABEL,
                 &anchor_fields(&anchor).each_ref().map(String::as_str),
@@ -2772,33 +2966,57 @@ impl PostgresTrail {
                 &[&anchor.node, &seal.key, &seal.signature],
             )
             .map_err(db)?;
-            signed.push(format!("fsp_audit_anchor of node {}", anchor.node));
+            signed.push(format!("{what} ({was})"));
         }
         for node in nodes {
             let head = tx
                 .query_opt(
-                    "SELECT last_seq, message_id, last_hash FROM fsp_audit_head WHERE node = $1",
+                    "SELECT last_seq, message_id, last_hash, key_id, signature \
+                     FROM fsp_audit_head WHERE node = $1",
                     &[node],
                 )
                 .map_err(db)?;
-            let head = match head {
-                Some(row) => Some(row),
+            let (seq, message_id, hash, was) = match head {
+                Some(row) => {
+                    let (seq, message_id, hash): (i64, String, String) = (
+                        row.try_get(0).map_err(db)?,
+                        row.try_get(1).map_err(db)?,
+                        row.try_get(2).map_err(db)?,
+                    );
+                    let (_, was) = before(
+                        format!("fsp_audit_head of node {node}"),
+                        check_seal(
+                            trusted,
+                            row.try_get(3).map_err(db)?,
+                            row.try_get(4).map_err(db)?,
+                            HEAD_LABEL,
+                            &head_fields(node, seq, &message_id, &hash),
+                        ),
+                    )?;
+                    (seq, message_id, hash, was)
+                }
                 // The node's last row, when it has rows (one only retired has none).
-                None => tx
-                    .query_opt(
-                        "SELECT seq, message_id, hash FROM fsp_audit WHERE node = $1 \
-                         ORDER BY seq DESC LIMIT 1",
-                        &[node],
+                None => {
+                    let Some(row) = tx
+                        .query_opt(
+                            "SELECT seq, message_id, hash FROM fsp_audit WHERE node = $1 \
+                             ORDER BY seq DESC LIMIT 1",
+                            &[node],
+                        )
+                        .map_err(db)?
+                    else {
+                        continue;
+                    };
+                    let hash: Option<String> = row.try_get(2).map_err(db)?;
+                    let Some(hash) = hash else { continue };
+                    (
+                        row.try_get(0).map_err(db)?,
+                        row.try_get(1).map_err(db)?,
+                        hash,
+                        "was missing: made".to_owned(),
                     )
-                    .map_err(db)?,
+                }
             };
-            let Some(row) = head else { continue };
-            let (seq, message_id, hash): (i64, String, Option<String>) = (
-                row.try_get(0).map_err(db)?,
-                row.try_get(1).map_err(db)?,
-                row.try_get(2).map_err(db)?,
-            );
-            let Some(hash) = hash else { continue };
             let seal = key.seal(
                 HEAD_LABEL,
                 &head_fields(node, seq, &message_id, &hash)
@@ -2810,15 +3028,19 @@ impl PostgresTrail {
                  (node, last_seq, message_id, last_hash, written_at, key_id, signature) \
                  VALUES ($1, $2, $3, $4, now(), $5, $6) \
                  ON CONFLICT (node) DO UPDATE SET key_id = EXCLUDED.key_id, \
-                 signature = EXCLUDED.signature",
+                 signature = EXCLUDED.signature \
+                 WHERE fsp_audit_head.last_seq = EXCLUDED.last_seq \
+                 AND fsp_audit_head.last_hash = EXCLUDED.last_hash",
                 &[node, &seq, &message_id, &hash, &seal.key, &seal.signature],
             )
             .map_err(db)?;
             signed.push(format!(
-                "fsp_audit_head of node {node} (record {message_id})"
+                "fsp_audit_head of node {node} (record {message_id}; {was})"
             ));
         }
         tx.commit().map_err(db)?;
+        // What was signed is what was checked: read back with the key alone.
+        self.verify_sealed(retention_days, &TrustedKeys::new([key.trusted()]))?;
         Ok(signed)
     }
 

@@ -181,29 +181,85 @@ impl TrustedKeys {
 
     /// Checks `seal` over `fields` under `label`. `Ok` when no key is trusted (nothing
     /// required), else the seal must be there and verify with the key it names.
-    pub fn check(&self, seal: Option<&Seal>, label: &str, fields: &[&str]) -> Result<(), String> {
+    pub fn check(
+        &self,
+        seal: Option<&Seal>,
+        label: &str,
+        fields: &[&str],
+    ) -> Result<(), SealError> {
         if self.keys.is_empty() {
             return Ok(());
         }
         let Some(seal) = seal else {
-            return Err("is not signed, and a signing key is trusted".to_owned());
+            return Err(SealError::Unsigned);
         };
         let Some(key) = self.keys.iter().find(|k| k.id == seal.key) else {
-            return Err(format!(
-                "is signed by key {}, which is not trusted (trusted: {})",
-                seal.key,
-                self.ids().join(", ")
-            ));
+            return Err(SealError::UntrustedKey {
+                key: seal.key.clone(),
+                trusted: self.ids().join(", "),
+            });
         };
-        let sig = unhex(&seal.signature).ok_or_else(|| "has a malformed signature".to_owned())?;
+        let sig = unhex(&seal.signature).ok_or(SealError::Malformed)?;
         UnparsedPublicKey::new(&signature::ED25519, &key.raw)
             .verify(&message(label, fields), &sig)
-            .map_err(|_| {
-                format!(
-                    "has a signature by key {} that does not match what it says: it was altered after it was signed",
-                    seal.key
-                )
+            .map_err(|_| SealError::Altered {
+                key: seal.key.clone(),
             })
+    }
+}
+
+/// Why a head or an anchor is not signed by a trusted key (each reads after its name:
+/// "head-n.json is not signed, ...").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SealError {
+    /// Written without a key (before one was set), or stripped.
+    Unsigned,
+    /// Signed by a key not trusted: an earlier key missing from `verify_keys`, or a key
+    /// of someone else's.
+    UntrustedKey { key: String, trusted: String },
+    /// A signature that is not one.
+    Malformed,
+    /// Signed by a trusted key, and changed since: tampering, never a mistake.
+    Altered { key: String },
+}
+
+impl SealError {
+    /// Whether this is evidence of tampering (a trusted key's signature that does not
+    /// fit), which no operator should sign over, rather than a trail written without
+    /// the key or with another one.
+    pub fn is_tampering(&self) -> bool {
+        matches!(self, SealError::Malformed | SealError::Altered { .. })
+    }
+}
+
+impl std::fmt::Display for SealError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SealError::Unsigned => write!(f, "is not signed, and a signing key is trusted"),
+            SealError::UntrustedKey { key, trusted } => write!(
+                f,
+                "is signed by key {key}, which is not trusted (trusted: {trusted})"
+            ),
+            SealError::Malformed => write!(f, "has a malformed signature: it was altered"),
+            SealError::Altered { key } => write!(
+                f,
+                "has a signature by key {key} that does not match what it says: it was altered after it was signed"
+            ),
+        }
+    }
+}
+
+/// What an operator is told to do about a head or an anchor a writer will not start on
+/// (`why`: `None` when it is missing), for the trail named `what`.
+pub fn advice(why: Option<&SealError>, what: &str) -> String {
+    if why.is_some_and(SealError::is_tampering) {
+        format!(
+            "{what} was changed after the gateway signed it: this is the mark of tampering. Do not run `fsp audit seal` over it: compare the trail with its backups, and keep it as evidence"
+        )
+    } else {
+        format!(
+            "{what} may have been altered while the gateway was stopped, or was written without this key. Run `fsp audit verify`; once the trail is accounted for, `fsp audit seal` signs its heads and anchors with the configured key, and the gateway writes on"
+        )
     }
 }
 
@@ -310,14 +366,12 @@ mod tests {
             ("head", &["n1a", "bc"][..]),
         ] {
             let e = trusted.check(Some(&seal), label, fields).unwrap_err();
-            assert!(e.contains("altered"), "{e}");
+            assert!(e.is_tampering() && e.to_string().contains("altered"), "{e}");
         }
         // No seal, or one by another key: refused while a key is trusted.
-        assert!(
-            trusted
-                .check(None, "head", &["n1"])
-                .unwrap_err()
-                .contains("not signed")
+        assert_eq!(
+            trusted.check(None, "head", &["n1"]).unwrap_err(),
+            SealError::Unsigned
         );
         let (other, _) = SigningKey::generate().unwrap();
         let e = trusted
@@ -327,7 +381,10 @@ mod tests {
                 &["n1", "abc"],
             )
             .unwrap_err();
-        assert!(e.contains("not trusted"), "{e}");
+        assert!(
+            !e.is_tampering() && e.to_string().contains("not trusted"),
+            "{e}"
+        );
         // A forged key id with the other key's signature: still refused.
         let mut forged = other.seal("head", &["n1", "abc"]);
         forged.key = key.id().to_owned();

@@ -809,7 +809,7 @@ fn a_signed_head_cannot_be_moved_or_dropped_by_a_database_administrator() {
     );
     let e = db.trail().verify_sealed(None, &trusted).unwrap_err();
     assert!(matches!(e, VerifyError::Unsealed { .. }), "{e}");
-    db.trail().seal(None, &key).unwrap();
+    db.trail().seal(None, &key, &trusted).unwrap();
     let (sink, handle) = sealed(&db).unwrap();
     for i in 4..8 {
         sink.submit(record(i)).unwrap();
@@ -896,7 +896,7 @@ fn retention_drops_old_partitions_and_verification_goes_on_from_the_anchors() {
     // anchors it moves.
     let (key, _) = SigningKey::generate().unwrap();
     let trusted = TrustedKeys::new([key.trusted()]);
-    let signed = db.trail().seal(None, &key).unwrap();
+    let signed = db.trail().seal(None, &key, &trusted).unwrap();
     assert_eq!(signed.len(), 2, "{signed:?}");
 
     let (sink, handle) = PostgresSink::start_with(Settings {
@@ -1634,4 +1634,182 @@ fn lookup_among_10_million_records_in_under_a_second_bench() {
         );
     }
     assert!(worst < Duration::from_secs(1), "{worst:?}");
+}
+
+fn sealed_sink(
+    db: &Db,
+    key: &SigningKey,
+    retention_days: Option<u32>,
+) -> Result<(PostgresSink, PostgresSinkHandle), AuditError> {
+    PostgresSink::start_with(Settings {
+        retention_days,
+        seals: Seals::new(
+            SigningKey::from_pem(key.pkcs8_pem().as_bytes()).unwrap(),
+            [],
+        ),
+        ..db.settings("n")
+    })
+}
+
+/// Found by an attacker's review: a DBA planted a row of the node in an old month's
+/// partition (a `seq` and hash of his choosing) and altered copies of the node's records
+/// chained after it, numbered after it. A gateway with the key took the highest `seq`
+/// for the node's end, retired the planted partition and signed an anchor from it: the
+/// originals could then be deleted and verify passed. Now a writer with the key does not
+/// start when the rows after its signed head do not follow it, and retention does not
+/// sign (or retire) a partition whose last rows its signed heads do not confirm.
+#[test]
+fn rows_planted_in_an_old_partition_are_neither_followed_nor_signed() {
+    let Some(db) = db() else { return };
+    written(&db, 0);
+    let (key, _) = SigningKey::generate().unwrap();
+    let trusted = TrustedKeys::new([key.trusted()]);
+    let (sink, handle) = sealed_sink(&db, &key, Some(365)).unwrap();
+    for i in 0..4 {
+        sink.submit(record(i)).unwrap();
+    }
+    drop(sink);
+    handle.join();
+    let mut c = db.client();
+    let year = time::OffsetDateTime::now_utc().year() - 3;
+    let table = format!("fsp_audit_y{year}m01");
+    c.batch_execute(&format!(
+        "CREATE TABLE {table} PARTITION OF fsp_audit \
+         FOR VALUES FROM ('{year}-01-01 00:00:00+00') TO ('{year}-02-01 00:00:00+00')"
+    ))
+    .unwrap();
+    let mut planted = record(999);
+    let mut chain = Chain::default();
+    chain.seal(&mut planted);
+    insert_row(
+        &mut c,
+        &planted,
+        999_996,
+        &format!("{year}-01-15 12:00:00+00"),
+    );
+    for i in 0..4 {
+        let mut r = record(i);
+        r.status = 500;
+        chain.seal(&mut r);
+        insert_row(&mut c, &r, 999_997 + i as i64, "now");
+    }
+    let e = sealed_sink(&db, &key, Some(365)).unwrap_err().to_string();
+    assert!(e.contains("do not follow it"), "{e}");
+    assert!(matches!(
+        db.trail().verify_sealed(Some(365), &trusted),
+        Err(VerifyError::Broken(_))
+    ));
+
+    // Retention alone (the altered copies gone, the planted row kept): the partition is
+    // neither retired nor made into a signed anchor.
+    c.batch_execute("DELETE FROM fsp_audit WHERE seq > 999996 AND seq < 1000001")
+        .unwrap();
+    let e = sealed_sink(&db, &key, Some(365)).unwrap_err().to_string();
+    assert!(e.contains("do not follow it"), "{e}");
+    // Even a writer that starts (the planted row's seq made to fit after the head) does
+    // not sign it: it is not on the head's chain.
+    c.batch_execute("UPDATE fsp_audit SET seq = 3 WHERE seq = 999996")
+        .unwrap();
+    let (sink, handle) = sealed_sink(&db, &key, Some(365)).unwrap();
+    drop(sink);
+    handle.join();
+    assert_eq!(
+        db.count(&format!(
+            "SELECT count(*) FROM pg_class WHERE relname = '{table}'"
+        )),
+        1,
+        "the planted partition is kept"
+    );
+    assert_eq!(db.count("SELECT count(*) FROM fsp_audit_anchor"), 0);
+}
+
+/// Found by an attacker's review: while the gateway ran, a DBA rewrote the node's chain
+/// (one record altered, every later hash computed again) and cut the writer's
+/// connection; the writer reconnected, took the database's end for its own and signed
+/// heads over it. Now a writer with the key that finds its node's end elsewhere than it
+/// left it writes and signs nothing more, and says why.
+#[test]
+fn a_writer_with_the_key_does_not_adopt_a_chain_rewritten_behind_it() {
+    let Some(db) = db() else { return };
+    written(&db, 0);
+    let (key, _) = SigningKey::generate().unwrap();
+    let trusted = TrustedKeys::new([key.trusted()]);
+    let (sink, handle) = sealed_sink(&db, &key, None).unwrap();
+    let rt = runtime();
+    for i in 0..5 {
+        rt.block_on(sink.submit_durable(&record(i)).unwrap())
+            .unwrap();
+    }
+    // The head follows the last record within a second.
+    let start = Instant::now();
+    while db.count("SELECT coalesce(max(last_seq), 0) FROM fsp_audit_head") < 5 {
+        assert!(start.elapsed() < Duration::from_secs(5), "no head");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut c = db.client();
+    let mut chain = Chain::default();
+    for i in 0..5 {
+        let mut r = record(i);
+        if i == 1 {
+            r.status = 403;
+        }
+        chain.seal(&mut r);
+        c.execute(
+            "UPDATE fsp_audit SET status = $2, prev_hash = $3, hash = $4 \
+             WHERE node = 'n' AND seq = $1",
+            &[&(i as i64 + 1), &i32::from(r.status), &r.prev_hash, &r.hash],
+        )
+        .unwrap();
+    }
+    terminate(&db, writer_pid(&db, "n"));
+    let start = Instant::now();
+    let why = loop {
+        if let Err(e) = sink.health() {
+            let why = e.to_string();
+            if why.contains("behind the gateway's back") {
+                break why;
+            }
+        }
+        assert!(start.elapsed() < Duration::from_secs(15), "not noticed");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(why.contains("fsp audit verify"), "{why}");
+    // The sink stays unhealthy (a fail-closed gateway refuses calls); records still
+    // given are kept, and no head is signed over the rewritten rows.
+    let head = || db.count("SELECT last_seq FROM fsp_audit_head WHERE node = 'n'");
+    let signed_at = head();
+    sink.submit(record(5)).unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(sink.health().is_err());
+    drop(sink);
+    handle.join();
+    assert_eq!(db.count("SELECT count(*) FROM fsp_audit"), 6);
+    assert_eq!(
+        head(),
+        signed_at,
+        "no head signed after the rows were rewritten"
+    );
+    assert!(db.trail().verify_sealed(None, &trusted).is_err());
+}
+
+/// `seal` does not sign over a head whose trusted signature no longer fits (tampering),
+/// and says what each head and anchor was before.
+#[test]
+fn seal_refuses_a_head_whose_signature_was_broken() {
+    let Some(db) = db() else { return };
+    written(&db, 3);
+    let (key, _) = SigningKey::generate().unwrap();
+    let trusted = TrustedKeys::new([key.trusted()]);
+    let signed = db.trail().seal(None, &key, &trusted).unwrap();
+    assert!(signed[0].contains("was not signed"), "{signed:?}");
+    let signed = db.trail().seal(None, &key, &trusted).unwrap();
+    assert!(
+        signed[0].contains("was signed by a trusted key"),
+        "{signed:?}"
+    );
+    db.client()
+        .batch_execute("UPDATE fsp_audit_head SET message_id = 'm-other'")
+        .unwrap();
+    let e = db.trail().seal(None, &key, &trusted).unwrap_err();
+    assert!(e.to_string().contains("mark of tampering"), "{e}");
 }

@@ -586,13 +586,13 @@ fn seal_audit(config: &std::path::Path) -> ExitCode {
     let retention = Some(c.audit.retention_days);
     let (signed, place) = match &c.audit.backend {
         proxy::config::AuditBackend::File { dir } => (
-            audit::file::seal_dir(dir, retention, key),
+            audit::file::seal_dir(dir, retention, key, &c.audit.seals.trusted),
             dir.display().to_string(),
         ),
         proxy::config::AuditBackend::Postgres { url, .. } => (
             audit::postgres::PostgresTrail::connect(url, None)
                 .map_err(audit::file::VerifyError::from)
-                .and_then(|mut trail| trail.seal(retention, key)),
+                .and_then(|mut trail| trail.seal(retention, key, &c.audit.seals.trusted)),
             audit::postgres::display_url(url),
         ),
         proxy::config::AuditBackend::None { .. } => {
