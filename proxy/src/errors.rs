@@ -53,6 +53,11 @@ pub enum Code {
     /// `FSP-UPSTREAM-UNAVAILABLE` with 503 and `Retry-After` (nothing was sent to it).
     UpstreamBusy,
     AuditUnavailable,
+    /// A replica of a cluster that does not know the cluster's suspensions yet (its Redis
+    /// has not answered since the start and it keeps no last known set): it cannot tell
+    /// a consumer cut off elsewhere from one that is not (extension: 503
+    /// `FSP-GATEWAY-NOT-READY`, with `Retry-After`).
+    GatewayNotReady,
 }
 
 /// Who caused a failure.
@@ -103,6 +108,7 @@ impl Code {
             Self::UpstreamTimeout => "FSP-UPSTREAM-TIMEOUT",
             Self::UpstreamBusy => "FSP-UPSTREAM-UNAVAILABLE",
             Self::AuditUnavailable => "FSP-AUDIT-UNAVAILABLE",
+            Self::GatewayNotReady => "FSP-GATEWAY-NOT-READY",
         }
     }
 
@@ -129,7 +135,7 @@ impl Code {
             | Self::RequestTooLarge
             | Self::Throttled => Side::Consumer,
             Self::UpstreamUnavailable | Self::UpstreamTimeout => Side::Provider,
-            Self::UpstreamBusy | Self::AuditUnavailable => Side::Gateway,
+            Self::UpstreamBusy | Self::AuditUnavailable | Self::GatewayNotReady => Side::Gateway,
         }
     }
 
@@ -155,7 +161,9 @@ impl Code {
             Self::Throttled => StatusCode::TOO_MANY_REQUESTS,
             Self::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
-            Self::UpstreamBusy | Self::AuditUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::UpstreamBusy | Self::AuditUnavailable | Self::GatewayNotReady => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
         }
     }
 
@@ -185,6 +193,7 @@ impl Code {
             Self::UpstreamTimeout => "Provider timed out",
             Self::UpstreamBusy => "Provider at capacity",
             Self::AuditUnavailable => "Audit trail unavailable",
+            Self::GatewayNotReady => "Gateway not ready",
         }
     }
 

@@ -277,7 +277,16 @@ impl SuspensionStore {
     ) -> Result<Changed, ChangeError> {
         let _guard = self.write.lock().await;
         let changed = match &self.cluster {
-            Some(link) => link.write(party, id, change.as_ref()).await?,
+            Some(link) => {
+                let known = self.current.load_full();
+                let (changed, cluster) = link.write(party, id, change.as_ref(), &known).await?;
+                // The change applies to the cluster's sets as read just before it.
+                if cluster != *known {
+                    log_changes(&known, &cluster);
+                    self.current.store(Arc::new(cluster));
+                }
+                changed
+            }
             None => match &change {
                 Some(_) => !self.current.load().of(party).contains_key(id),
                 None => self.current.load().of(party).contains_key(id),
@@ -418,14 +427,20 @@ impl ClusterLink {
         }
     }
 
-    /// Writes one change, moves the generation on and announces it, in one
-    /// transaction; whether it changed anything.
+    /// Writes one change, moves the generation on and announces it, in one script;
+    /// whether it changed anything. The cluster's sets are read first (see
+    /// [`Self::read`]: a Redis that lost data gets `known` back), and the script
+    /// applies the change only if the generation has not gone back since: a Redis that
+    /// lost its last changes in between (restored from a copy a second old) would
+    /// otherwise have its generation moved back up by this change, and the loss, a
+    /// lifted suspension among it, would never be seen.
     async fn write(
         &self,
         party: Party,
         id: &str,
         change: Option<&Suspension>,
-    ) -> Result<bool, ChangeError> {
+        known: &Suspended,
+    ) -> Result<(bool, Suspended), ChangeError> {
         let mut conn = match self.connection().await {
             Ok(c) => c,
             Err(e) => {
@@ -433,30 +448,62 @@ impl ClusterLink {
                 return Err(ChangeError::ClusterUnavailable(e.to_string()));
             }
         };
-        let announce = format!("{}:{id}", party.as_str());
-        let run = async {
-            let mut pipe = redis::pipe();
-            pipe.atomic();
-            match change {
-                Some(s) => {
-                    let value = serde_json::to_string(s).map_err(json_error)?;
-                    pipe.hset_nx(self.key(party), id, value);
-                }
-                None => {
-                    pipe.hdel(self.key(party), id);
-                }
+        let cluster = match self.read(known).await {
+            Ok(sets) => sets,
+            Err(e) => {
+                self.mark(false, Some(&e));
+                return Err(ChangeError::ClusterUnavailable(e.to_string()));
             }
-            pipe.incr(&self.generation_key, 1)
-                .publish(&self.channel, announce)
-                .ignore();
-            let (changed, generation): (i64, u64) = pipe.query_async(&mut conn).await?;
-            Ok::<_, redis::RedisError>((changed > 0, generation))
+        };
+        let announce = format!("{}:{id}", party.as_str());
+        let (op, value) = match change {
+            Some(s) => (
+                "suspend",
+                serde_json::to_string(s)
+                    .map_err(|e| ChangeError::ClusterUnavailable(e.to_string()))?,
+            ),
+            None => ("resume", String::new()),
+        };
+        let run = async {
+            for _ in 0..2 {
+                let seen = self.generation.load(Ordering::Acquire);
+                let (changed, generation, before): (i64, u64, u64) = WRITE_SCRIPT
+                    .key(self.key(party))
+                    .key(&self.generation_key)
+                    .arg(seen)
+                    .arg(op)
+                    .arg(id)
+                    .arg(&value)
+                    .arg(&self.channel)
+                    .arg(&announce)
+                    .invoke_async(&mut conn)
+                    .await?;
+                if changed >= 0 {
+                    // Another gateway's change came between the read and this one: the
+                    // generation seen stays behind, so that the next read takes the
+                    // cluster's sets as they are (this gateway does not know that one).
+                    let generation = if before == seen { generation } else { seen };
+                    return Ok::<_, redis::RedisError>((changed > 0, generation));
+                }
+                // The generation went back between the read and the change: data lost.
+                metrics::counter!("fsp_cluster_redis_errors_total").increment(1);
+                tracing::error!(
+                    generation,
+                    expected_at_least = seen,
+                    "the cluster's Redis lost suspensions just before a change: this gateway's last known set is written back first, nothing is lifted"
+                );
+                self.restore(&mut conn, &cluster, seen.max(generation), "restored")
+                    .await?;
+            }
+            Err(redis::RedisError::from(std::io::Error::other(
+                "the cluster's Redis keeps losing changes",
+            )))
         };
         match tokio::time::timeout(REDIS_TIMEOUT, run).await {
             Ok(Ok((changed, generation))) => {
                 self.mark(true, None);
                 self.generation.fetch_max(generation, Ordering::AcqRel);
-                Ok(changed)
+                Ok((changed, cluster))
             }
             Ok(Err(e)) => {
                 self.mark(false, Some(&e));
@@ -535,9 +582,16 @@ impl ClusterLink {
                     .query_async(&mut conn)
                     .await?;
                 let seen = self.generation.load(Ordering::Acquire);
+                let sets = Suspended {
+                    consumers: decode(Party::Consumer, c),
+                    providers: decode(Party::Provider, p),
+                };
+                // Every change moves the generation on: at the generation this gateway
+                // saw last, the sets are the ones it knows, or Redis lost some (a hash
+                // deleted or evicted, a partial restore) and its generation says nothing.
                 let lost = match generation {
                     None => seen > 0 || *known != Suspended::default(),
-                    Some(g) => g < seen,
+                    Some(g) => g < seen || (g == seen && seen > 0 && !same_ids(&sets, known)),
                 };
                 if lost && attempt == 0 {
                     metrics::counter!("fsp_cluster_redis_errors_total").increment(1);
@@ -557,10 +611,7 @@ impl ClusterLink {
                 }
                 self.generation
                     .fetch_max(generation.unwrap_or(0), Ordering::AcqRel);
-                return Ok(Suspended {
-                    consumers: decode(Party::Consumer, c),
-                    providers: decode(Party::Provider, p),
-                });
+                return Ok(sets);
             }
             Err(redis::RedisError::from(std::io::Error::other(
                 "the cluster's suspensions could not be restored",
@@ -610,6 +661,38 @@ impl ClusterLink {
         }
     }
 }
+
+/// Whether two sets suspend the same parties (the records of who, when and why may
+/// differ: a suspension made twice keeps its first).
+fn same_ids(a: &Suspended, b: &Suspended) -> bool {
+    a.consumers.keys().eq(b.consumers.keys()) && a.providers.keys().eq(b.providers.keys())
+}
+
+/// One change to the cluster's suspensions (see `ClusterLink::write`): KEYS[1] the
+/// party's hash, KEYS[2] the generation; ARGV: the generation this gateway saw, the
+/// operation (`suspend` or `resume`), the id, the record, the channel, the announcement.
+/// Returns {-1, generation, generation} when the generation is behind what was seen
+/// (nothing changed), else {1 or 0: whether the set changed, the new generation, the
+/// generation before}.
+static WRITE_SCRIPT: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(
+        r"
+local g = tonumber(redis.call('GET', KEYS[2]) or '0') or 0
+if g < tonumber(ARGV[1]) then
+  return {-1, g, g}
+end
+local changed
+if ARGV[2] == 'suspend' then
+  changed = redis.call('HSETNX', KEYS[1], ARGV[3], ARGV[4])
+else
+  changed = redis.call('HDEL', KEYS[1], ARGV[3])
+end
+local n = redis.call('INCR', KEYS[2])
+redis.call('PUBLISH', ARGV[5], ARGV[6])
+return {changed, n, g}
+",
+    )
+});
 
 fn timed_out() -> redis::RedisError {
     redis::RedisError::from(std::io::Error::new(

@@ -426,3 +426,139 @@ async fn a_resume_is_not_undone_by_a_replica_that_adopted_the_suspension_before(
     assert_eq!(d.stop().code(), Some(0));
     forget(&redis, &prefix);
 }
+
+/// Found by an attacker's review: Redis came back from a copy a moment old (the last
+/// suspension gone, the generation one lower) and the admin's next change moved the
+/// generation back up to what the replicas had seen, so nobody ever saw the loss and
+/// the suspension was lifted everywhere. Now a change is applied only after the
+/// cluster's sets are read (a loss found is written back first), and only if the
+/// generation has not gone back since.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_rolled_back_then_changed_lifts_nothing() {
+    let Some(redis) = redis_url() else { return };
+    let pki = Pki::new();
+    let up = upstream().await;
+    let prefix = unique_prefix("rollback");
+    let cluster = format!(
+        "\n[[consumer]]\nid = \"other\"\norganisation = \"Other\"\ncertificates = [ {{ cn = \"other.example.be\" }} ]\n\n[cluster]\nredis_url = \"{redis}\"\nkey_prefix = \"{prefix}\"\n"
+    );
+    let mut gw = Gateway::start(&replica_config(&pki, up, 0, &cluster)).await;
+    let mut conn = redis::Client::open(redis.as_str())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let (consumers, generation) = (
+        format!("{prefix}{{suspensions}}:consumers"),
+        format!("{prefix}{{suspensions}}:generation"),
+    );
+    for path in [
+        "/admin/consumers/other/suspend",
+        "/admin/consumers/ville-bxl/suspend",
+    ] {
+        let (status, body) = admin_request(gw.admin_port, "POST", path, Some(TOKEN)).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    until_all(&pki, &[&gw], StatusCode::FORBIDDEN).await;
+    for _ in 0..3 {
+        // Redis as a copy taken before ville-bxl's suspension: the entry gone, the
+        // generation one back; then at once another change.
+        let g: u64 = redis::cmd("GET").arg(&generation).query(&mut conn).unwrap();
+        let _: () = redis::pipe()
+            .atomic()
+            .hdel(&consumers, "ville-bxl")
+            .set(&generation, g - 1)
+            .ignore()
+            .query(&mut conn)
+            .unwrap();
+        let (status, body) = admin_request(
+            gw.admin_port,
+            "POST",
+            "/admin/consumers/other/resume",
+            Some(TOKEN),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let still: bool = redis::cmd("HEXISTS")
+            .arg(&consumers)
+            .arg("ville-bxl")
+            .query(&mut conn)
+            .unwrap();
+        assert!(still, "the suspension was lifted by the rollback");
+        assert_eq!(status_of(&pki, &gw).await.0, StatusCode::FORBIDDEN);
+        let (status, _) = admin_request(
+            gw.admin_port,
+            "POST",
+            "/admin/consumers/other/suspend",
+            Some(TOKEN),
+        )
+        .await;
+        assert_eq!(status, 200);
+    }
+    assert_eq!(gw.stop().code(), Some(0));
+    forget(&redis, &prefix);
+}
+
+/// Found by an attacker's review: the suspensions' hash deleted (or evicted) with the
+/// generation kept lifted every suspension, and every replica wrote the empty set into
+/// its state file. Now, at the generation a replica saw last, the sets must be the ones
+/// it knows; otherwise its last known set is written back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_the_suspensions_hash_lifts_nothing() {
+    let Some(redis) = redis_url() else { return };
+    let pki = Pki::new();
+    let up = upstream().await;
+    let prefix = unique_prefix("hash");
+    let cluster = format!("\n[cluster]\nredis_url = \"{redis}\"\nkey_prefix = \"{prefix}\"\n");
+    let mut gw = Gateway::start(&replica_config(&pki, up, 0, &cluster)).await;
+    let (status, body) = admin_request(
+        gw.admin_port,
+        "POST",
+        "/admin/consumers/ville-bxl/suspend",
+        Some(TOKEN),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    until_all(&pki, &[&gw], StatusCode::FORBIDDEN).await;
+    let mut conn = redis::Client::open(redis.as_str())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let _: () = redis::cmd("DEL")
+        .arg(format!("{prefix}{{suspensions}}:consumers"))
+        .query(&mut conn)
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(status_of(&pki, &gw).await.0, StatusCode::FORBIDDEN);
+    let back: bool = redis::cmd("HEXISTS")
+        .arg(format!("{prefix}{{suspensions}}:consumers"))
+        .arg("ville-bxl")
+        .query(&mut conn)
+        .unwrap();
+    assert!(back, "the last known set was not written back");
+    let state = std::fs::read_to_string(pki.path().join("audit-0/suspensions.json")).unwrap();
+    assert!(state.contains("ville-bxl"), "{state}");
+    assert_eq!(gw.stop().code(), Some(0));
+    forget(&redis, &prefix);
+}
+
+/// Found by an attacker's review: a replica that does not know the cluster's
+/// suspensions said 503 on /readyz but served every consumer, cut off or not, to
+/// whoever reached it past its readiness. Now it refuses calls until it knows.
+#[tokio::test]
+async fn a_replica_that_does_not_know_the_suspensions_serves_nobody() {
+    let pki = Pki::new();
+    let up = upstream().await;
+    let port = free_port();
+    let cluster = format!("\n[cluster]\nredis_url = \"redis://127.0.0.1:{port}\"\n");
+    let mut gw = Gateway::start(&replica_config(&pki, up, 0, &cluster)).await;
+    let c = client(&pki, Some(&pki.consumer), false);
+    let (status, headers, body, _) = send(&c, get(&gw.url("/person/getPerson/v3/cluster")))
+        .await
+        .unwrap();
+    let body = String::from_utf8_lossy(&body);
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(body.contains("FSP-GATEWAY-NOT-READY"), "{body}");
+    assert!(headers.contains_key("retry-after"));
+    assert_eq!(gw.stop().code(), Some(0));
+}

@@ -7,7 +7,7 @@
 use super::call::{Call, ConnInfo};
 use super::identify::Caller;
 use super::route::Route;
-use crate::errors::{Rejection, map};
+use crate::errors::{Code, Rejection, map};
 use crate::state::{Grant, Local};
 
 /// A call an authorisation covers: who, where to, and under which legal basis.
@@ -53,6 +53,19 @@ pub fn authorise<'s>(
         today: call.stamp.now.date(),
         any_purpose: metadata,
     };
+    // A replica that does not know the cluster's suspensions cannot tell a consumer cut
+    // off elsewhere from one that is not: it serves nobody (its /readyz says so too, but
+    // not every path to it heeds readiness).
+    if !gw.suspensions.is_known() {
+        return Err(Rejection::new(
+            Code::GatewayNotReady,
+            "this gateway does not know the cluster's suspensions yet (its Redis has not answered since it started): try again shortly",
+        )
+        .with_header(
+            http::header::RETRY_AFTER,
+            http::HeaderValue::from_static("5"),
+        ));
+    }
     // A guard, not a counted reference: it is read here and let go at once.
     let authorisation = policy::decide(
         caller.consumer(),
