@@ -79,6 +79,22 @@ impl Finisher {
         }
     }
 
+    /// Why the call must stop now (its consumer or provider was suspended since it
+    /// began), written into its record as the decision that ended it.
+    fn cut_off(&mut self) -> Option<String> {
+        let p = self.inner.as_mut()?;
+        let why = p.shared.as_ref()?.cut_off()?;
+        p.record.decision = crate::errors::Code::AuthzSuspended.as_str().to_owned();
+        let side = if why.starts_with("provider ") {
+            Side::Provider
+        } else {
+            Side::Consumer
+        };
+        p.record.fault = Some(side.as_str().to_owned());
+        p.record.detail = Some(format!("cut off while the answer was streaming: {why}"));
+        Some(why)
+    }
+
     fn complete(&mut self, response_bytes: u64, finished: bool) {
         let Some(p) = self.inner.take() else { return };
         let Pending {
@@ -229,6 +245,18 @@ impl Checked {
     }
 }
 
+/// An answer cut off because its consumer or provider was suspended.
+#[derive(Debug)]
+pub struct CutOff(pub String);
+
+impl std::fmt::Display for CutOff {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the call was cut off: {}", self.0)
+    }
+}
+
+impl std::error::Error for CutOff {}
+
 /// An answer the XML guard refused half-way: the consumer's copy is cut off.
 #[derive(Debug)]
 pub struct AnswerRefused(pub xml::XmlError);
@@ -310,6 +338,12 @@ impl Body for ResponseBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
+        // A suspension cuts the answer of a call in flight (contract section 5).
+        if !matches!(this.kind, Kind::Full(_))
+            && let Some(why) = this.finisher.as_mut().and_then(Finisher::cut_off)
+        {
+            return Poll::Ready(Some(Err(Box::new(CutOff(why)))));
+        }
         let mut polled = match &mut this.kind {
             Kind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             Kind::Upstream(inner) => Pin::new(inner).poll_frame(cx),

@@ -20,7 +20,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -156,6 +156,9 @@ pub struct SuspensionStore {
     /// Serialises writers (admin changes and cluster re-reads); readers never take it.
     write: tokio::sync::Mutex<()>,
     cluster: Option<ClusterLink>,
+    /// How many times the sets in force changed: calls in flight check it on each frame
+    /// and look the sets up only when it moved (see `CallShared::cut_off`).
+    changes: AtomicU64,
 }
 
 /// The connection to the cluster's Redis.
@@ -203,6 +206,7 @@ impl SuspensionStore {
             file,
             write: tokio::sync::Mutex::new(()),
             cluster: None,
+            changes: AtomicU64::new(0),
         })
     }
 
@@ -240,6 +244,7 @@ impl SuspensionStore {
             file,
             write: tokio::sync::Mutex::new(()),
             cluster: Some(link),
+            changes: AtomicU64::new(0),
         })
     }
 
@@ -265,6 +270,12 @@ impl SuspensionStore {
         self.current.load()
     }
 
+    /// Puts `next` in force and tells the calls in flight.
+    fn put(&self, next: Suspended) {
+        self.current.store(Arc::new(next));
+        self.changes.fetch_add(1, Ordering::AcqRel);
+    }
+
     /// Suspends (`Some`, with who, when and why) or resumes (`None`) a party; says
     /// whether anything changed (suspending a suspended party keeps its first record).
     /// The new state is stored (in Redis with `[cluster]`, else in the state file)
@@ -283,7 +294,7 @@ impl SuspensionStore {
                 // The change applies to the cluster's sets as read just before it.
                 if cluster != *known {
                     log_changes(&known, &cluster);
-                    self.current.store(Arc::new(cluster));
+                    self.put(cluster);
                 }
                 changed
             }
@@ -310,7 +321,7 @@ impl SuspensionStore {
                 // replica's copy for Redis outages is behind (written at the next read).
                 tracing::error!(error = %e, file = ?self.file, "the change is in force in the cluster, but this gateway's state file could not be written");
             }
-            self.current.store(Arc::new(next));
+            self.put(next);
         }
         Ok(Changed { changed, record })
     }
@@ -359,7 +370,7 @@ impl SuspensionStore {
                     tracing::error!(error = %e, file = ?self.file, "cannot keep the cluster's suspensions in the state file; they apply in memory");
                 }
             }
-            self.current.store(Arc::new(next));
+            self.put(next);
         }
         Ok(())
     }
@@ -406,6 +417,23 @@ impl SuspensionStore {
                 let _ = this.resync().await;
             }
         });
+    }
+}
+
+impl crate::transport::body::Suspensions for SuspensionStore {
+    fn changes(&self) -> u64 {
+        self.changes.load(Ordering::Acquire)
+    }
+
+    fn cuts_off(&self, consumer: &str, provider: &str) -> Option<String> {
+        let now = self.current.load();
+        if let Some(s) = now.consumers.get(consumer) {
+            Some(format!("consumer {consumer} was suspended by {}", s.by))
+        } else {
+            now.providers
+                .get(provider)
+                .map(|s| format!("provider {provider} was suspended by {}", s.by))
+        }
     }
 }
 

@@ -709,3 +709,121 @@ async fn administrators_may_have_their_own_ca() {
     assert_eq!(status, 401);
     gw.stop();
 }
+
+/// Contract section 5: a suspension cuts at once. Found by an attacker's review: an
+/// answer already streaming (a large export) went on to its end after its consumer was
+/// suspended. Now the next frame of the answer ends it, and its record says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_suspension_cuts_an_answer_already_streaming() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pki = Pki::new();
+    let up = upstream().await;
+    let gw = Gateway::start(&write_config(&pki, up, 0, 0, "")).await;
+    const SIZE: usize = 64 << 20;
+    let mut s = raw_tls(&pki, &pki.consumer, gw.port).await;
+    s.write_all(
+        format!(
+            "GET /person/getPerson/v3/big?bytes={SIZE} HTTP/1.1\r\nhost: fsp\r\nconnection: close\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut buf = vec![0u8; 64 << 10];
+    let mut total = 0usize;
+    while total < (1 << 20) {
+        total += s.read(&mut buf).await.unwrap();
+    }
+    let (status, body) = admin_request(
+        gw.admin_port,
+        "POST",
+        "/admin/consumers/ville-bxl/suspend",
+        Some("test-admin-token-0123456789"),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    loop {
+        match s.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => total += n,
+        }
+    }
+    // What was in flight (socket buffers, the provider's frames already read) still
+    // arrives; the rest does not.
+    assert!(
+        total < SIZE / 2,
+        "{total} bytes arrived after the suspension"
+    );
+    let start = std::time::Instant::now();
+    let record = loop {
+        if let Some(r) = audit_lines(&pki).into_iter().find(|l| {
+            l["operation"].as_str().is_some_and(|o| o.contains("/big")) && l["phase"] == "outcome"
+        }) {
+            break r;
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(5),
+            "no record"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert_eq!(record["decision"], "FSP-AUTHZ-SUSPENDED", "{record}");
+    assert_eq!(record["fault"], "consumer", "{record}");
+    assert!(
+        record["detail"]
+            .as_str()
+            .unwrap()
+            .contains("consumer ville-bxl was suspended"),
+        "{record}"
+    );
+}
+
+/// The same for a request still being sent: its next frame ends it, and the consumer
+/// gets 403 `FSP-AUTHZ-SUSPENDED`; the provider never receives the request whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_suspension_cuts_a_request_still_being_sent() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pki = Pki::new();
+    let up = upstream().await;
+    let gw = Gateway::start(&write_config(&pki, up, 0, 0, "")).await;
+    let mut s = raw_tls(&pki, &pki.consumer, gw.port).await;
+    s.write_all(
+        b"POST /person/getPerson/v3/sink HTTP/1.1\r\nhost: fsp\r\ncontent-type: application/octet-stream\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let chunk = vec![b'a'; 16 << 10];
+    let send_chunk = async |s: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>| {
+        s.write_all(format!("{:x}\r\n", chunk.len()).as_bytes())
+            .await
+            .unwrap();
+        s.write_all(&chunk).await.unwrap();
+        s.write_all(b"\r\n").await.unwrap();
+        s.flush().await.unwrap();
+    };
+    send_chunk(&mut s).await;
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let (status, body) = admin_request(
+        gw.admin_port,
+        "POST",
+        "/admin/consumers/ville-bxl/suspend",
+        Some("test-admin-token-0123456789"),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    send_chunk(&mut s).await;
+    let _ = s.write_all(b"0\r\n\r\n").await;
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        s.read_to_end(&mut answer),
+    )
+    .await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+    assert!(answer.contains("FSP-AUTHZ-SUSPENDED"), "{answer}");
+    assert!(
+        !answer.contains("received"),
+        "the provider answered: {answer}"
+    );
+}

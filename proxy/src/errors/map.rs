@@ -102,6 +102,10 @@ pub fn consumer_fault(fault: &ConsumerFault) -> Rejection {
         )
         .with_internal(format!("request body framing: {why}")),
         ConsumerFault::Xml(why) => Rejection::new(Code::RequestMalformed, why.clone()),
+        ConsumerFault::Suspended(why) => Rejection::new(
+            Code::AuthzSuspended,
+            format!("the call was cut off while its request was being sent: {why}"),
+        ),
     }
 }
 
@@ -214,6 +218,11 @@ pub fn upstream(provider: &str, service: &str, e: &UpstreamError) -> Rejection {
             | BodyError::Xml(_) => (
                 Code::RequestIncomplete,
                 "the request body does not match its declared length".to_owned(),
+                Side::Consumer,
+            ),
+            BodyError::CutOff(why) => (
+                Code::AuthzSuspended,
+                format!("the call was cut off while its request was being sent: {why}"),
                 Side::Consumer,
             ),
         },

@@ -13,7 +13,7 @@ use super::record::Cleared;
 use crate::errors::{Code, Rejection, map};
 use crate::headers::Outbound;
 use crate::state::Local;
-use crate::transport::body::{CallShared, RequestBody, Unread};
+use crate::transport::body::{CallShared, RequestBody, Unread, Watch};
 use crate::transport::pool::UpstreamBody;
 
 /// The provider's answer, with what the gateway adds to it.
@@ -53,7 +53,12 @@ pub async fn forward(
     let base = &route.version().upstream;
     let (path, lifecycle) = route.into_path();
     // Kept by the call: a refusal after this point still counts the bytes read.
-    let shared: &Arc<CallShared> = call.shared.insert(Arc::new(CallShared::new()));
+    // Watched: a suspension of either party cuts the call while it streams.
+    let shared: &Arc<CallShared> = call.shared.insert(Arc::new(CallShared::watched(Watch::new(
+        local.gw.suspensions.clone(),
+        caller.consumer().id.clone(),
+        service.provider.clone(),
+    ))));
     // Made once, sent twice (to the provider and back to the consumer).
     let fsp = call.stamp.fields();
     if soap {

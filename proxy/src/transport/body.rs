@@ -35,6 +35,42 @@ pub struct CallShared {
     upload_done: AtomicU64,
     /// On tokio's clock, so that tests can pause time.
     base: tokio::time::Instant,
+    /// The parties of a forwarded call, so that it is cut off mid-stream when either is
+    /// suspended (see [`CallShared::cut_off`]).
+    watch: Option<Watch>,
+}
+
+/// What can stop a call in flight: the gateway's suspensions, seen from below.
+pub trait Suspensions: Send + Sync + std::fmt::Debug {
+    /// How many times the suspensions in force have changed.
+    fn changes(&self) -> u64;
+    /// Why a call between these parties must stop, if either is suspended now.
+    fn cuts_off(&self, consumer: &str, provider: &str) -> Option<String>;
+}
+
+/// Who a call in flight is for, and the suspension changes it has been checked against.
+#[derive(Debug)]
+pub struct Watch {
+    store: std::sync::Arc<dyn Suspensions>,
+    /// The store's change count when last checked.
+    seen: AtomicU64,
+    consumer: std::sync::Arc<str>,
+    provider: std::sync::Arc<str>,
+}
+
+impl Watch {
+    pub fn new(
+        store: std::sync::Arc<dyn Suspensions>,
+        consumer: std::sync::Arc<str>,
+        provider: std::sync::Arc<str>,
+    ) -> Self {
+        Self {
+            seen: AtomicU64::new(store.changes()),
+            store,
+            consumer,
+            provider,
+        }
+    }
 }
 
 impl CallShared {
@@ -44,7 +80,33 @@ impl CallShared {
             consumer_fault: OnceLock::new(),
             upload_done: AtomicU64::new(u64::MAX),
             base: tokio::time::Instant::now(),
+            watch: None,
         }
+    }
+
+    /// A call between these parties: cut off when either is suspended while its
+    /// request or its answer streams.
+    pub fn watched(watch: Watch) -> Self {
+        Self {
+            watch: Some(watch),
+            ..Self::new()
+        }
+    }
+
+    /// Why the call must stop now, if its consumer or provider was suspended since it
+    /// began (contract section 5: a suspension cuts at once). Costs one atomic load
+    /// while the suspensions do not change.
+    pub fn cut_off(&self) -> Option<String> {
+        let w = self.watch.as_ref()?;
+        let now = w.store.changes();
+        if w.seen.load(Ordering::Relaxed) == now {
+            return None;
+        }
+        let why = w.store.cuts_off(&w.consumer, &w.provider);
+        if why.is_none() {
+            w.seen.store(now, Ordering::Relaxed);
+        }
+        why
     }
 
     /// Notes that the request body has been sent whole (the request body does).
@@ -85,6 +147,8 @@ pub enum ConsumerFault {
     Malformed(String),
     /// The XML threat protection refused the body.
     Xml(String),
+    /// The consumer or the provider was suspended while the body was being sent.
+    Suspended(String),
 }
 
 impl ConsumerFault {
@@ -121,6 +185,8 @@ pub enum BodyError {
     Stalled(Duration),
     #[error("the XML request was refused: {0}")]
     Xml(#[source] xml::XmlError),
+    #[error("the call was cut off: {0}")]
+    CutOff(String),
 }
 
 /// At most this much of a refused request's remaining body is read and thrown away...
@@ -307,6 +373,12 @@ impl Body for RequestBody {
                     }
                     if let Err(e) = this.xml.feed(data) {
                         return this.fail(ConsumerFault::Xml(e.to_string()), BodyError::Xml(e));
+                    }
+                    if let Some(why) = this.shared.cut_off() {
+                        return this.fail(
+                            ConsumerFault::Suspended(why.clone()),
+                            BodyError::CutOff(why),
+                        );
                     }
                     Poll::Ready(Some(Ok(frame)))
                 }
