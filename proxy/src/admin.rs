@@ -24,6 +24,9 @@ use crate::suspend::Party;
 pub async fn serve(gw: Arc<Gateway>, listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
     let open = Arc::new(tokio::sync::Semaphore::new(ADMIN_MAX_CONNECTIONS));
     let per_ip = Arc::new(PerIp::default());
+    let slots = Arc::new(Slots::default());
+    // Connections waiting for a slot an evicted one frees.
+    let waiting = Arc::new(tokio::sync::Semaphore::new(ADMIN_MAX_WAITING));
     loop {
         let (tcp, peer) = tokio::select! {
             a = listener.accept() => match a {
@@ -44,19 +47,43 @@ pub async fn serve(gw: Arc<Gateway>, listener: TcpListener, mut shutdown: watch:
             tracing::debug!(target: "fsp::admin", %peer, "admin connection refused: {ADMIN_MAX_CONNECTIONS_PER_IP} already open from this address");
             continue;
         };
-        let Ok(permit) = open.clone().try_acquire_owned() else {
-            metrics::counter!("fsp_admin_connections_refused_total").increment(1);
-            tracing::warn!(target: "fsp::admin", %peer, "admin connection refused: {ADMIN_MAX_CONNECTIONS} already open");
-            drop(tcp);
-            continue;
+        // Every slot taken: the oldest connection that has not authenticated an
+        // administrator gives its slot up, so that connections anyone can open (probes
+        // need no credentials) cannot keep the kubelet's probes and the operators out.
+        let (permit, wait) = match open.clone().try_acquire_owned() {
+            Ok(permit) => (Some(permit), None),
+            Err(_) => match waiting.clone().try_acquire_owned() {
+                Ok(w) if slots.evict_oldest_unauthenticated() => (None, Some(w)),
+                _ => {
+                    metrics::counter!("fsp_admin_connections_refused_total").increment(1);
+                    tracing::warn!(target: "fsp::admin", %peer, "admin connection refused: {ADMIN_MAX_CONNECTIONS} already open, all authenticated");
+                    drop(tcp);
+                    continue;
+                }
+            },
         };
-        let gw = gw.clone();
+        let (gw, open, slot) = (gw.clone(), open.clone(), slots.add());
         tokio::spawn(async move {
+            let permit = match permit {
+                Some(p) => p,
+                None => match tokio::time::timeout(EVICTION_WAIT, open.acquire_owned()).await {
+                    Ok(Ok(p)) => {
+                        drop(wait);
+                        p
+                    }
+                    _ => {
+                        metrics::counter!("fsp_admin_connections_refused_total").increment(1);
+                        return;
+                    }
+                },
+            };
             // The access in force when the connection opened decides whether it speaks
             // TLS (a reload may turn `[admin] tls` on or off for later connections).
             let tls = gw.admin_access.load().tls.clone();
             match tls {
-                None => serve_connection(gw, peer, TokioIo::new(tcp), Opened::Plain).await,
+                None => {
+                    serve_connection(gw, peer, TokioIo::new(tcp), Opened::Plain, slot).await;
+                }
                 Some(config) => {
                     let acceptor = tokio_rustls::TlsAcceptor::from(config.clone());
                     match tokio::time::timeout(ADMIN_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
@@ -72,7 +99,7 @@ pub async fn serve(gw: Arc<Gateway>, listener: TcpListener, mut shutdown: watch:
                                     common_names: certs::identity::common_name_count(leaf),
                                 });
                             let opened = Opened::Tls { config, client };
-                            serve_connection(gw, peer, TokioIo::new(tls), opened).await;
+                            serve_connection(gw, peer, TokioIo::new(tls), opened, slot).await;
                         }
                         // Scanners and TCP probes fail here all day: counted, not logged
                         // above debug.
@@ -92,6 +119,56 @@ pub async fn serve(gw: Arc<Gateway>, listener: TcpListener, mut shutdown: watch:
             drop(permit);
             drop(from_peer);
         });
+    }
+}
+
+/// One admin connection's place among the open ones: whether it has authenticated an
+/// administrator (else it may be evicted when every place is taken), and how to end it.
+#[derive(Default)]
+struct Slot {
+    authenticated: std::sync::atomic::AtomicBool,
+    evict: tokio::sync::Notify,
+}
+
+/// The open admin connections, oldest first (not the consumers' hot path: a lock is
+/// fine).
+#[derive(Default)]
+struct Slots(std::sync::Mutex<std::collections::VecDeque<std::sync::Weak<Slot>>>);
+
+impl Slots {
+    fn add(&self) -> Arc<Slot> {
+        let slot = Arc::new(Slot::default());
+        let mut open = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        open.retain(|s| s.strong_count() > 0);
+        open.push_back(Arc::downgrade(&slot));
+        slot
+    }
+
+    /// Ends the oldest open connection that has not authenticated an administrator;
+    /// whether there was one.
+    fn evict_oldest_unauthenticated(&self) -> bool {
+        let mut open = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        open.retain(|s| s.strong_count() > 0);
+        let oldest = open.iter().position(|s| {
+            s.upgrade()
+                .is_some_and(|s| !s.authenticated.load(std::sync::atomic::Ordering::Acquire))
+        });
+        match oldest
+            .and_then(|i| open.remove(i))
+            .and_then(|s| s.upgrade())
+        {
+            Some(slot) => {
+                slot.evict.notify_one();
+                true
+            }
+            None => false,
+        }
     }
 }
 
@@ -152,22 +229,34 @@ struct ClientCertificate {
     common_names: usize,
 }
 
-async fn serve_connection<I>(gw: Arc<Gateway>, peer: SocketAddr, io: TokioIo<I>, opened: Opened)
-where
+async fn serve_connection<I>(
+    gw: Arc<Gateway>,
+    peer: SocketAddr,
+    io: TokioIo<I>,
+    opened: Opened,
+    slot: Arc<Slot>,
+) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let opened = Arc::new(opened);
+    let serving = slot.clone();
     let svc = service_fn(move |req| {
-        let (gw, opened) = (gw.clone(), opened.clone());
-        async move { Ok::<_, Infallible>(route(&gw, peer, &opened, req).await) }
+        let (gw, opened, slot) = (gw.clone(), opened.clone(), serving.clone());
+        async move { Ok::<_, Infallible>(route(&gw, peer, &opened, &slot, req).await) }
     });
     let mut http = http1::Builder::new();
     // The header timeout also bounds how long an idle kept-alive connection stays.
     http.timer(TokioTimer::new())
         .header_read_timeout(ADMIN_HEADER_TIMEOUT);
     let served = http.serve_connection(io, svc);
-    // No admin answer takes minutes: a connection is closed after this at most.
-    let _ = tokio::time::timeout(ADMIN_CONNECTION_LIFETIME, served).await;
+    // No admin answer takes minutes: a connection is closed after this at most; and
+    // one that authenticated nobody is closed when its place is wanted.
+    tokio::select! {
+        _ = tokio::time::timeout(ADMIN_CONNECTION_LIFETIME, served) => {}
+        () = slot.evict.notified() => {
+            tracing::debug!(target: "fsp::admin", %peer, "admin connection closed: its place was wanted and it had authenticated nobody");
+        }
+    }
 }
 
 /// Time to complete the TLS handshake.
@@ -180,6 +269,10 @@ const ADMIN_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 const ADMIN_CONNECTION_LIFETIME: Duration = Duration::from_secs(300);
 /// Admin connections open at once.
 const ADMIN_MAX_CONNECTIONS: usize = 64;
+/// New connections waiting, at most, for the place of one evicted.
+const ADMIN_MAX_WAITING: usize = 16;
+/// How long a new connection waits for the place of the one evicted for it.
+const EVICTION_WAIT: Duration = Duration::from_secs(1);
 
 fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(body.into()));
@@ -477,6 +570,7 @@ async fn route(
     gw: &Gateway,
     peer: SocketAddr,
     opened: &Opened,
+    slot: &Slot,
     req: Request<Incoming>,
 ) -> Response<Full<Bytes>> {
     let path = req.uri().path().to_owned();
@@ -518,7 +612,11 @@ async fn route(
         );
     }
     let who = match authenticate(gw, opened, &req) {
-        Ok(who) => who,
+        Ok(who) => {
+            slot.authenticated
+                .store(true, std::sync::atomic::Ordering::Release);
+            who
+        }
         Err(refused) => {
             let certificate = match opened {
                 Opened::Tls {

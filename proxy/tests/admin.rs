@@ -827,3 +827,64 @@ async fn a_suspension_cuts_a_request_still_being_sent() {
         "the provider answered: {answer}"
     );
 }
+
+/// Found by an attacker's review: 64 kept-alive connections that authenticated nobody
+/// (from four addresses, 16 each, a /healthz every few seconds) took every admin place,
+/// and the kubelet's probes got no answer: the pod went unready, then was restarted.
+/// Now, with every place taken, the oldest connection that authenticated nobody gives
+/// its place to the new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_that_authenticate_nobody_cannot_keep_the_probes_out() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    async fn probe(src: u8, port: u16) -> Option<u16> {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind(format!("127.0.0.{src}:0").parse().unwrap())
+            .unwrap();
+        let mut s = sock.connect(([127, 0, 0, 1], port).into()).await.ok()?;
+        let _ = s
+            .write_all(b"GET /healthz HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n")
+            .await;
+        let mut buf = Vec::new();
+        let _ =
+            tokio::time::timeout(std::time::Duration::from_secs(3), s.read_to_end(&mut buf)).await;
+        String::from_utf8_lossy(&buf).get(9..12)?.parse().ok()
+    }
+    let pki = Pki::new();
+    let up = upstream().await;
+    let gw = Gateway::start(&write_config(&pki, up, 0, 0, "")).await;
+    let mut held = Vec::new();
+    for ip in 2..=5u8 {
+        for _ in 0..16 {
+            let sock = tokio::net::TcpSocket::new_v4().unwrap();
+            sock.bind(format!("127.0.0.{ip}:0").parse().unwrap())
+                .unwrap();
+            let mut s = sock
+                .connect(([127, 0, 0, 1], gw.admin_port).into())
+                .await
+                .unwrap();
+            s.write_all(b"GET /healthz HTTP/1.1\r\nhost: a\r\n\r\n")
+                .await
+                .unwrap();
+            let mut b = [0u8; 512];
+            assert!(s.read(&mut b).await.unwrap() > 0);
+            held.push(s);
+        }
+    }
+    for _ in 0..3 {
+        assert_eq!(
+            probe(9, gw.admin_port).await,
+            Some(200),
+            "the probe was kept out"
+        );
+    }
+    // An administrator gets in too, and keeps the place a probe cannot take from them.
+    let (status, _) = admin_request(
+        gw.admin_port,
+        "GET",
+        "/admin/suspensions",
+        Some("test-admin-token-0123456789"),
+    )
+    .await;
+    assert_eq!(status, 200);
+    drop(held);
+}
