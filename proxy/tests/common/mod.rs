@@ -208,12 +208,25 @@ pub async fn upstream() -> SocketAddr {
 }
 
 /// A free loopback port (bound then released).
+/// A port nothing listens on now, and that this test process has not handed out
+/// before: the kernel may give a port back as soon as its probe is closed, and two
+/// calls in a row (a gateway's consumer and admin ports) must not get the same one.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// Writes a configuration with one REST service `person/getPerson` (v3 live, v2
