@@ -823,9 +823,15 @@ fn maintain(
         // A month lies wholly before the cutoff when the next one begins by then.
         let cutoff = Month::of(before(now, days));
         for month in existing {
-            if month.next() <= cutoff && retire(&mut tx, month, seals)? {
-                tracing::info!(partition = %month.table(), retention_days = days, "audit partition retired");
+            if month.next() > cutoff {
+                continue;
             }
+            if !retire(&mut tx, month, seals)? {
+                // Months are retired in order: a later one retired first would move
+                // the anchors past the rows of the one kept.
+                break;
+            }
+            tracing::info!(partition = %month.table(), retention_days = days, "audit partition retired");
         }
     }
     tx.commit()
@@ -937,7 +943,10 @@ fn unfit_to_retire(
                 .transpose()?;
             next.is_some_and(|prev| prev.is_some() && prev == hash)
         } else {
-            false
+            // Rows after the head: a writer that stopped without a clean stop (a pod
+            // killed, a node lost) leaves up to a second of them. They are vouched for
+            // as the writer's own start vouches for them: each follows the head.
+            follows(tx, &node, head_seq, &head_hash, seq, hash.as_deref())?
         };
         if !fits {
             return Ok(Some(format!(
@@ -1102,6 +1111,40 @@ fn check_head(
     Err(TrailError::CutShort(format!(
         "the audit database does not hold record {message_id} (seq {seq}) of node {node}, which fsp_audit_head says was written by {at}: rows were removed while the gateway was stopped. Run `fsp audit verify`; once the loss is accounted for, delete the node's row of fsp_audit_head, and the gateway writes on"
     )))
+}
+
+/// Whether the rows of `node` from its head's (`head_seq`, `head_hash`) up to `seq` are
+/// there, one after the other, each linked to the one before, the last one's hash
+/// `hash`.
+fn follows(
+    tx: &mut Transaction<'_>,
+    node: &str,
+    head_seq: i64,
+    head_hash: &str,
+    seq: i64,
+    hash: Option<&str>,
+) -> Result<bool, ::postgres::Error> {
+    let rows = tx.query(
+        "SELECT seq, prev_hash, hash FROM fsp_audit WHERE node = $1 AND seq >= $2 AND seq <= $3 \
+         ORDER BY seq LIMIT 1000001",
+        &[&node, &head_seq, &seq],
+    )?;
+    let (mut expected, mut prev) = (head_seq, None::<String>);
+    for row in &rows {
+        let (at, row_prev, row_hash): (i64, Option<String>, Option<String>) =
+            (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?);
+        let linked = if at == head_seq {
+            row_hash.as_deref() == Some(head_hash)
+        } else {
+            row_prev.is_some() && row_prev == prev
+        };
+        if at != expected || !linked {
+            return Ok(false);
+        }
+        expected = at + 1;
+        prev = row_hash;
+    }
+    Ok(expected == seq + 1 && prev.as_deref() == hash && hash.is_some())
 }
 
 /// Why the rows of `node` after its head (`seq`, `hash`) up to `tail` are not a chain
@@ -2441,8 +2484,11 @@ impl Writer {
         };
         let node = &self.settings.node;
         let found = found(&tail, &before, &after);
-        if self.settings.seals.required() && matches!(found, Found::Removed | Found::Foreign) {
-            // Going on would sign heads over rows this writer did not write.
+        // Rows at the end that this writer did not write (another chain taken for the
+        // node's): going on from them would sign heads over them. (Rows missing at the
+        // end, as after a failover to a standby that lost the last commits, are not
+        // adopted: the writer goes on with its own chain, and verify shows the gap.)
+        if self.settings.seals.required() && found == Found::Foreign {
             let why = format!(
                 "the audit trail of node {node} in {} no longer ends where this gateway left it (seq {} there, {} written): its rows were changed behind the gateway's back. Nothing more is written or signed; run `fsp audit verify`, then restart the gateway",
                 self.at, tail.seq, before.seq

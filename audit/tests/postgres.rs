@@ -879,6 +879,7 @@ fn retention_drops_old_partitions_and_verification_goes_on_from_the_anchors() {
     .unwrap();
     let written_at = format!("{year}-01-15 12:00:00+00");
     let mut last = String::new();
+    let mut gone_chain = Chain::default();
     for node in ["n", "gone"] {
         let mut chain = Chain::default();
         for i in 0..3 {
@@ -889,6 +890,8 @@ fn retention_drops_old_partitions_and_verification_goes_on_from_the_anchors() {
         }
         if node == "n" {
             last = chain.last().unwrap().to_owned();
+        } else {
+            gone_chain = chain;
         }
     }
     assert_eq!(db.trail().verify(None).unwrap().records, 6);
@@ -898,6 +901,12 @@ fn retention_drops_old_partitions_and_verification_goes_on_from_the_anchors() {
     let trusted = TrustedKeys::new([key.trusted()]);
     let signed = db.trail().seal(None, &key, &trusted).unwrap();
     assert_eq!(signed.len(), 2, "{signed:?}");
+    // The gone node's writer was killed a moment after its last head: one row follows
+    // the head. Retention vouches for it as following the head.
+    let mut after_head = record(503);
+    after_head.node = "gone".into();
+    gone_chain.seal(&mut after_head);
+    insert_row(&mut c, &after_head, 4, &written_at);
 
     let (sink, handle) = PostgresSink::start_with(Settings {
         retention_days: Some(365),
@@ -931,7 +940,7 @@ fn retention_drops_old_partitions_and_verification_goes_on_from_the_anchors() {
     assert_eq!(anchor.get::<_, String>(1), last);
     assert_eq!(
         db.count("SELECT last_seq FROM fsp_audit_anchor WHERE node = 'gone'"),
-        3
+        4
     );
     // The node's chain went on after the retired rows.
     assert_eq!(
@@ -957,7 +966,7 @@ fn retention_drops_old_partitions_and_verification_goes_on_from_the_anchors() {
         matches!(&e, VerifyError::Unsealed { what, why } if what.contains("fsp_audit_anchor of node gone") && why.contains("altered")),
         "{e}"
     );
-    c.batch_execute("UPDATE fsp_audit_anchor SET last_seq = 3 WHERE node = 'gone'")
+    c.batch_execute("UPDATE fsp_audit_anchor SET last_seq = 4 WHERE node = 'gone'")
         .unwrap();
     // Retired younger than the retention period says: dropped before their time.
     assert!(matches!(

@@ -56,7 +56,7 @@ pub async fn serve(gw: Arc<Gateway>, listener: TcpListener, mut shutdown: watch:
                 Ok(w) if slots.evict_oldest_unauthenticated() => (None, Some(w)),
                 _ => {
                     metrics::counter!("fsp_admin_connections_refused_total").increment(1);
-                    tracing::warn!(target: "fsp::admin", %peer, "admin connection refused: {ADMIN_MAX_CONNECTIONS} already open, all authenticated");
+                    tracing::warn!(target: "fsp::admin", %peer, "admin connection refused: {ADMIN_MAX_CONNECTIONS} already open, none of them evictable (authenticated, or already giving up its place)");
                     drop(tcp);
                     continue;
                 }
@@ -77,6 +77,9 @@ pub async fn serve(gw: Arc<Gateway>, listener: TcpListener, mut shutdown: watch:
                     }
                 },
             };
+            // Holding a place now: evicting it frees one.
+            slot.serving
+                .store(true, std::sync::atomic::Ordering::Release);
             // The access in force when the connection opened decides whether it speaks
             // TLS (a reload may turn `[admin] tls` on or off for later connections).
             let tls = gw.admin_access.load().tls.clone();
@@ -86,9 +89,19 @@ pub async fn serve(gw: Arc<Gateway>, listener: TcpListener, mut shutdown: watch:
                 }
                 Some(config) => {
                     let acceptor = tokio_rustls::TlsAcceptor::from(config.clone());
-                    match tokio::time::timeout(ADMIN_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
-                    {
-                        Ok(Ok(tls)) => {
+                    let handshake =
+                        tokio::time::timeout(ADMIN_HANDSHAKE_TIMEOUT, acceptor.accept(tcp));
+                    // A handshake never finished holds a place too: it gives it up as
+                    // any connection that authenticated nobody.
+                    let accepted = tokio::select! {
+                        done = handshake => Some(done),
+                        () = slot.evict.notified() => None,
+                    };
+                    match accepted {
+                        None => {
+                            tracing::debug!(target: "fsp::admin", %peer, "admin connection closed in its TLS handshake: its place was wanted");
+                        }
+                        Some(Ok(Ok(tls))) => {
                             let client = tls
                                 .get_ref()
                                 .1
@@ -103,12 +116,12 @@ pub async fn serve(gw: Arc<Gateway>, listener: TcpListener, mut shutdown: watch:
                         }
                         // Scanners and TCP probes fail here all day: counted, not logged
                         // above debug.
-                        Ok(Err(e)) => {
+                        Some(Ok(Err(e))) => {
                             metrics::counter!("fsp_admin_tls_handshake_failures_total")
                                 .increment(1);
                             tracing::debug!(target: "fsp::admin", %peer, error = %e, "admin TLS handshake failed");
                         }
-                        Err(_) => {
+                        Some(Err(_)) => {
                             metrics::counter!("fsp_admin_tls_handshake_failures_total")
                                 .increment(1);
                             tracing::debug!(target: "fsp::admin", %peer, "admin TLS handshake not completed within {ADMIN_HANDSHAKE_TIMEOUT:?}");
@@ -127,6 +140,8 @@ pub async fn serve(gw: Arc<Gateway>, listener: TcpListener, mut shutdown: watch:
 #[derive(Default)]
 struct Slot {
     authenticated: std::sync::atomic::AtomicBool,
+    /// It holds one of the places (a connection waiting for one holds none).
+    serving: std::sync::atomic::AtomicBool,
     evict: tokio::sync::Notify,
 }
 
@@ -156,8 +171,10 @@ impl Slots {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         open.retain(|s| s.strong_count() > 0);
         let oldest = open.iter().position(|s| {
-            s.upgrade()
-                .is_some_and(|s| !s.authenticated.load(std::sync::atomic::Ordering::Acquire))
+            s.upgrade().is_some_and(|s| {
+                s.serving.load(std::sync::atomic::Ordering::Acquire)
+                    && !s.authenticated.load(std::sync::atomic::Ordering::Acquire)
+            })
         });
         match oldest
             .and_then(|i| open.remove(i))

@@ -85,12 +85,8 @@ impl Finisher {
         let p = self.inner.as_mut()?;
         let why = p.shared.as_ref()?.cut_off()?;
         p.record.decision = crate::errors::Code::AuthzSuspended.as_str().to_owned();
-        let side = if why.starts_with("provider ") {
-            Side::Provider
-        } else {
-            Side::Consumer
-        };
-        p.record.fault = Some(side.as_str().to_owned());
+        // As for a suspension found before the call (a denial is the caller's side).
+        p.record.fault = Some(Side::Consumer.as_str().to_owned());
         p.record.detail = Some(format!("cut off while the answer was streaming: {why}"));
         Some(why)
     }

@@ -546,7 +546,8 @@ impl ClusterLink {
     }
 
     /// Writes `sets` into Redis without overwriting what is there, and moves the
-    /// generation past `at_least`.
+    /// generation past `at_least` and past what it is now (one script: another
+    /// replica's change in between is never undone by moving the generation back).
     async fn restore(
         &self,
         conn: &mut redis::aio::ConnectionManager,
@@ -554,21 +555,20 @@ impl ClusterLink {
         at_least: u64,
         why: &str,
     ) -> Result<(), redis::RedisError> {
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        for (party, entries) in [
-            (Party::Consumer, &sets.consumers),
-            (Party::Provider, &sets.providers),
-        ] {
-            for (id, s) in entries {
-                let value = serde_json::to_string(s).map_err(json_error)?;
-                pipe.hset_nx(self.key(party), id, value).ignore();
-            }
+        let mut invocation = RESTORE_SCRIPT.key(&self.consumers_key);
+        invocation
+            .key(&self.providers_key)
+            .key(&self.generation_key)
+            .arg(at_least)
+            .arg(&self.channel)
+            .arg(why)
+            .arg(sets.consumers.len());
+        for (id, s) in sets.consumers.iter().chain(&sets.providers) {
+            let value = serde_json::to_string(s).map_err(json_error)?;
+            invocation.arg(id).arg(value);
         }
-        pipe.set(&self.generation_key, at_least + 1).ignore();
-        pipe.publish(&self.channel, why).ignore();
-        pipe.query_async::<()>(conn).await?;
-        self.generation.fetch_max(at_least + 1, Ordering::AcqRel);
+        let generation: u64 = invocation.invoke_async(conn).await?;
+        self.generation.fetch_max(generation, Ordering::AcqRel);
         Ok(())
     }
 
@@ -718,6 +718,34 @@ end
 local n = redis.call('INCR', KEYS[2])
 redis.call('PUBLISH', ARGV[5], ARGV[6])
 return {changed, n, g}
+",
+    )
+});
+
+/// Writes a known set back (see `ClusterLink::restore`): KEYS the consumers' hash, the
+/// providers' hash, the generation; ARGV the generation to pass, the channel, the
+/// announcement, how many consumer entries follow, then id and record pairs (consumers
+/// first). Returns the new generation: past both the one given and the one there.
+static RESTORE_SCRIPT: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(
+        r"
+local n = tonumber(ARGV[4])
+local i = 5
+local c = 0
+while i < #ARGV do
+  local key = KEYS[2]
+  if c < n then key = KEYS[1] end
+  redis.call('HSETNX', key, ARGV[i], ARGV[i + 1])
+  c = c + 1
+  i = i + 2
+end
+local g = tonumber(redis.call('GET', KEYS[3]) or '0') or 0
+local at_least = tonumber(ARGV[1])
+if at_least > g then g = at_least end
+g = g + 1
+redis.call('SET', KEYS[3], g)
+redis.call('PUBLISH', ARGV[2], ARGV[3])
+return g
 ",
     )
 });

@@ -888,3 +888,54 @@ async fn connections_that_authenticate_nobody_cannot_keep_the_probes_out() {
     assert_eq!(status, 200);
     drop(held);
 }
+
+/// As above, with `[admin] tls`: connections that never finish their TLS handshake
+/// (never send a ClientHello) give their place up too (found by a review: the handshake
+/// did not listen for its eviction, so no place was freed for 10 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshakes_never_finished_cannot_keep_an_administrator_out() {
+    let pki = Pki::new();
+    let up = upstream().await;
+    let config = write_config(&pki, up, 0, 0, "");
+    let text = std::fs::read_to_string(&config).unwrap().replacen(
+        "tokens_file = \"admin-tokens\"",
+        "tokens_file = \"admin-tokens\"\ntls = true\nadmin_cns = [\"ops.example.be\"]",
+        1,
+    );
+    std::fs::write(&config, text).unwrap();
+    let gw = Gateway::start(&config).await;
+    let mut held = Vec::new();
+    for ip in 2..=5u8 {
+        for _ in 0..16 {
+            let sock = tokio::net::TcpSocket::new_v4().unwrap();
+            sock.bind(format!("127.0.0.{ip}:0").parse().unwrap())
+                .unwrap();
+            held.push(
+                sock.connect(([127, 0, 0, 1], gw.admin_port).into())
+                    .await
+                    .unwrap(),
+            );
+        }
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let admin = pki.ca.client("ops.example.be").unwrap();
+    let started = std::time::Instant::now();
+    let (status, body) = admin_https(
+        &pki,
+        Some(&admin),
+        gw.admin_port,
+        "GET",
+        "/admin/suspensions",
+        None,
+        "",
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    drop(held);
+}

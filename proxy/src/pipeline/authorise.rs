@@ -17,6 +17,9 @@ pub struct Granted<'s> {
     route: Route<'s>,
     /// The `FSP-*` fields the provider is sent, made by this thread.
     grant: Option<&'s Grant>,
+    /// The suspensions' change count before they were read for this decision: a call in
+    /// flight is checked again whenever it moves (see `transport::body::Watch`).
+    suspensions_seen: u64,
 }
 
 impl<'s> Granted<'s> {
@@ -30,6 +33,11 @@ impl<'s> Granted<'s> {
 
     pub fn into_parts(self) -> (Caller<'s>, Route<'s>, Option<&'s Grant>) {
         (self.caller, self.route, self.grant)
+    }
+
+    /// The suspensions' change count this decision saw (read before the sets).
+    pub fn suspensions_seen(&self) -> u64 {
+        self.suspensions_seen
     }
 }
 
@@ -66,6 +74,8 @@ pub fn authorise<'s>(
             http::HeaderValue::from_static("5"),
         ));
     }
+    // Read before the sets: a change landing after this is seen by the call's watch.
+    let suspensions_seen = crate::transport::body::Suspensions::changes(&*gw.suspensions);
     // A guard, not a counted reference: it is read here and let go at once.
     let authorisation = policy::decide(
         caller.consumer(),
@@ -91,5 +101,6 @@ pub fn authorise<'s>(
         caller,
         route,
         grant,
+        suspensions_seen,
     })
 }

@@ -47,7 +47,9 @@ pub async fn forward(
     body: &mut Unread,
 ) -> Result<Answer, Rejection> {
     let snap = &*local.snap;
-    let (caller, route, grant) = cleared.into_admitted().into_granted().into_parts();
+    let granted = cleared.into_admitted().into_granted();
+    let suspensions_seen = granted.suspensions_seen();
+    let (caller, route, grant) = granted.into_parts();
     let (service, upstream) = (route.service(), route.upstream());
     let soap = route.protocol() == catalogue::Protocol::Soap;
     let base = &route.version().upstream;
@@ -56,9 +58,18 @@ pub async fn forward(
     // Watched: a suspension of either party cuts the call while it streams.
     let shared: &Arc<CallShared> = call.shared.insert(Arc::new(CallShared::watched(Watch::new(
         local.gw.suspensions.clone(),
+        suspensions_seen,
         caller.consumer().id.clone(),
         service.provider.clone(),
     ))));
+    // A suspension made since the decision (while the call waited for its throttle or
+    // its record): nothing is sent.
+    if let Some(why) = shared.cut_off() {
+        return Err(Rejection::new(
+            Code::AuthzSuspended,
+            format!("the call was cut off before it was sent: {why}"),
+        ));
+    }
     // Made once, sent twice (to the provider and back to the consumer).
     let fsp = call.stamp.fields();
     if soap {

@@ -59,13 +59,15 @@ pub struct Watch {
 }
 
 impl Watch {
+    /// `seen`: the store's change count read before the sets that allowed the call.
     pub fn new(
         store: std::sync::Arc<dyn Suspensions>,
+        seen: u64,
         consumer: std::sync::Arc<str>,
         provider: std::sync::Arc<str>,
     ) -> Self {
         Self {
-            seen: AtomicU64::new(store.changes()),
+            seen: AtomicU64::new(seen),
             store,
             consumer,
             provider,
