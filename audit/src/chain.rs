@@ -49,7 +49,7 @@ pub fn hash(canonical: &[u8], prev: Option<&str>) -> String {
     hex(ctx.finish().as_ref())
 }
 
-fn hex(bytes: &[u8]) -> String {
+pub(crate) fn hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut s = String::with_capacity(bytes.len() * 2);
     for b in bytes {

@@ -389,6 +389,23 @@ fn anchor_fields(a: &Anchor) -> [String; 4] {
     ]
 }
 
+/// Signs a node's anchor as it is in `anchor`.
+fn sign_anchor(
+    tx: &mut Transaction<'_>,
+    anchor: &Anchor,
+    key: &SigningKey,
+) -> Result<(), ::postgres::Error> {
+    let seal = key.seal(
+        ANCHOR_LABEL,
+        &anchor_fields(anchor).each_ref().map(String::as_str),
+    );
+    tx.execute(
+        "UPDATE fsp_audit_anchor SET key_id = $2, signature = $3 WHERE node = $1",
+        &[&anchor.node, &seal.key, &seal.signature],
+    )?;
+    Ok(())
+}
+
 /// Checks a head's or an anchor's signature (`key_id`, `signature`) against `trusted`.
 fn check_seal(
     trusted: &TrustedKeys,
@@ -877,14 +894,7 @@ fn retire(
                 key_id: None,
                 signature: None,
             };
-            let seal = key.seal(
-                ANCHOR_LABEL,
-                &anchor_fields(&anchor).each_ref().map(String::as_str),
-            );
-            tx.execute(
-                "UPDATE fsp_audit_anchor SET key_id = $2, signature = $3 WHERE node = $1",
-                &[&anchor.node, &seal.key, &seal.signature],
-            )?;
+            sign_anchor(tx, &anchor, key)?;
         }
     }
     tx.batch_execute(&format!("DROP TABLE {table}"))?;
@@ -3003,15 +3013,7 @@ impl PostgresTrail {
                     &anchor_fields(&anchor),
                 ),
             )?;
-            let seal = key.seal(
-                ANCHOR_LABEL,
-                &anchor_fields(&anchor).each_ref().map(String::as_str),
-            );
-            tx.execute(
-                "UPDATE fsp_audit_anchor SET key_id = $2, signature = $3 WHERE node = $1",
-                &[&anchor.node, &seal.key, &seal.signature],
-            )
-            .map_err(db)?;
+            sign_anchor(&mut tx, &anchor, key).map_err(db)?;
             signed.push(format!("{what} ({was})"));
         }
         for node in nodes {

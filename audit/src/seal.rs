@@ -17,6 +17,8 @@
 //! heads have the same message.
 
 use aws_lc_rs::digest;
+
+use crate::chain::hex;
 use aws_lc_rs::signature::{self, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{PrivatePkcs8KeyDer, SubjectPublicKeyInfoDer};
@@ -307,16 +309,6 @@ fn key_id(raw: &[u8]) -> String {
     let mut id = hex(digest::digest(&digest::SHA256, raw).as_ref());
     id.truncate(16);
     id
-}
-
-fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        s.push(char::from(DIGITS[usize::from(b >> 4)]));
-        s.push(char::from(DIGITS[usize::from(b & 0x0f)]));
-    }
-    s
 }
 
 fn unhex(text: &str) -> Option<Vec<u8>> {
