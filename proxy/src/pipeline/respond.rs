@@ -199,6 +199,14 @@ pub async fn deliver(
             None => ended = true,
         }
     }
+    // A suspension made while the answer's first bytes were held: nothing is sent.
+    if let Some(why) = call.shared.as_ref().and_then(|s| s.cut_off()) {
+        let rejection = Rejection::new(
+            Code::AuthzSuspended,
+            format!("the call was cut off before its answer was sent: {why}"),
+        );
+        return refuse(local, call, rejection);
+    }
     if http10 && guard.is_some() && !ended {
         let rejection = Rejection::new(
             Code::UpstreamUnavailable,
