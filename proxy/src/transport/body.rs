@@ -456,3 +456,63 @@ impl Drop for RequestBody {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::sync::Arc;
+
+    /// Suspensions as a test sets them: a change count and who is suspended.
+    #[derive(Debug, Default)]
+    struct Fake {
+        changes: AtomicU64,
+        suspended: std::sync::Mutex<Vec<String>>,
+    }
+
+    impl Fake {
+        fn suspend(&self, id: &str) {
+            self.suspended.lock().unwrap().push(id.to_owned());
+            self.changes.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    impl Suspensions for Fake {
+        fn changes(&self) -> u64 {
+            self.changes.load(Ordering::Acquire)
+        }
+        fn cuts_off(&self, consumer: &str, provider: &str) -> Option<String> {
+            let s = self.suspended.lock().unwrap();
+            s.iter()
+                .find(|id| *id == consumer || *id == provider)
+                .map(|id| format!("{id} was suspended"))
+        }
+    }
+
+    /// A call is checked again only when the suspensions changed since the count its
+    /// decision saw (read before the sets): a suspension landing after the decision,
+    /// even before the watch is made, cuts it; others' suspensions do not.
+    #[test]
+    fn a_watch_cuts_its_call_for_its_own_parties_only_and_from_the_decisions_count() {
+        let fake = Arc::new(Fake::default());
+        let seen = fake.changes();
+        // Between the decision and the forwarding: someone else, then the consumer.
+        fake.suspend("other");
+        let shared = CallShared::watched(Watch::new(fake.clone(), seen, "c".into(), "p".into()));
+        assert_eq!(shared.cut_off(), None);
+        fake.suspend("c");
+        assert_eq!(shared.cut_off().as_deref(), Some("c was suspended"));
+        // The provider too.
+        let shared = CallShared::watched(Watch::new(
+            fake.clone(),
+            fake.changes(),
+            "d".into(),
+            "p".into(),
+        ));
+        assert_eq!(shared.cut_off(), None);
+        fake.suspend("p");
+        assert_eq!(shared.cut_off().as_deref(), Some("p was suspended"));
+        // A call nobody watches is never cut.
+        assert_eq!(CallShared::new().cut_off(), None);
+    }
+}
