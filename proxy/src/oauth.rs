@@ -99,14 +99,31 @@ pub(crate) fn parse_jwks(bytes: &[u8]) -> Result<KeySet, String> {
             tracing::warn!(kid = ?jwk.common.key_id, "symmetric key in the JWKS ignored");
             continue;
         }
+        // A key published for encryption (`use: enc`, or an encryption algorithm such as
+        // RSA-OAEP) never checks a signature.
+        if jwk
+            .common
+            .public_key_use
+            .as_ref()
+            .is_some_and(|u| *u != jsonwebtoken::jwk::PublicKeyUse::Signature)
+        {
+            tracing::warn!(kid = ?jwk.common.key_id, "key in the JWKS not published for signatures: ignored");
+            continue;
+        }
+        let alg = match jwk.common.key_algorithm {
+            None => None,
+            Some(a) => match a.to_string().parse::<Algorithm>() {
+                Ok(alg) => Some(alg),
+                Err(_) => {
+                    tracing::warn!(kid = ?jwk.common.key_id, algorithm = %a, "key in the JWKS for an algorithm that signs nothing: ignored");
+                    continue;
+                }
+            },
+        };
         let Ok(key) = DecodingKey::from_jwk(jwk) else {
             // Unsupported key types are skipped.
             continue;
         };
-        let alg = jwk
-            .common
-            .key_algorithm
-            .and_then(|a| a.to_string().parse::<Algorithm>().ok());
         match &jwk.common.key_id {
             Some(kid) => {
                 keys.by_kid.insert(kid.clone(), (key, alg));
@@ -359,11 +376,19 @@ impl Verifier {
             .and_then(|v| v.as_str())
             .ok_or_else(|| TokenError::NoClientId(self.client_id_claim.clone()))?
             .to_owned();
-        let bound = claims
-            .other
-            .get("cnf")
-            .and_then(|c| c.get("x5t#S256"))
-            .and_then(|v| v.as_str());
+        // A `cnf` claim binds the token (RFC 7800): one the gateway cannot check (not a
+        // certificate thumbprint, or a malformed one) is refused, never taken as unbound.
+        let bound = match claims.other.get("cnf") {
+            None => None,
+            Some(cnf) => match cnf.get("x5t#S256").map(|v| v.as_str()) {
+                Some(Some(thumb)) if cnf.as_object().is_some_and(|o| o.len() == 1) => Some(thumb),
+                _ => {
+                    return Err(TokenError::Binding(
+                        "the token's cnf claim binds it in a way the gateway cannot check (only cnf.x5t#S256, a certificate thumbprint, is supported)".into(),
+                    ));
+                }
+            },
+        };
         match (bound, certificate_sha256) {
             (Some(thumb), Some(sha)) => {
                 let expected = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sha);

@@ -548,3 +548,45 @@ async fn a_certificate_beside_a_token_is_recorded_and_refused_when_it_names_anot
     let verified = audit::file::verify_dir(&pki.path().join("audit"), None).unwrap();
     assert_eq!(verified.records, audit_lines(&pki).len() as u64);
 }
+
+/// Found by an attacker's review: with binding not required, a token whose `cnf` could
+/// not be read (an array, another confirmation method) was taken as unbound, and a key
+/// published for encryption (`use: enc`, `alg: RSA-OAEP`) verified signatures. Now a
+/// `cnf` the gateway cannot check refuses the token, and such keys are ignored.
+#[tokio::test]
+async fn an_unreadable_binding_refuses_and_encryption_keys_verify_nothing() {
+    let key = ec_key("k");
+    let mut enc = rsa_key("enc");
+    enc.jwk["use"] = json!("enc");
+    let mut oaep = rsa_key("oaep");
+    oaep.jwk["alg"] = json!("RSA-OAEP");
+    oaep.jwk.as_object_mut().unwrap().remove("use");
+    let idp = Idp::start(vec![key.jwk.clone(), enc.jwk.clone(), oaep.jwk.clone()]).await;
+    let s = setup(&idp, false).await;
+    for cnf in [
+        json!({"x5t#S256": ["a", "b"]}),
+        json!({"x5t#S256": 7}),
+        json!({"jkt": "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I"}),
+        json!("bound"),
+    ] {
+        let mut c = claims(CLIENT);
+        c["cnf"] = cnf.clone();
+        let (status, _, body) = call(&s, &sign(&key, &c), false).await;
+        assert_eq!(
+            (status, body["code"].as_str()),
+            (StatusCode::FORBIDDEN, Some("FSP-AUTHZ-TOKEN-BINDING")),
+            "{cnf}: {body}"
+        );
+    }
+    // The same token unbound passes: the key is fine.
+    let (status, _, body) = call(&s, &sign(&key, &claims(CLIENT)), false).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    for k in [&enc, &oaep] {
+        refused(
+            &s,
+            &sign(k, &claims(CLIENT)),
+            "a key published for encryption",
+        )
+        .await;
+    }
+}

@@ -34,7 +34,8 @@ impl Limit {
     /// Nanoseconds between two calls at the steady rate.
     fn emission(&self) -> u64 {
         let per = u64::try_from(self.per.as_nanos()).unwrap_or(u64::MAX);
-        (per / self.count.max(1)).max(1)
+        // Rounded up: a shorter interval would admit more than the limit.
+        per.div_ceil(self.count.max(1)).max(1)
     }
 
     /// How far ahead of `now` the TAT may run before calls are refused.

@@ -1891,6 +1891,15 @@ fn build_admin(
     })
 }
 
+/// `localhost`, or an address of the loopback network (`127.0.0.0/8`, `[::1]`).
+fn is_loopback_host(host: &str) -> bool {
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || bare
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 const ALLOWED_ALGORITHMS: &[&str] = &[
     "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA",
 ];
@@ -1898,8 +1907,13 @@ const ALLOWED_ALGORITHMS: &[&str] = &[
 fn build_oauth(s: &Source, o: &RawOAuth, problems: &mut Problems) -> Option<OAuth> {
     let jwks = match (&o.jwks_url, &o.jwks_file) {
         (Some(u), None) => match u.parse::<http::Uri>() {
+            // In the clear, a key set can be replaced on its way: http:// only to this
+            // machine (a development identity provider, tests).
             Ok(uri)
-                if matches!(uri.scheme_str(), Some("https" | "http")) && uri.host().is_some() =>
+                if uri.host().is_some()
+                    && (uri.scheme_str() == Some("https")
+                        || (uri.scheme_str() == Some("http")
+                            && uri.host().is_some_and(is_loopback_host))) =>
             {
                 JwksSource::Url(uri)
             }
@@ -1907,7 +1921,7 @@ fn build_oauth(s: &Source, o: &RawOAuth, problems: &mut Problems) -> Option<OAut
                 problems.add(
                     &s.path,
                     "oauth.jwks_url",
-                    format!("`{u}` is not an absolute https:// URL"),
+                    format!("`{u}` is not an absolute https:// URL (http:// is accepted only to a loopback address: a key set fetched in the clear can be replaced on its way)"),
                 );
                 return None;
             }

@@ -3014,3 +3014,38 @@ fn the_audit_signing_key_is_read_and_checked() {
         expect_only(&problems, "fsp.toml", key_path, &[says]);
     }
 }
+
+/// A key set fetched in the clear can be replaced on its way (found by an attacker's
+/// review: `http://` was accepted anywhere): `http://` only to this machine.
+#[test]
+fn a_jwks_url_in_the_clear_is_refused_unless_it_is_loopback() {
+    let fx = Fixture::new();
+    for url in [
+        "http://idp.example/jwks",
+        "http://10.0.0.7/jwks",
+        "ftp://idp.example/jwks",
+    ] {
+        let problems = fx.problems_after(
+            "jwks_url    = \"https://idp.example/jwks\"",
+            &format!("jwks_url    = \"{url}\""),
+        );
+        expect_only(
+            &problems,
+            "fsp.toml",
+            "oauth.jwks_url",
+            &["https://", "loopback"],
+        );
+    }
+    for url in [
+        "http://127.0.0.1:8080/jwks",
+        "http://localhost/jwks",
+        "http://[::1]:9000/jwks",
+    ] {
+        let text = edit(
+            &fx.single_file(),
+            "jwks_url    = \"https://idp.example/jwks\"",
+            &format!("jwks_url    = \"{url}\""),
+        );
+        assert!(fx.load_single(&text).is_ok(), "{url}");
+    }
+}
