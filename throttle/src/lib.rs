@@ -156,17 +156,24 @@ impl ProviderState {
         now: u64,
         limits: &Limits,
     ) -> Result<(), (Scope, Limit, u64)> {
-        let provider_tat = match &limits.provider {
-            Some(l) => Some(gcra(self.aggregate, now, l).map_err(|w| (Scope::Provider, *l, w))?),
-            None => None,
-        };
-        let consumer_tat = match &limits.consumer {
-            Some(l) => Some(
-                gcra(self.consumers.get(consumer).copied(), now, l)
-                    .map_err(|w| (Scope::Consumer, *l, w))?,
-            ),
-            None => None,
-        };
+        let provider = limits.provider.map(|l| (l, gcra(self.aggregate, now, &l)));
+        let consumer_gcra = limits
+            .consumer
+            .map(|l| (l, gcra(self.consumers.get(consumer).copied(), now, &l)));
+        // Refused by either: the longer wait is the one to report (a retry after the
+        // shorter would be refused again by the other), as the Redis script does.
+        let refused = [
+            provider.and_then(|(l, r)| r.err().map(|w| (Scope::Provider, l, w))),
+            consumer_gcra.and_then(|(l, r)| r.err().map(|w| (Scope::Consumer, l, w))),
+        ]
+        .into_iter()
+        .flatten()
+        .max_by_key(|(_, _, w)| *w);
+        if let Some(refused) = refused {
+            return Err(refused);
+        }
+        let provider_tat = provider.and_then(|(_, r)| r.ok());
+        let consumer_tat = consumer_gcra.and_then(|(_, r)| r.ok());
         // Both admitted: only now does either state move.
         if provider_tat.is_some() {
             self.aggregate = provider_tat;

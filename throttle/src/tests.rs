@@ -149,3 +149,42 @@ proptest! {
         prop_assert!(admitted <= bound, "admitted {} > bound {} (rate {}/s, burst {}, {} ns)", admitted, bound, count, burst, now);
     }
 }
+
+/// Found by an attacker's review: refused by both limits, the local store reported the
+/// first limit's wait (the provider's 1 s) where a retry then was refused again by the
+/// consumer's (an hour). Now the longer wait, as the Redis script reports it.
+#[test]
+fn refused_by_both_limits_the_longer_wait_is_reported() {
+    let s = store();
+    let limits = Limits {
+        provider: Some(limit(1, 1)),
+        consumer: Some(Limit {
+            count: 1,
+            per: Duration::from_secs(3600),
+            burst: 1,
+        }),
+    };
+    assert!(s.check("rrn", "bxl", 0, &limits).is_ok());
+    let refused = s.check("rrn", "bxl", SEC / 2, &limits).unwrap_err();
+    assert_eq!(refused.scope, Scope::Consumer);
+    assert_eq!(
+        refused.retry_after,
+        Duration::from_secs(3600) - Duration::from_millis(500)
+    );
+    // Refused by the provider's alone (another consumer): the provider's wait.
+    let refused = s.check("rrn", "gent", SEC / 2, &limits).unwrap_err();
+    assert_eq!(refused.scope, Scope::Provider);
+    assert_eq!(refused.retry_after, Duration::from_millis(500));
+}
+
+/// The emission interval is rounded up: at a rate whose interval is not a whole number
+/// of nanoseconds, no more than the limit is admitted.
+#[test]
+fn an_emission_interval_that_is_not_whole_is_rounded_up() {
+    let l = Limit {
+        count: 300_000_000,
+        per: Duration::from_secs(1),
+        burst: 1,
+    };
+    assert_eq!(l.emission(), 4);
+}

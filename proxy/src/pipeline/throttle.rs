@@ -92,10 +92,12 @@ async fn check(
                     OnBackendError::Allow => Ok(()),
                     OnBackendError::Deny => return Err(map::throttle_backend_down()),
                     OnBackendError::Local => {
-                        // Each replica takes its share, so together they stay within the limit.
+                        // Each replica takes its share of the rate (the same count over a
+                        // period `replicas` times longer: exact even for small limits),
+                        // and of the burst (at least one call each).
                         let share = |l: throttle::Limit| throttle::Limit {
-                            count: (l.count / u64::from(shared.replicas)).max(1),
-                            per: l.per,
+                            count: l.count,
+                            per: l.per.saturating_mul(shared.replicas.max(1)),
                             burst: (l.burst / shared.replicas).max(1),
                         };
                         local(&throttle::Limits {
