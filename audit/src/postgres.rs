@@ -1035,14 +1035,7 @@ fn check_head(
             &[&node],
         )?
     {
-        let anchor = Anchor {
-            node: row.try_get(0)?,
-            retired_through: row.try_get(1)?,
-            last_seq: row.try_get(2)?,
-            last_hash: row.try_get(3)?,
-            key_id: row.try_get(4)?,
-            signature: row.try_get(5)?,
-        };
+        let anchor = Anchor::from_row(&row)?;
         check_seal(
             &seals.trusted,
             anchor.key_id.clone(),
@@ -3223,6 +3216,21 @@ struct Anchor {
     signature: Option<String>,
 }
 
+impl Anchor {
+    /// An anchor from a row of `node, retired_through, last_seq, last_hash, key_id,
+    /// signature`.
+    fn from_row(row: &Row) -> Result<Self, ::postgres::Error> {
+        Ok(Self {
+            node: row.try_get(0)?,
+            retired_through: row.try_get(1)?,
+            last_seq: row.try_get(2)?,
+            last_hash: row.try_get(3)?,
+            key_id: row.try_get(4)?,
+            signature: row.try_get(5)?,
+        })
+    }
+}
+
 /// The database's time, and every node's anchor.
 /// `days` before `now` (the first moment there is, for a span longer than the calendar
 /// goes back: then nothing is older).
@@ -3245,16 +3253,7 @@ fn anchors(tx: &mut Transaction<'_>) -> Result<(OffsetDateTime, Vec<Anchor>), ::
     )?;
     let anchors = rows
         .iter()
-        .map(|row| {
-            Ok(Anchor {
-                node: row.try_get(0)?,
-                retired_through: row.try_get(1)?,
-                last_seq: row.try_get(2)?,
-                last_hash: row.try_get(3)?,
-                key_id: row.try_get(4)?,
-                signature: row.try_get(5)?,
-            })
-        })
+        .map(Anchor::from_row)
         .collect::<Result<_, ::postgres::Error>>()?;
     Ok((now, anchors))
 }
