@@ -1036,14 +1036,9 @@ fn check_head(
         )?
     {
         let anchor = Anchor::from_row(&row)?;
-        check_seal(
-            &seals.trusted,
-            anchor.key_id.clone(),
-            anchor.signature.clone(),
-            ANCHOR_LABEL,
-            &anchor_fields(&anchor),
-        )
-        .map_err(|why| unsealed("fsp_audit_anchor", Some(why)))?;
+        anchor
+            .check_seal(&seals.trusted)
+            .map_err(|why| unsealed("fsp_audit_anchor", Some(why)))?;
     }
     let Some(head) = client.query_opt(
         "SELECT last_seq, message_id, last_hash, written_at, key_id, signature \
@@ -2861,17 +2856,12 @@ impl PostgresTrail {
             chains.heads.insert(row.try_get(0).map_err(get)?, head);
         }
         for anchor in anchors {
-            check_seal(
-                trusted,
-                anchor.key_id.clone(),
-                anchor.signature.clone(),
-                ANCHOR_LABEL,
-                &anchor_fields(&anchor),
-            )
-            .map_err(|why| VerifyError::Unsealed {
-                what: format!("fsp_audit_anchor of node {}", anchor.node),
-                why: why.to_string(),
-            })?;
+            anchor
+                .check_seal(trusted)
+                .map_err(|why| VerifyError::Unsealed {
+                    what: format!("fsp_audit_anchor of node {}", anchor.node),
+                    why: why.to_string(),
+                })?;
             if anchor.last_hash.is_some() {
                 chains.anchored.insert(anchor.node.clone());
             }
@@ -2998,13 +2988,7 @@ impl PostgresTrail {
         for anchor in anchors {
             let (what, was) = before(
                 format!("fsp_audit_anchor of node {}", anchor.node),
-                check_seal(
-                    trusted,
-                    anchor.key_id.clone(),
-                    anchor.signature.clone(),
-                    ANCHOR_LABEL,
-                    &anchor_fields(&anchor),
-                ),
+                anchor.check_seal(trusted),
             )?;
             sign_anchor(&mut tx, &anchor, key).map_err(db)?;
             signed.push(format!("{what} ({was})"));
@@ -3217,6 +3201,17 @@ struct Anchor {
 }
 
 impl Anchor {
+    /// Checks its signature against `trusted` (anything passes when nothing is trusted).
+    fn check_seal(&self, trusted: &TrustedKeys) -> Result<(), crate::seal::SealError> {
+        check_seal(
+            trusted,
+            self.key_id.clone(),
+            self.signature.clone(),
+            ANCHOR_LABEL,
+            &anchor_fields(self),
+        )
+    }
+
     /// An anchor from a row of `node, retired_through, last_seq, last_hash, key_id,
     /// signature`.
     fn from_row(row: &Row) -> Result<Self, ::postgres::Error> {
