@@ -68,3 +68,42 @@ async fn a_consumer_over_its_limit_gets_429_with_rate_limit_fields() {
         .count();
     assert_eq!(refused, 3);
 }
+
+#[tokio::test]
+async fn a_call_refused_for_the_providers_capacity_consumes_no_rate_quota() {
+    let pki = Pki::new();
+    let up = upstream().await;
+    let config = write_config(&pki, up, 0, 0, "");
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "name = \"Registre national\"",
+        "name = \"Registre national\"\nmax_connections = 4\nmax_connections_per_consumer = 1\nqueue_timeout = \"100ms\"\nlimit = { rate = \"2/m\", burst = 2 }\nconsumer_limit = { rate = \"2/m\", burst = 2 }",
+    );
+    std::fs::write(&config, text).unwrap();
+    let gw = Gateway::start(&config).await;
+    let c = client(&pki, Some(&pki.consumer), false);
+
+    // The first call holds the consumer's one slot (the provider answers in 5 s, after
+    // the gateway's response timeout) and spends one of the two calls a minute.
+    let slow = tokio::spawn({
+        let (c, url) = (c.clone(), gw.url("/person/getPerson/v3/slow"));
+        async move { send(&c, get(&url)).await.unwrap().0 }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Meanwhile three calls are over the consumer's share of the provider: refused,
+    // and none of them spends the second call of the minute.
+    let url = gw.url("/person/getPerson/v3/x");
+    for i in 0..3 {
+        let (status, _, body, _) = send(&c, get(&url)).await.unwrap();
+        assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "call {i}");
+        let detail = json(&body)["detail"].as_str().unwrap().to_owned();
+        assert!(detail.contains("calls in flight"), "call {i}: {detail}");
+    }
+    assert_eq!(slow.await.unwrap(), StatusCode::GATEWAY_TIMEOUT);
+    // The second call of the minute passes; the third is refused by the rate limit.
+    let (status, _, body, _) = send(&c, get(&url)).await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+    let (status, _, body, _) = send(&c, get(&url)).await.unwrap();
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    let detail = json(&body)["detail"].as_str().unwrap().to_owned();
+    assert!(!detail.contains("calls in flight"), "{detail}");
+}

@@ -47,13 +47,22 @@ pub async fn forward(
     body: &mut Unread,
 ) -> Result<Answer, Rejection> {
     let snap = &*local.snap;
-    let granted = cleared.into_admitted().into_granted();
+    let (granted, slot) = cleared.into_admitted().into_parts();
+
     let suspensions_seen = granted.suspensions_seen();
     let (caller, route, grant) = granted.into_parts();
     let (service, upstream) = (route.service(), route.upstream());
     let soap = route.protocol() == catalogue::Protocol::Soap;
     let base = &route.version().upstream;
     let (path, lifecycle) = route.into_path();
+    // Reserved when the call was admitted (only a WSDL request is admitted without one).
+    let slot = match slot {
+        Some(slot) => slot,
+        None => upstream
+            .reserve(&caller.consumer().id)
+            .await
+            .map_err(|e| map::upstream(&service.provider, &service.name, &e))?,
+    };
     // Kept by the call: a refusal after this point still counts the bytes read.
     // Watched: a suspension of either party cuts the call while it streams.
     let shared: &Arc<CallShared> = call.shared.insert(Arc::new(CallShared::watched(Watch::new(
@@ -105,14 +114,7 @@ pub async fn forward(
     let sent = answer_within(
         upstream.response_timeout,
         shared,
-        upstream.send(
-            base,
-            path,
-            method,
-            fields,
-            upstream_body,
-            &caller.consumer().id,
-        ),
+        upstream.send(base, path, method, fields, upstream_body, slot),
     )
     .await;
     let (provider, service) = (&service.provider, &service.name);

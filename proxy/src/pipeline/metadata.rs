@@ -44,7 +44,7 @@ pub async fn serve(
     wanted: Wanted,
 ) -> Result<Served, Rejection> {
     let snap = &*local.snap;
-    let (caller, route, _grant) = cleared.into_admitted().into_granted().into_parts();
+    let (caller, route, _grant) = cleared.into_admitted().into_parts().0.into_parts();
     let (service, version) = (route.service(), route.version());
     let key = format!("{}/{}", service.name, version.version);
     let failed = |why: String| {
@@ -240,9 +240,14 @@ impl Fetch<'_> {
             XmlCheck::Off,
             Arc::new(CallShared::new()),
         );
+        let slot = self
+            .upstream
+            .reserve(self.consumer)
+            .await
+            .map_err(FetchError::Exchange)?;
         let response = self
             .upstream
-            .send(self.base, path, Method::GET, fields, body, self.consumer)
+            .send(self.base, path, Method::GET, fields, body, slot)
             .await
             .map_err(FetchError::Exchange)?;
         if response.status() != StatusCode::OK {

@@ -1,17 +1,25 @@
-//! Phase 5, throttle: the provider's aggregate limit and the consumer's own limit,
-//! checked together (a call refused by either consumes neither), through the shared
-//! backend when there is one, following `on_backend_error` when it fails. The answer is
-//! an [`Admitted`] call, which only this phase makes, from a [`Granted`] one.
+//! Phase 5, throttle: first the provider's capacity (one of the consumer's share of the
+//! provider's connection slots, and one of the provider's), then the provider's
+//! aggregate limit and the consumer's own limit, checked together (a call refused by
+//! either consumes neither), through the shared backend when there is one, following
+//! `on_backend_error` when it fails. Capacity comes first so that a call refused for it
+//! consumes no rate quota; a call the rate limits refuse gives its slot back at once. The
+//! answer is an [`Admitted`] call, which only this phase makes, from a [`Granted`] one.
 
 use super::authorise::Granted;
 use crate::config::OnBackendError;
 use crate::errors::{Rejection, map};
 use crate::state::{Gateway, Local, SharedThrottle};
+use crate::transport::pool::Slot;
 
-/// A granted call within its provider's and its consumer's limits.
+/// A granted call within its provider's capacity and its provider's and consumer's
+/// limits.
 #[derive(Debug)]
 pub struct Admitted<'s> {
     granted: Granted<'s>,
+    /// The provider's slot the call is sent under (none for a WSDL request, whose
+    /// documents the gateway fetches under slots of their own, when not cached).
+    slot: Option<Slot>,
 }
 
 impl<'s> Admitted<'s> {
@@ -19,20 +27,32 @@ impl<'s> Admitted<'s> {
         &self.granted
     }
 
-    pub fn into_granted(self) -> Granted<'s> {
-        self.granted
+    pub fn into_parts(self) -> (Granted<'s>, Option<Slot>) {
+        (self.granted, self.slot)
     }
 }
 
-/// Admits a granted call, or refuses it with 429.
+/// Admits a granted call, or refuses it: 429 when the consumer is over its share of the
+/// provider's slots or its limits, 503 when the provider's slots stay taken.
 pub async fn admit<'s>(local: &Local, granted: Granted<'s>) -> Result<Admitted<'s>, Rejection> {
     let route = granted.route();
     let consumer = granted.caller().consumer();
+    let service = route.service();
+    let slot = match route.metadata() {
+        Some(_) => None,
+        None => Some(
+            route
+                .upstream()
+                .reserve(&consumer.id)
+                .await
+                .map_err(|e| map::upstream(&service.provider, &service.name, &e))?,
+        ),
+    };
     if let Some(p) = local
         .snap
         .providers
         .iter()
-        .find(|p| *p.id == *route.service().provider)
+        .find(|p| *p.id == *service.provider)
     {
         let limits = throttle::Limits {
             provider: p.limit.map(|r| r.limit()),
@@ -44,7 +64,7 @@ pub async fn admit<'s>(local: &Local, granted: Granted<'s>) -> Result<Admitted<'
         };
         check(&local.gw, &p.id, &consumer.id, &limits).await?;
     }
-    Ok(Admitted { granted })
+    Ok(Admitted { granted, slot })
 }
 
 /// Admits or refuses a call under the provider's and the consumer's limits, through the

@@ -309,29 +309,12 @@ impl Upstream {
         });
     }
 
-    /// Sends a request to `path` on the version's upstream `base` (its scheme and host)
-    /// and returns the provider's response, whose body hands its connection back to the
-    /// pool once read.
-    pub async fn send(
-        self: &Arc<Self>,
-        base: &Uri,
-        path: PathAndQuery,
-        method: Method,
-        fields: Outbound<'_>,
-        mut body: RequestBody,
-        consumer: &str,
-    ) -> Result<Response<UpstreamBody>, UpstreamError> {
-        let https = match base.scheme_str() {
-            Some("https") => true,
-            Some("http") => false,
-            _ => return Err(UpstreamError::BadUrl(base.clone())),
-        };
-        let Some(authority) = base.authority() else {
-            return Err(UpstreamError::BadUrl(base.clone()));
-        };
-        // One of the consumer's share of the provider's slots (none left: throttled at
-        // once), then one of the provider's slots, before anything is sent; a full cap
-        // waits a bounded time (boxed: rare, and a large future).
+    /// Takes what a call to this provider holds while it is in flight: one of the
+    /// consumer's share of the provider's slots (none left: refused at once), then one of
+    /// the provider's slots (a full cap waits at most the queue timeout; boxed: rare, and
+    /// a large future). Taken before the call is throttled, so that a call refused for
+    /// capacity consumes no rate quota; given back when the returned [`Slot`] is dropped.
+    pub async fn reserve(self: &Arc<Self>, consumer: &str) -> Result<Slot, UpstreamError> {
         let share = self.cap.consumer(consumer);
         if let Some(i) = share
             && !self.cap.try_take_share(i)
@@ -350,9 +333,36 @@ impl Upstream {
                 waited: self.queue_timeout,
             });
         }
-        let slot = Slot {
+        Ok(Slot {
             upstream: self.clone(),
             share,
+        })
+    }
+
+    /// Sends a request to `path` on the version's upstream `base` (its scheme and host)
+    /// under a `slot` this upstream [reserved](Self::reserve), and returns the provider's
+    /// response, whose body hands its connection back to the pool (and the slot to the
+    /// cap) once read.
+    pub async fn send(
+        self: &Arc<Self>,
+        base: &Uri,
+        path: PathAndQuery,
+        method: Method,
+        fields: Outbound<'_>,
+        mut body: RequestBody,
+        slot: Slot,
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
+        debug_assert!(
+            Arc::ptr_eq(&slot.upstream, self),
+            "a slot of another upstream"
+        );
+        let https = match base.scheme_str() {
+            Some("https") => true,
+            Some("http") => false,
+            _ => return Err(UpstreamError::BadUrl(base.clone())),
+        };
+        let Some(authority) = base.authority() else {
+            return Err(UpstreamError::BadUrl(base.clone()));
         };
         // This thread's own copies of the host's name and `Host` value: the base URI is
         // shared by every thread, and so would be its reference counts.
