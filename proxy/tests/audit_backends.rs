@@ -588,6 +588,13 @@ async fn an_unavailable_audit_store_stops_calls_before_the_provider_until_it_ret
             Store::File => None,
         };
         let config = store.config(&pki, up, port, admin, relay.as_ref().map(|r| r.address));
+        // Four calls a minute: the calls refused while the trail is away must not spend
+        // them (only a call that finds the sink still healthy and fails to write may).
+        let text = std::fs::read_to_string(&config).unwrap().replace(
+            "name = \"Registre national\"",
+            "name = \"Registre national\"\nconsumer_limit = { rate = \"4/m\", burst = 4 }",
+        );
+        std::fs::write(&config, text).unwrap();
         let mut gw = Gateway::spawn(&config, port, admin).await;
         let c = client(&pki, Some(&pki.consumer), false);
         let call = || async { send(&c, get(&gw.url(CALL))).await.unwrap() };

@@ -118,6 +118,7 @@ async fn clear<'s>(
     let route = route::route(local, call, parts, target)?;
     let content = inspect::inspect(&local.snap, call, parts, &fields, &route, body).await?;
     let granted = authorise::authorise(local, conn, call, caller, route)?;
+    record::ready(local)?;
     let admitted = throttle::admit(local, granted).await?;
     let cleared = record::gate(local, call, admitted).await?;
     Ok((cleared, content))

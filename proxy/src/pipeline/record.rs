@@ -38,6 +38,24 @@ impl<'s> Cleared<'s> {
     }
 }
 
+fn unavailable(e: &dyn std::fmt::Display) -> Rejection {
+    Rejection::new(
+        Code::AuditUnavailable,
+        format!("the call cannot be recorded, so it is not forwarded: {e}"),
+    )
+}
+
+/// When fail-closed, refuses a call at once while the audit sink is known to be
+/// unhealthy: asked before the call is throttled, so that calls refused during an outage
+/// of the trail spend no slot and no rate quota. (A write that fails or stalls is only
+/// known at the [gate], after the call was throttled.)
+pub fn ready(local: &Local) -> Result<(), Rejection> {
+    if local.snap.fail_closed {
+        local.gw.audit.health().map_err(|e| unavailable(&e))?;
+    }
+    Ok(())
+}
+
 /// Clears an admitted call for forwarding: when fail-closed, once its `request` line is
 /// durable; refused when the audit sink cannot take it or make it durable in time.
 pub async fn gate<'s>(
@@ -48,12 +66,7 @@ pub async fn gate<'s>(
     if !local.snap.fail_closed {
         return Ok(Cleared { admitted });
     }
-    let unavailable = |e: &dyn std::fmt::Display| {
-        Rejection::new(
-            Code::AuditUnavailable,
-            format!("the call cannot be recorded, so it is not forwarded: {e}"),
-        )
-    };
+    // Asked again: the sink may have failed while the call was throttled.
     local.gw.audit.health().map_err(|e| unavailable(&e))?;
     call.record.phase = Some(audit::Phase::Request);
     let durable = match local.gw.audit.submit_durable(&call.record) {
