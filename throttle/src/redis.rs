@@ -16,6 +16,19 @@
 //! calls one after the other, exactly as if each had come alone, so the bound and the
 //! "a refused call consumes nothing" rule are those of one call per script.
 //!
+//! Each script run carries a deadline on Redis's clock, three quarters of the timeout
+//! after its batch began: a run Redis starts later (Redis too slow; its calls have been
+//! given up, or are about to be, and handled per `on_backend_error`) changes nothing,
+//! no debit and no give-back, and its calls get an error. So calls refused because Redis
+//! was slow do not use quota when Redis catches up; only a run started in time whose
+//! answer then takes more than the last quarter of the timeout to come back debits
+//! calls that are given up. The offset between Redis's clock and the gateway's is
+//! estimated from a `TIME` when the connection is made, then from the clock every
+//! answer carries (Redis's clock minus the local one when the answer arrives: below the
+//! true offset by the answer's way back, so a run may be cut a little early, never
+//! late). Behind a cluster-aware proxy the nodes' clocks must agree (NTP) to well
+//! within the timeout: the estimate is shared by all of them.
+//!
 //! Leases (with [`RedisStore::with_leases`]): where a limit is high, a replica takes
 //! several permits of a consumer's pair of keys in one decision and spends them locally
 //! for at most [`LEASE_TTL`], so that most calls make no round trip. Permits are debited
@@ -42,6 +55,10 @@ use crate::{Limit, Limits, Scope, Throttled};
 const SCRIPT: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+-- The run's deadline on this clock (µs; 0: none), after the calls' 8 arguments each: a
+-- run that starts after it changes nothing (no debit, no give-back) and says so.
+local deadline = tonumber(ARGV[#KEYS * 4 + 1]) or 0
+if deadline > 0 and now > deadline then return {now, 1} end
 local function keep(key, tat)
   -- PX in whole milliseconds, bounded (a number past 1e15 would be sent as 1e+15).
   local px = math.min(math.ceil((tat - now) / 1000) + 1000, 1e12)
@@ -69,7 +86,8 @@ local function give_back(key, e, n, upto)
   if tat <= now then redis.call('DEL', key) return end
   keep(key, tat)
 end
-local out = {}
+-- Redis's clock, 0 (decided), then five values per call.
+local out = {now, 0}
 for i = 0, #KEYS / 2 - 1 do
   local a = 8 * i
   local pk, ck = KEYS[2 * i + 1], KEYS[2 * i + 2]
@@ -91,11 +109,11 @@ for i = 0, #KEYS / 2 - 1 do
     if tp then dp = tp + k * pe keep(pk, dp) end
     if tc then dc = tc + k * ce keep(ck, dc) end
   end
-  out[5 * i + 1] = k
-  out[5 * i + 2] = who
-  out[5 * i + 3] = wait
-  out[5 * i + 4] = dp
-  out[5 * i + 5] = dc
+  out[5 * i + 3] = k
+  out[5 * i + 4] = who
+  out[5 * i + 5] = wait
+  out[5 * i + 6] = dp
+  out[5 * i + 7] = dc
 end
 return out
 "#;
@@ -165,7 +183,16 @@ struct Inner {
     prefix: String,
     /// Decisions sent to Redis so far (one per call without a lease).
     sent: std::sync::atomic::AtomicU64,
+    /// The origin of the local clock runs' deadlines are reckoned on (see
+    /// [`Inner::local_micros`]).
+    epoch: std::time::Instant,
+    /// Redis's clock minus the local one (µs), as last estimated ([`NO_ESTIMATE`]: none
+    /// yet): see [`Inner::estimate`].
+    offset: std::sync::atomic::AtomicI64,
 }
+
+/// [`Inner::offset`] before the first estimate.
+const NO_ESTIMATE: i64 = i64::MIN;
 
 /// One call's decision, waiting for its batch.
 struct Pending {
@@ -266,6 +293,8 @@ impl RedisStore {
             timeout,
             prefix: prefix.to_owned(),
             sent: std::sync::atomic::AtomicU64::new(0),
+            epoch: std::time::Instant::now(),
+            offset: std::sync::atomic::AtomicI64::new(NO_ESTIMATE),
         });
         let (tx, rx) = mpsc::unbounded_channel();
         runtime.spawn(batches(inner.clone(), rx));
@@ -399,8 +428,9 @@ impl RedisStore {
             sweep(t, now);
         }
         let leases = t.providers.entry(provider.to_owned()).or_default();
-        // On an error, whether given-back permits came back is not known: they are not
-        // owed again.
+        // On an error, whether given-back permits came back is not known (a run cut at its
+        // deadline gave back nothing): they are not owed again. Dropping them is safe:
+        // they were debited, so it wastes them, it never admits more.
         let (answer, decision) = match asked {
             Ok(a) => a,
             Err(e) => {
@@ -565,7 +595,9 @@ async fn batches(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<Pending>) {
         inner
             .sent
             .fetch_add(batch.len() as u64, std::sync::atomic::Ordering::Relaxed);
-        let answers = match tokio::time::timeout(inner.timeout, inner.decide(&batch)).await {
+        let started = std::time::Instant::now();
+        let answers = match tokio::time::timeout(inner.timeout, inner.decide(&batch, started)).await
+        {
             Ok(answers) => answers,
             Err(_) => {
                 let e = BackendError(format!("no answer within {:?}", inner.timeout));
@@ -610,21 +642,75 @@ impl Inner {
         if let Some(c) = slot.as_ref() {
             return Ok(c.clone());
         }
-        let c = managed_connection(&self.client, self.timeout)
+        let mut c = managed_connection(&self.client, self.timeout)
             .await
             .map_err(|e| BackendError(e.to_string()))?;
+        // A first estimate of Redis's clock, so that the first batch has a deadline too;
+        // a connection is kept only with one.
+        let (secs, micros): (u64, u64) = redis::cmd("TIME")
+            .query_async(&mut c)
+            .await
+            .map_err(|e| BackendError(format!("Redis's clock (TIME): {e}")))?;
+        self.estimate(
+            secs.saturating_mul(1_000_000).saturating_add(micros),
+            std::time::Instant::now(),
+        );
         *slot = Some(c.clone());
         Ok(c)
     }
 
-    /// Decides a batch: one script run per provider (its keys share a hash slot), all
-    /// sent before the first answer is read; answers in the batch's order (a provider
-    /// whose run failed gets its error, the others their answers).
-    async fn decide(&self, batch: &[Pending]) -> Vec<Result<Answer, BackendError>> {
+    /// Microseconds from [`Inner::epoch`] to `at`: a monotonic clock, so that a step of
+    /// the local wall clock (NTP, an operator) cannot move a deadline.
+    fn local_micros(&self, at: std::time::Instant) -> i64 {
+        i64::try_from(at.saturating_duration_since(self.epoch).as_micros()).unwrap_or(i64::MAX)
+    }
+
+    /// Takes `redis_now` (Redis's clock, µs), received at `received`, as the latest
+    /// estimate of the offset between Redis's clock and the local one. Redis read its
+    /// clock before the answer left, so the estimate is below the true offset by the
+    /// answer's way back: deadlines derived from it fall early on Redis's clock, never
+    /// late. The latest one is kept (not the largest), so that a clock stepped on either
+    /// side is followed from the next answer on.
+    fn estimate(&self, redis_now: u64, received: std::time::Instant) {
+        let redis_now = i64::try_from(redis_now).unwrap_or(i64::MAX);
+        self.offset.store(
+            redis_now.saturating_sub(self.local_micros(received)),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
+    /// The deadline on Redis's clock (µs) of the script runs of a batch that began at
+    /// `started`: three quarters of the timeout later. The batch is given up a whole
+    /// timeout after it began; the last quarter is left for the script itself and the
+    /// answer's way back, so that a run Redis starts in time is answered in time (a run
+    /// that debits while its calls are refused would need an answer slower on its way
+    /// back than a quarter of the timeout), and a slower Redis is cut rather than
+    /// refused calls charged. Without an estimate of Redis's clock (not reached: a
+    /// connection is made with one) the deadline is long past: the run changes nothing,
+    /// and its answer brings an estimate.
+    fn deadline(&self, started: std::time::Instant) -> u64 {
+        let offset = self.offset.load(std::sync::atomic::Ordering::Relaxed);
+        if offset == NO_ESTIMATE {
+            return 1;
+        }
+        let local = self.local_micros(started + self.timeout * 3 / 4);
+        u64::try_from(local.saturating_add(offset).max(1)).unwrap_or(1)
+    }
+
+    /// Decides a batch that began at `started`: one script run per provider (its keys
+    /// share a hash slot), all sent before the first answer is read, each with the
+    /// batch's [deadline](Inner::deadline); answers in the batch's order (a provider
+    /// whose run failed or came too late gets its error, the others their answers).
+    async fn decide(
+        &self,
+        batch: &[Pending],
+        started: std::time::Instant,
+    ) -> Vec<Result<Answer, BackendError>> {
         let conn = match self.connection().await {
             Ok(c) => c,
             Err(e) => return batch.iter().map(|_| Err(e.clone())).collect(),
         };
+        let deadline = self.deadline(started);
         // Providers in order of first appearance; calls keep their order within each.
         let mut providers: Vec<&str> = Vec::new();
         for p in batch {
@@ -645,12 +731,17 @@ impl Inner {
                     .arg(p.debited_to[0])
                     .arg(p.debited_to[1]);
             }
+            invocation.arg(deadline);
             let mut conn = conn.clone();
             async move {
-                invocation
+                let values = invocation
                     .invoke_async::<Vec<u64>>(&mut conn)
                     .await
-                    .map_err(|e| BackendError(e.to_string()))
+                    .map_err(|e| BackendError(e.to_string()))?;
+                if let Some(&redis_now) = values.first() {
+                    self.estimate(redis_now, std::time::Instant::now());
+                }
+                Ok::<_, BackendError>(values)
             }
         });
         let answers = join_all(runs).await;
@@ -661,9 +752,19 @@ impl Inner {
                 .iter_mut()
                 .zip(batch)
                 .filter(|(_, p)| p.provider == *provider);
-            match answer {
+            match answer.and_then(|values| match values.get(1) {
+                Some(0) => Ok(values),
+                Some(1) => Err(BackendError(
+                    "Redis reached the throttling decision after its deadline (Redis too slow \
+                     to answer in time): nothing was debited"
+                        .into(),
+                )),
+                _ => Err(BackendError(format!(
+                    "unexpected answer from the throttling script: {values:?}"
+                ))),
+            }) {
                 Ok(values) => {
-                    let mut each = values.chunks_exact(5);
+                    let mut each = values[2..].chunks_exact(5);
                     for (slot, _) in slots {
                         *slot = each
                             .next()
@@ -757,6 +858,7 @@ impl crate::Store for RedisStore {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -794,5 +896,85 @@ mod tests {
         );
         assert_eq!(hash_tag("fsp:{rrn}:c:x"), "rrn");
         assert_eq!(hash_tag("fsp:{}:c:x"), "fsp:{}:c:x");
+    }
+
+    /// The script's deadline: a run that starts after it changes nothing (no debit, no
+    /// give-back) and answers Redis's clock and 1; one before it, or without one (0),
+    /// decides and answers Redis's clock, 0 and the decision.
+    #[tokio::test]
+    async fn a_script_run_past_its_deadline_changes_nothing() {
+        let Ok(url) = std::env::var("FSP_TEST_REDIS_URL") else {
+            eprintln!("SKIPPED: FSP_TEST_REDIS_URL is not set (e.g. redis://127.0.0.1:6379)");
+            return;
+        };
+        let mut conn = redis::Client::open(url.as_str())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        let provider = format!("deadline-{}-{nanos}", std::process::id());
+        let [pk, ck] = keys("fsp-test:", &provider, "c");
+        let script = redis::Script::new(SCRIPT);
+        // Both limits 1 a minute, burst 1 (emission 60 s, tolerance 0): one permit each.
+        let run = |back: u64, debited_to: u64, deadline: u64| {
+            let mut i = script.prepare_invoke();
+            i.key(&pk).key(&ck);
+            for a in [
+                60_000_000, 0, 60_000_000, 0, 1, back, debited_to, debited_to,
+            ] {
+                i.arg(a);
+            }
+            i.arg(deadline);
+            i
+        };
+        let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(&mut conn).await.unwrap();
+        let now = secs * 1_000_000 + micros;
+        let get = |key: &str| redis::cmd("GET").arg(key).to_owned();
+
+        // Late: nothing written.
+        let late: Vec<u64> = run(0, 0, 1).invoke_async(&mut conn).await.unwrap();
+        assert_eq!(late.len(), 2, "{late:?}");
+        assert!(late[0] >= now, "Redis's clock: {late:?}");
+        assert_eq!(late[1], 1, "{late:?}");
+        let exists: u64 = redis::cmd("EXISTS")
+            .arg(&pk)
+            .arg(&ck)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(exists, 0, "a late run wrote a key");
+
+        // In time: the permit is debited from both keys.
+        let ok: Vec<u64> = run(0, 0, now + 60_000_000)
+            .invoke_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(ok[1..3], [0, 1], "{ok:?}");
+        let (dp, dc) = (ok[5], ok[6]);
+        assert!(dp > now && dc > now, "{ok:?}");
+
+        // A late give-back gives nothing back.
+        let late: Vec<u64> = run(1, dp, 1).invoke_async(&mut conn).await.unwrap();
+        assert_eq!(late[1..], [1], "{late:?}");
+        let tats: (u64, u64) = (
+            get(&pk).query_async(&mut conn).await.unwrap(),
+            get(&ck).query_async(&mut conn).await.unwrap(),
+        );
+        assert_eq!(tats, (dp, dc), "a late run changed the keys");
+
+        // Without a deadline (0), the give-back comes back and the permit is taken again.
+        let ok: Vec<u64> = run(1, dp, 0).invoke_async(&mut conn).await.unwrap();
+        assert_eq!(ok[1..3], [0, 1], "{ok:?}");
+
+        let _: u64 = redis::cmd("DEL")
+            .arg(&pk)
+            .arg(&ck)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
     }
 }

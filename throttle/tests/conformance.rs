@@ -288,3 +288,100 @@ async fn leases_spare_round_trips_below_the_limit() {
     eprintln!("leases: 32000 calls admitted, {sent} decisions sent to Redis");
     assert!(sent * 5 < 32_000, "{sent} decisions for 32000 calls");
 }
+
+/// A TCP relay to the Redis of `url` that holds what the gateway sends for `delay` ms
+/// (0: none) before passing it on, answers coming back at once: a Redis slow to reach
+/// the gateway's commands, for this test alone (a `DEBUG SLEEP` would also slow the
+/// other tests sharing the Redis). Gives the relay's URL.
+async fn slow_relay(url: &str, delay: std::sync::Arc<std::sync::atomic::AtomicU64>) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url.strip_prefix("redis://").expect("a redis:// URL");
+    let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let (user, address) = match authority.rsplit_once('@') {
+        Some((user, address)) => (format!("{user}@"), address.to_owned()),
+        None => (String::new(), authority.to_owned()),
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(upstream) = tokio::net::TcpStream::connect(&address).await else {
+                continue;
+            };
+            let (mut from_client, mut to_client) = client.into_split();
+            let (mut from_redis, mut to_redis) = upstream.into_split();
+            tokio::spawn(async move { tokio::io::copy(&mut from_redis, &mut to_client).await });
+            let delay = delay.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0; 64 * 1024];
+                while let Ok(n @ 1..) = from_client.read(&mut buf).await {
+                    let ms = delay.load(std::sync::atomic::Ordering::SeqCst);
+                    if ms > 0 {
+                        tokio::time::sleep(Duration::from_millis(ms)).await;
+                    }
+                    if to_redis.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    format!("redis://{user}127.0.0.1:{port}/{path}")
+}
+
+/// A decision Redis reaches only after its deadline debits nothing: the call gets an
+/// error (the gateway then applies `on_backend_error`), and once Redis has run the late
+/// script, the consumer's only permit and the provider aggregate are untouched.
+#[tokio::test]
+async fn a_decision_redis_reaches_too_late_debits_nothing() {
+    let Ok(url) = std::env::var("FSP_TEST_REDIS_URL") else {
+        eprintln!("SKIPPED: FSP_TEST_REDIS_URL is not set");
+        return;
+    };
+    let delay = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let relay = slow_relay(&url, delay.clone()).await;
+    let s = RedisStore::new(&relay, "fsp-test:", Duration::from_millis(200)).unwrap();
+    let p = provider("late");
+    let limits = Limits {
+        provider: Some(per_minute(1, 2)),
+        consumer: Some(per_minute(1, 1)),
+    };
+    // Connected, Redis's clock estimated, before Redis turns slow (another provider's
+    // keys, so that this one's are untouched).
+    let warm_up = provider("late-warm-up");
+    assert!(s.decide(&warm_up, "w", 0, &limits).await.unwrap().is_ok());
+
+    // Redis gets the script 400 ms after it is sent: after the batch's 200 ms timeout.
+    delay.store(400, std::sync::atomic::Ordering::SeqCst);
+    let started = Instant::now();
+    let e = s.decide(&p, "a", 0, &limits).await.unwrap_err();
+    eprintln!("late: {e} after {:?}", started.elapsed());
+    delay.store(0, std::sync::atomic::Ordering::SeqCst);
+    // Redis has run the held script by then.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+
+    assert!(
+        s.decide(&p, "a", 0, &limits).await.unwrap().is_ok(),
+        "the late decision used the consumer's permit"
+    );
+    assert_eq!(
+        s.decide(&p, "a", 0, &limits)
+            .await
+            .unwrap()
+            .unwrap_err()
+            .scope,
+        Scope::Consumer
+    );
+    assert!(
+        s.decide(&p, "b", 0, &limits).await.unwrap().is_ok(),
+        "the late decision used a permit of the aggregate"
+    );
+    assert_eq!(
+        s.decide(&p, "c", 0, &limits)
+            .await
+            .unwrap()
+            .unwrap_err()
+            .scope,
+        Scope::Provider
+    );
+}
