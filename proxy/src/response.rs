@@ -16,7 +16,7 @@ use http_body::{Body, Frame, SizeHint};
 
 use crate::errors::Side;
 use crate::soap::HeaderStamp;
-use crate::transport::body::{BoxError, CallShared};
+use crate::transport::body::{BoxError, CallShared, Waiter};
 use crate::transport::pool::UpstreamBody;
 use crate::xml;
 
@@ -80,10 +80,16 @@ impl Finisher {
     }
 
     /// Why the call must stop now (its consumer or provider was suspended since it
-    /// began), written into its record as the decision that ended it.
-    fn cut_off(&mut self) -> Option<String> {
+    /// began), written into its record as the decision that ended it. `waiting`: the
+    /// provider's body is pending, and the task is to be woken by a suspension (see
+    /// `CallShared::cut_off_or_wake`).
+    fn cut_off(&mut self, waiting: Option<&Context<'_>>) -> Option<String> {
         let p = self.inner.as_mut()?;
-        let why = p.shared.as_ref()?.cut_off()?;
+        let shared = p.shared.as_ref()?;
+        let why = match waiting {
+            Some(cx) => shared.cut_off_or_wake(Waiter::Answer, cx),
+            None => shared.cut_off(),
+        }?;
         p.record.decision = crate::errors::Code::AuthzSuspended.as_str().to_owned();
         // As for a suspension found before the call (a denial is the caller's side).
         p.record.fault = Some(Side::Consumer.as_str().to_owned());
@@ -336,7 +342,7 @@ impl Body for ResponseBody {
         let this = &mut *self;
         // A suspension cuts the answer of a call in flight (contract section 5).
         if !matches!(this.kind, Kind::Full(_))
-            && let Some(why) = this.finisher.as_mut().and_then(Finisher::cut_off)
+            && let Some(why) = this.finisher.as_mut().and_then(|f| f.cut_off(None))
         {
             return Poll::Ready(Some(Err(Box::new(CutOff(why)))));
         }
@@ -345,6 +351,13 @@ impl Body for ResponseBody {
             Kind::Upstream(inner) => Pin::new(inner).poll_frame(cx),
             Kind::Checked(checked) => checked.poll_frame(cx),
         };
+        // A provider that sends nothing: a suspension wakes the task and cuts the answer
+        // at once, not at the provider's next byte.
+        if polled.is_pending()
+            && let Some(why) = this.finisher.as_mut().and_then(|f| f.cut_off(Some(cx)))
+        {
+            return Poll::Ready(Some(Err(Box::new(CutOff(why)))));
+        }
         // The provider's trailers say no more than its head may (see `strip_platform_fields`).
         if let Poll::Ready(Some(Ok(frame))) = &mut polled
             && let Some(trailers) = frame.trailers_mut()

@@ -159,6 +159,8 @@ pub struct SuspensionStore {
     /// How many times the sets in force changed: calls in flight check it on each frame
     /// and look the sets up only when it moved (see `CallShared::cut_off`).
     changes: AtomicU64,
+    /// Rung after each change, to wake the calls in flight that wait for a silent peer.
+    alarm: crate::transport::body::Alarm,
 }
 
 /// The connection to the cluster's Redis.
@@ -207,6 +209,7 @@ impl SuspensionStore {
             write: tokio::sync::Mutex::new(()),
             cluster: None,
             changes: AtomicU64::new(0),
+            alarm: Default::default(),
         })
     }
 
@@ -245,6 +248,7 @@ impl SuspensionStore {
             write: tokio::sync::Mutex::new(()),
             cluster: Some(link),
             changes: AtomicU64::new(0),
+            alarm: Default::default(),
         })
     }
 
@@ -270,10 +274,13 @@ impl SuspensionStore {
         self.current.load()
     }
 
-    /// Puts `next` in force and tells the calls in flight.
+    /// Puts `next` in force and tells the calls in flight: those streaming see the
+    /// change count move at their next frame, and those waiting for a silent peer are
+    /// woken to see it now.
     fn put(&self, next: Suspended) {
         self.current.store(Arc::new(next));
         self.changes.fetch_add(1, Ordering::AcqRel);
+        self.alarm.ring();
     }
 
     /// Suspends (`Some`, with who, when and why) or resumes (`None`) a party; says
@@ -434,6 +441,10 @@ impl crate::transport::body::Suspensions for SuspensionStore {
                 .get(provider)
                 .map(|s| format!("provider {provider} was suspended by {}", s.by))
         }
+    }
+
+    fn alarm(&self) -> &crate::transport::body::Alarm {
+        &self.alarm
     }
 }
 

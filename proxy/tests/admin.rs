@@ -939,3 +939,321 @@ async fn handshakes_never_finished_cannot_keep_an_administrator_out() {
     );
     drop(held);
 }
+
+/// A provider that is slow or silent where the suspension tests need it, and says on
+/// `seen` what it was asked (`METHOD path?query`) as soon as it is asked:
+/// - `GET ...?wsdl`: a WSDL, after 5 s;
+/// - `GET .../silent`: its head after 30 s;
+/// - `GET .../stall`: its head and a first chunk at once, then nothing for 30 s;
+/// - `POST .../sink`: reads the request whole (saying `first bytes` when they come),
+///   then answers how much it received.
+async fn silent_provider() -> (
+    std::net::SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<String>,
+) {
+    use futures_util::StreamExt as _;
+    use http_body_util::BodyExt as _;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    move |req: http::Request<hyper::body::Incoming>| {
+                        let tx = tx.clone();
+                        async move {
+                            let asked = format!("{} {}", req.method(), req.uri());
+                            let _ = tx.send(asked.clone());
+                            let data = |b: &'static [u8]| {
+                                Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(
+                                    bytes::Bytes::from_static(b),
+                                ))
+                            };
+                            let resp: http::Response<AnyBody> = if asked.ends_with("?wsdl") {
+                                tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+                                let mut r = http::Response::new(full(
+                                    r#"<?xml version="1.0"?><wsdl:definitions xmlns:wsdl="http://schemas.xmlsoap.org/wsdl/" targetNamespace="urn:t"/>"#,
+                                ));
+                                r.headers_mut()
+                                    .insert("content-type", "text/xml".parse().unwrap());
+                                r
+                            } else if asked.ends_with("/silent") {
+                                tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+                                http::Response::new(full("late"))
+                            } else if asked.ends_with("/stall") {
+                                let first =
+                                    futures_util::stream::once(async move { data(b"first part;") });
+                                let late = futures_util::stream::once(async move {
+                                    tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+                                    data(b"late part")
+                                });
+                                let mut r = http::Response::new(
+                                    http_body_util::StreamBody::new(first.chain(late))
+                                        .boxed_unsync(),
+                                );
+                                r.headers_mut()
+                                    .insert("content-type", "text/plain".parse().unwrap());
+                                r
+                            } else {
+                                let mut body = req.into_body();
+                                let mut n = 0;
+                                while let Some(Ok(frame)) = body.frame().await {
+                                    if let Ok(d) = frame.into_data() {
+                                        if n == 0 {
+                                            let _ = tx.send("first bytes".to_owned());
+                                        }
+                                        n += d.len();
+                                    }
+                                }
+                                http::Response::new(full(format!("{{\"received\":{n}}}")))
+                            };
+                            Ok::<_, std::convert::Infallible>(resp)
+                        }
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, rx)
+}
+
+/// A gateway in front of [`silent_provider`], which may take a minute to answer (so
+/// that nothing but a suspension ends the tests' calls early).
+async fn gateway_before_silent_provider(
+    pki: &Pki,
+) -> (Gateway, tokio::sync::mpsc::UnboundedReceiver<String>) {
+    let (up, seen) = silent_provider().await;
+    let config = write_config(pki, up, 0, 0, "");
+    let text = std::fs::read_to_string(&config).unwrap();
+    assert!(text.contains("response_timeout = \"2s\""));
+    std::fs::write(
+        &config,
+        text.replacen("response_timeout = \"2s\"", "response_timeout = \"60s\"", 1),
+    )
+    .unwrap();
+    (Gateway::start(&config).await, seen)
+}
+
+/// Waits (10 s at most) until the provider says `what` (the end of what it was asked).
+async fn provider_says(seen: &mut tokio::sync::mpsc::UnboundedReceiver<String>, what: &str) {
+    tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        while let Some(asked) = seen.recv().await {
+            if asked.ends_with(what) {
+                return;
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("the provider was never asked for {what}"));
+}
+
+/// Suspends (or resumes) a consumer or a provider through the admin API.
+async fn admin(gw: &Gateway, path: &str) {
+    let (status, body) = admin_request(
+        gw.admin_port,
+        "POST",
+        path,
+        Some("test-admin-token-0123456789"),
+    )
+    .await;
+    assert_eq!(status, 200, "{path}: {body}");
+}
+
+/// Reads what the gateway sends until it closes the connection (10 s at most), and how
+/// long that took.
+async fn read_to_close(
+    s: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+) -> (String, std::time::Duration) {
+    use tokio::io::AsyncReadExt;
+    let started = std::time::Instant::now();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    (
+        String::from_utf8_lossy(&got).into_owned(),
+        started.elapsed(),
+    )
+}
+
+/// The message id the gateway gave an answer (its `FSP-Message-ID` field).
+fn message_id(answer: &str) -> String {
+    answer
+        .lines()
+        .find_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            name.eq_ignore_ascii_case("fsp-message-id")
+                .then(|| value.trim().to_owned())
+        })
+        .unwrap_or_else(|| panic!("no FSP-Message-ID: {answer}"))
+}
+
+/// The record of the call with this message id, once it has its outcome (5 s at most).
+async fn outcome_of(pki: &Pki, message_id: &str) -> serde_json::Value {
+    let started = std::time::Instant::now();
+    loop {
+        let records = audit_records(pki);
+        if let Some(r) = records
+            .iter()
+            .find(|r| r["message_id"] == message_id && r["phase"] != "request")
+        {
+            return r.clone();
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(5),
+            "no record of {message_id}: {records:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// Found by a review: an answer whose provider sends nothing more was cut only at its
+/// next byte (here 30 s later), keeping the consumer's connection and the provider's
+/// slot. Now a suspension wakes the waiting answer and ends it at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_suspension_cuts_an_answer_whose_provider_went_silent() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pki = Pki::new();
+    let (gw, mut seen) = gateway_before_silent_provider(&pki).await;
+    let mut s = raw_tls(&pki, &pki.consumer, gw.port).await;
+    s.write_all(
+        b"GET /person/getPerson/v3/stall HTTP/1.1\r\nhost: fsp\r\nconnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    provider_says(&mut seen, "/stall").await;
+    // The head and the first chunk arrive; then the provider is silent.
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        while !String::from_utf8_lossy(&got).contains("first part;") {
+            let n = s.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await
+    .expect("the first chunk never came");
+    assert!(String::from_utf8_lossy(&got).starts_with("HTTP/1.1 200"));
+    admin(&gw, "/admin/consumers/ville-bxl/suspend").await;
+    let (rest, took) = read_to_close(&mut s).await;
+    assert!(
+        took < std::time::Duration::from_secs(3),
+        "the silent answer was cut after {took:?}"
+    );
+    // Cut off: never ended as a complete chunked answer, and nothing late.
+    assert!(
+        !rest.contains("late part") && !rest.contains("0\r\n\r\n"),
+        "{rest}"
+    );
+    let record = outcome_of(&pki, &message_id(&String::from_utf8_lossy(&got))).await;
+    assert_eq!(record["decision"], "FSP-AUTHZ-SUSPENDED", "{record}");
+    assert!(
+        record["detail"]
+            .as_str()
+            .unwrap()
+            .contains("consumer ville-bxl was suspended"),
+        "{record}"
+    );
+}
+
+/// The same before the answer's head: a provider that has not answered yet is not
+/// waited for once a party is suspended (not until its response timeout, here 60 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_suspension_cuts_a_call_whose_provider_has_not_answered() {
+    use tokio::io::AsyncWriteExt;
+    let pki = Pki::new();
+    let (gw, mut seen) = gateway_before_silent_provider(&pki).await;
+    let mut s = raw_tls(&pki, &pki.consumer, gw.port).await;
+    s.write_all(
+        b"GET /person/getPerson/v3/silent HTTP/1.1\r\nhost: fsp\r\nconnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    provider_says(&mut seen, "/silent").await;
+    admin(&gw, "/admin/providers/rrn/suspend").await;
+    let (answer, took) = read_to_close(&mut s).await;
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+    assert!(answer.contains("FSP-AUTHZ-SUSPENDED"), "{answer}");
+    assert!(
+        took < std::time::Duration::from_secs(3),
+        "cut after {took:?}"
+    );
+    let record = outcome_of(&pki, &message_id(&answer)).await;
+    assert_eq!(record["decision"], "FSP-AUTHZ-SUSPENDED", "{record}");
+    assert!(
+        record["detail"]
+            .as_str()
+            .unwrap()
+            .contains("provider rrn was suspended"),
+        "{record}"
+    );
+}
+
+/// The same for an upload that stalled half-way: the consumer sends nothing more, and
+/// is answered 403 `FSP-AUTHZ-SUSPENDED` at once, not at its read timeout (30 s); the
+/// provider never receives the request whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_suspension_cuts_an_upload_that_stalled() {
+    use tokio::io::AsyncWriteExt;
+    let pki = Pki::new();
+    let (gw, mut seen) = gateway_before_silent_provider(&pki).await;
+    let mut s = raw_tls(&pki, &pki.consumer, gw.port).await;
+    s.write_all(
+        b"POST /person/getPerson/v3/sink HTTP/1.1\r\nhost: fsp\r\ncontent-type: application/octet-stream\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n4000\r\n",
+    )
+    .await
+    .unwrap();
+    s.write_all(&[b'a'; 0x4000]).await.unwrap();
+    s.write_all(b"\r\n").await.unwrap();
+    s.flush().await.unwrap();
+    provider_says(&mut seen, "first bytes").await;
+    admin(&gw, "/admin/consumers/ville-bxl/suspend").await;
+    // The answer, whole (the connection then lingers a while for the body's rest).
+    let started = std::time::Instant::now();
+    let mut head = Vec::new();
+    let answer = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = s.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed: {}", String::from_utf8_lossy(&head));
+            head.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&head).into_owned();
+            if text.contains("FSP-AUTHZ-SUSPENDED") || text.contains("received") {
+                return text;
+            }
+        }
+    })
+    .await
+    .expect("no answer");
+    let took = started.elapsed();
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+    assert!(answer.contains("FSP-AUTHZ-SUSPENDED"), "{answer}");
+    assert!(
+        took < std::time::Duration::from_secs(3),
+        "cut after {took:?}"
+    );
+    let record = outcome_of(&pki, &message_id(&answer)).await;
+    assert_eq!(record["decision"], "FSP-AUTHZ-SUSPENDED", "{record}");
+    assert!(
+        record["detail"]
+            .as_str()
+            .unwrap()
+            .contains("consumer ville-bxl was suspended"),
+        "{record}"
+    );
+}

@@ -147,7 +147,11 @@ pub async fn forward(
                 map::upstream(provider, service, &e)
             }
         }),
-        Err(_) => Err({
+        Err(Unanswered::CutOff(why)) => Err(Rejection::new(
+            Code::AuthzSuspended,
+            format!("the call was cut off while its answer was awaited: {why}"),
+        )),
+        Err(Unanswered::Timeout) => Err({
             if let Some(m) = metrics {
                 m.timeout.increment(1);
             }
@@ -162,21 +166,34 @@ pub async fn forward(
     }
 }
 
+/// Why the provider's answer was not had.
+#[derive(Debug, PartialEq, Eq)]
+enum Unanswered {
+    /// The provider took longer than its response timeout.
+    Timeout,
+    /// The consumer or the provider was suspended meanwhile.
+    CutOff(String),
+}
+
 /// Awaits the provider's answer. The provider's time (`timeout`) counts from when the
 /// request was sent whole: while the consumer is still uploading, its own read timeout
-/// guards the call, and a slow upload is never blamed on the provider.
+/// guards the call, and a slow upload is never blamed on the provider. A suspension of
+/// either party ends the wait at once (contract section 5).
 async fn answer_within<T>(
     timeout: std::time::Duration,
-    shared: &CallShared,
+    shared: &Arc<CallShared>,
     exchange: impl std::future::Future<Output = T>,
-) -> Result<T, ()> {
+) -> Result<T, Unanswered> {
     let mut exchange = std::pin::pin!(exchange);
     let sleep = tokio::time::sleep(timeout);
     tokio::pin!(sleep);
+    let cut = shared.cut();
+    tokio::pin!(cut);
     loop {
         tokio::select! {
             biased;
             done = &mut exchange => return Ok(done),
+            why = &mut cut => return Err(Unanswered::CutOff(why)),
             _ = &mut sleep => {
                 let now = tokio::time::Instant::now();
                 let deadline = match shared.upload_done_at() {
@@ -184,7 +201,7 @@ async fn answer_within<T>(
                     None => now + timeout,
                 };
                 if deadline <= now {
-                    return Err(());
+                    return Err(Unanswered::Timeout);
                 }
                 sleep.as_mut().reset(deadline);
             }
@@ -230,7 +247,10 @@ mod tests {
             uploader.mark_upload_done();
             std::future::pending::<&str>().await
         };
-        assert_eq!(answer_within(timeout, &shared, exchange).await, Err(()));
+        assert_eq!(
+            answer_within(timeout, &shared, exchange).await,
+            Err(Unanswered::Timeout)
+        );
         assert_eq!(start.elapsed(), Duration::from_secs(13));
 
         // An upload that never ends leaves the call to the consumer's read timeout (the

@@ -140,8 +140,21 @@ pub async fn deliver(
     let (mut trailers, mut ended) = (None, false);
     let mut held = BytesMut::new();
     let deadline = tokio::time::Instant::now() + answer.response_timeout;
+    let shared = call.shared.clone();
     while held.len() < limit && !ended {
-        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+        // A suspension while the provider is silent cuts the call at once.
+        let cut = async {
+            match &shared {
+                Some(s) => s.cut().await,
+                None => std::future::pending().await,
+            }
+        };
+        let read = tokio::select! {
+            biased;
+            read = tokio::time::timeout_at(deadline, body.frame()) => read,
+            why = cut => return refuse(local, call, cut_before_sent(&why)),
+        };
+        let frame = match read {
             Ok(frame) => frame,
             Err(_) => {
                 let rejection = Rejection::new(
@@ -201,11 +214,7 @@ pub async fn deliver(
     }
     // A suspension made while the answer's first bytes were held: nothing is sent.
     if let Some(why) = call.shared.as_ref().and_then(|s| s.cut_off()) {
-        let rejection = Rejection::new(
-            Code::AuthzSuspended,
-            format!("the call was cut off before its answer was sent: {why}"),
-        );
-        return refuse(local, call, rejection);
+        return refuse(local, call, cut_before_sent(&why));
     }
     if http10 && guard.is_some() && !ended {
         let rejection = Rejection::new(
@@ -354,6 +363,15 @@ impl AnswerType {
             None => Self::Xml,
         }
     }
+}
+
+/// A call whose consumer or provider was suspended while the start of its answer was
+/// read: nothing of the answer is sent.
+fn cut_before_sent(why: &str) -> Rejection {
+    Rejection::new(
+        Code::AuthzSuspended,
+        format!("the call was cut off before its answer was sent: {why}"),
+    )
 }
 
 fn answer_refused(e: &xml::XmlError) -> Rejection {

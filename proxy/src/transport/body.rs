@@ -7,13 +7,14 @@
 
 use std::future::Future as _;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures_util::task::AtomicWaker;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
@@ -46,6 +47,56 @@ pub trait Suspensions: Send + Sync + std::fmt::Debug {
     fn changes(&self) -> u64;
     /// Why a call between these parties must stop, if either is suspended now.
     fn cuts_off(&self, consumer: &str, provider: &str) -> Option<String>;
+    /// Rung after every change (after `changes` has moved), to wake the calls that
+    /// wait for a silent peer.
+    fn alarm(&self) -> &Alarm;
+}
+
+/// Wakes the calls in flight that wait for a silent peer (a provider that sends
+/// nothing, a consumer whose upload stalled) when the suspensions change, so that a
+/// suspension cuts a stalled stream at once, not at its next byte.
+///
+/// A call is put on the list the first time it waits (most calls never do), and held
+/// weakly: a finished call is pruned when the list is full, or at the next ring.
+#[derive(Debug, Default)]
+pub struct Alarm {
+    calls: Mutex<Vec<Weak<CallShared>>>,
+}
+
+impl Alarm {
+    /// Wakes every call on the list: each looks at the suspensions again, and those
+    /// whose consumer or provider is now suspended stop.
+    pub fn ring(&self) {
+        let mut calls = self.calls.lock().unwrap_or_else(PoisonError::into_inner);
+        calls.retain(|call| match call.upgrade() {
+            Some(call) => {
+                if let Some(w) = &call.watch {
+                    w.upload.wake();
+                    w.answer.wake();
+                }
+                true
+            }
+            None => false,
+        });
+    }
+
+    fn enlist(&self, call: Weak<CallShared>) {
+        let mut calls = self.calls.lock().unwrap_or_else(PoisonError::into_inner);
+        // Pruned when full: the list holds at most about twice the calls that wait.
+        if calls.len() == calls.capacity() {
+            calls.retain(|c| c.strong_count() > 0);
+        }
+        calls.push(call);
+    }
+}
+
+/// Which task of a call waits for a silent peer: the one sending the consumer's body
+/// to the provider, or the one waiting for the provider's answer (its head, then its
+/// body). They may run at once, on different tasks, so each has its own waker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Waiter {
+    Upload,
+    Answer,
 }
 
 /// Who a call in flight is for, and the suspension changes it has been checked against.
@@ -56,6 +107,11 @@ pub struct Watch {
     seen: AtomicU64,
     consumer: std::sync::Arc<str>,
     provider: std::sync::Arc<str>,
+    /// Set once the call is on the store's [`Alarm`] (the first time it waits).
+    enlisted: OnceLock<()>,
+    /// The tasks to wake when the suspensions change (see [`Waiter`]).
+    upload: AtomicWaker,
+    answer: AtomicWaker,
 }
 
 impl Watch {
@@ -71,6 +127,9 @@ impl Watch {
             store,
             consumer,
             provider,
+            enlisted: OnceLock::new(),
+            upload: AtomicWaker::new(),
+            answer: AtomicWaker::new(),
         }
     }
 }
@@ -109,6 +168,38 @@ impl CallShared {
             w.seen.store(now, Ordering::Relaxed);
         }
         why
+    }
+
+    /// [`Self::cut_off`] for a task about to wait for a silent peer: it is woken when
+    /// the suspensions change, so that a suspension cuts a stalled stream at once. Call
+    /// it when the peer is found pending (never for a frame that is there): while the
+    /// task stays the same, it costs two atomic operations more than `cut_off`; a call
+    /// is put on the store's [`Alarm`] once, the first time it waits.
+    ///
+    /// The waker is registered before the change count is read, and the store bumps
+    /// the count before it rings: a change is either seen here or wakes the task.
+    pub fn cut_off_or_wake(self: &Arc<Self>, waiter: Waiter, cx: &Context<'_>) -> Option<String> {
+        let w = self.watch.as_ref()?;
+        // Other tasks of the call wait until the call is on the list.
+        w.enlisted
+            .get_or_init(|| w.store.alarm().enlist(Arc::downgrade(self)));
+        match waiter {
+            Waiter::Upload => w.upload.register(cx.waker()),
+            Waiter::Answer => w.answer.register(cx.waker()),
+        }
+        self.cut_off()
+    }
+
+    /// Resolves with why the call must stop, as soon as its consumer or provider is
+    /// suspended (never, for a call nobody watches). Raced against a wait for the
+    /// provider (its answer's head, a WSDL), it cuts that wait at once. Polled by the
+    /// task that waits for the provider's answer ([`Waiter::Answer`]).
+    pub async fn cut(self: &Arc<Self>) -> String {
+        std::future::poll_fn(|cx| match self.cut_off_or_wake(Waiter::Answer, cx) {
+            Some(why) => Poll::Ready(why),
+            None => Poll::Pending,
+        })
+        .await
     }
 
     /// Notes that the request body has been sent whole (the request body does).
@@ -402,6 +493,13 @@ impl Body for RequestBody {
                         let t = this.read_timeout;
                         return this.fail(ConsumerFault::Stalled(t), BodyError::Stalled(t));
                     }
+                    // A suspension wakes the task: a stalled upload is cut at once.
+                    if let Some(why) = this.shared.cut_off_or_wake(Waiter::Upload, cx) {
+                        return this.fail(
+                            ConsumerFault::Suspended(why.clone()),
+                            BodyError::CutOff(why),
+                        );
+                    }
                     Poll::Pending
                 }
             };
@@ -459,7 +557,7 @@ impl Drop for RequestBody {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
     use std::sync::Arc;
 
@@ -468,12 +566,14 @@ mod tests {
     struct Fake {
         changes: AtomicU64,
         suspended: std::sync::Mutex<Vec<String>>,
+        alarm: Alarm,
     }
 
     impl Fake {
         fn suspend(&self, id: &str) {
             self.suspended.lock().unwrap().push(id.to_owned());
             self.changes.fetch_add(1, Ordering::AcqRel);
+            self.alarm.ring();
         }
     }
 
@@ -486,6 +586,9 @@ mod tests {
             s.iter()
                 .find(|id| *id == consumer || *id == provider)
                 .map(|id| format!("{id} was suspended"))
+        }
+        fn alarm(&self) -> &Alarm {
+            &self.alarm
         }
     }
 
@@ -514,5 +617,77 @@ mod tests {
         assert_eq!(shared.cut_off().as_deref(), Some("p was suspended"));
         // A call nobody watches is never cut.
         assert_eq!(CallShared::new().cut_off(), None);
+    }
+
+    /// A task waiting for a silent peer is woken by a suspension and stops at once; a
+    /// suspension of someone else wakes it too, and it waits on. Under paused time: the
+    /// wait ends with the suspension, not with any timer.
+    #[tokio::test(start_paused = true)]
+    async fn a_suspension_wakes_a_call_waiting_for_a_silent_peer() {
+        let fake = Arc::new(Fake::default());
+        let shared = Arc::new(CallShared::watched(Watch::new(
+            fake.clone(),
+            fake.changes(),
+            "c".into(),
+            "p".into(),
+        )));
+        let waiting = tokio::spawn({
+            let shared = shared.clone();
+            async move { shared.cut().await }
+        });
+        tokio::task::yield_now().await;
+        fake.suspend("other");
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished(), "cut for someone else's suspension");
+        fake.suspend("p");
+        let why = tokio::time::timeout(Duration::from_secs(1), waiting)
+            .await
+            .expect("still waiting after the suspension")
+            .unwrap();
+        assert_eq!(why, "p was suspended");
+
+        // A call nobody watches waits on.
+        let unwatched = Arc::new(CallShared::new());
+        let waited = tokio::time::timeout(Duration::from_secs(3600), unwatched.cut()).await;
+        assert!(waited.is_err());
+    }
+
+    /// The alarm holds the calls that waited weakly, and finished calls leave its list:
+    /// it does not grow with the calls a gateway has served.
+    #[test]
+    fn the_alarm_forgets_finished_calls() {
+        let fake = Arc::new(Fake::default());
+        let waker = std::task::Waker::noop();
+        let cx = Context::from_waker(waker);
+        let live: Vec<Arc<CallShared>> = (0..10)
+            .map(|_| {
+                let shared = Arc::new(CallShared::watched(Watch::new(
+                    fake.clone(),
+                    fake.changes(),
+                    "c".into(),
+                    "p".into(),
+                )));
+                // Waiting twice, on both sides: listed once.
+                for waiter in [Waiter::Upload, Waiter::Answer, Waiter::Upload] {
+                    assert_eq!(shared.cut_off_or_wake(waiter, &cx), None);
+                }
+                shared
+            })
+            .collect();
+        assert_eq!(fake.alarm.calls.lock().unwrap().len(), 10);
+        for _ in 0..10_000 {
+            let shared = Arc::new(CallShared::watched(Watch::new(
+                fake.clone(),
+                fake.changes(),
+                "c".into(),
+                "p".into(),
+            )));
+            assert_eq!(shared.cut_off_or_wake(Waiter::Answer, &cx), None);
+        }
+        let listed = fake.alarm.calls.lock().unwrap().len();
+        assert!(listed <= 64, "{listed} calls listed, 10 alive");
+        fake.suspend("other");
+        assert_eq!(fake.alarm.calls.lock().unwrap().len(), 10);
+        drop(live);
     }
 }
