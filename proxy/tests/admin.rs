@@ -1120,6 +1120,46 @@ async fn outcome_of(pki: &Pki, message_id: &str) -> serde_json::Value {
     }
 }
 
+/// Found by a review: a WSDL being fetched from its provider (which may take up to the
+/// provider's timeout, for several documents) was served to a consumer suspended
+/// meanwhile. Now a suspension of either party refuses it at once with 403
+/// `FSP-AUTHZ-SUSPENDED`, and the record says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_suspension_refuses_a_wsdl_still_being_fetched() {
+    use tokio::io::AsyncWriteExt;
+    let pki = Pki::new();
+    let (gw, mut seen) = gateway_before_silent_provider(&pki).await;
+    for (party, id) in [("providers", "rrn"), ("consumers", "ville-bxl")] {
+        let mut s = raw_tls(&pki, &pki.consumer, gw.port).await;
+        s.write_all(
+            b"GET /person/getPersonSoap/v1?wsdl HTTP/1.1\r\nhost: fsp\r\nconnection: close\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        provider_says(&mut seen, "?wsdl").await;
+        admin(&gw, &format!("/admin/{party}/{id}/suspend")).await;
+        let (answer, took) = read_to_close(&mut s).await;
+        assert!(answer.starts_with("HTTP/1.1 403"), "{party}: {answer}");
+        assert!(answer.contains("FSP-AUTHZ-SUSPENDED"), "{party}: {answer}");
+        assert!(!answer.contains("definitions"), "{party}: served: {answer}");
+        // Not when the provider's answer came (5 s), but at once.
+        assert!(
+            took < std::time::Duration::from_secs(3),
+            "{party}: refused after {took:?}"
+        );
+        let record = outcome_of(&pki, &message_id(&answer)).await;
+        assert_eq!(record["decision"], "FSP-AUTHZ-SUSPENDED", "{record}");
+        assert_eq!(record["status"], 403, "{record}");
+        let detail = record["detail"].as_str().unwrap();
+        assert!(
+            detail.contains("was not served")
+                && detail.contains(&format!("{} {id} was suspended", &party[..party.len() - 1])),
+            "{record}"
+        );
+        admin(&gw, &format!("/admin/{party}/{id}/resume")).await;
+    }
+}
+
 /// Found by a review: an answer whose provider sends nothing more was cut only at its
 /// next byte (here 30 s later), keeping the consumer's connection and the provider's
 /// slot. Now a suspension wakes the waiting answer and ends it at once.

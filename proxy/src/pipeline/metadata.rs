@@ -7,7 +7,10 @@
 //! recorded), and only a [`Cleared`] request is served. The documents are fetched from
 //! the provider with the gateway's own connection and credentials (the version's pool),
 //! each checked by the XML guard, and kept per version in the snapshot's
-//! [`crate::wsdl::Cache`], so that a reload fetches them again.
+//! [`crate::wsdl::Cache`], so that a reload fetches them again. As a forwarded call is,
+//! the request is watched: a suspension of its consumer or of the provider refuses it
+//! (403 `FSP-AUTHZ-SUSPENDED`) until the document is served, at once even while the
+//! fetch waits for the provider.
 
 use std::sync::Arc;
 
@@ -22,7 +25,7 @@ use super::record::Cleared;
 use crate::errors::{Code, Rejection, Side, map};
 use crate::headers::Outbound;
 use crate::state::Local;
-use crate::transport::body::{CallShared, RequestBody, XmlCheck};
+use crate::transport::body::{CallShared, RequestBody, Watch, XmlCheck};
 use crate::transport::pool::Upstream;
 use crate::wsdl::{self, DocKind, Documents, Wanted};
 use crate::xml;
@@ -44,8 +47,31 @@ pub async fn serve(
     wanted: Wanted,
 ) -> Result<Served, Rejection> {
     let snap = &*local.snap;
-    let (caller, route, _grant) = cleared.into_admitted().into_parts().0.into_parts();
+    let (granted, _slot) = cleared.into_admitted().into_parts();
+    let suspensions_seen = granted.suspensions_seen();
+    let (caller, route, _grant) = granted.into_parts();
     let (service, version) = (route.service(), route.version());
+    // Watched as a call is: a suspension of either party made since the decision (while
+    // the request waited for its throttle, its record, another's fetch, or the provider)
+    // refuses it, at once.
+    let watch = Arc::new(CallShared::watched(Watch::new(
+        local.gw.suspensions.clone(),
+        suspensions_seen,
+        caller.consumer().id.clone(),
+        service.provider.clone(),
+    )));
+    let cut = |why: String| {
+        Rejection::new(
+            Code::AuthzSuspended,
+            format!(
+                "the WSDL of {} {} was not served: {why}",
+                service.name, version.version
+            ),
+        )
+    };
+    if let Some(why) = watch.cut_off() {
+        return Err(cut(why));
+    }
     let key = format!("{}/{}", service.name, version.version);
     let failed = |why: String| {
         Rejection::new(
@@ -61,61 +87,73 @@ pub async fn serve(
         ))
         .blaming(Side::Provider)
     };
-    let docs = match snap.wsdl.get(&key) {
-        Some(docs) => docs,
-        None => {
-            // One fetch per version at a time; who waited takes its result.
-            let flight = snap.wsdl.flight(&key);
-            let _fetching = flight.lock().await;
-            if let Some(docs) = snap.wsdl.get(&key) {
-                docs
-            } else if let Some(why) = snap.wsdl.recent_failure(&key) {
-                return Err(failed(format!(
-                    "{why} (less than {:?} ago)",
-                    wsdl::FAILURE_KEPT
-                )));
-            } else {
-                let endpoint = format!(
-                    "{}/{}/{}",
-                    snap.public_url.trim_end_matches('/'),
-                    service.name,
-                    version.version
-                );
-                let fetch = Fetch {
-                    upstream: route.upstream(),
-                    base: &version.upstream,
-                    consumer: &caller.consumer().id,
-                    peer: &conn.peer_ip_value,
-                    message_id: call.stamp.message_id(),
-                    limits: snap.service_options(&service.name).xml.unwrap_or_default(),
-                };
-                let timeout = route.upstream().response_timeout;
-                let fetched = match tokio::time::timeout(timeout, fetch.all(&endpoint)).await {
-                    Ok(fetched) => fetched,
-                    Err(_) => Err(FetchError::Provider(format!(
-                        "its documents were not all had within {timeout:?}"
-                    ))),
-                };
-                match fetched {
-                    Ok(docs) => {
-                        let docs = Arc::new(docs);
-                        snap.wsdl.put(&key, docs.clone());
-                        docs
-                    }
-                    Err(FetchError::Provider(why)) => {
-                        snap.wsdl.failed(&key, why.clone());
-                        return Err(failed(why));
-                    }
-                    Err(FetchError::Exchange(e)) => {
-                        return Err(map::upstream(&service.provider, &service.name, &e));
-                    }
-                    Err(FetchError::Gateway(why)) => {
-                        return Err(failed(why).blaming(Side::Gateway));
+    let docs = async {
+        Ok(match snap.wsdl.get(&key) {
+            Some(docs) => docs,
+            None => {
+                // One fetch per version at a time; who waited takes its result.
+                let flight = snap.wsdl.flight(&key);
+                let _fetching = flight.lock().await;
+                if let Some(docs) = snap.wsdl.get(&key) {
+                    docs
+                } else if let Some(why) = snap.wsdl.recent_failure(&key) {
+                    return Err(failed(format!(
+                        "{why} (less than {:?} ago)",
+                        wsdl::FAILURE_KEPT
+                    )));
+                } else {
+                    let endpoint = format!(
+                        "{}/{}/{}",
+                        snap.public_url.trim_end_matches('/'),
+                        service.name,
+                        version.version
+                    );
+                    let fetch = Fetch {
+                        upstream: route.upstream(),
+                        base: &version.upstream,
+                        consumer: &caller.consumer().id,
+                        peer: &conn.peer_ip_value,
+                        message_id: call.stamp.message_id(),
+                        limits: snap.service_options(&service.name).xml.unwrap_or_default(),
+                    };
+                    let timeout = route.upstream().response_timeout;
+                    let fetched = match tokio::time::timeout(timeout, fetch.all(&endpoint)).await {
+                        Ok(fetched) => fetched,
+                        Err(_) => Err(FetchError::Provider(format!(
+                            "its documents were not all had within {timeout:?}"
+                        ))),
+                    };
+                    match fetched {
+                        Ok(docs) => {
+                            let docs = Arc::new(docs);
+                            snap.wsdl.put(&key, docs.clone());
+                            docs
+                        }
+                        Err(FetchError::Provider(why)) => {
+                            snap.wsdl.failed(&key, why.clone());
+                            return Err(failed(why));
+                        }
+                        Err(FetchError::Exchange(e)) => {
+                            return Err(map::upstream(&service.provider, &service.name, &e));
+                        }
+                        Err(FetchError::Gateway(why)) => {
+                            return Err(failed(why).blaming(Side::Gateway));
+                        }
                     }
                 }
             }
-        }
+        })
     };
+    // A fetch cut off here is left unfinished (its flight is released; whoever waits
+    // for the same documents fetches them again).
+    let docs = tokio::select! {
+        biased;
+        why = watch.cut() => return Err(cut(why)),
+        docs = docs => docs?,
+    };
+    if let Some(why) = watch.cut_off() {
+        return Err(cut(why));
+    }
     match docs.get(wanted) {
         Some(body) => Ok(Served {
             body: body.clone(),
