@@ -925,7 +925,7 @@ fn retention_drops_old_partitions_and_verification_goes_on_from_the_anchors() {
 
     assert_eq!(
         db.count(&format!(
-            "SELECT count(*) FROM pg_class WHERE relname = '{table}'"
+            "SELECT count(*) FROM pg_class WHERE relname = '{table}' AND relnamespace = '{}'::regnamespace", db.schema
         )),
         0,
         "the old partition is dropped"
@@ -1724,7 +1724,7 @@ fn rows_planted_in_an_old_partition_are_neither_followed_nor_signed() {
     handle.join();
     assert_eq!(
         db.count(&format!(
-            "SELECT count(*) FROM pg_class WHERE relname = '{table}'"
+            "SELECT count(*) FROM pg_class WHERE relname = '{table}' AND relnamespace = '{}'::regnamespace", db.schema
         )),
         1,
         "the planted partition is kept"
