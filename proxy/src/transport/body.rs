@@ -56,37 +56,71 @@ pub trait Suspensions: Send + Sync + std::fmt::Debug {
 /// nothing, a consumer whose upload stalled) when the suspensions change, so that a
 /// suspension cuts a stalled stream at once, not at its next byte.
 ///
-/// A call is put on the list the first time it waits (most calls never do), and held
-/// weakly: a finished call is pruned when the list is full, or at the next ring.
-#[derive(Debug, Default)]
+/// A call is put on the list the first time it waits, and held weakly: a finished call
+/// is pruned when its list is full, or at the next ring. The list is split in shards,
+/// one per worker thread (by a number each thread takes once), so that calls of
+/// different threads never contend for one lock; only a ring takes them all.
+#[derive(Debug)]
 pub struct Alarm {
-    calls: Mutex<Vec<Weak<CallShared>>>,
+    shards: Box<[Mutex<Vec<Weak<CallShared>>>]>,
+}
+
+impl Default for Alarm {
+    fn default() -> Self {
+        let threads = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+        Self {
+            shards: (0..threads.next_power_of_two().min(64))
+                .map(|_| Mutex::default())
+                .collect(),
+        }
+    }
 }
 
 impl Alarm {
     /// Wakes every call on the list: each looks at the suspensions again, and those
     /// whose consumer or provider is now suspended stop.
     pub fn ring(&self) {
-        let mut calls = self.calls.lock().unwrap_or_else(PoisonError::into_inner);
-        calls.retain(|call| match call.upgrade() {
-            Some(call) => {
-                if let Some(w) = &call.watch {
-                    w.upload.wake();
-                    w.answer.wake();
+        for shard in &self.shards {
+            let mut calls = shard.lock().unwrap_or_else(PoisonError::into_inner);
+            calls.retain(|call| match call.upgrade() {
+                Some(call) => {
+                    if let Some(w) = &call.watch {
+                        w.upload.wake();
+                        w.answer.wake();
+                    }
+                    true
                 }
-                true
-            }
-            None => false,
-        });
+                None => false,
+            });
+        }
     }
 
     fn enlist(&self, call: Weak<CallShared>) {
-        let mut calls = self.calls.lock().unwrap_or_else(PoisonError::into_inner);
+        thread_local! {
+            /// This thread's shard number, taken the first time it enlists a call.
+            static SHARD: usize = {
+                static NEXT: AtomicU64 = AtomicU64::new(0);
+                usize::try_from(NEXT.fetch_add(1, Ordering::Relaxed)).unwrap_or(0)
+            };
+        }
+        // A power of two: the mask picks a shard.
+        let shard = SHARD.with(|n| *n) & (self.shards.len() - 1);
+        let mut calls = self.shards[shard]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         // Pruned when full: the list holds at most about twice the calls that wait.
         if calls.len() == calls.capacity() {
             calls.retain(|c| c.strong_count() > 0);
         }
         calls.push(call);
+    }
+
+    #[cfg(test)]
+    fn listed(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.lock().map_or(0, |c| c.len()))
+            .sum()
     }
 }
 
@@ -674,7 +708,7 @@ mod tests {
                 shared
             })
             .collect();
-        assert_eq!(fake.alarm.calls.lock().unwrap().len(), 10);
+        assert_eq!(fake.alarm.listed(), 10);
         for _ in 0..10_000 {
             let shared = Arc::new(CallShared::watched(Watch::new(
                 fake.clone(),
@@ -684,10 +718,10 @@ mod tests {
             )));
             assert_eq!(shared.cut_off_or_wake(Waiter::Answer, &cx), None);
         }
-        let listed = fake.alarm.calls.lock().unwrap().len();
+        let listed = fake.alarm.listed();
         assert!(listed <= 64, "{listed} calls listed, 10 alive");
         fake.suspend("other");
-        assert_eq!(fake.alarm.calls.lock().unwrap().len(), 10);
+        assert_eq!(fake.alarm.listed(), 10);
         drop(live);
     }
 }
