@@ -135,6 +135,33 @@ impl DevCa {
         )
     }
 
+    /// A client certificate whose subject holds two CN attributes, `first` then
+    /// `second` (a name some CAs issue; rcgen keeps one value per type, so the second is
+    /// written as a custom type with the CN's own OID, 2.5.4.3).
+    pub fn client_with_two_cns(&self, first: &str, second: &str) -> Result<Issued, Error> {
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CountryName, "BE");
+        dn.push(DnType::CommonName, first);
+        dn.push(DnType::CustomDnType(vec![2, 5, 4, 3]), second);
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        (params.not_before, params.not_after) = Self::default_validity();
+        params.use_authority_key_identifier_extension = true;
+        let serial = self.next_serial.fetch_add(1, Ordering::Relaxed);
+        params.serial_number = Some(SerialNumber::from(serial));
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(Issued {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            der: cert.der().to_vec(),
+            serial,
+        })
+    }
+
     /// A server certificate for `names` valid only between the two instants.
     pub fn server_valid(
         &self,

@@ -37,10 +37,22 @@ pub fn common_name_count(der: &[u8]) -> usize {
         .unwrap_or(0)
 }
 
-/// CN and fingerprint of the leaf certificate a client presented.
+/// CN and fingerprint of the leaf certificate a client presented. A subject with
+/// several CN attributes names nobody by CN (only a pinned fingerprint can identify it):
+/// the gateway would read the first, and a CA's checks, a log reader or another gateway
+/// may read another (RFC 6125 calls the last the most specific).
 pub fn certificate_identity(leaf: &CertificateDer<'_>) -> CertificateIdentity {
     CertificateIdentity {
-        cn: common_name(leaf),
+        cn: x509_parser::parse_x509_certificate(leaf)
+            .ok()
+            .and_then(|(_, cert)| {
+                let mut cns = cert.subject().iter_common_name();
+                let first = cns.next()?;
+                match cns.next() {
+                    Some(_) => None,
+                    None => first.as_str().ok().map(str::to_owned),
+                }
+            }),
         sha256: sha256(leaf),
     }
 }
