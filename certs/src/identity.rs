@@ -56,3 +56,9 @@ pub fn certificate_identity(leaf: &CertificateDer<'_>) -> CertificateIdentity {
         sha256: sha256(leaf),
     }
 }
+
+/// The end of a certificate's validity (`notAfter`), in seconds since the Unix epoch.
+pub fn not_after(der: &[u8]) -> Option<i64> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    Some(cert.validity().not_after.timestamp())
+}

@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::ClientCertVerifier;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
 use crate::load::{self, CertError};
@@ -35,6 +36,21 @@ fn roots(path: &Path) -> Result<RootCertStore, CertError> {
 /// one), but one that is presented must chain to `client_ca`, be within its validity and
 /// not be revoked by the CRLs; otherwise the handshake fails.
 pub fn server_config(files: &ServerFiles) -> Result<ServerConfig, CertError> {
+    listener_tls(files).map(|tls| Arc::unwrap_or_clone(tls.config))
+}
+
+/// The consumer listener's TLS: its rustls configuration and the verifier that checks
+/// client certificates in its handshakes, kept so that the certificate of a connection
+/// opened earlier can be checked again (against today's date, and against the CAs and
+/// CRLs of a later reload): a handshake, or a session resumed from it, checked it once.
+#[derive(Debug)]
+pub struct ListenerTls {
+    pub config: Arc<ServerConfig>,
+    pub clients: Arc<dyn ClientCertVerifier>,
+}
+
+/// [`server_config`] with its client certificate verifier.
+pub fn listener_tls(files: &ServerFiles) -> Result<ListenerTls, CertError> {
     let chain = load::certificates(&files.server_cert)?;
     let key = load::private_key(&files.server_key)?;
     let client_roots = roots(&files.client_ca)?;
@@ -54,11 +70,29 @@ pub fn server_config(files: &ServerFiles) -> Result<ServerConfig, CertError> {
     let mut config = ServerConfig::builder_with_provider(crate::provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| CertError::new(&files.server_cert, e.to_string()))?
-        .with_client_cert_verifier(verifier)
+        .with_client_cert_verifier(verifier.clone())
         .with_single_cert(chain, key)
         .map_err(|e| key_mismatch(files, &e))?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(config)
+    Ok(ListenerTls {
+        config: Arc::new(config),
+        clients: verifier,
+    })
+}
+
+/// Whether a client certificate chain (leaf first) is still accepted by `verifier` at
+/// `now`: within its validity, chaining to its anchors, not revoked by its CRLs.
+pub fn client_chain_accepted(
+    verifier: &dyn ClientCertVerifier,
+    chain: &[rustls_pki_types::CertificateDer<'static>],
+    now: rustls_pki_types::UnixTime,
+) -> bool {
+    match chain.split_first() {
+        Some((leaf, intermediates)) => verifier
+            .verify_client_cert(leaf, intermediates, now)
+            .is_ok(),
+        None => false,
+    }
 }
 
 /// The server key that rustls would not pair with the server certificate.

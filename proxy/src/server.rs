@@ -195,7 +195,8 @@ pub async fn serve(
                 }
                 peer
             };
-            let acceptor = TlsAcceptor::from(gw.tls.load_full());
+            let listener_tls = gw.tls.load_full();
+            let acceptor = TlsAcceptor::from(listener_tls.config.clone());
             let tls = match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => {
@@ -209,12 +210,8 @@ pub async fn serve(
                     return;
                 }
             };
-            let certificate = tls
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|chain| chain.first())
-                .map(certs::certificate_identity);
+            let chain = tls.get_ref().1.peer_certificates().unwrap_or_default();
+            let certificate = chain.first().map(certs::certificate_identity);
             // No certificate: the cheapest connection to open, bounded more tightly. It
             // may still carry bearer tokens, and a call without any credential gets the
             // contract's 401, so it is not refused at the handshake.
@@ -225,7 +222,7 @@ pub async fn serve(
                 return;
             }
             let is_h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-            let conn = Arc::new(ConnInfo::new(peer, certificate));
+            let conn = Arc::new(ConnInfo::new(peer, certificate).with_chain(chain, listener_tls));
             let unparsed = UnparsedRequest(conn.clone());
             let io = TokioIo::new(tls);
             let ended = if is_h2 {

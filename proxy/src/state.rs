@@ -44,7 +44,7 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    pub fn from_config(config: Config) -> (Self, Arc<rustls::ServerConfig>) {
+    pub fn from_config(config: Config) -> (Self, Arc<certs::tls::ListenerTls>) {
         let tls = config.listener.tls.clone();
         (
             Self {
@@ -234,7 +234,7 @@ pub struct SharedThrottle {
 #[derive(Debug)]
 pub struct Gateway {
     pub snapshot: ArcSwap<Snapshot>,
-    pub tls: ArcSwap<rustls::ServerConfig>,
+    pub tls: ArcSwap<certs::tls::ListenerTls>,
     pub audit: Arc<dyn audit::AuditSink>,
     pub suspensions: Arc<crate::suspend::SuspensionStore>,
     /// Local throttling state (the backend itself, or the fallback when Redis is down);

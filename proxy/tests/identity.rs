@@ -1,5 +1,7 @@
 //! The consumer's identity from its client certificate, attacked: names read
-//! differently by different software.
+//! differently by different software, and certificates that stopped being valid after
+//! the handshake (expired, revoked, no longer trusted) on a connection still open or on
+//! a session resumed later.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -100,5 +102,144 @@ async fn a_certificate_with_two_cns_identifies_nobody() {
         .await
         .unwrap();
     assert_eq!(call(&mut s).await, 200);
+    gw.stop();
+}
+
+/// A certificate that expires while its connection is open stops identifying its
+/// consumer at its expiry (the contract: an expired certificate is refused), and a TLS
+/// session resumed after its expiry does not bring it back (a resumption reuses the
+/// certificate of the first handshake without checking it again).
+#[tokio::test]
+async fn an_expired_certificate_does_not_live_on_in_a_connection_or_a_resumed_session() {
+    let pki = Pki::new();
+    let up = upstream().await;
+    let config = write_config(&pki, up, 0, 0, "");
+    let mut gw = Gateway::start(&config).await;
+    let now = time::OffsetDateTime::now_utc();
+    let expiry = now + time::Duration::seconds(3);
+    let short = pki
+        .ca
+        .client_valid(CONSUMER_CN, now - time::Duration::days(1), expiry)
+        .unwrap();
+    let tls = client_config(&pki, &short);
+    let mut open = connect(&tls, gw.port).await.unwrap();
+    assert_eq!(call(&mut open).await, 200);
+    // A second connection, whose session tickets are kept by the client.
+    let mut first = connect(&tls, gw.port).await.unwrap();
+    assert_eq!(call(&mut first).await, 200);
+    drop(first);
+    let wait = expiry - time::OffsetDateTime::now_utc() + time::Duration::milliseconds(1500);
+    tokio::time::sleep(Duration::try_from(wait).unwrap()).await;
+    // The connection opened before the expiry.
+    let status = call(&mut open).await;
+    assert_ne!(
+        status, 200,
+        "an expired certificate was still used on its open connection"
+    );
+    // A new connection resuming the session of before.
+    if let Ok(mut resumed) = connect(&tls, gw.port).await {
+        assert_eq!(
+            resumed.get_ref().1.handshake_kind(),
+            Some(rustls::HandshakeKind::Resumed)
+        );
+        let status = call(&mut resumed).await;
+        assert_ne!(
+            status, 200,
+            "an expired certificate came back by session resumption"
+        );
+    }
+    gw.stop();
+}
+
+/// A certificate revoked by a CRL that is reloaded (key compromise: the whole point of
+/// revoking it) stops identifying its consumer on the connections it already holds, not
+/// only on new handshakes.
+#[tokio::test]
+async fn a_revoked_certificate_stops_on_its_open_connection_at_the_reload() {
+    let pki = Pki::new();
+    let up = upstream().await;
+    std::fs::write(pki.path().join("consumers.crl"), pki.ca.crl(&[]).unwrap()).unwrap();
+    let config = write_config_with(&pki, up, 0, 0, "crls = [\"consumers.crl\"]", "", "");
+    let mut gw = Gateway::start(&config).await;
+    let tls = client_config(&pki, &pki.consumer);
+    let mut open = connect(&tls, gw.port).await.unwrap();
+    assert_eq!(call(&mut open).await, 200);
+    // Another consumer certificate, not revoked, on its own open connection.
+    let other = pki.ca.client(CONSUMER_CN).unwrap();
+    let mut kept = connect(&client_config(&pki, &other), gw.port)
+        .await
+        .unwrap();
+    assert_eq!(call(&mut kept).await, 200);
+    std::fs::write(
+        pki.path().join("consumers.crl"),
+        pki.ca.crl(&[pki.consumer.serial]).unwrap(),
+    )
+    .unwrap();
+    let (status, body) = admin_request(
+        gw.admin_port,
+        "POST",
+        "/admin/reload",
+        Some("test-admin-token-0123456789"),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    // New handshakes are refused...
+    let refused = match connect(&tls, gw.port).await {
+        Err(_) => true,
+        Ok(mut s) => call(&mut s).await != 200,
+    };
+    assert!(refused);
+    // ... and so is the next call on the connection opened before.
+    let status = call(&mut open).await;
+    assert_ne!(
+        status, 200,
+        "a revoked certificate was still used on its open connection"
+    );
+    // A certificate the CRL does not name goes on.
+    assert_eq!(call(&mut kept).await, 200);
+    // Its record names the refusal.
+    let records = audit_records(&pki);
+    assert!(
+        records
+            .iter()
+            .any(|r| r["decision"] == "FSP-AUTHN-UNKNOWN-IDENTITY"),
+        "{records:?}"
+    );
+    gw.stop();
+}
+
+/// A CA removed from `client_ca` (no longer trusted for consumers) stops its
+/// certificates on their open connections at the reload too.
+#[tokio::test]
+async fn a_ca_removed_from_client_ca_stops_its_certificates_on_open_connections() {
+    let pki = Pki::new();
+    let up = upstream().await;
+    let second = certs::devpki::DevCa::new("Second Consumers CA").unwrap();
+    let by_second = second.client(CONSUMER_CN).unwrap();
+    std::fs::write(
+        pki.path().join("ca.pem"),
+        format!("{}{}", pki.ca.cert_pem(), second.cert_pem()),
+    )
+    .unwrap();
+    let config = write_config(&pki, up, 0, 0, "");
+    let mut gw = Gateway::start(&config).await;
+    let mut open = connect(&client_config(&pki, &by_second), gw.port)
+        .await
+        .unwrap();
+    assert_eq!(call(&mut open).await, 200);
+    std::fs::write(pki.path().join("ca.pem"), pki.ca.cert_pem()).unwrap();
+    let (status, body) = admin_request(
+        gw.admin_port,
+        "POST",
+        "/admin/reload",
+        Some("test-admin-token-0123456789"),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let status = call(&mut open).await;
+    assert_ne!(
+        status, 200,
+        "a CA no longer trusted still identified a consumer"
+    );
     gw.stop();
 }

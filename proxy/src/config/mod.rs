@@ -73,7 +73,8 @@ pub struct Listener {
     /// Without a trailing slash.
     pub public_url: String,
     pub tls_files: certs::tls::ServerFiles,
-    pub tls: Arc<rustls::ServerConfig>,
+    /// The rustls configuration and its client certificate verifier.
+    pub tls: Arc<certs::tls::ListenerTls>,
     pub max_request_bytes: u64,
     pub handshake_timeout: Duration,
     pub header_read_timeout: Duration,
@@ -1610,7 +1611,7 @@ fn build_listener(
     keys.extend(files.crls.iter().map(|c| ("listener.crls", c.as_path())));
     tls_files.extend(keys.iter().map(|(_, p)| p.to_path_buf()));
     let tls = if cert_files_load(&s.path, &keys, problems) {
-        certs::tls::server_config(&files)
+        certs::tls::listener_tls(&files)
             .map_err(|e| cert_problem(&s.path, &keys, e, problems))
             .ok()
     } else {

@@ -380,7 +380,7 @@ fn the_contract_example_loads_with_every_section_and_paths_relative_to_its_file(
     assert_eq!(l.drain_timeout, Duration::from_secs(15));
     assert_eq!(l.handshake_timeout, Duration::from_secs(10), "default");
     assert_eq!(
-        l.tls.alpn_protocols,
+        l.tls.config.alpn_protocols,
         vec![b"h2".to_vec(), b"http/1.1".to_vec()]
     );
 

@@ -26,6 +26,21 @@ pub struct ConnInfo {
     pub peer_ip: String,
     /// The same, for `X-Forwarded-For`.
     pub peer_ip_value: HeaderValue,
+    /// The certificate chain as presented, to be checked again (None: no certificate).
+    presented: Option<Presented>,
+}
+
+/// A client certificate chain the handshake (or the handshake a resumed session came
+/// from) accepted once: it is accepted again only while its leaf is within its validity
+/// and under the TLS configuration it was last checked with; otherwise it is checked
+/// again against the configuration in force (a reload may have revoked it or removed
+/// its CA).
+#[derive(Debug)]
+struct Presented {
+    chain: Vec<rustls::pki_types::CertificateDer<'static>>,
+    /// The leaf's `notAfter`, seconds since the Unix epoch.
+    not_after: i64,
+    checked_under: arc_swap::ArcSwap<certs::tls::ListenerTls>,
 }
 
 impl ConnInfo {
@@ -39,7 +54,44 @@ impl ConnInfo {
             peer_ip_value: HeaderValue::from_str(&peer_ip)
                 .unwrap_or_else(|_| HeaderValue::from_static("unknown")),
             peer_ip,
+            presented: None,
         }
+    }
+
+    /// The connection's certificate chain (leaf first, as the client sent it) and the
+    /// TLS configuration whose handshake accepted it.
+    pub fn with_chain(
+        mut self,
+        chain: &[rustls::pki_types::CertificateDer<'_>],
+        under: Arc<certs::tls::ListenerTls>,
+    ) -> Self {
+        self.presented = chain.first().map(|leaf| Presented {
+            // No notAfter readable: checked again at every call (and refused).
+            not_after: certs::identity::not_after(leaf).unwrap_or(i64::MIN),
+            chain: chain.iter().map(|c| c.clone().into_owned()).collect(),
+            checked_under: arc_swap::ArcSwap::new(under),
+        });
+        self
+    }
+
+    /// Whether the connection's client certificate (if any) is still valid under the
+    /// TLS configuration in force (`current`) now: a certificate expires, and a reload
+    /// may revoke it or stop trusting its CA, while its connection stays open or its
+    /// session is resumed (a resumption does not check the certificate again).
+    pub fn certificate_still_valid(&self, current: &Arc<certs::tls::ListenerTls>) -> bool {
+        let Some(p) = &self.presented else {
+            return true;
+        };
+        let now = rustls::pki_types::UnixTime::now();
+        let secs = i64::try_from(now.as_secs()).unwrap_or(i64::MAX);
+        if secs <= p.not_after && Arc::ptr_eq(&p.checked_under.load(), current) {
+            return true;
+        }
+        let accepted = certs::tls::client_chain_accepted(&*current.clients, &p.chain, now);
+        if accepted {
+            p.checked_under.store(current.clone());
+        }
+        accepted
     }
 }
 

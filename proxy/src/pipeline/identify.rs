@@ -57,6 +57,21 @@ async fn find<'s>(
     headers: &HeaderMap,
 ) -> (Result<&'s Consumer, Rejection>, Option<Credential>) {
     let (gw, snap) = (&*local.gw, &*local.snap);
+    // The certificate was checked by the handshake: one that has expired since, or that
+    // a reload revoked or no longer trusts, names nobody (and binds no token).
+    if let Some(cert) = &conn.certificate
+        && !conn.certificate_still_valid(&gw.tls.load())
+    {
+        return (
+            Err(Rejection::new(
+                Code::AuthnUnknownIdentity,
+                "the client certificate of this connection is no longer valid (expired, revoked or no longer trusted since the connection was opened): connect again with a valid certificate",
+            )),
+            Some(Credential::Certificate {
+                sha256: cert.sha256,
+            }),
+        );
+    }
     let bearer = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
