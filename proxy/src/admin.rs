@@ -110,6 +110,7 @@ pub async fn serve(gw: Arc<Gateway>, listener: TcpListener, mut shutdown: watch:
                                 .map(|leaf| ClientCertificate {
                                     identity: certs::identity::certificate_identity(leaf),
                                     common_names: certs::identity::common_name_count(leaf),
+                                    not_after: certs::identity::not_after(leaf).unwrap_or(i64::MIN),
                                 });
                             let opened = Opened::Tls { config, client };
                             serve_connection(gw, peer, TokioIo::new(tls), opened, slot).await;
@@ -244,6 +245,9 @@ struct ClientCertificate {
     identity: policy::CertificateIdentity,
     /// CN attributes in its subject.
     common_names: usize,
+    /// Its `notAfter`, seconds since the Unix epoch: the handshake checked it, but a TLS
+    /// session resumed later does not check it again.
+    not_after: i64,
 }
 
 async fn serve_connection<I>(
@@ -495,6 +499,13 @@ fn authenticate(
         Opened::Tls {
             client: Some(c), ..
         } => {
+            if time::OffsetDateTime::now_utc().unix_timestamp() > c.not_after {
+                return Err(refuse(
+                    StatusCode::FORBIDDEN,
+                    "this client certificate has expired: connect again with a valid one",
+                    "an expired client certificate (on a resumed TLS session or a connection opened before its expiry)",
+                ));
+            }
             let cn = c.identity.cn.as_deref().filter(|_| c.common_names == 1);
             let admin_cn = cn.filter(|cn| access.cns.iter().any(|a| a == cn));
             // A certificate a consumer pinned is a consumer's, never an administrator's;

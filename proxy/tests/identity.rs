@@ -243,3 +243,53 @@ async fn a_ca_removed_from_client_ca_stops_its_certificates_on_open_connections(
     );
     gw.stop();
 }
+
+/// The admin listener's certificates too: an administrator's certificate that has
+/// expired does not come back by resuming a TLS session opened before its expiry.
+#[tokio::test]
+async fn an_expired_admin_certificate_does_not_come_back_by_session_resumption() {
+    let pki = Pki::new();
+    let up = upstream().await;
+    let config = write_config(&pki, up, 0, 0, "");
+    let text = std::fs::read_to_string(&config).unwrap().replacen(
+        "tokens_file = \"admin-tokens\"",
+        "tokens_file = \"admin-tokens\"\ntls = true\nadmin_cns = [\"ops.example.be\"]",
+        1,
+    );
+    std::fs::write(&config, text).unwrap();
+    let mut gw = Gateway::start(&config).await;
+    let now = time::OffsetDateTime::now_utc();
+    let expiry = now + time::Duration::seconds(3);
+    let admin = pki
+        .ca
+        .client_valid("ops.example.be", now - time::Duration::days(1), expiry)
+        .unwrap();
+    let tls = client_config(&pki, &admin);
+    let mut first = connect(&tls, gw.admin_port).await.unwrap();
+    assert_eq!(admin_get(&mut first).await, 200);
+    drop(first);
+    let wait = expiry - time::OffsetDateTime::now_utc() + time::Duration::milliseconds(1500);
+    tokio::time::sleep(Duration::try_from(wait).unwrap()).await;
+    if let Ok(mut resumed) = connect(&tls, gw.admin_port).await {
+        assert_eq!(
+            resumed.get_ref().1.handshake_kind(),
+            Some(rustls::HandshakeKind::Resumed)
+        );
+        let status = admin_get(&mut resumed).await;
+        assert_ne!(
+            status, 200,
+            "an expired administrator's certificate came back by session resumption"
+        );
+    }
+    gw.stop();
+}
+
+async fn admin_get<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(s: &mut S) -> u16 {
+    let req = b"GET /admin/services HTTP/1.1\r\nhost: admin\r\n\r\n";
+    if s.write_all(req).await.is_err() {
+        return 0;
+    }
+    tokio::time::timeout(Duration::from_secs(5), read_status(s))
+        .await
+        .unwrap_or(0)
+}
