@@ -130,7 +130,11 @@ impl<'a> Outbound<'a> {
     }
 
     fn forwards(&self, name: &HeaderName) -> bool {
+        // `Expect` was the consumer's business with the gateway (hyper answers
+        // `100 Continue`); the gateway sends the body without waiting, so a provider told
+        // to expect could answer before it and read the body as the next request.
         if is_hop_by_hop(name)
+            || name == header::EXPECT
             || name == header::HOST
             || name == header::AUTHORIZATION
             || is_look_alike(name)
@@ -320,6 +324,7 @@ mod tests {
         h.insert(header::AUTHORIZATION, "Bearer x".parse().unwrap());
         h.insert(header::CONNECTION, "keep-alive".parse().unwrap());
         h.insert(header::TE, "trailers".parse().unwrap());
+        h.insert(header::EXPECT, "100-continue".parse().unwrap());
         h.insert("fsp-consumer", "spoofed".parse().unwrap());
         h.insert("fsp-message-id", "spoofed".parse().unwrap());
         h.insert("fsp-purpose", "asked".parse().unwrap());

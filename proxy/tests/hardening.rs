@@ -1268,3 +1268,91 @@ async fn the_bearer_scheme_is_case_insensitive_on_the_admin_api() {
         assert_eq!(status, 200, "{scheme}: {body}");
     }
 }
+
+/// A provider that honours `Expect: 100-continue` the way some servers do: it answers
+/// such a request at once with a final status, without reading its body, and reads
+/// what follows on the connection as the next request. It logs every request line.
+async fn expect_honouring_provider() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = log.clone();
+    tokio::spawn(async move {
+        loop {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                        let line = head.lines().next().unwrap_or("").to_owned();
+                        seen.lock().unwrap().push(line);
+                        let length: usize = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .map_or(0, |v| v.trim().parse().unwrap_or(0));
+                        let expects = head.lines().any(|l| l.starts_with("expect:"));
+                        let skip = if expects { 0 } else { length };
+                        if buf.len() < end + 4 + skip {
+                            break;
+                        }
+                        buf.drain(..end + 4 + skip);
+                        let answer = if expects {
+                            "HTTP/1.1 401 Unauthorized\r\ncontent-length: 0\r\n\r\n"
+                        } else {
+                            "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+                        };
+                        if tcp.write_all(answer.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                    match tcp.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            });
+        }
+    });
+    (addr, log)
+}
+
+/// `Expect` is the gateway's business with the consumer (hyper answers `100 Continue`),
+/// and the gateway sends the body at once. Forwarded, it let a provider answer before
+/// the body and read the body as the next request on a pooled connection: a request
+/// the gateway never checked, answered to the next call.
+#[tokio::test]
+async fn expect_is_not_forwarded_so_a_body_is_never_read_as_a_request() {
+    let (up, seen) = expect_honouring_provider().await;
+    let s = start(up, "", "", "").await;
+    let smuggled = "GET /person/v3/../../internal/smuggled HTTP/1.1\r\nhost: p\r\n\r\n";
+    let mut tls = raw_tls(&s.pki, &s.pki.consumer, s.gw.port).await;
+    tls.write_all(
+        format!(
+            "POST /person/getPerson/v3/x HTTP/1.1\r\nhost: localhost\r\nexpect: 100-continue\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{smuggled}",
+            smuggled.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let (status, _) = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let (status, body) = read_response(&mut tls).await;
+            if status != 100 {
+                return (status, body);
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert!(status == 200 || status == 401, "{status}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let seen = seen.lock().unwrap().clone();
+    assert!(
+        seen.iter().all(|l| !l.contains("smuggled")),
+        "the provider read the body as a request: {seen:?}"
+    );
+}
