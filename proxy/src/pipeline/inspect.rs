@@ -73,6 +73,15 @@ pub async fn inspect(
     let checks = snap.service_options(&route.service().name).xml;
     let limits = checks.unwrap_or_default();
     let soap = route.protocol() == Protocol::Soap;
+    // The guard reads the bytes as sent: a body in a content coding (gzip) would pass
+    // it unread (or be refused only when it says it is XML), and a provider that
+    // decodes it, then reads or sniffs XML, would read what the guard never saw.
+    if fields.content_coded && (soap || checks.is_some()) {
+        return Err(Rejection::new(
+            Code::RequestMalformed,
+            "the request body is sent in a Content-Encoding (compressed), which the gateway cannot check: send it uncompressed",
+        ));
+    }
     let charset = fields
         .content_type
         .and_then(|v| v.to_str().ok())
@@ -203,6 +212,9 @@ pub struct FieldCounts<'a> {
     /// A `Transfer-Encoding` other than `chunked` alone: the body would be forwarded
     /// still in that coding, without a word of it, for the provider to read as it is.
     coded: bool,
+    /// A `Content-Encoding` other than `identity`: the XML guard would read the coded
+    /// bytes, and a provider that decodes them would read something else.
+    content_coded: bool,
 }
 
 /// The fields the gateway reads (checks, records, routes by): `Connection` must not name
@@ -231,6 +243,7 @@ impl<'a> FieldCounts<'a> {
             unreadable: None,
             nominated: None,
             coded: false,
+            content_coded: false,
         };
         for (name, value) in headers {
             let read = if name == header::HOST {
@@ -258,6 +271,12 @@ impl<'a> FieldCounts<'a> {
                     .as_bytes()
                     .trim_ascii()
                     .eq_ignore_ascii_case(b"chunked");
+                None
+            } else if name == header::CONTENT_ENCODING {
+                c.content_coded |= value.as_bytes().split(|&b| b == b',').any(|coding| {
+                    let coding = coding.trim_ascii();
+                    !coding.is_empty() && !coding.eq_ignore_ascii_case(b"identity")
+                });
                 None
             } else if name == header::CONNECTION {
                 if c.nominated.is_none() {
