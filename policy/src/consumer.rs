@@ -317,7 +317,14 @@ impl Consumers {
         if let Some(&i) = self.by_pin.get(&cert.sha256) {
             return Ok(&self.list[i]);
         }
-        let cn = cert.cn.as_deref().unwrap_or("");
+        // A certificate without a (single, readable) CN is matched by no CN entry, not
+        // even an empty one.
+        let Some(cn) = cert.cn.as_deref() else {
+            return Err(IdentityError::UnknownCertificate {
+                cn: "(none)".into(),
+                sha256: cert.sha256,
+            });
+        };
         match self.by_cn.get(cn) {
             Some(entry) if entry.pins.is_empty() || entry.pins.contains(&cert.sha256) => {
                 Ok(&self.list[entry.consumer])
@@ -327,7 +334,7 @@ impl Consumers {
                 sha256: cert.sha256,
             }),
             None => Err(IdentityError::UnknownCertificate {
-                cn: cert.cn.clone().unwrap_or_else(|| "(none)".into()),
+                cn: cn.to_owned(),
                 sha256: cert.sha256,
             }),
         }
@@ -375,6 +382,19 @@ mod tests {
             cn: Some(cn.into()),
             sha256: sha,
         }
+    }
+
+    #[test]
+    fn a_certificate_without_a_cn_matches_no_cn_entry_not_even_an_empty_one() {
+        let c = Consumers::new(vec![spec("odd", vec![cn("", None)], &[])]).unwrap();
+        let none = CertificateIdentity {
+            cn: None,
+            sha256: fp(5),
+        };
+        assert!(matches!(
+            c.identify_certificate(&none),
+            Err(IdentityError::UnknownCertificate { .. })
+        ));
     }
 
     #[test]

@@ -293,3 +293,20 @@ async fn admin_get<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(s: &
         .await
         .unwrap_or(0)
 }
+
+/// A consumer declared with an empty CN (or one padded with spaces) is refused by the
+/// configuration: every certificate without a readable CN (none, several, a BMPString)
+/// was looked up as the empty CN, and so taken as that consumer's.
+#[tokio::test]
+async fn a_consumer_cn_that_no_certificate_cn_can_be_is_refused() {
+    let pki = Pki::new();
+    let up = upstream().await;
+    for bad in ["", " padded.example.be", "padded.example.be "] {
+        let extra = format!(
+            "\n[[consumer]]\nid = \"odd\"\norganisation = \"Odd\"\ncertificates = [ {{ cn = \"{bad}\" }} ]\n"
+        );
+        let config = write_config(&pki, up, 0, 0, &extra);
+        let err = proxy::config::load(&config).expect_err(bad).to_string();
+        assert!(err.contains("certificates[0].cn"), "{bad:?}: {err}");
+    }
+}

@@ -2068,6 +2068,19 @@ fn build_consumer(
             );
             continue;
         }
+        // A certificate without a readable CN (none, several, not a string) is matched
+        // by no CN: an empty one, or one a certificate's CN cannot equal, would take
+        // such certificates or never match.
+        if let Some(cn) = &cert.cn
+            && (cn.is_empty() || cn.trim() != cn || cn.chars().any(char::is_control))
+        {
+            problems.add(
+                &s.path,
+                format!("{at}.cn"),
+                "a CN must not be empty, start or end with white space, or hold control characters",
+            );
+            continue;
+        }
         let mut sha256 = cert.sha256.as_ref().and_then(|h| {
             let parsed = Sha256::parse(h);
             if parsed.is_none() {
