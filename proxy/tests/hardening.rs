@@ -1271,7 +1271,9 @@ async fn the_bearer_scheme_is_case_insensitive_on_the_admin_api() {
 
 /// A provider that honours `Expect: 100-continue` the way some servers do: it answers
 /// such a request at once with a final status, without reading its body, and reads
-/// what follows on the connection as the next request. It logs every request line.
+/// what follows on the connection as the next request; it reads no body on a GET or a
+/// HEAD either (as servers that ignore `Content-Length` there). It logs every request
+/// line.
 async fn expect_honouring_provider() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
     let log = Arc::new(Mutex::new(Vec::new()));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -1288,13 +1290,16 @@ async fn expect_honouring_provider() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
                     while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
                         let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
                         let line = head.lines().next().unwrap_or("").to_owned();
-                        seen.lock().unwrap().push(line);
+                        seen.lock().unwrap().push(line.clone());
                         let length: usize = head
                             .lines()
                             .find_map(|l| l.strip_prefix("content-length:"))
                             .map_or(0, |v| v.trim().parse().unwrap_or(0));
                         let expects = head.lines().any(|l| l.starts_with("expect:"));
-                        let skip = if expects { 0 } else { length };
+                        // Like servers that do not read a body on a GET (CL.0).
+                        let unread =
+                            expects || line.starts_with("get ") || line.starts_with("head ");
+                        let skip = if unread { 0 } else { length };
                         if buf.len() < end + 4 + skip {
                             break;
                         }
@@ -1420,4 +1425,72 @@ async fn a_compressed_request_body_cannot_carry_xml_past_the_guard() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     let seen = seen.lock().unwrap().clone();
     assert_eq!(seen, ["Some(\"identity\") Ok(2)"], "{seen:?}");
+}
+
+/// A GET or HEAD has no content a server must read (RFC 9110 §9.3.1 names it a request
+/// smuggling risk), and some providers do not read it: forwarded, the content of a GET
+/// was read as the next request on the pooled connection, unchecked.
+#[tokio::test]
+async fn a_get_with_content_is_refused_so_its_content_is_never_read_as_a_request() {
+    let (up, seen) = expect_honouring_provider().await;
+    let s = start(up, "", "", "").await;
+    let smuggled = "GET /person/v3/../../internal/smuggled HTTP/1.1\r\nhost: p\r\n\r\n";
+    for (method, framing) in [
+        (
+            "GET",
+            format!("content-length: {}\r\n\r\n{smuggled}", smuggled.len()),
+        ),
+        (
+            "HEAD",
+            format!("content-length: {}\r\n\r\n{smuggled}", smuggled.len()),
+        ),
+        (
+            "GET",
+            format!(
+                "transfer-encoding: chunked\r\n\r\n{:x}\r\n{smuggled}\r\n0\r\n\r\n",
+                smuggled.len()
+            ),
+        ),
+    ] {
+        let mut tls = raw_tls(&s.pki, &s.pki.consumer, s.gw.port).await;
+        tls.write_all(
+            format!("{method} /person/getPerson/v3/x HTTP/1.1\r\nhost: localhost\r\n{framing}")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+        // The head only (a HEAD's answer has a length and no body).
+        let head = tokio::time::timeout(Duration::from_secs(5), async {
+            let mut buf = Vec::new();
+            let mut byte = [0u8; 1];
+            while !buf.ends_with(b"\r\n\r\n") && tls.read(&mut byte).await.unwrap_or(0) == 1 {
+                buf.push(byte[0]);
+            }
+            String::from_utf8_lossy(&buf).into_owned()
+        })
+        .await
+        .unwrap();
+        assert!(
+            head.starts_with("HTTP/1.1 400"),
+            "{method} {framing:?}: {head}"
+        );
+    }
+    // An HTTP/2 GET with content (DATA frames after its HEADERS).
+    let c = client(&s.pki, Some(&s.pki.consumer), true);
+    let req = Request::get(s.gw.url("/person/getPerson/v3/x"))
+        .body(full(smuggled))
+        .unwrap();
+    let (status, _, _, _) = send(&c, req).await.unwrap();
+    assert_eq!(status, 400);
+    // A GET without content goes through.
+    let (status, _, _, _) = send(&c, get(&s.gw.url("/person/getPerson/v3/x")))
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let seen = seen.lock().unwrap().clone();
+    assert!(
+        seen.iter().all(|l| !l.contains("smuggled")),
+        "the provider read the content of a GET as a request: {seen:?}"
+    );
 }

@@ -7,7 +7,7 @@
 use bytes::Bytes;
 use catalogue::Protocol;
 use http::header::{self, HeaderMap, HeaderValue};
-use http::request;
+use http::{Method, request};
 
 use super::call::Call;
 use super::route::Route;
@@ -59,6 +59,24 @@ pub async fn inspect(
     body: &mut Unread,
 ) -> Result<Content, Rejection> {
     let xml_declared = inspect_fields(fields)?;
+    // Content on a GET, HEAD, TRACE or CONNECT has no meaning a server must honour, and
+    // some do not read it (RFC 9110 §9.3.1 warns of request smuggling): forwarded, it
+    // could be read as the next request on the provider's connection.
+    if matches!(
+        parts.method,
+        Method::GET | Method::HEAD | Method::TRACE | Method::CONNECT
+    ) && body
+        .incoming()
+        .is_some_and(|b| !hyper::body::Body::is_end_stream(&*b))
+    {
+        return Err(Rejection::new(
+            Code::RequestMalformed,
+            format!(
+                "a {} request carries no content: send it without a body",
+                parts.method
+            ),
+        ));
+    }
     if route.metadata().is_some() {
         // A GET of the WSDL: no body is read or forwarded.
         return Ok(Content {
