@@ -1494,3 +1494,36 @@ async fn a_get_with_content_is_refused_so_its_content_is_never_read_as_a_request
         "the provider read the content of a GET as a request: {seen:?}"
     );
 }
+
+/// TRACE would have the provider echo what the gateway sent it (consumer, purpose and
+/// legal basis fields); CONNECT would ask it for a tunnel. Neither reaches a provider.
+#[tokio::test]
+async fn trace_and_connect_are_not_forwarded() {
+    let (up, seen) = expect_honouring_provider().await;
+    let s = start(up, "", "", "").await;
+    for http2 in [false, true] {
+        let c = client(&s.pki, Some(&s.pki.consumer), http2);
+        let req = Request::builder()
+            .method("TRACE")
+            .uri(s.gw.url("/person/getPerson/v3/x"))
+            .body(full(""))
+            .unwrap();
+        let (status, _, body, _) = send(&c, req).await.unwrap();
+        assert_eq!(status, 400, "http2 {http2}");
+        assert_eq!(json(&body)["code"], "FSP-REQUEST-MALFORMED");
+    }
+    // CONNECT in origin form, on a service's path.
+    let mut tls = raw_tls(&s.pki, &s.pki.consumer, s.gw.port).await;
+    tls.write_all(b"CONNECT /person/getPerson/v3/x HTTP/1.1\r\nhost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let (status, _) = read_response(&mut tls).await;
+    assert_eq!(status, 400);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let seen = seen.lock().unwrap().clone();
+    assert!(
+        seen.iter()
+            .all(|l| !l.starts_with("trace") && !l.starts_with("connect")),
+        "{seen:?}"
+    );
+}

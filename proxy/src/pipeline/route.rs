@@ -90,6 +90,18 @@ pub fn route<'s>(
         }
     };
     let protocol = resolved.protocol();
+    // TRACE would have the provider echo the request the gateway sent it (the consumer,
+    // purpose and legal basis fields included); CONNECT would ask it to open a tunnel
+    // past every check. Neither is a call to a service.
+    if matches!(parts.method, Method::TRACE | Method::CONNECT) {
+        return Err(Rejection::new(
+            Code::RequestMalformed,
+            format!(
+                "{} is not a method the platform forwards: call a service with GET, POST, PUT, PATCH, DELETE or OPTIONS",
+                parts.method
+            ),
+        ));
+    }
     // `GET .../{version}?wsdl` (or `?xsd=N`, `?wsdl=N`) of a SOAP service: its metadata.
     let metadata = (protocol == Protocol::Soap
         && matches!(parts.method, Method::GET | Method::HEAD)
