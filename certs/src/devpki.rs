@@ -73,9 +73,20 @@ impl DevCa {
         usage: ExtendedKeyUsagePurpose,
         validity: (OffsetDateTime, OffsetDateTime),
     ) -> Result<Issued, Error> {
+        self.issue_to(name(cn, "FSP development PKI"), sans, usage, validity)
+    }
+
+    /// An end-entity certificate for `subject`, signed by this CA.
+    fn issue_to(
+        &self,
+        subject: DistinguishedName,
+        sans: &[&str],
+        usage: ExtendedKeyUsagePurpose,
+        validity: (OffsetDateTime, OffsetDateTime),
+    ) -> Result<Issued, Error> {
         let mut params =
             CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>())?;
-        params.distinguished_name = name(cn, "FSP development PKI");
+        params.distinguished_name = subject;
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![usage];
@@ -139,27 +150,16 @@ impl DevCa {
     /// `second` (a name some CAs issue; rcgen keeps one value per type, so the second is
     /// written as a custom type with the CN's own OID, 2.5.4.3).
     pub fn client_with_two_cns(&self, first: &str, second: &str) -> Result<Issued, Error> {
-        let mut params = CertificateParams::new(Vec::<String>::new())?;
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CountryName, "BE");
         dn.push(DnType::CommonName, first);
         dn.push(DnType::CustomDnType(vec![2, 5, 4, 3]), second);
-        params.distinguished_name = dn;
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        (params.not_before, params.not_after) = Self::default_validity();
-        params.use_authority_key_identifier_extension = true;
-        let serial = self.next_serial.fetch_add(1, Ordering::Relaxed);
-        params.serial_number = Some(SerialNumber::from(serial));
-        let key = KeyPair::generate()?;
-        let cert = params.signed_by(&key, &self.issuer)?;
-        Ok(Issued {
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-            der: cert.der().to_vec(),
-            serial,
-        })
+        self.issue_to(
+            dn,
+            &[],
+            ExtendedKeyUsagePurpose::ClientAuth,
+            Self::default_validity(),
+        )
     }
 
     /// A server certificate for `names` valid only between the two instants.

@@ -1120,6 +1120,15 @@ async fn outcome_of(pki: &Pki, message_id: &str) -> serde_json::Value {
     }
 }
 
+/// The record of the call whose answer named `message_id`: cut off by a suspension,
+/// for the reason `why` (e.g. "provider rrn was suspended").
+async fn cut_record(pki: &Pki, message_id: &str, why: &str) -> serde_json::Value {
+    let record = outcome_of(pki, message_id).await;
+    assert_eq!(record["decision"], "FSP-AUTHZ-SUSPENDED", "{record}");
+    assert!(record["detail"].as_str().unwrap().contains(why), "{record}");
+    record
+}
+
 /// Found by a review: a WSDL being fetched from its provider (which may take up to the
 /// provider's timeout, for several documents) was served to a consumer suspended
 /// meanwhile. Now a suspension of either party refuses it at once with 403
@@ -1199,15 +1208,12 @@ async fn a_suspension_cuts_an_answer_whose_provider_went_silent() {
         !rest.contains("late part") && !rest.contains("0\r\n\r\n"),
         "{rest}"
     );
-    let record = outcome_of(&pki, &message_id(&String::from_utf8_lossy(&got))).await;
-    assert_eq!(record["decision"], "FSP-AUTHZ-SUSPENDED", "{record}");
-    assert!(
-        record["detail"]
-            .as_str()
-            .unwrap()
-            .contains("consumer ville-bxl was suspended"),
-        "{record}"
-    );
+    cut_record(
+        &pki,
+        &message_id(&String::from_utf8_lossy(&got)),
+        "consumer ville-bxl was suspended",
+    )
+    .await;
 }
 
 /// The same before the answer's head: a provider that has not answered yet is not
@@ -1232,15 +1238,7 @@ async fn a_suspension_cuts_a_call_whose_provider_has_not_answered() {
         took < std::time::Duration::from_secs(3),
         "cut after {took:?}"
     );
-    let record = outcome_of(&pki, &message_id(&answer)).await;
-    assert_eq!(record["decision"], "FSP-AUTHZ-SUSPENDED", "{record}");
-    assert!(
-        record["detail"]
-            .as_str()
-            .unwrap()
-            .contains("provider rrn was suspended"),
-        "{record}"
-    );
+    cut_record(&pki, &message_id(&answer), "provider rrn was suspended").await;
 }
 
 /// The same for an upload that stalled half-way: the consumer sends nothing more, and
@@ -1287,13 +1285,10 @@ async fn a_suspension_cuts_an_upload_that_stalled() {
         took < std::time::Duration::from_secs(3),
         "cut after {took:?}"
     );
-    let record = outcome_of(&pki, &message_id(&answer)).await;
-    assert_eq!(record["decision"], "FSP-AUTHZ-SUSPENDED", "{record}");
-    assert!(
-        record["detail"]
-            .as_str()
-            .unwrap()
-            .contains("consumer ville-bxl was suspended"),
-        "{record}"
-    );
+    cut_record(
+        &pki,
+        &message_id(&answer),
+        "consumer ville-bxl was suspended",
+    )
+    .await;
 }

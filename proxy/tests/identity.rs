@@ -49,35 +49,9 @@ async fn call<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(s: &mut S
     if s.write_all(CALL).await.is_err() {
         return 0;
     }
-    tokio::time::timeout(Duration::from_secs(5), read_status(s))
-        .await
-        .unwrap_or(0)
-}
-
-async fn read_status<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> u16 {
-    use tokio::io::AsyncReadExt;
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    loop {
-        let n = match s.read(&mut chunk).await {
-            Ok(0) | Err(_) => return 0,
-            Ok(n) => n,
-        };
-        buf.extend_from_slice(&chunk[..n]);
-        let text = String::from_utf8_lossy(&buf).into_owned();
-        if let Some(end) = text.find("\r\n\r\n") {
-            let len: usize = text[..end]
-                .lines()
-                .find_map(|l| {
-                    l.to_ascii_lowercase()
-                        .strip_prefix("content-length:")
-                        .map(|v| v.trim().parse().unwrap())
-                })
-                .unwrap_or(0);
-            if buf.len() >= end + 4 + len {
-                return text[9..12].parse().unwrap();
-            }
-        }
+    match tokio::time::timeout(Duration::from_secs(5), try_read_response(s)).await {
+        Ok(Ok((status, _))) => status,
+        _ => 0,
     }
 }
 
@@ -289,9 +263,10 @@ async fn admin_get<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(s: &
     if s.write_all(req).await.is_err() {
         return 0;
     }
-    tokio::time::timeout(Duration::from_secs(5), read_status(s))
-        .await
-        .unwrap_or(0)
+    match tokio::time::timeout(Duration::from_secs(5), try_read_response(s)).await {
+        Ok(Ok((status, _))) => status,
+        _ => 0,
+    }
 }
 
 /// A consumer declared with an empty CN (or one padded with spaces) is refused by the

@@ -842,11 +842,22 @@ pub fn admin_request_bytes(method: &str, path: &str, token: Option<&str>, body: 
 }
 
 pub async fn read_response<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> (u16, String) {
+    match try_read_response(s).await {
+        Ok(answer) => answer,
+        Err(partial) => panic!("connection closed before a whole response: {partial}"),
+    }
+}
+
+/// One HTTP/1.1 response (status and body, framed by `Content-Length`), or what was read
+/// of it when the connection closed or failed first.
+pub async fn try_read_response<S: tokio::io::AsyncRead + Unpin>(
+    s: &mut S,
+) -> Result<(u16, String), String> {
     use tokio::io::AsyncReadExt;
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     loop {
-        let n = s.read(&mut chunk).await.unwrap();
+        let n = s.read(&mut chunk).await.unwrap_or(0);
         buf.extend_from_slice(&chunk[..n]);
         let text = String::from_utf8_lossy(&buf).into_owned();
         if let Some(end) = text.find("\r\n\r\n") {
@@ -860,13 +871,11 @@ pub async fn read_response<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> (u16, 
                 .unwrap_or(0);
             if buf.len() >= end + 4 + len || n == 0 {
                 let status = text[9..12].parse().unwrap();
-                return (status, text[end + 4..].to_owned());
+                return Ok((status, text[end + 4..].to_owned()));
             }
         }
-        assert!(
-            n > 0,
-            "connection closed before a whole response: {}",
-            String::from_utf8_lossy(&buf)
-        );
+        if n == 0 {
+            return Err(text);
+        }
     }
 }
