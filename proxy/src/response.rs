@@ -16,7 +16,7 @@ use http_body::{Body, Frame, SizeHint};
 
 use crate::errors::Side;
 use crate::soap::HeaderStamp;
-use crate::transport::body::{BoxError, CallShared, Waiter};
+use crate::transport::body::{AnswerProgress, BoxError, CallShared, Waiter};
 use crate::transport::pool::UpstreamBody;
 use crate::xml;
 
@@ -281,6 +281,10 @@ pub struct ResponseBody {
     kind: Kind,
     sent: u64,
     finisher: Option<Finisher>,
+    /// The consumer's connection, told how this answer moves (a provider's answer only,
+    /// until it ends), and whether its last frame was handed over (`true`) or it waits
+    /// for its provider.
+    progress: Option<(Arc<AnswerProgress>, bool)>,
 }
 
 impl ResponseBody {
@@ -290,6 +294,7 @@ impl ResponseBody {
             kind: Kind::Full(Some(bytes)),
             sent: 0,
             finisher,
+            progress: None,
         }
     }
 
@@ -299,6 +304,7 @@ impl ResponseBody {
             kind: Kind::Upstream(inner),
             sent: 0,
             finisher: Some(finisher),
+            progress: None,
         }
     }
 
@@ -308,18 +314,51 @@ impl ResponseBody {
             kind: Kind::Checked(checked),
             sent: 0,
             finisher: Some(finisher),
+            progress: None,
         }
     }
 
+    /// Tells the consumer's connection how this answer moves, if it is a provider's (see
+    /// [`AnswerProgress`]).
+    pub fn sent_over(mut self, answers: &Arc<AnswerProgress>) -> Self {
+        if !matches!(self.kind, Kind::Full(_)) {
+            self.progress = Some((answers.clone(), false));
+        }
+        self
+    }
+
     fn done(&mut self) {
+        self.release();
         if let Some(mut f) = self.finisher.take() {
             f.complete(self.sent, true);
+        }
+    }
+
+    /// The answer ended (or is dropped): its connection no longer waits on it.
+    fn release(&mut self) {
+        if let Some((conn, handed)) = self.progress.take()
+            && handed
+        {
+            conn.handed(false);
         }
     }
 }
 
 impl Drop for ResponseBody {
     fn drop(&mut self) {
+        if let Some((conn, _)) = &self.progress
+            && conn.stalled()
+            && let Some(f) = &mut self.finisher
+        {
+            f.blame(
+                Side::Consumer,
+                format!(
+                    "the consumer stopped taking the answer after {} bytes (nothing taken for listener.response_send_timeout): its connection was closed",
+                    self.sent
+                ),
+            );
+        }
+        self.release();
         if let Some(mut f) = self.finisher.take() {
             // A gateway-made body that hyper did not need to poll (HEAD, 304) still counts
             // as delivered, and so does a provider's body that was already at its end
@@ -363,6 +402,15 @@ impl Body for ResponseBody {
             && let Some(trailers) = frame.trailers_mut()
         {
             crate::headers::strip_platform_fields(trailers);
+        }
+        // How the answer moves, for the connection's watch on consumers that stop reading.
+        if let Some((conn, handed)) = &mut this.progress {
+            conn.pulled();
+            let now = polled.is_ready();
+            if now != *handed {
+                *handed = now;
+                conn.handed(now);
+            }
         }
         match &polled {
             Poll::Ready(Some(Err(e))) => {

@@ -77,6 +77,7 @@ pub async fn start(
         handshake: listener_cfg.handshake_timeout,
         header_read: listener_cfg.header_read_timeout,
         drain: listener_cfg.drain_timeout,
+        response_send: listener_cfg.response_send_timeout,
     };
     let connection_limits = descriptor_budget(&config)?;
     let consumer_addr = listener_cfg.address;

@@ -31,6 +31,43 @@ pub struct ListenerTimeouts {
     pub handshake: Duration,
     pub header_read: Duration,
     pub drain: Duration,
+    /// The longest an answer may wait for its consumer to take more of it.
+    pub response_send: Duration,
+}
+
+/// The watch on a consumer that stops taking its answers: an answer streamed from a
+/// provider holds one of the provider's slots until it ends, and a consumer that no
+/// longer reads (a full TCP window, an HTTP/2 window never opened again) would hold it
+/// for ever. Looked at every quarter of `response_send_timeout`: when an answer of the
+/// connection has a frame handed over and no answer has been asked for another since
+/// the timeout, the connection is closed (its answers, their slots and their provider
+/// connections with it; their records say why).
+#[derive(Debug, Default)]
+struct Stall {
+    pulls: u64,
+    since: Option<tokio::time::Instant>,
+}
+
+impl Stall {
+    fn tick(timeout: Duration) -> Duration {
+        (timeout / 4).max(Duration::from_millis(250))
+    }
+
+    /// Whether the connection's answers have stood still for `timeout`.
+    fn stalled(&mut self, conn: &ConnInfo, timeout: Duration) -> bool {
+        let (waiting, pulls) = conn.answers.now();
+        if waiting == 0 || pulls != self.pulls {
+            self.pulls = pulls;
+            self.since = None;
+            return false;
+        }
+        let since = *self.since.get_or_insert_with(tokio::time::Instant::now);
+        if since.elapsed() + Self::tick(timeout) >= timeout {
+            conn.answers.mark_stalled();
+            return true;
+        }
+        false
+    }
 }
 
 /// Streams open on an HTTP/2 connection, and when the last one ended.
@@ -224,6 +261,9 @@ pub async fn serve(
             let is_h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
             let conn = Arc::new(ConnInfo::new(peer, certificate).with_chain(chain, listener_tls));
             let unparsed = UnparsedRequest(conn.clone());
+            let watched = conn.clone();
+            let mut stall = Stall::default();
+            let stall_tick = Stall::tick(timeouts.response_send);
             let io = TokioIo::new(tls);
             let ended = if is_h2 {
                 // HTTP/2 has no header timeout between streams: a connection with no
@@ -241,12 +281,17 @@ pub async fn serve(
                 });
                 let served = watcher.watch(builders.1.serve_connection(io, service));
                 tokio::pin!(served);
+                let tick = timeouts.header_read.min(stall_tick);
                 loop {
                     tokio::select! {
                         ended = &mut served => break ended,
-                        _ = tokio::time::sleep(timeouts.header_read) => {
+                        _ = tokio::time::sleep(tick) => {
                             if activity.idle_for(timeouts.header_read) {
                                 tracing::debug!(%peer, "idle HTTP/2 connection closed");
+                                break Ok(());
+                            }
+                            if stall.stalled(&watched, timeouts.response_send) {
+                                tracing::info!(%peer, "HTTP/2 connection closed: its consumer stopped taking an answer");
                                 break Ok(());
                             }
                         }
@@ -258,9 +303,19 @@ pub async fn serve(
                     // polling it; a box is moved as one pointer.
                     Box::pin(pipeline::handle(Local::of(&gw), conn.clone(), req))
                 });
-                watcher
-                    .watch(builders.0.serve_connection(io, service))
-                    .await
+                let served = watcher.watch(builders.0.serve_connection(io, service));
+                tokio::pin!(served);
+                loop {
+                    tokio::select! {
+                        ended = &mut served => break ended,
+                        _ = tokio::time::sleep(stall_tick) => {
+                            if stall.stalled(&watched, timeouts.response_send) {
+                                tracing::info!(%peer, "connection closed: its consumer stopped taking an answer");
+                                break Ok(());
+                            }
+                        }
+                    }
+                }
             };
             if let Err(e) = ended {
                 unparsed.or_debug(&e);

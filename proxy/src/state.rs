@@ -297,6 +297,10 @@ impl RestartOnly {
                 ),
                 ("listener.drain_timeout", format!("{:?}", l.drain_timeout)),
                 (
+                    "listener.response_send_timeout",
+                    format!("{:?}", l.response_send_timeout),
+                ),
+                (
                     "listener (connection limits)",
                     format!("{:?}", l.connections),
                 ),

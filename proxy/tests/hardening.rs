@@ -1343,12 +1343,23 @@ async fn expect_is_not_forwarded_so_a_body_is_never_read_as_a_request() {
     )
     .await
     .unwrap();
-    let (status, _) = tokio::time::timeout(Duration::from_secs(5), async {
+    // The final answer's status, past any `100 Continue` (which may come in the same
+    // read as the final answer).
+    let status = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
         loop {
-            let (status, body) = read_response(&mut tls).await;
-            if status != 100 {
-                return (status, body);
+            let text = String::from_utf8_lossy(&buf).into_owned();
+            let mut rest = text.as_str();
+            while let Some(after) = rest.strip_prefix("HTTP/1.1 100 Continue\r\n\r\n") {
+                rest = after;
             }
+            if rest.len() >= 12 && rest.contains("\r\n\r\n") {
+                return rest[9..12].parse::<u16>().unwrap();
+            }
+            let n = tls.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "closed before an answer: {text}");
+            buf.extend_from_slice(&chunk[..n]);
         }
     })
     .await
@@ -1525,5 +1536,76 @@ async fn trace_and_connect_are_not_forwarded() {
         seen.iter()
             .all(|l| !l.starts_with("trace") && !l.starts_with("connect")),
         "{seen:?}"
+    );
+}
+
+/// Found by a review: a consumer that stops reading an answer (its TCP window full, or
+/// an HTTP/2 window it never opens) held the provider's slot and connection for ever.
+/// Now a connection whose answer waits for its consumer for `response_send_timeout` is
+/// closed: the slot comes back, and the record says why.
+#[tokio::test]
+async fn a_consumer_that_stops_reading_gives_the_providers_slot_back() {
+    let up = upstream().await;
+    let s = start(
+        up,
+        "response_send_timeout = \"1s\"",
+        "max_connections = 1\nqueue_timeout = \"100ms\"",
+        "",
+    )
+    .await;
+    // 64 MiB asked for, and never read.
+    let mut stalled = raw_tls(&s.pki, &s.pki.consumer, s.gw.port).await;
+    stalled
+        .write_all(
+            b"GET /person/getPerson/v3/big?bytes=67108864 HTTP/1.1\r\nhost: localhost\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Meanwhile the provider's one slot is held: another call is refused.
+    let c = client(&s.pki, Some(&s.pki.consumer), false);
+    let url = s.gw.url("/person/getPerson/v3/x");
+    let (status, _, body, _) = send(&c, get(&url)).await.unwrap();
+    assert_eq!(status, 503, "{}", String::from_utf8_lossy(&body));
+    // Within the timeout and one look more, the stalled connection is closed and the
+    // slot is back.
+    let started = std::time::Instant::now();
+    loop {
+        let (status, ..) = send(&c, get(&url)).await.unwrap();
+        if status == 200 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the slot is still held after {:?}",
+            started.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The stalled consumer finds its connection closed once it reads again.
+    let drained = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            match stalled.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(drained.is_ok(), "the stalled connection is still open");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let records = audit_records(&s.pki);
+    let cut = records
+        .iter()
+        .find(|r| r["operation"] == "GET /person/getPerson/v3/big" && r["phase"] != "request")
+        .unwrap_or_else(|| panic!("no record of the stalled call: {records:?}"));
+    assert_eq!(cut["fault"], "consumer", "{cut}");
+    assert!(
+        cut["detail"]
+            .as_str()
+            .unwrap()
+            .contains("stopped taking the answer"),
+        "{cut}"
     );
 }

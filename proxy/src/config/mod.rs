@@ -83,6 +83,9 @@ pub struct Listener {
     pub threads: usize,
     /// The longest silence allowed while a request body is being received.
     pub request_body_timeout: Duration,
+    /// The longest a provider's answer may wait for the consumer to take its next bytes
+    /// before the connection is closed.
+    pub response_send_timeout: Duration,
     pub connections: ConnectionLimits,
     /// Peers allowed to send a PROXY protocol header (v1 or v2); from anyone else, a
     /// connection that starts with one is refused.
@@ -1646,6 +1649,20 @@ fn build_listener(
         "listener.request_body_timeout",
         problems,
     );
+    let response_send_timeout = duration_or(
+        &l.response_send_timeout,
+        Duration::from_secs(60),
+        &s.path,
+        "listener.response_send_timeout",
+        problems,
+    );
+    if response_send_timeout < Duration::from_secs(1) {
+        problems.add(
+            &s.path,
+            "listener.response_send_timeout",
+            "must be at least 1s: a consumer needs time to take an answer".to_owned(),
+        );
+    }
     let mut count = |v: Option<usize>, k: &str, default: usize| {
         at_least_one(v, default, &s.path, &format!("listener.{k}"), problems)
     };
@@ -1701,6 +1718,7 @@ fn build_listener(
         header_read_timeout,
         drain_timeout,
         request_body_timeout,
+        response_send_timeout,
         connections,
         proxy_protocol_from,
         shutdown_delay,

@@ -49,6 +49,7 @@ pub struct RawListener {
     /// Worker threads serving consumers (default: one per CPU).
     pub threads: Option<usize>,
     pub request_body_timeout: Option<String>,
+    pub response_send_timeout: Option<String>,
     pub max_connections: Option<usize>,
     pub max_connections_per_ip: Option<usize>,
     pub max_anonymous_connections: Option<usize>,

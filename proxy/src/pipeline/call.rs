@@ -13,7 +13,7 @@ use super::target::Target;
 use crate::errors::ErrorForm;
 use crate::headers::{FSP_END_USER, FSP_PURPOSE, X_REQUEST_ID, text};
 use crate::soap::{self, SoapVersion};
-use crate::transport::body::CallShared;
+use crate::transport::body::{AnswerProgress, CallShared};
 
 /// What the gateway knows about a connection once TLS is established.
 #[derive(Debug)]
@@ -28,6 +28,8 @@ pub struct ConnInfo {
     pub peer_ip_value: HeaderValue,
     /// The certificate chain as presented, to be checked again (None: no certificate).
     presented: Option<Presented>,
+    /// How the connection's answers from providers move (see [`AnswerProgress`]).
+    pub answers: Arc<AnswerProgress>,
 }
 
 /// A client certificate chain the handshake (or the handshake a resumed session came
@@ -55,6 +57,7 @@ impl ConnInfo {
                 .unwrap_or_else(|_| HeaderValue::from_static("unknown")),
             peer_ip,
             presented: None,
+            answers: Arc::default(),
         }
     }
 

@@ -97,7 +97,9 @@ pub async fn handle(
         Err(refusal) => Err(refusal),
     };
     Ok(match served {
-        Ok(answer) => respond::deliver(&local, call, answer, http10).await,
+        Ok(answer) => respond::deliver(&local, call, answer, http10)
+            .await
+            .map(|body| body.sent_over(&conn.answers)),
         Err(refusal) => respond::refuse(&local, call, refusal),
     })
 }

@@ -589,6 +589,60 @@ impl Drop for RequestBody {
     }
 }
 
+/// Whether a consumer takes the answers it asked for. An answer streamed from a provider
+/// holds one of the provider's slots (and its connection) until it ends, and a consumer
+/// that stops reading (a full TCP window, an HTTP/2 window it never opens) would hold
+/// them for ever: the listener closes a connection whose answers have something to hand
+/// over and are not asked for more for `listener.response_send_timeout`
+/// (`crate::server`'s `Stall`).
+#[derive(Debug, Default)]
+pub struct AnswerProgress {
+    /// Answers that handed their last frame over and wait to be asked for the next
+    /// (not those waiting for their provider).
+    waiting_for_consumer: std::sync::atomic::AtomicUsize,
+    /// Frames asked for, by every answer of the connection.
+    pulls: std::sync::atomic::AtomicU64,
+    /// Set when the listener closes the connection for it: the records say why.
+    stalled: std::sync::atomic::AtomicBool,
+}
+
+impl AnswerProgress {
+    /// An answer handed a frame over (`true`) or waits for its provider (`false`), after
+    /// it did the other.
+    pub fn handed(&self, handed: bool) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if handed {
+            self.waiting_for_consumer.fetch_add(1, Relaxed);
+        } else {
+            self.waiting_for_consumer.fetch_sub(1, Relaxed);
+        }
+    }
+
+    /// An answer was asked for its next frame.
+    pub fn pulled(&self) {
+        self.pulls
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// How many answers wait for the consumer, and the frames asked for so far.
+    pub fn now(&self) -> (usize, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (
+            self.waiting_for_consumer.load(Relaxed),
+            self.pulls.load(Relaxed),
+        )
+    }
+
+    pub fn mark_stalled(&self) {
+        self.stalled
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn stalled(&self) -> bool {
+        self.stalled.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
