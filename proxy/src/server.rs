@@ -70,6 +70,42 @@ impl Stall {
     }
 }
 
+/// Serves a connection (`served`), calling `close` every `tick`: when it says so, the
+/// connection is dropped (`None`). The timer costs the connection's wake-ups one atomic
+/// load: it is polled (registered with the task) only when it is set, not at every
+/// wake-up of the connection.
+async fn watching<F: std::future::Future>(
+    served: F,
+    tick: Duration,
+    mut close: impl FnMut() -> bool,
+) -> Option<F::Output> {
+    let mut served = std::pin::pin!(served);
+    let mut timer = std::pin::pin!(tokio::time::sleep(tick));
+    let mut set = false;
+    std::future::poll_fn(|cx| {
+        if let std::task::Poll::Ready(out) = served.as_mut().poll(cx) {
+            return std::task::Poll::Ready(Some(out));
+        }
+        loop {
+            if set && !timer.is_elapsed() {
+                return std::task::Poll::Pending;
+            }
+            if set {
+                if close() {
+                    return std::task::Poll::Ready(None);
+                }
+                timer.as_mut().reset(tokio::time::Instant::now() + tick);
+            }
+            set = true;
+            // Registers the timer with this task (the task's waker does not change).
+            if timer.as_mut().poll(cx).is_pending() {
+                return std::task::Poll::Pending;
+            }
+        }
+    })
+    .await
+}
+
 /// Streams open on an HTTP/2 connection, and when the last one ended.
 #[derive(Debug)]
 struct Activity {
@@ -280,23 +316,20 @@ pub async fn serve(
                     })
                 });
                 let served = watcher.watch(builders.1.serve_connection(io, service));
-                tokio::pin!(served);
                 let tick = timeouts.header_read.min(stall_tick);
-                loop {
-                    tokio::select! {
-                        ended = &mut served => break ended,
-                        _ = tokio::time::sleep(tick) => {
-                            if activity.idle_for(timeouts.header_read) {
-                                tracing::debug!(%peer, "idle HTTP/2 connection closed");
-                                break Ok(());
-                            }
-                            if stall.stalled(&watched, timeouts.response_send) {
-                                tracing::info!(%peer, "HTTP/2 connection closed: its consumer stopped taking an answer");
-                                break Ok(());
-                            }
-                        }
+                watching(served, tick, || {
+                    if activity.idle_for(timeouts.header_read) {
+                        tracing::debug!(%peer, "idle HTTP/2 connection closed");
+                        return true;
                     }
-                }
+                    if stall.stalled(&watched, timeouts.response_send) {
+                        tracing::info!(%peer, "HTTP/2 connection closed: its consumer stopped taking an answer");
+                        return true;
+                    }
+                    false
+                })
+                .await
+                .unwrap_or(Ok(()))
             } else {
                 let service = service_fn(move |req| {
                     // Boxed: the call's future is large, and hyper moves it (twice) before
@@ -304,18 +337,15 @@ pub async fn serve(
                     Box::pin(pipeline::handle(Local::of(&gw), conn.clone(), req))
                 });
                 let served = watcher.watch(builders.0.serve_connection(io, service));
-                tokio::pin!(served);
-                loop {
-                    tokio::select! {
-                        ended = &mut served => break ended,
-                        _ = tokio::time::sleep(stall_tick) => {
-                            if stall.stalled(&watched, timeouts.response_send) {
-                                tracing::info!(%peer, "connection closed: its consumer stopped taking an answer");
-                                break Ok(());
-                            }
-                        }
+                watching(served, stall_tick, || {
+                    let stalled = stall.stalled(&watched, timeouts.response_send);
+                    if stalled {
+                        tracing::info!(%peer, "connection closed: its consumer stopped taking an answer");
                     }
-                }
+                    stalled
+                })
+                .await
+                .unwrap_or(Ok(()))
             };
             if let Err(e) = ended {
                 unparsed.or_debug(&e);
