@@ -320,9 +320,9 @@ impl ResponseBody {
 
     /// Tells the consumer's connection how this answer moves, if it is a provider's (see
     /// [`AnswerProgress`]).
-    pub fn sent_over(mut self, answers: &Arc<AnswerProgress>) -> Self {
+    pub fn sent_over(mut self, answers: impl FnOnce() -> Arc<AnswerProgress>) -> Self {
         if !matches!(self.kind, Kind::Full(_)) {
-            self.progress = Some((answers.clone(), false));
+            self.progress = Some((answers(), false));
         }
         self
     }

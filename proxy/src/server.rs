@@ -38,36 +38,20 @@ pub struct ListenerTimeouts {
 /// The watch on a consumer that stops taking its answers: an answer streamed from a
 /// provider holds one of the provider's slots until it ends, and a consumer that no
 /// longer reads (a full TCP window, an HTTP/2 window never opened again) would hold it
-/// for ever. Looked at every quarter of `response_send_timeout`: when an answer of the
-/// connection has a frame handed over and no answer has been asked for another since
-/// the timeout, the connection is closed (its answers, their slots and their provider
-/// connections with it; their records say why).
-#[derive(Debug, Default)]
-struct Stall {
-    pulls: u64,
-    since: Option<tokio::time::Instant>,
+/// for ever. The connection's task looks at its answers every tick (a quarter of
+/// `response_send_timeout`, or less): when an answer (an HTTP/2 stream's, on its own)
+/// has had a frame handed over and not been asked for another for the timeout, the
+/// connection is closed (its answers, their slots and their provider connections with
+/// it; their records say why).
+fn stall_tick(timeout: Duration) -> Duration {
+    (timeout / 4).max(Duration::from_millis(250))
 }
 
-impl Stall {
-    fn tick(timeout: Duration) -> Duration {
-        (timeout / 4).max(Duration::from_millis(250))
-    }
-
-    /// Whether the connection's answers have stood still for `timeout`.
-    fn stalled(&mut self, conn: &ConnInfo, timeout: Duration) -> bool {
-        let (waiting, pulls) = conn.answers.now();
-        if waiting == 0 || pulls != self.pulls {
-            self.pulls = pulls;
-            self.since = None;
-            return false;
-        }
-        let since = *self.since.get_or_insert_with(tokio::time::Instant::now);
-        if since.elapsed() + Self::tick(timeout) >= timeout {
-            conn.answers.mark_stalled();
-            return true;
-        }
-        false
-    }
+/// How many looks `tick` apart make `timeout`.
+fn stall_looks(timeout: Duration, tick: Duration) -> u64 {
+    u64::try_from(timeout.as_millis().div_ceil(tick.as_millis().max(1)))
+        .unwrap_or(u64::MAX)
+        .max(1)
 }
 
 /// Serves a connection (`served`), calling `close` every `tick`: when it says so, the
@@ -295,11 +279,11 @@ pub async fn serve(
                 return;
             }
             let is_h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-            let conn = Arc::new(ConnInfo::new(peer, certificate).with_chain(chain, listener_tls));
+            let conn = ConnInfo::new(peer, certificate).with_chain(chain, listener_tls);
+            let conn = Arc::new(if is_h2 { conn.http2() } else { conn });
             let unparsed = UnparsedRequest(conn.clone());
             let watched = conn.clone();
-            let mut stall = Stall::default();
-            let stall_tick = Stall::tick(timeouts.response_send);
+            let stall_tick = stall_tick(timeouts.response_send);
             let io = TokioIo::new(tls);
             let ended = if is_h2 {
                 // HTTP/2 has no header timeout between streams: a connection with no
@@ -317,12 +301,13 @@ pub async fn serve(
                 });
                 let served = watcher.watch(builders.1.serve_connection(io, service));
                 let tick = timeouts.header_read.min(stall_tick);
+                let looks = stall_looks(timeouts.response_send, tick);
                 watching(served, tick, || {
                     if activity.idle_for(timeouts.header_read) {
                         tracing::debug!(%peer, "idle HTTP/2 connection closed");
                         return true;
                     }
-                    if stall.stalled(&watched, timeouts.response_send) {
+                    if watched.answers_stalled(looks) {
                         tracing::info!(%peer, "HTTP/2 connection closed: its consumer stopped taking an answer");
                         return true;
                     }
@@ -337,8 +322,9 @@ pub async fn serve(
                     Box::pin(pipeline::handle(Local::of(&gw), conn.clone(), req))
                 });
                 let served = watcher.watch(builders.0.serve_connection(io, service));
+                let looks = stall_looks(timeouts.response_send, stall_tick);
                 watching(served, stall_tick, || {
-                    let stalled = stall.stalled(&watched, timeouts.response_send);
+                    let stalled = watched.answers_stalled(looks);
                     if stalled {
                         tracing::info!(%peer, "connection closed: its consumer stopped taking an answer");
                     }

@@ -1609,3 +1609,61 @@ async fn a_consumer_that_stops_reading_gives_the_providers_slot_back() {
         "{cut}"
     );
 }
+
+/// The same on HTTP/2, where one stream can stall (its window never opened again) while
+/// the connection's other streams keep moving: each stream's answer is watched on its own.
+#[tokio::test]
+async fn an_http2_stream_that_stalls_is_seen_while_the_others_move() {
+    let up = upstream().await;
+    let s = start(
+        up,
+        "response_send_timeout = \"1s\"",
+        "max_connections = 4\nmax_connections_per_consumer = 4",
+        "",
+    )
+    .await;
+    let c = client(&s.pki, Some(&s.pki.consumer), true);
+    // Stream A: 64 MiB asked for; its head is read, its body never (the client opens
+    // its window only as the body is read: it stays shut after the first 2 MiB).
+    let stalled = c
+        .request(get(&s.gw.url("/person/getPerson/v3/big?bytes=67108864")))
+        .await
+        .unwrap();
+    assert_eq!(stalled.status(), 200);
+    // Streams B, C, ...: calls on the same connection, every 100 ms, for 4 s.
+    let url = s.gw.url("/person/getPerson/v3/x");
+    let started = std::time::Instant::now();
+    let mut failed = 0;
+    while started.elapsed() < Duration::from_secs(4) {
+        if send(&c, get(&url)).await.is_err() {
+            failed += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The stalled stream's answer ended with its connection, and says why.
+    let mut body = stalled.into_body();
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(frame) = body.frame().await {
+            if frame.is_err() {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the stalled stream is still open");
+    assert!(failed <= 1, "{failed} calls failed around the close");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let records = audit_records(&s.pki);
+    let cut = records
+        .iter()
+        .find(|r| r["operation"] == "GET /person/getPerson/v3/big" && r["phase"] != "request")
+        .unwrap_or_else(|| panic!("no record of the stalled call: {records:?}"));
+    assert_eq!(cut["fault"], "consumer", "{cut}");
+    assert!(
+        cut["detail"]
+            .as_str()
+            .unwrap()
+            .contains("stopped taking the answer"),
+        "{cut}"
+    );
+}

@@ -28,8 +28,12 @@ pub struct ConnInfo {
     pub peer_ip_value: HeaderValue,
     /// The certificate chain as presented, to be checked again (None: no certificate).
     presented: Option<Presented>,
-    /// How the connection's answers from providers move (see [`AnswerProgress`]).
-    pub answers: Arc<AnswerProgress>,
+    /// How the connection's answers from providers move (see [`AnswerProgress`]): one
+    /// for an HTTP/1.1 connection (one answer at a time)...
+    answers: Arc<AnswerProgress>,
+    /// ...and one per stream of an HTTP/2 connection, so that a stream that stalls is
+    /// seen while others move.
+    streams: Option<std::sync::Mutex<Vec<std::sync::Weak<AnswerProgress>>>>,
 }
 
 /// A client certificate chain the handshake (or the handshake a resumed session came
@@ -58,6 +62,7 @@ impl ConnInfo {
             peer_ip,
             presented: None,
             answers: Arc::default(),
+            streams: None,
         }
     }
 
@@ -75,6 +80,48 @@ impl ConnInfo {
             checked_under: arc_swap::ArcSwap::new(under),
         });
         self
+    }
+
+    /// An HTTP/2 connection: each stream's answer is watched on its own.
+    pub fn http2(mut self) -> Self {
+        self.streams = Some(std::sync::Mutex::default());
+        self
+    }
+
+    /// Where a provider's answer on this connection says how it moves.
+    pub fn answer_progress(&self) -> Arc<AnswerProgress> {
+        let Some(streams) = &self.streams else {
+            return self.answers.clone();
+        };
+        let progress = Arc::new(AnswerProgress::default());
+        let mut streams = streams
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if streams.len() == streams.capacity() {
+            streams.retain(|s| s.strong_count() > 0);
+        }
+        streams.push(Arc::downgrade(&progress));
+        progress
+    }
+
+    /// The listener's watch looks at the connection's answers (every tick): whether one
+    /// of them has waited for the consumer for `looks` looks in a row.
+    pub fn answers_stalled(&self, looks: u64) -> bool {
+        let Some(streams) = &self.streams else {
+            return self.answers.look(looks);
+        };
+        let mut streams = streams
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut stalled = false;
+        streams.retain(|s| match s.upgrade() {
+            Some(s) => {
+                stalled |= s.look(looks);
+                true
+            }
+            None => false,
+        });
+        stalled
     }
 
     /// Whether the connection's client certificate (if any) is still valid under the

@@ -99,7 +99,7 @@ pub async fn handle(
     Ok(match served {
         Ok(answer) => respond::deliver(&local, call, answer, http10)
             .await
-            .map(|body| body.sent_over(&conn.answers)),
+            .map(|body| body.sent_over(|| conn.answer_progress())),
         Err(refusal) => respond::refuse(&local, call, refusal),
     })
 }

@@ -589,21 +589,26 @@ impl Drop for RequestBody {
     }
 }
 
-/// Whether a consumer takes the answers it asked for. An answer streamed from a provider
+/// Whether a consumer takes the answers it asked for (one per HTTP/1.1 connection, one
+/// per HTTP/2 stream: see `ConnInfo::answer_progress`). An answer streamed from a provider
 /// holds one of the provider's slots (and its connection) until it ends, and a consumer
 /// that stops reading (a full TCP window, an HTTP/2 window it never opens) would hold
 /// them for ever: the listener closes a connection whose answers have something to hand
 /// over and are not asked for more for `listener.response_send_timeout`
-/// (`crate::server`'s `Stall`).
+/// (`crate::server`'s `watching`).
 #[derive(Debug, Default)]
 pub struct AnswerProgress {
     /// Answers that handed their last frame over and wait to be asked for the next
     /// (not those waiting for their provider).
     waiting_for_consumer: std::sync::atomic::AtomicUsize,
-    /// Frames asked for, by every answer of the connection.
+    /// Frames asked for, by every answer it counts.
     pulls: std::sync::atomic::AtomicU64,
     /// Set when the listener closes the connection for it: the records say why.
     stalled: std::sync::atomic::AtomicBool,
+    /// The watch's own: the pulls it saw at its last look, and how many looks in a row
+    /// saw an answer waiting and nothing asked for.
+    seen: AtomicU64,
+    still: AtomicU64,
 }
 
 impl AnswerProgress {
@@ -633,9 +638,21 @@ impl AnswerProgress {
         )
     }
 
-    pub fn mark_stalled(&self) {
-        self.stalled
-            .store(true, std::sync::atomic::Ordering::Relaxed);
+    /// The connection's watch looks (every tick): whether an answer has waited for the
+    /// consumer, with no frame asked for, for `looks` looks in a row (then it is marked,
+    /// so that its record says why its connection was closed).
+    pub fn look(&self, looks: u64) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        let (waiting, pulls) = self.now();
+        if waiting == 0 || self.seen.swap(pulls, Relaxed) != pulls {
+            self.still.store(0, Relaxed);
+            return false;
+        }
+        if self.still.fetch_add(1, Relaxed) + 1 >= looks {
+            self.stalled.store(true, Relaxed);
+            return true;
+        }
+        false
     }
 
     pub fn stalled(&self) -> bool {
