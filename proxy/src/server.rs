@@ -82,7 +82,12 @@ async fn watching<F: std::future::Future>(
             }
             set = true;
             // Registers the timer with this task (the task's waker does not change).
-            if timer.as_mut().poll(cx).is_pending() {
+            // Outside tokio's cooperative budget: a connection that spent the task's
+            // budget in this poll would make the timer answer Pending without
+            // registering, and the watch would never look again.
+            let poll =
+                tokio::task::unconstrained(std::future::poll_fn(|cx| timer.as_mut().poll(cx)));
+            if std::pin::pin!(poll).poll(cx).is_pending() {
                 return std::task::Poll::Pending;
             }
         }
@@ -433,5 +438,64 @@ async fn no_header(
         Ok(Ok(_)) => true,
         // Closed, failed or silent: the handshake would fail the same way.
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::Cell;
+    use std::future::Future as _;
+    use std::rc::Rc;
+    use std::task::Poll;
+
+    /// A connection that is busy (its poll spends the task's whole cooperative budget)
+    /// when the watch's timer fires, then silent (a consumer that stopped reading: no
+    /// more wake-ups from the connection): the watch still looks every tick. (Found by a
+    /// review: the timer, polled with the budget spent, answered Pending without
+    /// registering, and the watch never looked again.)
+    #[tokio::test(start_paused = true)]
+    async fn the_watch_keeps_looking_after_a_busy_poll() {
+        let tick = Duration::from_secs(15);
+        let burn = Rc::new(Cell::new(false));
+        let looks = Rc::new(Cell::new(0u32));
+        let local = tokio::task::LocalSet::new();
+        local
+            .run_until(async {
+                let (b, l) = (burn.clone(), looks.clone());
+                tokio::task::spawn_local(async move {
+                    let served = std::future::poll_fn(move |cx| {
+                        if b.replace(false) {
+                            // Spend the budget, as a connection moving many frames does.
+                            loop {
+                                let spend = std::pin::pin!(tokio::task::consume_budget());
+                                if spend.poll(cx).is_pending() {
+                                    break;
+                                }
+                            }
+                        }
+                        Poll::<()>::Pending
+                    });
+                    watching(served, tick, || {
+                        l.set(l.get() + 1);
+                        false
+                    })
+                    .await
+                });
+                tokio::task::yield_now().await;
+                burn.set(true);
+                tokio::time::sleep(tick + Duration::from_millis(1)).await;
+                for _ in 0..10 {
+                    tokio::task::yield_now().await;
+                }
+                assert_eq!(looks.get(), 1, "the first look");
+                tokio::time::sleep(tick * 10).await;
+                assert!(
+                    looks.get() >= 10,
+                    "the watch looked {} times in 11 ticks",
+                    looks.get()
+                );
+            })
+            .await;
     }
 }
