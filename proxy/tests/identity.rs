@@ -46,7 +46,16 @@ async fn connect(
 
 /// One call on an open connection: its status (0: the connection was closed instead).
 async fn call<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(s: &mut S) -> u16 {
-    if s.write_all(CALL).await.is_err() {
+    status_of(s, CALL).await
+}
+
+/// The status `request` is answered with on an open connection (0: the connection was
+/// closed instead).
+async fn status_of<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    s: &mut S,
+    request: &[u8],
+) -> u16 {
+    if s.write_all(request).await.is_err() {
         return 0;
     }
     match tokio::time::timeout(Duration::from_secs(5), try_read_response(s)).await {
@@ -259,14 +268,7 @@ async fn an_expired_admin_certificate_does_not_come_back_by_session_resumption()
 }
 
 async fn admin_get<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(s: &mut S) -> u16 {
-    let req = b"GET /admin/services HTTP/1.1\r\nhost: admin\r\n\r\n";
-    if s.write_all(req).await.is_err() {
-        return 0;
-    }
-    match tokio::time::timeout(Duration::from_secs(5), try_read_response(s)).await {
-        Ok(Ok((status, _))) => status,
-        _ => 0,
-    }
+    status_of(s, b"GET /admin/services HTTP/1.1\r\nhost: admin\r\n\r\n").await
 }
 
 /// A consumer declared with an empty CN (or one padded with spaces) is refused by the
