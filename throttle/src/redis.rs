@@ -186,13 +186,42 @@ struct Inner {
     /// The origin of the local clock runs' deadlines are reckoned on (see
     /// [`Inner::local_micros`]).
     epoch: std::time::Instant,
-    /// Redis's clock minus the local one (µs), as last estimated ([`NO_ESTIMATE`]: none
-    /// yet): see [`Inner::estimate`].
-    offset: std::sync::atomic::AtomicI64,
+    /// Redis's clock minus the local one (µs), as estimated: see [`Inner::estimate`].
+    offset: std::sync::Mutex<Offset>,
 }
 
-/// [`Inner::offset`] before the first estimate.
-const NO_ESTIMATE: i64 = i64::MIN;
+/// The estimate of Redis's clock minus the local one (µs). Every sample is a lower
+/// bound (Redis read its clock before its answer left), below the true offset by that
+/// answer's way back: the largest is the closest. The largest of the last two windows
+/// of [`OFFSET_WINDOW`] is kept, so that one slow answer does not carry its error into
+/// the next batch's deadline, and a clock stepped back is followed within two windows.
+#[derive(Debug, Default)]
+struct Offset {
+    /// The largest sample of the window that began at `since`, and of the one before.
+    current: Option<i64>,
+    previous: Option<i64>,
+    since: i64,
+}
+
+/// How long a window of [`Offset`] samples lasts (µs).
+const OFFSET_WINDOW: i64 = 10_000_000;
+
+impl Offset {
+    fn sample(&mut self, offset: i64, at: i64) {
+        if self.current.is_none() || at.saturating_sub(self.since) > OFFSET_WINDOW {
+            self.previous = self.current.take();
+            self.since = at;
+        }
+        self.current = Some(self.current.map_or(offset, |c| c.max(offset)));
+    }
+
+    fn best(&self) -> Option<i64> {
+        match (self.current, self.previous) {
+            (Some(c), Some(p)) => Some(c.max(p)),
+            (c, p) => c.or(p),
+        }
+    }
+}
 
 /// One call's decision, waiting for its batch.
 struct Pending {
@@ -294,7 +323,7 @@ impl RedisStore {
             prefix: prefix.to_owned(),
             sent: std::sync::atomic::AtomicU64::new(0),
             epoch: std::time::Instant::now(),
-            offset: std::sync::atomic::AtomicI64::new(NO_ESTIMATE),
+            offset: std::sync::Mutex::new(Offset::default()),
         });
         let (tx, rx) = mpsc::unbounded_channel();
         runtime.spawn(batches(inner.clone(), rx));
@@ -665,18 +694,18 @@ impl Inner {
         i64::try_from(at.saturating_duration_since(self.epoch).as_micros()).unwrap_or(i64::MAX)
     }
 
-    /// Takes `redis_now` (Redis's clock, µs), received at `received`, as the latest
-    /// estimate of the offset between Redis's clock and the local one. Redis read its
-    /// clock before the answer left, so the estimate is below the true offset by the
-    /// answer's way back: deadlines derived from it fall early on Redis's clock, never
-    /// late. The latest one is kept (not the largest), so that a clock stepped on either
-    /// side is followed from the next answer on.
+    /// Takes `redis_now` (Redis's clock, µs), received at `received`, as a sample of the
+    /// offset between Redis's clock and the local one. Redis read its clock before the
+    /// answer left, so each sample is below the true offset by the answer's way back:
+    /// deadlines derived from them fall early on Redis's clock, never late. The best
+    /// recent one is kept (see [`Offset`]).
     fn estimate(&self, redis_now: u64, received: std::time::Instant) {
         let redis_now = i64::try_from(redis_now).unwrap_or(i64::MAX);
-        self.offset.store(
-            redis_now.saturating_sub(self.local_micros(received)),
-            std::sync::atomic::Ordering::Relaxed,
-        );
+        let local = self.local_micros(received);
+        self.offset
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .sample(redis_now.saturating_sub(local), local);
     }
 
     /// The deadline on Redis's clock (µs) of the script runs of a batch that began at
@@ -689,10 +718,14 @@ impl Inner {
     /// connection is made with one) the deadline is long past: the run changes nothing,
     /// and its answer brings an estimate.
     fn deadline(&self, started: std::time::Instant) -> u64 {
-        let offset = self.offset.load(std::sync::atomic::Ordering::Relaxed);
-        if offset == NO_ESTIMATE {
+        let Some(offset) = self
+            .offset
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .best()
+        else {
             return 1;
-        }
+        };
         let local = self.local_micros(started + self.timeout * 3 / 4);
         u64::try_from(local.saturating_add(offset).max(1)).unwrap_or(1)
     }
@@ -896,6 +929,26 @@ mod tests {
         );
         assert_eq!(hash_tag("fsp:{rrn}:c:x"), "rrn");
         assert_eq!(hash_tag("fsp:{}:c:x"), "fsp:{}:c:x");
+    }
+
+    /// One slow answer (a sample far below the true offset) does not lower the estimate;
+    /// a clock stepped back is followed within two windows; a step forward at once.
+    #[test]
+    fn the_offset_keeps_the_closest_recent_sample() {
+        let mut o = Offset::default();
+        assert_eq!(o.best(), None);
+        o.sample(1_000_000, 0);
+        // Answered 200 ms late: 200 ms below.
+        o.sample(800_000, 1_000);
+        assert_eq!(o.best(), Some(1_000_000));
+        // A step forward is taken at once.
+        o.sample(1_500_000, 2_000);
+        assert_eq!(o.best(), Some(1_500_000));
+        // Redis's clock stepped back by a second: followed once two windows went by.
+        o.sample(500_000, OFFSET_WINDOW + 3_000);
+        assert_eq!(o.best(), Some(1_500_000));
+        o.sample(500_000, 2 * OFFSET_WINDOW + 4_000);
+        assert_eq!(o.best(), Some(500_000));
     }
 
     /// The script's deadline: a run that starts after it changes nothing (no debit, no
