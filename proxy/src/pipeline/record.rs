@@ -61,7 +61,7 @@ pub fn ready(local: &Local) -> Result<(), Rejection> {
 pub async fn gate<'s>(
     local: &Local,
     call: &mut Call,
-    admitted: Admitted<'s>,
+    mut admitted: Admitted<'s>,
 ) -> Result<Cleared<'s>, Rejection> {
     if !local.snap.fail_closed {
         return Ok(Cleared { admitted });
@@ -79,9 +79,11 @@ pub async fn gate<'s>(
         }
     };
     let asked = std::time::Instant::now();
+    admitted.lend_slot();
     match tokio::time::timeout(DURABLE_WITHIN, durable).await {
         Ok(Ok(())) => {
             crate::observe::audit_write().record(asked.elapsed().as_secs_f64());
+            admitted.retake_slot().await?;
             Ok(Cleared { admitted })
         }
         Ok(Err(e)) => Err(unavailable(&e)),

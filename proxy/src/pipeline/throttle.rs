@@ -30,6 +30,27 @@ impl<'s> Admitted<'s> {
     pub fn into_parts(self) -> (Granted<'s>, Option<Slot>) {
         (self.granted, self.slot)
     }
+
+    /// Gives the provider's slot back while the call waits for its audit record (the
+    /// consumer's share kept): a trail slow to make records durable must not hold the
+    /// provider's slots, nor be refused as the provider's capacity.
+    pub fn lend_slot(&mut self) {
+        if let Some(slot) = &mut self.slot {
+            slot.lend();
+        }
+    }
+
+    /// Takes the provider's slot again after [`Admitted::lend_slot`] (503 when the cap
+    /// filled meanwhile and stays full for the queue timeout).
+    pub async fn retake_slot(&mut self) -> Result<(), Rejection> {
+        if let Some(slot) = &mut self.slot {
+            let service = self.granted.route().service();
+            slot.retake()
+                .await
+                .map_err(|e| map::upstream(&service.provider, &service.name, &e))?;
+        }
+        Ok(())
+    }
 }
 
 /// Admits a granted call, or refuses it: 429 when the consumer is over its share of the

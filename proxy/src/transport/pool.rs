@@ -157,11 +157,35 @@ impl Lease {
 pub struct Slot {
     upstream: Arc<Upstream>,
     share: Option<usize>,
+    /// Whether the provider's slot is held (not [lent](Slot::lend) back).
+    held: bool,
+}
+
+impl Slot {
+    /// Gives the provider's slot back while the call waits for something that is not
+    /// the provider (its audit record), keeping the consumer's share.
+    pub fn lend(&mut self) {
+        if std::mem::take(&mut self.held) {
+            self.upstream.cap.give();
+        }
+    }
+
+    /// Takes the provider's slot again after [`Slot::lend`] (a full cap waits at most the
+    /// queue timeout).
+    pub async fn retake(&mut self) -> Result<(), UpstreamError> {
+        if !self.held {
+            self.upstream.take_cap().await?;
+            self.held = true;
+        }
+        Ok(())
+    }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.upstream.cap.give();
+        if self.held {
+            self.upstream.cap.give();
+        }
         if let Some(i) = self.share {
             self.upstream.cap.give_share(i);
         }
@@ -324,19 +348,29 @@ impl Upstream {
                 limit: self.cap.per_consumer(),
             });
         }
-        if !self.cap.try_take() && !Box::pin(self.cap.take(self.queue_timeout)).await {
+        if let Err(e) = self.take_cap().await {
             if let Some(i) = share {
                 self.cap.give_share(i);
             }
+            return Err(e);
+        }
+        Ok(Slot {
+            upstream: self.clone(),
+            share,
+            held: true,
+        })
+    }
+
+    /// One of the provider's slots (a full cap waits at most the queue timeout; boxed:
+    /// rare, and a large future).
+    async fn take_cap(&self) -> Result<(), UpstreamError> {
+        if !self.cap.try_take() && !Box::pin(self.cap.take(self.queue_timeout)).await {
             metrics::counter!("fsp_upstream_cap_refusals_total", "cap" => "provider").increment(1);
             return Err(UpstreamError::Busy {
                 waited: self.queue_timeout,
             });
         }
-        Ok(Slot {
-            upstream: self.clone(),
-            share,
-        })
+        Ok(())
     }
 
     /// Sends a request to `path` on the version's upstream `base` (its scheme and host)
@@ -620,4 +654,70 @@ fn absolute(https: bool, authority: &Authority, path: &PathAndQuery) -> Uri {
     parts.authority = Some(authority.clone());
     parts.path_and_query = Some(path.clone());
     Uri::from_parts(parts).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn upstream(max: usize, per_consumer: usize) -> Arc<Upstream> {
+        let tls = rustls::ClientConfig::builder_with_provider(certs::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
+        Arc::new(Upstream::new(PoolSettings {
+            tls: Arc::new(tls),
+            connect_timeout: Duration::from_secs(1),
+            response_timeout: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(1),
+            max_idle: 1,
+            cap: Arc::new(ConnCap::with_consumers(
+                max,
+                per_consumer,
+                ["a", "b", "c"].into_iter(),
+            )),
+            queue_timeout: Duration::from_millis(20),
+        }))
+    }
+
+    /// A slot lent back while its call waits for its record frees the provider's slot
+    /// for others, keeps the consumer's share, and is taken again after; the cap and
+    /// the shares are all given back in the end.
+    #[tokio::test]
+    async fn a_lent_slot_frees_the_providers_slot_and_keeps_the_share() {
+        let up = upstream(2, 1);
+        let mut a = up.reserve("a").await.unwrap();
+        let b = up.reserve("b").await.unwrap();
+        assert!(matches!(
+            up.reserve("c").await,
+            Err(UpstreamError::Busy { .. })
+        ));
+        a.lend();
+        assert_eq!(up.cap.in_use(), 1);
+        // The consumer's share stays taken...
+        assert!(matches!(
+            up.reserve("a").await,
+            Err(UpstreamError::ConsumerShare { limit: 1 })
+        ));
+        // ...the provider's slot serves another consumer meanwhile.
+        let c = up.reserve("c").await.unwrap();
+        assert!(matches!(a.retake().await, Err(UpstreamError::Busy { .. })));
+        drop(c);
+        a.retake().await.unwrap();
+        assert_eq!(up.cap.in_use(), 2);
+        // Lending twice, taking twice: counted once.
+        a.lend();
+        a.lend();
+        a.retake().await.unwrap();
+        a.retake().await.unwrap();
+        assert_eq!(up.cap.in_use(), 2);
+        drop(a);
+        drop(b);
+        assert_eq!(up.cap.in_use(), 0);
+        for consumer in ["a", "b", "c"] {
+            let _ = up.reserve(consumer).await.unwrap();
+        }
+    }
 }
