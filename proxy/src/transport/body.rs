@@ -629,21 +629,15 @@ impl AnswerProgress {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// How many answers wait for the consumer, and the frames asked for so far.
-    pub fn now(&self) -> (usize, u64) {
-        use std::sync::atomic::Ordering::Relaxed;
-        (
-            self.waiting_for_consumer.load(Relaxed),
-            self.pulls.load(Relaxed),
-        )
-    }
-
     /// The connection's watch looks (every tick): whether an answer has waited for the
     /// consumer, with no frame asked for, for `looks` looks in a row (then it is marked,
     /// so that its record says why its connection was closed).
     pub fn look(&self, looks: u64) -> bool {
         use std::sync::atomic::Ordering::Relaxed;
-        let (waiting, pulls) = self.now();
+        let (waiting, pulls) = (
+            self.waiting_for_consumer.load(Relaxed),
+            self.pulls.load(Relaxed),
+        );
         if waiting == 0 || self.seen.swap(pulls, Relaxed) != pulls {
             self.still.store(0, Relaxed);
             return false;
