@@ -63,6 +63,11 @@ const FAMILIES: &[(&str, Kind, &str)] = &[
         "Calls refused with 429 by the throttle, by provider and scope (provider: the provider's aggregate limit; consumer: the consumer's limit).",
     ),
     (
+        "fsp_throttle_given_back_total",
+        Kind::Counter,
+        "Calls admitted by the rate limits, then refused before they were sent (provider capacity, audit trail, suspension, consumer gone): what they spent of the limits was given back.",
+    ),
+    (
         "fsp_throttle_backend_errors_total",
         Kind::Counter,
         "Throttle decisions Redis could not take, by the on_backend_error mode that decided instead.",

@@ -92,6 +92,47 @@ pub fn gcra(tat: Option<u64>, now: u64, limit: &Limit) -> Result<u64, u64> {
     }
 }
 
+/// What one admitted call debited, so that a call refused after its admission (its
+/// provider's capacity stayed full, its audit record could not be made durable, it was
+/// cut off before it was sent) can give it back: a refused call consumes nothing. The
+/// same store that admitted the call takes it back ([`LocalStore::give_back`],
+/// [`redis::RedisStore::give_back`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Spent(pub(crate) Debit);
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) enum Debit {
+    /// No limit applied: nothing to give back.
+    #[default]
+    Nothing,
+    /// A local decision: each key's TAT just after this call's debit, and its emission
+    /// interval (ns), for the provider aggregate and the consumer.
+    Local([Option<(u64, u64)>; 2]),
+    /// One Redis decision: the limits it was taken under (µs) and each key's TAT just
+    /// after the debit (µs, Redis's clock).
+    Redis {
+        under: [u64; 4],
+        debited_to: [u64; 2],
+    },
+    /// A permit of this replica's lease, taken under these limits.
+    Lease { under: [u64; 4] },
+}
+
+impl Spent {
+    /// Whether anything was debited.
+    pub fn is_nothing(&self) -> bool {
+        self.0 == Debit::Nothing
+    }
+}
+
+/// How much of a debit of `emission` that moved a TAT to `upto` to give back at `now`:
+/// the part of it not yet elapsed. Crediting that much leaves the TAT where it would be
+/// had the call never come, whatever was debited after it, so a give-back never erases
+/// another call's spend (once `upto` has passed, the debit no longer weighs: nothing).
+pub fn credit(emission: u64, upto: u64, now: u64) -> u64 {
+    emission.min(upto.saturating_sub(now))
+}
+
 /// Why a backend could not decide.
 #[derive(Clone, Debug)]
 pub struct BackendError(pub String);
@@ -107,7 +148,7 @@ impl std::fmt::Display for BackendError {
 /// A throttling backend: where the GCRA state lives. Every backend passes the same
 /// conformance suite (`tests/conformance.rs`).
 pub trait Store: Send + Sync {
-    /// Admits (`Ok(Ok(()))`) or refuses (`Ok(Err(..))`) one call of `consumer` to
+    /// Admits (`Ok(Ok(spent))`) or refuses (`Ok(Err(..))`) one call of `consumer` to
     /// `provider`; `Err` when the backend cannot decide. `now` is the caller's clock in
     /// nanoseconds; a backend with a clock of its own (Redis) uses that instead.
     fn decide(
@@ -116,7 +157,11 @@ pub trait Store: Send + Sync {
         consumer: &str,
         now: u64,
         limits: &Limits,
-    ) -> impl std::future::Future<Output = Result<Result<(), Throttled>, BackendError>> + Send;
+    ) -> impl std::future::Future<Output = Result<Result<Spent, Throttled>, BackendError>> + Send;
+
+    /// Gives back what an admitted call `spent`, at `now` (the caller's clock, as for
+    /// [`Store::decide`]), for a call refused after its admission.
+    fn give_back(&self, provider: &str, consumer: &str, now: u64, spent: Spent);
 }
 
 impl Store for LocalStore {
@@ -126,8 +171,12 @@ impl Store for LocalStore {
         consumer: &str,
         now: u64,
         limits: &Limits,
-    ) -> Result<Result<(), Throttled>, BackendError> {
+    ) -> Result<Result<Spent, Throttled>, BackendError> {
         Ok(self.check(provider, consumer, now, limits))
+    }
+
+    fn give_back(&self, provider: &str, consumer: &str, now: u64, spent: Spent) {
+        LocalStore::give_back(self, provider, consumer, now, spent);
     }
 }
 
@@ -155,7 +204,7 @@ impl ProviderState {
         consumer: &str,
         now: u64,
         limits: &Limits,
-    ) -> Result<(), (Scope, Limit, u64)> {
+    ) -> Result<Spent, (Scope, Limit, u64)> {
         let provider = limits.provider.map(|l| (l, gcra(self.aggregate, now, &l)));
         let consumer_gcra = limits
             .consumer
@@ -174,6 +223,10 @@ impl ProviderState {
         }
         let provider_tat = provider.and_then(|(_, r)| r.ok());
         let consumer_tat = consumer_gcra.and_then(|(_, r)| r.ok());
+        let spent = Spent(Debit::Local([
+            provider.and_then(|(l, r)| r.ok().map(|t| (t, l.emission()))),
+            consumer_gcra.and_then(|(l, r)| r.ok().map(|t| (t, l.emission()))),
+        ]));
         // Both admitted: only now does either state move.
         if provider_tat.is_some() {
             self.aggregate = provider_tat;
@@ -187,7 +240,20 @@ impl ProviderState {
             }
         }
         self.sweep(now);
-        Ok(())
+        Ok(spent)
+    }
+
+    /// See [`LocalStore::give_back`].
+    fn give_back(&mut self, consumer: &str, now: u64, debits: [Option<(u64, u64)>; 2]) {
+        let back = |tat: &mut u64, (upto, emission): (u64, u64)| {
+            *tat = tat.saturating_sub(credit(emission, upto, now));
+        };
+        if let (Some(tat), Some(d)) = (&mut self.aggregate, debits[0]) {
+            back(tat, d);
+        }
+        if let (Some(tat), Some(d)) = (self.consumers.get_mut(consumer), debits[1]) {
+            back(tat, d);
+        }
     }
 
     /// A key whose TAT is in the past is the same as no key: drop those.
@@ -237,12 +303,12 @@ impl LocalStore {
         consumer: &str,
         now: u64,
         limits: &Limits,
-    ) -> Result<(), Throttled> {
+    ) -> Result<Spent, Throttled> {
         if limits.provider.is_none() && limits.consumer.is_none() {
-            return Ok(());
+            return Ok(Spent::default());
         }
         let Some(state) = self.providers.get(provider) else {
-            return Ok(());
+            return Ok(Spent::default());
         };
         let mut state = match state.lock() {
             Ok(s) => s,
@@ -256,6 +322,19 @@ impl LocalStore {
                 limit,
                 retry_after: Duration::from_nanos(wait),
             })
+    }
+
+    /// Gives back what a call this store admitted `spent` (see [`Spent`]), at `now`.
+    /// A provider no longer configured, or a spend of another store, gives nothing back.
+    pub fn give_back(&self, provider: &str, consumer: &str, now: u64, spent: Spent) {
+        let Debit::Local(debits) = spent.0 else {
+            return;
+        };
+        let Some(state) = self.providers.get(provider) else {
+            return;
+        };
+        let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
+        state.give_back(consumer, now, debits);
     }
 
     /// How many consumer keys are held for `provider` (for tests and metrics).

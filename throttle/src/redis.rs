@@ -50,7 +50,7 @@ use std::time::Duration;
 
 use tokio::sync::{RwLock, mpsc, oneshot};
 
-use crate::{Limit, Limits, Scope, Throttled};
+use crate::{Debit, Limit, Limits, Scope, Spent, Throttled};
 
 const SCRIPT: &str = r#"
 local t = redis.call('TIME')
@@ -237,6 +237,9 @@ struct Pending {
     back: u64,
     debited_to: [u64; 2],
     reply: oneshot::Sender<Result<Answer, BackendError>>,
+    /// Only gives permits back (nobody waits for its answer): sent even though its
+    /// reply has no receiver.
+    give_back_only: bool,
 }
 
 /// Redis's answer to one decision.
@@ -353,9 +356,9 @@ impl RedisStore {
         provider: &str,
         consumer: &str,
         limits: &Limits,
-    ) -> Result<Result<(), Throttled>, BackendError> {
+    ) -> Result<Result<Spent, Throttled>, BackendError> {
         if limits.provider.is_none() && limits.consumer.is_none() {
-            return Ok(Ok(()));
+            return Ok(Ok(Spent::default()));
         }
         // An absent limit: emission interval 0 (a limit's is at least 1 µs, rounded up).
         let args =
@@ -366,8 +369,16 @@ impl RedisStore {
         let one_by_one = || async {
             self.ask(provider, consumer, limits, under, 1, 0, [0, 0])
                 .await
-                .map(|(_, d)| d)
+                .map(|(answer, d)| {
+                    d.map(|()| {
+                        Spent(Debit::Redis {
+                            under,
+                            debited_to: answer.debited_to,
+                        })
+                    })
+                })
         };
+        let leased = Spent(Debit::Lease { under });
         let Some((replicas, table)) = &self.leases else {
             return one_by_one().await;
         };
@@ -401,7 +412,7 @@ impl RedisStore {
                 {
                     l.permits -= 1;
                     leases.held -= 1;
-                    return Ok(Ok(()));
+                    return Ok(Ok(leased));
                 }
                 Some(l)
                     if l.asking
@@ -509,7 +520,57 @@ impl RedisStore {
             l.taken = now;
             l.debited_to = answer.debited_to;
         }
-        Ok(decision)
+        // The call's own permit is one of the lease's: given back, it returns there.
+        Ok(decision.map(|()| leased))
+    }
+
+    /// Gives back what a call this store admitted `spent` (see [`Spent`]): a permit of
+    /// this replica's lease goes back to it (owed back to Redis with the pair's next
+    /// decision once the lease has expired); a decision made alone is credited in Redis
+    /// by a script run of its own, sent with the next batch and not waited for (one that
+    /// fails or comes too late gives nothing back, which is safe: the permit is wasted,
+    /// never granted twice).
+    pub fn give_back(&self, provider: &str, consumer: &str, spent: Spent) {
+        match spent.0 {
+            Debit::Nothing | Debit::Local(_) => {}
+            Debit::Lease { under } => {
+                let Some((_, table)) = &self.leases else {
+                    return;
+                };
+                let mut table = table
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                let Some(leases) = table.providers.get_mut(provider) else {
+                    return;
+                };
+                let Some(l) = leases.pairs.get_mut(consumer) else {
+                    return;
+                };
+                // Permits taken under other limits are dropped (see `check`).
+                if l.under != under {
+                    return;
+                }
+                if l.taken.elapsed() < LEASE_TTL {
+                    l.permits += 1;
+                    leases.held += 1;
+                } else {
+                    l.owed += 1;
+                }
+            }
+            Debit::Redis { under, debited_to } => {
+                let (reply, _) = oneshot::channel();
+                let _ = self.batches.send(Pending {
+                    provider: provider.to_owned(),
+                    keys: keys(&self.inner.prefix, provider, consumer),
+                    args: under,
+                    want: 0,
+                    back: 1,
+                    debited_to,
+                    reply,
+                    give_back_only: true,
+                });
+            }
+        }
     }
 
     /// One decision through the batch: `want` permits, after giving `back` permits
@@ -534,6 +595,7 @@ impl RedisStore {
             back,
             debited_to,
             reply,
+            give_back_only: false,
         };
         self.batches
             .send(pending)
@@ -616,8 +678,8 @@ async fn batches(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<Pending>) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
         // A call that stopped waiting (timed out, or its client left) is not decided:
-        // deciding it would consume a permit nobody uses.
-        batch.retain(|p| !p.reply.is_closed());
+        // deciding it would consume a permit nobody uses. A give-back waits for nobody.
+        batch.retain(|p| p.give_back_only || !p.reply.is_closed());
         if batch.is_empty() {
             continue;
         }
@@ -885,8 +947,12 @@ impl crate::Store for RedisStore {
         consumer: &str,
         _now: u64,
         limits: &Limits,
-    ) -> Result<Result<(), Throttled>, BackendError> {
+    ) -> Result<Result<Spent, Throttled>, BackendError> {
         self.check(provider, consumer, limits).await
+    }
+
+    fn give_back(&self, provider: &str, consumer: &str, _now: u64, spent: Spent) {
+        RedisStore::give_back(self, provider, consumer, spent);
     }
 }
 

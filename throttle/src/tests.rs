@@ -148,6 +148,35 @@ proptest! {
         let bound = (count as f64 * now as f64 / SEC as f64).floor() as u64 + u64::from(burst);
         prop_assert!(admitted <= bound, "admitted {} > bound {} (rate {}/s, burst {}, {} ns)", admitted, bound, count, burst, now);
     }
+
+    /// A call admitted, then given back (some time later, before the next call), leaves
+    /// both limits deciding every later call exactly as if it had never come.
+    #[test]
+    fn a_call_given_back_is_as_if_it_never_came(
+        count in 1u64..200, burst in 1u32..20,
+        calls in proptest::collection::vec((0u64..20_000_000, 0u8..3), 2..200),
+        which in 0usize..200, after in 0u64..40_000_000,
+    ) {
+        let with = store();
+        let without = store();
+        let limits = Limits { provider: Some(limit(count, burst)), consumer: Some(limit(count / 2 + 1, burst)) };
+        let which = which % calls.len();
+        let mut now = 0u64;
+        for (i, (gap, consumer)) in calls.iter().enumerate() {
+            now += gap;
+            let consumer = ["a", "b", "c"][usize::from(*consumer)];
+            let a = with.check("rrn", consumer, now, &limits);
+            if i == which {
+                // Given back before the next call comes (its gap is at least `after`).
+                if let Ok(spent) = a {
+                    with.give_back("rrn", consumer, now + after.min(calls.get(i + 1).map_or(0, |c| c.0)), spent);
+                }
+                continue;
+            }
+            let b = without.check("rrn", consumer, now, &limits);
+            prop_assert_eq!(a.is_ok(), b.is_ok(), "call {} at {} ns", i, now);
+        }
+    }
 }
 
 /// Found by an attacker's review: refused by both limits, the local store reported the

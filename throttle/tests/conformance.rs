@@ -114,10 +114,52 @@ fn aggregate_only(p: &str) -> String {
     format!("{p}-aggregate")
 }
 
+/// The third provider of the suite: calls admitted, then given back.
+fn given_back(p: &str) -> String {
+    format!("{p}-back")
+}
+
+/// A call refused after its admission gives back what it spent, of both limits: the
+/// next call is admitted as if it had never come, and only that one.
+async fn give_back_suite<S: Store>(store: &S, p: &str) {
+    let r = given_back(p);
+    let limits = Limits {
+        provider: Some(per_minute(60, 3)),
+        consumer: Some(per_minute(60, 2)),
+    };
+    let decide = |c: &'static str| {
+        let r = r.clone();
+        async move { store.decide(&r, c, 0, &limits).await.unwrap() }
+    };
+    decide("a").await.unwrap();
+    let second = decide("a").await.unwrap();
+    assert!(!second.is_nothing());
+    assert_eq!(decide("a").await.unwrap_err().scope, Scope::Consumer);
+    store.give_back(&r, "a", 0, second);
+    decide("a")
+        .await
+        .expect("the permit given back admits one call");
+    assert_eq!(
+        decide("a").await.unwrap_err().scope,
+        Scope::Consumer,
+        "one permit given back admits one call only"
+    );
+    // The aggregate's last permit, given back, goes to another consumer.
+    let last = decide("b").await.unwrap();
+    assert_eq!(decide("c").await.unwrap_err().scope, Scope::Provider);
+    store.give_back(&r, "b", 0, last);
+    decide("c")
+        .await
+        .expect("the aggregate's permit given back");
+    assert_eq!(decide("d").await.unwrap_err().scope, Scope::Provider);
+}
+
 #[tokio::test]
 async fn the_local_store_conforms() {
     let p = provider("local");
-    suite(&LocalStore::new([p.as_str(), &aggregate_only(&p)]), &p).await;
+    let store = LocalStore::new([p.as_str(), &aggregate_only(&p), &given_back(&p)]);
+    suite(&store, &p).await;
+    give_back_suite(&store, &p).await;
 }
 
 #[tokio::test]
@@ -127,7 +169,45 @@ async fn the_redis_store_conforms() {
         return;
     };
     let store = RedisStore::new(&url, "fsp-test:", Duration::from_millis(500)).unwrap();
-    suite(&store, &provider("redis")).await;
+    let p = provider("redis");
+    suite(&store, &p).await;
+    give_back_suite(&store, &p).await;
+}
+
+/// A permit spent from this replica's lease, given back, returns to the lease: the
+/// next call spends it without asking Redis, and the pair's quota in Redis is as if
+/// the refused call had never come.
+#[tokio::test]
+async fn a_leased_permit_given_back_returns_to_the_lease() {
+    let Ok(url) = std::env::var("FSP_TEST_REDIS_URL") else {
+        eprintln!("SKIPPED: FSP_TEST_REDIS_URL is not set");
+        return;
+    };
+    let p = provider("lease-back");
+    // A high limit, so that leases are taken (a share of the burst of at least 2).
+    let limits = Limits {
+        provider: None,
+        consumer: Some(Limit {
+            count: 100_000,
+            per: Duration::from_secs(60),
+            burst: 1000,
+        }),
+    };
+    let store = RedisStore::new(&url, "fsp-test:", Duration::from_millis(500))
+        .unwrap()
+        .with_leases(1);
+    // The pair's first call asks for two permits: one spent, one leased.
+    store.decide(&p, "c", 0, &limits).await.unwrap().unwrap();
+    let sent = store.decisions_sent();
+    let spent = store.decide(&p, "c", 0, &limits).await.unwrap().unwrap();
+    assert_eq!(store.decisions_sent(), sent, "spent from the lease");
+    store.give_back(&p, "c", spent);
+    store.decide(&p, "c", 0, &limits).await.unwrap().unwrap();
+    assert_eq!(
+        store.decisions_sent(),
+        sent,
+        "the permit given back was spent from the lease again"
+    );
 }
 
 #[tokio::test]
@@ -220,7 +300,7 @@ async fn replicas_leasing_permits_stay_within_the_bound() {
         tasks.push(tokio::spawn(async move {
             while started.elapsed() < run_for {
                 match store.decide(&p, "c", 0, &limits).await.unwrap() {
-                    Ok(()) => admitted.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+                    Ok(_) => admitted.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
                     Err(_) => refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
                 };
             }

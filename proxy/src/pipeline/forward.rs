@@ -47,7 +47,7 @@ pub async fn forward(
     body: &mut Unread,
 ) -> Result<Answer, Rejection> {
     let snap = &*local.snap;
-    let (granted, slot) = cleared.into_admitted().into_parts();
+    let (granted, slot, quota) = cleared.into_admitted().into_parts();
 
     let suspensions_seen = granted.suspensions_seen();
     let (caller, route, grant) = granted.into_parts();
@@ -110,6 +110,8 @@ pub async fn forward(
         content.xml,
         shared.clone(),
     );
+    // Sent from here on: what the call spent of the limits stays spent.
+    quota.keep();
     let asked = std::time::Instant::now();
     let sent = answer_within(
         upstream.response_timeout,

@@ -47,7 +47,9 @@ pub async fn serve(
     wanted: Wanted,
 ) -> Result<Served, Rejection> {
     let snap = &*local.snap;
-    let (granted, _slot) = cleared.into_admitted().into_parts();
+    let (granted, _slot, quota) = cleared.into_admitted().into_parts();
+    // Served (from the cache or the provider): what it spent stays spent.
+    quota.keep();
     let suspensions_seen = granted.suspensions_seen();
     let (caller, route, _grant) = granted.into_parts();
     let (service, version) = (route.service(), route.version());

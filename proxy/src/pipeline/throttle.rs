@@ -1,16 +1,23 @@
-//! Phase 5, throttle: first the provider's capacity (one of the consumer's share of the
-//! provider's connection slots, and one of the provider's), then the provider's
-//! aggregate limit and the consumer's own limit, checked together (a call refused by
-//! either consumes neither), through the shared backend when there is one, following
-//! `on_backend_error` when it fails. Capacity comes first so that a call refused for it
-//! consumes no rate quota; a call the rate limits refuse gives its slot back at once. The
-//! answer is an [`Admitted`] call, which only this phase makes, from a [`Granted`] one.
+//! Phase 5, throttle: first the consumer's share of the provider's connection slots, and
+//! one of the provider's slots if one is free, then the provider's aggregate limit and
+//! the consumer's own limit, checked together (a call refused by either consumes
+//! neither), through the shared backend when there is one, following `on_backend_error`
+//! when it fails; then, if the provider's slots were all taken, the wait for one. So a
+//! consumer over its rate is told at once (429), never after waiting for the provider's
+//! capacity, and a call the rate limits refuse gives its slot back at once.
+//!
+//! A refused call consumes nothing: what an admitted call spent of the limits is a
+//! [`Quota`] it carries until it is sent to the provider, given back if the call is
+//! refused before (the provider's slots stayed taken, its audit record could not be
+//! made durable, it was cut off, its consumer went away). The answer is an
+//! [`Admitted`] call, which only this phase makes, from a [`Granted`] one.
 
 use super::authorise::Granted;
 use crate::config::OnBackendError;
 use crate::errors::{Rejection, map};
 use crate::state::{Gateway, Local, SharedThrottle};
 use crate::transport::pool::Slot;
+use throttle::Spent;
 
 /// A granted call within its provider's capacity and its provider's and consumer's
 /// limits.
@@ -20,6 +27,45 @@ pub struct Admitted<'s> {
     /// The provider's slot the call is sent under (none for a WSDL request, whose
     /// documents the gateway fetches under slots of their own, when not cached).
     slot: Option<Slot>,
+    quota: Quota<'s>,
+}
+
+/// What an admitted call spent of its provider's and its consumer's limits: given back
+/// when dropped, unless [kept](Quota::keep) (the call was sent).
+#[derive(Debug)]
+pub struct Quota<'s> {
+    gw: &'s Gateway,
+    provider: &'s str,
+    consumer: &'s str,
+    spent: Spent,
+}
+
+impl Quota<'_> {
+    /// The call was sent: what it spent stays spent.
+    pub fn keep(mut self) {
+        self.spent = Spent::default();
+    }
+}
+
+impl Drop for Quota<'_> {
+    fn drop(&mut self) {
+        if self.spent.is_nothing() {
+            return;
+        }
+        // Each store gives back only what it debited itself (a decision made locally
+        // while Redis was failing is given back locally).
+        let now = u64::try_from(self.gw.clock.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.gw
+            .throttle
+            .load()
+            .give_back(self.provider, self.consumer, now, self.spent);
+        if let Some(shared) = &self.gw.shared_throttle {
+            shared
+                .store
+                .give_back(self.provider, self.consumer, self.spent);
+        }
+        metrics::counter!("fsp_throttle_given_back_total").increment(1);
+    }
 }
 
 impl<'s> Admitted<'s> {
@@ -27,8 +73,10 @@ impl<'s> Admitted<'s> {
         &self.granted
     }
 
-    pub fn into_parts(self) -> (Granted<'s>, Option<Slot>) {
-        (self.granted, self.slot)
+    /// The call's parts: its grant, its provider's slot, and what it spent of the
+    /// limits (given back unless [kept](Quota::keep) once the call is sent).
+    pub fn into_parts(self) -> (Granted<'s>, Option<Slot>, Quota<'s>) {
+        (self.granted, self.slot, self.quota)
     }
 
     /// Gives the provider's slot back while the call waits for its audit record (the
@@ -54,20 +102,23 @@ impl<'s> Admitted<'s> {
 }
 
 /// Admits a granted call, or refuses it: 429 when the consumer is over its share of the
-/// provider's slots or its limits, 503 when the provider's slots stay taken.
-pub async fn admit<'s>(local: &Local, granted: Granted<'s>) -> Result<Admitted<'s>, Rejection> {
+/// provider's slots or its limits, 503 when the provider's slots stay taken (what the
+/// call spent of the limits given back).
+pub async fn admit<'s>(local: &'s Local, granted: Granted<'s>) -> Result<Admitted<'s>, Rejection> {
     let route = granted.route();
     let consumer = granted.caller().consumer();
     let service = route.service();
-    let slot = match route.metadata() {
+    let capacity = |e| map::upstream(&service.provider, &service.name, &e);
+    let mut slot = match route.metadata() {
         Some(_) => None,
-        None => Some(
-            route
-                .upstream()
-                .reserve(&consumer.id)
-                .await
-                .map_err(|e| map::upstream(&service.provider, &service.name, &e))?,
-        ),
+        None => Some(route.upstream().share(&consumer.id).map_err(capacity)?),
+    };
+    let held = slot.as_mut().is_none_or(Slot::try_hold);
+    let mut quota = Quota {
+        gw: &local.gw,
+        provider: &service.provider,
+        consumer: &consumer.id,
+        spent: Spent::default(),
     };
     if let Some(p) = local
         .snap
@@ -83,9 +134,18 @@ pub async fn admit<'s>(local: &Local, granted: Granted<'s>) -> Result<Admitted<'
                 .or(p.consumer_limit.as_ref())
                 .map(|r| r.limit()),
         };
-        check(&local.gw, &p.id, &consumer.id, &limits).await?;
+        quota.spent = check(&local.gw, &p.id, &consumer.id, &limits).await?;
     }
-    Ok(Admitted { granted, slot })
+    // Within the limits, but the provider's slots were all taken: wait for one (the
+    // quota given back if none frees in time).
+    if !held && let Some(slot) = &mut slot {
+        slot.retake().await.map_err(capacity)?;
+    }
+    Ok(Admitted {
+        granted,
+        slot,
+        quota,
+    })
 }
 
 /// Admits or refuses a call under the provider's and the consumer's limits, through the
@@ -95,7 +155,7 @@ async fn check(
     provider: &str,
     consumer: &str,
     limits: &throttle::Limits,
-) -> Result<(), Rejection> {
+) -> Result<Spent, Rejection> {
     let now = u64::try_from(gw.clock.elapsed().as_nanos()).unwrap_or(u64::MAX);
     let local =
         |limits: &throttle::Limits| gw.throttle.load().check(provider, consumer, now, limits);
@@ -130,7 +190,7 @@ async fn check(
                     tracing::error!(error = %e, on_backend_error = mode, "throttling backend failed");
                 }
                 match shared.on_error {
-                    OnBackendError::Allow => Ok(()),
+                    OnBackendError::Allow => Ok(Spent::default()),
                     OnBackendError::Deny => return Err(map::throttle_backend_down()),
                     OnBackendError::Local => {
                         // Each replica takes its share of the rate (the same count over a
@@ -163,7 +223,7 @@ async fn shared_check(
     provider: &str,
     consumer: &str,
     limits: &throttle::Limits,
-) -> Result<Result<(), throttle::Throttled>, throttle::redis::BackendError> {
+) -> Result<Result<Spent, throttle::Throttled>, throttle::redis::BackendError> {
     use std::sync::atomic::Ordering;
     let now_ms = now / 1_000_000;
     if now_ms < shared.down_until.load(Ordering::Relaxed) {

@@ -170,8 +170,17 @@ impl Slot {
         }
     }
 
-    /// Takes the provider's slot again after [`Slot::lend`] (a full cap waits at most the
-    /// queue timeout).
+    /// Takes the provider's slot if one is free now (see [`Upstream::share`]); whether
+    /// it is held.
+    pub fn try_hold(&mut self) -> bool {
+        if !self.held {
+            self.held = self.upstream.cap.try_take();
+        }
+        self.held
+    }
+
+    /// Takes the provider's slot again after [`Slot::lend`], or for the first time
+    /// after [`Upstream::share`] (a full cap waits at most the queue timeout).
     pub async fn retake(&mut self) -> Result<(), UpstreamError> {
         if !self.held {
             self.upstream.take_cap().await?;
@@ -339,6 +348,15 @@ impl Upstream {
     /// a large future). Taken before the call is throttled, so that a call refused for
     /// capacity consumes no rate quota; given back when the returned [`Slot`] is dropped.
     pub async fn reserve(self: &Arc<Self>, consumer: &str) -> Result<Slot, UpstreamError> {
+        let mut slot = self.share(consumer)?;
+        slot.retake().await?;
+        Ok(slot)
+    }
+
+    /// One of the consumer's share of the provider's slots (none left: refused at once),
+    /// without one of the provider's: a [`Slot`] that does not hold it yet (take it
+    /// with [`Slot::try_hold`] or [`Slot::retake`]).
+    pub fn share(self: &Arc<Self>, consumer: &str) -> Result<Slot, UpstreamError> {
         let share = self.cap.consumer(consumer);
         if let Some(i) = share
             && !self.cap.try_take_share(i)
@@ -348,16 +366,10 @@ impl Upstream {
                 limit: self.cap.per_consumer(),
             });
         }
-        if let Err(e) = self.take_cap().await {
-            if let Some(i) = share {
-                self.cap.give_share(i);
-            }
-            return Err(e);
-        }
         Ok(Slot {
             upstream: self.clone(),
             share,
-            held: true,
+            held: false,
         })
     }
 

@@ -133,6 +133,9 @@ impl Body for Generated {
 
 pub type AnyBody = http_body_util::combinators::UnsyncBoxBody<Bytes, Infallible>;
 
+/// The HTTPS client of these tests (see [`client`]).
+pub type TestClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, AnyBody>;
+
 pub fn full(b: impl Into<Bytes>) -> AnyBody {
     Full::new(b.into()).boxed_unsync()
 }
