@@ -181,16 +181,28 @@ impl DevCa {
     /// A CRL, valid for a week, revoking the given serials.
     pub fn crl(&self, revoked: &[u64]) -> Result<String, Error> {
         let now = OffsetDateTime::now_utc();
+        self.crl_valid(revoked, now - Duration::minutes(5), now + Duration::days(7))
+    }
+
+    /// A CRL revoking the given serials, issued at `this_update` and to be replaced by
+    /// `next_update` (in the past, for a stale CRL).
+    pub fn crl_valid(
+        &self,
+        revoked: &[u64],
+        this_update: OffsetDateTime,
+        next_update: OffsetDateTime,
+    ) -> Result<String, Error> {
+        let now = OffsetDateTime::now_utc();
         let params = CertificateRevocationListParams {
-            this_update: now - Duration::minutes(5),
-            next_update: now + Duration::days(7),
+            this_update,
+            next_update,
             crl_number: SerialNumber::from(now.unix_timestamp() as u64),
             issuing_distribution_point: None,
             revoked_certs: revoked
                 .iter()
                 .map(|s| RevokedCertParams {
                     serial_number: SerialNumber::from(*s),
-                    revocation_time: now - Duration::minutes(1),
+                    revocation_time: this_update,
                     reason_code: Some(RevocationReason::KeyCompromise),
                     invalidity_date: None,
                 })

@@ -1,4 +1,4 @@
-//! What certificates a configuration depends on, and when they expire.
+//! What certificates and CRLs a configuration depends on, and when they expire.
 
 use std::path::{Path, PathBuf};
 
@@ -69,6 +69,46 @@ pub fn describe(role: &str, path: &Path) -> Result<Vec<CertInfo>, CertError> {
     Ok(out)
 }
 
+/// One CRL found in a file the configuration references.
+#[derive(Clone, Debug)]
+pub struct CrlInfo {
+    pub path: PathBuf,
+    /// The CA that signed it (the certificates it speaks for).
+    pub issuer: String,
+    pub this_update: OffsetDateTime,
+    /// When its issuer promised a fresher one; past it, the gateway no longer trusts it
+    /// (and refuses the certificates it covers). `None`: the CRL names no date.
+    pub next_update: Option<OffsetDateTime>,
+}
+
+impl CrlInfo {
+    /// Whether the CRL is stale at `now`: its nextUpdate has come.
+    pub fn stale(&self, now: OffsetDateTime) -> bool {
+        self.next_update.is_some_and(|n| n <= now)
+    }
+}
+
+/// Describes every CRL in a PEM file.
+pub fn describe_crls(path: &Path) -> Result<Vec<CrlInfo>, CertError> {
+    let crls = load::crls(&[path.to_owned()])?;
+    let mut out = Vec::with_capacity(crls.len());
+    for (i, der) in crls.iter().enumerate() {
+        let (_, crl) = x509_parser::parse_x509_crl(der).map_err(|e| {
+            CertError::new(
+                path,
+                format!("CRL #{} is not a valid X.509 CRL: {e}", i + 1),
+            )
+        })?;
+        out.push(CrlInfo {
+            path: path.to_owned(),
+            issuer: crl.issuer().to_string(),
+            this_update: crl.last_update().to_datetime(),
+            next_update: crl.next_update().map(|t| t.to_datetime()),
+        });
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -128,5 +168,32 @@ mod tests {
             info.expired_ago(now + Duration::days(3)).as_deref(),
             Some("expired 3 days ago")
         );
+    }
+
+    #[test]
+    fn describes_a_crl_and_when_it_goes_stale() {
+        let ca = DevCa::new("Inventory CRL CA").unwrap();
+        let now = OffsetDateTime::now_utc();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.crl");
+        let next = now + Duration::hours(2);
+        std::fs::write(
+            &path,
+            ca.crl_valid(&[], now - Duration::hours(1), next).unwrap(),
+        )
+        .unwrap();
+        let list = describe_crls(&path).unwrap();
+        assert_eq!(list.len(), 1);
+        assert!(
+            list[0].issuer.contains("CN=Inventory CRL CA"),
+            "{}",
+            list[0].issuer
+        );
+        assert_eq!(
+            list[0].next_update.map(|t| t.unix_timestamp()),
+            Some(next.unix_timestamp())
+        );
+        assert!(!list[0].stale(now));
+        assert!(list[0].stale(now + Duration::hours(3)));
     }
 }

@@ -34,7 +34,10 @@ fn roots(path: &Path) -> Result<RootCertStore, CertError> {
 ///
 /// A client certificate is optional at the TLS level (OAuth consumers may come without
 /// one), but one that is presented must chain to `client_ca`, be within its validity and
-/// not be revoked by the CRLs; otherwise the handshake fails.
+/// not be revoked by the CRLs; otherwise the handshake fails. A CRL past its nextUpdate
+/// proves nothing any more (a certificate revoked since is not in it): the certificates
+/// it covers are refused until a fresh one is in place, as OpenSSL does ("CRL has
+/// expired").
 pub fn server_config(files: &ServerFiles) -> Result<ServerConfig, CertError> {
     listener_tls(files).map(|tls| Arc::unwrap_or_clone(tls.config))
 }
@@ -54,19 +57,11 @@ pub fn listener_tls(files: &ServerFiles) -> Result<ListenerTls, CertError> {
     let chain = load::certificates(&files.server_cert)?;
     let key = load::private_key(&files.server_key)?;
     let client_roots = roots(&files.client_ca)?;
-    let crls = load::crls(&files.crls)?;
     let crl_path = files
         .crls
         .first()
         .map_or(files.client_ca.as_path(), |p| p.as_path());
-    let verifier =
-        WebPkiClientVerifier::builder_with_provider(Arc::new(client_roots), crate::provider())
-            .with_crls(crls)
-            .allow_unauthenticated()
-            .build()
-            .map_err(|e| {
-                CertError::new(crl_path, format!("cannot build the client verifier: {e}"))
-            })?;
+    let verifier = client_verifier(client_roots, &files.crls, false, crl_path)?;
     let mut config = ServerConfig::builder_with_provider(crate::provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| CertError::new(&files.server_cert, e.to_string()))?
@@ -78,6 +73,33 @@ pub fn listener_tls(files: &ServerFiles) -> Result<ListenerTls, CertError> {
         config: Arc::new(config),
         clients: verifier,
     })
+}
+
+/// The one way client certificates are verified, on the consumer listener and on the
+/// admin listener: chaining to `anchors`, within validity, not revoked by the CRLs of
+/// `crl_files`, and refused when the CRL that covers them is past its nextUpdate (a stale
+/// CRL proves nothing: a certificate revoked since is not in it; rustls' default would
+/// ignore the date). `unknown_ok`: a certificate no CRL covers is accepted (otherwise,
+/// once CRLs are configured, it is refused). A verifier that cannot be built is blamed
+/// on `blame`.
+fn client_verifier(
+    anchors: RootCertStore,
+    crl_files: &[PathBuf],
+    unknown_ok: bool,
+    blame: &Path,
+) -> Result<Arc<dyn ClientCertVerifier>, CertError> {
+    let crls = load::crls(crl_files)?;
+    let mut builder =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(anchors), crate::provider())
+            .with_crls(crls)
+            .enforce_revocation_expiration()
+            .allow_unauthenticated();
+    if unknown_ok {
+        builder = builder.allow_unknown_revocation_status();
+    }
+    builder
+        .build()
+        .map_err(|e| CertError::new(blame, format!("cannot build the client verifier: {e}")))
 }
 
 /// Whether a client certificate chain (leaf first) is still accepted by `verifier` at
@@ -110,7 +132,7 @@ fn key_mismatch(files: &ServerFiles, e: &rustls::Error) -> CertError {
 /// HTTP/1.1 only.
 ///
 /// `admin_roots`: trust anchors for administrators' client certificates (checked against
-/// the listener's CRLs too). A client certificate is then optional at the TLS level (an
+/// the listener's CRLs too, with the same refusal of a CRL past its nextUpdate). A client certificate is then optional at the TLS level (an
 /// administrator may come with a bearer token instead), but one that is presented must
 /// chain to these anchors; which CNs are administrators is decided per request. `None`:
 /// no client certificate is asked for.
@@ -125,21 +147,11 @@ pub fn admin_server_config(
         .map_err(|e| CertError::new(&files.server_cert, e.to_string()))?;
     let builder = match admin_roots {
         Some(path) => {
-            let mut verifier = WebPkiClientVerifier::builder_with_provider(
-                Arc::new(roots(path)?),
-                crate::provider(),
-            )
-            .with_crls(load::crls(&files.crls)?)
-            .allow_unauthenticated();
-            if path != files.client_ca {
-                // The listener's CRLs are the consumers' CAs': an administrators' own CA
-                // they do not cover is not refused for that (a certificate a listed CRL
-                // does cover is still checked against it).
-                verifier = verifier.allow_unknown_revocation_status();
-            }
-            let verifier = verifier.build().map_err(|e| {
-                CertError::new(path, format!("cannot build the client verifier: {e}"))
-            })?;
+            // The listener's CRLs are the consumers' CAs': an administrators' own CA
+            // they do not cover is not refused for that (a certificate a listed CRL
+            // does cover is still checked against it).
+            let own_ca = path != files.client_ca;
+            let verifier = client_verifier(roots(path)?, &files.crls, own_ca, path)?;
             builder.with_client_cert_verifier(verifier)
         }
         None => builder.with_no_client_auth(),
@@ -181,5 +193,52 @@ pub fn upstream_config(
                 .map_err(|e| CertError::new(key, format!("does not match {}: {e}", cert.display())))
         }
         None => Ok(builder.with_no_client_auth()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use rustls_pki_types::UnixTime;
+    use time::{Duration, OffsetDateTime};
+
+    use super::*;
+    use crate::devpki::DevCa;
+
+    fn at(t: OffsetDateTime) -> UnixTime {
+        UnixTime::since_unix_epoch(std::time::Duration::from_secs(t.unix_timestamp() as u64))
+    }
+
+    /// A CRL past its nextUpdate no longer vouches for the certificates it covers: they
+    /// are refused (the admin listener's verifier is made by the same function), where
+    /// rustls' default ignores the date.
+    #[test]
+    fn a_crl_past_its_next_update_refuses_the_certificates_it_covers() {
+        let ca = DevCa::new("Stale CRL CA").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let server = ca.server(&["localhost"]).unwrap();
+        let client = ca.client("app.example.be").unwrap();
+        let now = OffsetDateTime::now_utc();
+        let files = ServerFiles {
+            server_cert: dir.path().join("server.pem"),
+            server_key: dir.path().join("server.key"),
+            client_ca: dir.path().join("ca.pem"),
+            crls: vec![dir.path().join("c.crl")],
+        };
+        std::fs::write(&files.server_cert, &server.cert_pem).unwrap();
+        std::fs::write(&files.server_key, &server.key_pem).unwrap();
+        std::fs::write(&files.client_ca, ca.cert_pem()).unwrap();
+        let crl = ca
+            .crl_valid(&[], now - Duration::hours(1), now + Duration::hours(1))
+            .unwrap();
+        std::fs::write(&files.crls[0], crl).unwrap();
+        let listener = listener_tls(&files).unwrap();
+        let chain = [rustls_pki_types::CertificateDer::from(client.der.clone())];
+        assert!(client_chain_accepted(&*listener.clients, &chain, at(now)));
+        assert!(!client_chain_accepted(
+            &*listener.clients,
+            &chain,
+            at(now + Duration::hours(2))
+        ));
     }
 }
