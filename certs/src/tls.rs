@@ -50,6 +50,10 @@ pub fn server_config(files: &ServerFiles) -> Result<ServerConfig, CertError> {
 pub struct ListenerTls {
     pub config: Arc<ServerConfig>,
     pub clients: Arc<dyn ClientCertVerifier>,
+    /// The earliest nextUpdate of its CRLs, in seconds since the Unix epoch (`i64::MAX`
+    /// without CRLs): from then on, a certificate it accepted earlier must be checked
+    /// again, since the CRL that covered it may no longer vouch for it.
+    pub crls_fresh_before: i64,
 }
 
 /// [`server_config`] with its client certificate verifier.
@@ -61,7 +65,8 @@ pub fn listener_tls(files: &ServerFiles) -> Result<ListenerTls, CertError> {
         .crls
         .first()
         .map_or(files.client_ca.as_path(), |p| p.as_path());
-    let verifier = client_verifier(client_roots, &files.crls, false, crl_path)?;
+    let (verifier, crls_fresh_before) =
+        client_verifier(client_roots, &files.crls, false, crl_path)?;
     let mut config = ServerConfig::builder_with_provider(crate::provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| CertError::new(&files.server_cert, e.to_string()))?
@@ -72,6 +77,7 @@ pub fn listener_tls(files: &ServerFiles) -> Result<ListenerTls, CertError> {
     Ok(ListenerTls {
         config: Arc::new(config),
         clients: verifier,
+        crls_fresh_before,
     })
 }
 
@@ -81,14 +87,20 @@ pub fn listener_tls(files: &ServerFiles) -> Result<ListenerTls, CertError> {
 /// CRL proves nothing: a certificate revoked since is not in it; rustls' default would
 /// ignore the date). `unknown_ok`: a certificate no CRL covers is accepted (otherwise,
 /// once CRLs are configured, it is refused). A verifier that cannot be built is blamed
-/// on `blame`.
+/// on `blame`. Also returns the earliest nextUpdate of the CRLs (`i64::MAX` without one).
 fn client_verifier(
     anchors: RootCertStore,
     crl_files: &[PathBuf],
     unknown_ok: bool,
     blame: &Path,
-) -> Result<Arc<dyn ClientCertVerifier>, CertError> {
+) -> Result<(Arc<dyn ClientCertVerifier>, i64), CertError> {
     let crls = load::crls(crl_files)?;
+    let fresh_before = crls
+        .iter()
+        .filter_map(|der| x509_parser::parse_x509_crl(der).ok())
+        .filter_map(|(_, crl)| crl.next_update().map(|t| t.timestamp()))
+        .min()
+        .unwrap_or(i64::MAX);
     let mut builder =
         WebPkiClientVerifier::builder_with_provider(Arc::new(anchors), crate::provider())
             .with_crls(crls)
@@ -97,9 +109,10 @@ fn client_verifier(
     if unknown_ok {
         builder = builder.allow_unknown_revocation_status();
     }
-    builder
+    let verifier = builder
         .build()
-        .map_err(|e| CertError::new(blame, format!("cannot build the client verifier: {e}")))
+        .map_err(|e| CertError::new(blame, format!("cannot build the client verifier: {e}")))?;
+    Ok((verifier, fresh_before))
 }
 
 /// Whether a client certificate chain (leaf first) is still accepted by `verifier` at
@@ -140,18 +153,40 @@ pub fn admin_server_config(
     files: &ServerFiles,
     admin_roots: Option<&Path>,
 ) -> Result<ServerConfig, CertError> {
+    admin_tls(files, admin_roots).map(|tls| tls.config)
+}
+
+/// The admin listener's TLS: its rustls configuration and, when it asks for client
+/// certificates, the verifier that checks them, kept so that an administrator's
+/// certificate can be checked again on a connection opened earlier (a CRL may pass its
+/// nextUpdate while the connection stays open).
+#[derive(Debug)]
+pub struct AdminTls {
+    pub config: ServerConfig,
+    pub clients: Option<Arc<dyn ClientCertVerifier>>,
+    /// As [`ListenerTls::crls_fresh_before`].
+    pub crls_fresh_before: i64,
+}
+
+/// [`admin_server_config`] with its client certificate verifier.
+pub fn admin_tls(files: &ServerFiles, admin_roots: Option<&Path>) -> Result<AdminTls, CertError> {
     let chain = load::certificates(&files.server_cert)?;
     let key = load::private_key(&files.server_key)?;
     let builder = ServerConfig::builder_with_provider(crate::provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| CertError::new(&files.server_cert, e.to_string()))?;
+    let mut clients = None;
+    let mut crls_fresh_before = i64::MAX;
     let builder = match admin_roots {
         Some(path) => {
             // The listener's CRLs are the consumers' CAs': an administrators' own CA
             // they do not cover is not refused for that (a certificate a listed CRL
             // does cover is still checked against it).
             let own_ca = path != files.client_ca;
-            let verifier = client_verifier(roots(path)?, &files.crls, own_ca, path)?;
+            let (verifier, fresh_before) =
+                client_verifier(roots(path)?, &files.crls, own_ca, path)?;
+            clients = Some(verifier.clone());
+            crls_fresh_before = fresh_before;
             builder.with_client_cert_verifier(verifier)
         }
         None => builder.with_no_client_auth(),
@@ -160,7 +195,11 @@ pub fn admin_server_config(
         .with_single_cert(chain, key)
         .map_err(|e| key_mismatch(files, &e))?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(config)
+    Ok(AdminTls {
+        config,
+        clients,
+        crls_fresh_before,
+    })
 }
 
 /// The TLS configuration towards one provider.
@@ -233,6 +272,10 @@ mod tests {
             .unwrap();
         std::fs::write(&files.crls[0], crl).unwrap();
         let listener = listener_tls(&files).unwrap();
+        assert_eq!(
+            listener.crls_fresh_before,
+            (now + Duration::hours(1)).unix_timestamp()
+        );
         let chain = [rustls_pki_types::CertificateDer::from(client.der.clone())];
         assert!(client_chain_accepted(&*listener.clients, &chain, at(now)));
         assert!(!client_chain_accepted(

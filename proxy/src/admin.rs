@@ -106,11 +106,12 @@ pub async fn serve(gw: Arc<Gateway>, listener: TcpListener, mut shutdown: watch:
                                 .get_ref()
                                 .1
                                 .peer_certificates()
-                                .and_then(|chain| chain.first())
-                                .map(|leaf| ClientCertificate {
+                                .and_then(|chain| Some((chain.first()?, chain)))
+                                .map(|(leaf, chain)| ClientCertificate {
                                     identity: certs::identity::certificate_identity(leaf),
                                     common_names: certs::identity::common_name_count(leaf),
                                     not_after: certs::identity::not_after(leaf).unwrap_or(i64::MIN),
+                                    chain: chain.iter().map(|c| c.clone().into_owned()).collect(),
                                 });
                             let opened = Opened::Tls { config, client };
                             serve_connection(gw, peer, TokioIo::new(tls), opened, slot).await;
@@ -248,6 +249,9 @@ struct ClientCertificate {
     /// Its `notAfter`, seconds since the Unix epoch: the handshake checked it, but a TLS
     /// session resumed later does not check it again.
     not_after: i64,
+    /// The chain as presented (leaf first), to check it again once a CRL of the admin
+    /// TLS settings passes its nextUpdate.
+    chain: Vec<rustls::pki_types::CertificateDer<'static>>,
 }
 
 async fn serve_connection<I>(
@@ -499,11 +503,26 @@ fn authenticate(
         Opened::Tls {
             client: Some(c), ..
         } => {
-            if time::OffsetDateTime::now_utc().unix_timestamp() > c.not_after {
+            let now = rustls::pki_types::UnixTime::now();
+            let secs = i64::try_from(now.as_secs()).unwrap_or(i64::MAX);
+            if secs > c.not_after {
                 return Err(refuse(
                     StatusCode::FORBIDDEN,
                     "this client certificate has expired: connect again with a valid one",
                     "an expired client certificate (on a resumed TLS session or a connection opened before its expiry)",
+                ));
+            }
+            // A CRL of these settings past its nextUpdate vouches for nothing: the
+            // certificate is checked again, as a new handshake would check it (one its
+            // CRL no longer covers, or under a CA no CRL covers, passes).
+            if let Some((verifier, fresh_before)) = &access.clients
+                && secs >= *fresh_before
+                && !certs::tls::client_chain_accepted(&**verifier, &c.chain, now)
+            {
+                return Err(refuse(
+                    StatusCode::FORBIDDEN,
+                    "this client certificate is no longer accepted (the CRL that covers it is out of date): connect again once a fresh CRL is in place, or use a token",
+                    "a client certificate whose CRL passed its nextUpdate (on a resumed TLS session or a connection opened before)",
                 ));
             }
             let cn = c.identity.cn.as_deref().filter(|_| c.common_names == 1);
@@ -617,7 +636,7 @@ async fn route(
             };
         }
         (&Method::GET, "/metrics") => {
-            crate::observe::refresh(&*gw.audit, &gw.certificates.load());
+            crate::observe::refresh(&*gw.audit, &gw.certificates.load(), &gw.crls.load());
             let body = gw.metrics.as_ref().map(|m| m.render()).unwrap_or_default();
             let mut r = text(StatusCode::OK, body);
             r.headers_mut().insert(

@@ -12,7 +12,12 @@
 //! counted, and is tried again at once when the files change again and otherwise after
 //! 2 s, 4 s, ... up to a minute, until it works: a Secret changes once, and its new
 //! certificate must not wait for someone to notice.
+//!
+//! At each look it also reads the nextUpdate of the CRLs in force: a CRL within a day of
+//! it is logged once as a warning, one past it once as an error (the certificates it
+//! covers are then refused, see `certs::tls`, until a fresh CRL is put in place).
 
+use std::collections::HashSet;
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -43,6 +48,40 @@ fn identities(files: &[PathBuf]) -> Vec<Identity> {
     files.iter().map(identity).collect()
 }
 
+/// What was said about one CRL: its file, its nextUpdate, whether it had passed.
+type Announced = (PathBuf, i64, bool);
+
+/// Logs, once each, a CRL of `crls` that comes within [`crate::config::CRL_NOTICE`] of its
+/// nextUpdate (a warning) and one that passes it (an error). `announced` remembers what
+/// was said about the CRLs in force.
+fn announce_crls(
+    crls: &[certs::inventory::CrlInfo],
+    now: time::OffsetDateTime,
+    announced: &mut HashSet<Announced>,
+) {
+    announced.retain(|(path, next, _)| {
+        crls.iter()
+            .any(|c| c.path == *path && c.next_update.map(|t| t.unix_timestamp()) == Some(*next))
+    });
+    for c in crls {
+        let Some(next) = c.next_update else { continue };
+        let passed = next <= now;
+        if !passed && next > now + crate::config::CRL_NOTICE {
+            continue;
+        }
+        if !announced.insert((c.path.clone(), next.unix_timestamp(), passed)) {
+            continue;
+        }
+        let at = crate::pipeline::stamp::rfc3339_millis(next);
+        let file = c.path.display();
+        if passed {
+            tracing::error!(%file, issuer = %c.issuer, next_update = %at, "a CRL passed its nextUpdate: the certificates of its CA are refused until a fresh CRL is put in place of this file");
+        } else {
+            tracing::warn!(%file, issuer = %c.issuer, next_update = %at, "a CRL reaches its nextUpdate within a day: publish a fresh one, or the certificates of its CA will be refused");
+        }
+    }
+}
+
 /// The longest wait between two attempts while a reload keeps failing.
 const MAX_RETRY: Duration = Duration::from_secs(60);
 
@@ -60,9 +99,15 @@ pub fn spawn(gw: &Arc<Gateway>) {
         // file being edited), and a Kubernetes Secret changes once: so it is tried
         // again, less and less often, until it works.
         let mut retry: Option<(tokio::time::Instant, Duration)> = None;
+        let mut announced = HashSet::new();
         loop {
             tick.tick().await;
             let Some(gw) = weak.upgrade() else { return };
+            announce_crls(
+                &gw.crls.load(),
+                time::OffsetDateTime::now_utc(),
+                &mut announced,
+            );
             let files = gw.tls_files.load_full();
             let now = {
                 let files = files.clone();

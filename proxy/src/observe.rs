@@ -113,6 +113,11 @@ const FAMILIES: &[(&str, Kind, &str)] = &[
         "Seconds until each configured certificate expires (negative once expired), by configuration key and subject.",
     ),
     (
+        "fsp_crl_next_update_seconds",
+        Kind::Gauge,
+        "Seconds until the nextUpdate of each listener CRL file (its earliest, negative once passed): past it, the certificates that CRL covers are refused until a fresh CRL is in place.",
+    ),
+    (
         "fsp_config_reloads_total",
         Kind::Counter,
         "Configuration and certificate reloads applied (admin API, SIGHUP or a changed certificate file).",
@@ -230,7 +235,11 @@ pub fn install() -> Option<PrometheusHandle> {
 }
 
 /// Values read when `/metrics` is scraped rather than on each event.
-pub fn refresh(audit: &dyn audit::AuditSink, certificates: &[certs::inventory::CertInfo]) {
+pub fn refresh(
+    audit: &dyn audit::AuditSink,
+    certificates: &[certs::inventory::CertInfo],
+    crls: &[certs::inventory::CrlInfo],
+) {
     metrics::gauge!("fsp_audit_queue_depth").set(audit.queue_depth() as f64);
     let now = time::OffsetDateTime::now_utc();
     for c in certificates {
@@ -240,6 +249,20 @@ pub fn refresh(audit: &dyn audit::AuditSink, certificates: &[certs::inventory::C
             "subject" => c.subject.clone(),
         )
         .set((c.not_after - now).as_seconds_f64());
+    }
+    // One series per file: the earliest nextUpdate of its CRLs (the first to go stale).
+    let mut by_file: Vec<(String, time::OffsetDateTime)> = Vec::new();
+    for c in crls {
+        let Some(next) = c.next_update else { continue };
+        let file = c.path.display().to_string();
+        match by_file.iter_mut().find(|(f, _)| *f == file) {
+            Some((_, t)) => *t = (*t).min(next),
+            None => by_file.push((file, next)),
+        }
+    }
+    for (file, next) in by_file {
+        metrics::gauge!("fsp_crl_next_update_seconds", "file" => file)
+            .set((next - now).as_seconds_f64());
     }
 }
 

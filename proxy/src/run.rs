@@ -172,6 +172,7 @@ pub async fn start(
         .as_ref()
         .map_or_else(|| "fsp:".to_owned(), |c| c.key_prefix.clone());
     let certificates = crate::state::certificate_inventory(&config.certificate_files);
+    let crls = crate::config::crl_inventory(&config.listener.tls_files.crls);
     let config_info = crate::loaded::ConfigInfo::of(&config);
     let (snapshot, tls) = Snapshot::from_config(config);
     let throttle = throttle::LocalStore::new(snapshot.providers.iter().map(|p| p.id.as_str()));
@@ -210,6 +211,7 @@ pub async fn start(
         restart_only: std::sync::Mutex::new(restart_only),
         tls_files: ArcSwap::from_pointee(tls_files),
         certificates: ArcSwap::from_pointee(certificates),
+        crls: ArcSwap::from_pointee(crls),
         telemetry,
         reloading: std::sync::Mutex::new(()),
         config_info: ArcSwap::from_pointee(config_info),

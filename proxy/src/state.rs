@@ -262,6 +262,8 @@ pub struct Gateway {
     pub tls_files: ArcSwap<Vec<PathBuf>>,
     /// The certificates in force, for readiness and their expiry metrics.
     pub certificates: ArcSwap<Vec<certs::inventory::CertInfo>>,
+    /// The listener's CRLs in force, for their nextUpdate gauge and warnings.
+    pub crls: ArcSwap<Vec<certs::inventory::CrlInfo>>,
     /// `[telemetry]`'s sampling ratio: calls it keeps get an OpenTelemetry span (needs
     /// a restart).
     pub telemetry: Option<f64>,
@@ -477,6 +479,7 @@ impl Gateway {
             .unwrap_or_default();
         let tls_files = config.tls_files.clone();
         let certificates = certificate_inventory(&config.certificate_files);
+        let crls = crate::config::crl_inventory(&config.listener.tls_files.crls);
         let config_info = crate::loaded::ConfigInfo::of(&config);
         let now = time::OffsetDateTime::now_utc();
         if let Some(why) = listener_certificate_unusable(&certificates, now)
@@ -500,6 +503,7 @@ impl Gateway {
         self.config_info.store(Arc::new(config_info));
         self.tls_files.store(Arc::new(tls_files));
         self.certificates.store(Arc::new(certificates));
+        self.crls.store(Arc::new(crls));
         metrics::counter!("fsp_config_reloads_total").increment(1);
         let report = ReloadReport {
             applied: vec![

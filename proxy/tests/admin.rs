@@ -710,6 +710,92 @@ async fn administrators_may_have_their_own_ca() {
     gw.stop();
 }
 
+/// The admin listener follows the consumer listener's CRL policy: once the listener's
+/// CRL passes its nextUpdate, an administrator's certificate under the CA it covers is
+/// refused (a stale CRL vouches for nothing), on new handshakes and on the connection it
+/// already holds open, while one under the administrators' own CA, which that CRL does
+/// not cover, still works (as it did with a fresh CRL).
+#[tokio::test]
+async fn a_stale_crl_refuses_administrators_under_its_ca_not_under_their_own() {
+    let up = upstream().await;
+    let now = time::OffsetDateTime::now_utc();
+    let next_update = now + time::Duration::seconds(6);
+    let start = |own_ca: bool| {
+        let pki = Pki::new();
+        std::fs::write(
+            pki.path().join("consumers.crl"),
+            pki.ca
+                .crl_valid(&[], now - time::Duration::hours(1), next_update)
+                .unwrap(),
+        )
+        .unwrap();
+        let config = write_config_with(&pki, up, 0, 0, "crls = [\"consumers.crl\"]", "", "");
+        let admin_keys = if own_ca {
+            let admins = certs::devpki::DevCa::new("Test Administrators CA").unwrap();
+            std::fs::write(pki.path().join("admins-ca.pem"), admins.cert_pem()).unwrap();
+            (
+                admins.client("ops.example.be").unwrap(),
+                "tls = true\nadmin_cns = [\"ops.example.be\"]\nadmin_ca = \"admins-ca.pem\"",
+            )
+        } else {
+            (
+                pki.ca.client("ops.example.be").unwrap(),
+                "tls = true\nadmin_cns = [\"ops.example.be\"]",
+            )
+        };
+        let text = std::fs::read_to_string(&config).unwrap().replacen(
+            "tokens_file = \"admin-tokens\"",
+            admin_keys.1,
+            1,
+        );
+        std::fs::write(&config, text).unwrap();
+        (pki, admin_keys.0, config)
+    };
+    let (shared_pki, shared_admin, shared_config) = start(false);
+    let (own_pki, own_admin, own_config) = start(true);
+    let mut shared_gw = Gateway::start(&shared_config).await;
+    let mut own_gw = Gateway::start(&own_config).await;
+    let ask = |pki, admin, port| async move {
+        admin_https(pki, Some(admin), port, "GET", "/admin/services", None, "").await
+    };
+    let ok = |r: Result<(u16, String), String>| matches!(r, Ok((200, _)));
+    assert!(ok(
+        ask(&shared_pki, &shared_admin, shared_gw.admin_port).await
+    ));
+    assert!(ok(ask(&own_pki, &own_admin, own_gw.admin_port).await));
+    // An administrator's connection kept open across the nextUpdate.
+    use tokio::io::AsyncWriteExt;
+    let keep_alive = b"GET /admin/services HTTP/1.1\r\nhost: admin\r\n\r\n";
+    let mut open = tls_connect(
+        &shared_pki,
+        Some(&shared_admin),
+        shared_gw.admin_port,
+        b"http/1.1",
+    )
+    .await
+    .unwrap();
+    open.write_all(keep_alive).await.unwrap();
+    assert_eq!(try_read_response(&mut open).await.unwrap().0, 200);
+    let wait = next_update - time::OffsetDateTime::now_utc() + time::Duration::seconds(1);
+    tokio::time::sleep(wait.try_into().unwrap_or_default()).await;
+    let refused = ask(&shared_pki, &shared_admin, shared_gw.admin_port).await;
+    assert!(
+        !ok(refused.clone()),
+        "an administrator's certificate was accepted under a stale CRL: {refused:?}"
+    );
+    let again = match open.write_all(keep_alive).await {
+        Ok(()) => try_read_response(&mut open).await.map(|r| r.0),
+        Err(e) => Err(e.to_string()),
+    };
+    assert!(
+        !matches!(again, Ok(200)),
+        "a stale CRL still vouched for an administrator on an open connection"
+    );
+    assert!(ok(ask(&own_pki, &own_admin, own_gw.admin_port).await));
+    shared_gw.stop();
+    own_gw.stop();
+}
+
 /// Contract section 5: a suspension cuts at once. Found by an attacker's review: an
 /// answer already streaming (a large export) went on to its end after its consumer was
 /// suspended. Now the next frame of the answer ends it, and its record says why.

@@ -526,3 +526,60 @@ fn pinned_consumer_certificates_are_warned_about_and_listed_by_the_inventory() {
     ]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
 }
+
+/// A CRL already past its nextUpdate would make the gateway refuse every certificate of
+/// its CA (as OpenSSL refuses with "CRL has expired"): `fsp check` refuses it, naming the
+/// file and the date and saying what to do. One that passes it within a day is a warning.
+#[test]
+fn check_refuses_a_crl_past_its_next_update_and_warns_of_one_about_to_pass_it() {
+    let s = Setup::new();
+    let now = time::OffsetDateTime::now_utc();
+    let crl = s.root().join("conf/pki/consumers.crl");
+    let next = now - time::Duration::hours(3);
+    fs::write(
+        &crl,
+        s.ca.crl_valid(&[], now - time::Duration::days(8), next)
+            .unwrap(),
+    )
+    .unwrap();
+    let out = s.check();
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let lines = problem_lines(&stderr);
+    assert_eq!(lines.len(), 1, "{stderr}");
+    let line = lines[0];
+    let day = format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}",
+        next.year(),
+        u8::from(next.month()),
+        next.day(),
+        next.hour(),
+        next.minute()
+    );
+    assert!(
+        line.contains("conf/fsp.toml: listener.crls:")
+            && line.contains("conf/pki/consumers.crl")
+            && line.contains(&day)
+            && line.contains("Publish a fresh CRL"),
+        "{stderr}"
+    );
+
+    // Fresh for two more hours: valid, with a warning naming the file and the date.
+    let next = now + time::Duration::hours(2);
+    fs::write(
+        &crl,
+        s.ca.crl_valid(&[], now - time::Duration::days(1), next)
+            .unwrap(),
+    )
+    .unwrap();
+    let out = s.check();
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.lines().any(|l| l.starts_with("warning: ")
+            && l.contains("listener.crls")
+            && l.contains("conf/pki/consumers.crl")
+            && l.contains("nextUpdate")),
+        "{stderr}"
+    );
+}

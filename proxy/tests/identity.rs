@@ -191,6 +191,62 @@ async fn a_revoked_certificate_stops_on_its_open_connection_at_the_reload() {
     gw.stop();
 }
 
+/// A CRL that passes its nextUpdate while the gateway runs no longer vouches for the
+/// certificates of its CA (a certificate revoked since would not be in it): they are
+/// refused, on new handshakes and on the connections already open, as OpenSSL refuses
+/// with "CRL has expired". A fresh CRL dropped in place (picked up by the certificate
+/// watcher, no admin call) restores service.
+#[tokio::test]
+async fn a_crl_past_its_next_update_refuses_its_certificates_until_a_fresh_one_is_in_place() {
+    let pki = Pki::new();
+    let up = upstream().await;
+    let now = time::OffsetDateTime::now_utc();
+    // Fresh long enough for the gateway to start (a stale CRL is refused at start).
+    let next_update = now + time::Duration::seconds(6);
+    std::fs::write(
+        pki.path().join("consumers.crl"),
+        pki.ca
+            .crl_valid(&[], now - time::Duration::hours(1), next_update)
+            .unwrap(),
+    )
+    .unwrap();
+    let config = write_config_with(&pki, up, 0, 0, "crls = [\"consumers.crl\"]", "", "");
+    let mut gw = Gateway::start(&config).await;
+    let tls = client_config(&pki, &pki.consumer);
+    let mut open = connect(&tls, gw.port).await.unwrap();
+    assert_eq!(call(&mut open).await, 200);
+    let wait = next_update - time::OffsetDateTime::now_utc() + time::Duration::seconds(1);
+    tokio::time::sleep(wait.try_into().unwrap_or_default()).await;
+    // New handshakes are refused (a fresh client config: no session to resume)...
+    let refused = match connect(&client_config(&pki, &pki.consumer), gw.port).await {
+        Err(_) => true,
+        Ok(mut s) => call(&mut s).await != 200,
+    };
+    assert!(refused, "a certificate was accepted under a stale CRL");
+    // ... and so is the next call on the connection opened before.
+    assert_ne!(
+        call(&mut open).await,
+        200,
+        "a stale CRL still vouched for a certificate on its open connection"
+    );
+    // A fresh CRL in place of the stale one: the watcher reloads it.
+    std::fs::write(pki.path().join("consumers.crl"), pki.ca.crl(&[]).unwrap()).unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(mut s) = connect(&client_config(&pki, &pki.consumer), gw.port).await
+            && call(&mut s).await == 200
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a fresh CRL did not restore service"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    gw.stop();
+}
+
 /// A CA removed from `client_ca` (no longer trusted for consumers) stops its
 /// certificates on their open connections at the reload too.
 #[tokio::test]

@@ -159,6 +159,10 @@ pub struct AdminAccess {
     /// `[admin] tls = true`: the admin listener's TLS configuration (the listener's
     /// certificate; admin client certificates asked for when `cns` is not empty).
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// With admin client certificates: the verifier of `tls`, to check an
+    /// administrator's certificate again on an open connection, and the earliest
+    /// nextUpdate of its CRLs (seconds since the Unix epoch), from which it must be.
+    pub clients: Option<(Arc<dyn rustls::server::danger::ClientCertVerifier>, i64)>,
     /// Administrators' certificates chain to their own CA (`admin_ca`), not to the
     /// consumers' (`client_ca`).
     pub own_ca: bool,
@@ -664,7 +668,7 @@ fn cert_files_load(file: &Path, keys: &[(&str, &Path)], problems: &mut Problems)
         let loaded = if key.ends_with("_key") {
             certs::load::private_key(path).map(drop)
         } else if key.ends_with("crls") {
-            certs::load::crls(&[path.to_path_buf()]).map(drop)
+            certs::inventory::describe_crls(path).and_then(|crls| stale_crl(path, &crls))
         } else {
             certs::load::certificates(path).map(drop)
         };
@@ -674,6 +678,56 @@ fn cert_files_load(file: &Path, keys: &[(&str, &Path)], problems: &mut Problems)
         }
     }
     ok
+}
+
+/// How long before a CRL's nextUpdate its coming staleness is announced (`fsp check`
+/// warnings, the log while serving).
+pub const CRL_NOTICE: time::Duration = time::Duration::days(1);
+
+/// A CRL already past its nextUpdate is refused: the gateway would refuse every
+/// certificate it covers (see `certs::tls`), which an operator should learn from
+/// `fsp check`, not from the consumers.
+fn stale_crl(path: &Path, crls: &[certs::inventory::CrlInfo]) -> Result<(), certs::CertError> {
+    let now = time::OffsetDateTime::now_utc();
+    match crls.iter().find(|c| c.stale(now)) {
+        None => Ok(()),
+        Some(c) => Err(certs::CertError::new(
+            path,
+            format!(
+                "the CRL of {} is out of date: its nextUpdate was {}; the certificates of that CA would all be refused. Publish a fresh CRL from that CA and put it in place of this file",
+                c.issuer,
+                c.next_update
+                    .map_or_else(String::new, crate::pipeline::stamp::rfc3339_millis)
+            ),
+        )),
+    }
+}
+
+/// Warnings for the CRLs of `files` that reach their nextUpdate within [`CRL_NOTICE`].
+pub fn crl_warnings(crls: &[certs::inventory::CrlInfo], now: time::OffsetDateTime) -> Vec<String> {
+    crls.iter()
+        .filter_map(|c| {
+            let next = c.next_update?;
+            (next > now && next <= now + CRL_NOTICE).then(|| {
+                format!(
+                    "{}: the CRL of {} reaches its nextUpdate at {}: after that, the certificates of that CA are refused until a fresh CRL is put in place of this file",
+                    c.path.display(),
+                    c.issuer,
+                    crate::pipeline::stamp::rfc3339_millis(next)
+                )
+            })
+        })
+        .collect()
+}
+
+/// Every CRL in `paths`, as read now; a file that cannot be read is left out (the
+/// configuration that named it loaded it a moment ago).
+pub fn crl_inventory(paths: &[PathBuf]) -> Vec<certs::inventory::CrlInfo> {
+    paths
+        .iter()
+        .filter_map(|p| certs::inventory::describe_crls(p).ok())
+        .flatten()
+        .collect()
 }
 
 /// A TLS configuration that failed although every file loaded: most often a key that
@@ -752,6 +806,7 @@ fn build(main: &Path, sources: Vec<Source>, problems: &mut Problems) -> Option<C
     };
 
     // ---- listener ----
+    let mut crl_notices = Vec::new();
     let listener = match single(&sources, "listener", |r| r.listener.as_ref(), problems) {
         None => {
             problems.add(
@@ -761,7 +816,22 @@ fn build(main: &Path, sources: Vec<Source>, problems: &mut Problems) -> Option<C
             );
             None
         }
-        Some((s, l)) => build_listener(s, l, &mut certificate_files, &mut tls_files, problems),
+        Some((s, l)) => {
+            let built = build_listener(s, l, &mut certificate_files, &mut tls_files, problems);
+            if let Some(l) = &built {
+                let now = time::OffsetDateTime::now_utc();
+                crl_notices.extend(
+                    crl_warnings(&crl_inventory(&l.tls_files.crls), now)
+                        .into_iter()
+                        .map(|reason| Problem {
+                            file: s.path.clone(),
+                            key: "listener.crls".to_owned(),
+                            reason,
+                        }),
+                );
+            }
+            built
+        }
     };
 
     // ---- admin ----
@@ -829,9 +899,9 @@ fn build(main: &Path, sources: Vec<Source>, problems: &mut Problems) -> Option<C
         }
     }
     let now = time::OffsetDateTime::now_utc();
-    let warnings = pinned_files
-        .iter()
-        .flat_map(|p| {
+    let warnings = crl_notices
+        .into_iter()
+        .chain(pinned_files.iter().flat_map(|p| {
             pinned_certificate_warnings(&p.written, &p.leaf, now)
                 .into_iter()
                 .map(|reason| Problem {
@@ -839,7 +909,7 @@ fn build(main: &Path, sources: Vec<Source>, problems: &mut Problems) -> Option<C
                     key: p.key.clone(),
                     reason,
                 })
-        })
+        }))
         .collect();
     let consumers = match Consumers::new(consumer_specs) {
         Ok(c) => c,
@@ -1875,6 +1945,7 @@ fn build_admin(
         );
     }
     let mut tls_config = None;
+    let mut clients = None;
     if tls && let Some(l) = listener {
         let roots = if cns.is_empty() {
             None
@@ -1888,8 +1959,11 @@ fn build_admin(
         if !cns.is_empty() && roots.is_none() {
             // The problem with admin_ca is already reported.
         } else {
-            match certs::tls::admin_server_config(&l.tls_files, roots) {
-                Ok(c) => tls_config = Some(Arc::new(c)),
+            match certs::tls::admin_tls(&l.tls_files, roots) {
+                Ok(t) => {
+                    tls_config = Some(Arc::new(t.config));
+                    clients = t.clients.map(|v| (v, t.crls_fresh_before));
+                }
                 Err(e) => problems.add(
                     &s.path,
                     "admin.tls",
@@ -1904,6 +1978,7 @@ fn build_admin(
             tokens,
             cns,
             tls: tls_config,
+            clients,
             own_ca: admin_ca.is_some(),
         },
         admin_ca,

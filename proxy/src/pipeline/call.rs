@@ -134,7 +134,13 @@ impl ConnInfo {
         };
         let now = rustls::pki_types::UnixTime::now();
         let secs = i64::try_from(now.as_secs()).unwrap_or(i64::MAX);
-        if secs <= p.not_after && Arc::ptr_eq(&p.checked_under.load(), current) {
+        // Checked again once the certificate expires, once a CRL of the configuration
+        // in force reaches its nextUpdate (a stale CRL vouches for nothing), and after
+        // a reload (CAs or CRLs may have changed).
+        if secs <= p.not_after
+            && secs < current.crls_fresh_before
+            && Arc::ptr_eq(&p.checked_under.load(), current)
+        {
             return true;
         }
         let accepted = certs::tls::client_chain_accepted(&*current.clients, &p.chain, now);
