@@ -359,6 +359,8 @@ struct Source {
     path: PathBuf,
     dir: PathBuf,
     raw: RawFile,
+    /// The file as written, to tell on which line a refused value stands.
+    text: String,
 }
 
 #[derive(Default)]
@@ -445,6 +447,7 @@ fn read_with_includes(
         path: path.to_owned(),
         dir: dir.clone(),
         raw,
+        text,
     });
     for (i, inc) in includes.iter().enumerate() {
         read_with_includes(&dir.join(inc), Some((path, i)), out, seen, problems);
@@ -638,6 +641,68 @@ fn duration_or(
             default
         }),
     }
+}
+
+/// A duration that must be at least `min`, where less (0 above all) would make every call
+/// fail or silently switch a protection off: `value`, or `default` when it is not set (or,
+/// with the problem reported with its line, when it is shorter or does not parse). `why`
+/// says what a shorter value would do.
+fn duration_at_least(
+    s: &Source,
+    value: &Option<String>,
+    default: Duration,
+    min: Duration,
+    key: &str,
+    why: &str,
+    problems: &mut Problems,
+) -> Duration {
+    let d = duration_or(value, default, &s.path, key, problems);
+    if d >= min {
+        return d;
+    }
+    let min = if min.subsec_millis() == 0 {
+        format!("{}s", min.as_secs())
+    } else {
+        format!("{}ms", min.as_millis())
+    };
+    let line = key_line(&s.text, key).map_or_else(String::new, |n| format!(" (line {n})"));
+    problems.add(
+        &s.path,
+        key,
+        format!(
+            "`{}` is too short: must be at least {min}: {why}{line}",
+            value.as_deref().unwrap_or_default()
+        ),
+    );
+    default
+}
+
+/// The line (from 1) where `key` is written in `text`: a key path such as
+/// `listener.drain_timeout` or `provider[1].queue_timeout`, as problems name them.
+fn key_line(text: &str, key: &str) -> Option<usize> {
+    use toml::de::{DeTable, DeValue};
+    let root = DeTable::parse(text).ok()?;
+    let mut table: &DeTable<'_> = root.get_ref();
+    let mut at = None;
+    for segment in key.split('.') {
+        let (name, index) = match segment.split_once('[') {
+            Some((name, i)) => (name, Some(i.strip_suffix(']')?.parse::<usize>().ok()?)),
+            None => (segment, None),
+        };
+        let (k, mut value) = table.iter().find(|(k, _)| k.get_ref().as_ref() == name)?;
+        at = Some(k.span().start);
+        if let Some(i) = index {
+            let DeValue::Array(items) = value.get_ref() else {
+                return None;
+            };
+            value = items.get(i)?;
+            at = Some(value.span().start);
+        }
+        if let DeValue::Table(t) = value.get_ref() {
+            table = t;
+        }
+    }
+    at.map(|start| text.get(..start).unwrap_or(text).matches('\n').count() + 1)
 }
 
 /// A count that must be at least 1: `value`, or `default` when it is not set (or, with
@@ -1691,48 +1756,51 @@ fn build_listener(
         None
     };
     let max_request_bytes = l.max_request_bytes.unwrap_or(100 * 1024 * 1024);
-    let handshake_timeout = duration_or(
+    let handshake_timeout = duration_at_least(
+        s,
         &l.handshake_timeout,
         Duration::from_secs(10),
-        &s.path,
+        Duration::from_secs(1),
         "listener.handshake_timeout",
+        "a TLS handshake needs time to finish (with 0, every connection would be cut in its handshake)",
         problems,
     );
-    let header_read_timeout = duration_or(
+    let header_read_timeout = duration_at_least(
+        s,
         &l.header_read_timeout,
         Duration::from_secs(30),
-        &s.path,
+        Duration::from_secs(1),
         "listener.header_read_timeout",
+        "a request's headers need time to arrive (with 0, every request would be refused)",
         problems,
     );
-    let drain_timeout = duration_or(
+    let drain_timeout = duration_at_least(
+        s,
         &l.drain_timeout,
         Duration::from_secs(30),
-        &s.path,
+        Duration::from_secs(1),
         "listener.drain_timeout",
+        "calls in progress at SIGTERM need time to finish (with 0, they would all be cut)",
         problems,
     );
-    let request_body_timeout = duration_or(
+    let request_body_timeout = duration_at_least(
+        s,
         &l.request_body_timeout,
         Duration::from_secs(30),
-        &s.path,
+        Duration::from_secs(1),
         "listener.request_body_timeout",
+        "a request body needs time to arrive (with 0, every call with a body would be answered 408)",
         problems,
     );
-    let response_send_timeout = duration_or(
+    let response_send_timeout = duration_at_least(
+        s,
         &l.response_send_timeout,
         Duration::from_secs(60),
-        &s.path,
+        Duration::from_secs(1),
         "listener.response_send_timeout",
+        "a consumer needs time to take an answer",
         problems,
     );
-    if response_send_timeout < Duration::from_secs(1) {
-        problems.add(
-            &s.path,
-            "listener.response_send_timeout",
-            "must be at least 1s: a consumer needs time to take an answer".to_owned(),
-        );
-    }
     let mut count = |v: Option<usize>, k: &str, default: usize| {
         at_least_one(v, default, &s.path, &format!("listener.{k}"), problems)
     };
@@ -2376,18 +2444,22 @@ fn build_provider(
         consumer_limit,
         consumer_limits,
         tls: Arc::new(tls),
-        connect_timeout: duration_or(
+        connect_timeout: duration_at_least(
+            s,
             &p.connect_timeout,
             Duration::from_secs(5),
-            &s.path,
+            Duration::from_millis(1),
             &format!("{key}.connect_timeout"),
+            "with 0, every call to this provider would fail with FSP-UPSTREAM-UNAVAILABLE",
             problems,
         ),
-        response_timeout: duration_or(
+        response_timeout: duration_at_least(
+            s,
             &p.response_timeout,
             Duration::from_secs(60),
-            &s.path,
+            Duration::from_millis(1),
             &format!("{key}.response_timeout"),
+            "with 0, every call to this provider would fail with FSP-UPSTREAM-TIMEOUT",
             problems,
         ),
         pool_idle_timeout: duration_or(

@@ -1556,6 +1556,85 @@ fn a_duration_that_does_not_parse_is_refused() {
     expect_only(&problems, "fsp.toml", "oauth.leeway", &["`1.5s`"]);
 }
 
+/// A duration of zero that would make every call fail, or silently switch a protection
+/// off, is refused with its file, key and line; one whose zero has a documented meaning
+/// (no delay, no leeway, no idle connection kept, no queueing) is accepted.
+#[test]
+fn durations_that_zero_would_break_are_refused_with_their_line() {
+    let fx = Fixture::new();
+    let text = edit(
+        &edit(
+            &fx.single_file(),
+            "drain_timeout = \"15s\"",
+            "drain_timeout = \"0s\"\nhandshake_timeout = \"0s\"\nheader_read_timeout = \"0ms\"\nrequest_body_timeout = \"999ms\"\nresponse_send_timeout = \"0s\"",
+        ),
+        "connect_timeout = \"3s\"",
+        "connect_timeout = \"0s\"\nresponse_timeout = \"0ms\"",
+    );
+    let line_of = |written: &str| {
+        text.lines()
+            .position(|l| l.starts_with(written))
+            .map(|i| format!("(line {})", i + 1))
+            .unwrap()
+    };
+    let problems = fx.problems(&text);
+    for (key, written, min) in [
+        ("listener.drain_timeout", "drain_timeout = ", "at least 1s"),
+        (
+            "listener.handshake_timeout",
+            "handshake_timeout = ",
+            "at least 1s",
+        ),
+        (
+            "listener.header_read_timeout",
+            "header_read_timeout = ",
+            "at least 1s",
+        ),
+        (
+            "listener.request_body_timeout",
+            "request_body_timeout = ",
+            "at least 1s",
+        ),
+        (
+            "listener.response_send_timeout",
+            "response_send_timeout = ",
+            "at least 1s",
+        ),
+        (
+            "provider[0].connect_timeout",
+            "connect_timeout = ",
+            "at least 1ms",
+        ),
+        (
+            "provider[0].response_timeout",
+            "response_timeout = ",
+            "at least 1ms",
+        ),
+    ] {
+        expect(&problems, "fsp.toml", key, &[min, &line_of(written)]);
+    }
+    assert_eq!(problems.len(), 7, "{}", list(&problems));
+
+    // Zero means something documented for these: accepted.
+    let text = edit(
+        &edit(
+            &edit(
+                &fx.single_file(),
+                "drain_timeout = \"15s\"",
+                "drain_timeout = \"15s\"\nshutdown_delay = \"0s\"",
+            ),
+            "connect_timeout = \"3s\"",
+            "connect_timeout = \"3s\"\npool_idle_timeout = \"0s\"\nqueue_timeout = \"0s\"",
+        ),
+        "require_certificate_binding = false",
+        "require_certificate_binding = false\nleeway = \"0s\"",
+    );
+    let config = fx.load_single(&text).unwrap();
+    assert_eq!(config.providers[0].queue_timeout, Duration::ZERO);
+    assert_eq!(config.providers[0].pool_idle_timeout, Duration::ZERO);
+    assert_eq!(config.listener.shutdown_delay, Duration::ZERO);
+}
+
 #[test]
 fn a_bad_source_ip_is_refused() {
     let fx = Fixture::new();
