@@ -792,6 +792,7 @@ async fn a_stale_crl_refuses_administrators_under_its_ca_not_under_their_own() {
         "a stale CRL still vouched for an administrator on an open connection"
     );
     assert!(ok(ask(&own_pki, &own_admin, own_gw.admin_port).await));
+    drop(open);
     shared_gw.stop();
     own_gw.stop();
 }
