@@ -12,7 +12,9 @@ use http::StatusCode;
 async fn metrics_are_labelled_by_configuration_and_bounded_whatever_the_requests_say() {
     let pki = Pki::new();
     let up = upstream().await;
-    let config = write_config(&pki, up, 0, 0, "");
+    // A CRL for a week (the development CA's): its nextUpdate is measured.
+    std::fs::write(pki.path().join("consumers.crl"), pki.ca.crl(&[]).unwrap()).unwrap();
+    let config = write_config_with(&pki, up, 0, 0, "crls = [\"consumers.crl\"]", "", "");
     let mut gw = Gateway::start(&config).await;
     let c = client(&pki, Some(&pki.consumer), false);
     for _ in 0..3 {
@@ -84,6 +86,22 @@ async fn metrics_are_labelled_by_configuration_and_bounded_whatever_the_requests
         .parse()
         .unwrap();
     assert!(expiry > 86_400.0, "{expiry}");
+    // The CRL's nextUpdate, by file: a week ahead.
+    let crl = pki.path().join("consumers.crl");
+    let crl_series = format!(
+        "fsp_crl_next_update_seconds{{file=\"{}\"}} ",
+        std::fs::canonicalize(&crl).unwrap().display()
+    );
+    let next_update: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix(&crl_series))
+        .unwrap_or_else(|| panic!("no `{crl_series}` in:\n{text}"))
+        .parse()
+        .unwrap();
+    assert!(
+        (6.9 * 86_400.0..7.0 * 86_400.0).contains(&next_update),
+        "{next_update}"
+    );
 
     // Reloads are counted.
     let (status, _) = admin_request(
