@@ -797,6 +797,77 @@ async fn a_stale_crl_refuses_administrators_under_its_ca_not_under_their_own() {
     own_gw.stop();
 }
 
+/// A CRL reloaded that revokes an administrator's certificate ends that certificate's
+/// authority on the admin connection it already holds open, at its next request, as on
+/// the consumer listener (a reload replaces the admin TLS settings, and a connection
+/// opened under earlier ones is refused); reconnecting with it fails the handshake.
+#[tokio::test]
+async fn a_crl_reloaded_that_revokes_an_administrator_cuts_the_open_connection() {
+    use tokio::io::AsyncWriteExt;
+    let pki = Pki::new();
+    let up = upstream().await;
+    std::fs::write(pki.path().join("consumers.crl"), pki.ca.crl(&[]).unwrap()).unwrap();
+    let config = write_config_with(&pki, up, 0, 0, "crls = [\"consumers.crl\"]", "", "");
+    let text = std::fs::read_to_string(&config).unwrap().replacen(
+        "tokens_file = \"admin-tokens\"",
+        "tokens_file = \"admin-tokens\"\ntls = true\nadmin_cns = [\"ops.example.be\"]",
+        1,
+    );
+    std::fs::write(&config, text).unwrap();
+    let admin = pki.ca.client("ops.example.be").unwrap();
+    let mut gw = Gateway::start(&config).await;
+    let keep_alive = b"GET /admin/services HTTP/1.1\r\nhost: admin\r\n\r\n";
+    let mut open = tls_connect(&pki, Some(&admin), gw.admin_port, b"http/1.1")
+        .await
+        .unwrap();
+    open.write_all(keep_alive).await.unwrap();
+    assert_eq!(try_read_response(&mut open).await.unwrap().0, 200);
+    std::fs::write(
+        pki.path().join("consumers.crl"),
+        pki.ca.crl(&[admin.serial]).unwrap(),
+    )
+    .unwrap();
+    let token = "test-admin-token-0123456789";
+    let (status, body) = admin_https(
+        &pki,
+        None,
+        gw.admin_port,
+        "POST",
+        "/admin/reload",
+        Some(token),
+        "",
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let again = match open.write_all(keep_alive).await {
+        Ok(()) => try_read_response(&mut open).await.map(|r| r.0),
+        Err(e) => Err(e.to_string()),
+    };
+    assert!(
+        !matches!(again, Ok(200)),
+        "a revoked administrator's certificate kept its open connection's authority"
+    );
+    drop(open);
+    assert!(
+        !matches!(
+            admin_https(
+                &pki,
+                Some(&admin),
+                gw.admin_port,
+                "GET",
+                "/admin/services",
+                None,
+                ""
+            )
+            .await,
+            Ok((200, _))
+        ),
+        "a revoked administrator's certificate was accepted on a new connection"
+    );
+    gw.stop();
+}
+
 /// Contract section 5: a suspension cuts at once. Found by an attacker's review: an
 /// answer already streaming (a large export) went on to its end after its consumer was
 /// suspended. Now the next frame of the answer ends it, and its record says why.
