@@ -768,7 +768,7 @@ fn stale_crl(path: &Path, crls: &[certs::inventory::CrlInfo]) -> Result<(), cert
     }
 }
 
-/// Warnings for the CRLs of `files` that reach their nextUpdate within [`CRL_NOTICE`].
+/// Warnings for those of `crls` that reach their nextUpdate within [`CRL_NOTICE`].
 pub fn crl_warnings(crls: &[certs::inventory::CrlInfo], now: time::OffsetDateTime) -> Vec<String> {
     crls.iter()
         .filter_map(|c| {
