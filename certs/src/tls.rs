@@ -145,10 +145,11 @@ fn key_mismatch(files: &ServerFiles, e: &rustls::Error) -> CertError {
 /// HTTP/1.1 only.
 ///
 /// `admin_roots`: trust anchors for administrators' client certificates (checked against
-/// the listener's CRLs too, with the same refusal of a CRL past its nextUpdate). A client certificate is then optional at the TLS level (an
-/// administrator may come with a bearer token instead), but one that is presented must
-/// chain to these anchors; which CNs are administrators is decided per request. `None`:
-/// no client certificate is asked for.
+/// the listener's CRLs too, with the same refusal of a CRL past its nextUpdate). A
+/// client certificate is then optional at the TLS level (an administrator may come with
+/// a bearer token instead), but one that is presented must chain to these anchors;
+/// which CNs are administrators is decided per request. `None`: no client certificate
+/// is asked for.
 pub fn admin_server_config(
     files: &ServerFiles,
     admin_roots: Option<&Path>,
