@@ -19,6 +19,7 @@ pub mod file;
 pub mod file_index;
 pub mod file_stats;
 mod json;
+pub mod pg_tls;
 pub mod postgres;
 pub mod seal;
 pub mod stats;

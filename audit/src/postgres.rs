@@ -608,6 +608,8 @@ pub enum TrailError {
         at: String,
         source: ::postgres::Error,
     },
+    #[error("cannot connect to the audit database at {at}: {why}")]
+    Tls { at: String, why: String },
     #[error("the audit database failed: {}", describe(.0))]
     Database(#[from] ::postgres::Error),
     #[error("the audit database's schema: {0}")]
@@ -642,7 +644,10 @@ fn describe(e: &::postgres::Error) -> String {
 /// its password.
 pub fn display_url(url: &str) -> String {
     use ::postgres::config::Host;
-    let Ok(config) = url.parse::<::postgres::Config>() else {
+    let Ok(config) = crate::pg_tls::target(url)
+        .map_err(drop)
+        .and_then(|t| t.url.parse::<::postgres::Config>().map_err(drop))
+    else {
         return "(an audit database URL that does not parse)".to_owned();
     };
     let ports = config.get_ports();
@@ -674,10 +679,15 @@ fn quote_ident(name: &str) -> String {
 /// Connects as `application_name`, in `schema` when one is given.
 fn open(url: &str, schema: Option<&str>, application_name: &str) -> Result<Client, TrailError> {
     let at = display_url(url);
-    let mut config: ::postgres::Config = url.parse().map_err(|source| TrailError::Connect {
+    let target = crate::pg_tls::target(url).map_err(|why| TrailError::Tls {
         at: at.clone(),
-        source,
+        why,
     })?;
+    let mut config: ::postgres::Config =
+        target.url.parse().map_err(|source| TrailError::Connect {
+            at: at.clone(),
+            source,
+        })?;
     config.application_name(application_name);
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(CONNECT_TIMEOUT);
@@ -685,9 +695,11 @@ fn open(url: &str, schema: Option<&str>, application_name: &str) -> Result<Clien
     if config.get_tcp_user_timeout().is_none() {
         config.tcp_user_timeout(TCP_USER_TIMEOUT);
     }
-    let mut client = config
-        .connect(NoTls)
-        .map_err(|source| TrailError::Connect { at, source })?;
+    let connected = match target.tls {
+        Some(tls) => config.connect(crate::pg_tls::MakeRustls(tls)),
+        None => config.connect(NoTls),
+    };
+    let mut client = connected.map_err(|source| TrailError::Connect { at, source })?;
     if let Some(schema) = schema {
         client.batch_execute(&format!("SET search_path TO {}", quote_ident(schema)))?;
     }

@@ -583,3 +583,49 @@ fn check_refuses_a_crl_past_its_next_update_and_warns_of_one_about_to_pass_it() 
         "{stderr}"
     );
 }
+
+/// TLS to the audit database: `sslmode=verify-full` with an `sslrootcert` that can be
+/// read passes the check; one that cannot, a relative path or an unknown `sslmode` is a
+/// problem of `audit.url` that says which.
+#[test]
+fn check_takes_tls_to_postgresql_and_names_what_is_wrong_with_it() {
+    let s = Setup::new();
+    let ca = s.root().join("conf/pki/providers-ca.pem");
+    let with = |params: &str| {
+        MAIN.replace(
+            "backend     = \"file\"\ndir         = \"data/audit\"",
+            &format!("backend     = \"postgres\"\nurl         = \"postgres://fsp@db.internal/fsp?{params}\""),
+        )
+    };
+    s.write(
+        "fsp.toml",
+        &with(&format!("sslmode=verify-full&sslrootcert={}", ca.display())),
+    );
+    let out = s.check();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    for (params, says) in [
+        (
+            "sslmode=verify-full&sslrootcert=/nonexistent/ca.pem".to_owned(),
+            "sslrootcert /nonexistent/ca.pem",
+        ),
+        (
+            "sslmode=verify-ca&sslrootcert=pki/providers-ca.pem".to_owned(),
+            "absolute path",
+        ),
+        ("sslmode=allow".to_owned(), "sslmode=allow"),
+        (
+            format!("sslmode=disable&sslrootcert={}", ca.display()),
+            "only with sslmode",
+        ),
+    ] {
+        s.write("fsp.toml", &with(&params));
+        let out = s.check();
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{params}: {stderr}");
+        let problems = problem_lines(&stderr);
+        assert!(
+            problems.len() == 1 && problems[0].contains("audit.url") && problems[0].contains(says),
+            "{params}: {stderr}"
+        );
+    }
+}

@@ -1314,19 +1314,15 @@ fn build_audit(sources: &[Source], problems: &mut Problems) -> AuditConfig {
                 "postgres" => match url.as_ref().map(Option::as_deref) {
                     Ok(Some(url))
                         if (url.starts_with("postgres://") || url.starts_with("postgresql://"))
-                            && [
-                                "sslmode=require",
-                                "sslmode=verify-ca",
-                                "sslmode=verify-full",
-                            ]
-                            .iter()
-                            .any(|m| url.contains(m)) =>
+                            && audit::pg_tls::target(url).is_err() =>
                     {
-                        problems.add(
-                            &s.path,
-                            "audit.url",
-                            "TLS to PostgreSQL (sslmode=require or verify-*) is not available in this build: connect on a protected network (sslmode=disable or prefer), or through a TLS tunnel",
-                        );
+                        let why = audit::pg_tls::target(url).err().unwrap_or_default();
+                        let key = if a.url_file.is_some() {
+                            "audit.url_file"
+                        } else {
+                            "audit.url"
+                        };
+                        problems.add(&s.path, key, format!("TLS to PostgreSQL: {why}"));
                         AuditBackend::File {
                             dir: s.dir.join("audit"),
                         }
