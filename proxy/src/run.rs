@@ -138,6 +138,7 @@ pub async fn start(
             let store = crate::suspend::SuspensionStore::open_cluster(
                 Some(suspensions_file),
                 &cluster.redis_url,
+                cluster.redis_tls.as_ref(),
                 &cluster.key_prefix,
             )?;
             // Before traffic: a replica that restarts during an incident serves no call
@@ -177,9 +178,10 @@ pub async fn start(
     let (snapshot, tls) = Snapshot::from_config(config);
     let throttle = throttle::LocalStore::new(snapshot.providers.iter().map(|p| p.id.as_str()));
     let shared_throttle = match &throttle_cfg.backend {
-        config::ThrottleBackend::Redis { url } => Some(crate::state::SharedThrottle {
-            store: throttle::redis::RedisStore::new(
+        config::ThrottleBackend::Redis { url, tls } => Some(crate::state::SharedThrottle {
+            store: throttle::redis::RedisStore::with_tls(
                 url,
+                tls.as_ref(),
                 // The platform's own key space, as for the cluster's suspensions.
                 &key_prefix,
                 std::time::Duration::from_millis(250),

@@ -219,11 +219,12 @@ impl SuspensionStore {
     pub fn open_cluster(
         file: Option<PathBuf>,
         redis_url: &str,
+        tls: Option<&throttle::redis::RedisTls>,
         key_prefix: &str,
     ) -> anyhow::Result<Self> {
         let state = read_state(file.as_deref())?;
-        let client = redis::Client::open(redis_url)
-            .map_err(|e| anyhow::anyhow!("cluster.redis_url: {e}"))?;
+        let client = throttle::redis::client(redis_url, tls)
+            .map_err(|e| anyhow::anyhow!("cluster.redis_url: {}", e.0))?;
         // The hash tag keeps every key in one slot, so one transaction reads them all on
         // a Redis Cluster too.
         let link = ClusterLink {

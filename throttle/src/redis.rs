@@ -307,6 +307,55 @@ fn micros(d: u64) -> u64 {
     d.div_ceil(1000).max(1)
 }
 
+/// TLS to Redis (`rediss://` URLs): the PEM trust anchors of the server's certificate
+/// (the system's when `None`), and a PEM client certificate and key to present, if any.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedisTls {
+    pub ca: Option<Vec<u8>>,
+    pub client: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for RedisTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key.
+        f.debug_struct("RedisTls")
+            .field("ca", &self.ca.is_some())
+            .field("client", &self.client.is_some())
+            .finish()
+    }
+}
+
+/// A client of the Redis at `url`: over TLS for a `rediss://` URL, the server's
+/// certificate checked against `tls`'s trust anchors (the system's without them) and
+/// its name against the URL's host, presenting `tls`'s client certificate if it has one.
+/// The error never repeats the URL (it may carry a password).
+pub fn client(url: &str, tls: Option<&RedisTls>) -> Result<redis::Client, BackendError> {
+    if !url.starts_with("rediss://") {
+        if tls.is_some() {
+            return Err(BackendError(
+                "TLS settings are given for a Redis URL that is not rediss://".into(),
+            ));
+        }
+        return redis::Client::open(url).map_err(|e| BackendError(e.to_string()));
+    }
+    if url.contains("#insecure") {
+        return Err(BackendError(
+            "rediss://...#insecure would not check the server's certificate: give its CA instead"
+                .into(),
+        ));
+    }
+    let certs = redis::TlsCertificates {
+        client_tls: tls
+            .and_then(|t| t.client.as_ref())
+            .map(|(cert, key)| redis::ClientTlsConfig {
+                client_cert: cert.clone(),
+                client_key: key.clone(),
+            }),
+        root_cert: tls.and_then(|t| t.ca.clone()),
+    };
+    redis::Client::build_with_tls(url, certs).map_err(|e| BackendError(e.to_string()))
+}
+
 impl RedisStore {
     /// A store on `url`; connects in the background (a Redis that is down at start-up is
     /// handled like one that goes down later). Each decision waits at most `timeout`.
@@ -314,8 +363,18 @@ impl RedisStore {
     /// Call it within the Tokio runtime that should run the batching task (it lives as
     /// long as that runtime: the gateway's control runtime).
     pub fn new(url: &str, prefix: &str, timeout: Duration) -> Result<Self, BackendError> {
+        Self::with_tls(url, None, prefix, timeout)
+    }
+
+    /// [`RedisStore::new`], with TLS settings for a `rediss://` URL (see [`client`]).
+    pub fn with_tls(
+        url: &str,
+        tls: Option<&RedisTls>,
+        prefix: &str,
+        timeout: Duration,
+    ) -> Result<Self, BackendError> {
         // The URL may carry a password: the error does not repeat it.
-        let client = redis::Client::open(url).map_err(|e| BackendError(e.to_string()))?;
+        let client = client(url, tls)?;
         let runtime = tokio::runtime::Handle::try_current()
             .map_err(|_| BackendError("the Redis throttle needs a Tokio runtime".into()))?;
         let inner = Arc::new(Inner {

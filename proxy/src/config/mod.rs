@@ -247,8 +247,12 @@ pub struct ThrottleConfig {
 pub enum ThrottleBackend {
     /// In this gateway's memory.
     Local,
-    /// Shared by every replica through Redis (`redis://`, `rediss://` or `unix://`).
-    Redis { url: String },
+    /// Shared by every replica through Redis (`redis://`, `rediss://` or `unix://`),
+    /// with TLS settings for `rediss://` (the system's CAs when `None`).
+    Redis {
+        url: String,
+        tls: Option<throttle::redis::RedisTls>,
+    },
 }
 
 /// `[cluster]`: where the replicas share their state.
@@ -256,6 +260,8 @@ pub enum ThrottleBackend {
 pub struct Cluster {
     /// `redis://`, `rediss://` or `unix://`.
     pub redis_url: String,
+    /// TLS settings for a `rediss://` URL (the system's CAs when `None`).
+    pub redis_tls: Option<throttle::redis::RedisTls>,
     /// Prefix of the keys and channel in Redis (`fsp:` unless set), so that several
     /// platforms (INT and ACC, say) can share one Redis without seeing each other.
     pub key_prefix: String,
@@ -1478,7 +1484,8 @@ fn build_throttle(sources: &[Source], problems: &mut Problems) -> ThrottleConfig
                 }
                 ("redis", Ok(Some(url))) => {
                     check_redis_url(s, "throttle.url", &url, problems);
-                    ThrottleBackend::Redis { url }
+                    let tls = redis_tls(s, "throttle.tls", &url, t.tls.as_ref(), problems);
+                    ThrottleBackend::Redis { url, tls }
                 }
                 ("redis", Ok(None)) => {
                     problems.add(
@@ -1598,15 +1605,17 @@ fn check_redis_url(s: &Source, key: &str, url: &str, problems: &mut Problems) {
         .parse::<http::Uri>()
         .ok()
         .and_then(|u| u.host().map(str::to_owned));
-    if scheme == Some("rediss") {
+    if scheme == Some("rediss") && url.contains("#insecure") {
         problems.add(
             &s.path,
             key,
-            "TLS to Redis (rediss://) is not available in this build: use redis:// on a protected network, or a TLS tunnel (stunnel, a service mesh) in front of Redis",
+            "rediss://...#insecure would not check Redis's certificate: remove #insecure and give the CA that issued it (tls.ca or redis_tls.ca)",
         );
         return;
     }
-    if !matches!(scheme, Some("redis" | "unix")) || (scheme != Some("unix") && host.is_none()) {
+    if !matches!(scheme, Some("redis" | "rediss" | "unix"))
+        || (scheme != Some("unix") && host.is_none())
+    {
         // The URL may carry a password: only its scheme is repeated.
         problems.add(
             &s.path,
@@ -1617,6 +1626,84 @@ fn check_redis_url(s: &Source, key: &str, url: &str, problems: &mut Problems) {
             ),
         );
     }
+}
+
+/// TLS to Redis (`key`: `throttle.tls` or `cluster.redis_tls`): taken only with a
+/// `rediss://` URL; the files read and checked now (PEM certificates, a key), so that
+/// a wrong one is a problem of the configuration, not of the first call.
+fn redis_tls(
+    s: &Source,
+    key: &str,
+    url: &str,
+    raw: Option<&RawRedisTls>,
+    problems: &mut Problems,
+) -> Option<throttle::redis::RedisTls> {
+    let raw = raw?;
+    if !url.starts_with("rediss://") {
+        problems.add(
+            &s.path,
+            key,
+            "takes effect only with a rediss:// URL (TLS to Redis): remove it, or use rediss://",
+        );
+        return None;
+    }
+    let mut ok = true;
+    let mut read = |field: &str, path: &str, certificates: bool| -> Option<Vec<u8>> {
+        let path = s.dir.join(path);
+        let bytes = match certs::load::read_regular_file(&path, MAX_CONFIG_FILE) {
+            Ok(b) => b,
+            Err(e) => {
+                problems.add(
+                    &s.path,
+                    format!("{key}.{field}"),
+                    format!("{}: {e}", path.display()),
+                );
+                ok = false;
+                return None;
+            }
+        };
+        use rustls::pki_types::pem::PemObject;
+        let usable = if certificates {
+            rustls::pki_types::CertificateDer::pem_slice_iter(&bytes)
+                .collect::<Result<Vec<_>, _>>()
+                .is_ok_and(|c| !c.is_empty())
+        } else {
+            rustls::pki_types::PrivateKeyDer::from_pem_slice(&bytes).is_ok()
+        };
+        if !usable {
+            let wanted = if certificates {
+                "PEM certificates (-----BEGIN CERTIFICATE-----)"
+            } else {
+                "a PEM private key"
+            };
+            problems.add(
+                &s.path,
+                format!("{key}.{field}"),
+                format!("{} does not hold {wanted}", path.display()),
+            );
+            ok = false;
+            return None;
+        }
+        Some(bytes)
+    };
+    let ca = raw.ca.as_deref().and_then(|p| read("ca", p, true));
+    let client = match (&raw.cert, &raw.key) {
+        (None, None) => None,
+        (Some(c), Some(k)) => {
+            let cert = read("cert", c, true);
+            let key = read("key", k, false);
+            cert.zip(key)
+        }
+        _ => {
+            problems.add(
+                &s.path,
+                key,
+                "cert and key go together: give both, or neither",
+            );
+            return None;
+        }
+    };
+    ok.then_some(throttle::redis::RedisTls { ca, client })
 }
 
 /// `[cluster]`: the Redis that replicas share suspensions through.
@@ -1651,8 +1738,10 @@ fn build_cluster(s: &Source, c: &RawCluster, problems: &mut Problems) -> Option<
             "1 to 64 characters among letters, digits, '-', '_', ':' and '.' (e.g. \"fsp-int:\")",
         );
     }
+    let redis_tls = redis_tls(s, "cluster.redis_tls", &url, c.redis_tls.as_ref(), problems);
     Some(Cluster {
         redis_url: url,
+        redis_tls,
         key_prefix,
     })
 }

@@ -115,6 +115,17 @@ pub struct RawThrottle {
     pub on_backend_error: Option<String>,
     /// Extension: how many gateways share the limits (for the `local` fallback).
     pub replicas: Option<u32>,
+    /// Extension: TLS to Redis, for a `rediss://` URL.
+    pub tls: Option<RawRedisTls>,
+}
+
+/// Extension: TLS to Redis (`rediss://`): the server's CA, and a client certificate.
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRedisTls {
+    pub ca: Option<String>,
+    pub cert: Option<String>,
+    pub key: Option<String>,
 }
 
 /// `[cluster]`: state shared by every replica.
@@ -126,6 +137,8 @@ pub struct RawCluster {
     pub redis_url_file: Option<String>,
     /// Extension: the prefix of every key and channel the cluster uses in Redis.
     pub key_prefix: Option<String>,
+    /// Extension: TLS to Redis, for a `rediss://` URL.
+    pub redis_tls: Option<RawRedisTls>,
 }
 
 /// `[telemetry]`: OpenTelemetry traces.

@@ -2466,9 +2466,24 @@ fn backends_and_token_settings_are_parsed_when_loaded() {
     assert_eq!(
         c.throttle.backend,
         ThrottleBackend::Redis {
-            url: "redis://127.0.0.1:6379".into()
+            url: "redis://127.0.0.1:6379".into(),
+            tls: None
         }
     );
+    // TLS to Redis, with the CA that issued its certificate.
+    let ca = certs::devpki::DevCa::new("Redis CA").unwrap();
+    f.write("pki/redis-ca.pem", &ca.cert_pem());
+    let c = f
+        .load_single(&edit(
+            &f.single_file(),
+            "backend     = \"local\"\non_backend_error",
+            "backend     = \"redis\"\nurl = \"rediss://redis.internal:6380\"\ntls = { ca = \"pki/redis-ca.pem\" }\non_backend_error",
+        ))
+        .unwrap();
+    let ThrottleBackend::Redis { tls: Some(tls), .. } = c.throttle.backend else {
+        panic!("{:?}", c.throttle.backend);
+    };
+    assert_eq!(tls.ca, Some(ca.cert_pem().into_bytes()));
 }
 
 #[test]
@@ -2484,7 +2499,8 @@ fn backend_urls_can_come_from_files_of_their_own() {
     assert_eq!(
         config.throttle.backend,
         ThrottleBackend::Redis {
-            url: "redis://:s3cret@127.0.0.1:6379".into()
+            url: "redis://:s3cret@127.0.0.1:6379".into(),
+            tls: None
         }
     );
     // Both forms at once, and a file that is not there, are named with their key.
@@ -2605,14 +2621,53 @@ fn the_cluster_section_names_its_redis_and_key_prefix() {
         "cluster.key_prefix",
         &["letters, digits"],
     );
-    // TLS to Redis is not in this build: refused by name rather than failing at start.
-    let problems = fx.problems(&with("redis_url = \"rediss://r.example:6380\""));
-    expect(
-        &problems,
-        "fsp.toml",
-        "cluster.redis_url",
-        &["rediss://", "not available"],
-    );
+    // TLS to Redis: the system's CAs, or the CA given; what is wrong is named.
+    let config = fx
+        .load_single(&with("redis_url = \"rediss://r.example:6380\""))
+        .unwrap();
+    assert_eq!(config.cluster.unwrap().redis_tls, None);
+    let ca = certs::devpki::DevCa::new("Redis CA").unwrap();
+    fx.write("pki/redis-ca.pem", &ca.cert_pem());
+    let client = ca.client("fsp").unwrap();
+    fx.write("pki/redis-client.pem", &client.cert_pem);
+    fx.write("pki/redis-client.key", &client.key_pem);
+    let config = fx
+        .load_single(&with(
+            "redis_url = \"rediss://r.example:6380\"\nredis_tls = { ca = \"pki/redis-ca.pem\", cert = \"pki/redis-client.pem\", key = \"pki/redis-client.key\" }",
+        ))
+        .unwrap();
+    let tls = config.cluster.unwrap().redis_tls.unwrap();
+    assert_eq!(tls.ca.unwrap(), ca.cert_pem().into_bytes());
+    assert!(tls.client.is_some());
+    for (body, key, says) in [
+        (
+            "redis_url = \"rediss://r.example:6380/#insecure\"",
+            "cluster.redis_url",
+            "#insecure",
+        ),
+        (
+            "redis_url = \"redis://r.example:6379\"\nredis_tls = { ca = \"pki/redis-ca.pem\" }",
+            "cluster.redis_tls",
+            "only with a rediss://",
+        ),
+        (
+            "redis_url = \"rediss://r.example:6380\"\nredis_tls = { ca = \"pki/missing.pem\" }",
+            "cluster.redis_tls.ca",
+            "missing.pem",
+        ),
+        (
+            "redis_url = \"rediss://r.example:6380\"\nredis_tls = { ca = \"pki/redis-client.key\" }",
+            "cluster.redis_tls.ca",
+            "does not hold PEM certificates",
+        ),
+        (
+            "redis_url = \"rediss://r.example:6380\"\nredis_tls = { cert = \"pki/redis-client.pem\" }",
+            "cluster.redis_tls",
+            "go together",
+        ),
+    ] {
+        expect_only(&fx.problems(&with(body)), "fsp.toml", key, &[says]);
+    }
     let problems = fx.problems(&with("key_prefix = \"fsp:\""));
     expect(
         &problems,
