@@ -21,6 +21,43 @@ pub struct Issued {
     pub serial: u64,
 }
 
+impl Issued {
+    /// A TLS server configuration presenting this certificate (for test servers that
+    /// stand in for a database or a Redis), asking for client certificates that chain
+    /// to `client_ca` when given.
+    pub fn server_tls(
+        &self,
+        client_ca: Option<&DevCa>,
+    ) -> Result<rustls::ServerConfig, rustls::Error> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let pem = |e: rustls::pki_types::pem::Error| rustls::Error::General(e.to_string());
+        let provider = crate::provider();
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()?;
+        let builder = match client_ca {
+            Some(ca) => {
+                let mut roots = rustls::RootCertStore::empty();
+                roots
+                    .add(CertificateDer::from_pem_slice(ca.cert_pem().as_bytes()).map_err(pem)?)?;
+                builder.with_client_cert_verifier(
+                    rustls::server::WebPkiClientVerifier::builder_with_provider(
+                        std::sync::Arc::new(roots),
+                        provider,
+                    )
+                    .build()
+                    .map_err(|e| rustls::Error::General(e.to_string()))?,
+                )
+            }
+            None => builder.with_no_client_auth(),
+        };
+        builder.with_single_cert(
+            vec![CertificateDer::from_pem_slice(self.cert_pem.as_bytes()).map_err(pem)?],
+            PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes()).map_err(pem)?,
+        )
+    }
+}
+
 /// A development certificate authority.
 #[derive(Debug)]
 pub struct DevCa {

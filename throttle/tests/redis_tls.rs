@@ -8,8 +8,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use certs::devpki::DevCa;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use throttle::redis::{RedisStore, RedisTls};
 use throttle::{Limit, Limits, Store};
 
@@ -20,33 +18,7 @@ async fn relay(
     client_ca: Option<&DevCa>,
     redis: &str,
 ) -> (u16, Arc<AtomicUsize>) {
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .unwrap();
-    let builder = match client_ca {
-        Some(ca) => {
-            let mut roots = rustls::RootCertStore::empty();
-            roots
-                .add(CertificateDer::from_pem_slice(ca.cert_pem().as_bytes()).unwrap())
-                .unwrap();
-            builder.with_client_cert_verifier(
-                rustls::server::WebPkiClientVerifier::builder_with_provider(
-                    Arc::new(roots),
-                    provider,
-                )
-                .build()
-                .unwrap(),
-            )
-        }
-        None => builder.with_no_client_auth(),
-    };
-    let config = builder
-        .with_single_cert(
-            vec![CertificateDer::from_pem_slice(server.cert_pem.as_bytes()).unwrap()],
-            PrivateKeyDer::from_pem_slice(server.key_pem.as_bytes()).unwrap(),
-        )
-        .unwrap();
+    let config = server.server_tls(client_ca).unwrap();
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let upstream = redis
         .strip_prefix("redis://")
