@@ -59,8 +59,10 @@ LITERAL = {
     "admin": {"tls": True, "adminCns": ["ops.example.be"], "adminCa": {"existingSecret": "fsp-admin-ca"},
               "tokens": {"values": ["ops:literal-admin-token-123"]}},
     "audit": {"backend": "postgres", "postgres": {"url": "postgres://fsp:literal-pg-password@pg:5432/fsp"}},
-    "throttle": {"backend": "redis", "redis": {"url": "redis://:literal-redis-password@redis:6379/0"}},
-    "cluster": {"enabled": True, "redis": {"url": "redis://:literal-redis-password@redis:6379/1"}},
+    "throttle": {"backend": "redis", "redis": {"url": "rediss://:literal-redis-password@redis:6380/0",
+                                               "tls": {"existingSecret": "fsp-redis-tls", "clientCertificate": True}}},
+    "cluster": {"enabled": True, "redis": {"url": "rediss://:literal-redis-password@redis:6380/1",
+                                           "tls": {"existingSecret": "fsp-redis-tls"}}},
     "telemetry": {"enabled": True},
     "listener": {"proxyProtocolFrom": ["10.0.0.0/24"], "clientCa": {"existingSecret": "fsp-consumers-ca", "crlKeys": ["ca.crl"]}},
     "networkPolicy": {"egress": {
@@ -271,7 +273,7 @@ def assert_chart(scenario: str, docs, values: dict, want_pdb: bool, want_hpa: bo
     return files
 
 
-PATH_KEYS = re.compile(r"(_cert|_key|_ca|_file|^crls)$")
+PATH_KEYS = re.compile(r"(_cert|_key|_ca|_file|^crls|^ca|^cert|^key)$")
 
 
 def config_paths(files: dict[str, str]):
@@ -324,20 +326,20 @@ def fake_content(key: str, pki: Path) -> str:
     last = key.split(".")[-1]
     if last.startswith("crls"):
         return (pki / "ca.crl").read_text()
-    if last in ("client_ca", "upstream_ca", "admin_ca"):
+    if last in ("client_ca", "upstream_ca", "admin_ca", "ca"):
         return (pki / "ca.crt").read_text()
     if last == "signing_key":
         return (pki / "audit-signing.pem").read_text()
-    if last.endswith("_key"):
+    if last.endswith("_key") or last == "key":
         return (pki / "leaf.key").read_text()
-    if last.endswith("_cert"):
+    if last.endswith("_cert") or last == "cert":
         return (pki / "chain.crt").read_text()
     if last == "tokens_file":
         return "ci:fsp-ci-token-0123456789\n"
     if key.startswith("audit."):
         return "postgres://fsp:ci@127.0.0.1:5432/fsp\n"
     if last in ("url_file", "redis_url_file"):
-        return "redis://127.0.0.1:6379\n"
+        return "redis://127.0.0.1:6379\n"  # rediss:// where the section sets TLS: see fsp_check
     return ""
 
 
@@ -351,7 +353,13 @@ def fsp_check(scenario: str, fsp: str, files: dict[str, str], pki: Path) -> bool
             if path.startswith(SECRETS_DIR + "/"):
                 f = secrets / path[len(SECRETS_DIR) + 1:]
                 f.parent.mkdir(parents=True, exist_ok=True)
-                f.write_text(fake_content(key, pki))
+                content = fake_content(key, pki)
+                section = key.split(": ", 1)[-1].split(".")[0]
+                if content.startswith("redis://") and any(
+                        f"[{section}]" in text and ("\ntls = " in text or "\nredis_tls = " in text)
+                        for text in files.values()):
+                    content = "rediss://fsp-ci:6380\n"
+                f.write_text(content)
         for name, text in files.items():
             text = text.replace(SECRETS_DIR + "/", f"{secrets}/").replace(STATE_DIR + "/", f"{state}/")
             (conf / name).write_text(text)

@@ -112,3 +112,13 @@ of those are valid TOML; maps are not, and the schema refuses them.
 {{- if .Values.terminationGracePeriodSeconds }}{{ .Values.terminationGracePeriodSeconds | int }}
 {{- else }}{{ add (.Values.listener.shutdownDelaySeconds | int) (.Values.listener.drainTimeoutSeconds | int) 15 }}{{ end }}
 {{- end }}
+
+{{/* TLS to Redis as an inline table: (list secretsDir mountName tlsValues). */}}
+{{- define "fsp.redisTls" -}}
+{{- $dir := printf "%s/%s" (index . 0) (index . 1) -}}
+{{- if (index . 2).clientCertificate -}}
+{ ca = "{{ $dir }}/ca.crt", cert = "{{ $dir }}/tls.crt", key = "{{ $dir }}/tls.key" }
+{{- else -}}
+{ ca = "{{ $dir }}/ca.crt" }
+{{- end -}}
+{{- end }}
