@@ -2,8 +2,10 @@
 //!
 //! - [`ConnLimits`]: consumer connections, in total and per source address, with tighter
 //!   bounds for connections that presented no client certificate (the cheapest to open:
-//!   no key, no CA). A connection beyond a bound is closed at once; calls already under
-//!   way are never touched.
+//!   no key, no CA), and, once half the room is taken, for connections from one
+//!   address whose TLS handshake is still under way (one that never finishes costs no
+//!   more). A connection beyond a bound is closed at once; calls already under way are
+//!   never touched.
 //! - [`ConnCap`]: calls in flight to one provider (each holds an upstream connection),
 //!   shared by the worker threads. A call that finds the cap reached waits a bounded time
 //!   for one to end, then is refused with 503 without anything being sent.
@@ -173,6 +175,8 @@ pub enum Refusal {
     PerAddress,
     Anonymous,
     AnonymousPerAddress,
+    /// Too many connections from one address still in their TLS handshake.
+    HandshakesPerAddress,
 }
 
 impl Refusal {
@@ -182,6 +186,7 @@ impl Refusal {
             Self::PerAddress => "per_address",
             Self::Anonymous => "anonymous",
             Self::AnonymousPerAddress => "anonymous_per_address",
+            Self::HandshakesPerAddress => "handshakes_per_address",
         }
     }
 }
@@ -211,6 +216,11 @@ impl Source {
 struct PerSource {
     all: usize,
     anonymous: usize,
+    /// Connections whose TLS handshake is under way: they have not shown a certificate
+    /// yet, and one that never finishes its handshake costs as little as an anonymous
+    /// one, so they are bounded per address as tightly (but apart from the anonymous
+    /// ones, so that idle anonymous connections never keep a consumer's handshake out).
+    handshaking: usize,
 }
 
 /// Open consumer connections, counted against [`ConnectionLimits`].
@@ -230,6 +240,8 @@ pub struct ConnSlot {
     /// None while a balancer's PROXY header has not said whose connection it is.
     source: Option<Source>,
     anonymous: bool,
+    /// Counted among its address's handshakes under way.
+    handshaking: bool,
 }
 
 impl ConnLimits {
@@ -265,14 +277,27 @@ impl ConnLimits {
         if entry.all >= self.limits.per_ip {
             return Err(refused(Refusal::PerAddress));
         }
+        if self.too_many_handshakes(entry) {
+            return Err(refused(Refusal::HandshakesPerAddress));
+        }
         entry.all += 1;
+        entry.handshaking += 1;
         self.total.fetch_add(1, Ordering::Relaxed);
         metrics::gauge!("fsp_connections_open").increment(1.0);
         Ok(ConnSlot {
             limits: self.clone(),
             source: Some(source),
             anonymous: false,
+            handshaking: true,
         })
+    }
+
+    /// Whether a new connection from `entry`'s address would be one handshake too many:
+    /// once half of `max` is open (in normal times a consumer may open many connections
+    /// at once), an address may have at most `anonymous_per_ip` handshakes under way.
+    fn too_many_handshakes(&self, entry: &PerSource) -> bool {
+        entry.handshaking >= self.limits.anonymous_per_ip
+            && self.total.load(Ordering::Relaxed) >= self.limits.max.div_ceil(2)
     }
 
     /// Admits a connection from a load balancer before its PROXY header says whose it
@@ -289,6 +314,7 @@ impl ConnLimits {
             limits: self.clone(),
             source: None,
             anonymous: false,
+            handshaking: false,
         })
     }
 }
@@ -315,9 +341,34 @@ impl ConnSlot {
         if entry.all >= self.limits.limits.per_ip {
             return Err(refused(Refusal::PerAddress));
         }
+        if self.limits.too_many_handshakes(entry) {
+            return Err(refused(Refusal::HandshakesPerAddress));
+        }
         entry.all += 1;
+        entry.handshaking += 1;
         self.source = Some(source);
+        self.handshaking = true;
         Ok(())
+    }
+
+    /// The connection's handshake is over (with a certificate; [`Self::anonymous`] says
+    /// it for one without): it no longer counts among its address's handshakes under
+    /// way.
+    pub fn handshake_done(&mut self) {
+        if !self.handshaking {
+            return;
+        }
+        self.handshaking = false;
+        let mut sources = self
+            .limits
+            .sources
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(source) = self.source
+            && let Some(entry) = sources.get_mut(&source)
+        {
+            entry.handshaking = entry.handshaking.saturating_sub(1);
+        }
     }
 
     /// The connection presented no client certificate: it must also fit the anonymous
@@ -339,6 +390,10 @@ impl ConnSlot {
             return Err(refused(Refusal::AnonymousPerAddress));
         }
         entry.anonymous += 1;
+        if self.handshaking {
+            entry.handshaking = entry.handshaking.saturating_sub(1);
+            self.handshaking = false;
+        }
         limits.anonymous.fetch_add(1, Ordering::Relaxed);
         self.anonymous = true;
         metrics::gauge!("fsp_connections_anonymous_open").increment(1.0);
@@ -356,6 +411,9 @@ impl Drop for ConnSlot {
             entry.all = entry.all.saturating_sub(1);
             if self.anonymous {
                 entry.anonymous = entry.anonymous.saturating_sub(1);
+            }
+            if self.handshaking {
+                entry.handshaking = entry.handshaking.saturating_sub(1);
             }
             if entry.all == 0 {
                 sources.remove(&source);
@@ -412,7 +470,9 @@ mod tests {
         let b: IpAddr = "192.0.2.2".parse().unwrap();
         let mut held = Vec::new();
         for _ in 0..3 {
-            held.push(l.admit(a).unwrap());
+            let mut slot = l.admit(a).unwrap();
+            slot.handshake_done();
+            held.push(slot);
         }
         assert_eq!(l.admit(a).err(), Some(Refusal::PerAddress));
         held[0].anonymous().unwrap();
@@ -424,6 +484,7 @@ mod tests {
         let mut other = l.admit(b).unwrap();
         other.anonymous().unwrap();
         let mut third = l.admit(b).unwrap();
+        third.handshake_done();
         assert_eq!(third.anonymous().err(), Some(Refusal::Anonymous));
         assert_eq!(l.admit(b).err(), Some(Refusal::Total));
         assert_eq!(l.open(), (5, 3));
@@ -431,6 +492,33 @@ mod tests {
         assert_eq!(l.open(), (2, 1));
         assert!(l.admit(a).is_ok());
         third.anonymous().unwrap();
+    }
+
+    /// Once half the connections are open, connections that have not finished their
+    /// handshake are bounded per address as tightly as anonymous ones, apart from them:
+    /// neither keeps the other out.
+    #[test]
+    fn handshakes_under_way_are_bounded_per_address_once_half_the_room_is_taken() {
+        let l = limits(8, 8, 8, 1);
+        let (a, b): (IpAddr, IpAddr) = ("192.0.2.1".parse().unwrap(), "192.0.2.2".parse().unwrap());
+        // Below half of the total, a burst of handshakes from one address is let in.
+        let mut burst: Vec<_> = (0..4).map(|_| l.admit(a).unwrap()).collect();
+        assert_eq!(l.admit(a).err(), Some(Refusal::HandshakesPerAddress));
+        let mut other = l.admit(b).unwrap();
+        assert_eq!(l.admit(b).err(), Some(Refusal::HandshakesPerAddress));
+        // A handshake done (with a certificate, or without: then anonymous) makes room.
+        other.anonymous().unwrap();
+        let _third = l.admit(b).unwrap();
+        for slot in &mut burst {
+            slot.handshake_done();
+        }
+        let _next = l.admit(a).unwrap();
+        assert_eq!(l.admit(a).err(), Some(Refusal::HandshakesPerAddress));
+        assert_eq!(l.open(), (7, 1));
+        // Below half again, the bound is lifted.
+        drop(burst);
+        let _again = l.admit(a).unwrap();
+        assert_eq!(l.open(), (4, 1));
     }
 
     #[test]

@@ -2,11 +2,12 @@
 //! by rustls against the consumer CAs and CRLs), then HTTP/1.1 or HTTP/2 by ALPN.
 //!
 //! Each connection is first counted against the connection limits (`crate::limits`):
-//! beyond them it is closed at once, and so is a connection without a client certificate
-//! beyond the tighter bounds for those. Each connection gets its own task. The accept
-//! loop does no handshake work itself, so
-//! a slow or hostile client cannot stall it; handshakes are bounded by
-//! `listener.handshake_timeout`. On shutdown the loop stops accepting and every open
+//! beyond them it is closed at once (until its handshake is over it also counts among
+//! its address's handshakes under way, bounded as tightly as anonymous connections once
+//! half the room is taken), and so is a connection without a client certificate beyond
+//! the tighter bounds for those. Each connection gets its own task. The accept loop does
+//! no handshake work itself, so a slow or hostile client cannot stall it; handshakes
+//! are bounded by `listener.handshake_timeout`. On shutdown the loop stops accepting and every open
 //! connection is told to finish its requests (HTTP/1.1 `Connection: close`, HTTP/2
 //! GOAWAY) within `listener.drain_timeout`.
 
@@ -277,11 +278,13 @@ pub async fn serve(
             // No certificate: the cheapest connection to open, bounded more tightly. It
             // may still carry bearer tokens, and a call without any credential gets the
             // contract's 401, so it is not refused at the handshake.
-            if certificate.is_none()
-                && let Err(refusal) = slot.anonymous()
-            {
-                tracing::debug!(%peer, bound = refusal.as_str(), "connection without a certificate closed: limit reached");
-                return;
+            if certificate.is_none() {
+                if let Err(refusal) = slot.anonymous() {
+                    tracing::debug!(%peer, bound = refusal.as_str(), "connection without a certificate closed: limit reached");
+                    return;
+                }
+            } else {
+                slot.handshake_done();
             }
             let is_h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
             let conn = ConnInfo::new(peer, certificate).with_chain(chain, listener_tls);

@@ -1660,3 +1660,44 @@ async fn assert_stall_recorded(pki: &Pki) {
         "{cut}"
     );
 }
+
+/// Found by a review: a connection counted against the tighter bounds of connections
+/// without a certificate only once its handshake was over, so connections that never
+/// finish it (a bare TCP connection, or a ClientHello never followed by the rest), each
+/// held for `handshake_timeout` and opened again, filled `max_connections` from a few
+/// addresses (`max_connections_per_ip` each) and kept every consumer out. Once half of
+/// `max_connections` is open, connections whose handshake is under way are now bounded
+/// per address like anonymous ones.
+#[tokio::test]
+async fn connections_that_never_finish_their_handshake_do_not_keep_a_consumer_out() {
+    let up = upstream().await;
+    let s = start(up, "max_connections = 200", "", "").await;
+    // 300 connections from another loopback address that never say a word.
+    let mut silent = Vec::new();
+    for _ in 0..300 {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        if let Ok(c) = socket.connect(([127, 0, 0, 1], s.gw.port).into()).await {
+            silent.push(c);
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let c = client(&s.pki, Some(&s.pki.consumer), false);
+    let (status, ..) = send(&c, get(&s.gw.url("/person/getPerson/v3/x")))
+        .await
+        .expect("the consumer's connection was refused");
+    assert_eq!(status, StatusCode::OK);
+    // Beyond half of `max_connections`, at most the anonymous bound per address (64 by
+    // default) of handshakes under way: the first 100 were let in, no more.
+    let mut open = 0;
+    for c in &mut silent {
+        let mut byte = [0u8; 1];
+        if tokio::time::timeout(Duration::from_millis(2), c.read(&mut byte))
+            .await
+            .is_err()
+        {
+            open += 1;
+        }
+    }
+    assert_eq!(open, 100, "silent connections left open");
+}
