@@ -1661,6 +1661,63 @@ async fn assert_stall_recorded(pki: &Pki) {
     );
 }
 
+/// An HTTP/2 consumer whose stream window is zero from the start
+/// (`SETTINGS_INITIAL_WINDOW_SIZE = 0`, never opened) gets its answer's head and no byte
+/// of its body; it answers pings, so neither the keep-alive nor the idle close ends its
+/// connection. The answer's watch still sees it (hyper asks for the first frame before
+/// the window is open) and the provider's slot comes back. (A guard: tried by a review,
+/// already handled.)
+#[tokio::test]
+async fn an_http2_stream_whose_window_is_never_opened_gives_the_providers_slot_back() {
+    let up = upstream().await;
+    let s = start(
+        up,
+        "response_send_timeout = \"1s\"",
+        "max_connections = 1\nqueue_timeout = \"100ms\"",
+        "",
+    )
+    .await;
+    let tls = tls_connect(&s.pki, Some(&s.pki.consumer), s.gw.port, b"h2")
+        .await
+        .unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(0)
+        .handshake::<_, Full<Bytes>>(TokioIo::new(tls))
+        .await
+        .unwrap();
+    let ended = tokio::spawn(conn);
+    let req = Request::get(s.gw.url("/person/getPerson/v3/big?bytes=1048576"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let stalled = sender.send_request(req).await.unwrap();
+    assert_eq!(stalled.status(), 200);
+    // The provider's one slot is held meanwhile.
+    let c = client(&s.pki, Some(&s.pki.consumer), false);
+    let url = s.gw.url("/person/getPerson/v3/x");
+    let (status, ..) = send(&c, get(&url)).await.unwrap();
+    assert_eq!(status, 503);
+    let started = std::time::Instant::now();
+    loop {
+        let (status, ..) = send(&c, get(&url)).await.unwrap();
+        if status == 200 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the slot is still held after {:?}",
+            started.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let closed = tokio::time::timeout(Duration::from_secs(5), ended).await;
+    assert!(
+        closed.is_ok(),
+        "the stalled HTTP/2 connection is still open"
+    );
+    drop(stalled);
+    assert_stall_recorded(&s.pki).await;
+}
+
 /// Found by a review: a connection counted against the tighter bounds of connections
 /// without a certificate only once its handshake was over, so connections that never
 /// finish it (a bare TCP connection, or a ClientHello never followed by the rest), each
