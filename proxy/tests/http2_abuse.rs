@@ -1,0 +1,273 @@
+//! HTTP/2 frames a hostile client sends to exhaust the consumer listener, written by
+//! hand (no client library would send them): rapid reset, CONTINUATION floods, HPACK
+//! bombs, streams the server is made to reset, control-frame floods. Each must end the
+//! connection (or the stream) early, with little work done and nothing forwarded.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+type Tls = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+
+const HEADERS: u8 = 0x1;
+const RST_STREAM: u8 = 0x3;
+const SETTINGS: u8 = 0x4;
+const PING: u8 = 0x6;
+const GOAWAY: u8 = 0x7;
+const WINDOW_UPDATE: u8 = 0x8;
+const CONTINUATION: u8 = 0x9;
+const END_STREAM: u8 = 0x1;
+const END_HEADERS: u8 = 0x4;
+
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = u32::try_from(payload.len()).unwrap();
+    let mut f = len.to_be_bytes()[1..].to_vec();
+    f.push(kind);
+    f.push(flags);
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// An HPACK integer with an `n`-bit prefix, the prefix's other bits set to `high`.
+fn int(out: &mut Vec<u8>, n: u32, high: u8, mut v: usize) {
+    let max = (1usize << n) - 1;
+    if v < max {
+        out.push(high | v as u8);
+        return;
+    }
+    out.push(high | max as u8);
+    v -= max;
+    while v >= 128 {
+        out.push((v % 128) as u8 | 0x80);
+        v /= 128;
+    }
+    out.push(v as u8);
+}
+
+/// A literal field, not indexed (or added to the dynamic table when `index`).
+fn literal(out: &mut Vec<u8>, name: &str, value: &[u8], index: bool) {
+    if index {
+        out.push(0x40);
+    } else {
+        out.push(0x00);
+    }
+    int(out, 7, 0, name.len());
+    out.extend_from_slice(name.as_bytes());
+    int(out, 7, 0, value.len());
+    out.extend_from_slice(value);
+}
+
+/// The head of `GET path`.
+fn get_block(path: &str) -> Vec<u8> {
+    let mut b = Vec::new();
+    literal(&mut b, ":method", b"GET", false);
+    literal(&mut b, ":scheme", b"https", false);
+    literal(&mut b, ":authority", b"localhost", false);
+    literal(&mut b, ":path", path.as_bytes(), false);
+    b
+}
+
+struct Setup {
+    gw: Gateway,
+    pki: Pki,
+}
+
+async fn start(up: SocketAddr, listener: &str) -> Setup {
+    let pki = Pki::new();
+    let listener = format!("drain_timeout = \"1s\"\n{listener}");
+    let config = write_config_with(&pki, up, 0, 0, &listener, "", "");
+    let gw = Gateway::start(&config).await;
+    Setup { gw, pki }
+}
+
+/// A TLS connection that spoke h2's preface and empty SETTINGS.
+async fn open(s: &Setup, certificate: bool) -> Tls {
+    let who = certificate.then_some(&s.pki.consumer);
+    let mut tls = tls_connect(&s.pki, who, s.gw.port, b"h2").await.unwrap();
+    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    hello.extend(frame(SETTINGS, 0, 0, &[]));
+    tls.write_all(&hello).await.unwrap();
+    tls
+}
+
+/// What the server sent until it closed the connection or `within` passed: the frames'
+/// types, and the GOAWAY error code if one came.
+async fn read_until_closed(tls: &mut Tls, within: Duration) -> (bool, Option<u32>, usize) {
+    let mut buf = Vec::new();
+    let closed = tokio::time::timeout(within, async {
+        let mut chunk = vec![0u8; 1 << 16];
+        loop {
+            match tls.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    })
+    .await
+    .is_ok();
+    let (mut at, mut goaway, mut headers) = (0, None, 0);
+    while at + 9 <= buf.len() {
+        let len =
+            usize::from(buf[at]) << 16 | usize::from(buf[at + 1]) << 8 | usize::from(buf[at + 2]);
+        let kind = buf[at + 3];
+        if at + 9 + len > buf.len() {
+            break;
+        }
+        let p = &buf[at + 9..at + 9 + len];
+        if kind == GOAWAY && p.len() >= 8 {
+            goaway = Some(u32::from_be_bytes(p[4..8].try_into().unwrap()));
+        }
+        if kind == HEADERS {
+            headers += 1;
+        }
+        at += 9 + len;
+    }
+    (closed, goaway, headers)
+}
+
+/// Writes `bytes`, ignoring a connection the server already closed.
+async fn write(tls: &mut Tls, bytes: &[u8]) -> bool {
+    tokio::time::timeout(Duration::from_secs(5), tls.write_all(bytes))
+        .await
+        .is_ok_and(|r| r.is_ok())
+}
+
+/// Calls the gateway recorded (once its trail is flushed).
+async fn calls(pki: &Pki) -> usize {
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    audit_records(pki)
+        .iter()
+        .filter(|r| r["operation"] == "GET /person/getPerson/v3/x")
+        .count()
+}
+
+#[tokio::test]
+async fn rapid_reset_ends_the_connection() {
+    let up = upstream().await;
+    let s = start(up, "").await;
+    let mut tls = open(&s, true).await;
+    let block = get_block("/person/getPerson/v3/x");
+    let mut burst = Vec::new();
+    for i in 0..5_000u32 {
+        let id = 2 * i + 1;
+        burst.extend(frame(HEADERS, END_HEADERS | END_STREAM, id, &block));
+        burst.extend(frame(RST_STREAM, 0, id, &8u32.to_be_bytes()));
+    }
+    write(&mut tls, &burst).await;
+    let (closed, goaway, _) = read_until_closed(&mut tls, Duration::from_secs(10)).await;
+    assert!(closed, "the connection is still open");
+    assert_eq!(goaway, Some(0xb), "ENHANCE_YOUR_CALM");
+    let calls = calls(&s.pki).await;
+    assert!(calls < 100, "{calls} of the 5 000 streams were served");
+}
+
+#[tokio::test]
+async fn a_continuation_flood_ends_the_connection() {
+    let up = upstream().await;
+    let s = start(up, "").await;
+    let mut tls = open(&s, false).await;
+    let block = get_block("/person/getPerson/v3/x");
+    assert!(write(&mut tls, &frame(HEADERS, 0, 1, &block)).await);
+    let mut junk = Vec::new();
+    for i in 0..400 {
+        literal(&mut junk, &format!("x-junk-{i}"), &[b'a'; 32], false);
+    }
+    // 64 MiB of CONTINUATION, never ending the block: the server stops reading long
+    // before (what was sent beyond is what the socket buffers took).
+    let mut sent = 0usize;
+    while sent < 64 << 20 {
+        if !write(&mut tls, &frame(CONTINUATION, 0, 1, &junk[..16_000])).await {
+            break;
+        }
+        sent += 16_000;
+    }
+    assert!(
+        sent < 64 << 20,
+        "the gateway read 64 MiB of one header block"
+    );
+    let (closed, goaway, _) = read_until_closed(&mut tls, Duration::from_secs(5)).await;
+    assert!(closed, "the connection is still open after {sent} bytes");
+    assert_eq!(goaway, Some(0xb), "ENHANCE_YOUR_CALM");
+}
+
+#[tokio::test]
+async fn an_hpack_bomb_is_refused_without_decoding_it_into_memory() {
+    let up = upstream().await;
+    let s = start(up, "").await;
+    let mut tls = open(&s, true).await;
+    let mut block = get_block("/person/getPerson/v3/x");
+    literal(&mut block, "x-bomb", &[b'b'; 4000], true);
+    // 16 000 references to it: 64 MB once decoded.
+    block.extend(std::iter::repeat_n(0x80 | 62, 16_000));
+    let mut burst = frame(HEADERS, END_STREAM, 1, &block[..16_000]);
+    let mut rest = &block[16_000..];
+    while !rest.is_empty() {
+        let n = rest.len().min(16_000);
+        let flags = if n == rest.len() { END_HEADERS } else { 0 };
+        burst.extend(frame(CONTINUATION, flags, 1, &rest[..n]));
+        rest = &rest[n..];
+    }
+    write(&mut tls, &burst).await;
+    let (closed, goaway, _) = read_until_closed(&mut tls, Duration::from_secs(3)).await;
+    assert!(closed, "the connection is still open");
+    assert!(goaway.is_some(), "no GOAWAY");
+    assert_eq!(calls(&s.pki).await, 0);
+}
+
+#[tokio::test]
+async fn streams_the_server_is_made_to_reset_end_the_connection() {
+    let up = upstream().await;
+    let s = start(up, "").await;
+    let mut tls = open(&s, true).await;
+    let block = get_block("/person/getPerson/v3/x");
+    let mut burst = Vec::new();
+    // MadeYouReset (CVE-2025-8671): a connection-specific field (`connection`) makes
+    // the stream malformed, a stream error the server answers with RST_STREAM; each such
+    // stream costs the server its work and no longer counts against
+    // max_concurrent_streams. h2 ends the connection after 1 024 of them.
+    let mut bad = block.clone();
+    literal(&mut bad, "connection", b"close", false);
+    for i in 0..5_000u32 {
+        burst.extend(frame(HEADERS, END_HEADERS | END_STREAM, 2 * i + 1, &bad));
+    }
+    write(&mut tls, &burst).await;
+    let (closed, goaway, _) = read_until_closed(&mut tls, Duration::from_secs(10)).await;
+    assert_eq!(goaway, Some(0xb), "ENHANCE_YOUR_CALM");
+    assert!(closed, "the connection is still open");
+    let calls = calls(&s.pki).await;
+    assert!(calls < 2_000, "{calls} of the 5 000 streams were served");
+}
+
+#[tokio::test]
+async fn a_control_frame_flood_from_a_client_that_never_reads_is_bounded() {
+    let up = upstream().await;
+    let s = start(up, "").await;
+    let mut tls = open(&s, false).await;
+    let mut burst = Vec::new();
+    for i in 0..10_000u64 {
+        burst.extend(frame(PING, 0, 0, &i.to_be_bytes()));
+        burst.extend(frame(SETTINGS, 0, 0, &[]));
+        burst.extend(frame(WINDOW_UPDATE, 0, 0, &1u32.to_be_bytes()));
+    }
+    let started = std::time::Instant::now();
+    let mut rounds = 0;
+    while started.elapsed() < Duration::from_secs(6) {
+        match tokio::time::timeout(Duration::from_secs(2), tls.write_all(&burst)).await {
+            Ok(Ok(())) => rounds += 1,
+            Ok(Err(_)) | Err(_) => break,
+        }
+    }
+    // The server stops reading once its answers (pongs, SETTINGS acks) are not taken:
+    // the socket buffers fill, and the writes block.
+    assert!(
+        rounds < 100,
+        "{rounds} rounds of {} bytes read",
+        burst.len()
+    );
+}
