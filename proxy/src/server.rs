@@ -26,6 +26,9 @@ use tokio_rustls::TlsAcceptor;
 use crate::pipeline::{self, call::ConnInfo};
 use crate::state::{Gateway, Local};
 
+/// The most an HTTP/2 stream's answer may have buffered, not yet sent.
+const H2_SEND_BUFFER: usize = 64 * 1024;
+
 /// Timeouts of the consumer listener.
 #[derive(Clone, Copy, Debug)]
 pub struct ListenerTimeouts {
@@ -197,7 +200,13 @@ pub async fn serve(
     h2.timer(TokioTimer::new())
         .keep_alive_interval(Duration::from_secs(30))
         .keep_alive_timeout(Duration::from_secs(20))
-        .max_concurrent_streams(256);
+        .max_concurrent_streams(256)
+        // What an answer may have waiting for the consumer's window or socket, on each
+        // stream: hyper's default (400 KiB) let a consumer that opens its windows wide
+        // and reads nothing park 100 MiB on one connection's 256 streams until
+        // `response_send_timeout`. A few upstream reads (16 KiB each) still keep a stream
+        // moving at full speed.
+        .max_send_buf_size(H2_SEND_BUFFER);
     let builders = Arc::new((h1, h2));
     let graceful = GracefulShutdown::new();
     // Connection tasks, so that any still open after the drain timeout can be ended:

@@ -271,3 +271,38 @@ async fn a_control_frame_flood_from_a_client_that_never_reads_is_bounded() {
         burst.len()
     );
 }
+
+/// Found by a review: a consumer that opens its HTTP/2 windows wide, asks for large
+/// answers on many streams and then reads nothing made the gateway buffer each stream's
+/// answer up to hyper's default send buffer (400 KiB a stream, 100 MiB on a connection's
+/// 256 streams) for `response_send_timeout`. The send buffer is now bounded lower.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_a_client_does_not_read_are_buffered_within_a_small_bound_per_stream() {
+    let up = upstream().await;
+    let pki = Pki::new();
+    let (port, admin) = (free_port(), free_port());
+    let config = write_config_with(&pki, up, port, admin, "drain_timeout = \"1s\"", "", "");
+    let gw = Gateway::spawn(&config, port, admin).await;
+    let s = Setup { gw, pki };
+    let mut tls = open(&s, true).await;
+    // Windows opened as wide as they go, then 100 streams each asking for 4 MiB.
+    let mut burst = frame(SETTINGS, 0, 0, &[0, 4, 0x7f, 0xff, 0xff, 0xff]);
+    burst.extend(frame(
+        WINDOW_UPDATE,
+        0,
+        0,
+        &(0x7fff_ffffu32 - 65_535).to_be_bytes(),
+    ));
+    let block = get_block("/person/getPerson/v3/big?bytes=4194304");
+    for i in 0..100u32 {
+        burst.extend(frame(HEADERS, END_HEADERS | END_STREAM, 2 * i + 1, &block));
+    }
+    let (_, before) = s.gw.memory_kib();
+    assert!(write(&mut tls, &burst).await);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let (_, after) = s.gw.memory_kib();
+    let grown = after.saturating_sub(before) / 1024;
+    eprintln!("100 unread streams: {grown} MiB more resident ({before} KiB before)");
+    assert!(grown < 36, "{grown} MiB held for 100 unread answers");
+    drop(tls);
+}
