@@ -29,6 +29,10 @@ use crate::state::{Gateway, Local};
 /// The most an HTTP/2 stream's answer may have buffered, not yet sent.
 const H2_SEND_BUFFER: usize = 64 * 1024;
 
+/// The most an HTTP/1.1 connection buffers each way: an answer not yet sent, a request
+/// head not yet parsed.
+const H1_BUFFER: usize = 64 * 1024;
+
 /// Timeouts of the consumer listener.
 #[derive(Clone, Copy, Debug)]
 pub struct ListenerTimeouts {
@@ -195,7 +199,12 @@ pub async fn serve(
         .keep_alive(true)
         // Over TLS, one flattened buffer becomes one record: vectored writes would seal
         // the headers and the body as separate records.
-        .writev(false);
+        .writev(false)
+        // What an answer may have waiting for a consumer that does not read (and the
+        // longest request head, 431 beyond): hyper's default (about 400 KiB) let a
+        // consumer that reads none of its answers park close to 1 MiB on each connection
+        // until `response_send_timeout`.
+        .max_buf_size(H1_BUFFER);
     let mut h2 = http2::Builder::new(TokioExecutor::new());
     h2.timer(TokioTimer::new())
         .keep_alive_interval(Duration::from_secs(30))

