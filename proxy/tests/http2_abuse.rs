@@ -307,3 +307,45 @@ async fn answers_a_client_does_not_read_are_buffered_within_a_small_bound_per_st
     assert!(grown < 36, "{grown} MiB held for 100 unread answers");
     drop(tls);
 }
+
+/// Streams reset by their client while their calls wait for the provider give the
+/// provider's slots back at once (the call's future is dropped with its slot).
+#[tokio::test]
+async fn streams_reset_while_their_calls_wait_give_the_providers_slots_back() {
+    let up = upstream().await;
+    let pki = Pki::new();
+    let config = write_config_with(
+        &pki,
+        up,
+        0,
+        0,
+        "drain_timeout = \"1s\"",
+        "max_connections = 4\nmax_connections_per_consumer = 4\nqueue_timeout = \"200ms\"",
+        "",
+    );
+    let gw = Gateway::start(&config).await;
+    let s = Setup { gw, pki };
+    let mut tls = open(&s, true).await;
+    let block = get_block("/person/getPerson/v3/slow");
+    let mut burst = Vec::new();
+    for i in 0..4u32 {
+        burst.extend(frame(HEADERS, END_HEADERS | END_STREAM, 2 * i + 1, &block));
+    }
+    assert!(write(&mut tls, &burst).await);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let c = client(&s.pki, Some(&s.pki.consumer), false);
+    let url = s.gw.url("/person/getPerson/v3/x");
+    let (status, ..) = send(&c, get(&url)).await.unwrap();
+    assert_eq!(status, 503, "the four slow calls hold the four slots");
+    let mut resets = Vec::new();
+    for i in 0..4u32 {
+        resets.extend(frame(RST_STREAM, 0, 2 * i + 1, &8u32.to_be_bytes()));
+    }
+    assert!(write(&mut tls, &resets).await);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (status, ..) = send(&c, get(&url)).await.unwrap();
+    assert_eq!(
+        status, 200,
+        "the reset streams still hold the provider's slots"
+    );
+}
