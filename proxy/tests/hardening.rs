@@ -1786,3 +1786,77 @@ async fn answers_http1_consumers_do_not_read_are_buffered_within_a_small_bound()
     // TLS, the provider's connection, the record).
     assert!(grown < 60, "{grown} MiB held for 100 unread answers");
 }
+
+/// A request body that sends its first piece, then nothing, and never ends.
+struct Trickle(Option<Bytes>);
+
+impl hyper::body::Body for Trickle {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+        match self.0.take() {
+            Some(b) => std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(b)))),
+            None => std::task::Poll::Pending,
+        }
+    }
+}
+
+/// Found by a review: the gateway reads up to 64 KiB of a SOAP request to find its
+/// Header before the consumer's share of the provider's slots was taken, so a consumer
+/// (authorised or not) trickling Headers that never end held 64 KiB on each of 256
+/// streams per HTTP/2 connection, on as many connections as its address may open:
+/// gigabytes. The share is now taken before the Header is read: beyond it, 429 at once.
+#[tokio::test]
+async fn soap_headers_being_read_count_in_the_consumers_share() {
+    let up = upstream().await;
+    let s = start(
+        up,
+        "",
+        "max_connections = 8\nmax_connections_per_consumer = 4",
+        "",
+    )
+    .await;
+    let tls = tls_connect(&s.pki, Some(&s.pki.consumer), s.gw.port, b"h2")
+        .await
+        .unwrap();
+    let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .handshake::<_, Trickle>(TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let start = format!(
+        r#"<?xml version="1.0"?><soap:Envelope xmlns:soap="http://schemas.xmlsoap.org/soap/envelope/"><soap:Header><x>{}"#,
+        "a".repeat(8_000)
+    );
+    let (tx, mut answers) = tokio::sync::mpsc::unbounded_channel();
+    for _ in 0..8 {
+        let req = Request::post(s.gw.url("/person/getPersonSoap/v1"))
+            .header("content-type", "text/xml; charset=utf-8")
+            .header("soapaction", "\"getPerson\"")
+            .body(Trickle(Some(Bytes::from(start.clone()))))
+            .unwrap();
+        let mut sender = sender.clone();
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            if let Ok(resp) = sender.send_request(req).await {
+                let _ = tx.send(resp.status());
+            }
+        });
+    }
+    // Four calls read their Headers (and wait for the rest); the other four are over
+    // the consumer's share and told so at once.
+    let mut refused = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    while let Ok(Some(status)) = tokio::time::timeout_at(deadline, answers.recv()).await {
+        assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+        refused += 1;
+    }
+    assert_eq!(
+        refused, 4,
+        "calls over the consumer's share were not refused"
+    );
+}

@@ -12,7 +12,8 @@
 //! 4. [`authorise`]: suspensions, source address, and the authorisation for this
 //!    consumer, version and purpose today → a [`Granted`](authorise::Granted) call;
 //! 5. [`throttle`]: the provider's and the consumer's limits → an
-//!    [`Admitted`](throttle::Admitted) call;
+//!    [`Admitted`](throttle::Admitted) call (the consumer's share of the provider's
+//!    slots is taken before phase 3 inspects the body: [`throttle::share`]);
 //! 6. [`record`]: a fail-closed gateway forwards nothing it has not recorded: the
 //!    call's `request` line is durable first (write-ahead) → a
 //!    [`Cleared`](record::Cleared) call;
@@ -118,10 +119,12 @@ async fn clear<'s>(
     inspect::one_host(parts, &fields)?;
     let caller = identify::identify(local, conn, call, &parts.headers).await?;
     let route = route::route(local, call, parts, target)?;
+    // Before the body is read: a SOAP Header being read counts in the consumer's share.
+    let share = throttle::share(&route, &caller)?;
     let content = inspect::inspect(&local.snap, call, parts, &fields, &route, body).await?;
     let granted = authorise::authorise(local, conn, call, caller, route)?;
     record::ready(local)?;
-    let admitted = throttle::admit(local, granted).await?;
+    let admitted = throttle::admit(local, granted, share).await?;
     let cleared = record::gate(local, call, admitted).await?;
     Ok((cleared, content))
 }

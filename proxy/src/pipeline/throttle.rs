@@ -1,5 +1,6 @@
-//! Phase 5, throttle: first the consumer's share of the provider's connection slots, and
-//! one of the provider's slots if one is free, then the provider's aggregate limit and
+//! Phase 5, throttle: first the consumer's share of the provider's connection slots
+//! (taken before the request is inspected: see [`share`]), and one of the provider's
+//! slots if one is free, then the provider's aggregate limit and
 //! the consumer's own limit, checked together (a call refused by either consumes
 //! neither), through the shared backend when there is one, following `on_backend_error`
 //! when it fails; then, if the provider's slots were all taken, the wait for one. So a
@@ -101,18 +102,44 @@ impl<'s> Admitted<'s> {
     }
 }
 
-/// Admits a granted call, or refuses it: 429 when the consumer is over its share of the
-/// provider's slots or its limits, 503 when the provider's slots stay taken (what the
-/// call spent of the limits given back).
-pub async fn admit<'s>(local: &'s Local, granted: Granted<'s>) -> Result<Admitted<'s>, Rejection> {
+/// One of the consumer's share of the provider's slots, taken as soon as the consumer
+/// and the version are known: before the request is inspected, since reading a SOAP
+/// request's Header holds up to 64 KiB of it (for as long as the consumer trickles it),
+/// and a consumer's calls must not hold more of that than its share allows (an HTTP/2
+/// connection carries 256 calls). None for a WSDL request (the gateway fetches its
+/// documents under slots of their own).
+#[derive(Debug)]
+pub struct Share(Option<Slot>);
+
+/// Takes the call's [`Share`]: 429 at once when the consumer has none left.
+pub fn share(
+    route: &super::route::Route<'_>,
+    caller: &super::identify::Caller<'_>,
+) -> Result<Share, Rejection> {
+    if route.metadata().is_some() {
+        return Ok(Share(None));
+    }
+    let service = route.service();
+    route
+        .upstream()
+        .share(&caller.consumer().id)
+        .map(|slot| Share(Some(slot)))
+        .map_err(|e| map::upstream(&service.provider, &service.name, &e))
+}
+
+/// Admits a granted call holding its `share`, or refuses it: 429 when the consumer is over
+/// its limits, 503 when the provider's slots stay taken (what the call spent of the
+/// limits given back).
+pub async fn admit<'s>(
+    local: &'s Local,
+    granted: Granted<'s>,
+    share: Share,
+) -> Result<Admitted<'s>, Rejection> {
     let route = granted.route();
     let consumer = granted.caller().consumer();
     let service = route.service();
     let capacity = |e| map::upstream(&service.provider, &service.name, &e);
-    let mut slot = match route.metadata() {
-        Some(_) => None,
-        None => Some(route.upstream().share(&consumer.id).map_err(capacity)?),
-    };
+    let Share(mut slot) = share;
     let held = slot.as_mut().is_none_or(Slot::try_hold);
     let mut quota = Quota {
         gw: &local.gw,
