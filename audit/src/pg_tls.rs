@@ -7,7 +7,9 @@
 //! Stricter than libpq in one place: libpq's `require` checks no certificate at all
 //! (anyone on the path can read and change the trail); here `require` checks the
 //! server's certificate chain as `verify-ca` does. `verify-full` also checks that the
-//! certificate names the host of the URL.
+//! certificate names the host of the URL, and so do `require` and `verify-ca` when the
+//! trust anchors are the system's (as libpq does with `sslrootcert=system`): any public
+//! CA would vouch for a certificate of someone else's domain.
 //!
 //! The parameters are taken out of the URL before the `postgres` crate reads it (it
 //! knows only `disable`, `prefer` and `require`); the connection is then made with the
@@ -59,8 +61,14 @@ impl std::fmt::Debug for Target {
 /// The TLS parameters of `url` (see the module documentation), their files read: an
 /// error says which parameter or file is wrong, in words for an operator.
 pub fn target(url: &str) -> Result<Target, String> {
-    let (base, query) = match url.split_once('?') {
-        Some((b, q)) => (b, q),
+    // The `postgres` crate takes the credentials up to the first `@`: a `?` in a
+    // password is not the query's.
+    let after_credentials = url.find('@').map_or(0, |at| at + 1);
+    let (base, query) = match url[after_credentials..].find('?') {
+        Some(q) => (
+            &url[..after_credentials + q],
+            &url[after_credentials + q + 1..],
+        ),
         None => (url, ""),
     };
     let mut kept: Vec<&str> = Vec::new();
@@ -98,7 +106,7 @@ pub fn target(url: &str) -> Result<Target, String> {
             ));
         }
     };
-    let Some(check) = check else {
+    let Some(mut check) = check else {
         if root.is_some() || cert.is_some() || key.is_some() {
             return Err(
                 "sslrootcert, sslcert and sslkey take effect only with sslmode=require, verify-ca or verify-full"
@@ -122,6 +130,10 @@ pub fn target(url: &str) -> Result<Target, String> {
     kept.push("sslmode=require");
     let roots = match root.as_deref() {
         None | Some("system") => {
+            // Any public CA issues certificates for anybody's own domain: trusting them,
+            // only the name tells the database from someone on the path (libpq forces
+            // verify-full with sslrootcert=system for the same reason).
+            check = Check::ChainAndName;
             let mut store = RootCertStore::empty();
             store.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
             if store.is_empty() {
@@ -384,8 +396,12 @@ mod tests {
         assert!(t.tls.is_some());
         assert_eq!(
             target("postgres://db/x?sslmode=require").unwrap().check,
-            Some(Check::Chain)
+            Some(Check::ChainAndName),
+            "with the system's CAs, the name is checked whatever the mode"
         );
+        // A `?` in the password is not the query's.
+        let t = target("postgres://u:p?w@db/x?sslmode=disable").unwrap();
+        assert_eq!(t.url, "postgres://u:p?w@db/x?sslmode=disable");
     }
 
     #[test]

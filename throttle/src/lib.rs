@@ -114,8 +114,12 @@ pub(crate) enum Debit {
         under: [u64; 4],
         debited_to: [u64; 2],
     },
-    /// A permit of this replica's lease, taken under these limits.
-    Lease { under: [u64; 4] },
+    /// A permit of this replica's lease, taken under these limits, of the lease taken
+    /// at `taken`.
+    Lease {
+        under: [u64; 4],
+        taken: std::time::Instant,
+    },
 }
 
 impl Spent {

@@ -330,19 +330,26 @@ impl std::fmt::Debug for RedisTls {
 /// its name against the URL's host, presenting `tls`'s client certificate if it has one.
 /// The error never repeats the URL (it may carry a password).
 pub fn client(url: &str, tls: Option<&RedisTls>) -> Result<redis::Client, BackendError> {
-    if !url.starts_with("rediss://") {
+    // Read as the redis crate reads it (the scheme in any case, tabs and newlines
+    // dropped), so that what is checked here is what it connects with.
+    let parsed = redis::parse_redis_url(url);
+    let over_tls = parsed
+        .as_ref()
+        .is_some_and(|u| matches!(u.scheme(), "rediss" | "valkeys"));
+    if over_tls && parsed.as_ref().is_some_and(|u| u.fragment().is_some()) {
+        return Err(BackendError(
+            "a rediss:// URL with a #fragment (#insecure would not check Redis's certificate): \
+             remove it, and give the CA that issued Redis's certificate instead"
+                .into(),
+        ));
+    }
+    if !over_tls {
         if tls.is_some() {
             return Err(BackendError(
                 "TLS settings are given for a Redis URL that is not rediss://".into(),
             ));
         }
         return redis::Client::open(url).map_err(|e| BackendError(e.to_string()));
-    }
-    if url.contains("#insecure") {
-        return Err(BackendError(
-            "rediss://...#insecure would not check the server's certificate: give its CA instead"
-                .into(),
-        ));
     }
     let certs = redis::TlsCertificates {
         client_tls: tls
@@ -437,7 +444,7 @@ impl RedisStore {
                     })
                 })
         };
-        let leased = Spent(Debit::Lease { under });
+        let leased = |taken| Spent(Debit::Lease { under, taken });
         let Some((replicas, table)) = &self.leases else {
             return one_by_one().await;
         };
@@ -471,7 +478,7 @@ impl RedisStore {
                 {
                     l.permits -= 1;
                     leases.held -= 1;
-                    return Ok(Ok(leased));
+                    return Ok(Ok(leased(l.taken)));
                 }
                 Some(l)
                     if l.asking
@@ -579,20 +586,20 @@ impl RedisStore {
             l.taken = now;
             l.debited_to = answer.debited_to;
         }
-        // The call's own permit is one of the lease's: given back, it returns there.
-        Ok(decision.map(|()| leased))
+        // The call's own permit is one of the lease's (the one taken now).
+        Ok(decision.map(|()| leased(now)))
     }
 
     /// Gives back what a call this store admitted `spent` (see [`Spent`]): a permit of
-    /// this replica's lease goes back to it (owed back to Redis with the pair's next
-    /// decision once the lease has expired); a decision made alone is credited in Redis
+    /// this replica's lease is owed back to Redis with the pair's next decision (if
+    /// that lease is still the pair's); a decision made alone is credited in Redis
     /// by a script run of its own, sent with the next batch and not waited for (one that
     /// fails or comes too late gives nothing back, which is safe: the permit is wasted,
     /// never granted twice).
     pub fn give_back(&self, provider: &str, consumer: &str, spent: Spent) {
         match spent.0 {
             Debit::Nothing | Debit::Local(_) => {}
-            Debit::Lease { under } => {
+            Debit::Lease { under, taken } => {
                 let Some((_, table)) = &self.leases else {
                     return;
                 };
@@ -605,14 +612,13 @@ impl RedisStore {
                 let Some(l) = leases.pairs.get_mut(consumer) else {
                     return;
                 };
-                // Permits taken under other limits are dropped (see `check`).
-                if l.under != under {
-                    return;
-                }
-                if l.taken.elapsed() < LEASE_TTL {
-                    l.permits += 1;
-                    leases.held += 1;
-                } else {
+                // Only to the lease that gave it, under the same limits: its debit in
+                // Redis is that lease's (a permit of an earlier lease, whose debit may
+                // have elapsed, is dropped: wasting it is safe). Owed back to Redis with
+                // the pair's next decision, credited no further back than the lease's
+                // own debit, rather than spent here again: the lease would then hold
+                // more than its share of the burst.
+                if l.under == under && l.taken == taken {
                     l.owed += 1;
                 }
             }

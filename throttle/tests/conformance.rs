@@ -174,39 +174,44 @@ async fn the_redis_store_conforms() {
     give_back_suite(&store, &p).await;
 }
 
-/// A permit spent from this replica's lease, given back, returns to the lease: the
-/// next call spends it without asking Redis, and the pair's quota in Redis is as if
-/// the refused call had never come.
+/// A permit spent from this replica's lease, given back, is owed back to Redis with the
+/// pair's next decision: once the burst is spent, the call given back leaves room for
+/// exactly one more.
 #[tokio::test]
-async fn a_leased_permit_given_back_returns_to_the_lease() {
+async fn a_leased_permit_given_back_is_credited_with_the_next_decision() {
     let Ok(url) = std::env::var("FSP_TEST_REDIS_URL") else {
         eprintln!("SKIPPED: FSP_TEST_REDIS_URL is not set");
         return;
     };
     let p = provider("lease-back");
-    // A high limit, so that leases are taken (a share of the burst of at least 2).
+    // One call a minute (nothing refills during the test), a burst of 40: leases of two
+    // permits (5 % of the burst).
     let limits = Limits {
         provider: None,
-        consumer: Some(Limit {
-            count: 100_000,
-            per: Duration::from_secs(60),
-            burst: 1000,
-        }),
+        consumer: Some(per_minute(1, 40)),
     };
     let store = RedisStore::new(&url, "fsp-test:", Duration::from_millis(500))
         .unwrap()
         .with_leases(1);
-    // The pair's first call asks for two permits: one spent, one leased.
-    store.decide(&p, "c", 0, &limits).await.unwrap().unwrap();
+    let mut last = None;
+    let mut admitted = 0;
+    while let Ok(spent) = store.decide(&p, "c", 0, &limits).await.unwrap() {
+        admitted += 1;
+        last = Some(spent);
+        assert!(admitted <= 40, "over the burst");
+    }
+    assert_eq!(admitted, 40);
     let sent = store.decisions_sent();
-    let spent = store.decide(&p, "c", 0, &limits).await.unwrap().unwrap();
-    assert_eq!(store.decisions_sent(), sent, "spent from the lease");
-    store.give_back(&p, "c", spent);
-    store.decide(&p, "c", 0, &limits).await.unwrap().unwrap();
-    assert_eq!(
-        store.decisions_sent(),
-        sent,
-        "the permit given back was spent from the lease again"
+    assert!(sent < 40, "leases were used: {sent} decisions for 40 calls");
+    store.give_back(&p, "c", last.unwrap());
+    store
+        .decide(&p, "c", 0, &limits)
+        .await
+        .unwrap()
+        .expect("the permit given back admits one call");
+    assert!(
+        store.decide(&p, "c", 0, &limits).await.unwrap().is_err(),
+        "one permit given back admits one call only"
     );
 }
 

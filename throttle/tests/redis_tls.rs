@@ -165,5 +165,7 @@ async fn a_client_certificate_is_presented_and_unchecked_tls_is_refused() {
     store.decide(&p, "c", 0, &limits()).await.unwrap().unwrap();
 
     assert!(throttle::redis::client(&format!("{rediss}/#insecure"), Some(&without)).is_err());
+    // However it is spelt (the URL parser drops tabs; the scheme in any case).
+    assert!(throttle::redis::client("REDISS://localhost:6380/#insec\ture", None).is_err());
     assert!(throttle::redis::client(&url, Some(&without)).is_err());
 }

@@ -2646,6 +2646,11 @@ fn the_cluster_section_names_its_redis_and_key_prefix() {
             "#insecure",
         ),
         (
+            "redis_url = \"rediss://r.example:6380/#insec\\ture\"",
+            "cluster.redis_url",
+            "#insecure",
+        ),
+        (
             "redis_url = \"redis://r.example:6379\"\nredis_tls = { ca = \"pki/redis-ca.pem\" }",
             "cluster.redis_tls",
             "only with a rediss://",
