@@ -62,7 +62,8 @@ LITERAL = {
     "throttle": {"backend": "redis", "redis": {"url": "rediss://:literal-redis-password@redis:6380/0",
                                                "tls": {"existingSecret": "fsp-redis-tls", "clientCertificate": True}}},
     "cluster": {"enabled": True, "redis": {"url": "rediss://:literal-redis-password@redis:6380/1",
-                                           "tls": {"existingSecret": "fsp-redis-tls"}}},
+                                           "tls": {"existingSecret": "fsp-redis-client",
+                                                   "caCertificate": False, "clientCertificate": True}}},
     "telemetry": {"enabled": True},
     "listener": {"proxyProtocolFrom": ["10.0.0.0/24"], "clientCa": {"existingSecret": "fsp-consumers-ca", "crlKeys": ["ca.crl"]}},
     "networkPolicy": {"egress": {

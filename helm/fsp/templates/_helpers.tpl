@@ -116,9 +116,9 @@ of those are valid TOML; maps are not, and the schema refuses them.
 {{/* TLS to Redis as an inline table: (list secretsDir mountName tlsValues). */}}
 {{- define "fsp.redisTls" -}}
 {{- $dir := printf "%s/%s" (index . 0) (index . 1) -}}
-{{- if (index . 2).clientCertificate -}}
-{ ca = "{{ $dir }}/ca.crt", cert = "{{ $dir }}/tls.crt", key = "{{ $dir }}/tls.key" }
-{{- else -}}
-{ ca = "{{ $dir }}/ca.crt" }
-{{- end -}}
+{{- $tls := index . 2 -}}
+{{- $parts := list -}}
+{{- if ne $tls.caCertificate false }}{{ $parts = append $parts (printf "ca = \"%s/ca.crt\"" $dir) }}{{ end -}}
+{{- if $tls.clientCertificate }}{{ $parts = append $parts (printf "cert = \"%s/tls.crt\", key = \"%s/tls.key\"" $dir $dir) }}{{ end -}}
+{ {{ join ", " $parts }} }
 {{- end }}
