@@ -25,8 +25,7 @@ use std::task::{Context, Poll};
 use ::postgres::tls::{ChannelBinding, MakeTlsConnect, TlsConnect, TlsStream};
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -169,8 +168,8 @@ pub fn target(url: &str) -> Result<Target, String> {
         (None, None) => builder.with_no_client_auth(),
         (Some(cert), Some(key)) => {
             let chain = certificates(Path::new(&cert), "sslcert")?;
-            let key = PrivateKeyDer::from_pem_file(&key)
-                .map_err(|e| format!("sslkey {key}: no private key read: {e}"))?;
+            let key = certs::load::private_key(Path::new(&key))
+                .map_err(|e| format!("sslkey {}: {}", e.path.display(), e.reason))?;
             builder
                 .with_client_auth_cert(chain, key)
                 .map_err(|e| format!("sslcert and sslkey do not make a client certificate: {e}"))?
@@ -184,19 +183,11 @@ pub fn target(url: &str) -> Result<Target, String> {
     })
 }
 
-/// The PEM certificates of `path` (at least one), named `what` in errors.
+/// The PEM certificates of `path` (at least one, read as every file the configuration
+/// names: a regular file of bounded size), named `what` in errors.
 fn certificates(path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>, String> {
-    let shown = path.display();
-    let certs: Vec<_> = CertificateDer::pem_file_iter(path)
-        .map_err(|e| format!("{what} {shown}: cannot be read: {e}"))?
-        .collect::<Result<_, _>>()
-        .map_err(|e| format!("{what} {shown}: not PEM certificates: {e}"))?;
-    if certs.is_empty() {
-        return Err(format!(
-            "{what} {shown}: holds no certificate (-----BEGIN CERTIFICATE-----)"
-        ));
-    }
-    Ok(certs)
+    certs::load::certificates(path)
+        .map_err(|e| format!("{what} {}: {}", e.path.display(), e.reason))
 }
 
 fn join(base: &str, pairs: &[&str]) -> String {
