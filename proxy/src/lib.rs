@@ -38,6 +38,7 @@ pub mod path;
 pub mod pipeline;
 pub mod proxy_header;
 pub mod quickstart;
+pub mod redis_tls;
 pub mod response;
 pub mod run;
 pub mod samples;

@@ -175,6 +175,16 @@ pub async fn start(
     let certificates = crate::state::certificate_inventory(&config.certificate_files);
     let crls = crate::config::crl_inventory(&config.listener.tls_files.crls);
     let config_info = crate::loaded::ConfigInfo::of(&config);
+    let redis_tls = crate::redis_tls::Renewals::new(
+        match &throttle_cfg.backend {
+            config::ThrottleBackend::Redis { url, tls } => Some((url.as_str(), tls.as_ref())),
+            config::ThrottleBackend::Local => None,
+        },
+        config
+            .cluster
+            .as_ref()
+            .map(|c| (c.redis_url.as_str(), c.redis_tls.as_ref())),
+    );
     let (snapshot, tls) = Snapshot::from_config(config);
     let throttle = throttle::LocalStore::new(snapshot.providers.iter().map(|p| p.id.as_str()));
     let shared_throttle = match &throttle_cfg.backend {
@@ -217,6 +227,7 @@ pub async fn start(
         telemetry,
         reloading: std::sync::Mutex::new(()),
         config_info: ArcSwap::from_pointee(config_info),
+        redis_tls,
     });
     crate::certwatch::spawn(&gw);
 

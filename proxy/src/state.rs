@@ -272,6 +272,8 @@ pub struct Gateway {
     pub reloading: std::sync::Mutex<()>,
     /// The configuration files in force, their digest and load time.
     pub config_info: ArcSwap<crate::loaded::ConfigInfo>,
+    /// The TLS material of the Redis links, renewed by reloads (see `crate::redis_tls`).
+    pub redis_tls: crate::redis_tls::Renewals,
 }
 
 /// Settings that a reload does not apply: the listeners, threads, connection bounds,
@@ -328,8 +330,24 @@ impl RestartOnly {
                     "listener.proxy_protocol_from",
                     format!("{:?}", l.proxy_protocol_from),
                 ),
-                ("throttle", format!("{:?}", config.throttle)),
-                ("cluster", format!("{:?}", config.cluster)),
+                // Without their TLS material: a reload renews it (see `crate::redis_tls`).
+                ("throttle", {
+                    let mut t = config.throttle.clone();
+                    if let crate::config::ThrottleBackend::Redis { tls, .. } = &mut t.backend {
+                        *tls = None;
+                    }
+                    format!("{t:?}")
+                }),
+                (
+                    "cluster",
+                    format!(
+                        "{:?}",
+                        config
+                            .cluster
+                            .as_ref()
+                            .map(|c| (&c.redis_url, &c.key_prefix))
+                    ),
+                ),
                 ("telemetry", format!("{:?}", config.telemetry)),
                 ("listener.shutdown_delay", format!("{:?}", l.shutdown_delay)),
                 ("node", config.node.clone()),
@@ -487,6 +505,7 @@ impl Gateway {
         {
             return Err(ReloadError::Certificate(why));
         }
+        let redis_renewed = self.renew_redis_tls(&config);
         let (snapshot, tls) = Snapshot::from_config(config);
         let throttle = self
             .throttle
@@ -505,16 +524,18 @@ impl Gateway {
         self.certificates.store(Arc::new(certificates));
         self.crls.store(Arc::new(crls));
         metrics::counter!("fsp_config_reloads_total").increment(1);
+        let mut applied = vec![
+            "catalogue",
+            "consumers",
+            "authorisations",
+            "providers",
+            "listener certificates and CRLs",
+            "admin tokens",
+            "admin CNs and admin TLS",
+        ];
+        applied.extend(redis_renewed);
         let report = ReloadReport {
-            applied: vec![
-                "catalogue",
-                "consumers",
-                "authorisations",
-                "providers",
-                "listener certificates and CRLs",
-                "admin tokens",
-                "admin CNs and admin TLS",
-            ],
+            applied,
             needs_restart,
             changed,
             warnings,
@@ -525,6 +546,38 @@ impl Gateway {
             tracing::warn!(config = %self.config_path.display(), needs_restart = ?report.needs_restart, "configuration reloaded; these changed settings keep their running values until a restart");
         }
         Ok(report)
+    }
+}
+
+impl Gateway {
+    /// Starts renewing the clients of the Redis links whose TLS material `config` changes
+    /// (see `crate::redis_tls`); what it started, for the reload report.
+    fn renew_redis_tls(&self, config: &Config) -> Vec<&'static str> {
+        use crate::redis_tls::{Link, Target};
+        let mut started = Vec::new();
+        if let (crate::config::ThrottleBackend::Redis { url, tls }, Some(shared)) =
+            (&config.throttle.backend, &self.shared_throttle)
+            && self.redis_tls.renew(
+                Link::Throttle,
+                url,
+                tls.as_ref(),
+                Target::Throttle(shared.store.renewal()),
+            )
+        {
+            started.push("TLS to Redis (throttle), once a connection with it works");
+        }
+        if let Some(cluster) = &config.cluster
+            && self.suspensions.is_shared()
+            && self.redis_tls.renew(
+                Link::Cluster,
+                &cluster.redis_url,
+                cluster.redis_tls.as_ref(),
+                Target::Cluster(Arc::downgrade(&self.suspensions)),
+            )
+        {
+            started.push("TLS to Redis (cluster), once a connection with it works");
+        }
+        started
     }
 }
 

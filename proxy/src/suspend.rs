@@ -165,7 +165,9 @@ pub struct SuspensionStore {
 
 /// The connection to the cluster's Redis.
 struct ClusterLink {
-    client: redis::Client,
+    /// The client new connections and subscriptions are made with: replaced by
+    /// [`SuspensionStore::renew_client`] once a connection made with its successor works.
+    client: std::sync::Mutex<redis::Client>,
     conn: tokio::sync::Mutex<Option<redis::aio::ConnectionManager>>,
     consumers_key: String,
     providers_key: String,
@@ -228,7 +230,7 @@ impl SuspensionStore {
         // The hash tag keeps every key in one slot, so one transaction reads them all on
         // a Redis Cluster too.
         let link = ClusterLink {
-            client,
+            client: std::sync::Mutex::new(client),
             conn: tokio::sync::Mutex::new(None),
             consumers_key: format!("{key_prefix}{{suspensions}}:consumers"),
             providers_key: format!("{key_prefix}{{suspensions}}:providers"),
@@ -383,6 +385,25 @@ impl SuspensionStore {
         Ok(())
     }
 
+    /// Connects to the cluster's Redis with `client` (its TLS material renewed) and, when
+    /// that works, makes it the client of every later connection and subscription. The
+    /// connection in use stays until then; the subscription made with the old client
+    /// goes on until it ends, and the next one is made with the new client. Without
+    /// `[cluster]` there is nothing to renew.
+    pub async fn renew_client(&self, client: redis::Client) -> Result<(), redis::RedisError> {
+        let Some(link) = &self.cluster else {
+            return Ok(());
+        };
+        let connected = throttle::redis::managed_connection(&client, REDIS_TIMEOUT).await?;
+        let mut slot = link.conn.lock().await;
+        *link
+            .client
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = client;
+        *slot = Some(connected);
+        Ok(())
+    }
+
     /// Keeps the sets in step with the cluster until the runtime ends: re-reads when a
     /// change is announced, and every [`RESYNC_EVERY`] in any case.
     pub fn keep_in_sync(self: &Arc<Self>) {
@@ -455,9 +476,16 @@ impl ClusterLink {
         if let Some(c) = slot.as_ref() {
             return Ok(c.clone());
         }
-        let c = throttle::redis::managed_connection(&self.client, REDIS_TIMEOUT).await?;
+        let c = throttle::redis::managed_connection(&self.client(), REDIS_TIMEOUT).await?;
         *slot = Some(c.clone());
         Ok(c)
+    }
+
+    fn client(&self) -> redis::Client {
+        self.client
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     fn key(&self, party: Party) -> &str {
@@ -667,7 +695,7 @@ impl ClusterLink {
     /// answer.
     async fn subscribe(&self) -> Option<redis::aio::PubSubStream> {
         let run = async {
-            let mut pubsub = self.client.get_async_pubsub().await?;
+            let mut pubsub = self.client().get_async_pubsub().await?;
             pubsub.subscribe(&self.channel).await?;
             Ok::<_, redis::RedisError>(pubsub.into_on_message())
         };

@@ -5,8 +5,11 @@
 
 mod common;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use certs::devpki::DevCa;
 use common::*;
 use http::StatusCode;
 
@@ -69,6 +72,30 @@ async fn status_of(pki: &Pki, gw: &Gateway) -> (StatusCode, String) {
     (status, String::from_utf8_lossy(&body).into_owned())
 }
 
+/// Suspends consumer `ville-bxl` through `gw`'s admin API (`body`: the JSON with the
+/// reason): status and body.
+async fn suspend(gw: &Gateway, body: &str) -> (u16, String) {
+    admin_request_with_body(
+        gw.admin_port,
+        "POST",
+        "/admin/consumers/ville-bxl/suspend",
+        Some(TOKEN),
+        body,
+    )
+    .await
+}
+
+/// Resumes consumer `ville-bxl` through `gw`'s admin API: status and body.
+async fn resume(gw: &Gateway) -> (u16, String) {
+    admin_request(
+        gw.admin_port,
+        "POST",
+        "/admin/consumers/ville-bxl/resume",
+        Some(TOKEN),
+    )
+    .await
+}
+
 /// Waits until every gateway answers `want`; returns how long that took.
 async fn until_all(pki: &Pki, gws: &[&Gateway], want: StatusCode) -> Duration {
     let started = Instant::now();
@@ -110,14 +137,7 @@ async fn a_suspension_on_one_replica_cuts_the_consumer_on_all_three_and_survives
     }
 
     // Suspended on replica 0, with a reason: cut on all three within a second.
-    let (status, body) = admin_request_with_body(
-        gws[0].admin_port,
-        "POST",
-        "/admin/consumers/ville-bxl/suspend",
-        Some(TOKEN),
-        r#"{"reason": "suspected key leak, ticket 4711"}"#,
-    )
-    .await;
+    let (status, body) = suspend(&gws[0], r#"{"reason": "suspected key leak, ticket 4711"}"#).await;
     assert_eq!(status, 200, "{body}");
     let took = until_all(&pki, &[&gws[0], &gws[1], &gws[2]], StatusCode::FORBIDDEN).await;
     eprintln!("suspension in force on all three replicas after {took:?}");
@@ -155,13 +175,7 @@ async fn a_suspension_on_one_replica_cuts_the_consumer_on_all_three_and_survives
     assert!(body.contains("FSP-AUTHZ-SUSPENDED"), "{body}");
 
     // Resumed on replica 2: lifted everywhere within a second.
-    let (status, body) = admin_request(
-        gws[2].admin_port,
-        "POST",
-        "/admin/consumers/ville-bxl/resume",
-        Some(TOKEN),
-    )
-    .await;
+    let (status, body) = resume(&gws[2]).await;
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("\"changed\":true"), "{body}");
     let took = until_all(&pki, &[&gws[0], &gws[1], &gws[2]], StatusCode::OK).await;
@@ -206,13 +220,7 @@ async fn without_redis_the_last_known_set_stays_and_changes_are_refused() {
     assert!(body.contains("FSP-AUTHZ-SUSPENDED"), "{body}");
 
     // A resume cannot be made on one replica only: refused, nothing changed.
-    let (status, body) = admin_request(
-        gw.admin_port,
-        "POST",
-        "/admin/consumers/ville-bxl/resume",
-        Some(TOKEN),
-    )
-    .await;
+    let (status, body) = resume(&gw).await;
     assert_eq!(status, 503, "{body}");
     assert!(
         body.contains("Redis is unreachable, nothing changed"),
@@ -296,14 +304,7 @@ async fn a_redis_that_loses_its_data_lifts_nothing() {
     let cluster = format!("\n[cluster]\nredis_url = \"{redis}\"\nkey_prefix = \"{prefix}\"\n");
     let mut a = Gateway::start(&replica_config(&pki, up, 0, &cluster)).await;
     let mut b = Gateway::start(&replica_config(&pki, up, 1, &cluster)).await;
-    let (status, body) = admin_request_with_body(
-        a.admin_port,
-        "POST",
-        "/admin/consumers/ville-bxl/suspend",
-        Some(TOKEN),
-        r#"{"reason": "incident 7"}"#,
-    )
-    .await;
+    let (status, body) = suspend(&a, r#"{"reason": "incident 7"}"#).await;
     assert_eq!(status, 200, "{body}");
     until_all(&pki, &[&a, &b], StatusCode::FORBIDDEN).await;
 
@@ -330,13 +331,7 @@ async fn a_redis_that_loses_its_data_lifts_nothing() {
         .unwrap();
     assert!(restored.unwrap().contains("incident 7"));
     // A resume after that still works everywhere.
-    let (status, _) = admin_request(
-        b.admin_port,
-        "POST",
-        "/admin/consumers/ville-bxl/resume",
-        Some(TOKEN),
-    )
-    .await;
+    let (status, _) = resume(&b).await;
     assert_eq!(status, 200);
     let took = until_all(&pki, &[&a, &b], StatusCode::OK).await;
     assert!(took < Duration::from_secs(1), "took {took:?}");
@@ -378,13 +373,7 @@ async fn a_resume_is_not_undone_by_a_replica_that_adopted_the_suspension_before(
     assert_eq!(status_of(&pki, &d).await.0, StatusCode::FORBIDDEN);
     assert_eq!(d.stop().code(), Some(0));
     let mut a = Gateway::start(&replica_config(&pki, up, 1, &cluster)).await;
-    let (status, _) = admin_request(
-        a.admin_port,
-        "POST",
-        "/admin/consumers/ville-bxl/resume",
-        Some(TOKEN),
-    )
-    .await;
+    let (status, _) = resume(&a).await;
     assert_eq!(status, 200);
     let mut d = Gateway::start(&d_config).await;
     tokio::time::sleep(Duration::from_millis(700)).await;
@@ -402,23 +391,9 @@ async fn a_resume_is_not_undone_by_a_replica_that_adopted_the_suspension_before(
     )
     .await;
     assert_eq!(status, 400, "{body}");
-    let (status, _) = admin_request_with_body(
-        a.admin_port,
-        "POST",
-        "/admin/consumers/ville-bxl/suspend",
-        Some(TOKEN),
-        r#"{"reason": "first"}"#,
-    )
-    .await;
+    let (status, _) = suspend(&a, r#"{"reason": "first"}"#).await;
     assert_eq!(status, 200);
-    let (_, body) = admin_request_with_body(
-        d.admin_port,
-        "POST",
-        "/admin/consumers/ville-bxl/suspend",
-        Some(TOKEN),
-        r#"{"reason": "second"}"#,
-    )
-    .await;
+    let (_, body) = suspend(&d, r#"{"reason": "second"}"#).await;
     let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(answer["changed"], false, "{body}");
     assert_eq!(answer["reason"], "first", "{body}");
@@ -561,4 +536,222 @@ async fn a_replica_that_does_not_know_the_suspensions_serves_nobody() {
     assert!(body.contains("FSP-GATEWAY-NOT-READY"), "{body}");
     assert!(headers.contains_key("retry-after"));
     assert_eq!(gw.stop().code(), Some(0));
+}
+
+/// A TLS-only relay in front of the test Redis, standing in for a Redis with
+/// `tls-auth-clients`: it asks for a client certificate of `client_ca`, refuses the CNs
+/// it is told to, and lists the sessions it carries by the CN that opened them.
+struct TlsRedis {
+    port: u16,
+    /// The CN of each session carried, with what ends it.
+    sessions: Arc<Mutex<Vec<(String, tokio::task::AbortHandle)>>>,
+    refused: Arc<Mutex<Vec<String>>>,
+    /// Handshakes that failed (a client certificate of another CA, say).
+    failed: Arc<AtomicUsize>,
+}
+
+impl TlsRedis {
+    async fn start(server: &certs::devpki::Issued, client_ca: &DevCa, redis: &str) -> Self {
+        let acceptor =
+            tokio_rustls::TlsAcceptor::from(Arc::new(server.server_tls(Some(client_ca)).unwrap()));
+        let upstream = redis
+            .strip_prefix("redis://")
+            .expect("a redis:// URL")
+            .trim_end_matches('/')
+            .rsplit('@')
+            .next()
+            .unwrap()
+            .to_owned();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let relay = Self {
+            port: listener.local_addr().unwrap().port(),
+            sessions: Arc::default(),
+            refused: Arc::default(),
+            failed: Arc::default(),
+        };
+        let (sessions, refused, failed) = (
+            relay.sessions.clone(),
+            relay.refused.clone(),
+            relay.failed.clone(),
+        );
+        tokio::spawn(async move {
+            while let Ok((socket, _)) = listener.accept().await {
+                let (acceptor, upstream) = (acceptor.clone(), upstream.clone());
+                let (sessions, refused, failed) =
+                    (sessions.clone(), refused.clone(), failed.clone());
+                tokio::spawn(async move {
+                    let Ok(mut tls) = acceptor.accept(socket).await else {
+                        failed.fetch_add(1, Ordering::SeqCst);
+                        return;
+                    };
+                    let cn = tls
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|c| c.first())
+                        .and_then(|c| certs::identity::common_name(c))
+                        .unwrap_or_default();
+                    if refused.lock().unwrap().contains(&cn) {
+                        return;
+                    }
+                    let session = tokio::spawn(async move {
+                        let mut redis = tokio::net::TcpStream::connect(&upstream).await.unwrap();
+                        let _ = tokio::io::copy_bidirectional(&mut tls, &mut redis).await;
+                    });
+                    sessions.lock().unwrap().push((cn, session.abort_handle()));
+                });
+            }
+        });
+        relay
+    }
+
+    /// Sessions opened with a certificate of `cn`.
+    fn opened_by(&self, cn: &str) -> usize {
+        self.sessions
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(c, _)| c == cn)
+            .count()
+    }
+
+    /// Ends the sessions of `cn` and refuses it from now on (its certificate revoked).
+    fn cut(&self, cn: &str) {
+        self.refused.lock().unwrap().push(cn.to_owned());
+        for (c, session) in self.sessions.lock().unwrap().iter() {
+            if c == cn {
+                session.abort();
+            }
+        }
+    }
+}
+
+/// Puts `files` (name, content) in a new directory under `dir` and points the `tls`
+/// symlink at it, as Kubernetes updates a mounted Secret (one rename: the files change
+/// together).
+fn mount_secret(dir: &std::path::Path, version: u32, files: &[(&str, &str)]) {
+    let data = dir.join(format!("tls-{version}"));
+    std::fs::create_dir(&data).unwrap();
+    for (name, content) in files {
+        std::fs::write(data.join(name), content).unwrap();
+    }
+    let link = dir.join(format!("tls-link-{version}"));
+    std::os::unix::fs::symlink(&data, &link).unwrap();
+    std::fs::rename(&link, dir.join("tls")).unwrap();
+}
+
+/// Calls for `how_long`, every 50 ms: each must be 200 (throttling decided through
+/// Redis with `on_backend_error = "deny"`, so a Redis link down would refuse them).
+async fn calls_all_pass(pki: &Pki, gw: &Gateway, how_long: Duration) {
+    let started = Instant::now();
+    while started.elapsed() < how_long {
+        let (status, body) = status_of(pki, gw).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits up to 20 s for `done`.
+async fn eventually(what: &str, done: impl Fn() -> bool) {
+    let started = Instant::now();
+    while !done() {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "{what}: not after 20 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!("{what}: after {:?}", started.elapsed());
+}
+
+/// Certificate rotation for the links to Redis (throttling and the cluster's
+/// suspensions over `rediss://`, a client certificate asked for): the files mounted
+/// from a Secret change, and the gateway takes the new certificate without a restart
+/// and without a failed call. A certificate Redis refuses keeps the connection in use
+/// (and is tried again); an accepted one replaces it, so that the old certificate can
+/// then be revoked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_redis_client_certificate_is_taken_without_a_restart_or_a_failed_call() {
+    let Some(redis) = redis_url() else { return };
+    let pki = Pki::new();
+    let up = upstream().await;
+    let redis_ca = DevCa::new("Redis CA").unwrap();
+    let clients_ca = DevCa::new("Redis clients CA").unwrap();
+    let relay = TlsRedis::start(
+        &redis_ca.server(&["localhost"]).unwrap(),
+        &clients_ca,
+        &redis,
+    )
+    .await;
+    let (first, second) = (
+        clients_ca.client("fsp-1").unwrap(),
+        clients_ca.client("fsp-2").unwrap(),
+    );
+    let foreign = DevCa::new("Another CA")
+        .unwrap()
+        .client("fsp-foreign")
+        .unwrap();
+    let secret = |issued: &certs::devpki::Issued| {
+        [
+            ("ca.pem", redis_ca.cert_pem()),
+            ("client.pem", issued.cert_pem.clone()),
+            ("client.key", issued.key_pem.clone()),
+        ]
+    };
+    let mount = |version: u32, issued: &certs::devpki::Issued| {
+        let files = secret(issued);
+        let files: Vec<(&str, &str)> = files.iter().map(|(n, c)| (*n, c.as_str())).collect();
+        mount_secret(pki.path(), version, &files);
+    };
+    mount(1, &first);
+
+    let prefix = unique_prefix("rotation");
+    let rediss = format!("rediss://localhost:{}", relay.port);
+    let tls = "{ ca = \"tls/ca.pem\", cert = \"tls/client.pem\", key = \"tls/client.key\" }";
+    let sections = format!(
+        "\n[cluster]\nredis_url = \"{rediss}\"\nkey_prefix = \"{prefix}\"\nredis_tls = {tls}\n\
+         \n[throttle]\nbackend = \"redis\"\nurl = \"{rediss}\"\ntls = {tls}\non_backend_error = \"deny\"\n"
+    );
+    let path = replica_config(&pki, up, 0, &sections);
+    let limited = std::fs::read_to_string(&path).unwrap().replace(
+        "name = \"Registre national\"",
+        "name = \"Registre national\"\nlimit = { rate = \"1000/s\", burst = 100 }",
+    );
+    std::fs::write(&path, limited).unwrap();
+    let mut gw = Gateway::start(&path).await;
+    calls_all_pass(&pki, &gw, Duration::from_millis(500)).await;
+    // The cluster's connection and subscription, and the throttle's connection.
+    assert!(
+        relay.opened_by("fsp-1") >= 3,
+        "{}",
+        relay.opened_by("fsp-1")
+    );
+
+    // A certificate Redis does not accept: tried, refused, and the links in use stay.
+    mount(2, &foreign);
+    eventually("the foreign certificate tried", || {
+        relay.failed.load(Ordering::SeqCst) >= 2
+    })
+    .await;
+    calls_all_pass(&pki, &gw, Duration::from_secs(1)).await;
+
+    // The certificate Redis accepts: both links renewed, no call refused meanwhile.
+    mount(3, &second);
+    let calls = calls_all_pass(&pki, &gw, Duration::from_secs(6));
+    let renewed = eventually("both links renewed", || relay.opened_by("fsp-2") >= 2);
+    tokio::join!(calls, renewed);
+
+    // The old certificate revoked and its sessions ended: throttling and suspensions
+    // still work, over the new certificate's connections.
+    relay.cut("fsp-1");
+    calls_all_pass(&pki, &gw, Duration::from_secs(1)).await;
+    let (status, body) = suspend(&gw, r#"{"reason": "rotation test"}"#).await;
+    assert_eq!(status, 200, "{body}");
+    until_all(&pki, &[&gw], StatusCode::FORBIDDEN).await;
+    let (status, body) = resume(&gw).await;
+    assert_eq!(status, 200, "{body}");
+    until_all(&pki, &[&gw], StatusCode::OK).await;
+    assert_eq!(relay.opened_by("fsp-foreign"), 0);
+    assert_eq!(gw.stop().code(), Some(0));
+    forget(&redis, &prefix);
 }

@@ -176,7 +176,9 @@ struct Lease {
 }
 
 struct Inner {
-    client: redis::Client,
+    /// The client new connections are made with: replaced by [`Renewal::renew`] once a
+    /// connection made with its successor works.
+    client: std::sync::Mutex<redis::Client>,
     conn: RwLock<Option<redis::aio::ConnectionManager>>,
     script: redis::Script,
     timeout: Duration,
@@ -385,7 +387,7 @@ impl RedisStore {
         let runtime = tokio::runtime::Handle::try_current()
             .map_err(|_| BackendError("the Redis throttle needs a Tokio runtime".into()))?;
         let inner = Arc::new(Inner {
-            client,
+            client: std::sync::Mutex::new(client),
             conn: RwLock::default(),
             script: redis::Script::new(SCRIPT),
             timeout,
@@ -409,6 +411,11 @@ impl RedisStore {
     pub fn with_leases(mut self, replicas: u32) -> Self {
         self.leases = Some((replicas.max(1), std::sync::Mutex::default()));
         self
+    }
+
+    /// What renews this store's TLS material while it runs (see [`Renewal`]).
+    pub fn renewal(&self) -> Renewal {
+        Renewal(Arc::downgrade(&self.inner))
     }
 
     /// Decisions sent to Redis so far (calls spent from a lease send none).
@@ -766,6 +773,35 @@ async fn batches(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<Pending>) {
     }
 }
 
+/// Renews the client a [`RedisStore`] connects with (its certificates rotated, say),
+/// without holding on to the store: the connection in use stays until a connection made
+/// with the new client works, and only then is it replaced, so that a Secret rotated to
+/// material Redis does not accept yet never takes working throttling down.
+#[derive(Clone, Debug)]
+pub struct Renewal(std::sync::Weak<Inner>);
+
+impl Renewal {
+    /// Connects with `client` (within the store's timeout) and, when that works, makes it
+    /// the store's client and the connection its decisions go through. `None`: the store
+    /// is gone.
+    pub async fn renew(&self, client: redis::Client) -> Option<Result<(), BackendError>> {
+        let inner = self.0.upgrade()?;
+        let connected = match inner.connect(&client).await {
+            Ok(c) => c,
+            Err(e) => return Some(Err(e)),
+        };
+        let mut slot = inner.conn.write().await;
+        *inner
+            .client
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = client;
+        // Decisions in flight on the old connection finish on it; it closes with its
+        // last clone.
+        *slot = Some(connected);
+        Some(Ok(()))
+    }
+}
+
 /// A reconnecting connection to `client`'s Redis, made within `timeout`, whose every
 /// command gets an answer or an error within `timeout`: the settings every user of
 /// Redis in the gateway (throttling, the cluster's suspensions) shares, so that Redis
@@ -798,7 +834,22 @@ impl Inner {
         if let Some(c) = slot.as_ref() {
             return Ok(c.clone());
         }
-        let mut c = managed_connection(&self.client, self.timeout)
+        let client = self
+            .client
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        let c = self.connect(&client).await?;
+        *slot = Some(c.clone());
+        Ok(c)
+    }
+
+    /// A connection made with `client`, and a first estimate of Redis's clock through it.
+    async fn connect(
+        &self,
+        client: &redis::Client,
+    ) -> Result<redis::aio::ConnectionManager, BackendError> {
+        let mut c = managed_connection(client, self.timeout)
             .await
             .map_err(|e| BackendError(e.to_string()))?;
         // A first estimate of Redis's clock, so that the first batch has a deadline too;
@@ -811,7 +862,6 @@ impl Inner {
             secs.saturating_mul(1_000_000).saturating_add(micros),
             std::time::Instant::now(),
         );
-        *slot = Some(c.clone());
         Ok(c)
     }
 

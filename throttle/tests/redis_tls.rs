@@ -169,3 +169,57 @@ async fn a_client_certificate_is_presented_and_unchecked_tls_is_refused() {
     assert!(throttle::redis::client("REDISS://localhost:6380/#insec\ture", None).is_err());
     assert!(throttle::redis::client(&url, Some(&without)).is_err());
 }
+
+/// A renewal of the store's TLS material (its client certificate rotated) replaces the
+/// connection in use only once a connection with the new material works: one Redis
+/// refuses leaves decisions going through the old connection.
+#[tokio::test]
+async fn a_renewal_takes_the_new_certificate_only_once_redis_accepts_it() {
+    let Ok(url) = std::env::var("FSP_TEST_REDIS_URL") else {
+        eprintln!("SKIPPED: FSP_TEST_REDIS_URL is not set");
+        return;
+    };
+    let ca = DevCa::new("Redis CA").unwrap();
+    let (port, sessions) = relay(&ca.server(&["localhost"]).unwrap(), Some(&ca), &url).await;
+    let rediss = format!("rediss://localhost:{port}");
+    let material = |issued: certs::devpki::Issued| RedisTls {
+        ca: Some(ca.cert_pem().into_bytes()),
+        client: Some((issued.cert_pem.into_bytes(), issued.key_pem.into_bytes())),
+    };
+    let first = material(ca.client("fsp-1").unwrap());
+    let store = RedisStore::with_tls(
+        &rediss,
+        Some(&first),
+        "fsp-test:",
+        Duration::from_millis(500),
+    )
+    .unwrap();
+    let p = provider();
+    store.decide(&p, "c", 0, &limits()).await.unwrap().unwrap();
+    assert_eq!(sessions.load(Ordering::SeqCst), 1);
+
+    let foreign = RedisTls {
+        client: material(DevCa::new("Another CA").unwrap().client("x").unwrap()).client,
+        ..first.clone()
+    };
+    let renewal = store.renewal();
+    let refused = renewal
+        .renew(throttle::redis::client(&rediss, Some(&foreign)).unwrap())
+        .await
+        .unwrap();
+    assert!(refused.is_err(), "{refused:?}");
+    // Still decided by Redis, over the connection in use.
+    store.decide(&p, "c", 0, &limits()).await.unwrap().unwrap();
+    assert!(store.decide(&p, "c", 0, &limits()).await.unwrap().is_err());
+    assert_eq!(sessions.load(Ordering::SeqCst), 1);
+
+    let second = material(ca.client("fsp-2").unwrap());
+    renewal
+        .renew(throttle::redis::client(&rediss, Some(&second)).unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(sessions.load(Ordering::SeqCst), 2);
+    assert!(store.decide(&p, "c", 0, &limits()).await.unwrap().is_err());
+    assert_eq!(sessions.load(Ordering::SeqCst), 2);
+}

@@ -923,9 +923,13 @@ fn build(main: &Path, sources: Vec<Source>, problems: &mut Problems) -> Option<C
 
     // ---- audit, throttle ----
     let audit = build_audit(&sources, problems);
-    let throttle = build_throttle(&sources, problems);
+    let mut redis_files = RedisTlsFiles {
+        certificates: &mut certificate_files,
+        watched: &mut tls_files,
+    };
+    let throttle = build_throttle(&sources, &mut redis_files, problems);
     let cluster = single(&sources, "cluster", |r| r.cluster.as_ref(), problems)
-        .and_then(|(s, c)| build_cluster(s, c, problems));
+        .and_then(|(s, c)| build_cluster(s, c, &mut redis_files, problems));
     let telemetry = single(&sources, "telemetry", |r| r.telemetry.as_ref(), problems)
         .and_then(|(s, t)| build_telemetry(s, t, problems));
 
@@ -1463,7 +1467,11 @@ fn build_seals(s: &Source, a: &raw::RawAudit, problems: &mut Problems) -> audit:
 }
 
 /// `[throttle]`: local, or Redis with a checked URL, and what to do when Redis fails.
-fn build_throttle(sources: &[Source], problems: &mut Problems) -> ThrottleConfig {
+fn build_throttle(
+    sources: &[Source],
+    files: &mut RedisTlsFiles<'_>,
+    problems: &mut Problems,
+) -> ThrottleConfig {
     match single(sources, "throttle", |r| r.throttle.as_ref(), problems) {
         None => ThrottleConfig {
             backend: ThrottleBackend::Local,
@@ -1484,7 +1492,7 @@ fn build_throttle(sources: &[Source], problems: &mut Problems) -> ThrottleConfig
                 }
                 ("redis", Ok(Some(url))) => {
                     check_redis_url(s, "throttle.url", &url, problems);
-                    let tls = redis_tls(s, "throttle.tls", &url, t.tls.as_ref(), problems);
+                    let tls = redis_tls(s, "throttle.tls", &url, t.tls.as_ref(), files, problems);
                     redis_client(s, "throttle.url", &url, tls.as_ref(), problems);
                     ThrottleBackend::Redis { url, tls }
                 }
@@ -1640,6 +1648,14 @@ fn redis_client(
     }
 }
 
+/// Where the files of TLS to Redis are listed: with the configuration's certificates
+/// (their expiry is watched and reported) and with the files whose change reloads the
+/// configuration (the running Redis clients are then renewed: see `crate::redis_tls`).
+struct RedisTlsFiles<'a> {
+    certificates: &'a mut Vec<(String, PathBuf)>,
+    watched: &'a mut Vec<PathBuf>,
+}
+
 /// TLS to Redis (`key`: `throttle.tls` or `cluster.redis_tls`): taken only with a
 /// `rediss://` URL; the files read and checked now (PEM certificates, a key), so that
 /// a wrong one is a problem of the configuration, not of the first call.
@@ -1648,6 +1664,7 @@ fn redis_tls(
     key: &str,
     url: &str,
     raw: Option<&RawRedisTls>,
+    files: &mut RedisTlsFiles<'_>,
     problems: &mut Problems,
 ) -> Option<throttle::redis::RedisTls> {
     let raw = raw?;
@@ -1662,6 +1679,12 @@ fn redis_tls(
     let mut ok = true;
     let mut read = |field: &str, path: &str, certificates: bool| -> Option<Vec<u8>> {
         let path = s.dir.join(path);
+        files.watched.push(path.clone());
+        if certificates {
+            files
+                .certificates
+                .push((format!("{key}.{field}"), path.clone()));
+        }
         let bytes = match certs::load::read_regular_file(&path, MAX_CONFIG_FILE) {
             Ok(b) => b,
             Err(e) => {
@@ -1719,7 +1742,12 @@ fn redis_tls(
 }
 
 /// `[cluster]`: the Redis that replicas share suspensions through.
-fn build_cluster(s: &Source, c: &RawCluster, problems: &mut Problems) -> Option<Cluster> {
+fn build_cluster(
+    s: &Source,
+    c: &RawCluster,
+    files: &mut RedisTlsFiles<'_>,
+    problems: &mut Problems,
+) -> Option<Cluster> {
     let url = url_setting(
         s,
         "cluster.redis_url",
@@ -1750,7 +1778,14 @@ fn build_cluster(s: &Source, c: &RawCluster, problems: &mut Problems) -> Option<
             "1 to 64 characters among letters, digits, '-', '_', ':' and '.' (e.g. \"fsp-int:\")",
         );
     }
-    let redis_tls = redis_tls(s, "cluster.redis_tls", &url, c.redis_tls.as_ref(), problems);
+    let redis_tls = redis_tls(
+        s,
+        "cluster.redis_tls",
+        &url,
+        c.redis_tls.as_ref(),
+        files,
+        problems,
+    );
     redis_client(s, "cluster.redis_url", &url, redis_tls.as_ref(), problems);
     Some(Cluster {
         redis_url: url,
