@@ -349,3 +349,70 @@ async fn streams_reset_while_their_calls_wait_give_the_providers_slots_back() {
         "the reset streams still hold the provider's slots"
     );
 }
+
+/// The first byte of the header block the server answers stream `id` with (HPACK's
+/// indexed `:status`: 0x88 is 200, 0x8c 400), reading frames for at most 5 s.
+async fn status_byte(tls: &mut Tls, id: u32) -> Option<u8> {
+    let mut buf = Vec::new();
+    let mut chunk = vec![0u8; 1 << 16];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut at = 0;
+        while at + 9 <= buf.len() {
+            let len = usize::from(buf[at]) << 16
+                | usize::from(buf[at + 1]) << 8
+                | usize::from(buf[at + 2]);
+            if at + 9 + len > buf.len() {
+                break;
+            }
+            let stream = u32::from_be_bytes(buf[at + 5..at + 9].try_into().unwrap()) & 0x7fff_ffff;
+            if buf[at + 3] == HEADERS && stream == id && len > 0 {
+                return Some(buf[at + 9]);
+            }
+            at += 9 + len;
+        }
+        match tokio::time::timeout_at(deadline, tls.read(&mut chunk)).await {
+            Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+            _ => return None,
+        }
+    }
+}
+
+/// Found by an attacker's review, as a compatibility issue: some HTTP/2 clients send a
+/// GET's HEADERS without END_STREAM and end the stream with an empty DATA frame. That
+/// is a GET without content, served; a DATA frame with a byte in it is content (400).
+#[tokio::test]
+async fn a_get_whose_stream_ends_with_an_empty_data_frame_is_served() {
+    const DATA: u8 = 0x0;
+    let up = upstream().await;
+    let s = start(up, "").await;
+    for (data, want) in [(&b""[..], 0x88u8), (&b"x"[..], 0x8c)] {
+        let mut tls = open(&s, true).await;
+        let mut out = frame(
+            HEADERS,
+            END_HEADERS,
+            1,
+            &get_block("/person/getPerson/v3/x"),
+        );
+        out.extend(frame(DATA, END_STREAM, 1, data));
+        assert!(write(&mut tls, &out).await);
+        assert_eq!(
+            status_byte(&mut tls, 1).await,
+            Some(want),
+            "DATA of {} bytes",
+            data.len()
+        );
+    }
+    // Two empty DATA frames, the second ending the stream: the same.
+    let mut tls = open(&s, true).await;
+    let mut out = frame(
+        HEADERS,
+        END_HEADERS,
+        1,
+        &get_block("/person/getPerson/v3/x"),
+    );
+    out.extend(frame(DATA, 0, 1, b""));
+    out.extend(frame(DATA, END_STREAM, 1, b""));
+    assert!(write(&mut tls, &out).await);
+    assert_eq!(status_byte(&mut tls, 1).await, Some(0x88));
+}

@@ -4,6 +4,8 @@
 //! protection; a SOAP request's Header is read (and the purpose, end user and message id
 //! it carries taken into the record) before the authorisation is decided.
 
+use std::time::Duration;
+
 use bytes::Bytes;
 use catalogue::Protocol;
 use http::header::{self, HeaderMap, HeaderValue};
@@ -49,6 +51,33 @@ pub fn one_host(parts: &request::Parts, fields: &FieldCounts<'_>) -> Result<(), 
     Ok(())
 }
 
+/// Whether a request whose stream is still open, on a method without content, ends it
+/// with no content: some HTTP/2 clients send a GET's HEADERS without END_STREAM and end
+/// the stream with an empty DATA frame. Its frames are read (within `timeout`) until the
+/// stream ends; one byte of data, trailers, an error or the timeout is content. An
+/// HTTP/1.1 body still open has a length or chunks: content.
+async fn ends_empty(parts: &request::Parts, body: &mut Unread, timeout: Duration) -> bool {
+    use http_body_util::BodyExt;
+    // A content-length other than 0 is refused by the stream itself when it ends empty.
+    if parts.version != http::Version::HTTP_2 {
+        return false;
+    }
+    let Some(incoming) = body.incoming() else {
+        return false;
+    };
+    tokio::time::timeout(timeout, async {
+        loop {
+            match incoming.frame().await {
+                None => return true,
+                Some(Ok(frame)) if frame.data_ref().is_some_and(Bytes::is_empty) => {}
+                Some(_) => return false,
+            }
+        }
+    })
+    .await
+    .unwrap_or(false)
+}
+
 /// Checks the fields and the start of the body; for SOAP, reads the Header.
 pub async fn inspect(
     snap: &Snapshot,
@@ -68,6 +97,7 @@ pub async fn inspect(
     ) && body
         .incoming()
         .is_some_and(|b| !hyper::body::Body::is_end_stream(&*b))
+        && !ends_empty(parts, body, snap.request_body_timeout).await
     {
         return Err(Rejection::new(
             Code::RequestMalformed,
