@@ -5,16 +5,19 @@
 //!   no key, no CA), and, once half the room is taken, for connections from one
 //!   address whose TLS handshake is still under way (one that never finishes costs no
 //!   more). A connection beyond a bound is closed at once; calls already under way are
-//!   never touched.
+//!   never touched. When every place is taken, the oldest connection still before the
+//!   end of its TLS handshake gives its place up to the new one (see
+//!   [`ConnLimits::admit`]): connections that stall their handshake can no longer hold
+//!   `max_connections` against consumers whose handshakes take milliseconds.
 //! - [`ConnCap`]: calls in flight to one provider (each holds an upstream connection),
 //!   shared by the worker threads. A call that finds the cap reached waits a bounded time
 //!   for one to end, then is refused with 503 without anything being sent.
 //! - [`raise_descriptor_limit`]: the process takes every file descriptor the system
 //!   allows it, and refuses to start when that is fewer than its limits need.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -177,6 +180,10 @@ pub enum Refusal {
     AnonymousPerAddress,
     /// Too many connections from one address still in their TLS handshake.
     HandshakesPerAddress,
+    /// Not a refusal of a new connection: this one, still in its handshake, gave its
+    /// place to a newer one when every place was taken (counted when it happens, in
+    /// `fsp_connections_evicted_total`).
+    Evicted,
 }
 
 impl Refusal {
@@ -187,6 +194,7 @@ impl Refusal {
             Self::Anonymous => "anonymous",
             Self::AnonymousPerAddress => "anonymous_per_address",
             Self::HandshakesPerAddress => "handshakes_per_address",
+            Self::Evicted => "evicted",
         }
     }
 }
@@ -227,11 +235,57 @@ struct PerSource {
 #[derive(Debug)]
 pub struct ConnLimits {
     limits: ConnectionLimits,
+    /// Connections holding a descriptor, evicted ones still closing included.
     total: AtomicUsize,
     anonymous: AtomicUsize,
-    /// Touched once when a connection opens and once when it closes, never per call.
-    sources: Mutex<HashMap<Source, PerSource>>,
+    /// Touched once when a connection opens, once when its handshake ends and once when
+    /// it closes, never per call.
+    table: Mutex<Table>,
+    /// When an eviction was last logged (milliseconds since `clock`), and how many
+    /// were not logged since.
+    clock: std::time::Instant,
+    evictions_logged_at: AtomicU64,
+    evictions_unlogged: AtomicU64,
 }
+
+/// What [`ConnLimits`] keeps under its lock.
+#[derive(Debug, Default)]
+struct Table {
+    sources: HashMap<Source, PerSource>,
+    /// Connections not past their TLS handshake (the PROXY header, if any, included),
+    /// by order of admission: the first is the one evicted when every place is taken.
+    handshaking: BTreeMap<u64, Arc<Eviction>>,
+    next: u64,
+    /// Connections evicted whose task has not closed them yet: they still hold a
+    /// descriptor, so at most [`EVICTIONS_UNDER_WAY`].
+    leaving: usize,
+}
+
+/// How a connection in its handshake is told to give its place up.
+#[derive(Debug, Default)]
+pub struct Eviction {
+    /// Set under the limits' lock.
+    evicted: AtomicBool,
+    notify: Notify,
+    /// Its address, for the log.
+    ip: Option<IpAddr>,
+}
+
+impl Eviction {
+    /// Resolves once the connection has been evicted (at once if it already was).
+    pub async fn evicted(&self) {
+        self.notify.notified().await;
+    }
+}
+
+/// Evicted connections whose tasks have not yet closed them, at most: past it a new
+/// connection that finds every place taken is refused (`total`), so that a burst of
+/// connections cannot take more descriptors than `max_connections` and this (well within
+/// [`RESERVED_DESCRIPTORS`]). A task closes its evicted connection at its next poll.
+pub const EVICTIONS_UNDER_WAY: usize = 64;
+
+/// At most one warning about evictions in this many milliseconds.
+const EVICTION_LOG_EVERY_MS: u64 = 10_000;
 
 /// One admitted connection; its place is given back when dropped.
 #[derive(Debug)]
@@ -242,6 +296,9 @@ pub struct ConnSlot {
     anonymous: bool,
     /// Counted among its address's handshakes under way.
     handshaking: bool,
+    /// Its place among the connections that may be evicted (until its handshake ends).
+    queued: Option<u64>,
+    eviction: Arc<Eviction>,
 }
 
 impl ConnLimits {
@@ -250,7 +307,10 @@ impl ConnLimits {
             limits,
             total: AtomicUsize::new(0),
             anonymous: AtomicUsize::new(0),
-            sources: Mutex::new(HashMap::new()),
+            table: Mutex::new(Table::default()),
+            clock: std::time::Instant::now(),
+            evictions_logged_at: AtomicU64::new(0),
+            evictions_unlogged: AtomicU64::new(0),
         })
     }
 
@@ -266,56 +326,141 @@ impl ConnLimits {
         )
     }
 
+    fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Admits a new connection from `ip`, or says which bound it breaks.
+    ///
+    /// When every place is taken, the oldest connection still before the end of its TLS
+    /// handshake is evicted to make room (its task closes it at once: see
+    /// [`ConnSlot::eviction`]); only when there is none (every connection open has
+    /// finished its handshake: those are never evicted, whatever they are doing) is the
+    /// new one refused. A consumer's handshake takes milliseconds: the oldest ones are
+    /// those that stall theirs.
     pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<ConnSlot, Refusal> {
         let source = Source::of(ip);
-        let mut sources = self.sources.lock().unwrap_or_else(|e| e.into_inner());
-        if self.total.load(Ordering::Relaxed) >= self.limits.max {
-            return Err(refused(Refusal::Total));
+        let mut table = self.lock();
+        // The bounds of its address first: nobody is evicted for a connection refused.
+        if let Some(entry) = table.sources.get(&source) {
+            if entry.all >= self.limits.per_ip {
+                return Err(refused(Refusal::PerAddress));
+            }
+            if self.too_many_handshakes(entry, self.staying(&table)) {
+                return Err(refused(Refusal::HandshakesPerAddress));
+            }
         }
-        let entry = sources.entry(source).or_default();
-        if entry.all >= self.limits.per_ip {
-            return Err(refused(Refusal::PerAddress));
-        }
-        if self.too_many_handshakes(entry) {
-            return Err(refused(Refusal::HandshakesPerAddress));
-        }
+        let evicted = self.make_room(&mut table)?;
+        let entry = table.sources.entry(source).or_default();
         entry.all += 1;
         entry.handshaking += 1;
+        let slot = self.admitted(&mut table, Some(source), Some(ip));
+        drop(table);
+        if let Some(gone) = evicted {
+            self.log_eviction(gone, Some(ip));
+        }
+        Ok(slot)
+    }
+
+    /// Admits a connection from a load balancer before its PROXY header says whose it
+    /// is: counted in the total at once, and against its consumer's address by
+    /// [`ConnSlot::attribute`]. It may be evicted, and may evict, as any other.
+    pub fn admit_unattributed(self: &Arc<Self>) -> Result<ConnSlot, Refusal> {
+        let mut table = self.lock();
+        let evicted = self.make_room(&mut table)?;
+        let slot = self.admitted(&mut table, None, None);
+        drop(table);
+        if let Some(gone) = evicted {
+            self.log_eviction(gone, None);
+        }
+        Ok(slot)
+    }
+
+    /// Connections open that were not evicted.
+    fn staying(&self, table: &Table) -> usize {
+        self.total
+            .load(Ordering::Relaxed)
+            .saturating_sub(table.leaving)
+    }
+
+    /// With every place taken, evicts the oldest connection in its handshake; the
+    /// evicted one's address (`Some(None)` for a balancer's connection not yet
+    /// attributed), `None` when there was room, or `Total` when nothing could be
+    /// evicted.
+    fn make_room(&self, table: &mut Table) -> Result<Option<Option<IpAddr>>, Refusal> {
+        if self.staying(table) < self.limits.max {
+            return Ok(None);
+        }
+        if table.leaving >= EVICTIONS_UNDER_WAY {
+            return Err(refused(Refusal::Total));
+        }
+        let Some((_, oldest)) = table.handshaking.pop_first() else {
+            return Err(refused(Refusal::Total));
+        };
+        oldest.evicted.store(true, Ordering::Relaxed);
+        oldest.notify.notify_one();
+        table.leaving += 1;
+        metrics::counter!("fsp_connections_evicted_total").increment(1);
+        Ok(Some(oldest.ip))
+    }
+
+    /// Counts a connection in (its address already counted, if known) and queues it
+    /// among those in their handshake.
+    fn admitted(
+        self: &Arc<Self>,
+        table: &mut Table,
+        source: Option<Source>,
+        ip: Option<IpAddr>,
+    ) -> ConnSlot {
         self.total.fetch_add(1, Ordering::Relaxed);
         metrics::gauge!("fsp_connections_open").increment(1.0);
-        Ok(ConnSlot {
+        let eviction = Arc::new(Eviction {
+            ip,
+            ..Eviction::default()
+        });
+        let seq = table.next;
+        table.next += 1;
+        table.handshaking.insert(seq, eviction.clone());
+        ConnSlot {
             limits: self.clone(),
-            source: Some(source),
+            source,
             anonymous: false,
-            handshaking: true,
-        })
+            handshaking: source.is_some(),
+            queued: Some(seq),
+            eviction,
+        }
+    }
+
+    /// A warning at most every [`EVICTION_LOG_EVERY_MS`], with the evictions since the
+    /// last one: a flood of stalled handshakes must not flood the log as well.
+    fn log_eviction(&self, evicted: Option<IpAddr>, by: Option<IpAddr>) {
+        self.evictions_unlogged.fetch_add(1, Ordering::Relaxed);
+        let now = u64::try_from(self.clock.elapsed().as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let last = self.evictions_logged_at.load(Ordering::Relaxed);
+        if (last == 0 || now.saturating_sub(last) >= EVICTION_LOG_EVERY_MS)
+            && self
+                .evictions_logged_at
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            let evictions = self.evictions_unlogged.swap(0, Ordering::Relaxed).max(1);
+            tracing::warn!(
+                evictions,
+                evicted = ?evicted,
+                for_peer = ?by,
+                max_connections = self.limits.max,
+                "listener.max_connections reached: connections still in their TLS handshake closed to make room for new ones (the count is since the last such warning)"
+            );
+        }
     }
 
     /// Whether a new connection from `entry`'s address would be one handshake too many:
     /// once half of `max` is open (in normal times a consumer may open many connections
     /// at once), an address may have at most `anonymous_per_ip` handshakes under way.
-    fn too_many_handshakes(&self, entry: &PerSource) -> bool {
-        entry.handshaking >= self.limits.anonymous_per_ip
-            && self.total.load(Ordering::Relaxed) >= self.limits.max.div_ceil(2)
-    }
-
-    /// Admits a connection from a load balancer before its PROXY header says whose it
-    /// is: counted in the total at once, and against its consumer's address by
-    /// [`ConnSlot::attribute`].
-    pub fn admit_unattributed(self: &Arc<Self>) -> Result<ConnSlot, Refusal> {
-        let _sources = self.sources.lock().unwrap_or_else(|e| e.into_inner());
-        if self.total.load(Ordering::Relaxed) >= self.limits.max {
-            return Err(refused(Refusal::Total));
-        }
-        self.total.fetch_add(1, Ordering::Relaxed);
-        metrics::gauge!("fsp_connections_open").increment(1.0);
-        Ok(ConnSlot {
-            limits: self.clone(),
-            source: None,
-            anonymous: false,
-            handshaking: false,
-        })
+    fn too_many_handshakes(&self, entry: &PerSource, open: usize) -> bool {
+        entry.handshaking >= self.limits.anonymous_per_ip && open >= self.limits.max.div_ceil(2)
     }
 }
 
@@ -325,6 +470,12 @@ fn refused(r: Refusal) -> Refusal {
 }
 
 impl ConnSlot {
+    /// What tells this connection, while its handshake is under way, that it was
+    /// evicted: its task closes it then.
+    pub fn eviction(&self) -> Arc<Eviction> {
+        self.eviction.clone()
+    }
+
     /// Counts a connection admitted by [`ConnLimits::admit_unattributed`] against the
     /// address it turned out to come from.
     pub fn attribute(&mut self, ip: IpAddr) -> Result<(), Refusal> {
@@ -332,16 +483,17 @@ impl ConnSlot {
             return Ok(());
         }
         let source = Source::of(ip);
-        let mut sources = self
-            .limits
-            .sources
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        let entry = sources.entry(source).or_default();
-        if entry.all >= self.limits.limits.per_ip {
+        let limits = &self.limits;
+        let mut table = limits.lock();
+        if self.eviction.evicted.load(Ordering::Relaxed) {
+            return Err(Refusal::Evicted);
+        }
+        let staying = limits.staying(&table);
+        let entry = table.sources.entry(source).or_default();
+        if entry.all >= limits.limits.per_ip {
             return Err(refused(Refusal::PerAddress));
         }
-        if self.limits.too_many_handshakes(entry) {
+        if limits.too_many_handshakes(entry, staying) {
             return Err(refused(Refusal::HandshakesPerAddress));
         }
         entry.all += 1;
@@ -351,24 +503,42 @@ impl ConnSlot {
         Ok(())
     }
 
+    /// Takes the connection out of those in their handshake, under the lock: `Evicted`
+    /// when it was evicted meanwhile (its handshake ended as its place was given away:
+    /// it must be closed all the same).
+    fn leave_queue(
+        eviction: &Eviction,
+        queued: &mut Option<u64>,
+        table: &mut Table,
+    ) -> Result<(), Refusal> {
+        if eviction.evicted.load(Ordering::Relaxed) {
+            return Err(Refusal::Evicted);
+        }
+        if let Some(seq) = queued.take() {
+            table.handshaking.remove(&seq);
+        }
+        Ok(())
+    }
+
     /// The connection's handshake is over (with a certificate; [`Self::anonymous`] says
     /// it for one without): it no longer counts among its address's handshakes under
-    /// way.
-    pub fn handshake_done(&mut self) {
+    /// way, and can no longer be evicted. `Evicted` if it was, before: close it.
+    pub fn handshake_done(&mut self) -> Result<(), Refusal> {
+        if self.queued.is_none() && !self.handshaking {
+            return Ok(());
+        }
+        let mut table = self.limits.lock();
+        Self::leave_queue(&self.eviction, &mut self.queued, &mut table)?;
         if !self.handshaking {
-            return;
+            return Ok(());
         }
         self.handshaking = false;
-        let mut sources = self
-            .limits
-            .sources
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
         if let Some(source) = self.source
-            && let Some(entry) = sources.get_mut(&source)
+            && let Some(entry) = table.sources.get_mut(&source)
         {
             entry.handshaking = entry.handshaking.saturating_sub(1);
         }
+        Ok(())
     }
 
     /// The connection presented no client certificate: it must also fit the anonymous
@@ -381,11 +551,13 @@ impl ConnSlot {
         let Some(source) = self.source else {
             return Err(refused(Refusal::Anonymous));
         };
-        let mut sources = limits.sources.lock().unwrap_or_else(|e| e.into_inner());
+        let mut table = limits.lock();
+        // Out of the queue, even when refused below: it is closed then.
+        Self::leave_queue(&self.eviction, &mut self.queued, &mut table)?;
         if limits.anonymous.load(Ordering::Relaxed) >= limits.limits.anonymous {
             return Err(refused(Refusal::Anonymous));
         }
-        let entry = sources.entry(source).or_default();
+        let entry = table.sources.entry(source).or_default();
         if entry.anonymous >= limits.limits.anonymous_per_ip {
             return Err(refused(Refusal::AnonymousPerAddress));
         }
@@ -404,9 +576,10 @@ impl ConnSlot {
 impl Drop for ConnSlot {
     fn drop(&mut self) {
         let limits = &self.limits;
-        let mut sources = limits.sources.lock().unwrap_or_else(|e| e.into_inner());
+        let mut table = limits.lock();
+        let table = &mut *table;
         if let Some(source) = self.source
-            && let Some(entry) = sources.get_mut(&source)
+            && let Some(entry) = table.sources.get_mut(&source)
         {
             entry.all = entry.all.saturating_sub(1);
             if self.anonymous {
@@ -416,8 +589,13 @@ impl Drop for ConnSlot {
                 entry.handshaking = entry.handshaking.saturating_sub(1);
             }
             if entry.all == 0 {
-                sources.remove(&source);
+                table.sources.remove(&source);
             }
+        }
+        if self.eviction.evicted.load(Ordering::Relaxed) {
+            table.leaving = table.leaving.saturating_sub(1);
+        } else if let Some(seq) = self.queued {
+            table.handshaking.remove(&seq);
         }
         limits.total.fetch_sub(1, Ordering::Relaxed);
         metrics::gauge!("fsp_connections_open").decrement(1.0);
@@ -471,7 +649,7 @@ mod tests {
         let mut held = Vec::new();
         for _ in 0..3 {
             let mut slot = l.admit(a).unwrap();
-            slot.handshake_done();
+            slot.handshake_done().unwrap();
             held.push(slot);
         }
         assert_eq!(l.admit(a).err(), Some(Refusal::PerAddress));
@@ -484,7 +662,7 @@ mod tests {
         let mut other = l.admit(b).unwrap();
         other.anonymous().unwrap();
         let mut third = l.admit(b).unwrap();
-        third.handshake_done();
+        third.handshake_done().unwrap();
         assert_eq!(third.anonymous().err(), Some(Refusal::Anonymous));
         assert_eq!(l.admit(b).err(), Some(Refusal::Total));
         assert_eq!(l.open(), (5, 3));
@@ -510,7 +688,7 @@ mod tests {
         other.anonymous().unwrap();
         let _third = l.admit(b).unwrap();
         for slot in &mut burst {
-            slot.handshake_done();
+            slot.handshake_done().unwrap();
         }
         let _next = l.admit(a).unwrap();
         assert_eq!(l.admit(a).err(), Some(Refusal::HandshakesPerAddress));
@@ -519,6 +697,93 @@ mod tests {
         drop(burst);
         let _again = l.admit(a).unwrap();
         assert_eq!(l.open(), (4, 1));
+    }
+
+    /// With every place taken, the oldest connection still in its handshake gives its
+    /// place up to the new one; connections past their handshake never do.
+    #[tokio::test]
+    async fn the_oldest_handshake_gives_its_place_up_when_every_place_is_taken() {
+        let l = limits(4, 4, 4, 4);
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let b: IpAddr = "192.0.2.2".parse().unwrap();
+        let mut served = l.admit(a).unwrap();
+        served.handshake_done().unwrap();
+        let mut anonymous = l.admit(a).unwrap();
+        anonymous.anonymous().unwrap();
+        let mut stalled = l.admit(b).unwrap();
+        let younger = l.admit(b).unwrap();
+        // Full: the new connection takes the place of the oldest handshake under way.
+        let mut new = l.admit(a).unwrap();
+        // The oldest handshake is told (at once: it was told before it waited).
+        tokio::time::timeout(Duration::from_secs(1), stalled.eviction().evicted())
+            .await
+            .unwrap();
+        assert_eq!(stalled.handshake_done(), Err(Refusal::Evicted));
+        assert_eq!(stalled.anonymous(), Err(Refusal::Evicted));
+        // Still holding its descriptor until its task closes it.
+        assert_eq!(l.open(), (5, 1));
+        drop(stalled);
+        assert_eq!(l.open(), (4, 1));
+        // The next one takes the younger handshake's place, then nothing is left to
+        // evict: the ones past their handshake are never touched.
+        new.handshake_done().unwrap();
+        let mut newer = l.admit(b).unwrap();
+        assert!(younger.eviction().evicted.load(Ordering::Relaxed));
+        drop(younger);
+        newer.handshake_done().unwrap();
+        assert_eq!(l.admit(b).err(), Some(Refusal::Total));
+        assert!(!served.eviction().evicted.load(Ordering::Relaxed));
+        assert!(!anonymous.eviction().evicted.load(Ordering::Relaxed));
+        assert_eq!(l.open(), (4, 1));
+    }
+
+    /// A new connection refused by its address's bounds evicts nobody.
+    #[test]
+    fn a_connection_refused_per_address_evicts_nobody() {
+        let l = limits(2, 1, 2, 2);
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let b: IpAddr = "192.0.2.2".parse().unwrap();
+        let first = l.admit(a).unwrap();
+        let _second = l.admit(b).unwrap();
+        assert_eq!(l.admit(a).err(), Some(Refusal::PerAddress));
+        assert!(!first.eviction().evicted.load(Ordering::Relaxed));
+        assert_eq!(l.open(), (2, 0));
+    }
+
+    /// Evicted connections still closing are bounded: past them, a new connection that
+    /// finds every place taken is refused, so descriptors stay within `max` and that
+    /// bound.
+    #[test]
+    fn evictions_under_way_are_bounded() {
+        let l = limits(EVICTIONS_UNDER_WAY * 2, usize::MAX, 1, usize::MAX);
+        let ip = |i: usize| IpAddr::from([10, 0, (i >> 8) as u8, i as u8]);
+        let mut held: Vec<_> = (0..EVICTIONS_UNDER_WAY * 2)
+            .map(|i| l.admit(ip(i)).unwrap())
+            .collect();
+        let mut newer: Vec<_> = (0..EVICTIONS_UNDER_WAY)
+            .map(|i| l.admit(ip(1000 + i)).unwrap())
+            .collect();
+        assert_eq!(l.admit(ip(2000)).err(), Some(Refusal::Total));
+        assert_eq!(l.open().0, EVICTIONS_UNDER_WAY * 3);
+        // The evicted ones close: room to evict again.
+        held.drain(..EVICTIONS_UNDER_WAY);
+        newer.push(l.admit(ip(2000)).unwrap());
+        assert_eq!(l.open().0, EVICTIONS_UNDER_WAY * 2 + 1);
+    }
+
+    /// A balancer's connection not yet attributed is in its handshake too: evicted
+    /// before its header, it is refused when the header comes.
+    #[test]
+    fn a_balancers_connection_before_its_header_may_be_evicted() {
+        let l = limits(1, 1, 1, 1);
+        let mut waiting = l.admit_unattributed().unwrap();
+        let _new = l.admit_unattributed().unwrap();
+        assert_eq!(
+            waiting.attribute("192.0.2.1".parse().unwrap()),
+            Err(Refusal::Evicted)
+        );
+        drop(waiting);
+        assert_eq!(l.open(), (1, 0));
     }
 
     #[test]
@@ -585,15 +850,26 @@ mod balancer_tests {
         });
         let mut a = limits.admit_unattributed().unwrap();
         let mut b = limits.admit_unattributed().unwrap();
-        let _c = limits.admit_unattributed().unwrap();
-        // The total is reached before any header was read.
-        assert_eq!(limits.admit_unattributed().unwrap_err(), Refusal::Total);
+        let mut c = limits.admit_unattributed().unwrap();
+        // The total is reached before any header was read: a fourth takes the place of
+        // the oldest (still before its handshake), which is refused when its header comes.
+        let mut d = limits.admit_unattributed().unwrap();
         let ip: IpAddr = "203.0.113.7".parse().unwrap();
-        a.attribute(ip).unwrap();
-        assert_eq!(b.attribute(ip).unwrap_err(), Refusal::PerAddress);
+        assert_eq!(a.attribute(ip).unwrap_err(), Refusal::Evicted);
         drop(a);
         b.attribute(ip).unwrap();
+        b.handshake_done().unwrap();
+        assert_eq!(c.attribute(ip).unwrap_err(), Refusal::PerAddress);
         drop(b);
+        c.attribute(ip).unwrap();
+        c.handshake_done().unwrap();
+        d.handshake_done().unwrap();
+        let mut e = limits.admit_unattributed().unwrap();
+        e.handshake_done().unwrap();
+        // Every place past its handshake: nothing to evict.
+        assert_eq!(limits.admit_unattributed().unwrap_err(), Refusal::Total);
+        drop(c);
+        drop(e);
         assert_eq!(limits.open().0, 1);
     }
 }

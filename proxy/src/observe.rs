@@ -158,6 +158,11 @@ const FAMILIES: &[(&str, Kind, &str)] = &[
         "Consumer connections closed at once, by the bound they exceeded.",
     ),
     (
+        "fsp_connections_evicted_total",
+        Kind::Counter,
+        "Consumer connections still in their TLS handshake closed to make room for a new one, every place (listener.max_connections) being taken.",
+    ),
+    (
         "fsp_requests_unparsed_total",
         Kind::Counter,
         "HTTP/1.1 requests the HTTP parser refused (malformed request line or fields, refused framing, head too large): answered 400 (431 or 414 when too large) without a message id, not recorded in the audit trail.",

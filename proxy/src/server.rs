@@ -5,7 +5,9 @@
 //! beyond them it is closed at once (until its handshake is over it also counts among
 //! its address's handshakes under way, bounded as tightly as anonymous connections once
 //! half the room is taken), and so is a connection without a client certificate beyond
-//! the tighter bounds for those. Each connection gets its own task. The accept loop does
+//! the tighter bounds for those. With every place taken, the oldest connection still
+//! in its handshake (or before it: the PROXY header) is closed to make room for the new
+//! one; connections past their handshake never are. Each connection gets its own task. The accept loop does
 //! no handshake work itself, so a slow or hostile client cannot stall it; handshakes
 //! are bounded by `listener.handshake_timeout`. On shutdown the loop stops accepting and every open
 //! connection is told to finish its requests (HTTP/1.1 `Connection: close`, HTTP/2
@@ -265,44 +267,60 @@ pub async fn serve(
             // One deadline for the PROXY header (or the look for one) and the handshake.
             let deadline = tokio::time::Instant::now() + timeouts.handshake;
             let mut slot = slot;
-            let peer = if from_balancer {
-                match client_of_balancer(&mut tcp, &mut slot, peer, deadline).await {
-                    Some(carried) => carried,
-                    None => return,
+            // Until its handshake is over, the connection gives its place up when every
+            // place is taken and it is the oldest still in its handshake.
+            let eviction = slot.eviction();
+            let opening = async {
+                let peer = if from_balancer {
+                    client_of_balancer(&mut tcp, &mut slot, peer, deadline).await?
+                } else {
+                    if check_for_header && !no_header(&mut tcp, peer, deadline).await {
+                        return None;
+                    }
+                    peer
+                };
+                let listener_tls = gw.tls.load_full();
+                let acceptor = TlsAcceptor::from(listener_tls.config.clone());
+                match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => Some((peer, listener_tls, tls)),
+                    Ok(Err(e)) => {
+                        metrics::counter!("fsp_tls_handshake_failures_total").increment(1);
+                        tracing::info!(%peer, error = %e, "TLS handshake refused");
+                        None
+                    }
+                    Err(_) => {
+                        metrics::counter!("fsp_tls_handshake_failures_total").increment(1);
+                        tracing::info!(%peer, "TLS handshake timed out");
+                        None
+                    }
                 }
-            } else {
-                if check_for_header && !no_header(&mut tcp, peer, deadline).await {
-                    return;
-                }
-                peer
             };
-            let listener_tls = gw.tls.load_full();
-            let acceptor = TlsAcceptor::from(listener_tls.config.clone());
-            let tls = match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(e)) => {
-                    metrics::counter!("fsp_tls_handshake_failures_total").increment(1);
-                    tracing::info!(%peer, error = %e, "TLS handshake refused");
+            let opened = tokio::select! {
+                biased;
+                () = eviction.evicted() => {
+                    tracing::debug!(%peer, "connection closed in its TLS handshake: its place was given to a new connection");
                     return;
                 }
-                Err(_) => {
-                    metrics::counter!("fsp_tls_handshake_failures_total").increment(1);
-                    tracing::info!(%peer, "TLS handshake timed out");
-                    return;
-                }
+                opened = opening => opened,
             };
+            let Some((peer, listener_tls, tls)) = opened else {
+                return;
+            };
+            drop(eviction);
             let chain = tls.get_ref().1.peer_certificates().unwrap_or_default();
             let certificate = chain.first().map(certs::certificate_identity);
             // No certificate: the cheapest connection to open, bounded more tightly. It
             // may still carry bearer tokens, and a call without any credential gets the
-            // contract's 401, so it is not refused at the handshake.
-            if certificate.is_none() {
-                if let Err(refusal) = slot.anonymous() {
-                    tracing::debug!(%peer, bound = refusal.as_str(), "connection without a certificate closed: limit reached");
-                    return;
-                }
+            // contract's 401, so it is not refused at the handshake. A connection evicted
+            // as its handshake ended is closed all the same.
+            let done = if certificate.is_none() {
+                slot.anonymous()
             } else {
-                slot.handshake_done();
+                slot.handshake_done()
+            };
+            if let Err(refusal) = done {
+                tracing::debug!(%peer, bound = refusal.as_str(), "connection closed after its TLS handshake: limit reached or its place given to a new connection");
+                return;
             }
             let is_h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
             let conn = ConnInfo::new(peer, certificate).with_chain(chain, listener_tls);

@@ -1759,6 +1759,177 @@ async fn connections_that_never_finish_their_handshake_do_not_keep_a_consumer_ou
     assert_eq!(open, 100, "silent connections left open");
 }
 
+/// The first bytes of a ClientHello: a handshake record header announcing 200 bytes, and
+/// the start of the message. A server waits for the rest.
+const PARTIAL_CLIENT_HELLO: &[u8] = &[
+    0x16, 0x03, 0x01, 0x00, 0xc8, 0x01, 0x00, 0x00, 0xc4, 0x03, 0x03, 0x5a, 0x5a,
+];
+
+/// A TCP connection from the loopback address `from` (127.0.0.0/8 is all loopback)
+/// that sends the start of a ClientHello and nothing more.
+async fn stalled_handshake(from: [u8; 4], port: u16) -> tokio::net::TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind((from, 0).into()).unwrap();
+    let mut c = socket.connect(([127, 0, 0, 1], port).into()).await.unwrap();
+    c.write_all(PARTIAL_CLIENT_HELLO).await.unwrap();
+    c
+}
+
+/// Whether the gateway has closed `c` (its end, or a reset, read at once).
+async fn closed(c: &mut tokio::net::TcpStream) -> bool {
+    let mut byte = [0u8; 1];
+    matches!(
+        tokio::time::timeout(Duration::from_millis(50), c.read(&mut byte)).await,
+        Ok(Ok(0) | Err(_))
+    )
+}
+
+/// A value of the gateway's metrics (0 when the series is not there).
+async fn metric(gw: &Gateway, series: &str) -> f64 {
+    let (_, metrics) = admin_request(gw.admin_port, "GET", "/metrics", None).await;
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Waits until the gateway's `series` says `n`.
+async fn wait_metric(gw: &Gateway, series: &str, n: f64) {
+    let started = Instant::now();
+    loop {
+        let now = metric(gw, series).await;
+        if now == n {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{series} is {now}, not {n}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until the gateway holds `n` connections open.
+async fn wait_open(gw: &Gateway, n: f64) {
+    wait_metric(gw, "fsp_connections_open", n).await;
+}
+
+/// Found by a review: the bound on handshakes under way per address was beaten with a
+/// few source addresses, each holding connections that send the start of a ClientHello
+/// and then nothing (slowloris on TLS): they filled `max_connections` until
+/// `handshake_timeout` ended each, and consumers were refused meanwhile. Now, with every
+/// place taken, the oldest connection still in its handshake gives its place up to the
+/// new one: a consumer gets in at once.
+#[tokio::test]
+async fn stalled_handshakes_from_many_addresses_give_their_places_to_a_consumer() {
+    let up = upstream().await;
+    let s = start(up, "max_connections = 8", "", "").await;
+    let mut stalled = Vec::new();
+    for i in 0..8u8 {
+        stalled.push(stalled_handshake([127, 0, 0, 2 + i], s.gw.port).await);
+        // One at a time, so that the first is the oldest.
+        wait_open(&s.gw, f64::from(i + 1)).await;
+    }
+    let c = client(&s.pki, Some(&s.pki.consumer), false);
+    let started = Instant::now();
+    let (status, ..) = send(&c, get(&s.gw.url("/person/getPerson/v3/x")))
+        .await
+        .expect("the consumer's connection was refused");
+    assert_eq!(status, StatusCode::OK);
+    // The handshake timeout is 10 s: the consumer did not wait for one to end.
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "the call took {:?}",
+        started.elapsed()
+    );
+    assert!(closed(&mut stalled[0]).await, "the oldest is still open");
+    for (i, c) in stalled.iter_mut().enumerate().skip(1) {
+        assert!(!closed(c).await, "stalled handshake {i} was closed too");
+    }
+    assert_eq!(metric(&s.gw, "fsp_connections_evicted_total").await, 1.0);
+    // Another stalled handshake evicts the next oldest (the consumer's connection, past
+    // its handshake, is not touched).
+    stalled.push(stalled_handshake([127, 0, 0, 20], s.gw.port).await);
+    let started = Instant::now();
+    while !closed(&mut stalled[1]).await {
+        assert!(started.elapsed() < Duration::from_secs(2), "no eviction");
+    }
+    let (status, ..) = send(&c, get(&s.gw.url("/person/getPerson/v3/x")))
+        .await
+        .expect("the consumer's kept-alive connection was closed");
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(metric(&s.gw, "fsp_connections_evicted_total").await, 2.0);
+}
+
+/// Connections past their handshake are never evicted, whatever they do: one in the
+/// middle of a slow upload, one idle before its first request. With only they and
+/// stalled handshakes open, a flood of new stalled handshakes evicts only the stalled
+/// ones, and once every place is held by connections past their handshake, a new
+/// connection is refused rather than one of them closed.
+#[tokio::test]
+async fn connections_past_their_handshake_are_never_evicted() {
+    let up = upstream().await;
+    let s = start(up, "max_connections = 3", "", "").await;
+    // A slow upload: its head and the first bytes of its body, then silence.
+    let mut upload = raw_tls(&s.pki, &s.pki.consumer, s.gw.port).await;
+    upload
+        .write_all(
+            b"POST /person/getPerson/v3/sink HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/octet-stream\r\ncontent-length: 20\r\n\r\n0123456789",
+        )
+        .await
+        .unwrap();
+    // An idle connection, its handshake done, no request yet.
+    let mut idle = raw_tls(&s.pki, &s.pki.consumer, s.gw.port).await;
+    wait_open(&s.gw, 2.0).await;
+    let mut flood = Vec::new();
+    for i in 0..10u8 {
+        flood.push(stalled_handshake([127, 0, 1, 2 + i], s.gw.port).await);
+        // One at a time, so that each is the oldest when the next comes.
+        if i == 0 {
+            wait_open(&s.gw, 3.0).await;
+        } else {
+            wait_metric(&s.gw, "fsp_connections_evicted_total", f64::from(i)).await;
+        }
+    }
+    // Each new one took the place of the one before it: only the last is open.
+    for c in &mut flood[..9] {
+        assert!(closed(c).await);
+    }
+    assert!(!closed(&mut flood[9]).await);
+    assert_eq!(metric(&s.gw, "fsp_connections_evicted_total").await, 9.0);
+    // The upload goes on, and the idle connection serves its first call.
+    upload.write_all(b"0123456789").await.unwrap();
+    let (status, body) = read_response(&mut upload).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(json(&Bytes::from(body))["received"], 20);
+    idle.write_all(b"GET /person/getPerson/v3/x HTTP/1.1\r\nhost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let (status, body) = read_response(&mut idle).await;
+    assert_eq!(status, 200, "{body}");
+    // Every place held past the handshake: a new connection is refused (closed at once),
+    // nobody is evicted for it.
+    drop(flood);
+    wait_open(&s.gw, 2.0).await;
+    let mut third = raw_tls(&s.pki, &s.pki.consumer, s.gw.port).await;
+    wait_open(&s.gw, 3.0).await;
+    third
+        .write_all(b"GET /person/getPerson/v3/x HTTP/1.1\r\nhost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let _ = read_response(&mut third).await;
+    let mut refused = stalled_handshake([127, 0, 1, 50], s.gw.port).await;
+    assert!(closed(&mut refused).await, "a fourth connection was let in");
+    assert_eq!(metric(&s.gw, "fsp_connections_evicted_total").await, 9.0);
+    for c in [&mut upload, &mut idle, &mut third] {
+        c.write_all(b"GET /person/getPerson/v3/x HTTP/1.1\r\nhost: localhost\r\n\r\n")
+            .await
+            .unwrap();
+        let (status, body) = read_response(c).await;
+        assert_eq!(status, 200, "{body}");
+    }
+}
+
 /// Found by a review: on HTTP/1.1, a consumer that asks for large answers on many
 /// connections and reads none made the gateway buffer up to hyper's default buffer
 /// (about 400 KiB) on each, until `response_send_timeout`. The buffer is now 64 KiB.
