@@ -7,11 +7,11 @@
 //! half the room is taken), and so is a connection without a client certificate beyond
 //! the tighter bounds for those. With every place taken, the oldest connection still
 //! in its handshake (or before it: the PROXY header) is closed to make room for the new
-//! one; connections past their handshake never are. Each connection gets its own task. The accept loop does
-//! no handshake work itself, so a slow or hostile client cannot stall it; handshakes
-//! are bounded by `listener.handshake_timeout`. On shutdown the loop stops accepting and every open
-//! connection is told to finish its requests (HTTP/1.1 `Connection: close`, HTTP/2
-//! GOAWAY) within `listener.drain_timeout`.
+//! one; connections past their handshake never are. Each connection gets its own task.
+//! The accept loop does no handshake work itself, so a slow or hostile client cannot
+//! stall it; handshakes are bounded by `listener.handshake_timeout`. On shutdown the
+//! loop stops accepting and every open connection is told to finish its requests
+//! (HTTP/1.1 `Connection: close`, HTTP/2 GOAWAY) within `listener.drain_timeout`.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
