@@ -200,3 +200,51 @@ async fn the_address_a_balancer_carries_is_the_consumers_and_nobody_else_may_car
     assert_eq!(of(BALANCER), "FSP-AUTHZ-SOURCE-IP");
     assert_eq!(of("127.0.0.1"), "FSP-AUTHZ-SOURCE-IP");
 }
+
+/// Behind a balancer, connections stalled before their PROXY header, or after it in
+/// their handshake, give their places up to a consumer's as any other: the oldest first.
+#[tokio::test]
+async fn connections_stalled_behind_a_balancer_give_their_places_to_a_consumer() {
+    let pki = Pki::new();
+    let up = upstream().await;
+    let config = write_config_with(
+        &pki,
+        up,
+        0,
+        0,
+        &format!("proxy_protocol_from = [\"{BALANCER}/32\"]\nmax_connections = 4"),
+        "",
+        "",
+    );
+    let gw = Gateway::start(&config).await;
+    let mut stalled = Vec::new();
+    for i in 0..4u16 {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket
+            .bind(format!("{BALANCER}:0").parse().unwrap())
+            .unwrap();
+        let mut tcp = socket
+            .connect(format!("127.0.0.1:{}", gw.port).parse().unwrap())
+            .await
+            .unwrap();
+        // Two say nothing (no header yet), two send a header and the start of a
+        // ClientHello.
+        if i >= 2 {
+            let client = SocketAddr::from(([203, 0, 113, 10 + i as u8], 40000 + i));
+            tcp.write_all(&v2(client, 1)).await.unwrap();
+            tcp.write_all(PARTIAL_CLIENT_HELLO).await.unwrap();
+        }
+        stalled.push(tcp);
+        wait_open(&gw, f64::from(i + 1)).await;
+    }
+    let consumer: SocketAddr = "203.0.113.7:51000".parse().unwrap();
+    let (status, body) = call_via(&pki, gw.port, BALANCER, &v2(consumer, 1))
+        .await
+        .expect("the consumer's connection was refused");
+    assert_eq!(status, 200, "{body}");
+    assert!(closed(&mut stalled[0]).await, "the oldest is still open");
+    for c in &mut stalled[1..] {
+        assert!(!closed(c).await);
+    }
+    assert_eq!(metric(&gw, "fsp_connections_evicted_total").await, 1.0);
+}

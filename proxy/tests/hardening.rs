@@ -1759,61 +1759,6 @@ async fn connections_that_never_finish_their_handshake_do_not_keep_a_consumer_ou
     assert_eq!(open, 100, "silent connections left open");
 }
 
-/// The first bytes of a ClientHello: a handshake record header announcing 200 bytes, and
-/// the start of the message. A server waits for the rest.
-const PARTIAL_CLIENT_HELLO: &[u8] = &[
-    0x16, 0x03, 0x01, 0x00, 0xc8, 0x01, 0x00, 0x00, 0xc4, 0x03, 0x03, 0x5a, 0x5a,
-];
-
-/// A TCP connection from the loopback address `from` (127.0.0.0/8 is all loopback)
-/// that sends the start of a ClientHello and nothing more.
-async fn stalled_handshake(from: [u8; 4], port: u16) -> tokio::net::TcpStream {
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.bind((from, 0).into()).unwrap();
-    let mut c = socket.connect(([127, 0, 0, 1], port).into()).await.unwrap();
-    c.write_all(PARTIAL_CLIENT_HELLO).await.unwrap();
-    c
-}
-
-/// Whether the gateway has closed `c` (its end, or a reset, read at once).
-async fn closed(c: &mut tokio::net::TcpStream) -> bool {
-    let mut byte = [0u8; 1];
-    matches!(
-        tokio::time::timeout(Duration::from_millis(50), c.read(&mut byte)).await,
-        Ok(Ok(0) | Err(_))
-    )
-}
-
-/// A value of the gateway's metrics (0 when the series is not there).
-async fn metric(gw: &Gateway, series: &str) -> f64 {
-    let (_, metrics) = admin_request(gw.admin_port, "GET", "/metrics", None).await;
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or(0.0)
-}
-
-/// Waits until the gateway's `series` says `n`.
-async fn wait_metric(gw: &Gateway, series: &str, n: f64) {
-    let started = Instant::now();
-    loop {
-        let now = metric(gw, series).await;
-        if now == n {
-            return;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "{series} is {now}, not {n}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// Waits until the gateway holds `n` connections open.
-async fn wait_open(gw: &Gateway, n: f64) {
-    wait_metric(gw, "fsp_connections_open", n).await;
-}
-
 /// Found by a review: the bound on handshakes under way per address was beaten with a
 /// few source addresses, each holding connections that send the start of a ClientHello
 /// and then nothing (slowloris on TLS): they filled `max_connections` until
