@@ -397,7 +397,7 @@ impl RedisStore {
             offset: std::sync::Mutex::new(Offset::default()),
         });
         let (tx, rx) = mpsc::unbounded_channel();
-        runtime.spawn(batches(inner.clone(), rx));
+        runtime.spawn(batches(inner.clone(), rx, tx.downgrade()));
         Ok(Self {
             inner,
             batches: tx,
@@ -745,8 +745,13 @@ fn sweep(table: &mut LeaseTable, now: std::time::Instant) {
 }
 
 /// The batching task: sends what waits, one batch in flight at a time, until every
-/// sender is gone.
-async fn batches(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<Pending>) {
+/// sender is gone. `again` queues the give-backs of decisions whose calls went away
+/// while their batch was in flight.
+async fn batches(
+    inner: Arc<Inner>,
+    mut rx: mpsc::UnboundedReceiver<Pending>,
+    again: mpsc::WeakUnboundedSender<Pending>,
+) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
         // A call that stopped waiting (timed out, or its client left) is not decided:
@@ -768,7 +773,28 @@ async fn batches(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<Pending>) {
             }
         };
         for (p, a) in batch.drain(..).zip(answers) {
-            let _ = p.reply.send(a);
+            if p.give_back_only {
+                continue;
+            }
+            let Err(Ok(answer)) = p.reply.send(a) else {
+                continue;
+            };
+            // Decided for a call that went away while its batch was in flight (its
+            // consumer left): nobody spends what Redis granted, so it is given back, as
+            // a call refused after its admission gives its permit back.
+            if answer.granted > 0
+                && let Some(again) = again.upgrade()
+            {
+                let (reply, _) = oneshot::channel();
+                let _ = again.send(Pending {
+                    want: 0,
+                    back: answer.granted,
+                    debited_to: answer.debited_to,
+                    reply,
+                    give_back_only: true,
+                    ..p
+                });
+            }
         }
     }
 }

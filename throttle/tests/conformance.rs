@@ -470,3 +470,52 @@ async fn a_decision_redis_reaches_too_late_debits_nothing() {
         Scope::Provider
     );
 }
+
+/// A decision whose call went away while its batch was in flight (its consumer left)
+/// is given back when Redis's answer comes: nobody spends the permit, so the consumer's
+/// only permit and the provider aggregate are as if the call had never come.
+#[tokio::test]
+async fn a_decision_whose_call_went_away_is_given_back() {
+    let Ok(url) = std::env::var("FSP_TEST_REDIS_URL") else {
+        eprintln!("SKIPPED: FSP_TEST_REDIS_URL is not set");
+        return;
+    };
+    let delay = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let relay = slow_relay(&url, delay.clone()).await;
+    let s = RedisStore::new(&relay, "fsp-test:", Duration::from_millis(500)).unwrap();
+    let p = provider("gone");
+    let limits = Limits {
+        provider: Some(per_minute(1, 2)),
+        consumer: Some(per_minute(1, 1)),
+    };
+    let warm_up = provider("gone-warm-up");
+    assert!(s.decide(&warm_up, "w", 0, &limits).await.unwrap().is_ok());
+
+    // Redis gets the script 100 ms after it is sent (well within its deadline); the
+    // call stops waiting after 20 ms.
+    delay.store(100, std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(20), s.decide(&p, "a", 0, &limits))
+            .await
+            .is_err()
+    );
+    // The answer comes, and the give-back after it.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    delay.store(0, std::sync::atomic::Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    assert!(
+        s.decide(&p, "a", 0, &limits).await.unwrap().is_ok(),
+        "the decision of the call that went away kept the consumer's permit"
+    );
+    assert!(s.decide(&p, "b", 0, &limits).await.unwrap().is_ok());
+    assert_eq!(
+        s.decide(&p, "c", 0, &limits)
+            .await
+            .unwrap()
+            .unwrap_err()
+            .scope,
+        Scope::Provider,
+        "the decision of the call that went away kept a permit of the aggregate"
+    );
+}
