@@ -388,20 +388,29 @@ impl SuspensionStore {
     /// Connects to the cluster's Redis with `client` (its TLS material renewed) and, when
     /// that works, makes it the client of every later connection and subscription. The
     /// connection in use stays until then; the subscription made with the old client
-    /// goes on until it ends, and the next one is made with the new client. Without
-    /// `[cluster]` there is nothing to renew.
-    pub async fn renew_client(&self, client: redis::Client) -> Result<(), redis::RedisError> {
+    /// goes on until it ends, and the next one is made with the new client. `superseded`
+    /// is asked under the lock the swap takes: when other material was asked for since
+    /// (a later renewal, whose connection may already be in use), nothing is replaced
+    /// (`Ok(false)`). Without `[cluster]` there is nothing to renew.
+    pub async fn renew_client(
+        &self,
+        client: redis::Client,
+        superseded: impl Fn() -> bool,
+    ) -> Result<bool, redis::RedisError> {
         let Some(link) = &self.cluster else {
-            return Ok(());
+            return Ok(false);
         };
         let connected = throttle::redis::managed_connection(&client, REDIS_TIMEOUT).await?;
         let mut slot = link.conn.lock().await;
+        if superseded() {
+            return Ok(false);
+        }
         *link
             .client
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = client;
         *slot = Some(connected);
-        Ok(())
+        Ok(true)
     }
 
     /// Keeps the sets in step with the cluster until the runtime ends: re-reads when a

@@ -808,15 +808,25 @@ pub struct Renewal(std::sync::Weak<Inner>);
 
 impl Renewal {
     /// Connects with `client` (within the store's timeout) and, when that works, makes it
-    /// the store's client and the connection its decisions go through. `None`: the store
+    /// the store's client and the connection its decisions go through, unless
+    /// `superseded` then says that other material was asked for since: it is asked under
+    /// the lock the swap takes, so that a renewal whose connection took longer than a
+    /// later one's never replaces it (`Ok(false)`: nothing replaced). `None`: the store
     /// is gone.
-    pub async fn renew(&self, client: redis::Client) -> Option<Result<(), BackendError>> {
+    pub async fn renew(
+        &self,
+        client: redis::Client,
+        superseded: impl Fn() -> bool,
+    ) -> Option<Result<bool, BackendError>> {
         let inner = self.0.upgrade()?;
         let connected = match inner.connect(&client).await {
             Ok(c) => c,
             Err(e) => return Some(Err(e)),
         };
         let mut slot = inner.conn.write().await;
+        if superseded() {
+            return Some(Ok(false));
+        }
         *inner
             .client
             .lock()
@@ -824,7 +834,7 @@ impl Renewal {
         // Decisions in flight on the old connection finish on it; it closes with its
         // last clone.
         *slot = Some(connected);
-        Some(Ok(()))
+        Some(Ok(true))
     }
 }
 

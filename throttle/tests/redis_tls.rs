@@ -204,7 +204,10 @@ async fn a_renewal_takes_the_new_certificate_only_once_redis_accepts_it() {
     };
     let renewal = store.renewal();
     let refused = renewal
-        .renew(throttle::redis::client(&rediss, Some(&foreign)).unwrap())
+        .renew(
+            throttle::redis::client(&rediss, Some(&foreign)).unwrap(),
+            || false,
+        )
         .await
         .unwrap();
     assert!(refused.is_err(), "{refused:?}");
@@ -215,7 +218,10 @@ async fn a_renewal_takes_the_new_certificate_only_once_redis_accepts_it() {
 
     let second = material(ca.client("fsp-2").unwrap());
     renewal
-        .renew(throttle::redis::client(&rediss, Some(&second)).unwrap())
+        .renew(
+            throttle::redis::client(&rediss, Some(&second)).unwrap(),
+            || false,
+        )
         .await
         .unwrap()
         .unwrap();
