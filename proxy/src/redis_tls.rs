@@ -128,17 +128,22 @@ impl Renewals {
     /// the material last asked of it: in the background, until a connection with it
     /// works (see the module documentation). Whether a renewal was started.
     pub fn renew(&self, link: Link, url: &str, tls: Option<&RedisTls>, target: Target) -> bool {
-        let generation = {
-            let mut wanted = self.wanted.lock().unwrap_or_else(|e| e.into_inner());
-            let Some(w) = wanted[link.index()].as_mut() else {
-                return false;
-            };
-            if w.url != url || w.tls.as_ref() == tls {
-                return false;
-            }
-            w.tls = tls.cloned();
-            self.generations[link.index()].fetch_add(1, Ordering::AcqRel) + 1
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::error!(
+                link = link.as_str(),
+                "the new TLS material for Redis cannot be taken without a runtime: it is taken at restart"
+            );
+            return false;
         };
+        let mut wanted = self.wanted.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(w) = wanted[link.index()].as_mut() else {
+            return false;
+        };
+        if w.url != url || w.tls.as_ref() == tls {
+            return false;
+        }
+        // Made before the material is recorded as asked for: material that cannot make
+        // a client is not recorded, so the next reload that reads it tries again.
         let client = match throttle::redis::client(url, tls) {
             Ok(c) => c,
             Err(e) => {
@@ -147,13 +152,9 @@ impl Renewals {
                 return false;
             }
         };
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            tracing::error!(
-                link = link.as_str(),
-                "the new TLS material for Redis cannot be taken without a runtime: it is taken at restart"
-            );
-            return false;
-        };
+        w.tls = tls.cloned();
+        let generation = self.generations[link.index()].fetch_add(1, Ordering::AcqRel) + 1;
+        drop(wanted);
         runtime.spawn(attempts(
             link,
             generation,
