@@ -417,12 +417,16 @@ fn descriptor_budget(config: &Config) -> anyhow::Result<crate::limits::Connectio
         );
     }
     let room = usize::try_from(room).unwrap_or(usize::MAX);
+    limits.max = room;
+    // Connections without a certificate, never evicted past their handshake, must still
+    // leave room for the consumers'.
+    limits.anonymous = limits.anonymous.min(config::anonymous_default(room));
     tracing::warn!(
         available,
         max_connections = room,
-        "the open-files limit is low: listener.max_connections lowered from its default to fit"
+        max_anonymous_connections = limits.anonymous,
+        "the open-files limit is low: listener.max_connections lowered from its default to fit, and max_anonymous_connections to a tenth of it at most"
     );
-    limits.max = room;
     Ok(limits)
 }
 

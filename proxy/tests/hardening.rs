@@ -783,11 +783,12 @@ async fn idle_anonymous_connections_do_not_keep_a_legitimate_consumer_out() {
         "the legitimate call took {took:?}"
     );
     let (_, metrics) = admin_request(admin, "GET", "/metrics", None).await;
+    // Refused by the anonymous bounds: per address (64 by default), or in total (a
+    // tenth of max_connections, lowered to fit the descriptor limit).
     assert!(
-        metrics.contains("fsp_connections_refused_total{reason=\"anonymous_per_address\"}"),
+        metrics.contains("fsp_connections_refused_total{reason=\"anonymous"),
         "{metrics}"
     );
-    // At most the anonymous bound per address is held open (64 by default).
     let held = idle.len();
     assert!(held >= 64, "{held}");
     let mut open = 0;
@@ -801,7 +802,12 @@ async fn idle_anonymous_connections_do_not_keep_a_legitimate_consumer_out() {
             open += 1;
         }
     }
-    assert_eq!(open, 64, "anonymous connections left open");
+    // At most the anonymous bound per address is held open, and at most a tenth of
+    // max_connections.
+    assert!(
+        (16..=64).contains(&open),
+        "{open} anonymous connections left open"
+    );
     // Once they are gone, a connection without credentials gets the contract's 401.
     drop(idle);
     tokio::time::sleep(Duration::from_millis(200)).await;

@@ -713,6 +713,12 @@ fn key_line(text: &str, key: &str) -> Option<usize> {
 
 /// A count that must be at least 1: `value`, or `default` when it is not set (or, with
 /// the problem reported, when it is 0).
+/// `listener.max_anonymous_connections` when not set: a tenth of `max_connections`, at
+/// most 1 000.
+pub fn anonymous_default(max_connections: usize) -> usize {
+    (max_connections / 10).clamp(1, 1_000)
+}
+
 fn at_least_one<T: Copy + PartialEq + From<u8>>(
     value: Option<T>,
     default: T,
@@ -1937,14 +1943,18 @@ fn build_listener(
     let mut count = |v: Option<usize>, k: &str, default: usize| {
         at_least_one(v, default, &s.path, &format!("listener.{k}"), problems)
     };
+    let max = count(l.max_connections, "max_connections", 10_000);
     let connections = ConnectionLimits {
-        max: count(l.max_connections, "max_connections", 10_000),
+        max,
         max_explicit: l.max_connections.is_some(),
         per_ip: count(l.max_connections_per_ip, "max_connections_per_ip", 1_000),
+        // A tenth of max_connections by default (1 000 of the default 10 000): connections
+        // without a certificate are never evicted once past their handshake, so they
+        // must leave room for the consumers'.
         anonymous: count(
             l.max_anonymous_connections,
             "max_anonymous_connections",
-            1_000,
+            anonymous_default(max),
         ),
         anonymous_per_ip: count(
             l.max_anonymous_connections_per_ip,
@@ -1952,6 +1962,18 @@ fn build_listener(
             64,
         ),
     };
+    if l.max_anonymous_connections.is_some() && connections.anonymous >= connections.max {
+        problems.add(
+            &s.path,
+            "listener.max_anonymous_connections",
+            format!(
+                "max_anonymous_connections ({}) must be below max_connections ({}): connections without a client certificate are never evicted once past their TLS handshake, so at or above it they could hold every place and keep consumers out (e.g. max_anonymous_connections = {})",
+                connections.anonymous,
+                connections.max,
+                anonymous_default(connections.max)
+            ),
+        );
+    }
     let mut proxy_protocol_from = Vec::new();
     for (i, cidr) in l.proxy_protocol_from.iter().flatten().enumerate() {
         match parse_net(cidr) {

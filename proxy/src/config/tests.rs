@@ -3188,3 +3188,32 @@ fn a_jwks_url_in_the_clear_is_refused_unless_it_is_loopback() {
         assert!(fx.load_single(&text).is_ok(), "{url}");
     }
 }
+
+/// Connections without a certificate are never evicted once past their handshake: a
+/// bound on them at or above max_connections would let them hold every place, so it is
+/// refused with its line; unset, it is a tenth of max_connections (at most 1 000).
+#[test]
+fn anonymous_connections_stay_below_max_connections() {
+    let fx = Fixture::new();
+    let text = edit(
+        &fx.single_file(),
+        "drain_timeout = \"15s\"",
+        "drain_timeout = \"15s\"\nmax_connections = 200\nmax_anonymous_connections = 200",
+    );
+    let problems = fx.problems(&text);
+    expect_only(
+        &problems,
+        "fsp.toml",
+        "listener.max_anonymous_connections",
+        &["must be below max_connections (200)", "never evicted"],
+    );
+    let text = edit(
+        &fx.single_file(),
+        "drain_timeout = \"15s\"",
+        "drain_timeout = \"15s\"\nmax_connections = 200",
+    );
+    let c = fx.load_single(&text).unwrap();
+    assert_eq!(c.listener.connections.anonymous, 20);
+    let c = fx.load_single(&fx.single_file()).unwrap();
+    assert_eq!(c.listener.connections.anonymous, 1_000);
+}
