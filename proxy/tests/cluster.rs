@@ -5,13 +5,14 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use certs::devpki::DevCa;
 use common::*;
 use http::StatusCode;
+use proxy::redis_tls::{Link, Renewals, Target};
 
 const TOKEN: &str = "test-admin-token-0123456789";
 
@@ -543,6 +544,10 @@ async fn a_replica_that_does_not_know_the_suspensions_serves_nobody() {
 /// it is told to, and lists the sessions it carries by the CN that opened them.
 struct TlsRedis {
     port: u16,
+    /// Connections accepted (before their handshake).
+    accepted: Arc<AtomicUsize>,
+    /// Holds the next connection's handshake back 1.5 s (a slow network).
+    slow_next: Arc<AtomicBool>,
     /// The CN of each session carried, with what ends it.
     sessions: Arc<Mutex<Vec<(String, tokio::task::AbortHandle)>>>,
     refused: Arc<Mutex<Vec<String>>>,
@@ -565,6 +570,8 @@ impl TlsRedis {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let relay = Self {
             port: listener.local_addr().unwrap().port(),
+            accepted: Arc::default(),
+            slow_next: Arc::default(),
             sessions: Arc::default(),
             refused: Arc::default(),
             failed: Arc::default(),
@@ -574,12 +581,18 @@ impl TlsRedis {
             relay.refused.clone(),
             relay.failed.clone(),
         );
+        let (accepted, slow_next) = (relay.accepted.clone(), relay.slow_next.clone());
         tokio::spawn(async move {
             while let Ok((socket, _)) = listener.accept().await {
+                accepted.fetch_add(1, Ordering::SeqCst);
+                let slow = slow_next.swap(false, Ordering::SeqCst);
                 let (acceptor, upstream) = (acceptor.clone(), upstream.clone());
                 let (sessions, refused, failed) =
                     (sessions.clone(), refused.clone(), failed.clone());
                 tokio::spawn(async move {
+                    if slow {
+                        tokio::time::sleep(Duration::from_millis(1500)).await;
+                    }
                     let Ok(mut tls) = acceptor.accept(socket).await else {
                         failed.fetch_add(1, Ordering::SeqCst);
                         return;
@@ -754,4 +767,81 @@ async fn a_rotated_redis_client_certificate_is_taken_without_a_restart_or_a_fail
     assert_eq!(relay.opened_by("fsp-foreign"), 0);
     assert_eq!(gw.stop().code(), Some(0));
     forget(&redis, &prefix);
+}
+
+/// A renewal superseded by a later one while its connection was being made (a slow
+/// handshake) must not replace the later one's connection when it finally works:
+/// the material in force is the last one read, so that the earlier certificate can
+/// be revoked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_superseded_renewal_that_connects_late_does_not_replace_the_newer_one() {
+    let Ok(redis) = std::env::var("FSP_TEST_REDIS_URL") else {
+        eprintln!("SKIPPED: FSP_TEST_REDIS_URL is not set");
+        return;
+    };
+    let ca = DevCa::new("Redis CA").unwrap();
+    let relay = TlsRedis::start(&ca.server(&["localhost"]).unwrap(), &ca, &redis).await;
+    let rediss = format!("rediss://localhost:{}", relay.port);
+    let material = |cn: &str| {
+        let issued = ca.client(cn).unwrap();
+        throttle::redis::RedisTls {
+            ca: Some(ca.cert_pem().into_bytes()),
+            client: Some((issued.cert_pem.into_bytes(), issued.key_pem.into_bytes())),
+        }
+    };
+    let (started, earlier, later) = (material("fsp-0"), material("fsp-1"), material("fsp-2"));
+    let store = throttle::redis::RedisStore::with_tls(
+        &rediss,
+        Some(&started),
+        "fsp-test-renewal:",
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    let limits = throttle::Limits {
+        provider: None,
+        consumer: Some(throttle::Limit {
+            count: 1000,
+            per: Duration::from_secs(1),
+            burst: 1000,
+        }),
+    };
+    let provider = format!("renewal-{}", std::process::id());
+    let decided = |n: usize| {
+        let (store, provider, limits) = (&store, &provider, &limits);
+        async move { throttle::Store::decide(store, provider, &format!("c{n}"), 0, limits).await }
+    };
+    decided(0).await.unwrap().unwrap();
+    let renewals = Renewals::new(Some((&rediss, Some(&started))), None);
+
+    // The earlier material's handshake is held back; the later one is read meanwhile.
+    let accepted = relay.accepted.load(Ordering::SeqCst);
+    relay.slow_next.store(true, Ordering::SeqCst);
+    let target = || Target::Throttle(store.renewal());
+    assert!(renewals.renew(Link::Throttle, &rediss, Some(&earlier), target()));
+    eventually("the earlier attempt under way", || {
+        relay.accepted.load(Ordering::SeqCst) > accepted
+    })
+    .await;
+    assert!(renewals.renew(Link::Throttle, &rediss, Some(&later), target()));
+    eventually("the later material connected", || {
+        relay.opened_by("fsp-2") >= 1
+    })
+    .await;
+    eventually("the earlier material connected", || {
+        relay.opened_by("fsp-1") >= 1
+    })
+    .await;
+    // Time for the earlier attempt to do what it does once connected.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // The certificates before the last one revoked: decisions still go through.
+    relay.cut("fsp-0");
+    relay.cut("fsp-1");
+    for n in 1..4 {
+        decided(n)
+            .await
+            .expect("decided over the later material's connection")
+            .unwrap();
+    }
+    assert_eq!(relay.opened_by("fsp-2"), 1);
 }
