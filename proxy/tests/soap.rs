@@ -234,11 +234,11 @@ async fn answer(addr: SocketAddr, req: Request<Incoming>, log: &Seen) -> Respons
             text(ct, full_body(envelope(&deep)))
         }
         "attack:attribute" => {
-            // A 20 MiB attribute value, streamed in 64 KiB pieces.
+            // A 40 MiB attribute value, streamed in 64 KiB pieces.
             let mut parts = vec![Bytes::from(format!(
                 r#"<env:Envelope xmlns:env="{ns}"><env:Body><r v=""#
             ))];
-            parts.extend((0..320).map(|_| Bytes::from(vec![b'x'; 64 * 1024])));
+            parts.extend((0..640).map(|_| Bytes::from(vec![b'x'; 64 * 1024])));
             parts.push(Bytes::from_static(b"\"/></env:Body></env:Envelope>"));
             text(ct, streamed(parts))
         }
@@ -1094,9 +1094,10 @@ async fn attacks_in_providers_answers_are_faults_and_nothing_complete_is_deliver
     let (peak_after, _) = s.gw.memory_kib();
     let growth_mib = (peak_after.saturating_sub(peak_before)) as f64 / 1024.0;
     eprintln!("gateway peak RSS {peak_before} KiB -> {peak_after} KiB (+{growth_mib:.1} MiB)");
-    // A gateway that held the 20 MiB attribute would grow by 20 MiB at least; the
-    // allocator alone grows in 4 MiB steps and was seen to add 8.0 MiB on a loaded machine.
-    assert!(growth_mib < 12.0, "peak RSS grew by {growth_mib:.1} MiB");
+    // A gateway that held the 40 MiB attribute would grow by 40 MiB at least; the
+    // allocator alone grows in 4 MiB steps and was seen to add 14.3 MiB on a loaded
+    // machine (a clean-clone CI run, the baseline taken low).
+    assert!(growth_mib < 20.0, "peak RSS grew by {growth_mib:.1} MiB");
     // Each is recorded as the provider's fault.
     let is_attack = |r: &serde_json::Value| {
         r["operation"]
