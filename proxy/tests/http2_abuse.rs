@@ -111,24 +111,29 @@ async fn read_until_closed(tls: &mut Tls, within: Duration) -> (bool, Option<u32
     })
     .await
     .is_ok();
-    let (mut at, mut goaway, mut headers) = (0, None, 0);
-    while at + 9 <= buf.len() {
-        let len =
-            usize::from(buf[at]) << 16 | usize::from(buf[at + 1]) << 8 | usize::from(buf[at + 2]);
-        let kind = buf[at + 3];
-        if at + 9 + len > buf.len() {
-            break;
-        }
-        let p = &buf[at + 9..at + 9 + len];
+    let (mut goaway, mut headers) = (None, 0);
+    for (kind, _, p) in frames(&buf) {
         if kind == GOAWAY && p.len() >= 8 {
             goaway = Some(u32::from_be_bytes(p[4..8].try_into().unwrap()));
         }
         if kind == HEADERS {
             headers += 1;
         }
-        at += 9 + len;
     }
     (closed, goaway, headers)
+}
+
+/// The whole frames at the start of `buf`: type, stream and payload of each.
+fn frames(buf: &[u8]) -> impl Iterator<Item = (u8, u32, &[u8])> {
+    let mut at = 0;
+    std::iter::from_fn(move || {
+        let head = buf.get(at..at + 9)?;
+        let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
+        let payload = buf.get(at + 9..at + 9 + len)?;
+        let stream = u32::from_be_bytes(head[5..9].try_into().unwrap()) & 0x7fff_ffff;
+        at += 9 + len;
+        Some((head[3], stream, payload))
+    })
 }
 
 /// Writes `bytes`, ignoring a connection the server already closed.
@@ -357,19 +362,10 @@ async fn status_byte(tls: &mut Tls, id: u32) -> Option<u8> {
     let mut chunk = vec![0u8; 1 << 16];
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     loop {
-        let mut at = 0;
-        while at + 9 <= buf.len() {
-            let len = usize::from(buf[at]) << 16
-                | usize::from(buf[at + 1]) << 8
-                | usize::from(buf[at + 2]);
-            if at + 9 + len > buf.len() {
-                break;
-            }
-            let stream = u32::from_be_bytes(buf[at + 5..at + 9].try_into().unwrap()) & 0x7fff_ffff;
-            if buf[at + 3] == HEADERS && stream == id && len > 0 {
-                return Some(buf[at + 9]);
-            }
-            at += 9 + len;
+        if let Some((_, _, block)) = frames(&buf)
+            .find(|&(kind, stream, block)| kind == HEADERS && stream == id && !block.is_empty())
+        {
+            return Some(block[0]);
         }
         match tokio::time::timeout_at(deadline, tls.read(&mut chunk)).await {
             Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),

@@ -3,6 +3,8 @@
 //! nothing refills while a check runs, whichever clock the backend uses.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use throttle::redis::RedisStore;
@@ -414,6 +416,56 @@ async fn slow_relay(url: &str, delay: std::sync::Arc<std::sync::atomic::AtomicU6
     format!("redis://{user}127.0.0.1:{port}/{path}")
 }
 
+/// A store on a relay to the test Redis that holds each command back for the
+/// milliseconds in the returned delay (0 at first), connected and with Redis's clock
+/// estimated (through another provider's keys); a provider of its own named after
+/// `name`, and limits of 1 permit a minute per consumer, 2 for the aggregate.
+async fn slow_store(
+    url: &str,
+    name: &str,
+    timeout: Duration,
+) -> (RedisStore, Arc<AtomicU64>, String, Limits) {
+    let delay = Arc::new(AtomicU64::new(0));
+    let relay = slow_relay(url, delay.clone()).await;
+    let s = RedisStore::new(&relay, "fsp-test:", timeout).unwrap();
+    let limits = Limits {
+        provider: Some(per_minute(1, 2)),
+        consumer: Some(per_minute(1, 1)),
+    };
+    let warm_up = provider(&format!("{name}-warm-up"));
+    assert!(s.decide(&warm_up, "w", 0, &limits).await.unwrap().is_ok());
+    (s, delay, provider(name), limits)
+}
+
+/// Asserts that consumer `a`'s only permit and the aggregate's two are untouched at
+/// provider `p` (`what`: the decision that must not have spent them).
+async fn assert_untouched(s: &RedisStore, p: &str, limits: &Limits, what: &str) {
+    assert!(
+        s.decide(p, "a", 0, limits).await.unwrap().is_ok(),
+        "{what} used the consumer's permit"
+    );
+    assert_eq!(
+        s.decide(p, "a", 0, limits)
+            .await
+            .unwrap()
+            .unwrap_err()
+            .scope,
+        Scope::Consumer
+    );
+    assert!(
+        s.decide(p, "b", 0, limits).await.unwrap().is_ok(),
+        "{what} used a permit of the aggregate"
+    );
+    assert_eq!(
+        s.decide(p, "c", 0, limits)
+            .await
+            .unwrap()
+            .unwrap_err()
+            .scope,
+        Scope::Provider
+    );
+}
+
 /// A decision Redis reaches only after its deadline debits nothing: the call gets an
 /// error (the gateway then applies `on_backend_error`), and once Redis has run the late
 /// script, the consumer's only permit and the provider aggregate are untouched.
@@ -423,52 +475,18 @@ async fn a_decision_redis_reaches_too_late_debits_nothing() {
         eprintln!("SKIPPED: FSP_TEST_REDIS_URL is not set");
         return;
     };
-    let delay = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let relay = slow_relay(&url, delay.clone()).await;
-    let s = RedisStore::new(&relay, "fsp-test:", Duration::from_millis(200)).unwrap();
-    let p = provider("late");
-    let limits = Limits {
-        provider: Some(per_minute(1, 2)),
-        consumer: Some(per_minute(1, 1)),
-    };
-    // Connected, Redis's clock estimated, before Redis turns slow (another provider's
-    // keys, so that this one's are untouched).
-    let warm_up = provider("late-warm-up");
-    assert!(s.decide(&warm_up, "w", 0, &limits).await.unwrap().is_ok());
+    let (s, delay, p, limits) = slow_store(&url, "late", Duration::from_millis(200)).await;
 
     // Redis gets the script 400 ms after it is sent: after the batch's 200 ms timeout.
-    delay.store(400, std::sync::atomic::Ordering::SeqCst);
+    delay.store(400, Ordering::SeqCst);
     let started = Instant::now();
     let e = s.decide(&p, "a", 0, &limits).await.unwrap_err();
     eprintln!("late: {e} after {:?}", started.elapsed());
-    delay.store(0, std::sync::atomic::Ordering::SeqCst);
+    delay.store(0, Ordering::SeqCst);
     // Redis has run the held script by then.
     tokio::time::sleep(Duration::from_millis(600)).await;
 
-    assert!(
-        s.decide(&p, "a", 0, &limits).await.unwrap().is_ok(),
-        "the late decision used the consumer's permit"
-    );
-    assert_eq!(
-        s.decide(&p, "a", 0, &limits)
-            .await
-            .unwrap()
-            .unwrap_err()
-            .scope,
-        Scope::Consumer
-    );
-    assert!(
-        s.decide(&p, "b", 0, &limits).await.unwrap().is_ok(),
-        "the late decision used a permit of the aggregate"
-    );
-    assert_eq!(
-        s.decide(&p, "c", 0, &limits)
-            .await
-            .unwrap()
-            .unwrap_err()
-            .scope,
-        Scope::Provider
-    );
+    assert_untouched(&s, &p, &limits, "the late decision").await;
 }
 
 /// A decision whose call went away while its batch was in flight (its consumer left)
@@ -480,20 +498,11 @@ async fn a_decision_whose_call_went_away_is_given_back() {
         eprintln!("SKIPPED: FSP_TEST_REDIS_URL is not set");
         return;
     };
-    let delay = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let relay = slow_relay(&url, delay.clone()).await;
-    let s = RedisStore::new(&relay, "fsp-test:", Duration::from_millis(500)).unwrap();
-    let p = provider("gone");
-    let limits = Limits {
-        provider: Some(per_minute(1, 2)),
-        consumer: Some(per_minute(1, 1)),
-    };
-    let warm_up = provider("gone-warm-up");
-    assert!(s.decide(&warm_up, "w", 0, &limits).await.unwrap().is_ok());
+    let (s, delay, p, limits) = slow_store(&url, "gone", Duration::from_millis(500)).await;
 
     // Redis gets the script 100 ms after it is sent (well within its deadline); the
     // call stops waiting after 20 ms.
-    delay.store(100, std::sync::atomic::Ordering::SeqCst);
+    delay.store(100, Ordering::SeqCst);
     assert!(
         tokio::time::timeout(Duration::from_millis(20), s.decide(&p, "a", 0, &limits))
             .await
@@ -501,21 +510,8 @@ async fn a_decision_whose_call_went_away_is_given_back() {
     );
     // The answer comes, and the give-back after it.
     tokio::time::sleep(Duration::from_millis(400)).await;
-    delay.store(0, std::sync::atomic::Ordering::SeqCst);
+    delay.store(0, Ordering::SeqCst);
     tokio::time::sleep(Duration::from_millis(100)).await;
 
-    assert!(
-        s.decide(&p, "a", 0, &limits).await.unwrap().is_ok(),
-        "the decision of the call that went away kept the consumer's permit"
-    );
-    assert!(s.decide(&p, "b", 0, &limits).await.unwrap().is_ok());
-    assert_eq!(
-        s.decide(&p, "c", 0, &limits)
-            .await
-            .unwrap()
-            .unwrap_err()
-            .scope,
-        Scope::Provider,
-        "the decision of the call that went away kept a permit of the aggregate"
-    );
+    assert_untouched(&s, &p, &limits, "the decision of the call that went away").await;
 }
