@@ -397,6 +397,7 @@ impl ConnLimits {
         let Some((_, oldest)) = table.handshaking.pop_first() else {
             return Err(refused(Refusal::Total));
         };
+        metrics::gauge!("fsp_connections_in_handshake").decrement(1.0);
         oldest.evicted.store(true, Ordering::Relaxed);
         oldest.notify.notify_one();
         table.leaving += 1;
@@ -421,6 +422,7 @@ impl ConnLimits {
         let seq = table.next;
         table.next += 1;
         table.handshaking.insert(seq, eviction.clone());
+        metrics::gauge!("fsp_connections_in_handshake").increment(1.0);
         ConnSlot {
             limits: self.clone(),
             source,
@@ -514,8 +516,10 @@ impl ConnSlot {
         if eviction.evicted.load(Ordering::Relaxed) {
             return Err(Refusal::Evicted);
         }
-        if let Some(seq) = queued.take() {
-            table.handshaking.remove(&seq);
+        if let Some(seq) = queued.take()
+            && table.handshaking.remove(&seq).is_some()
+        {
+            metrics::gauge!("fsp_connections_in_handshake").decrement(1.0);
         }
         Ok(())
     }
@@ -594,8 +598,10 @@ impl Drop for ConnSlot {
         }
         if self.eviction.evicted.load(Ordering::Relaxed) {
             table.leaving = table.leaving.saturating_sub(1);
-        } else if let Some(seq) = self.queued {
-            table.handshaking.remove(&seq);
+        } else if let Some(seq) = self.queued
+            && table.handshaking.remove(&seq).is_some()
+        {
+            metrics::gauge!("fsp_connections_in_handshake").decrement(1.0);
         }
         limits.total.fetch_sub(1, Ordering::Relaxed);
         metrics::gauge!("fsp_connections_open").decrement(1.0);

@@ -242,7 +242,7 @@ async fn connections_stalled_behind_a_balancer_give_their_places_to_a_consumer()
         .await
         .expect("the consumer's connection was refused");
     assert_eq!(status, 200, "{body}");
-    assert!(closed(&mut stalled[0]).await, "the oldest is still open");
+    assert!(closes(&mut stalled[0]).await, "the oldest is still open");
     for c in &mut stalled[1..] {
         assert!(!closed(c).await);
     }

@@ -901,15 +901,22 @@ pub async fn stalled_handshake(from: [u8; 4], port: u16) -> tokio::net::TcpStrea
     c
 }
 
-/// Whether the gateway has closed `c` (its end, or a reset, read at once).
+/// Whether the gateway closes `c` (its end, or a reset) within 5 s: for a connection
+/// that must be closed, whose task may not have run yet on a loaded machine.
+pub async fn closes(c: &mut tokio::net::TcpStream) -> bool {
+    closed_within(c, Duration::from_secs(5)).await
+}
+
+/// Whether the gateway has closed `c` (its end, or a reset, read at once): for a
+/// connection that must stay open (`!closed`), or polled in a loop.
 pub async fn closed(c: &mut tokio::net::TcpStream) -> bool {
+    closed_within(c, Duration::from_millis(50)).await
+}
+
+async fn closed_within(c: &mut tokio::net::TcpStream, wait: Duration) -> bool {
     let mut byte = [0u8; 1];
     matches!(
-        tokio::time::timeout(
-            Duration::from_millis(50),
-            tokio::io::AsyncReadExt::read(c, &mut byte)
-        )
-        .await,
+        tokio::time::timeout(wait, tokio::io::AsyncReadExt::read(c, &mut byte)).await,
         Ok(Ok(0) | Err(_))
     )
 }
