@@ -158,6 +158,11 @@ const FAMILIES: &[(&str, Kind, &str)] = &[
         "Consumer connections closed at once, by the bound they exceeded.",
     ),
     (
+        "fsp_connections_in_handshake",
+        Kind::Gauge,
+        "Consumer connections open whose TLS handshake (or, behind a balancer, PROXY header) is not over: the ones an eviction may close.",
+    ),
+    (
         "fsp_connections_evicted_total",
         Kind::Counter,
         "Consumer connections still in their TLS handshake closed to make room for a new one, every place (listener.max_connections) being taken.",
