@@ -58,7 +58,11 @@ LITERAL = {
     "replicaCount": 2,
     "admin": {"tls": True, "adminCns": ["ops.example.be"], "adminCa": {"existingSecret": "fsp-admin-ca"},
               "tokens": {"values": ["ops:literal-admin-token-123"]}},
-    "audit": {"backend": "postgres", "postgres": {"url": "postgres://fsp:literal-pg-password@pg:5432/fsp"}},
+    "audit": {"backend": "postgres", "postgres": {
+        "url": "postgres://fsp:literal-pg-password@pg:5432/fsp?sslmode=verify-full"
+               f"&sslrootcert={SECRETS_DIR}/audit-postgres-tls/ca.crt"
+               f"&sslcert={SECRETS_DIR}/audit-postgres-tls/tls.crt&sslkey={SECRETS_DIR}/audit-postgres-tls/tls.key",
+        "tls": {"existingSecret": "fsp-postgres-client", "clientCertificate": True}}},
     "throttle": {"backend": "redis", "redis": {"url": "rediss://:literal-redis-password@redis:6380/0",
                                                "tls": {"existingSecret": "fsp-redis-tls", "clientCertificate": True}}},
     "cluster": {"enabled": True, "redis": {"url": "rediss://:literal-redis-password@redis:6380/1",
@@ -96,6 +100,14 @@ REFUSED = [
     ("a map in listener.settings", {"listener": {"settings": {"x": {"y": 1}}}}, "settings"),
     ("no admin tokens", {"admin": {"tokens": {"existingSecret": ""}}}, "admin.tokens"),
     ("an admin CA without admin CNs", {"admin": {"adminCa": {"existingSecret": "fsp-admin-ca"}}}, "admin.adminCa"),
+    ("a PostgreSQL URL naming a certificate file not mounted",
+     {"audit": {"backend": "postgres", "postgres": {
+         "url": f"postgres://fsp@pg/fsp?sslmode=verify-full&sslrootcert={SECRETS_DIR}/audit-postgres-tls/ca.crt"}}},
+     "audit.postgres.tls does not mount"),
+    ("PostgreSQL certificate files mounted that the URL does not name",
+     {"audit": {"backend": "postgres", "postgres": {
+         "url": "postgres://fsp@pg/fsp", "tls": {"existingSecret": "fsp-postgres-client"}}}},
+     "audit.postgres.url does not name it"),
     ("a short admin token", {"admin": {"tokens": {"existingSecret": "", "values": ["ops:short"]}}}, "admin/tokens/values"),
 ]
 
@@ -157,8 +169,9 @@ def only(docs, kind):
     return [d for _, d in docs if d.get("kind") == kind]
 
 
-def assert_chart(scenario: str, docs, values: dict, want_pdb: bool, want_hpa: bool) -> dict[str, str] | None:
-    """The chart's own promises. Returns the ConfigMap's files."""
+def assert_chart(scenario: str, docs, values: dict, want_pdb: bool,
+                 want_hpa: bool) -> tuple[dict[str, str], dict[str, str]] | None:
+    """The chart's own promises. Returns the ConfigMap's files and the chart's Secret."""
     before = len(problems)
     pdbs, hpas = only(docs, "PodDisruptionBudget"), only(docs, "HorizontalPodAutoscaler")
     if want_pdb and len(pdbs) != 1:
@@ -246,7 +259,7 @@ def assert_chart(scenario: str, docs, values: dict, want_pdb: bool, want_hpa: bo
         main = tomllib.loads(files["fsp.toml"])
     except (KeyError, tomllib.TOMLDecodeError) as e:
         problem(scenario, f"fsp.toml does not parse as TOML: {e}")
-        return files
+        return None
     for name in main.get("include", []):
         if name not in files:
             problem(scenario, f"fsp.toml includes {name}, which the ConfigMap lacks")
@@ -255,7 +268,7 @@ def assert_chart(scenario: str, docs, values: dict, want_pdb: bool, want_hpa: bo
                 tomllib.loads(files[name])
             except tomllib.TOMLDecodeError as e:
                 problem(scenario, f"{name} does not parse as TOML: {e}")
-    for key, path in config_paths(files):
+    for key, path in [*config_paths(files), *url_paths(chart_secret)]:
         mount = next((mp for mp in by_path if path.startswith(mp.rstrip("/") + "/")), None)
         if mount is None:
             problem(scenario, f"{key} = {path} is in no mounted volume")
@@ -271,7 +284,15 @@ def assert_chart(scenario: str, docs, values: dict, want_pdb: bool, want_hpa: bo
                 problem(scenario, f"{key} = {path}: the chart's Secret has no key {items[rel]}")
     if len(problems) == before:
         print("  ok   chart assertions (PDB, HPA, probes, security, mounts, no URL in the ConfigMap)")
-    return files
+    return files, chart_secret
+
+
+def url_paths(secret: dict[str, str]):
+    """(key, absolute path) of every file a backend URL in the chart's Secret names
+    (libpq's sslrootcert, sslcert, sslkey)."""
+    for name, value in secret.items():
+        for param, path in re.findall(r"[?&]([a-z]+)=(/[^&\s]*)", value):
+            yield f"secret {name}: {param}", path
 
 
 PATH_KEYS = re.compile(r"(_cert|_key|_ca|_file|^crls|^ca|^cert|^key)$")
@@ -344,7 +365,7 @@ def fake_content(key: str, pki: Path) -> str:
     return ""
 
 
-def fsp_check(scenario: str, fsp: str, files: dict[str, str], pki: Path) -> bool:
+def fsp_check(scenario: str, fsp: str, files: dict[str, str], chart_secret: dict[str, str], pki: Path) -> bool:
     with tempfile.TemporaryDirectory(prefix="fsp-helm-check-") as tmp:
         t = Path(tmp)
         conf, secrets, state = t / "etc-fsp", t / "secrets", t / "state"
@@ -360,6 +381,14 @@ def fsp_check(scenario: str, fsp: str, files: dict[str, str], pki: Path) -> bool
                         f"[{section}]" in text and ("\ntls = " in text or "\nredis_tls = " in text)
                         for text in files.values()):
                     content = "rediss://fsp-ci:6380\n"
+                if content.startswith("postgres://") and "audit-url" in chart_secret:
+                    # The chart's own URL, its certificate files made as any other.
+                    content = chart_secret["audit-url"].replace(SECRETS_DIR + "/", f"{secrets}/")
+                    for param, path in url_paths({"audit-url": chart_secret["audit-url"]}):
+                        g = secrets / path[len(SECRETS_DIR) + 1:]
+                        g.parent.mkdir(parents=True, exist_ok=True)
+                        g.write_text(fake_content({"sslrootcert": "ca", "sslcert": "cert", "sslkey": "key"}
+                                                  .get(param.split(": ")[-1], ""), pki))
                 f.write_text(content)
         for name, text in files.items():
             text = text.replace(SECRETS_DIR + "/", f"{secrets}/").replace(STATE_DIR + "/", f"{state}/")
@@ -406,9 +435,9 @@ def main() -> int:
             continue
         docs = manifests(rendered)
         validate(name, docs)
-        files = assert_chart(name, docs, merge(defaults, values), want_pdb, want_hpa)
-        if fsp and files:
-            fsp_check(name, fsp, files, Path(pki_dir.name))
+        checked = assert_chart(name, docs, merge(defaults, values), want_pdb, want_hpa)
+        if fsp and checked:
+            fsp_check(name, fsp, *checked, Path(pki_dir.name))
 
     print("== values the chart must refuse")
     for name, values, word in REFUSED:
