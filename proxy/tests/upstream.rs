@@ -998,9 +998,13 @@ async fn provider_ending_http2_connections_with_goaway_is_not_an_error() {
         );
         assert_eq!(json(&body)["path"], format!("/api/seq/{i}"));
     }
+    // Each connection is shut down after its fifth request, but gracefully: a call sent
+    // before the final GOAWAY arrived is still served on it (hyper's first GOAWAY names
+    // no last stream, the second comes a ping later), so a connection may serve a few
+    // more on a loaded machine. At most ten each: new connections were made.
     assert!(
-        counters.connections() >= 6,
-        "30 calls, at most 5 per connection, yet {} connections",
+        counters.connections() >= 3,
+        "30 calls, about 5 per connection, yet {} connections",
         counters.connections()
     );
     let mut tasks = tokio::task::JoinSet::new();
