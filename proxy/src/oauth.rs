@@ -2,11 +2,12 @@
 //!
 //! A token is accepted when it is signed by a key of the identity provider's JWKS with an
 //! algorithm from the explicit allow-list (asymmetric only: never `none`, never an HMAC
-//! keyed with a public key), its issuer and audience are the configured ones, and it is
-//! within `exp`/`nbf` (with bounded clock skew). The client id claim (`client_id`, else
-//! `azp`) names the consumer. A token bound to a certificate (`cnf.x5t#S256`, RFC 8705)
-//! must come over a TLS connection with that certificate; `require_certificate_binding`
-//! makes the binding mandatory.
+//! keyed with a public key), its header lists no critical extension (`crit`), its issuer
+//! and audience are the configured ones, and it is within `exp`/`nbf` (with bounded
+//! clock skew). The client id claim (`client_id`, else `azp`) names the consumer. A
+//! token bound to a certificate (`cnf.x5t#S256`, RFC 8705) must come over a TLS
+//! connection with that certificate; `require_certificate_binding` makes the binding
+//! mandatory.
 //!
 //! Keys: fetched before the listener accepts traffic, refreshed periodically, and
 //! refetched when a token names an unknown `kid` (one fetch at a time, at most one per
@@ -305,6 +306,15 @@ impl Verifier {
         }
         let header =
             jsonwebtoken::decode_header(token).map_err(|e| TokenError::Invalid(why(&e)))?;
+        // A header parameter listed in `crit` must be understood, or the token is invalid
+        // (RFC 7515 §4.1.11): it may restrict what the token is good for, or change what
+        // was signed (`b64`, RFC 7797). The gateway understands no extension, and the JWT
+        // library would silently ignore every one.
+        if header.crit.is_some() {
+            return Err(TokenError::Invalid(
+                "its header marks parameters as critical (crit), and this platform understands no header extension".into(),
+            ));
+        }
         let Some(validation) = self.validations.get(&header.alg) else {
             return Err(TokenError::Algorithm(
                 format!("{:?}", header.alg),

@@ -300,6 +300,18 @@ async fn valid_and_invalid_tokens() {
     .unwrap();
     refused(&s, &confused, "HS256 with the RSA public key").await;
 
+    // Well signed by the identity provider, but its header marks an extension as
+    // critical: a recipient that does not understand it must refuse the token
+    // (RFC 7515 §4.1.11), never ignore the restriction it carries.
+    let mut header = Header::new(es.alg);
+    header.kid = Some(es.kid.clone());
+    header.crit = Some(vec!["urn:example:use-only-from".into()]);
+    header
+        .extras
+        .insert("urn:example:use-only-from", "10.1.2.3");
+    let critical = jsonwebtoken::encode(&header, &claims(CLIENT), &es.encoding).unwrap();
+    refused_saying(&s, &critical, "crit header", "critical (crit)").await;
+
     // A valid token whose payload is changed after signing.
     let good = sign(&es, &claims(CLIENT));
     let parts: Vec<&str> = good.split('.').collect();
