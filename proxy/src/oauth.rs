@@ -11,7 +11,9 @@
 //!
 //! Keys: fetched before the listener accepts traffic, refreshed periodically, and
 //! refetched when a token names an unknown `kid` (one fetch at a time, at most one per
-//! [`MIN_REFETCH_INTERVAL`]). When the identity provider is down, the last good keys stay.
+//! [`MIN_REFETCH_INTERVAL`]). When the identity provider is down, the last good keys stay;
+//! when it answers a key set with no key the gateway can use, it has withdrawn the keys
+//! held, and tokens are refused until it publishes one.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -45,7 +47,9 @@ pub enum TokenError {
     Algorithm(String, String),
     #[error("no key of the identity provider matches the token (kid {0})")]
     UnknownKey(String),
-    #[error("the identity provider's keys are not available yet")]
+    #[error(
+        "the identity provider's keys are not available (not fetched yet, or none it publishes can check a token)"
+    )]
     NoKeys,
     #[error("the token has no `{0}` claim naming the client")]
     NoClientId(String),
@@ -88,8 +92,22 @@ impl std::fmt::Debug for KeySet {
     }
 }
 
-pub(crate) fn parse_jwks(bytes: &[u8]) -> Result<KeySet, String> {
-    let set: JwkSet = serde_json::from_slice(bytes).map_err(|e| format!("not a JWK set: {e}"))?;
+/// Why a fetched key set is not put in force.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum JwksError {
+    /// Not fetched, or not a JWK set: the identity provider may be down or answering
+    /// from a broken page, and the last good keys stay.
+    #[error("{0}")]
+    Unavailable(String),
+    /// A JWK set, but none of its keys checks a signature here: the identity provider
+    /// publishes no key the gateway may use any longer.
+    #[error("the JWK set holds no usable public key")]
+    NoUsableKey,
+}
+
+pub(crate) fn parse_jwks(bytes: &[u8]) -> Result<KeySet, JwksError> {
+    let set: JwkSet = serde_json::from_slice(bytes)
+        .map_err(|e| JwksError::Unavailable(format!("not a JWK set: {e}")))?;
     let mut keys = KeySet::default();
     for jwk in &set.keys {
         // A shared secret published in a key set is a misconfiguration: never trust it.
@@ -133,7 +151,7 @@ pub(crate) fn parse_jwks(bytes: &[u8]) -> Result<KeySet, String> {
         }
     }
     if keys.by_kid.is_empty() && keys.anonymous.is_empty() {
-        return Err("the JWK set holds no usable public key".into());
+        return Err(JwksError::NoUsableKey);
     }
     Ok(keys)
 }
@@ -211,7 +229,7 @@ impl Verifier {
         })
     }
 
-    async fn fetch(&self) -> Result<KeySet, String> {
+    async fn fetch(&self) -> Result<Vec<u8>, String> {
         let bytes = match &self.source {
             JwksSource::File(p) => {
                 let path = p.clone();
@@ -244,11 +262,11 @@ impl Verifier {
                 body.to_bytes().to_vec()
             }
         };
-        parse_jwks(&bytes)
+        Ok(bytes)
     }
 
-    /// Fetches the keys now (at start-up and periodically). Keeps the last good keys on
-    /// failure.
+    /// Fetches the keys now (at start-up and periodically). Keeps the last good keys when
+    /// the fetch fails.
     pub async fn refresh(&self) -> Result<(), String> {
         let _one_at_a_time = self.last_on_demand.lock().await;
         self.fetch_and_store().await
@@ -267,14 +285,27 @@ impl Verifier {
     }
 
     async fn fetch_and_store(&self) -> Result<(), String> {
-        match self.fetch().await {
+        let fetched = match self.fetch().await {
+            Ok(bytes) => parse_jwks(&bytes),
+            Err(e) => Err(JwksError::Unavailable(e)),
+        };
+        match fetched {
             Ok(keys) => {
                 tracing::info!(kids = ?keys.by_kid.keys().collect::<Vec<_>>(), "identity provider keys loaded");
                 self.keys.store(Arc::new(keys));
                 metrics::counter!("fsp_jwks_fetches_total", "result" => "ok").increment(1);
                 Ok(())
             }
-            Err(e) => {
+            // The identity provider answered, and vouches for none of the keys held: a
+            // key withdrawn (leaked, say) before its successor is published must stop
+            // verifying tokens now, not when another key appears.
+            Err(e @ JwksError::NoUsableKey) => {
+                tracing::error!(error = %e, "the identity provider publishes no usable key: the keys held are dropped, and bearer tokens are refused until it publishes one");
+                self.keys.store(Arc::new(KeySet::default()));
+                metrics::counter!("fsp_jwks_fetches_total", "result" => "error").increment(1);
+                Err(e.to_string())
+            }
+            Err(JwksError::Unavailable(e)) => {
                 tracing::warn!(error = %e, "identity provider keys could not be fetched; keeping the last good ones");
                 metrics::counter!("fsp_jwks_fetches_total", "result" => "error").increment(1);
                 Err(e)
@@ -462,5 +493,15 @@ mod tests {
         assert!(parse_jwks(set.as_bytes()).is_err());
         assert!(parse_jwks(b"{}").is_err());
         assert!(parse_jwks(b"not json").is_err());
+        // A set without a usable key withdraws the keys held; what is not a set keeps them.
+        for set in [set.as_bytes(), br#"{"keys":[]}"#] {
+            assert!(matches!(parse_jwks(set), Err(JwksError::NoUsableKey)));
+        }
+        for garbage in [&b"{}"[..], b"not json"] {
+            assert!(matches!(
+                parse_jwks(garbage),
+                Err(JwksError::Unavailable(_))
+            ));
+        }
     }
 }

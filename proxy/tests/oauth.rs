@@ -435,6 +435,33 @@ async fn unknown_kid_refetches_and_a_down_identity_provider_keeps_the_cached_key
     );
 }
 
+/// An identity provider that withdraws its only key (a leaked one, before the next is
+/// made) answers a key set with no usable key: the withdrawn key must stop verifying
+/// tokens, as it would were another key published beside it. Only a failed fetch keeps
+/// the last good keys.
+#[tokio::test]
+async fn a_key_set_without_usable_keys_withdraws_the_keys_held() {
+    let leaked = ec_key("leaked");
+    let idp = Idp::start(vec![leaked.jwk.clone()]).await;
+    let s = setup(&idp, false).await;
+    let token = sign(&leaked, &claims(CLIENT));
+    assert_eq!(call(&s, &token, false).await.0, StatusCode::OK);
+
+    // Withdrawn, and only a key the gateway must not use left: a token naming an unknown
+    // key makes the gateway fetch the set again.
+    *idp.keys.lock().unwrap() =
+        vec![json!({"kty": "oct", "k": "c2VjcmV0", "kid": "h", "use": "sig"})];
+    let before = idp.fetches.load(std::sync::atomic::Ordering::SeqCst);
+    refused(&s, &sign(&ec_key("next"), &claims(CLIENT)), "unknown kid").await;
+    assert_eq!(
+        idp.fetches.load(std::sync::atomic::Ordering::SeqCst),
+        before + 1
+    );
+    let (status, _, body) = call(&s, &token, false).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    assert_eq!(body["code"], "FSP-AUTHN-INVALID-TOKEN", "{body}");
+}
+
 #[tokio::test]
 async fn certificate_bound_tokens() {
     let key = ec_key("k");
