@@ -118,13 +118,18 @@ pub(crate) fn parse_jwks(bytes: &[u8]) -> Result<KeySet, JwksError> {
             tracing::warn!(kid = ?jwk.common.key_id, "symmetric key in the JWKS ignored");
             continue;
         }
-        // A key published for encryption (`use: enc`, or an encryption algorithm such as
-        // RSA-OAEP) never checks a signature.
-        if jwk
-            .common
+        // A key published for encryption (`use: enc`, `key_ops` without `verify`, or an
+        // encryption algorithm such as RSA-OAEP) never checks a signature: whoever can
+        // make the identity provider decrypt with it could forge one.
+        let common = &jwk.common;
+        if common
             .public_key_use
             .as_ref()
             .is_some_and(|u| *u != jsonwebtoken::jwk::PublicKeyUse::Signature)
+            || common
+                .key_operations
+                .as_ref()
+                .is_some_and(|ops| !ops.contains(&jsonwebtoken::jwk::KeyOperations::Verify))
         {
             tracing::warn!(kid = ?jwk.common.key_id, "key in the JWKS not published for signatures: ignored");
             continue;

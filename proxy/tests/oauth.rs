@@ -590,8 +590,9 @@ async fn a_certificate_beside_a_token_is_recorded_and_refused_when_it_names_anot
 
 /// Found by an attacker's review: with binding not required, a token whose `cnf` could
 /// not be read (an array, another confirmation method) was taken as unbound, and a key
-/// published for encryption (`use: enc`, `alg: RSA-OAEP`) verified signatures. Now a
-/// `cnf` the gateway cannot check refuses the token, and such keys are ignored.
+/// published for encryption (`use: enc`, `alg: RSA-OAEP`, or `key_ops` without `verify`)
+/// verified signatures. Now a `cnf` the gateway cannot check refuses the token, and such
+/// keys are ignored.
 #[tokio::test]
 async fn an_unreadable_binding_refuses_and_encryption_keys_verify_nothing() {
     let key = ec_key("k");
@@ -600,7 +601,18 @@ async fn an_unreadable_binding_refuses_and_encryption_keys_verify_nothing() {
     let mut oaep = rsa_key("oaep");
     oaep.jwk["alg"] = json!("RSA-OAEP");
     oaep.jwk.as_object_mut().unwrap().remove("use");
-    let idp = Idp::start(vec![key.jwk.clone(), enc.jwk.clone(), oaep.jwk.clone()]).await;
+    let mut wrap = rsa_key("wrap");
+    wrap.jwk["key_ops"] = json!(["encrypt", "wrapKey"]);
+    for field in ["use", "alg"] {
+        wrap.jwk.as_object_mut().unwrap().remove(field);
+    }
+    let idp = Idp::start(vec![
+        key.jwk.clone(),
+        enc.jwk.clone(),
+        oaep.jwk.clone(),
+        wrap.jwk.clone(),
+    ])
+    .await;
     let s = setup(&idp, false).await;
     for cnf in [
         json!({"x5t#S256": ["a", "b"]}),
@@ -620,7 +632,7 @@ async fn an_unreadable_binding_refuses_and_encryption_keys_verify_nothing() {
     // The same token unbound passes: the key is fine.
     let (status, _, body) = call(&s, &sign(&key, &claims(CLIENT)), false).await;
     assert_eq!(status, StatusCode::OK, "{body}");
-    for k in [&enc, &oaep] {
+    for k in [&enc, &oaep, &wrap] {
         refused(
             &s,
             &sign(k, &claims(CLIENT)),
