@@ -16,7 +16,7 @@ use http_body::{Body, Frame, SizeHint};
 
 use crate::errors::Side;
 use crate::soap::HeaderStamp;
-use crate::transport::body::{AnswerProgress, BoxError, CallShared, Waiter};
+use crate::transport::body::{AnswerProgress, BoxError, CallShared, Cut, Waiter};
 use crate::transport::pool::UpstreamBody;
 use crate::xml;
 
@@ -83,7 +83,7 @@ impl Finisher {
     /// began), written into its record as the decision that ended it. `waiting`: the
     /// provider's body is pending, and the task is to be woken by a suspension (see
     /// `CallShared::cut_off_or_wake`).
-    fn cut_off(&mut self, waiting: Option<&Context<'_>>) -> Option<String> {
+    fn cut_off(&mut self, waiting: Option<&Context<'_>>) -> Option<Cut> {
         let p = self.inner.as_mut()?;
         let shared = p.shared.as_ref()?;
         let why = match waiting {
@@ -93,7 +93,10 @@ impl Finisher {
         p.record.decision = crate::errors::Code::AuthzSuspended.as_str().to_owned();
         // As for a suspension found before the call (a denial is the caller's side).
         p.record.fault = Some(Side::Consumer.as_str().to_owned());
-        p.record.detail = Some(format!("cut off while the answer was streaming: {why}"));
+        p.record.detail = Some(format!(
+            "cut off while the answer was streaming: {}",
+            why.recorded()
+        ));
         Some(why)
     }
 
@@ -249,11 +252,11 @@ impl Checked {
 
 /// An answer cut off because its consumer or provider was suspended.
 #[derive(Debug)]
-pub struct CutOff(pub String);
+pub struct CutOff(pub Cut);
 
 impl std::fmt::Display for CutOff {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "the call was cut off: {}", self.0)
+        write!(f, "the call was cut off: {}", self.0.recorded())
     }
 }
 

@@ -26,6 +26,8 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use serde::{Deserialize, Deserializer, Serialize};
 
+use crate::transport::body::Cut;
+
 /// How often every replica re-reads the suspensions from Redis, messages or not.
 pub const RESYNC_EVERY: Duration = Duration::from_millis(500);
 
@@ -463,15 +465,16 @@ impl crate::transport::body::Suspensions for SuspensionStore {
         self.changes.load(Ordering::Acquire)
     }
 
-    fn cuts_off(&self, consumer: &str, provider: &str) -> Option<String> {
+    fn cuts_off(&self, consumer: &str, provider: &str) -> Option<Cut> {
         let now = self.current.load();
-        if let Some(s) = now.consumers.get(consumer) {
-            Some(format!("consumer {consumer} was suspended by {}", s.by))
-        } else {
-            now.providers
-                .get(provider)
-                .map(|s| format!("provider {provider} was suspended by {}", s.by))
-        }
+        let (party, s) = match now.consumers.get(consumer) {
+            Some(s) => (format!("consumer {consumer}"), s),
+            None => (format!("provider {provider}"), now.providers.get(provider)?),
+        };
+        Some(Cut {
+            party,
+            by: s.by.clone(),
+        })
     }
 
     fn alarm(&self) -> &crate::transport::body::Alarm {

@@ -15,7 +15,7 @@ use policy::Denial;
 use super::{Code, Rejection, Side};
 use crate::headers::SUNSET;
 use crate::oauth::TokenError;
-use crate::transport::body::{BodyError, ConsumerFault};
+use crate::transport::body::{BodyError, ConsumerFault, Cut};
 use crate::transport::h1::codec::ExchangeError;
 use crate::transport::pool::UpstreamError;
 
@@ -102,11 +102,17 @@ pub fn consumer_fault(fault: &ConsumerFault) -> Rejection {
         )
         .with_internal(format!("request body framing: {why}")),
         ConsumerFault::Xml(why) => Rejection::new(Code::RequestMalformed, why.clone()),
-        ConsumerFault::Suspended(why) => Rejection::new(
-            Code::AuthzSuspended,
-            format!("the call was cut off while its request was being sent: {why}"),
-        ),
+        ConsumerFault::Suspended(cut) => {
+            cut_off("the call was cut off while its request was being sent", cut)
+        }
     }
+}
+
+/// A call cut off by a suspension, `when` in its course: the consumer is told which
+/// party was suspended, the log and the audit record also by whom.
+pub fn cut_off(when: &str, cut: &Cut) -> Rejection {
+    Rejection::new(Code::AuthzSuspended, format!("{when}: {cut}"))
+        .with_internal(format!("{when}: {}", cut.recorded()))
 }
 
 /// 429 with `Retry-After` and the IETF `RateLimit-Policy` / `RateLimit` fields.
@@ -220,9 +226,9 @@ pub fn upstream(provider: &str, service: &str, e: &UpstreamError) -> Rejection {
                 "the request body does not match its declared length".to_owned(),
                 Side::Consumer,
             ),
-            BodyError::CutOff(why) => (
+            BodyError::CutOff(cut) => (
                 Code::AuthzSuspended,
-                format!("the call was cut off while its request was being sent: {why}"),
+                format!("the call was cut off while its request was being sent: {cut}"),
                 Side::Consumer,
             ),
         },

@@ -13,7 +13,7 @@ use super::record::Cleared;
 use crate::errors::{Code, Rejection, map};
 use crate::headers::Outbound;
 use crate::state::Local;
-use crate::transport::body::{CallShared, RequestBody, Unread, Watch};
+use crate::transport::body::{CallShared, Cut, RequestBody, Unread, Watch};
 use crate::transport::pool::UpstreamBody;
 
 /// The provider's answer, with what the gateway adds to it.
@@ -73,10 +73,10 @@ pub async fn forward(
     ))));
     // A suspension made since the decision (while the call waited for its throttle or
     // its record): nothing is sent.
-    if let Some(why) = shared.cut_off() {
-        return Err(Rejection::new(
-            Code::AuthzSuspended,
-            format!("the call was cut off before it was sent: {why}"),
+    if let Some(cut) = shared.cut_off() {
+        return Err(map::cut_off(
+            "the call was cut off before it was sent",
+            &cut,
         ));
     }
     // Made once, sent twice (to the provider and back to the consumer).
@@ -149,9 +149,9 @@ pub async fn forward(
                 map::upstream(provider, service, &e)
             }
         }),
-        Err(Unanswered::CutOff(why)) => Err(Rejection::new(
-            Code::AuthzSuspended,
-            format!("the call was cut off while its answer was awaited: {why}"),
+        Err(Unanswered::CutOff(cut)) => Err(map::cut_off(
+            "the call was cut off while its answer was awaited",
+            &cut,
         )),
         Err(Unanswered::Timeout) => Err({
             if let Some(m) = metrics {
@@ -174,7 +174,7 @@ enum Unanswered {
     /// The provider took longer than its response timeout.
     Timeout,
     /// The consumer or the provider was suspended meanwhile.
-    CutOff(String),
+    CutOff(Cut),
 }
 
 /// Awaits the provider's answer. The provider's time (`timeout`) counts from when the

@@ -62,13 +62,13 @@ pub async fn serve(
         caller.consumer().id.clone(),
         service.provider.clone(),
     )));
-    let cut = |why: String| {
-        Rejection::new(
-            Code::AuthzSuspended,
-            format!(
-                "the WSDL of {} {} was not served: {why}",
+    let cut = |cut: crate::transport::body::Cut| {
+        map::cut_off(
+            &format!(
+                "the WSDL of {} {} was not served",
                 service.name, version.version
             ),
+            &cut,
         )
     };
     if let Some(why) = watch.cut_off() {

@@ -18,6 +18,7 @@ use crate::headers::strip_hop_by_hop;
 use crate::response::{Checked, Finisher, ResponseBody};
 use crate::soap::HeaderStamp;
 use crate::state::Local;
+use crate::transport::body::Cut;
 use crate::xml;
 
 /// The provider's answer, on its way back to the consumer.
@@ -213,8 +214,8 @@ pub async fn deliver(
         }
     }
     // A suspension made while the answer's first bytes were held: nothing is sent.
-    if let Some(why) = call.shared.as_ref().and_then(|s| s.cut_off()) {
-        return refuse(local, call, cut_before_sent(&why));
+    if let Some(cut) = call.shared.as_ref().and_then(|s| s.cut_off()) {
+        return refuse(local, call, cut_before_sent(&cut));
     }
     if http10 && guard.is_some() && !ended {
         let rejection = Rejection::new(
@@ -367,11 +368,8 @@ impl AnswerType {
 
 /// A call whose consumer or provider was suspended while the start of its answer was
 /// read: nothing of the answer is sent.
-fn cut_before_sent(why: &str) -> Rejection {
-    Rejection::new(
-        Code::AuthzSuspended,
-        format!("the call was cut off before its answer was sent: {why}"),
-    )
+fn cut_before_sent(cut: &Cut) -> Rejection {
+    errors::map::cut_off("the call was cut off before its answer was sent", cut)
 }
 
 fn answer_refused(e: &xml::XmlError) -> Rejection {

@@ -46,10 +46,34 @@ pub trait Suspensions: Send + Sync + std::fmt::Debug {
     /// How many times the suspensions in force have changed.
     fn changes(&self) -> u64;
     /// Why a call between these parties must stop, if either is suspended now.
-    fn cuts_off(&self, consumer: &str, provider: &str) -> Option<String>;
+    fn cuts_off(&self, consumer: &str, provider: &str) -> Option<Cut>;
     /// Rung after every change (after `changes` has moved), to wake the calls that
     /// wait for a silent peer.
     fn alarm(&self) -> &Alarm;
+}
+
+/// Why a call in flight must stop: one of its parties was suspended, by someone.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Cut {
+    /// The party suspended: `consumer ville-bxl`, `provider rrn`.
+    pub party: String,
+    /// Who suspended it: for the call's record and the log only. The consumer is not
+    /// told who administers the platform (a refusal at the decision names nobody either).
+    pub by: String,
+}
+
+impl Cut {
+    /// What the call's record says: the party, and who suspended it.
+    pub fn recorded(&self) -> String {
+        format!("{} was suspended by {}", self.party, self.by)
+    }
+}
+
+/// What the consumer is told.
+impl std::fmt::Display for Cut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} was suspended", self.party)
+    }
 }
 
 /// Wakes the calls in flight that wait for a silent peer (a provider that sends
@@ -191,7 +215,7 @@ impl CallShared {
     /// Why the call must stop now, if its consumer or provider was suspended since it
     /// began (contract section 5: a suspension cuts at once). Costs one atomic load
     /// while the suspensions do not change.
-    pub fn cut_off(&self) -> Option<String> {
+    pub fn cut_off(&self) -> Option<Cut> {
         let w = self.watch.as_ref()?;
         let now = w.store.changes();
         if w.seen.load(Ordering::Relaxed) == now {
@@ -212,7 +236,7 @@ impl CallShared {
     ///
     /// The waker is registered before the change count is read, and the store bumps
     /// the count before it rings: a change is either seen here or wakes the task.
-    pub fn cut_off_or_wake(self: &Arc<Self>, waiter: Waiter, cx: &Context<'_>) -> Option<String> {
+    pub fn cut_off_or_wake(self: &Arc<Self>, waiter: Waiter, cx: &Context<'_>) -> Option<Cut> {
         let w = self.watch.as_ref()?;
         // Other tasks of the call wait until the call is on the list.
         w.enlisted
@@ -228,7 +252,7 @@ impl CallShared {
     /// suspended (never, for a call nobody watches). Raced against a wait for the
     /// provider (its answer's head, a WSDL), it cuts that wait at once. Polled by the
     /// task that waits for the provider's answer ([`Waiter::Answer`]).
-    pub async fn cut(self: &Arc<Self>) -> String {
+    pub async fn cut(self: &Arc<Self>) -> Cut {
         std::future::poll_fn(|cx| match self.cut_off_or_wake(Waiter::Answer, cx) {
             Some(why) => Poll::Ready(why),
             None => Poll::Pending,
@@ -275,7 +299,7 @@ pub enum ConsumerFault {
     /// The XML threat protection refused the body.
     Xml(String),
     /// The consumer or the provider was suspended while the body was being sent.
-    Suspended(String),
+    Suspended(Cut),
 }
 
 impl ConsumerFault {
@@ -312,8 +336,8 @@ pub enum BodyError {
     Stalled(Duration),
     #[error("the XML request was refused: {0}")]
     Xml(#[source] xml::XmlError),
-    #[error("the call was cut off: {0}")]
-    CutOff(String),
+    #[error("the call was cut off: {}", .0.recorded())]
+    CutOff(Cut),
 }
 
 /// At most this much of a refused request's remaining body is read and thrown away...
@@ -680,11 +704,14 @@ mod tests {
         fn changes(&self) -> u64 {
             self.changes.load(Ordering::Acquire)
         }
-        fn cuts_off(&self, consumer: &str, provider: &str) -> Option<String> {
+        fn cuts_off(&self, consumer: &str, provider: &str) -> Option<Cut> {
             let s = self.suspended.lock().unwrap();
             s.iter()
                 .find(|id| *id == consumer || *id == provider)
-                .map(|id| format!("{id} was suspended"))
+                .map(|id| Cut {
+                    party: id.clone(),
+                    by: "admin".into(),
+                })
         }
         fn alarm(&self) -> &Alarm {
             &self.alarm
@@ -703,7 +730,10 @@ mod tests {
         let shared = CallShared::watched(Watch::new(fake.clone(), seen, "c".into(), "p".into()));
         assert_eq!(shared.cut_off(), None);
         fake.suspend("c");
-        assert_eq!(shared.cut_off().as_deref(), Some("c was suspended"));
+        assert_eq!(
+            shared.cut_off().map(|c| c.recorded()).as_deref(),
+            Some("c was suspended by admin")
+        );
         // The provider too.
         let shared = CallShared::watched(Watch::new(
             fake.clone(),
@@ -713,7 +743,10 @@ mod tests {
         ));
         assert_eq!(shared.cut_off(), None);
         fake.suspend("p");
-        assert_eq!(shared.cut_off().as_deref(), Some("p was suspended"));
+        assert_eq!(
+            shared.cut_off().map(|c| c.recorded()).as_deref(),
+            Some("p was suspended by admin")
+        );
         // A call nobody watches is never cut.
         assert_eq!(CallShared::new().cut_off(), None);
     }
@@ -743,7 +776,7 @@ mod tests {
             .await
             .expect("still waiting after the suspension")
             .unwrap();
-        assert_eq!(why, "p was suspended");
+        assert_eq!(why.to_string(), "p was suspended");
 
         // A call nobody watches waits on.
         let unwatched = Arc::new(CallShared::new());
