@@ -17,6 +17,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::observe::Sparse;
 use crate::state::Gateway;
 use crate::suspend::Party;
 
@@ -56,7 +57,10 @@ pub async fn serve(gw: Arc<Gateway>, listener: TcpListener, mut shutdown: watch:
                 Ok(w) if slots.evict_oldest_unauthenticated() => (None, Some(w)),
                 _ => {
                     metrics::counter!("fsp_admin_connections_refused_total").increment(1);
-                    tracing::warn!(target: "fsp::admin", %peer, "admin connection refused: {ADMIN_MAX_CONNECTIONS} already open, none of them evictable (authenticated, or already giving up its place)");
+                    static FULL: Sparse = Sparse::new(Duration::from_secs(10));
+                    if let Some(refused_since_last) = FULL.occurred() {
+                        tracing::warn!(target: "fsp::admin", %peer, refused_since_last, "admin connection refused: {ADMIN_MAX_CONNECTIONS} already open, none of them evictable (authenticated, or already giving up its place)");
+                    }
                     drop(tcp);
                     continue;
                 }
@@ -671,7 +675,17 @@ async fn route(
                 } => Some(c.identity.sha256.to_string()),
                 _ => None,
             };
-            tracing::warn!(target: "fsp::admin", %peer, method = %req.method(), %path, certificate, "admin call refused: {}", refused.why);
+            // Anyone who reaches the listener can be refused: one warning a second at
+            // most (with the count since the last), the others at debug.
+            static REFUSALS: Sparse = Sparse::new(Duration::from_secs(1));
+            match REFUSALS.occurred() {
+                Some(refused_since_last) => {
+                    tracing::warn!(target: "fsp::admin", %peer, method = %req.method(), %path, certificate, refused_since_last, "admin call refused: {}", refused.why)
+                }
+                None => {
+                    tracing::debug!(target: "fsp::admin", %peer, method = %req.method(), %path, certificate, "admin call refused: {}", refused.why)
+                }
+            }
             // Counted, not recorded in the trail: anyone who reaches the listener could
             // otherwise fill the trail with refused logins.
             metrics::counter!("fsp_admin_calls_refused_total").increment(1);

@@ -17,11 +17,13 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::Notify;
+
+use crate::observe::Sparse;
 
 /// Bounds on consumer connections, as configured under `[listener]`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -241,11 +243,8 @@ pub struct ConnLimits {
     /// Touched once when a connection opens, once when its handshake ends and once when
     /// it closes, never per call.
     table: Mutex<Table>,
-    /// When an eviction was last logged (milliseconds since `clock`), and how many
-    /// were not logged since.
-    clock: std::time::Instant,
-    evictions_logged_at: AtomicU64,
-    evictions_unlogged: AtomicU64,
+    /// The warnings about evictions, at most one every 10 s.
+    eviction_log: Sparse,
 }
 
 /// What [`ConnLimits`] keeps under its lock.
@@ -284,8 +283,8 @@ impl Eviction {
 /// [`RESERVED_DESCRIPTORS`]). A task closes its evicted connection at its next poll.
 pub const EVICTIONS_UNDER_WAY: usize = 64;
 
-/// At most one warning about evictions in this many milliseconds.
-const EVICTION_LOG_EVERY_MS: u64 = 10_000;
+/// At most one warning about evictions in this long.
+const EVICTION_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// One admitted connection; its place is given back when dropped.
 #[derive(Debug)]
@@ -308,9 +307,7 @@ impl ConnLimits {
             total: AtomicUsize::new(0),
             anonymous: AtomicUsize::new(0),
             table: Mutex::new(Table::default()),
-            clock: std::time::Instant::now(),
-            evictions_logged_at: AtomicU64::new(0),
-            evictions_unlogged: AtomicU64::new(0),
+            eviction_log: Sparse::new(EVICTION_LOG_EVERY),
         })
     }
 
@@ -433,21 +430,10 @@ impl ConnLimits {
         }
     }
 
-    /// A warning at most every [`EVICTION_LOG_EVERY_MS`], with the evictions since the
-    /// last one: a flood of stalled handshakes must not flood the log as well.
+    /// A warning at most every [`EVICTION_LOG_EVERY`], with the evictions since the last one: a flood of
+    /// stalled handshakes must not flood the log as well.
     fn log_eviction(&self, evicted: Option<IpAddr>, by: Option<IpAddr>) {
-        self.evictions_unlogged.fetch_add(1, Ordering::Relaxed);
-        let now = u64::try_from(self.clock.elapsed().as_millis())
-            .unwrap_or(u64::MAX)
-            .max(1);
-        let last = self.evictions_logged_at.load(Ordering::Relaxed);
-        if (last == 0 || now.saturating_sub(last) >= EVICTION_LOG_EVERY_MS)
-            && self
-                .evictions_logged_at
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
-            let evictions = self.evictions_unlogged.swap(0, Ordering::Relaxed).max(1);
+        if let Some(evictions) = self.eviction_log.occurred() {
             tracing::warn!(
                 evictions,
                 evicted = ?evicted,

@@ -10,10 +10,50 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::hash::BuildHasher;
-use std::time::Duration;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use metrics::{Counter, Histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// A warning that anyone who reaches a listener can cause, written at most once every
+/// so often, so that a flood of them does not flood the log: each line written says how
+/// many occurred since the last one (the others may go to `debug`).
+#[derive(Debug)]
+pub struct Sparse {
+    every_ms: u64,
+    /// When a line was last written (milliseconds since the first use; 0: never).
+    written_at: AtomicU64,
+    unwritten: AtomicU64,
+}
+
+impl Sparse {
+    pub const fn new(every: Duration) -> Self {
+        Self {
+            every_ms: every.as_millis() as u64,
+            written_at: AtomicU64::new(0),
+            unwritten: AtomicU64::new(0),
+        }
+    }
+
+    /// One more occurrence: `Some(n)` when a line is to be written for it, `n` counting
+    /// it and those left unwritten since the last line; `None` when not.
+    pub fn occurred(&self) -> Option<u64> {
+        static START: OnceLock<Instant> = OnceLock::new();
+        self.unwritten.fetch_add(1, Ordering::Relaxed);
+        let now = u64::try_from(START.get_or_init(Instant::now).elapsed().as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let last = self.written_at.load(Ordering::Relaxed);
+        ((last == 0 || now.saturating_sub(last) >= self.every_ms)
+            && self
+                .written_at
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok())
+        .then(|| self.unwritten.swap(0, Ordering::Relaxed).max(1))
+    }
+}
 
 /// Latency buckets (seconds): from a fast cached answer to the longest provider timeout.
 const LATENCY_BUCKETS: [f64; 16] = [
@@ -467,4 +507,23 @@ impl ProviderMetrics {
 pub fn audit_write() -> &'static Histogram {
     static H: std::sync::OnceLock<Histogram> = std::sync::OnceLock::new();
     H.get_or_init(|| metrics::histogram!("fsp_audit_write_seconds"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The first occurrence is written; those that follow within the interval are not,
+    /// and the next line written counts them.
+    #[test]
+    fn a_sparse_warning_is_written_once_per_interval_with_the_count_since_the_last() {
+        let sparse = Sparse::new(Duration::from_millis(200));
+        assert_eq!(sparse.occurred(), Some(1));
+        for _ in 0..5 {
+            assert_eq!(sparse.occurred(), None);
+        }
+        std::thread::sleep(Duration::from_millis(250));
+        assert_eq!(sparse.occurred(), Some(6));
+        assert_eq!(sparse.occurred(), None);
+    }
 }

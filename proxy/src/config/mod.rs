@@ -2285,13 +2285,24 @@ fn build_oauth(s: &Source, o: &RawOAuth, problems: &mut Problems) -> Option<OAut
             ),
         }
     }
-    let leeway = duration_or(
+    let mut leeway = duration_or(
         &o.leeway,
         Duration::from_secs(60),
         &s.path,
         "oauth.leeway",
         problems,
     );
+    if leeway > MAX_LEEWAY {
+        problems.add(
+            &s.path,
+            "oauth.leeway",
+            format!(
+                "{}s is more than 5m: tokens would be accepted that long after they expired; clocks further apart than a few minutes are an NTP fault to fix, not to allow for",
+                leeway.as_secs()
+            ),
+        );
+        leeway = MAX_LEEWAY;
+    }
     Some(OAuth {
         issuer: o.issuer.clone(),
         jwks,
@@ -2306,6 +2317,9 @@ fn build_oauth(s: &Source, o: &RawOAuth, problems: &mut Problems) -> Option<OAut
         max_token_bytes: o.max_token_bytes.unwrap_or(8192),
     })
 }
+
+/// The most clock skew `oauth.leeway` may allow on a token's `exp` and `nbf`.
+const MAX_LEEWAY: Duration = Duration::from_secs(300);
 
 /// Consumer certificates are replaced yearly: `fsp check` warns about one issued for
 /// longer than this many days (a year, leap day included). Whole days are counted, so a

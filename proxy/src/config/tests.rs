@@ -1556,6 +1556,34 @@ fn a_duration_that_does_not_parse_is_refused() {
     expect_only(&problems, "fsp.toml", "oauth.leeway", &["`1.5s`"]);
 }
 
+/// A leeway of hours or days (a typo: `60m` for `60s`) would accept tokens long
+/// expired: more than 5 minutes is refused.
+#[test]
+fn an_oauth_leeway_beyond_five_minutes_is_refused() {
+    let fx = Fixture::new();
+    let problems = fx.problems_after(
+        "require_certificate_binding = false",
+        "require_certificate_binding = false\nleeway = \"60m\"",
+    );
+    expect_only(
+        &problems,
+        "fsp.toml",
+        "oauth.leeway",
+        &["3600s is more than 5m"],
+    );
+    let config = fx
+        .load_single(&edit(
+            &fx.single_file(),
+            "require_certificate_binding = false",
+            "require_certificate_binding = false\nleeway = \"5m\"",
+        ))
+        .unwrap();
+    assert_eq!(
+        config.oauth.map(|o| o.leeway),
+        Some(Duration::from_secs(300))
+    );
+}
+
 /// A duration of zero that would make every call fail, or silently switch a protection
 /// off, is refused with its file, key and line; one whose zero has a documented meaning
 /// (no delay, no leeway, no idle connection kept, no queueing) is accepted.
