@@ -916,7 +916,7 @@ pub(crate) async fn reload_on_signal(gw: &Gateway) {
 
 /// Writes a change into the audit trail (see [`record_admin_action`]); an error says why
 /// it is not durable (it is logged here).
-async fn record_change(
+pub(crate) async fn record_change(
     gw: &Gateway,
     who: &str,
     from: std::net::IpAddr,

@@ -13,6 +13,11 @@
 //! 2 s, 4 s, ... up to a minute, until it works: a Secret changes once, and its new
 //! certificate must not wait for someone to notice.
 //!
+//! A reload re-reads the whole configuration, so, as one asked for by an administrator,
+//! it is recorded in the audit trail (by `certificate watcher`, operation `certificate
+//! reload`, with the files that changed; a failure once per change, not at each retry)
+//! and, with `fail_closed`, not made while the trail cannot record it.
+//!
 //! At each look it also reads the nextUpdate of the CRLs in force: a CRL within a day of
 //! it is logged once as a warning, one past it once as an error (the certificates it
 //! covers are then refused, see `certs::tls`, until a fresh CRL is put in place).
@@ -24,6 +29,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::state::Gateway;
+
+/// Who made a reload the watcher started, in its record in the audit trail.
+pub const WATCHER: &str = "certificate watcher";
+/// The operation of that record.
+pub const OPERATION: &str = "certificate reload";
 
 /// How often the files are looked at.
 pub const POLL_EVERY: Duration = Duration::from_secs(2);
@@ -100,6 +110,8 @@ pub fn spawn(gw: &Arc<Gateway>) {
         // again, less and less often, until it works.
         let mut retry: Option<(tokio::time::Instant, Duration)> = None;
         let mut announced = HashSet::new();
+        // The files changed since the last reload that worked, for the record.
+        let mut pending = std::collections::BTreeSet::new();
         loop {
             tick.tick().await;
             let Some(gw) = weak.upgrade() else { return };
@@ -120,6 +132,7 @@ pub fn spawn(gw: &Arc<Gateway>) {
                 // A reload named other files: they are the ones in force now.
                 seen = (files, now);
                 retry = None;
+                pending.clear();
                 continue;
             }
             let changed = now != seen.1;
@@ -133,9 +146,31 @@ pub fn spawn(gw: &Arc<Gateway>) {
                 .filter(|(_, (a, b))| a != b)
                 .map(|(f, _)| f.display().to_string())
                 .collect();
-            let reloader = gw.clone();
-            match tokio::task::spawn_blocking(move || reloader.reload()).await {
-                Ok(Ok(report)) => {
+            pending.extend(which.iter().cloned());
+            // A reload re-reads the whole configuration (consumers, authorisations, admin
+            // tokens), so it is an administrators' change like any other: recorded in the
+            // trail, and with `fail_closed` not made while the trail cannot record it
+            // (tried again as a failed reload is).
+            let unrecordable = if gw.snapshot.load().fail_closed {
+                gw.audit.health().err()
+            } else {
+                None
+            };
+            let reloaded = match unrecordable {
+                Some(e) => Err(format!("the audit trail cannot record the reload: {e}")),
+                None => {
+                    let reloader = gw.clone();
+                    match tokio::task::spawn_blocking(move || reloader.reload()).await {
+                        Ok(reloaded) => reloaded.map_err(|e| e.to_string()),
+                        Err(e) => {
+                            tracing::error!(error = %e, "certificate reload task failed");
+                            continue;
+                        }
+                    }
+                }
+            };
+            let outcome = match reloaded {
+                Ok(report) => {
                     metrics::counter!("fsp_certificate_reloads_total", "result" => "ok")
                         .increment(1);
                     tracing::warn!(changed = ?which, needs_restart = ?report.needs_restart, "certificate files changed: configuration and certificates reloaded");
@@ -143,8 +178,12 @@ pub fn spawn(gw: &Arc<Gateway>) {
                     // is seen at the next look.
                     seen = (files, now);
                     retry = None;
+                    Some((
+                        http::StatusCode::OK,
+                        format!("reloaded; changed: {}", report.changed),
+                    ))
                 }
-                Ok(Err(e)) => {
+                Err(e) => {
                     metrics::counter!("fsp_certificate_reloads_total", "result" => "failed")
                         .increment(1);
                     let wait = match retry {
@@ -156,8 +195,31 @@ pub fn spawn(gw: &Arc<Gateway>) {
                     // once); until then `retry` paces the attempts.
                     seen = (files, now);
                     retry = Some((tokio::time::Instant::now() + wait, wait));
+                    // A failure is recorded when files change, not at each retry.
+                    changed.then(|| {
+                        (
+                            http::StatusCode::UNPROCESSABLE_ENTITY,
+                            format!("not reloaded: {e}"),
+                        )
+                    })
                 }
-                Err(e) => tracing::error!(error = %e, "certificate reload task failed"),
+            };
+            if let Some((status, said)) = outcome {
+                let files = pending.iter().map(String::as_str).collect::<Vec<_>>();
+                let said = format!("{said}; files changed: {}", files.join(", "));
+                if status.is_success() {
+                    pending.clear();
+                }
+                // (A failure to record is logged: the reload is made by now.)
+                let _ = crate::admin::record_change(
+                    &gw,
+                    WATCHER,
+                    std::net::IpAddr::from([127, 0, 0, 1]),
+                    OPERATION.to_owned(),
+                    status,
+                    Some(said),
+                )
+                .await;
             }
         }
     });

@@ -656,6 +656,19 @@ async fn an_unavailable_audit_store_stops_calls_before_the_provider_until_it_ret
         );
         let (status, ready) = admin_request(admin, "GET", "/readyz", None).await;
         assert_eq!(status, 503, "{}: {ready}", store.name());
+        // A certificate renewed meanwhile is not taken: the reload it starts re-reads the
+        // whole configuration, a change the trail cannot record now.
+        let before = served_certificate(&pki, port).await;
+        let renewed = pki.ca.server(&["localhost", "127.0.0.1"]).unwrap();
+        std::fs::write(pki.path().join("server.key"), &renewed.key_pem).unwrap();
+        std::fs::write(pki.path().join("server.pem"), &renewed.cert_pem).unwrap();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert_eq!(
+            served_certificate(&pki, port).await,
+            before,
+            "{}",
+            store.name()
+        );
 
         // It returns: calls flow again within seconds, without a restart.
         match &relay {
@@ -686,6 +699,16 @@ async fn an_unavailable_audit_store_stops_calls_before_the_provider_until_it_ret
             store.name(),
             back.elapsed()
         );
+        // ... and the renewed certificate is taken now that the reload can be recorded
+        // (the watcher's retries are 2 s, 4 s, 8 s apart by now).
+        until_served(
+            &pki,
+            port,
+            &renewed.der,
+            Duration::from_secs(20),
+            "the renewed certificate was not taken once the trail returned",
+        )
+        .await;
         gw.stop();
         // Nothing was lost: the refusals are in the trail, and it verifies.
         let (code, out) = verify(&config);
@@ -698,6 +721,13 @@ async fn an_unavailable_audit_store_stops_calls_before_the_provider_until_it_ret
         assert!(
             refusals >= 10,
             "{}: {refusals} refusals recorded",
+            store.name()
+        );
+        assert!(
+            calls.iter().any(|r| r["operation"] == "certificate reload"
+                && r["credential_id"] == "certificate watcher"
+                && r["status"] == 200),
+            "{}: the certificate reload is not on the record",
             store.name()
         );
     }

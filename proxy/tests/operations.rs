@@ -37,24 +37,6 @@ fn mount_secret(dir: &Path, version: &str, cert: &str, key: &str) {
     }
 }
 
-/// The leaf certificate a new handshake gets.
-async fn served_certificate(pki: &Pki, port: u16) -> Vec<u8> {
-    let tls = tls_connect(pki, Some(&pki.consumer), port, b"http/1.1")
-        .await
-        .unwrap();
-    tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
-}
-
-/// Waits (at most `within`) until new handshakes get the certificate `der`; how long.
-async fn until_served(pki: &Pki, port: u16, der: &[u8], within: Duration, what: &str) -> Duration {
-    let started = Instant::now();
-    while served_certificate(pki, port).await != der {
-        assert!(started.elapsed() < within, "{what} after {within:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    started.elapsed()
-}
-
 /// A server certificate for loopback that expired yesterday.
 fn expired_server(pki: &Pki) -> certs::devpki::Issued {
     let now = time::OffsetDateTime::now_utc();
@@ -265,6 +247,46 @@ async fn a_certificate_swapped_by_symlink_is_served_to_new_handshakes_without_a_
         "the rotation was not retried once the configuration was fixed",
     )
     .await;
+    // Each reload re-read the whole configuration: each is on the record, as the
+    // watcher's, with the files that changed; a failure once per change, not at every
+    // retry. Five changes (two taken, three refused: a key not matching, an expired
+    // certificate, a configuration being edited), then the retry that worked.
+    let mut records = Vec::new();
+    let started = Instant::now();
+    while records.len() < 6 && started.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        records = audit_records(&pki)
+            .into_iter()
+            .filter(|r| r["operation"] == "certificate reload")
+            .collect();
+    }
+    let outcomes: Vec<(u64, &str)> = records
+        .iter()
+        .map(|r| {
+            assert_eq!(r["credential"], "admin", "{r}");
+            assert_eq!(r["credential_id"], "certificate watcher", "{r}");
+            assert!(
+                r["detail"].as_str().unwrap().contains("secret/tls.crt"),
+                "{r}"
+            );
+            (
+                r["status"].as_u64().unwrap(),
+                r["detail"].as_str().unwrap().split(':').next().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        outcomes,
+        [
+            (200, "reloaded; changed"),
+            (422, "not reloaded"),
+            (200, "reloaded; changed"),
+            (422, "not reloaded"),
+            (422, "not reloaded"),
+            (200, "reloaded; changed"),
+        ],
+        "{records:#?}"
+    );
     assert_eq!(gw.stop().code(), Some(0));
 }
 

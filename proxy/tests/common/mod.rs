@@ -901,6 +901,30 @@ pub async fn stalled_handshake(from: [u8; 4], port: u16) -> tokio::net::TcpStrea
     c
 }
 
+/// The leaf certificate a new handshake gets.
+pub async fn served_certificate(pki: &Pki, port: u16) -> Vec<u8> {
+    let tls = tls_connect(pki, Some(&pki.consumer), port, b"http/1.1")
+        .await
+        .unwrap();
+    tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+}
+
+/// Waits (at most `within`) until new handshakes get the certificate `der`; how long.
+pub async fn until_served(
+    pki: &Pki,
+    port: u16,
+    der: &[u8],
+    within: Duration,
+    what: &str,
+) -> Duration {
+    let started = std::time::Instant::now();
+    while served_certificate(pki, port).await != der {
+        assert!(started.elapsed() < within, "{what} after {within:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    started.elapsed()
+}
+
 /// Whether the gateway closes `c` (its end, or a reset) within 5 s: for a connection
 /// that must be closed, whose task may not have run yet on a loaded machine.
 pub async fn closes(c: &mut tokio::net::TcpStream) -> bool {
