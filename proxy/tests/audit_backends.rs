@@ -663,10 +663,9 @@ async fn an_unavailable_audit_store_stops_calls_before_the_provider_until_it_ret
         std::fs::write(pki.path().join("server.key"), &renewed.key_pem).unwrap();
         std::fs::write(pki.path().join("server.pem"), &renewed.cert_pem).unwrap();
         tokio::time::sleep(Duration::from_secs(3)).await;
-        assert_eq!(
-            served_certificate(&pki, port).await,
-            before,
-            "{}",
+        assert!(
+            served_certificate(&pki, port).await == before,
+            "{}: a certificate was reloaded while the trail could not record the reload",
             store.name()
         );
 
