@@ -17,6 +17,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::limits::Source;
 use crate::observe::Sparse;
 use crate::state::Gateway;
 use crate::suspend::Party;
@@ -195,25 +196,27 @@ impl Slots {
     }
 }
 
-/// Admin connections open per address (not the consumers' hot path: a lock is fine).
+/// Admin connections open per address, an IPv6 /64 counting as one, as on the consumer
+/// listener (not the consumers' hot path: a lock is fine).
 #[derive(Default)]
-struct PerIp(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>);
+struct PerIp(std::sync::Mutex<std::collections::HashMap<Source, usize>>);
 
 /// One admin connection counted against its address, until dropped.
-struct FromPeer(Arc<PerIp>, std::net::IpAddr);
+struct FromPeer(Arc<PerIp>, Source);
 
 impl PerIp {
     fn admit(self: &Arc<Self>, ip: std::net::IpAddr, max: usize) -> Option<FromPeer> {
+        let source = Source::of(ip);
         let mut open = self
             .0
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let n = open.entry(ip).or_default();
+        let n = open.entry(source).or_default();
         if *n >= max {
             return None;
         }
         *n += 1;
-        Some(FromPeer(self.clone(), ip))
+        Some(FromPeer(self.clone(), source))
     }
 }
 
@@ -1221,4 +1224,25 @@ async fn suspension(
         ),
     };
     (response, outcome)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// An IPv6 client gets no more admin connections by rotating its interface
+    /// identifier: its /64 counts as one address.
+    #[test]
+    fn admin_connections_are_counted_per_ipv6_64() {
+        let per_ip = Arc::new(PerIp::default());
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        let held: Vec<_> = (1..=2)
+            .map(|i| per_ip.admit(ip(&format!("2001:db8:1:2::{i}")), 2).unwrap())
+            .collect();
+        assert!(per_ip.admit(ip("2001:db8:1:2:ffff::9"), 2).is_none());
+        assert!(per_ip.admit(ip("2001:db8:1:3::1"), 2).is_some());
+        drop(held);
+        assert!(per_ip.admit(ip("2001:db8:1:2::7"), 2).is_some());
+    }
 }

@@ -205,13 +205,13 @@ impl Refusal {
 /// one subscriber usually gets, so a client cannot dodge the bound by rotating its
 /// interface identifier).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-enum Source {
+pub enum Source {
     V4(u32),
     V6(u64),
 }
 
 impl Source {
-    fn of(ip: IpAddr) -> Self {
+    pub fn of(ip: IpAddr) -> Self {
         match ip {
             IpAddr::V4(v4) => Self::V4(u32::from(v4)),
             IpAddr::V6(v6) => match v6.to_ipv4_mapped() {

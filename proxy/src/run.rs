@@ -202,6 +202,7 @@ pub async fn start(
             replicas: throttle_cfg.replicas,
             last_logged: std::sync::atomic::AtomicU64::new(0),
             down_until: std::sync::atomic::AtomicU64::new(0),
+            last_ping: tokio::sync::Mutex::new(None),
         }),
         config::ThrottleBackend::Local => None,
     };

@@ -21,6 +21,7 @@ use policy::{Authorisations, Consumers};
 use serde_json::{Value, json};
 
 use crate::config::{Config, Provider};
+use crate::observe::Sparse;
 use crate::response::Recorder;
 use crate::transport::pool::{PoolSettings, Upstream};
 
@@ -228,6 +229,28 @@ pub struct SharedThrottle {
     /// during an outage calls are decided at once by `on_backend_error` instead of each
     /// waiting for Redis to time out.
     pub down_until: std::sync::atomic::AtomicU64,
+    /// The last readiness ping of Redis and when it was made: anyone who reaches the
+    /// admin port may ask `/readyz`, so Redis is pinged at most once a second for it.
+    pub last_ping: tokio::sync::Mutex<Option<(std::time::Instant, Result<(), String>)>>,
+}
+
+/// How long a readiness ping of Redis answers `/readyz`.
+const PING_KEPT: std::time::Duration = std::time::Duration::from_secs(1);
+
+impl SharedThrottle {
+    /// Whether Redis answers, asked at most once every [`PING_KEPT`] (callers meanwhile
+    /// wait for the ping under way, then share its answer).
+    async fn ping(&self) -> Result<(), String> {
+        let mut last = self.last_ping.lock().await;
+        if let Some((at, answer)) = &*last
+            && at.elapsed() < PING_KEPT
+        {
+            return answer.clone();
+        }
+        let answer = self.store.ping().await.map_err(|e| e.to_string());
+        *last = Some((std::time::Instant::now(), answer.clone()));
+        answer
+    }
 }
 
 /// The running gateway.
@@ -446,7 +469,7 @@ impl Gateway {
             return Some(format!("audit trail unavailable: {e}"));
         }
         if let Some(shared) = &self.shared_throttle
-            && let Err(e) = shared.store.ping().await
+            && let Err(e) = shared.ping().await
         {
             use crate::config::OnBackendError;
             metrics::gauge!("fsp_throttle_backend_up").set(0.0);
@@ -459,7 +482,10 @@ impl Gateway {
                     "the throttle backend (Redis) does not answer and on_backend_error = \"deny\": {e}"
                 ));
             }
-            tracing::warn!(error = %e, "readiness: the throttle backend (Redis) does not answer; calls are decided by on_backend_error");
+            static UNANSWERED: Sparse = Sparse::new(std::time::Duration::from_secs(10));
+            if let Some(asked) = UNANSWERED.occurred() {
+                tracing::warn!(error = %e, asked, "readiness: the throttle backend (Redis) does not answer; calls are decided by on_backend_error (asked is the readiness checks since the last such warning)");
+            }
         } else if self.shared_throttle.is_some() {
             metrics::gauge!("fsp_throttle_backend_up").set(1.0);
         }

@@ -269,3 +269,41 @@ async fn redis_stopped_mid_test_each_mode_is_followed_and_no_call_hangs() {
         );
     }
 }
+
+/// `/readyz` needs no credentials, and each check asks Redis whether it answers: however
+/// often it is asked, Redis is pinged at most once a second for it (an outsider flooding
+/// the admin port must not flood Redis as well).
+#[tokio::test]
+async fn readiness_checks_ping_redis_at_most_once_a_second() {
+    let Some(url) = redis_url() else { return };
+    let pki = Pki::new();
+    let (provider, shared) = shared_setup("readyz", &url);
+    let gws = gateways(&pki, 1, &provider, &shared).await;
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut redis = client.get_multiplexed_async_connection().await.unwrap();
+    // Every PING Redis has answered (other tests' included: the bound leaves room).
+    let mut pings = async || {
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        info.lines()
+            .find_map(|l| l.strip_prefix("cmdstat_ping:calls="))
+            .and_then(|rest| rest.split(',').next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let before = pings().await;
+    let started = Instant::now();
+    for _ in 0..100 {
+        let (status, body) = admin_request(gws[0].admin_port, "GET", "/readyz", None).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    let asked_for = started.elapsed().as_secs() + 1;
+    let pinged = pings().await - before;
+    assert!(
+        pinged <= asked_for + 20,
+        "100 readiness checks in {:?} pinged Redis {pinged} times",
+        started.elapsed()
+    );
+}
