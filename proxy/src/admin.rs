@@ -631,6 +631,9 @@ async fn route(
     // HEAD is GET without the body (RFC 9110 §9.3.2): hyper leaves the body out, having
     // read the request's method itself.
     let mut req = req;
+    // What was asked, for the log and the record: a HEAD of a call's record is on the
+    // record as a HEAD (it says whether the call exists, not what it holds).
+    let asked = req.method().clone();
     if req.method() == Method::HEAD {
         *req.method_mut() = Method::GET;
     }
@@ -696,7 +699,7 @@ async fn route(
         }
     };
     let at = crate::pipeline::stamp::rfc3339_millis(time::OffsetDateTime::now_utc());
-    let method = req.method().clone();
+    let method = asked;
     let call = suspension_call(&path).filter(|_| req.method() == Method::POST);
     let lookup = path
         .strip_prefix("/admin/audit/")

@@ -300,6 +300,15 @@ async fn admin_audit_finds_a_call_by_its_message_id() {
             .0,
         200
     );
+    // A HEAD says whether the call exists (and is on the record as a HEAD).
+    let (status, body) = admin_request(
+        gw.admin_port,
+        "HEAD",
+        &format!("/admin/audit/{id}"),
+        Some(&token),
+    )
+    .await;
+    assert_eq!((status, body.as_str()), (200, ""));
     let (_, metrics) = admin_request(gw.admin_port, "GET", "/metrics", None).await;
     assert!(
         metrics.contains("fsp_admin_calls_refused_total 1"),
@@ -349,6 +358,10 @@ async fn admin_audit_finds_a_call_by_its_message_id() {
             // Asked for in another form of the UUID: on the record as the trail writes it.
             (
                 format!("GET /admin/audit/{id}").as_str(),
+                "read the call's record"
+            ),
+            (
+                format!("HEAD /admin/audit/{id}").as_str(),
                 "read the call's record"
             ),
         ]
