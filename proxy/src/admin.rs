@@ -712,10 +712,7 @@ async fn route(
     // Reading a call's record reads personal data (the end user, the purpose): who read
     // which record is on the record too, and, like a change, is not done unrecorded.
     let recorded = is_change || lookup.is_some();
-    if recorded
-        && gw.snapshot.load().fail_closed
-        && let Err(e) = gw.audit.health()
-    {
+    if recorded && let Err(e) = gw.changes_recordable() {
         let what = if is_change {
             "this change, so it is not made"
         } else {
@@ -897,9 +894,7 @@ async fn record_admin_action(
 pub(crate) async fn reload_on_signal(gw: &Gateway) {
     let local = std::net::IpAddr::from([127, 0, 0, 1]);
     let operation = "SIGHUP reload".to_owned();
-    if gw.snapshot.load().fail_closed
-        && let Err(e) = gw.audit.health()
-    {
+    if let Err(e) = gw.changes_recordable() {
         tracing::error!(target: "fsp::admin", error = %e, "SIGHUP reload refused: the audit trail cannot record it");
         return;
     }

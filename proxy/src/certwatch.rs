@@ -151,14 +151,9 @@ pub fn spawn(gw: &Arc<Gateway>) {
             // tokens), so it is an administrators' change like any other: recorded in the
             // trail, and with `fail_closed` not made while the trail cannot record it
             // (tried again as a failed reload is).
-            let unrecordable = if gw.snapshot.load().fail_closed {
-                gw.audit.health().err()
-            } else {
-                None
-            };
-            let reloaded = match unrecordable {
-                Some(e) => Err(format!("the audit trail cannot record the reload: {e}")),
-                None => {
+            let reloaded = match gw.changes_recordable() {
+                Err(e) => Err(format!("the audit trail cannot record the reload: {e}")),
+                Ok(()) => {
                     let reloader = gw.clone();
                     match tokio::task::spawn_blocking(move || reloader.reload()).await {
                         Ok(reloaded) => reloaded.map_err(|e| e.to_string()),

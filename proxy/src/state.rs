@@ -449,6 +449,17 @@ pub fn listener_certificate_unusable(
 }
 
 impl Gateway {
+    /// Whether an administrators' change (a suspension, a reload, a reading of a call's
+    /// record) may be made now: with `fail_closed`, not while the audit trail cannot
+    /// record it.
+    pub fn changes_recordable(&self) -> Result<(), audit::AuditError> {
+        if self.snapshot.load().fail_closed {
+            self.audit.health()
+        } else {
+            Ok(())
+        }
+    }
+
     /// Why the gateway should not receive traffic now, if it should not: draining or
     /// starting, a listener certificate outside its validity, the audit trail or the
     /// throttle backend not answering (see `/readyz`).
