@@ -2246,6 +2246,7 @@ impl Writer {
                     if closing {
                         // The head names the last record before the gateway stops.
                         self.write_head();
+                        self.let_go_of_node();
                         break;
                     }
                     // Announce idleness, then look once more: a record that came in
@@ -2352,6 +2353,21 @@ impl Writer {
                 tracing::warn!(database = %self.at, error = %describe(&e), "the audit trail's head could not be written");
                 self.head = Some((seq, message_id, hash));
             }
+        }
+    }
+
+    /// At a clean stop, lets go of the node's lock at once rather than when the database
+    /// notices the connection closed: a gateway started again straight away with the
+    /// same node name (a container restarted in its pod) then finds it free. Not when the
+    /// head could not be written (the connection is in doubt: closing it is enough).
+    fn let_go_of_node(&mut self) {
+        if self.head.is_some() {
+            return;
+        }
+        if let Some(mut conn) = self.conn.take()
+            && let Err(e) = conn.client.batch_execute("SELECT pg_advisory_unlock_all()")
+        {
+            tracing::debug!(database = %self.at, error = %describe(&e), "the node's lock is let go of when the connection closes");
         }
     }
 
