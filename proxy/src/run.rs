@@ -200,7 +200,7 @@ pub async fn start(
             .with_leases(throttle_cfg.replicas),
             on_error: throttle_cfg.on_backend_error,
             replicas: throttle_cfg.replicas,
-            last_logged: std::sync::atomic::AtomicU64::new(0),
+            error_log: crate::observe::Sparse::new(std::time::Duration::from_secs(10)),
             down_until: std::sync::atomic::AtomicU64::new(0),
             last_ping: tokio::sync::Mutex::new(None),
         }),

@@ -223,8 +223,8 @@ pub struct SharedThrottle {
     pub on_error: crate::config::OnBackendError,
     /// How many replicas share the limits: the local fallback gives each its share.
     pub replicas: u32,
-    /// When a backend failure was last logged (milliseconds on the gateway clock).
-    pub last_logged: std::sync::atomic::AtomicU64,
+    /// The log lines of backend failures, at most one every 10 s.
+    pub error_log: Sparse,
     /// Until when (milliseconds on the gateway clock) Redis is not asked after a failure:
     /// during an outage calls are decided at once by `on_backend_error` instead of each
     /// waiting for Redis to time out.

@@ -199,22 +199,8 @@ async fn check(
                 };
                 metrics::counter!("fsp_throttle_backend_errors_total", "mode" => mode).increment(1);
                 // One log line per 10 s at most: a Redis outage must not flood the logs.
-                let now_ms = now / 1_000_000;
-                let last = shared
-                    .last_logged
-                    .load(std::sync::atomic::Ordering::Relaxed);
-                if now_ms.saturating_sub(last) >= 10_000
-                    && shared
-                        .last_logged
-                        .compare_exchange(
-                            last,
-                            now_ms.max(1),
-                            std::sync::atomic::Ordering::Relaxed,
-                            std::sync::atomic::Ordering::Relaxed,
-                        )
-                        .is_ok()
-                {
-                    tracing::error!(error = %e, on_backend_error = mode, "throttling backend failed");
+                if let Some(failures) = shared.error_log.occurred() {
+                    tracing::error!(error = %e, on_backend_error = mode, failures, "throttling backend failed (failures counts the decisions since the last such line)");
                 }
                 match shared.on_error {
                     OnBackendError::Allow => Ok(Spent::default()),
